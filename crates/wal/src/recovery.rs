@@ -1,0 +1,155 @@
+//! Recovery of the last, unsealed segment: find where its whole records end.
+//!
+//! Policy (see docs/format/wal.md, "Recovery"):
+//! - Records are read in order from the segment header. Reading stops at the end of the file or
+//!   at a header of all zero bytes (space that was preallocated or never written).
+//! - A record that fails verification (short, bad checksum, unknown flags) ends the good data. If
+//!   no valid record with a later sequence number follows it anywhere in the file, it is a torn
+//!   write that was never acknowledged, and it is cut. If one does follow, acknowledged data may
+//!   lie beyond it: that is corruption, reported as `Error::Corrupt`, and nothing is modified.
+//! - A checksummed record whose sequence number breaks the sequence is corruption.
+//! - Records after the last one flagged as the end of a batch belong to a batch that was never
+//!   completed; they are cut too, which makes batches atomic.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use crate::error::{Error, Result};
+use crate::frame::{self, Header, HEADER_LEN};
+use crate::segment::SEGMENT_HEADER_LEN;
+
+const CHUNK: u64 = 1 << 20;
+/// Sequence numbers further than this past the expected one are not taken as evidence of data
+/// beyond a bad record.
+const LOOKAHEAD_SEQ_SPAN: u64 = 1 << 32;
+
+/// The good part of an unsealed segment.
+#[derive(Debug)]
+pub(crate) struct Tail {
+    /// Offsets of the frames of the records kept.
+    pub offsets: Vec<u32>,
+    /// End of the last complete batch: everything from here on is to be discarded.
+    pub data_end: u64,
+    /// Why data after `data_end` is discarded, if there was any.
+    pub cut: Option<String>,
+}
+
+/// Reads a file through a buffer of about `CHUNK` bytes.
+struct Window<'a> {
+    file: &'a File,
+    path: &'a Path,
+    file_len: u64,
+    base: u64,
+    buf: Vec<u8>,
+}
+
+impl Window<'_> {
+    /// Bytes `off..off + n` of the file, clipped at its end.
+    fn get(&mut self, off: u64, n: u64) -> Result<&[u8]> {
+        let n = n.min(self.file_len.saturating_sub(off));
+        let have = self.base + self.buf.len() as u64;
+        if off < self.base || off + n > have {
+            let len = n.max(CHUNK).min(self.file_len - off);
+            self.base = off;
+            self.buf.resize(len as usize, 0);
+            self.file
+                .read_exact_at(&mut self.buf, off)
+                .map_err(|e| Error::io("read", self.path, e))?;
+        }
+        let rel = (off - self.base) as usize;
+        Ok(&self.buf[rel..rel + n as usize])
+    }
+}
+
+pub(crate) fn scan_tail(file: &File, path: &Path, start: u64, file_len: u64) -> Result<Tail> {
+    let mut w = Window { file, path, file_len, base: 0, buf: Vec::new() };
+    let mut off = SEGMENT_HEADER_LEN as u64;
+    let mut seq = start;
+    let mut offsets: Vec<u32> = Vec::new();
+    let (mut committed_end, mut committed_count) = (off, 0usize);
+    let bad: Option<String> = loop {
+        if off >= file_len {
+            break None;
+        }
+        let head = w.get(off, HEADER_LEN as u64)?;
+        if head.iter().all(|&b| b == 0) {
+            break None;
+        }
+        let Some(header) = Header::parse(head) else {
+            break Some("partial record header at the end of the file".to_owned());
+        };
+        let flen = header.frame_len();
+        if off + flen > file_len {
+            break Some(format!("record claims {flen} bytes, past the end of the file"));
+        }
+        match frame::decode(w.get(off, flen)?) {
+            Err(e) => break Some(e.to_string()),
+            Ok(f) if f.seq != seq => {
+                return Err(Error::corrupt(
+                    path,
+                    off,
+                    format!("expected record {seq}, found a valid record numbered {}", f.seq),
+                ));
+            }
+            Ok(f) => {
+                offsets.push(u32::try_from(off).expect("segment capacity < 4 GiB"));
+                seq += 1;
+                off += flen;
+                if f.last {
+                    (committed_end, committed_count) = (off, offsets.len());
+                }
+            }
+        }
+    };
+    if let Some(reason) = &bad {
+        if let Some((later_off, later_seq)) = find_record_after(&mut w, off + 1, seq)? {
+            return Err(Error::corrupt(
+                path,
+                off,
+                format!(
+                    "{reason}; a valid record {later_seq} follows at offset {later_off}, \
+                     so this is damage inside the log, not a torn tail"
+                ),
+            ));
+        }
+    }
+    let incomplete = offsets.len() - committed_count;
+    offsets.truncate(committed_count);
+    let cut = match (bad, incomplete) {
+        (Some(r), 0) => Some(format!("torn record at offset {off}: {r}")),
+        (Some(r), n) => Some(format!(
+            "torn record at offset {off} ({r}) and {n} records of its unfinished batch"
+        )),
+        (None, 0) => None,
+        (None, n) => Some(format!("{n} records of an unfinished batch")),
+    };
+    Ok(Tail { offsets, data_end: committed_end, cut })
+}
+
+/// The first position at or after `from` holding a valid frame numbered `seq` or later.
+fn find_record_after(w: &mut Window<'_>, from: u64, seq: u64) -> Result<Option<(u64, u64)>> {
+    let mut pos = from;
+    while pos + HEADER_LEN as u64 <= w.file_len {
+        let chunk = w.get(pos, CHUNK)?.to_vec();
+        let last_start = chunk.len().saturating_sub(HEADER_LEN - 1);
+        for rel in 0..last_start {
+            let Some(h) = Header::parse(&chunk[rel..]) else { break };
+            if h.seq < seq || h.seq - seq >= LOOKAHEAD_SEQ_SPAN || h.crc == 0 && h.len == 0 {
+                continue;
+            }
+            let at = pos + rel as u64;
+            if at + h.frame_len() > w.file_len {
+                continue;
+            }
+            if frame::decode(w.get(at, h.frame_len())?).is_ok() {
+                return Ok(Some((at, h.seq)));
+            }
+        }
+        if last_start == 0 {
+            break;
+        }
+        pos += last_start as u64;
+    }
+    Ok(None)
+}

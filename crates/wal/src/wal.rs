@@ -1,0 +1,897 @@
+//! The `Wal`: appends with group commit, rolling of segments, reads, crash-atomic truncation at
+//! both ends, and opening (recovery) of a log directory.
+//!
+//! Invariants:
+//! - Sequence numbers are dense: the live records are exactly `first..next`, and the segments on
+//!   disk are contiguous (`sealed[i].end() == sealed[i + 1].start`, the last sealed one ends where
+//!   the active one starts, and `active.end() == next`).
+//! - Every record `< durable` is on stable storage. A roll seals (fsyncs) the old segment before
+//!   the next is created, so syncing the active file makes everything up to `next` durable.
+//! - After any failed write or fsync the log is poisoned and refuses writes: the page cache may
+//!   have dropped the data, so only a reopen (re-reading the disk) tells what is there.
+//!
+//! Lock order: `layout` (read: reads of sealed segments; write: truncations), then `sync_lock`
+//! (the group-commit leader), then `state`, then `readers`.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::fs::{self, DirBuilder, File, OpenOptions, TryLockError};
+use std::ops::{Bound, Range, RangeBounds};
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, OnceLock};
+use std::thread;
+use std::time::Instant;
+
+use bytes::Bytes;
+use lru::LruCache;
+use parking_lot::{Mutex, RwLock};
+
+use crate::error::{Error, Result};
+use crate::frame;
+use crate::meta::{Meta, META_TMP};
+use crate::metrics::Metrics;
+use crate::options::{Options, SyncMode};
+use crate::recovery::scan_tail;
+use crate::segment::{
+    self, decode_run, encode_seal, open_options_rw, preallocate_tail, read_index, sync_dir, Sealed,
+    SegmentReader, INDEX_ENTRY_LEN, SEGMENT_HEADER_LEN, TRAILER_LEN,
+};
+
+const LOCK_FILE: &str = "LOCK";
+/// Bytes read at once by iterators.
+const READ_RUN_BYTES: u64 = 1 << 20;
+
+/// A write-ahead log in one directory. Cheap to share between threads (`&self` everywhere);
+/// closed on drop.
+pub struct Wal {
+    inner: Arc<Inner>,
+    ticker: Mutex<Option<Ticker>>,
+}
+
+struct Ticker {
+    stop: mpsc::Sender<()>,
+    handle: thread::JoinHandle<()>,
+}
+
+struct Inner {
+    dir: PathBuf,
+    opts: Options,
+    layout: RwLock<()>,
+    sync_lock: Mutex<()>,
+    state: Mutex<State>,
+    /// Every record with a smaller sequence number is durable.
+    durable: AtomicU64,
+    poison: OnceLock<String>,
+    closed: AtomicBool,
+    readers: Mutex<LruCache<u64, Arc<SegmentReader>>>,
+    lock_file: Mutex<Option<File>>,
+    metrics: Metrics,
+    /// Makes the next fsync fail, to test poisoning.
+    #[cfg(test)]
+    fail_next_sync: AtomicBool,
+}
+
+struct State {
+    first: u64,
+    next: u64,
+    sealed: VecDeque<Sealed>,
+    sealed_bytes: u64,
+    active: Active,
+}
+
+/// The segment being appended to.
+struct Active {
+    start: u64,
+    path: PathBuf,
+    file: Arc<File>,
+    /// Frame offsets of its records.
+    offsets: Vec<u32>,
+    /// Bytes of the file that hold the header and records; records after that are in `buf`.
+    written: u64,
+    buf: Vec<u8>,
+}
+
+impl Active {
+    fn new(start: u64, path: PathBuf, file: File, offsets: Vec<u32>, written: u64) -> Active {
+        Active { start, path, file: Arc::new(file), offsets, written, buf: Vec::new() }
+    }
+
+    fn end(&self) -> u64 {
+        self.start + self.offsets.len() as u64
+    }
+
+    fn data_len(&self) -> u64 {
+        self.written + self.buf.len() as u64
+    }
+
+    /// Size of the file once sealed with `frames` more bytes of records, `records` more of them.
+    fn sealed_len(&self, frames: u64, records: u64) -> u64 {
+        self.data_len()
+            + frames
+            + (self.offsets.len() as u64 + records) * INDEX_ENTRY_LEN
+            + TRAILER_LEN as u64
+    }
+
+    /// Hands buffered records to the operating system.
+    fn flush(&mut self) -> Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        self.file
+            .write_all_at(&self.buf, self.written)
+            .map_err(|e| Error::io("write", &self.path, e))?;
+        self.written += self.buf.len() as u64;
+        self.buf.clear();
+        Ok(())
+    }
+
+    fn read_run(&self, from: u64, until: u64, max_bytes: u64) -> Result<Vec<(u64, Bytes)>> {
+        let first = (from - self.start) as usize;
+        let limit = (until.min(self.end()) - self.start) as usize;
+        let begin = u64::from(self.offsets[first]);
+        let mut last = first + 1;
+        while last < limit && u64::from(self.offsets[last]) - begin < max_bytes {
+            last += 1;
+        }
+        let stop = self.offsets.get(last).map_or(self.data_len(), |&o| u64::from(o));
+        let mut bytes = vec![0u8; (stop - begin) as usize];
+        let on_disk = stop.min(self.written).saturating_sub(begin) as usize;
+        segment::read_exact_at(&self.file, &self.path, &mut bytes[..on_disk], begin)?;
+        if on_disk < bytes.len() {
+            let from_buf = (begin + on_disk as u64 - self.written) as usize;
+            let n = bytes.len() - on_disk;
+            bytes[on_disk..].copy_from_slice(&self.buf[from_buf..from_buf + n]);
+        }
+        decode_run(&self.path, Bytes::from(bytes), begin, from, &self.offsets[first..last])
+    }
+
+    /// Drops record `i` (at file offset `off`) and all after it, durably.
+    fn cut(&mut self, i: usize, off: u64, opts: &Options) -> Result<()> {
+        if off >= self.written {
+            self.buf.truncate((off - self.written) as usize);
+        } else {
+            self.buf.clear();
+            self.file.set_len(off).map_err(|e| Error::io("truncate", &self.path, e))?;
+            self.written = off;
+            if opts.preallocate {
+                preallocate_tail(&self.file, &self.path, off, opts.segment_capacity)?;
+            }
+            self.file.sync_data().map_err(|e| Error::io("fdatasync", &self.path, e))?;
+        }
+        self.offsets.truncate(i);
+        Ok(())
+    }
+}
+
+impl State {
+    fn used(&self) -> u64 {
+        self.sealed_bytes + self.active.data_len()
+    }
+
+    /// The sealed segment holding `seq`, which must be below the active segment.
+    fn sealed_holding(&self, seq: u64) -> usize {
+        self.sealed.partition_point(|s| s.end() <= seq)
+    }
+
+    /// Drops `seq` and every record after it (`first <= seq < next`), segment files included.
+    fn cut_back(&mut self, seq: u64, dir: &Path, opts: &Options) -> Result<()> {
+        if seq < self.active.start {
+            let k = self.sealed_holding(seq);
+            remove_file(&self.active.path)?;
+            while self.sealed.len() > k + 1 {
+                let s = self.sealed.pop_back().expect("len > k + 1");
+                remove_file(&s.path)?;
+            }
+            sync_dir(dir)?;
+            let seg = self.sealed.pop_back().expect("seq lies in a sealed segment");
+            self.active = reopen_sealed(&seg, opts)?;
+        }
+        let i = (seq - self.active.start) as usize;
+        let off = u64::from(self.active.offsets[i]);
+        self.active.cut(i, off, opts)?;
+        self.next = seq;
+        self.sealed_bytes = self.sealed.iter().map(|s| s.file_len).sum();
+        Ok(())
+    }
+}
+
+/// Turns a sealed segment back into an appendable one (its trailer is cut by the caller's `cut`).
+fn reopen_sealed(seg: &Sealed, opts: &Options) -> Result<Active> {
+    let file = open_options_rw(opts.file_mode)
+        .open(&seg.path)
+        .map_err(|e| Error::io("open", &seg.path, e))?;
+    let (_, file_len, trailer) = segment::inspect(&seg.path, seg.start)?;
+    let trailer = trailer.ok_or_else(|| {
+        Error::corrupt(
+            &seg.path,
+            file_len.saturating_sub(TRAILER_LEN as u64),
+            "sealed segment lost its trailer",
+        )
+    })?;
+    let index = read_index(&file, &seg.path, &trailer)?;
+    Ok(Active::new(seg.start, seg.path.clone(), file, index, trailer.data_end))
+}
+
+fn remove_file(path: &Path) -> Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io("remove", path, e)),
+        _ => Ok(()),
+    }
+}
+
+impl Inner {
+    fn check_writable(&self) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed);
+        }
+        match self.poison.get() {
+            Some(cause) => Err(Error::Poisoned { cause: cause.clone() }),
+            None => Ok(()),
+        }
+    }
+
+    /// Poisons the log if `r` is an error: after a failed write or sync nothing is known about
+    /// what reached the disk.
+    fn poisoning<T>(&self, r: Result<T>) -> Result<T> {
+        if let Err(e) = &r {
+            if self.poison.set(e.to_string()).is_ok() {
+                tracing::error!(dir = %self.dir.display(), error = %e, "WAL poisoned: refusing further writes");
+            }
+        }
+        r
+    }
+
+    fn append<R: AsRef<[u8]>>(&self, records: &[R]) -> Result<Range<u64>> {
+        let mut st = self.state.lock();
+        self.check_writable()?;
+        let n = records.len() as u64;
+        if n == 0 {
+            return Ok(st.next..st.next);
+        }
+        let mut frames = 0u64;
+        for r in records {
+            let len = r.as_ref().len();
+            if len > u32::MAX as usize {
+                return Err(Error::InvalidParam(format!("record of {len} bytes exceeds 4 GiB")));
+            }
+            frames += frame::frame_len(len);
+        }
+        let needed = frames + n * INDEX_ENTRY_LEN;
+        let capacity = self.opts.segment_capacity;
+        if needed + (SEGMENT_HEADER_LEN + TRAILER_LEN) as u64 > capacity {
+            return Err(Error::InvalidParam(format!(
+                "{} of {needed} bytes does not fit in a segment of {capacity} bytes",
+                if n == 1 { "record" } else { "batch" },
+            )));
+        }
+        if let Some(limit) = self.opts.max_size {
+            let used = st.used();
+            if used + needed > limit {
+                return Err(Error::Full { used, needed, limit });
+            }
+        }
+        if st.active.sealed_len(frames, n) > capacity {
+            let r = self.roll(&mut st);
+            self.poisoning(r)?;
+        }
+        let first = st.next;
+        let active = &mut st.active;
+        for (i, r) in records.iter().enumerate() {
+            let off = active.data_len();
+            active.offsets.push(u32::try_from(off).expect("segment capacity < 4 GiB"));
+            frame::encode(&mut active.buf, first + i as u64, i as u64 == n - 1, r.as_ref());
+        }
+        if active.buf.len() >= self.opts.write_buffer {
+            let r = active.flush();
+            self.poisoning(r)?;
+        }
+        st.next += n;
+        self.metrics.appends.increment(n);
+        self.metrics.append_bytes.increment(frames);
+        Ok(first..first + n)
+    }
+
+    /// Seals the active segment (index, trailer, fsync) and starts the next one.
+    fn roll(&self, st: &mut State) -> Result<()> {
+        let a = &mut st.active;
+        a.flush()?;
+        let data_end = a.data_len();
+        a.file.set_len(data_end).map_err(|e| Error::io("truncate", &a.path, e))?;
+        let seal = encode_seal(&a.offsets, data_end);
+        a.file.write_all_at(&seal, data_end).map_err(|e| Error::io("write", &a.path, e))?;
+        self.fsync(&a.file, &a.path)?;
+        let end = a.end();
+        self.durable.fetch_max(end, Ordering::AcqRel);
+        let sealed = Sealed {
+            start: a.start,
+            count: a.offsets.len() as u64,
+            path: a.path.clone(),
+            file_len: data_end + seal.len() as u64,
+        };
+        let (file, path) = segment::create(
+            &self.dir,
+            end,
+            self.opts.segment_capacity,
+            self.opts.preallocate,
+            self.opts.file_mode,
+        )?;
+        st.sealed_bytes += sealed.file_len;
+        st.sealed.push_back(sealed);
+        st.active = Active::new(end, path, file, Vec::new(), SEGMENT_HEADER_LEN as u64);
+        self.metrics.segments_sealed.increment(1);
+        Ok(())
+    }
+
+    fn fsync(&self, file: &File, path: &Path) -> Result<()> {
+        #[cfg(test)]
+        if self.fail_next_sync.swap(false, Ordering::AcqRel) {
+            return Err(Error::io("fdatasync", path, std::io::Error::other("injected failure")));
+        }
+        let t = Instant::now();
+        file.sync_data().map_err(|e| Error::io("fdatasync", path, e))?;
+        self.metrics.fsyncs.increment(1);
+        self.metrics.fsync_seconds.record(t.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    /// Makes every record below `target` durable. Callers queue on `sync_lock`; the one that gets
+    /// it writes out and fsyncs everything appended so far, so the others usually find their
+    /// records already durable (group commit).
+    fn wait_durable(&self, target: u64) -> Result<()> {
+        if self.durable.load(Ordering::Acquire) >= target {
+            return Ok(());
+        }
+        let _leader = self.sync_lock.lock();
+        if self.durable.load(Ordering::Acquire) >= target {
+            return Ok(());
+        }
+        if let Some(cause) = self.poison.get() {
+            return Err(Error::Poisoned { cause: cause.clone() });
+        }
+        let (file, path, upto) = {
+            let mut st = self.state.lock();
+            let r = st.active.flush();
+            self.poisoning(r)?;
+            (st.active.file.clone(), st.active.path.clone(), st.next)
+        };
+        let r = self.fsync(&file, &path);
+        self.poisoning(r)?;
+        let before = self.durable.fetch_max(upto, Ordering::AcqRel);
+        self.metrics.group_records.record(upto.saturating_sub(before) as f64);
+        Ok(())
+    }
+
+    fn sync(&self) -> Result<()> {
+        self.check_writable()?;
+        let next = self.state.lock().next;
+        self.wait_durable(next)
+    }
+
+    fn reader(&self, seg: &Sealed) -> Result<Arc<SegmentReader>> {
+        if let Some(r) = self.readers.lock().get(&seg.start) {
+            return Ok(r.clone());
+        }
+        let r = Arc::new(SegmentReader::open(seg)?);
+        self.readers.lock().put(seg.start, r.clone());
+        Ok(r)
+    }
+
+    /// Reads records `from..until` (at least one, about `max_bytes` at most).
+    fn read_run(&self, from: u64, until: u64, max_bytes: u64) -> Result<Vec<(u64, Bytes)>> {
+        let _layout = self.layout.read();
+        let seg = {
+            let st = self.state.lock();
+            if self.closed.load(Ordering::Acquire) {
+                return Err(Error::Closed);
+            }
+            if from < st.first || from >= st.next {
+                return Err(Error::NotFound { seq: from, first: st.first, next: st.next });
+            }
+            if from >= st.active.start {
+                return st.active.read_run(from, until, max_bytes);
+            }
+            st.sealed[st.sealed_holding(from)].clone()
+        };
+        self.reader(&seg)?.read_run(from, until, max_bytes)
+    }
+
+    fn truncate_front(&self, seq: u64) -> Result<()> {
+        self.check_writable()?;
+        let _layout = self.layout.write();
+        let _sync = self.sync_lock.lock();
+        let mut st = self.state.lock();
+        if seq <= st.first {
+            return Ok(());
+        }
+        let r = self.drop_front(&mut st, seq);
+        self.poisoning(r)
+    }
+
+    fn drop_front(&self, st: &mut State, seq: u64) -> Result<()> {
+        Meta { first_seq: seq, cut_from: None }.store(&self.dir, self.opts.file_mode)?;
+        if seq > st.next {
+            // Nothing live is left: the log restarts empty at `seq`. Old segments go first, from
+            // the front, so that a crash leaves a contiguous suffix that recovery drops.
+            while let Some(s) = st.sealed.pop_front() {
+                remove_file(&s.path)?;
+            }
+            st.sealed_bytes = 0;
+            self.readers.lock().clear();
+            remove_file(&st.active.path)?;
+            sync_dir(&self.dir)?;
+            let (file, path) = segment::create(
+                &self.dir,
+                seq,
+                self.opts.segment_capacity,
+                self.opts.preallocate,
+                self.opts.file_mode,
+            )?;
+            st.active = Active::new(seq, path, file, Vec::new(), SEGMENT_HEADER_LEN as u64);
+            st.next = seq;
+            self.durable.fetch_max(seq, Ordering::AcqRel);
+        }
+        st.first = seq;
+        let mut removed = false;
+        while st.sealed.front().is_some_and(|s| s.end() <= seq) {
+            let s = st.sealed.pop_front().expect("front exists");
+            remove_file(&s.path)?;
+            st.sealed_bytes -= s.file_len;
+            self.readers.lock().pop(&s.start);
+            removed = true;
+        }
+        if removed {
+            sync_dir(&self.dir)?;
+        }
+        Ok(())
+    }
+
+    fn truncate_back(&self, seq: u64) -> Result<()> {
+        self.check_writable()?;
+        let _layout = self.layout.write();
+        let _sync = self.sync_lock.lock();
+        let mut st = self.state.lock();
+        if seq >= st.next {
+            return Ok(());
+        }
+        if seq < st.first {
+            return Err(Error::InvalidParam(format!(
+                "cannot truncate back to {seq}: records before {} were truncated from the front",
+                st.first
+            )));
+        }
+        let first = st.first;
+        let r = (|| {
+            Meta { first_seq: first, cut_from: Some(seq) }.store(&self.dir, self.opts.file_mode)?;
+            st.cut_back(seq, &self.dir, &self.opts)?;
+            Meta { first_seq: first, cut_from: None }.store(&self.dir, self.opts.file_mode)
+        })();
+        self.readers.lock().clear();
+        self.durable.fetch_min(seq, Ordering::AcqRel);
+        self.poisoning(r)
+    }
+}
+
+impl Wal {
+    /// Opens the log in `dir`, creating the directory if needed, locking it, and recovering its
+    /// contents (see the crate docs and `docs/format/wal.md` for the recovery policy).
+    pub fn open(dir: impl AsRef<Path>, opts: Options) -> Result<Wal> {
+        opts.validate()?;
+        let dir = dir.as_ref().to_path_buf();
+        DirBuilder::new()
+            .recursive(true)
+            .mode(opts.dir_mode)
+            .create(&dir)
+            .map_err(|e| Error::io("create directory", &dir, e))?;
+        let lock_file = lock_dir(&dir, opts.file_mode)?;
+        let state = recover(&dir, &opts)?;
+        let durable = AtomicU64::new(state.next);
+        let inner = Arc::new(Inner {
+            metrics: Metrics::new(&opts.name),
+            readers: Mutex::new(LruCache::new(
+                std::num::NonZeroUsize::new(opts.reader_cache).expect("validated non-zero"),
+            )),
+            dir,
+            opts,
+            layout: RwLock::new(()),
+            sync_lock: Mutex::new(()),
+            state: Mutex::new(state),
+            durable,
+            poison: OnceLock::new(),
+            closed: AtomicBool::new(false),
+            lock_file: Mutex::new(Some(lock_file)),
+            #[cfg(test)]
+            fail_next_sync: AtomicBool::new(false),
+        });
+        let ticker = match inner.opts.sync {
+            SyncMode::Interval(every) => Some(spawn_ticker(inner.clone(), every)?),
+            _ => None,
+        };
+        Ok(Wal { inner, ticker: Mutex::new(ticker) })
+    }
+
+    /// Appends one record and returns its sequence number. In `SyncMode::Always` it returns once
+    /// the record is durable.
+    pub fn append(&self, record: &[u8]) -> Result<u64> {
+        self.append_batch(&[record]).map(|r| r.start)
+    }
+
+    /// Appends records atomically: after a crash either all of them are present or none is. The
+    /// batch must fit in one segment. Returns the range of their sequence numbers.
+    pub fn append_batch<R: AsRef<[u8]>>(&self, records: &[R]) -> Result<Range<u64>> {
+        let range = self.inner.append(records)?;
+        if self.inner.opts.sync == SyncMode::Always {
+            self.inner.wait_durable(range.end)?;
+        }
+        Ok(range)
+    }
+
+    /// The record with sequence number `seq`.
+    pub fn read(&self, seq: u64) -> Result<Bytes> {
+        let mut run = self.inner.read_run(seq, seq.saturating_add(1), 0)?;
+        Ok(run.pop().expect("a run holds at least one record").1)
+    }
+
+    /// Iterates over the live records whose sequence numbers lie in `range`, as they are when the
+    /// iterator is created. Records truncated while iterating end it with `Error::NotFound`.
+    pub fn iter(&self, range: impl RangeBounds<u64>) -> Iter {
+        let (first, next) = {
+            let st = self.inner.state.lock();
+            (st.first, st.next)
+        };
+        let start = match range.start_bound() {
+            Bound::Included(&s) => s,
+            Bound::Excluded(&s) => s.saturating_add(1),
+            Bound::Unbounded => 0,
+        };
+        let end = match range.end_bound() {
+            Bound::Included(&e) => e.saturating_add(1),
+            Bound::Excluded(&e) => e,
+            Bound::Unbounded => u64::MAX,
+        };
+        Iter {
+            inner: self.inner.clone(),
+            next: start.max(first),
+            end: end.min(next),
+            buf: VecDeque::new(),
+            done: false,
+        }
+    }
+
+    /// First live sequence number (equal to `next_seq` when the log is empty).
+    pub fn first_seq(&self) -> u64 {
+        self.inner.state.lock().first
+    }
+
+    /// Sequence number of the last live record, if any.
+    pub fn last_seq(&self) -> Option<u64> {
+        let st = self.inner.state.lock();
+        (st.next > st.first).then(|| st.next - 1)
+    }
+
+    /// Sequence number the next append will get.
+    pub fn next_seq(&self) -> u64 {
+        self.inner.state.lock().next
+    }
+
+    /// Number of live records.
+    pub fn len(&self) -> u64 {
+        let st = self.inner.state.lock();
+        st.next - st.first
+    }
+
+    /// Whether the log holds no live record.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes the log's segments take on disk, not counting preallocated space.
+    pub fn size_on_disk(&self) -> u64 {
+        self.inner.state.lock().used()
+    }
+
+    /// Drops every record before `seq`. Segments holding only such records are deleted; the new
+    /// first sequence number is persisted. With `seq` past the end the log becomes empty and the
+    /// next append gets `seq`. Atomic under a crash.
+    pub fn truncate_front(&self, seq: u64) -> Result<()> {
+        self.inner.truncate_front(seq)
+    }
+
+    /// Drops `seq` and every record after it; the next append gets `seq`. Atomic under a crash.
+    pub fn truncate_back(&self, seq: u64) -> Result<()> {
+        self.inner.truncate_back(seq)
+    }
+
+    /// Makes every record appended so far durable.
+    pub fn sync(&self) -> Result<()> {
+        self.inner.sync()
+    }
+
+    /// Syncs what was written, stops the background sync thread and releases the directory lock.
+    /// Later calls on this `Wal` fail with `Error::Closed`. Also done on drop.
+    pub fn close(&self) -> Result<()> {
+        let inner = &self.inner;
+        if inner.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        if let Some(t) = self.ticker.lock().take() {
+            drop(t.stop);
+            let _ = t.handle.join();
+        }
+        let r = if inner.poison.get().is_some() {
+            Ok(())
+        } else {
+            let next = inner.state.lock().next;
+            inner.wait_durable(next)
+        };
+        inner.readers.lock().clear();
+        inner.lock_file.lock().take();
+        r
+    }
+
+    /// The directory of the log.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+}
+
+impl Drop for Wal {
+    fn drop(&mut self) {
+        if let Err(e) = self.close() {
+            tracing::error!(dir = %self.inner.dir.display(), error = %e, "closing WAL failed");
+        }
+    }
+}
+
+impl fmt::Debug for Wal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let st = self.inner.state.lock();
+        f.debug_struct("Wal")
+            .field("dir", &self.inner.dir)
+            .field("first", &st.first)
+            .field("next", &st.next)
+            .field("segments", &(st.sealed.len() + 1))
+            .finish()
+    }
+}
+
+fn spawn_ticker(inner: Arc<Inner>, every: std::time::Duration) -> Result<Ticker> {
+    let (stop, rx) = mpsc::channel::<()>();
+    let handle = thread::Builder::new()
+        .name("timber-wal-sync".into())
+        .spawn(move || {
+            while let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(every) {
+                if let Err(e) = inner.sync() {
+                    if !matches!(e, Error::Closed | Error::Poisoned { .. }) {
+                        tracing::error!(error = %e, "background WAL sync failed");
+                    }
+                }
+            }
+        })
+        .map_err(|e| Error::io("spawn sync thread", &PathBuf::new(), e))?;
+    Ok(Ticker { stop, handle })
+}
+
+fn lock_dir(dir: &Path, mode: u32) -> Result<File> {
+    let path = dir.join(LOCK_FILE);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(mode)
+        .open(&path)
+        .map_err(|e| Error::io("open", &path, e))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(TryLockError::WouldBlock) => Err(Error::Locked { dir: dir.to_path_buf() }),
+        Err(TryLockError::Error(e)) => Err(Error::io("lock", &path, e)),
+    }
+}
+
+/// Rebuilds the state of a log from its directory: see `docs/format/wal.md`, "Recovery".
+fn recover(dir: &Path, opts: &Options) -> Result<State> {
+    let meta = Meta::load(dir)?;
+    let mut starts = Vec::new();
+    for entry in fs::read_dir(dir).map_err(|e| Error::io("list", dir, e))? {
+        let entry = entry.map_err(|e| Error::io("list", dir, e))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if name.ends_with(".tmp") && (name == META_TMP || name.starts_with("wal_")) {
+            remove_file(&entry.path())?;
+        } else if let Some(start) = segment::parse_file_name(name) {
+            starts.push(start);
+        }
+    }
+    starts.sort_unstable();
+
+    let mut sealed = VecDeque::new();
+    let mut active = None;
+    for (i, &start) in starts.iter().enumerate() {
+        let path = dir.join(segment::file_name(start));
+        let (_, file_len, trailer) = segment::inspect(&path, start)?;
+        match trailer {
+            Some(t) => sealed.push_back(Sealed { start, count: t.count, path, file_len }),
+            None if i + 1 == starts.len() => active = Some(recover_tail(&path, start, opts)?),
+            None => {
+                return Err(Error::corrupt(
+                    &path,
+                    file_len.saturating_sub(TRAILER_LEN as u64),
+                    "segment is followed by another but has no valid trailer",
+                ))
+            }
+        }
+    }
+    check_contiguous(&sealed, active.as_ref())?;
+
+    // Apply the persisted front truncation: whole segments below `first` go (a crash may have
+    // left them behind).
+    let first = meta.first_seq;
+    let mut removed = false;
+    while sealed.front().is_some_and(|s| s.end() <= first) && (sealed.len() > 1 || active.is_some())
+    {
+        let s = sealed.pop_front().expect("front exists");
+        remove_file(&s.path)?;
+        removed = true;
+    }
+    if let Some(a) = active.as_ref().filter(|a| a.end() < first) {
+        // The log was emptied past its end: it restarts at `first`.
+        remove_file(&a.path)?;
+        active = None;
+        removed = true;
+    }
+    if sealed.len() == 1 && active.is_none() && sealed[0].end() < first {
+        remove_file(&sealed[0].path)?;
+        sealed.clear();
+        removed = true;
+    }
+    if removed {
+        sync_dir(dir)?;
+    }
+    if let Some((start, path)) =
+        sealed.front().map(|s| (s.start, &s.path)).or(active.as_ref().map(|a| (a.start, &a.path)))
+    {
+        if start > first {
+            return Err(Error::corrupt(
+                path,
+                0,
+                format!("log starts at record {first} but its first segment starts at {start}: a segment is missing"),
+            ));
+        }
+    }
+    let active = match active {
+        Some(a) => a,
+        None => {
+            let start = sealed.back().map_or(first, |s| s.end().max(first));
+            let (file, path) = segment::create(
+                dir,
+                start,
+                opts.segment_capacity,
+                opts.preallocate,
+                opts.file_mode,
+            )?;
+            Active::new(start, path, file, Vec::new(), SEGMENT_HEADER_LEN as u64)
+        }
+    };
+    let mut state = State {
+        first,
+        next: active.end(),
+        sealed_bytes: sealed.iter().map(|s| s.file_len).sum(),
+        sealed,
+        active,
+    };
+    if let Some(cut) = meta.cut_from {
+        // A truncate_back was interrupted: finish it.
+        if cut < state.next && cut >= first {
+            state.cut_back(cut, dir, opts)?;
+        }
+        Meta { first_seq: first, cut_from: None }.store(dir, opts.file_mode)?;
+    }
+    Ok(state)
+}
+
+/// Opens the last, unsealed segment, cuts what recovery discards, and makes the rest durable.
+fn recover_tail(path: &Path, start: u64, opts: &Options) -> Result<Active> {
+    let file =
+        open_options_rw(opts.file_mode).open(path).map_err(|e| Error::io("open", path, e))?;
+    let file_len = file.metadata().map_err(|e| Error::io("stat", path, e))?.len();
+    let tail = scan_tail(&file, path, start, file_len)?;
+    if let Some(reason) = &tail.cut {
+        tracing::warn!(segment = %path.display(), offset = tail.data_end, %reason, "cutting the torn tail of the WAL");
+        metrics::counter!("timber_wal_torn_tails_cut_total", "wal" => opts.name.clone())
+            .increment(1);
+    }
+    // Whatever follows the good data is discarded for good, so that no stale bytes can be read as
+    // records later; the records kept, possibly never synced before the crash, are synced now.
+    if file_len > tail.data_end {
+        file.set_len(tail.data_end).map_err(|e| Error::io("truncate", path, e))?;
+    }
+    if opts.preallocate {
+        preallocate_tail(&file, path, tail.data_end, opts.segment_capacity)?;
+    }
+    file.sync_data().map_err(|e| Error::io("fdatasync", path, e))?;
+    Ok(Active::new(start, path.to_path_buf(), file, tail.offsets, tail.data_end))
+}
+
+fn check_contiguous(sealed: &VecDeque<Sealed>, active: Option<&Active>) -> Result<()> {
+    let starts =
+        sealed.iter().map(|s| (s.start, &s.path)).chain(active.map(|a| (a.start, &a.path)));
+    let ends = sealed.iter().map(Sealed::end);
+    for ((start, path), prev_end) in starts.skip(1).zip(ends) {
+        if start != prev_end {
+            return Err(Error::corrupt(
+                path,
+                0,
+                format!("segment starts at record {start} but the one before it ends at {prev_end}: a segment is missing or damaged"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Iterator over a range of records, from [`Wal::iter`]. Reads about 1 MiB at a time.
+pub struct Iter {
+    inner: Arc<Inner>,
+    next: u64,
+    end: u64,
+    buf: VecDeque<(u64, Bytes)>,
+    done: bool,
+}
+
+impl Iterator for Iter {
+    type Item = Result<(u64, Bytes)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if let Some(item) = self.buf.pop_front() {
+            return Some(Ok(item));
+        }
+        if self.done || self.next >= self.end {
+            return None;
+        }
+        match self.inner.read_run(self.next, self.end, READ_RUN_BYTES) {
+            Ok(run) => {
+                self.next = run.last().map_or(self.end, |(s, _)| s + 1);
+                self.buf = run.into();
+                self.buf.pop_front().map(Ok)
+            }
+            Err(e) => {
+                self.done = true;
+                Some(Err(e))
+            }
+        }
+    }
+}
+
+impl fmt::Debug for Iter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Iter").field("next", &self.next).field("end", &self.end).finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_fsync_poisons_writes_but_not_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = Wal::open(dir.path(), Options::default().sync(SyncMode::Always)).unwrap();
+        assert_eq!(wal.append(b"kept").unwrap(), 0);
+        wal.inner.fail_next_sync.store(true, Ordering::Release);
+        let err = wal.append(b"lost").unwrap_err();
+        assert!(matches!(err, Error::Io { op: "fdatasync", .. }), "{err}");
+        for e in [
+            wal.append(b"x").unwrap_err(),
+            wal.sync().unwrap_err(),
+            wal.truncate_front(1).unwrap_err(),
+        ] {
+            assert!(matches!(&e, Error::Poisoned { cause } if cause.contains("injected")), "{e}");
+        }
+        assert_eq!(&wal.read(0).unwrap()[..], b"kept");
+        drop(wal);
+        let wal = Wal::open(dir.path(), Options::default()).unwrap();
+        assert_eq!(&wal.read(0).unwrap()[..], b"kept");
+        wal.append(b"after reopen").unwrap();
+    }
+}
