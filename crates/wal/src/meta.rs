@@ -1,9 +1,11 @@
 //! The meta file `wal.meta`: the first live sequence number (set by `truncate_front`) and a
 //! pending `truncate_back` point, so that both truncations are atomic under a crash.
 //!
-//! Format (little-endian, 40 bytes):
-//! `{ magic: "TMBRMETA" | version: u32 | reserved: u32 | first_seq: u64 | cut_from: u64 | crc32c: u32 | reserved: u32 }`,
-//! `cut_from == u64::MAX` meaning no truncation pending; the CRC covers bytes 0..32.
+//! Format (little-endian, 48 bytes):
+//! `{ magic: "TMBRMETA" | version: u32 | reserved: u32 | first_seq: u64 | cut_from: u64 | complete_below: u64 | crc32c: u32 | reserved: u32 }`,
+//! `cut_from == u64::MAX` meaning no truncation pending; the CRC covers bytes 0..40.
+//! `complete_below` is the point of the last `truncate_back`: records below it are whole even if
+//! the record before the cut was not the last of its batch.
 //!
 //! Invariant: the file is replaced only by writing `wal.meta.tmp`, fsyncing it, renaming it over
 //! `wal.meta` and fsyncing the directory, so it is always wholly old or wholly new.
@@ -19,7 +21,7 @@ use crate::segment::{open_options_rw, sync_dir, FORMAT_VERSION};
 pub(crate) const META_FILE: &str = "wal.meta";
 pub(crate) const META_TMP: &str = "wal.meta.tmp";
 const MAGIC: &[u8; 8] = b"TMBRMETA";
-const LEN: usize = 40;
+const LEN: usize = 48;
 const NONE: u64 = u64::MAX;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -28,6 +30,8 @@ pub(crate) struct Meta {
     pub first_seq: u64,
     /// A `truncate_back` to this sequence number was started and must be finished.
     pub cut_from: Option<u64>,
+    /// Records below this sequence number are never part of an unfinished batch.
+    pub complete_below: u64,
 }
 
 impl Meta {
@@ -37,8 +41,9 @@ impl Meta {
         b[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
         b[16..24].copy_from_slice(&self.first_seq.to_le_bytes());
         b[24..32].copy_from_slice(&self.cut_from.unwrap_or(NONE).to_le_bytes());
-        let crc = crc32c::crc32c(&b[..32]);
-        b[32..36].copy_from_slice(&crc.to_le_bytes());
+        b[32..40].copy_from_slice(&self.complete_below.to_le_bytes());
+        let crc = crc32c::crc32c(&b[..40]);
+        b[40..44].copy_from_slice(&crc.to_le_bytes());
         b
     }
 
@@ -51,8 +56,8 @@ impl Meta {
         }
         let word =
             |r: std::ops::Range<usize>| u64::from_le_bytes(b[r].try_into().expect("8 bytes"));
-        let stored = u32::from_le_bytes(b[32..36].try_into().expect("4 bytes"));
-        let computed = crc32c::crc32c(&b[..32]);
+        let stored = u32::from_le_bytes(b[40..44].try_into().expect("4 bytes"));
+        let computed = crc32c::crc32c(&b[..40]);
         if stored != computed {
             return Err(format!(
                 "meta checksum mismatch: stored {stored:#010x}, computed {computed:#010x}"
@@ -63,7 +68,11 @@ impl Meta {
             return Err(format!("unsupported meta format version {version}"));
         }
         let cut = word(24..32);
-        Ok(Meta { first_seq: word(16..24), cut_from: (cut != NONE).then_some(cut) })
+        Ok(Meta {
+            first_seq: word(16..24),
+            cut_from: (cut != NONE).then_some(cut),
+            complete_below: word(32..40),
+        })
     }
 
     /// Reads the meta file of `dir`; a missing file is the meta of a new log.
@@ -99,10 +108,10 @@ mod tests {
 
     #[test]
     fn roundtrip() {
-        for m in [Meta::default(), Meta { first_seq: 5, cut_from: Some(9) }] {
+        for m in [Meta::default(), Meta { first_seq: 5, cut_from: Some(9), complete_below: 9 }] {
             assert_eq!(Meta::decode(&m.encode()), Ok(m));
         }
-        let mut b = Meta { first_seq: 5, cut_from: None }.encode();
+        let mut b = Meta { first_seq: 5, ..Meta::default() }.encode();
         b[20] ^= 0x10;
         assert!(Meta::decode(&b).unwrap_err().contains("checksum"));
     }

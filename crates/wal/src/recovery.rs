@@ -9,7 +9,9 @@
 //!   lie beyond it: that is corruption, reported as `Error::Corrupt`, and nothing is modified.
 //! - A checksummed record whose sequence number breaks the sequence is corruption.
 //! - Records after the last one flagged as the end of a batch belong to a batch that was never
-//!   completed; they are cut too, which makes batches atomic.
+//!   completed; they are cut too, which makes batches atomic. Records below `complete_below`
+//!   (the point of the last `truncate_back`, which may cut a batch in two on purpose) count as
+//!   whole.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -62,7 +64,13 @@ impl Window<'_> {
     }
 }
 
-pub(crate) fn scan_tail(file: &File, path: &Path, start: u64, file_len: u64) -> Result<Tail> {
+pub(crate) fn scan_tail(
+    file: &File,
+    path: &Path,
+    start: u64,
+    file_len: u64,
+    complete_below: u64,
+) -> Result<Tail> {
     let mut w = Window { file, path, file_len, base: 0, buf: Vec::new() };
     let mut off = SEGMENT_HEADER_LEN as u64;
     let mut seq = start;
@@ -96,7 +104,7 @@ pub(crate) fn scan_tail(file: &File, path: &Path, start: u64, file_len: u64) -> 
                 offsets.push(u32::try_from(off).expect("segment capacity < 4 GiB"));
                 seq += 1;
                 off += flen;
-                if f.last {
+                if f.last || seq <= complete_below {
                     (committed_end, committed_count) = (off, offsets.len());
                 }
             }

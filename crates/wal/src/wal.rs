@@ -74,6 +74,8 @@ struct Inner {
 }
 
 struct State {
+    /// What the meta file holds.
+    meta: Meta,
     first: u64,
     next: u64,
     sealed: VecDeque<Sealed>,
@@ -166,6 +168,20 @@ impl Active {
 }
 
 impl State {
+    fn store_meta(&mut self, meta: Meta, dir: &Path, opts: &Options) -> Result<()> {
+        meta.store(dir, opts.file_mode)?;
+        self.meta = meta;
+        Ok(())
+    }
+
+    /// `truncate_back` made crash-atomic: the intent is persisted first and redone by recovery.
+    fn truncate_back(&mut self, seq: u64, dir: &Path, opts: &Options) -> Result<()> {
+        let meta = Meta { cut_from: Some(seq), complete_below: seq, ..self.meta };
+        self.store_meta(meta, dir, opts)?;
+        self.cut_back(seq, dir, opts)?;
+        self.store_meta(Meta { cut_from: None, ..meta }, dir, opts)
+    }
+
     fn used(&self) -> u64 {
         self.sealed_bytes + self.active.data_len()
     }
@@ -410,7 +426,7 @@ impl Inner {
     }
 
     fn drop_front(&self, st: &mut State, seq: u64) -> Result<()> {
-        Meta { first_seq: seq, cut_from: None }.store(&self.dir, self.opts.file_mode)?;
+        st.store_meta(Meta { first_seq: seq, ..st.meta }, &self.dir, &self.opts)?;
         if seq > st.next {
             // Nothing live is left: the log restarts empty at `seq`. Old segments go first, from
             // the front, so that a crash leaves a contiguous suffix that recovery drops.
@@ -461,12 +477,7 @@ impl Inner {
                 st.first
             )));
         }
-        let first = st.first;
-        let r = (|| {
-            Meta { first_seq: first, cut_from: Some(seq) }.store(&self.dir, self.opts.file_mode)?;
-            st.cut_back(seq, &self.dir, &self.opts)?;
-            Meta { first_seq: first, cut_from: None }.store(&self.dir, self.opts.file_mode)
-        })();
+        let r = st.truncate_back(seq, &self.dir, &self.opts);
         self.readers.lock().clear();
         self.durable.fetch_min(seq, Ordering::AcqRel);
         self.poisoning(r)
@@ -713,7 +724,9 @@ fn recover(dir: &Path, opts: &Options) -> Result<State> {
         let (_, file_len, trailer) = segment::inspect(&path, start)?;
         match trailer {
             Some(t) => sealed.push_back(Sealed { start, count: t.count, path, file_len }),
-            None if i + 1 == starts.len() => active = Some(recover_tail(&path, start, opts)?),
+            None if i + 1 == starts.len() => {
+                active = Some(recover_tail(&path, start, opts, meta.complete_below)?)
+            }
             None => {
                 return Err(Error::corrupt(
                     &path,
@@ -775,6 +788,7 @@ fn recover(dir: &Path, opts: &Options) -> Result<State> {
         }
     };
     let mut state = State {
+        meta,
         first,
         next: active.end(),
         sealed_bytes: sealed.iter().map(|s| s.file_len).sum(),
@@ -784,19 +798,20 @@ fn recover(dir: &Path, opts: &Options) -> Result<State> {
     if let Some(cut) = meta.cut_from {
         // A truncate_back was interrupted: finish it.
         if cut < state.next && cut >= first {
-            state.cut_back(cut, dir, opts)?;
+            state.truncate_back(cut, dir, opts)?;
+        } else {
+            state.store_meta(Meta { cut_from: None, ..meta }, dir, opts)?;
         }
-        Meta { first_seq: first, cut_from: None }.store(dir, opts.file_mode)?;
     }
     Ok(state)
 }
 
 /// Opens the last, unsealed segment, cuts what recovery discards, and makes the rest durable.
-fn recover_tail(path: &Path, start: u64, opts: &Options) -> Result<Active> {
+fn recover_tail(path: &Path, start: u64, opts: &Options, complete_below: u64) -> Result<Active> {
     let file =
         open_options_rw(opts.file_mode).open(path).map_err(|e| Error::io("open", path, e))?;
     let file_len = file.metadata().map_err(|e| Error::io("stat", path, e))?.len();
-    let tail = scan_tail(&file, path, start, file_len)?;
+    let tail = scan_tail(&file, path, start, file_len, complete_below)?;
     if let Some(reason) = &tail.cut {
         tracing::warn!(segment = %path.display(), offset = tail.data_end, %reason, "cutting the torn tail of the WAL");
         metrics::counter!("timber_wal_torn_tails_cut_total", "wal" => opts.name.clone())
