@@ -10,8 +10,8 @@
 //! - After any failed write or fsync the log is poisoned and refuses writes: the page cache may
 //!   have dropped the data, so only a reopen (re-reading the disk) tells what is there.
 //!
-//! Lock order: `layout` (read: reads of sealed segments; write: truncations), then `sync_lock`
-//! (the group-commit leader), then `state`, then `readers`.
+//! Lock order: `layout` (read: reads of sealed segments; write: truncations), then leadership of
+//! the `gate` (the group-commit leader, or a truncation), then `state`, then `readers`.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -26,7 +26,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use lru::LruCache;
-use parking_lot::{Mutex, RwLock};
+use parking_lot::{Condvar, Mutex, MutexGuard, RwLock};
 
 use crate::error::{Error, Result};
 use crate::frame;
@@ -59,7 +59,7 @@ struct Inner {
     dir: PathBuf,
     opts: Options,
     layout: RwLock<()>,
-    sync_lock: Mutex<()>,
+    gate: Gate,
     state: Mutex<State>,
     /// Every record with a smaller sequence number is durable.
     durable: AtomicU64,
@@ -352,17 +352,15 @@ impl Inner {
         Ok(())
     }
 
-    /// Makes every record below `target` durable. Callers queue on `sync_lock`; the one that gets
-    /// it writes out and fsyncs everything appended so far, so the others usually find their
-    /// records already durable (group commit).
+    /// Makes every record below `target` durable. One caller at a time leads: it writes out and
+    /// fsyncs everything appended so far, while the others sleep and wake when it is done, most
+    /// finding their records durable already (group commit).
     fn wait_durable(&self, target: u64) -> Result<()> {
-        if self.durable.load(Ordering::Acquire) >= target {
+        let covered = || self.durable.load(Ordering::Acquire) >= target;
+        if covered() {
             return Ok(());
         }
-        let _leader = self.sync_lock.lock();
-        if self.durable.load(Ordering::Acquire) >= target {
-            return Ok(());
-        }
+        let Some(_leader) = self.gate.lead_unless(covered) else { return Ok(()) };
         if let Some(cause) = self.poison.get() {
             return Err(Error::Poisoned { cause: cause.clone() });
         }
@@ -416,7 +414,7 @@ impl Inner {
     fn truncate_front(&self, seq: u64) -> Result<()> {
         self.check_writable()?;
         let _layout = self.layout.write();
-        let _sync = self.sync_lock.lock();
+        let _leader = self.gate.lead();
         let mut st = self.state.lock();
         if seq <= st.first {
             return Ok(());
@@ -466,7 +464,7 @@ impl Inner {
     fn truncate_back(&self, seq: u64) -> Result<()> {
         self.check_writable()?;
         let _layout = self.layout.write();
-        let _sync = self.sync_lock.lock();
+        let _leader = self.gate.lead();
         let mut st = self.state.lock();
         if seq >= st.next {
             return Ok(());
@@ -506,7 +504,7 @@ impl Wal {
             dir,
             opts,
             layout: RwLock::new(()),
-            sync_lock: Mutex::new(()),
+            gate: Gate::default(),
             state: Mutex::new(state),
             durable,
             poison: OnceLock::new(),
@@ -664,6 +662,44 @@ impl fmt::Debug for Wal {
             .field("next", &st.next)
             .field("segments", &(st.sealed.len() + 1))
             .finish()
+    }
+}
+
+/// Leadership for group commit: at most one thread at a time syncs (or truncates); the others
+/// wait on the condition variable and re-check whether they still need to.
+#[derive(Default)]
+struct Gate {
+    leading: Mutex<bool>,
+    done: Condvar,
+}
+
+struct Leader<'a>(&'a Gate);
+
+impl Gate {
+    /// Waits until this thread may lead, or until `unneeded()` holds (then `None`).
+    fn lead_unless(&self, unneeded: impl Fn() -> bool) -> Option<Leader<'_>> {
+        let mut leading: MutexGuard<'_, bool> = self.leading.lock();
+        loop {
+            if unneeded() {
+                return None;
+            }
+            if !*leading {
+                *leading = true;
+                return Some(Leader(self));
+            }
+            self.done.wait(&mut leading);
+        }
+    }
+
+    fn lead(&self) -> Leader<'_> {
+        self.lead_unless(|| false).expect("leadership is always needed")
+    }
+}
+
+impl Drop for Leader<'_> {
+    fn drop(&mut self) {
+        *self.0.leading.lock() = false;
+        self.0.done.notify_all();
     }
 }
 

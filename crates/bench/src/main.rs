@@ -1,0 +1,27 @@
+//! `timber-bench`: side-by-side benchmarks of timber against peers, one subcommand per layer.
+//! Each prints a table (medians over repeats, systems alternated within each repeat) and writes
+//! `target/bench/<layer>.json`.
+
+mod report;
+mod wal;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "timber-bench", about = "Benchmarks timber side by side with its peers")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The write-ahead log: unsynced and durable appends, sequential reads, recovery.
+    Wal(wal::Args),
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Wal(args) => wal::run(args),
+    }
+}

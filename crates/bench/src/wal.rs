@@ -1,0 +1,341 @@
+//! `timber-bench wal`: timber-wal beside okaywal, TiKV's raft-engine (feature `peers`) and the
+//! raw limit of the disk (a loop of 4 KiB write + fdatasync in this process).
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Barrier, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use timber_wal::{Options, SyncMode, Wal};
+
+use crate::report::{print_table, write_json, Row, Sample};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Directory for the logs under test (on the disk to measure).
+    #[arg(long, default_value_os_t = std::env::temp_dir())]
+    dir: PathBuf,
+    /// Runs of each (workload, system); the table shows medians.
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+    /// Seconds of each durable-append run.
+    #[arg(long, default_value_t = 2.0)]
+    secs: f64,
+    /// Records of the unsynced 100-byte append run (the 4 KiB run writes an eighth as many).
+    #[arg(long, default_value_t = 2_000_000)]
+    records: u64,
+    /// Size of the log opened by the recovery workload, in GiB.
+    #[arg(long, default_value_t = 1.0)]
+    recovery_gib: f64,
+    /// Only run workloads whose name contains this.
+    #[arg(long)]
+    only: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum System {
+    Timber,
+    #[cfg(feature = "peers")]
+    Okaywal,
+    #[cfg(feature = "peers")]
+    RaftEngine,
+    RawFdatasync,
+}
+
+impl System {
+    fn name(self) -> &'static str {
+        match self {
+            System::Timber => "timber",
+            #[cfg(feature = "peers")]
+            System::Okaywal => "okaywal",
+            #[cfg(feature = "peers")]
+            System::RaftEngine => "raft-engine",
+            System::RawFdatasync => "raw-fdatasync",
+        }
+    }
+}
+
+/// A log that appends one record at a time, durably or not, from many threads.
+trait Log: Send + Sync {
+    fn append(&self, record: &[u8]) -> anyhow::Result<()>;
+}
+
+impl Log for Wal {
+    fn append(&self, record: &[u8]) -> anyhow::Result<()> {
+        Wal::append(self, record)?;
+        Ok(())
+    }
+}
+
+/// Writes each record and fdatasyncs it, one at a time: what the disk allows without batching.
+struct RawFdatasync(Mutex<File>);
+
+impl Log for RawFdatasync {
+    fn append(&self, record: &[u8]) -> anyhow::Result<()> {
+        let mut f = self.0.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+        f.write_all(record)?;
+        f.sync_data()?;
+        Ok(())
+    }
+}
+
+#[cfg(feature = "peers")]
+mod peers {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    pub struct Okaywal(pub okaywal::WriteAheadLog);
+
+    impl super::Log for Okaywal {
+        fn append(&self, record: &[u8]) -> anyhow::Result<()> {
+            let mut entry = self.0.begin_entry()?;
+            entry.write_chunk(record)?;
+            entry.commit()?; // durable on return, group-committed across threads
+            Ok(())
+        }
+    }
+
+    pub struct RaftEngine {
+        pub engine: raft_engine::Engine,
+        pub sync: bool,
+        pub next_key: AtomicU64,
+    }
+
+    impl super::Log for RaftEngine {
+        fn append(&self, record: &[u8]) -> anyhow::Result<()> {
+            let key = self.next_key.fetch_add(1, Ordering::Relaxed);
+            let mut batch = raft_engine::LogBatch::default();
+            batch.put(key % 64 + 1, key.to_be_bytes().to_vec(), record.to_vec())?;
+            self.engine.write(&mut batch, self.sync)?;
+            Ok(())
+        }
+    }
+}
+
+fn open(system: System, dir: &Path, sync: bool) -> anyhow::Result<Box<dyn Log>> {
+    Ok(match system {
+        System::Timber => {
+            let mode = if sync { SyncMode::Always } else { SyncMode::Manual };
+            Box::new(Wal::open(dir, Options::default().sync(mode))?)
+        }
+        #[cfg(feature = "peers")]
+        System::Okaywal => {
+            Box::new(peers::Okaywal(okaywal::WriteAheadLog::recover(dir, okaywal::LogVoid)?))
+        }
+        #[cfg(feature = "peers")]
+        System::RaftEngine => {
+            let cfg = raft_engine::Config {
+                dir: dir.to_string_lossy().into_owned(),
+                ..Default::default()
+            };
+            Box::new(peers::RaftEngine {
+                engine: raft_engine::Engine::open(cfg)?,
+                sync,
+                next_key: Default::default(),
+            })
+        }
+        System::RawFdatasync => {
+            std::fs::create_dir_all(dir)?;
+            Box::new(RawFdatasync(Mutex::new(File::create(dir.join("raw.log"))?)))
+        }
+    })
+}
+
+/// Appends `record` from `threads` threads until `secs` have passed.
+fn run_timed(
+    log: Arc<dyn Log>,
+    threads: usize,
+    secs: f64,
+    record: &[u8],
+) -> anyhow::Result<Sample> {
+    let barrier = Arc::new(Barrier::new(threads + 1));
+    let handles: Vec<_> = (0..threads)
+        .map(|_| {
+            let (log, barrier, record) = (log.clone(), barrier.clone(), record.to_vec());
+            std::thread::spawn(move || -> anyhow::Result<(u64, hdrhistogram::Histogram<u64>)> {
+                let mut hist = Sample::new_histogram();
+                let mut ops = 0u64;
+                barrier.wait();
+                let deadline = Instant::now() + Duration::from_secs_f64(secs);
+                loop {
+                    let t = Instant::now();
+                    if t >= deadline {
+                        break;
+                    }
+                    log.append(&record)?;
+                    hist.saturating_record(t.elapsed().as_nanos() as u64);
+                    ops += 1;
+                }
+                Ok((ops, hist))
+            })
+        })
+        .collect();
+    barrier.wait();
+    let start = Instant::now();
+    let mut sample = Sample { ops: 0, bytes: 0, secs: 0.0, latency_ns: Sample::new_histogram() };
+    for h in handles {
+        let (ops, hist) = h.join().map_err(|_| anyhow::anyhow!("bench thread panicked"))??;
+        sample.ops += ops;
+        sample.latency_ns.add(&hist)?;
+    }
+    sample.secs = start.elapsed().as_secs_f64();
+    sample.bytes = sample.ops * record.len() as u64;
+    Ok(sample)
+}
+
+/// Appends `n` records from one thread.
+fn run_count(log: &dyn Log, n: u64, record: &[u8]) -> anyhow::Result<Sample> {
+    let mut hist = Sample::new_histogram();
+    let start = Instant::now();
+    for _ in 0..n {
+        let t = Instant::now();
+        log.append(record)?;
+        hist.saturating_record(t.elapsed().as_nanos() as u64);
+    }
+    let secs = start.elapsed().as_secs_f64();
+    Ok(Sample { ops: n, bytes: n * record.len() as u64, secs, latency_ns: hist })
+}
+
+fn peers_for(durable: bool, threads: usize) -> Vec<System> {
+    let mut v = vec![System::Timber];
+    #[cfg(feature = "peers")]
+    {
+        if durable {
+            v.push(System::Okaywal);
+        }
+        v.push(System::RaftEngine);
+    }
+    if durable && threads == 1 {
+        // The raw loop is the single-writer limit: one write and one fdatasync per record.
+        v.push(System::RawFdatasync);
+    }
+    v
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&args.dir)
+        .with_context(|| format!("creating {}", args.dir.display()))?;
+    let wanted = |w: &str| args.only.as_deref().is_none_or(|o| w.contains(o));
+    let mut rows = Vec::new();
+    let mut bench = |workload: &str,
+                     durable: bool,
+                     threads: usize,
+                     f: &dyn Fn(&dyn Log, Arc<dyn Log>) -> anyhow::Result<Sample>|
+     -> anyhow::Result<()> {
+        if !wanted(workload) {
+            return Ok(());
+        }
+        let systems = peers_for(durable, threads);
+        let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); systems.len()];
+        for r in 0..args.repeat {
+            // Alternate the order so that no system always runs on a quieter disk.
+            for k in 0..systems.len() {
+                let i = (k + r) % systems.len();
+                let dir = tempfile::tempdir_in(&args.dir)?;
+                let log: Arc<dyn Log> = Arc::from(open(systems[i], dir.path(), durable)?);
+                let s = f(&*log, log.clone())?;
+                eprintln!(
+                    "  {workload} {} run {}: {:.0} ops/s",
+                    systems[i].name(),
+                    r + 1,
+                    s.ops as f64 / s.secs
+                );
+                samples[i].push(s);
+            }
+        }
+        for (sys, s) in systems.iter().zip(&samples) {
+            rows.push(Row::from_samples(workload, sys.name(), s));
+        }
+        Ok(())
+    };
+
+    let small = vec![0xA5u8; 100];
+    let page = vec![0x5Au8; 4096];
+    bench("append 100B unsynced", false, 1, &|log, _| run_count(log, args.records, &small))?;
+    bench("append 4KiB unsynced", false, 1, &|log, _| run_count(log, args.records / 8, &page))?;
+    // Synced bandwidth bounds large records whatever the batching; small records show how many
+    // appenders one fsync serves.
+    let tiny = vec![0x3Cu8; 128];
+    for (record, threads) in [(&tiny, 1), (&tiny, 8), (&tiny, 64), (&page, 1), (&page, 64)] {
+        let name = format!("durable {}B x{threads} thr", record.len());
+        bench(&name, true, threads, &|_, log| run_timed(log, threads, args.secs, record))?;
+    }
+    if wanted("read seq") {
+        rows.push(read_sequential(&args)?);
+    }
+    if wanted("recovery") {
+        rows.push(recovery(&args)?);
+    }
+    print_table("timber-bench wal (medians; last column: timber ops/s / this system's)", &rows);
+    let path = write_json("wal", &rows)?;
+    println!("\nwrote {}", path.display());
+    Ok(())
+}
+
+/// Iterates over a log of 100-byte records written unsynced.
+fn read_sequential(args: &Args) -> anyhow::Result<Row> {
+    let dir = tempfile::tempdir_in(&args.dir)?;
+    let n = args.records;
+    {
+        let wal = Wal::open(dir.path(), Options::default().sync(SyncMode::Manual))?;
+        let record = vec![7u8; 100];
+        let batch: Vec<&[u8]> = vec![&record; 1000];
+        for _ in 0..n / 1000 {
+            wal.append_batch(&batch)?;
+        }
+    }
+    let mut samples = Vec::new();
+    for r in 0..args.repeat {
+        let wal = Wal::open(dir.path(), Options::default().sync(SyncMode::Manual))?;
+        let mut hist = Sample::new_histogram();
+        let (mut ops, mut bytes) = (0u64, 0u64);
+        let start = Instant::now();
+        let mut t = start;
+        for item in wal.iter(..) {
+            let (_, b) = item?;
+            let now = Instant::now();
+            hist.saturating_record((now - t).as_nanos() as u64);
+            t = now;
+            ops += 1;
+            bytes += b.len() as u64;
+        }
+        let s = Sample { ops, bytes, secs: start.elapsed().as_secs_f64(), latency_ns: hist };
+        eprintln!("  read seq 100B timber run {}: {:.0} records/s", r + 1, s.ops as f64 / s.secs);
+        samples.push(s);
+    }
+    Ok(Row::from_samples("read seq 100B", "timber", &samples))
+}
+
+/// Opens a log of `recovery_gib` GiB (4 KiB records in 64 MiB segments). Page caches are dropped
+/// before each open when this process may do so, else the open is warm.
+fn recovery(args: &Args) -> anyhow::Result<Row> {
+    let dir = tempfile::tempdir_in(&args.dir)?;
+    let bytes = (args.recovery_gib * (1u64 << 30) as f64) as u64;
+    let n = bytes / 4096;
+    {
+        let wal = Wal::open(dir.path(), Options::default().sync(SyncMode::Manual))?;
+        let record = vec![9u8; 4096];
+        let batch: Vec<&[u8]> = vec![&record; 256];
+        for _ in 0..n.div_ceil(256) {
+            wal.append_batch(&batch)?;
+        }
+    }
+    let mut samples = Vec::new();
+    let mut cold = true;
+    for r in 0..args.repeat.max(3) {
+        cold &= std::fs::write("/proc/sys/vm/drop_caches", "3\n").is_ok();
+        let start = Instant::now();
+        let wal = Wal::open(dir.path(), Options::default().sync(SyncMode::Manual))?;
+        let secs = start.elapsed().as_secs_f64();
+        anyhow::ensure!(wal.len() >= n, "recovered {} records, wrote {n}", wal.len());
+        drop(wal);
+        let mut hist = Sample::new_histogram();
+        hist.saturating_record((secs * 1e9) as u64);
+        eprintln!("  recovery {:.1} GiB run {}: open took {:.3} s", args.recovery_gib, r + 1, secs);
+        samples.push(Sample { ops: 1, bytes, secs, latency_ns: hist });
+    }
+    let name =
+        format!("recovery {:.0}GiB ({})", args.recovery_gib, if cold { "cold" } else { "warm" });
+    Ok(Row::from_samples(&name, "timber", &samples))
+}
