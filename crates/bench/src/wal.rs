@@ -213,53 +213,53 @@ fn peers_for(durable: bool, threads: usize) -> Vec<System> {
     v
 }
 
+/// One measured run of a workload on an opened log.
+type Workload<'a> = dyn Fn(Arc<dyn Log>) -> anyhow::Result<Sample> + 'a;
+
 pub fn run(args: Args) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.dir)
         .with_context(|| format!("creating {}", args.dir.display()))?;
     let wanted = |w: &str| args.only.as_deref().is_none_or(|o| w.contains(o));
     let mut rows = Vec::new();
-    let mut bench = |workload: &str,
-                     durable: bool,
-                     threads: usize,
-                     f: &dyn Fn(&dyn Log, Arc<dyn Log>) -> anyhow::Result<Sample>|
-     -> anyhow::Result<()> {
-        if !wanted(workload) {
-            return Ok(());
-        }
-        let systems = peers_for(durable, threads);
-        let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); systems.len()];
-        for r in 0..args.repeat {
-            // Alternate the order so that no system always runs on a quieter disk.
-            for k in 0..systems.len() {
-                let i = (k + r) % systems.len();
-                let dir = tempfile::tempdir_in(&args.dir)?;
-                let log: Arc<dyn Log> = Arc::from(open(systems[i], dir.path(), durable)?);
-                let s = f(&*log, log.clone())?;
-                eprintln!(
-                    "  {workload} {} run {}: {:.0} ops/s",
-                    systems[i].name(),
-                    r + 1,
-                    s.ops as f64 / s.secs
-                );
-                samples[i].push(s);
+    let mut bench =
+        |workload: &str, durable: bool, threads: usize, f: &Workload<'_>| -> anyhow::Result<()> {
+            if !wanted(workload) {
+                return Ok(());
             }
-        }
-        for (sys, s) in systems.iter().zip(&samples) {
-            rows.push(Row::from_samples(workload, sys.name(), s));
-        }
-        Ok(())
-    };
+            let systems = peers_for(durable, threads);
+            let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); systems.len()];
+            for r in 0..args.repeat {
+                // Alternate the order so that no system always runs on a quieter disk.
+                for k in 0..systems.len() {
+                    let i = (k + r) % systems.len();
+                    let dir = tempfile::tempdir_in(&args.dir)?;
+                    let log: Arc<dyn Log> = Arc::from(open(systems[i], dir.path(), durable)?);
+                    let s = f(log)?;
+                    eprintln!(
+                        "  {workload} {} run {}: {:.0} ops/s",
+                        systems[i].name(),
+                        r + 1,
+                        s.ops as f64 / s.secs
+                    );
+                    samples[i].push(s);
+                }
+            }
+            for (sys, s) in systems.iter().zip(&samples) {
+                rows.push(Row::from_samples(workload, sys.name(), s));
+            }
+            Ok(())
+        };
 
     let small = vec![0xA5u8; 100];
     let page = vec![0x5Au8; 4096];
-    bench("append 100B unsynced", false, 1, &|log, _| run_count(log, args.records, &small))?;
-    bench("append 4KiB unsynced", false, 1, &|log, _| run_count(log, args.records / 8, &page))?;
+    bench("append 100B unsynced", false, 1, &|log| run_count(&*log, args.records, &small))?;
+    bench("append 4KiB unsynced", false, 1, &|log| run_count(&*log, args.records / 8, &page))?;
     // Synced bandwidth bounds large records whatever the batching; small records show how many
     // appenders one fsync serves.
     let tiny = vec![0x3Cu8; 128];
     for (record, threads) in [(&tiny, 1), (&tiny, 8), (&tiny, 64), (&page, 1), (&page, 64)] {
         let name = format!("durable {}B x{threads} thr", record.len());
-        bench(&name, true, threads, &|_, log| run_timed(log, threads, args.secs, record))?;
+        bench(&name, true, threads, &|log| run_timed(log, threads, args.secs, record))?;
     }
     if wanted("read seq") {
         rows.push(read_sequential(&args)?);

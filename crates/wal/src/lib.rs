@@ -13,6 +13,8 @@
 //!
 //! The on-disk format and the recovery policy are specified in `docs/format/wal.md`.
 
+#![warn(clippy::unwrap_used)]
+
 mod error;
 mod frame;
 mod meta;

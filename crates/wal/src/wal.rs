@@ -704,6 +704,7 @@ impl Drop for Leader<'_> {
 }
 
 fn spawn_ticker(inner: Arc<Inner>, every: std::time::Duration) -> Result<Ticker> {
+    let dir = inner.dir.clone();
     let (stop, rx) = mpsc::channel::<()>();
     let handle = thread::Builder::new()
         .name("timber-wal-sync".into())
@@ -716,7 +717,7 @@ fn spawn_ticker(inner: Arc<Inner>, every: std::time::Duration) -> Result<Ticker>
                 }
             }
         })
-        .map_err(|e| Error::io("spawn sync thread", &PathBuf::new(), e))?;
+        .map_err(|e| Error::io("spawn sync thread for", dir, e))?;
     Ok(Ticker { stop, handle })
 }
 
