@@ -338,43 +338,67 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(|e| Error::io("fsync directory", dir, e))
 }
 
-/// Creates the segment starting at `start`: written under a temporary name, made durable, then
-/// renamed into place and the directory fsynced.
+/// Name of the zero-filled file prepared in the background to become the next segment.
+pub(crate) const SPARE_FILE: &str = "wal_spare.tmp";
+
+/// Creates the segment starting at `start`: written under a temporary name (or taken from a
+/// prepared `spare`), made durable, then renamed into place and the directory fsynced.
 pub(crate) fn create(
     dir: &Path,
     start: u64,
     capacity: u64,
     preallocate: bool,
     mode: u32,
+    spare: Option<File>,
 ) -> Result<(File, PathBuf)> {
     let path = dir.join(file_name(start));
-    let tmp = dir.join(format!("{}.tmp", file_name(start)));
-    let file = open_options_rw(mode)
-        .create(true)
-        .truncate(true)
-        .open(&tmp)
-        .map_err(|e| Error::io("create", &tmp, e))?;
+    let (file, tmp) = match spare {
+        Some(file) => (file, dir.join(SPARE_FILE)),
+        None => {
+            let tmp = dir.join(format!("{}.tmp", file_name(start)));
+            let file = open_options_rw(mode)
+                .create(true)
+                .truncate(true)
+                .open(&tmp)
+                .map_err(|e| Error::io("create", &tmp, e))?;
+            if preallocate {
+                preallocate_tail(&file, &tmp, SEGMENT_HEADER_LEN as u64, capacity)?;
+            }
+            (file, tmp)
+        }
+    };
     file.write_all_at(&encode_header(start), 0).map_err(|e| Error::io("write", &tmp, e))?;
-    if preallocate {
-        preallocate_tail(&file, &tmp, SEGMENT_HEADER_LEN as u64, capacity)?;
-    }
     file.sync_all().map_err(|e| Error::io("fsync", &tmp, e))?;
     fs::rename(&tmp, &path).map_err(|e| Error::io("rename", &tmp, e))?;
     sync_dir(dir)?;
     Ok((file, path))
 }
 
-/// Reserves `from..capacity` of a segment on disk (reads of that range return zeros). File
-/// systems that cannot preallocate are left as they are.
+/// Writes the zero-filled spare segment file (header space included) and makes it durable.
+pub(crate) fn prepare_spare(dir: &Path, capacity: u64, mode: u32) -> Result<File> {
+    let path = dir.join(SPARE_FILE);
+    let file = open_options_rw(mode)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .map_err(|e| Error::io("create", &path, e))?;
+    preallocate_tail(&file, &path, 0, capacity)?;
+    file.sync_all().map_err(|e| Error::io("fsync", &path, e))?;
+    Ok(file)
+}
+
+/// Reserves `from..capacity` of a segment on disk by writing zeros. Written (not merely
+/// allocated) blocks let a later `fdatasync` of records skip the journal commit that converting
+/// unwritten extents costs, which nearly halves the latency of a durable append of a few KiB.
 pub(crate) fn preallocate_tail(file: &File, path: &Path, from: u64, capacity: u64) -> Result<()> {
-    if from >= capacity {
-        return Ok(());
+    const ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+    let mut off = from;
+    while off < capacity {
+        let n = (capacity - off).min(ZEROS.len() as u64) as usize;
+        file.write_all_at(&ZEROS[..n], off).map_err(|e| Error::io("preallocate", path, e))?;
+        off += n as u64;
     }
-    match rustix::fs::fallocate(file, rustix::fs::FallocateFlags::empty(), from, capacity - from) {
-        Ok(()) => Ok(()),
-        Err(e) if e == rustix::io::Errno::OPNOTSUPP || e == rustix::io::Errno::NOSYS => Ok(()),
-        Err(e) => Err(Error::io("fallocate", path, e.into())),
-    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -47,12 +47,21 @@ const READ_RUN_BYTES: u64 = 1 << 20;
 /// closed on drop.
 pub struct Wal {
     inner: Arc<Inner>,
-    ticker: Mutex<Option<Ticker>>,
+    ticker: Mutex<Option<Worker>>,
+    preparer: Mutex<Option<Worker>>,
 }
 
-struct Ticker {
-    stop: mpsc::Sender<()>,
+/// A background thread that runs until its sender is dropped.
+struct Worker {
+    tx: mpsc::Sender<()>,
     handle: thread::JoinHandle<()>,
+}
+
+impl Worker {
+    fn stop(self) {
+        drop(self.tx);
+        let _ = self.handle.join();
+    }
 }
 
 struct Inner {
@@ -67,6 +76,9 @@ struct Inner {
     closed: AtomicBool,
     readers: Mutex<LruCache<u64, Arc<SegmentReader>>>,
     lock_file: Mutex<Option<File>>,
+    /// A zero-filled file ready to become the next segment, and the way to ask for another.
+    spare: Mutex<Option<File>>,
+    want_spare: Mutex<Option<mpsc::Sender<()>>>,
     metrics: Metrics,
     /// Makes the next fsync fail, to test poisoning.
     #[cfg(test)]
@@ -326,18 +338,28 @@ impl Inner {
             path: a.path.clone(),
             file_len: data_end + seal.len() as u64,
         };
+        let spare = self.spare.lock().take();
         let (file, path) = segment::create(
             &self.dir,
             end,
             self.opts.segment_capacity,
             self.opts.preallocate,
             self.opts.file_mode,
+            spare,
         )?;
+        self.request_spare();
         st.sealed_bytes += sealed.file_len;
         st.sealed.push_back(sealed);
         st.active = Active::new(end, path, file, Vec::new(), SEGMENT_HEADER_LEN as u64);
         self.metrics.segments_sealed.increment(1);
         Ok(())
+    }
+
+    /// Asks the preparer thread for a new spare segment, if there is one.
+    fn request_spare(&self) {
+        if let Some(tx) = self.want_spare.lock().as_ref() {
+            let _ = tx.send(());
+        }
     }
 
     fn fsync(&self, file: &File, path: &Path) -> Result<()> {
@@ -435,13 +457,16 @@ impl Inner {
             self.readers.lock().clear();
             remove_file(&st.active.path)?;
             sync_dir(&self.dir)?;
+            let spare = self.spare.lock().take();
             let (file, path) = segment::create(
                 &self.dir,
                 seq,
                 self.opts.segment_capacity,
                 self.opts.preallocate,
                 self.opts.file_mode,
+                spare,
             )?;
+            self.request_spare();
             st.active = Active::new(seq, path, file, Vec::new(), SEGMENT_HEADER_LEN as u64);
             st.next = seq;
             self.durable.fetch_max(seq, Ordering::AcqRel);
@@ -510,6 +535,8 @@ impl Wal {
             poison: OnceLock::new(),
             closed: AtomicBool::new(false),
             lock_file: Mutex::new(Some(lock_file)),
+            spare: Mutex::new(None),
+            want_spare: Mutex::new(None),
             #[cfg(test)]
             fail_next_sync: AtomicBool::new(false),
         });
@@ -517,7 +544,9 @@ impl Wal {
             SyncMode::Interval(every) => Some(spawn_ticker(inner.clone(), every)?),
             _ => None,
         };
-        Ok(Wal { inner, ticker: Mutex::new(ticker) })
+        let preparer =
+            if inner.opts.preallocate { Some(spawn_preparer(inner.clone())?) } else { None };
+        Ok(Wal { inner, ticker: Mutex::new(ticker), preparer: Mutex::new(preparer) })
     }
 
     /// Appends one record and returns its sequence number. In `SyncMode::Always` it returns once
@@ -625,8 +654,14 @@ impl Wal {
             return Ok(());
         }
         if let Some(t) = self.ticker.lock().take() {
-            drop(t.stop);
-            let _ = t.handle.join();
+            t.stop();
+        }
+        inner.want_spare.lock().take();
+        if let Some(p) = self.preparer.lock().take() {
+            p.stop();
+        }
+        if inner.spare.lock().take().is_some() {
+            let _ = fs::remove_file(inner.dir.join(segment::SPARE_FILE));
         }
         let r = if inner.poison.get().is_some() {
             Ok(())
@@ -703,7 +738,31 @@ impl Drop for Leader<'_> {
     }
 }
 
-fn spawn_ticker(inner: Arc<Inner>, every: std::time::Duration) -> Result<Ticker> {
+/// Starts the thread that keeps a zero-filled spare segment ready, so that a roll need not write
+/// a whole segment of zeros while appenders wait.
+fn spawn_preparer(inner: Arc<Inner>) -> Result<Worker> {
+    let dir = inner.dir.clone();
+    let (tx, rx) = mpsc::channel::<()>();
+    *inner.want_spare.lock() = Some(tx.clone());
+    let handle = thread::Builder::new()
+        .name("timber-wal-spare".into())
+        .spawn(move || {
+            while rx.recv().is_ok() {
+                if inner.spare.lock().is_some() || inner.closed.load(Ordering::Acquire) {
+                    continue;
+                }
+                match segment::prepare_spare(&inner.dir, inner.opts.segment_capacity, inner.opts.file_mode) {
+                    Ok(file) => *inner.spare.lock() = Some(file),
+                    Err(e) => tracing::warn!(error = %e, "preparing a spare WAL segment failed; the next roll creates one itself"),
+                }
+            }
+        })
+        .map_err(|e| Error::io("spawn spare preparer for", &dir, e))?;
+    let _ = tx.send(());
+    Ok(Worker { tx, handle })
+}
+
+fn spawn_ticker(inner: Arc<Inner>, every: std::time::Duration) -> Result<Worker> {
     let dir = inner.dir.clone();
     let (stop, rx) = mpsc::channel::<()>();
     let handle = thread::Builder::new()
@@ -718,7 +777,7 @@ fn spawn_ticker(inner: Arc<Inner>, every: std::time::Duration) -> Result<Ticker>
             }
         })
         .map_err(|e| Error::io("spawn sync thread for", dir, e))?;
-    Ok(Ticker { stop, handle })
+    Ok(Worker { tx: stop, handle })
 }
 
 fn lock_dir(dir: &Path, mode: u32) -> Result<File> {
@@ -820,6 +879,7 @@ fn recover(dir: &Path, opts: &Options) -> Result<State> {
                 opts.segment_capacity,
                 opts.preallocate,
                 opts.file_mode,
+                None,
             )?;
             Active::new(start, path, file, Vec::new(), SEGMENT_HEADER_LEN as u64)
         }

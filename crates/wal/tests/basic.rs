@@ -42,6 +42,7 @@ fn records_roll_over_segments_and_survive_reopen() {
             assert_eq!(wal.read(i).unwrap().to_vec(), payload(i, (i % 300) as usize));
         }
     }
+    assert!(!dir.path().join("wal_spare.tmp").exists(), "close removes the spare segment");
     let wal = Wal::open(dir.path(), small(8192)).unwrap();
     assert_eq!(wal.next_seq(), n);
     let all = collect(&wal, 0..n);

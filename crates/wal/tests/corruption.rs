@@ -228,9 +228,11 @@ fn unknown_files_are_ignored_and_stale_temporaries_removed() {
     fs::write(dir.path().join("notes.txt"), b"hello").unwrap();
     let tmp = dir.path().join("wal_00000000000000000010.log.tmp");
     fs::write(&tmp, b"half-created segment").unwrap();
-    let wal = open(dir.path()).unwrap();
+    fs::write(dir.path().join("wal_spare.tmp"), b"half-zeroed spare").unwrap();
+    let wal = Wal::open(dir.path(), small(4096).preallocate(false)).unwrap();
     assert_eq!(wal.next_seq(), 10);
     assert!(!tmp.exists());
+    assert!(!dir.path().join("wal_spare.tmp").exists());
     assert!(dir.path().join("notes.txt").exists());
     assert_eq!(segments(dir.path()), segs);
 }
