@@ -391,7 +391,7 @@ pub(crate) fn prepare_spare(dir: &Path, capacity: u64, mode: u32) -> Result<File
 /// allocated) blocks let a later `fdatasync` of records skip the journal commit that converting
 /// unwritten extents costs, which nearly halves the latency of a durable append of a few KiB.
 pub(crate) fn preallocate_tail(file: &File, path: &Path, from: u64, capacity: u64) -> Result<()> {
-    const ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+    static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
     let mut off = from;
     while off < capacity {
         let n = (capacity - off).min(ZEROS.len() as u64) as usize;
