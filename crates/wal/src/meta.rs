@@ -16,7 +16,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use crate::error::{Error, Result};
-use crate::segment::{open_options_rw, sync_dir, FORMAT_VERSION};
+use crate::segment::{create_file, sync_dir, FORMAT_VERSION};
 
 pub(crate) const META_FILE: &str = "wal.meta";
 pub(crate) const META_TMP: &str = "wal.meta.tmp";
@@ -88,11 +88,7 @@ impl Meta {
     /// Atomically replaces the meta file of `dir`.
     pub(crate) fn store(&self, dir: &Path, mode: u32) -> Result<()> {
         let tmp = dir.join(META_TMP);
-        let file = open_options_rw(mode)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)
-            .map_err(|e| Error::io("create", &tmp, e))?;
+        let file = create_file(&tmp, mode)?;
         file.write_all_at(&self.encode(), 0).map_err(|e| Error::io("write", &tmp, e))?;
         file.sync_all().map_err(|e| Error::io("fsync", &tmp, e))?;
         let path = dir.join(META_FILE);

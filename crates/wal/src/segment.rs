@@ -147,6 +147,15 @@ pub(crate) fn open_options_rw(mode: u32) -> OpenOptions {
     o
 }
 
+/// Creates (or empties) `path` for writing with permission bits `mode`.
+pub(crate) fn create_file(path: &Path, mode: u32) -> Result<File> {
+    open_options_rw(mode)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .map_err(|e| Error::io("create", path, e))
+}
+
 pub(crate) fn read_exact_at(file: &File, path: &Path, buf: &mut [u8], offset: u64) -> Result<()> {
     file.read_exact_at(buf, offset).map_err(|e| {
         if e.kind() == std::io::ErrorKind::UnexpectedEof {
@@ -356,11 +365,7 @@ pub(crate) fn create(
         Some(file) => (file, dir.join(SPARE_FILE)),
         None => {
             let tmp = dir.join(format!("{}.tmp", file_name(start)));
-            let file = open_options_rw(mode)
-                .create(true)
-                .truncate(true)
-                .open(&tmp)
-                .map_err(|e| Error::io("create", &tmp, e))?;
+            let file = create_file(&tmp, mode)?;
             if preallocate {
                 preallocate_tail(&file, &tmp, SEGMENT_HEADER_LEN as u64, capacity)?;
             }
@@ -377,11 +382,7 @@ pub(crate) fn create(
 /// Writes the zero-filled spare segment file (header space included) and makes it durable.
 pub(crate) fn prepare_spare(dir: &Path, capacity: u64, mode: u32) -> Result<File> {
     let path = dir.join(SPARE_FILE);
-    let file = open_options_rw(mode)
-        .create(true)
-        .truncate(true)
-        .open(&path)
-        .map_err(|e| Error::io("create", &path, e))?;
+    let file = create_file(&path, mode)?;
     preallocate_tail(&file, &path, 0, capacity)?;
     file.sync_all().map_err(|e| Error::io("fsync", &path, e))?;
     Ok(file)
