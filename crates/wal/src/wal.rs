@@ -86,9 +86,8 @@ struct Inner {
 }
 
 struct State {
-    /// What the meta file holds.
+    /// What the meta file holds; `meta.first_seq` is the first live sequence number.
     meta: Meta,
-    first: u64,
     next: u64,
     sealed: VecDeque<Sealed>,
     sealed_bytes: u64,
@@ -180,6 +179,10 @@ impl Active {
 }
 
 impl State {
+    fn first(&self) -> u64 {
+        self.meta.first_seq
+    }
+
     fn store_meta(&mut self, meta: Meta, dir: &Path, opts: &Options) -> Result<()> {
         meta.store(dir, opts.file_mode)?;
         self.meta = meta;
@@ -338,16 +341,7 @@ impl Inner {
             path: a.path.clone(),
             file_len: data_end + seal.len() as u64,
         };
-        let spare = self.spare.lock().take();
-        let (file, path) = segment::create(
-            &self.dir,
-            end,
-            self.opts.segment_capacity,
-            self.opts.preallocate,
-            self.opts.file_mode,
-            spare,
-        )?;
-        self.request_spare();
+        let (file, path) = self.create_segment(end)?;
         st.sealed_bytes += sealed.file_len;
         st.sealed.push_back(sealed);
         st.active = Active::new(end, path, file, Vec::new(), SEGMENT_HEADER_LEN as u64);
@@ -355,11 +349,22 @@ impl Inner {
         Ok(())
     }
 
-    /// Asks the preparer thread for a new spare segment, if there is one.
-    fn request_spare(&self) {
+    /// Creates the segment starting at `start` from the prepared spare if there is one, and asks
+    /// the preparer thread for the next spare.
+    fn create_segment(&self, start: u64) -> Result<(File, PathBuf)> {
+        let spare = self.spare.lock().take();
+        let created = segment::create(
+            &self.dir,
+            start,
+            self.opts.segment_capacity,
+            self.opts.preallocate,
+            self.opts.file_mode,
+            spare,
+        );
         if let Some(tx) = self.want_spare.lock().as_ref() {
             let _ = tx.send(());
         }
+        created
     }
 
     fn fsync(&self, file: &File, path: &Path) -> Result<()> {
@@ -422,8 +427,8 @@ impl Inner {
             if self.closed.load(Ordering::Acquire) {
                 return Err(Error::Closed);
             }
-            if from < st.first || from >= st.next {
-                return Err(Error::NotFound { seq: from, first: st.first, next: st.next });
+            if from < st.first() || from >= st.next {
+                return Err(Error::NotFound { seq: from, first: st.first(), next: st.next });
             }
             if from >= st.active.start {
                 return st.active.read_run(from, until, max_bytes);
@@ -438,7 +443,7 @@ impl Inner {
         let _layout = self.layout.write();
         let _leader = self.gate.lead();
         let mut st = self.state.lock();
-        if seq <= st.first {
+        if seq <= st.first() {
             return Ok(());
         }
         let r = self.drop_front(&mut st, seq);
@@ -457,21 +462,11 @@ impl Inner {
             self.readers.lock().clear();
             remove_file(&st.active.path)?;
             sync_dir(&self.dir)?;
-            let spare = self.spare.lock().take();
-            let (file, path) = segment::create(
-                &self.dir,
-                seq,
-                self.opts.segment_capacity,
-                self.opts.preallocate,
-                self.opts.file_mode,
-                spare,
-            )?;
-            self.request_spare();
+            let (file, path) = self.create_segment(seq)?;
             st.active = Active::new(seq, path, file, Vec::new(), SEGMENT_HEADER_LEN as u64);
             st.next = seq;
             self.durable.fetch_max(seq, Ordering::AcqRel);
         }
-        st.first = seq;
         let mut removed = false;
         while st.sealed.front().is_some_and(|s| s.end() <= seq) {
             let s = st.sealed.pop_front().expect("front exists");
@@ -494,10 +489,10 @@ impl Inner {
         if seq >= st.next {
             return Ok(());
         }
-        if seq < st.first {
+        if seq < st.first() {
             return Err(Error::InvalidParam(format!(
                 "cannot truncate back to {seq}: records before {} were truncated from the front",
-                st.first
+                st.first()
             )));
         }
         let r = st.truncate_back(seq, &self.dir, &self.opts);
@@ -576,7 +571,7 @@ impl Wal {
     pub fn iter(&self, range: impl RangeBounds<u64>) -> Iter {
         let (first, next) = {
             let st = self.inner.state.lock();
-            (st.first, st.next)
+            (st.first(), st.next)
         };
         let start = match range.start_bound() {
             Bound::Included(&s) => s,
@@ -599,13 +594,13 @@ impl Wal {
 
     /// First live sequence number (equal to `next_seq` when the log is empty).
     pub fn first_seq(&self) -> u64 {
-        self.inner.state.lock().first
+        self.inner.state.lock().first()
     }
 
     /// Sequence number of the last live record, if any.
     pub fn last_seq(&self) -> Option<u64> {
         let st = self.inner.state.lock();
-        (st.next > st.first).then(|| st.next - 1)
+        (st.next > st.first()).then(|| st.next - 1)
     }
 
     /// Sequence number the next append will get.
@@ -616,7 +611,7 @@ impl Wal {
     /// Number of live records.
     pub fn len(&self) -> u64 {
         let st = self.inner.state.lock();
-        st.next - st.first
+        st.next - st.first()
     }
 
     /// Whether the log holds no live record.
@@ -693,7 +688,7 @@ impl fmt::Debug for Wal {
         let st = self.inner.state.lock();
         f.debug_struct("Wal")
             .field("dir", &self.inner.dir)
-            .field("first", &st.first)
+            .field("first", &st.first())
             .field("next", &st.next)
             .field("segments", &(st.sealed.len() + 1))
             .finish()
@@ -886,7 +881,6 @@ fn recover(dir: &Path, opts: &Options) -> Result<State> {
     };
     let mut state = State {
         meta,
-        first,
         next: active.end(),
         sealed_bytes: sealed.iter().map(|s| s.file_len).sum(),
         sealed,
