@@ -42,6 +42,7 @@ pub struct Options {
     pub(crate) sync: SyncMode,
     pub(crate) write_buffer: usize,
     pub(crate) name: String,
+    pub(crate) oversized: bool,
 }
 
 impl Default for Options {
@@ -56,6 +57,7 @@ impl Default for Options {
             sync: SyncMode::default(),
             write_buffer: 64 << 10,
             name: "wal".to_owned(),
+            oversized: false,
         }
     }
 }
@@ -109,6 +111,14 @@ impl Options {
     /// beyond what is synced; 0 hands every append to the OS at once.
     pub fn write_buffer(mut self, bytes: usize) -> Self {
         self.write_buffer = bytes;
+        self
+    }
+
+    /// Accept a record or batch larger than a segment (default off: `InvalidParam`). When on,
+    /// such a record starts a segment of its own, which grows past the capacity to hold it (up to
+    /// 4 GiB) and is sealed by the next append.
+    pub fn oversized_records(mut self, on: bool) -> Self {
+        self.oversized = on;
         self
     }
 

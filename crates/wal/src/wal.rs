@@ -291,9 +291,11 @@ impl Inner {
         }
         let needed = frames + n * INDEX_ENTRY_LEN;
         let capacity = self.opts.segment_capacity;
-        if needed + (SEGMENT_HEADER_LEN + TRAILER_LEN) as u64 > capacity {
+        let overhead = (SEGMENT_HEADER_LEN + TRAILER_LEN) as u64;
+        let limit = if self.opts.oversized { u64::from(u32::MAX) } else { capacity };
+        if needed + overhead > limit {
             return Err(Error::InvalidParam(format!(
-                "{} of {needed} bytes does not fit in a segment of {capacity} bytes",
+                "{} of {needed} bytes does not fit in a segment of {limit} bytes",
                 if n == 1 { "record" } else { "batch" },
             )));
         }
@@ -303,7 +305,8 @@ impl Inner {
                 return Err(Error::Full { used, needed, limit });
             }
         }
-        if st.active.sealed_len(frames, n) > capacity {
+        // An oversized batch goes into an empty segment, which grows past the capacity.
+        if st.active.sealed_len(frames, n) > capacity && !st.active.offsets.is_empty() {
             let r = self.roll(&mut st);
             self.poisoning(r)?;
         }
@@ -402,6 +405,13 @@ impl Inner {
         let before = self.durable.fetch_max(upto, Ordering::AcqRel);
         self.metrics.group_records.record(upto.saturating_sub(before) as f64);
         Ok(())
+    }
+
+    fn flush(&self) -> Result<()> {
+        let mut st = self.state.lock();
+        self.check_writable()?;
+        let r = st.active.flush();
+        self.poisoning(r)
     }
 
     fn sync(&self) -> Result<()> {
@@ -634,6 +644,12 @@ impl Wal {
     /// Drops `seq` and every record after it; the next append gets `seq`. Atomic under a crash.
     pub fn truncate_back(&self, seq: u64) -> Result<()> {
         self.inner.truncate_back(seq)
+    }
+
+    /// Hands every record appended so far to the operating system without waiting for the disk:
+    /// they survive a crash of this process, not of the machine.
+    pub fn flush(&self) -> Result<()> {
+        self.inner.flush()
     }
 
     /// Makes every record appended so far durable.

@@ -53,6 +53,39 @@ fn records_roll_over_segments_and_survive_reopen() {
 }
 
 #[test]
+fn oversized_records_get_a_segment_of_their_own_when_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = || small(4096).oversized_records(true).sync(SyncMode::Always);
+    let wal = Wal::open(dir.path(), opts()).unwrap();
+    wal.append(b"before").unwrap();
+    let big = payload(1, 20_000);
+    assert_eq!(wal.append(&big).unwrap(), 1);
+    let batch: Vec<Vec<u8>> = (2..6).map(|s| payload(s, 3000)).collect();
+    assert_eq!(wal.append_batch(&batch).unwrap(), 2..6);
+    wal.append(b"after").unwrap();
+    assert!(segments(dir.path()).len() >= 4, "each oversized write starts its own segment");
+    drop(wal);
+    let wal = Wal::open(dir.path(), opts()).unwrap();
+    assert_eq!(&wal.read(0).unwrap()[..], b"before");
+    assert_eq!(wal.read(1).unwrap(), big);
+    for s in 2..6 {
+        assert_eq!(wal.read(s).unwrap(), payload(s, 3000));
+    }
+    assert_eq!(&wal.read(6).unwrap()[..], b"after");
+}
+
+#[test]
+fn flush_hands_records_to_the_os() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(dir.path(), small(1 << 20).sync(SyncMode::Manual)).unwrap();
+    wal.append(b"flushed").unwrap();
+    wal.flush().unwrap();
+    // A second handle on the segment file sees the record without any sync.
+    let bytes = std::fs::read(&segments(dir.path())[0]).unwrap();
+    assert!(bytes.windows(7).any(|w| w == b"flushed"));
+}
+
+#[test]
 fn oversized_record_is_invalid_and_log_stays_usable() {
     let dir = tempfile::tempdir().unwrap();
     let wal = Wal::open(dir.path(), small(4096)).unwrap();
