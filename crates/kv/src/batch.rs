@@ -1,0 +1,178 @@
+//! `WriteBatch`: writes applied atomically, kept in their log encoding so that a write costs one
+//! copy into the WAL. Layout (docs/format/sstable.md, "WAL records"):
+//! `seq u64 LE | count u32 LE | count × (kind u8 | key_len varint | key | [value_len varint | value])`.
+
+use crate::error::{Error, Result};
+use crate::key::{get_slice, get_u32, get_u64, get_varint, put_varint, Kind};
+use crate::options::{MAX_KEY_LEN, MAX_VALUE_LEN};
+
+pub(crate) const HEADER_LEN: usize = 12;
+
+/// Puts and deletes applied atomically by [`crate::Db::write`]: after a crash either all of them
+/// are present or none.
+#[derive(Clone)]
+pub struct WriteBatch {
+    rep: Vec<u8>,
+    count: u32,
+    invalid: Option<String>,
+}
+
+impl Default for WriteBatch {
+    fn default() -> Self {
+        WriteBatch { rep: vec![0; HEADER_LEN], count: 0, invalid: None }
+    }
+}
+
+impl std::fmt::Debug for WriteBatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WriteBatch")
+            .field("count", &self.count)
+            .field("bytes", &self.rep.len())
+            .finish()
+    }
+}
+
+impl WriteBatch {
+    /// An empty batch.
+    pub fn new() -> WriteBatch {
+        WriteBatch::default()
+    }
+
+    /// Sets `key` to `value`.
+    pub fn put(&mut self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) -> &mut Self {
+        let (key, value) = (key.as_ref(), value.as_ref());
+        self.check(key, Some(value));
+        self.rep.push(Kind::Put as u8);
+        put_varint(&mut self.rep, key.len() as u64);
+        self.rep.extend_from_slice(key);
+        put_varint(&mut self.rep, value.len() as u64);
+        self.rep.extend_from_slice(value);
+        self.count += 1;
+        self
+    }
+
+    /// Removes `key`.
+    pub fn delete(&mut self, key: impl AsRef<[u8]>) -> &mut Self {
+        let key = key.as_ref();
+        self.check(key, None);
+        self.rep.push(Kind::Delete as u8);
+        put_varint(&mut self.rep, key.len() as u64);
+        self.rep.extend_from_slice(key);
+        self.count += 1;
+        self
+    }
+
+    /// Number of puts and deletes.
+    pub fn len(&self) -> usize {
+        self.count as usize
+    }
+
+    /// Whether the batch holds no write.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Bytes of the encoded batch.
+    pub fn size(&self) -> usize {
+        self.rep.len()
+    }
+
+    /// Empties the batch for reuse.
+    pub fn clear(&mut self) {
+        self.rep.truncate(HEADER_LEN);
+        self.count = 0;
+        self.invalid = None;
+    }
+
+    fn check(&mut self, key: &[u8], value: Option<&[u8]>) {
+        if self.invalid.is_some() {
+            return;
+        }
+        self.invalid = validate(key, value).err();
+    }
+
+    /// The encoding with `seq` stamped in, ready for the WAL.
+    pub(crate) fn encode(&mut self, seq: u64) -> Result<&[u8]> {
+        if let Some(m) = &self.invalid {
+            return Err(Error::InvalidParam(m.clone()));
+        }
+        self.rep[..8].copy_from_slice(&seq.to_le_bytes());
+        self.rep[8..12].copy_from_slice(&self.count.to_le_bytes());
+        Ok(&self.rep)
+    }
+
+    pub(crate) fn invalid(&self) -> Option<&str> {
+        self.invalid.as_deref()
+    }
+}
+
+/// Checks the limits on keys and values.
+pub(crate) fn validate(key: &[u8], value: Option<&[u8]>) -> Result<(), String> {
+    if key.is_empty() {
+        return Err("empty keys are not allowed".into());
+    }
+    if key.len() > MAX_KEY_LEN {
+        return Err(format!("key of {} bytes exceeds the limit of {MAX_KEY_LEN}", key.len()));
+    }
+    if let Some(v) = value {
+        if v.len() > MAX_VALUE_LEN {
+            return Err(format!("value of {} bytes exceeds the limit of {MAX_VALUE_LEN}", v.len()));
+        }
+    }
+    Ok(())
+}
+
+/// One decoded write of a batch.
+pub(crate) struct Op<'a> {
+    pub(crate) kind: Kind,
+    pub(crate) key: &'a [u8],
+    pub(crate) value: &'a [u8],
+}
+
+/// Decodes an encoded batch: its first sequence number and its writes. `None` if malformed.
+pub(crate) fn decode(rep: &[u8]) -> Option<(u64, Vec<Op<'_>>)> {
+    let mut pos = 0;
+    let seq = get_u64(rep, &mut pos)?;
+    let count = get_u32(rep, &mut pos)?;
+    let mut ops = Vec::with_capacity(count.min(1 << 16) as usize);
+    for _ in 0..count {
+        let kind = Kind::from_u8(*rep.get(pos)?)?;
+        pos += 1;
+        let klen = usize::try_from(get_varint(rep, &mut pos)?).ok()?;
+        let key = get_slice(rep, &mut pos, klen)?;
+        let value = match kind {
+            Kind::Put => {
+                let vlen = usize::try_from(get_varint(rep, &mut pos)?).ok()?;
+                get_slice(rep, &mut pos, vlen)?
+            }
+            Kind::Delete => &[],
+        };
+        ops.push(Op { kind, key, value });
+    }
+    (pos == rep.len()).then_some((seq, ops))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roundtrip_and_limits() {
+        let mut b = WriteBatch::new();
+        b.put(b"k1", b"v1").delete(b"k2");
+        let rep = b.encode(7).unwrap().to_vec();
+        let (seq, ops) = decode(&rep).unwrap();
+        assert_eq!(seq, 7);
+        assert_eq!(ops.len(), 2);
+        assert_eq!((ops[0].kind, ops[0].key, ops[0].value), (Kind::Put, &b"k1"[..], &b"v1"[..]));
+        assert_eq!((ops[1].kind, ops[1].key), (Kind::Delete, &b"k2"[..]));
+        assert!(decode(&rep[..rep.len() - 1]).is_none());
+
+        let mut bad = WriteBatch::new();
+        bad.put(b"", b"v");
+        assert!(matches!(bad.encode(1), Err(Error::InvalidParam(m)) if m.contains("empty")));
+        bad.clear();
+        bad.put(vec![0u8; MAX_KEY_LEN + 1], b"");
+        assert!(matches!(bad.encode(1), Err(Error::InvalidParam(m)) if m.contains("key of")));
+    }
+}

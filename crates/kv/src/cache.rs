@@ -1,0 +1,84 @@
+//! `BlockCache`: uncompressed, verified blocks kept in memory under a byte limit, shared by every
+//! table of a database. Sixteen LRU shards, each behind its own mutex, keyed by (table, offset).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use lru::LruCache;
+use parking_lot::Mutex;
+
+use crate::block::Block;
+
+const SHARDS: usize = 16;
+
+struct Shard {
+    map: LruCache<(u64, u64), Block>,
+    bytes: usize,
+}
+
+pub(crate) struct BlockCache {
+    shards: Vec<Mutex<Shard>>,
+    shard_limit: usize,
+    hits: AtomicU64,
+    misses: AtomicU64,
+}
+
+impl BlockCache {
+    pub(crate) fn new(limit: usize) -> BlockCache {
+        BlockCache {
+            shards: (0..SHARDS)
+                .map(|_| Mutex::new(Shard { map: LruCache::unbounded(), bytes: 0 }))
+                .collect(),
+            shard_limit: limit / SHARDS,
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+        }
+    }
+
+    fn shard(&self, table: u64, offset: u64) -> &Mutex<Shard> {
+        let h = (table.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (offset >> 12)).wrapping_mul(31);
+        &self.shards[(h as usize) % SHARDS]
+    }
+
+    pub(crate) fn get(&self, table: u64, offset: u64) -> Option<Block> {
+        if self.shard_limit == 0 {
+            return None;
+        }
+        let b = self.shard(table, offset).lock().map.get(&(table, offset)).cloned();
+        let counter = if b.is_some() { &self.hits } else { &self.misses };
+        counter.fetch_add(1, Ordering::Relaxed);
+        b
+    }
+
+    pub(crate) fn insert(&self, table: u64, offset: u64, block: Block) {
+        let size = block.size();
+        if size > self.shard_limit {
+            return;
+        }
+        let mut s = self.shard(table, offset).lock();
+        if let Some(old) = s.map.put((table, offset), block) {
+            s.bytes -= old.size();
+        }
+        s.bytes += size;
+        while s.bytes > self.shard_limit {
+            match s.map.pop_lru() {
+                Some((_, b)) => s.bytes -= b.size(),
+                None => break,
+            }
+        }
+    }
+
+    /// (hits, misses) so far.
+    pub(crate) fn counts(&self) -> (u64, u64) {
+        (self.hits.load(Ordering::Relaxed), self.misses.load(Ordering::Relaxed))
+    }
+
+    pub(crate) fn bytes(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().bytes).sum()
+    }
+}
+
+impl std::fmt::Debug for BlockCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlockCache").field("limit", &(self.shard_limit * SHARDS)).finish()
+    }
+}

@@ -1,0 +1,471 @@
+//! Iteration: cursors over one memtable, one table or one sorted level, a merge of them in
+//! internal-key order, and the user-facing [`Iter`], which shows the newest version of each key
+//! visible at its sequence number, hides tombstones, and runs from either end
+//! (`DoubleEndedIterator`). An `Iter` holds the view it was created on, so memtables and tables
+//! it reads stay alive and its results never change while it runs.
+
+use std::cmp::Ordering;
+use std::ops::Bound;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::db::View;
+use crate::error::Result;
+use crate::key::{self, IKey, Kind, MAX_SEQ};
+use crate::memtable::Memtable;
+use crate::table::TableIter;
+use crate::version::TableFile;
+
+pub(crate) struct MemIter {
+    mem: Arc<Memtable>,
+    forward: bool,
+    cur: Option<(IKey, Bytes)>,
+}
+
+pub(crate) struct LevelIter {
+    files: Vec<Arc<TableFile>>,
+    forward: bool,
+    at: usize,
+    it: Option<TableIter>,
+}
+
+impl LevelIter {
+    fn open(&mut self, at: usize, target: Option<&[u8]>) -> Result<()> {
+        let Some(f) = self.files.get(at) else {
+            self.it = None;
+            return Ok(());
+        };
+        let mut it = TableIter::new(f.table.clone(), self.forward);
+        it.seek(target)?;
+        if it.key().is_some() {
+            self.at = at;
+            self.it = Some(it);
+            return Ok(());
+        }
+        // Nothing in this table in the direction of travel: the next one, from its edge.
+        self.open_from_edge(if self.forward { at + 1 } else { at.wrapping_sub(1) })
+    }
+
+    fn open_from_edge(&mut self, mut at: usize) -> Result<()> {
+        loop {
+            let Some(f) = self.files.get(at) else {
+                self.it = None;
+                return Ok(());
+            };
+            let mut it = TableIter::new(f.table.clone(), self.forward);
+            it.seek(None)?;
+            if it.key().is_some() {
+                self.at = at;
+                self.it = Some(it);
+                return Ok(());
+            }
+            at = if self.forward { at + 1 } else { at.wrapping_sub(1) };
+        }
+    }
+}
+
+/// One input of a merge.
+pub(crate) enum Source {
+    Mem(MemIter),
+    Table(TableIter),
+    Level(LevelIter),
+}
+
+impl Source {
+    pub(crate) fn mem(mem: Arc<Memtable>, forward: bool) -> Source {
+        Source::Mem(MemIter { mem, forward, cur: None })
+    }
+
+    pub(crate) fn table(t: &TableFile, forward: bool) -> Source {
+        Source::Table(TableIter::new(t.table.clone(), forward))
+    }
+
+    /// A sorted level (or any list of tables with disjoint, ordered ranges).
+    pub(crate) fn level(files: Vec<Arc<TableFile>>, forward: bool) -> Source {
+        Source::Level(LevelIter { files, forward, at: 0, it: None })
+    }
+
+    fn seek(&mut self, target: Option<&[u8]>) -> Result<()> {
+        match self {
+            Source::Mem(m) => {
+                m.cur = match target {
+                    None => m.mem.first(m.forward),
+                    Some(t) => {
+                        let probe = IKey(Bytes::copy_from_slice(t));
+                        m.mem.seek(Bound::Included(&probe), m.forward)
+                    }
+                };
+                Ok(())
+            }
+            Source::Table(t) => t.seek(target),
+            Source::Level(l) => {
+                let n = l.files.len();
+                let at = match (target, l.forward) {
+                    (None, true) => 0,
+                    (None, false) => n.wrapping_sub(1),
+                    (Some(t), true) => l
+                        .files
+                        .partition_point(|f| key::compare(&f.meta.largest, t) == Ordering::Less),
+                    (Some(t), false) => l
+                        .files
+                        .partition_point(|f| key::compare(&f.meta.smallest, t) != Ordering::Greater)
+                        .wrapping_sub(1),
+                };
+                l.open(at, target)
+            }
+        }
+    }
+
+    fn advance(&mut self) -> Result<()> {
+        match self {
+            Source::Mem(m) => {
+                if let Some((k, _)) = m.cur.take() {
+                    m.cur = m.mem.seek(Bound::Excluded(&k), m.forward);
+                }
+                Ok(())
+            }
+            Source::Table(t) => t.advance(),
+            Source::Level(l) => {
+                let Some(it) = &mut l.it else { return Ok(()) };
+                it.advance()?;
+                if it.key().is_none() {
+                    let next = if l.forward { l.at + 1 } else { l.at.wrapping_sub(1) };
+                    l.open_from_edge(next)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn key(&self) -> Option<&[u8]> {
+        match self {
+            Source::Mem(m) => m.cur.as_ref().map(|(k, _)| &k.0[..]),
+            Source::Table(t) => t.key(),
+            Source::Level(l) => l.it.as_ref().and_then(|t| t.key()),
+        }
+    }
+
+    fn value(&self) -> Bytes {
+        match self {
+            Source::Mem(m) => m.cur.as_ref().map(|(_, v)| v.clone()).unwrap_or_default(),
+            Source::Table(t) => t.value(),
+            Source::Level(l) => l.it.as_ref().map(|t| t.value()).unwrap_or_default(),
+        }
+    }
+}
+
+/// Internal entries of several sources in internal-key order (or its reverse). On equal keys the
+/// earlier source wins.
+pub(crate) struct Merge {
+    sources: Vec<Source>,
+    forward: bool,
+    cur: Option<usize>,
+}
+
+impl Merge {
+    pub(crate) fn new(sources: Vec<Source>, forward: bool) -> Merge {
+        Merge { sources, forward, cur: None }
+    }
+
+    /// Sources for everything a view holds, newest first.
+    pub(crate) fn of_view(view: &View, forward: bool) -> Merge {
+        let mut sources = vec![Source::mem(view.mem.clone(), forward)];
+        sources.extend(view.imms.iter().map(|m| Source::mem(m.clone(), forward)));
+        sources.extend(view.version.levels[0].iter().map(|t| Source::table(t, forward)));
+        for level in &view.version.levels[1..] {
+            if !level.is_empty() {
+                sources.push(Source::level(level.clone(), forward));
+            }
+        }
+        Merge::new(sources, forward)
+    }
+
+    fn pick(&mut self) {
+        let mut best: Option<(usize, &[u8])> = None;
+        for (i, s) in self.sources.iter().enumerate() {
+            let Some(k) = s.key() else { continue };
+            let better = match best {
+                None => true,
+                Some((_, b)) => {
+                    let o = key::compare(k, b);
+                    if self.forward {
+                        o == Ordering::Less
+                    } else {
+                        o == Ordering::Greater
+                    }
+                }
+            };
+            if better {
+                best = Some((i, k));
+            }
+        }
+        self.cur = best.map(|(i, _)| i);
+    }
+
+    /// Positions at the first entry not before `target` in the direction of travel.
+    pub(crate) fn seek(&mut self, target: Option<&[u8]>) -> Result<()> {
+        for s in &mut self.sources {
+            s.seek(target)?;
+        }
+        self.pick();
+        Ok(())
+    }
+
+    pub(crate) fn advance(&mut self) -> Result<()> {
+        if let Some(i) = self.cur {
+            self.sources[i].advance()?;
+            self.pick();
+        }
+        Ok(())
+    }
+
+    pub(crate) fn key(&self) -> Option<&[u8]> {
+        self.cur.and_then(|i| self.sources[i].key())
+    }
+
+    pub(crate) fn value(&self) -> Bytes {
+        self.cur.map(|i| self.sources[i].value()).unwrap_or_default()
+    }
+}
+
+/// User-key bounds of a scan.
+#[derive(Debug, Clone)]
+pub(crate) struct Bounds {
+    pub(crate) lo: Bound<Vec<u8>>,
+    pub(crate) hi: Bound<Vec<u8>>,
+}
+
+impl Bounds {
+    fn above_lo(&self, user: &[u8]) -> bool {
+        match &self.lo {
+            Bound::Included(l) => user >= l.as_slice(),
+            Bound::Excluded(l) => user > l.as_slice(),
+            Bound::Unbounded => true,
+        }
+    }
+
+    fn below_hi(&self, user: &[u8]) -> bool {
+        match &self.hi {
+            Bound::Included(h) => user <= h.as_slice(),
+            Bound::Excluded(h) => user < h.as_slice(),
+            Bound::Unbounded => true,
+        }
+    }
+}
+
+/// The newest visible version of a key: a put with its value, or a tombstone.
+type Visible = (Kind, Bytes);
+
+/// User entries visible at `seq`, in one direction.
+struct Cursor {
+    merge: Merge,
+    forward: bool,
+    seq: u64,
+    bounds: Bounds,
+    started: bool,
+    /// Forward: the user key last emitted or hidden; its older versions are skipped.
+    last: Option<Vec<u8>>,
+    /// Backward: the user key being collected and its newest visible version so far.
+    group: Option<(Vec<u8>, Option<Visible>)>,
+}
+
+type Item = Result<(Bytes, Bytes)>;
+
+impl Cursor {
+    fn start(&mut self) -> Result<()> {
+        self.started = true;
+        let target = if self.forward {
+            match &self.bounds.lo {
+                Bound::Included(l) | Bound::Excluded(l) => Some(key::lookup(l, MAX_SEQ)),
+                Bound::Unbounded => None,
+            }
+        } else {
+            match &self.bounds.hi {
+                Bound::Included(h) | Bound::Excluded(h) => Some(key::make(h, 0, Kind::Delete)),
+                Bound::Unbounded => None,
+            }
+        };
+        self.merge.seek(target.as_deref())
+    }
+
+    fn next(&mut self) -> Option<Item> {
+        if !self.started {
+            if let Err(e) = self.start() {
+                return Some(Err(e));
+            }
+        }
+        if self.forward {
+            self.next_forward().transpose()
+        } else {
+            self.next_backward().transpose()
+        }
+    }
+
+    fn next_forward(&mut self) -> Result<Option<(Bytes, Bytes)>> {
+        loop {
+            let Some(k) = self.merge.key() else { return Ok(None) };
+            let user = key::user(k);
+            if !self.bounds.below_hi(user) {
+                return Ok(None);
+            }
+            if !self.bounds.above_lo(user)
+                || key::seq(k) > self.seq
+                || self.last.as_deref() == Some(user)
+            {
+                self.merge.advance()?;
+                continue;
+            }
+            let user = user.to_vec();
+            let put = key::kind(k) == Kind::Put;
+            let value = self.merge.value();
+            self.last = Some(user.clone());
+            self.merge.advance()?;
+            if put {
+                return Ok(Some((Bytes::from(user), value)));
+            }
+        }
+    }
+
+    fn next_backward(&mut self) -> Result<Option<(Bytes, Bytes)>> {
+        loop {
+            let Some(k) = self.merge.key() else {
+                return Ok(self.emit_group());
+            };
+            let user = key::user(k);
+            if !self.bounds.above_lo(user) {
+                return Ok(self.emit_group());
+            }
+            if !self.bounds.below_hi(user) {
+                self.merge.advance()?;
+                continue;
+            }
+            if self.group.as_ref().is_some_and(|(g, _)| g.as_slice() != user) {
+                if let Some(item) = self.emit_group() {
+                    return Ok(Some(item));
+                }
+                continue;
+            }
+            let visible = key::seq(k) <= self.seq;
+            let entry = visible.then(|| (key::kind(k), self.merge.value()));
+            match &mut self.group {
+                Some((_, best)) => {
+                    if entry.is_some() {
+                        *best = entry;
+                    }
+                }
+                None => self.group = Some((user.to_vec(), entry)),
+            }
+            self.merge.advance()?;
+        }
+    }
+
+    fn emit_group(&mut self) -> Option<(Bytes, Bytes)> {
+        match self.group.take() {
+            Some((user, Some((Kind::Put, v)))) => Some((Bytes::from(user), v)),
+            _ => None,
+        }
+    }
+}
+
+/// An iterator over the live keys of a range, at one point in time, in key order;
+/// `.rev()` and `next_back()` run from the other end. Items are `(key, value)`; an error (a corrupt
+/// block, say) is yielded once and ends the iteration.
+pub struct Iter {
+    view: Arc<View>,
+    seq: u64,
+    bounds: Bounds,
+    front: Option<Cursor>,
+    back: Option<Cursor>,
+    front_last: Option<Bytes>,
+    back_last: Option<Bytes>,
+    done: bool,
+}
+
+impl std::fmt::Debug for Iter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Iter").field("seq", &self.seq).field("bounds", &self.bounds).finish()
+    }
+}
+
+impl Iter {
+    pub(crate) fn new(view: Arc<View>, seq: u64, bounds: Bounds) -> Iter {
+        Iter {
+            view,
+            seq,
+            bounds,
+            front: None,
+            back: None,
+            front_last: None,
+            back_last: None,
+            done: false,
+        }
+    }
+
+    fn cursor(&self, forward: bool) -> Cursor {
+        Cursor {
+            merge: Merge::of_view(&self.view, forward),
+            forward,
+            seq: self.seq,
+            bounds: self.bounds.clone(),
+            started: false,
+            last: None,
+            group: None,
+        }
+    }
+
+    fn finish(&mut self, item: Option<Item>, forward: bool) -> Option<Item> {
+        match item {
+            Some(Ok((k, v))) => {
+                let other = if forward { &self.back_last } else { &self.front_last };
+                let crossed =
+                    other.as_ref().is_some_and(|o| if forward { k >= *o } else { k <= *o });
+                if crossed {
+                    self.done = true;
+                    return None;
+                }
+                *(if forward { &mut self.front_last } else { &mut self.back_last }) =
+                    Some(k.clone());
+                Some(Ok((k, v)))
+            }
+            Some(Err(e)) => {
+                self.done = true;
+                Some(Err(e))
+            }
+            None => {
+                self.done = true;
+                None
+            }
+        }
+    }
+}
+
+impl Iterator for Iter {
+    type Item = Result<(Bytes, Bytes)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        if self.front.is_none() {
+            self.front = Some(self.cursor(true));
+        }
+        let item = self.front.as_mut().and_then(Cursor::next);
+        self.finish(item, true)
+    }
+}
+
+impl DoubleEndedIterator for Iter {
+    fn next_back(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        if self.back.is_none() {
+            self.back = Some(self.cursor(false));
+        }
+        let item = self.back.as_mut().and_then(Cursor::next);
+        self.finish(item, false)
+    }
+}
+
+impl std::iter::FusedIterator for Iter {}

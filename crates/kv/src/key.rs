@@ -1,0 +1,188 @@
+//! Internal keys: a user key followed by an 8-byte big-endian tag `seq << 8 | kind`. They order by
+//! user key ascending, then tag descending, so the newest version of a key comes first and a seek
+//! to `(key, snapshot)` lands on the newest version a snapshot may see. Also the varint helpers of
+//! the on-disk formats.
+
+use std::cmp::Ordering;
+
+use bytes::{BufMut, Bytes};
+
+/// Largest sequence number (56 bits; the low byte of a tag is the kind).
+pub(crate) const MAX_SEQ: u64 = (1 << 56) - 1;
+pub(crate) const TAG_LEN: usize = 8;
+
+/// What an internal entry is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Delete = 0,
+    Put = 1,
+}
+
+impl Kind {
+    pub(crate) fn from_u8(b: u8) -> Option<Kind> {
+        match b {
+            0 => Some(Kind::Delete),
+            1 => Some(Kind::Put),
+            _ => None,
+        }
+    }
+}
+
+pub(crate) fn tag(seq: u64, kind: Kind) -> u64 {
+    seq << 8 | kind as u64
+}
+
+/// Builds the internal key `user ++ tag(seq, kind)`.
+pub(crate) fn make(user: &[u8], seq: u64, kind: Kind) -> Vec<u8> {
+    let mut k = Vec::with_capacity(user.len() + TAG_LEN);
+    k.extend_from_slice(user);
+    k.put_u64(tag(seq, kind));
+    k
+}
+
+/// The key a seek uses to find the newest version of `user` visible at `seq`.
+pub(crate) fn lookup(user: &[u8], seq: u64) -> Vec<u8> {
+    make(user, seq, Kind::Put)
+}
+
+/// Splits an internal key. Callers only pass keys they built or validated (`valid`).
+pub(crate) fn user(ikey: &[u8]) -> &[u8] {
+    &ikey[..ikey.len() - TAG_LEN]
+}
+
+pub(crate) fn tag_of(ikey: &[u8]) -> u64 {
+    let mut t = [0u8; 8];
+    t.copy_from_slice(&ikey[ikey.len() - TAG_LEN..]);
+    u64::from_be_bytes(t)
+}
+
+pub(crate) fn seq(ikey: &[u8]) -> u64 {
+    tag_of(ikey) >> 8
+}
+
+/// The kind of a validated internal key.
+pub(crate) fn kind(ikey: &[u8]) -> Kind {
+    if tag_of(ikey) & 0xff == 0 {
+        Kind::Delete
+    } else {
+        Kind::Put
+    }
+}
+
+/// Whether `ikey` is long enough and carries a known kind (checked when decoding files).
+pub(crate) fn valid(ikey: &[u8]) -> bool {
+    ikey.len() >= TAG_LEN && Kind::from_u8((tag_of(ikey) & 0xff) as u8).is_some()
+}
+
+/// The order of internal keys.
+pub(crate) fn compare(a: &[u8], b: &[u8]) -> Ordering {
+    user(a).cmp(user(b)).then_with(|| tag_of(b).cmp(&tag_of(a)))
+}
+
+/// An internal key as a skiplist key: ordered by [`compare`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct IKey(pub(crate) Bytes);
+
+impl Ord for IKey {
+    fn cmp(&self, other: &Self) -> Ordering {
+        compare(&self.0, &other.0)
+    }
+}
+
+impl PartialOrd for IKey {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+pub(crate) fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// Decodes a varint at `*pos`, advancing it; `None` if truncated or longer than 10 bytes.
+pub(crate) fn get_varint(buf: &[u8], pos: &mut usize) -> Option<u64> {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let b = *buf.get(*pos)?;
+        *pos += 1;
+        v |= u64::from(b & 0x7f) << shift;
+        if b < 0x80 {
+            return Some(v);
+        }
+    }
+    None
+}
+
+/// Reads `len` bytes at `*pos`, advancing it; `None` if they run past the end.
+pub(crate) fn get_slice<'a>(buf: &'a [u8], pos: &mut usize, len: usize) -> Option<&'a [u8]> {
+    let end = pos.checked_add(len)?;
+    let s = buf.get(*pos..end)?;
+    *pos = end;
+    Some(s)
+}
+
+pub(crate) fn get_u64(buf: &[u8], pos: &mut usize) -> Option<u64> {
+    get_slice(buf, pos, 8).map(|s| u64::from_le_bytes(s.try_into().expect("8 bytes")))
+}
+
+pub(crate) fn get_u32(buf: &[u8], pos: &mut usize) -> Option<u32> {
+    get_slice(buf, pos, 4).map(|s| u32::from_le_bytes(s.try_into().expect("4 bytes")))
+}
+
+/// The smallest key greater than every key starting with `prefix`, or `None` if there is none
+/// (the prefix is empty or all `0xff`).
+pub(crate) fn prefix_successor(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut s = prefix.to_vec();
+    while let Some(last) = s.pop() {
+        if last < 0xff {
+            s.push(last + 1);
+            return Some(s);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn newest_version_first_and_prefixes_order_by_user_key() {
+        let a1 = make(b"a", 1, Kind::Put);
+        let a2 = make(b"a", 2, Kind::Delete);
+        let ab = make(b"ab", 9, Kind::Put);
+        assert_eq!(compare(&a2, &a1), Ordering::Less);
+        assert_eq!(compare(&a1, &ab), Ordering::Less);
+        assert_eq!(compare(&lookup(b"a", 1), &a1), Ordering::Equal);
+        assert_eq!(compare(&lookup(b"a", 5), &a2), Ordering::Less);
+        assert_eq!(seq(&a2), 2);
+        assert_eq!(kind(&a2), Kind::Delete);
+        assert_eq!(user(&ab), b"ab");
+    }
+
+    #[test]
+    fn successor_of_prefixes() {
+        assert_eq!(prefix_successor(b"ab"), Some(b"ac".to_vec()));
+        assert_eq!(prefix_successor(b"a\xff"), Some(b"b".to_vec()));
+        assert_eq!(prefix_successor(b"\xff\xff"), None);
+        assert_eq!(prefix_successor(b""), None);
+    }
+
+    proptest! {
+        #[test]
+        fn varints_roundtrip(v: u64) {
+            let mut b = Vec::new();
+            put_varint(&mut b, v);
+            let mut pos = 0;
+            prop_assert_eq!(get_varint(&b, &mut pos), Some(v));
+            prop_assert_eq!(pos, b.len());
+            let mut pos = 0;
+            prop_assert_eq!(get_varint(&b[..b.len() - 1], &mut pos), None);
+        }
+    }
+}

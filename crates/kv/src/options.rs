@@ -1,0 +1,223 @@
+//! Options of a database, as a builder. Defaults follow RocksDB's where they apply.
+
+use crate::error::{Error, Result};
+
+/// Largest key accepted (64 KiB).
+pub const MAX_KEY_LEN: usize = 64 << 10;
+/// Largest value accepted (512 MiB).
+pub const MAX_VALUE_LEN: usize = 512 << 20;
+/// Number of levels of the tree (L0..L6).
+pub const NUM_LEVELS: usize = 7;
+
+/// Per-block compression of SSTables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Compression {
+    /// Blocks are stored as built.
+    #[default]
+    None,
+    /// LZ4 block compression; a block that does not shrink by 1/8 is stored uncompressed.
+    Lz4,
+}
+
+/// How durable a write is when it returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// The write reached the operating system: it survives a crash of the process, not a power
+    /// loss (RocksDB's `sync = false`).
+    #[default]
+    Buffered,
+    /// The write is on disk (fdatasync, shared by concurrent writers): it survives power loss.
+    Synced,
+}
+
+/// Options of [`crate::Db::open`].
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub(crate) memtable_size: usize,
+    pub(crate) max_immutable_memtables: usize,
+    pub(crate) block_size: usize,
+    pub(crate) restart_interval: usize,
+    pub(crate) bloom_bits_per_key: u32,
+    pub(crate) compression: Compression,
+    pub(crate) block_cache_bytes: usize,
+    pub(crate) l0_compaction_trigger: usize,
+    pub(crate) l0_slowdown_trigger: usize,
+    pub(crate) l0_stop_trigger: usize,
+    pub(crate) l1_target_bytes: u64,
+    pub(crate) level_multiplier: u64,
+    pub(crate) target_file_size: u64,
+    pub(crate) compaction_threads: usize,
+    pub(crate) durability: Durability,
+    pub(crate) wal_segment_size: u64,
+    pub(crate) create_if_missing: bool,
+    pub(crate) name: String,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            memtable_size: 64 << 20,
+            max_immutable_memtables: 2,
+            block_size: 4096,
+            restart_interval: 16,
+            bloom_bits_per_key: 10,
+            compression: Compression::None,
+            block_cache_bytes: 64 << 20,
+            l0_compaction_trigger: 4,
+            l0_slowdown_trigger: 20,
+            l0_stop_trigger: 36,
+            l1_target_bytes: 256 << 20,
+            level_multiplier: 10,
+            target_file_size: 64 << 20,
+            compaction_threads: 1,
+            durability: Durability::Buffered,
+            wal_segment_size: 64 << 20,
+            create_if_missing: true,
+            name: "kv".to_owned(),
+        }
+    }
+}
+
+impl Options {
+    /// Size at which the memtable becomes immutable and is flushed (default 64 MiB).
+    pub fn memtable_size(mut self, bytes: usize) -> Self {
+        self.memtable_size = bytes;
+        self
+    }
+
+    /// Immutable memtables waiting for flush before writes stall (default 2).
+    pub fn max_immutable_memtables(mut self, n: usize) -> Self {
+        self.max_immutable_memtables = n;
+        self
+    }
+
+    /// Target size of an SSTable data block before compression (default 4 KiB).
+    pub fn block_size(mut self, bytes: usize) -> Self {
+        self.block_size = bytes;
+        self
+    }
+
+    /// Bloom filter bits per key (default 10, about 0.8% false positives; 0 disables filters).
+    pub fn bloom_bits_per_key(mut self, bits: u32) -> Self {
+        self.bloom_bits_per_key = bits;
+        self
+    }
+
+    /// Block compression of new SSTables (default none).
+    pub fn compression(mut self, c: Compression) -> Self {
+        self.compression = c;
+        self
+    }
+
+    /// Memory limit of the block cache (default 64 MiB; 0 disables it).
+    pub fn block_cache_bytes(mut self, bytes: usize) -> Self {
+        self.block_cache_bytes = bytes;
+        self
+    }
+
+    /// L0 file count that starts a compaction into L1 (default 4).
+    pub fn l0_compaction_trigger(mut self, files: usize) -> Self {
+        self.l0_compaction_trigger = files;
+        self
+    }
+
+    /// L0 file counts at which writes are slowed (default 20) and stopped (default 36) until
+    /// compaction catches up.
+    pub fn l0_stall_triggers(mut self, slowdown: usize, stop: usize) -> Self {
+        self.l0_slowdown_trigger = slowdown;
+        self.l0_stop_trigger = stop;
+        self
+    }
+
+    /// Target size of L1 (default 256 MiB); each deeper level is `level_multiplier` times larger.
+    pub fn l1_target_bytes(mut self, bytes: u64) -> Self {
+        self.l1_target_bytes = bytes;
+        self
+    }
+
+    /// Size ratio between adjacent levels (default 10).
+    pub fn level_multiplier(mut self, m: u64) -> Self {
+        self.level_multiplier = m;
+        self
+    }
+
+    /// Size at which compaction starts a new output SSTable (default 64 MiB).
+    pub fn target_file_size(mut self, bytes: u64) -> Self {
+        self.target_file_size = bytes;
+        self
+    }
+
+    /// Background compaction threads (default 1; flushes have their own thread).
+    pub fn compaction_threads(mut self, n: usize) -> Self {
+        self.compaction_threads = n;
+        self
+    }
+
+    /// Durability of writes that do not choose their own (default `Buffered`).
+    pub fn durability(mut self, d: Durability) -> Self {
+        self.durability = d;
+        self
+    }
+
+    /// Capacity of a write-ahead log segment (default 64 MiB). Larger writes get their own.
+    pub fn wal_segment_size(mut self, bytes: u64) -> Self {
+        self.wal_segment_size = bytes;
+        self
+    }
+
+    /// Create the database if the directory holds none (default true).
+    pub fn create_if_missing(mut self, on: bool) -> Self {
+        self.create_if_missing = on;
+        self
+    }
+
+    /// Name used as the `db` label of this database's metrics (default `"kv"`).
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    pub(crate) fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::InvalidParam(m));
+        if self.memtable_size < 4096 {
+            return bad(format!("memtable size {} is below 4096 bytes", self.memtable_size));
+        }
+        if self.max_immutable_memtables == 0 {
+            return bad("max_immutable_memtables must be at least 1".into());
+        }
+        if !(256..=(1 << 20)).contains(&self.block_size) {
+            return bad(format!("block size {} is outside 256..=1 MiB", self.block_size));
+        }
+        if self.bloom_bits_per_key > 64 {
+            return bad(format!("bloom bits per key {} is above 64", self.bloom_bits_per_key));
+        }
+        if self.l0_compaction_trigger == 0
+            || self.l0_slowdown_trigger < self.l0_compaction_trigger
+            || self.l0_stop_trigger < self.l0_slowdown_trigger
+        {
+            return bad(format!(
+                "L0 triggers must satisfy 0 < compaction ({}) <= slowdown ({}) <= stop ({})",
+                self.l0_compaction_trigger, self.l0_slowdown_trigger, self.l0_stop_trigger
+            ));
+        }
+        if self.level_multiplier < 2 {
+            return bad(format!("level multiplier {} is below 2", self.level_multiplier));
+        }
+        if self.l1_target_bytes < 4096 || self.target_file_size < 4096 {
+            return bad("L1 target and target file size must be at least 4096 bytes".into());
+        }
+        if self.compaction_threads == 0 {
+            return bad("at least one compaction thread is needed".into());
+        }
+        Ok(())
+    }
+
+    /// Target size of level `level` (1-based levels; L0 is governed by file count).
+    pub(crate) fn level_target(&self, level: usize) -> u64 {
+        let mut t = self.l1_target_bytes;
+        for _ in 1..level {
+            t = t.saturating_mul(self.level_multiplier);
+        }
+        t
+    }
+}

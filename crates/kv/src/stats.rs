@@ -1,0 +1,85 @@
+//! Engine statistics: what `Db::stats` returns and the counters behind it.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Files and bytes of one level.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LevelStats {
+    /// Number of SSTables.
+    pub files: usize,
+    /// Their total size.
+    pub bytes: u64,
+}
+
+/// A picture of the engine's state and work so far (since open).
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct Stats {
+    /// L0..L6.
+    pub levels: Vec<LevelStats>,
+    /// Bytes in the active memtable.
+    pub memtable_bytes: u64,
+    /// Immutable memtables waiting for flush.
+    pub immutable_memtables: usize,
+    /// Size of the write-ahead log on disk.
+    pub wal_bytes: u64,
+    /// Key and value bytes written by users.
+    pub user_bytes_written: u64,
+    /// Bytes of SSTables written by flushes.
+    pub flush_bytes_written: u64,
+    /// Bytes of SSTables read by compactions.
+    pub compaction_bytes_read: u64,
+    /// Bytes of SSTables written by compactions.
+    pub compaction_bytes_written: u64,
+    /// (flush + compaction bytes written) / user bytes written (the WAL is not counted).
+    pub write_amplification: f64,
+    /// Flushes done.
+    pub flushes: u64,
+    /// Compactions done (trivial moves included).
+    pub compactions: u64,
+    /// Block cache hits.
+    pub cache_hits: u64,
+    /// Block cache misses.
+    pub cache_misses: u64,
+    /// hits / (hits + misses).
+    pub cache_hit_rate: f64,
+    /// Bytes held by the block cache.
+    pub cache_bytes: u64,
+    /// Bytes above the levels' targets (and all of L0 once it is at its trigger).
+    pub pending_compaction_bytes: u64,
+    /// Writes that were slowed or stopped waiting for flush or compaction.
+    pub stalls: u64,
+    /// Total time writes spent stalled.
+    pub stall_micros: u64,
+    /// Sequence number of the last visible write.
+    pub last_seq: u64,
+    /// Live snapshots.
+    pub snapshots: usize,
+}
+
+impl Stats {
+    /// Bytes of all SSTables.
+    pub fn table_bytes(&self) -> u64 {
+        self.levels.iter().map(|l| l.bytes).sum()
+    }
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) user_bytes: AtomicU64,
+    pub(crate) flush_bytes: AtomicU64,
+    pub(crate) compaction_read: AtomicU64,
+    pub(crate) compaction_written: AtomicU64,
+    pub(crate) flushes: AtomicU64,
+    pub(crate) compactions: AtomicU64,
+    pub(crate) stalls: AtomicU64,
+    pub(crate) stall_micros: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn record_stall(&self, d: Duration) {
+        self.stalls.fetch_add(1, Ordering::Relaxed);
+        self.stall_micros.fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+    }
+}

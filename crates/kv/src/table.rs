@@ -1,0 +1,441 @@
+//! SSTables: immutable sorted files of internal keys (docs/format/sstable.md).
+//!
+//! `data block* | filter block | index block | footer (48 bytes)`. Every block is followed by a
+//! 5-byte trailer `type u8 | crc32c u32 LE` over the stored bytes and the type; type 0 is raw,
+//! 1 is LZ4. The index has one entry per data block: the block's last key and its handle
+//! `offset u64 LE | size u32 LE`. Readers verify every block they read and report a mismatch as
+//! `Error::Corrupt` with the file and the block's offset; they never return unverified data.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::block::{Block, BlockBuilder, Decoded};
+use crate::bloom;
+use crate::cache::BlockCache;
+use crate::error::{Error, Result};
+use crate::key::{self, Kind};
+use crate::options::{Compression, Options};
+
+pub(crate) const MAGIC: [u8; 8] = *b"TMBRSST\0";
+pub(crate) const VERSION: u32 = 1;
+pub(crate) const FOOTER_LEN: usize = 48;
+pub(crate) const TRAILER_LEN: usize = 5;
+const RAW: u8 = 0;
+const LZ4: u8 = 1;
+
+pub(crate) fn file_name(id: u64) -> String {
+    format!("{id:06}.sst")
+}
+
+pub(crate) fn parse_file_name(name: &str) -> Option<u64> {
+    let stem = name.strip_suffix(".sst")?;
+    (stem.len() >= 6 && stem.bytes().all(|b| b.is_ascii_digit())).then(|| stem.parse().ok())?
+}
+
+/// What a finished table holds.
+#[derive(Debug, Clone)]
+pub(crate) struct Built {
+    pub(crate) size: u64,
+    pub(crate) entries: u64,
+    pub(crate) smallest: Bytes,
+    pub(crate) largest: Bytes,
+}
+
+pub(crate) struct TableBuilder {
+    out: BufWriter<File>,
+    path: PathBuf,
+    offset: u64,
+    data: BlockBuilder,
+    index: BlockBuilder,
+    hashes: Vec<u64>,
+    last_user: Vec<u8>,
+    block_size: usize,
+    compression: Compression,
+    bloom_bits: u32,
+    entries: u64,
+    smallest: Option<Bytes>,
+    scratch: Vec<u8>,
+}
+
+impl TableBuilder {
+    pub(crate) fn create(path: &Path, opts: &Options) -> Result<TableBuilder> {
+        let file = File::options()
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(|e| Error::io("create", path, e))?;
+        Ok(TableBuilder {
+            out: BufWriter::with_capacity(1 << 20, file),
+            path: path.to_path_buf(),
+            offset: 0,
+            data: BlockBuilder::new(opts.restart_interval),
+            index: BlockBuilder::new(1),
+            hashes: Vec::new(),
+            last_user: Vec::new(),
+            block_size: opts.block_size,
+            compression: opts.compression,
+            bloom_bits: opts.bloom_bits_per_key,
+            entries: 0,
+            smallest: None,
+            scratch: Vec::new(),
+        })
+    }
+
+    /// Adds an entry; internal keys must come in increasing order.
+    pub(crate) fn add(&mut self, ikey: &[u8], value: &[u8]) -> Result<()> {
+        if self.smallest.is_none() {
+            self.smallest = Some(Bytes::copy_from_slice(ikey));
+        }
+        let user = key::user(ikey);
+        if self.entries == 0 || user != self.last_user.as_slice() {
+            self.hashes.push(bloom::hash(user));
+            self.last_user.clear();
+            self.last_user.extend_from_slice(user);
+        }
+        self.data.add(ikey, value);
+        self.entries += 1;
+        if self.data.estimated_size() >= self.block_size {
+            self.finish_data_block()?;
+        }
+        Ok(())
+    }
+
+    /// Bytes written so far (the file size if finished now, minus the tail blocks).
+    pub(crate) fn size(&self) -> u64 {
+        self.offset + self.data.estimated_size() as u64
+    }
+
+    fn finish_data_block(&mut self) -> Result<()> {
+        if self.data.is_empty() {
+            return Ok(());
+        }
+        let last = self.data.last_key().to_vec();
+        let raw = self.data.finish();
+        let (off, len) = self.write_block(&raw, self.compression)?;
+        let mut handle = [0u8; 12];
+        handle[..8].copy_from_slice(&off.to_le_bytes());
+        handle[8..].copy_from_slice(&len.to_le_bytes());
+        self.index.add(&last, &handle);
+        Ok(())
+    }
+
+    fn write_block(&mut self, raw: &[u8], compression: Compression) -> Result<(u64, u32)> {
+        let (body, ty) = match compression {
+            Compression::Lz4 => {
+                self.scratch = lz4_flex::block::compress_prepend_size(raw);
+                if self.scratch.len() < raw.len() - raw.len() / 8 {
+                    (&self.scratch[..], LZ4)
+                } else {
+                    (raw, RAW)
+                }
+            }
+            Compression::None => (raw, RAW),
+        };
+        let len = u32::try_from(body.len())
+            .map_err(|_| Error::InvalidParam(format!("block of {} bytes", body.len())))?;
+        let mut crc = crc32c::crc32c(body);
+        crc = crc32c::crc32c_append(crc, &[ty]);
+        let mut trailer = [0u8; TRAILER_LEN];
+        trailer[0] = ty;
+        trailer[1..].copy_from_slice(&crc.to_le_bytes());
+        let path = &self.path;
+        self.out.write_all(body).map_err(|e| Error::io("write", path, e))?;
+        self.out.write_all(&trailer).map_err(|e| Error::io("write", path, e))?;
+        let off = self.offset;
+        self.offset += u64::from(len) + TRAILER_LEN as u64;
+        Ok((off, len))
+    }
+
+    /// Writes the filter, index and footer and makes the file durable (the caller syncs the
+    /// directory).
+    pub(crate) fn finish(mut self) -> Result<Built> {
+        self.finish_data_block()?;
+        let filter =
+            if self.bloom_bits > 0 { bloom::build(&self.hashes, self.bloom_bits) } else { vec![] };
+        let (filter_off, filter_len) = self.write_block(&filter, Compression::None)?;
+        let largest = Bytes::copy_from_slice(self.index.last_key());
+        let index = self.index.finish();
+        let (index_off, index_len) = self.write_block(&index, Compression::None)?;
+        let mut footer = [0u8; FOOTER_LEN];
+        footer[0..8].copy_from_slice(&index_off.to_le_bytes());
+        footer[8..12].copy_from_slice(&index_len.to_le_bytes());
+        footer[12..20].copy_from_slice(&filter_off.to_le_bytes());
+        footer[20..24].copy_from_slice(&filter_len.to_le_bytes());
+        footer[24..32].copy_from_slice(&self.entries.to_le_bytes());
+        footer[32..36].copy_from_slice(&VERSION.to_le_bytes());
+        let crc = crc32c::crc32c(&footer[..36]);
+        footer[36..40].copy_from_slice(&crc.to_le_bytes());
+        footer[40..48].copy_from_slice(&MAGIC);
+        let path = self.path.clone();
+        self.out.write_all(&footer).map_err(|e| Error::io("write", &path, e))?;
+        let file = self.out.into_inner().map_err(|e| Error::io("write", &path, e.into_error()))?;
+        file.sync_all().map_err(|e| Error::io("fsync", &path, e))?;
+        Ok(Built {
+            size: self.offset + FOOTER_LEN as u64,
+            entries: self.entries,
+            smallest: self.smallest.unwrap_or_default(),
+            largest,
+        })
+    }
+}
+
+/// Reads and verifies the block at `off`, decompressing it.
+fn read_block(file: &File, path: &Path, off: u64, len: u32) -> Result<Bytes> {
+    let mut buf = vec![0u8; len as usize + TRAILER_LEN];
+    file.read_exact_at(&mut buf, off).map_err(|e| Error::io("read", path, e))?;
+    let (body, trailer) = buf.split_at(len as usize);
+    let ty = trailer[0];
+    let want = u32::from_le_bytes(trailer[1..].try_into().expect("4 bytes"));
+    let crc = crc32c::crc32c_append(crc32c::crc32c(body), &[ty]);
+    if crc != want {
+        return Err(Error::corrupt(path, off, "block checksum mismatch"));
+    }
+    match ty {
+        RAW => {
+            buf.truncate(len as usize);
+            Ok(Bytes::from(buf))
+        }
+        LZ4 => lz4_flex::block::decompress_size_prepended(body)
+            .map(Bytes::from)
+            .map_err(|e| Error::corrupt(path, off, format!("LZ4 block: {e}"))),
+        t => Err(Error::corrupt(path, off, format!("unknown block type {t}"))),
+    }
+}
+
+/// An open SSTable: index and filter in memory, data blocks read on demand through the cache.
+pub(crate) struct Table {
+    pub(crate) id: u64,
+    pub(crate) path: PathBuf,
+    file: File,
+    index: Decoded,
+    filter: Bytes,
+    data_end: u64,
+    cache: Arc<BlockCache>,
+}
+
+impl Table {
+    pub(crate) fn open(path: &Path, id: u64, cache: Arc<BlockCache>) -> Result<Table> {
+        let file = File::open(path).map_err(|e| Error::io("open", path, e))?;
+        let size = file.metadata().map_err(|e| Error::io("stat", path, e))?.len();
+        if size < FOOTER_LEN as u64 {
+            return Err(Error::corrupt(path, 0, format!("file of {size} bytes has no footer")));
+        }
+        let foot_at = size - FOOTER_LEN as u64;
+        let mut f = [0u8; FOOTER_LEN];
+        file.read_exact_at(&mut f, foot_at).map_err(|e| Error::io("read", path, e))?;
+        let corrupt = |reason: String| Error::corrupt(path, foot_at, reason);
+        if f[40..48] != MAGIC {
+            return Err(corrupt("footer has no SSTable magic number".into()));
+        }
+        let le32 = |r: std::ops::Range<usize>| u32::from_le_bytes(f[r].try_into().expect("4"));
+        let le64 = |r: std::ops::Range<usize>| u64::from_le_bytes(f[r].try_into().expect("8"));
+        if crc32c::crc32c(&f[..36]) != le32(36..40) {
+            return Err(corrupt("footer checksum mismatch".into()));
+        }
+        let version = le32(32..36);
+        if version != VERSION {
+            return Err(corrupt(format!("unsupported SSTable version {version}")));
+        }
+        let (index_off, index_len) = (le64(0..8), le32(8..12));
+        let (filter_off, filter_len) = (le64(12..20), le32(20..24));
+        for (what, off, len) in
+            [("index", index_off, index_len), ("filter", filter_off, filter_len)]
+        {
+            if off.checked_add(u64::from(len) + TRAILER_LEN as u64).is_none_or(|e| e > foot_at) {
+                return Err(corrupt(format!("{what} handle {off}+{len} lies outside the file")));
+            }
+        }
+        let filter = read_block(&file, path, filter_off, filter_len)?;
+        let index = read_block(&file, path, index_off, index_len)?;
+        let index = Block::new(index)
+            .and_then(|b| b.decode())
+            .map_err(|r| Error::corrupt(path, index_off, format!("index block: {r}")))?;
+        let t = Table {
+            id,
+            path: path.to_path_buf(),
+            file,
+            index,
+            filter,
+            data_end: filter_off,
+            cache,
+        };
+        for i in 0..t.index.len() {
+            if !key::valid(t.index.key(i)) || t.handle_at(&t.index, i).is_none() {
+                return Err(Error::corrupt(
+                    path,
+                    index_off,
+                    format!("index entry {i} is malformed"),
+                ));
+            }
+        }
+        Ok(t)
+    }
+
+    fn handle_at(&self, index: &Decoded, i: usize) -> Option<(u64, u32)> {
+        let v = index.value(i);
+        if v.len() != 12 {
+            return None;
+        }
+        let off = u64::from_le_bytes(v[..8].try_into().ok()?);
+        let len = u32::from_le_bytes(v[8..].try_into().ok()?);
+        let end = off.checked_add(u64::from(len) + TRAILER_LEN as u64)?;
+        (end <= self.data_end).then_some((off, len))
+    }
+
+    fn data_block(&self, i: usize) -> Result<(u64, Block)> {
+        let (off, len) =
+            self.handle_at(&self.index, i).expect("index entries are validated on open");
+        if let Some(b) = self.cache.get(self.id, off) {
+            return Ok((off, b));
+        }
+        let raw = read_block(&self.file, &self.path, off, len)?;
+        let b = Block::new(raw)
+            .map_err(|r| Error::corrupt(&self.path, off, format!("data block: {r}")))?;
+        self.cache.insert(self.id, off, b.clone());
+        Ok((off, b))
+    }
+
+    fn decoded(&self, i: usize) -> Result<Decoded> {
+        let (off, b) = self.data_block(i)?;
+        let d =
+            b.decode().map_err(|r| Error::corrupt(&self.path, off, format!("data block: {r}")))?;
+        for j in 0..d.len() {
+            if !key::valid(d.key(j)) {
+                return Err(Error::corrupt(
+                    &self.path,
+                    off,
+                    format!("entry {j} has a malformed key"),
+                ));
+            }
+        }
+        Ok(d)
+    }
+
+    pub(crate) fn blocks(&self) -> usize {
+        self.index.len()
+    }
+
+    /// The newest entry of `user` at or below the sequence of `lookup`, if this table has one.
+    pub(crate) fn get(
+        &self,
+        lookup: &[u8],
+        user: &[u8],
+        hash: u64,
+    ) -> Result<Option<(Kind, Bytes)>> {
+        if !self.filter.is_empty() && !bloom::may_contain(&self.filter, hash) {
+            return Ok(None);
+        }
+        let i = self.index.lower_bound(lookup, key::compare);
+        if i == self.index.len() {
+            return Ok(None);
+        }
+        let (off, b) = self.data_block(i)?;
+        let found = b
+            .seek(lookup, |a, b| {
+                if key::valid(a) {
+                    key::compare(a, b)
+                } else {
+                    std::cmp::Ordering::Greater
+                }
+            })
+            .map_err(|r| Error::corrupt(&self.path, off, format!("data block: {r}")))?;
+        match found {
+            Some((k, v)) if key::valid(&k) && key::user(&k) == user => Ok(Some((key::kind(&k), v))),
+            Some((k, _)) if !key::valid(&k) => {
+                Err(Error::corrupt(&self.path, off, "data block holds a malformed key"))
+            }
+            _ => Ok(None),
+        }
+    }
+}
+
+impl std::fmt::Debug for Table {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Table").field("path", &self.path).finish()
+    }
+}
+
+/// A cursor over one table in one direction.
+pub(crate) struct TableIter {
+    table: Arc<Table>,
+    forward: bool,
+    block: Option<(usize, Decoded)>,
+    pos: usize,
+}
+
+impl TableIter {
+    pub(crate) fn new(table: Arc<Table>, forward: bool) -> TableIter {
+        TableIter { table, forward, block: None, pos: 0 }
+    }
+
+    fn load(&mut self, i: usize) -> Result<()> {
+        self.block = Some((i, self.table.decoded(i)?));
+        Ok(())
+    }
+
+    /// Moves to the next non-empty block in the direction of travel, or past the end.
+    fn settle(&mut self) -> Result<()> {
+        loop {
+            let Some((i, d)) = &self.block else { return Ok(()) };
+            if self.pos < d.len() {
+                return Ok(());
+            }
+            let i = *i;
+            let next = if self.forward { i + 1 } else { i.wrapping_sub(1) };
+            if next >= self.table.blocks() {
+                self.block = None;
+                return Ok(());
+            }
+            self.load(next)?;
+            let len = self.block.as_ref().map_or(0, |(_, d)| d.len());
+            self.pos = if self.forward { 0 } else { len.wrapping_sub(1) };
+            if len == 0 {
+                self.pos = usize::MAX;
+            }
+        }
+    }
+
+    pub(crate) fn seek(&mut self, target: Option<&[u8]>) -> Result<()> {
+        let n = self.table.blocks();
+        if n == 0 {
+            self.block = None;
+            return Ok(());
+        }
+        if self.forward {
+            let i = target.map_or(0, |t| self.table.index.lower_bound(t, key::compare));
+            if i == n {
+                self.block = None;
+                return Ok(());
+            }
+            self.load(i)?;
+            let d = &self.block.as_ref().expect("loaded").1;
+            self.pos = target.map_or(0, |t| d.lower_bound(t, key::compare));
+        } else {
+            let i =
+                target.map_or(n - 1, |t| self.table.index.lower_bound(t, key::compare).min(n - 1));
+            self.load(i)?;
+            let d = &self.block.as_ref().expect("loaded").1;
+            let ub = target.map_or(d.len(), |t| d.upper_bound(t, key::compare));
+            self.pos = ub.wrapping_sub(1);
+        }
+        self.settle()
+    }
+
+    pub(crate) fn advance(&mut self) -> Result<()> {
+        self.pos = if self.forward { self.pos + 1 } else { self.pos.wrapping_sub(1) };
+        self.settle()
+    }
+
+    pub(crate) fn key(&self) -> Option<&[u8]> {
+        self.block.as_ref().map(|(_, d)| d.key(self.pos))
+    }
+
+    pub(crate) fn value(&self) -> Bytes {
+        self.block.as_ref().map(|(_, d)| d.value(self.pos)).unwrap_or_default()
+    }
+}
