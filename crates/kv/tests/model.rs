@@ -1,0 +1,210 @@
+//! Model-based test: random operations against the engine and a `BTreeMap`, including snapshots
+//! (each with a frozen copy of the model), flushes, compactions and reopens, checked after every
+//! step that reads.
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
+
+use proptest::prelude::*;
+use timber_kv::{Bytes, Compression, Db, Durability, Options, WriteBatch};
+
+type Model = BTreeMap<Vec<u8>, Vec<u8>>;
+
+#[derive(Debug, Clone)]
+enum Op {
+    Put(u8, u16),
+    Delete(u8),
+    Batch(Vec<(u8, Option<u16>)>),
+    Get(u8),
+    Scan(Option<u8>, Option<u8>, bool, bool),
+    Prefix(u8, bool),
+    Snapshot,
+    SnapGet(usize, u8),
+    SnapScan(usize, bool),
+    DropSnapshot(usize),
+    Flush,
+    Compact(Option<u8>, Option<u8>),
+    Reopen,
+}
+
+/// Keys of varied length that share prefixes: "k1", "k12", "k123"...
+fn key(k: u8) -> Vec<u8> {
+    let mut v = format!("k{}", k % 40).into_bytes();
+    if k >= 40 {
+        v.extend_from_slice(&[b'/', k]);
+    }
+    v
+}
+
+fn value(k: u8, n: u16) -> Vec<u8> {
+    let len = if n % 17 == 0 { 700 + n as usize % 900 } else { n as usize % 40 };
+    let mut v = format!("{k}:{n}:").into_bytes();
+    v.resize(v.len() + len, b'a' + (n % 26) as u8);
+    v
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let k = 0u8..80;
+    prop_oneof![
+        30 => (k.clone(), any::<u16>()).prop_map(|(k, n)| Op::Put(k, n)),
+        8 => k.clone().prop_map(Op::Delete),
+        6 => proptest::collection::vec((k.clone(), proptest::option::of(any::<u16>())), 1..8).prop_map(Op::Batch),
+        10 => k.clone().prop_map(Op::Get),
+        5 => (proptest::option::of(k.clone()), proptest::option::of(k.clone()), any::<bool>(), any::<bool>())
+            .prop_map(|(a, b, inc, rev)| Op::Scan(a, b, inc, rev)),
+        2 => (0u8..45, any::<bool>()).prop_map(|(p, rev)| Op::Prefix(p, rev)),
+        2 => Just(Op::Snapshot),
+        3 => (any::<usize>(), k.clone()).prop_map(|(i, k)| Op::SnapGet(i, k)),
+        2 => (any::<usize>(), any::<bool>()).prop_map(|(i, r)| Op::SnapScan(i, r)),
+        1 => any::<usize>().prop_map(Op::DropSnapshot),
+        2 => Just(Op::Flush),
+        1 => (proptest::option::of(k.clone()), proptest::option::of(k)).prop_map(|(a, b)| Op::Compact(a, b)),
+        1 => Just(Op::Reopen),
+    ]
+}
+
+fn options(lz4: bool, synced: bool) -> Options {
+    Options::default()
+        .memtable_size(4096)
+        .block_size(256)
+        .l0_compaction_trigger(2)
+        .l1_target_bytes(8 << 10)
+        .level_multiplier(3)
+        .target_file_size(4096)
+        .wal_segment_size(16 << 10)
+        .compression(if lz4 { Compression::Lz4 } else { Compression::None })
+        .durability(if synced { Durability::Synced } else { Durability::Buffered })
+}
+
+fn range_of(m: &Model, lo: Bound<Vec<u8>>, hi: Bound<Vec<u8>>, rev: bool) -> Vec<(Vec<u8>, Vec<u8>)> {
+    if let (Bound::Included(a) | Bound::Excluded(a), Bound::Included(b) | Bound::Excluded(b)) = (&lo, &hi) {
+        if a > b || (a == b && !(matches!(lo, Bound::Included(_)) && matches!(hi, Bound::Included(_)))) {
+            return vec![];
+        }
+    }
+    let it = m.range((lo, hi)).map(|(k, v)| (k.clone(), v.clone()));
+    if rev {
+        it.rev().collect()
+    } else {
+        it.collect()
+    }
+}
+
+fn collect(it: impl Iterator<Item = timber_kv::Result<(Bytes, Bytes)>>) -> Vec<(Vec<u8>, Vec<u8>)> {
+    it.map(|r| {
+        let (k, v) = r.unwrap();
+        (k.to_vec(), v.to_vec())
+    })
+    .collect()
+}
+
+fn bounds(a: Option<u8>, b: Option<u8>, inclusive: bool) -> (Bound<Vec<u8>>, Bound<Vec<u8>>) {
+    let lo = a.map_or(Bound::Unbounded, |a| Bound::Included(key(a)));
+    let hi = b.map_or(Bound::Unbounded, |b| if inclusive { Bound::Included(key(b)) } else { Bound::Excluded(key(b)) });
+    (lo, hi)
+}
+
+fn run(ops: Vec<Op>, lz4: bool, synced: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = || options(lz4, synced);
+    let mut db = Some(Db::open(dir.path(), opts()).unwrap());
+    let mut model = Model::new();
+    let mut snaps: Vec<(timber_kv::Snapshot, Model)> = Vec::new();
+    for op in ops {
+        let d = db.as_ref().unwrap();
+        match op {
+            Op::Put(k, n) => {
+                d.put(key(k), value(k, n)).unwrap();
+                model.insert(key(k), value(k, n));
+            }
+            Op::Delete(k) => {
+                d.delete(key(k)).unwrap();
+                model.remove(&key(k));
+            }
+            Op::Batch(ops) => {
+                let mut b = WriteBatch::new();
+                for (k, v) in ops {
+                    match v {
+                        Some(n) => {
+                            b.put(key(k), value(k, n));
+                            model.insert(key(k), value(k, n));
+                        }
+                        None => {
+                            b.delete(key(k));
+                            model.remove(&key(k));
+                        }
+                    }
+                }
+                d.write(b).unwrap();
+            }
+            Op::Get(k) => {
+                assert_eq!(d.get(key(k)).unwrap().map(|b| b.to_vec()), model.get(&key(k)).cloned());
+            }
+            Op::Scan(a, b, inc, rev) => {
+                let (lo, hi) = bounds(a, b, inc);
+                let it = d.scan::<Vec<u8>>((lo.clone(), hi.clone()));
+                let got = if rev { collect(it.rev()) } else { collect(it) };
+                assert_eq!(got, range_of(&model, lo, hi, rev));
+            }
+            Op::Prefix(p, rev) => {
+                let p = format!("k{p}").into_bytes();
+                let want: Vec<_> = model.iter().filter(|(k, _)| k.starts_with(&p)).map(|(k, v)| (k.clone(), v.clone())).collect();
+                let got = if rev { collect(d.prefix(&p).rev()) } else { collect(d.prefix(&p)) };
+                let want: Vec<_> = if rev { want.into_iter().rev().collect() } else { want };
+                assert_eq!(got, want);
+            }
+            Op::Snapshot => {
+                if snaps.len() < 4 {
+                    snaps.push((d.snapshot(), model.clone()));
+                }
+            }
+            Op::SnapGet(i, k) => {
+                if !snaps.is_empty() {
+                    let (s, m) = &snaps[i % snaps.len()];
+                    assert_eq!(s.get(key(k)).unwrap().map(|b| b.to_vec()), m.get(&key(k)).cloned());
+                }
+            }
+            Op::SnapScan(i, rev) => {
+                if !snaps.is_empty() {
+                    let (s, m) = &snaps[i % snaps.len()];
+                    let got = if rev { collect(s.iter().rev()) } else { collect(s.iter()) };
+                    assert_eq!(got, range_of(m, Bound::Unbounded, Bound::Unbounded, rev));
+                }
+            }
+            Op::DropSnapshot(i) => {
+                if !snaps.is_empty() {
+                    let n = snaps.len();
+                    snaps.remove(i % n);
+                }
+            }
+            Op::Flush => d.flush().unwrap(),
+            Op::Compact(a, b) => {
+                let (lo, hi) = bounds(a, b, true);
+                d.compact_range::<Vec<u8>>((lo, hi)).unwrap();
+            }
+            Op::Reopen => {
+                snaps.clear();
+                drop(db.take());
+                db = Some(Db::open(dir.path(), opts()).unwrap());
+            }
+        }
+    }
+    let d = db.as_ref().unwrap();
+    assert_eq!(collect(d.iter()), range_of(&model, Bound::Unbounded, Bound::Unbounded, false));
+    for (s, m) in &snaps {
+        assert_eq!(collect(s.iter()), range_of(m, Bound::Unbounded, Bound::Unbounded, false));
+    }
+    snaps.clear();
+    drop(db.take());
+    let d = Db::open(dir.path(), opts()).unwrap();
+    assert_eq!(collect(d.iter().rev()), range_of(&model, Bound::Unbounded, Bound::Unbounded, true));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn engine_matches_a_btreemap(ops in proptest::collection::vec(op(), 1..400), lz4: bool, synced in proptest::bool::weighted(0.1)) {
+        run(ops, lz4, synced);
+    }
+}
