@@ -332,8 +332,9 @@ impl Db {
 
     /// Writes a consistent copy of the database into `dir` (which must not exist): SSTables are
     /// hard-linked (copied across file systems), the live WAL is copied. The copy opens as a
-    /// database equal to a snapshot taken when the call began.
-    pub fn checkpoint(&self, dir: impl AsRef<Path>) -> Result<()> {
+    /// database equal to a snapshot taken when the call began. Returns the sequence number of the
+    /// last write the copy holds.
+    pub fn checkpoint(&self, dir: impl AsRef<Path>) -> Result<u64> {
         self.inner.checkpoint(dir.as_ref())
     }
 
@@ -880,7 +881,7 @@ impl Inner {
         Ok(())
     }
 
-    fn checkpoint(&self, dst: &Path) -> Result<()> {
+    fn checkpoint(&self, dst: &Path) -> Result<u64> {
         if dst.exists() {
             return Err(Error::InvalidParam(format!(
                 "checkpoint target {} already exists",
@@ -909,7 +910,7 @@ impl Inner {
         if r.is_err() {
             let _ = fs::remove_dir_all(dst);
         }
-        r
+        r.map(|()| seq)
     }
 
     fn write_checkpoint(

@@ -140,8 +140,15 @@ fn every_acknowledged_batch_survives_sigkill_during_flush_and_compaction() {
         for t in 0..THREADS {
             let next = next_of(&db, t);
             let a = acked[t as usize];
-            assert!(next >= a, "cycle {cycle}: writer {t} acked batch {} but next is {next}", a - 1);
-            assert!(next <= a + 1, "cycle {cycle}: writer {t} next {next} beyond one in-flight batch");
+            assert!(
+                next >= a,
+                "cycle {cycle}: writer {t} acked batch {} but next is {next}",
+                a - 1
+            );
+            assert!(
+                next <= a + 1,
+                "cycle {cycle}: writer {t} next {next} beyond one in-flight batch"
+            );
             let want: Vec<(Vec<u8>, Vec<u8>)> = (next.saturating_sub(KEEP)..next)
                 .flat_map(|i| (0..parts(i)).map(move |j| (key(t, i, j), value(t, i, j))))
                 .collect();
@@ -154,7 +161,10 @@ fn every_acknowledged_batch_survives_sigkill_during_flush_and_compaction() {
             assert!(got == want, "cycle {cycle}: writer {t}: contents differ from the model");
             let rev: Vec<Vec<u8>> =
                 db.prefix(format!("t{t}/")).rev().map(|r| r.unwrap().0.to_vec()).collect();
-            assert!(rev.iter().rev().eq(want.iter().map(|(k, _)| k)), "cycle {cycle}: reverse scan");
+            assert!(
+                rev.iter().rev().eq(want.iter().map(|(k, _)| k)),
+                "cycle {cycle}: reverse scan"
+            );
             floor[t as usize] = next;
         }
     }

@@ -76,9 +76,18 @@ fn options(lz4: bool, synced: bool) -> Options {
         .durability(if synced { Durability::Synced } else { Durability::Buffered })
 }
 
-fn range_of(m: &Model, lo: Bound<Vec<u8>>, hi: Bound<Vec<u8>>, rev: bool) -> Vec<(Vec<u8>, Vec<u8>)> {
-    if let (Bound::Included(a) | Bound::Excluded(a), Bound::Included(b) | Bound::Excluded(b)) = (&lo, &hi) {
-        if a > b || (a == b && !(matches!(lo, Bound::Included(_)) && matches!(hi, Bound::Included(_)))) {
+fn range_of(
+    m: &Model,
+    lo: Bound<Vec<u8>>,
+    hi: Bound<Vec<u8>>,
+    rev: bool,
+) -> Vec<(Vec<u8>, Vec<u8>)> {
+    if let (Bound::Included(a) | Bound::Excluded(a), Bound::Included(b) | Bound::Excluded(b)) =
+        (&lo, &hi)
+    {
+        if a > b
+            || (a == b && !(matches!(lo, Bound::Included(_)) && matches!(hi, Bound::Included(_))))
+        {
             return vec![];
         }
     }
@@ -100,7 +109,13 @@ fn collect(it: impl Iterator<Item = timber_kv::Result<(Bytes, Bytes)>>) -> Vec<(
 
 fn bounds(a: Option<u8>, b: Option<u8>, inclusive: bool) -> (Bound<Vec<u8>>, Bound<Vec<u8>>) {
     let lo = a.map_or(Bound::Unbounded, |a| Bound::Included(key(a)));
-    let hi = b.map_or(Bound::Unbounded, |b| if inclusive { Bound::Included(key(b)) } else { Bound::Excluded(key(b)) });
+    let hi = b.map_or(Bound::Unbounded, |b| {
+        if inclusive {
+            Bound::Included(key(b))
+        } else {
+            Bound::Excluded(key(b))
+        }
+    });
     (lo, hi)
 }
 
@@ -148,7 +163,11 @@ fn run(ops: Vec<Op>, lz4: bool, synced: bool) {
             }
             Op::Prefix(p, rev) => {
                 let p = format!("k{p}").into_bytes();
-                let want: Vec<_> = model.iter().filter(|(k, _)| k.starts_with(&p)).map(|(k, v)| (k.clone(), v.clone())).collect();
+                let want: Vec<_> = model
+                    .iter()
+                    .filter(|(k, _)| k.starts_with(&p))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
                 let got = if rev { collect(d.prefix(&p).rev()) } else { collect(d.prefix(&p)) };
                 let want: Vec<_> = if rev { want.into_iter().rev().collect() } else { want };
                 assert_eq!(got, want);
