@@ -2,6 +2,11 @@
 //! Each prints a table (medians over repeats, systems alternated within each repeat) and writes
 //! `target/bench/<layer>.json`.
 
+/// Every system runs on the same allocator; glibc's malloc would dominate their profiles.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+mod kv;
 mod report;
 mod wal;
 
@@ -18,10 +23,13 @@ struct Cli {
 enum Command {
     /// The write-ahead log: unsynced and durable appends, sequential reads, recovery.
     Wal(wal::Args),
+    /// The key-value engine: the db_bench workloads against RocksDB, fjall, sled and redb.
+    Kv(kv::Args),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Wal(args) => wal::run(args),
+        Command::Kv(args) => kv::run(args),
     }
 }

@@ -30,6 +30,15 @@ pub struct Row {
     pub mb_per_sec: f64,
     pub p50_us: f64,
     pub p99_us: f64,
+    /// Longest single operation (the longest write stall shows here).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_us: Option<f64>,
+    /// Peak resident memory of the process during the run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_rss_mb: Option<f64>,
+    /// Size on disk after the run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disk_mb: Option<f64>,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -51,6 +60,9 @@ impl Row {
             mb_per_sec: per(&|s| s.bytes as f64 / s.secs / 1e6),
             p50_us: per(&|s| s.latency_ns.value_at_quantile(0.50) as f64 / 1e3),
             p99_us: per(&|s| s.latency_ns.value_at_quantile(0.99) as f64 / 1e3),
+            max_us: None,
+            peak_rss_mb: None,
+            disk_mb: None,
         }
     }
 }

@@ -38,6 +38,13 @@ impl WriteBatch {
         WriteBatch::default()
     }
 
+    /// An empty batch with room for `bytes` of keys and values.
+    pub fn with_capacity(bytes: usize) -> WriteBatch {
+        let mut rep = Vec::with_capacity(HEADER_LEN + bytes + 16);
+        rep.resize(HEADER_LEN, 0);
+        WriteBatch { rep, count: 0, invalid: None }
+    }
+
     /// Sets `key` to `value`.
     pub fn put(&mut self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) -> &mut Self {
         let (key, value) = (key.as_ref(), value.as_ref());
@@ -131,25 +138,67 @@ pub(crate) struct Op<'a> {
 
 /// Decodes an encoded batch: its first sequence number and its writes. `None` if malformed.
 pub(crate) fn decode(rep: &[u8]) -> Option<(u64, Vec<Op<'_>>)> {
-    let mut pos = 0;
-    let seq = get_u64(rep, &mut pos)?;
-    let count = get_u32(rep, &mut pos)?;
-    let mut ops = Vec::with_capacity(count.min(1 << 16) as usize);
-    for _ in 0..count {
-        let kind = Kind::from_u8(*rep.get(pos)?)?;
-        pos += 1;
-        let klen = usize::try_from(get_varint(rep, &mut pos)?).ok()?;
-        let key = get_slice(rep, &mut pos, klen)?;
+    let (seq, ops) = ops(rep)?;
+    let v: Option<Vec<Op<'_>>> = ops.collect();
+    let v = v?;
+    (v.len() == count(rep)? as usize).then_some((seq, v))
+}
+
+fn count(rep: &[u8]) -> Option<u32> {
+    get_u32(rep, &mut 8)
+}
+
+/// The writes of a batch as an iterator (`None` items where it is malformed); for batches this
+/// process encoded, which are well formed.
+pub(crate) fn ops(rep: &[u8]) -> Option<(u64, Ops<'_>)> {
+    let seq = get_u64(rep, &mut 0)?;
+    let left = count(rep)?;
+    Some((seq, Ops { rep, pos: HEADER_LEN, left, done: false }))
+}
+
+pub(crate) struct Ops<'a> {
+    rep: &'a [u8],
+    pos: usize,
+    left: u32,
+    done: bool,
+}
+
+impl<'a> Iterator for Ops<'a> {
+    type Item = Option<Op<'a>>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        if self.left == 0 {
+            self.done = true;
+            return (self.pos != self.rep.len()).then_some(None);
+        }
+        self.left -= 1;
+        let op = self.decode_one();
+        if op.is_none() {
+            self.done = true;
+        }
+        Some(op)
+    }
+}
+
+impl<'a> Ops<'a> {
+    fn decode_one(&mut self) -> Option<Op<'a>> {
+        let (rep, pos) = (self.rep, &mut self.pos);
+        let kind = Kind::from_u8(*rep.get(*pos)?)?;
+        *pos += 1;
+        let klen = usize::try_from(get_varint(rep, pos)?).ok()?;
+        let key = get_slice(rep, pos, klen)?;
         let value = match kind {
             Kind::Put => {
-                let vlen = usize::try_from(get_varint(rep, &mut pos)?).ok()?;
-                get_slice(rep, &mut pos, vlen)?
+                let vlen = usize::try_from(get_varint(rep, pos)?).ok()?;
+                get_slice(rep, pos, vlen)?
             }
             Kind::Delete => &[],
         };
-        ops.push(Op { kind, key, value });
+        Some(Op { kind, key, value })
     }
-    (pos == rep.len()).then_some((seq, ops))
 }
 
 #[cfg(test)]

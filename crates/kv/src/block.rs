@@ -118,10 +118,6 @@ impl Block {
         Ok(b)
     }
 
-    pub(crate) fn size(&self) -> usize {
-        self.data.len()
-    }
-
     fn restart(&self, i: usize) -> usize {
         let at = self.restarts_at + 4 * i;
         u32::from_le_bytes(self.data[at..at + 4].try_into().expect("4 bytes")) as usize
@@ -142,56 +138,22 @@ impl Block {
         Ok(Entry { shared, delta: (p, kend), value: (kend, vend), next: vend })
     }
 
-    /// Every entry, decoded, for iteration in either direction.
+    /// Every entry, decoded: keys restored into one buffer, values sliced from the block.
     pub(crate) fn decode(&self) -> Result<Decoded, String> {
-        let mut out = Decoded {
-            keys: Vec::with_capacity(self.restarts_at),
-            spans: Vec::with_capacity(self.restarts * 16),
-            data: self.data.clone(),
-        };
+        let mut keys: Vec<u8> = Vec::with_capacity(self.restarts_at);
+        let mut spans = Vec::with_capacity(self.restarts * 16);
         let mut pos = 0;
         let mut prev: (usize, usize) = (0, 0);
         while pos < self.restarts_at {
             let e = self.entry(pos, prev.1 - prev.0)?;
-            let start = out.keys.len();
-            out.keys.extend_from_within(prev.0..prev.0 + e.shared);
-            out.keys.extend_from_slice(&self.data[e.delta.0..e.delta.1]);
-            prev = (start, out.keys.len());
-            out.spans.push(Span { key: prev, value: e.value });
+            let start = keys.len();
+            keys.extend_from_within(prev.0..prev.0 + e.shared);
+            keys.extend_from_slice(&self.data[e.delta.0..e.delta.1]);
+            prev = (start, keys.len());
+            spans.push(Span { key: prev, value: e.value });
             pos = e.next;
         }
-        Ok(out)
-    }
-
-    /// The first entry whose key is not less than `target` under `cmp`, if any.
-    pub(crate) fn seek(
-        &self,
-        target: &[u8],
-        cmp: impl Fn(&[u8], &[u8]) -> Ordering,
-    ) -> Result<Option<(Vec<u8>, Bytes)>, String> {
-        // Last restart point whose key is below the target.
-        let (mut lo, mut hi) = (0usize, self.restarts);
-        while lo < hi {
-            let mid = (lo + hi) / 2;
-            let e = self.entry(self.restart(mid), 0)?;
-            if cmp(&self.data[e.delta.0..e.delta.1], target) == Ordering::Less {
-                lo = mid + 1;
-            } else {
-                hi = mid;
-            }
-        }
-        let mut pos = if lo == 0 { 0 } else { self.restart(lo - 1) };
-        let mut key = Vec::new();
-        while pos < self.restarts_at {
-            let e = self.entry(pos, key.len())?;
-            key.truncate(e.shared);
-            key.extend_from_slice(&self.data[e.delta.0..e.delta.1]);
-            if cmp(&key, target) != Ordering::Less {
-                return Ok(Some((key, self.data.slice(e.value.0..e.value.1))));
-            }
-            pos = e.next;
-        }
-        Ok(None)
+        Ok(Decoded { keys: Bytes::from(keys), spans, data: self.data.clone() })
     }
 }
 
@@ -204,7 +166,7 @@ struct Span {
 /// A block decoded for iteration: keys restored into one buffer, values sliced from the block.
 #[derive(Debug)]
 pub(crate) struct Decoded {
-    keys: Vec<u8>,
+    keys: Bytes,
     spans: Vec<Span>,
     data: Bytes,
 }
@@ -222,6 +184,17 @@ impl Decoded {
     pub(crate) fn value(&self, i: usize) -> Bytes {
         let s = self.spans[i].value;
         self.data.slice(s.0..s.1)
+    }
+
+    /// Key `i` as shared bytes (no copy).
+    pub(crate) fn key_bytes(&self, i: usize) -> Bytes {
+        let s = self.spans[i].key;
+        self.keys.slice(s.0..s.1)
+    }
+
+    /// Memory held, for the block cache's accounting.
+    pub(crate) fn size(&self) -> usize {
+        self.data.len() + self.keys.len() + self.spans.len() * std::mem::size_of::<Span>() + 64
     }
 
     /// Index of the first entry not less than `target`.
@@ -273,16 +246,17 @@ mod tests {
                 prop_assert_eq!(&d.value(i)[..], &[k.len() as u8][..]);
             }
             let want = keys.iter().find(|k| k[..] >= probe[..]);
-            let got = block.seek(&probe, cmp).unwrap();
-            prop_assert_eq!(got.map(|(k, _)| k), want.cloned());
-            prop_assert_eq!(d.lower_bound(&probe, cmp), keys.partition_point(|k| k[..] < probe[..]));
+            let at = d.lower_bound(&probe, cmp);
+            prop_assert_eq!(at, keys.partition_point(|k| k[..] < probe[..]));
+            prop_assert_eq!((at < d.len()).then(|| d.key(at).to_vec()), want.cloned());
         }
 
         #[test]
         fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
             if let Ok(b) = Block::new(Bytes::from(bytes)) {
-                let _ = b.decode();
-                let _ = b.seek(b"m", cmp);
+                if let Ok(d) = b.decode() {
+                    let _ = d.lower_bound(b"m", cmp);
+                }
             }
         }
     }

@@ -1,4 +1,4 @@
-//! `BlockCache`: uncompressed, verified blocks kept in memory under a byte limit, shared by every
+//! `BlockCache`: decoded, verified blocks kept in memory under a byte limit, shared by every
 //! table of a database. Sixteen LRU shards, each behind its own mutex, keyed by (table, offset).
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -6,12 +6,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use lru::LruCache;
 use parking_lot::Mutex;
 
-use crate::block::Block;
+use std::sync::Arc;
+
+use crate::block::Decoded;
 
 const SHARDS: usize = 16;
 
 struct Shard {
-    map: LruCache<(u64, u64), Block>,
+    map: LruCache<(u64, u64), Arc<Decoded>>,
     bytes: usize,
 }
 
@@ -39,7 +41,7 @@ impl BlockCache {
         &self.shards[(h as usize) % SHARDS]
     }
 
-    pub(crate) fn get(&self, table: u64, offset: u64) -> Option<Block> {
+    pub(crate) fn get(&self, table: u64, offset: u64) -> Option<Arc<Decoded>> {
         if self.shard_limit == 0 {
             return None;
         }
@@ -49,7 +51,7 @@ impl BlockCache {
         b
     }
 
-    pub(crate) fn insert(&self, table: u64, offset: u64, block: Block) {
+    pub(crate) fn insert(&self, table: u64, offset: u64, block: Arc<Decoded>) {
         let size = block.size();
         if size > self.shard_limit {
             return;

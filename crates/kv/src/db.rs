@@ -137,7 +137,7 @@ impl Db {
         let wal_opts = timber_wal::Options::default()
             .segment_capacity(opts.wal_segment_size)
             .oversized_records(true)
-            .sync(SyncMode::Manual)
+            .sync(opts.wal_sync_interval.map_or(SyncMode::Manual, SyncMode::Interval))
             .write_buffer(0)
             .name(opts.name.clone());
         let wal = Wal::open(dir.join("wal"), wal_opts)?;
@@ -276,7 +276,8 @@ impl Db {
 
     /// Sets `key` to `value` with the database's default durability.
     pub fn put(&self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) -> Result<()> {
-        let mut b = WriteBatch::new();
+        let (key, value) = (key.as_ref(), value.as_ref());
+        let mut b = WriteBatch::with_capacity(key.len() + value.len());
         b.put(key, value);
         self.write(b)
     }
@@ -466,19 +467,21 @@ impl Inner {
         let seq = w.last_seq + 1;
         let rep = batch.encode(seq)?;
         self.wal.append(rep)?;
-        let (_, ops) = batch::decode(rep).expect("a batch we encoded decodes");
-        let mem = self.view.load().mem.clone();
+        let (_, ops) = batch::ops(rep).expect("a batch we encoded decodes");
+        let view = self.view.load();
         let mut user_bytes = 0;
-        for (i, op) in ops.iter().enumerate() {
-            mem.insert(op.key, seq + i as u64, op.kind, op.value);
+        let mut n = 0u64;
+        for op in ops.flatten() {
+            view.mem.insert(op.key, seq + n, op.kind, op.value);
             user_bytes += op.key.len() + op.value.len();
+            n += 1;
         }
-        w.last_seq = seq + ops.len() as u64 - 1;
+        w.last_seq = seq + n - 1;
         let last = w.last_seq;
         self.visible.store(last, Ordering::Release);
         drop(w);
         self.counters.user_bytes.fetch_add(user_bytes as u64, Ordering::Relaxed);
-        self.metrics.writes.increment(ops.len() as u64);
+        self.metrics.writes.increment(n);
         self.metrics.write_bytes.increment(user_bytes as u64);
         if durability == Durability::Synced {
             if let Err(e) = self.wal.sync() {

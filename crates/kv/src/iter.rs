@@ -146,6 +146,15 @@ impl Source {
         }
     }
 
+    /// The current internal key as shared bytes.
+    fn key_bytes(&self) -> Bytes {
+        match self {
+            Source::Mem(m) => m.cur.as_ref().map(|(k, _)| k.0.clone()).unwrap_or_default(),
+            Source::Table(t) => t.key_bytes(),
+            Source::Level(l) => l.it.as_ref().map(|t| t.key_bytes()).unwrap_or_default(),
+        }
+    }
+
     fn value(&self) -> Bytes {
         match self {
             Source::Mem(m) => m.cur.as_ref().map(|(_, v)| v.clone()).unwrap_or_default(),
@@ -227,6 +236,12 @@ impl Merge {
     pub(crate) fn value(&self) -> Bytes {
         self.cur.map(|i| self.sources[i].value()).unwrap_or_default()
     }
+
+    /// The user key of the current entry, without copying it.
+    fn user_key_bytes(&self) -> Bytes {
+        let k = self.cur.map(|i| self.sources[i].key_bytes()).unwrap_or_default();
+        k.slice(..k.len().saturating_sub(key::TAG_LEN))
+    }
 }
 
 /// User-key bounds of a scan.
@@ -264,8 +279,10 @@ struct Cursor {
     seq: u64,
     bounds: Bounds,
     started: bool,
-    /// Forward: the user key last emitted or hidden; its older versions are skipped.
-    last: Option<Vec<u8>>,
+    /// Forward: the user key last emitted or hidden (if `has_last`); its older versions are
+    /// skipped.
+    last: Vec<u8>,
+    has_last: bool,
     /// Backward: the user key being collected and its newest visible version so far.
     group: Option<(Vec<u8>, Option<Visible>)>,
 }
@@ -311,18 +328,19 @@ impl Cursor {
             }
             if !self.bounds.above_lo(user)
                 || key::seq(k) > self.seq
-                || self.last.as_deref() == Some(user)
+                || (self.has_last && self.last.as_slice() == user)
             {
                 self.merge.advance()?;
                 continue;
             }
-            let user = user.to_vec();
+            self.last.clear();
+            self.last.extend_from_slice(user);
+            self.has_last = true;
             let put = key::kind(k) == Kind::Put;
-            let value = self.merge.value();
-            self.last = Some(user.clone());
+            let item = put.then(|| (self.merge.user_key_bytes(), self.merge.value()));
             self.merge.advance()?;
-            if put {
-                return Ok(Some((Bytes::from(user), value)));
+            if item.is_some() {
+                return Ok(item);
             }
         }
     }
@@ -409,7 +427,8 @@ impl Iter {
             seq: self.seq,
             bounds: self.bounds.clone(),
             started: false,
-            last: None,
+            last: Vec::new(),
+            has_last: false,
             group: None,
         }
     }

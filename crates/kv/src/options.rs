@@ -49,6 +49,7 @@ pub struct Options {
     pub(crate) compaction_threads: usize,
     pub(crate) durability: Durability,
     pub(crate) wal_segment_size: u64,
+    pub(crate) wal_sync_interval: Option<std::time::Duration>,
     pub(crate) create_if_missing: bool,
     pub(crate) name: String,
 }
@@ -71,7 +72,8 @@ impl Default for Options {
             target_file_size: 64 << 20,
             compaction_threads: 1,
             durability: Durability::Buffered,
-            wal_segment_size: 64 << 20,
+            wal_segment_size: 16 << 20,
+            wal_sync_interval: Some(std::time::Duration::from_millis(200)),
             create_if_missing: true,
             name: "kv".to_owned(),
         }
@@ -159,9 +161,17 @@ impl Options {
         self
     }
 
-    /// Capacity of a write-ahead log segment (default 64 MiB). Larger writes get their own.
+    /// Capacity of a write-ahead log segment (default 16 MiB). Larger writes get their own.
     pub fn wal_segment_size(mut self, bytes: u64) -> Self {
         self.wal_segment_size = bytes;
+        self
+    }
+
+    /// How often a background thread fsyncs the WAL, bounding what a power loss can take of
+    /// `Buffered` writes (default 200 ms; `None`: only synced writes, sealed segments and close
+    /// sync it).
+    pub fn wal_sync_interval(mut self, every: Option<std::time::Duration>) -> Self {
+        self.wal_sync_interval = every;
         self
     }
 

@@ -287,23 +287,17 @@ impl Table {
         (end <= self.data_end).then_some((off, len))
     }
 
-    fn data_block(&self, i: usize) -> Result<(u64, Block)> {
+    /// Data block `i`, verified and decoded, through the cache.
+    fn block(&self, i: usize) -> Result<Arc<Decoded>> {
         let (off, len) =
             self.handle_at(&self.index, i).expect("index entries are validated on open");
         if let Some(b) = self.cache.get(self.id, off) {
-            return Ok((off, b));
+            return Ok(b);
         }
         let raw = read_block(&self.file, &self.path, off, len)?;
-        let b = Block::new(raw)
+        let d = Block::new(raw)
+            .and_then(|b| b.decode())
             .map_err(|r| Error::corrupt(&self.path, off, format!("data block: {r}")))?;
-        self.cache.insert(self.id, off, b.clone());
-        Ok((off, b))
-    }
-
-    fn decoded(&self, i: usize) -> Result<Decoded> {
-        let (off, b) = self.data_block(i)?;
-        let d =
-            b.decode().map_err(|r| Error::corrupt(&self.path, off, format!("data block: {r}")))?;
         for j in 0..d.len() {
             if !key::valid(d.key(j)) {
                 return Err(Error::corrupt(
@@ -313,6 +307,8 @@ impl Table {
                 ));
             }
         }
+        let d = Arc::new(d);
+        self.cache.insert(self.id, off, d.clone());
         Ok(d)
     }
 
@@ -334,23 +330,12 @@ impl Table {
         if i == self.index.len() {
             return Ok(None);
         }
-        let (off, b) = self.data_block(i)?;
-        let found = b
-            .seek(lookup, |a, b| {
-                if key::valid(a) {
-                    key::compare(a, b)
-                } else {
-                    std::cmp::Ordering::Greater
-                }
-            })
-            .map_err(|r| Error::corrupt(&self.path, off, format!("data block: {r}")))?;
-        match found {
-            Some((k, v)) if key::valid(&k) && key::user(&k) == user => Ok(Some((key::kind(&k), v))),
-            Some((k, _)) if !key::valid(&k) => {
-                Err(Error::corrupt(&self.path, off, "data block holds a malformed key"))
-            }
-            _ => Ok(None),
+        let b = self.block(i)?;
+        let at = b.lower_bound(lookup, key::compare);
+        if at < b.len() && key::user(b.key(at)) == user {
+            return Ok(Some((key::kind(b.key(at)), b.value(at))));
         }
+        Ok(None)
     }
 }
 
@@ -364,7 +349,7 @@ impl std::fmt::Debug for Table {
 pub(crate) struct TableIter {
     table: Arc<Table>,
     forward: bool,
-    block: Option<(usize, Decoded)>,
+    block: Option<(usize, Arc<Decoded>)>,
     pos: usize,
 }
 
@@ -374,7 +359,7 @@ impl TableIter {
     }
 
     fn load(&mut self, i: usize) -> Result<()> {
-        self.block = Some((i, self.table.decoded(i)?));
+        self.block = Some((i, self.table.block(i)?));
         Ok(())
     }
 
@@ -437,5 +422,9 @@ impl TableIter {
 
     pub(crate) fn value(&self) -> Bytes {
         self.block.as_ref().map(|(_, d)| d.value(self.pos)).unwrap_or_default()
+    }
+
+    pub(crate) fn key_bytes(&self) -> Bytes {
+        self.block.as_ref().map(|(_, d)| d.key_bytes(self.pos)).unwrap_or_default()
     }
 }
