@@ -81,7 +81,7 @@ fn readers_see_consistent_states_during_writes_flushes_and_compactions() {
                 let mut round = 0u64;
                 while !done.load(Ordering::Acquire) || round < 20 {
                     round += 1;
-                    let rev = (round + r) % 2 == 0;
+                    let rev = (round + r).is_multiple_of(2);
                     let items: Vec<_> = if rev {
                         db.prefix("acct/").rev().map(|x| x.unwrap()).collect()
                     } else {
