@@ -39,7 +39,7 @@ fn key(t: u64, i: u64, j: u64) -> Vec<u8> {
 }
 
 fn value(t: u64, i: u64, j: u64) -> Vec<u8> {
-    let len = if i % 13 == 0 { 2000 } else { 50 + ((i * 7 + j * 31) % 250) as usize };
+    let len = if i.is_multiple_of(13) { 2000 } else { 50 + ((i * 7 + j * 31) % 250) as usize };
     let mut v = format!("{t}:{i}:{j}:").into_bytes();
     v.resize(len, b'a' + ((i + j) % 26) as u8);
     v
