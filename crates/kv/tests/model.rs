@@ -37,7 +37,7 @@ fn key(k: u8) -> Vec<u8> {
 }
 
 fn value(k: u8, n: u16) -> Vec<u8> {
-    let len = if n % 17 == 0 { 700 + n as usize % 900 } else { n as usize % 40 };
+    let len = if n.is_multiple_of(17) { 700 + n as usize % 900 } else { n as usize % 40 };
     let mut v = format!("{k}:{n}:").into_bytes();
     v.resize(v.len() + len, b'a' + (n % 26) as u8);
     v
