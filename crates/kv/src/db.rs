@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::fs;
 use std::ops::{Bound, RangeBounds};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -86,6 +86,7 @@ pub(crate) struct Inner {
     bg_cv: Condvar,
     done_cv: Condvar,
     poison: OnceLock<String>,
+    closed: AtomicBool,
     pub(crate) counters: Counters,
     metrics: Metrics,
 }
@@ -248,6 +249,7 @@ impl Db {
             bg_cv: Condvar::new(),
             done_cv: Condvar::new(),
             poison: OnceLock::new(),
+            closed: AtomicBool::new(false),
             counters: Counters::default(),
             metrics,
             opts,
@@ -363,6 +365,7 @@ impl Db {
                 return Ok(());
             }
             bg.shutdown = true;
+            self.inner.closed.store(true, Ordering::Release);
         }
         self.inner.bg_cv.notify_all();
         self.inner.done_cv.notify_all();
@@ -429,7 +432,7 @@ impl Inner {
         if let Some(cause) = self.poison.get() {
             return Err(Error::Poisoned { cause: cause.clone() });
         }
-        if self.bg.lock().shutdown {
+        if self.closed.load(Ordering::Acquire) {
             return Err(Error::Closed);
         }
         Ok(())
@@ -461,7 +464,6 @@ impl Inner {
         }
         self.check_writable()?;
         self.slow_down_if_behind();
-        let start = Instant::now();
         let mut w = self.write.lock();
         self.make_room()?;
         let seq = w.last_seq + 1;
@@ -484,13 +486,14 @@ impl Inner {
         self.metrics.writes.increment(n);
         self.metrics.write_bytes.increment(user_bytes as u64);
         if durability == Durability::Synced {
+            let start = Instant::now();
             if let Err(e) = self.wal.sync() {
                 let e = Error::from(e);
                 self.set_poison(&e);
                 return Err(e);
             }
+            self.metrics.sync_seconds.record(start.elapsed().as_secs_f64());
         }
-        self.metrics.write_seconds.record(start.elapsed().as_secs_f64());
         Ok(last)
     }
 

@@ -92,7 +92,7 @@ impl Source {
                 m.cur = match target {
                     None => m.mem.first(m.forward),
                     Some(t) => {
-                        let probe = IKey(Bytes::copy_from_slice(t));
+                        let probe = IKey::probe_ikey(t);
                         m.mem.seek(Bound::Included(&probe), m.forward)
                     }
                 };
@@ -140,7 +140,7 @@ impl Source {
 
     fn key(&self) -> Option<&[u8]> {
         match self {
-            Source::Mem(m) => m.cur.as_ref().map(|(k, _)| &k.0[..]),
+            Source::Mem(m) => m.cur.as_ref().map(|(k, _)| &k.bytes()[..]),
             Source::Table(t) => t.key(),
             Source::Level(l) => l.it.as_ref().and_then(|t| t.key()),
         }
@@ -149,7 +149,7 @@ impl Source {
     /// The current internal key as shared bytes.
     fn key_bytes(&self) -> Bytes {
         match self {
-            Source::Mem(m) => m.cur.as_ref().map(|(k, _)| k.0.clone()).unwrap_or_default(),
+            Source::Mem(m) => m.cur.as_ref().map(|(k, _)| k.bytes().clone()).unwrap_or_default(),
             Source::Table(t) => t.key_bytes(),
             Source::Level(l) => l.it.as_ref().map(|t| t.key_bytes()).unwrap_or_default(),
         }

@@ -75,17 +75,113 @@ pub(crate) fn valid(ikey: &[u8]) -> bool {
 }
 
 /// The order of internal keys.
+#[inline]
 pub(crate) fn compare(a: &[u8], b: &[u8]) -> Ordering {
-    user(a).cmp(user(b)).then_with(|| tag_of(b).cmp(&tag_of(a)))
+    bytes_cmp(user(a), user(b)).then_with(|| tag_of(b).cmp(&tag_of(a)))
 }
 
-/// An internal key as a skiplist key: ordered by [`compare`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct IKey(pub(crate) Bytes);
+/// Lexicographic order of byte strings, eight bytes at a time: short keys are the common case and
+/// a call into `memcmp` costs more than the comparison itself.
+#[inline]
+pub(crate) fn bytes_cmp(a: &[u8], b: &[u8]) -> Ordering {
+    let n = a.len().min(b.len());
+    let mut i = 0;
+    while i + 8 <= n {
+        let x = u64::from_be_bytes(a[i..i + 8].try_into().expect("8 bytes"));
+        let y = u64::from_be_bytes(b[i..i + 8].try_into().expect("8 bytes"));
+        if x != y {
+            return x.cmp(&y);
+        }
+        i += 8;
+    }
+    a[i..].cmp(&b[i..])
+}
+
+/// Bytes of a user key kept inline in an [`IKey`].
+const INLINE: usize = 16;
+
+/// An internal key as a skiplist key, ordered by [`compare`]. The first 16 bytes of the user key
+/// and the tag are kept inline, so comparing short keys touches only the skiplist node and never
+/// chases the pointer to the full key (a cache miss per node on a large memtable).
+#[derive(Debug, Clone)]
+pub(crate) struct IKey {
+    prefix: [u8; INLINE],
+    user_len: u32,
+    tag: u64,
+    /// The whole internal key; empty for a search probe whose user key fits inline.
+    full: Bytes,
+}
+
+impl IKey {
+    /// Takes ownership of an internal key built by [`make`].
+    pub(crate) fn new(ikey: Bytes) -> IKey {
+        let u = user(&ikey);
+        let mut prefix = [0u8; INLINE];
+        let n = u.len().min(INLINE);
+        prefix[..n].copy_from_slice(&u[..n]);
+        IKey { prefix, user_len: u.len() as u32, tag: tag_of(&ikey), full: ikey }
+    }
+
+    /// A key to search for: `user` at `tag`, allocating only if `user` is longer than 16 bytes.
+    pub(crate) fn probe(user: &[u8], tag: u64) -> IKey {
+        let mut prefix = [0u8; INLINE];
+        let n = user.len().min(INLINE);
+        prefix[..n].copy_from_slice(&user[..n]);
+        let full = if user.len() > INLINE {
+            let mut k = Vec::with_capacity(user.len() + TAG_LEN);
+            k.extend_from_slice(user);
+            k.put_u64(tag);
+            Bytes::from(k)
+        } else {
+            Bytes::new()
+        };
+        IKey { prefix, user_len: user.len() as u32, tag, full }
+    }
+
+    /// A probe for an internal key given as bytes.
+    pub(crate) fn probe_ikey(ikey: &[u8]) -> IKey {
+        IKey::probe(user(ikey), tag_of(ikey))
+    }
+
+    pub(crate) fn user(&self) -> &[u8] {
+        if self.user_len as usize <= INLINE {
+            &self.prefix[..self.user_len as usize]
+        } else {
+            &self.full[..self.user_len as usize]
+        }
+    }
+
+    pub(crate) fn tag(&self) -> u64 {
+        self.tag
+    }
+
+    /// The whole internal key (of a key taken from a memtable, not of a probe).
+    pub(crate) fn bytes(&self) -> &Bytes {
+        &self.full
+    }
+}
+
+impl PartialEq for IKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+
+impl Eq for IKey {}
 
 impl Ord for IKey {
+    #[inline]
     fn cmp(&self, other: &Self) -> Ordering {
-        compare(&self.0, &other.0)
+        let (a, b) = (u128::from_be_bytes(self.prefix), u128::from_be_bytes(other.prefix));
+        let users = if a != b {
+            a.cmp(&b)
+        } else if self.user_len as usize <= INLINE && other.user_len as usize <= INLINE {
+            // Equal zero-padded prefixes: the shorter key is a prefix of the longer one.
+            self.user_len.cmp(&other.user_len)
+        } else {
+            bytes_cmp(self.user(), other.user())
+        };
+        users.then_with(|| other.tag.cmp(&self.tag))
     }
 }
 
@@ -174,6 +270,25 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn inline_keys_order_like_internal_keys(
+            a in proptest::collection::vec(prop_oneof![Just(0u8), Just(1u8), Just(255u8)], 1..24),
+            b in proptest::collection::vec(prop_oneof![Just(0u8), Just(1u8), Just(255u8)], 1..24),
+            sa in 0u64..4, sb in 0u64..4,
+        ) {
+            let (ka, kb) = (make(&a, sa, Kind::Put), make(&b, sb, Kind::Put));
+            let want = compare(&ka, &kb);
+            prop_assert_eq!(IKey::new(Bytes::from(ka.clone())).cmp(&IKey::new(Bytes::from(kb.clone()))), want);
+            prop_assert_eq!(IKey::probe(&a, tag(sa, Kind::Put)).cmp(&IKey::new(Bytes::from(kb))), want);
+            let p = IKey::probe_ikey(&ka);
+            prop_assert_eq!(p.user(), &a[..]);
+        }
+
+        #[test]
+        fn bytes_cmp_is_lexicographic(a in proptest::collection::vec(0u8..3, 0..20), b in proptest::collection::vec(0u8..3, 0..20)) {
+            prop_assert_eq!(bytes_cmp(&a, &b), a.cmp(&b));
+        }
+
         #[test]
         fn varints_roundtrip(v: u64) {
             let mut b = Vec::new();

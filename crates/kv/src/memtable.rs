@@ -46,17 +46,20 @@ impl Memtable {
     pub(crate) fn insert(&self, user: &[u8], seq: u64, kind: Kind, value: &[u8]) {
         let k = key::make(user, seq, kind);
         self.size.fetch_add(k.len() + value.len() + ENTRY_OVERHEAD, Ordering::Relaxed);
-        self.map.insert(IKey(Bytes::from(k)), Bytes::copy_from_slice(value));
+        self.map.insert(IKey::new(Bytes::from(k)), Bytes::copy_from_slice(value));
     }
 
     /// The newest version of `user` visible at `seq`.
     pub(crate) fn get(&self, user: &[u8], seq: u64) -> Lookup {
-        let probe = IKey(Bytes::from(key::lookup(user, seq)));
+        let probe = IKey::probe(user, key::tag(seq, Kind::Put));
         match self.map.lower_bound(Bound::Included(&probe)) {
-            Some(e) if key::user(&e.key().0) == user => match key::kind(&e.key().0) {
-                Kind::Put => Lookup::Found(e.value().clone()),
-                Kind::Delete => Lookup::Deleted,
-            },
+            Some(e) if e.key().user() == user => {
+                if e.key().tag() & 0xff == Kind::Put as u64 {
+                    Lookup::Found(e.value().clone())
+                } else {
+                    Lookup::Deleted
+                }
+            }
             _ => Lookup::Absent,
         }
     }
@@ -91,7 +94,7 @@ impl Memtable {
 
     /// Every entry in internal-key order (for flushes).
     pub(crate) fn entries(&self) -> impl Iterator<Item = (Bytes, Bytes)> + '_ {
-        self.map.iter().map(|e| (e.key().0.clone(), e.value().clone()))
+        self.map.iter().map(|e| (e.key().bytes().clone(), e.value().clone()))
     }
 }
 

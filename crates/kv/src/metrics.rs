@@ -1,5 +1,5 @@
 //! The engine's figures through the `metrics` crate, labelled `db = <name>`: counters of writes,
-//! stalls and compaction bytes, histograms of write and flush latency, and gauges refreshed from
+//! stalls and compaction bytes, histograms of synced-write wait and flush latency, and gauges refreshed from
 //! `Stats` after every flush and compaction.
 
 use metrics::{counter, gauge, histogram, Counter, Histogram};
@@ -12,7 +12,7 @@ pub(crate) struct Metrics {
     pub(crate) write_bytes: Counter,
     pub(crate) stalls: Counter,
     pub(crate) compaction_bytes: Counter,
-    pub(crate) write_seconds: Histogram,
+    pub(crate) sync_seconds: Histogram,
     pub(crate) flush_seconds: Histogram,
 }
 
@@ -25,7 +25,7 @@ impl Metrics {
             write_bytes: counter!("timber_kv_write_bytes_total", &l),
             stalls: counter!("timber_kv_write_stalls_total", &l),
             compaction_bytes: counter!("timber_kv_compaction_bytes_written_total", &l),
-            write_seconds: histogram!("timber_kv_write_seconds", &l),
+            sync_seconds: histogram!("timber_kv_write_sync_seconds", &l),
             flush_seconds: histogram!("timber_kv_flush_seconds", &l),
         }
     }
