@@ -193,7 +193,6 @@ impl Db {
             }
         }
         version.sort();
-        remove_orphans(&dir, &state, old_manifest.as_ref().map(|(id, _)| *id))?;
 
         // Replay the WAL into memtables.
         let mut last_seq = state.last_seq;
@@ -224,10 +223,9 @@ impl Db {
         fresh.log_number = state.log_number;
         let manifest_id = old_manifest.as_ref().map_or(1, |(id, _)| id + 1);
         let manifest = Manifest::create(&dir, manifest_id, &fresh)?;
-        if let Some((_, old)) = &old_manifest {
-            fs::remove_file(old).map_err(|e| Error::io("remove", old, e))?;
-            manifest::sync_dir(&dir)?;
-        }
+        // Only now, with everything verified and the new manifest in place, is anything removed.
+        remove_orphans(&dir, &state, manifest_id)?;
+        manifest::sync_dir(&dir)?;
         let metrics = Metrics::new(&opts.name);
         let inner = Arc::new(Inner {
             dir,
@@ -400,7 +398,7 @@ fn list_tables(dir: &Path) -> Result<Vec<u64>> {
 
 /// Removes tables no manifest names (left by a crash in a flush or compaction), old manifests and
 /// temporary files.
-fn remove_orphans(dir: &Path, state: &manifest::State, current: Option<u64>) -> Result<()> {
+fn remove_orphans(dir: &Path, state: &manifest::State, current: u64) -> Result<()> {
     let live: HashSet<u64> = state.levels.iter().flat_map(|l| l.keys().copied()).collect();
     for e in fs::read_dir(dir).map_err(|e| Error::io("list", dir, e))? {
         let e = e.map_err(|e| Error::io("list", dir, e))?;
@@ -410,8 +408,7 @@ fn remove_orphans(dir: &Path, state: &manifest::State, current: Option<u64>) -> 
             Some(id) => !live.contains(&id),
             None => {
                 name == "CURRENT.tmp"
-                    || (name.starts_with("MANIFEST-")
-                        && current.is_none_or(|id| name != manifest::file_name(id)))
+                    || (name.starts_with("MANIFEST-") && name != manifest::file_name(current))
             }
         };
         if orphan {
