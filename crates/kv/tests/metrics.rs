@@ -29,7 +29,7 @@ fn writes_stalls_and_level_gauges_are_reported() {
                 k.key().name() == name
                     && k.key().labels().any(|l| l.key() == "db" && l.value() == "m")
             })
-            .map(|(_, _, _, v)| v.clone())
+            .map(|(_, _, _, v)| v)
             .collect::<Vec<_>>()
     };
     assert!(matches!(find("timber_kv_writes_total").as_slice(), [DebugValue::Counter(500)]));
