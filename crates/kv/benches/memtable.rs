@@ -1,0 +1,72 @@
+//! Memtable insert and lookup cost (S2 target: insert under 1 us), with 16-byte keys and 100-byte
+//! values into a memtable holding up to 1M entries. The memtable is crate-private, so its source
+//! is compiled into this benchmark directly.
+
+#![allow(dead_code, unused_imports, missing_debug_implementations, unreachable_pub)]
+
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, Criterion};
+
+#[path = "../src/key.rs"]
+mod key;
+#[path = "../src/memtable.rs"]
+mod memtable;
+
+use key::Kind;
+use memtable::Memtable;
+
+const ENTRIES: u64 = 1_000_000;
+
+fn key_of(i: u64) -> [u8; 16] {
+    let mut k = [b'0'; 16];
+    let mut x = i;
+    for d in k.iter_mut().rev() {
+        *d = b'0' + (x % 10) as u8;
+        x /= 10;
+    }
+    k
+}
+
+fn scramble(i: u64) -> u64 {
+    i.wrapping_mul(0x9E37_79B9_7F4A_7C15) % ENTRIES
+}
+
+/// Times `iters` inserts, starting a fresh memtable every `ENTRIES` so it never holds more.
+fn inserts(iters: u64, order: fn(u64) -> u64) -> Duration {
+    let value = [7u8; 100];
+    let mut total = Duration::ZERO;
+    let mut done = 0;
+    while done < iters {
+        let m = Memtable::new(0);
+        let n = (iters - done).min(ENTRIES);
+        let start = Instant::now();
+        for i in 0..n {
+            m.insert(&key_of(order(i)), done + i + 1, Kind::Put, &value);
+        }
+        total += start.elapsed();
+        done += n;
+    }
+    total
+}
+
+fn bench(c: &mut Criterion) {
+    let mut g = c.benchmark_group("memtable");
+    g.bench_function("insert_sequential", |b| b.iter_custom(|n| inserts(n, |i| i)));
+    g.bench_function("insert_random", |b| b.iter_custom(|n| inserts(n, scramble)));
+    let m = Memtable::new(0);
+    for i in 0..ENTRIES {
+        m.insert(&key_of(i), i + 1, Kind::Put, &[7u8; 100]);
+    }
+    let mut i = 0u64;
+    g.bench_function("get_hit_1m", |b| {
+        b.iter(|| {
+            i = i.wrapping_add(1);
+            m.get(&key_of(scramble(i)), u64::MAX >> 8)
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
