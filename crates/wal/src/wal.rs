@@ -26,7 +26,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use lru::LruCache;
-use parking_lot::{Condvar, Mutex, MutexGuard, RwLock};
+use parking_lot::{Mutex, RwLock};
 
 use crate::error::{Error, Result};
 use crate::frame;
@@ -711,12 +711,13 @@ impl fmt::Debug for Wal {
     }
 }
 
-/// Leadership for group commit: at most one thread at a time syncs (or truncates); the others
-/// wait on the condition variable and re-check whether they still need to.
+/// Leadership for group commit: at most one thread at a time syncs (or truncates). The others
+/// park; the leader unparks every one of them when it is done, without a lock handoff, and each
+/// re-checks whether it still needs to lead (most find their records durable already).
 #[derive(Default)]
 struct Gate {
-    leading: Mutex<bool>,
-    done: Condvar,
+    leading: AtomicBool,
+    waiters: Mutex<Vec<thread::Thread>>,
 }
 
 struct Leader<'a>(&'a Gate);
@@ -724,16 +725,20 @@ struct Leader<'a>(&'a Gate);
 impl Gate {
     /// Waits until this thread may lead, or until `unneeded()` holds (then `None`).
     fn lead_unless(&self, unneeded: impl Fn() -> bool) -> Option<Leader<'_>> {
-        let mut leading: MutexGuard<'_, bool> = self.leading.lock();
         loop {
             if unneeded() {
                 return None;
             }
-            if !*leading {
-                *leading = true;
+            if self.leading.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).is_ok() {
                 return Some(Leader(self));
             }
-            self.done.wait(&mut leading);
+            self.waiters.lock().push(thread::current());
+            // The leader may have finished between the attempt and the registration; an entry
+            // left behind only causes a spurious wakeup later, which the loop absorbs.
+            if unneeded() || !self.leading.load(Ordering::Acquire) {
+                continue;
+            }
+            thread::park();
         }
     }
 
@@ -744,8 +749,11 @@ impl Gate {
 
 impl Drop for Leader<'_> {
     fn drop(&mut self) {
-        *self.0.leading.lock() = false;
-        self.0.done.notify_all();
+        self.0.leading.store(false, Ordering::Release);
+        let waiters = std::mem::take(&mut *self.0.waiters.lock());
+        for t in waiters {
+            t.unpark();
+        }
     }
 }
 
