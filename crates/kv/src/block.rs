@@ -206,6 +206,16 @@ impl Decoded {
         self.spans.partition_point(|s| cmp(&self.keys[s.key.0..s.key.1], target) == Ordering::Less)
     }
 
+    /// Offset within `range` of the first entry of the range not less than `target`.
+    pub(crate) fn lower_bound_in(
+        &self,
+        range: std::ops::Range<usize>,
+        target: &[u8],
+        cmp: impl Fn(&[u8], &[u8]) -> Ordering,
+    ) -> usize {
+        self.spans[range].partition_point(|s| cmp(&self.keys[s.key.0..s.key.1], target) == Ordering::Less)
+    }
+
     /// Index of the first entry greater than `target`.
     pub(crate) fn upper_bound(
         &self,

@@ -97,6 +97,16 @@ pub(crate) fn bytes_cmp(a: &[u8], b: &[u8]) -> Ordering {
     a[i..].cmp(&b[i..])
 }
 
+/// The first 16 bytes of `user`, zero-padded, as a big-endian integer. Keys with different
+/// prefixes order as their prefixes do; keys with equal prefixes need a full comparison.
+#[inline]
+pub(crate) fn prefix16(user: &[u8]) -> u128 {
+    let mut p = [0u8; 16];
+    let n = user.len().min(16);
+    p[..n].copy_from_slice(&user[..n]);
+    u128::from_be_bytes(p)
+}
+
 /// Bytes of a user key kept inline in an [`IKey`].
 const INLINE: usize = 16;
 
@@ -173,6 +183,7 @@ impl Ord for IKey {
     #[inline]
     fn cmp(&self, other: &Self) -> Ordering {
         let (a, b) = (u128::from_be_bytes(self.prefix), u128::from_be_bytes(other.prefix));
+        // Same order as `prefix16` of the user keys.
         let users = if a != b {
             a.cmp(&b)
         } else if self.user_len as usize <= INLINE && other.user_len as usize <= INLINE {

@@ -213,6 +213,9 @@ pub(crate) struct Table {
     pub(crate) path: PathBuf,
     file: File,
     index: Decoded,
+    /// The first 16 bytes of each index key's user key, zero-padded, big-endian: a compact array
+    /// that settles most of a binary search without touching the keys.
+    index_prefix: Vec<u128>,
     filter: Bytes,
     data_end: u64,
     cache: Arc<BlockCache>,
@@ -255,11 +258,13 @@ impl Table {
         let index = Block::new(index)
             .and_then(|b| b.decode())
             .map_err(|r| Error::corrupt(path, index_off, format!("index block: {r}")))?;
+        let index_prefix = (0..index.len()).map(|i| key::prefix16(key::user(index.key(i)))).collect();
         let t = Table {
             id,
             path: path.to_path_buf(),
             file,
             index,
+            index_prefix,
             filter,
             data_end: filter_off,
             cache,
@@ -312,6 +317,14 @@ impl Table {
         Ok(d)
     }
 
+    /// The first index entry (data block) whose last key is not below `target`.
+    fn index_lower_bound(&self, target: &[u8]) -> usize {
+        let p = key::prefix16(key::user(target));
+        let lo = self.index_prefix.partition_point(|&x| x < p);
+        let hi = lo + self.index_prefix[lo..].partition_point(|&x| x == p);
+        lo + self.index.lower_bound_in(lo..hi, target, key::compare)
+    }
+
     pub(crate) fn blocks(&self) -> usize {
         self.index.len()
     }
@@ -326,7 +339,7 @@ impl Table {
         if !self.filter.is_empty() && !bloom::may_contain(&self.filter, hash) {
             return Ok(None);
         }
-        let i = self.index.lower_bound(lookup, key::compare);
+        let i = self.index_lower_bound(lookup);
         if i == self.index.len() {
             return Ok(None);
         }
@@ -392,7 +405,7 @@ impl TableIter {
             return Ok(());
         }
         if self.forward {
-            let i = target.map_or(0, |t| self.table.index.lower_bound(t, key::compare));
+            let i = target.map_or(0, |t| self.table.index_lower_bound(t));
             if i == n {
                 self.block = None;
                 return Ok(());
@@ -402,7 +415,7 @@ impl TableIter {
             self.pos = target.map_or(0, |t| d.lower_bound(t, key::compare));
         } else {
             let i =
-                target.map_or(n - 1, |t| self.table.index.lower_bound(t, key::compare).min(n - 1));
+                target.map_or(n - 1, |t| self.table.index_lower_bound(t).min(n - 1));
             self.load(i)?;
             let d = &self.block.as_ref().expect("loaded").1;
             let ub = target.map_or(d.len(), |t| d.upper_bound(t, key::compare));
