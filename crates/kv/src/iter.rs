@@ -170,11 +170,14 @@ pub(crate) struct Merge {
     sources: Vec<Source>,
     forward: bool,
     cur: Option<usize>,
+    /// The source with the next-best key after `cur`: while `cur` stays ahead of it, advancing
+    /// needs one comparison instead of a scan of every source.
+    runner: Option<usize>,
 }
 
 impl Merge {
     pub(crate) fn new(sources: Vec<Source>, forward: bool) -> Merge {
-        Merge { sources, forward, cur: None }
+        Merge { sources, forward, cur: None, runner: None }
     }
 
     /// Sources for everything a view holds, newest first.
@@ -190,26 +193,40 @@ impl Merge {
         Merge::new(sources, forward)
     }
 
+    /// Whether source `a`'s entry comes before source `b`'s (ties: the earlier source).
+    fn before(&self, a: usize, b: usize) -> bool {
+        match (self.sources[a].key(), self.sources[b].key()) {
+            (Some(x), Some(y)) => {
+                let o = key::compare(x, y);
+                let o = if self.forward { o } else { o.reverse() };
+                o == Ordering::Less || (o == Ordering::Equal && a < b)
+            }
+            (Some(_), None) => true,
+            _ => false,
+        }
+    }
+
     fn pick(&mut self) {
-        let mut best: Option<(usize, &[u8])> = None;
-        for (i, s) in self.sources.iter().enumerate() {
-            let Some(k) = s.key() else { continue };
-            let better = match best {
-                None => true,
-                Some((_, b)) => {
-                    let o = key::compare(k, b);
-                    if self.forward {
-                        o == Ordering::Less
-                    } else {
-                        o == Ordering::Greater
+        let (mut best, mut runner): (Option<usize>, Option<usize>) = (None, None);
+        for i in 0..self.sources.len() {
+            if self.sources[i].key().is_none() {
+                continue;
+            }
+            match best {
+                None => best = Some(i),
+                Some(b) if self.before(i, b) => {
+                    runner = best;
+                    best = Some(i);
+                }
+                Some(_) => {
+                    if runner.is_none_or(|r| self.before(i, r)) {
+                        runner = Some(i);
                     }
                 }
-            };
-            if better {
-                best = Some((i, k));
             }
         }
-        self.cur = best.map(|(i, _)| i);
+        self.cur = best;
+        self.runner = runner;
     }
 
     /// Positions at the first entry not before `target` in the direction of travel.
@@ -224,7 +241,13 @@ impl Merge {
     pub(crate) fn advance(&mut self) -> Result<()> {
         if let Some(i) = self.cur {
             self.sources[i].advance()?;
-            self.pick();
+            let still_first = match self.runner {
+                None => true,
+                Some(r) => self.before(i, r),
+            };
+            if !still_first || self.sources[i].key().is_none() {
+                self.pick();
+            }
         }
         Ok(())
     }
