@@ -213,7 +213,8 @@ impl Decoded {
         target: &[u8],
         cmp: impl Fn(&[u8], &[u8]) -> Ordering,
     ) -> usize {
-        self.spans[range].partition_point(|s| cmp(&self.keys[s.key.0..s.key.1], target) == Ordering::Less)
+        self.spans[range]
+            .partition_point(|s| cmp(&self.keys[s.key.0..s.key.1], target) == Ordering::Less)
     }
 
     /// Index of the first entry greater than `target`.

@@ -142,11 +142,11 @@ fn execute(inner: &Inner, c: &Compaction) -> Result<()> {
     for (i, files) in c.inputs.iter().enumerate() {
         edit.deleted.extend(files.iter().map(|t| (c.level + i, t.meta.id)));
     }
-    // A single table with nothing below it moves down without being rewritten.
-    if c.inputs[1].is_empty() && c.inputs[0].len() == 1 {
-        let t = &c.inputs[0][0];
-        edit.added.push((out_level, t.meta.clone()));
-        let moved = vec![t.clone()];
+    // Tables with nothing below them that do not overlap each other (one table, or L0 tables of
+    // sequential writes) move down without being rewritten.
+    if c.inputs[1].is_empty() && disjoint(&c.inputs[0]) {
+        edit.added.extend(c.inputs[0].iter().map(|t| (out_level, t.meta.clone())));
+        let moved = c.inputs[0].clone();
         return inner.install_compaction(edit, c, moved, 0, 0);
     }
     let version = inner.view.load().version.clone();
@@ -201,6 +201,13 @@ fn execute(inner: &Inner, c: &Compaction) -> Result<()> {
     let out_bytes: u64 = outputs.iter().map(|t| t.meta.size).sum();
     tracing::debug!(level = c.level, entries = read, in_bytes, out_bytes, "compaction done");
     inner.install_compaction(edit, c, outputs, in_bytes, out_bytes)
+}
+
+/// Whether no two of `tables` share a user key.
+fn disjoint(tables: &[Arc<TableFile>]) -> bool {
+    let mut sorted: Vec<&Arc<TableFile>> = tables.iter().collect();
+    sorted.sort_by(|a, b| a.meta.smallest_user().cmp(b.meta.smallest_user()));
+    sorted.windows(2).all(|w| w[0].meta.largest_user() < w[1].meta.smallest_user())
 }
 
 /// What a new table adds to the manifest.

@@ -139,6 +139,7 @@ impl Db {
             .segment_capacity(opts.wal_segment_size)
             .oversized_records(true)
             .sync(opts.wal_sync_interval.map_or(SyncMode::Manual, SyncMode::Interval))
+            .bytes_per_sync(Some(1 << 20))
             .write_buffer(0)
             .name(opts.name.clone());
         let wal = Wal::open(dir.join("wal"), wal_opts)?;

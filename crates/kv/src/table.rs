@@ -258,7 +258,8 @@ impl Table {
         let index = Block::new(index)
             .and_then(|b| b.decode())
             .map_err(|r| Error::corrupt(path, index_off, format!("index block: {r}")))?;
-        let index_prefix = (0..index.len()).map(|i| key::prefix16(key::user(index.key(i)))).collect();
+        let index_prefix =
+            (0..index.len()).map(|i| key::prefix16(key::user(index.key(i)))).collect();
         let t = Table {
             id,
             path: path.to_path_buf(),
@@ -414,8 +415,7 @@ impl TableIter {
             let d = &self.block.as_ref().expect("loaded").1;
             self.pos = target.map_or(0, |t| d.lower_bound(t, key::compare));
         } else {
-            let i =
-                target.map_or(n - 1, |t| self.table.index_lower_bound(t).min(n - 1));
+            let i = target.map_or(n - 1, |t| self.table.index_lower_bound(t).min(n - 1));
             self.load(i)?;
             let d = &self.block.as_ref().expect("loaded").1;
             let ub = target.map_or(d.len(), |t| d.upper_bound(t, key::compare));

@@ -43,6 +43,7 @@ pub struct Options {
     pub(crate) write_buffer: usize,
     pub(crate) name: String,
     pub(crate) oversized: bool,
+    pub(crate) bytes_per_sync: Option<u64>,
 }
 
 impl Default for Options {
@@ -58,6 +59,7 @@ impl Default for Options {
             write_buffer: 64 << 10,
             name: "wal".to_owned(),
             oversized: false,
+            bytes_per_sync: None,
         }
     }
 }
@@ -119,6 +121,14 @@ impl Options {
     /// 4 GiB) and is sealed by the next append.
     pub fn oversized_records(mut self, on: bool) -> Self {
         self.oversized = on;
+        self
+    }
+
+    /// In `Interval` mode, also sync in the background as soon as this many bytes were appended
+    /// since the last sync (default off). Sealing a full segment fsyncs it while appends wait;
+    /// with this, little is left to write by then.
+    pub fn bytes_per_sync(mut self, bytes: Option<u64>) -> Self {
+        self.bytes_per_sync = bytes;
         self
     }
 

@@ -79,6 +79,8 @@ struct Inner {
     /// A zero-filled file ready to become the next segment, and the way to ask for another.
     spare: Mutex<Option<File>>,
     want_spare: Mutex<Option<mpsc::Sender<()>>>,
+    /// Asks the `Interval` sync thread for a sync now (`bytes_per_sync`).
+    kick: Mutex<Option<mpsc::Sender<()>>>,
     metrics: Metrics,
     /// Makes the next fsync fail, to test poisoning.
     #[cfg(test)]
@@ -92,6 +94,9 @@ struct State {
     sealed: VecDeque<Sealed>,
     sealed_bytes: u64,
     active: Active,
+    /// Bytes appended since the last sync, and whether the sync thread was asked for one.
+    unsynced: u64,
+    kicked: bool,
 }
 
 /// The segment being appended to.
@@ -322,6 +327,15 @@ impl Inner {
             self.poisoning(r)?;
         }
         st.next += n;
+        if let Some(limit) = self.opts.bytes_per_sync {
+            st.unsynced += frames;
+            if st.unsynced >= limit && !st.kicked {
+                st.kicked = true;
+                if let Some(tx) = self.kick.lock().as_ref() {
+                    let _ = tx.send(());
+                }
+            }
+        }
         self.metrics.appends.increment(n);
         self.metrics.append_bytes.increment(frames);
         Ok(first..first + n)
@@ -398,6 +412,8 @@ impl Inner {
             let mut st = self.state.lock();
             let r = st.active.flush();
             self.poisoning(r)?;
+            st.unsynced = 0;
+            st.kicked = false;
             (st.active.file.clone(), st.active.path.clone(), st.next)
         };
         let r = self.fsync(&file, &path);
@@ -542,6 +558,7 @@ impl Wal {
             lock_file: Mutex::new(Some(lock_file)),
             spare: Mutex::new(None),
             want_spare: Mutex::new(None),
+            kick: Mutex::new(None),
             #[cfg(test)]
             fail_next_sync: AtomicBool::new(false),
         });
@@ -664,6 +681,7 @@ impl Wal {
         if inner.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
+        inner.kick.lock().take();
         if let Some(t) = self.ticker.lock().take() {
             t.stop();
         }
@@ -729,7 +747,11 @@ impl Gate {
             if unneeded() {
                 return None;
             }
-            if self.leading.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+            if self
+                .leading
+                .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
                 return Some(Leader(self));
             }
             self.waiters.lock().push(thread::current());
@@ -784,10 +806,13 @@ fn spawn_preparer(inner: Arc<Inner>) -> Result<Worker> {
 fn spawn_ticker(inner: Arc<Inner>, every: std::time::Duration) -> Result<Worker> {
     let dir = inner.dir.clone();
     let (stop, rx) = mpsc::channel::<()>();
+    *inner.kick.lock() = Some(stop.clone());
     let handle = thread::Builder::new()
         .name("timber-wal-sync".into())
         .spawn(move || {
-            while let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(every) {
+            // Wakes every `every`, or early when appends passed `bytes_per_sync`; stops when every
+            // sender is gone.
+            while !matches!(rx.recv_timeout(every), Err(mpsc::RecvTimeoutError::Disconnected)) {
                 if let Err(e) = inner.sync() {
                     if !matches!(e, Error::Closed | Error::Poisoned { .. }) {
                         tracing::error!(error = %e, "background WAL sync failed");
@@ -909,6 +934,8 @@ fn recover(dir: &Path, opts: &Options) -> Result<State> {
         sealed_bytes: sealed.iter().map(|s| s.file_len).sum(),
         sealed,
         active,
+        unsynced: 0,
+        kicked: false,
     };
     if let Some(cut) = meta.cut_from {
         // A truncate_back was interrupted: finish it.

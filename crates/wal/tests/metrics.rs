@@ -1,14 +1,28 @@
 //! The log's metrics reach a recorder installed before it is opened.
 
-use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+use std::sync::OnceLock;
+
+use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 use timber_wal::{Options, SyncMode, Wal};
+
+/// The tests of this file take turns: a snapshot drains the recorder's counters.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// The process-wide recorder, installed by whichever test comes first.
+fn snapshotter() -> &'static Snapshotter {
+    static S: OnceLock<Snapshotter> = OnceLock::new();
+    S.get_or_init(|| {
+        let recorder = DebuggingRecorder::new();
+        let s = recorder.snapshotter();
+        recorder.install().unwrap();
+        s
+    })
+}
 
 #[test]
 fn appends_fsyncs_and_group_sizes_are_recorded() {
-    let recorder = DebuggingRecorder::new();
-    let snapshotter = recorder.snapshotter();
-    recorder.install().unwrap();
-
+    let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let snapshotter = snapshotter();
     let dir = tempfile::tempdir().unwrap();
     let wal =
         Wal::open(dir.path(), Options::default().sync(SyncMode::Always).name("test-log")).unwrap();
@@ -21,7 +35,9 @@ fn appends_fsyncs_and_group_sizes_are_recorded() {
     let mut histograms = std::collections::HashMap::new();
     for (key, _, _, value) in snapshotter.snapshot().into_vec() {
         let key = key.key();
-        assert!(key.labels().any(|l| l.key() == "wal" && l.value() == "test-log"), "{key:?}");
+        if !key.labels().any(|l| l.key() == "wal" && l.value() == "test-log") {
+            continue; // another test's log
+        }
         match value {
             DebugValue::Counter(c) => {
                 counters.insert(key.name().to_owned(), c);
@@ -37,4 +53,40 @@ fn appends_fsyncs_and_group_sizes_are_recorded() {
     assert!(counters["timber_wal_fsyncs_total"] >= 11, "{counters:?}");
     assert!(histograms["timber_wal_fsync_seconds"] >= 11);
     assert!(histograms["timber_wal_group_commit_records"] >= 1);
+}
+
+/// `bytes_per_sync` wakes the `Interval` sync thread long before its interval: the fsync shows in
+/// the log's own counter.
+#[test]
+fn bytes_per_sync_syncs_before_the_interval() {
+    let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let snapshotter = snapshotter();
+    let dir = tempfile::tempdir().unwrap();
+    let opts = Options::default()
+        .sync(SyncMode::Interval(std::time::Duration::from_secs(3600)))
+        .bytes_per_sync(Some(4096))
+        .name("kicked-log");
+    let wal = Wal::open(dir.path(), opts).unwrap();
+    for i in 0..64u8 {
+        wal.append(&[i; 1000]).unwrap();
+    }
+    let fsyncs = || {
+        snapshotter
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .filter(|(k, ..)| {
+                k.key().name() == "timber_wal_fsyncs_total"
+                    && k.key().labels().any(|l| l.value() == "kicked-log")
+            })
+            .map(|(.., v)| if let DebugValue::Counter(c) = v { c } else { 0 })
+            .sum::<u64>()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut seen = 0;
+    while seen == 0 {
+        seen += fsyncs();
+        assert!(std::time::Instant::now() < deadline, "no background sync within 30 s");
+        std::thread::yield_now();
+    }
 }
