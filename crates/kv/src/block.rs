@@ -138,6 +138,50 @@ impl Block {
         Ok(Entry { shared, delta: (p, kend), value: (kend, vend), next: vend })
     }
 
+    /// The first entry whose key is not below `target`, found without decoding the whole block:
+    /// a binary search over the restart points, then a scan of at most one restart interval.
+    /// Every key it looks at must pass `valid`.
+    pub(crate) fn seek(
+        &self,
+        target: &[u8],
+        cmp: impl Fn(&[u8], &[u8]) -> Ordering,
+        valid: impl Fn(&[u8]) -> bool,
+    ) -> Result<Option<(Vec<u8>, Bytes)>, String> {
+        let (mut lo, mut hi) = (0usize, self.restarts);
+        while lo < hi {
+            let mid = (lo + hi) / 2;
+            let e = self.entry(self.restart(mid), 0)?;
+            let k = &self.data[e.delta.0..e.delta.1];
+            if !valid(k) {
+                return Err(format!("restart key {mid} is malformed"));
+            }
+            if cmp(k, target) == Ordering::Less {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        let mut pos = if lo == 0 { 0 } else { self.restart(lo - 1) };
+        let mut key = Vec::new();
+        while pos < self.restarts_at {
+            let e = self.entry(pos, key.len())?;
+            key.truncate(e.shared);
+            key.extend_from_slice(&self.data[e.delta.0..e.delta.1]);
+            if !valid(&key) {
+                return Err(format!("key at {pos} is malformed"));
+            }
+            if cmp(&key, target) != Ordering::Less {
+                return Ok(Some((key, self.data.slice(e.value.0..e.value.1))));
+            }
+            pos = e.next;
+        }
+        Ok(None)
+    }
+
+    pub(crate) fn size(&self) -> usize {
+        self.data.len()
+    }
+
     /// Every entry, decoded: keys restored into one buffer, values sliced from the block.
     pub(crate) fn decode(&self) -> Result<Decoded, String> {
         let mut keys: Vec<u8> = Vec::with_capacity(self.restarts_at);
@@ -190,11 +234,6 @@ impl Decoded {
     pub(crate) fn key_bytes(&self, i: usize) -> Bytes {
         let s = self.spans[i].key;
         self.keys.slice(s.0..s.1)
-    }
-
-    /// Memory held, for the block cache's accounting.
-    pub(crate) fn size(&self) -> usize {
-        self.data.len() + self.keys.len() + self.spans.len() * std::mem::size_of::<Span>() + 64
     }
 
     /// Index of the first entry not less than `target`.
@@ -259,6 +298,8 @@ mod tests {
             let want = keys.iter().find(|k| k[..] >= probe[..]);
             let at = d.lower_bound(&probe, cmp);
             prop_assert_eq!(at, keys.partition_point(|k| k[..] < probe[..]));
+            let sought = block.seek(&probe, cmp, |_| true).unwrap().map(|(k, _)| k);
+            prop_assert_eq!(sought, want.cloned());
             prop_assert_eq!((at < d.len()).then(|| d.key(at).to_vec()), want.cloned());
         }
 
@@ -268,6 +309,7 @@ mod tests {
                 if let Ok(d) = b.decode() {
                     let _ = d.lower_bound(b"m", cmp);
                 }
+                let _ = b.seek(b"m", cmp, |_| true);
             }
         }
     }

@@ -8,9 +8,24 @@ use parking_lot::Mutex;
 
 use std::sync::Arc;
 
-use crate::block::Decoded;
+use crate::block::{Block, Decoded};
 
 const SHARDS: usize = 16;
+
+/// A verified block as read, and its decoded form once an iterator needed it. Point reads search
+/// the raw block by its restart points, so a cache miss does not pay for decoding every entry.
+#[derive(Debug)]
+pub(crate) struct CachedBlock {
+    pub(crate) raw: Block,
+    pub(crate) decoded: std::sync::OnceLock<Arc<Decoded>>,
+}
+
+impl CachedBlock {
+    /// Memory charged to the cache: the block, and room for its decoded form.
+    fn charge(&self) -> usize {
+        self.raw.size() * 2 + 64
+    }
+}
 
 /// Hashes a (table, offset) key with one multiply-xorshift round: SipHash, the default, would
 /// cost more than the rest of a cache lookup.
@@ -35,7 +50,7 @@ impl std::hash::Hasher for KeyHasher {
 type Hasher = std::hash::BuildHasherDefault<KeyHasher>;
 
 struct Shard {
-    map: LruCache<(u64, u64), Arc<Decoded>, Hasher>,
+    map: LruCache<(u64, u64), Arc<CachedBlock>, Hasher>,
     bytes: usize,
 }
 
@@ -68,7 +83,7 @@ impl BlockCache {
         &self.shards[(h as usize) % SHARDS]
     }
 
-    pub(crate) fn get(&self, table: u64, offset: u64) -> Option<Arc<Decoded>> {
+    pub(crate) fn get(&self, table: u64, offset: u64) -> Option<Arc<CachedBlock>> {
         if self.shard_limit == 0 {
             return None;
         }
@@ -78,19 +93,19 @@ impl BlockCache {
         b
     }
 
-    pub(crate) fn insert(&self, table: u64, offset: u64, block: Arc<Decoded>) {
-        let size = block.size();
+    pub(crate) fn insert(&self, table: u64, offset: u64, block: Arc<CachedBlock>) {
+        let size = block.charge();
         if size > self.shard_limit {
             return;
         }
         let mut s = self.shard(table, offset).lock();
         if let Some(old) = s.map.put((table, offset), block) {
-            s.bytes -= old.size();
+            s.bytes -= old.charge();
         }
         s.bytes += size;
         while s.bytes > self.shard_limit {
             match s.map.pop_lru() {
-                Some((_, b)) => s.bytes -= b.size(),
+                Some((_, b)) => s.bytes -= b.charge(),
                 None => break,
             }
         }

@@ -16,7 +16,7 @@ use bytes::Bytes;
 
 use crate::block::{Block, BlockBuilder, Decoded};
 use crate::bloom;
-use crate::cache::BlockCache;
+use crate::cache::{BlockCache, CachedBlock};
 use crate::error::{Error, Result};
 use crate::key::{self, Kind};
 use crate::options::{Compression, Options};
@@ -293,16 +293,30 @@ impl Table {
         (end <= self.data_end).then_some((off, len))
     }
 
-    /// Data block `i`, verified and decoded, through the cache.
-    fn block(&self, i: usize) -> Result<Arc<Decoded>> {
+    /// Data block `i`, verified, through the cache.
+    fn cached(&self, i: usize) -> Result<(u64, Arc<CachedBlock>)> {
         let (off, len) =
             self.handle_at(&self.index, i).expect("index entries are validated on open");
         if let Some(b) = self.cache.get(self.id, off) {
-            return Ok(b);
+            return Ok((off, b));
         }
         let raw = read_block(&self.file, &self.path, off, len)?;
-        let d = Block::new(raw)
-            .and_then(|b| b.decode())
+        let raw = Block::new(raw)
+            .map_err(|r| Error::corrupt(&self.path, off, format!("data block: {r}")))?;
+        let b = Arc::new(CachedBlock { raw, decoded: std::sync::OnceLock::new() });
+        self.cache.insert(self.id, off, b.clone());
+        Ok((off, b))
+    }
+
+    /// Data block `i`, verified and decoded (for iteration).
+    fn block(&self, i: usize) -> Result<Arc<Decoded>> {
+        let (off, b) = self.cached(i)?;
+        if let Some(d) = b.decoded.get() {
+            return Ok(d.clone());
+        }
+        let d = b
+            .raw
+            .decode()
             .map_err(|r| Error::corrupt(&self.path, off, format!("data block: {r}")))?;
         for j in 0..d.len() {
             if !key::valid(d.key(j)) {
@@ -314,7 +328,7 @@ impl Table {
             }
         }
         let d = Arc::new(d);
-        self.cache.insert(self.id, off, d.clone());
+        let _ = b.decoded.set(d.clone());
         Ok(d)
     }
 
@@ -344,12 +358,19 @@ impl Table {
         if i == self.index.len() {
             return Ok(None);
         }
-        let b = self.block(i)?;
-        let at = b.lower_bound(lookup, key::compare);
-        if at < b.len() && key::user(b.key(at)) == user {
-            return Ok(Some((key::kind(b.key(at)), b.value(at))));
+        let (off, b) = self.cached(i)?;
+        if let Some(d) = b.decoded.get() {
+            let at = d.lower_bound(lookup, key::compare);
+            if at < d.len() && key::user(d.key(at)) == user {
+                return Ok(Some((key::kind(d.key(at)), d.value(at))));
+            }
+            return Ok(None);
         }
-        Ok(None)
+        let found = b
+            .raw
+            .seek(lookup, key::compare, key::valid)
+            .map_err(|r| Error::corrupt(&self.path, off, format!("data block: {r}")))?;
+        Ok(found.filter(|(k, _)| key::user(k) == user).map(|(k, v)| (key::kind(&k), v)))
     }
 }
 
