@@ -97,6 +97,10 @@ struct State {
     /// Bytes appended since the last sync, and whether the sync thread was asked for one.
     unsynced: u64,
     kicked: bool,
+    /// Whether the preparer was asked for the spare that will follow the active segment. It is
+    /// asked once the segment is half full, so that a fresh log does not write a second segment
+    /// of zeros while its first writes wait on the disk.
+    spare_asked: bool,
 }
 
 /// The segment being appended to.
@@ -327,6 +331,12 @@ impl Inner {
             self.poisoning(r)?;
         }
         st.next += n;
+        if !st.spare_asked && st.active.data_len() >= capacity / 2 {
+            st.spare_asked = true;
+            if let Some(tx) = self.want_spare.lock().as_ref() {
+                let _ = tx.send(());
+            }
+        }
         if let Some(limit) = self.opts.bytes_per_sync {
             st.unsynced += frames;
             if st.unsynced >= limit && !st.kicked {
@@ -362,12 +372,13 @@ impl Inner {
         st.sealed_bytes += sealed.file_len;
         st.sealed.push_back(sealed);
         st.active = Active::new(end, path, file, Vec::new(), SEGMENT_HEADER_LEN as u64);
+        st.spare_asked = false;
         self.metrics.segments_sealed.increment(1);
         Ok(())
     }
 
-    /// Creates the segment starting at `start` from the prepared spare if there is one, and asks
-    /// the preparer thread for the next spare.
+    /// Creates the segment starting at `start` from the prepared spare if there is one (the
+    /// preparer is asked for the next one when this segment is half full).
     fn create_segment(&self, start: u64) -> Result<(File, PathBuf)> {
         let spare = self.spare.lock().take();
         let created = segment::create(
@@ -378,9 +389,6 @@ impl Inner {
             self.opts.file_mode,
             spare,
         );
-        if let Some(tx) = self.want_spare.lock().as_ref() {
-            let _ = tx.send(());
-        }
         created
     }
 
@@ -799,7 +807,6 @@ fn spawn_preparer(inner: Arc<Inner>) -> Result<Worker> {
             }
         })
         .map_err(|e| Error::io("spawn spare preparer for", &dir, e))?;
-    let _ = tx.send(());
     Ok(Worker { tx, handle })
 }
 
@@ -936,6 +943,7 @@ fn recover(dir: &Path, opts: &Options) -> Result<State> {
         active,
         unsynced: 0,
         kicked: false,
+        spare_asked: false,
     };
     if let Some(cut) = meta.cut_from {
         // A truncate_back was interrupted: finish it.
