@@ -380,12 +380,23 @@ pub(crate) fn create(
 }
 
 /// Writes the zero-filled spare segment file (header space included) and makes it durable.
-pub(crate) fn prepare_spare(dir: &Path, capacity: u64, mode: u32) -> Result<File> {
+///
+/// `create` runs while the caller holds the lock a roll holds while it renames the previous spare,
+/// so that a new spare never reuses the name of one being renamed; the zero-filling runs after.
+pub(crate) fn prepare_spare(
+    dir: &Path,
+    capacity: u64,
+    mode: u32,
+    create: impl FnOnce(&dyn Fn() -> Result<File>) -> Option<Result<File>>,
+) -> Option<Result<File>> {
     let path = dir.join(SPARE_FILE);
-    let file = create_file(&path, mode)?;
-    preallocate_tail(&file, &path, 0, capacity)?;
-    file.sync_all().map_err(|e| Error::io("fsync", &path, e))?;
-    Ok(file)
+    let file = match create(&|| create_file(&path, mode))? {
+        Ok(f) => f,
+        Err(e) => return Some(Err(e)),
+    };
+    let filled = preallocate_tail(&file, &path, 0, capacity)
+        .and_then(|()| file.sync_all().map_err(|e| Error::io("fsync", &path, e)));
+    Some(filled.map(|()| file))
 }
 
 /// Reserves `from..capacity` of a segment on disk by writing zeros. Written (not merely

@@ -380,16 +380,16 @@ impl Inner {
     /// Creates the segment starting at `start` from the prepared spare if there is one (the
     /// preparer is asked for the next one when this segment is half full).
     fn create_segment(&self, start: u64) -> Result<(File, PathBuf)> {
-        let spare = self.spare.lock().take();
-        let created = segment::create(
+        // Held until the spare is renamed, so the preparer cannot create a new file under its name.
+        let mut spare = self.spare.lock();
+        segment::create(
             &self.dir,
             start,
             self.opts.segment_capacity,
             self.opts.preallocate,
             self.opts.file_mode,
-            spare,
-        );
-        created
+            spare.take(),
+        )
     }
 
     fn fsync(&self, file: &File, path: &Path) -> Result<()> {
@@ -797,12 +797,22 @@ fn spawn_preparer(inner: Arc<Inner>) -> Result<Worker> {
         .name("timber-wal-spare".into())
         .spawn(move || {
             while rx.recv().is_ok() {
-                if inner.spare.lock().is_some() || inner.closed.load(Ordering::Acquire) {
-                    continue;
-                }
-                match segment::prepare_spare(&inner.dir, inner.opts.segment_capacity, inner.opts.file_mode) {
-                    Ok(file) => *inner.spare.lock() = Some(file),
-                    Err(e) => tracing::warn!(error = %e, "preparing a spare WAL segment failed; the next roll creates one itself"),
+                let prepared = segment::prepare_spare(
+                    &inner.dir,
+                    inner.opts.segment_capacity,
+                    inner.opts.file_mode,
+                    |create| {
+                        let spare = inner.spare.lock();
+                        if spare.is_some() || inner.closed.load(Ordering::Acquire) {
+                            return None;
+                        }
+                        Some(create())
+                    },
+                );
+                match prepared {
+                    None => {}
+                    Some(Ok(file)) => *inner.spare.lock() = Some(file),
+                    Some(Err(e)) => tracing::warn!(error = %e, "preparing a spare WAL segment failed; the next roll creates one itself"),
                 }
             }
         })
