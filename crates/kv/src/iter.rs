@@ -262,8 +262,9 @@ impl Merge {
 
     /// The user key of the current entry, without copying it.
     fn user_key_bytes(&self) -> Bytes {
-        let k = self.cur.map(|i| self.sources[i].key_bytes()).unwrap_or_default();
-        k.slice(..k.len().saturating_sub(key::TAG_LEN))
+        let mut k = self.cur.map(|i| self.sources[i].key_bytes()).unwrap_or_default();
+        k.truncate(k.len().saturating_sub(key::TAG_LEN));
+        k
     }
 }
 
@@ -466,8 +467,12 @@ impl Iter {
                     self.done = true;
                     return None;
                 }
-                *(if forward { &mut self.front_last } else { &mut self.back_last }) =
-                    Some(k.clone());
+                // A forward-only iteration (the common case) keeps no copy of each key: the back
+                // cursor, once created, takes the front's position from the front cursor.
+                if !forward || self.back.is_some() {
+                    *(if forward { &mut self.front_last } else { &mut self.back_last }) =
+                        Some(k.clone());
+                }
                 Some(Ok((k, v)))
             }
             Some(Err(e)) => {
@@ -504,6 +509,10 @@ impl DoubleEndedIterator for Iter {
         }
         if self.back.is_none() {
             self.back = Some(self.cursor(false));
+            // Every key the front cursor passed (emitted or hidden) is behind the iteration.
+            if let Some(f) = self.front.as_ref().filter(|f| f.has_last) {
+                self.front_last = Some(Bytes::copy_from_slice(&f.last));
+            }
         }
         let item = self.back.as_mut().and_then(Cursor::next);
         self.finish(item, false)

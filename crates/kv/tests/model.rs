@@ -18,6 +18,8 @@ enum Op {
     Get(u8),
     Scan(Option<u8>, Option<u8>, bool, bool),
     Prefix(u8, bool),
+    /// Both ends of one iterator: `true` takes from the front, `false` from the back.
+    Zigzag(Vec<bool>),
     Snapshot,
     SnapGet(usize, u8),
     SnapScan(usize, bool),
@@ -53,6 +55,7 @@ fn op() -> impl Strategy<Value = Op> {
         5 => (proptest::option::of(k.clone()), proptest::option::of(k.clone()), any::<bool>(), any::<bool>())
             .prop_map(|(a, b, inc, rev)| Op::Scan(a, b, inc, rev)),
         2 => (0u8..45, any::<bool>()).prop_map(|(p, rev)| Op::Prefix(p, rev)),
+        2 => proptest::collection::vec(any::<bool>(), 1..40).prop_map(Op::Zigzag),
         2 => Just(Op::Snapshot),
         3 => (any::<usize>(), k.clone()).prop_map(|(i, k)| Op::SnapGet(i, k)),
         2 => (any::<usize>(), any::<bool>()).prop_map(|(i, r)| Op::SnapScan(i, r)),
@@ -171,6 +174,17 @@ fn run(ops: Vec<Op>, lz4: bool, synced: bool) {
                 let got = if rev { collect(d.prefix(&p).rev()) } else { collect(d.prefix(&p)) };
                 let want: Vec<_> = if rev { want.into_iter().rev().collect() } else { want };
                 assert_eq!(got, want);
+            }
+            Op::Zigzag(pattern) => {
+                let mut want: std::collections::VecDeque<_> =
+                    range_of(&model, Bound::Unbounded, Bound::Unbounded, false).into();
+                let mut it = d.iter();
+                for front in pattern.iter().cycle().take(want.len() + 2) {
+                    let got = if *front { it.next() } else { it.next_back() };
+                    let got = got.map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())).unwrap());
+                    let exp = if *front { want.pop_front() } else { want.pop_back() };
+                    assert_eq!(got, exp);
+                }
             }
             Op::Snapshot => {
                 if snaps.len() < 4 {
