@@ -6,7 +6,8 @@
 //! wins. An L0 compaction takes every L0 table (they overlap, and a newer L0 table must never sit
 //! below an older one) plus the overlapping L1 tables; a deeper one takes one table, round robin
 //! through the key space, plus the overlapping tables of the next level. Tables in a running
-//! compaction are busy and not picked again.
+//! compaction are busy and not picked again. A database without writes for
+//! `idle_compaction_after` also has its L0 tables merged into L1.
 //!
 //! What a merge keeps: snapshots split the sequence space into stripes; of each user key it keeps
 //! the newest version of every stripe, and drops a tombstone in the oldest stripe when no deeper
@@ -110,6 +111,24 @@ pub(crate) fn pick(inner: &Inner) -> Option<Compaction> {
     }
     if level > 0 {
         tree.cursors[level] = c.inputs[0][0].meta.largest_user().to_vec();
+    }
+    let ids: Vec<u64> = c.ids().collect();
+    tree.busy.extend(ids);
+    Some(c)
+}
+
+/// When the database is idle: every L0 table merged into L1, so that reads and scans see one
+/// sorted run fewer per table and overwritten versions stop taking space. `None` if L0 is empty or
+/// a compaction holds its tables.
+pub(crate) fn pick_idle(inner: &Inner) -> Option<Compaction> {
+    let mut tree = inner.tree.lock();
+    let version = inner.view.load().version.clone();
+    if version.levels[0].is_empty() || !inner.view.load().imms.is_empty() {
+        return None;
+    }
+    let c = expand(&version, 0, version.levels[0].clone());
+    if c.ids().any(|id| tree.busy.contains(&id)) {
+        return None;
     }
     let ids: Vec<u64> = c.ids().collect();
     tree.busy.extend(ids);

@@ -772,11 +772,29 @@ impl Inner {
     }
 
     fn compaction_loop(&self) {
+        // The last sequence number seen and since when it has not moved: a database without
+        // writes for `idle_compaction_after` gets its L0 tables merged down.
+        let mut idle_since = (self.visible(), Instant::now());
         loop {
             if self.bg.lock().shutdown {
                 return;
             }
-            let work = if self.poison.get().is_some() { None } else { compaction::pick(self) };
+            let seq = self.visible();
+            if seq != idle_since.0 {
+                idle_since = (seq, Instant::now());
+            }
+            let idle = self.opts.idle_compaction_after.is_some_and(|d| idle_since.1.elapsed() >= d);
+            let work = if self.poison.get().is_some() {
+                None
+            } else {
+                compaction::pick(self).or_else(|| {
+                    if idle {
+                        compaction::pick_idle(self)
+                    } else {
+                        None
+                    }
+                })
+            };
             match work {
                 Some(c) => {
                     if let Err(e) = compaction::run(self, c) {

@@ -47,6 +47,7 @@ pub struct Options {
     pub(crate) level_multiplier: u64,
     pub(crate) target_file_size: u64,
     pub(crate) compaction_threads: usize,
+    pub(crate) idle_compaction_after: Option<std::time::Duration>,
     pub(crate) durability: Durability,
     pub(crate) wal_segment_size: u64,
     pub(crate) wal_sync_interval: Option<std::time::Duration>,
@@ -71,6 +72,7 @@ impl Default for Options {
             level_multiplier: 10,
             target_file_size: 64 << 20,
             compaction_threads: 1,
+            idle_compaction_after: Some(std::time::Duration::from_secs(1)),
             durability: Durability::Buffered,
             wal_segment_size: 16 << 20,
             wal_sync_interval: Some(std::time::Duration::from_millis(200)),
@@ -152,6 +154,14 @@ impl Options {
     /// Background compaction threads (default 1; flushes have their own thread).
     pub fn compaction_threads(mut self, n: usize) -> Self {
         self.compaction_threads = n;
+        self
+    }
+
+    /// Merge L0 into L1 once no write has come for this long (default 1 s; `None`: only when L0
+    /// reaches its trigger). Below the trigger, L0 tables hold overwritten versions and add a
+    /// sorted run to every read; an idle database need not keep them.
+    pub fn idle_compaction_after(mut self, after: Option<std::time::Duration>) -> Self {
+        self.idle_compaction_after = after;
         self
     }
 

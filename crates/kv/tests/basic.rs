@@ -238,3 +238,27 @@ fn stats_report_levels_amplification_and_cache() {
     assert!(s.cache_hit_rate > 0.5, "{s:?}");
     assert_eq!(s.last_seq, 5000);
 }
+
+#[test]
+fn an_idle_database_merges_l0_into_l1() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = small().idle_compaction_after(Some(std::time::Duration::from_millis(50)));
+    let db = Db::open(dir.path(), opts).unwrap();
+    for round in 0..2 {
+        for i in 0..300 {
+            db.put(key(i), val(i, round)).unwrap();
+        }
+        db.flush().unwrap();
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while db.stats().levels[0].files > 0 {
+        assert!(std::time::Instant::now() < deadline, "L0 still holds tables: {:?}", db.stats());
+        std::thread::yield_now();
+    }
+    let s = db.stats();
+    assert!(s.levels[1].files > 0, "{s:?}");
+    for i in 0..300 {
+        assert_eq!(db.get(key(i)).unwrap().unwrap(), val(i, 1));
+    }
+    assert_eq!(db.iter().count(), 300);
+}

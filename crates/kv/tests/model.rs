@@ -67,7 +67,11 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 fn options(lz4: bool, synced: bool) -> Options {
+    // With LZ4 runs, L0 is also merged whenever the compaction thread finds nothing else to do
+    // (an idle threshold of zero), so that idle compactions race the operations.
+    let idle = lz4.then_some(std::time::Duration::ZERO);
     Options::default()
+        .idle_compaction_after(idle)
         .memtable_size(4096)
         .block_size(256)
         .l0_compaction_trigger(2)
