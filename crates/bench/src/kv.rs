@@ -79,6 +79,18 @@ fn missing_key(i: u64) -> [u8; KEY_LEN] {
     k
 }
 
+/// Counts the items of an iterator of results, failing on the first error.
+fn count_ok<T, E: Into<anyhow::Error>>(
+    it: impl Iterator<Item = Result<T, E>>,
+) -> anyhow::Result<usize> {
+    let mut n = 0;
+    for r in it {
+        r.map_err(Into::into)?;
+        n += 1;
+    }
+    Ok(n)
+}
+
 trait Kv {
     fn put(&mut self, k: &[u8], v: &[u8], sync: bool) -> anyhow::Result<()>;
     fn get(&self, k: &[u8]) -> anyhow::Result<bool>;
@@ -101,20 +113,10 @@ impl Kv for Timber {
         Ok(self.0.get(k)?.is_some())
     }
     fn scan_all(&self) -> anyhow::Result<u64> {
-        let mut n = 0;
-        for r in self.0.iter() {
-            r?;
-            n += 1;
-        }
-        Ok(n)
+        Ok(count_ok(self.0.iter())? as u64)
     }
     fn seek_next(&self, k: &[u8], n: usize) -> anyhow::Result<usize> {
-        let mut c = 0;
-        for r in self.0.scan(k..).take(n) {
-            r?;
-            c += 1;
-        }
-        Ok(c)
+        count_ok(self.0.scan(k..).take(n))
     }
     fn settle(&mut self) -> anyhow::Result<()> {
         self.0.flush()?;
@@ -228,20 +230,10 @@ mod peers {
             Ok(self.1.get(k)?.is_some())
         }
         fn scan_all(&self) -> anyhow::Result<u64> {
-            let mut n = 0;
-            for r in self.1.iter() {
-                r?;
-                n += 1;
-            }
-            Ok(n)
+            Ok(count_ok(self.1.iter())? as u64)
         }
         fn seek_next(&self, k: &[u8], n: usize) -> anyhow::Result<usize> {
-            let mut c = 0;
-            for r in self.1.range(k..).take(n) {
-                r?;
-                c += 1;
-            }
-            Ok(c)
+            count_ok(self.1.range(k..).take(n))
         }
         fn settle(&mut self) -> anyhow::Result<()> {
             self.0.persist(fjall::PersistMode::SyncAll)?;
@@ -267,20 +259,10 @@ mod peers {
             Ok(self.0.get(k)?.is_some())
         }
         fn scan_all(&self) -> anyhow::Result<u64> {
-            let mut n = 0;
-            for r in self.0.iter() {
-                r?;
-                n += 1;
-            }
-            Ok(n)
+            Ok(count_ok(self.0.iter())? as u64)
         }
         fn seek_next(&self, k: &[u8], n: usize) -> anyhow::Result<usize> {
-            let mut c = 0;
-            for r in self.0.range(k..).take(n) {
-                r?;
-                c += 1;
-            }
-            Ok(c)
+            count_ok(self.0.range(k..).take(n))
         }
         fn settle(&mut self) -> anyhow::Result<()> {
             self.0.flush()?;

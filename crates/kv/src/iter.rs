@@ -31,36 +31,23 @@ pub(crate) struct LevelIter {
 }
 
 impl LevelIter {
-    fn open(&mut self, at: usize, target: Option<&[u8]>) -> Result<()> {
-        let Some(f) = self.files.get(at) else {
-            self.it = None;
-            return Ok(());
-        };
-        let mut it = TableIter::new(f.table.clone(), self.forward);
-        it.seek(target)?;
-        if it.key().is_some() {
-            self.at = at;
-            self.it = Some(it);
-            return Ok(());
-        }
-        // Nothing in this table in the direction of travel: the next one, from its edge.
-        self.open_from_edge(if self.forward { at + 1 } else { at.wrapping_sub(1) })
-    }
-
-    fn open_from_edge(&mut self, mut at: usize) -> Result<()> {
+    /// Positions at `target` in table `at`, or, if that table has nothing there in the direction
+    /// of travel, at the edge of the next table that has entries.
+    fn open(&mut self, mut at: usize, mut target: Option<&[u8]>) -> Result<()> {
         loop {
             let Some(f) = self.files.get(at) else {
                 self.it = None;
                 return Ok(());
             };
             let mut it = TableIter::new(f.table.clone(), self.forward);
-            it.seek(None)?;
+            it.seek(target)?;
             if it.key().is_some() {
                 self.at = at;
                 self.it = Some(it);
                 return Ok(());
             }
             at = if self.forward { at + 1 } else { at.wrapping_sub(1) };
+            target = None;
         }
     }
 }
@@ -131,7 +118,7 @@ impl Source {
                 it.advance()?;
                 if it.key().is_none() {
                     let next = if l.forward { l.at + 1 } else { l.at.wrapping_sub(1) };
-                    l.open_from_edge(next)?;
+                    l.open(next, None)?;
                 }
                 Ok(())
             }
