@@ -13,6 +13,7 @@
 //! the newest version of every stripe, and drops a tombstone in the oldest stripe when no deeper
 //! level can hold the key. Output tables are cut near `target_file_size`, never inside a user key.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use crate::db::Inner;
@@ -106,14 +107,12 @@ pub(crate) fn pick(inner: &Inner) -> Option<Compaction> {
         vec![files[i].clone()]
     };
     let c = expand(&version, level, first);
-    if c.ids().any(|id| tree.busy.contains(&id)) {
+    if !claim(&mut tree.busy, &c) {
         return None;
     }
     if level > 0 {
         tree.cursors[level] = c.inputs[0][0].meta.largest_user().to_vec();
     }
-    let ids: Vec<u64> = c.ids().collect();
-    tree.busy.extend(ids);
     Some(c)
 }
 
@@ -127,12 +126,16 @@ pub(crate) fn pick_idle(inner: &Inner) -> Option<Compaction> {
         return None;
     }
     let c = expand(&version, 0, version.levels[0].clone());
-    if c.ids().any(|id| tree.busy.contains(&id)) {
-        return None;
+    claim(&mut tree.busy, &c).then_some(c)
+}
+
+/// Marks the tables of `c` busy, unless one of them already is (then `false`, nothing marked).
+pub(crate) fn claim(busy: &mut HashSet<u64>, c: &Compaction) -> bool {
+    if c.ids().any(|id| busy.contains(&id)) {
+        return false;
     }
-    let ids: Vec<u64> = c.ids().collect();
-    tree.busy.extend(ids);
-    Some(c)
+    busy.extend(c.ids());
+    true
 }
 
 /// Adds the tables of `level + 1` that overlap `first`.

@@ -135,13 +135,10 @@ impl Db {
             return Err(Error::InvalidParam(format!("no database in {}", dir.display())));
         }
         fs::create_dir_all(&dir).map_err(|e| Error::io("create", &dir, e))?;
-        let wal_opts = timber_wal::Options::default()
-            .segment_capacity(opts.wal_segment_size)
-            .oversized_records(true)
+        let wal_opts = wal_options(&opts)
             .sync(opts.wal_sync_interval.map_or(SyncMode::Manual, SyncMode::Interval))
             .bytes_per_sync(Some(1 << 20))
-            .write_buffer(0)
-            .name(opts.name.clone());
+            .write_buffer(0);
         let wal = Wal::open(dir.join("wal"), wal_opts)?;
         let (state, old_manifest) = match manifest::current(&dir)? {
             Some((id, path)) => (manifest::load(&path)?, Some((id, path))),
@@ -271,7 +268,7 @@ impl Db {
 
     /// The value of `key`, or `None`.
     pub fn get(&self, key: impl AsRef<[u8]>) -> Result<Option<Bytes>> {
-        let seq = self.inner.visible.load(Ordering::Acquire);
+        let seq = self.inner.visible();
         self.inner.get_at(key.as_ref(), seq)
     }
 
@@ -303,7 +300,7 @@ impl Db {
 
     /// Live keys in `range`, in order (`.rev()` for descending), at the current point in time.
     pub fn scan<K: AsRef<[u8]>>(&self, range: impl RangeBounds<K>) -> Iter {
-        self.inner.iter(self.inner.visible.load(Ordering::Acquire), user_bounds(&range))
+        self.inner.iter(self.inner.visible(), user_bounds(&range))
     }
 
     /// Every live key, in order.
@@ -313,7 +310,7 @@ impl Db {
 
     /// Live keys starting with `prefix`, in order.
     pub fn prefix(&self, prefix: impl AsRef<[u8]>) -> Iter {
-        self.inner.iter(self.inner.visible.load(Ordering::Acquire), prefix_bounds(prefix.as_ref()))
+        self.inner.iter(self.inner.visible(), prefix_bounds(prefix.as_ref()))
     }
 
     /// A consistent point-in-time view; versions it needs are kept until it is dropped.
@@ -347,7 +344,7 @@ impl Db {
 
     /// The sequence number of the last visible write.
     pub fn last_seq(&self) -> u64 {
-        self.inner.visible.load(Ordering::Acquire)
+        self.inner.visible()
     }
 
     /// The database directory.
@@ -395,6 +392,25 @@ fn list_tables(dir: &Path) -> Result<Vec<u64>> {
         }
     }
     Ok(out)
+}
+
+/// Drops one count of `key` from a counted set (snapshots, WAL pins).
+fn release(counts: &mut BTreeMap<u64, usize>, key: u64) {
+    if let Some(n) = counts.get_mut(&key) {
+        *n -= 1;
+        if *n == 0 {
+            counts.remove(&key);
+        }
+    }
+}
+
+/// The WAL settings of a database: segments of `wal_segment_size`, larger batches in segments of
+/// their own.
+fn wal_options(opts: &Options) -> timber_wal::Options {
+    timber_wal::Options::default()
+        .segment_capacity(opts.wal_segment_size)
+        .oversized_records(true)
+        .name(opts.name.clone())
 }
 
 /// Removes tables no manifest names (left by a crash in a flush or compaction), old manifests and
@@ -605,13 +621,7 @@ impl Inner {
     }
 
     pub(crate) fn drop_snapshot(&self, seq: u64) {
-        let mut s = self.snapshots.lock();
-        if let Some(n) = s.get_mut(&seq) {
-            *n -= 1;
-            if *n == 0 {
-                s.remove(&seq);
-            }
-        }
+        release(&mut self.snapshots.lock(), seq);
     }
 
     pub(crate) fn snapshot_seqs(&self) -> Vec<u64> {
@@ -871,14 +881,7 @@ impl Inner {
                         None
                     } else {
                         let c = compaction::expand(&version, level, first);
-                        let busy =
-                            c.inputs.iter().flatten().any(|t| tree.busy.contains(&t.meta.id));
-                        if busy {
-                            Some(None)
-                        } else {
-                            tree.busy.extend(c.inputs.iter().flatten().map(|t| t.meta.id));
-                            Some(Some(c))
-                        }
+                        Some(compaction::claim(&mut tree.busy, &c).then_some(c))
                     }
                 };
                 match picked {
@@ -920,15 +923,7 @@ impl Inner {
         let log_number = view.version.log_number;
         *self.wal_pins.lock().entry(log_number).or_default() += 1;
         let r = self.write_checkpoint(dst, &view, seq, log_number, wal_end);
-        {
-            let mut pins = self.wal_pins.lock();
-            if let Some(n) = pins.get_mut(&log_number) {
-                *n -= 1;
-                if *n == 0 {
-                    pins.remove(&log_number);
-                }
-            }
-        }
+        release(&mut self.wal_pins.lock(), log_number);
         if r.is_err() {
             let _ = fs::remove_dir_all(dst);
         }
@@ -953,9 +948,7 @@ impl Inner {
                     .map_err(|e| Error::io("fsync", &to, e))?;
             }
         }
-        let wal_opts = timber_wal::Options::default()
-            .segment_capacity(self.opts.wal_segment_size)
-            .oversized_records(true)
+        let wal_opts = wal_options(&self.opts)
             .sync(SyncMode::Manual)
             .name(format!("{}-checkpoint", self.opts.name));
         let wal = Wal::open(dst.join("wal"), wal_opts)?;
