@@ -1,0 +1,260 @@
+//! The fragment: a contiguous run of entries of one stream segment, persisted as ONE file or ONE
+//! object (see `docs/format/stream.md`).
+//!
+//! Layout: a 48-byte header (magic, version, flags, stream, segment, first entry id, entry
+//! count, header CRC), the body (entries as `len u32 | bytes`, LZ4-compressed as a whole when
+//! the flag says so), an index of `count` u32 offsets of the entries in the uncompressed body,
+//! and a 32-byte footer (stored and raw body lengths, CRC32C of body and index, footer CRC,
+//! end magic).
+//!
+//! Invariants: an encoded fragment decodes to exactly the entries it was built from, or decoding
+//! fails with [`Error::Corrupt`] naming the object and what did not hold; a decoded [`Fragment`]
+//! hands out entries as zero-copy slices of one buffer.
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::error::{Error, Result};
+
+/// First 8 bytes of every fragment.
+pub(crate) const MAGIC: &[u8; 8] = b"TMBRFRAG";
+/// Last 4 bytes of every fragment.
+pub(crate) const END_MAGIC: &[u8; 4] = b"TFND";
+/// Format version written by this code.
+pub(crate) const VERSION: u16 = 1;
+pub(crate) const HEADER_LEN: usize = 48;
+pub(crate) const FOOTER_LEN: usize = 32;
+const FLAG_LZ4: u16 = 1;
+
+/// The largest raw body a fragment may hold (offsets are u32).
+pub(crate) const MAX_BODY: usize = u32::MAX as usize;
+
+/// A decoded fragment: entries `first_id .. first_id + len()` of one segment.
+#[derive(Debug)]
+pub(crate) struct Fragment {
+    pub(crate) stream: u64,
+    pub(crate) segment: u64,
+    pub(crate) first_id: u64,
+    /// Uncompressed body.
+    body: Bytes,
+    /// Start offset of each entry's payload (after its length prefix) and its length.
+    spans: Vec<(u32, u32)>,
+    /// Bytes the fragment takes in memory (body plus index), for cache accounting.
+    pub(crate) memory: usize,
+}
+
+impl Fragment {
+    /// Number of entries.
+    pub(crate) fn len(&self) -> u64 {
+        self.spans.len() as u64
+    }
+
+    /// One past the last entry id.
+    pub(crate) fn end_id(&self) -> u64 {
+        self.first_id + self.len()
+    }
+
+    /// The payload of entry `id`, if this fragment holds it.
+    pub(crate) fn get(&self, id: u64) -> Option<Bytes> {
+        let i = id.checked_sub(self.first_id)?;
+        let &(off, len) = self.spans.get(usize::try_from(i).ok()?)?;
+        Some(self.body.slice(off as usize..off as usize + len as usize))
+    }
+}
+
+/// Builds the encoded bytes of a fragment.
+pub(crate) fn encode(
+    stream: u64,
+    segment: u64,
+    first_id: u64,
+    entries: &[Bytes],
+    lz4: bool,
+) -> Bytes {
+    let raw_len: usize = entries.iter().map(|e| 4 + e.len()).sum();
+    let mut raw = BytesMut::with_capacity(raw_len);
+    let mut index = BytesMut::with_capacity(entries.len() * 4);
+    for e in entries {
+        index.put_u32_le(raw.len() as u32);
+        raw.put_u32_le(e.len() as u32);
+        raw.put_slice(e);
+    }
+    let (flags, stored): (u16, Bytes) = if lz4 {
+        let c = lz4_flex::block::compress(&raw);
+        if c.len() < raw.len() {
+            (FLAG_LZ4, Bytes::from(c))
+        } else {
+            (0, raw.clone().freeze())
+        }
+    } else {
+        (0, raw.clone().freeze())
+    };
+
+    let mut out = BytesMut::with_capacity(HEADER_LEN + stored.len() + index.len() + FOOTER_LEN);
+    out.put_slice(MAGIC);
+    out.put_u16_le(VERSION);
+    out.put_u16_le(flags);
+    out.put_u32_le(0);
+    out.put_u64_le(stream);
+    out.put_u64_le(segment);
+    out.put_u64_le(first_id);
+    out.put_u32_le(entries.len() as u32);
+    let hcrc = crc32c::crc32c(&out[..HEADER_LEN - 4]);
+    out.put_u32_le(hcrc);
+    out.put_slice(&stored);
+    out.put_slice(&index);
+    let foot_start = out.len();
+    out.put_u64_le(stored.len() as u64);
+    out.put_u64_le(raw.len() as u64);
+    out.put_u32_le(crc32c::crc32c(&stored));
+    out.put_u32_le(crc32c::crc32c(&index));
+    let fcrc = crc32c::crc32c(&out[foot_start..]);
+    out.put_u32_le(fcrc);
+    out.put_slice(END_MAGIC);
+    out.freeze()
+}
+
+fn u16_at(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes(b[at..at + 2].try_into().expect("2 bytes"))
+}
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+/// Decodes and verifies an encoded fragment. `object` names it in errors.
+pub(crate) fn decode(object: &str, data: &Bytes) -> Result<Fragment> {
+    let corrupt = |reason: String| Error::Corrupt { object: object.to_string(), reason };
+    if data.len() < HEADER_LEN + FOOTER_LEN {
+        return Err(corrupt(format!("{} bytes is shorter than header and footer", data.len())));
+    }
+    let h = &data[..HEADER_LEN];
+    if &h[..8] != MAGIC {
+        return Err(corrupt("bad magic number".into()));
+    }
+    if crc32c::crc32c(&h[..HEADER_LEN - 4]) != u32_at(h, HEADER_LEN - 4) {
+        return Err(corrupt("header checksum mismatch".into()));
+    }
+    let version = u16_at(h, 8);
+    if version != VERSION {
+        return Err(corrupt(format!("unsupported version {version}")));
+    }
+    let flags = u16_at(h, 10);
+    if flags & !FLAG_LZ4 != 0 {
+        return Err(corrupt(format!("unknown flags {flags:#x}")));
+    }
+    let stream = u64_at(h, 16);
+    let segment = u64_at(h, 24);
+    let first_id = u64_at(h, 32);
+    let count = u32_at(h, 40) as usize;
+
+    let f = &data[data.len() - FOOTER_LEN..];
+    if &f[28..32] != END_MAGIC {
+        return Err(corrupt("bad end magic (truncated object?)".into()));
+    }
+    if crc32c::crc32c(&f[..24]) != u32_at(f, 24) {
+        return Err(corrupt("footer checksum mismatch".into()));
+    }
+    let stored_len = u64_at(f, 0);
+    let raw_len = u64_at(f, 8);
+    let index_len = count as u64 * 4;
+    let expect = HEADER_LEN as u64 + stored_len + index_len + FOOTER_LEN as u64;
+    if expect != data.len() as u64 || raw_len > MAX_BODY as u64 {
+        return Err(corrupt(format!(
+            "lengths do not add up: {} bytes, body {stored_len}, raw {raw_len}, {count} entries",
+            data.len()
+        )));
+    }
+    let stored = data.slice(HEADER_LEN..HEADER_LEN + stored_len as usize);
+    let index = &data[HEADER_LEN + stored_len as usize..data.len() - FOOTER_LEN];
+    if crc32c::crc32c(&stored) != u32_at(f, 16) {
+        return Err(corrupt("body checksum mismatch".into()));
+    }
+    if crc32c::crc32c(index) != u32_at(f, 20) {
+        return Err(corrupt("index checksum mismatch".into()));
+    }
+    let body = if flags & FLAG_LZ4 != 0 {
+        let raw = lz4_flex::block::decompress(&stored, raw_len as usize)
+            .map_err(|e| corrupt(format!("lz4 body: {e}")))?;
+        if raw.len() as u64 != raw_len {
+            return Err(corrupt("lz4 body has the wrong length".into()));
+        }
+        Bytes::from(raw)
+    } else {
+        if stored_len != raw_len {
+            return Err(corrupt("uncompressed body length mismatch".into()));
+        }
+        stored
+    };
+
+    let mut spans = Vec::with_capacity(count);
+    let mut expect_off = 0usize;
+    for i in 0..count {
+        let off = u32_at(index, i * 4) as usize;
+        if off != expect_off || off + 4 > body.len() {
+            return Err(corrupt(format!("entry {i}: index offset {off} does not match the body")));
+        }
+        let len = u32_at(&body, off) as usize;
+        if off + 4 + len > body.len() {
+            return Err(corrupt(format!("entry {i}: length {len} runs past the body")));
+        }
+        spans.push(((off + 4) as u32, len as u32));
+        expect_off = off + 4 + len;
+    }
+    if expect_off != body.len() {
+        return Err(corrupt("trailing bytes after the last entry".into()));
+    }
+    let memory = body.len() + spans.len() * 8 + std::mem::size_of::<Fragment>();
+    Ok(Fragment { stream, segment, first_id, body, spans, memory })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entries(n: usize) -> Vec<Bytes> {
+        (0..n).map(|i| Bytes::from(vec![i as u8; i * 7 % 300])).collect()
+    }
+
+    #[test]
+    fn round_trip_plain_and_lz4() {
+        for lz4 in [false, true] {
+            let es = entries(100);
+            let enc = encode(3, 4, 1000, &es, lz4);
+            let f = decode("x", &enc).unwrap();
+            assert_eq!((f.stream, f.segment, f.first_id, f.len()), (3, 4, 1000, 100));
+            for (i, e) in es.iter().enumerate() {
+                assert_eq!(f.get(1000 + i as u64).unwrap(), e);
+            }
+            assert!(f.get(999).is_none());
+            assert!(f.get(1100).is_none());
+        }
+    }
+
+    #[test]
+    fn every_flipped_byte_is_detected() {
+        for lz4 in [false, true] {
+            let enc = encode(1, 2, 5, &entries(20), lz4);
+            for i in 0..enc.len() {
+                let mut bad = enc.to_vec();
+                bad[i] ^= 0x40;
+                let r = decode("obj", &Bytes::from(bad));
+                assert!(matches!(r, Err(Error::Corrupt { .. })), "flip at {i} not detected");
+            }
+            for cut in [0, 1, HEADER_LEN, enc.len() - 1] {
+                assert!(decode("obj", &enc.slice(..cut)).is_err());
+            }
+        }
+    }
+
+    #[test]
+    fn empty_entries_and_empty_fragment() {
+        let es = vec![Bytes::new(), Bytes::from_static(b"a"), Bytes::new()];
+        let f = decode("x", &encode(0, 0, 0, &es, true)).unwrap();
+        assert_eq!(f.get(0).unwrap().len(), 0);
+        assert_eq!(f.get(1).unwrap(), Bytes::from_static(b"a"));
+        assert_eq!(f.end_id(), 3);
+        let f = decode("x", &encode(0, 0, 7, &[], false)).unwrap();
+        assert_eq!(f.len(), 0);
+    }
+}

@@ -1,0 +1,246 @@
+//! Options of the stream store, of writers, and of one stream.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use object_store::ObjectStore;
+
+/// Where fragments are stored.
+#[derive(Clone, Default)]
+pub enum Storage {
+    /// Files under `<dir>/objects`, written with fsync of file and directory (the default).
+    #[default]
+    Local,
+    /// An S3-compatible object store.
+    S3(S3Options),
+    /// Any other `object_store` implementation. It must support `PutMode::Create`.
+    Custom(Arc<dyn ObjectStore>),
+}
+
+impl fmt::Debug for Storage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Storage::Local => f.write_str("Local"),
+            Storage::S3(o) => f.debug_tuple("S3").field(o).finish(),
+            Storage::Custom(s) => write!(f, "Custom({s})"),
+        }
+    }
+}
+
+impl Storage {
+    pub(crate) fn is_local(&self) -> bool {
+        matches!(self, Storage::Local)
+    }
+}
+
+/// Connection settings of an S3-compatible store.
+#[derive(Clone)]
+pub struct S3Options {
+    /// Endpoint URL, e.g. `http://127.0.0.1:9000`; `None` means AWS.
+    pub endpoint: Option<String>,
+    /// Bucket name.
+    pub bucket: String,
+    /// Region (any string for most S3-compatible servers).
+    pub region: String,
+    /// Access key id.
+    pub access_key_id: String,
+    /// Secret access key.
+    pub secret_access_key: String,
+    /// Allow plain `http://` endpoints (for local use).
+    pub allow_http: bool,
+    /// Path-style requests (`endpoint/bucket/key`) rather than virtual-hosted style.
+    pub path_style: bool,
+}
+
+impl fmt::Debug for S3Options {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("S3Options")
+            .field("endpoint", &self.endpoint)
+            .field("bucket", &self.bucket)
+            .field("region", &self.region)
+            .field("access_key_id", &self.access_key_id)
+            .field("secret_access_key", &"<redacted>")
+            .field("allow_http", &self.allow_http)
+            .field("path_style", &self.path_style)
+            .finish()
+    }
+}
+
+/// How a writer batches entries into fragments (Woodpecker's names).
+#[derive(Debug, Clone)]
+pub struct WriterOptions {
+    /// Flush a fragment once it holds this many entries.
+    pub max_entries: usize,
+    /// Flush a fragment once its entries add up to this many bytes.
+    pub max_bytes: usize,
+    /// Flush a fragment this long after its first entry arrived.
+    pub max_interval: Duration,
+    /// Fragments being written at once.
+    pub max_flush_inflight: usize,
+    /// Bytes accepted but not yet durable; beyond it `send`/`append` wait.
+    pub max_buffered_bytes: usize,
+    /// The largest entry accepted.
+    pub max_entry_bytes: usize,
+    /// Compress fragment bodies with LZ4.
+    pub lz4: bool,
+    /// Roll to a new segment once the current one holds this many bytes.
+    pub max_segment_bytes: u64,
+    /// Roll to a new segment once the current one is this old.
+    pub max_segment_age: Duration,
+}
+
+impl WriterOptions {
+    /// Defaults for fragments on local disk: small, frequent fragments.
+    pub fn local() -> WriterOptions {
+        WriterOptions {
+            max_entries: 100_000,
+            max_bytes: 4 << 20,
+            max_interval: Duration::from_millis(2),
+            max_flush_inflight: 4,
+            max_buffered_bytes: 64 << 20,
+            max_entry_bytes: 16 << 20,
+            lz4: false,
+            max_segment_bytes: 1 << 30,
+            max_segment_age: Duration::from_secs(3600),
+        }
+    }
+
+    /// Defaults for fragments on object storage: larger fragments, fewer requests.
+    pub fn object_storage() -> WriterOptions {
+        WriterOptions {
+            max_bytes: 8 << 20,
+            max_interval: Duration::from_millis(100),
+            max_flush_inflight: 8,
+            max_buffered_bytes: 128 << 20,
+            ..WriterOptions::local()
+        }
+    }
+
+    pub(crate) fn validate(&self) -> crate::Result<()> {
+        let bad = |m: &str| Err(crate::Error::InvalidParam(m.to_string()));
+        if self.max_entries == 0 || self.max_bytes == 0 || self.max_flush_inflight == 0 {
+            return bad("max_entries, max_bytes and max_flush_inflight must be positive");
+        }
+        if self.max_entry_bytes == 0 || self.max_entry_bytes > 1 << 30 {
+            return bad("max_entry_bytes must be in 1..=1 GiB");
+        }
+        if self.max_bytes > 1 << 30 {
+            return bad("max_bytes must be at most 1 GiB");
+        }
+        if self.max_buffered_bytes < self.max_entry_bytes
+            || self.max_buffered_bytes > u32::MAX as usize
+        {
+            return bad("max_buffered_bytes must be at least max_entry_bytes and below 4 GiB");
+        }
+        Ok(())
+    }
+}
+
+/// Retention of one stream, set at `create`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StreamConfig {
+    /// Truncate fragments whose newest entry is older than this.
+    pub retention_age: Option<Duration>,
+    /// Truncate the oldest fragments while the stream stores more than this many bytes.
+    pub retention_bytes: Option<u64>,
+}
+
+/// Options of a [`Streams`](crate::Streams) store.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub(crate) storage: Storage,
+    pub(crate) prefix: String,
+    pub(crate) writer: Option<WriterOptions>,
+    pub(crate) cache_bytes: usize,
+    pub(crate) max_retries: u32,
+    pub(crate) retry_backoff: Duration,
+    pub(crate) request_timeout: Duration,
+    pub(crate) maintenance_interval: Option<Duration>,
+    pub(crate) merge_below: u64,
+    pub(crate) merge_target: u64,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            storage: Storage::Local,
+            prefix: "streams".into(),
+            writer: None,
+            cache_bytes: 256 << 20,
+            max_retries: 8,
+            retry_backoff: Duration::from_millis(20),
+            request_timeout: Duration::from_secs(30),
+            maintenance_interval: Some(Duration::from_secs(10)),
+            merge_below: 256 << 10,
+            merge_target: 8 << 20,
+        }
+    }
+}
+
+impl Options {
+    /// Where fragments live (default: local files).
+    pub fn storage(mut self, storage: Storage) -> Self {
+        self.storage = storage;
+        self
+    }
+
+    /// Key prefix of every object (default `streams`).
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// Default options of writers (default: [`WriterOptions::local`] or
+    /// [`WriterOptions::object_storage`] by backend).
+    pub fn writer(mut self, writer: WriterOptions) -> Self {
+        self.writer = Some(writer);
+        self
+    }
+
+    /// Memory limit of the fragment cache shared by all readers (default 256 MiB).
+    pub fn cache_bytes(mut self, bytes: usize) -> Self {
+        self.cache_bytes = bytes;
+        self
+    }
+
+    /// Attempts after a failed object store call, and the first backoff (doubling, capped at
+    /// 2 s). Defaults: 8 and 20 ms.
+    pub fn retries(mut self, max_retries: u32, backoff: Duration) -> Self {
+        self.max_retries = max_retries;
+        self.retry_backoff = backoff;
+        self
+    }
+
+    /// Time limit of one object store call (default 30 s); a call that takes longer is retried.
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+
+    /// How often the background task applies retention, collects garbage and merges small
+    /// fragments (default 10 s; `None` turns it off; [`Streams::maintain`](crate::Streams::maintain)
+    /// runs it by hand).
+    pub fn maintenance_interval(mut self, every: Option<Duration>) -> Self {
+        self.maintenance_interval = every;
+        self
+    }
+
+    /// Fragments of sealed segments smaller than `below` bytes are merged into fragments of up to
+    /// `target` bytes (defaults 256 KiB and 8 MiB; `below = 0` turns merging off).
+    pub fn merge(mut self, below: u64, target: u64) -> Self {
+        self.merge_below = below;
+        self.merge_target = target;
+        self
+    }
+
+    pub(crate) fn writer_options(&self) -> WriterOptions {
+        self.writer.clone().unwrap_or_else(|| {
+            if self.storage.is_local() {
+                WriterOptions::local()
+            } else {
+                WriterOptions::object_storage()
+            }
+        })
+    }
+}

@@ -1,0 +1,226 @@
+//! The object store under the fragments: the local file system or an S3-compatible store through
+//! `object_store`, with per-call timeouts, retries with exponential backoff, create-only puts and
+//! latency metrics.
+//!
+//! Object keys: `<prefix>/<stream:016x>/<segment:016x>/<first:020>-<end:020>.frag`, where
+//! `[first, end)` is the range of entry ids the fragment holds. A key is never written twice with
+//! different contents: every put is create-only (`PutMode::Create`), and a put that finds its key
+//! taken succeeds only if the stored object is byte-identical (a retry of a put that had in fact
+//! succeeded); otherwise another writer owns the key and the put fails.
+
+use std::path::Path as FsPath;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::path::Path;
+use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+
+use crate::error::{Error, Result};
+use crate::options::{Options, Storage};
+
+/// Outcome of a create-only put whose key already held an object.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Put {
+    /// The object is stored (now or by an earlier attempt with the same bytes).
+    Stored,
+    /// The key holds different bytes: someone else wrote it.
+    Taken,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Store {
+    inner: Arc<dyn ObjectStore>,
+    prefix: String,
+    retries: u32,
+    backoff: Duration,
+    timeout: Duration,
+}
+
+/// Where one fragment lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct ObjectId {
+    pub(crate) stream: u64,
+    pub(crate) segment: u64,
+    pub(crate) first_id: u64,
+    pub(crate) end_id: u64,
+}
+
+fn retryable(e: &object_store::Error) -> bool {
+    use object_store::Error as E;
+    !matches!(
+        e,
+        E::NotFound { .. }
+            | E::AlreadyExists { .. }
+            | E::Precondition { .. }
+            | E::InvalidPath { .. }
+            | E::NotSupported { .. }
+            | E::NotImplemented { .. }
+            | E::PermissionDenied { .. }
+            | E::Unauthenticated { .. }
+            | E::NotModified { .. }
+    )
+}
+
+impl Store {
+    pub(crate) fn open(dir: &FsPath, opts: &Options) -> Result<Store> {
+        let inner: Arc<dyn ObjectStore> = match &opts.storage {
+            Storage::Local => {
+                let root = dir.join("objects");
+                std::fs::create_dir_all(&root).map_err(|e| Error::Store {
+                    op: "create directory",
+                    key: root.display().to_string(),
+                    source: object_store::Error::Generic { store: "local", source: Box::new(e) },
+                })?;
+                let fs = object_store::local::LocalFileSystem::new_with_prefix(&root)
+                    .map_err(|e| Error::Store {
+                        op: "open",
+                        key: root.display().to_string(),
+                        source: e,
+                    })?
+                    .with_fsync(true)
+                    .with_automatic_cleanup(true);
+                Arc::new(fs)
+            }
+            Storage::S3(s3) => {
+                let mut b = object_store::aws::AmazonS3Builder::new()
+                    .with_bucket_name(&s3.bucket)
+                    .with_region(&s3.region)
+                    .with_access_key_id(&s3.access_key_id)
+                    .with_secret_access_key(&s3.secret_access_key)
+                    .with_allow_http(s3.allow_http)
+                    .with_virtual_hosted_style_request(!s3.path_style)
+                    .with_conditional_put(object_store::aws::S3ConditionalPut::ETagMatch)
+                    .with_retry(object_store::RetryConfig {
+                        max_retries: 0,
+                        retry_timeout: opts.request_timeout,
+                        ..Default::default()
+                    });
+                if let Some(ep) = &s3.endpoint {
+                    b = b.with_endpoint(ep);
+                }
+                Arc::new(b.build().map_err(|e| Error::Store {
+                    op: "configure S3",
+                    key: s3.bucket.clone(),
+                    source: e,
+                })?)
+            }
+            Storage::Custom(s) => s.clone(),
+        };
+        Ok(Store {
+            inner,
+            prefix: opts.prefix.trim_matches('/').to_string(),
+            retries: opts.max_retries,
+            backoff: opts.retry_backoff,
+            timeout: opts.request_timeout,
+        })
+    }
+
+    pub(crate) fn path(&self, o: &ObjectId) -> Path {
+        Path::from(format!(
+            "{}/{:016x}/{:016x}/{:020}-{:020}.frag",
+            self.prefix, o.stream, o.segment, o.first_id, o.end_id
+        ))
+    }
+
+    fn stream_prefix(&self, stream: Option<u64>) -> Path {
+        match stream {
+            Some(s) => Path::from(format!("{}/{s:016x}", self.prefix)),
+            None => Path::from(self.prefix.as_str()),
+        }
+    }
+
+    /// Parses a fragment key; `None` for anything this crate did not write.
+    pub(crate) fn parse(&self, p: &Path) -> Option<ObjectId> {
+        let rest = p.as_ref().strip_prefix(&self.prefix)?.strip_prefix('/')?;
+        let mut parts = rest.split('/');
+        let stream = u64::from_str_radix(parts.next()?, 16).ok()?;
+        let segment = u64::from_str_radix(parts.next()?, 16).ok()?;
+        let file = parts.next()?.strip_suffix(".frag")?;
+        if parts.next().is_some() {
+            return None;
+        }
+        let (a, b) = file.split_once('-')?;
+        let o = ObjectId { stream, segment, first_id: a.parse().ok()?, end_id: b.parse().ok()? };
+        (self.path(&o) == *p).then_some(o)
+    }
+
+    /// Runs `call` with a timeout, retrying retryable failures with exponential backoff.
+    async fn retry<T, F, Fut>(&self, op: &'static str, key: &Path, mut call: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = object_store::Result<T>>,
+    {
+        let mut backoff = self.backoff;
+        let mut attempt = 0;
+        loop {
+            let start = Instant::now();
+            let r = match tokio::time::timeout(self.timeout, call()).await {
+                Ok(r) => r,
+                Err(_) => Err(object_store::Error::Generic {
+                    store: "timber",
+                    source: format!("{op} timed out after {:?}", self.timeout).into(),
+                }),
+            };
+            metrics::histogram!("timber_stream_store_seconds", "op" => op)
+                .record(start.elapsed().as_secs_f64());
+            match r {
+                Ok(v) => return Ok(v),
+                Err(e) if retryable(&e) && attempt < self.retries => {
+                    attempt += 1;
+                    metrics::counter!("timber_stream_store_retries_total", "op" => op).increment(1);
+                    tracing::debug!(op, key = %key, attempt, error = %e, "object store call failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+                Err(e) => return Err(Error::Store { op, key: key.to_string(), source: e }),
+            }
+        }
+    }
+
+    /// Create-only put of a whole object, durable when it returns.
+    pub(crate) async fn put(&self, p: &Path, data: Bytes) -> Result<Put> {
+        let opts = || PutOptions { mode: PutMode::Create, ..Default::default() };
+        let r = self
+            .retry("put", p, || {
+                self.inner.put_opts(p, PutPayload::from_bytes(data.clone()), opts())
+            })
+            .await;
+        match r {
+            Ok(_) => Ok(Put::Stored),
+            Err(Error::Store { source: object_store::Error::AlreadyExists { .. }, .. })
+            | Err(Error::Store { source: object_store::Error::Precondition { .. }, .. }) => {
+                match self.get(p).await {
+                    Ok(existing) if existing == data => Ok(Put::Stored),
+                    Ok(_) => Ok(Put::Taken),
+                    Err(e) => Err(e),
+                }
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The whole object.
+    pub(crate) async fn get(&self, p: &Path) -> Result<Bytes> {
+        self.retry("get", p, || async { self.inner.get(p).await?.bytes().await }).await
+    }
+
+    /// Deletes an object; a missing one is not an error.
+    pub(crate) async fn delete(&self, p: &Path) -> Result<()> {
+        match self.retry("delete", p, || self.inner.delete(p)).await {
+            Err(Error::Store { source: object_store::Error::NotFound { .. }, .. }) => Ok(()),
+            r => r,
+        }
+    }
+
+    /// Every object under one stream's prefix, or under the store's prefix.
+    pub(crate) async fn list(&self, stream: Option<u64>) -> Result<Vec<ObjectMeta>> {
+        let p = self.stream_prefix(stream);
+        self.retry("list", &p, || self.inner.list(Some(&p)).try_collect()).await
+    }
+}
+
+pub(crate) fn is_not_found(e: &Error) -> bool {
+    matches!(e, Error::Store { source: object_store::Error::NotFound { .. }, .. })
+}

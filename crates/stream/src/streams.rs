@@ -1,0 +1,526 @@
+//! [`Streams`]: the store of named log streams in one directory: metadata in a timber KV engine
+//! under `<dir>/meta`, fragments in the configured object store, one fragment cache, and the
+//! maintenance task (retention, garbage collection, merging of small fragments).
+//!
+//! Invariants: an object is deleted only after no metadata refers to it (truncate, delete and
+//! merge unrecord first, then delete); garbage collection deletes only objects that no metadata
+//! refers to and that no live writer of this process may still record; readers learn about new
+//! entries and truncations through one watch channel per stream, published after the metadata
+//! write that made them true.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use tokio::sync::watch;
+
+use crate::cache::{Cache, CacheStats};
+use crate::error::{Error, Result};
+use crate::fragment::{self, Fragment};
+use crate::meta::{now_ms, FragmentMeta, Meta, StreamMeta};
+use crate::options::{Options, StreamConfig, WriterOptions};
+use crate::reader::{Start, StreamReader};
+use crate::store::{is_not_found, ObjectId, Store};
+use crate::writer::StreamWriter;
+
+/// What readers watch: the readable range `[first, next)` of a stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Bounds {
+    pub(crate) first: u64,
+    pub(crate) next: u64,
+}
+
+/// A stream as listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamInfo {
+    /// The name.
+    pub name: String,
+    /// The first readable entry id (everything below was truncated).
+    pub first_id: u64,
+    /// One past the last durable entry id; `first_id == next_id` when empty.
+    pub next_id: u64,
+    /// Bytes of stored fragments.
+    pub bytes: u64,
+    /// The current writer epoch (0 if no writer ever opened).
+    pub epoch: u64,
+    /// Creation time, ms since the Unix epoch.
+    pub created_ms: u64,
+    /// Retention settings.
+    pub config: StreamConfig,
+}
+
+/// A segment as listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SegmentInfo {
+    /// Segment id, dense per stream.
+    pub id: u64,
+    /// First entry id in the segment.
+    pub first_id: u64,
+    /// One past the last entry id; equal to `first_id` when empty.
+    pub end_id: u64,
+    /// Sealed segments never change again (except by merging fragments).
+    pub sealed: bool,
+    /// Bytes of its fragments.
+    pub bytes: u64,
+    /// Number of fragments.
+    pub fragments: u64,
+}
+
+fn info(s: &StreamMeta) -> StreamInfo {
+    StreamInfo {
+        name: s.name.clone(),
+        first_id: s.first_id,
+        next_id: s.next_id,
+        bytes: s.bytes,
+        epoch: s.epoch,
+        created_ms: s.created_ms,
+        config: s.config,
+    }
+}
+
+pub(crate) fn object_id(stream: u64, f: &FragmentMeta) -> ObjectId {
+    ObjectId { stream, segment: f.segment, first_id: f.first_id, end_id: f.end_id }
+}
+
+/// State shared by the store, its writers, readers and background task.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) meta: Meta,
+    pub(crate) store: Store,
+    pub(crate) cache: Cache,
+    pub(crate) opts: Options,
+    tails: Mutex<HashMap<u64, watch::Sender<Bounds>>>,
+    /// Live writers of this process: stream -> (epoch, first segment they write).
+    writers: Mutex<HashMap<u64, (u64, u64)>>,
+    maintenance: tokio::sync::Mutex<()>,
+}
+
+impl Shared {
+    /// Runs blocking metadata work off the async workers.
+    pub(crate) async fn blocking<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&Shared) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || f(&me))
+            .await
+            .map_err(|e| Error::InvalidParam(format!("metadata task failed: {e}")))?
+    }
+
+    /// The watch channel of a stream; `None` once it was deleted.
+    pub(crate) fn watch(&self, stream: u64) -> Option<watch::Receiver<Bounds>> {
+        self.tails.lock().get(&stream).map(|tx| tx.subscribe())
+    }
+
+    fn add_watch(&self, s: &StreamMeta) {
+        self.tails
+            .lock()
+            .entry(s.id)
+            .or_insert_with(|| watch::channel(Bounds { first: s.first_id, next: s.next_id }).0);
+    }
+
+    /// Tells readers about a metadata write. Bounds only grow, so a late publish of an older
+    /// state changes nothing.
+    pub(crate) fn publish(&self, s: &StreamMeta) {
+        if let Some(tx) = self.tails.lock().get(&s.id) {
+            tx.send_if_modified(|b| {
+                let new = Bounds { first: b.first.max(s.first_id), next: b.next.max(s.next_id) };
+                std::mem::replace(b, new) != new
+            });
+        }
+    }
+
+    pub(crate) fn writer_opened(&self, stream: u64, epoch: u64, segment: u64) {
+        self.writers.lock().insert(stream, (epoch, segment));
+    }
+
+    pub(crate) fn writer_closed(&self, stream: u64, epoch: u64) {
+        let mut w = self.writers.lock();
+        if w.get(&stream).is_some_and(|&(e, _)| e == epoch) {
+            w.remove(&stream);
+        }
+    }
+
+    /// Loads a fragment through the cache.
+    pub(crate) async fn fragment(&self, stream: u64, f: &FragmentMeta) -> Result<Arc<Fragment>> {
+        let id = object_id(stream, f);
+        let store = &self.store;
+        self.cache
+            .get_or_load(id, || async move {
+                let p = store.path(&id);
+                let data = store.get(&p).await?;
+                metrics::counter!("timber_stream_read_bytes_total").increment(data.len() as u64);
+                let frag = fragment::decode(p.as_ref(), &data)?;
+                if frag.stream != id.stream
+                    || frag.segment != id.segment
+                    || frag.first_id != id.first_id
+                    || frag.end_id() != id.end_id
+                {
+                    return Err(Error::Corrupt {
+                        object: p.to_string(),
+                        reason: format!(
+                            "holds stream {} segment {} entries {}..{}, not what its key says",
+                            frag.stream,
+                            frag.segment,
+                            frag.first_id,
+                            frag.end_id()
+                        ),
+                    });
+                }
+                Ok(Arc::new(frag))
+            })
+            .await
+    }
+
+    /// Loads the fragment holding `entry` of a stream, following merges. `Ok(None)` if the entry
+    /// is no longer recorded (truncated).
+    pub(crate) async fn fragment_for(
+        &self,
+        stream: u64,
+        entry: u64,
+    ) -> Result<Option<(FragmentMeta, Arc<Fragment>)>> {
+        let mut attempts = 0;
+        loop {
+            let Some(f) = self.meta.fragment_for(stream, entry)? else { return Ok(None) };
+            match self.fragment(stream, &f).await {
+                Ok(frag) => return Ok(Some((f, frag))),
+                // Merged or truncated between the lookup and the read: look again.
+                Err(e) if is_not_found(&e) && attempts < 3 => attempts += 1,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// A store of named, append-only log streams.
+#[derive(Debug, Clone)]
+pub struct Streams {
+    shared: Arc<Shared>,
+}
+
+impl Streams {
+    /// Opens (creating if needed) the stream store in `dir`, then removes fragments that a crash
+    /// left unrecorded. Must run inside a Tokio runtime.
+    pub async fn open(dir: impl AsRef<Path>, opts: Options) -> Result<Streams> {
+        let dir: PathBuf = dir.as_ref().to_path_buf();
+        opts.writer_options().validate()?;
+        let store = Store::open(&dir, &opts)?;
+        let meta_dir = dir.join("meta");
+        let meta = tokio::task::spawn_blocking(move || Meta::open(&meta_dir))
+            .await
+            .map_err(|e| Error::InvalidParam(format!("metadata task failed: {e}")))??;
+        let shared = Arc::new(Shared {
+            meta,
+            store,
+            cache: Cache::new(opts.cache_bytes),
+            opts,
+            tails: Mutex::default(),
+            writers: Mutex::default(),
+            maintenance: tokio::sync::Mutex::new(()),
+        });
+        for s in shared.meta.streams()? {
+            shared.add_watch(&s);
+        }
+        let streams = Streams { shared };
+        streams.collect_garbage().await?;
+        if let Some(every) = streams.shared.opts.maintenance_interval {
+            tokio::spawn(maintain_every(Arc::downgrade(&streams.shared), every));
+        }
+        Ok(streams)
+    }
+
+    /// Creates a stream.
+    pub async fn create(&self, name: &str, config: StreamConfig) -> Result<StreamInfo> {
+        let name = name.to_string();
+        let s = self.shared.blocking(move |sh| sh.meta.create(&name, config)).await?;
+        self.shared.add_watch(&s);
+        Ok(info(&s))
+    }
+
+    /// A stream's figures.
+    pub fn info(&self, name: &str) -> Result<StreamInfo> {
+        Ok(info(&self.shared.meta.stream_by_name(name)?))
+    }
+
+    /// Every stream, by id (creation order).
+    pub fn list(&self) -> Result<Vec<StreamInfo>> {
+        Ok(self.shared.meta.streams()?.iter().map(info).collect())
+    }
+
+    /// The segments of a stream.
+    pub fn segments(&self, name: &str) -> Result<Vec<SegmentInfo>> {
+        let s = self.shared.meta.stream_by_name(name)?;
+        let frags = self.shared.meta.fragments(s.id, 0)?;
+        let segs = self.shared.meta.segments(s.id)?;
+        Ok(segs
+            .into_iter()
+            .map(|g| SegmentInfo {
+                id: g.id,
+                first_id: g.first_id,
+                end_id: g.end_id,
+                sealed: g.sealed,
+                bytes: g.bytes,
+                fragments: frags.iter().filter(|f| f.segment == g.id).count() as u64,
+            })
+            .collect())
+    }
+
+    /// Opens the writer of a stream with the store's default writer options. The previous
+    /// writer, if any, is fenced: its next flush fails with [`Error::Fenced`].
+    pub async fn writer(&self, name: &str) -> Result<StreamWriter> {
+        self.writer_with(name, self.shared.opts.writer_options()).await
+    }
+
+    /// Opens the writer of a stream with its own options.
+    pub async fn writer_with(&self, name: &str, opts: WriterOptions) -> Result<StreamWriter> {
+        opts.validate()?;
+        let n = name.to_string();
+        let s = self.shared.blocking(move |sh| sh.meta.open_writer(&n)).await?;
+        let segment = s.open_segment.expect("open_writer opens a segment");
+        self.shared.writer_opened(s.id, s.epoch, segment);
+        self.shared.publish(&s);
+        Ok(StreamWriter::start(self.shared.clone(), s, opts))
+    }
+
+    /// Opens a reader of a stream.
+    pub fn reader(&self, name: &str, start: Start) -> Result<StreamReader> {
+        let s = self.shared.meta.stream_by_name(name)?;
+        StreamReader::open(self.shared.clone(), &s, start)
+    }
+
+    /// Drops every entry below `before` (clamped to the end of the stream). Whole fragments
+    /// below it are deleted from storage; reading a dropped id gives [`Error::Truncated`].
+    pub async fn truncate(&self, name: &str, before: u64) -> Result<StreamInfo> {
+        let n = name.to_string();
+        let (s, gone) = self.shared.blocking(move |sh| sh.meta.truncate(&n, before)).await?;
+        self.shared.publish(&s);
+        self.forget(s.id, &gone).await;
+        Ok(info(&s))
+    }
+
+    /// Deletes a stream and all its fragments. Its writer fails at its next flush, its readers
+    /// with [`Error::NotFound`].
+    pub async fn delete(&self, name: &str) -> Result<()> {
+        let n = name.to_string();
+        let id = self.shared.blocking(move |sh| sh.meta.delete(&n)).await?;
+        self.shared.tails.lock().remove(&id);
+        self.shared.cache.remove_where(|o| o.stream == id);
+        for o in self.shared.store.list(Some(id)).await? {
+            self.shared.store.delete(&o.location).await?;
+        }
+        Ok(())
+    }
+
+    /// Figures of the fragment cache.
+    pub fn cache_stats(&self) -> CacheStats {
+        self.shared.cache.stats()
+    }
+
+    /// Runs one round of maintenance now: retention, garbage collection, merging.
+    pub async fn maintain(&self) -> Result<()> {
+        maintain(&self.shared).await
+    }
+
+    /// Syncs and closes the metadata engine. Writers and readers still open fail afterwards.
+    pub async fn close(self) -> Result<()> {
+        self.shared.blocking(|sh| sh.meta.close()).await
+    }
+
+    async fn forget(&self, stream: u64, gone: &[FragmentMeta]) {
+        forget(&self.shared, stream, gone).await;
+    }
+
+    async fn collect_garbage(&self) -> Result<u64> {
+        collect_garbage(&self.shared).await
+    }
+}
+
+/// Deletes the objects of unrecorded fragments and drops them from the cache. A failed delete
+/// leaves an orphan for garbage collection.
+async fn forget(sh: &Shared, stream: u64, gone: &[FragmentMeta]) {
+    let ids: Vec<ObjectId> = gone.iter().map(|f| object_id(stream, f)).collect();
+    sh.cache.remove_where(|o| ids.contains(o));
+    for id in &ids {
+        if let Err(e) = sh.store.delete(&sh.store.path(id)).await {
+            tracing::warn!(error = %e, "deleting an unrecorded fragment failed; garbage collection will retry");
+        }
+    }
+}
+
+async fn maintain_every(shared: Weak<Shared>, every: Duration) {
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(sh) = shared.upgrade() else { return };
+        if let Err(e) = maintain(&sh).await {
+            if matches!(e, Error::Kv(timber_kv::Error::Closed)) {
+                return;
+            }
+            tracing::warn!(error = %e, "stream maintenance failed");
+        }
+    }
+}
+
+async fn maintain(sh: &Arc<Shared>) -> Result<()> {
+    apply_retention(sh).await?;
+    collect_garbage(sh).await?;
+    merge_small(sh).await
+}
+
+async fn apply_retention(sh: &Arc<Shared>) -> Result<()> {
+    let now = now_ms();
+    for s in sh.meta.streams()? {
+        let (age, max_bytes) = (s.config.retention_age, s.config.retention_bytes);
+        if age.is_none() && max_bytes.is_none() {
+            continue;
+        }
+        let mut cut = s.first_id;
+        let mut bytes = s.bytes;
+        for f in sh.meta.fragments(s.id, s.first_id)? {
+            let old = age.is_some_and(|a| f.created_ms.saturating_add(a.as_millis() as u64) < now);
+            let big = max_bytes.is_some_and(|m| bytes > m);
+            if !(old || big) {
+                break;
+            }
+            bytes -= f.bytes.min(bytes);
+            cut = f.end_id;
+        }
+        if cut > s.first_id {
+            let name = s.name.clone();
+            let (s, gone) = sh.blocking(move |sh| sh.meta.truncate(&name, cut)).await?;
+            sh.publish(&s);
+            forget(sh, s.id, &gone).await;
+        }
+    }
+    Ok(())
+}
+
+/// Deletes objects no metadata refers to: of deleted streams, below a truncation point, or
+/// written but never recorded (a crash or a fenced writer between the put and the metadata
+/// write). Objects a live writer of this process may still record are left alone. Returns the
+/// number of objects deleted.
+async fn collect_garbage(sh: &Shared) -> Result<u64> {
+    let _g = sh.maintenance.lock().await;
+    // List first, then read metadata: an object listed before its stream's records were read
+    // is judged against records at least as new as the object.
+    let objects = sh.store.list(None).await?;
+    let streams: HashMap<u64, StreamMeta> =
+        sh.meta.streams()?.into_iter().map(|s| (s.id, s)).collect();
+    let mut deleted = 0;
+    for o in objects {
+        let Some(id) = sh.store.parse(&o.location) else { continue };
+        let orphan = match streams.get(&id.stream) {
+            None => true,
+            Some(s) if id.end_id <= s.first_id => true,
+            Some(s) => {
+                let recorded = sh
+                    .meta
+                    .fragment_for(s.id, id.first_id)?
+                    .is_some_and(|f| object_id(s.id, &f) == id);
+                let live = sh
+                    .writers
+                    .lock()
+                    .get(&s.id)
+                    .is_some_and(|&(_, first_seg)| id.segment >= first_seg);
+                !recorded && !live
+            }
+        };
+        if orphan {
+            tracing::info!(object = %o.location, "deleting unrecorded fragment");
+            sh.store.delete(&o.location).await?;
+            deleted += 1;
+        }
+    }
+    metrics::counter!("timber_stream_gc_deleted_total").increment(deleted);
+    Ok(deleted)
+}
+
+/// Merges runs of small fragments of sealed segments into larger ones (W6). Readers see the
+/// same entries before, during and after.
+async fn merge_small(sh: &Arc<Shared>) -> Result<()> {
+    let (below, target) = (sh.opts.merge_below, sh.opts.merge_target);
+    if below == 0 {
+        return Ok(());
+    }
+    let _g = sh.maintenance.lock().await;
+    let lz4 = sh.opts.writer_options().lz4;
+    for s in sh.meta.streams()? {
+        let sealed: Vec<u64> =
+            sh.meta.segments(s.id)?.iter().filter(|g| g.sealed).map(|g| g.id).collect();
+        if sealed.is_empty() {
+            continue;
+        }
+        let frags = sh.meta.fragments(s.id, s.first_id)?;
+        let mut groups: Vec<Vec<FragmentMeta>> = Vec::new();
+        let mut run: Vec<FragmentMeta> = Vec::new();
+        let mut flush = |run: &mut Vec<FragmentMeta>| {
+            if run.len() >= 2 {
+                groups.push(std::mem::take(run));
+            }
+            run.clear();
+        };
+        for f in frags {
+            if !(sealed.contains(&f.segment) && f.bytes < below) {
+                flush(&mut run);
+                continue;
+            }
+            let run_bytes: u64 = run.iter().map(|r| r.bytes).sum();
+            if run.last().is_some_and(|l| l.segment != f.segment || run_bytes + f.bytes > target) {
+                flush(&mut run);
+            }
+            run.push(f);
+        }
+        flush(&mut run);
+        for g in groups {
+            merge_group(sh, s.id, &g, lz4).await?;
+        }
+    }
+    Ok(())
+}
+
+async fn merge_group(
+    sh: &Arc<Shared>,
+    stream: u64,
+    group: &[FragmentMeta],
+    lz4: bool,
+) -> Result<()> {
+    let mut entries: Vec<Bytes> = Vec::new();
+    for f in group {
+        let frag = match sh.fragment(stream, f).await {
+            Ok(frag) => frag,
+            Err(e) if is_not_found(&e) => return Ok(()), // truncated meanwhile
+            Err(e) => return Err(e),
+        };
+        for id in frag.first_id..frag.end_id() {
+            entries.push(frag.get(id).expect("id in range"));
+        }
+    }
+    let first = group[0];
+    let last = group[group.len() - 1];
+    let data = fragment::encode(stream, first.segment, first.first_id, &entries, lz4);
+    let new = FragmentMeta {
+        segment: first.segment,
+        first_id: first.first_id,
+        end_id: last.end_id,
+        bytes: data.len() as u64,
+        created_ms: last.created_ms,
+    };
+    let path = sh.store.path(&object_id(stream, &new));
+    if sh.store.put(&path, data).await? == crate::store::Put::Taken {
+        return Err(Error::Corrupt {
+            object: path.to_string(),
+            reason: "a different object already holds the key of a merged fragment".into(),
+        });
+    }
+    let old = group.to_vec();
+    let replaced = sh.blocking(move |sh| sh.meta.replace(stream, &old, new)).await?;
+    if replaced {
+        metrics::counter!("timber_stream_merged_fragments_total").increment(group.len() as u64);
+        forget(sh, stream, group).await;
+    } else {
+        sh.store.delete(&path).await?;
+    }
+    Ok(())
+}
