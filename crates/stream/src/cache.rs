@@ -230,7 +230,7 @@ mod tests {
     fn frag(stream: u64, first: u64, n: u64, size: usize) -> (ObjectId, Arc<Fragment>) {
         let es: Vec<Bytes> = (0..n).map(|_| Bytes::from(vec![7u8; size])).collect();
         let f = fragment::decode("t", &fragment::encode(stream, 0, first, &es, false)).unwrap();
-        (ObjectId { stream, segment: 0, first_id: first, end_id: first + n }, Arc::new(f))
+        (ObjectId { stream, segment: 0, first_id: first, end_id: first + n, epoch: 1 }, Arc::new(f))
     }
 
     #[test]
@@ -246,7 +246,7 @@ mod tests {
         // The reader is at 25: [0,10) and [10,20) are passed. [0,10) was used last, so [10,20)
         // goes first, then [0,10), before any fragment the reader still needs.
         c.move_reader(r, 1, 25);
-        let id = |first| ObjectId { stream: 1, segment: 0, first_id: first, end_id: first + 10 };
+        let id = |first| ObjectId { stream: 1, segment: 0, first_id: first, end_id: first + 10, epoch: 1 };
         assert!(c.get(&id(0)).is_some());
         let (i, f) = frag(1, 40, 10, 100);
         c.insert(i, f);

@@ -69,6 +69,8 @@ pub(crate) struct FragmentMeta {
     pub(crate) end_id: u64,
     pub(crate) bytes: u64,
     pub(crate) created_ms: u64,
+    /// Epoch of the writer that wrote it (0: made by merging); part of the object key.
+    pub(crate) epoch: u64,
 }
 
 fn key(tag: u8, a: u64, b: Option<u64>) -> Vec<u8> {
@@ -219,7 +221,7 @@ impl SegmentMeta {
 impl FragmentMeta {
     fn encode(&self) -> Vec<u8> {
         let mut v = vec![FORMAT];
-        for x in [self.segment, self.end_id, self.bytes, self.created_ms] {
+        for x in [self.segment, self.end_id, self.bytes, self.created_ms, self.epoch] {
             v.extend_from_slice(&x.to_le_bytes());
         }
         v
@@ -236,6 +238,7 @@ impl FragmentMeta {
             end_id: r.u64()?,
             bytes: r.u64()?,
             created_ms: r.u64()?,
+            epoch: r.u64()?,
         };
         if f.end_id <= f.first_id {
             return Err(r.corrupt("empty fragment range"));

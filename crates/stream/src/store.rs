@@ -2,8 +2,10 @@
 //! `object_store`, with per-call timeouts, retries with exponential backoff, create-only puts and
 //! latency metrics.
 //!
-//! Object keys: `<prefix>/<stream:016x>/<segment:016x>/<first:020>-<end:020>.frag`, where
-//! `[first, end)` is the range of entry ids the fragment holds. A key is never written twice with
+//! Object keys: `<prefix>/<stream:016x>/<segment:016x>/<first:020>-<end:020>-<epoch:x>.frag`,
+//! where `[first, end)` is the range of entry ids the fragment holds and `epoch` that of the
+//! writer that wrote it (0 for merged fragments), so a fenced writer's keys never collide with
+//! its successor's. A key is never written twice with
 //! different contents: every put is create-only (`PutMode::Create`), and a put that finds its key
 //! taken succeeds only if the stored object is byte-identical (a retry of a put that had in fact
 //! succeeded); otherwise another writer owns the key and the put fails.
@@ -45,6 +47,8 @@ pub(crate) struct ObjectId {
     pub(crate) segment: u64,
     pub(crate) first_id: u64,
     pub(crate) end_id: u64,
+    /// Epoch of the writer that wrote it; 0 for fragments made by merging.
+    pub(crate) epoch: u64,
 }
 
 fn retryable(e: &object_store::Error) -> bool {
@@ -119,8 +123,8 @@ impl Store {
 
     pub(crate) fn path(&self, o: &ObjectId) -> Path {
         Path::from(format!(
-            "{}/{:016x}/{:016x}/{:020}-{:020}.frag",
-            self.prefix, o.stream, o.segment, o.first_id, o.end_id
+            "{}/{:016x}/{:016x}/{:020}-{:020}-{:x}.frag",
+            self.prefix, o.stream, o.segment, o.first_id, o.end_id, o.epoch
         ))
     }
 
@@ -141,8 +145,11 @@ impl Store {
         if parts.next().is_some() {
             return None;
         }
-        let (a, b) = file.split_once('-')?;
-        let o = ObjectId { stream, segment, first_id: a.parse().ok()?, end_id: b.parse().ok()? };
+        let mut nums = file.split('-');
+        let first_id = nums.next()?.parse().ok()?;
+        let end_id = nums.next()?.parse().ok()?;
+        let epoch = u64::from_str_radix(nums.next()?, 16).ok()?;
+        let o = ObjectId { stream, segment, first_id, end_id, epoch };
         (self.path(&o) == *p).then_some(o)
     }
 

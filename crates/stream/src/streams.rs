@@ -82,7 +82,7 @@ fn info(s: &StreamMeta) -> StreamInfo {
 }
 
 pub(crate) fn object_id(stream: u64, f: &FragmentMeta) -> ObjectId {
-    ObjectId { stream, segment: f.segment, first_id: f.first_id, end_id: f.end_id }
+    ObjectId { stream, segment: f.segment, first_id: f.first_id, end_id: f.end_id, epoch: f.epoch }
 }
 
 /// State shared by the store, its writers, readers and background task.
@@ -93,8 +93,8 @@ pub(crate) struct Shared {
     pub(crate) cache: Cache,
     pub(crate) opts: Options,
     tails: Mutex<HashMap<u64, watch::Sender<Bounds>>>,
-    /// Live writers of this process: stream -> (epoch, first segment they write).
-    writers: Mutex<HashMap<u64, (u64, u64)>>,
+    /// Live writers of this process: stream -> epoch.
+    writers: Mutex<HashMap<u64, u64>>,
     maintenance: tokio::sync::Mutex<()>,
 }
 
@@ -133,13 +133,13 @@ impl Shared {
         }
     }
 
-    pub(crate) fn writer_opened(&self, stream: u64, epoch: u64, segment: u64) {
-        self.writers.lock().insert(stream, (epoch, segment));
+    pub(crate) fn writer_opened(&self, stream: u64, epoch: u64) {
+        self.writers.lock().insert(stream, epoch);
     }
 
     pub(crate) fn writer_closed(&self, stream: u64, epoch: u64) {
         let mut w = self.writers.lock();
-        if w.get(&stream).is_some_and(|&(e, _)| e == epoch) {
+        if w.get(&stream) == Some(&epoch) {
             w.remove(&stream);
         }
     }
@@ -279,8 +279,7 @@ impl Streams {
         opts.validate()?;
         let n = name.to_string();
         let s = self.shared.blocking(move |sh| sh.meta.open_writer(&n)).await?;
-        let segment = s.open_segment.expect("open_writer opens a segment");
-        self.shared.writer_opened(s.id, s.epoch, segment);
+        self.shared.writer_opened(s.id, s.epoch);
         self.shared.publish(&s);
         Ok(StreamWriter::start(self.shared.clone(), s, opts))
     }
@@ -423,7 +422,7 @@ async fn collect_garbage(sh: &Shared) -> Result<u64> {
                     .writers
                     .lock()
                     .get(&s.id)
-                    .is_some_and(|&(_, first_seg)| id.segment >= first_seg);
+                    .is_some_and(|&epoch| id.epoch == epoch);
                 !recorded && !live
             }
         };
@@ -506,6 +505,7 @@ async fn merge_group(
         end_id: last.end_id,
         bytes: data.len() as u64,
         created_ms: last.created_ms,
+        epoch: 0,
     };
     let path = sh.store.path(&object_id(stream, &new));
     if sh.store.put(&path, data).await? == crate::store::Put::Taken {

@@ -330,6 +330,7 @@ impl Flusher {
             end_id: first + entries.len() as u64,
             bytes: data.len() as u64,
             created_ms: now_ms(),
+            epoch: self.epoch,
         };
         let store = self.shared.store.clone();
         let path = store.path(&object_id(self.stream, &meta));

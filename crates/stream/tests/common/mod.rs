@@ -103,7 +103,7 @@ pub struct Place {
     pub dir: tempfile::TempDir,
     pub backend: Backend,
     pub bucket: Option<String>,
-    s3: Option<S3Options>,
+    pub s3: Option<S3Options>,
 }
 
 impl Place {
