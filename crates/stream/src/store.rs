@@ -77,6 +77,7 @@ impl Store {
                     key: root.display().to_string(),
                     source: object_store::Error::Generic { store: "local", source: Box::new(e) },
                 })?;
+                remove_staging_files(&root);
                 let fs = object_store::local::LocalFileSystem::new_with_prefix(&root)
                     .map_err(|e| Error::Store {
                         op: "open",
@@ -225,6 +226,25 @@ impl Store {
     pub(crate) async fn list(&self, stream: Option<u64>) -> Result<Vec<ObjectMeta>> {
         let p = self.stream_prefix(stream);
         self.retry("list", &p, || self.inner.list(Some(&p)).try_collect()).await
+    }
+}
+
+/// Removes the staging files (`<key>#<n>`) a crash in the middle of a local put leaves behind.
+/// They are never visible as objects; this only reclaims their space.
+fn remove_staging_files(root: &FsPath) {
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let p = e.path();
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                dirs.push(p);
+            } else if e.file_name().to_string_lossy().contains(".frag#") {
+                if let Err(err) = std::fs::remove_file(&p) {
+                    tracing::warn!(path = %p.display(), error = %err, "removing a staging file failed");
+                }
+            }
+        }
     }
 }
 

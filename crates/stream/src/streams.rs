@@ -207,11 +207,12 @@ impl Streams {
     pub async fn open(dir: impl AsRef<Path>, opts: Options) -> Result<Streams> {
         let dir: PathBuf = dir.as_ref().to_path_buf();
         opts.writer_options().validate()?;
-        let store = Store::open(&dir, &opts)?;
+        // Metadata first: its lock keeps a second store off this directory.
         let meta_dir = dir.join("meta");
         let meta = tokio::task::spawn_blocking(move || Meta::open(&meta_dir))
             .await
             .map_err(|e| Error::InvalidParam(format!("metadata task failed: {e}")))??;
+        let store = Store::open(&dir, &opts)?;
         let shared = Arc::new(Shared {
             meta,
             store,
