@@ -8,6 +8,7 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod kv;
 mod report;
+mod stream;
 mod wal;
 
 use clap::{Parser, Subcommand};
@@ -25,11 +26,15 @@ enum Command {
     Wal(wal::Args),
     /// The key-value engine: the db_bench workloads against RocksDB, fjall, sled and redb.
     Kv(kv::Args),
+    /// Log streams: appends, tail latency, catch-up reads and the cache, on local files and S3,
+    /// beside each backend's ceiling.
+    Stream(stream::Args),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Wal(args) => wal::run(args),
         Command::Kv(args) => kv::run(args),
+        Command::Stream(args) => stream::run(args),
     }
 }

@@ -39,6 +39,9 @@ pub struct Row {
     /// Size on disk after the run.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub disk_mb: Option<f64>,
+    /// Share of fragment lookups served by the cache.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hit_rate: Option<f64>,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -63,6 +66,7 @@ impl Row {
             max_us: None,
             peak_rss_mb: None,
             disk_mb: None,
+            hit_rate: None,
         }
     }
 }

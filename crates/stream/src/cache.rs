@@ -246,7 +246,13 @@ mod tests {
         // The reader is at 25: [0,10) and [10,20) are passed. [0,10) was used last, so [10,20)
         // goes first, then [0,10), before any fragment the reader still needs.
         c.move_reader(r, 1, 25);
-        let id = |first| ObjectId { stream: 1, segment: 0, first_id: first, end_id: first + 10, epoch: 1 };
+        let id = |first| ObjectId {
+            stream: 1,
+            segment: 0,
+            first_id: first,
+            end_id: first + 10,
+            epoch: 1,
+        };
         assert!(c.get(&id(0)).is_some());
         let (i, f) = frag(1, 40, 10, 100);
         c.insert(i, f);

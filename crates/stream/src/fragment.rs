@@ -70,25 +70,30 @@ pub(crate) fn encode(
     lz4: bool,
 ) -> Bytes {
     let raw_len: usize = entries.iter().map(|e| 4 + e.len()).sum();
-    let mut raw = BytesMut::with_capacity(raw_len);
     let mut index = BytesMut::with_capacity(entries.len() * 4);
+    let mut off = 0u32;
     for e in entries {
-        index.put_u32_le(raw.len() as u32);
-        raw.put_u32_le(e.len() as u32);
-        raw.put_slice(e);
+        index.put_u32_le(off);
+        off += 4 + e.len() as u32;
     }
-    let (flags, stored): (u16, Bytes) = if lz4 {
-        let c = lz4_flex::block::compress(&raw);
-        if c.len() < raw.len() {
-            (FLAG_LZ4, Bytes::from(c))
-        } else {
-            (0, raw.clone().freeze())
+    let put_raw = |buf: &mut BytesMut| {
+        for e in entries {
+            buf.put_u32_le(e.len() as u32);
+            buf.put_slice(e);
         }
-    } else {
-        (0, raw.clone().freeze())
+    };
+    // Uncompressed, the entries go straight into the output: one copy, one allocation.
+    let compressed = lz4.then(|| {
+        let mut raw = BytesMut::with_capacity(raw_len);
+        put_raw(&mut raw);
+        lz4_flex::block::compress(&raw)
+    });
+    let (flags, stored_len) = match &compressed {
+        Some(c) if c.len() < raw_len => (FLAG_LZ4, c.len()),
+        _ => (0, raw_len),
     };
 
-    let mut out = BytesMut::with_capacity(HEADER_LEN + stored.len() + index.len() + FOOTER_LEN);
+    let mut out = BytesMut::with_capacity(HEADER_LEN + stored_len + index.len() + FOOTER_LEN);
     out.put_slice(MAGIC);
     out.put_u16_le(VERSION);
     out.put_u16_le(flags);
@@ -99,12 +104,17 @@ pub(crate) fn encode(
     out.put_u32_le(entries.len() as u32);
     let hcrc = crc32c::crc32c(&out[..HEADER_LEN - 4]);
     out.put_u32_le(hcrc);
-    out.put_slice(&stored);
+    let body_start = out.len();
+    match (flags, &compressed) {
+        (FLAG_LZ4, Some(c)) => out.put_slice(c),
+        _ => put_raw(&mut out),
+    }
+    let body_crc = crc32c::crc32c(&out[body_start..]);
     out.put_slice(&index);
     let foot_start = out.len();
-    out.put_u64_le(stored.len() as u64);
-    out.put_u64_le(raw.len() as u64);
-    out.put_u32_le(crc32c::crc32c(&stored));
+    out.put_u64_le(stored_len as u64);
+    out.put_u64_le(raw_len as u64);
+    out.put_u32_le(body_crc);
     out.put_u32_le(crc32c::crc32c(&index));
     let fcrc = crc32c::crc32c(&out[foot_start..]);
     out.put_u32_le(fcrc);

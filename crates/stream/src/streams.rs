@@ -419,11 +419,7 @@ async fn collect_garbage(sh: &Shared) -> Result<u64> {
                     .meta
                     .fragment_for(s.id, id.first_id)?
                     .is_some_and(|f| object_id(s.id, &f) == id);
-                let live = sh
-                    .writers
-                    .lock()
-                    .get(&s.id)
-                    .is_some_and(|&epoch| id.epoch == epoch);
+                let live = sh.writers.lock().get(&s.id).is_some_and(|&epoch| id.epoch == epoch);
                 !recorded && !live
             }
         };

@@ -231,7 +231,16 @@ impl Flusher {
                 || self.deadline.is_some_and(|d| d <= tokio::time::Instant::now()))
     }
 
+    fn full(&self) -> bool {
+        self.buf.len() >= self.opts.max_entries || self.buf_bytes >= self.opts.max_bytes
+    }
+
     async fn run(mut self) {
+        // One timer for the whole life of the flusher, re-armed when the deadline changes.
+        let far = || tokio::time::Instant::now() + std::time::Duration::from_secs(86_400);
+        let timer = tokio::time::sleep_until(far());
+        tokio::pin!(timer);
+        let mut armed = None;
         loop {
             while self.should_seal() && self.inflight.len() < self.opts.max_flush_inflight {
                 self.seal();
@@ -243,20 +252,35 @@ impl Flusher {
                 break;
             }
             let room = self.inflight.len() < self.opts.max_flush_inflight;
-            let full =
-                self.buf.len() >= self.opts.max_entries || self.buf_bytes >= self.opts.max_bytes;
+            let full = self.full();
             let deadline = self.deadline.filter(|_| room);
+            if deadline != armed {
+                timer.as_mut().reset(deadline.unwrap_or_else(far));
+                armed = deadline;
+            }
             tokio::select! {
                 biased;
                 Some(up) = self.inflight.next(), if !self.inflight.is_empty() => self.complete(up).await,
                 msg = self.rx.recv(), if !self.channel_closed && !full => match msg {
-                    Some(m) => self.on_msg(m),
+                    Some(m) => {
+                        self.on_msg(m);
+                        // Take whatever else is queued without going around the loop.
+                        while !self.full() {
+                            match self.rx.try_recv() {
+                                Ok(m) => self.on_msg(m),
+                                Err(_) => break,
+                            }
+                        }
+                    }
                     None => {
                         self.channel_closed = true;
                         self.force = true;
                     }
                 },
-                () = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => {}
+                () = &mut timer, if deadline.is_some() => {
+                    armed = None;
+                    timer.as_mut().reset(far());
+                }
             }
         }
         let mut result = match &self.failed {

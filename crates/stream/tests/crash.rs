@@ -132,13 +132,20 @@ fn crash_cycles(backend: Backend, cycles: u64, seed: u64) {
                 .unwrap_or_else(|e| panic!("{backend:?} cycle {cycle}: {e}"));
             let Ok(info) = s.info("c") else { return (0, 0, 0) };
             if let Some(a) = acked_max {
-                assert!(info.next_id > a, "{backend:?} cycle {cycle}: entry {a} was acked but the stream ends at {}", info.next_id);
+                assert!(
+                    info.next_id > a,
+                    "{backend:?} cycle {cycle}: entry {a} was acked but the stream ends at {}",
+                    info.next_id
+                );
             }
             // Everything from the last verified point (all of it in the last cycle), byte-exact.
             let from = if last { 0 } else { verified };
             let mut r = s.reader("c", Start::At(from)).unwrap();
             for k in from..info.next_id {
-                let e = r.next().await.unwrap_or_else(|e| panic!("{backend:?} cycle {cycle}: entry {k}: {e}"));
+                let e = r
+                    .next()
+                    .await
+                    .unwrap_or_else(|e| panic!("{backend:?} cycle {cycle}: entry {k}: {e}"));
                 assert_eq!(e.id, k);
                 assert!(e.data == payload(k), "{backend:?} cycle {cycle}: entry {k} differs");
             }
@@ -147,14 +154,19 @@ fn crash_cycles(backend: Backend, cycles: u64, seed: u64) {
             s.close().await.unwrap();
             (info.next_id, place.fragment_files().len(), recorded)
         });
-        assert_eq!(after as u64, recorded, "{backend:?} cycle {cycle}: unrecorded fragments left after reopen");
+        assert_eq!(
+            after as u64, recorded,
+            "{backend:?} cycle {cycle}: unrecorded fragments left after reopen"
+        );
         collected += before - after;
         verified = next;
     }
     let acked = acked_max.map_or(0, |a| a + 1);
     assert!(acked > 1000, "{backend:?}: only {acked} entries acknowledged: the test did little");
     assert!(collected > 0, "{backend:?}: no kill left an orphaned fragment in {cycles} cycles");
-    eprintln!("{backend:?}: {acked} entries acked over {cycles} kills; {collected} orphans collected");
+    eprintln!(
+        "{backend:?}: {acked} entries acked over {cycles} kills; {collected} orphans collected"
+    );
 }
 
 fn cycles() -> u64 {

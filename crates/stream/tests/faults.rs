@@ -119,7 +119,11 @@ impl ObjectStore for Faulty {
         self.inner.put_multipart_opts(location, opts).await
     }
 
-    async fn get_opts(&self, location: &Path, options: GetOptions) -> object_store::Result<GetResult> {
+    async fn get_opts(
+        &self,
+        location: &Path,
+        options: GetOptions,
+    ) -> object_store::Result<GetResult> {
         match self.pick().await {
             Fault::None | Fault::FailAfter => self.inner.get_opts(location, options).await,
             Fault::Fail => Err(injected()),
@@ -130,7 +134,11 @@ impl ObjectStore for Faulty {
         }
     }
 
-    async fn get_ranges(&self, location: &Path, ranges: &[Range<u64>]) -> object_store::Result<Vec<Bytes>> {
+    async fn get_ranges(
+        &self,
+        location: &Path,
+        ranges: &[Range<u64>],
+    ) -> object_store::Result<Vec<Bytes>> {
         self.inner.get_ranges(location, ranges).await
     }
 
@@ -149,7 +157,12 @@ impl ObjectStore for Faulty {
         self.inner.list_with_delimiter(prefix).await
     }
 
-    async fn copy_opts(&self, from: &Path, to: &Path, options: CopyOptions) -> object_store::Result<()> {
+    async fn copy_opts(
+        &self,
+        from: &Path,
+        to: &Path,
+        options: CopyOptions,
+    ) -> object_store::Result<()> {
         self.inner.copy_opts(from, to, options).await
     }
 }
@@ -159,7 +172,11 @@ fn inner_store(p: &Place) -> Arc<dyn ObjectStore> {
         Backend::Local => {
             let root = p.dir.path().join("faulty-objects");
             std::fs::create_dir_all(&root).unwrap();
-            Arc::new(object_store::local::LocalFileSystem::new_with_prefix(root).unwrap().with_fsync(true))
+            Arc::new(
+                object_store::local::LocalFileSystem::new_with_prefix(root)
+                    .unwrap()
+                    .with_fsync(true),
+            )
         }
         Backend::S3 => {
             let o = p.s3.clone().unwrap();

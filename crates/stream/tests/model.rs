@@ -17,7 +17,10 @@ enum Op {
     /// Append entries of these sizes, pipelined.
     Append(Vec<usize>),
     /// Read `n` entries from a fraction of the way through the stream.
-    Read { at: f64, n: usize },
+    Read {
+        at: f64,
+        n: usize,
+    },
     /// A reader at the tail gets the next appended entry.
     Tail,
     Truncate(f64),
@@ -52,7 +55,11 @@ struct Model {
 async fn run(p: &Place, ops: &[Op], wo: WriterOptions, merge: bool) {
     let opts = || {
         let o = p.options();
-        if merge { o.merge(2048, 16 << 10) } else { o.merge(0, 0) }
+        if merge {
+            o.merge(2048, 16 << 10)
+        } else {
+            o.merge(0, 0)
+        }
     };
     let mut s = Streams::open(p.dir.path(), opts()).await.unwrap();
     s.create("m", StreamConfig::default()).await.unwrap();
@@ -78,7 +85,9 @@ async fn run(p: &Place, ops: &[Op], wo: WriterOptions, merge: bool) {
                 let mut r = s.reader("m", Start::At(from)).unwrap();
                 if from < m.first {
                     match r.next().await {
-                        Err(Error::Truncated { first_available }) => assert_eq!(first_available, m.first),
+                        Err(Error::Truncated { first_available }) => {
+                            assert_eq!(first_available, m.first)
+                        }
                         other => panic!("read at {from} below {}: {other:?}", m.first),
                     }
                     continue;
@@ -97,7 +106,11 @@ async fn run(p: &Place, ops: &[Op], wo: WriterOptions, merge: bool) {
                 let data = payload(id, 77);
                 let reading = tokio::spawn(async move { r.next().await });
                 assert_eq!(w.append(data.clone()).await.unwrap(), id);
-                let e = tokio::time::timeout(Duration::from_secs(10), reading).await.unwrap().unwrap().unwrap();
+                let e = tokio::time::timeout(Duration::from_secs(10), reading)
+                    .await
+                    .unwrap()
+                    .unwrap()
+                    .unwrap();
                 assert_eq!((e.id, e.data), (id, data.clone()));
                 m.entries.push(data);
             }
@@ -123,7 +136,11 @@ async fn run(p: &Place, ops: &[Op], wo: WriterOptions, merge: bool) {
             }
         }
         let info = s.info("m").unwrap();
-        assert_eq!((info.first_id, info.next_id), (m.first, m.entries.len() as u64), "after {op:?}");
+        assert_eq!(
+            (info.first_id, info.next_id),
+            (m.first, m.entries.len() as u64),
+            "after {op:?}"
+        );
     }
     // Every entry not truncated, in one pass from the start.
     let mut r = s.reader("m", Start::Earliest).unwrap();
@@ -140,8 +157,8 @@ async fn run(p: &Place, ops: &[Op], wo: WriterOptions, merge: bool) {
 }
 
 fn writer_options() -> impl Strategy<Value = (WriterOptions, bool)> {
-    (1usize..12, any::<bool>(), prop_oneof![Just(4u64 << 10), Just(1u64 << 30)], any::<bool>()).prop_map(
-        |(max_entries, lz4, seg, merge)| {
+    (1usize..12, any::<bool>(), prop_oneof![Just(4u64 << 10), Just(1u64 << 30)], any::<bool>())
+        .prop_map(|(max_entries, lz4, seg, merge)| {
             let wo = WriterOptions {
                 max_entries,
                 lz4,
@@ -150,8 +167,7 @@ fn writer_options() -> impl Strategy<Value = (WriterOptions, bool)> {
                 ..common::fast_writer()
             };
             (wo, merge)
-        },
-    )
+        })
 }
 
 fn cases() -> u32 {
