@@ -354,3 +354,21 @@ fn cache_stays_within_its_limit_with_many_readers() {
         assert!(st.evictions > 0 && st.hits > 0, "{st:?}");
     });
 }
+
+#[test]
+fn segments_roll_by_age() {
+    each_backend(|p| async move {
+        let s = Streams::open(p.dir.path(), p.options()).await.unwrap();
+        s.create("age", StreamConfig::default()).await.unwrap();
+        let wo =
+            WriterOptions { max_segment_age: Duration::from_millis(1), ..common::fast_writer() };
+        let w = s.writer_with("age", wo).await.unwrap();
+        w.append(entry(0)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        w.append(entry(1)).await.unwrap();
+        let segs = s.segments("age").unwrap();
+        assert_eq!(segs.len(), 2, "{segs:?}");
+        assert!(segs[0].sealed && !segs[1].sealed);
+        assert_eq!((segs[1].first_id, segs[1].end_id), (1, 2));
+    });
+}

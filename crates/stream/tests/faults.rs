@@ -36,6 +36,8 @@ struct Faults {
 #[derive(Debug)]
 struct Faulty {
     inner: Arc<dyn ObjectStore>,
+    /// Puts wait while this is false.
+    open: tokio::sync::watch::Sender<bool>,
     faults: Mutex<Faults>,
     rng: Mutex<rand::rngs::StdRng>,
     injected: AtomicU64,
@@ -52,6 +54,7 @@ impl Faulty {
     fn new(inner: Arc<dyn ObjectStore>, seed: u64) -> Faulty {
         Faulty {
             inner,
+            open: tokio::sync::watch::Sender::new(true),
             faults: Mutex::new(Faults::default()),
             rng: Mutex::new(rand::rngs::StdRng::seed_from_u64(seed)),
             injected: AtomicU64::new(0),
@@ -97,6 +100,8 @@ impl ObjectStore for Faulty {
         payload: PutPayload,
         opts: PutOptions,
     ) -> object_store::Result<PutResult> {
+        let mut open = self.open.subscribe();
+        let _ = open.wait_for(|o| *o).await;
         match self.pick().await {
             Fault::Fail => Err(injected()),
             Fault::FailAfter => {
@@ -260,4 +265,53 @@ fn writers_retry_through_faults_and_fail_cleanly_when_storage_is_gone() {
             assert!(!r.has_next());
         });
     }
+}
+
+#[test]
+fn a_writer_waits_instead_of_buffering_without_bound() {
+    let p = Place::new(Backend::Local);
+    common::runtime().block_on(async {
+        let faulty = Arc::new(Faulty::new(inner_store(&p), 1));
+        let opts =
+            Options::default().storage(Storage::Custom(faulty.clone())).maintenance_interval(None);
+        let s = Streams::open(p.dir.path(), opts).await.unwrap();
+        s.create("b", StreamConfig::default()).await.unwrap();
+        let limit = 64 << 10;
+        let wo = WriterOptions {
+            max_buffered_bytes: limit,
+            max_entry_bytes: 8 << 10,
+            ..common::fast_writer()
+        };
+        let w = s.writer_with("b", wo).await.unwrap();
+        faulty.open.send_replace(false); // storage stalls: nothing becomes durable
+        let entry = Bytes::from(vec![3u8; 8 << 10]);
+        let mut acks = Vec::new();
+        let mut accepted = 0;
+        loop {
+            match tokio::time::timeout(Duration::from_millis(200), w.send(entry.clone())).await {
+                Ok(ack) => {
+                    acks.push(ack.unwrap());
+                    accepted += entry.len();
+                    assert!(
+                        accepted <= limit,
+                        "accepted {accepted} bytes with a {limit}-byte budget"
+                    );
+                }
+                Err(_) => break, // send is waiting for room
+            }
+        }
+        assert_eq!(accepted, limit, "the budget is used up before send waits");
+        let blocked = tokio::spawn({
+            let entry = entry.clone();
+            async move { (w.send(entry).await.unwrap().await.unwrap(), w) }
+        });
+        tokio::task::yield_now().await;
+        assert!(!blocked.is_finished());
+        faulty.open.send_replace(true);
+        for (i, a) in acks.into_iter().enumerate() {
+            assert_eq!(a.await.unwrap(), i as u64);
+        }
+        let (id, _w) = blocked.await.unwrap();
+        assert_eq!(id, (limit / entry.len()) as u64);
+    });
 }
