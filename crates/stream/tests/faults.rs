@@ -287,18 +287,13 @@ fn a_writer_waits_instead_of_buffering_without_bound() {
         let entry = Bytes::from(vec![3u8; 8 << 10]);
         let mut acks = Vec::new();
         let mut accepted = 0;
-        loop {
-            match tokio::time::timeout(Duration::from_millis(200), w.send(entry.clone())).await {
-                Ok(ack) => {
-                    acks.push(ack.unwrap());
-                    accepted += entry.len();
-                    assert!(
-                        accepted <= limit,
-                        "accepted {accepted} bytes with a {limit}-byte budget"
-                    );
-                }
-                Err(_) => break, // send is waiting for room
-            }
+        // Until send waits for room (the timeout fires).
+        while let Ok(ack) =
+            tokio::time::timeout(Duration::from_millis(200), w.send(entry.clone())).await
+        {
+            acks.push(ack.unwrap());
+            accepted += entry.len();
+            assert!(accepted <= limit, "accepted {accepted} bytes with a {limit}-byte budget");
         }
         assert_eq!(accepted, limit, "the budget is used up before send waits");
         let blocked = tokio::spawn({
