@@ -1,0 +1,214 @@
+//! Configuration of `timberd`: flags, then environment variables, then a TOML file (`--config`),
+//! then defaults, in that order of precedence. Every problem is reported as one message naming
+//! the option and the source it came from.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use serde::Deserialize;
+
+/// When acknowledged writes are durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sync {
+    /// Every acknowledged write is on disk (fdatasync, group-committed).
+    Always,
+    /// Writes are in the OS when acknowledged and synced every interval.
+    Interval(Duration),
+    /// Writes are synced only when the engine syncs for its own reasons (and at shutdown).
+    Manual,
+}
+
+impl std::str::FromStr for Sync {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Sync, String> {
+        match s {
+            "always" => Ok(Sync::Always),
+            "manual" => Ok(Sync::Manual),
+            _ => match s.strip_prefix("interval:").map(str::parse::<u64>) {
+                Some(Ok(ms)) if ms > 0 => Ok(Sync::Interval(Duration::from_millis(ms))),
+                _ => Err(format!(
+                    "{s:?} is not a sync mode: use always, interval:<ms> (ms > 0) or manual"
+                )),
+            },
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Command-line flags; each can also come from the environment variable named beside it.
+#[derive(Debug, Parser)]
+#[command(
+    name = "timberd",
+    version,
+    about = "The timber server: a Redis-protocol endpoint over timber's durable key-value engine"
+)]
+pub struct Flags {
+    /// TOML configuration file; flags and environment variables override its values.
+    #[arg(long, env = "TIMBER_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Directory for all data [default: ./timber-data].
+    #[arg(long, env = "TIMBER_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Redis-protocol listen address, host:port; port 0 picks a free port [default: 127.0.0.1:6379].
+    #[arg(long, env = "TIMBER_RESP_ADDR")]
+    pub resp_addr: Option<SocketAddr>,
+    /// Durability of acknowledged writes: always, interval:<ms> or manual [default: interval:1000].
+    #[arg(long, env = "TIMBER_SYNC")]
+    pub sync: Option<String>,
+    /// Log format [default: human].
+    #[arg(long, env = "TIMBER_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// Most client connections at once; more are refused with an error [default: 10000].
+    #[arg(long, env = "TIMBER_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Largest request (one command with its arguments), in bytes [default: 536870912].
+    #[arg(long, env = "TIMBER_MAX_REQUEST_BYTES")]
+    pub max_request_bytes: Option<usize>,
+    /// Seconds a connection may stay idle before it is closed; 0 never [default: 0].
+    #[arg(long, env = "TIMBER_IDLE_TIMEOUT_SECS")]
+    pub idle_timeout_secs: Option<u64>,
+    /// Shared secret clients must present (Redis AUTH / HELLO AUTH) [default: none].
+    #[arg(long, env = "TIMBER_AUTH_SECRET", hide_env_values = true)]
+    pub auth_secret: Option<String>,
+}
+
+/// The `--config` file: the same options as the flags, in snake_case.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    data_dir: Option<PathBuf>,
+    resp_addr: Option<SocketAddr>,
+    sync: Option<String>,
+    log_format: Option<LogFormat>,
+    max_connections: Option<usize>,
+    max_request_bytes: Option<usize>,
+    idle_timeout_secs: Option<u64>,
+    auth_secret: Option<String>,
+}
+
+/// The resolved configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Directory for all data.
+    pub data_dir: PathBuf,
+    /// Redis-protocol listen address.
+    pub resp_addr: SocketAddr,
+    /// Durability of acknowledged writes.
+    pub sync: Sync,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Most connections at once.
+    pub max_connections: usize,
+    /// Largest request in bytes.
+    pub max_request_bytes: usize,
+    /// Idle connection timeout (`None`: never).
+    pub idle_timeout: Option<Duration>,
+    /// Shared secret for AUTH.
+    pub auth_secret: Option<String>,
+}
+
+impl Config {
+    /// A configuration for embedding and tests: data in `dir`, a free port on 127.0.0.1.
+    pub fn for_dir(dir: impl Into<PathBuf>) -> Config {
+        Config {
+            data_dir: dir.into(),
+            resp_addr: "127.0.0.1:0".parse().expect("valid address"),
+            sync: Sync::Interval(Duration::from_secs(1)),
+            log_format: LogFormat::Human,
+            max_connections: 10_000,
+            max_request_bytes: 512 << 20,
+            idle_timeout: None,
+            auth_secret: None,
+        }
+    }
+
+    /// Resolves flags, environment (already folded into the flags by clap), file and defaults.
+    pub fn resolve(flags: Flags) -> Result<Config, String> {
+        let file = match &flags.config {
+            None => File::default(),
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .map_err(|e| format!("cannot read config file {}: {e}", p.display()))?;
+                toml::from_str(&text)
+                    .map_err(|e| format!("config file {}: {}", p.display(), e.message()))?
+            }
+        };
+        let sync = match flags.sync.or(file.sync) {
+            None => Sync::Interval(Duration::from_secs(1)),
+            Some(s) => s.parse().map_err(|e| format!("sync: {e}"))?,
+        };
+        let max_connections = flags.max_connections.or(file.max_connections).unwrap_or(10_000);
+        if max_connections == 0 {
+            return Err("max_connections must be at least 1".into());
+        }
+        let max_request_bytes =
+            flags.max_request_bytes.or(file.max_request_bytes).unwrap_or(512 << 20);
+        if max_request_bytes < 1024 {
+            return Err("max_request_bytes must be at least 1024".into());
+        }
+        let idle = flags.idle_timeout_secs.or(file.idle_timeout_secs).unwrap_or(0);
+        Ok(Config {
+            data_dir: flags.data_dir.or(file.data_dir).unwrap_or_else(|| "timber-data".into()),
+            resp_addr: flags
+                .resp_addr
+                .or(file.resp_addr)
+                .unwrap_or_else(|| "127.0.0.1:6379".parse().expect("valid address")),
+            sync,
+            log_format: flags.log_format.or(file.log_format).unwrap_or(LogFormat::Human),
+            max_connections,
+            max_request_bytes,
+            idle_timeout: (idle > 0).then(|| Duration::from_secs(idle)),
+            auth_secret: flags.auth_secret.or(file.auth_secret).filter(|s| !s.is_empty()),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flags(args: &[&str]) -> Flags {
+        Flags::try_parse_from(std::iter::once("timberd").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn precedence_is_flags_then_file_then_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("t.toml");
+        std::fs::write(&f, "data_dir = \"/from/file\"\nsync = \"manual\"\nmax_connections = 7\n")
+            .unwrap();
+        let c =
+            Config::resolve(flags(&["--config", f.to_str().unwrap(), "--sync", "always"])).unwrap();
+        assert_eq!(c.sync, Sync::Always);
+        assert_eq!(c.data_dir, PathBuf::from("/from/file"));
+        assert_eq!(c.max_connections, 7);
+        assert_eq!(c.resp_addr.port(), 6379);
+        let c = Config::resolve(flags(&[])).unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("timber-data"));
+        assert_eq!(c.sync, Sync::Interval(Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn bad_config_gives_one_clear_message() {
+        let e = Config::resolve(flags(&["--sync", "sometimes"])).unwrap_err();
+        assert!(e.contains("sometimes") && e.contains("interval:<ms>"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("t.toml");
+        std::fs::write(&f, "colour = \"blue\"\n").unwrap();
+        let e = Config::resolve(flags(&["--config", f.to_str().unwrap()])).unwrap_err();
+        assert!(e.contains("colour"), "{e}");
+        assert!(Flags::try_parse_from(["timberd", "--resp-addr", "nohost"]).is_err());
+    }
+}

@@ -1,0 +1,269 @@
+//! The keyspace the endpoints share: string values with optional expiry, on timber-kv.
+//!
+//! Layout in the KV engine: `k<key>` → `[kind u8 = 1][expire_at ms u64 LE, 0 = never][bytes]`;
+//! `e<expire_at u64 BE><key>` → empty, an index of keys with a deadline for the sweep.
+//!
+//! Invariants: a key whose deadline has passed is never returned (reads check it, the sweep
+//! deletes it); read-modify-write commands hold the key's stripe lock from read to write, so
+//! they are atomic with respect to each other; an index entry may be stale (the key was
+//! overwritten or persisted) and the sweep then only drops the index entry.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use parking_lot::{Mutex, MutexGuard};
+use timber_kv::{Db, Durability, WriteBatch};
+
+use crate::config::Sync;
+
+const STRING: u8 = 1;
+const STRIPES: usize = 256;
+
+/// Errors of keyspace operations.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The storage engine failed.
+    #[error("storage: {0}")]
+    Kv(#[from] timber_kv::Error),
+    /// A stored value failed to decode.
+    #[error("corrupt value of key {0:?}")]
+    Corrupt(Bytes),
+}
+
+/// A stored value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Value {
+    /// The bytes.
+    pub data: Bytes,
+    /// Deadline in ms since the Unix epoch.
+    pub expire_at: Option<u64>,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+fn data_key(key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(key.len() + 1);
+    k.push(b'k');
+    k.extend_from_slice(key);
+    k
+}
+
+fn index_key(at: u64, key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(key.len() + 9);
+    k.push(b'e');
+    k.extend_from_slice(&at.to_be_bytes());
+    k.extend_from_slice(key);
+    k
+}
+
+fn decode(key: &[u8], v: &Bytes) -> Result<Value, Error> {
+    if v.len() < 9 || v[0] != STRING {
+        return Err(Error::Corrupt(Bytes::copy_from_slice(key)));
+    }
+    let at = u64::from_le_bytes(v[1..9].try_into().expect("8 bytes"));
+    Ok(Value { data: v.slice(9..), expire_at: (at != 0).then_some(at) })
+}
+
+/// The shared keyspace.
+#[derive(Debug)]
+pub struct Keyspace {
+    db: Db,
+    durability: Durability,
+    stripes: Vec<Mutex<()>>,
+    cursors: Mutex<lru::LruCache<u64, Bytes>>,
+    next_cursor: AtomicU64,
+}
+
+impl Keyspace {
+    /// Opens (creating) the keyspace in `dir` with the server's sync mode.
+    pub fn open(dir: &std::path::Path, sync: Sync) -> Result<Keyspace, Error> {
+        let (durability, interval) = match sync {
+            Sync::Always => (Durability::Synced, None),
+            Sync::Interval(d) => (Durability::Buffered, Some(d)),
+            Sync::Manual => (Durability::Buffered, None),
+        };
+        let opts = timber_kv::Options::default()
+            .durability(durability)
+            .wal_sync_interval(interval)
+            .name("keyspace");
+        Ok(Keyspace {
+            db: Db::open(dir, opts)?,
+            durability,
+            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            cursors: Mutex::new(lru::LruCache::new(
+                std::num::NonZeroUsize::new(4096).expect("> 0"),
+            )),
+            next_cursor: AtomicU64::new(1),
+        })
+    }
+
+    /// Syncs and closes the engine.
+    pub fn close(&self) -> Result<(), Error> {
+        Ok(self.db.close()?)
+    }
+
+    /// The stripe lock of a key: hold it across a read and the write that depends on it.
+    pub fn lock(&self, key: &[u8]) -> MutexGuard<'_, ()> {
+        let h = key
+            .iter()
+            .fold(0xcbf29ce484222325u64, |h, b| (h ^ *b as u64).wrapping_mul(0x100000001b3));
+        self.stripes[(h % STRIPES as u64) as usize].lock()
+    }
+
+    /// The live value of a key.
+    pub fn get(&self, key: &[u8]) -> Result<Option<Value>, Error> {
+        let Some(v) = self.db.get(data_key(key))? else { return Ok(None) };
+        let v = decode(key, &v)?;
+        Ok(v.expire_at.is_none_or(|at| at > now_ms()).then_some(v))
+    }
+
+    fn put_into(b: &mut WriteBatch, key: &[u8], v: &Value) {
+        let mut enc = Vec::with_capacity(9 + v.data.len());
+        enc.push(STRING);
+        enc.extend_from_slice(&v.expire_at.unwrap_or(0).to_le_bytes());
+        enc.extend_from_slice(&v.data);
+        b.put(data_key(key), enc);
+        if let Some(at) = v.expire_at {
+            b.put(index_key(at, key), []);
+        }
+    }
+
+    /// Stores values, atomically.
+    pub fn set_many(&self, items: &[(&[u8], Value)]) -> Result<(), Error> {
+        let mut b = WriteBatch::new();
+        for (k, v) in items {
+            Self::put_into(&mut b, k, v);
+        }
+        Ok(self.db.write_with(b, self.durability)?)
+    }
+
+    /// Stores one value.
+    pub fn set(&self, key: &[u8], v: &Value) -> Result<(), Error> {
+        self.set_many(&[(key, v.clone())])
+    }
+
+    /// Deletes keys, atomically; returns how many were live.
+    pub fn delete(&self, keys: &[&[u8]]) -> Result<u64, Error> {
+        let mut b = WriteBatch::new();
+        let mut n = 0;
+        for k in keys {
+            if self.get(k)?.is_some() {
+                n += 1;
+            }
+            b.delete(data_key(k));
+        }
+        self.db.write_with(b, self.durability)?;
+        Ok(n)
+    }
+
+    /// Live keys after `after` (all from the start if `None`), at most `count` examined.
+    /// Returns them and where to continue (`None`: the end was reached).
+    pub fn keys(
+        &self,
+        after: Option<&[u8]>,
+        count: usize,
+    ) -> Result<(Vec<Bytes>, Option<Bytes>), Error> {
+        let now = now_ms();
+        let lo = match after {
+            Some(a) => {
+                let mut k = data_key(a);
+                k.push(0);
+                k
+            }
+            None => vec![b'k'],
+        };
+        let hi = vec![b'k' + 1];
+        let mut out = Vec::new();
+        let mut seen = 0;
+        for kv in self.db.scan(lo..hi) {
+            let (k, v) = kv?;
+            let key = k.slice(1..);
+            let val = decode(&key, &v)?;
+            seen += 1;
+            if val.expire_at.is_none_or(|at| at > now) {
+                out.push(key.clone());
+            }
+            if seen >= count {
+                return Ok((out, Some(key)));
+            }
+        }
+        Ok((out, None))
+    }
+
+    /// A numeric cursor for `SCAN` that continues after `key`.
+    pub fn cursor_for(&self, key: Bytes) -> u64 {
+        let id = self.next_cursor.fetch_add(1, Ordering::Relaxed);
+        self.cursors.lock().put(id, key);
+        id
+    }
+
+    /// Where a `SCAN` cursor continues; `None` if it is unknown (or forgotten).
+    pub fn cursor(&self, id: u64) -> Option<Bytes> {
+        self.cursors.lock().get(&id).cloned()
+    }
+
+    /// Number of live keys.
+    pub fn len(&self) -> Result<u64, Error> {
+        let mut n = 0;
+        let mut after: Option<Bytes> = None;
+        loop {
+            let (keys, next) = self.keys(after.as_deref(), 4096)?;
+            n += keys.len() as u64;
+            match next {
+                Some(k) => after = Some(k),
+                None => return Ok(n),
+            }
+        }
+    }
+
+    /// Whether the keyspace holds no live key.
+    pub fn is_empty(&self) -> Result<bool, Error> {
+        Ok(self.len()? == 0)
+    }
+
+    /// Deletes every key.
+    pub fn clear(&self) -> Result<(), Error> {
+        for prefix in [&b"k"[..], &b"e"[..]] {
+            let mut b = WriteBatch::new();
+            for kv in self.db.prefix(prefix) {
+                b.delete(kv?.0);
+                if b.len() >= 4096 {
+                    self.db.write_with(std::mem::take(&mut b), self.durability)?;
+                }
+            }
+            self.db.write_with(b, self.durability)?;
+        }
+        Ok(())
+    }
+
+    /// Deletes keys whose deadline passed; returns how many.
+    pub fn sweep(&self) -> Result<u64, Error> {
+        let now = now_ms();
+        let hi = index_key(now + 1, &[]);
+        let entries: Vec<Bytes> = self
+            .db
+            .scan(&b"e"[..]..&hi[..])
+            .map(|kv| kv.map(|(k, _)| k))
+            .collect::<Result<_, _>>()?;
+        let mut n = 0;
+        for ik in entries {
+            let at = u64::from_be_bytes(ik[1..9].try_into().expect("8 bytes"));
+            let key = &ik[9..];
+            let _g = self.lock(key);
+            let mut b = WriteBatch::new();
+            b.delete(&ik);
+            if let Some(v) = self.db.get(data_key(key))? {
+                if decode(key, &v)?.expire_at == Some(at) {
+                    b.delete(data_key(key));
+                    n += 1;
+                }
+            }
+            self.db.write_with(b, self.durability)?;
+        }
+        Ok(n)
+    }
+}

@@ -1,0 +1,285 @@
+//! The Redis-protocol endpoint (RESP2 and RESP3): the listener, one task per connection,
+//! pipelining (every complete request in the buffer runs before the replies are written, in one
+//! write), limits, and the commands in [`command`].
+//!
+//! Invariants: a malformed frame or an oversized request gets one error reply and closes only
+//! that connection; nothing a bad request sends reaches the keyspace; connections over the limit
+//! get an error and are closed before any command runs.
+
+pub mod command;
+pub mod glob;
+pub mod reply;
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use redis_protocol::resp2::decode::decode_bytes_mut;
+use redis_protocol::resp2::types::BytesFrame;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use crate::keyspace::Keyspace;
+use command::{Context, Session};
+use reply::Reply;
+
+/// Shared by all connections of the endpoint.
+#[derive(Debug)]
+pub struct Endpoint {
+    /// The keyspace.
+    pub keys: Arc<Keyspace>,
+    /// The shared secret.
+    pub secret: Option<String>,
+    /// Most connections at once.
+    pub max_connections: usize,
+    /// Largest request.
+    pub max_request: usize,
+    /// Idle timeout.
+    pub idle: Option<Duration>,
+    clients: AtomicUsize,
+    next_id: AtomicU64,
+}
+
+impl Endpoint {
+    /// A new endpoint over `keys`.
+    pub fn new(keys: Arc<Keyspace>, cfg: &crate::config::Config) -> Endpoint {
+        Endpoint {
+            keys,
+            secret: cfg.auth_secret.clone(),
+            max_connections: cfg.max_connections,
+            max_request: cfg.max_request_bytes,
+            idle: cfg.idle_timeout,
+            clients: AtomicUsize::new(0),
+            next_id: AtomicU64::new(1),
+        }
+    }
+}
+
+/// Accepts connections until `stop` turns true, then waits for the connections to finish the
+/// requests they have read.
+pub async fn serve(ep: Arc<Endpoint>, listener: TcpListener, stop: watch::Receiver<bool>) {
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut stopping = stop.clone();
+    loop {
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok((sock, peer)) => {
+                    let _ = sock.set_nodelay(true);
+                    let (ep, stop) = (ep.clone(), stop.clone());
+                    tasks.spawn(async move {
+                        if let Err(e) = connection(ep, sock, stop).await {
+                            tracing::debug!(%peer, error = %e, "connection ended");
+                        }
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            },
+            () = stopped(&mut stopping) => break,
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+        }
+    }
+    drop(listener);
+    while tasks.join_next().await.is_some() {}
+}
+
+enum Parsed {
+    Request(Vec<Bytes>),
+    Incomplete,
+    Bad(String),
+}
+
+/// Refuses a request whose declared sizes exceed the limit before its bytes arrive: walks the
+/// array header and bulk headers present so far.
+fn check_lengths(buf: &[u8], max: usize) -> Result<(), String> {
+    fn header(buf: &[u8], at: usize) -> Option<(i64, usize)> {
+        let end = at + buf.get(at..)?.iter().position(|&c| c == b'\n')?;
+        let text = std::str::from_utf8(buf.get(at + 1..end)?.strip_suffix(b"\r")?).ok()?;
+        Some((text.parse().ok()?, end + 1))
+    }
+    let too_big = || Err(format!("Protocol error: request larger than {max} bytes"));
+    let Some((n, mut at)) = header(buf, 0) else { return Ok(()) };
+    if n > (max / 4) as i64 {
+        return too_big();
+    }
+    for _ in 0..n.max(0) {
+        if buf.get(at) != Some(&b'$') {
+            return Ok(());
+        }
+        let Some((len, next)) = header(buf, at) else { return Ok(()) };
+        if len > max as i64 {
+            return too_big();
+        }
+        at = next + len.max(0) as usize + 2;
+        if at >= buf.len() {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+/// Takes one request off the front of `buf`: a RESP array of bulk strings, or an inline command.
+fn parse(buf: &mut BytesMut, max: usize) -> Parsed {
+    if buf.is_empty() {
+        return Parsed::Incomplete;
+    }
+    if buf[0] == b'*' {
+        if let Err(e) = check_lengths(buf, max) {
+            return Parsed::Bad(e);
+        }
+        match decode_bytes_mut(buf) {
+            Ok(None) => Parsed::Incomplete,
+            Ok(Some((BytesFrame::Array(items), _, _))) => {
+                let mut args = Vec::with_capacity(items.len());
+                for f in items {
+                    match f {
+                        BytesFrame::BulkString(b) | BytesFrame::SimpleString(b) => args.push(b),
+                        _ => return Parsed::Bad("Protocol error: expected bulk strings".into()),
+                    }
+                }
+                Parsed::Request(args)
+            }
+            Ok(Some(_)) => Parsed::Bad("Protocol error: expected an array".into()),
+            Err(e) => Parsed::Bad(format!("Protocol error: {}", e.details())),
+        }
+    } else {
+        let Some(end) = buf.iter().position(|&c| c == b'\n') else { return Parsed::Incomplete };
+        let line = buf.split_to(end + 1);
+        let text = line.strip_suffix(b"\r\n").or_else(|| line.strip_suffix(b"\n")).unwrap_or(&line);
+        let args: Vec<Bytes> = text
+            .split(|c| *c == b' ' || *c == b'\t')
+            .filter(|a| !a.is_empty())
+            .map(Bytes::copy_from_slice)
+            .collect();
+        if args.is_empty() {
+            return parse(buf, max);
+        }
+        Parsed::Request(args)
+    }
+}
+
+async fn connection(
+    ep: Arc<Endpoint>,
+    mut sock: TcpStream,
+    mut stop: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let clients = ep.clients.fetch_add(1, Ordering::SeqCst) + 1;
+    let _count = scopeguard(&ep.clients);
+    if clients > ep.max_connections {
+        sock.write_all(b"-ERR max number of clients reached\r\n").await?;
+        return Ok(());
+    }
+    let mut s = Session {
+        proto: 2,
+        authed: ep.secret.is_none(),
+        name: None,
+        id: ep.next_id.fetch_add(1, Ordering::Relaxed),
+        quit: false,
+    };
+    let mut buf = BytesMut::with_capacity(16 << 10);
+    let mut out = BytesMut::with_capacity(16 << 10);
+    loop {
+        // Run every complete request already buffered (pipelining), then write all replies.
+        let mut requests = Vec::new();
+        let mut bad = None;
+        loop {
+            match parse(&mut buf, ep.max_request) {
+                Parsed::Request(r) => requests.push(r),
+                Parsed::Incomplete => break,
+                Parsed::Bad(e) => {
+                    bad = Some(e);
+                    break;
+                }
+            }
+        }
+        if !requests.is_empty() {
+            let ctx = Context {
+                keys: &ep.keys,
+                secret: ep.secret.as_deref(),
+                max_value: ep.max_request,
+                clients: ep.clients.load(Ordering::Relaxed),
+            };
+            tokio::task::block_in_place(|| {
+                for r in &requests {
+                    let reply = command::execute(&ctx, &mut s, r);
+                    reply.encode(s.proto, &mut out);
+                    if s.quit {
+                        break;
+                    }
+                }
+            });
+        }
+        if let Some(e) = &bad {
+            Reply::err(e).encode(s.proto, &mut out);
+        } else if buf.len() > ep.max_request {
+            Reply::err(format!("Protocol error: request larger than {} bytes", ep.max_request))
+                .encode(s.proto, &mut out);
+            bad = Some(String::new());
+        }
+        if !out.is_empty() {
+            sock.write_all(&out).await?;
+            out.clear();
+        }
+        if bad.is_some() || s.quit {
+            return Ok(());
+        }
+        let read = sock.read_buf(&mut buf);
+        let n = tokio::select! {
+            n = read => n?,
+            () = stopped(&mut stop) => return Ok(()),
+            _ = idle(ep.idle) => return Ok(()),
+        };
+        if n == 0 {
+            return Ok(());
+        }
+    }
+}
+
+/// Resolves once the server is stopping (or its stop sender is gone).
+pub async fn stopped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+async fn idle(limit: Option<Duration>) {
+    match limit {
+        Some(d) => tokio::time::sleep(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Decrements the connection count when the connection ends, however it ends.
+fn scopeguard(n: &AtomicUsize) -> impl Drop + '_ {
+    struct Guard<'a>(&'a AtomicUsize);
+    impl Drop for Guard<'_> {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+    Guard(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_pipelined_arrays_and_inline_commands() {
+        let mut b = BytesMut::from(&b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\nPING\r\n*1\r\n$4\r\nPI"[..]);
+        assert!(
+            matches!(parse(&mut b, 1024), Parsed::Request(a) if a == [Bytes::from("GET"), Bytes::from("k")])
+        );
+        assert!(matches!(parse(&mut b, 1024), Parsed::Request(a) if a == [Bytes::from("PING")]));
+        assert!(matches!(parse(&mut b, 1024), Parsed::Incomplete));
+        let mut b = BytesMut::from(&b"*1\r\n:5\r\n"[..]);
+        assert!(matches!(parse(&mut b, 1024), Parsed::Bad(_)));
+        let mut b = BytesMut::from(&b"*x\r\n"[..]);
+        assert!(matches!(parse(&mut b, 1024), Parsed::Bad(_)));
+        // A declared length over the limit is refused before the bytes arrive.
+        let mut b = BytesMut::from(&b"*2\r\n$3\r\nSET\r\n$2000\r\nab"[..]);
+        assert!(matches!(parse(&mut b, 1024), Parsed::Bad(_)));
+    }
+}

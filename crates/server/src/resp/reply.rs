@@ -1,0 +1,102 @@
+//! Replies of the Redis protocol, encoded as RESP2 or RESP3 per connection.
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+/// One reply.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reply {
+    /// `+OK`.
+    Ok,
+    /// A status line.
+    Status(&'static str),
+    /// An error line; the text starts with the error code (`ERR`, `WRONGTYPE`, `NOAUTH`...).
+    Error(String),
+    /// An integer.
+    Int(i64),
+    /// A bulk string.
+    Bulk(Bytes),
+    /// The null reply.
+    Nil,
+    /// An array.
+    Array(Vec<Reply>),
+    /// A map (RESP3), a flat array of key, value, ... in RESP2.
+    Map(Vec<(Reply, Reply)>),
+}
+
+impl Reply {
+    /// A bulk string of text.
+    pub fn text(s: impl Into<String>) -> Reply {
+        Reply::Bulk(Bytes::from(s.into()))
+    }
+
+    /// An `ERR` error.
+    pub fn err(msg: impl std::fmt::Display) -> Reply {
+        Reply::Error(format!("ERR {msg}"))
+    }
+
+    /// Appends the encoding for protocol version `proto` (2 or 3).
+    pub fn encode(&self, proto: u8, out: &mut BytesMut) {
+        match self {
+            Reply::Ok => out.put_slice(b"+OK\r\n"),
+            Reply::Status(s) => line(out, b'+', s.as_bytes()),
+            Reply::Error(e) => {
+                // An error line cannot hold a line break.
+                let clean: String =
+                    e.chars().map(|c| if c == '\r' || c == '\n' { ' ' } else { c }).collect();
+                line(out, b'-', clean.as_bytes());
+            }
+            Reply::Int(i) => line(out, b':', i.to_string().as_bytes()),
+            Reply::Bulk(b) => {
+                line(out, b'$', b.len().to_string().as_bytes());
+                out.put_slice(b);
+                out.put_slice(b"\r\n");
+            }
+            Reply::Nil if proto >= 3 => out.put_slice(b"_\r\n"),
+            Reply::Nil => out.put_slice(b"$-1\r\n"),
+            Reply::Array(items) => {
+                line(out, b'*', items.len().to_string().as_bytes());
+                for i in items {
+                    i.encode(proto, out);
+                }
+            }
+            Reply::Map(pairs) => {
+                if proto >= 3 {
+                    line(out, b'%', pairs.len().to_string().as_bytes());
+                } else {
+                    line(out, b'*', (pairs.len() * 2).to_string().as_bytes());
+                }
+                for (k, v) in pairs {
+                    k.encode(proto, out);
+                    v.encode(proto, out);
+                }
+            }
+        }
+    }
+}
+
+fn line(out: &mut BytesMut, tag: u8, body: &[u8]) {
+    out.put_u8(tag);
+    out.put_slice(body);
+    out.put_slice(b"\r\n");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn enc(r: &Reply, proto: u8) -> Vec<u8> {
+        let mut b = BytesMut::new();
+        r.encode(proto, &mut b);
+        b.to_vec()
+    }
+
+    #[test]
+    fn resp2_and_resp3() {
+        assert_eq!(enc(&Reply::Nil, 2), b"$-1\r\n");
+        assert_eq!(enc(&Reply::Nil, 3), b"_\r\n");
+        let m = Reply::Map(vec![(Reply::text("a"), Reply::Int(1))]);
+        assert_eq!(enc(&m, 2), b"*2\r\n$1\r\na\r\n:1\r\n");
+        assert_eq!(enc(&m, 3), b"%1\r\n$1\r\na\r\n:1\r\n");
+        assert_eq!(enc(&Reply::Error("ERR a\r\nb".into()), 2), b"-ERR a  b\r\n");
+    }
+}

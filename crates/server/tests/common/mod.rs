@@ -1,0 +1,73 @@
+//! Starts the real `timberd` binary on a free port with a temporary data directory.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+pub struct Timberd {
+    pub child: Child,
+    pub port: u16,
+    pub stderr: mpsc::Receiver<String>,
+}
+
+impl Timberd {
+    /// Starts timberd on `dir` with extra flags and waits until it listens.
+    pub fn start(dir: &Path, extra: &[&str]) -> Timberd {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_timberd"))
+            .args(["--data-dir", dir.to_str().unwrap(), "--resp-addr", "127.0.0.1:0"])
+            .args(extra)
+            .env("TIMBER_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, rx) = mpsc::channel();
+        let err = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut port = None;
+        while port.is_none() {
+            let line = rx
+                .recv_timeout(Duration::from_secs(30))
+                .expect("timberd did not report its address");
+            if let Some(rest) = line.split("resp_addr=").nth(1) {
+                let addr = rest.split_whitespace().next().unwrap();
+                port = Some(addr.rsplit(':').next().unwrap().parse().unwrap());
+            }
+        }
+        Timberd { child, port: port.unwrap(), stderr: rx }
+    }
+
+    pub fn client(&self) -> redis::Connection {
+        let c = redis::Client::open(format!("redis://127.0.0.1:{}/", self.port)).unwrap();
+        let con = c.get_connection_with_timeout(Duration::from_secs(10)).unwrap();
+        con.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        con
+    }
+
+    pub fn signal(&self, sig: rustix::process::Signal) {
+        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).unwrap();
+        rustix::process::kill_process(pid, sig).unwrap();
+    }
+
+    /// SIGTERM, then the exit code.
+    pub fn stop(mut self) -> i32 {
+        self.signal(rustix::process::Signal::TERM);
+        self.child.wait().unwrap().code().unwrap_or(-1)
+    }
+}
+
+impl Drop for Timberd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
