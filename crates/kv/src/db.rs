@@ -298,6 +298,18 @@ impl Db {
         self.inner.write(&mut batch, durability).map(|_| ())
     }
 
+    /// Makes every write made so far durable (one WAL fsync, shared with concurrent callers).
+    /// Lets a caller write a run of batches `Buffered` and pay for one sync at the end.
+    pub fn sync(&self) -> Result<()> {
+        self.inner.check_writable()?;
+        if let Err(e) = self.inner.wal.sync() {
+            let e = Error::from(e);
+            self.inner.set_poison(&e);
+            return Err(e);
+        }
+        Ok(())
+    }
+
     /// Live keys in `range`, in order (`.rev()` for descending), at the current point in time.
     pub fn scan<K: AsRef<[u8]>>(&self, range: impl RangeBounds<K>) -> Iter {
         self.inner.iter(self.inner.visible(), user_bounds(&range))

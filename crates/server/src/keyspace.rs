@@ -73,6 +73,7 @@ fn decode(key: &[u8], v: &Bytes) -> Result<Value, Error> {
 pub struct Keyspace {
     db: Db,
     durability: Durability,
+    synced: bool,
     stripes: Vec<Mutex<()>>,
     cursors: Mutex<lru::LruCache<u64, Bytes>>,
     next_cursor: AtomicU64,
@@ -81,11 +82,14 @@ pub struct Keyspace {
 impl Keyspace {
     /// Opens (creating) the keyspace in `dir` with the server's sync mode.
     pub fn open(dir: &std::path::Path, sync: Sync) -> Result<Keyspace, Error> {
-        let (durability, interval) = match sync {
-            Sync::Always => (Durability::Synced, None),
-            Sync::Interval(d) => (Durability::Buffered, Some(d)),
-            Sync::Manual => (Durability::Buffered, None),
+        // With `Always`, writes are buffered and the connection calls `sync` once per batch of
+        // pipelined commands, before any reply is sent.
+        let (synced, interval) = match sync {
+            Sync::Always => (true, None),
+            Sync::Interval(d) => (false, Some(d)),
+            Sync::Manual => (false, None),
         };
+        let durability = Durability::Buffered;
         let opts = timber_kv::Options::default()
             .durability(durability)
             .wal_sync_interval(interval)
@@ -93,12 +97,23 @@ impl Keyspace {
         Ok(Keyspace {
             db: Db::open(dir, opts)?,
             durability,
+            synced,
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             cursors: Mutex::new(lru::LruCache::new(
                 std::num::NonZeroUsize::new(4096).expect("> 0"),
             )),
             next_cursor: AtomicU64::new(1),
         })
+    }
+
+    /// Whether acknowledged writes must be durable: then callers `sync` before replying.
+    pub fn synced(&self) -> bool {
+        self.synced
+    }
+
+    /// Makes every write so far durable.
+    pub fn sync(&self) -> Result<(), Error> {
+        Ok(self.db.sync()?)
     }
 
     /// Syncs and closes the engine.

@@ -72,6 +72,16 @@ const COMMANDS: &[(&str, i64)] = &[
     ("flushall", -1),
 ];
 
+/// Whether a command may change the keyspace (and so needs a sync before its reply under
+/// `--sync always`).
+pub fn is_write(name: &[u8]) -> bool {
+    const WRITES: &[&str] = &[
+        "set", "getdel", "del", "mset", "incr", "decr", "incrby", "decrby", "append", "expire",
+        "pexpire", "persist", "flushdb", "flushall",
+    ];
+    WRITES.iter().any(|w| w.as_bytes().eq_ignore_ascii_case(name))
+}
+
 fn arity_ok(arity: i64, n: usize) -> bool {
     if arity >= 0 {
         n as i64 == arity

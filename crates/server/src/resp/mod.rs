@@ -203,7 +203,8 @@ async fn connection(
                 max_value: ep.max_request,
                 clients: ep.clients.load(Ordering::Relaxed),
             };
-            tokio::task::block_in_place(|| {
+            let writes = ep.keys.synced() && requests.iter().any(|r| command::is_write(&r[0]));
+            let mut run = || {
                 for r in &requests {
                     let reply = command::execute(&ctx, &mut s, r);
                     reply.encode(s.proto, &mut out);
@@ -211,7 +212,24 @@ async fn connection(
                         break;
                     }
                 }
-            });
+                // Under `--sync always`, one fsync covers the whole pipeline, before any reply.
+                if writes {
+                    if let Err(e) = ep.keys.sync() {
+                        tracing::error!(error = %e, "sync failed");
+                        out.clear();
+                        for _ in &requests {
+                            Reply::err(format!("storage error: {e}")).encode(s.proto, &mut out);
+                        }
+                    }
+                }
+            };
+            // Reads and buffered writes take microseconds: run them here. A sync moves this
+            // worker's other tasks elsewhere while it waits.
+            if writes {
+                tokio::task::block_in_place(run);
+            } else {
+                run();
+            }
         }
         if let Some(e) = &bad {
             Reply::err(e).encode(s.proto, &mut out);

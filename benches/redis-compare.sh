@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# timberd beside a real redis-server (Debian package redis-server, appendonly yes), driven by the
+# same redis-benchmark runs: SET, GET, INCR, XADD; pipelines of 1 and 16; 50 clients. First at
+# 1-second durability (appendfsync everysec vs --sync interval:1000), then per-write durability
+# (appendfsync always vs --sync always). Runs alternate between the two servers; each row is the
+# median of REPEAT runs; the last column is timber / redis.
+#
+# Usage: benches/redis-compare.sh            (N=100000 REPEAT=3 by default)
+# Needs: redis-server and redis-benchmark (apt-get install redis-server).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+N=${N:-100000}
+REPEAT=${REPEAT:-3}
+CLIENTS=50
+TESTS=${TESTS:-set,get,incr,xadd}
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/redis-compare.XXXXXX")
+RPORT=${RPORT:-16379}
+TPORT=${TPORT:-16380}
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
+trap cleanup EXIT
+
+cargo build -q --release --bin timberd
+TIMBERD=target/release/timberd
+
+wait_port() { for _ in $(seq 1 100); do redis-cli -p "$1" PING >/dev/null 2>&1 && return 0; sleep 0.1; done; echo "port $1 did not answer" >&2; exit 1; }
+
+# One redis-benchmark run; prints requests per second, or "n/a" if the server refused the command.
+run() { # port test pipeline
+    local out
+    out=$(redis-benchmark -p "$1" -t "$2" -n "$N" -c "$CLIENTS" -P "$3" -r 100000 --csv 2>/dev/null | tail -n 1)
+    local rps
+    rps=$(echo "$out" | awk -F'","' '{gsub(/"/,"",$2); print $2}')
+    if [[ -z "$rps" || "$rps" == "0.00" ]]; then echo "n/a"; else echo "$rps"; fi
+}
+
+median() { sort -g | awk '{a[NR]=$1} END {if (NR==0) print "n/a"; else print a[int((NR+1)/2)]}'; }
+
+printf "%-10s %-6s %-4s %14s %14s %8s\n" durability test P redis_rps timber_rps ratio
+for mode in everysec always; do
+    rm -rf "$WORK/redis" "$WORK/timber"; mkdir -p "$WORK/redis" "$WORK/timber"
+    redis-server --port "$RPORT" --dir "$WORK/redis" --appendonly yes --appendfsync "$mode" \
+        --save "" --daemonize no >/dev/null 2>&1 &
+    PIDS+=($!)
+    tsync=$([[ $mode == always ]] && echo always || echo interval:1000)
+    "$TIMBERD" --data-dir "$WORK/timber" --resp-addr "127.0.0.1:$TPORT" --sync "$tsync" 2>/dev/null &
+    PIDS+=($!)
+    wait_port "$RPORT"; wait_port "$TPORT"
+    for test in ${TESTS//,/ }; do
+        for p in 1 16; do
+            r=(); t=()
+            for _ in $(seq 1 "$REPEAT"); do
+                r+=("$(run "$RPORT" "$test" "$p")")
+                t+=("$(run "$TPORT" "$test" "$p")")
+            done
+            rm=$(printf "%s\n" "${r[@]}" | grep -v n/a | median)
+            tm=$(printf "%s\n" "${t[@]}" | grep -v n/a | median)
+            ratio=$(awk -v a="$tm" -v b="$rm" 'BEGIN { if (a=="n/a" || b=="n/a" || b==0) print "-"; else printf "%.2fx", a/b }')
+            printf "%-10s %-6s %-4s %14s %14s %8s\n" "$mode" "$test" "$p" "$rm" "$tm" "$ratio"
+        done
+    done
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    PIDS=()
+done
