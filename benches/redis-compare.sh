@@ -29,10 +29,14 @@ wait_port() { for _ in $(seq 1 100); do redis-cli -p "$1" PING >/dev/null 2>&1 &
 # One redis-benchmark run; prints requests per second, or "n/a" if the server refused the command.
 run() { # port test pipeline
     local out
-    out=$(redis-benchmark -p "$1" -t "$2" -n "$N" -c "$CLIENTS" -P "$3" -r 100000 --csv 2>/dev/null | tail -n 1)
+    local what=(-t "$2")
+    # redis-benchmark has no built-in XADD test: give it the command.
+    [[ "$2" == xadd ]] && what=(XADD bench-stream '*' field value)
+    out=$(redis-benchmark -p "$1" -n "$N" -c "$CLIENTS" -P "$3" -r 100000 --csv "${what[@]}" 2>/dev/null \
+        | grep -v '^"test"' | tail -n 1 || true)
     local rps
     rps=$(echo "$out" | awk -F'","' '{gsub(/"/,"",$2); print $2}')
-    if [[ -z "$rps" || "$rps" == "0.00" ]]; then echo "n/a"; else echo "$rps"; fi
+    if [[ "$rps" =~ ^[0-9]+(\.[0-9]+)?$ && "$rps" != "0.00" ]]; then echo "$rps"; else echo "n/a"; fi
 }
 
 median() { sort -g | awk '{a[NR]=$1} END {if (NR==0) print "n/a"; else print a[int((NR+1)/2)]}'; }
@@ -54,8 +58,8 @@ for mode in everysec always; do
                 r+=("$(run "$RPORT" "$test" "$p")")
                 t+=("$(run "$TPORT" "$test" "$p")")
             done
-            rm=$(printf "%s\n" "${r[@]}" | grep -v n/a | median)
-            tm=$(printf "%s\n" "${t[@]}" | grep -v n/a | median)
+            rm=$(printf "%s\n" "${r[@]}" | { grep -v n/a || true; } | median)
+            tm=$(printf "%s\n" "${t[@]}" | { grep -v n/a || true; } | median)
             ratio=$(awk -v a="$tm" -v b="$rm" 'BEGIN { if (a=="n/a" || b=="n/a" || b==0) print "-"; else printf "%.2fx", a/b }')
             printf "%-10s %-6s %-4s %14s %14s %8s\n" "$mode" "$test" "$p" "$rm" "$tm" "$ratio"
         done
