@@ -6,6 +6,27 @@ use std::path::PathBuf;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+/// Options every layer's subcommand takes (kv has its own, with a system filter).
+#[derive(clap::Args, Debug)]
+pub struct Common {
+    /// Directory for the data under test (on the disk to measure).
+    #[arg(long, default_value_os_t = std::env::temp_dir())]
+    pub dir: PathBuf,
+    /// Runs of each (workload, system); the table shows medians.
+    #[arg(long, default_value_t = 3)]
+    pub repeat: usize,
+    /// Only run workloads whose name contains this.
+    #[arg(long)]
+    pub only: Option<String>,
+}
+
+impl Common {
+    /// Whether the workload `name` is selected by `--only`.
+    pub fn wanted(&self, name: &str) -> bool {
+        self.only.as_deref().is_none_or(|o| name.contains(o))
+    }
+}
+
 /// One measured run of one system on one workload.
 #[derive(Debug, Clone)]
 pub struct Sample {

@@ -18,22 +18,15 @@ use hyper_util::server::conn::auto::Builder as ConnBuilder;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use timber_stream::{Options, S3Options, Start, Storage, StreamConfig, Streams};
 
-use crate::report::{print_table, write_json, Row, Sample};
+use crate::report::{print_table, write_json, Common, Row, Sample};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Directory for the streams and the S3 server's files (on the disk to measure).
-    #[arg(long, default_value_os_t = std::env::temp_dir())]
-    dir: PathBuf,
-    /// Runs of each (workload, system); the table shows medians.
-    #[arg(long, default_value_t = 3)]
-    repeat: usize,
+    #[command(flatten)]
+    common: Common,
     /// MiB appended by each append run.
     #[arg(long, default_value_t = 64)]
     mb: u64,
-    /// Only run workloads whose name contains this.
-    #[arg(long)]
-    only: Option<String>,
 }
 
 const KEY: &str = "bench";
@@ -106,7 +99,7 @@ struct Place {
 impl Place {
     fn new(args: &Args, backend: Backend, server: &Server, n: &mut u32) -> anyhow::Result<Place> {
         *n += 1;
-        let dir = tempfile::tempdir_in(&args.dir)?;
+        let dir = tempfile::tempdir_in(&args.common.dir)?;
         let s3 = match backend {
             Backend::Local => None,
             Backend::S3 => Some(server.bucket(&format!("b{}-{n}", std::process::id()))?),
@@ -329,12 +322,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     rt.block_on(run_async(args))
 }
 
-fn wanted(args: &Args, name: &str) -> bool {
-    args.only.as_ref().is_none_or(|o| name.contains(o.as_str()))
-}
-
 async fn run_async(args: Args) -> anyhow::Result<()> {
-    let s3_root = tempfile::tempdir_in(&args.dir)?;
+    let s3_root = tempfile::tempdir_in(&args.common.dir)?;
     let server = start_s3(s3_root.path()).await?;
     let mut places = 0;
     let total = args.mb << 20;
@@ -344,11 +333,11 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
     for backend in [Backend::Local, Backend::S3] {
         for size in [1024usize, 64 << 10] {
             let name = format!("append-{}k/{}", size >> 10, backend.name());
-            if !wanted(&args, &name) {
+            if !args.common.wanted(&name) {
                 continue;
             }
             let (mut timber, mut ceiling) = (Vec::new(), Vec::new());
-            for _ in 0..args.repeat {
+            for _ in 0..args.common.repeat {
                 let p = Place::new(&args, backend, &server, &mut places)?;
                 let (sample, frag) = append_run(&p, size, total).await?;
                 timber.push(sample);
@@ -371,21 +360,21 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
             rows.push(Row::from_samples(&name, ceiling_name, &ceiling));
         }
         let name = format!("tail-latency/{}", backend.name());
-        if wanted(&args, &name) {
+        if args.common.wanted(&name) {
             let mut samples = Vec::new();
-            for _ in 0..args.repeat {
+            for _ in 0..args.common.repeat {
                 let p = Place::new(&args, backend, &server, &mut places)?;
                 samples.push(tail_run(&p, 500).await?);
             }
             rows.push(Row::from_samples(&name, "timber", &samples));
         }
         let reads = ["catchup-cold", "catchup-warm", "cache-1-reader", "cache-8-readers"];
-        if reads.iter().any(|w| wanted(&args, &format!("{w}/{}", backend.name()))) {
+        if reads.iter().any(|w| args.common.wanted(&format!("{w}/{}", backend.name()))) {
             let p = Place::new(&args, backend, &server, &mut places)?;
             fill(&p, total).await?;
             for w in reads {
                 let name = format!("{w}/{}", backend.name());
-                if !wanted(&args, &name) {
+                if !args.common.wanted(&name) {
                     continue;
                 }
                 let (readers, cache, warm) = match w {
@@ -396,7 +385,7 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
                 };
                 let mut samples = Vec::new();
                 let mut rates = Vec::new();
-                for _ in 0..args.repeat {
+                for _ in 0..args.common.repeat {
                     let (sample, rate) = read_run(&p, readers, cache, warm).await?;
                     samples.push(sample);
                     rates.push(rate);

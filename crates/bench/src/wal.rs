@@ -3,23 +3,19 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use timber_wal::{Options, SyncMode, Wal};
 
-use crate::report::{print_table, write_json, Row, Sample};
+use crate::report::{print_table, write_json, Common, Row, Sample};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Directory for the logs under test (on the disk to measure).
-    #[arg(long, default_value_os_t = std::env::temp_dir())]
-    dir: PathBuf,
-    /// Runs of each (workload, system); the table shows medians.
-    #[arg(long, default_value_t = 3)]
-    repeat: usize,
+    #[command(flatten)]
+    common: Common,
     /// Seconds of each durable-append run.
     #[arg(long, default_value_t = 2.0)]
     secs: f64,
@@ -29,9 +25,6 @@ pub struct Args {
     /// Size of the log opened by the recovery workload, in GiB.
     #[arg(long, default_value_t = 1.0)]
     recovery_gib: f64,
-    /// Only run workloads whose name contains this.
-    #[arg(long)]
-    only: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -217,9 +210,9 @@ fn peers_for(durable: bool, threads: usize) -> Vec<System> {
 type Workload<'a> = dyn Fn(Arc<dyn Log>) -> anyhow::Result<Sample> + 'a;
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&args.dir)
-        .with_context(|| format!("creating {}", args.dir.display()))?;
-    let wanted = |w: &str| args.only.as_deref().is_none_or(|o| w.contains(o));
+    std::fs::create_dir_all(&args.common.dir)
+        .with_context(|| format!("creating {}", args.common.dir.display()))?;
+    let wanted = |w: &str| args.common.wanted(w);
     let mut rows = Vec::new();
     let mut bench =
         |workload: &str, durable: bool, threads: usize, f: &Workload<'_>| -> anyhow::Result<()> {
@@ -228,11 +221,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             }
             let systems = peers_for(durable, threads);
             let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); systems.len()];
-            for r in 0..args.repeat {
+            for r in 0..args.common.repeat {
                 // Alternate the order so that no system always runs on a quieter disk.
                 for k in 0..systems.len() {
                     let i = (k + r) % systems.len();
-                    let dir = tempfile::tempdir_in(&args.dir)?;
+                    let dir = tempfile::tempdir_in(&args.common.dir)?;
                     let log: Arc<dyn Log> = Arc::from(open(systems[i], dir.path(), durable)?);
                     let s = f(log)?;
                     eprintln!(
@@ -275,7 +268,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
 /// Iterates over a log of 100-byte records written unsynced.
 fn read_sequential(args: &Args) -> anyhow::Result<Row> {
-    let dir = tempfile::tempdir_in(&args.dir)?;
+    let dir = tempfile::tempdir_in(&args.common.dir)?;
     let n = args.records;
     {
         let wal = Wal::open(dir.path(), Options::default().sync(SyncMode::Manual))?;
@@ -286,7 +279,7 @@ fn read_sequential(args: &Args) -> anyhow::Result<Row> {
         }
     }
     let mut samples = Vec::new();
-    for r in 0..args.repeat {
+    for r in 0..args.common.repeat {
         let wal = Wal::open(dir.path(), Options::default().sync(SyncMode::Manual))?;
         let mut hist = Sample::new_histogram();
         let (mut ops, mut bytes) = (0u64, 0u64);
@@ -310,7 +303,7 @@ fn read_sequential(args: &Args) -> anyhow::Result<Row> {
 /// Opens a log of `recovery_gib` GiB (4 KiB records in 64 MiB segments). Page caches are dropped
 /// before each open when this process may do so, else the open is warm.
 fn recovery(args: &Args) -> anyhow::Result<Row> {
-    let dir = tempfile::tempdir_in(&args.dir)?;
+    let dir = tempfile::tempdir_in(&args.common.dir)?;
     let bytes = (args.recovery_gib * (1u64 << 30) as f64) as u64;
     let n = bytes / 4096;
     {
@@ -323,7 +316,7 @@ fn recovery(args: &Args) -> anyhow::Result<Row> {
     }
     let mut samples = Vec::new();
     let mut cold = true;
-    for r in 0..args.repeat.max(3) {
+    for r in 0..args.common.repeat.max(3) {
         cold &= std::fs::write("/proc/sys/vm/drop_caches", "3\n").is_ok();
         let start = Instant::now();
         let wal = Wal::open(dir.path(), Options::default().sync(SyncMode::Manual))?;
