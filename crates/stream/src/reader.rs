@@ -131,7 +131,10 @@ impl StreamReader {
 
     async fn load(&mut self) -> Result<()> {
         self.current = None;
-        match self.shared.fragment_for(self.stream, self.pos).await? {
+        let start = std::time::Instant::now();
+        let found = self.shared.fragment_for(self.stream, self.pos).await?;
+        metrics::histogram!("timber_stream_read_seconds").record(start.elapsed().as_secs_f64());
+        match found {
             Some((meta, frag)) => {
                 self.current = Some(frag);
                 self.shared.cache.move_reader(self.reader, self.stream, self.pos);

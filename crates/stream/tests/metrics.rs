@@ -42,6 +42,10 @@ fn writers_readers_cache_and_store_report_metrics() {
     assert_eq!(find("timber_stream_flush_seconds"), 20.0);
     assert_eq!(find("timber_stream_read_entries_total"), 20.0);
     assert!(find("timber_stream_read_bytes_total") > 2_000_000.0);
+    assert!(
+        find("timber_stream_read_seconds") >= 20.0,
+        "every fragment a reader moves into is timed"
+    );
     assert!(find("timber_stream_store_seconds") >= 40.0, "puts and gets are timed");
     assert!(find("timber_stream_cache_misses_total") >= 1.0);
     assert!(
