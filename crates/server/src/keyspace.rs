@@ -221,18 +221,24 @@ impl Keyspace {
         self.cursors.lock().get(&id).cloned()
     }
 
-    /// Number of live keys.
-    pub fn len(&self) -> Result<u64, Error> {
-        let mut n = 0;
+    /// Calls `f` with every live key, in order.
+    pub fn each_key(&self, mut f: impl FnMut(Bytes)) -> Result<(), Error> {
         let mut after: Option<Bytes> = None;
         loop {
             let (keys, next) = self.keys(after.as_deref(), 4096)?;
-            n += keys.len() as u64;
+            keys.into_iter().for_each(&mut f);
             match next {
                 Some(k) => after = Some(k),
-                None => return Ok(n),
+                None => return Ok(()),
             }
         }
+    }
+
+    /// Number of live keys.
+    pub fn len(&self) -> Result<u64, Error> {
+        let mut n = 0;
+        self.each_key(|_| n += 1)?;
+        Ok(n)
     }
 
     /// Whether the keyspace holds no live key.

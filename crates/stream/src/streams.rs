@@ -226,7 +226,7 @@ impl Streams {
             shared.add_watch(&s);
         }
         let streams = Streams { shared };
-        streams.collect_garbage().await?;
+        collect_garbage(&streams.shared).await?;
         if let Some(every) = streams.shared.opts.maintenance_interval {
             tokio::spawn(maintain_every(Arc::downgrade(&streams.shared), every));
         }
@@ -294,11 +294,7 @@ impl Streams {
     /// Drops every entry below `before` (clamped to the end of the stream). Whole fragments
     /// below it are deleted from storage; reading a dropped id gives [`Error::Truncated`].
     pub async fn truncate(&self, name: &str, before: u64) -> Result<StreamInfo> {
-        let n = name.to_string();
-        let (s, gone) = self.shared.blocking(move |sh| sh.meta.truncate(&n, before)).await?;
-        self.shared.publish(&s);
-        self.forget(s.id, &gone).await;
-        Ok(info(&s))
+        Ok(info(&truncate(&self.shared, name, before).await?))
     }
 
     /// Deletes a stream and all its fragments. Its writer fails at its next flush, its readers
@@ -328,14 +324,15 @@ impl Streams {
     pub async fn close(self) -> Result<()> {
         self.shared.blocking(|sh| sh.meta.close()).await
     }
+}
 
-    async fn forget(&self, stream: u64, gone: &[FragmentMeta]) {
-        forget(&self.shared, stream, gone).await;
-    }
-
-    async fn collect_garbage(&self) -> Result<u64> {
-        collect_garbage(&self.shared).await
-    }
+/// Moves the truncation point, tells readers, and deletes the fragments it unrecorded.
+async fn truncate(sh: &Arc<Shared>, name: &str, before: u64) -> Result<StreamMeta> {
+    let n = name.to_string();
+    let (s, gone) = sh.blocking(move |sh| sh.meta.truncate(&n, before)).await?;
+    sh.publish(&s);
+    forget(sh, s.id, &gone).await;
+    Ok(s)
 }
 
 /// Deletes the objects of unrecorded fragments and drops them from the cache. A failed delete
@@ -388,10 +385,7 @@ async fn apply_retention(sh: &Arc<Shared>) -> Result<()> {
             cut = f.end_id;
         }
         if cut > s.first_id {
-            let name = s.name.clone();
-            let (s, gone) = sh.blocking(move |sh| sh.meta.truncate(&name, cut)).await?;
-            sh.publish(&s);
-            forget(sh, s.id, &gone).await;
+            truncate(sh, &s.name, cut).await?;
         }
     }
     Ok(())

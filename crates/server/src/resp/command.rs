@@ -314,22 +314,14 @@ pub fn execute(ctx: &Context<'_>, s: &mut Session, args: &[Bytes]) -> Reply {
         "scan" => scan(ctx, a),
         "keys" => {
             let mut out = Vec::new();
-            let mut after: Option<Bytes> = None;
-            loop {
-                match ctx.keys.keys(after.as_deref(), 4096) {
-                    Ok((keys, next)) => {
-                        out.extend(
-                            keys.into_iter().filter(|k| glob::matches(&a[0], k)).map(Reply::Bulk),
-                        );
-                        match next {
-                            Some(n) => after = Some(n),
-                            None => break,
-                        }
-                    }
-                    Err(e) => return storage(e),
+            match ctx.keys.each_key(|k| {
+                if glob::matches(&a[0], &k) {
+                    out.push(Reply::Bulk(k));
                 }
+            }) {
+                Ok(()) => Reply::Array(out),
+                Err(e) => storage(e),
             }
-            Reply::Array(out)
         }
         "type" => match ctx.keys.get(&a[0]) {
             Ok(Some(_)) => Reply::Status("string"),
