@@ -1,7 +1,10 @@
-//! The keyspace the endpoints share: string values with optional expiry, on timber-kv.
+//! The keyspace the endpoints share: typed values (strings, and the handles of Redis streams)
+//! with optional expiry, on timber-kv.
 //!
-//! Layout in the KV engine: `k<key>` → `[kind u8 = 1][expire_at ms u64 LE, 0 = never][bytes]`;
-//! `e<expire_at u64 BE><key>` → empty, an index of keys with a deadline for the sweep.
+//! Layout in the KV engine: `k<key>` → `[kind u8][expire_at ms u64 LE, 0 = never][bytes]`
+//! (kind 1: a string, the bytes are its value; kind 2: a stream, the bytes are its handle, see
+//! [`crate::streams`]); `e<expire_at u64 BE><key>` → empty, an index of keys with a deadline for
+//! the sweep. Other first bytes belong to [`crate::streams`] (`u`, `r`, `g`, `p`).
 //!
 //! Invariants: a key whose deadline has passed is never returned (reads check it, the sweep
 //! deletes it); read-modify-write commands hold the key's stripe lock from read to write, so
@@ -17,7 +20,6 @@ use timber_kv::{Db, Durability, WriteBatch};
 
 use crate::config::Sync;
 
-const STRING: u8 = 1;
 const STRIPES: usize = 256;
 
 /// Errors of keyspace operations.
@@ -29,11 +31,35 @@ pub enum Error {
     /// A stored value failed to decode.
     #[error("corrupt value of key {0:?}")]
     Corrupt(Bytes),
+    /// The key holds another kind of value than the command works on.
+    #[error("WRONGTYPE Operation against a key holding the wrong kind of value")]
+    WrongType,
+}
+
+/// What a key holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A string.
+    String = 1,
+    /// A Redis stream; the value's bytes are its handle.
+    Stream = 2,
+}
+
+impl Kind {
+    /// The name `TYPE` reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::String => "string",
+            Kind::Stream => "stream",
+        }
+    }
 }
 
 /// A stored value.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Value {
+    /// What the key holds.
+    pub kind: Kind,
     /// The bytes.
     pub data: Bytes,
     /// Deadline in ms since the Unix epoch.
@@ -60,12 +86,24 @@ fn index_key(at: u64, key: &[u8]) -> Vec<u8> {
     k
 }
 
+impl Value {
+    /// A string value without deadline.
+    pub fn string(data: impl Into<Bytes>) -> Value {
+        Value { kind: Kind::String, data: data.into(), expire_at: None }
+    }
+}
+
 fn decode(key: &[u8], v: &Bytes) -> Result<Value, Error> {
-    if v.len() < 9 || v[0] != STRING {
+    let kind = match v.first() {
+        Some(1) => Kind::String,
+        Some(2) => Kind::Stream,
+        _ => return Err(Error::Corrupt(Bytes::copy_from_slice(key))),
+    };
+    if v.len() < 9 {
         return Err(Error::Corrupt(Bytes::copy_from_slice(key)));
     }
     let at = u64::from_le_bytes(v[1..9].try_into().expect("8 bytes"));
-    Ok(Value { data: v.slice(9..), expire_at: (at != 0).then_some(at) })
+    Ok(Value { kind, data: v.slice(9..), expire_at: (at != 0).then_some(at) })
 }
 
 /// The shared keyspace.
@@ -129,16 +167,35 @@ impl Keyspace {
         self.stripes[(h % STRIPES as u64) as usize].lock()
     }
 
-    /// The live value of a key.
+    /// The live value of a key, of any kind.
     pub fn get(&self, key: &[u8]) -> Result<Option<Value>, Error> {
         let Some(v) = self.db.get(data_key(key))? else { return Ok(None) };
         let v = decode(key, &v)?;
         Ok(v.expire_at.is_none_or(|at| at > now_ms()).then_some(v))
     }
 
-    fn put_into(b: &mut WriteBatch, key: &[u8], v: &Value) {
+    /// The live value of a key that must hold a string (or nothing): [`Error::WrongType`]
+    /// otherwise.
+    pub fn get_string(&self, key: &[u8]) -> Result<Option<Value>, Error> {
+        match self.get(key)? {
+            Some(v) if v.kind != Kind::String => Err(Error::WrongType),
+            v => Ok(v),
+        }
+    }
+
+    /// The engine, for the other structures kept beside the keys ([`crate::streams`]).
+    pub(crate) fn db(&self) -> &Db {
+        &self.db
+    }
+
+    /// The durability of keyspace writes (buffered; callers sync per [`Keyspace::synced`]).
+    pub(crate) fn durability(&self) -> Durability {
+        self.durability
+    }
+
+    pub(crate) fn put_into(b: &mut WriteBatch, key: &[u8], v: &Value) {
         let mut enc = Vec::with_capacity(9 + v.data.len());
-        enc.push(STRING);
+        enc.push(v.kind as u8);
         enc.extend_from_slice(&v.expire_at.unwrap_or(0).to_le_bytes());
         enc.extend_from_slice(&v.data);
         b.put(data_key(key), enc);

@@ -1,10 +1,11 @@
-//! timberd, the timber server: one process that keeps its data in one directory and serves it
-//! over the Redis protocol (RESP2/RESP3). Library form so that tests and embedders can start it
+//! timberd, the timber server: one process that keeps its data in one directory (the keyspace in
+//! `kv/`, streams in `streams/`) and serves it over the Redis protocol (RESP2/RESP3). Library form so that tests and embedders can start it
 //! in process; the `timberd` binary wraps it with flags, logs and signal handling.
 
 pub mod config;
 pub mod keyspace;
 pub mod resp;
+pub mod streams;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,6 +16,7 @@ use tokio::sync::watch;
 
 pub use config::{Config, Flags, LogFormat, Sync};
 use keyspace::Keyspace;
+use streams::StreamSpace;
 
 /// A running server.
 #[derive(Debug)]
@@ -22,6 +24,7 @@ pub struct Server {
     /// Where the Redis-protocol endpoint listens.
     pub resp_addr: SocketAddr,
     keys: Arc<Keyspace>,
+    streams: Arc<StreamSpace>,
     stop: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -41,16 +44,22 @@ impl Server {
             ),
             Err(e) => return Err(e).with_context(|| format!("cannot open {}", kv_dir.display())),
         };
+        let streams_dir = cfg.data_dir.join("streams");
+        let streams = Arc::new(
+            StreamSpace::open(keys.clone(), &streams_dir)
+                .await
+                .with_context(|| format!("cannot open {}", streams_dir.display()))?,
+        );
         let listener = tokio::net::TcpListener::bind(cfg.resp_addr)
             .await
             .with_context(|| format!("cannot listen on {} (resp-addr)", cfg.resp_addr))?;
         let resp_addr = listener.local_addr()?;
         let (stop, stop_rx) = watch::channel(false);
-        let endpoint = Arc::new(resp::Endpoint::new(keys.clone(), &cfg));
+        let endpoint = Arc::new(resp::Endpoint::new(keys.clone(), streams.clone(), &cfg));
         let mut tasks = vec![tokio::spawn(resp::serve(endpoint, listener, stop_rx.clone()))];
-        tasks.push(tokio::spawn(sweep_expired(keys.clone(), stop_rx)));
+        tasks.push(tokio::spawn(sweep(keys.clone(), streams.clone(), stop_rx)));
         tracing::info!(%resp_addr, data_dir = %cfg.data_dir.display(), sync = ?cfg.sync, "timberd listening");
-        Ok(Server { resp_addr, keys, stop, tasks })
+        Ok(Server { resp_addr, keys, streams, stop, tasks })
     }
 
     /// Graceful shutdown: stop accepting, let connections finish the requests they have read,
@@ -60,6 +69,7 @@ impl Server {
         for t in self.tasks {
             let _ = t.await;
         }
+        self.streams.close().await?;
         let keys = self.keys.clone();
         tokio::task::spawn_blocking(move || keys.close()).await??;
         tracing::info!("timberd stopped; data synced");
@@ -67,8 +77,18 @@ impl Server {
     }
 }
 
-async fn sweep_expired(keys: Arc<Keyspace>, mut stop: watch::Receiver<bool>) {
+/// Every 100 ms, deletes expired keys; every second, collects the streams of deleted keys.
+async fn sweep(keys: Arc<Keyspace>, streams: Arc<StreamSpace>, mut stop: watch::Receiver<bool>) {
+    let mut round = 0u64;
     loop {
+        round += 1;
+        if round.is_multiple_of(10) {
+            match streams.collect_garbage().await {
+                Ok(n) if n > 0 => tracing::debug!(streams = n, "collected streams of deleted keys"),
+                Err(e) => tracing::warn!(error = %e, "stream collection failed"),
+                _ => {}
+            }
+        }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(100)) => {}
             () = resp::stopped(&mut stop) => return,

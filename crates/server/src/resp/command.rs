@@ -3,7 +3,7 @@
 
 use bytes::Bytes;
 
-use crate::keyspace::{now_ms, Keyspace, Value};
+use crate::keyspace::{now_ms, Keyspace, Kind, Value};
 use crate::resp::glob;
 use crate::resp::reply::Reply;
 
@@ -70,6 +70,17 @@ const COMMANDS: &[(&str, i64)] = &[
     ("type", 2),
     ("flushdb", -1),
     ("flushall", -1),
+    ("xadd", -5),
+    ("xlen", 2),
+    ("xrange", -4),
+    ("xrevrange", -4),
+    ("xread", -4),
+    ("xtrim", -4),
+    ("xdel", -3),
+    ("xgroup", -2),
+    ("xreadgroup", -7),
+    ("xack", -4),
+    ("xpending", -3),
 ];
 
 /// Whether a command may change the keyspace (and so needs a sync before its reply under
@@ -90,7 +101,8 @@ fn arity_ok(arity: i64, n: usize) -> bool {
     }
 }
 
-fn int(b: &[u8]) -> Option<i64> {
+/// A Redis integer argument (no sign prefix `+`, no leading zeros).
+pub(crate) fn int(b: &[u8]) -> Option<i64> {
     let s = std::str::from_utf8(b).ok()?;
     if s.is_empty()
         || s.starts_with('+')
@@ -111,37 +123,48 @@ fn syntax() -> Reply {
 }
 
 fn storage(e: crate::keyspace::Error) -> Reply {
+    if let crate::keyspace::Error::WrongType = e {
+        return Reply::Error(e.to_string());
+    }
     tracing::error!(error = %e, "storage error");
     Reply::err(format!("storage error: {e}"))
 }
 
-fn upper(b: &[u8]) -> String {
+/// An argument in upper case, for option names.
+pub(crate) fn upper(b: &[u8]) -> String {
     String::from_utf8_lossy(b).to_ascii_uppercase()
 }
 
-/// Runs one command. `args[0]` is the command name.
-pub fn execute(ctx: &Context<'_>, s: &mut Session, args: &[Bytes]) -> Reply {
-    let Some(name) = args.first() else { return Reply::err("empty command") };
+/// Checks a request before it runs: a known command, its arity, authentication. Returns the
+/// command's name in lower case, or the error reply.
+pub fn prepare(s: &Session, args: &[Bytes]) -> Result<&'static str, Reply> {
+    let Some(name) = args.first() else { return Err(Reply::err("empty command")) };
     let lname = String::from_utf8_lossy(name).to_ascii_lowercase();
-    let Some(&(_, arity)) = COMMANDS.iter().find(|(n, _)| *n == lname) else {
+    let Some(&(cname, arity)) = COMMANDS.iter().find(|(n, _)| *n == lname) else {
         let shown: String = args[1..]
             .iter()
             .take(8)
             .map(|a| format!("'{}' ", String::from_utf8_lossy(a)))
             .collect();
-        return Reply::err(format!(
+        return Err(Reply::err(format!(
             "unknown command '{}', with args beginning with: {shown}",
             String::from_utf8_lossy(name)
-        ));
+        )));
     };
     if !arity_ok(arity, args.len()) {
-        return Reply::err(format!("wrong number of arguments for '{lname}' command"));
+        return Err(Reply::err(format!("wrong number of arguments for '{lname}' command")));
     }
-    if !s.authed && !matches!(lname.as_str(), "auth" | "hello" | "quit" | "ping") {
-        return Reply::Error("NOAUTH Authentication required.".into());
+    if !s.authed && !matches!(cname, "auth" | "hello" | "quit" | "ping") {
+        return Err(Reply::Error("NOAUTH Authentication required.".into()));
     }
+    Ok(cname)
+}
+
+/// Runs one command that [`prepare`] accepted as `lname` and that is not a stream command.
+/// `args[0]` is the command name.
+pub fn execute(ctx: &Context<'_>, s: &mut Session, lname: &str, args: &[Bytes]) -> Reply {
     let a = &args[1..];
-    match lname.as_str() {
+    match lname {
         "ping" => match a {
             [] => Reply::Status("PONG"),
             [m] => Reply::Bulk(m.clone()),
@@ -173,7 +196,7 @@ pub fn execute(ctx: &Context<'_>, s: &mut Session, args: &[Bytes]) -> Reply {
             Ok(n) => Reply::Int(n as i64),
             Err(e) => storage(e),
         },
-        "get" => match ctx.keys.get(&a[0]) {
+        "get" => match ctx.keys.get_string(&a[0]) {
             Ok(Some(v)) => Reply::Bulk(v.data),
             Ok(None) => Reply::Nil,
             Err(e) => storage(e),
@@ -181,7 +204,7 @@ pub fn execute(ctx: &Context<'_>, s: &mut Session, args: &[Bytes]) -> Reply {
         "set" => set(ctx, a),
         "getdel" => {
             let _g = ctx.keys.lock(&a[0]);
-            match ctx.keys.get(&a[0]) {
+            match ctx.keys.get_string(&a[0]) {
                 Ok(Some(v)) => match ctx.keys.delete(&[&a[0]]) {
                     Ok(_) => Reply::Bulk(v.data),
                     Err(e) => storage(e),
@@ -212,8 +235,8 @@ pub fn execute(ctx: &Context<'_>, s: &mut Session, args: &[Bytes]) -> Reply {
             let mut out = Vec::with_capacity(a.len());
             for k in a {
                 match ctx.keys.get(k) {
-                    Ok(Some(v)) => out.push(Reply::Bulk(v.data)),
-                    Ok(None) => out.push(Reply::Nil),
+                    Ok(Some(v)) if v.kind == Kind::String => out.push(Reply::Bulk(v.data)),
+                    Ok(_) => out.push(Reply::Nil),
                     Err(e) => return storage(e),
                 }
             }
@@ -226,10 +249,8 @@ pub fn execute(ctx: &Context<'_>, s: &mut Session, args: &[Bytes]) -> Reply {
             if let Some(v) = a.chunks(2).find(|kv| kv[1].len() > ctx.max_value) {
                 return too_big(v[1].len(), ctx.max_value);
             }
-            let items: Vec<(&[u8], Value)> = a
-                .chunks(2)
-                .map(|kv| (&kv[0][..], Value { data: kv[1].clone(), expire_at: None }))
-                .collect();
+            let items: Vec<(&[u8], Value)> =
+                a.chunks(2).map(|kv| (&kv[0][..], Value::string(kv[1].clone()))).collect();
             match ctx.keys.set_many(&items) {
                 Ok(()) => Reply::Ok,
                 Err(e) => storage(e),
@@ -247,7 +268,7 @@ pub fn execute(ctx: &Context<'_>, s: &mut Session, args: &[Bytes]) -> Reply {
         },
         "append" => {
             let _g = ctx.keys.lock(&a[0]);
-            let cur = match ctx.keys.get(&a[0]) {
+            let cur = match ctx.keys.get_string(&a[0]) {
                 Ok(v) => v,
                 Err(e) => return storage(e),
             };
@@ -258,12 +279,12 @@ pub fn execute(ctx: &Context<'_>, s: &mut Session, args: &[Bytes]) -> Reply {
             }
             data.extend_from_slice(&a[1]);
             let n = data.len();
-            match ctx.keys.set(&a[0], &Value { data: data.into(), expire_at }) {
+            match ctx.keys.set(&a[0], &Value { expire_at, ..Value::string(data) }) {
                 Ok(()) => Reply::Int(n as i64),
                 Err(e) => storage(e),
             }
         }
-        "strlen" => match ctx.keys.get(&a[0]) {
+        "strlen" => match ctx.keys.get_string(&a[0]) {
             Ok(v) => Reply::Int(v.map_or(0, |v| v.data.len() as i64)),
             Err(e) => storage(e),
         },
@@ -324,7 +345,7 @@ pub fn execute(ctx: &Context<'_>, s: &mut Session, args: &[Bytes]) -> Reply {
             }
         }
         "type" => match ctx.keys.get(&a[0]) {
-            Ok(Some(_)) => Reply::Status("string"),
+            Ok(Some(v)) => Reply::Status(v.kind.name()),
             Ok(None) => Reply::Status("none"),
             Err(e) => storage(e),
         },
@@ -505,7 +526,8 @@ fn set(ctx: &Context<'_>, a: &[Bytes]) -> Reply {
     }
     let _g = ctx.keys.lock(key);
     let old = if nx || xx || get || keepttl {
-        match ctx.keys.get(key) {
+        // SET overwrites a key of any kind, but SET ... GET needs the old value to be a string.
+        match if get { ctx.keys.get_string(key) } else { ctx.keys.get(key) } {
             Ok(v) => v,
             Err(e) => return storage(e),
         }
@@ -519,7 +541,7 @@ fn set(ctx: &Context<'_>, a: &[Bytes]) -> Reply {
     if keepttl {
         expire_at = old.as_ref().and_then(|v| v.expire_at);
     }
-    match ctx.keys.set(key, &Value { data: data.clone(), expire_at }) {
+    match ctx.keys.set(key, &Value { expire_at, ..Value::string(data.clone()) }) {
         Ok(()) if get => old_reply(),
         Ok(()) => Reply::Ok,
         Err(e) => storage(e),
@@ -528,7 +550,7 @@ fn set(ctx: &Context<'_>, a: &[Bytes]) -> Reply {
 
 fn incr_by(ctx: &Context<'_>, key: &Bytes, delta: i64) -> Reply {
     let _g = ctx.keys.lock(key);
-    let (cur, expire_at) = match ctx.keys.get(key) {
+    let (cur, expire_at) = match ctx.keys.get_string(key) {
         Ok(None) => (0, None),
         Ok(Some(v)) => match int(&v.data) {
             Some(n) => (n, v.expire_at),
@@ -539,7 +561,7 @@ fn incr_by(ctx: &Context<'_>, key: &Bytes, delta: i64) -> Reply {
     let Some(n) = cur.checked_add(delta) else {
         return Reply::err("increment or decrement would overflow");
     };
-    match ctx.keys.set(key, &Value { data: Bytes::from(n.to_string()), expire_at }) {
+    match ctx.keys.set(key, &Value { expire_at, ..Value::string(n.to_string()) }) {
         Ok(()) => Reply::Int(n),
         Err(e) => storage(e),
     }

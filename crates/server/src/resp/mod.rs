@@ -9,6 +9,7 @@
 pub mod command;
 pub mod glob;
 pub mod reply;
+pub mod stream_command;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -22,14 +23,18 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::keyspace::Keyspace;
+use crate::streams::StreamSpace;
 use command::{Context, Session};
 use reply::Reply;
+use stream_command::{Outcome, StreamContext};
 
 /// Shared by all connections of the endpoint.
 #[derive(Debug)]
 pub struct Endpoint {
     /// The keyspace.
     pub keys: Arc<Keyspace>,
+    /// The Redis streams.
+    pub streams: Arc<StreamSpace>,
     /// The shared secret.
     pub secret: Option<String>,
     /// Most connections at once.
@@ -44,9 +49,14 @@ pub struct Endpoint {
 
 impl Endpoint {
     /// A new endpoint over `keys`.
-    pub fn new(keys: Arc<Keyspace>, cfg: &crate::config::Config) -> Endpoint {
+    pub fn new(
+        keys: Arc<Keyspace>,
+        streams: Arc<StreamSpace>,
+        cfg: &crate::config::Config,
+    ) -> Endpoint {
         Endpoint {
             keys,
+            streams,
             secret: cfg.auth_secret.clone(),
             max_connections: cfg.max_connections,
             max_request: cfg.max_request_bytes,
@@ -197,39 +207,7 @@ async fn connection(
             }
         }
         if !requests.is_empty() {
-            let ctx = Context {
-                keys: &ep.keys,
-                secret: ep.secret.as_deref(),
-                max_value: ep.max_request,
-                clients: ep.clients.load(Ordering::Relaxed),
-            };
-            let writes = ep.keys.synced() && requests.iter().any(|r| command::is_write(&r[0]));
-            let mut run = || {
-                for r in &requests {
-                    let reply = command::execute(&ctx, &mut s, r);
-                    reply.encode(s.proto, &mut out);
-                    if s.quit {
-                        break;
-                    }
-                }
-                // Under `--sync always`, one fsync covers the whole pipeline, before any reply.
-                if writes {
-                    if let Err(e) = ep.keys.sync() {
-                        tracing::error!(error = %e, "sync failed");
-                        out.clear();
-                        for _ in &requests {
-                            Reply::err(format!("storage error: {e}")).encode(s.proto, &mut out);
-                        }
-                    }
-                }
-            };
-            // Reads and buffered writes take microseconds: run them here. A sync moves this
-            // worker's other tasks elsewhere while it waits.
-            if writes {
-                tokio::task::block_in_place(run);
-            } else {
-                run();
-            }
+            run_requests(&ep, &mut s, &requests, &mut out, &stop).await;
         }
         if let Some(e) = &bad {
             Reply::err(e).encode(s.proto, &mut out);
@@ -254,6 +232,119 @@ async fn connection(
         if n == 0 {
             return Ok(());
         }
+    }
+}
+
+/// Runs a batch of pipelined requests in order and encodes their replies into `out`.
+///
+/// Keyspace commands run in place; under `--sync always`, one sync covers every write of a run
+/// of them, before any of their replies. XADD replies are futures: consecutive XADDs are all
+/// sent before the first is awaited, so a pipeline of them shares one flush of the stream; any
+/// other command first waits for the XADDs before it, so it sees their entries.
+async fn run_requests(
+    ep: &Arc<Endpoint>,
+    s: &mut Session,
+    requests: &[Vec<Bytes>],
+    out: &mut BytesMut,
+    stop: &watch::Receiver<bool>,
+) {
+    let mut later: Vec<futures::future::BoxFuture<'static, Reply>> = Vec::new();
+    let mut i = 0;
+    while i < requests.len() && !s.quit {
+        let name = match command::prepare(s, &requests[i]) {
+            Ok(n) => n,
+            Err(e) => {
+                settle(&mut later, s.proto, out).await;
+                e.encode(s.proto, out);
+                i += 1;
+                continue;
+            }
+        };
+        if stream_command::is_stream_command(name) {
+            if name != "xadd" {
+                settle(&mut later, s.proto, out).await;
+            }
+            let mut cx = StreamContext {
+                space: &ep.streams,
+                proto: s.proto,
+                max_value: ep.max_request,
+                stop: stop.clone(),
+            };
+            match stream_command::execute(&mut cx, name, &requests[i][1..]).await {
+                Outcome::Later(f) => later.push(f),
+                Outcome::Now(r) => {
+                    settle(&mut later, s.proto, out).await;
+                    r.encode(s.proto, out);
+                }
+            }
+            i += 1;
+            continue;
+        }
+        settle(&mut later, s.proto, out).await;
+        // A run of keyspace commands, up to the next stream command.
+        let end = (i..requests.len())
+            .find(|&j| {
+                j > i
+                    && requests[j]
+                        .first()
+                        .is_some_and(|n| n.first().is_some_and(|c| c.eq_ignore_ascii_case(&b'x')))
+            })
+            .unwrap_or(requests.len());
+        let run = &requests[i..end];
+        let ctx = Context {
+            keys: &ep.keys,
+            secret: ep.secret.as_deref(),
+            max_value: ep.max_request,
+            clients: ep.clients.load(Ordering::Relaxed),
+        };
+        let writes = ep.keys.synced() && run.iter().any(|r| command::is_write(&r[0]));
+        let start = out.len();
+        let mut exec = || {
+            for r in run {
+                match command::prepare(s, r) {
+                    Ok(name) if !stream_command::is_stream_command(name) => {
+                        command::execute(&ctx, s, name, r).encode(s.proto, out)
+                    }
+                    Ok(name) => {
+                        Reply::err(format!("'{name}' cannot run here")).encode(s.proto, out)
+                    }
+                    Err(e) => e.encode(s.proto, out),
+                }
+                if s.quit {
+                    break;
+                }
+            }
+            // Under `--sync always`, one fsync covers the whole run, before any reply.
+            if writes {
+                if let Err(e) = ep.keys.sync() {
+                    tracing::error!(error = %e, "sync failed");
+                    out.truncate(start);
+                    for _ in run {
+                        Reply::err(format!("storage error: {e}")).encode(s.proto, out);
+                    }
+                }
+            }
+        };
+        // Reads and buffered writes take microseconds: run them here. A sync moves this
+        // worker's other tasks elsewhere while it waits.
+        if writes {
+            tokio::task::block_in_place(exec);
+        } else {
+            exec();
+        }
+        i = end;
+    }
+    settle(&mut later, s.proto, out).await;
+}
+
+/// Awaits the pending XADD replies, in order, and encodes them.
+async fn settle(
+    later: &mut Vec<futures::future::BoxFuture<'static, Reply>>,
+    proto: u8,
+    out: &mut BytesMut,
+) {
+    for f in later.drain(..) {
+        f.await.encode(proto, out);
     }
 }
 

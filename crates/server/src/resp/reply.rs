@@ -17,6 +17,8 @@ pub enum Reply {
     Bulk(Bytes),
     /// The null reply.
     Nil,
+    /// The null array (`*-1` in RESP2), as XREAD sends when nothing arrived.
+    NilArray,
     /// An array.
     Array(Vec<Reply>),
     /// A map (RESP3), a flat array of key, value, ... in RESP2.
@@ -53,6 +55,8 @@ impl Reply {
             }
             Reply::Nil if proto >= 3 => out.put_slice(b"_\r\n"),
             Reply::Nil => out.put_slice(b"$-1\r\n"),
+            Reply::NilArray if proto >= 3 => out.put_slice(b"_\r\n"),
+            Reply::NilArray => out.put_slice(b"*-1\r\n"),
             Reply::Array(items) => {
                 line(out, b'*', items.len().to_string().as_bytes());
                 for i in items {

@@ -1,0 +1,597 @@
+//! The stream commands of the Redis-protocol endpoint (XADD, XLEN, XRANGE, XREVRANGE, XREAD,
+//! XTRIM, XDEL, XGROUP, XREADGROUP, XACK, XPENDING): argument parsing with Redis's error
+//! replies, and their effect on the [`StreamSpace`].
+//!
+//! XADD replies once the entry is durable; its reply is a future so that pipelined XADDs share
+//! one flush of the stream. Blocking reads wait on the streams' tails, a deadline and the
+//! server's stop signal.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::FutureExt as _;
+use tokio::sync::watch;
+
+use crate::keyspace;
+use crate::resp::command::{int, upper};
+use crate::resp::reply::Reply;
+use crate::streams::{Entry, Error, Handle, NewId, StreamId, StreamSpace, Trim};
+
+/// A command's reply: ready now, or once an entry is durable.
+pub enum Outcome {
+    /// The reply.
+    Now(Reply),
+    /// A reply that resolves later (XADD).
+    Later(BoxFuture<'static, Reply>),
+}
+
+impl std::fmt::Debug for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Outcome::Now(r) => f.debug_tuple("Now").field(r).finish(),
+            Outcome::Later(_) => f.write_str("Later"),
+        }
+    }
+}
+
+/// Whether `name` (lower case) is a stream command.
+pub fn is_stream_command(name: &str) -> bool {
+    matches!(
+        name,
+        "xadd"
+            | "xlen"
+            | "xrange"
+            | "xrevrange"
+            | "xread"
+            | "xtrim"
+            | "xdel"
+            | "xgroup"
+            | "xreadgroup"
+            | "xack"
+            | "xpending"
+    )
+}
+
+fn error(e: Error) -> Reply {
+    match e {
+        Error::Reject(m) => Reply::Error(m),
+        Error::Keys(keyspace::Error::WrongType) => {
+            Reply::Error(keyspace::Error::WrongType.to_string())
+        }
+        e => {
+            tracing::error!(error = %e, "stream command failed");
+            Reply::err(format!("storage error: {e}"))
+        }
+    }
+}
+
+fn syntax() -> Reply {
+    Reply::err("syntax error")
+}
+
+fn bad_id() -> Reply {
+    Reply::err(crate::streams::id::INVALID)
+}
+
+fn entry_reply(id: StreamId, fields: Option<Vec<Bytes>>) -> Reply {
+    Reply::Array(vec![
+        Reply::text(id.to_string()),
+        match fields {
+            Some(f) => Reply::Array(f.into_iter().map(Reply::Bulk).collect()),
+            None => Reply::NilArray,
+        },
+    ])
+}
+
+fn entries_reply(es: Vec<Entry>) -> Reply {
+    Reply::Array(es.into_iter().map(|e| entry_reply(e.id, Some(e.fields))).collect())
+}
+
+fn count_arg(b: &[u8]) -> Result<usize, Reply> {
+    match int(b) {
+        Some(n) if n < 0 => Ok(0),
+        Some(n) => Ok(n as usize),
+        None => Err(Reply::err("value is not an integer or out of range")),
+    }
+}
+
+/// What to run: the connection's stop signal lets blocking reads end at shutdown.
+#[derive(Debug)]
+pub struct StreamContext<'a> {
+    /// The streams.
+    pub space: &'a Arc<StreamSpace>,
+    /// Protocol version of the connection.
+    pub proto: u8,
+    /// The largest value accepted.
+    pub max_value: usize,
+    /// Fires when the server stops.
+    pub stop: watch::Receiver<bool>,
+}
+
+/// Runs one stream command (`name` lower case, `a` the arguments after it).
+pub async fn execute(cx: &mut StreamContext<'_>, name: &str, a: &[Bytes]) -> Outcome {
+    let r = match name {
+        "xadd" => return xadd(cx, a).await.unwrap_or_else(Outcome::Now),
+        "xlen" => xlen(cx, a),
+        "xrange" => xrange(cx, a, false).await,
+        "xrevrange" => xrange(cx, a, true).await,
+        "xread" => xread(cx, a).await,
+        "xreadgroup" => xreadgroup(cx, a).await,
+        "xtrim" => xtrim(cx, a).await,
+        "xdel" => Err(Reply::err(
+            "XDEL is not supported: timber streams are append-only; use XTRIM to drop the oldest entries",
+        )),
+        "xgroup" => xgroup(cx, a).await,
+        "xack" => xack(cx, a).await,
+        "xpending" => xpending(cx, a),
+        _ => Err(Reply::err(format!("unknown stream command '{name}'"))),
+    };
+    Outcome::Now(r.unwrap_or_else(|e| e))
+}
+
+type R<T = Reply> = Result<T, Reply>;
+
+/// `[=|~] threshold [LIMIT n]` after MAXLEN or MINID; returns the trim and the next index.
+fn parse_trim(a: &[Bytes], mut i: usize) -> R<(Trim, usize)> {
+    let kind = upper(&a[i]);
+    i += 1;
+    let mut approx = false;
+    match a.get(i).map(|b| &b[..]) {
+        Some(b"~") => {
+            approx = true;
+            i += 1;
+        }
+        Some(b"=") => i += 1,
+        _ => {}
+    }
+    let Some(t) = a.get(i) else { return Err(syntax()) };
+    let trim = if kind == "MAXLEN" {
+        match int(t) {
+            Some(n) if n >= 0 => Trim::MaxLen(n as u64),
+            Some(_) => return Err(Reply::err("The MAXLEN argument must be >= 0.")),
+            None => return Err(Reply::err("value is not an integer or out of range")),
+        }
+    } else {
+        Trim::MinId(StreamId::parse(t, 0).ok_or_else(bad_id)?)
+    };
+    i += 1;
+    if a.get(i).is_some_and(|b| upper(b) == "LIMIT") {
+        if !approx {
+            return Err(Reply::err(
+                "syntax error, LIMIT cannot be used without the special ~ option",
+            ));
+        }
+        let Some(n) = a.get(i + 1).and_then(|b| int(b)) else {
+            return Err(Reply::err("value is not an integer or out of range"));
+        };
+        if n < 0 {
+            return Err(Reply::err("The LIMIT argument must be >= 0."));
+        }
+        i += 2;
+    }
+    Ok((trim, i))
+}
+
+async fn xadd(cx: &mut StreamContext<'_>, a: &[Bytes]) -> R<Outcome> {
+    let key = a[0].clone();
+    let mut i = 1;
+    let mut must_exist = false;
+    let mut trim = None;
+    while i < a.len() {
+        match upper(&a[i]).as_str() {
+            "NOMKSTREAM" => {
+                must_exist = true;
+                i += 1;
+            }
+            "MAXLEN" | "MINID" => {
+                let (t, next) = parse_trim(a, i)?;
+                trim = Some(t);
+                i = next;
+            }
+            _ => break,
+        }
+    }
+    let Some(id) = a.get(i) else { return Err(syntax()) };
+    let fields = &a[i + 1..];
+    if fields.is_empty() || !fields.len().is_multiple_of(2) {
+        return Err(Reply::err("wrong number of arguments for 'xadd' command"));
+    }
+    let size: usize = fields.iter().map(|f| f.len() + 4).sum();
+    if size > cx.max_value {
+        return Err(Reply::err(format!(
+            "entry of {size} bytes exceeds the limit of {} bytes",
+            cx.max_value
+        )));
+    }
+    let new = if &id[..] == b"*" {
+        NewId::Auto
+    } else if let Some(ms) = id.strip_suffix(b"-*") {
+        NewId::AutoSeq(
+            StreamId::parse(ms, 0).filter(|_| !ms.contains(&b'-')).ok_or_else(bad_id)?.ms,
+        )
+    } else {
+        NewId::Exact(StreamId::parse(id, 0).ok_or_else(bad_id)?)
+    };
+    let (id, ack) = match cx.space.add(&key, new, fields, must_exist).await {
+        Ok(Some(x)) => x,
+        Ok(None) => return Ok(Outcome::Now(Reply::Nil)),
+        Err(e) => return Err(error(e)),
+    };
+    let space = cx.space.clone();
+    Ok(Outcome::Later(
+        async move {
+            if let Err(e) = ack.await {
+                return error(e.into());
+            }
+            if let Some(t) = trim {
+                match space.handle(&key) {
+                    Ok(Some(h)) => {
+                        if let Err(e) = space.trim(&key, &h, t).await {
+                            return error(e);
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => return error(e),
+                }
+            }
+            Reply::text(id.to_string())
+        }
+        .boxed(),
+    ))
+}
+
+fn handle(cx: &StreamContext<'_>, key: &[u8]) -> R<Option<Handle>> {
+    cx.space.handle(key).map_err(error)
+}
+
+fn xlen(cx: &StreamContext<'_>, a: &[Bytes]) -> R {
+    match handle(cx, &a[0])? {
+        Some(h) => Ok(Reply::Int(cx.space.len(&h).map_err(error)? as i64)),
+        None => Ok(Reply::Int(0)),
+    }
+}
+
+async fn xrange(cx: &mut StreamContext<'_>, a: &[Bytes], rev: bool) -> R {
+    let (lo, hi) = if rev { (&a[2], &a[1]) } else { (&a[1], &a[2]) };
+    let start = StreamId::parse_start(lo).map_err(Reply::err)?;
+    let end = StreamId::parse_end(hi).map_err(Reply::err)?;
+    let mut count = usize::MAX;
+    match &a[3..] {
+        [] => {}
+        [c, n] if upper(c) == "COUNT" => count = count_arg(n)?,
+        _ => return Err(syntax()),
+    }
+    let (Some(start), Some(end)) = (start, end) else { return Ok(Reply::Array(vec![])) };
+    let Some(h) = handle(cx, &a[0])? else { return Ok(Reply::Array(vec![])) };
+    let es = cx.space.range(&h, start, end, count, rev).await.map_err(error)?;
+    Ok(entries_reply(es))
+}
+
+async fn xtrim(cx: &mut StreamContext<'_>, a: &[Bytes]) -> R {
+    let kind = upper(&a[1]);
+    if kind != "MAXLEN" && kind != "MINID" {
+        return Err(syntax());
+    }
+    let (trim, next) = parse_trim(a, 1)?;
+    if next != a.len() {
+        return Err(syntax());
+    }
+    let Some(h) = handle(cx, &a[0])? else { return Ok(Reply::Int(0)) };
+    Ok(Reply::Int(cx.space.trim(&a[0], &h, trim).await.map_err(error)? as i64))
+}
+
+/// COUNT, BLOCK, NOACK (for groups), STREAMS keys... ids...
+struct ReadArgs<'a> {
+    count: usize,
+    block: Option<Duration>,
+    noack: bool,
+    keys: &'a [Bytes],
+    ids: &'a [Bytes],
+}
+
+fn parse_read<'a>(a: &'a [Bytes], group: bool) -> R<ReadArgs<'a>> {
+    let mut r = ReadArgs { count: usize::MAX, block: None, noack: false, keys: &[], ids: &[] };
+    let mut i = 0;
+    while i < a.len() {
+        match upper(&a[i]).as_str() {
+            "COUNT" => {
+                r.count = count_arg(a.get(i + 1).ok_or_else(syntax)?)?;
+                if r.count == 0 {
+                    r.count = usize::MAX;
+                }
+                i += 2;
+            }
+            "BLOCK" => {
+                let ms = int(a.get(i + 1).ok_or_else(syntax)?)
+                    .ok_or_else(|| Reply::err("timeout is not an integer or out of range"))?;
+                if ms < 0 {
+                    return Err(Reply::err("timeout is negative"));
+                }
+                r.block = Some(Duration::from_millis(ms as u64));
+                i += 2;
+            }
+            "NOACK" if group => {
+                r.noack = true;
+                i += 1;
+            }
+            "STREAMS" => {
+                let rest = &a[i + 1..];
+                if rest.is_empty() || !rest.len().is_multiple_of(2) {
+                    return Err(Reply::err("Unbalanced 'xread' list of streams: for each stream key an ID or '$' must be specified."));
+                }
+                let n = rest.len() / 2;
+                r.keys = &rest[..n];
+                r.ids = &rest[n..];
+                return Ok(r);
+            }
+            _ => return Err(syntax()),
+        }
+    }
+    Err(syntax())
+}
+
+fn read_reply(proto: u8, per_key: Vec<(Bytes, Reply)>) -> Reply {
+    if per_key.is_empty() {
+        return Reply::NilArray;
+    }
+    if proto >= 3 {
+        Reply::Map(per_key.into_iter().map(|(k, v)| (Reply::Bulk(k), v)).collect())
+    } else {
+        Reply::Array(
+            per_key.into_iter().map(|(k, v)| Reply::Array(vec![Reply::Bulk(k), v])).collect(),
+        )
+    }
+}
+
+async fn xread(cx: &mut StreamContext<'_>, a: &[Bytes]) -> R {
+    let r = parse_read(a, false)?;
+    // Resolve `$` and `+` once, before any wait.
+    let mut from = Vec::with_capacity(r.keys.len());
+    for (k, id) in r.keys.iter().zip(r.ids) {
+        let h = handle(cx, k)?;
+        let after = match &id[..] {
+            b"$" => cx.space.dollar(h.as_ref()).await.map_err(error)?,
+            b"+" => match &h {
+                Some(h) => match cx.space.last_entry(h).await.map_err(error)? {
+                    Some(e) => e.id.prev().unwrap_or(StreamId::MIN),
+                    None => cx.space.dollar(Some(h)).await.map_err(error)?,
+                },
+                None => StreamId::MIN,
+            },
+            _ => StreamId::parse(id, 0).ok_or_else(bad_id)?,
+        };
+        from.push(after);
+    }
+    let deadline = r.block.filter(|d| !d.is_zero()).map(|d| Instant::now() + d);
+    loop {
+        let creations = cx.space.creations();
+        let mut out = Vec::new();
+        let mut waits = Vec::new();
+        for (k, after) in r.keys.iter().zip(&from) {
+            let h = handle(cx, k)?;
+            if let Some(h) = &h {
+                let es = cx.space.read_after(h, *after, r.count).await.map_err(error)?;
+                if !es.is_empty() {
+                    out.push((k.clone(), entries_reply(es)));
+                }
+            }
+            waits.push((h, *after));
+        }
+        if !out.is_empty() || r.block.is_none() {
+            return Ok(read_reply(cx.proto, out));
+        }
+        let left = match deadline {
+            Some(d) => match d.checked_duration_since(Instant::now()) {
+                Some(left) if !left.is_zero() => Some(left),
+                _ => return Ok(Reply::NilArray),
+            },
+            None => None,
+        };
+        if !cx.space.wait(&waits, creations, left, &mut cx.stop).await.map_err(error)? {
+            return Ok(Reply::NilArray);
+        }
+    }
+}
+
+async fn xreadgroup(cx: &mut StreamContext<'_>, a: &[Bytes]) -> R {
+    if upper(&a[0]) != "GROUP" {
+        return Err(syntax());
+    }
+    let (group, consumer) = (&a[1], &a[2]);
+    let r = parse_read(&a[3..], true)?;
+    let mut targets = Vec::with_capacity(r.keys.len());
+    for (k, id) in r.keys.iter().zip(r.ids) {
+        let h = handle(cx, k)?;
+        let Some(h) = h.filter(|h| cx.space.has_group(h, group).unwrap_or(false)) else {
+            return Err(error(crate::streams::no_group(k, group, "XREADGROUP with GROUP option")));
+        };
+        let after = match &id[..] {
+            b">" => None,
+            _ => Some(StreamId::parse(id, 0).ok_or_else(bad_id)?),
+        };
+        targets.push((k, h, after));
+    }
+    let deadline = r.block.filter(|d| !d.is_zero()).map(|d| Instant::now() + d);
+    loop {
+        let creations = cx.space.creations();
+        let mut out = Vec::new();
+        let mut waits = Vec::new();
+        for (k, h, after) in &targets {
+            let got = cx
+                .space
+                .read_group(h, group, consumer, *after, r.count, r.noack)
+                .await
+                .map_err(error)?
+                .ok_or_else(|| {
+                    error(crate::streams::no_group(k, group, "XREADGROUP with GROUP option"))
+                })?;
+            // History reads always name their stream; `>` reads only those with entries.
+            if after.is_some() || !got.is_empty() {
+                let es = got.into_iter().map(|(id, f)| entry_reply(id, f)).collect();
+                out.push(((*k).clone(), Reply::Array(es)));
+            }
+            if after.is_none() {
+                let last = cx.space.group_last(h, group).map_err(error)?.unwrap_or_default();
+                waits.push((Some(*h), last));
+            }
+        }
+        if !out.is_empty() || r.block.is_none() || waits.is_empty() {
+            return Ok(read_reply(cx.proto, out));
+        }
+        let left = match deadline {
+            Some(d) => match d.checked_duration_since(Instant::now()) {
+                Some(left) if !left.is_zero() => Some(left),
+                _ => return Ok(Reply::NilArray),
+            },
+            None => None,
+        };
+        if !cx.space.wait(&waits, creations, left, &mut cx.stop).await.map_err(error)? {
+            return Ok(Reply::NilArray);
+        }
+    }
+}
+
+async fn xgroup(cx: &mut StreamContext<'_>, a: &[Bytes]) -> R {
+    let sub = upper(&a[0]);
+    let id_arg = |b: &Bytes| -> R<Option<StreamId>> {
+        match &b[..] {
+            b"$" => Ok(None),
+            _ => StreamId::parse(b, 0).map(Some).ok_or_else(bad_id),
+        }
+    };
+    match (sub.as_str(), &a[1..]) {
+        ("CREATE", [key, group, id, opts @ ..]) => {
+            let mut mkstream = false;
+            let mut entries_read = None;
+            let mut i = 0;
+            while i < opts.len() {
+                match upper(&opts[i]).as_str() {
+                    "MKSTREAM" => i += 1,
+                    "ENTRIESREAD" => {
+                        let n = opts.get(i + 1).and_then(|b| int(b)).ok_or_else(syntax)?;
+                        entries_read = Some(n.max(0) as u64);
+                        i += 2;
+                        continue;
+                    }
+                    _ => return Err(syntax()),
+                }
+                mkstream = true;
+            }
+            cx.space
+                .group_create(key, group, id_arg(id)?, mkstream, entries_read)
+                .await
+                .map_err(error)?;
+            Ok(Reply::Ok)
+        }
+        ("SETID", [key, group, id, rest @ ..]) => {
+            if !(rest.is_empty() || (rest.len() == 2 && upper(&rest[0]) == "ENTRIESREAD")) {
+                return Err(syntax());
+            }
+            cx.space.group_set_id(key, group, id_arg(id)?).await.map_err(error)?;
+            Ok(Reply::Ok)
+        }
+        ("DESTROY", [key, group]) => {
+            let gone = cx.space.group_destroy(key, group).await.map_err(error)?;
+            Ok(Reply::Int(gone as i64))
+        }
+        ("DELCONSUMER", [key, group, consumer]) => {
+            let n = cx.space.group_delete_consumer(key, group, consumer).await.map_err(error)?;
+            Ok(Reply::Int(n as i64))
+        }
+        ("HELP", []) => Ok(Reply::Array(
+            [
+                "XGROUP CREATE <key> <group> <id|$> [MKSTREAM] [ENTRIESREAD <n>]",
+                "XGROUP SETID <key> <group> <id|$>",
+                "XGROUP DESTROY <key> <group>",
+                "XGROUP DELCONSUMER <key> <group> <consumer>",
+            ]
+            .into_iter()
+            .map(Reply::text)
+            .collect(),
+        )),
+        _ => Err(Reply::err(format!(
+            "unknown subcommand or wrong number of arguments for '{}'. Try XGROUP HELP.",
+            String::from_utf8_lossy(&a[0])
+        ))),
+    }
+}
+
+async fn xack(cx: &mut StreamContext<'_>, a: &[Bytes]) -> R {
+    let ids =
+        a[2..].iter().map(|b| StreamId::parse(b, 0).ok_or_else(bad_id)).collect::<R<Vec<_>>>()?;
+    Ok(Reply::Int(cx.space.ack(&a[0], &a[1], &ids).await.map_err(error)? as i64))
+}
+
+fn xpending(cx: &StreamContext<'_>, a: &[Bytes]) -> R {
+    let (key, group) = (&a[0], &a[1]);
+    let no_group = || error(crate::streams::no_group(key, group, "XPENDING"));
+    if a.len() == 2 {
+        let all = cx
+            .space
+            .pending(key, group, StreamId::MIN, StreamId::MAX, usize::MAX, None)
+            .map_err(error)?
+            .ok_or_else(no_group)?;
+        if all.is_empty() {
+            return Ok(Reply::Array(vec![Reply::Int(0), Reply::Nil, Reply::Nil, Reply::NilArray]));
+        }
+        let mut per: std::collections::BTreeMap<Bytes, i64> = Default::default();
+        for p in &all {
+            *per.entry(p.consumer.clone()).or_default() += 1;
+        }
+        return Ok(Reply::Array(vec![
+            Reply::Int(all.len() as i64),
+            Reply::text(all[0].id.to_string()),
+            Reply::text(all[all.len() - 1].id.to_string()),
+            Reply::Array(
+                per.into_iter()
+                    .map(|(c, n)| Reply::Array(vec![Reply::Bulk(c), Reply::text(n.to_string())]))
+                    .collect(),
+            ),
+        ]));
+    }
+    let mut rest = &a[2..];
+    let mut min_idle = None;
+    if rest.first().is_some_and(|b| upper(b) == "IDLE") {
+        let ms = rest.get(1).and_then(|b| int(b)).ok_or_else(syntax)?;
+        min_idle = Some(ms.max(0) as u64);
+        rest = &rest[2..];
+    }
+    let (start, end, count, consumer) = match rest {
+        [s, e, c] => (s, e, c, None),
+        [s, e, c, who] => (s, e, c, Some(&who[..])),
+        _ => return Err(syntax()),
+    };
+    let start = StreamId::parse_start(start).map_err(Reply::err)?;
+    let end = StreamId::parse_end(end).map_err(Reply::err)?;
+    let count = count_arg(count)?;
+    let (Some(start), Some(end)) = (start, end) else { return Ok(Reply::Array(vec![])) };
+    let now = crate::keyspace::now_ms();
+    let list = cx
+        .space
+        .pending(
+            key,
+            group,
+            start,
+            end,
+            if min_idle.is_some() { usize::MAX } else { count },
+            consumer,
+        )
+        .map_err(error)?
+        .ok_or_else(no_group)?;
+    let rows = list
+        .into_iter()
+        .filter(|p| min_idle.is_none_or(|m| now.saturating_sub(p.delivered_ms) >= m))
+        .take(count)
+        .map(|p| {
+            Reply::Array(vec![
+                Reply::text(p.id.to_string()),
+                Reply::Bulk(p.consumer),
+                Reply::Int(now.saturating_sub(p.delivered_ms) as i64),
+                Reply::Int(p.deliveries as i64),
+            ])
+        })
+        .collect();
+    Ok(Reply::Array(rows))
+}

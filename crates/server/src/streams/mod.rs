@@ -1,0 +1,886 @@
+//! Redis streams on timber streams: the mapping of `<ms>-<seq>` ids onto a timber stream's dense
+//! ids, the one writer per stream, reads by id range, trimming, blocking waits, consumer groups
+//! ([`group`]) and the collection of streams whose key is gone.
+//!
+//! Layout. A stream key holds, in the keyspace, a value of kind [`Kind::Stream`] whose bytes are
+//! a [`Handle`]: `[uid u64 LE][floor ms u64 LE][floor seq u64 LE]`. `uid` names the timber stream
+//! `redis.<uid:016x>` that holds the entries; `floor` is the largest id ever added as of the last
+//! trim that emptied the stream, so ids keep growing after everything was trimmed. Beside it:
+//! `u` → the next uid (u64 LE), `r<uid u64 BE>` → the key (the reverse map the collector walks).
+//! Each entry of the timber stream is `[ms u64 LE][seq u64 LE][count u32 LE]` followed by `count`
+//! fields and values, each `[len u32 LE][bytes]`.
+//!
+//! Invariants: entry ids strictly increase along a timber stream's dense ids (one writer per
+//! stream in this process, ids assigned under its tail lock in send order), so id lookups are
+//! binary searches; a key, its reverse entry and the uid counter are written in one synced batch
+//! before the timber stream is created, so a uid is never reused; the collector deletes the
+//! timber stream before its reverse entry, so no stream is ever left without one.
+
+pub mod group;
+pub mod id;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use futures::future::BoxFuture;
+use futures::FutureExt as _;
+use parking_lot::Mutex;
+use timber_kv::WriteBatch;
+use timber_stream::{Ack, Start, StreamConfig, StreamReader, StreamWriter, Streams};
+use tokio::sync::watch;
+
+pub use id::StreamId;
+
+use crate::keyspace::{self, now_ms, Keyspace, Kind, Value};
+use group::{Group, Pending};
+
+/// Errors of stream commands. [`Error::Reject`] carries a Redis error reply (code first).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The keyspace failed (or the key holds a string).
+    #[error(transparent)]
+    Keys(#[from] keyspace::Error),
+    /// The stream engine failed.
+    #[error("stream storage: {0}")]
+    Stream(#[from] timber_stream::Error),
+    /// An entry failed to decode.
+    #[error("corrupt entry {pos} of stream {stream}")]
+    Corrupt {
+        /// The timber stream.
+        stream: String,
+        /// The dense id.
+        pos: u64,
+    },
+    /// The request cannot be carried out, with the Redis error text.
+    #[error("{0}")]
+    Reject(String),
+}
+
+type Result<T, E = Error> = std::result::Result<T, E>;
+
+fn reject(msg: impl Into<String>) -> Error {
+    Error::Reject(msg.into())
+}
+
+/// What a stream key's value holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Handle {
+    /// Names the timber stream.
+    pub uid: u64,
+    /// No id at or below it may be added (see the module doc).
+    pub floor: StreamId,
+}
+
+impl Handle {
+    fn encode(&self) -> Bytes {
+        let mut b = BytesMut::with_capacity(24);
+        b.put_u64_le(self.uid);
+        b.put_u64_le(self.floor.ms);
+        b.put_u64_le(self.floor.seq);
+        b.freeze()
+    }
+
+    fn decode(key: &[u8], b: &[u8]) -> Result<Handle> {
+        if b.len() != 24 {
+            return Err(keyspace::Error::Corrupt(Bytes::copy_from_slice(key)).into());
+        }
+        let n = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
+        Ok(Handle { uid: n(0), floor: StreamId { ms: n(8), seq: n(16) } })
+    }
+}
+
+/// One entry: its id and its fields and values, alternating.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// The id.
+    pub id: StreamId,
+    /// Field, value, field, value...
+    pub fields: Vec<Bytes>,
+}
+
+fn encode_entry(id: StreamId, fields: &[Bytes]) -> Bytes {
+    let len = 20 + fields.iter().map(|f| 4 + f.len()).sum::<usize>();
+    let mut b = BytesMut::with_capacity(len);
+    b.put_u64_le(id.ms);
+    b.put_u64_le(id.seq);
+    b.put_u32_le(fields.len() as u32);
+    for f in fields {
+        b.put_u32_le(f.len() as u32);
+        b.put_slice(f);
+    }
+    b.freeze()
+}
+
+fn decode_entry(data: &Bytes) -> Option<Entry> {
+    let u64_at = |i: usize| Some(u64::from_le_bytes(data.get(i..i + 8)?.try_into().ok()?));
+    let u32_at = |i: usize| Some(u32::from_le_bytes(data.get(i..i + 4)?.try_into().ok()?));
+    let id = StreamId { ms: u64_at(0)?, seq: u64_at(8)? };
+    let n = u32_at(16)? as usize;
+    let mut fields = Vec::with_capacity(n.min(1024));
+    let mut at = 20;
+    for _ in 0..n {
+        let len = u32_at(at)? as usize;
+        let end = (at + 4).checked_add(len)?;
+        if end > data.len() {
+            return None;
+        }
+        fields.push(data.slice(at + 4..end));
+        at = end;
+    }
+    (at == data.len()).then_some(Entry { id, fields })
+}
+
+/// How XADD picks the new entry's id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NewId {
+    /// `*`: from the clock, after the last id.
+    Auto,
+    /// `<ms>-*`: the next sequence within `ms`.
+    AutoSeq(u64),
+    /// `<ms>-<seq>`.
+    Exact(StreamId),
+}
+
+/// What XTRIM (or XADD's trim option) keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trim {
+    /// The newest `n` entries.
+    MaxLen(u64),
+    /// Entries with an id at or above this one.
+    MinId(StreamId),
+}
+
+/// The writing end of one stream in this process.
+#[derive(Debug, Default)]
+struct Tail {
+    writer: Option<StreamWriter>,
+    /// The largest id added (loaded at first use).
+    last: Option<StreamId>,
+}
+
+#[derive(Debug, Default)]
+struct Open {
+    tail: tokio::sync::Mutex<Tail>,
+    /// Serializes changes of the stream's consumer groups.
+    groups: tokio::sync::Mutex<()>,
+}
+
+/// The Redis streams of one server.
+#[derive(Debug)]
+pub struct StreamSpace {
+    keys: Arc<Keyspace>,
+    streams: Streams,
+    open: Mutex<HashMap<u64, Arc<Open>>>,
+    /// Serializes uid allocation.
+    uids: Mutex<()>,
+    /// Bumped whenever a stream is created, for waits on keys that did not exist.
+    created: watch::Sender<u64>,
+}
+
+fn stream_name(uid: u64) -> String {
+    format!("redis.{uid:016x}")
+}
+
+fn reverse_key(uid: u64) -> Vec<u8> {
+    let mut k = vec![b'r'];
+    k.extend_from_slice(&uid.to_be_bytes());
+    k
+}
+
+/// A reply to a reading command: per stream, its entries (`None` for a pending entry that was
+/// trimmed away).
+pub type Delivery = Vec<(StreamId, Option<Vec<Bytes>>)>;
+
+impl StreamSpace {
+    /// Opens the timber streams of the server in `dir`.
+    pub async fn open(keys: Arc<Keyspace>, dir: &Path) -> Result<StreamSpace> {
+        let streams = Streams::open(dir, timber_stream::Options::default()).await?;
+        Ok(StreamSpace {
+            keys,
+            streams,
+            open: Mutex::default(),
+            uids: Mutex::new(()),
+            created: watch::channel(0).0,
+        })
+    }
+
+    /// The timber stream store (also serves the gRPC and HTTP stream APIs).
+    pub fn store(&self) -> &Streams {
+        &self.streams
+    }
+
+    /// The handle of a stream key; [`keyspace::Error::WrongType`] if it holds a string.
+    pub fn handle(&self, key: &[u8]) -> Result<Option<Handle>> {
+        match self.keys.get(key)? {
+            None => Ok(None),
+            Some(v) if v.kind == Kind::Stream => Ok(Some(Handle::decode(key, &v.data)?)),
+            Some(_) => Err(keyspace::Error::WrongType.into()),
+        }
+    }
+
+    /// The handle of a stream key, creating an empty stream if the key does not exist.
+    pub async fn create(&self, key: &[u8]) -> Result<Handle> {
+        let h = {
+            let _g = self.keys.lock(key);
+            if let Some(h) = self.handle(key)? {
+                return Ok(h);
+            }
+            let _u = self.uids.lock();
+            let db = self.keys.db();
+            let uid = match db.get(b"u").map_err(keyspace::Error::from)? {
+                Some(v) => u64::from_le_bytes(
+                    v[..].try_into().map_err(|_| keyspace::Error::Corrupt(Bytes::from("u")))?,
+                ),
+                None => 1,
+            };
+            let h = Handle { uid, floor: StreamId::MIN };
+            let mut b = WriteBatch::new();
+            let v = Value { kind: Kind::Stream, data: h.encode(), expire_at: None };
+            Keyspace::put_into(&mut b, key, &v);
+            b.put(reverse_key(uid), key);
+            b.put(b"u", (uid + 1).to_le_bytes());
+            // Synced in every mode: a uid must never be handed out twice.
+            db.write_with(b, timber_kv::Durability::Synced).map_err(keyspace::Error::from)?;
+            h
+        };
+        self.ensure_stream(h.uid).await?;
+        self.created.send_modify(|n| *n += 1);
+        Ok(h)
+    }
+
+    async fn ensure_stream(&self, uid: u64) -> Result<()> {
+        match self.streams.create(&stream_name(uid), StreamConfig::default()).await {
+            Ok(_) | Err(timber_stream::Error::AlreadyExists { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// A receiver that sees every stream creation from now on.
+    pub fn creations(&self) -> watch::Receiver<u64> {
+        self.created.subscribe()
+    }
+
+    fn state(&self, uid: u64) -> Arc<Open> {
+        self.open.lock().entry(uid).or_default().clone()
+    }
+
+    /// The readable dense range `[first, next)` of a stream (empty if it was never written).
+    fn bounds(&self, uid: u64) -> Result<(u64, u64)> {
+        match self.streams.info(&stream_name(uid)) {
+            Ok(i) => Ok((i.first_id, i.next_id)),
+            Err(timber_stream::Error::NotFound { .. }) => Ok((0, 0)),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn reader(&self, uid: u64, pos: u64) -> Result<StreamReader> {
+        Ok(self.streams.reader(&stream_name(uid), Start::At(pos))?)
+    }
+
+    /// The entry at dense id `pos` (which must be below the stream's end), or `None` if it was
+    /// truncated.
+    async fn entry_at(&self, r: &mut StreamReader, uid: u64, pos: u64) -> Result<Option<Entry>> {
+        r.seek(pos);
+        match r.next().await {
+            Ok(e) => decode_entry(&e.data)
+                .map(Some)
+                .ok_or(Error::Corrupt { stream: stream_name(uid), pos }),
+            Err(timber_stream::Error::Truncated { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The dense id of the first entry with an id at or above `target` (the stream's end if
+    /// there is none), by binary search.
+    async fn lower_bound(&self, uid: u64, target: StreamId) -> Result<u64> {
+        let (first, next) = self.bounds(uid)?;
+        if first == next || target == StreamId::MIN {
+            return Ok(first);
+        }
+        let mut r = self.reader(uid, next - 1)?;
+        // The common cases first: reading from the tail, or from before the first entry.
+        match self.entry_at(&mut r, uid, next - 1).await? {
+            Some(e) if e.id < target => return Ok(next),
+            _ => {}
+        }
+        let (mut lo, mut hi) = (first, next - 1);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            match self.entry_at(&mut r, uid, mid).await? {
+                Some(e) if e.id < target => lo = mid + 1,
+                Some(_) => hi = mid,
+                // Trimmed meanwhile: everything below the new start is gone.
+                None => lo = self.bounds(uid)?.0.max(mid + 1).min(hi),
+            }
+        }
+        Ok(lo)
+    }
+
+    /// The largest id added to the stream so far.
+    async fn last_id(&self, h: &Handle) -> Result<StreamId> {
+        let st = self.state(h.uid);
+        let mut tail = st.tail.lock().await;
+        self.load_last(h, &mut tail).await
+    }
+
+    async fn load_last(&self, h: &Handle, tail: &mut Tail) -> Result<StreamId> {
+        if let Some(l) = tail.last {
+            return Ok(l.max(h.floor));
+        }
+        let (first, next) = self.bounds(h.uid)?;
+        let mut last = h.floor;
+        if next > first {
+            let mut r = self.reader(h.uid, next - 1)?;
+            if let Some(e) = self.entry_at(&mut r, h.uid, next - 1).await? {
+                last = last.max(e.id);
+            }
+        }
+        tail.last = Some(last);
+        Ok(last)
+    }
+
+    /// XADD: adds an entry, creating the stream unless `must_exist`. Returns its id and the ack
+    /// that resolves once it is durable (and readable); `None` if the key does not exist and
+    /// `must_exist`.
+    pub async fn add(
+        &self,
+        key: &[u8],
+        new: NewId,
+        fields: &[Bytes],
+        must_exist: bool,
+    ) -> Result<Option<(StreamId, Ack)>> {
+        if let NewId::Exact(StreamId::MIN) = new {
+            return Err(reject("ERR The ID specified in XADD must be greater than 0-0"));
+        }
+        let h = match self.handle(key)? {
+            Some(h) => h,
+            None if must_exist => return Ok(None),
+            None => self.create(key).await?,
+        };
+        let st = self.state(h.uid);
+        let mut tail = st.tail.lock().await;
+        let last = self.load_last(&h, &mut tail).await?;
+        let too_small = || {
+            reject(
+                "ERR The ID specified in XADD is equal or smaller than the target stream top item",
+            )
+        };
+        let id = match new {
+            NewId::Auto => {
+                let now = now_ms();
+                if now > last.ms {
+                    StreamId { ms: now, seq: 0 }
+                } else {
+                    last.next().ok_or_else(|| {
+                        reject("ERR The stream has exhausted the last possible ID, unable to add more items")
+                    })?
+                }
+            }
+            NewId::AutoSeq(ms) if ms > last.ms => StreamId { ms, seq: 0 },
+            NewId::AutoSeq(ms) if ms == last.ms => {
+                StreamId { ms, seq: last.seq.checked_add(1).ok_or_else(too_small)? }
+            }
+            NewId::AutoSeq(_) => return Err(too_small()),
+            NewId::Exact(id) if id > last => id,
+            NewId::Exact(_) => return Err(too_small()),
+        };
+        let data = encode_entry(id, fields);
+        let mut attempt = 0;
+        let ack = loop {
+            if tail.writer.is_none() {
+                self.ensure_stream(h.uid).await?;
+                tail.writer = Some(self.streams.writer(&stream_name(h.uid)).await?);
+            }
+            match tail.writer.as_ref().expect("opened above").send(data.clone()).await {
+                Ok(ack) => break ack,
+                // A failed writer refuses everything after its failure: open a new one once.
+                Err(e) => {
+                    tail.writer = None;
+                    attempt += 1;
+                    if attempt > 1 {
+                        tail.last = None;
+                        return Err(e.into());
+                    }
+                }
+            }
+        };
+        tail.last = Some(id);
+        Ok(Some((id, ack)))
+    }
+
+    /// Number of entries.
+    pub fn len(&self, h: &Handle) -> Result<u64> {
+        let (first, next) = self.bounds(h.uid)?;
+        Ok(next - first)
+    }
+
+    /// Entries with `start <= id <= end` in id order (reverse order if `rev`), at most `count`.
+    pub async fn range(
+        &self,
+        h: &Handle,
+        start: StreamId,
+        end: StreamId,
+        count: usize,
+        rev: bool,
+    ) -> Result<Vec<Entry>> {
+        let mut out = Vec::new();
+        if start > end || count == 0 {
+            return Ok(out);
+        }
+        if rev {
+            let Some(after_end) = end.next() else {
+                return self.range_back(h, self.bounds(h.uid)?.1, start, count).await;
+            };
+            let stop = self.lower_bound(h.uid, after_end).await?;
+            return self.range_back(h, stop, start, count).await;
+        }
+        let (_, next) = self.bounds(h.uid)?;
+        let mut pos = self.lower_bound(h.uid, start).await?;
+        if pos >= next {
+            return Ok(out);
+        }
+        let mut r = self.reader(h.uid, pos)?;
+        while pos < next && out.len() < count {
+            match r.next().await {
+                Ok(e) => {
+                    let e = decode_entry(&e.data)
+                        .ok_or(Error::Corrupt { stream: stream_name(h.uid), pos })?;
+                    if e.id > end {
+                        break;
+                    }
+                    out.push(e);
+                    pos += 1;
+                }
+                Err(timber_stream::Error::Truncated { first_available }) => {
+                    pos = first_available;
+                    r.seek(pos);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(out)
+    }
+
+    async fn range_back(
+        &self,
+        h: &Handle,
+        stop: u64,
+        start: StreamId,
+        count: usize,
+    ) -> Result<Vec<Entry>> {
+        let mut out = Vec::new();
+        let (first, _) = self.bounds(h.uid)?;
+        if stop <= first {
+            return Ok(out);
+        }
+        let mut r = self.reader(h.uid, stop - 1)?;
+        let mut pos = stop;
+        while pos > first && out.len() < count {
+            pos -= 1;
+            match self.entry_at(&mut r, h.uid, pos).await? {
+                Some(e) if e.id >= start => out.push(e),
+                Some(_) | None => break,
+            }
+        }
+        Ok(out)
+    }
+
+    /// Drops the oldest entries per `trim`; returns how many.
+    pub async fn trim(&self, key: &[u8], h: &Handle, trim: Trim) -> Result<u64> {
+        let (first, next) = self.bounds(h.uid)?;
+        let before = match trim {
+            Trim::MaxLen(n) => next.saturating_sub(n).max(first),
+            Trim::MinId(id) => self.lower_bound(h.uid, id).await?,
+        };
+        if before <= first {
+            return Ok(0);
+        }
+        if before >= next {
+            // Emptying the stream: remember its last id first, so ids keep growing.
+            let last = self.last_id(h).await?;
+            self.set_floor(key, h, last).await?;
+        }
+        self.streams.truncate(&stream_name(h.uid), before).await?;
+        Ok(before - first)
+    }
+
+    async fn set_floor(&self, key: &[u8], h: &Handle, floor: StreamId) -> Result<()> {
+        {
+            let _g = self.keys.lock(key);
+            let Some(mut v) = self.keys.get(key)? else { return Ok(()) };
+            if v.kind != Kind::Stream || Handle::decode(key, &v.data)?.uid != h.uid {
+                return Ok(());
+            }
+            v.data = Handle { uid: h.uid, floor }.encode();
+            let mut b = WriteBatch::new();
+            Keyspace::put_into(&mut b, key, &v);
+            self.keys
+                .db()
+                .write_with(b, timber_kv::Durability::Synced)
+                .map_err(keyspace::Error::from)?;
+        }
+        Ok(())
+    }
+
+    /// Entries after `after`, at most `count`, for XREAD.
+    pub async fn read_after(
+        &self,
+        h: &Handle,
+        after: StreamId,
+        count: usize,
+    ) -> Result<Vec<Entry>> {
+        match after.next() {
+            Some(start) => self.range(h, start, StreamId::MAX, count, false).await,
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// The id `$` stands for: the largest id added so far (`0-0` for a missing key).
+    pub async fn dollar(&self, h: Option<&Handle>) -> Result<StreamId> {
+        match h {
+            Some(h) => self.last_id(h).await,
+            None => Ok(StreamId::MIN),
+        }
+    }
+
+    /// The last entry (XREAD's `+`).
+    pub async fn last_entry(&self, h: &Handle) -> Result<Option<Entry>> {
+        Ok(self.range(h, StreamId::MIN, StreamId::MAX, 1, true).await?.pop())
+    }
+
+    /// Waits until an entry with an id above `after` may exist in one of `waits` (a missing
+    /// stream waits for any stream creation), `timeout` passes (`None`: forever) or `stop`
+    /// fires. `creations` must have been taken before the caller last looked. Returns whether
+    /// something changed.
+    pub async fn wait(
+        &self,
+        waits: &[(Option<Handle>, StreamId)],
+        mut creations: watch::Receiver<u64>,
+        timeout: Option<Duration>,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<bool> {
+        let mut futs: Vec<BoxFuture<'static, ()>> = Vec::new();
+        for (h, after) in waits {
+            match h {
+                Some(h) if self.streams.info(&stream_name(h.uid)).is_ok() => {
+                    let Some(start) = after.next() else { continue };
+                    let pos = self.lower_bound(h.uid, start).await?;
+                    let mut r = self.reader(h.uid, pos)?;
+                    futs.push(async move { drop(r.next().await) }.boxed());
+                }
+                _ => {}
+            }
+        }
+        futs.push(async move { drop(creations.changed().await) }.boxed());
+        let any = futures::future::select_all(futs);
+        let deadline = async {
+            match timeout {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = any => Ok(true),
+            () = deadline => Ok(false),
+            () = crate::resp::stopped(stop) => Ok(false),
+        }
+    }
+
+    /// XGROUP CREATE. `id` `None` means `$`.
+    pub async fn group_create(
+        &self,
+        key: &[u8],
+        group: &[u8],
+        id: Option<StreamId>,
+        mkstream: bool,
+        entries_read: Option<u64>,
+    ) -> Result<()> {
+        if group.len() > group::MAX_GROUP_NAME {
+            return Err(reject("ERR consumer group name too long"));
+        }
+        let h = match self.handle(key)? {
+            Some(h) => h,
+            None if mkstream => self.create(key).await?,
+            None => return Err(reject("ERR The XGROUP subcommand requires the key to exist. Note that for CREATE you may want to use the MKSTREAM option to create an empty stream automatically.")),
+        };
+        let st = self.state(h.uid);
+        let _g = st.groups.lock().await;
+        let db = self.keys.db();
+        if group::get(db, h.uid, group)?.is_some() {
+            return Err(reject("BUSYGROUP Consumer Group name already exists"));
+        }
+        let last = match id {
+            Some(id) => id,
+            None => self.last_id(&h).await?,
+        };
+        let mut b = WriteBatch::new();
+        group::put(&mut b, h.uid, group, &Group { last, entries_read: entries_read.unwrap_or(0) });
+        self.write(b).await
+    }
+
+    /// XGROUP SETID.
+    pub async fn group_set_id(&self, key: &[u8], group: &[u8], id: Option<StreamId>) -> Result<()> {
+        let h = self.existing(key)?;
+        let st = self.state(h.uid);
+        let _g = st.groups.lock().await;
+        let Some(mut g) = group::get(self.keys.db(), h.uid, group)? else {
+            return Err(no_group(key, group, "XGROUP"));
+        };
+        g.last = match id {
+            Some(id) => id,
+            None => self.last_id(&h).await?,
+        };
+        let mut b = WriteBatch::new();
+        group::put(&mut b, h.uid, group, &g);
+        self.write(b).await
+    }
+
+    /// XGROUP DESTROY: whether the group existed.
+    pub async fn group_destroy(&self, key: &[u8], group: &[u8]) -> Result<bool> {
+        let h = self.existing(key)?;
+        let st = self.state(h.uid);
+        let _g = st.groups.lock().await;
+        let db = self.keys.db();
+        if group::get(db, h.uid, group)?.is_none() {
+            return Ok(false);
+        }
+        let mut b = WriteBatch::new();
+        group::destroy(db, &mut b, h.uid, group)?;
+        self.write(b).await?;
+        Ok(true)
+    }
+
+    /// XGROUP DELCONSUMER: drops the consumer's pending entries; returns how many.
+    pub async fn group_delete_consumer(
+        &self,
+        key: &[u8],
+        group: &[u8],
+        consumer: &[u8],
+    ) -> Result<u64> {
+        let h = self.existing(key)?;
+        let st = self.state(h.uid);
+        let _g = st.groups.lock().await;
+        let db = self.keys.db();
+        if group::get(db, h.uid, group)?.is_none() {
+            return Err(no_group(key, group, "XGROUP"));
+        }
+        let pel = group::pending(
+            db,
+            h.uid,
+            group,
+            StreamId::MIN,
+            StreamId::MAX,
+            usize::MAX,
+            Some(consumer),
+        )?;
+        let mut b = WriteBatch::new();
+        for p in &pel {
+            group::delete_pending(&mut b, h.uid, group, p.id);
+        }
+        self.write(b).await?;
+        Ok(pel.len() as u64)
+    }
+
+    fn existing(&self, key: &[u8]) -> Result<Handle> {
+        self.handle(key)?.ok_or_else(|| {
+            reject("ERR The XGROUP subcommand requires the key to exist. Note that for CREATE you may want to use the MKSTREAM option to create an empty stream automatically.")
+        })
+    }
+
+    /// XREADGROUP for one stream. `after` `None` is `>`: entries never delivered to the group,
+    /// which become pending for `consumer` (unless `noack`). `Some(id)`: the consumer's own
+    /// pending entries after `id`, delivered again. `Ok(None)`: the group does not exist.
+    pub async fn read_group(
+        &self,
+        h: &Handle,
+        group: &[u8],
+        consumer: &[u8],
+        after: Option<StreamId>,
+        count: usize,
+        noack: bool,
+    ) -> Result<Option<Delivery>> {
+        let st = self.state(h.uid);
+        let _g = st.groups.lock().await;
+        let db = self.keys.db();
+        let Some(mut g) = group::get(db, h.uid, group)? else { return Ok(None) };
+        let now = now_ms();
+        let mut b = WriteBatch::new();
+        let mut out = Vec::new();
+        match after {
+            None => {
+                let entries = self.read_after(h, g.last, count).await?;
+                for e in entries {
+                    g.last = e.id;
+                    g.entries_read += 1;
+                    if !noack {
+                        let p = Pending {
+                            id: e.id,
+                            consumer: Bytes::copy_from_slice(consumer),
+                            delivered_ms: now,
+                            deliveries: 1,
+                        };
+                        group::put_pending(&mut b, h.uid, group, &p);
+                    }
+                    out.push((e.id, Some(e.fields)));
+                }
+                if out.is_empty() {
+                    return Ok(Some(out));
+                }
+                group::put(&mut b, h.uid, group, &g);
+            }
+            Some(after) => {
+                let Some(from) = after.next() else { return Ok(Some(out)) };
+                let pel =
+                    group::pending(db, h.uid, group, from, StreamId::MAX, count, Some(consumer))?;
+                for mut p in pel {
+                    let found = self.range(h, p.id, p.id, 1, false).await?.pop();
+                    p.deliveries += 1;
+                    p.delivered_ms = now;
+                    group::put_pending(&mut b, h.uid, group, &p);
+                    out.push((p.id, found.map(|e| e.fields)));
+                }
+            }
+        }
+        self.write(b).await?;
+        Ok(Some(out))
+    }
+
+    /// XACK: how many of `ids` were pending.
+    pub async fn ack(&self, key: &[u8], group: &[u8], ids: &[StreamId]) -> Result<u64> {
+        let Some(h) = self.handle(key)? else { return Ok(0) };
+        let st = self.state(h.uid);
+        let _g = st.groups.lock().await;
+        let db = self.keys.db();
+        let mut b = WriteBatch::new();
+        let mut n = 0;
+        for id in ids {
+            if group::get_pending(db, h.uid, group, *id)?.is_some() {
+                group::delete_pending(&mut b, h.uid, group, *id);
+                n += 1;
+            }
+        }
+        self.write(b).await?;
+        Ok(n)
+    }
+
+    /// XPENDING: the group's pending entries with `start <= id <= end`, at most `count`, of one
+    /// consumer if given. `Ok(None)`: no such group.
+    #[allow(clippy::too_many_arguments)]
+    pub fn pending(
+        &self,
+        key: &[u8],
+        group: &[u8],
+        start: StreamId,
+        end: StreamId,
+        count: usize,
+        consumer: Option<&[u8]>,
+    ) -> Result<Option<Vec<Pending>>> {
+        let Some(h) = self.handle(key)? else { return Ok(None) };
+        let db = self.keys.db();
+        if group::get(db, h.uid, group)?.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(group::pending(db, h.uid, group, start, end, count, consumer)?))
+    }
+
+    /// Whether a group exists.
+    pub fn has_group(&self, h: &Handle, group: &[u8]) -> Result<bool> {
+        Ok(group::get(self.keys.db(), h.uid, group)?.is_some())
+    }
+
+    /// The last delivered id of a group.
+    pub fn group_last(&self, h: &Handle, group: &[u8]) -> Result<Option<StreamId>> {
+        Ok(group::get(self.keys.db(), h.uid, group)?.map(|g| g.last))
+    }
+
+    async fn write(&self, b: WriteBatch) -> Result<()> {
+        if b.is_empty() {
+            return Ok(());
+        }
+        let keys = self.keys.clone();
+        self.keys.db().write_with(b, keys.durability()).map_err(keyspace::Error::from)?;
+        if keys.synced() {
+            tokio::task::spawn_blocking(move || keys.sync())
+                .await
+                .map_err(|e| reject(format!("ERR sync task failed: {e}")))??;
+        }
+        Ok(())
+    }
+
+    /// Deletes the timber streams and consumer groups of stream keys that are gone (deleted,
+    /// overwritten, expired, flushed). Returns how many streams it deleted.
+    pub async fn collect_garbage(&self) -> Result<u64> {
+        let db = self.keys.db();
+        let mut gone = Vec::new();
+        for kv in db.prefix(b"r") {
+            let (k, key) = kv.map_err(keyspace::Error::from)?;
+            let uid = u64::from_be_bytes(
+                k[1..].try_into().map_err(|_| keyspace::Error::Corrupt(k.clone()))?,
+            );
+            let live = matches!(self.handle(&key), Ok(Some(h)) if h.uid == uid);
+            if !live {
+                gone.push(uid);
+            }
+        }
+        for uid in &gone {
+            let st = self.open.lock().remove(uid);
+            if let Some(st) = st {
+                if let Some(w) = st.tail.lock().await.writer.take() {
+                    let _ = w.close().await;
+                }
+            }
+            match self.streams.delete(&stream_name(*uid)).await {
+                Ok(()) | Err(timber_stream::Error::NotFound { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+            let mut b = WriteBatch::new();
+            group::destroy_all(db, &mut b, *uid)?;
+            b.delete(reverse_key(*uid));
+            db.write_with(b, self.keys.durability()).map_err(keyspace::Error::from)?;
+        }
+        Ok(gone.len() as u64)
+    }
+
+    /// Flushes and closes every writer, then the stream store.
+    pub async fn close(&self) -> Result<()> {
+        let open: Vec<Arc<Open>> = self.open.lock().drain().map(|(_, o)| o).collect();
+        for o in open {
+            if let Some(w) = o.tail.lock().await.writer.take() {
+                w.close().await?;
+            }
+        }
+        self.streams.clone().close().await?;
+        Ok(())
+    }
+}
+
+/// Redis's reply when a group does not exist.
+pub fn no_group(key: &[u8], group: &[u8], cmd: &str) -> Error {
+    reject(format!(
+        "NOGROUP No such key '{}' or consumer group '{}' in {cmd}",
+        String::from_utf8_lossy(key),
+        String::from_utf8_lossy(group)
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_round_trip_and_bad_bytes_are_refused() {
+        let id = StreamId { ms: 7, seq: 2 };
+        let fields = vec![Bytes::from("f"), Bytes::from(""), Bytes::from("value")];
+        let enc = encode_entry(id, &fields);
+        assert_eq!(decode_entry(&enc), Some(Entry { id, fields }));
+        for cut in 0..enc.len() {
+            assert_eq!(decode_entry(&enc.slice(..cut)), None, "cut at {cut}");
+        }
+        let mut long = enc.to_vec();
+        long.push(0);
+        assert_eq!(decode_entry(&Bytes::from(long)), None);
+    }
+}
