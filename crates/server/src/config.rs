@@ -20,6 +20,16 @@ pub enum Sync {
     Manual,
 }
 
+impl std::fmt::Display for Sync {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Sync::Always => f.write_str("always"),
+            Sync::Interval(d) => write!(f, "interval:{}", d.as_millis()),
+            Sync::Manual => f.write_str("manual"),
+        }
+    }
+}
+
 impl std::str::FromStr for Sync {
     type Err = String;
 
@@ -52,7 +62,7 @@ pub enum LogFormat {
 #[command(
     name = "timberd",
     version,
-    about = "The timber server: a Redis-protocol endpoint over timber's durable key-value engine"
+    about = "The timber server: durable keys and log streams over the Redis protocol, gRPC and HTTP"
 )]
 pub struct Flags {
     /// TOML configuration file; flags and environment variables override its values.
@@ -64,6 +74,13 @@ pub struct Flags {
     /// Redis-protocol listen address, host:port; port 0 picks a free port [default: 127.0.0.1:6379].
     #[arg(long, env = "TIMBER_RESP_ADDR")]
     pub resp_addr: Option<SocketAddr>,
+    /// gRPC listen address, host:port; port 0 picks a free port [default: 127.0.0.1:50051].
+    #[arg(long, env = "TIMBER_GRPC_ADDR")]
+    pub grpc_addr: Option<SocketAddr>,
+    /// HTTP listen address (REST, WebSocket, /metrics), host:port; port 0 picks a free port
+    /// [default: 127.0.0.1:8080].
+    #[arg(long, env = "TIMBER_HTTP_ADDR")]
+    pub http_addr: Option<SocketAddr>,
     /// Durability of acknowledged writes: always, interval:<ms> or manual [default: interval:1000].
     #[arg(long, env = "TIMBER_SYNC")]
     pub sync: Option<String>,
@@ -90,6 +107,8 @@ pub struct Flags {
 struct File {
     data_dir: Option<PathBuf>,
     resp_addr: Option<SocketAddr>,
+    grpc_addr: Option<SocketAddr>,
+    http_addr: Option<SocketAddr>,
     sync: Option<String>,
     log_format: Option<LogFormat>,
     max_connections: Option<usize>,
@@ -105,6 +124,10 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Redis-protocol listen address.
     pub resp_addr: SocketAddr,
+    /// gRPC listen address.
+    pub grpc_addr: SocketAddr,
+    /// HTTP listen address.
+    pub http_addr: SocketAddr,
     /// Durability of acknowledged writes.
     pub sync: Sync,
     /// Log format.
@@ -125,6 +148,8 @@ impl Config {
         Config {
             data_dir: dir.into(),
             resp_addr: "127.0.0.1:0".parse().expect("valid address"),
+            grpc_addr: "127.0.0.1:0".parse().expect("valid address"),
+            http_addr: "127.0.0.1:0".parse().expect("valid address"),
             sync: Sync::Interval(Duration::from_secs(1)),
             log_format: LogFormat::Human,
             max_connections: 10_000,
@@ -165,6 +190,14 @@ impl Config {
                 .resp_addr
                 .or(file.resp_addr)
                 .unwrap_or_else(|| "127.0.0.1:6379".parse().expect("valid address")),
+            grpc_addr: flags
+                .grpc_addr
+                .or(file.grpc_addr)
+                .unwrap_or_else(|| "127.0.0.1:50051".parse().expect("valid address")),
+            http_addr: flags
+                .http_addr
+                .or(file.http_addr)
+                .unwrap_or_else(|| "127.0.0.1:8080".parse().expect("valid address")),
             sync,
             log_format: flags.log_format.or(file.log_format).unwrap_or(LogFormat::Human),
             max_connections,

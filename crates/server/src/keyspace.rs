@@ -213,6 +213,20 @@ impl Keyspace {
         Ok(self.db.write_with(b, self.durability)?)
     }
 
+    /// Stores strings (`Some`) and deletes keys (`None`), atomically.
+    pub fn write_mixed(&self, items: &[(&[u8], Option<Bytes>)]) -> Result<(), Error> {
+        let mut b = WriteBatch::new();
+        for (k, v) in items {
+            match v {
+                Some(v) => Self::put_into(&mut b, k, &Value::string(v.clone())),
+                None => {
+                    b.delete(data_key(k));
+                }
+            }
+        }
+        Ok(self.db.write_with(b, self.durability)?)
+    }
+
     /// Stores one value.
     pub fn set(&self, key: &[u8], v: &Value) -> Result<(), Error> {
         self.set_many(&[(key, v.clone())])
@@ -264,6 +278,39 @@ impl Keyspace {
             }
         }
         Ok((out, None))
+    }
+
+    /// Live string keys with their values, in key order: those starting with `prefix`, at or
+    /// after `start`, before `end` (empty: no bound), at most `limit`.
+    pub fn range(
+        &self,
+        prefix: &[u8],
+        start: &[u8],
+        end: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Bytes, Bytes)>, Error> {
+        let now = now_ms();
+        let lo = data_key(start.max(prefix));
+        let hi = if end.is_empty() { vec![b'k' + 1] } else { data_key(end) };
+        let mut out = Vec::new();
+        if lo >= hi || limit == 0 {
+            return Ok(out);
+        }
+        for kv in self.db.scan(lo..hi) {
+            let (k, v) = kv?;
+            let key = k.slice(1..);
+            if !key.starts_with(prefix) {
+                break;
+            }
+            let val = decode(&key, &v)?;
+            if val.kind == Kind::String && val.expire_at.is_none_or(|at| at > now) {
+                out.push((key, val.data));
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// A numeric cursor for `SCAN` that continues after `key`.

@@ -1,32 +1,67 @@
 //! timberd, the timber server: one process that keeps its data in one directory (the keyspace in
-//! `kv/`, streams in `streams/`) and serves it over the Redis protocol (RESP2/RESP3). Library form so that tests and embedders can start it
-//! in process; the `timberd` binary wraps it with flags, logs and signal handling.
+//! `kv/`, streams in `streams/`) and serves it over the Redis protocol (RESP2/RESP3), gRPC and
+//! HTTP. Library form so that tests and embedders can start it in process; the `timberd` binary
+//! wraps it with flags, logs and signal handling.
 
 pub mod config;
+pub mod grpc;
+pub mod http;
 pub mod keyspace;
+pub mod logs;
 pub mod resp;
 pub mod streams;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 pub use config::{Config, Flags, LogFormat, Sync};
 use keyspace::Keyspace;
+use logs::Logs;
 use streams::StreamSpace;
+
+/// The engines every endpoint serves, and what they report about the server.
+#[derive(Debug)]
+pub struct Engines {
+    /// Keys and values (strings, and the handles of Redis streams).
+    pub keys: Arc<Keyspace>,
+    /// Redis streams.
+    pub redis_streams: Arc<StreamSpace>,
+    /// Named log streams (gRPC and HTTP).
+    pub logs: Arc<Logs>,
+    /// Largest value or entry accepted.
+    pub max_value: usize,
+    /// The shared secret, if any.
+    pub secret: Option<String>,
+    /// When the server started.
+    pub started: Instant,
+    /// The data directory.
+    pub data_dir: PathBuf,
+    /// The sync mode.
+    pub sync: Sync,
+}
 
 /// A running server.
 #[derive(Debug)]
 pub struct Server {
     /// Where the Redis-protocol endpoint listens.
     pub resp_addr: SocketAddr,
-    keys: Arc<Keyspace>,
-    streams: Arc<StreamSpace>,
+    /// Where the gRPC endpoint listens.
+    pub grpc_addr: SocketAddr,
+    /// Where the HTTP endpoint listens.
+    pub http_addr: SocketAddr,
+    engines: Arc<Engines>,
     stop: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} ({what})"))
 }
 
 impl Server {
@@ -45,32 +80,59 @@ impl Server {
             Err(e) => return Err(e).with_context(|| format!("cannot open {}", kv_dir.display())),
         };
         let streams_dir = cfg.data_dir.join("streams");
-        let streams = Arc::new(
+        let redis_streams = Arc::new(
             StreamSpace::open(keys.clone(), &streams_dir)
                 .await
                 .with_context(|| format!("cannot open {}", streams_dir.display()))?,
         );
-        let listener = tokio::net::TcpListener::bind(cfg.resp_addr)
-            .await
-            .with_context(|| format!("cannot listen on {} (resp-addr)", cfg.resp_addr))?;
-        let resp_addr = listener.local_addr()?;
+        let logs = Arc::new(Logs::new(redis_streams.store().clone()));
+        let engines = Arc::new(Engines {
+            keys: keys.clone(),
+            redis_streams: redis_streams.clone(),
+            logs,
+            max_value: cfg.max_request_bytes,
+            secret: cfg.auth_secret.clone(),
+            started: Instant::now(),
+            data_dir: cfg.data_dir.clone(),
+            sync: cfg.sync,
+        });
+        let resp_listener = bind(cfg.resp_addr, "resp-addr").await?;
+        let grpc_listener = bind(cfg.grpc_addr, "grpc-addr").await?;
+        let http_listener = bind(cfg.http_addr, "http-addr").await?;
+        let resp_addr = resp_listener.local_addr()?;
+        let grpc_addr = grpc_listener.local_addr()?;
+        let http_addr = http_listener.local_addr()?;
+        // One process-wide recorder; a second server in the same process goes without.
+        let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
+            .install_recorder()
+            .map_err(|e| tracing::debug!(error = %e, "metrics recorder not installed"))
+            .ok();
         let (stop, stop_rx) = watch::channel(false);
-        let endpoint = Arc::new(resp::Endpoint::new(keys.clone(), streams.clone(), &cfg));
-        let mut tasks = vec![tokio::spawn(resp::serve(endpoint, listener, stop_rx.clone()))];
-        tasks.push(tokio::spawn(sweep(keys.clone(), streams.clone(), stop_rx)));
-        tracing::info!(%resp_addr, data_dir = %cfg.data_dir.display(), sync = ?cfg.sync, "timberd listening");
-        Ok(Server { resp_addr, keys, streams, stop, tasks })
+        let endpoint = Arc::new(resp::Endpoint::new(keys.clone(), redis_streams.clone(), &cfg));
+        let tasks = vec![
+            tokio::spawn(resp::serve(endpoint, resp_listener, stop_rx.clone())),
+            tokio::spawn(grpc::serve(engines.clone(), grpc_listener, stop_rx.clone())),
+            tokio::spawn(http::serve(engines.clone(), prometheus, http_listener, stop_rx.clone())),
+            tokio::spawn(sweep(keys, redis_streams, stop_rx)),
+        ];
+        tracing::info!(
+            %resp_addr, %grpc_addr, %http_addr, data_dir = %cfg.data_dir.display(), sync = %cfg.sync,
+            "timberd listening"
+        );
+        Ok(Server { resp_addr, grpc_addr, http_addr, engines, stop, tasks })
     }
 
     /// Graceful shutdown: stop accepting, let connections finish the requests they have read,
-    /// then sync and close the engines.
+    /// then flush the stream writers, sync and close the engines.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         self.stop.send_replace(true);
         for t in self.tasks {
             let _ = t.await;
         }
-        self.streams.close().await?;
-        let keys = self.keys.clone();
+        let e = &self.engines;
+        e.logs.close().await?;
+        e.redis_streams.close().await?;
+        let keys = e.keys.clone();
         tokio::task::spawn_blocking(move || keys.close()).await??;
         tracing::info!("timberd stopped; data synced");
         Ok(())

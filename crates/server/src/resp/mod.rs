@@ -270,7 +270,10 @@ async fn run_requests(
                 max_value: ep.max_request,
                 stop: stop.clone(),
             };
-            match stream_command::execute(&mut cx, name, &requests[i][1..]).await {
+            let t = std::time::Instant::now();
+            let outcome = stream_command::execute(&mut cx, name, &requests[i][1..]).await;
+            record(name, t);
+            match outcome {
                 Outcome::Later(f) => later.push(f),
                 Outcome::Now(r) => {
                     settle(&mut later, s.proto, out).await;
@@ -303,7 +306,9 @@ async fn run_requests(
             for r in run {
                 match command::prepare(s, r) {
                     Ok(name) if !stream_command::is_stream_command(name) => {
-                        command::execute(&ctx, s, name, r).encode(s.proto, out)
+                        let t = std::time::Instant::now();
+                        command::execute(&ctx, s, name, r).encode(s.proto, out);
+                        record(name, t);
                     }
                     Ok(name) => {
                         Reply::err(format!("'{name}' cannot run here")).encode(s.proto, out)
@@ -335,6 +340,13 @@ async fn run_requests(
         i = end;
     }
     settle(&mut later, s.proto, out).await;
+}
+
+/// Counts a command and records how long it ran (for XADD: until it was sent, not durable).
+fn record(name: &'static str, start: std::time::Instant) {
+    metrics::counter!("timber_resp_commands_total", "command" => name).increment(1);
+    metrics::histogram!("timber_resp_command_seconds", "command" => name)
+        .record(start.elapsed().as_secs_f64());
 }
 
 /// Awaits the pending XADD replies, in order, and encodes them.

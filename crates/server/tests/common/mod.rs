@@ -9,7 +9,10 @@ use std::time::Duration;
 
 pub struct Timberd {
     pub child: Child,
+    /// The Redis-protocol port.
     pub port: u16,
+    pub grpc_port: u16,
+    pub http_port: u16,
     pub stderr: mpsc::Receiver<String>,
 }
 
@@ -18,6 +21,7 @@ impl Timberd {
     pub fn start(dir: &Path, extra: &[&str]) -> Timberd {
         let mut child = Command::new(env!("CARGO_BIN_EXE_timberd"))
             .args(["--data-dir", dir.to_str().unwrap(), "--resp-addr", "127.0.0.1:0"])
+            .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
             .args(extra)
             .env("TIMBER_LOG", "info")
             .stdout(Stdio::null())
@@ -33,17 +37,27 @@ impl Timberd {
                 }
             }
         });
-        let mut port = None;
-        while port.is_none() {
-            let line = rx
+        let port_of = |line: &str, field: &str| -> Option<u16> {
+            let rest = line.split(&format!("{field}=")).nth(1)?;
+            let addr = rest.split_whitespace().next()?;
+            addr.rsplit(':').next()?.parse().ok()
+        };
+        // Built first so that its Drop kills the child if the start fails.
+        let mut t = Timberd { child, port: 0, grpc_port: 0, http_port: 0, stderr: rx };
+        while t.port == 0 {
+            let line = t
+                .stderr
                 .recv_timeout(Duration::from_secs(30))
-                .expect("timberd did not report its address");
-            if let Some(rest) = line.split("resp_addr=").nth(1) {
-                let addr = rest.split_whitespace().next().unwrap();
-                port = Some(addr.rsplit(':').next().unwrap().parse().unwrap());
+                .expect("timberd did not report its addresses");
+            if let (Some(port), Some(grpc_port), Some(http_port)) = (
+                port_of(&line, "resp_addr"),
+                port_of(&line, "grpc_addr"),
+                port_of(&line, "http_addr"),
+            ) {
+                (t.port, t.grpc_port, t.http_port) = (port, grpc_port, http_port);
             }
         }
-        Timberd { child, port: port.unwrap(), stderr: rx }
+        t
     }
 
     pub fn client(&self) -> redis::Connection {
@@ -51,6 +65,13 @@ impl Timberd {
         let con = c.get_connection_with_timeout(Duration::from_secs(10)).unwrap();
         con.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         con
+    }
+
+    /// A gRPC client.
+    pub async fn grpc(&self) -> timber_client::Client {
+        timber_client::Client::connect(format!("http://127.0.0.1:{}", self.grpc_port))
+            .await
+            .unwrap()
     }
 
     pub fn signal(&self, sig: rustix::process::Signal) {

@@ -1,0 +1,531 @@
+//! timber-client: an async Rust client of `timberd` over gRPC.
+//!
+//! One [`Client`] holds one HTTP/2 connection (tonic `Channel`), shared by every call and cheap
+//! to clone. Every call has a timeout; calls that are safe to repeat (reads, puts, deletes,
+//! truncation, listing) are retried with exponential backoff when the server is unavailable.
+//! Appends are not retried: an append that timed out may have landed.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), timber_client::Error> {
+//! let client = timber_client::Client::connect("http://127.0.0.1:50051").await?;
+//! client.put("greeting", "hello").await?;
+//! let w = client.writer("events").await?;
+//! let id = w.send(vec!["e1".into(), "e2".into()]).await?.await?;
+//! let mut r = client.reader("events", timber_client::Start::Earliest, false).await?;
+//! while let Some(e) = r.next().await? {
+//!     println!("{} {:?}", e.id, e.data);
+//! }
+//! # let _ = id; Ok(()) }
+//! ```
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::FutureExt as _;
+use timber_proto::v1 as pb;
+use timber_proto::v1::admin_client::AdminClient;
+use timber_proto::v1::kv_client::KvClient;
+use timber_proto::v1::streams_client::StreamsClient;
+use tokio::sync::{mpsc, oneshot, Mutex};
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request};
+
+pub use timber_proto::v1::{StatusResponse as Status, StreamInfo};
+
+/// Errors of client calls.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The address is malformed or the connection failed.
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        /// The address.
+        addr: String,
+        /// Why.
+        source: tonic::transport::Error,
+    },
+    /// The server answered with an error.
+    #[error("{op}: {code:?}: {message}")]
+    Server {
+        /// The call.
+        op: &'static str,
+        /// The gRPC code (NotFound, AlreadyExists, InvalidArgument, OutOfRange...).
+        code: Code,
+        /// The server's message.
+        message: String,
+    },
+    /// The call did not finish within the timeout.
+    #[error("{op}: timed out after {after:?}")]
+    Timeout {
+        /// The call.
+        op: &'static str,
+        /// The timeout.
+        after: Duration,
+    },
+    /// The writer or reader's stream ended (the server went away or an earlier append failed).
+    #[error("the stream of {op} ended")]
+    Closed {
+        /// The call.
+        op: &'static str,
+    },
+}
+
+impl Error {
+    /// The gRPC code, for server errors.
+    pub fn code(&self) -> Option<Code> {
+        match self {
+            Error::Server { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+
+    fn server(op: &'static str, s: tonic::Status) -> Error {
+        Error::Server { op, code: s.code(), message: s.message().to_string() }
+    }
+
+    fn retryable(&self) -> bool {
+        matches!(self, Error::Server { code: Code::Unavailable | Code::Unknown, .. })
+            || matches!(self, Error::Timeout { .. })
+    }
+}
+
+/// Result of client calls.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Options of a [`Client`].
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Time limit of one call (not of a reader or writer's whole life). Default 10 s.
+    pub timeout: Duration,
+    /// Connection timeout. Default 5 s.
+    pub connect_timeout: Duration,
+    /// Retries of idempotent calls. Default 3.
+    pub retries: u32,
+    /// First backoff between retries, doubled each time. Default 50 ms.
+    pub backoff: Duration,
+    /// The server's shared secret, sent as a bearer token.
+    pub token: Option<String>,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(5),
+            retries: 3,
+            backoff: Duration::from_millis(50),
+            token: None,
+        }
+    }
+}
+
+/// Where a reader starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// At the first entry not truncated.
+    Earliest,
+    /// After the last entry: only new entries.
+    Latest,
+    /// At this id.
+    At(u64),
+}
+
+/// One put or delete of [`Client::write_batch`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mutation {
+    /// Store the value.
+    Put(Bytes, Bytes),
+    /// Delete the key.
+    Delete(Bytes),
+}
+
+/// Which keys [`Client::scan`] returns.
+#[derive(Debug, Clone, Default)]
+pub struct Scan {
+    /// Keys starting with this.
+    pub prefix: Bytes,
+    /// Keys at or after this.
+    pub start: Bytes,
+    /// Keys before this (empty: no bound).
+    pub end: Bytes,
+    /// Most pairs (0: all).
+    pub limit: u64,
+}
+
+/// A stream entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// Dense id from 0.
+    pub id: u64,
+    /// The payload.
+    pub data: Bytes,
+}
+
+/// A connection to one timberd.
+#[derive(Debug, Clone)]
+pub struct Client {
+    channel: Channel,
+    opts: Options,
+}
+
+impl Client {
+    /// Connects with default options. `addr` is a URL such as `http://127.0.0.1:50051`.
+    pub async fn connect(addr: impl Into<String>) -> Result<Client> {
+        Client::connect_with(addr, Options::default()).await
+    }
+
+    /// Connects with `opts`.
+    pub async fn connect_with(addr: impl Into<String>, opts: Options) -> Result<Client> {
+        let addr = addr.into();
+        let endpoint = Endpoint::from_shared(addr.clone())
+            .map_err(|source| Error::Connect { addr: addr.clone(), source })?
+            .connect_timeout(opts.connect_timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(30));
+        let channel = endpoint.connect().await.map_err(|source| Error::Connect { addr, source })?;
+        Ok(Client { channel, opts })
+    }
+
+    fn request<T>(&self, msg: T) -> Request<T> {
+        let mut r = Request::new(msg);
+        if let Some(t) = &self.opts.token {
+            if let Ok(v) = format!("Bearer {t}").parse() {
+                r.metadata_mut().insert("authorization", v);
+            }
+        }
+        r
+    }
+
+    fn kv(&self) -> KvClient<Channel> {
+        KvClient::new(self.channel.clone()).max_decoding_message_size(usize::MAX)
+    }
+
+    fn streams(&self) -> StreamsClient<Channel> {
+        StreamsClient::new(self.channel.clone()).max_decoding_message_size(usize::MAX)
+    }
+
+    async fn once<T, F>(&self, op: &'static str, f: F) -> Result<T>
+    where
+        F: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        match tokio::time::timeout(self.opts.timeout, f).await {
+            Ok(Ok(r)) => Ok(r.into_inner()),
+            Ok(Err(s)) => Err(Error::server(op, s)),
+            Err(_) => Err(Error::Timeout { op, after: self.opts.timeout }),
+        }
+    }
+
+    /// Runs an idempotent call, retrying while the server is unavailable.
+    async fn idempotent<T, F, Fut>(&self, op: &'static str, mut f: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let mut backoff = self.opts.backoff;
+        let mut attempt = 0;
+        loop {
+            match self.once(op, f()).await {
+                Err(e) if e.retryable() && attempt < self.opts.retries => {
+                    attempt += 1;
+                    tokio::time::sleep(backoff).await;
+                    backoff *= 2;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    /// The value of a key (`None` if it does not exist).
+    pub async fn get(&self, key: impl Into<Bytes>) -> Result<Option<Bytes>> {
+        let key = key.into();
+        let r = self
+            .idempotent("get", || {
+                let (mut c, r) = (self.kv(), self.request(pb::GetRequest { key: key.clone() }));
+                async move { c.get(r).await }
+            })
+            .await?;
+        Ok(r.value)
+    }
+
+    /// Stores a value.
+    pub async fn put(&self, key: impl Into<Bytes>, value: impl Into<Bytes>) -> Result<()> {
+        self.put_inner(key.into(), value.into(), None).await
+    }
+
+    /// Stores a value that expires after `ttl`.
+    pub async fn put_with_ttl(
+        &self,
+        key: impl Into<Bytes>,
+        value: impl Into<Bytes>,
+        ttl: Duration,
+    ) -> Result<()> {
+        self.put_inner(key.into(), value.into(), Some(ttl.as_millis().max(1) as u64)).await
+    }
+
+    async fn put_inner(&self, key: Bytes, value: Bytes, ttl_ms: Option<u64>) -> Result<()> {
+        self.idempotent("put", || {
+            let m = pb::PutRequest { key: key.clone(), value: value.clone(), ttl_ms };
+            {
+                let (mut c, r) = (self.kv(), self.request(m));
+                async move { c.put(r).await }
+            }
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Deletes a key; whether it existed.
+    pub async fn delete(&self, key: impl Into<Bytes>) -> Result<bool> {
+        let key = key.into();
+        let r = self
+            .idempotent("delete", || {
+                let (mut c, r) = (self.kv(), self.request(pb::DeleteRequest { key: key.clone() }));
+                async move { c.delete(r).await }
+            })
+            .await?;
+        Ok(r.existed)
+    }
+
+    /// Applies puts and deletes atomically.
+    pub async fn write_batch(&self, batch: Vec<Mutation>) -> Result<()> {
+        let mutations: Vec<pb::Mutation> = batch
+            .into_iter()
+            .map(|m| match m {
+                Mutation::Put(key, v) => pb::Mutation { key, value: Some(v) },
+                Mutation::Delete(key) => pb::Mutation { key, value: None },
+            })
+            .collect();
+        self.idempotent("batch_write", || {
+            let m = pb::BatchWriteRequest { mutations: mutations.clone() };
+            {
+                let (mut c, r) = (self.kv(), self.request(m));
+                async move { c.batch_write(r).await }
+            }
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Keys and values in key order.
+    pub async fn scan(&self, scan: Scan) -> Result<Vec<(Bytes, Bytes)>> {
+        let req = pb::ScanRequest {
+            prefix: scan.prefix,
+            start: scan.start,
+            end: scan.end,
+            limit: scan.limit,
+        };
+        let mut stream = self
+            .idempotent("scan", || {
+                let (mut c, r) = (self.kv(), self.request(req.clone()));
+                async move { c.scan(r).await }
+            })
+            .await?;
+        let mut out = Vec::new();
+        loop {
+            match tokio::time::timeout(self.opts.timeout, stream.message()).await {
+                Ok(Ok(Some(kv))) => out.push((kv.key, kv.value)),
+                Ok(Ok(None)) => return Ok(out),
+                Ok(Err(s)) => return Err(Error::server("scan", s)),
+                Err(_) => return Err(Error::Timeout { op: "scan", after: self.opts.timeout }),
+            }
+        }
+    }
+
+    /// Creates a stream; `retention` drops entries older than it, `retention_bytes` the
+    /// oldest while the stream holds more.
+    pub async fn create_stream(
+        &self,
+        name: &str,
+        retention: Option<Duration>,
+        retention_bytes: Option<u64>,
+    ) -> Result<StreamInfo> {
+        let m = pb::CreateStreamRequest {
+            name: name.into(),
+            retention_ms: retention.map(|d| d.as_millis() as u64),
+            retention_bytes,
+        };
+        self.once("create_stream", self.streams().create(self.request(m))).await
+    }
+
+    /// A stream's figures.
+    pub async fn stream_info(&self, name: &str) -> Result<StreamInfo> {
+        self.idempotent("stream_info", || {
+            let (mut c, r) =
+                (self.streams(), self.request(pb::StreamRequest { name: name.into() }));
+            async move { c.info(r).await }
+        })
+        .await
+    }
+
+    /// Every stream.
+    pub async fn list_streams(&self) -> Result<Vec<StreamInfo>> {
+        let r = self
+            .idempotent("list_streams", || {
+                let (mut c, r) = (self.streams(), self.request(pb::ListStreamsRequest {}));
+                async move { c.list(r).await }
+            })
+            .await?;
+        Ok(r.streams)
+    }
+
+    /// Drops every entry below `before`.
+    pub async fn truncate(&self, name: &str, before: u64) -> Result<StreamInfo> {
+        self.idempotent("truncate", || {
+            let m = pb::TruncateRequest { name: name.into(), before };
+            {
+                let (mut c, r) = (self.streams(), self.request(m));
+                async move { c.truncate(r).await }
+            }
+        })
+        .await
+    }
+
+    /// Deletes a stream.
+    pub async fn delete_stream(&self, name: &str) -> Result<()> {
+        self.once(
+            "delete_stream",
+            self.streams().delete(self.request(pb::StreamRequest { name: name.into() })),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Appends entries with consecutive ids and waits until they are durable; returns the
+    /// first id.
+    pub async fn append(&self, name: &str, entries: Vec<Bytes>) -> Result<u64> {
+        let w = self.writer(name).await?;
+        let ack = w.send(entries).await?;
+        tokio::time::timeout(self.opts.timeout, ack)
+            .await
+            .map_err(|_| Error::Timeout { op: "append", after: self.opts.timeout })?
+    }
+
+    /// Opens a writer: a pipelined append stream to the server.
+    pub async fn writer(&self, name: &str) -> Result<StreamWriter> {
+        let (tx, rx) = mpsc::channel::<pb::AppendRequest>(1024);
+        let outbound = tokio_stream::wrappers::ReceiverStream::new(rx);
+        let mut inbound =
+            self.once("append", self.streams().append(self.request(outbound))).await?;
+        let (pending_tx, mut pending_rx) =
+            mpsc::unbounded_channel::<oneshot::Sender<Result<u64>>>();
+        tokio::spawn(async move {
+            while let Some(waiter) = pending_rx.recv().await {
+                match inbound.message().await {
+                    Ok(Some(r)) => {
+                        let _ = waiter.send(Ok(r.first_id));
+                    }
+                    Ok(None) => {
+                        let _ = waiter.send(Err(Error::Closed { op: "append" }));
+                        break;
+                    }
+                    Err(s) => {
+                        let _ = waiter.send(Err(Error::server("append", s)));
+                        break;
+                    }
+                }
+            }
+            // Whatever is still waiting fails: the stream is over.
+            pending_rx.close();
+            while let Ok(w) = pending_rx.try_recv() {
+                let _ = w.send(Err(Error::Closed { op: "append" }));
+            }
+        });
+        Ok(StreamWriter {
+            name: name.to_string(),
+            state: Mutex::new(WriterState { tx, pending: pending_tx, named: false }),
+        })
+    }
+
+    /// Opens a reader from `start`; with `follow`, it waits at the tail for new entries.
+    pub async fn reader(&self, name: &str, start: Start, follow: bool) -> Result<StreamReader> {
+        let (start, id) = match start {
+            Start::Earliest => (pb::StartAt::Earliest, 0),
+            Start::Latest => (pb::StartAt::Latest, 0),
+            Start::At(id) => (pb::StartAt::Id, id),
+        };
+        let m = pb::ReadRequest { stream: name.into(), start: start as i32, id, follow, limit: 0 };
+        let inner = self.once("read", self.streams().read(self.request(m))).await?;
+        Ok(StreamReader { inner })
+    }
+
+    /// The server's status.
+    pub async fn status(&self) -> Result<Status> {
+        self.idempotent("status", || {
+            let (mut c, r) =
+                (AdminClient::new(self.channel.clone()), self.request(pb::StatusRequest {}));
+            async move { c.status(r).await }
+        })
+        .await
+    }
+}
+
+#[derive(Debug)]
+struct WriterState {
+    tx: mpsc::Sender<pb::AppendRequest>,
+    pending: mpsc::UnboundedSender<oneshot::Sender<Result<u64>>>,
+    named: bool,
+}
+
+/// A pipelined writer of one stream: `send` many batches, await their acks later.
+#[derive(Debug)]
+pub struct StreamWriter {
+    name: String,
+    state: Mutex<WriterState>,
+}
+
+/// Resolves to the first id of a sent batch once it is durable.
+#[derive(Debug)]
+#[must_use = "an Ack tells whether the entries became durable"]
+pub struct StreamAck {
+    rx: oneshot::Receiver<Result<u64>>,
+}
+
+impl Future for StreamAck {
+    type Output = Result<u64>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<u64>> {
+        self.rx.poll_unpin(cx).map(|r| r.unwrap_or(Err(Error::Closed { op: "append" })))
+    }
+}
+
+impl StreamWriter {
+    /// Sends a batch of entries; they get consecutive ids. Acks resolve in send order.
+    pub async fn send(&self, entries: Vec<Bytes>) -> Result<StreamAck> {
+        let mut st = self.state.lock().await;
+        let (tx, rx) = oneshot::channel();
+        st.pending.send(tx).map_err(|_| Error::Closed { op: "append" })?;
+        let stream = if st.named { String::new() } else { self.name.clone() };
+        st.tx
+            .send(pb::AppendRequest { stream, entries })
+            .await
+            .map_err(|_| Error::Closed { op: "append" })?;
+        st.named = true;
+        Ok(StreamAck { rx })
+    }
+
+    /// Sends a batch and waits until it is durable; returns its first id.
+    pub async fn append(&self, entries: Vec<Bytes>) -> Result<u64> {
+        self.send(entries).await?.await
+    }
+}
+
+/// A reader of one stream.
+#[derive(Debug)]
+pub struct StreamReader {
+    inner: tonic::Streaming<pb::Entry>,
+}
+
+impl StreamReader {
+    /// The next entry; `None` at the end (without `follow`). With `follow`, waits for the next
+    /// entry.
+    pub async fn next(&mut self) -> Result<Option<Entry>> {
+        match self.inner.message().await {
+            Ok(Some(e)) => Ok(Some(Entry { id: e.id, data: e.data })),
+            Ok(None) => Ok(None),
+            Err(s) => Err(Error::server("read", s)),
+        }
+    }
+}

@@ -1,0 +1,407 @@
+//! The gRPC endpoint (tonic, `proto/timber.proto`): the Kv, Streams and Admin services over the
+//! same keyspace and log streams as the other endpoints.
+//!
+//! Invariants: a call is answered only after its writes are durable as the server's sync mode
+//! promises (under `always`, puts are synced before the reply; appends always are); errors map
+//! to gRPC codes (NotFound, AlreadyExists, InvalidArgument, OutOfRange for truncated reads,
+//! Unauthenticated, Internal for storage failures) with the engine's message.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::{FutureExt as _, Stream};
+use timber_proto::v1 as pb;
+use timber_proto::v1::admin_server::{Admin, AdminServer};
+use timber_proto::v1::kv_server::{Kv, KvServer};
+use timber_proto::v1::streams_server::{Streams, StreamsServer};
+use timber_stream::{Start, StreamConfig};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::keyspace::{now_ms, Value};
+use crate::Engines;
+
+type Reply<T> = Result<Response<T>, Status>;
+type Out<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// The gRPC status for a stream error.
+pub fn stream_status(e: timber_stream::Error) -> Status {
+    use timber_stream::Error as E;
+    match e {
+        E::NotFound { .. } => Status::not_found(e.to_string()),
+        E::AlreadyExists { .. } => Status::already_exists(e.to_string()),
+        E::InvalidParam(_) => Status::invalid_argument(e.to_string()),
+        E::Truncated { .. } => Status::out_of_range(e.to_string()),
+        E::Fenced { .. } => Status::aborted(e.to_string()),
+        E::Closed => Status::unavailable(e.to_string()),
+        e => {
+            tracing::error!(error = %e, "stream storage error");
+            Status::internal(e.to_string())
+        }
+    }
+}
+
+fn key_status(e: crate::keyspace::Error) -> Status {
+    tracing::error!(error = %e, "keyspace error");
+    Status::internal(e.to_string())
+}
+
+/// The services, sharing the server's engines.
+#[derive(Debug, Clone)]
+pub struct Service {
+    engines: Arc<Engines>,
+    stop: watch::Receiver<bool>,
+}
+
+impl Service {
+    async fn synced<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&crate::keyspace::Keyspace) -> Result<T, crate::keyspace::Error> + Send + 'static,
+    ) -> Result<T, Status> {
+        let keys = self.engines.keys.clone();
+        tokio::task::spawn_blocking(move || {
+            let r = f(&keys)?;
+            if keys.synced() {
+                keys.sync()?;
+            }
+            Ok(r)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("write task failed: {e}")))?
+        .map_err(key_status)
+    }
+
+    fn check_size(&self, n: usize) -> Result<(), Status> {
+        if n > self.engines.max_value {
+            return Err(Status::invalid_argument(format!(
+                "value of {n} bytes exceeds the limit of {} bytes",
+                self.engines.max_value
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[tonic::async_trait]
+impl Kv for Service {
+    async fn get(&self, req: Request<pb::GetRequest>) -> Reply<pb::GetResponse> {
+        let key = req.into_inner().key;
+        let v = self.engines.keys.get(&key).map_err(key_status)?;
+        let value = v.filter(|v| v.kind == crate::keyspace::Kind::String).map(|v| v.data);
+        Ok(Response::new(pb::GetResponse { value }))
+    }
+
+    async fn put(&self, req: Request<pb::PutRequest>) -> Reply<pb::PutResponse> {
+        let r = req.into_inner();
+        self.check_size(r.value.len())?;
+        let expire_at = r.ttl_ms.filter(|t| *t > 0).map(|t| now_ms().saturating_add(t));
+        let v = Value { expire_at, ..Value::string(r.value) };
+        let key = r.key;
+        self.synced(move |k| {
+            let _g = k.lock(&key);
+            k.set(&key, &v)
+        })
+        .await?;
+        Ok(Response::new(pb::PutResponse {}))
+    }
+
+    async fn delete(&self, req: Request<pb::DeleteRequest>) -> Reply<pb::DeleteResponse> {
+        let key = req.into_inner().key;
+        let n = self.synced(move |k| k.delete(&[&key[..]])).await?;
+        Ok(Response::new(pb::DeleteResponse { existed: n > 0 }))
+    }
+
+    async fn batch_write(
+        &self,
+        req: Request<pb::BatchWriteRequest>,
+    ) -> Reply<pb::BatchWriteResponse> {
+        let muts = req.into_inner().mutations;
+        for m in &muts {
+            self.check_size(m.value.as_ref().map_or(0, |v| v.len()))?;
+        }
+        self.synced(move |k| {
+            k.write_mixed(&muts.iter().map(|m| (&m.key[..], m.value.clone())).collect::<Vec<_>>())
+        })
+        .await?;
+        Ok(Response::new(pb::BatchWriteResponse {}))
+    }
+
+    type ScanStream = Out<pb::KeyValue>;
+
+    async fn scan(&self, req: Request<pb::ScanRequest>) -> Reply<Self::ScanStream> {
+        let r = req.into_inner();
+        let limit = if r.limit == 0 { usize::MAX } else { r.limit as usize };
+        let (tx, rx) = mpsc::channel(64);
+        let keys = self.engines.keys.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut start = r.start.to_vec();
+            let mut sent = 0usize;
+            loop {
+                let page = match keys.range(&r.prefix, &start, &r.end, 1024.min(limit - sent)) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        let _ = tx.blocking_send(Err(key_status(e)));
+                        return;
+                    }
+                };
+                let n = page.len();
+                for (key, value) in page {
+                    start = key.to_vec();
+                    start.push(0);
+                    if tx.blocking_send(Ok(pb::KeyValue { key, value })).is_err() {
+                        return;
+                    }
+                }
+                sent += n;
+                if n < 1024 || sent >= limit {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+fn info(s: timber_stream::StreamInfo) -> pb::StreamInfo {
+    pb::StreamInfo {
+        name: s.name,
+        first_id: s.first_id,
+        next_id: s.next_id,
+        bytes: s.bytes,
+        created_ms: s.created_ms,
+    }
+}
+
+#[tonic::async_trait]
+impl Streams for Service {
+    async fn create(&self, req: Request<pb::CreateStreamRequest>) -> Reply<pb::StreamInfo> {
+        let r = req.into_inner();
+        let cfg = StreamConfig {
+            retention_age: r.retention_ms.map(std::time::Duration::from_millis),
+            retention_bytes: r.retention_bytes,
+        };
+        let s = self.engines.logs.create(&r.name, cfg).await.map_err(stream_status)?;
+        Ok(Response::new(info(s)))
+    }
+
+    async fn info(&self, req: Request<pb::StreamRequest>) -> Reply<pb::StreamInfo> {
+        let s = self.engines.logs.info(&req.into_inner().name).map_err(stream_status)?;
+        Ok(Response::new(info(s)))
+    }
+
+    async fn list(&self, _: Request<pb::ListStreamsRequest>) -> Reply<pb::ListStreamsResponse> {
+        let all = self.engines.logs.list().map_err(stream_status)?;
+        Ok(Response::new(pb::ListStreamsResponse { streams: all.into_iter().map(info).collect() }))
+    }
+
+    type AppendStream = Out<pb::AppendResponse>;
+
+    async fn append(
+        &self,
+        req: Request<Streaming<pb::AppendRequest>>,
+    ) -> Reply<Self::AppendStream> {
+        let mut inbound = req.into_inner();
+        let (tx, rx) = mpsc::channel(64);
+        let (acks_tx, mut acks_rx) = mpsc::channel::<
+            futures::future::BoxFuture<'static, Result<pb::AppendResponse, Status>>,
+        >(1024);
+        // Responses in request order, each once its entries are durable.
+        tokio::spawn(async move {
+            while let Some(f) = acks_rx.recv().await {
+                let r = f.await;
+                let failed = r.is_err();
+                if tx.send(r).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        let logs = self.engines.logs.clone();
+        let max = self.engines.max_value;
+        tokio::spawn(async move {
+            let mut name = String::new();
+            loop {
+                let req = match inbound.message().await {
+                    Ok(Some(r)) => r,
+                    Ok(None) => return,
+                    Err(e) => {
+                        let _ = acks_tx.send(futures::future::ready(Err(e)).boxed()).await;
+                        return;
+                    }
+                };
+                if !req.stream.is_empty() {
+                    name = req.stream;
+                }
+                let fut = if name.is_empty() {
+                    futures::future::ready(Err(Status::invalid_argument(
+                        "the first append request must name the stream",
+                    )))
+                    .boxed()
+                } else if let Some(e) = req.entries.iter().find(|e| e.len() > max) {
+                    futures::future::ready(Err(Status::invalid_argument(format!(
+                        "entry of {} bytes exceeds the limit of {max} bytes",
+                        e.len()
+                    ))))
+                    .boxed()
+                } else {
+                    let count = req.entries.len() as u32;
+                    match logs.send(&name, req.entries).await {
+                        Ok(acks) => async move {
+                            let mut first = None;
+                            for a in acks {
+                                let id = a.await.map_err(stream_status)?;
+                                first.get_or_insert(id);
+                            }
+                            Ok(pb::AppendResponse { first_id: first.unwrap_or(0), count })
+                        }
+                        .boxed(),
+                        Err(e) => futures::future::ready(Err(stream_status(e))).boxed(),
+                    }
+                };
+                if acks_tx.send(fut).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type ReadStream = Out<pb::Entry>;
+
+    async fn read(&self, req: Request<pb::ReadRequest>) -> Reply<Self::ReadStream> {
+        let r = req.into_inner();
+        let start = match pb::StartAt::try_from(r.start) {
+            Ok(pb::StartAt::Earliest) => Start::Earliest,
+            Ok(pb::StartAt::Latest) => Start::Latest,
+            Ok(pb::StartAt::Id) => Start::At(r.id),
+            Err(_) => return Err(Status::invalid_argument(format!("unknown start {}", r.start))),
+        };
+        let mut reader = self.engines.logs.reader(&r.stream, start).map_err(stream_status)?;
+        let limit = if r.limit == 0 { u64::MAX } else { r.limit };
+        let (tx, rx) = mpsc::channel(256);
+        let mut stop = self.stop.clone();
+        tokio::spawn(async move {
+            let mut sent = 0;
+            while sent < limit {
+                if !r.follow && !reader.has_next() {
+                    return;
+                }
+                let e = tokio::select! {
+                    e = reader.next() => e,
+                    () = tx.closed() => return,
+                    () = crate::resp::stopped(&mut stop) => return,
+                };
+                let item = e.map(|e| pb::Entry { id: e.id, data: e.data }).map_err(stream_status);
+                let failed = item.is_err();
+                if tx.send(item).await.is_err() || failed {
+                    return;
+                }
+                sent += 1;
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn truncate(&self, req: Request<pb::TruncateRequest>) -> Reply<pb::StreamInfo> {
+        let r = req.into_inner();
+        let s = self.engines.logs.truncate(&r.name, r.before).await.map_err(stream_status)?;
+        Ok(Response::new(info(s)))
+    }
+
+    async fn delete(&self, req: Request<pb::StreamRequest>) -> Reply<pb::DeleteStreamResponse> {
+        self.engines.logs.delete(&req.into_inner().name).await.map_err(stream_status)?;
+        Ok(Response::new(pb::DeleteStreamResponse {}))
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for Service {
+    async fn status(&self, _: Request<pb::StatusRequest>) -> Reply<pb::StatusResponse> {
+        let e = &self.engines;
+        Ok(Response::new(pb::StatusResponse {
+            version: env!("CARGO_PKG_VERSION").into(),
+            uptime_ms: e.started.elapsed().as_millis() as u64,
+            keys: e.keys.len().map_err(key_status)?,
+            streams: e.logs.list().map_err(stream_status)?.len() as u64,
+            data_dir: e.data_dir.display().to_string(),
+            sync: e.sync.to_string(),
+        }))
+    }
+}
+
+/// Serves the gRPC services on `listener` until `stop` fires.
+pub async fn serve(
+    engines: Arc<Engines>,
+    listener: tokio::net::TcpListener,
+    stop: watch::Receiver<bool>,
+) {
+    let svc = Service { engines: engines.clone(), stop: stop.clone() };
+    let secret = engines.secret.clone().map(|s| format!("Bearer {s}"));
+    let auth = move |req: Request<()>| -> Result<Request<()>, Status> {
+        match &secret {
+            None => Ok(req),
+            Some(want) => match req.metadata().get("authorization") {
+                Some(got) if got.as_bytes() == want.as_bytes() => Ok(req),
+                _ => Err(Status::unauthenticated("missing or wrong bearer token")),
+            },
+        }
+    };
+    let max = engines.max_value.saturating_add(64 << 10);
+    let kv =
+        KvServer::new(svc.clone()).max_decoding_message_size(max).max_encoding_message_size(max);
+    let streams = StreamsServer::new(svc.clone())
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
+    let admin = AdminServer::new(svc);
+    let mut stopping = stop.clone();
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let r = tonic::transport::Server::builder()
+        .layer(tower::layer::layer_fn(|inner| Measured { inner }))
+        .add_service(tonic::service::interceptor::InterceptedService::new(kv, auth.clone()))
+        .add_service(tonic::service::interceptor::InterceptedService::new(streams, auth.clone()))
+        .add_service(tonic::service::interceptor::InterceptedService::new(admin, auth))
+        .serve_with_incoming_shutdown(incoming, async move {
+            crate::resp::stopped(&mut stopping).await;
+        })
+        .await;
+    if let Err(e) = r {
+        tracing::error!(error = %e, "gRPC endpoint failed");
+    }
+}
+
+/// Counts gRPC calls and records their latency (to the response headers) per method.
+#[derive(Debug, Clone)]
+struct Measured<S> {
+    inner: S,
+}
+
+impl<S, B> tower::Service<axum::http::Request<B>> for Measured<S>
+where
+    S: tower::Service<axum::http::Request<B>> + Send,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = futures::future::BoxFuture<'static, Result<S::Response, S::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: axum::http::Request<B>) -> Self::Future {
+        let method = req.uri().path().to_string();
+        let start = std::time::Instant::now();
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let r = fut.await;
+            metrics::counter!("timber_grpc_requests_total", "method" => method.clone())
+                .increment(1);
+            metrics::histogram!("timber_grpc_request_seconds", "method" => method)
+                .record(start.elapsed().as_secs_f64());
+            r
+        })
+    }
+}

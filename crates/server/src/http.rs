@@ -1,0 +1,436 @@
+//! The HTTP endpoint (axum): a REST/JSON API over the keyspace and the log streams, a WebSocket
+//! that pushes new stream entries as they become durable, `/metrics` (Prometheus), `/healthz`
+//! and `/readyz`.
+//!
+//! Routes (`{key}` and `{name}` are URL path segments, percent-decoded):
+//! - `GET|PUT|DELETE /v1/kv/{key}`: the value as the raw body; `PUT ?ttl_ms=` sets a deadline.
+//! - `GET /v1/kv?prefix=&start=&end=&limit=`: `{"items": [{"key", "value"}], "more": bool}`.
+//! - `GET|POST /v1/streams`: list; create from `{"name", "retention_ms"?, "retention_bytes"?}`.
+//! - `GET|DELETE /v1/streams/{name}`, `POST /v1/streams/{name}/truncate?before=`.
+//! - `POST /v1/streams/{name}/entries`: the raw body is one entry, or a JSON
+//!   `{"entries": [..]}` (with `Content-Type: application/json`) several; replies once durable.
+//! - `GET /v1/streams/{name}/entries?from=&limit=`: `{"entries": [{"id", "data"}], "next"}`.
+//! - `GET /v1/streams/{name}/ws?from=earliest|latest|<id>`: WebSocket, one text message
+//!   `{"id", "data"}` per entry, in order, until the client closes.
+//!
+//! Keys, values and entries appear in JSON as `"value"`/`"data"` when they are UTF-8 and as
+//! `"value_base64"`/`"data_base64"` otherwise. Errors are `{"error": "..."}` with a fitting
+//! status (400, 401, 404, 409, 413, 416, 500). With a shared secret, `/v1` requires
+//! `Authorization: Bearer <secret>`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine as _;
+use serde::Deserialize;
+use serde_json::{json, Value as Json_};
+use timber_stream::{Start, StreamConfig};
+use tokio::sync::watch;
+
+use crate::keyspace::{now_ms, Value};
+use crate::Engines;
+
+#[derive(Clone)]
+struct App {
+    engines: Arc<Engines>,
+    prometheus: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    stop: watch::Receiver<bool>,
+}
+
+/// An error reply.
+struct Failure(StatusCode, String);
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+type Result<T> = std::result::Result<T, Failure>;
+
+fn keys_failed(e: crate::keyspace::Error) -> Failure {
+    tracing::error!(error = %e, "keyspace error");
+    Failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+}
+
+fn stream_failed(e: timber_stream::Error) -> Failure {
+    use timber_stream::Error as E;
+    let code = match &e {
+        E::NotFound { .. } => StatusCode::NOT_FOUND,
+        E::AlreadyExists { .. } | E::Fenced { .. } => StatusCode::CONFLICT,
+        E::InvalidParam(_) => StatusCode::BAD_REQUEST,
+        E::Truncated { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
+        E::Closed => StatusCode::SERVICE_UNAVAILABLE,
+        _ => {
+            tracing::error!(error = %e, "stream storage error");
+            StatusCode::INTERNAL_SERVER_ERROR
+        }
+    };
+    Failure(code, e.to_string())
+}
+
+/// `{"<field>": text}` if UTF-8, else `{"<field>_base64": ...}`.
+fn put_bytes(obj: &mut serde_json::Map<String, Json_>, field: &str, b: &[u8]) {
+    match std::str::from_utf8(b) {
+        Ok(s) => obj.insert(field.into(), Json_::String(s.into())),
+        Err(_) => obj.insert(
+            format!("{field}_base64"),
+            Json_::String(base64::engine::general_purpose::STANDARD.encode(b)),
+        ),
+    };
+}
+
+fn entry_json(id: u64, data: &[u8]) -> Json_ {
+    let mut o = serde_json::Map::new();
+    o.insert("id".into(), json!(id));
+    put_bytes(&mut o, "data", data);
+    Json_::Object(o)
+}
+
+/// Serves the HTTP endpoint on `listener` until `stop` fires.
+pub async fn serve(
+    engines: Arc<Engines>,
+    prometheus: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    listener: tokio::net::TcpListener,
+    stop: watch::Receiver<bool>,
+) {
+    let max = engines.max_value;
+    let app = App { engines, prometheus, stop: stop.clone() };
+    let v1 = Router::new()
+        .route("/kv", get(kv_list))
+        .route("/kv/{key}", get(kv_get).put(kv_put).delete(kv_delete))
+        .route("/streams", get(streams_list).post(stream_create))
+        .route("/streams/{name}", get(stream_info).delete(stream_delete))
+        .route("/streams/{name}/truncate", post(stream_truncate))
+        .route("/streams/{name}/entries", get(entries_read).post(entries_append))
+        .route("/streams/{name}/ws", get(entries_ws))
+        .layer(middleware::from_fn_with_state(app.clone(), authorize));
+    let router = Router::new()
+        .nest("/v1", v1)
+        .route("/metrics", get(metrics_text))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .layer(middleware::from_fn(measure))
+        .layer(DefaultBodyLimit::max(max))
+        .with_state(app);
+    let mut stopping = stop;
+    let r = axum::serve(listener, router)
+        .with_graceful_shutdown(async move { crate::resp::stopped(&mut stopping).await })
+        .await;
+    if let Err(e) = r {
+        tracing::error!(error = %e, "HTTP endpoint failed");
+    }
+}
+
+async fn authorize(State(app): State<App>, req: Request, next: Next) -> Response {
+    if let Some(secret) = &app.engines.secret {
+        let ok = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .is_some_and(|t| t == secret);
+        if !ok {
+            return Failure(StatusCode::UNAUTHORIZED, "missing or wrong bearer token".into())
+                .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+/// Counts requests and their latency per route and status.
+async fn measure(req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    let method = req.method().to_string();
+    let start = Instant::now();
+    let resp = next.run(req).await;
+    let status = resp.status().as_u16().to_string();
+    metrics::counter!("timber_http_requests_total", "route" => route.clone(), "method" => method.clone(), "status" => status)
+        .increment(1);
+    metrics::histogram!("timber_http_request_seconds", "route" => route, "method" => method)
+        .record(start.elapsed().as_secs_f64());
+    resp
+}
+
+async fn metrics_text(State(app): State<App>) -> Response {
+    match &app.prometheus {
+        Some(h) => {
+            let mut text = h.render();
+            text.push_str(&format!(
+                "# TYPE timber_uptime_seconds gauge\ntimber_uptime_seconds {}\n",
+                app.engines.started.elapsed().as_secs()
+            ));
+            ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+        }
+        None => Failure(StatusCode::SERVICE_UNAVAILABLE, "metrics recorder not installed".into())
+            .into_response(),
+    }
+}
+
+async fn ready(State(app): State<App>) -> Response {
+    if *app.stop.borrow() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "stopping\n").into_response();
+    }
+    match app.engines.keys.get(b"") {
+        Ok(_) => (StatusCode::OK, "ready\n").into_response(),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response(),
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    app: &App,
+    f: impl FnOnce(&crate::keyspace::Keyspace) -> std::result::Result<T, crate::keyspace::Error>
+        + Send
+        + 'static,
+) -> Result<T> {
+    let keys = app.engines.keys.clone();
+    tokio::task::spawn_blocking(move || {
+        let r = f(&keys)?;
+        if keys.synced() {
+            keys.sync()?;
+        }
+        Ok(r)
+    })
+    .await
+    .map_err(|e| Failure(StatusCode::INTERNAL_SERVER_ERROR, format!("task failed: {e}")))?
+    .map_err(keys_failed)
+}
+
+async fn kv_get(State(app): State<App>, Path(key): Path<String>) -> Result<Response> {
+    match app.engines.keys.get(key.as_bytes()).map_err(keys_failed)? {
+        Some(v) if v.kind == crate::keyspace::Kind::String => {
+            Ok(([(header::CONTENT_TYPE, "application/octet-stream")], v.data).into_response())
+        }
+        Some(_) => Err(Failure(StatusCode::CONFLICT, "the key holds a Redis stream".into())),
+        None => Err(Failure(StatusCode::NOT_FOUND, format!("key {key:?} does not exist"))),
+    }
+}
+
+#[derive(Deserialize)]
+struct PutQuery {
+    ttl_ms: Option<u64>,
+}
+
+async fn kv_put(
+    State(app): State<App>,
+    Path(key): Path<String>,
+    Query(q): Query<PutQuery>,
+    body: Bytes,
+) -> Result<StatusCode> {
+    let expire_at = q.ttl_ms.filter(|t| *t > 0).map(|t| now_ms().saturating_add(t));
+    let v = Value { expire_at, ..Value::string(body) };
+    blocking(&app, move |k| {
+        let _g = k.lock(key.as_bytes());
+        k.set(key.as_bytes(), &v)
+    })
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn kv_delete(State(app): State<App>, Path(key): Path<String>) -> Result<Json<Json_>> {
+    let n = blocking(&app, move |k| k.delete(&[key.as_bytes()])).await?;
+    Ok(Json(json!({ "existed": n > 0 })))
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    #[serde(default)]
+    prefix: String,
+    #[serde(default)]
+    start: String,
+    #[serde(default)]
+    end: String,
+    limit: Option<usize>,
+}
+
+async fn kv_list(State(app): State<App>, Query(q): Query<ListQuery>) -> Result<Json<Json_>> {
+    let limit = q.limit.unwrap_or(1000).min(100_000);
+    let mut items = app
+        .engines
+        .keys
+        .range(q.prefix.as_bytes(), q.start.as_bytes(), q.end.as_bytes(), limit + 1)
+        .map_err(keys_failed)?;
+    let more = items.len() > limit;
+    items.truncate(limit);
+    let items: Vec<Json_> = items
+        .iter()
+        .map(|(k, v)| {
+            let mut o = serde_json::Map::new();
+            put_bytes(&mut o, "key", k);
+            put_bytes(&mut o, "value", v);
+            Json_::Object(o)
+        })
+        .collect();
+    Ok(Json(json!({ "items": items, "more": more })))
+}
+
+fn info_json(s: &timber_stream::StreamInfo) -> Json_ {
+    json!({
+        "name": s.name,
+        "first_id": s.first_id,
+        "next_id": s.next_id,
+        "bytes": s.bytes,
+        "created_ms": s.created_ms,
+    })
+}
+
+async fn streams_list(State(app): State<App>) -> Result<Json<Json_>> {
+    let all = app.engines.logs.list().map_err(stream_failed)?;
+    Ok(Json(json!({ "streams": all.iter().map(info_json).collect::<Vec<_>>() })))
+}
+
+#[derive(Deserialize)]
+struct CreateBody {
+    name: String,
+    retention_ms: Option<u64>,
+    retention_bytes: Option<u64>,
+}
+
+async fn stream_create(
+    State(app): State<App>,
+    Json(b): Json<CreateBody>,
+) -> Result<(StatusCode, Json<Json_>)> {
+    let cfg = StreamConfig {
+        retention_age: b.retention_ms.map(Duration::from_millis),
+        retention_bytes: b.retention_bytes,
+    };
+    let s = app.engines.logs.create(&b.name, cfg).await.map_err(stream_failed)?;
+    Ok((StatusCode::CREATED, Json(info_json(&s))))
+}
+
+async fn stream_info(State(app): State<App>, Path(name): Path<String>) -> Result<Json<Json_>> {
+    Ok(Json(info_json(&app.engines.logs.info(&name).map_err(stream_failed)?)))
+}
+
+async fn stream_delete(State(app): State<App>, Path(name): Path<String>) -> Result<StatusCode> {
+    app.engines.logs.delete(&name).await.map_err(stream_failed)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+struct TruncateQuery {
+    before: u64,
+}
+
+async fn stream_truncate(
+    State(app): State<App>,
+    Path(name): Path<String>,
+    Query(q): Query<TruncateQuery>,
+) -> Result<Json<Json_>> {
+    let s = app.engines.logs.truncate(&name, q.before).await.map_err(stream_failed)?;
+    Ok(Json(info_json(&s)))
+}
+
+#[derive(Deserialize)]
+struct AppendBody {
+    entries: Vec<String>,
+}
+
+async fn entries_append(
+    State(app): State<App>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<(StatusCode, Json<Json_>)> {
+    let is_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    let entries: Vec<Bytes> = if is_json {
+        let b: AppendBody = serde_json::from_slice(&body)
+            .map_err(|e| Failure(StatusCode::BAD_REQUEST, format!("bad JSON body: {e}")))?;
+        b.entries.into_iter().map(Bytes::from).collect()
+    } else {
+        vec![body]
+    };
+    let count = entries.len();
+    let first = app.engines.logs.append(&name, entries).await.map_err(stream_failed)?;
+    Ok((StatusCode::CREATED, Json(json!({ "first_id": first, "count": count }))))
+}
+
+#[derive(Deserialize)]
+struct ReadQuery {
+    from: Option<String>,
+    limit: Option<usize>,
+}
+
+fn parse_start(from: Option<&str>) -> Result<Start> {
+    match from {
+        None | Some("earliest") => Ok(Start::Earliest),
+        Some("latest") => Ok(Start::Latest),
+        Some(n) => n.parse().map(Start::At).map_err(|_| {
+            Failure(StatusCode::BAD_REQUEST, format!("from={n:?}: use earliest, latest or an id"))
+        }),
+    }
+}
+
+async fn entries_read(
+    State(app): State<App>,
+    Path(name): Path<String>,
+    Query(q): Query<ReadQuery>,
+) -> Result<Json<Json_>> {
+    let start = parse_start(q.from.as_deref())?;
+    let limit = q.limit.unwrap_or(1000).min(100_000);
+    let mut r = app.engines.logs.reader(&name, start).map_err(stream_failed)?;
+    let mut out = Vec::new();
+    while out.len() < limit && r.has_next() {
+        let e = r.next().await.map_err(stream_failed)?;
+        out.push(entry_json(e.id, &e.data));
+    }
+    Ok(Json(json!({ "entries": out, "next": r.position() })))
+}
+
+async fn entries_ws(
+    State(app): State<App>,
+    Path(name): Path<String>,
+    Query(q): Query<ReadQuery>,
+    ws: WebSocketUpgrade,
+) -> Result<Response> {
+    let start = parse_start(q.from.as_deref())?;
+    let reader = app.engines.logs.reader(&name, start).map_err(stream_failed)?;
+    let stop = app.stop.clone();
+    Ok(ws.on_upgrade(move |socket| push(socket, reader, stop)))
+}
+
+/// Pushes entries to a WebSocket until the client goes away or the server stops.
+async fn push(
+    mut socket: WebSocket,
+    mut reader: timber_stream::StreamReader,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            e = reader.next() => {
+                let msg = match e {
+                    Ok(e) => entry_json(e.id, &e.data).to_string(),
+                    Err(e) => {
+                        let _ = socket.send(Message::Text(json!({ "error": e.to_string() }).to_string().into())).await;
+                        return;
+                    }
+                };
+                if socket.send(Message::Text(msg.into())).await.is_err() {
+                    return;
+                }
+            }
+            m = socket.recv() => match m {
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                Some(Ok(_)) => {}
+            },
+            () = crate::resp::stopped(&mut stop) => {
+                let _ = socket.send(Message::Close(None)).await;
+                return;
+            }
+        }
+    }
+}

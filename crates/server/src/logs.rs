@@ -1,0 +1,132 @@
+//! The log streams the gRPC and HTTP endpoints serve: timber streams by user-chosen name, with
+//! one writer per stream shared by every client of this server.
+//!
+//! Invariants: the entries of one `send` call get consecutive ids (the stream's writer is held
+//! for the whole call); names starting with `redis.` are refused (they hold Redis streams, see
+//! [`crate::streams`]) and never listed; a writer that failed is replaced on the next call.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use timber_stream::{
+    Ack, Error, Start, StreamConfig, StreamInfo, StreamReader, StreamWriter, Streams,
+};
+
+const RESERVED: &str = "redis.";
+
+/// The served log streams.
+#[derive(Debug)]
+pub struct Logs {
+    streams: Streams,
+    writers: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<StreamWriter>>>>>,
+}
+
+fn check(name: &str) -> Result<(), Error> {
+    if name.starts_with(RESERVED) {
+        return Err(Error::InvalidParam(format!(
+            "stream names starting with {RESERVED:?} are reserved for Redis streams"
+        )));
+    }
+    Ok(())
+}
+
+impl Logs {
+    /// Serves the streams of `streams`.
+    pub fn new(streams: Streams) -> Logs {
+        Logs { streams, writers: Mutex::default() }
+    }
+
+    /// Creates a stream.
+    pub async fn create(&self, name: &str, config: StreamConfig) -> Result<StreamInfo, Error> {
+        check(name)?;
+        self.streams.create(name, config).await
+    }
+
+    /// A stream's figures.
+    pub fn info(&self, name: &str) -> Result<StreamInfo, Error> {
+        check(name)?;
+        self.streams.info(name)
+    }
+
+    /// Every stream.
+    pub fn list(&self) -> Result<Vec<StreamInfo>, Error> {
+        Ok(self.streams.list()?.into_iter().filter(|s| !s.name.starts_with(RESERVED)).collect())
+    }
+
+    /// Buffers `entries` for appending with consecutive ids; the acks resolve once each is
+    /// durable.
+    pub async fn send(&self, name: &str, entries: Vec<Bytes>) -> Result<Vec<Ack>, Error> {
+        check(name)?;
+        let slot = self.writers.lock().entry(name.to_string()).or_default().clone();
+        let mut w = slot.lock().await;
+        let mut acks = Vec::with_capacity(entries.len());
+        let mut retried = false;
+        let mut i = 0;
+        while i < entries.len() {
+            if w.is_none() {
+                *w = Some(self.streams.writer(name).await?);
+            }
+            match w.as_ref().expect("opened above").send(entries[i].clone()).await {
+                Ok(a) => {
+                    acks.push(a);
+                    i += 1;
+                }
+                // A writer that failed refuses everything: replace it once, before any entry
+                // of this call went to it.
+                Err(e) => {
+                    *w = None;
+                    if retried || i > 0 {
+                        return Err(e);
+                    }
+                    retried = true;
+                }
+            }
+        }
+        Ok(acks)
+    }
+
+    /// Appends `entries` and waits until they are durable; returns the first id.
+    pub async fn append(&self, name: &str, entries: Vec<Bytes>) -> Result<Option<u64>, Error> {
+        let mut first = None;
+        for a in self.send(name, entries).await? {
+            let id = a.await?;
+            first.get_or_insert(id);
+        }
+        Ok(first)
+    }
+
+    /// A reader of a stream.
+    pub fn reader(&self, name: &str, start: Start) -> Result<StreamReader, Error> {
+        check(name)?;
+        self.streams.reader(name, start)
+    }
+
+    /// Drops every entry below `before`.
+    pub async fn truncate(&self, name: &str, before: u64) -> Result<StreamInfo, Error> {
+        check(name)?;
+        self.streams.truncate(name, before).await
+    }
+
+    /// Deletes a stream.
+    pub async fn delete(&self, name: &str) -> Result<(), Error> {
+        check(name)?;
+        let slot = self.writers.lock().remove(name);
+        if let Some(slot) = slot {
+            slot.lock().await.take();
+        }
+        self.streams.delete(name).await
+    }
+
+    /// Flushes and closes every writer.
+    pub async fn close(&self) -> Result<(), Error> {
+        let slots: Vec<_> = self.writers.lock().drain().map(|(_, s)| s).collect();
+        for s in slots {
+            if let Some(w) = s.lock().await.take() {
+                w.close().await?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,348 @@
+//! End-to-end tests of the gRPC endpoint (through timber-client), the HTTP endpoint (through
+//! reqwest), WebSocket push (through tokio-tungstenite), metrics and health, on the real
+//! `timberd` binary; one engine behind every endpoint; restarts; bad input on every port.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::Timberd;
+use futures::StreamExt as _;
+use redis::cmd;
+use timber_client::{Client, Mutation, Scan, Start};
+use tonic::Code;
+
+fn http(t: &Timberd, path: &str) -> String {
+    format!("http://127.0.0.1:{}{path}", t.http_port)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn grpc_kv_and_one_keyspace_behind_every_endpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = Timberd::start(dir.path(), &[]);
+    let c = t.grpc().await;
+    c.put("a", "1").await.unwrap();
+    assert_eq!(c.get("a").await.unwrap(), Some(Bytes::from("1")));
+    assert_eq!(c.get("missing").await.unwrap(), None);
+    c.write_batch(vec![
+        Mutation::Put("b".into(), "2".into()),
+        Mutation::Put("c".into(), "3".into()),
+        Mutation::Delete("a".into()),
+    ])
+    .await
+    .unwrap();
+    assert_eq!(c.get("a").await.unwrap(), None);
+    let all = c.scan(Scan::default()).await.unwrap();
+    assert_eq!(all, [(Bytes::from("b"), Bytes::from("2")), (Bytes::from("c"), Bytes::from("3"))]);
+    let some = c.scan(Scan { start: "c".into(), ..Scan::default() }).await.unwrap();
+    assert_eq!(some.len(), 1);
+    for i in 0..3000 {
+        c.put(format!("many/{i:05}"), format!("{i}")).await.unwrap();
+    }
+    let many = c.scan(Scan { prefix: "many/".into(), ..Scan::default() }).await.unwrap();
+    assert_eq!(many.len(), 3000, "scans page through more than one batch");
+    let few = c.scan(Scan { prefix: "many/".into(), limit: 7, ..Scan::default() }).await.unwrap();
+    assert_eq!(few.len(), 7);
+    assert!(c.delete("b").await.unwrap());
+    assert!(!c.delete("b").await.unwrap());
+    c.put_with_ttl("short", "x", Duration::from_millis(50)).await.unwrap();
+
+    // The same keys over RESP and HTTP.
+    let mut r = t.client();
+    assert_eq!(cmd("GET").arg("c").query::<String>(&mut r).unwrap(), "3");
+    let _: () = cmd("SET").arg("from-redis").arg("r").query(&mut r).unwrap();
+    assert_eq!(c.get("from-redis").await.unwrap(), Some(Bytes::from("r")));
+    let body = reqwest::get(http(&t, "/v1/kv/from-redis")).await.unwrap().text().await.unwrap();
+    assert_eq!(body, "r");
+    // A deadline passes and the key is gone everywhere.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while c.get("short").await.unwrap().is_some() {
+        assert!(std::time::Instant::now() < deadline, "expired key still readable");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let st = c.status().await.unwrap();
+    assert!(st.keys >= 3000 && !st.version.is_empty(), "{st:?}");
+    assert_eq!(st.sync, "interval:1000");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn grpc_streams_append_read_follow_truncate() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = Timberd::start(dir.path(), &[]);
+    let c = t.grpc().await;
+    c.create_stream("events", None, None).await.unwrap();
+    let e = c.create_stream("events", None, None).await.unwrap_err();
+    assert_eq!(e.code(), Some(Code::AlreadyExists));
+    let e = c.create_stream("redis.x", None, None).await.unwrap_err();
+    assert_eq!(e.code(), Some(Code::InvalidArgument));
+    assert_eq!(c.stream_info("nope").await.unwrap_err().code(), Some(Code::NotFound));
+
+    // Pipelined appends: many batches in flight on one stream, acks in order, ids dense.
+    let w = c.writer("events").await.unwrap();
+    let mut acks = Vec::new();
+    for b in 0..50 {
+        let batch: Vec<Bytes> = (0..10).map(|i| Bytes::from(format!("{b}/{i}"))).collect();
+        acks.push(w.send(batch).await.unwrap());
+    }
+    for (b, a) in acks.into_iter().enumerate() {
+        assert_eq!(a.await.unwrap(), b as u64 * 10);
+    }
+    assert_eq!(c.append("events", vec!["last".into()]).await.unwrap(), 500);
+
+    let mut r = c.reader("events", Start::Earliest, false).await.unwrap();
+    let mut n = 0;
+    while let Some(e) = r.next().await.unwrap() {
+        assert_eq!(e.id, n);
+        n += 1;
+    }
+    assert_eq!(n, 501);
+
+    // A following reader gets entries appended after it started.
+    let mut f = c.reader("events", Start::Latest, true).await.unwrap();
+    let c2 = c.clone();
+    let appender = tokio::spawn(async move { c2.append("events", vec!["new".into()]).await });
+    let e =
+        tokio::time::timeout(Duration::from_secs(30), f.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!((e.id, e.data), (501, Bytes::from("new")));
+    appender.await.unwrap().unwrap();
+
+    let info = c.truncate("events", 100).await.unwrap();
+    assert_eq!(info.first_id, 100);
+    let mut r = c.reader("events", Start::At(5), false).await.unwrap();
+    assert_eq!(r.next().await.unwrap_err().code(), Some(Code::OutOfRange));
+    let names: Vec<String> = c.list_streams().await.unwrap().into_iter().map(|s| s.name).collect();
+    assert_eq!(names, ["events"]);
+    c.delete_stream("events").await.unwrap();
+    assert_eq!(c.stream_info("events").await.unwrap_err().code(), Some(Code::NotFound));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn http_rest_websocket_metrics_and_health() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = Timberd::start(dir.path(), &["--max-request-bytes", "65536"]);
+    let h = reqwest::Client::new();
+    assert_eq!(h.get(http(&t, "/healthz")).send().await.unwrap().status(), 200);
+    assert_eq!(h.get(http(&t, "/readyz")).send().await.unwrap().status(), 200);
+
+    // KV.
+    let r = h.put(http(&t, "/v1/kv/k1")).body("v1").send().await.unwrap();
+    assert_eq!(r.status(), 204);
+    let r = h.put(http(&t, "/v1/kv/k2")).body(vec![0xff, 0xfe]).send().await.unwrap();
+    assert_eq!(r.status(), 204);
+    assert_eq!(h.get(http(&t, "/v1/kv/k1")).send().await.unwrap().text().await.unwrap(), "v1");
+    assert_eq!(h.get(http(&t, "/v1/kv/none")).send().await.unwrap().status(), 404);
+    let list: serde_json::Value =
+        h.get(http(&t, "/v1/kv?prefix=k&limit=1")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(list["items"][0]["value"], "v1");
+    assert_eq!(list["more"], true);
+    let list: serde_json::Value =
+        h.get(http(&t, "/v1/kv?start=k2")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(list["items"][0]["value_base64"], "//4=");
+    let del: serde_json::Value =
+        h.delete(http(&t, "/v1/kv/k1")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(del["existed"], true);
+    // Oversized values are refused and stored data is intact.
+    let r = h.put(http(&t, "/v1/kv/k2")).body(vec![0u8; 100_000]).send().await.unwrap();
+    assert_eq!(r.status(), 413);
+    assert_eq!(
+        h.get(http(&t, "/v1/kv/k2")).send().await.unwrap().bytes().await.unwrap(),
+        [0xff, 0xfe][..]
+    );
+
+    // Streams.
+    let r = h
+        .post(http(&t, "/v1/streams"))
+        .json(&serde_json::json!({"name": "log"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let r = h
+        .post(http(&t, "/v1/streams"))
+        .json(&serde_json::json!({"name": "log"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409);
+    let r = h
+        .post(http(&t, "/v1/streams"))
+        .body("{not json")
+        .header("content-type", "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_client_error());
+
+    // A WebSocket from the start of the stream sees entries appended after it connected.
+    let url = format!("ws://127.0.0.1:{}/v1/streams/log/ws?from=0", t.http_port);
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let r: serde_json::Value = h
+        .post(http(&t, "/v1/streams/log/entries"))
+        .body("one")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(r["first_id"], 0);
+    let r: serde_json::Value = h
+        .post(http(&t, "/v1/streams/log/entries"))
+        .json(&serde_json::json!({"entries": ["two", "three"]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!((r["first_id"].as_u64(), r["count"].as_u64()), (Some(1), Some(2)));
+    for (id, data) in [(0, "one"), (1, "two"), (2, "three")] {
+        let m = tokio::time::timeout(Duration::from_secs(30), ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_str(m.to_text().unwrap()).unwrap();
+        assert_eq!((v["id"].as_u64(), v["data"].as_str()), (Some(id), Some(data)));
+    }
+    let got: serde_json::Value = h
+        .get(http(&t, "/v1/streams/log/entries?from=1&limit=5"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(got["entries"][0]["data"], "two");
+    assert_eq!(got["next"], 3);
+    let r = h.post(http(&t, "/v1/streams/log/truncate?before=2")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        h.get(http(&t, "/v1/streams/log/entries?from=0")).send().await.unwrap().status(),
+        416
+    );
+    assert_eq!(h.get(http(&t, "/v1/streams/nope/entries")).send().await.unwrap().status(), 404);
+    assert_eq!(
+        h.get(http(&t, "/v1/streams/log/entries?from=x")).send().await.unwrap().status(),
+        400
+    );
+    let list: serde_json::Value =
+        h.get(http(&t, "/v1/streams")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(list["streams"][0]["name"], "log");
+
+    // Metrics name every endpoint's traffic.
+    let mut r = t.client();
+    let _: () = cmd("SET").arg("m").arg("1").query(&mut r).unwrap();
+    let _ = t.grpc().await.get("m").await.unwrap();
+    let text = h.get(http(&t, "/metrics")).send().await.unwrap().text().await.unwrap();
+    for want in [
+        "timber_resp_commands_total{command=\"set\"}",
+        "timber_grpc_requests_total{method=\"/timber.v1.Kv/Get\"}",
+        "timber_http_requests_total",
+        "timber_stream_append_seconds",
+        "timber_uptime_seconds",
+    ] {
+        assert!(text.contains(want), "/metrics lacks {want}");
+    }
+    assert_eq!(h.delete(http(&t, "/v1/streams/log")).send().await.unwrap().status(), 204);
+    assert_eq!(t.stop(), 0, "graceful stop with an open WebSocket");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bearer_token_on_grpc_and_http() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = Timberd::start(dir.path(), &["--auth-secret", "s3cret"]);
+    let c = t.grpc().await;
+    assert_eq!(c.get("k").await.unwrap_err().code(), Some(Code::Unauthenticated));
+    let opts = timber_client::Options { token: Some("s3cret".into()), ..Default::default() };
+    let c = Client::connect_with(format!("http://127.0.0.1:{}", t.grpc_port), opts).await.unwrap();
+    c.put("k", "v").await.unwrap();
+    let h = reqwest::Client::new();
+    assert_eq!(h.get(http(&t, "/v1/kv/k")).send().await.unwrap().status(), 401);
+    let r = h.get(http(&t, "/v1/kv/k")).bearer_auth("s3cret").send().await.unwrap();
+    assert_eq!(r.text().await.unwrap(), "v");
+    assert_eq!(h.get(http(&t, "/healthz")).send().await.unwrap().status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn writes_through_grpc_and_http_survive_restart_and_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = Timberd::start(dir.path(), &[]);
+    let c = t.grpc().await;
+    c.put("graceful", "g").await.unwrap();
+    c.create_stream("s", None, None).await.unwrap();
+    c.append("s", vec!["e0".into()]).await.unwrap();
+    assert_eq!(t.stop(), 0);
+
+    let t = Timberd::start(dir.path(), &["--sync", "always"]);
+    let c = t.grpc().await;
+    let h = reqwest::Client::new();
+    assert_eq!(c.get("graceful").await.unwrap(), Some(Bytes::from("g")));
+    for i in 0..50 {
+        c.put(format!("g{i}"), "x").await.unwrap();
+        let r = h.put(http(&t, &format!("/v1/kv/h{i}"))).body("y").send().await.unwrap();
+        assert_eq!(r.status(), 204);
+        c.append("s", vec![format!("e{}", 1 + i).into()]).await.unwrap();
+        let r = h.post(http(&t, "/v1/streams/s/entries")).body("http").send().await.unwrap();
+        assert_eq!(r.status(), 201);
+    }
+    t.signal(rustix::process::Signal::KILL);
+    drop(t);
+
+    let t = Timberd::start(dir.path(), &[]);
+    let c = t.grpc().await;
+    for i in 0..50 {
+        assert_eq!(c.get(format!("g{i}")).await.unwrap(), Some(Bytes::from("x")));
+        assert_eq!(c.get(format!("h{i}")).await.unwrap(), Some(Bytes::from("y")));
+    }
+    assert_eq!(c.stream_info("s").await.unwrap().next_id, 101);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn garbage_on_every_port_leaves_the_server_and_data_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = Timberd::start(dir.path(), &[]);
+    let c = t.grpc().await;
+    c.put("keep", "me").await.unwrap();
+    let mut seed = 0x9e3779b97f4a7c15u64;
+    for port in [t.port, t.grpc_port, t.http_port] {
+        for round in 0..20 {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let junk: Vec<u8> = (0..64 + round * 37)
+                .map(|_| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    seed as u8
+                })
+                .collect();
+            let _ = s.write_all(&junk);
+            let _ = s.shutdown(std::net::Shutdown::Write);
+            let mut sink = Vec::new();
+            let _ = s.read_to_end(&mut sink);
+        }
+    }
+    // Malformed HTTP/2 preface then garbage, and a half HTTP/1 request.
+    for bytes in [
+        &b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\xff\xff\xff\xff"[..],
+        b"GET /v1/kv/keep HTTP/1.1\r\nContent-Length: 99999999999\r\n\r\n",
+    ] {
+        for port in [t.grpc_port, t.http_port] {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let _ = s.write_all(bytes);
+            let _ = s.shutdown(std::net::Shutdown::Write);
+            let _ = s.read_to_end(&mut Vec::new());
+        }
+    }
+    assert_eq!(c.get("keep").await.unwrap(), Some(Bytes::from("me")));
+    let mut r = t.client();
+    assert_eq!(cmd("GET").arg("keep").query::<String>(&mut r).unwrap(), "me");
+    let body = reqwest::get(http(&t, "/v1/kv/keep")).await.unwrap().text().await.unwrap();
+    assert_eq!(body, "me");
+    assert_eq!(t.stop(), 0);
+}
