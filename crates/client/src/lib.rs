@@ -31,9 +31,10 @@ use timber_proto::v1::kv_client::KvClient;
 use timber_proto::v1::streams_client::StreamsClient;
 use tokio::sync::{mpsc, oneshot, Mutex};
 use tonic::transport::{Channel, Endpoint};
-use tonic::{Code, Request};
+use tonic::Request;
 
 pub use timber_proto::v1::{StatusResponse as Status, StreamInfo};
+pub use tonic::Code;
 
 /// Errors of client calls.
 #[derive(Debug, thiserror::Error)]

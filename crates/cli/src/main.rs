@@ -1,0 +1,348 @@
+//! `timber`, the command-line client of timberd over gRPC: keys, streams, status, and a load
+//! generator (`bench`). Human output by default, `--json` for scripts; exit code 0 on success,
+//! 1 on errors, 2 on bad usage, 3 when a key or stream does not exist.
+
+mod bench;
+
+use std::io::Write as _;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use clap::{Parser, Subcommand};
+use serde_json::json;
+use timber_client::{Client, Options, Scan, Start};
+
+#[derive(Debug, Parser)]
+#[command(name = "timber", version, about = "Command-line client of timberd (gRPC)")]
+struct Cli {
+    /// gRPC address of the server.
+    #[arg(long, env = "TIMBER_ADDR", default_value = "http://127.0.0.1:50051", global = true)]
+    addr: String,
+    /// Shared secret of the server, sent as a bearer token.
+    #[arg(long, env = "TIMBER_AUTH_SECRET", hide_env_values = true, global = true)]
+    token: Option<String>,
+    /// Time limit of each call, e.g. 10s or 500ms.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration, global = true)]
+    timeout: Duration,
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Keys and values.
+    #[command(subcommand)]
+    Kv(Kv),
+    /// Log streams.
+    #[command(subcommand)]
+    Stream(Stream),
+    /// The server's status.
+    Status,
+    /// Load generator against a running server.
+    Bench(bench::Args),
+}
+
+#[derive(Debug, Subcommand)]
+enum Kv {
+    /// Prints a value.
+    Get { key: String },
+    /// Stores a value.
+    Put {
+        key: String,
+        value: String,
+        /// Expire after this long, e.g. 30s.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+    },
+    /// Deletes a key.
+    Del { key: String },
+    /// Lists keys and values in order.
+    Scan {
+        /// Keys starting with this.
+        #[arg(long, default_value = "")]
+        prefix: String,
+        /// Keys at or after this.
+        #[arg(long, default_value = "")]
+        start: String,
+        /// Keys before this.
+        #[arg(long, default_value = "")]
+        end: String,
+        /// Most pairs.
+        #[arg(long, default_value_t = 100)]
+        limit: u64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum Stream {
+    /// Creates a stream.
+    Create {
+        name: String,
+        /// Drop entries older than this, e.g. 7d.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        retention: Option<Duration>,
+        /// Drop the oldest entries while the stream holds more bytes.
+        #[arg(long)]
+        retention_bytes: Option<u64>,
+    },
+    /// Appends entries (the arguments, or stdin lines with `-`).
+    Append {
+        name: String,
+        #[arg(required = true)]
+        entries: Vec<String>,
+    },
+    /// Prints entries.
+    Read {
+        name: String,
+        /// First id (default: the earliest).
+        #[arg(long)]
+        from: Option<u64>,
+        /// Most entries.
+        #[arg(long, default_value_t = 100)]
+        limit: u64,
+    },
+    /// Prints new entries as they arrive, until interrupted.
+    Tail {
+        name: String,
+        /// Follow the stream (the only mode; accepted for familiarity).
+        #[arg(short = 'f', long)]
+        follow: bool,
+        /// Start at this id instead of the end.
+        #[arg(long)]
+        from: Option<u64>,
+    },
+    /// Lists streams.
+    Ls,
+    /// Drops every entry below an id.
+    Truncate { name: String, before: u64 },
+    /// Deletes a stream.
+    Delete { name: String },
+}
+
+/// An error that means "not there" (exit code 3).
+fn not_found(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<timber_client::Error>()
+        .and_then(|e| e.code())
+        .is_some_and(|c| c == timber_client::Code::NotFound)
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let json = cli.json;
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if json {
+                println!("{}", json!({ "error": format!("{e:#}") }));
+            } else {
+                eprintln!("error: {e:#}");
+            }
+            if not_found(&e) {
+                ExitCode::from(3)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let opts = Options { timeout: cli.timeout, token: cli.token.clone(), ..Options::default() };
+    let client = Client::connect_with(cli.addr.clone(), opts)
+        .await
+        .with_context(|| format!("cannot reach timberd at {}", cli.addr))?;
+    let json = cli.json;
+    let mut out = std::io::stdout().lock();
+    match cli.cmd {
+        Cmd::Kv(Kv::Get { key }) => match client.get(key.clone()).await? {
+            Some(v) if json => writeln!(out, "{}", json!({ "key": key, "value": text(&v) }))?,
+            Some(v) => {
+                out.write_all(&v)?;
+                writeln!(out)?;
+            }
+            None => {
+                return Err(timber_client::Error::Server {
+                    op: "get",
+                    code: timber_client::Code::NotFound,
+                    message: format!("key {key:?} does not exist"),
+                }
+                .into())
+            }
+        },
+        Cmd::Kv(Kv::Put { key, value, ttl }) => {
+            match ttl {
+                Some(t) => client.put_with_ttl(key, value, t).await?,
+                None => client.put(key, value).await?,
+            }
+            if json {
+                writeln!(out, "{}", json!({ "ok": true }))?;
+            } else {
+                writeln!(out, "OK")?;
+            }
+        }
+        Cmd::Kv(Kv::Del { key }) => {
+            let existed = client.delete(key).await?;
+            if json {
+                writeln!(out, "{}", json!({ "existed": existed }))?;
+            } else {
+                writeln!(out, "{}", if existed { "deleted" } else { "not found" })?;
+            }
+        }
+        Cmd::Kv(Kv::Scan { prefix, start, end, limit }) => {
+            let scan = Scan { prefix: prefix.into(), start: start.into(), end: end.into(), limit };
+            let items = client.scan(scan).await?;
+            if json {
+                let items: Vec<_> = items
+                    .iter()
+                    .map(|(k, v)| json!({ "key": text(k), "value": text(v) }))
+                    .collect();
+                writeln!(out, "{}", json!({ "items": items }))?;
+            } else {
+                for (k, v) in items {
+                    writeln!(out, "{}\t{}", text(&k), text(&v))?;
+                }
+            }
+        }
+        Cmd::Stream(Stream::Create { name, retention, retention_bytes }) => {
+            let s = client.create_stream(&name, retention, retention_bytes).await?;
+            if json {
+                writeln!(out, "{}", info_json(&s))?;
+            } else {
+                writeln!(out, "created {}", s.name)?;
+            }
+        }
+        Cmd::Stream(Stream::Append { name, entries }) => {
+            let entries: Vec<Bytes> = if entries == ["-"] {
+                std::io::stdin().lines().map(|l| l.map(Bytes::from)).collect::<Result<_, _>>()?
+            } else {
+                entries.into_iter().map(Bytes::from).collect()
+            };
+            let n = entries.len();
+            let first = client.append(&name, entries).await?;
+            if json {
+                writeln!(out, "{}", json!({ "first_id": first, "count": n }))?;
+            } else {
+                writeln!(out, "appended {n} entries from id {first}")?;
+            }
+        }
+        Cmd::Stream(Stream::Read { name, from, limit }) => {
+            let start = from.map_or(Start::Earliest, Start::At);
+            let mut r = client.reader(&name, start, false).await?;
+            let mut n = 0;
+            while n < limit {
+                let Some(e) = r.next().await? else { break };
+                print_entry(&mut out, json, e.id, &e.data)?;
+                n += 1;
+            }
+        }
+        Cmd::Stream(Stream::Tail { name, follow: _, from }) => {
+            let start = from.map_or(Start::Latest, Start::At);
+            let mut r = client.reader(&name, start, true).await?;
+            loop {
+                tokio::select! {
+                    e = r.next() => match e? {
+                        Some(e) => {
+                            print_entry(&mut out, json, e.id, &e.data)?;
+                            out.flush()?;
+                        }
+                        None => break,
+                    },
+                    _ = tokio::signal::ctrl_c() => break,
+                }
+            }
+        }
+        Cmd::Stream(Stream::Ls) => {
+            let all = client.list_streams().await?;
+            if json {
+                let all: Vec<_> = all.iter().map(info_json).collect();
+                writeln!(out, "{}", json!({ "streams": all }))?;
+            } else {
+                writeln!(out, "{:<32} {:>12} {:>12} {:>14}", "NAME", "FIRST", "NEXT", "BYTES")?;
+                for s in all {
+                    writeln!(
+                        out,
+                        "{:<32} {:>12} {:>12} {:>14}",
+                        s.name, s.first_id, s.next_id, s.bytes
+                    )?;
+                }
+            }
+        }
+        Cmd::Stream(Stream::Truncate { name, before }) => {
+            let s = client.truncate(&name, before).await?;
+            if json {
+                writeln!(out, "{}", info_json(&s))?;
+            } else {
+                writeln!(out, "{} now starts at {}", s.name, s.first_id)?;
+            }
+        }
+        Cmd::Stream(Stream::Delete { name }) => {
+            client.delete_stream(&name).await?;
+            if json {
+                writeln!(out, "{}", json!({ "ok": true }))?;
+            } else {
+                writeln!(out, "deleted {name}")?;
+            }
+        }
+        Cmd::Status => {
+            let s = client.status().await?;
+            if json {
+                writeln!(
+                    out,
+                    "{}",
+                    json!({
+                        "version": s.version, "uptime_ms": s.uptime_ms, "keys": s.keys,
+                        "streams": s.streams, "data_dir": s.data_dir, "sync": s.sync,
+                    })
+                )?;
+            } else {
+                writeln!(out, "timberd {} up {}s", s.version, s.uptime_ms / 1000)?;
+                writeln!(out, "data dir  {}", s.data_dir)?;
+                writeln!(out, "sync      {}", s.sync)?;
+                writeln!(out, "keys      {}", s.keys)?;
+                writeln!(out, "streams   {}", s.streams)?;
+            }
+        }
+        Cmd::Bench(args) => {
+            drop(out);
+            bench::run(client, args, json).await?;
+        }
+    }
+    Ok(())
+}
+
+fn info_json(s: &timber_client::StreamInfo) -> serde_json::Value {
+    json!({
+        "name": s.name, "first_id": s.first_id, "next_id": s.next_id,
+        "bytes": s.bytes, "created_ms": s.created_ms,
+    })
+}
+
+fn print_entry(
+    out: &mut impl std::io::Write,
+    json: bool,
+    id: u64,
+    data: &[u8],
+) -> anyhow::Result<()> {
+    if json {
+        writeln!(out, "{}", json!({ "id": id, "data": text(data) }))?;
+    } else {
+        writeln!(out, "{id}\t{}", text(data))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,132 @@
+//! End-to-end tests of the `timber` binary against a real server (timberd's library, started in
+//! this process on free ports): every subcommand, human and JSON output, exit codes.
+
+use std::process::{Command, Output};
+
+struct Harness {
+    addr: String,
+    rt: tokio::runtime::Runtime,
+    server: Option<timber_server::Server>,
+    _dir: tempfile::TempDir,
+}
+
+impl Harness {
+    fn start() -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let cfg = timber_server::Config::for_dir(dir.path());
+        let server = rt.block_on(timber_server::Server::start(cfg)).unwrap();
+        let addr = format!("http://{}", server.grpc_addr);
+        Harness { addr, rt, server: Some(server), _dir: dir }
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_timber"))
+            .args(["--addr", &self.addr])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let o = self.run(args);
+        assert!(o.status.success(), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8(o.stdout).unwrap()
+    }
+
+    fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = vec!["--json"];
+        a.extend_from_slice(args);
+        serde_json::from_str(self.ok(&a).trim()).unwrap()
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        if let Some(s) = self.server.take() {
+            let _ = self.rt.block_on(s.shutdown());
+        }
+    }
+}
+
+#[test]
+fn kv_stream_status_and_exit_codes() {
+    let h = Harness::start();
+    assert_eq!(h.ok(&["kv", "put", "a", "1"]).trim(), "OK");
+    h.ok(&["kv", "put", "b", "2", "--ttl", "1h"]);
+    assert_eq!(h.ok(&["kv", "get", "a"]).trim(), "1");
+    assert_eq!(h.json(&["kv", "get", "b"])["value"], "2");
+    assert_eq!(h.ok(&["kv", "scan", "--prefix", ""]), "a\t1\nb\t2\n");
+    assert_eq!(h.json(&["kv", "scan", "--start", "b"])["items"][0]["key"], "b");
+    assert_eq!(h.ok(&["kv", "del", "a"]).trim(), "deleted");
+    let missing = h.run(&["kv", "get", "a"]);
+    assert_eq!(missing.status.code(), Some(3), "a missing key exits 3");
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("does not exist"));
+
+    h.ok(&["stream", "create", "ev"]);
+    assert_eq!(h.run(&["stream", "create", "ev"]).status.code(), Some(1));
+    assert_eq!(h.json(&["stream", "append", "ev", "x", "y", "z"])["first_id"], 0);
+    assert_eq!(h.ok(&["stream", "read", "ev"]), "0\tx\n1\ty\n2\tz\n");
+    assert_eq!(h.ok(&["stream", "read", "ev", "--from", "1", "--limit", "1"]), "1\ty\n");
+    assert!(h.ok(&["stream", "ls"]).contains("ev"));
+    assert_eq!(h.json(&["stream", "truncate", "ev", "2"])["first_id"], 2);
+    assert_eq!(h.run(&["stream", "read", "nope"]).status.code(), Some(3));
+
+    // tail -f prints entries appended after it started, until it is stopped.
+    let mut tail = Command::new(env!("CARGO_BIN_EXE_timber"))
+        .args(["--addr", &h.addr, "stream", "tail", "-f", "ev", "--from", "2"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    h.ok(&["stream", "append", "ev", "late"]);
+    let mut out = tail.stdout.take().unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 256];
+    while !String::from_utf8_lossy(&got).contains("3\tlate") {
+        use std::io::Read as _;
+        let n = out.read(&mut buf).unwrap();
+        assert!(n > 0, "tail ended early: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(String::from_utf8_lossy(&got).starts_with("2\tz\n"));
+    tail.kill().unwrap();
+    let _ = tail.wait();
+
+    h.ok(&["stream", "delete", "ev"]);
+    let st = h.json(&["status"]);
+    assert_eq!(st["streams"], 0);
+    assert!(st["keys"].as_u64().unwrap() >= 1);
+    assert!(h.ok(&["status"]).contains("sync      interval:1000"));
+
+    // Bad usage and an unreachable server.
+    assert_eq!(h.run(&["kv"]).status.code(), Some(2));
+    let o = Command::new(env!("CARGO_BIN_EXE_timber"))
+        .args(["--addr", "http://127.0.0.1:1", "--timeout", "2s", "status"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("cannot reach timberd"));
+}
+
+#[test]
+fn bench_reports_throughput_and_latency() {
+    let h = Harness::start();
+    for workload in ["put", "get", "append"] {
+        let v = h.json(&[
+            "bench",
+            "--workload",
+            workload,
+            "--concurrency",
+            "4",
+            "--duration",
+            "300ms",
+            "--keys",
+            "100",
+        ]);
+        assert!(v["ops"].as_u64().unwrap() > 0, "{workload}: {v}");
+        assert_eq!(v["errors"], 0, "{workload}: {v}");
+        assert!(v["p99_us"].as_u64().unwrap() >= v["p50_us"].as_u64().unwrap());
+    }
+    let text = h.ok(&["bench", "--workload", "put", "--duration", "200ms"]);
+    assert!(text.contains("ops/s") && text.contains("p99"), "{text}");
+}
