@@ -48,7 +48,8 @@ for mode in everysec always; do
         --save "" --daemonize no >/dev/null 2>&1 &
     PIDS+=($!)
     tsync=$([[ $mode == always ]] && echo always || echo interval:1000)
-    "$TIMBERD" --data-dir "$WORK/timber" --resp-addr "127.0.0.1:$TPORT" --sync "$tsync" 2>/dev/null &
+    "$TIMBERD" --data-dir "$WORK/timber" --resp-addr "127.0.0.1:$TPORT" --grpc-addr 127.0.0.1:0 \
+        --http-addr 127.0.0.1:0 --sync "$tsync" 2>/dev/null &
     PIDS+=($!)
     wait_port "$RPORT"; wait_port "$TPORT"
     for test in ${TESTS//,/ }; do

@@ -276,5 +276,8 @@ fn redis_cli_smoke() {
     assert_eq!(cli(&["INCRBY", "n", "41"]), "41");
     assert_eq!(cli(&["-3", "GET", "cli"]), "works");
     assert!(cli(&["NOPE"]).contains("unknown command"));
-    assert_eq!(cli(&["DBSIZE"]), "2");
+    assert_eq!(cli(&["XADD", "st", "1-1", "f", "v"]), "1-1");
+    assert_eq!(cli(&["XRANGE", "st", "-", "+"]), "1-1\nf\nv");
+    assert_eq!(cli(&["TYPE", "st"]), "stream");
+    assert_eq!(cli(&["DBSIZE"]), "3");
 }

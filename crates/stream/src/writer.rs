@@ -226,6 +226,7 @@ impl Flusher {
     fn should_seal(&self) -> bool {
         !self.buf.is_empty()
             && (self.force
+                || (self.opts.flush_when_idle && self.inflight.is_empty())
                 || self.buf.len() >= self.opts.max_entries
                 || self.buf_bytes >= self.opts.max_bytes
                 || self.deadline.is_some_and(|d| d <= tokio::time::Instant::now()))
