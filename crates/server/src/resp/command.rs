@@ -137,10 +137,10 @@ pub(crate) fn upper(b: &[u8]) -> String {
 
 /// Checks a request before it runs: a known command, its arity, authentication. Returns the
 /// command's name in lower case, or the error reply.
-pub fn prepare(s: &Session, args: &[Bytes]) -> Result<&'static str, Reply> {
+pub fn prepare(s: &Session, args: &[Bytes]) -> Result<(usize, &'static str), Reply> {
     let Some(name) = args.first() else { return Err(Reply::err("empty command")) };
-    let lname = String::from_utf8_lossy(name).to_ascii_lowercase();
-    let Some(&(cname, arity)) = COMMANDS.iter().find(|(n, _)| *n == lname) else {
+    let found = COMMANDS.iter().position(|(n, _)| n.as_bytes().eq_ignore_ascii_case(name));
+    let Some(index) = found else {
         let shown: String = args[1..]
             .iter()
             .take(8)
@@ -151,13 +151,19 @@ pub fn prepare(s: &Session, args: &[Bytes]) -> Result<&'static str, Reply> {
             String::from_utf8_lossy(name)
         )));
     };
+    let (cname, arity) = COMMANDS[index];
     if !arity_ok(arity, args.len()) {
-        return Err(Reply::err(format!("wrong number of arguments for '{lname}' command")));
+        return Err(Reply::err(format!("wrong number of arguments for '{cname}' command")));
     }
     if !s.authed && !matches!(cname, "auth" | "hello" | "quit" | "ping") {
         return Err(Reply::Error("NOAUTH Authentication required.".into()));
     }
-    Ok(cname)
+    Ok((index, cname))
+}
+
+/// The names of the commands, in the order of the indexes [`prepare`] returns.
+pub fn names() -> impl Iterator<Item = &'static str> {
+    COMMANDS.iter().map(|(n, _)| *n)
 }
 
 /// Runs one command that [`prepare`] accepted as `lname` and that is not a stream command.

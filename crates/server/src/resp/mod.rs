@@ -45,6 +45,8 @@ pub struct Endpoint {
     pub idle: Option<Duration>,
     clients: AtomicUsize,
     next_id: AtomicU64,
+    /// Per command (by [`command::prepare`]'s index): calls and latency.
+    metrics: Vec<(metrics::Counter, metrics::Histogram)>,
 }
 
 impl Endpoint {
@@ -63,7 +65,24 @@ impl Endpoint {
             idle: cfg.idle_timeout,
             clients: AtomicUsize::new(0),
             next_id: AtomicU64::new(1),
+            metrics: command::names()
+                .map(|c| {
+                    (
+                        metrics::counter!("timber_resp_commands_total", "command" => c),
+                        metrics::histogram!("timber_resp_command_seconds", "command" => c),
+                    )
+                })
+                .collect(),
         }
+    }
+}
+
+impl Endpoint {
+    /// Counts a command and records how long it ran (for XADD: until it was sent, not durable).
+    fn record(&self, index: usize, start: std::time::Instant) {
+        let (calls, latency) = &self.metrics[index];
+        calls.increment(1);
+        latency.record(start.elapsed().as_secs_f64());
     }
 }
 
@@ -251,7 +270,7 @@ async fn run_requests(
     let mut later: Vec<futures::future::BoxFuture<'static, Reply>> = Vec::new();
     let mut i = 0;
     while i < requests.len() && !s.quit {
-        let name = match command::prepare(s, &requests[i]) {
+        let (index, name) = match command::prepare(s, &requests[i]) {
             Ok(n) => n,
             Err(e) => {
                 settle(&mut later, s.proto, out).await;
@@ -272,7 +291,7 @@ async fn run_requests(
             };
             let t = std::time::Instant::now();
             let outcome = stream_command::execute(&mut cx, name, &requests[i][1..]).await;
-            record(name, t);
+            ep.record(index, t);
             match outcome {
                 Outcome::Later(f) => later.push(f),
                 Outcome::Now(r) => {
@@ -305,12 +324,12 @@ async fn run_requests(
         let mut exec = || {
             for r in run {
                 match command::prepare(s, r) {
-                    Ok(name) if !stream_command::is_stream_command(name) => {
+                    Ok((index, name)) if !stream_command::is_stream_command(name) => {
                         let t = std::time::Instant::now();
                         command::execute(&ctx, s, name, r).encode(s.proto, out);
-                        record(name, t);
+                        ep.record(index, t);
                     }
-                    Ok(name) => {
+                    Ok((_, name)) => {
                         Reply::err(format!("'{name}' cannot run here")).encode(s.proto, out)
                     }
                     Err(e) => e.encode(s.proto, out),
@@ -342,12 +361,6 @@ async fn run_requests(
     settle(&mut later, s.proto, out).await;
 }
 
-/// Counts a command and records how long it ran (for XADD: until it was sent, not durable).
-fn record(name: &'static str, start: std::time::Instant) {
-    metrics::counter!("timber_resp_commands_total", "command" => name).increment(1);
-    metrics::histogram!("timber_resp_command_seconds", "command" => name)
-        .record(start.elapsed().as_secs_f64());
-}
 
 /// Awaits the pending XADD replies, in order, and encodes them.
 async fn settle(
