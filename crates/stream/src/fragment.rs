@@ -69,6 +69,19 @@ pub(crate) fn encode(
     entries: &[Bytes],
     lz4: bool,
 ) -> Bytes {
+    encode_into(BytesMut::new(), stream, segment, first_id, entries, lz4)
+}
+
+/// [`encode`] into `out` (cleared first): a buffer reused from an earlier fragment has its
+/// pages mapped already, where a fresh one costs the kernel a page clearing per 4 KiB.
+pub(crate) fn encode_into(
+    mut out: BytesMut,
+    stream: u64,
+    segment: u64,
+    first_id: u64,
+    entries: &[Bytes],
+    lz4: bool,
+) -> Bytes {
     let raw_len: usize = entries.iter().map(|e| 4 + e.len()).sum();
     let mut index = BytesMut::with_capacity(entries.len() * 4);
     let mut off = 0u32;
@@ -93,7 +106,8 @@ pub(crate) fn encode(
         _ => (0, raw_len),
     };
 
-    let mut out = BytesMut::with_capacity(HEADER_LEN + stored_len + index.len() + FOOTER_LEN);
+    out.clear();
+    out.reserve(HEADER_LEN + stored_len + index.len() + FOOTER_LEN);
     out.put_slice(MAGIC);
     out.put_u16_le(VERSION);
     out.put_u16_le(flags);

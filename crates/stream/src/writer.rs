@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures::stream::FuturesOrdered;
 use futures::{FutureExt, StreamExt};
 use parking_lot::Mutex;
@@ -113,6 +113,7 @@ impl StreamWriter {
             channel_closed: false,
             failed: None,
             failed_shared: failed.clone(),
+            spare: Vec::new(),
             opts: opts.clone(),
         };
         tokio::spawn(flusher.run());
@@ -220,6 +221,8 @@ struct Flusher {
     channel_closed: bool,
     failed: Option<Arc<Error>>,
     failed_shared: Failed,
+    /// Buffers of recorded fragments, reused for the next ones.
+    spare: Vec<BytesMut>,
 }
 
 impl Flusher {
@@ -347,7 +350,9 @@ impl Flusher {
             self.seg_bytes = 0;
             self.seg_started = Instant::now();
         }
-        let data = fragment::encode(self.stream, self.segment, first, &entries, self.opts.lz4);
+        let buf = self.spare.pop().unwrap_or_default();
+        let data =
+            fragment::encode_into(buf, self.stream, self.segment, first, &entries, self.opts.lz4);
         self.seg_bytes += data.len() as u64;
         let meta = FragmentMeta {
             segment: self.segment,
@@ -422,6 +427,9 @@ impl Flusher {
                             let _ = w.ack.send(Ok(up.meta.first_id + i as u64));
                         }
                     }
+                    for up in done.drain(..ok) {
+                        self.reclaim(up.data);
+                    }
                     let committed = self.committed;
                     let (ready, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.flush_waiters)
                         .into_iter()
@@ -439,6 +447,20 @@ impl Flusher {
         }
         if let Some(e) = err {
             self.fail_all(waiters, Some(e));
+        }
+    }
+
+    /// Keeps the buffer of a recorded fragment for the next one, if nothing else holds it (the
+    /// cache may, for readers at the tail).
+    fn reclaim(&mut self, data: Bytes) {
+        if self.spare.len() > self.opts.max_flush_inflight {
+            return;
+        }
+        if let Ok(mut b) = data.try_into_mut() {
+            if b.capacity() >= 64 << 10 {
+                b.clear();
+                self.spare.push(b);
+            }
         }
     }
 

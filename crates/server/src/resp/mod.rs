@@ -361,7 +361,6 @@ async fn run_requests(
     settle(&mut later, s.proto, out).await;
 }
 
-
 /// Awaits the pending XADD replies, in order, and encodes them.
 async fn settle(
     later: &mut Vec<futures::future::BoxFuture<'static, Reply>>,
