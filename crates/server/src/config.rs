@@ -87,13 +87,15 @@ pub struct Flags {
     /// Log format [default: human].
     #[arg(long, env = "TIMBER_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
-    /// Most client connections at once; more are refused with an error [default: 10000].
+    /// Most client connections at once, all endpoints together; more are refused with an error
+    /// [default: 10000].
     #[arg(long, env = "TIMBER_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
     /// Largest request (one command with its arguments), in bytes [default: 536870912].
     #[arg(long, env = "TIMBER_MAX_REQUEST_BYTES")]
     pub max_request_bytes: Option<usize>,
-    /// Seconds a connection may stay idle before it is closed; 0 never [default: 0].
+    /// Seconds a connection (any endpoint) may stay idle before it is closed; 0 never. gRPC
+    /// peers that stop answering HTTP/2 pings are dropped regardless [default: 0].
     #[arg(long, env = "TIMBER_IDLE_TIMEOUT_SECS")]
     pub idle_timeout_secs: Option<u64>,
     /// Shared secret clients must present (Redis AUTH / HELLO AUTH) [default: none].

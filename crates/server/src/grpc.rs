@@ -354,8 +354,13 @@ pub async fn serve(
         .max_encoding_message_size(max);
     let admin = AdminServer::new(svc);
     let mut stopping = stop.clone();
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let incoming =
+        crate::limit::Limited::new(listener, engines.connections.clone(), b"", engines.idle)
+            .into_stream();
     let r = tonic::transport::Server::builder()
+        // Peers that stop answering pings are dropped.
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
         .layer(tower::layer::layer_fn(|inner| Measured { inner }))
         .add_service(tonic::service::interceptor::InterceptedService::new(kv, auth.clone()))
         .add_service(tonic::service::interceptor::InterceptedService::new(streams, auth.clone()))

@@ -95,6 +95,9 @@ fn entry_json(id: u64, data: &[u8]) -> Json_ {
     Json_::Object(o)
 }
 
+/// What a connection over `--max-connections` gets before it is closed.
+const REFUSAL: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: 45\r\nconnection: close\r\n\r\n{\"error\":\"max number of connections reached\"}";
+
 /// Serves the HTTP endpoint on `listener` until `stop` fires.
 pub async fn serve(
     engines: Arc<Engines>,
@@ -103,6 +106,8 @@ pub async fn serve(
     stop: watch::Receiver<bool>,
 ) {
     let max = engines.max_value;
+    let listener =
+        crate::limit::Limited::new(listener, engines.connections.clone(), REFUSAL, engines.idle);
     let app = App { engines, prometheus, stop: stop.clone() };
     let v1 = Router::new()
         .route("/kv", get(kv_list))

@@ -7,6 +7,7 @@ pub mod config;
 pub mod grpc;
 pub mod http;
 pub mod keyspace;
+pub mod limit;
 pub mod logs;
 pub mod resp;
 pub mod streams;
@@ -44,6 +45,10 @@ pub struct Engines {
     pub data_dir: PathBuf,
     /// The sync mode.
     pub sync: Sync,
+    /// Open connections of every endpoint, and their limit.
+    pub connections: Arc<limit::Connections>,
+    /// Idle connections are closed after this long.
+    pub idle: Option<Duration>,
 }
 
 /// A running server.
@@ -95,6 +100,8 @@ impl Server {
             started: Instant::now(),
             data_dir: cfg.data_dir.clone(),
             sync: cfg.sync,
+            connections: limit::Connections::new(cfg.max_connections),
+            idle: cfg.idle_timeout,
         });
         let resp_listener = bind(cfg.resp_addr, "resp-addr").await?;
         let grpc_listener = bind(cfg.grpc_addr, "grpc-addr").await?;
@@ -108,7 +115,12 @@ impl Server {
             .map_err(|e| tracing::debug!(error = %e, "metrics recorder not installed"))
             .ok();
         let (stop, stop_rx) = watch::channel(false);
-        let endpoint = Arc::new(resp::Endpoint::new(keys.clone(), redis_streams.clone(), &cfg));
+        let endpoint = Arc::new(resp::Endpoint::new(
+            keys.clone(),
+            redis_streams.clone(),
+            engines.connections.clone(),
+            &cfg,
+        ));
         let tasks = vec![
             tokio::spawn(resp::serve(endpoint, resp_listener, stop_rx.clone())),
             tokio::spawn(grpc::serve(engines.clone(), grpc_listener, stop_rx.clone())),

@@ -346,3 +346,82 @@ async fn garbage_on_every_port_leaves_the_server_and_data_intact() {
     assert_eq!(body, "me");
     assert_eq!(t.stop(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_connection_limit_for_every_endpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = Timberd::start(dir.path(), &["--max-connections", "2"]);
+    let mut a = t.client();
+    let mut b = t.client();
+    let _: () = cmd("SET").arg("k").arg("v").query(&mut a).unwrap();
+    let _: () = cmd("PING").query(&mut b).unwrap();
+    // Both slots are taken: HTTP gets a 503 with a reason, RESP an error, gRPC no connection.
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", t.http_port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut reply = String::new();
+    let _ = s.read_to_string(&mut reply);
+    assert!(
+        reply.starts_with("HTTP/1.1 503") && reply.contains("max number of connections"),
+        "{reply}"
+    );
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", t.port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut reply = String::new();
+    let _ = s.read_to_string(&mut reply);
+    assert!(reply.contains("max number of clients reached"), "{reply}");
+    let opts = timber_client::Options {
+        timeout: Duration::from_secs(2),
+        retries: 0,
+        ..Default::default()
+    };
+    let refused =
+        match Client::connect_with(format!("http://127.0.0.1:{}", t.grpc_port), opts).await {
+            Err(_) => true,
+            Ok(c) => c.get("k").await.is_err(),
+        };
+    assert!(refused, "gRPC beyond the limit is refused");
+    // A slot freed is a slot for any endpoint.
+    drop(b);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match reqwest::get(http(&t, "/v1/kv/k")).await {
+            Ok(r) if r.status() == 200 => {
+                assert_eq!(r.text().await.unwrap(), "v");
+                break;
+            }
+            _ => {
+                assert!(std::time::Instant::now() < deadline, "the freed slot never came back");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    let _: () = cmd("PING").query(&mut a).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_connections_are_closed_on_every_endpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = Timberd::start(dir.path(), &["--idle-timeout-secs", "1"]);
+    let start = std::time::Instant::now();
+    let mut socks: Vec<std::net::TcpStream> = [t.port, t.grpc_port, t.http_port]
+        .into_iter()
+        .map(|p| {
+            let s = std::net::TcpStream::connect(("127.0.0.1", p)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            s
+        })
+        .collect();
+    for s in &mut socks {
+        let mut sink = Vec::new();
+        // The server closes the connection: the read ends (EOF or reset), not the 30 s timeout.
+        let r = s.read_to_end(&mut sink);
+        assert!(!matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock), "{r:?}");
+    }
+    let took = start.elapsed();
+    assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(25), "{took:?}");
+    // Active connections are not affected.
+    let c = t.grpc().await;
+    c.put("k", "v").await.unwrap();
+    assert_eq!(c.get("k").await.unwrap(), Some(Bytes::from("v")));
+}

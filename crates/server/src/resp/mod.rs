@@ -11,7 +11,7 @@ pub mod glob;
 pub mod reply;
 pub mod stream_command;
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,13 +37,11 @@ pub struct Endpoint {
     pub streams: Arc<StreamSpace>,
     /// The shared secret.
     pub secret: Option<String>,
-    /// Most connections at once.
-    pub max_connections: usize,
     /// Largest request.
     pub max_request: usize,
     /// Idle timeout.
     pub idle: Option<Duration>,
-    clients: AtomicUsize,
+    connections: Arc<crate::limit::Connections>,
     next_id: AtomicU64,
     /// Per command (by [`command::prepare`]'s index): calls and latency.
     metrics: Vec<(metrics::Counter, metrics::Histogram)>,
@@ -54,16 +52,16 @@ impl Endpoint {
     pub fn new(
         keys: Arc<Keyspace>,
         streams: Arc<StreamSpace>,
+        connections: Arc<crate::limit::Connections>,
         cfg: &crate::config::Config,
     ) -> Endpoint {
         Endpoint {
             keys,
             streams,
             secret: cfg.auth_secret.clone(),
-            max_connections: cfg.max_connections,
             max_request: cfg.max_request_bytes,
             idle: cfg.idle_timeout,
-            clients: AtomicUsize::new(0),
+            connections,
             next_id: AtomicU64::new(1),
             metrics: command::names()
                 .map(|c| {
@@ -196,12 +194,10 @@ async fn connection(
     mut sock: TcpStream,
     mut stop: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
-    let clients = ep.clients.fetch_add(1, Ordering::SeqCst) + 1;
-    let _count = scopeguard(&ep.clients);
-    if clients > ep.max_connections {
+    let Some(_slot) = ep.connections.admit() else {
         sock.write_all(b"-ERR max number of clients reached\r\n").await?;
         return Ok(());
-    }
+    };
     let mut s = Session {
         proto: 2,
         authed: ep.secret.is_none(),
@@ -317,7 +313,7 @@ async fn run_requests(
             keys: &ep.keys,
             secret: ep.secret.as_deref(),
             max_value: ep.max_request,
-            clients: ep.clients.load(Ordering::Relaxed),
+            clients: ep.connections.open(),
         };
         let writes = ep.keys.synced() && run.iter().any(|r| command::is_write(&r[0]));
         let start = out.len();
@@ -382,17 +378,6 @@ async fn idle(limit: Option<Duration>) {
         Some(d) => tokio::time::sleep(d).await,
         None => std::future::pending().await,
     }
-}
-
-/// Decrements the connection count when the connection ends, however it ends.
-fn scopeguard(n: &AtomicUsize) -> impl Drop + '_ {
-    struct Guard<'a>(&'a AtomicUsize);
-    impl Drop for Guard<'_> {
-        fn drop(&mut self) {
-            self.0.fetch_sub(1, Ordering::SeqCst);
-        }
-    }
-    Guard(n)
 }
 
 #[cfg(test)]
