@@ -125,7 +125,7 @@ impl Server {
             tokio::spawn(resp::serve(endpoint, resp_listener, stop_rx.clone())),
             tokio::spawn(grpc::serve(engines.clone(), grpc_listener, stop_rx.clone())),
             tokio::spawn(http::serve(engines.clone(), prometheus, http_listener, stop_rx.clone())),
-            tokio::spawn(sweep(keys, redis_streams, stop_rx)),
+            tokio::spawn(sweep(engines.clone(), stop_rx)),
         ];
         tracing::info!(
             %resp_addr, %grpc_addr, %http_addr, data_dir = %cfg.data_dir.display(), sync = %cfg.sync,
@@ -151,8 +151,13 @@ impl Server {
     }
 }
 
-/// Every 100 ms, deletes expired keys; every second, collects the streams of deleted keys.
-async fn sweep(keys: Arc<Keyspace>, streams: Arc<StreamSpace>, mut stop: watch::Receiver<bool>) {
+/// Stream writers unused for this long are closed (the next append opens a new one).
+const WRITER_IDLE: Duration = Duration::from_secs(60);
+
+/// Every 100 ms, deletes expired keys; every second, collects the streams of deleted keys;
+/// every 10 seconds, closes idle stream writers.
+async fn sweep(engines: Arc<Engines>, mut stop: watch::Receiver<bool>) {
+    let (keys, streams) = (engines.keys.clone(), engines.redis_streams.clone());
     let mut round = 0u64;
     loop {
         round += 1;
@@ -161,6 +166,13 @@ async fn sweep(keys: Arc<Keyspace>, streams: Arc<StreamSpace>, mut stop: watch::
                 Ok(n) if n > 0 => tracing::debug!(streams = n, "collected streams of deleted keys"),
                 Err(e) => tracing::warn!(error = %e, "stream collection failed"),
                 _ => {}
+            }
+        }
+        if round.is_multiple_of(100) {
+            let n =
+                streams.close_idle(WRITER_IDLE).await + engines.logs.close_idle(WRITER_IDLE).await;
+            if n > 0 {
+                tracing::debug!(writers = n, "closed idle stream writers");
             }
         }
         tokio::select! {

@@ -20,7 +20,14 @@ const RESERVED: &str = "redis.";
 #[derive(Debug)]
 pub struct Logs {
     streams: Streams,
-    writers: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<StreamWriter>>>>>,
+    writers: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Slot>>>>,
+}
+
+/// The writer of one stream, opened on first use.
+#[derive(Debug, Default)]
+struct Slot {
+    writer: Option<StreamWriter>,
+    used: Option<std::time::Instant>,
 }
 
 fn check(name: &str) -> Result<(), Error> {
@@ -60,7 +67,9 @@ impl Logs {
     pub async fn send(&self, name: &str, entries: Vec<Bytes>) -> Result<Vec<Ack>, Error> {
         check(name)?;
         let slot = self.writers.lock().entry(name.to_string()).or_default().clone();
-        let mut w = slot.lock().await;
+        let mut slot = slot.lock().await;
+        slot.used = Some(std::time::Instant::now());
+        let w = &mut slot.writer;
         let mut acks = Vec::with_capacity(entries.len());
         let mut retried = false;
         let mut i = 0;
@@ -114,16 +123,38 @@ impl Logs {
         check(name)?;
         let slot = self.writers.lock().remove(name);
         if let Some(slot) = slot {
-            slot.lock().await.take();
+            slot.lock().await.writer.take();
         }
         self.streams.delete(name).await
+    }
+
+    /// Closes the writers not used for `idle`; returns how many.
+    pub async fn close_idle(&self, idle: std::time::Duration) -> u64 {
+        let mut idle_slots = Vec::new();
+        self.writers.lock().retain(|_, s| match s.try_lock() {
+            Ok(g) if g.used.is_none_or(|t| t.elapsed() >= idle) => {
+                idle_slots.push(s.clone());
+                false
+            }
+            _ => true,
+        });
+        let mut closed = 0;
+        for s in idle_slots {
+            if let Some(w) = s.lock().await.writer.take() {
+                if let Err(e) = w.close().await {
+                    tracing::warn!(error = %e, "closing an idle stream writer failed");
+                }
+                closed += 1;
+            }
+        }
+        closed
     }
 
     /// Flushes and closes every writer.
     pub async fn close(&self) -> Result<(), Error> {
         let slots: Vec<_> = self.writers.lock().drain().map(|(_, s)| s).collect();
         for s in slots {
-            if let Some(w) = s.lock().await.take() {
+            if let Some(w) = s.lock().await.writer.take() {
                 w.close().await?;
             }
         }
