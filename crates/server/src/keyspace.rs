@@ -106,6 +106,13 @@ fn decode(key: &[u8], v: &Bytes) -> Result<Value, Error> {
     Ok(Value { kind, data: v.slice(9..), expire_at: (at != 0).then_some(at) })
 }
 
+/// The stripe of a key (FNV-1a).
+fn stripe(key: &[u8]) -> usize {
+    let h =
+        key.iter().fold(0xcbf29ce484222325u64, |h, b| (h ^ *b as u64).wrapping_mul(0x100000001b3));
+    (h % STRIPES as u64) as usize
+}
+
 /// The shared keyspace.
 #[derive(Debug)]
 pub struct Keyspace {
@@ -161,10 +168,7 @@ impl Keyspace {
 
     /// The stripe lock of a key: hold it across a read and the write that depends on it.
     pub fn lock(&self, key: &[u8]) -> MutexGuard<'_, ()> {
-        let h = key
-            .iter()
-            .fold(0xcbf29ce484222325u64, |h, b| (h ^ *b as u64).wrapping_mul(0x100000001b3));
-        self.stripes[(h % STRIPES as u64) as usize].lock()
+        self.stripes[stripe(key)].lock()
     }
 
     /// The live value of a key, of any kind.
@@ -209,6 +213,22 @@ impl Keyspace {
         let mut b = WriteBatch::new();
         for (k, v) in items {
             Self::put_into(&mut b, k, v);
+        }
+        Ok(self.db.write_with(b, self.durability)?)
+    }
+
+    /// Stores strings without deadline, atomically, as a run of plain `SET`s would: under the
+    /// stripe locks of all the keys (taken in stripe order), so that no read-modify-write of
+    /// another connection interleaves. A key given twice ends with its last value.
+    pub fn set_strings(&self, items: &[(&[u8], &Bytes)]) -> Result<(), Error> {
+        let mut stripes: Vec<usize> = items.iter().map(|(k, _)| stripe(k)).collect();
+        stripes.sort_unstable();
+        stripes.dedup();
+        let _guards: Vec<MutexGuard<'_, ()>> =
+            stripes.into_iter().map(|i| self.stripes[i].lock()).collect();
+        let mut b = WriteBatch::new();
+        for (k, v) in items {
+            Self::put_into(&mut b, k, &Value::string((*v).clone()));
         }
         Ok(self.db.write_with(b, self.durability)?)
     }

@@ -136,6 +136,30 @@ fn pipelining_and_resp3() {
     }
     let got: Vec<i64> = p.query(&mut c).unwrap();
     assert_eq!(got, (0..1000).collect::<Vec<_>>());
+    // A run of plain SETs is one write batch: the last value of a key wins, TTLs are cleared,
+    // and the commands around the run see it in order.
+    let _: () = cmd("SET").arg("dup").arg("old").arg("EX").arg(100).query(&mut c).unwrap();
+    let got: (String, String, String, String, i64, i64, String) = redis::pipe()
+        .cmd("SET")
+        .arg("dup")
+        .arg("1")
+        .cmd("SET")
+        .arg("other")
+        .arg("x")
+        .cmd("SET")
+        .arg("dup")
+        .arg("2")
+        .cmd("GET")
+        .arg("dup")
+        .cmd("INCR")
+        .arg("dup")
+        .cmd("TTL")
+        .arg("dup")
+        .cmd("GET")
+        .arg("other")
+        .query(&mut c)
+        .unwrap();
+    assert_eq!(got, ("OK".into(), "OK".into(), "OK".into(), "2".into(), 3, -1, "x".into()));
 
     let url = format!("redis://127.0.0.1:{}/?protocol=resp3", t.port);
     let mut c3 = redis::Client::open(url).unwrap().get_connection().unwrap();

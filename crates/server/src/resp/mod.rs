@@ -45,6 +45,8 @@ pub struct Endpoint {
     next_id: AtomicU64,
     /// Per command (by [`command::prepare`]'s index): calls and latency.
     metrics: Vec<(metrics::Counter, metrics::Histogram)>,
+    /// The index of SET in `metrics`.
+    set_index: usize,
 }
 
 impl Endpoint {
@@ -71,8 +73,14 @@ impl Endpoint {
                     )
                 })
                 .collect(),
+            set_index: command::names().position(|c| c == "set").expect("SET is a command"),
         }
     }
+}
+
+/// `SET key value` without options, with a value within the limit.
+fn plain_set(r: &[Bytes], max: usize) -> bool {
+    r.len() == 3 && r[0].eq_ignore_ascii_case(b"set") && r[2].len() <= max
 }
 
 impl Endpoint {
@@ -318,7 +326,31 @@ async fn run_requests(
         let writes = ep.keys.synced() && run.iter().any(|r| command::is_write(&r[0]));
         let start = out.len();
         let mut exec = || {
-            for r in run {
+            let mut j = 0;
+            while j < run.len() {
+                // Consecutive plain SETs (a pipeline of writes) go in as one write batch.
+                let sets = run[j..].iter().take_while(|r| plain_set(r, ep.max_request)).count();
+                if s.authed && sets >= 2 {
+                    let t = std::time::Instant::now();
+                    let batch = &run[j..j + sets];
+                    let items: Vec<(&[u8], &Bytes)> =
+                        batch.iter().map(|r| (&r[1][..], &r[2])).collect();
+                    let reply = match ep.keys.set_strings(&items) {
+                        Ok(()) => Reply::Ok,
+                        Err(e) => {
+                            tracing::error!(error = %e, "storage error");
+                            Reply::err(format!("storage error: {e}"))
+                        }
+                    };
+                    for _ in batch {
+                        reply.encode(s.proto, out);
+                        ep.record(ep.set_index, t);
+                    }
+                    j += sets;
+                    continue;
+                }
+                let r = &run[j];
+                j += 1;
                 match command::prepare(s, r) {
                     Ok((index, name)) if !stream_command::is_stream_command(name) => {
                         let t = std::time::Instant::now();
