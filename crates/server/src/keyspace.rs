@@ -217,20 +217,13 @@ impl Keyspace {
         Ok(self.db.write_with(b, self.durability)?)
     }
 
-    /// Stores strings without deadline, atomically, as a run of plain `SET`s would: under the
-    /// stripe locks of all the keys (taken in stripe order), so that no read-modify-write of
-    /// another connection interleaves. A key given twice ends with its last value.
-    pub fn set_strings(&self, items: &[(&[u8], &Bytes)]) -> Result<(), Error> {
-        let mut stripes: Vec<usize> = items.iter().map(|(k, _)| stripe(k)).collect();
+    /// The stripe locks of several keys, taken in stripe order (so that two callers never
+    /// deadlock), each once.
+    pub fn lock_many(&self, keys: &[&[u8]]) -> Vec<MutexGuard<'_, ()>> {
+        let mut stripes: Vec<usize> = keys.iter().map(|k| stripe(k)).collect();
         stripes.sort_unstable();
         stripes.dedup();
-        let _guards: Vec<MutexGuard<'_, ()>> =
-            stripes.into_iter().map(|i| self.stripes[i].lock()).collect();
-        let mut b = WriteBatch::new();
-        for (k, v) in items {
-            Self::put_into(&mut b, k, &Value::string((*v).clone()));
-        }
-        Ok(self.db.write_with(b, self.durability)?)
+        stripes.into_iter().map(|i| self.stripes[i].lock()).collect()
     }
 
     /// Stores strings (`Some`) and deletes keys (`None`), atomically.

@@ -160,6 +160,29 @@ fn pipelining_and_resp3() {
         .query(&mut c)
         .unwrap();
     assert_eq!(got, ("OK".into(), "OK".into(), "OK".into(), "2".into(), 3, -1, "x".into()));
+    // Runs of INCRs with errors inside: each reply as if alone, nothing of a failed one written.
+    let _: () = cmd("SET").arg("ttl-kept").arg("1").arg("EX").arg(100).query(&mut c).unwrap();
+    // Raw bytes: the redis crate's pipelines stop at the first error reply.
+    let mut raw = TcpStream::connect(("127.0.0.1", t.port)).unwrap();
+    raw.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let script = "SET n 5\r\nINCR n\r\nINCRBY n 10\r\nINCR other2\r\nDECRBY n x\r\nDECR n\r\n\
+                  INCR fresh\r\nINCRBY n 9223372036854775807\r\nINCR ttl-kept\r\n";
+    raw.write_all(script.as_bytes()).unwrap();
+    let mut text = String::new();
+    let mut buf = [0u8; 4096];
+    while text.matches("\r\n").count() < 9 {
+        let n = raw.read(&mut buf).unwrap();
+        assert!(n > 0, "connection closed after {text:?}");
+        text.push_str(std::str::from_utf8(&buf[..n]).unwrap());
+    }
+    let lines: Vec<&str> = text.split("\r\n").take(9).collect();
+    assert_eq!(lines[..4], ["+OK", ":6", ":16", ":1"], "{text}");
+    assert!(lines[4].starts_with("-ERR value is not an integer"), "{text}");
+    assert_eq!(lines[5..7], [":15", ":1"], "{text}");
+    assert!(lines[7].contains("overflow"), "{text}");
+    assert_eq!(lines[8], ":2", "{text}");
+    assert_eq!(cmd("GET").arg("n").query::<i64>(&mut c).unwrap(), 15);
+    assert!(cmd("TTL").arg("ttl-kept").query::<i64>(&mut c).unwrap() > 0, "INCR keeps the TTL");
 
     let url = format!("redis://127.0.0.1:{}/?protocol=resp3", t.port);
     let mut c3 = redis::Client::open(url).unwrap().get_connection().unwrap();

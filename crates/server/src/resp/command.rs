@@ -554,6 +554,88 @@ fn set(ctx: &Context<'_>, a: &[Bytes]) -> Reply {
     }
 }
 
+/// A command a pipelined write run can batch: a plain SET or an INCR-family command.
+#[derive(Debug, Clone, Copy)]
+pub enum RunOp<'a> {
+    /// `SET key value`.
+    Set(&'a Bytes, &'a Bytes),
+    /// `INCR`, `DECR`, `INCRBY`, `DECRBY` (the delta; `None` if the argument is not a valid
+    /// integer, which replies with the error and writes nothing).
+    Add(&'a Bytes, Option<i64>),
+}
+
+impl<'a> RunOp<'a> {
+    /// The op a request is, if it is one, with a value within `max`.
+    pub fn of(r: &'a [Bytes], max: usize) -> Option<RunOp<'a>> {
+        let name = r.first()?;
+        let is = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
+        match r.len() {
+            3 if is("set") && r[2].len() <= max => Some(RunOp::Set(&r[1], &r[2])),
+            2 if is("incr") => Some(RunOp::Add(&r[1], Some(1))),
+            2 if is("decr") => Some(RunOp::Add(&r[1], Some(-1))),
+            3 if is("incrby") => Some(RunOp::Add(&r[1], int(&r[2]))),
+            3 if is("decrby") => Some(RunOp::Add(&r[1], int(&r[2]).and_then(|d| d.checked_neg()))),
+            _ => None,
+        }
+    }
+
+    fn key(&self) -> &'a [u8] {
+        match self {
+            RunOp::Set(k, _) | RunOp::Add(k, _) => k,
+        }
+    }
+}
+
+/// Runs consecutive pipelined writes as one: under the stripe locks of all their keys, each
+/// sees the ones before it, and their final values go to the engine in one write batch. The
+/// replies are those the commands would give one by one.
+pub fn execute_run(keys: &Keyspace, ops: &[RunOp<'_>]) -> Vec<Reply> {
+    let all: Vec<&[u8]> = ops.iter().map(RunOp::key).collect();
+    let _guards = keys.lock_many(&all);
+    let mut overlay: std::collections::HashMap<&[u8], Value> = Default::default();
+    let mut replies = Vec::with_capacity(ops.len());
+    for op in ops {
+        let reply = match *op {
+            RunOp::Set(k, v) => {
+                overlay.insert(&k[..], Value::string(v.clone()));
+                Reply::Ok
+            }
+            RunOp::Add(_, None) => not_int(),
+            RunOp::Add(k, Some(delta)) => {
+                let cur = match overlay.get(&k[..]) {
+                    Some(v) => Ok(Some(v.clone())),
+                    None => keys.get_string(k),
+                };
+                match cur {
+                    Err(e) => storage(e),
+                    Ok(cur) => {
+                        let (n, expire_at) = match &cur {
+                            None => (Some(0), None),
+                            Some(v) => (int(&v.data), v.expire_at),
+                        };
+                        match n.map(|n| n.checked_add(delta)) {
+                            None => not_int(),
+                            Some(None) => Reply::err("increment or decrement would overflow"),
+                            Some(Some(n)) => {
+                                let v = Value { expire_at, ..Value::string(n.to_string()) };
+                                overlay.insert(&k[..], v);
+                                Reply::Int(n)
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        replies.push(reply);
+    }
+    let items: Vec<(&[u8], Value)> = overlay.into_iter().collect();
+    if let Err(e) = keys.set_many(&items) {
+        let r = storage(e);
+        return ops.iter().map(|_| r.clone()).collect();
+    }
+    replies
+}
+
 fn incr_by(ctx: &Context<'_>, key: &Bytes, delta: i64) -> Reply {
     let _g = ctx.keys.lock(key);
     let (cur, expire_at) = match ctx.keys.get_string(key) {

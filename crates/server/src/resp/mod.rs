@@ -45,8 +45,6 @@ pub struct Endpoint {
     next_id: AtomicU64,
     /// Per command (by [`command::prepare`]'s index): calls and latency.
     metrics: Vec<(metrics::Counter, metrics::Histogram)>,
-    /// The index of SET in `metrics`.
-    set_index: usize,
 }
 
 impl Endpoint {
@@ -73,14 +71,8 @@ impl Endpoint {
                     )
                 })
                 .collect(),
-            set_index: command::names().position(|c| c == "set").expect("SET is a command"),
         }
     }
-}
-
-/// `SET key value` without options, with a value within the limit.
-fn plain_set(r: &[Bytes], max: usize) -> bool {
-    r.len() == 3 && r[0].eq_ignore_ascii_case(b"set") && r[2].len() <= max
 }
 
 impl Endpoint {
@@ -328,25 +320,18 @@ async fn run_requests(
         let mut exec = || {
             let mut j = 0;
             while j < run.len() {
-                // Consecutive plain SETs (a pipeline of writes) go in as one write batch.
-                let sets = run[j..].iter().take_while(|r| plain_set(r, ep.max_request)).count();
-                if s.authed && sets >= 2 {
+                // Consecutive SETs and INCRs (a pipeline of writes) go in as one write batch.
+                let ops: Vec<command::RunOp<'_>> =
+                    run[j..].iter().map_while(|r| command::RunOp::of(r, ep.max_request)).collect();
+                if s.authed && ops.len() >= 2 {
                     let t = std::time::Instant::now();
-                    let batch = &run[j..j + sets];
-                    let items: Vec<(&[u8], &Bytes)> =
-                        batch.iter().map(|r| (&r[1][..], &r[2])).collect();
-                    let reply = match ep.keys.set_strings(&items) {
-                        Ok(()) => Reply::Ok,
-                        Err(e) => {
-                            tracing::error!(error = %e, "storage error");
-                            Reply::err(format!("storage error: {e}"))
-                        }
-                    };
-                    for _ in batch {
+                    for (r, reply) in run[j..].iter().zip(command::execute_run(&ep.keys, &ops)) {
                         reply.encode(s.proto, out);
-                        ep.record(ep.set_index, t);
+                        if let Ok((index, _)) = command::prepare(s, r) {
+                            ep.record(index, t);
+                        }
                     }
-                    j += sets;
+                    j += ops.len();
                     continue;
                 }
                 let r = &run[j];
