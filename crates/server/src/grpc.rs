@@ -59,17 +59,10 @@ impl Service {
         &self,
         f: impl FnOnce(&crate::keyspace::Keyspace) -> Result<T, crate::keyspace::Error> + Send + 'static,
     ) -> Result<T, Status> {
-        let keys = self.engines.keys.clone();
-        tokio::task::spawn_blocking(move || {
-            let r = f(&keys)?;
-            if keys.synced() {
-                keys.sync()?;
-            }
-            Ok(r)
-        })
-        .await
-        .map_err(|e| Status::internal(format!("write task failed: {e}")))?
-        .map_err(key_status)
+        match self.engines.keys.write_durably(f).await {
+            Some(r) => r.map_err(key_status),
+            None => Err(Status::internal("write task failed")),
+        }
     }
 
     fn check_size(&self, n: usize) -> Result<(), Status> {

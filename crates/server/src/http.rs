@@ -199,17 +199,10 @@ async fn blocking<T: Send + 'static>(
         + Send
         + 'static,
 ) -> Result<T> {
-    let keys = app.engines.keys.clone();
-    tokio::task::spawn_blocking(move || {
-        let r = f(&keys)?;
-        if keys.synced() {
-            keys.sync()?;
-        }
-        Ok(r)
-    })
-    .await
-    .map_err(|e| Failure(StatusCode::INTERNAL_SERVER_ERROR, format!("task failed: {e}")))?
-    .map_err(keys_failed)
+    match app.engines.keys.write_durably(f).await {
+        Some(r) => r.map_err(keys_failed),
+        None => Err(Failure(StatusCode::INTERNAL_SERVER_ERROR, "write task failed".into())),
+    }
 }
 
 async fn kv_get(State(app): State<App>, Path(key): Path<String>) -> Result<Response> {

@@ -156,6 +156,24 @@ impl Keyspace {
         self.synced
     }
 
+    /// Runs `f` off the async workers and, under `--sync always`, syncs before returning: the
+    /// write path of the gRPC and HTTP endpoints. `None` if the task died.
+    pub async fn write_durably<T: Send + 'static>(
+        self: &std::sync::Arc<Self>,
+        f: impl FnOnce(&Keyspace) -> Result<T, Error> + Send + 'static,
+    ) -> Option<Result<T, Error>> {
+        let keys = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let r = f(&keys)?;
+            if keys.synced() {
+                keys.sync()?;
+            }
+            Ok(r)
+        })
+        .await
+        .ok()
+    }
+
     /// Makes every write so far durable.
     pub fn sync(&self) -> Result<(), Error> {
         Ok(self.db.sync()?)

@@ -382,17 +382,27 @@ async fn xread(cx: &mut StreamContext<'_>, a: &[Bytes]) -> R {
         if !out.is_empty() || r.block.is_none() {
             return Ok(read_reply(cx.proto, out));
         }
-        let left = match deadline {
-            Some(d) => match d.checked_duration_since(Instant::now()) {
-                Some(left) if !left.is_zero() => Some(left),
-                _ => return Ok(Reply::NilArray),
-            },
-            None => None,
-        };
-        if !cx.space.wait(&waits, creations, left, &mut cx.stop).await.map_err(error)? {
+        if !wait(cx, &waits, creations, deadline).await? {
             return Ok(Reply::NilArray);
         }
     }
+}
+
+/// Waits for `waits` until `deadline` (`None`: forever); whether to look again.
+async fn wait(
+    cx: &mut StreamContext<'_>,
+    waits: &[(Option<Handle>, StreamId)],
+    creations: watch::Receiver<u64>,
+    deadline: Option<Instant>,
+) -> R<bool> {
+    let left = match deadline {
+        Some(d) => match d.checked_duration_since(Instant::now()) {
+            Some(left) if !left.is_zero() => Some(left),
+            _ => return Ok(false),
+        },
+        None => None,
+    };
+    cx.space.wait(waits, creations, left, &mut cx.stop).await.map_err(error)
 }
 
 async fn xreadgroup(cx: &mut StreamContext<'_>, a: &[Bytes]) -> R {
@@ -440,14 +450,7 @@ async fn xreadgroup(cx: &mut StreamContext<'_>, a: &[Bytes]) -> R {
         if !out.is_empty() || r.block.is_none() || waits.is_empty() {
             return Ok(read_reply(cx.proto, out));
         }
-        let left = match deadline {
-            Some(d) => match d.checked_duration_since(Instant::now()) {
-                Some(left) if !left.is_zero() => Some(left),
-                _ => return Ok(Reply::NilArray),
-            },
-            None => None,
-        };
-        if !cx.space.wait(&waits, creations, left, &mut cx.stop).await.map_err(error)? {
+        if !wait(cx, &waits, creations, deadline).await? {
             return Ok(Reply::NilArray);
         }
     }
