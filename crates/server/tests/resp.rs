@@ -58,6 +58,10 @@ fn string_commands() {
     assert_eq!(cmd("STRLEN").arg("none").query::<i64>(&mut c).unwrap(), 0);
     assert_eq!(cmd("TYPE").arg("s").query::<String>(&mut c).unwrap(), "string");
     assert_eq!(cmd("TYPE").arg("none").query::<String>(&mut c).unwrap(), "none");
+    let conf: Vec<String> = cmd("CONFIG").arg("GET").arg("append*").query(&mut c).unwrap();
+    assert_eq!(conf, ["appendonly", "yes", "appendfsync", "everysec"]);
+    assert!(err_text(cmd("CONFIG").arg("SET").arg("save").arg("").query::<()>(&mut c))
+        .contains("not supported"));
     assert_eq!(
         cmd("EXISTS").arg("a").arg("b").arg("none").arg("a").query::<i64>(&mut c).unwrap(),
         3

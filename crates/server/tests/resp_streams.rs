@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use common::Timberd;
@@ -329,6 +330,23 @@ fn consumer_groups_ack_and_redelivery() {
     std::thread::sleep(Duration::from_millis(200));
     xadd(&mut c, "q", "6-0", &["job", "6"]).unwrap();
     assert_eq!(waiter.join().unwrap(), ["5-0", "6-0"]);
+
+    // XINFO sees the stream, its group and the consumers with pending entries.
+    let info: HashMap<String, Value> = cmd("XINFO").arg("STREAM").arg("q").query(&mut c).unwrap();
+    assert_eq!(info["length"], Value::Int(6));
+    assert_eq!(info["groups"], Value::Int(1));
+    assert_eq!(redis::from_redis_value::<String>(&info["last-generated-id"]).unwrap(), "6-0");
+    let groups: Vec<HashMap<String, Value>> =
+        cmd("XINFO").arg("GROUPS").arg("q").query(&mut c).unwrap();
+    assert_eq!(groups[0]["pending"], Value::Int(5));
+    assert_eq!(redis::from_redis_value::<String>(&groups[0]["last-delivered-id"]).unwrap(), "6-0");
+    let consumers: Vec<HashMap<String, Value>> =
+        cmd("XINFO").arg("CONSUMERS").arg("q").arg("g").query(&mut c).unwrap();
+    let names: Vec<String> =
+        consumers.iter().map(|m| redis::from_redis_value(&m["name"]).unwrap()).collect();
+    assert_eq!(names, ["alice", "bob", "dave"]);
+    assert!(err_text(cmd("XINFO").arg("STREAM").arg("nokey").query::<Value>(&mut c))
+        .contains("no such key"));
 
     // Groups and their pending entries survive SIGKILL (synced writes).
     t.signal(rustix::process::Signal::KILL);

@@ -70,6 +70,7 @@ const COMMANDS: &[(&str, i64)] = &[
     ("type", 2),
     ("flushdb", -1),
     ("flushall", -1),
+    ("config", -2),
     ("xadd", -5),
     ("xlen", 2),
     ("xrange", -4),
@@ -81,6 +82,7 @@ const COMMANDS: &[(&str, i64)] = &[
     ("xreadgroup", -7),
     ("xack", -4),
     ("xpending", -3),
+    ("xinfo", -2),
 ];
 
 /// Whether a command may change the keyspace (and so needs a sync before its reply under
@@ -196,6 +198,7 @@ pub fn execute(ctx: &Context<'_>, s: &mut Session, lname: &str, args: &[Bytes]) 
             None => not_int(),
         },
         "command" => command(a),
+        "config" => config(ctx, a),
         "client" => client(s, a),
         "info" => info(ctx),
         "dbsize" => match ctx.keys.len() {
@@ -452,6 +455,34 @@ fn command(a: &[Bytes]) -> Reply {
         Some("DOCS") => Reply::Map(vec![]),
         Some("INFO") => Reply::Array(vec![]),
         Some(_) => syntax(),
+    }
+}
+
+/// `CONFIG GET` reports the few settings tools ask for (redis-benchmark asks for `save` and
+/// `appendonly`); `CONFIG SET` is refused: timberd is configured by flags, environment and file.
+fn config(ctx: &Context<'_>, a: &[Bytes]) -> Reply {
+    match upper(&a[0]).as_str() {
+        "GET" if a.len() >= 2 => {
+            let appendfsync = if ctx.keys.synced() { "always" } else { "everysec" };
+            let known = [
+                ("appendonly", "yes"),
+                ("appendfsync", appendfsync),
+                ("save", ""),
+                ("databases", "1"),
+            ];
+            let mut out = Vec::new();
+            for (name, value) in known {
+                if a[1..].iter().any(|p| glob::matches(&p.to_ascii_lowercase(), name.as_bytes())) {
+                    out.push((Reply::text(name), Reply::text(value)));
+                }
+            }
+            Reply::Map(out)
+        }
+        "SET" => Reply::err(
+            "CONFIG SET is not supported: timberd is configured by flags, environment variables and its config file",
+        ),
+        "RESETSTAT" => Reply::Ok,
+        sub => Reply::err(format!("unknown subcommand or wrong number of arguments for '{sub}'")),
     }
 }
 

@@ -51,6 +51,7 @@ pub fn is_stream_command(name: &str) -> bool {
             | "xreadgroup"
             | "xack"
             | "xpending"
+            | "xinfo"
     )
 }
 
@@ -126,6 +127,7 @@ pub async fn execute(cx: &mut StreamContext<'_>, name: &str, a: &[Bytes]) -> Out
         "xgroup" => xgroup(cx, a).await,
         "xack" => xack(cx, a).await,
         "xpending" => xpending(cx, a),
+        "xinfo" => xinfo(cx, a).await,
         _ => Err(Reply::err(format!("unknown stream command '{name}'"))),
     };
     Outcome::Now(r.unwrap_or_else(|e| e))
@@ -516,6 +518,80 @@ async fn xgroup(cx: &mut StreamContext<'_>, a: &[Bytes]) -> R {
         )),
         _ => Err(Reply::err(format!(
             "unknown subcommand or wrong number of arguments for '{}'. Try XGROUP HELP.",
+            String::from_utf8_lossy(&a[0])
+        ))),
+    }
+}
+
+/// XINFO STREAM / GROUPS / CONSUMERS.
+async fn xinfo(cx: &mut StreamContext<'_>, a: &[Bytes]) -> R {
+    let sub = upper(&a[0]);
+    let Some(key) = a.get(1) else {
+        return Err(Reply::err(format!(
+            "unknown subcommand or wrong number of arguments for '{sub}'"
+        )));
+    };
+    let Some(h) = handle(cx, key)? else { return Err(Reply::err("no such key")) };
+    let groups = cx.space.groups(&h).map_err(error)?;
+    let now = crate::keyspace::now_ms();
+    match (sub.as_str(), &a[2..]) {
+        ("STREAM", []) => {
+            let first =
+                cx.space.range(&h, StreamId::MIN, StreamId::MAX, 1, false).await.map_err(error)?;
+            let last = cx.space.last_entry(&h).await.map_err(error)?;
+            let entry =
+                |e: Option<Entry>| e.map_or(Reply::Nil, |e| entry_reply(e.id, Some(e.fields)));
+            Ok(Reply::Map(vec![
+                (Reply::text("length"), Reply::Int(cx.space.len(&h).map_err(error)? as i64)),
+                (
+                    Reply::text("last-generated-id"),
+                    Reply::text(cx.space.last_added(&h).await.map_err(error)?.to_string()),
+                ),
+                (Reply::text("groups"), Reply::Int(groups.len() as i64)),
+                (Reply::text("first-entry"), entry(first.into_iter().next())),
+                (Reply::text("last-entry"), entry(last)),
+            ]))
+        }
+        ("GROUPS", []) => Ok(Reply::Array(
+            groups
+                .into_iter()
+                .map(|(name, g, pel)| {
+                    let consumers: std::collections::BTreeSet<&Bytes> =
+                        pel.iter().map(|p| &p.consumer).collect();
+                    Reply::Map(vec![
+                        (Reply::text("name"), Reply::Bulk(name.clone())),
+                        (Reply::text("consumers"), Reply::Int(consumers.len() as i64)),
+                        (Reply::text("pending"), Reply::Int(pel.len() as i64)),
+                        (Reply::text("last-delivered-id"), Reply::text(g.last.to_string())),
+                        (Reply::text("entries-read"), Reply::Int(g.entries_read as i64)),
+                    ])
+                })
+                .collect(),
+        )),
+        ("CONSUMERS", [group]) => {
+            let Some((_, _, pel)) = groups.into_iter().find(|(n, _, _)| n == group) else {
+                return Err(error(crate::streams::no_group(key, group, "XINFO")));
+            };
+            let mut per: std::collections::BTreeMap<Bytes, (i64, u64)> = Default::default();
+            for p in pel {
+                let e = per.entry(p.consumer).or_insert((0, 0));
+                e.0 += 1;
+                e.1 = e.1.max(p.delivered_ms);
+            }
+            Ok(Reply::Array(
+                per.into_iter()
+                    .map(|(name, (pending, seen))| {
+                        Reply::Map(vec![
+                            (Reply::text("name"), Reply::Bulk(name)),
+                            (Reply::text("pending"), Reply::Int(pending)),
+                            (Reply::text("idle"), Reply::Int(now.saturating_sub(seen) as i64)),
+                        ])
+                    })
+                    .collect(),
+            ))
+        }
+        _ => Err(Reply::err(format!(
+            "unknown subcommand or wrong number of arguments for '{}'",
             String::from_utf8_lossy(&a[0])
         ))),
     }

@@ -78,6 +78,20 @@ pub fn get(db: &Db, uid: u64, name: &[u8]) -> Result<Option<Group>, Error> {
     Ok(Some(Group { last: StreamId { ms: n(0), seq: n(8) }, entries_read: n(16) }))
 }
 
+/// Every group of a stream, by name.
+pub fn list(db: &Db, uid: u64) -> Result<Vec<(Bytes, Group)>, Error> {
+    let prefix = group_key(uid, b"");
+    let mut out = Vec::new();
+    for kv in db.prefix(&prefix) {
+        let (k, _) = kv?;
+        let name = k.slice(prefix.len()..);
+        if let Some(g) = get(db, uid, &name)? {
+            out.push((name, g));
+        }
+    }
+    Ok(out)
+}
+
 /// Stores a group's state.
 pub fn put(b: &mut WriteBatch, uid: u64, name: &[u8], g: &Group) {
     let mut v = Vec::with_capacity(24);

@@ -789,6 +789,23 @@ impl StreamSpace {
         Ok(Some(group::pending(db, h.uid, group, start, end, count, consumer)?))
     }
 
+    /// Every group of a stream with its pending entries (for XINFO).
+    pub fn groups(&self, h: &Handle) -> Result<Vec<(Bytes, Group, Vec<Pending>)>> {
+        let db = self.keys.db();
+        let mut out = Vec::new();
+        for (name, g) in group::list(db, h.uid)? {
+            let pel =
+                group::pending(db, h.uid, &name, StreamId::MIN, StreamId::MAX, usize::MAX, None)?;
+            out.push((name, g, pel));
+        }
+        Ok(out)
+    }
+
+    /// The largest id added (XINFO's last-generated-id).
+    pub async fn last_added(&self, h: &Handle) -> Result<StreamId> {
+        self.last_id(h).await
+    }
+
     /// Whether a group exists.
     pub fn has_group(&self, h: &Handle, group: &[u8]) -> Result<bool> {
         Ok(group::get(self.keys.db(), h.uid, group)?.is_some())
