@@ -545,7 +545,7 @@ async fn xinfo(cx: &mut StreamContext<'_>, a: &[Bytes]) -> R {
                 (Reply::text("length"), Reply::Int(cx.space.len(&h).map_err(error)? as i64)),
                 (
                     Reply::text("last-generated-id"),
-                    Reply::text(cx.space.last_added(&h).await.map_err(error)?.to_string()),
+                    Reply::text(cx.space.last_id(&h).await.map_err(error)?.to_string()),
                 ),
                 (Reply::text("groups"), Reply::Int(groups.len() as i64)),
                 (Reply::text("first-entry"), entry(first.into_iter().next())),

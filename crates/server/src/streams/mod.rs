@@ -321,8 +321,8 @@ impl StreamSpace {
         Ok(lo)
     }
 
-    /// The largest id added to the stream so far.
-    async fn last_id(&self, h: &Handle) -> Result<StreamId> {
+    /// The largest id added to the stream so far (XINFO's last-generated-id).
+    pub async fn last_id(&self, h: &Handle) -> Result<StreamId> {
         let st = self.state(h.uid);
         let mut tail = st.tail.lock().await;
         self.load_last(h, &mut tail).await
@@ -801,11 +801,6 @@ impl StreamSpace {
         Ok(out)
     }
 
-    /// The largest id added (XINFO's last-generated-id).
-    pub async fn last_added(&self, h: &Handle) -> Result<StreamId> {
-        self.last_id(h).await
-    }
-
     /// Whether a group exists.
     pub fn has_group(&self, h: &Handle, group: &[u8]) -> Result<bool> {
         Ok(group::get(self.keys.db(), h.uid, group)?.is_some())
@@ -840,8 +835,14 @@ impl StreamSpace {
             let uid = u64::from_be_bytes(
                 k[1..].try_into().map_err(|_| keyspace::Error::Corrupt(k.clone()))?,
             );
-            let live = matches!(self.handle(&key), Ok(Some(h)) if h.uid == uid);
-            if !live {
+            // Gone: the key is missing, holds another stream, or holds a string. A failed read
+            // proves nothing: stop rather than delete a live stream.
+            let gone_now = match self.handle(&key) {
+                Ok(Some(h)) => h.uid != uid,
+                Ok(None) | Err(Error::Keys(keyspace::Error::WrongType)) => true,
+                Err(e) => return Err(e),
+            };
+            if gone_now {
                 gone.push(uid);
             }
         }
