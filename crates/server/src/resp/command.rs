@@ -20,6 +20,8 @@ pub struct Session {
     pub id: u64,
     /// Set by `QUIT`: close after replying.
     pub quit: bool,
+    /// Commands run on this connection (for sampling their latency).
+    pub commands: u64,
 }
 
 /// What a command needs besides its arguments.
