@@ -21,7 +21,7 @@ fn http(t: &Timberd, path: &str) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn grpc_kv_and_one_keyspace_behind_every_endpoint() {
     let dir = tempfile::tempdir().unwrap();
-    let t = Timberd::start(dir.path(), &[]);
+    let t = Timberd::start(dir.path(), &["--max-request-bytes", "65536"]);
     let c = t.grpc().await;
     c.put("a", "1").await.unwrap();
     assert_eq!(c.get("a").await.unwrap(), Some(Bytes::from("1")));
@@ -62,6 +62,27 @@ async fn grpc_kv_and_one_keyspace_behind_every_endpoint() {
         assert!(std::time::Instant::now() < deadline, "expired key still readable");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+
+    // Values over --max-request-bytes (64 KiB here) are refused; the stored value stays.
+    let e = c.put("c", vec![0u8; 70_000]).await.unwrap_err();
+    assert!(
+        matches!(
+            e.code(),
+            Some(Code::InvalidArgument | Code::OutOfRange | Code::ResourceExhausted)
+        ),
+        "{e}"
+    );
+    c.create_stream("big", None, None).await.unwrap();
+    let e = c.append("big", vec![Bytes::from(vec![0u8; 70_000])]).await.unwrap_err();
+    assert!(
+        matches!(
+            e.code(),
+            Some(Code::InvalidArgument | Code::OutOfRange | Code::ResourceExhausted)
+        ),
+        "{e}"
+    );
+    assert_eq!(c.stream_info("big").await.unwrap().next_id, 0, "nothing of it was stored");
+    assert_eq!(c.get("c").await.unwrap(), Some(Bytes::from("3")));
 
     let st = c.status().await.unwrap();
     assert!(st.keys >= 3000 && !st.version.is_empty(), "{st:?}");
