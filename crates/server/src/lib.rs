@@ -122,7 +122,16 @@ impl Server {
             &cfg,
         ));
         let tasks = vec![
-            tokio::spawn(resp::serve(endpoint, resp_listener, stop_rx.clone())),
+            tokio::spawn(resp::serve(
+                endpoint,
+                limit::Limited::new(
+                    resp_listener,
+                    engines.connections.clone(),
+                    resp::REFUSAL,
+                    engines.idle,
+                ),
+                stop_rx.clone(),
+            )),
             tokio::spawn(grpc::serve(engines.clone(), grpc_listener, stop_rx.clone())),
             tokio::spawn(http::serve(engines.clone(), prometheus, http_listener, stop_rx.clone())),
             tokio::spawn(sweep(engines.clone(), stop_rx)),

@@ -13,16 +13,15 @@ pub mod stream_command;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use redis_protocol::resp2::decode::decode_bytes_mut;
 use redis_protocol::resp2::types::BytesFrame;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::keyspace::Keyspace;
+use crate::limit::{Counted, Limited};
 use crate::streams::StreamSpace;
 use command::{Context, Session};
 use reply::Reply;
@@ -39,8 +38,6 @@ pub struct Endpoint {
     pub secret: Option<String>,
     /// Largest request.
     pub max_request: usize,
-    /// Idle timeout.
-    pub idle: Option<Duration>,
     connections: Arc<crate::limit::Connections>,
     next_id: AtomicU64,
     /// Per command (by [`command::prepare`]'s index): calls and latency.
@@ -60,7 +57,6 @@ impl Endpoint {
             streams,
             secret: cfg.auth_secret.clone(),
             max_request: cfg.max_request_bytes,
-            idle: cfg.idle_timeout,
             connections,
             next_id: AtomicU64::new(1),
             metrics: command::names()
@@ -73,9 +69,7 @@ impl Endpoint {
                 .collect(),
         }
     }
-}
 
-impl Endpoint {
     /// Counts a command and, if it was sampled, records how long it ran (for XADD: until it was
     /// sent, not until it was durable).
     fn record(&self, index: usize, start: Option<std::time::Instant>) {
@@ -97,27 +91,23 @@ fn sample(s: &mut Session) -> Option<std::time::Instant> {
     (s.commands % LATENCY_SAMPLE == 1).then(std::time::Instant::now)
 }
 
-/// Accepts connections until `stop` turns true, then waits for the connections to finish the
-/// requests they have read.
-pub async fn serve(ep: Arc<Endpoint>, listener: TcpListener, stop: watch::Receiver<bool>) {
+/// What a connection over `--max-connections` gets before it is closed.
+pub const REFUSAL: &[u8] = b"-ERR max number of clients reached\r\n";
+
+/// Accepts connections (admitted, and closed when idle, by [`Limited`]) until `stop` turns true,
+/// then waits for the connections to finish the requests they have read.
+pub async fn serve(ep: Arc<Endpoint>, mut listener: Limited, stop: watch::Receiver<bool>) {
     let mut tasks = tokio::task::JoinSet::new();
     let mut stopping = stop.clone();
     loop {
         tokio::select! {
-            r = listener.accept() => match r {
-                Ok((sock, peer)) => {
-                    let _ = sock.set_nodelay(true);
-                    let (ep, stop) = (ep.clone(), stop.clone());
-                    tasks.spawn(async move {
-                        if let Err(e) = connection(ep, sock, stop).await {
-                            tracing::debug!(%peer, error = %e, "connection ended");
-                        }
-                    });
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
+            (sock, peer) = axum::serve::Listener::accept(&mut listener) => {
+                let (ep, stop) = (ep.clone(), stop.clone());
+                tasks.spawn(async move {
+                    if let Err(e) = connection(ep, sock, stop).await {
+                        tracing::debug!(%peer, error = %e, "connection ended");
+                    }
+                });
             },
             () = stopped(&mut stopping) => break,
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
@@ -204,13 +194,9 @@ fn parse(buf: &mut BytesMut, max: usize) -> Parsed {
 
 async fn connection(
     ep: Arc<Endpoint>,
-    mut sock: TcpStream,
+    mut sock: Counted,
     mut stop: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
-    let Some(_slot) = ep.connections.admit() else {
-        sock.write_all(b"-ERR max number of clients reached\r\n").await?;
-        return Ok(());
-    };
     let mut s = Session {
         proto: 2,
         authed: ep.secret.is_none(),
@@ -256,7 +242,6 @@ async fn connection(
         let n = tokio::select! {
             n = read => n?,
             () = stopped(&mut stop) => return Ok(()),
-            _ = idle(ep.idle) => return Ok(()),
         };
         if n == 0 {
             return Ok(());
@@ -403,13 +388,6 @@ async fn settle(
 /// Resolves once the server is stopping (or its stop sender is gone).
 pub async fn stopped(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
-}
-
-async fn idle(limit: Option<Duration>) {
-    match limit {
-        Some(d) => tokio::time::sleep(d).await,
-        None => std::future::pending().await,
-    }
 }
 
 #[cfg(test)]
