@@ -416,7 +416,7 @@ async fn xreadgroup(cx: &mut StreamContext<'_>, a: &[Bytes]) -> R {
     let mut targets = Vec::with_capacity(r.keys.len());
     for (k, id) in r.keys.iter().zip(r.ids) {
         let h = handle(cx, k)?;
-        let Some(h) = h.filter(|h| cx.space.has_group(h, group).unwrap_or(false)) else {
+        let Some(h) = h.filter(|h| matches!(cx.space.group_last(h, group), Ok(Some(_)))) else {
             return Err(error(crate::streams::no_group(k, group, "XREADGROUP with GROUP option")));
         };
         let after = match &id[..] {

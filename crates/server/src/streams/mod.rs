@@ -607,7 +607,7 @@ impl StreamSpace {
         let h = match self.handle(key)? {
             Some(h) => h,
             None if mkstream => self.create(key).await?,
-            None => return Err(reject("ERR The XGROUP subcommand requires the key to exist. Note that for CREATE you may want to use the MKSTREAM option to create an empty stream automatically.")),
+            None => return Err(reject(NO_KEY)),
         };
         let st = self.state(h.uid);
         let _g = st.groups.lock().await;
@@ -688,9 +688,7 @@ impl StreamSpace {
     }
 
     fn existing(&self, key: &[u8]) -> Result<Handle> {
-        self.handle(key)?.ok_or_else(|| {
-            reject("ERR The XGROUP subcommand requires the key to exist. Note that for CREATE you may want to use the MKSTREAM option to create an empty stream automatically.")
-        })
+        self.handle(key)?.ok_or_else(|| reject(NO_KEY))
     }
 
     /// XREADGROUP for one stream. `after` `None` is `>`: entries never delivered to the group,
@@ -801,11 +799,6 @@ impl StreamSpace {
         Ok(out)
     }
 
-    /// Whether a group exists.
-    pub fn has_group(&self, h: &Handle, group: &[u8]) -> Result<bool> {
-        Ok(group::get(self.keys.db(), h.uid, group)?.is_some())
-    }
-
     /// The last delivered id of a group.
     pub fn group_last(&self, h: &Handle, group: &[u8]) -> Result<Option<StreamId>> {
         Ok(group::get(self.keys.db(), h.uid, group)?.map(|g| g.last))
@@ -897,6 +890,9 @@ impl StreamSpace {
         Ok(())
     }
 }
+
+/// Redis's reply when XGROUP names a key that does not exist.
+const NO_KEY: &str = "ERR The XGROUP subcommand requires the key to exist. Note that for CREATE you may want to use the MKSTREAM option to create an empty stream automatically.";
 
 /// Redis's reply when a group does not exist.
 pub fn no_group(key: &[u8], group: &[u8], cmd: &str) -> Error {
