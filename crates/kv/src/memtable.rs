@@ -14,10 +14,10 @@ use crossbeam_skiplist::SkipMap;
 use crate::key::{self, IKey, Kind};
 
 /// Memory of an entry beyond its key and value bytes, counted against the size limit so that the
-/// limit is what the memtable really holds: the skiplist node (`IKey` with its inline prefix, the
-/// value handle, refcount and tower, about 120 bytes) and the rounding of the key and value
+/// limit is what the memtable really holds: the skiplist node (`IKey` with its 24 inline bytes, the
+/// value handle, refcount and tower, about 128 bytes) and the rounding of the key and value
 /// allocations.
-const ENTRY_OVERHEAD: usize = 140;
+const ENTRY_OVERHEAD: usize = 148;
 
 pub(crate) struct Memtable {
     map: SkipMap<IKey, Bytes>,

@@ -19,6 +19,7 @@ use parking_lot::{Mutex, MutexGuard};
 use timber_kv::{Db, Durability, WriteBatch};
 
 use crate::config::Sync;
+use crate::sync_thread::SyncThread;
 
 const STRIPES: usize = 256;
 
@@ -31,6 +32,9 @@ pub enum Error {
     /// A stored value failed to decode.
     #[error("corrupt value of key {0:?}")]
     Corrupt(Bytes),
+    /// Making writes durable failed; the engine refuses writes from then on.
+    #[error("storage: {0}")]
+    Sync(std::sync::Arc<timber_kv::Error>),
     /// The key holds another kind of value than the command works on.
     #[error("WRONGTYPE Operation against a key holding the wrong kind of value")]
     WrongType,
@@ -116,9 +120,11 @@ fn stripe(key: &[u8]) -> usize {
 /// The shared keyspace.
 #[derive(Debug)]
 pub struct Keyspace {
-    db: Db,
+    db: std::sync::Arc<Db>,
     durability: Durability,
     synced: bool,
+    /// Under `--sync always`: the thread that answers [`Keyspace::durable`].
+    sync_thread: Option<SyncThread>,
     stripes: Vec<Mutex<()>>,
     cursors: Mutex<lru::LruCache<u64, Bytes>>,
     next_cursor: AtomicU64,
@@ -127,8 +133,8 @@ pub struct Keyspace {
 impl Keyspace {
     /// Opens (creating) the keyspace in `dir` with the server's sync mode.
     pub fn open(dir: &std::path::Path, sync: Sync) -> Result<Keyspace, Error> {
-        // With `Always`, writes are buffered and the connection calls `sync` once per batch of
-        // pipelined commands, before any reply is sent.
+        // With `Always`, writes are buffered and the connection awaits `durable` once per batch
+        // of pipelined commands, before any reply is sent.
         let (synced, interval) = match sync {
             Sync::Always => (true, None),
             Sync::Interval(d) => (false, Some(d)),
@@ -139,10 +145,18 @@ impl Keyspace {
             .durability(durability)
             .wal_sync_interval(interval)
             .name("keyspace");
+        let db = std::sync::Arc::new(Db::open(dir, opts)?);
+        let sync_thread = match synced {
+            true => Some(SyncThread::start(db.clone()).map_err(|e| {
+                Error::Kv(timber_kv::Error::Io { path: dir.to_path_buf(), op: "spawn", source: e })
+            })?),
+            false => None,
+        };
         Ok(Keyspace {
-            db: Db::open(dir, opts)?,
+            db,
             durability,
             synced,
+            sync_thread,
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             cursors: Mutex::new(lru::LruCache::new(
                 std::num::NonZeroUsize::new(4096).expect("> 0"),
@@ -151,7 +165,8 @@ impl Keyspace {
         })
     }
 
-    /// Whether acknowledged writes must be durable: then callers `sync` before replying.
+    /// Whether acknowledged writes must be durable: then callers await [`Keyspace::durable`]
+    /// before replying.
     pub fn synced(&self) -> bool {
         self.synced
     }
@@ -163,15 +178,29 @@ impl Keyspace {
         f: impl FnOnce(&Keyspace) -> Result<T, Error> + Send + 'static,
     ) -> Option<Result<T, Error>> {
         let keys = self.clone();
-        tokio::task::spawn_blocking(move || {
-            let r = f(&keys)?;
-            if keys.synced() {
-                keys.sync()?;
+        let r = tokio::task::spawn_blocking(move || f(&keys)).await.ok()?;
+        if r.is_ok() && self.synced {
+            if let Err(e) = self.durable().await {
+                return Some(Err(e));
             }
-            Ok(r)
-        })
-        .await
-        .ok()
+        }
+        Some(r)
+    }
+
+    /// Resolves once every write made before the call is durable: one fsync, on the sync
+    /// thread, serves every caller waiting at that moment. Without `--sync always`, a sync run
+    /// off the async workers.
+    pub fn durable(&self) -> impl std::future::Future<Output = Result<(), Error>> + use<> {
+        let wait = self.sync_thread.as_ref().map(SyncThread::durable);
+        let db = self.db.clone();
+        async move {
+            match wait {
+                Some(w) => w.await.map_err(Error::Sync),
+                None => Ok(tokio::task::spawn_blocking(move || db.sync())
+                    .await
+                    .map_err(|_| Error::Kv(timber_kv::Error::Closed))??),
+            }
+        }
     }
 
     /// Makes every write so far durable.
@@ -181,6 +210,9 @@ impl Keyspace {
 
     /// Syncs and closes the engine.
     pub fn close(&self) -> Result<(), Error> {
+        if let Some(t) = &self.sync_thread {
+            t.stop();
+        }
         Ok(self.db.close()?)
     }
 

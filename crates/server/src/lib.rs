@@ -11,6 +11,7 @@ pub mod limit;
 pub mod logs;
 pub mod resp;
 pub mod streams;
+mod sync_thread;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

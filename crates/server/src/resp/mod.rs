@@ -351,23 +351,19 @@ async fn run_requests(
                     break;
                 }
             }
-            // Under `--sync always`, one fsync covers the whole run, before any reply.
-            if writes {
-                if let Err(e) = ep.keys.sync() {
-                    tracing::error!(error = %e, "sync failed");
-                    out.truncate(start);
-                    for _ in run {
-                        Reply::err(format!("storage error: {e}")).encode(s.proto, out);
-                    }
+        };
+        // Reads and buffered writes take microseconds: run them here.
+        exec();
+        // Under `--sync always`, one fsync covers the whole run (and the runs of every other
+        // connection waiting at that moment), before any reply.
+        if writes {
+            if let Err(e) = ep.keys.durable().await {
+                tracing::error!(error = %e, "sync failed");
+                out.truncate(start);
+                for _ in run {
+                    Reply::err(format!("storage error: {e}")).encode(s.proto, out);
                 }
             }
-        };
-        // Reads and buffered writes take microseconds: run them here. A sync moves this
-        // worker's other tasks elsewhere while it waits.
-        if writes {
-            tokio::task::block_in_place(exec);
-        } else {
-            exec();
         }
         i = end;
     }

@@ -808,12 +808,9 @@ impl StreamSpace {
         if b.is_empty() {
             return Ok(());
         }
-        let keys = self.keys.clone();
-        self.keys.db().write_with(b, keys.durability()).map_err(keyspace::Error::from)?;
-        if keys.synced() {
-            tokio::task::spawn_blocking(move || keys.sync())
-                .await
-                .map_err(|e| reject(format!("ERR sync task failed: {e}")))??;
+        self.keys.db().write_with(b, self.keys.durability()).map_err(keyspace::Error::from)?;
+        if self.keys.synced() {
+            self.keys.durable().await?;
         }
         Ok(())
     }
