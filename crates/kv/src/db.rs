@@ -194,7 +194,7 @@ impl Db {
 
         // Replay the WAL into memtables.
         let mut last_seq = state.last_seq;
-        let mut mems = vec![Arc::new(Memtable::new(state.log_number))];
+        let mut mems = vec![Arc::new(Memtable::new(state.log_number, opts.memtable_hash_index))];
         for rec in wal.iter(state.log_number..) {
             let (wseq, rec) = rec?;
             let (seq, ops) = batch::decode(&rec).ok_or_else(|| {
@@ -206,12 +206,12 @@ impl Db {
             })?;
             let mem = mems.last().expect("one memtable");
             for (i, op) in ops.iter().enumerate() {
-                mem.insert(op.key, seq + i as u64, op.kind, op.value);
+                mem.insert(op.key, bloom::hash(op.key), seq + i as u64, op.kind, op.value);
             }
             last_seq = last_seq.max(seq + ops.len() as u64 - 1);
             if mem.size() >= opts.memtable_size {
                 mem.seal(wseq + 1);
-                mems.push(Arc::new(Memtable::new(wseq + 1)));
+                mems.push(Arc::new(Memtable::new(wseq + 1, opts.memtable_hash_index)));
             }
         }
         let mem = mems.pop().expect("one memtable");
@@ -500,7 +500,7 @@ impl Inner {
         let mut user_bytes = 0;
         let mut n = 0u64;
         for op in ops.flatten() {
-            view.mem.insert(op.key, seq + n, op.kind, op.value);
+            view.mem.insert(op.key, bloom::hash(op.key), seq + n, op.kind, op.value);
             user_bytes += op.key.len() + op.value.len();
             n += 1;
         }
@@ -581,7 +581,7 @@ impl Inner {
         let mut imms = vec![view.mem.clone()];
         imms.extend(view.imms.iter().cloned());
         self.view.store(Arc::new(View {
-            mem: Arc::new(Memtable::new(wal_end)),
+            mem: Arc::new(Memtable::new(wal_end, self.opts.memtable_hash_index)),
             imms,
             version: view.version.clone(),
         }));
@@ -592,15 +592,15 @@ impl Inner {
     pub(crate) fn get_at(&self, user: &[u8], seq: u64) -> Result<Option<Bytes>> {
         check_key(user)?;
         let view = self.view.load_full();
+        let hash = bloom::hash(user);
         for m in std::iter::once(&view.mem).chain(&view.imms) {
-            match m.get(user, seq) {
+            match m.get(user, hash, seq) {
                 Lookup::Found(v) => return Ok(Some(v)),
                 Lookup::Deleted => return Ok(None),
                 Lookup::Absent => {}
             }
         }
         let lookup = key::lookup(user, seq);
-        let hash = bloom::hash(user);
         let found = |t: &TableFile| -> Result<Option<Option<Bytes>>> {
             Ok(t.table.get(&lookup, user, hash)?.map(|(kind, v)| (kind == Kind::Put).then_some(v)))
         };
@@ -689,12 +689,13 @@ impl Inner {
             let id = self.new_file_id();
             let mut b = TableBuilder::create(&self.dir.join(table::file_name(id)), &self.opts)?;
             let mut keep = compaction::Retention::new(self.snapshot_seqs());
-            for (k, v) in imm.entries() {
-                max_seq = max_seq.max(key::seq(&k));
-                if keep.keep(&k, |_| false) {
-                    b.add(&k, &v)?;
+            imm.try_for_each(|k, v| {
+                max_seq = max_seq.max(key::seq(k));
+                if keep.keep(k, |_| false) {
+                    b.add(k, v)?;
                 }
-            }
+                Ok::<_, Error>(())
+            })?;
             let f = self.finish_table(id, b)?;
             manifest::sync_dir(&self.dir)?;
             self.counters.flush_bytes.fetch_add(f.meta.size, Ordering::Relaxed);

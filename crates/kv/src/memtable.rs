@@ -1,15 +1,21 @@
 //! `Memtable`: the in-memory table of recent writes, a lock-free skiplist of internal keys
-//! (crossbeam-skiplist). Writers insert concurrently with readers; once the memtable is full it
-//! becomes immutable (no more inserts) and is flushed to an L0 SSTable.
+//! (crossbeam-skiplist), and beside it, if the database asks for it, a hash index of the newest
+//! version of each key for point reads. Writers insert concurrently with readers; once the memtable is full it becomes
+//! immutable (no more inserts) and is flushed to an L0 SSTable.
 //!
-//! Invariant: every record of the WAL at or after `wal_start` whose writes are not in an SSTable
-//! is in this memtable or a newer one.
+//! Invariants: every record of the WAL at or after `wal_start` whose writes are not in an
+//! SSTable is in this memtable or a newer one. The hash index holds, for every key in the
+//! skiplist, the version with the highest sequence number inserted so far: a read at `seq` at or
+//! above that version's sequence is answered by it (every version up to `seq` is inserted before
+//! `seq` becomes visible, so none is newer); an older read searches the skiplist.
 
 use std::ops::Bound;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use crossbeam_skiplist::SkipMap;
+use hashbrown::HashTable;
+use parking_lot::RwLock;
 
 use crate::key::{self, IKey, Kind};
 
@@ -19,8 +25,59 @@ use crate::key::{self, IKey, Kind};
 /// allocations.
 const ENTRY_OVERHEAD: usize = 148;
 
+/// Memory of a key's entry in the hash index (key handle, value inline or its handle, tag, hash,
+/// control byte and spare capacity), counted once per distinct key.
+const NEWEST_OVERHEAD: usize = 128;
+
+/// Shards of the hash index, each behind its own lock.
+const SHARDS: usize = 64;
+
+/// Values up to this many bytes are copied into the hash index rather than shared with the
+/// skiplist: an overwrite then costs a copy instead of an allocation and reference counting.
+const INLINE_VALUE: usize = 32;
+
+/// A value in the hash index.
+enum Value {
+    Inline { len: u8, bytes: [u8; INLINE_VALUE] },
+    Shared(Bytes),
+}
+
+impl Value {
+    /// `v` inline if it is short, else shared with `skiplist`'s copy (made on demand).
+    fn new(v: &[u8], shared: impl FnOnce() -> Bytes) -> Value {
+        if v.len() <= INLINE_VALUE {
+            let mut bytes = [0u8; INLINE_VALUE];
+            bytes[..v.len()].copy_from_slice(v);
+            Value::Inline { len: v.len() as u8, bytes }
+        } else {
+            Value::Shared(shared())
+        }
+    }
+
+    fn to_bytes(&self) -> Bytes {
+        match self {
+            Value::Inline { len, bytes } => Bytes::copy_from_slice(&bytes[..*len as usize]),
+            Value::Shared(b) => b.clone(),
+        }
+    }
+}
+
+/// The newest version of one key.
+struct Newest {
+    hash: u64,
+    user: Bytes,
+    tag: u64,
+    value: Value,
+}
+
+/// A shard alone on its cache line(s).
+#[repr(align(64))]
+struct Shard(RwLock<HashTable<Newest>>);
+
 pub(crate) struct Memtable {
     map: SkipMap<IKey, Bytes>,
+    /// The hash index: no shards if the database does not keep one.
+    newest: Box<[Shard]>,
     size: AtomicUsize,
     /// First WAL sequence number this memtable may hold writes of.
     pub(crate) wal_start: u64,
@@ -37,23 +94,64 @@ pub(crate) enum Lookup {
 }
 
 impl Memtable {
-    pub(crate) fn new(wal_start: u64) -> Memtable {
+    pub(crate) fn new(wal_start: u64, hash_index: bool) -> Memtable {
+        let shards = if hash_index { SHARDS } else { 0 };
         Memtable {
             map: SkipMap::new(),
+            newest: (0..shards).map(|_| Shard(RwLock::new(HashTable::new()))).collect(),
             size: AtomicUsize::new(0),
             wal_start,
             wal_end: AtomicU64::new(u64::MAX),
         }
     }
 
-    pub(crate) fn insert(&self, user: &[u8], seq: u64, kind: Kind, value: &[u8]) {
+    /// Inserts `user` at `seq`; `hash` is [`crate::bloom::hash`] of `user`.
+    pub(crate) fn insert(&self, user: &[u8], hash: u64, seq: u64, kind: Kind, value: &[u8]) {
         let k = key::make(user, seq, kind);
-        self.size.fetch_add(k.len() + value.len() + ENTRY_OVERHEAD, Ordering::Relaxed);
-        self.map.insert(IKey::new(Bytes::from(k)), Bytes::copy_from_slice(value));
+        let tag = key::tag(seq, kind);
+        let value = Bytes::copy_from_slice(value);
+        let mut added = k.len() + value.len() + ENTRY_OVERHEAD;
+        if let Some(shard) = self.shard(hash) {
+            let mut shard = shard.write();
+            match shard.find_mut(hash, |n| n.hash == hash && n.user == user) {
+                Some(n) if n.tag < tag => {
+                    n.tag = tag;
+                    n.value = Value::new(&value, || value.clone());
+                }
+                Some(_) => {}
+                None => {
+                    let user = Bytes::copy_from_slice(user);
+                    added += user.len() + NEWEST_OVERHEAD;
+                    let value = Value::new(&value, || value.clone());
+                    shard.insert_unique(hash, Newest { hash, user, tag, value }, |n| n.hash);
+                }
+            }
+        }
+        self.size.fetch_add(added, Ordering::Relaxed);
+        self.map.insert(IKey::new(Bytes::from(k)), value);
     }
 
-    /// The newest version of `user` visible at `seq`.
-    pub(crate) fn get(&self, user: &[u8], seq: u64) -> Lookup {
+    fn shard(&self, hash: u64) -> Option<&RwLock<HashTable<Newest>>> {
+        // Bits that the table itself uses neither for its buckets (low) nor its tags (top 7).
+        (!self.newest.is_empty()).then(|| &self.newest[(hash >> 40) as usize % SHARDS].0)
+    }
+
+    /// The newest version of `user` visible at `seq`; `hash` is [`crate::bloom::hash`] of `user`.
+    pub(crate) fn get(&self, user: &[u8], hash: u64, seq: u64) -> Lookup {
+        if let Some(shard) = self.shard(hash) {
+            let shard = shard.read();
+            match shard.find(hash, |n| n.hash == hash && n.user == user) {
+                None => return Lookup::Absent,
+                Some(n) if n.tag >> 8 <= seq => {
+                    return if n.tag & 0xff == Kind::Put as u64 {
+                        Lookup::Found(n.value.to_bytes())
+                    } else {
+                        Lookup::Deleted
+                    };
+                }
+                Some(_) => {}
+            }
+        }
         let probe = IKey::probe(user, key::tag(seq, Kind::Put));
         match self.map.lower_bound(Bound::Included(&probe)) {
             Some(e) if e.key().user() == user => {
@@ -95,9 +193,13 @@ impl Memtable {
         e.map(|e| (e.key().clone(), e.value().clone()))
     }
 
-    /// Every entry in internal-key order (for flushes).
-    pub(crate) fn entries(&self) -> impl Iterator<Item = (Bytes, Bytes)> + '_ {
-        self.map.iter().map(|e| (e.key().bytes().clone(), e.value().clone()))
+    /// Calls `f` with every entry (internal key, value) in internal-key order, stopping at the
+    /// first error (for flushes: the bytes are borrowed, not cloned).
+    pub(crate) fn try_for_each<E>(
+        &self,
+        mut f: impl FnMut(&[u8], &[u8]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        self.map.iter().try_for_each(|e| f(e.key().bytes(), e.value()))
     }
 }
 
@@ -117,18 +219,33 @@ mod tests {
 
     #[test]
     fn versions_and_tombstones() {
-        let m = Memtable::new(0);
-        m.insert(b"a", 1, Kind::Put, b"1");
-        m.insert(b"a", 3, Kind::Put, b"3");
-        m.insert(b"a", 5, Kind::Delete, b"");
-        m.insert(b"ab", 2, Kind::Put, b"x");
-        assert_eq!(m.get(b"a", 0), Lookup::Absent);
-        assert_eq!(m.get(b"a", 1), Lookup::Found(Bytes::from_static(b"1")));
-        assert_eq!(m.get(b"a", 4), Lookup::Found(Bytes::from_static(b"3")));
-        assert_eq!(m.get(b"a", 5), Lookup::Deleted);
-        assert_eq!(m.get(b"ab", 9), Lookup::Found(Bytes::from_static(b"x")));
-        assert_eq!(m.get(b"b", 9), Lookup::Absent);
-        let users: Vec<_> = m.entries().map(|(k, _)| key::seq(&k)).collect();
-        assert_eq!(users, vec![5, 3, 1, 2]);
+        for hash_index in [false, true] {
+            versions_and_tombstones_with(hash_index);
+        }
+    }
+
+    fn versions_and_tombstones_with(hash_index: bool) {
+        let m = Memtable::new(0, hash_index);
+        let h = |k: &[u8]| xxhash_rust::xxh3::xxh3_64(k);
+        m.insert(b"a", h(b"a"), 1, Kind::Put, b"1");
+        m.insert(b"a", h(b"a"), 5, Kind::Delete, b"");
+        // An older version inserted after a newer one (recovery order) does not hide it.
+        m.insert(b"a", h(b"a"), 3, Kind::Put, b"3");
+        m.insert(b"ab", h(b"ab"), 2, Kind::Put, b"x");
+        assert_eq!(m.get(b"a", h(b"a"), 0), Lookup::Absent);
+        assert_eq!(m.get(b"a", h(b"a"), 1), Lookup::Found(Bytes::from_static(b"1")));
+        assert_eq!(m.get(b"a", h(b"a"), 4), Lookup::Found(Bytes::from_static(b"3")));
+        assert_eq!(m.get(b"a", h(b"a"), 5), Lookup::Deleted);
+        assert_eq!(m.get(b"a", h(b"a"), 9), Lookup::Deleted);
+        assert_eq!(m.get(b"ab", h(b"ab"), 9), Lookup::Found(Bytes::from_static(b"x")));
+        assert_eq!(m.get(b"ab", h(b"ab"), 1), Lookup::Absent);
+        assert_eq!(m.get(b"b", h(b"b"), 9), Lookup::Absent);
+        let mut seqs = Vec::new();
+        m.try_for_each(|k, _| {
+            seqs.push(key::seq(k));
+            Ok::<_, ()>(())
+        })
+        .unwrap();
+        assert_eq!(seqs, vec![5, 3, 1, 2]);
     }
 }

@@ -20,6 +20,7 @@ fn opts() -> Options {
         .level_multiplier(4)
         .target_file_size(16 << 10)
         .wal_segment_size(64 << 10)
+        .memtable_hash_index(true)
 }
 
 fn account(i: u64) -> String {

@@ -66,7 +66,7 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-fn options(lz4: bool, synced: bool) -> Options {
+fn options(lz4: bool, synced: bool, hash_index: bool) -> Options {
     // With LZ4 runs, L0 is also merged whenever the compaction thread finds nothing else to do
     // (an idle threshold of zero), so that idle compactions race the operations.
     let idle = lz4.then_some(std::time::Duration::ZERO);
@@ -81,6 +81,7 @@ fn options(lz4: bool, synced: bool) -> Options {
         .wal_segment_size(16 << 10)
         .compression(if lz4 { Compression::Lz4 } else { Compression::None })
         .durability(if synced { Durability::Synced } else { Durability::Buffered })
+        .memtable_hash_index(hash_index)
 }
 
 fn range_of(
@@ -126,9 +127,9 @@ fn bounds(a: Option<u8>, b: Option<u8>, inclusive: bool) -> (Bound<Vec<u8>>, Bou
     (lo, hi)
 }
 
-fn run(ops: Vec<Op>, lz4: bool, synced: bool) {
+fn run(ops: Vec<Op>, lz4: bool, synced: bool, hash_index: bool) {
     let dir = tempfile::tempdir().unwrap();
-    let opts = || options(lz4, synced);
+    let opts = || options(lz4, synced, hash_index);
     let mut db = Some(Db::open(dir.path(), opts()).unwrap());
     let mut model = Model::new();
     let mut snaps: Vec<(timber_kv::Snapshot, Model)> = Vec::new();
@@ -241,7 +242,7 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
 
     #[test]
-    fn engine_matches_a_btreemap(ops in proptest::collection::vec(op(), 1..400), lz4: bool, synced in proptest::bool::weighted(0.1)) {
-        run(ops, lz4, synced);
+    fn engine_matches_a_btreemap(ops in proptest::collection::vec(op(), 1..400), lz4: bool, synced in proptest::bool::weighted(0.1), hash_index: bool) {
+        run(ops, lz4, synced, hash_index);
     }
 }

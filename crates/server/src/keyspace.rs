@@ -144,6 +144,8 @@ impl Keyspace {
         let opts = timber_kv::Options::default()
             .durability(durability)
             .wal_sync_interval(interval)
+            // GET, INCR and the stream handles are point reads of recently written keys.
+            .memtable_hash_index(true)
             .name("keyspace");
         let db = std::sync::Arc::new(Db::open(dir, opts)?);
         let sync_thread = match synced {
