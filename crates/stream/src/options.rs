@@ -88,10 +88,11 @@ pub struct WriterOptions {
     pub max_segment_bytes: u64,
     /// Roll to a new segment once the current one is this old.
     pub max_segment_age: Duration,
-    /// Group commit: when no fragment is being written, write one at once instead of waiting
-    /// for `max_interval`; entries arriving meanwhile form the next one. Lowest latency for
-    /// writers that wait for each ack, at the price of more, smaller fragments under light load
-    /// (merged later once their segment is sealed).
+    /// Group commit: when fewer than two fragments are being written, write one at once
+    /// instead of waiting for `max_interval`; entries arriving meanwhile form the next one (two,
+    /// so that one fragment's fsync overlaps the next one's write). Lowest latency for writers
+    /// that wait for each ack, at the price of more, smaller fragments under light load (merged
+    /// later once their segment is sealed).
     pub flush_when_idle: bool,
 }
 

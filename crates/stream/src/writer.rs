@@ -40,6 +40,11 @@ pub struct Ack {
     rx: oneshot::Receiver<Result<u64>>,
 }
 
+/// With [`WriterOptions::flush_when_idle`]: below this many fragments in flight, a fragment is
+/// written at once. Two rather than one: XADD P1 from 50 clients (timberd) went from 31k to 40k
+/// entries/s in A/B runs, as one fragment's fsync overlaps the next one's write.
+const IDLE_INFLIGHT: usize = 2;
+
 impl Future for Ack {
     type Output = Result<u64>;
 
@@ -229,7 +234,7 @@ impl Flusher {
     fn should_seal(&self) -> bool {
         !self.buf.is_empty()
             && (self.force
-                || (self.opts.flush_when_idle && self.inflight.is_empty())
+                || (self.opts.flush_when_idle && self.inflight.len() < IDLE_INFLIGHT)
                 || self.buf.len() >= self.opts.max_entries
                 || self.buf_bytes >= self.opts.max_bytes
                 || self.deadline.is_some_and(|d| d <= tokio::time::Instant::now()))
