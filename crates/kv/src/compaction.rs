@@ -48,24 +48,23 @@ impl Compaction {
 /// Decides which entries of a sorted run of internal keys survive.
 pub(crate) struct Retention {
     snapshots: Vec<u64>,
-    /// The user key of the previous entry (a buffer reused from key to key).
+    /// The user key of the previous entry (a buffer reused from key to key; empty before the
+    /// first, which then changes nothing: `last_stripe` starts reset).
     prev_user: Vec<u8>,
-    has_prev: bool,
     last_stripe: usize,
 }
 
 impl Retention {
     pub(crate) fn new(snapshots: Vec<u64>) -> Retention {
-        Retention { snapshots, prev_user: Vec::new(), has_prev: false, last_stripe: usize::MAX }
+        Retention { snapshots, prev_user: Vec::new(), last_stripe: usize::MAX }
     }
 
     /// Whether to keep `ikey`; `bottommost(user)` says whether no deeper level can hold `user`.
     pub(crate) fn keep(&mut self, ikey: &[u8], bottommost: impl FnOnce(&[u8]) -> bool) -> bool {
         let user = key::user(ikey);
-        if !self.has_prev || self.prev_user != user {
+        if self.prev_user != user {
             self.prev_user.clear();
             self.prev_user.extend_from_slice(user);
-            self.has_prev = true;
             self.last_stripe = usize::MAX;
         }
         let stripe = self.snapshots.partition_point(|&s| s < key::seq(ikey));

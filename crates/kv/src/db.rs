@@ -206,7 +206,7 @@ impl Db {
             })?;
             let mem = mems.last().expect("one memtable");
             for (i, op) in ops.iter().enumerate() {
-                mem.insert(op.key, bloom::hash(op.key), seq + i as u64, op.kind, op.value);
+                mem.insert(op.key, seq + i as u64, op.kind, op.value);
             }
             last_seq = last_seq.max(seq + ops.len() as u64 - 1);
             if mem.size() >= opts.memtable_size {
@@ -500,7 +500,7 @@ impl Inner {
         let mut user_bytes = 0;
         let mut n = 0u64;
         for op in ops.flatten() {
-            view.mem.insert(op.key, bloom::hash(op.key), seq + n, op.kind, op.value);
+            view.mem.insert(op.key, seq + n, op.kind, op.value);
             user_bytes += op.key.len() + op.value.len();
             n += 1;
         }

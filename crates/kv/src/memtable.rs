@@ -1,7 +1,7 @@
 //! `Memtable`: the in-memory table of recent writes, a lock-free skiplist of internal keys
 //! (crossbeam-skiplist), and beside it, if the database asks for it, a hash index of the newest
-//! version of each key for point reads. Writers insert concurrently with readers; once the memtable is full it becomes
-//! immutable (no more inserts) and is flushed to an L0 SSTable.
+//! version of each key for point reads. Writers insert concurrently with readers; once the
+//! memtable is full it becomes immutable (no more inserts) and is flushed to an L0 SSTable.
 //!
 //! Invariants: every record of the WAL at or after `wal_start` whose writes are not in an
 //! SSTable is in this memtable or a newer one. The hash index holds, for every key in the
@@ -20,8 +20,8 @@ use parking_lot::RwLock;
 use crate::key::{self, IKey, Kind};
 
 /// Memory of an entry beyond its key and value bytes, counted against the size limit so that the
-/// limit is what the memtable really holds: the skiplist node (`IKey` with its 24 inline bytes, the
-/// value handle, refcount and tower, about 128 bytes) and the rounding of the key and value
+/// limit is what the memtable really holds: the skiplist node (`IKey` with its 24 inline bytes,
+/// the value handle, refcount and tower, about 128 bytes) and the rounding of the key and value
 /// allocations.
 const ENTRY_OVERHEAD: usize = 148;
 
@@ -43,7 +43,7 @@ enum Value {
 }
 
 impl Value {
-    /// `v` inline if it is short, else shared with `skiplist`'s copy (made on demand).
+    /// `v` inline if it is short, else the `shared` handle (the skiplist's copy).
     fn new(v: &[u8], shared: impl FnOnce() -> Bytes) -> Value {
         if v.len() <= INLINE_VALUE {
             let mut bytes = [0u8; INLINE_VALUE];
@@ -73,6 +73,12 @@ struct Newest {
 /// A shard alone on its cache line(s).
 #[repr(align(64))]
 struct Shard(RwLock<HashTable<Newest>>);
+
+/// The index shard of a key's hash: bits that the table itself uses neither for its buckets
+/// (low) nor its tags (top 7).
+fn shard_of(hash: u64) -> usize {
+    (hash >> 40) as usize % SHARDS
+}
 
 pub(crate) struct Memtable {
     map: SkipMap<IKey, Bytes>,
@@ -105,14 +111,15 @@ impl Memtable {
         }
     }
 
-    /// Inserts `user` at `seq`; `hash` is [`crate::bloom::hash`] of `user`.
-    pub(crate) fn insert(&self, user: &[u8], hash: u64, seq: u64, kind: Kind, value: &[u8]) {
+    /// Inserts `user` at `seq` (hashing `user` only if there is a hash index).
+    pub(crate) fn insert(&self, user: &[u8], seq: u64, kind: Kind, value: &[u8]) {
         let k = key::make(user, seq, kind);
         let tag = key::tag(seq, kind);
         let value = Bytes::copy_from_slice(value);
         let mut added = k.len() + value.len() + ENTRY_OVERHEAD;
-        if let Some(shard) = self.shard(hash) {
-            let mut shard = shard.write();
+        if !self.newest.is_empty() {
+            let hash = crate::bloom::hash(user);
+            let mut shard = self.newest[shard_of(hash)].0.write();
             match shard.find_mut(hash, |n| n.hash == hash && n.user == user) {
                 Some(n) if n.tag < tag => {
                     n.tag = tag;
@@ -131,14 +138,9 @@ impl Memtable {
         self.map.insert(IKey::new(Bytes::from(k)), value);
     }
 
-    fn shard(&self, hash: u64) -> Option<&RwLock<HashTable<Newest>>> {
-        // Bits that the table itself uses neither for its buckets (low) nor its tags (top 7).
-        (!self.newest.is_empty()).then(|| &self.newest[(hash >> 40) as usize % SHARDS].0)
-    }
-
     /// The newest version of `user` visible at `seq`; `hash` is [`crate::bloom::hash`] of `user`.
     pub(crate) fn get(&self, user: &[u8], hash: u64, seq: u64) -> Lookup {
-        if let Some(shard) = self.shard(hash) {
+        if let Some(Shard(shard)) = self.newest.get(shard_of(hash)) {
             let shard = shard.read();
             match shard.find(hash, |n| n.hash == hash && n.user == user) {
                 None => return Lookup::Absent,
@@ -226,12 +228,12 @@ mod tests {
 
     fn versions_and_tombstones_with(hash_index: bool) {
         let m = Memtable::new(0, hash_index);
-        let h = |k: &[u8]| xxhash_rust::xxh3::xxh3_64(k);
-        m.insert(b"a", h(b"a"), 1, Kind::Put, b"1");
-        m.insert(b"a", h(b"a"), 5, Kind::Delete, b"");
+        let h = |k: &[u8]| crate::bloom::hash(k);
+        m.insert(b"a", 1, Kind::Put, b"1");
+        m.insert(b"a", 5, Kind::Delete, b"");
         // An older version inserted after a newer one (recovery order) does not hide it.
-        m.insert(b"a", h(b"a"), 3, Kind::Put, b"3");
-        m.insert(b"ab", h(b"ab"), 2, Kind::Put, b"x");
+        m.insert(b"a", 3, Kind::Put, b"3");
+        m.insert(b"ab", 2, Kind::Put, b"x");
         assert_eq!(m.get(b"a", h(b"a"), 0), Lookup::Absent);
         assert_eq!(m.get(b"a", h(b"a"), 1), Lookup::Found(Bytes::from_static(b"1")));
         assert_eq!(m.get(b"a", h(b"a"), 4), Lookup::Found(Bytes::from_static(b"3")));

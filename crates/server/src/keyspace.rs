@@ -122,8 +122,7 @@ fn stripe(key: &[u8]) -> usize {
 pub struct Keyspace {
     db: std::sync::Arc<Db>,
     durability: Durability,
-    synced: bool,
-    /// Under `--sync always`: the thread that answers [`Keyspace::durable`].
+    /// Under `--sync always` (and only then): the thread that answers [`Keyspace::durable`].
     sync_thread: Option<SyncThread>,
     stripes: Vec<Mutex<()>>,
     cursors: Mutex<lru::LruCache<u64, Bytes>>,
@@ -157,7 +156,6 @@ impl Keyspace {
         Ok(Keyspace {
             db,
             durability,
-            synced,
             sync_thread,
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             cursors: Mutex::new(lru::LruCache::new(
@@ -170,18 +168,19 @@ impl Keyspace {
     /// Whether acknowledged writes must be durable: then callers await [`Keyspace::durable`]
     /// before replying.
     pub fn synced(&self) -> bool {
-        self.synced
+        self.sync_thread.is_some()
     }
 
-    /// Runs `f` off the async workers and, under `--sync always`, syncs before returning: the
-    /// write path of the gRPC and HTTP endpoints. `None` if the task died.
+    /// Runs `f` off the async workers and waits until its writes may be acknowledged
+    /// ([`Keyspace::durable`]): the write path of the gRPC and HTTP endpoints. `None` if the
+    /// task died.
     pub async fn write_durably<T: Send + 'static>(
         self: &std::sync::Arc<Self>,
         f: impl FnOnce(&Keyspace) -> Result<T, Error> + Send + 'static,
     ) -> Option<Result<T, Error>> {
         let keys = self.clone();
         let r = tokio::task::spawn_blocking(move || f(&keys)).await.ok()?;
-        if r.is_ok() && self.synced {
+        if r.is_ok() {
             if let Err(e) = self.durable().await {
                 return Some(Err(e));
             }
@@ -189,25 +188,18 @@ impl Keyspace {
         Some(r)
     }
 
-    /// Resolves once every write made before the call is durable: one fsync, on the sync
-    /// thread, serves every caller waiting at that moment. Without `--sync always`, a sync run
-    /// off the async workers.
+    /// Resolves once every write made before the call may be acknowledged: under `--sync
+    /// always`, once it is durable (one fsync, on the sync thread, serves every caller waiting
+    /// at that moment); in the other modes at once (the interval sync or `manual` make writes
+    /// durable).
     pub fn durable(&self) -> impl std::future::Future<Output = Result<(), Error>> + use<> {
         let wait = self.sync_thread.as_ref().map(SyncThread::durable);
-        let db = self.db.clone();
         async move {
             match wait {
                 Some(w) => w.await.map_err(Error::Sync),
-                None => Ok(tokio::task::spawn_blocking(move || db.sync())
-                    .await
-                    .map_err(|_| Error::Kv(timber_kv::Error::Closed))??),
+                None => Ok(()),
             }
         }
-    }
-
-    /// Makes every write so far durable.
-    pub fn sync(&self) -> Result<(), Error> {
-        Ok(self.db.sync()?)
     }
 
     /// Syncs and closes the engine.
@@ -244,7 +236,8 @@ impl Keyspace {
         &self.db
     }
 
-    /// The durability of keyspace writes (buffered; callers sync per [`Keyspace::synced`]).
+    /// The durability of keyspace writes (buffered; callers await [`Keyspace::durable`] before
+    /// acknowledging).
     pub(crate) fn durability(&self) -> Durability {
         self.durability
     }

@@ -316,44 +316,41 @@ async fn run_requests(
         };
         let writes = ep.keys.synced() && run.iter().any(|r| command::is_write(&r[0]));
         let start = out.len();
-        let mut exec = || {
-            let mut j = 0;
-            while j < run.len() {
-                // Consecutive SETs and INCRs (a pipeline of writes) go in as one write batch.
-                let ops: Vec<command::RunOp<'_>> =
-                    run[j..].iter().map_while(|r| command::RunOp::of(r, ep.max_request)).collect();
-                if s.authed && ops.len() >= 2 {
-                    let t = std::time::Instant::now();
-                    for (r, reply) in run[j..].iter().zip(command::execute_run(&ep.keys, &ops)) {
-                        reply.encode(s.proto, out);
-                        let timed = sample(s).map(|_| t);
-                        if let Ok((index, _)) = command::prepare(s, r) {
-                            ep.record(index, timed);
-                        }
-                    }
-                    j += ops.len();
-                    continue;
-                }
-                let r = &run[j];
-                j += 1;
-                match command::prepare(s, r) {
-                    Ok((index, name)) if !stream_command::is_stream_command(name) => {
-                        let t = sample(s);
-                        command::execute(&ctx, s, name, r).encode(s.proto, out);
-                        ep.record(index, t);
-                    }
-                    Ok((_, name)) => {
-                        Reply::err(format!("'{name}' cannot run here")).encode(s.proto, out)
-                    }
-                    Err(e) => e.encode(s.proto, out),
-                }
-                if s.quit {
-                    break;
-                }
-            }
-        };
         // Reads and buffered writes take microseconds: run them here.
-        exec();
+        let mut j = 0;
+        while j < run.len() {
+            // Consecutive SETs and INCRs (a pipeline of writes) go in as one write batch.
+            let ops: Vec<command::RunOp<'_>> =
+                run[j..].iter().map_while(|r| command::RunOp::of(r, ep.max_request)).collect();
+            if s.authed && ops.len() >= 2 {
+                let t = std::time::Instant::now();
+                for (r, reply) in run[j..].iter().zip(command::execute_run(&ep.keys, &ops)) {
+                    reply.encode(s.proto, out);
+                    let timed = sample(s).map(|_| t);
+                    if let Ok((index, _)) = command::prepare(s, r) {
+                        ep.record(index, timed);
+                    }
+                }
+                j += ops.len();
+                continue;
+            }
+            let r = &run[j];
+            j += 1;
+            match command::prepare(s, r) {
+                Ok((index, name)) if !stream_command::is_stream_command(name) => {
+                    let t = sample(s);
+                    command::execute(&ctx, s, name, r).encode(s.proto, out);
+                    ep.record(index, t);
+                }
+                Ok((_, name)) => {
+                    Reply::err(format!("'{name}' cannot run here")).encode(s.proto, out)
+                }
+                Err(e) => e.encode(s.proto, out),
+            }
+            if s.quit {
+                break;
+            }
+        }
         // Under `--sync always`, one fsync covers the whole run (and the runs of every other
         // connection waiting at that moment), before any reply.
         if writes {

@@ -809,10 +809,7 @@ impl StreamSpace {
             return Ok(());
         }
         self.keys.db().write_with(b, self.keys.durability()).map_err(keyspace::Error::from)?;
-        if self.keys.synced() {
-            self.keys.durable().await?;
-        }
-        Ok(())
+        Ok(self.keys.durable().await?)
     }
 
     /// Deletes the timber streams and consumer groups of stream keys that are gone (deleted,
