@@ -1,30 +1,37 @@
 //! [`StreamWriter`]: the one writer of a stream.
 //!
-//! `send` hands an entry to the writer's flusher task and returns an [`Ack`], a future that
-//! resolves to the entry's id once it is durable. The flusher batches entries into fragments
-//! (by `max_entries`, `max_bytes`, `max_interval`), uploads up to `max_flush_inflight` of them at
-//! once, and records them in metadata strictly in id order, in batches of whatever uploads have
-//! finished.
+//! `send` appends an entry to the writer's buffer under a short lock, takes the next id there,
+//! and returns an [`Ack`]: the id and the ack slot shared by every entry of the fragment the
+//! entry will be written in. The flusher task seals the buffer into fragments (by `max_entries`,
+//! `max_bytes`, `max_interval`, or at once under group commit), writes up to
+//! `max_flush_inflight` of them at once, and records the written ones in metadata strictly in id
+//! order, one metadata write at a time, in batches of whatever uploads finished meanwhile; while
+//! one batch is being recorded, the next fragments are sealed and written. Recording a fragment
+//! resolves its slot, which wakes the tasks awaiting its entries' acks. Nothing is allocated per
+//! entry: no channel, no permit, no clock read.
 //!
-//! Invariants: ids are assigned in the order entries reach the flusher's channel, densely from
-//! the stream's end; an ack is sent only after the fragment's object is durable AND the metadata
-//! write recording it (checked against the writer's epoch) is synced; acks resolve in id order;
-//! once any upload or commit fails, that entry and every later one fails with the error and
-//! nothing more is recorded; memory for entries not yet durable is bounded by
-//! `max_buffered_bytes` (senders wait for room).
+//! Invariants: ids are assigned densely from the stream's end in the order `send` calls take the
+//! buffer lock; a buffer that reaches `max_entries` or `max_bytes` is set aside whole, so a
+//! fragment never exceeds them; a slot is resolved Ok only after its fragment's object is durable
+//! AND the metadata write recording it (checked against the writer's epoch) is synced, and slots
+//! resolve in id order; once any upload or commit fails, that fragment and every later entry
+//! fails with the error and nothing more is recorded; bytes sent and not yet durable stay under
+//! `max_buffered_bytes` (senders wait for room); every slot is resolved, at worst with
+//! [`Error::Closed`] when the flusher or the writer goes away.
 
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
+use futures::future::OptionFuture;
 use futures::stream::FuturesOrdered;
 use futures::{FutureExt, StreamExt};
 use parking_lot::Mutex;
-use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{oneshot, Notify};
 
 use crate::error::{Error, Result};
 use crate::fragment;
@@ -33,96 +40,201 @@ use crate::options::WriterOptions;
 use crate::store::Put;
 use crate::streams::{object_id, Shared};
 
-/// Resolves to the id of an entry once it is durable, or to the error that kept it from being.
-#[derive(Debug)]
-#[must_use = "an Ack tells whether the entry became durable"]
-pub struct Ack {
-    rx: oneshot::Receiver<Result<u64>>,
-}
-
 /// With [`WriterOptions::flush_when_idle`]: below this many fragments in flight, a fragment is
 /// written at once. Two rather than one: XADD P1 from 50 clients (timberd) went from 31k to 40k
 /// entries/s in A/B runs, as one fragment's fsync overlaps the next one's write.
 const IDLE_INFLIGHT: usize = 2;
 
-impl Future for Ack {
-    type Output = Result<u64>;
+/// The outcome of one fragment, shared by the acks of its entries.
+#[derive(Debug, Default)]
+struct Slot {
+    outcome: OnceLock<std::result::Result<(), Arc<Error>>>,
+    wakers: Mutex<Vec<Waker>>,
+}
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<u64>> {
-        match self.rx.poll_unpin(cx) {
-            Poll::Ready(Ok(r)) => Poll::Ready(r),
-            Poll::Ready(Err(_)) => Poll::Ready(Err(Error::Closed)),
-            Poll::Pending => Poll::Pending,
+impl Slot {
+    /// Sets the outcome (the first one wins) and wakes every waiting ack.
+    fn resolve(&self, r: std::result::Result<(), Arc<Error>>) {
+        if self.outcome.set(r).is_ok() {
+            let wakers = std::mem::take(&mut *self.wakers.lock());
+            for w in wakers {
+                w.wake();
+            }
         }
     }
 }
 
-enum Msg {
-    Entry { data: Bytes, ack: oneshot::Sender<Result<u64>>, permit: OwnedSemaphorePermit },
-    Flush(oneshot::Sender<Result<()>>),
-    Close(oneshot::Sender<Result<()>>),
+/// A slot the writer still owes an outcome: dropping it unresolved (the flusher or the writer
+/// went away) resolves it with [`Error::Closed`].
+#[derive(Debug)]
+struct Pending(Arc<Slot>);
+
+impl Pending {
+    fn new() -> Pending {
+        Pending(Arc::default())
+    }
 }
 
-type Failed = Arc<Mutex<Option<Arc<Error>>>>;
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.0.resolve(Err(Arc::new(Error::Closed)));
+    }
+}
+
+/// Resolves to the id of an entry once it is durable, or to the error that kept it from being.
+#[derive(Debug)]
+#[must_use = "an Ack tells whether the entry became durable"]
+pub struct Ack {
+    id: u64,
+    slot: Arc<Slot>,
+    /// Where this ack's waker sits in the slot's list, once registered.
+    waker_at: Option<usize>,
+}
+
+impl Ack {
+    fn outcome(&self) -> Option<Result<u64>> {
+        self.slot.outcome.get().map(|r| match r {
+            Ok(()) => Ok(self.id),
+            Err(e) => Err(Error::for_pending(e)),
+        })
+    }
+}
+
+impl Future for Ack {
+    type Output = Result<u64>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<u64>> {
+        if let Some(r) = self.outcome() {
+            return Poll::Ready(r);
+        }
+        let slot = self.slot.clone();
+        let mut wakers = slot.wakers.lock();
+        // Checked again under the lock that `resolve` takes after setting the outcome.
+        if let Some(r) = self.outcome() {
+            return Poll::Ready(r);
+        }
+        match self.waker_at {
+            Some(i) if i < wakers.len() => {
+                if !wakers[i].will_wake(cx.waker()) {
+                    wakers[i] = cx.waker().clone();
+                }
+            }
+            _ => {
+                self.waker_at = Some(wakers.len());
+                wakers.push(cx.waker().clone());
+            }
+        }
+        Poll::Pending
+    }
+}
+
+/// Entries set aside as one future fragment.
+struct Batch {
+    entries: Vec<Bytes>,
+    bytes: usize,
+    pending: Pending,
+    /// When its first entry was sent.
+    since: Instant,
+}
+
+/// What `send` and the flusher share, under one lock.
+struct State {
+    /// The entries of the next fragment, sent since the last seal.
+    buf: Vec<Bytes>,
+    buf_bytes: usize,
+    buf_since: Option<Instant>,
+    /// The slot of `buf`'s entries.
+    slot: Pending,
+    /// Full buffers waiting for room in flight, oldest first.
+    ready: VecDeque<Batch>,
+    /// Id of the next entry sent.
+    next_id: u64,
+    /// One past the last recorded entry.
+    committed: u64,
+    /// Bytes sent and not yet recorded (or failed).
+    unacked_bytes: usize,
+    /// Fragments sealed and not yet recorded.
+    inflight: usize,
+    /// The slot of the newest sealed fragment (what `flush` waits for once the buffer is empty).
+    last_sealed: Option<Arc<Slot>>,
+    /// Seal the buffer now: a flush or close asked for it.
+    force: bool,
+    /// No more entries: the writer is closing or was dropped.
+    closing: bool,
+    close_tx: Option<oneshot::Sender<Result<()>>>,
+    failed: Option<Arc<Error>>,
+}
+
+struct WriterShared {
+    state: Mutex<State>,
+    /// Wakes the flusher: entries to seal, a flush or a close.
+    work: Notify,
+    /// Wakes senders waiting for room under `max_buffered_bytes`.
+    room: Notify,
+}
 
 /// The writer of one stream. Cheap to share by reference across tasks; `send` may be called
 /// concurrently, and ids follow the order in which calls get buffer room.
-#[derive(Debug)]
 pub struct StreamWriter {
     name: Arc<str>,
     epoch: u64,
-    tx: mpsc::UnboundedSender<Msg>,
-    budget: Arc<Semaphore>,
-    failed: Failed,
-    max_entry: usize,
+    shared: Arc<WriterShared>,
+    opts: WriterOptions,
 }
 
-impl std::fmt::Debug for Msg {
+impl std::fmt::Debug for StreamWriter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Msg::Entry { data, .. } => write!(f, "Entry({} bytes)", data.len()),
-            Msg::Flush(_) => f.write_str("Flush"),
-            Msg::Close(_) => f.write_str("Close"),
-        }
+        f.debug_struct("StreamWriter")
+            .field("name", &self.name)
+            .field("epoch", &self.epoch)
+            .finish()
     }
 }
 
 impl StreamWriter {
     pub(crate) fn start(shared: Arc<Shared>, s: StreamMeta, opts: WriterOptions) -> StreamWriter {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let budget = Arc::new(Semaphore::new(opts.max_buffered_bytes));
-        let failed: Failed = Arc::default();
         let name: Arc<str> = s.name.as_str().into();
         let segment = s.open_segment.expect("writer has an open segment");
+        let ws = Arc::new(WriterShared {
+            state: Mutex::new(State {
+                buf: Vec::new(),
+                buf_bytes: 0,
+                buf_since: None,
+                slot: Pending::new(),
+                ready: VecDeque::new(),
+                next_id: s.next_id,
+                committed: s.next_id,
+                unacked_bytes: 0,
+                inflight: 0,
+                last_sealed: None,
+                force: false,
+                closing: false,
+                close_tx: None,
+                failed: None,
+            }),
+            work: Notify::new(),
+            room: Notify::new(),
+        });
         let flusher = Flusher {
             shared,
+            ws: ws.clone(),
             name: name.clone(),
             stream: s.id,
             epoch: s.epoch,
-            rx,
-            next_id: s.next_id,
-            committed: s.next_id,
             segment,
             next_segment: s.next_segment,
             seg_bytes: 0,
             seg_started: Instant::now(),
-            buf: Vec::new(),
-            buf_waiters: Vec::new(),
-            buf_bytes: 0,
-            deadline: None,
-            force: false,
+            next_first: s.next_id,
             inflight: FuturesOrdered::new(),
-            inflight_waiters: VecDeque::new(),
-            flush_waiters: Vec::new(),
-            closing: None,
-            channel_closed: false,
-            failed: None,
-            failed_shared: failed.clone(),
+            sealed: VecDeque::new(),
+            done: Vec::new(),
+            commit: None,
             spare: Vec::new(),
             opts: opts.clone(),
         };
         tokio::spawn(flusher.run());
-        StreamWriter { name, epoch: s.epoch, tx, budget, failed, max_entry: opts.max_entry_bytes }
+        StreamWriter { name, epoch: s.epoch, shared: ws, opts }
     }
 
     /// The stream's name.
@@ -135,32 +247,64 @@ impl StreamWriter {
         self.epoch
     }
 
-    fn check(&self) -> Result<()> {
-        match &*self.failed.lock() {
-            Some(e) => Err(Error::for_pending(e)),
-            None => Ok(()),
-        }
-    }
-
     /// Buffers an entry, waiting while `max_buffered_bytes` are already waiting to become
     /// durable. The returned [`Ack`] resolves to the entry's id once it is durable; acks resolve
     /// in id order.
     pub async fn send(&self, data: impl Into<Bytes>) -> Result<Ack> {
         let data = data.into();
-        if data.len() > self.max_entry {
+        if data.len() > self.opts.max_entry_bytes {
             return Err(Error::InvalidParam(format!(
                 "entry of {} bytes exceeds max_entry_bytes ({})",
                 data.len(),
-                self.max_entry
+                self.opts.max_entry_bytes
             )));
         }
-        self.check()?;
-        let permits = data.len().max(1) as u32;
-        let permit =
-            self.budget.clone().acquire_many_owned(permits).await.map_err(|_| Error::Closed)?;
-        let (ack, rx) = oneshot::channel();
-        self.tx.send(Msg::Entry { data, ack, permit }).map_err(|_| Error::Closed)?;
-        Ok(Ack { rx })
+        loop {
+            let room = self.shared.room.notified();
+            tokio::pin!(room);
+            {
+                let mut st = self.shared.state.lock();
+                if let Some(e) = &st.failed {
+                    return Err(Error::for_pending(e));
+                }
+                if st.closing {
+                    return Err(Error::Closed);
+                }
+                let len = data.len();
+                if st.unacked_bytes == 0 || st.unacked_bytes + len <= self.opts.max_buffered_bytes {
+                    let ack = self.push(&mut st, data);
+                    let wake = st.buf.len() == 1
+                        || !st.ready.is_empty()
+                        || (self.opts.flush_when_idle && st.inflight < IDLE_INFLIGHT);
+                    drop(st);
+                    if wake {
+                        self.shared.work.notify_one();
+                    }
+                    return Ok(ack);
+                }
+                // Registered before the lock is released, so a commit freeing room wakes us.
+                room.as_mut().enable();
+            }
+            room.await;
+        }
+    }
+
+    /// Adds an entry to the buffer (setting the buffer aside once it is full).
+    fn push(&self, st: &mut State, data: Bytes) -> Ack {
+        let id = st.next_id;
+        st.next_id += 1;
+        st.unacked_bytes += data.len();
+        st.buf_bytes += data.len();
+        if st.buf.is_empty() {
+            st.buf_since = Some(Instant::now());
+        }
+        st.buf.push(data);
+        let ack = Ack { id, slot: st.slot.0.clone(), waker_at: None };
+        if st.buf.len() >= self.opts.max_entries || st.buf_bytes >= self.opts.max_bytes {
+            let batch = take_buf(st);
+            st.ready.push_back(batch);
+        }
+        ack
     }
 
     /// Appends an entry and waits until it is durable; returns its id. For throughput, use
@@ -171,27 +315,65 @@ impl StreamWriter {
 
     /// Writes out everything sent so far and waits until it is durable.
     pub async fn flush(&self) -> Result<()> {
-        self.check()?;
-        let (tx, rx) = oneshot::channel();
-        self.tx.send(Msg::Flush(tx)).map_err(|_| Error::Closed)?;
-        rx.await.map_err(|_| Error::Closed)?
+        let last = {
+            let mut st = self.shared.state.lock();
+            if let Some(e) = &st.failed {
+                return Err(Error::for_pending(e));
+            }
+            if st.committed >= st.next_id {
+                return Ok(());
+            }
+            st.force = true;
+            let slot = if !st.buf.is_empty() {
+                st.slot.0.clone()
+            } else if let Some(b) = st.ready.back() {
+                b.pending.0.clone()
+            } else {
+                st.last_sealed.clone().ok_or(Error::Closed)?
+            };
+            Ack { id: st.next_id - 1, slot, waker_at: None }
+        };
+        self.shared.work.notify_one();
+        last.await.map(|_| ())
     }
 
     /// Flushes, waits for every entry to be durable, and seals the writer's segment. Dropping a
     /// writer does the same in the background.
     pub async fn close(self) -> Result<()> {
         let (tx, rx) = oneshot::channel();
-        self.tx.send(Msg::Close(tx)).map_err(|_| Error::Closed)?;
+        {
+            let mut st = self.shared.state.lock();
+            st.close_tx = Some(tx);
+            st.closing = true;
+            st.force = true;
+        }
+        self.shared.work.notify_one();
         rx.await.map_err(|_| Error::Closed)?
     }
 }
 
-struct Waiter {
-    ack: oneshot::Sender<Result<u64>>,
-    _permit: OwnedSemaphorePermit,
-    sent: Instant,
+impl Drop for StreamWriter {
+    fn drop(&mut self) {
+        {
+            let mut st = self.shared.state.lock();
+            st.closing = true;
+            st.force = true;
+        }
+        self.shared.work.notify_one();
+    }
 }
 
+/// Takes the buffer as a batch, leaving an empty one with a fresh slot.
+fn take_buf(st: &mut State) -> Batch {
+    Batch {
+        entries: std::mem::take(&mut st.buf),
+        bytes: std::mem::take(&mut st.buf_bytes),
+        pending: std::mem::replace(&mut st.slot, Pending::new()),
+        since: st.buf_since.take().unwrap_or_else(Instant::now),
+    }
+}
+
+/// A fragment being written.
 struct Upload {
     meta: FragmentMeta,
     data: Bytes,
@@ -199,49 +381,55 @@ struct Upload {
     started: Instant,
 }
 
+/// A sealed fragment's bookkeeping, in id order beside `inflight` and `done`.
+struct Sealed {
+    pending: Pending,
+    since: Instant,
+    entries: u64,
+    bytes: usize,
+}
+
+type CommitFuture = Pin<Box<dyn Future<Output = (Vec<Upload>, Result<StreamMeta>)> + Send>>;
+
 struct Flusher {
     shared: Arc<Shared>,
+    ws: Arc<WriterShared>,
     name: Arc<str>,
     stream: u64,
     epoch: u64,
     opts: WriterOptions,
-    rx: mpsc::UnboundedReceiver<Msg>,
-    /// Id of the next entry to arrive.
-    next_id: u64,
-    /// One past the last recorded entry.
-    committed: u64,
     segment: u64,
     next_segment: u64,
     seg_bytes: u64,
     seg_started: Instant,
-    buf: Vec<Bytes>,
-    buf_waiters: Vec<Waiter>,
-    buf_bytes: usize,
-    deadline: Option<tokio::time::Instant>,
-    force: bool,
+    /// First id of the next fragment sealed.
+    next_first: u64,
+    /// Uploads in id order.
     inflight: FuturesOrdered<Pin<Box<dyn Future<Output = Upload> + Send>>>,
-    inflight_waiters: VecDeque<Vec<Waiter>>,
-    flush_waiters: Vec<(u64, oneshot::Sender<Result<()>>)>,
-    closing: Option<oneshot::Sender<Result<()>>>,
-    channel_closed: bool,
-    failed: Option<Arc<Error>>,
-    failed_shared: Failed,
+    /// One per fragment sealed and not yet recorded, in id order.
+    sealed: VecDeque<Sealed>,
+    /// Finished uploads waiting to be recorded, in id order.
+    done: Vec<Upload>,
+    /// The metadata write in progress, if any.
+    commit: Option<CommitFuture>,
     /// Buffers of recorded fragments, reused for the next ones.
     spare: Vec<BytesMut>,
 }
 
 impl Flusher {
-    fn should_seal(&self) -> bool {
-        !self.buf.is_empty()
-            && (self.force
-                || (self.opts.flush_when_idle && self.inflight.len() < IDLE_INFLIGHT)
-                || self.buf.len() >= self.opts.max_entries
-                || self.buf_bytes >= self.opts.max_bytes
-                || self.deadline.is_some_and(|d| d <= tokio::time::Instant::now()))
-    }
-
-    fn full(&self) -> bool {
-        self.buf.len() >= self.opts.max_entries || self.buf_bytes >= self.opts.max_bytes
+    /// Takes the next batch to write, if one should be written now.
+    fn next_batch(&self, st: &mut State) -> Option<Batch> {
+        if st.inflight >= self.opts.max_flush_inflight {
+            return None;
+        }
+        if let Some(b) = st.ready.pop_front() {
+            return Some(b);
+        }
+        let due = !st.buf.is_empty()
+            && (st.force
+                || (self.opts.flush_when_idle && st.inflight < IDLE_INFLIGHT)
+                || st.buf_since.is_some_and(|t| t.elapsed() >= self.opts.max_interval));
+        due.then(|| take_buf(st))
     }
 
     async fn run(mut self) {
@@ -250,102 +438,76 @@ impl Flusher {
         let timer = tokio::time::sleep_until(far());
         tokio::pin!(timer);
         let mut armed = None;
+        let ws = self.ws.clone();
         loop {
-            while self.should_seal() && self.inflight.len() < self.opts.max_flush_inflight {
-                self.seal();
-            }
-            if self.buf.is_empty() {
-                self.force = false;
-            }
-            if self.channel_closed && self.buf.is_empty() && self.inflight.is_empty() {
+            let work = ws.work.notified();
+            let (deadline, finished) = {
+                let mut st = ws.state.lock();
+                if st.failed.is_none() {
+                    while let Some(b) = self.next_batch(&mut st) {
+                        st.inflight += 1;
+                        st.last_sealed = Some(b.pending.0.clone());
+                        self.seal(b);
+                    }
+                }
+                if st.buf.is_empty() && st.ready.is_empty() {
+                    st.force = false;
+                }
+                let idle = st.buf.is_empty() && st.ready.is_empty() && st.inflight == 0;
+                let room = st.inflight < self.opts.max_flush_inflight;
+                let deadline = st.buf_since.filter(|_| room && st.failed.is_none());
+                (deadline, st.closing && (idle || st.failed.is_some()) && self.commit.is_none())
+            };
+            if finished {
                 break;
             }
-            let room = self.inflight.len() < self.opts.max_flush_inflight;
-            let full = self.full();
-            let deadline = self.deadline.filter(|_| room);
+            let deadline =
+                deadline.map(|t| tokio::time::Instant::from_std(t + self.opts.max_interval));
             if deadline != armed {
                 timer.as_mut().reset(deadline.unwrap_or_else(far));
                 armed = deadline;
             }
             tokio::select! {
                 biased;
-                Some(up) = self.inflight.next(), if !self.inflight.is_empty() => self.complete(up).await,
-                msg = self.rx.recv(), if !self.channel_closed && !full => match msg {
-                    Some(m) => {
-                        self.on_msg(m);
-                        // Take whatever else is queued without going around the loop.
-                        while !self.full() {
-                            match self.rx.try_recv() {
-                                Ok(m) => self.on_msg(m),
-                                Err(_) => break,
-                            }
-                        }
+                Some((ups, r)) = OptionFuture::from(self.commit.as_mut()) => {
+                    self.commit = None;
+                    self.finish(ups, r);
+                }
+                Some(up) = self.inflight.next(), if !self.inflight.is_empty() => {
+                    self.done.push(up);
+                    while let Some(Some(up)) = self.inflight.next().now_or_never() {
+                        self.done.push(up);
                     }
-                    None => {
-                        self.channel_closed = true;
-                        self.force = true;
-                    }
-                },
+                }
+                () = work => {}
                 () = &mut timer, if deadline.is_some() => {
                     armed = None;
                     timer.as_mut().reset(far());
                 }
             }
+            if self.commit.is_none() && !self.done.is_empty() {
+                self.start_commit();
+            }
         }
-        let mut result = match &self.failed {
-            Some(e) => Err(Error::for_pending(e)),
-            None => Ok(()),
+        let failed = self.ws.state.lock().failed.clone();
+        let result = match failed {
+            Some(e) => Err(Error::for_pending(&e)),
+            None => {
+                let (id, name, epoch) = (self.stream, self.name.clone(), self.epoch);
+                self.shared.blocking(move |sh| sh.meta.close_writer(id, &name, epoch)).await
+            }
         };
-        if result.is_ok() {
-            let (id, name, epoch) = (self.stream, self.name.clone(), self.epoch);
-            result = self.shared.blocking(move |sh| sh.meta.close_writer(id, &name, epoch)).await;
-        }
         self.shared.writer_closed(self.stream, self.epoch);
-        if let Some(tx) = self.closing.take() {
+        if let Some(tx) = self.ws.state.lock().close_tx.take() {
             let _ = tx.send(result);
         }
     }
 
-    fn on_msg(&mut self, m: Msg) {
-        match m {
-            Msg::Entry { data, ack, permit } => {
-                if let Some(e) = &self.failed {
-                    let _ = ack.send(Err(Error::for_pending(e)));
-                    return;
-                }
-                self.next_id += 1;
-                self.buf_bytes += data.len();
-                self.buf.push(data);
-                self.buf_waiters.push(Waiter { ack, _permit: permit, sent: Instant::now() });
-                if self.deadline.is_none() {
-                    self.deadline = Some(tokio::time::Instant::now() + self.opts.max_interval);
-                }
-            }
-            Msg::Flush(tx) => {
-                if let Some(e) = &self.failed {
-                    let _ = tx.send(Err(Error::for_pending(e)));
-                } else if self.committed >= self.next_id {
-                    let _ = tx.send(Ok(()));
-                } else {
-                    self.flush_waiters.push((self.next_id, tx));
-                    self.force = true;
-                }
-            }
-            Msg::Close(tx) => {
-                self.closing = Some(tx);
-                self.channel_closed = true;
-                self.force = true;
-            }
-        }
-    }
-
-    /// Turns the buffer into a fragment and starts writing it.
-    fn seal(&mut self) {
-        let entries = std::mem::take(&mut self.buf);
-        let waiters = std::mem::take(&mut self.buf_waiters);
-        self.buf_bytes = 0;
-        self.deadline = None;
-        let first = self.next_id - entries.len() as u64;
+    /// Encodes a batch into a fragment and starts writing it.
+    fn seal(&mut self, b: Batch) {
+        let count = b.entries.len() as u64;
+        let first = self.next_first;
+        self.next_first += count;
         if self.seg_bytes > 0
             && (self.seg_bytes >= self.opts.max_segment_bytes
                 || self.seg_started.elapsed() >= self.opts.max_segment_age)
@@ -357,12 +519,13 @@ impl Flusher {
         }
         let buf = self.spare.pop().unwrap_or_default();
         let data =
-            fragment::encode_into(buf, self.stream, self.segment, first, &entries, self.opts.lz4);
+            fragment::encode_into(buf, self.stream, self.segment, first, &b.entries, self.opts.lz4);
+        drop(b.entries);
         self.seg_bytes += data.len() as u64;
         let meta = FragmentMeta {
             segment: self.segment,
             first_id: first,
-            end_id: first + entries.len() as u64,
+            end_id: first + count,
             bytes: data.len() as u64,
             created_ms: now_ms(),
             epoch: self.epoch,
@@ -381,78 +544,79 @@ impl Flusher {
             };
             Upload { meta, data, result, started }
         }));
-        self.inflight_waiters.push_back(waiters);
+        self.sealed.push_back(Sealed {
+            pending: b.pending,
+            since: b.since,
+            entries: count,
+            bytes: b.bytes,
+        });
     }
 
-    /// Records finished uploads (this one and any others already done, in order) and acks them.
-    async fn complete(&mut self, first: Upload) {
-        let mut done = vec![first];
-        while let Some(Some(up)) = self.inflight.next().now_or_never() {
-            done.push(up);
-        }
-        let mut waiters: Vec<Vec<Waiter>> =
-            done.iter().map(|_| self.inflight_waiters.pop_front().unwrap_or_default()).collect();
-        if self.failed.is_some() {
-            self.fail_all(waiters, None);
-            return;
-        }
-        // The prefix that was written can still be recorded; the first failure fails the rest.
-        let ok = done.iter().take_while(|u| matches!(u.result, Ok(Put::Stored))).count();
-        let err =
-            done.get_mut(ok).map(|u| match std::mem::replace(&mut u.result, Ok(Put::Taken)) {
+    /// Starts recording the finished uploads that were written; the first failed upload fails
+    /// the writer once everything before it is recorded.
+    fn start_commit(&mut self) {
+        let ok = self.done.iter().take_while(|u| matches!(u.result, Ok(Put::Stored))).count();
+        if ok == 0 {
+            let mut up = self.done.remove(0);
+            let err = match std::mem::replace(&mut up.result, Ok(Put::Taken)) {
                 // Another writer holds this fragment's key: this writer was fenced.
                 Ok(_) => Error::Fenced { stream: self.name.to_string(), epoch: self.epoch },
                 Err(e) => e,
-            });
-        if ok > 0 {
-            let metas: Vec<FragmentMeta> = done[..ok].iter().map(|u| u.meta).collect();
-            let (id, name, epoch) = (self.stream, self.name.clone(), self.epoch);
-            match self.shared.blocking(move |sh| sh.meta.commit(id, &name, epoch, &metas)).await {
-                Ok(s) => {
-                    self.committed = s.next_id;
-                    self.shared.publish(&s);
-                    let readers = self.shared.cache.has_readers(self.stream);
-                    for (up, ws) in done[..ok].iter().zip(waiters.drain(..ok)) {
-                        metrics::histogram!("timber_stream_flush_seconds")
-                            .record(up.started.elapsed().as_secs_f64());
-                        metrics::counter!("timber_stream_fragments_total").increment(1);
-                        metrics::counter!("timber_stream_appended_entries_total")
-                            .increment(ws.len() as u64);
-                        metrics::counter!("timber_stream_appended_bytes_total")
-                            .increment(up.data.len() as u64);
-                        if readers {
-                            if let Ok(f) = fragment::decode("", &up.data) {
-                                let oid = object_id(self.stream, &up.meta);
-                                self.shared.cache.insert(oid, Arc::new(f));
-                            }
-                        }
-                        for (i, w) in ws.into_iter().enumerate() {
-                            metrics::histogram!("timber_stream_append_seconds")
-                                .record(w.sent.elapsed().as_secs_f64());
-                            let _ = w.ack.send(Ok(up.meta.first_id + i as u64));
-                        }
-                    }
-                    for up in done.drain(..ok) {
-                        self.reclaim(up.data);
-                    }
-                    let committed = self.committed;
-                    let (ready, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.flush_waiters)
-                        .into_iter()
-                        .partition(|(t, _)| *t <= committed);
-                    self.flush_waiters = rest;
-                    for (_, tx) in ready {
-                        let _ = tx.send(Ok(()));
-                    }
-                }
-                Err(e) => {
-                    self.fail_all(waiters, Some(e));
-                    return;
+            };
+            self.fail_all(err);
+            return;
+        }
+        let ups: Vec<Upload> = self.done.drain(..ok).collect();
+        let metas: Vec<FragmentMeta> = ups.iter().map(|u| u.meta).collect();
+        let (id, name, epoch) = (self.stream, self.name.clone(), self.epoch);
+        let shared = self.shared.clone();
+        self.commit = Some(Box::pin(async move {
+            let r = shared.blocking(move |sh| sh.meta.commit(id, &name, epoch, &metas)).await;
+            (ups, r)
+        }));
+    }
+
+    /// Acks the fragments a metadata write recorded, or fails the writer.
+    fn finish(&mut self, ups: Vec<Upload>, r: Result<StreamMeta>) {
+        let s = match r {
+            Ok(s) => s,
+            Err(e) => {
+                self.fail_all(e);
+                return;
+            }
+        };
+        self.shared.publish(&s);
+        let readers = self.shared.cache.has_readers(self.stream);
+        let mut freed = 0;
+        let mut resolved = Vec::with_capacity(ups.len());
+        for up in ups {
+            let sealed = self.sealed.pop_front().expect("one sealed record per upload");
+            metrics::histogram!("timber_stream_flush_seconds")
+                .record(up.started.elapsed().as_secs_f64());
+            metrics::histogram!("timber_stream_append_seconds")
+                .record(sealed.since.elapsed().as_secs_f64());
+            metrics::counter!("timber_stream_fragments_total").increment(1);
+            metrics::counter!("timber_stream_appended_entries_total").increment(sealed.entries);
+            metrics::counter!("timber_stream_appended_bytes_total").increment(up.data.len() as u64);
+            if readers {
+                if let Ok(f) = fragment::decode("", &up.data) {
+                    self.shared.cache.insert(object_id(self.stream, &up.meta), Arc::new(f));
                 }
             }
+            freed += sealed.bytes;
+            resolved.push(sealed.pending);
+            self.reclaim(up.data);
         }
-        if let Some(e) = err {
-            self.fail_all(waiters, Some(e));
+        {
+            let mut st = self.ws.state.lock();
+            st.committed = s.next_id;
+            st.unacked_bytes -= freed;
+            st.inflight -= resolved.len();
         }
+        for p in &resolved {
+            p.0.resolve(Ok(()));
+        }
+        self.ws.room.notify_waiters();
     }
 
     /// Keeps the buffer of a recorded fragment for the next one, if nothing else holds it (the
@@ -469,32 +633,29 @@ impl Flusher {
         }
     }
 
-    /// Fails `waiters` and every later entry (in flight, buffered, flush requests) with `err`
-    /// (or the earlier failure), and marks the writer failed.
-    fn fail_all(&mut self, waiters: Vec<Vec<Waiter>>, err: Option<Error>) {
-        let err = match (&self.failed, err) {
-            (Some(e), _) => e.clone(),
-            (None, Some(e)) => {
-                tracing::warn!(stream = %self.name, epoch = self.epoch, error = %e, "stream writer failed");
-                let e = Arc::new(e);
-                self.failed = Some(e.clone());
-                *self.failed_shared.lock() = Some(e.clone());
-                e
-            }
-            (None, None) => Arc::new(Error::Closed),
-        };
-        let later = self.inflight_waiters.drain(..).collect::<Vec<_>>();
+    /// Fails every entry not yet recorded (in flight, written, set aside, buffered) with `err`,
+    /// and marks the writer failed: later sends and flushes get the error.
+    fn fail_all(&mut self, err: Error) {
+        tracing::warn!(stream = %self.name, epoch = self.epoch, error = %err, "stream writer failed");
+        let err = Arc::new(err);
         self.inflight = FuturesOrdered::new();
-        let buffered = std::mem::take(&mut self.buf_waiters);
-        self.buf.clear();
-        self.buf_bytes = 0;
-        self.deadline = None;
-        for w in waiters.into_iter().chain(later).flatten().chain(buffered) {
-            let _ = w.ack.send(Err(Error::for_pending(&err)));
+        self.done.clear();
+        let mut slots: Vec<Pending> = self.sealed.drain(..).map(|s| s.pending).collect();
+        {
+            let mut st = self.ws.state.lock();
+            st.failed = Some(err.clone());
+            st.inflight = 0;
+            st.unacked_bytes = 0;
+            slots.extend(st.ready.drain(..).map(|b| b.pending));
+            st.buf.clear();
+            st.buf_bytes = 0;
+            st.buf_since = None;
+            slots.push(std::mem::replace(&mut st.slot, Pending::new()));
         }
-        for (_, tx) in self.flush_waiters.drain(..) {
-            let _ = tx.send(Err(Error::for_pending(&err)));
+        for p in &slots {
+            p.0.resolve(Err(err.clone()));
         }
+        self.ws.room.notify_waiters();
         // Orphans of this writer may now be collected.
         self.shared.writer_closed(self.stream, self.epoch);
     }

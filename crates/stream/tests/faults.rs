@@ -310,3 +310,65 @@ fn a_writer_waits_instead_of_buffering_without_bound() {
         assert_eq!(id, (limit / entry.len()) as u64);
     });
 }
+
+#[test]
+fn senders_outrunning_storage_never_make_a_fragment_beyond_its_limits() {
+    let p = Place::new(Backend::Local);
+    common::runtime().block_on(async {
+        let faulty = Arc::new(Faulty::new(inner_store(&p), 2));
+        let opts =
+            Options::default().storage(Storage::Custom(faulty.clone())).maintenance_interval(None);
+        let s = Streams::open(p.dir.path(), opts).await.unwrap();
+        s.create("f", StreamConfig::default()).await.unwrap();
+        let wo = WriterOptions {
+            max_entries: 8,
+            max_interval: Duration::from_secs(3600),
+            max_flush_inflight: 1,
+            flush_when_idle: false,
+            ..WriterOptions::local()
+        };
+        let w = s.writer_with("f", wo).await.unwrap();
+        faulty.open.send_replace(false); // the first fragment hangs: the rest pile up
+        let mut acks = Vec::new();
+        for i in 0..50 {
+            acks.push(w.send(payload(i)).await.unwrap());
+        }
+        faulty.open.send_replace(true);
+        w.flush().await.unwrap();
+        for (i, a) in acks.into_iter().enumerate() {
+            assert_eq!(a.await.unwrap(), i as u64);
+        }
+        let frags: u64 = s.segments("f").unwrap().iter().map(|g| g.fragments).sum();
+        assert_eq!(frags, 7, "six full fragments of 8 entries and one of 2");
+        let mut r = s.reader("f", Start::Earliest).unwrap();
+        for i in 0..50 {
+            let e = r.next().await.unwrap();
+            assert_eq!((e.id, e.data), (i, payload(i)));
+        }
+        w.close().await.unwrap();
+    });
+}
+
+#[test]
+fn an_ack_whose_writer_and_runtime_are_gone_fails_instead_of_hanging() {
+    let p = Place::new(Backend::Local);
+    let rt = common::runtime();
+    let (ack, w, s, faulty) = rt.block_on(async {
+        let faulty = Arc::new(Faulty::new(inner_store(&p), 3));
+        let opts =
+            Options::default().storage(Storage::Custom(faulty.clone())).maintenance_interval(None);
+        let s = Streams::open(p.dir.path(), opts).await.unwrap();
+        s.create("g", StreamConfig::default()).await.unwrap();
+        let w = s.writer("g").await.unwrap();
+        faulty.open.send_replace(false); // never durable while the runtime lives
+        let ack = w.send(payload(0)).await.unwrap();
+        (ack, w, s, faulty)
+    });
+    drop(rt); // the flusher task is dropped with its runtime
+    drop(w);
+    let got = common::runtime().block_on(async {
+        tokio::time::timeout(Duration::from_secs(10), ack).await.expect("the ack resolves")
+    });
+    assert!(matches!(got, Err(Error::Closed)), "{got:?}");
+    drop((s, faulty));
+}
