@@ -118,12 +118,19 @@ pub(crate) fn encode_into(
     out.put_u32_le(entries.len() as u32);
     let hcrc = crc32c::crc32c(&out[..HEADER_LEN - 4]);
     out.put_u32_le(hcrc);
-    let body_start = out.len();
-    match (flags, &compressed) {
-        (FLAG_LZ4, Some(c)) => out.put_slice(c),
-        _ => put_raw(&mut out),
-    }
-    let body_crc = crc32c::crc32c(&out[body_start..]);
+    let body_crc = match (flags, &compressed) {
+        (FLAG_LZ4, Some(c)) => {
+            out.put_slice(c);
+            crc32c::crc32c(c)
+        }
+        // The checksum is taken entry by entry right after the copy, while the entry is in cache.
+        _ => entries.iter().fold(0, |crc, e| {
+            let len = (e.len() as u32).to_le_bytes();
+            out.put_slice(&len);
+            out.put_slice(e);
+            crc32c::crc32c_append(crc32c::crc32c_append(crc, &len), e)
+        }),
+    };
     out.put_slice(&index);
     let foot_start = out.len();
     out.put_u64_le(stored_len as u64);
