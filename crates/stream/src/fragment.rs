@@ -24,6 +24,8 @@ pub(crate) const VERSION: u16 = 1;
 pub(crate) const HEADER_LEN: usize = 48;
 pub(crate) const FOOTER_LEN: usize = 32;
 const FLAG_LZ4: u16 = 1;
+/// Bytes of body copied between two checksum updates in `encode_into`.
+const CRC_CHUNK: usize = 64 << 10;
 
 /// The largest raw body a fragment may hold (offsets are u32).
 pub(crate) const MAX_BODY: usize = u32::MAX as usize;
@@ -123,13 +125,20 @@ pub(crate) fn encode_into(
             out.put_slice(c);
             crc32c::crc32c(c)
         }
-        // The checksum is taken entry by entry right after the copy, while the entry is in cache.
-        _ => entries.iter().fold(0, |crc, e| {
-            let len = (e.len() as u32).to_le_bytes();
-            out.put_slice(&len);
-            out.put_slice(e);
-            crc32c::crc32c_append(crc32c::crc32c_append(crc, &len), e)
-        }),
+        // The checksum is taken every CRC_CHUNK bytes of output, while they are still in cache
+        // (a second pass over a body of megabytes would read it back from memory).
+        _ => {
+            let (mut crc, mut from) = (0, out.len());
+            for e in entries {
+                out.put_u32_le(e.len() as u32);
+                out.put_slice(e);
+                if out.len() - from >= CRC_CHUNK {
+                    crc = crc32c::crc32c_append(crc, &out[from..]);
+                    from = out.len();
+                }
+            }
+            crc32c::crc32c_append(crc, &out[from..])
+        }
     };
     out.put_slice(&index);
     let foot_start = out.len();
