@@ -272,9 +272,13 @@ impl StreamWriter {
                 }
                 let len = data.len();
                 if st.unacked_bytes == 0 || st.unacked_bytes + len <= self.opts.max_buffered_bytes {
-                    let ack = self.push(&mut st, data);
+                    let (ack, set_aside) = self.push(&mut st, data);
+                    // The flusher has something to do now: arm the deadline of a new buffer,
+                    // write a full one while there is room, or write at once (group commit). A
+                    // full buffer set aside without room waits for a commit, which the flusher
+                    // sees without being woken.
                     let wake = st.buf.len() == 1
-                        || !st.ready.is_empty()
+                        || (set_aside && st.inflight < self.opts.max_flush_inflight)
                         || (self.opts.flush_when_idle && st.inflight < IDLE_INFLIGHT);
                     drop(st);
                     if wake {
@@ -289,8 +293,8 @@ impl StreamWriter {
         }
     }
 
-    /// Adds an entry to the buffer (setting the buffer aside once it is full).
-    fn push(&self, st: &mut State, data: Bytes) -> Ack {
+    /// Adds an entry to the buffer, setting the buffer aside once it is full (then `true`).
+    fn push(&self, st: &mut State, data: Bytes) -> (Ack, bool) {
         let id = st.next_id;
         st.next_id += 1;
         st.unacked_bytes += data.len();
@@ -300,11 +304,12 @@ impl StreamWriter {
         }
         st.buf.push(data);
         let ack = Ack { id, slot: st.slot.0.clone(), waker_at: None };
-        if st.buf.len() >= self.opts.max_entries || st.buf_bytes >= self.opts.max_bytes {
+        let full = st.buf.len() >= self.opts.max_entries || st.buf_bytes >= self.opts.max_bytes;
+        if full {
             let batch = take_buf(st);
             st.ready.push_back(batch);
         }
-        ack
+        (ack, full)
     }
 
     /// Appends an entry and waits until it is durable; returns its id. For throughput, use
