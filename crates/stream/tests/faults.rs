@@ -200,6 +200,16 @@ fn inner_store(p: &Place) -> Arc<dyn ObjectStore> {
     }
 }
 
+/// A store over a fault-injecting object store (no faults set) holding one empty stream.
+async fn faulty_stream(p: &Place, seed: u64, name: &str) -> (Arc<Faulty>, Streams) {
+    let faulty = Arc::new(Faulty::new(inner_store(p), seed));
+    let opts =
+        Options::default().storage(Storage::Custom(faulty.clone())).maintenance_interval(None);
+    let s = Streams::open(p.dir.path(), opts).await.unwrap();
+    s.create(name, StreamConfig::default()).await.unwrap();
+    (faulty, s)
+}
+
 fn payload(i: u64) -> Bytes {
     Bytes::from(format!("{i}:{}", "z".repeat((i * 13 % 300) as usize)))
 }
@@ -271,11 +281,7 @@ fn writers_retry_through_faults_and_fail_cleanly_when_storage_is_gone() {
 fn a_writer_waits_instead_of_buffering_without_bound() {
     let p = Place::new(Backend::Local);
     common::runtime().block_on(async {
-        let faulty = Arc::new(Faulty::new(inner_store(&p), 1));
-        let opts =
-            Options::default().storage(Storage::Custom(faulty.clone())).maintenance_interval(None);
-        let s = Streams::open(p.dir.path(), opts).await.unwrap();
-        s.create("b", StreamConfig::default()).await.unwrap();
+        let (faulty, s) = faulty_stream(&p, 1, "b").await;
         let limit = 64 << 10;
         let wo = WriterOptions {
             max_buffered_bytes: limit,
@@ -315,11 +321,7 @@ fn a_writer_waits_instead_of_buffering_without_bound() {
 fn senders_outrunning_storage_never_make_a_fragment_beyond_its_limits() {
     let p = Place::new(Backend::Local);
     common::runtime().block_on(async {
-        let faulty = Arc::new(Faulty::new(inner_store(&p), 2));
-        let opts =
-            Options::default().storage(Storage::Custom(faulty.clone())).maintenance_interval(None);
-        let s = Streams::open(p.dir.path(), opts).await.unwrap();
-        s.create("f", StreamConfig::default()).await.unwrap();
+        let (faulty, s) = faulty_stream(&p, 2, "f").await;
         let wo = WriterOptions {
             max_entries: 8,
             max_interval: Duration::from_secs(3600),
@@ -354,11 +356,7 @@ fn an_ack_whose_writer_and_runtime_are_gone_fails_instead_of_hanging() {
     let p = Place::new(Backend::Local);
     let rt = common::runtime();
     let (ack, w, s, faulty) = rt.block_on(async {
-        let faulty = Arc::new(Faulty::new(inner_store(&p), 3));
-        let opts =
-            Options::default().storage(Storage::Custom(faulty.clone())).maintenance_interval(None);
-        let s = Streams::open(p.dir.path(), opts).await.unwrap();
-        s.create("g", StreamConfig::default()).await.unwrap();
+        let (faulty, s) = faulty_stream(&p, 3, "g").await;
         let w = s.writer("g").await.unwrap();
         faulty.open.send_replace(false); // never durable while the runtime lives
         let ack = w.send(payload(0)).await.unwrap();
