@@ -91,16 +91,10 @@ pub(crate) fn encode_into(
         index.put_u32_le(off);
         off += 4 + e.len() as u32;
     }
-    let put_raw = |buf: &mut BytesMut| {
-        for e in entries {
-            buf.put_u32_le(e.len() as u32);
-            buf.put_slice(e);
-        }
-    };
     // Uncompressed, the entries go straight into the output: one copy, one allocation.
     let compressed = lz4.then(|| {
         let mut raw = BytesMut::with_capacity(raw_len);
-        put_raw(&mut raw);
+        put_entries(&mut raw, entries, false);
         lz4_flex::block::compress(&raw)
     });
     let (flags, stored_len) = match &compressed {
@@ -125,20 +119,7 @@ pub(crate) fn encode_into(
             out.put_slice(c);
             crc32c::crc32c(c)
         }
-        // The checksum is taken every CRC_CHUNK bytes of output, while they are still in cache
-        // (a second pass over a body of megabytes would read it back from memory).
-        _ => {
-            let (mut crc, mut from) = (0, out.len());
-            for e in entries {
-                out.put_u32_le(e.len() as u32);
-                out.put_slice(e);
-                if out.len() - from >= CRC_CHUNK {
-                    crc = crc32c::crc32c_append(crc, &out[from..]);
-                    from = out.len();
-                }
-            }
-            crc32c::crc32c_append(crc, &out[from..])
-        }
+        _ => put_entries(&mut out, entries, true),
     };
     out.put_slice(&index);
     let foot_start = out.len();
@@ -150,6 +131,25 @@ pub(crate) fn encode_into(
     out.put_u32_le(fcrc);
     out.put_slice(END_MAGIC);
     out.freeze()
+}
+
+/// Appends the raw body (`len u32 | bytes` per entry) to `buf`. With `checksum`, returns the
+/// CRC32C of what it appended, taken every [`CRC_CHUNK`] bytes while they are still in cache (a
+/// second pass over a body of megabytes would read it back from memory); otherwise 0.
+fn put_entries(buf: &mut BytesMut, entries: &[Bytes], checksum: bool) -> u32 {
+    let (mut crc, mut from) = (0, buf.len());
+    for e in entries {
+        buf.put_u32_le(e.len() as u32);
+        buf.put_slice(e);
+        if checksum && buf.len() - from >= CRC_CHUNK {
+            crc = crc32c::crc32c_append(crc, &buf[from..]);
+            from = buf.len();
+        }
+    }
+    if checksum {
+        crc = crc32c::crc32c_append(crc, &buf[from..]);
+    }
+    crc
 }
 
 fn u16_at(b: &[u8], at: usize) -> u16 {

@@ -260,9 +260,7 @@ impl StreamWriter {
             )));
         }
         loop {
-            let room = self.shared.room.notified();
-            tokio::pin!(room);
-            {
+            let room = {
                 let mut st = self.shared.state.lock();
                 if let Some(e) = &st.failed {
                     return Err(Error::for_pending(e));
@@ -286,9 +284,10 @@ impl StreamWriter {
                     }
                     return Ok(ack);
                 }
-                // Registered before the lock is released, so a commit freeing room wakes us.
-                room.as_mut().enable();
-            }
+                // Made before the lock is released: a `notify_waiters` from a commit that frees
+                // room after this point wakes it, polled yet or not.
+                self.shared.room.notified()
+            };
             room.await;
         }
     }
@@ -390,7 +389,6 @@ struct Upload {
 struct Sealed {
     pending: Pending,
     since: Instant,
-    entries: u64,
     bytes: usize,
 }
 
@@ -549,12 +547,7 @@ impl Flusher {
             };
             Upload { meta, data, result, started }
         }));
-        self.sealed.push_back(Sealed {
-            pending: b.pending,
-            since: b.since,
-            entries: count,
-            bytes: b.bytes,
-        });
+        self.sealed.push_back(Sealed { pending: b.pending, since: b.since, bytes: b.bytes });
     }
 
     /// Starts recording the finished uploads that were written; the first failed upload fails
@@ -601,7 +594,8 @@ impl Flusher {
             metrics::histogram!("timber_stream_append_seconds")
                 .record(sealed.since.elapsed().as_secs_f64());
             metrics::counter!("timber_stream_fragments_total").increment(1);
-            metrics::counter!("timber_stream_appended_entries_total").increment(sealed.entries);
+            metrics::counter!("timber_stream_appended_entries_total")
+                .increment(up.meta.end_id - up.meta.first_id);
             metrics::counter!("timber_stream_appended_bytes_total").increment(up.data.len() as u64);
             if readers {
                 if let Ok(f) = fragment::decode("", &up.data) {
