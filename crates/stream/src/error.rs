@@ -65,6 +65,9 @@ pub enum Error {
         source: object_store::Error,
     },
 
+    /// The journal failed.
+    #[error("journal: {0}")]
+    Journal(#[source] timber_wal::Error),
     /// The metadata engine failed.
     #[error("metadata: {0}")]
     Kv(#[from] timber_kv::Error),

@@ -55,6 +55,19 @@ impl Fragment {
         self.first_id + self.len()
     }
 
+    /// Entries `first_id ..` held in memory (journaled entries no fragment holds yet), as a
+    /// fragment of no segment, so that readers treat them alike.
+    pub(crate) fn of_entries(stream: u64, first_id: u64, entries: &[Bytes]) -> Fragment {
+        let mut body = BytesMut::with_capacity(entries.iter().map(Bytes::len).sum());
+        let mut spans = Vec::with_capacity(entries.len());
+        for e in entries {
+            spans.push((body.len() as u32, e.len() as u32));
+            body.extend_from_slice(e);
+        }
+        let memory = body.len() + spans.len() * 8 + std::mem::size_of::<Fragment>();
+        Fragment { stream, segment: u64::MAX, first_id, body: body.freeze(), spans, memory }
+    }
+
     /// The payload of entry `id`, if this fragment holds it.
     pub(crate) fn get(&self, id: u64) -> Option<Bytes> {
         let i = id.checked_sub(self.first_id)?;

@@ -23,6 +23,7 @@
 mod cache;
 mod error;
 mod fragment;
+mod journal;
 mod meta;
 mod options;
 mod reader;
@@ -32,6 +33,7 @@ mod writer;
 
 pub use cache::CacheStats;
 pub use error::{Error, Result};
+pub use journal::Journal;
 pub use options::{Options, S3Options, Storage, StreamConfig, WriterOptions};
 pub use reader::{Entry, Start, StreamReader};
 pub use streams::{SegmentInfo, StreamInfo, Streams};

@@ -167,6 +167,7 @@ pub struct Options {
     pub(crate) maintenance_interval: Option<Duration>,
     pub(crate) merge_below: u64,
     pub(crate) merge_target: u64,
+    pub(crate) journal: crate::Journal,
 }
 
 impl Default for Options {
@@ -182,6 +183,7 @@ impl Default for Options {
             maintenance_interval: Some(Duration::from_secs(10)),
             merge_below: 256 << 10,
             merge_target: 8 << 20,
+            journal: crate::Journal::Off,
         }
     }
 }
@@ -242,12 +244,28 @@ impl Options {
         self
     }
 
+    /// Acknowledge entries once a shared journal holds them (default [`Journal::Off`]: once
+    /// their fragment is written and recorded). With a journal, writers cut fragments from the
+    /// journaled entries later, by size or age (default writer options then cut after 1 s
+    /// rather than at once), and many small acknowledged groups cost one journal append each
+    /// instead of one fragment each.
+    ///
+    /// [`Journal::Off`]: crate::Journal::Off
+    pub fn journal(mut self, journal: crate::Journal) -> Self {
+        self.journal = journal;
+        self
+    }
+
     pub(crate) fn writer_options(&self) -> WriterOptions {
         self.writer.clone().unwrap_or_else(|| {
-            if self.storage.is_local() {
+            let w = if self.storage.is_local() {
                 WriterOptions::local()
             } else {
                 WriterOptions::object_storage()
+            };
+            match self.journal {
+                crate::Journal::Off => w,
+                _ => WriterOptions { max_interval: Duration::from_secs(1), ..w },
             }
         })
     }

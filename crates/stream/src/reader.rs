@@ -1,11 +1,13 @@
 //! [`StreamReader`]: reads a stream from an id onwards, following the tail.
 //!
 //! A reader holds the fragment it is in, finds the next one through the fragment index, loads it
-//! through the shared cache, and prefetches the one after. At the tail it waits on the stream's
-//! watch channel for the writer to record more.
+//! through the shared cache, and prefetches the one after. Entries that are journaled but in no
+//! recorded fragment yet come from the stream's tail in memory. At the tail it waits on the
+//! stream's watch channel for the writer to record more.
 //!
-//! Invariants: a reader returns only recorded (durable) entries, each once, in id order, with no
-//! gaps; an id below the truncation point gives `Truncated` rather than stale data.
+//! Invariants: a reader returns only durable entries (recorded, or journaled and published),
+//! each once, in id order, with no gaps; an id below the truncation point gives `Truncated`
+//! rather than stale data.
 
 use std::sync::Arc;
 
@@ -132,7 +134,17 @@ impl StreamReader {
     async fn load(&mut self) -> Result<()> {
         self.current = None;
         let start = std::time::Instant::now();
-        let found = self.shared.fragment_for(self.stream, self.pos).await?;
+        let mut found = self.shared.fragment_for(self.stream, self.pos).await?;
+        if found.is_none() {
+            // Journaled, and not yet in a recorded fragment?
+            let limit = self.bounds.borrow().next;
+            if let Some(f) = self.shared.tail_chunk(self.stream, self.pos, limit) {
+                self.current = Some(Arc::new(f));
+                return Ok(());
+            }
+            // Or recorded, and released from the tail, since the first lookup.
+            found = self.shared.fragment_for(self.stream, self.pos).await?;
+        }
         metrics::histogram!("timber_stream_read_seconds").record(start.elapsed().as_secs_f64());
         match found {
             Some((meta, frag)) => {

@@ -20,6 +20,7 @@ use tokio::sync::watch;
 use crate::cache::{Cache, CacheStats};
 use crate::error::{Error, Result};
 use crate::fragment::{self, Fragment};
+use crate::journal::{Journal, JournalLog, Record, Tail};
 use crate::meta::{now_ms, FragmentMeta, Meta, StreamMeta};
 use crate::options::{Options, StreamConfig, WriterOptions};
 use crate::reader::{Start, StreamReader};
@@ -69,6 +70,18 @@ pub struct SegmentInfo {
     pub fragments: u64,
 }
 
+impl Shared {
+    /// A stream's figures, with entries and truncations the journal holds beyond its records.
+    fn info(&self, s: &StreamMeta) -> StreamInfo {
+        let mut i = info(s);
+        if let Some(b) = self.bounds(s.id) {
+            i.next_id = i.next_id.max(b.next);
+            i.first_id = i.first_id.max(b.first).min(i.next_id);
+        }
+        i
+    }
+}
+
 fn info(s: &StreamMeta) -> StreamInfo {
     StreamInfo {
         name: s.name.clone(),
@@ -93,6 +106,10 @@ pub(crate) struct Shared {
     pub(crate) cache: Cache,
     pub(crate) opts: Options,
     tails: Mutex<HashMap<u64, watch::Sender<Bounds>>>,
+    /// The journal, if the store has one or an earlier one left one to replay.
+    journal: Option<JournalLog>,
+    /// With a journal: each stream's journaled entries that no recorded fragment holds yet.
+    journaled: Mutex<HashMap<u64, Arc<Mutex<Tail>>>>,
     /// Live writers of this process: stream -> epoch.
     writers: Mutex<HashMap<u64, u64>>,
     maintenance: tokio::sync::Mutex<()>,
@@ -131,6 +148,58 @@ impl Shared {
                 std::mem::replace(b, new) != new
             });
         }
+    }
+
+    /// The journal writers use, if the store has one.
+    pub(crate) fn journal(&self) -> Option<&JournalLog> {
+        self.journal.as_ref().filter(|_| self.opts.journal != Journal::Off)
+    }
+
+    /// Tells readers that entries up to `next` are durable in the journal.
+    pub(crate) fn publish_next(&self, stream: u64, next: u64) {
+        if let Some(tx) = self.tails.lock().get(&stream) {
+            tx.send_if_modified(|b| {
+                let old = b.next;
+                b.next = old.max(next);
+                old < next
+            });
+        }
+    }
+
+    /// The readable range of a stream as last published.
+    fn bounds(&self, stream: u64) -> Option<Bounds> {
+        self.tails.lock().get(&stream).map(|tx| *tx.borrow())
+    }
+
+    /// The journaled tail of a stream (made empty at `first` if it has none).
+    pub(crate) fn tail(&self, stream: u64, first: u64) -> Arc<Mutex<Tail>> {
+        self.journaled
+            .lock()
+            .entry(stream)
+            .or_insert_with(|| Arc::new(Mutex::new(Tail::new(first))))
+            .clone()
+    }
+
+    /// Journaled entries from `pos` (below `limit`) that no recorded fragment holds yet, as a
+    /// fragment in memory; `None` if the tail does not hold `pos`.
+    pub(crate) fn tail_chunk(&self, stream: u64, pos: u64, limit: u64) -> Option<Fragment> {
+        let tail = self.journaled.lock().get(&stream)?.clone();
+        let t = tail.lock();
+        if !t.holds(pos) || pos >= limit {
+            return None;
+        }
+        let entries = t.range(pos, limit, 4096, 1 << 20);
+        Some(Fragment::of_entries(stream, pos, &entries))
+    }
+
+    /// Truncates the journal up to the oldest record a tail still needs (when that frees
+    /// enough, or now with `force`). Blocking.
+    pub(crate) fn release_journal(&self, force: bool) -> Result<()> {
+        let Some(j) = self.journal() else { return Ok(()) };
+        // The next sequence number is read first: a record appended after it is above it.
+        let next = j.next_seq();
+        let oldest = self.journaled.lock().values().filter_map(|t| t.lock().oldest_record()).min();
+        j.release(oldest.unwrap_or(next).min(next), force)
     }
 
     pub(crate) fn writer_opened(&self, stream: u64, epoch: u64) {
@@ -213,17 +282,41 @@ impl Streams {
             .await
             .map_err(|e| Error::InvalidParam(format!("metadata task failed: {e}")))??;
         let store = Store::open(&dir, &opts)?;
+        // A journal left by a store opened with one is replayed even if this one has none.
+        let journal_dir = dir.join("journal");
+        let mode = match opts.journal {
+            Journal::Off if journal_dir.exists() => Some(Journal::Manual),
+            Journal::Off => None,
+            j => Some(j),
+        };
+        let journal = match mode {
+            Some(mode) => Some(
+                tokio::task::spawn_blocking(move || JournalLog::open(&journal_dir, mode))
+                    .await
+                    .map_err(|e| Error::InvalidParam(format!("journal task failed: {e}")))??,
+            ),
+            None => None,
+        };
         let shared = Arc::new(Shared {
             meta,
             store,
             cache: Cache::new(opts.cache_bytes),
             opts,
             tails: Mutex::default(),
+            journal,
+            journaled: Mutex::default(),
             writers: Mutex::default(),
             maintenance: tokio::sync::Mutex::new(()),
         });
         for s in shared.meta.streams()? {
             shared.add_watch(&s);
+        }
+        replay_journal(&shared).await?;
+        if shared.opts.journal == Journal::Off {
+            // Replayed and empty: this store runs without it.
+            if let Some(j) = &shared.journal {
+                j.close()?;
+            }
         }
         let streams = Streams { shared };
         collect_garbage(&streams.shared).await?;
@@ -243,12 +336,12 @@ impl Streams {
 
     /// A stream's figures.
     pub fn info(&self, name: &str) -> Result<StreamInfo> {
-        Ok(info(&self.shared.meta.stream_by_name(name)?))
+        Ok(self.shared.info(&self.shared.meta.stream_by_name(name)?))
     }
 
     /// Every stream, by id (creation order).
     pub fn list(&self) -> Result<Vec<StreamInfo>> {
-        Ok(self.shared.meta.streams()?.iter().map(info).collect())
+        Ok(self.shared.meta.streams()?.iter().map(|s| self.shared.info(s)).collect())
     }
 
     /// The segments of a stream.
@@ -294,7 +387,8 @@ impl Streams {
     /// Drops every entry below `before` (clamped to the end of the stream). Whole fragments
     /// below it are deleted from storage; reading a dropped id gives [`Error::Truncated`].
     pub async fn truncate(&self, name: &str, before: u64) -> Result<StreamInfo> {
-        Ok(info(&truncate(&self.shared, name, before).await?))
+        let s = truncate(&self.shared, name, before).await?;
+        Ok(self.shared.info(&s))
     }
 
     /// Deletes a stream and all its fragments. Its writer fails at its next flush, its readers
@@ -303,6 +397,9 @@ impl Streams {
         let n = name.to_string();
         let id = self.shared.blocking(move |sh| sh.meta.delete(&n)).await?;
         self.shared.tails.lock().remove(&id);
+        if let Some(t) = self.shared.journaled.lock().remove(&id) {
+            t.lock().deleted = true;
+        }
         self.shared.cache.remove_where(|o| o.stream == id);
         for o in self.shared.store.list(Some(id)).await? {
             self.shared.store.delete(&o.location).await?;
@@ -322,22 +419,184 @@ impl Streams {
 
     /// Syncs and closes the metadata engine. Writers and readers still open fail afterwards.
     pub async fn close(self) -> Result<()> {
-        self.shared.blocking(|sh| sh.meta.close()).await
+        self.shared
+            .blocking(|sh| {
+                if let Some(j) = &sh.journal {
+                    j.close()?;
+                }
+                sh.meta.close()
+            })
+            .await
     }
 }
 
-/// Moves the truncation point, tells readers, and deletes the fragments it unrecorded.
+/// Moves the truncation point, tells readers, and deletes the fragments it unrecorded. With a
+/// journal, a truncation point above the recorded entries is journaled and recorded once they
+/// are.
 async fn truncate(sh: &Arc<Shared>, name: &str, before: u64) -> Result<StreamMeta> {
     let n = name.to_string();
     let (s, gone) = sh.blocking(move |sh| sh.meta.truncate(&n, before)).await?;
     sh.publish(&s);
     forget(sh, s.id, &gone).await;
+    let tail = sh.journaled.lock().get(&s.id).cloned();
+    let (true, Some(tail)) = (sh.journal().is_some(), tail) else { return Ok(s) };
+    let end = sh.bounds(s.id).map_or(s.next_id, |b| b.next);
+    let before = before.min(end);
+    if before <= s.next_id {
+        return Ok(s);
+    }
+    let id = s.id;
+    let journaled = sh
+        .blocking(move |sh| {
+            let j = sh.journal().expect("checked");
+            {
+                let mut t = tail.lock();
+                if before <= t.truncate {
+                    return Ok(false);
+                }
+                let seq = j.append_truncate(id, before)?;
+                t.push_truncate(before, seq);
+            }
+            if j.synced() {
+                j.sync()?;
+            }
+            Ok(true)
+        })
+        .await?;
+    if journaled {
+        if let Some(tx) = sh.tails.lock().get(&s.id) {
+            tx.send_if_modified(|b| {
+                let old = b.first;
+                b.first = old.max(before);
+                old < before
+            });
+        }
+    }
     Ok(s)
+}
+
+/// Writes out as fragments whatever the journal holds beyond each stream's recorded entries,
+/// records them, applies journaled truncations, and empties the journal.
+async fn replay_journal(sh: &Arc<Shared>) -> Result<()> {
+    if sh.journal.is_none() {
+        return Ok(());
+    }
+    struct Replay {
+        name: String,
+        next: u64,
+        entries: Vec<Bytes>,
+        truncate: u64,
+    }
+    let records = sh.blocking(|sh| sh.journal.as_ref().expect("checked").records()).await?;
+    let mut streams: std::collections::BTreeMap<u64, Replay> = Default::default();
+    for (seq, r) in records {
+        let id = match &r {
+            Record::Entries { stream, .. } | Record::Truncate { stream, .. } => *stream,
+        };
+        let st = match streams.entry(id) {
+            std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
+            std::collections::btree_map::Entry::Vacant(v) => {
+                // Ids are never reused: records of a deleted stream are skipped.
+                let Some(s) = sh.meta.stream(id)? else { continue };
+                v.insert(Replay {
+                    name: s.name,
+                    next: s.next_id,
+                    entries: Vec::new(),
+                    truncate: 0,
+                })
+            }
+        };
+        match r {
+            Record::Entries { first, entries, .. } => {
+                let end = first + entries.len() as u64;
+                if end <= st.next {
+                    continue;
+                }
+                if first > st.next {
+                    return Err(Error::Corrupt {
+                        object: format!("stream journal record {seq}"),
+                        reason: format!(
+                            "entries of stream {:?} start at {first}, but the stream ends at {}",
+                            st.name, st.next
+                        ),
+                    });
+                }
+                let skip = (st.next - first) as usize;
+                st.entries.extend(entries.into_iter().skip(skip));
+                st.next = end;
+            }
+            Record::Truncate { before, .. } => st.truncate = st.truncate.max(before),
+        }
+    }
+    let wo = sh.opts.writer_options();
+    for (id, r) in streams {
+        if !r.entries.is_empty() {
+            let name = r.name.clone();
+            let s = sh.blocking(move |sh| sh.meta.open_writer(&name)).await?;
+            let segment = s.open_segment.expect("a new writer has an open segment");
+            let mut first = s.next_id;
+            let mut metas = Vec::new();
+            for chunk in chunks(&r.entries, wo.max_entries, wo.max_bytes) {
+                let data = fragment::encode(id, segment, first, chunk, wo.lz4);
+                let meta = FragmentMeta {
+                    segment,
+                    first_id: first,
+                    end_id: first + chunk.len() as u64,
+                    bytes: data.len() as u64,
+                    created_ms: now_ms(),
+                    epoch: s.epoch,
+                };
+                let path = sh.store.path(&object_id(id, &meta));
+                if sh.store.put(&path, data).await? == crate::store::Put::Taken {
+                    return Err(Error::Fenced { stream: r.name.clone(), epoch: s.epoch });
+                }
+                first = meta.end_id;
+                metas.push(meta);
+            }
+            let (name, epoch) = (r.name.clone(), s.epoch);
+            let s = sh
+                .blocking(move |sh| {
+                    let s = sh.meta.commit(id, &name, epoch, &metas)?;
+                    sh.meta.close_writer(id, &name, epoch)?;
+                    Ok(s)
+                })
+                .await?;
+            sh.publish(&s);
+            tracing::info!(stream = %r.name, entries = r.entries.len(), "journaled entries written out as fragments");
+        }
+        if r.truncate > 0 {
+            truncate(sh, &r.name, r.truncate).await?;
+        }
+    }
+    sh.blocking(|sh| {
+        let j = sh.journal.as_ref().expect("checked");
+        j.release(j.next_seq(), true)?;
+        j.sync()
+    })
+    .await
+}
+
+/// Splits entries into runs of at most `max_entries`, each ending at the entry that reaches
+/// `max_bytes`.
+fn chunks(entries: &[Bytes], max_entries: usize, max_bytes: usize) -> Vec<&[Bytes]> {
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, e) in entries.iter().enumerate() {
+        bytes += e.len();
+        if i + 1 - start >= max_entries || bytes >= max_bytes {
+            out.push(&entries[start..=i]);
+            (start, bytes) = (i + 1, 0);
+        }
+    }
+    if start < entries.len() {
+        out.push(&entries[start..]);
+    }
+    out
 }
 
 /// Deletes the objects of unrecorded fragments and drops them from the cache. A failed delete
 /// leaves an orphan for garbage collection.
-async fn forget(sh: &Shared, stream: u64, gone: &[FragmentMeta]) {
+pub(crate) async fn forget(sh: &Shared, stream: u64, gone: &[FragmentMeta]) {
     let ids: Vec<ObjectId> = gone.iter().map(|f| object_id(stream, f)).collect();
     sh.cache.remove_where(|o| ids.contains(o));
     for id in &ids {

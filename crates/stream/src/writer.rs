@@ -155,6 +155,8 @@ struct State {
     unacked_bytes: usize,
     /// Fragments sealed and not yet recorded.
     inflight: usize,
+    /// With a synced journal: batches journaled and waiting for the journal's sync.
+    journaling: usize,
     /// The slot of the newest sealed fragment (what `flush` waits for once the buffer is empty).
     last_sealed: Option<Arc<Slot>>,
     /// Seal the buffer now: a flush or close asked for it.
@@ -167,6 +169,8 @@ struct State {
 
 struct WriterShared {
     state: Mutex<State>,
+    /// The store has a journal: entries are acknowledged once journaled.
+    journal: bool,
     /// Wakes the flusher: entries to seal, a flush or a close.
     work: Notify,
     /// Wakes senders waiting for room under `max_buffered_bytes`.
@@ -195,6 +199,23 @@ impl StreamWriter {
     pub(crate) fn start(shared: Arc<Shared>, s: StreamMeta, opts: WriterOptions) -> StreamWriter {
         let name: Arc<str> = s.name.as_str().into();
         let segment = s.open_segment.expect("writer has an open segment");
+        // With a journal, the writer takes over the stream's tail: entries an earlier writer
+        // journaled and did not record are its to cut into fragments.
+        let journal = shared.journal().map(|j| {
+            let tail = shared.tail(s.id, s.next_id);
+            let (end, inherited) = tail.lock().adopt(s.epoch, s.next_id);
+            JournalSide {
+                tail,
+                synced: j.synced(),
+                next: end,
+                syncing: FuturesOrdered::new(),
+                waiting: VecDeque::new(),
+                uncut_bytes: inherited,
+                uncut_since: (end > s.next_id).then(Instant::now),
+            }
+        });
+        let (next_id, inherited) =
+            journal.as_ref().map_or((s.next_id, 0), |j| (j.next, j.uncut_bytes));
         let ws = Arc::new(WriterShared {
             state: Mutex::new(State {
                 buf: Vec::new(),
@@ -202,16 +223,18 @@ impl StreamWriter {
                 buf_since: None,
                 slot: Pending::new(),
                 ready: VecDeque::new(),
-                next_id: s.next_id,
-                committed: s.next_id,
-                unacked_bytes: 0,
+                next_id,
+                committed: next_id,
+                unacked_bytes: inherited,
                 inflight: 0,
+                journaling: 0,
                 last_sealed: None,
                 force: false,
                 closing: false,
                 close_tx: None,
                 failed: None,
             }),
+            journal: journal.is_some(),
             work: Notify::new(),
             room: Notify::new(),
         });
@@ -231,6 +254,7 @@ impl StreamWriter {
             done: Vec::new(),
             commit: None,
             spare: Vec::new(),
+            journal,
             opts: opts.clone(),
         };
         tokio::spawn(flusher.run());
@@ -275,9 +299,13 @@ impl StreamWriter {
                     // write a full one while there is room, or write at once (group commit). A
                     // full buffer set aside without room waits for a commit, which the flusher
                     // sees without being woken.
-                    let wake = st.buf.len() == 1
-                        || (set_aside && st.inflight < self.opts.max_flush_inflight)
-                        || (self.opts.flush_when_idle && st.inflight < IDLE_INFLIGHT);
+                    let wake = if self.shared.journal {
+                        st.journaling < IDLE_INFLIGHT
+                    } else {
+                        st.buf.len() == 1
+                            || (set_aside && st.inflight < self.opts.max_flush_inflight)
+                            || (self.opts.flush_when_idle && st.inflight < IDLE_INFLIGHT)
+                    };
                     drop(st);
                     if wake {
                         self.shared.work.notify_one();
@@ -387,12 +415,32 @@ struct Upload {
 
 /// A sealed fragment's bookkeeping, in id order beside `inflight` and `done`.
 struct Sealed {
-    pending: Pending,
+    /// The slot its entries wait on (none with a journal: they were acknowledged when journaled).
+    pending: Option<Pending>,
     since: Instant,
     bytes: usize,
 }
 
-type CommitFuture = Pin<Box<dyn Future<Output = (Vec<Upload>, Result<StreamMeta>)> + Send>>;
+/// A commit's outcome: the stream as recorded, and fragments a journaled truncation unrecorded.
+type Committed = Result<(StreamMeta, Vec<FragmentMeta>)>;
+type CommitFuture = Pin<Box<dyn Future<Output = (Vec<Upload>, Committed)> + Send>>;
+
+/// The journal side of a writer (when the store has a journal).
+struct JournalSide {
+    /// The stream's tail, shared with readers and later writers.
+    tail: Arc<Mutex<crate::journal::Tail>>,
+    /// Acks wait for the journal's sync.
+    synced: bool,
+    /// Id of the next entry journaled.
+    next: u64,
+    /// Journal syncs in flight, in order, beside `waiting`.
+    syncing: FuturesOrdered<Pin<Box<dyn Future<Output = Result<()>> + Send>>>,
+    /// Per sync in flight: the slot it acknowledges, the end of its entries, when they were sent.
+    waiting: VecDeque<(Pending, u64, Instant)>,
+    /// Bytes journaled and not yet sealed into a fragment, and since when.
+    uncut_bytes: usize,
+    uncut_since: Option<Instant>,
+}
 
 struct Flusher {
     shared: Arc<Shared>,
@@ -417,11 +465,19 @@ struct Flusher {
     commit: Option<CommitFuture>,
     /// Buffers of recorded fragments, reused for the next ones.
     spare: Vec<BytesMut>,
+    journal: Option<JournalSide>,
 }
 
 impl Flusher {
     /// Takes the next batch to write, if one should be written now.
     fn next_batch(&self, st: &mut State) -> Option<Batch> {
+        if let Some(j) = &self.journal {
+            // Journal at once, with at most two syncs in flight (group commit).
+            if j.synced && st.journaling >= IDLE_INFLIGHT {
+                return None;
+            }
+            return st.ready.pop_front().or_else(|| (!st.buf.is_empty()).then(|| take_buf(st)));
+        }
         if st.inflight >= self.opts.max_flush_inflight {
             return None;
         }
@@ -444,21 +500,28 @@ impl Flusher {
         let ws = self.ws.clone();
         loop {
             let work = ws.work.notified();
+            if self.journal.is_some() {
+                self.journal_and_cut();
+            }
             let (deadline, finished) = {
                 let mut st = ws.state.lock();
-                if st.failed.is_none() {
+                if st.failed.is_none() && self.journal.is_none() {
                     while let Some(b) = self.next_batch(&mut st) {
                         st.inflight += 1;
                         st.last_sealed = Some(b.pending.0.clone());
-                        self.seal(b);
+                        self.seal(b.entries, b.bytes, Some(b.pending), b.since);
                     }
                 }
                 if st.buf.is_empty() && st.ready.is_empty() {
                     st.force = false;
                 }
-                let idle = st.buf.is_empty() && st.ready.is_empty() && st.inflight == 0;
+                let mut idle = st.buf.is_empty() && st.ready.is_empty() && st.inflight == 0;
                 let room = st.inflight < self.opts.max_flush_inflight;
-                let deadline = st.buf_since.filter(|_| room && st.failed.is_none());
+                let mut deadline = st.buf_since.filter(|_| room && st.failed.is_none());
+                if let Some(j) = &self.journal {
+                    idle &= j.waiting.is_empty() && self.next_first >= j.next;
+                    deadline = j.uncut_since.filter(|_| room && st.failed.is_none());
+                }
                 (deadline, st.closing && (idle || st.failed.is_some()) && self.commit.is_none())
             };
             if finished {
@@ -475,6 +538,20 @@ impl Flusher {
                 Some((ups, r)) = OptionFuture::from(self.commit.as_mut()) => {
                     self.commit = None;
                     self.finish(ups, r);
+                }
+                Some(Some(r)) = OptionFuture::from(
+                    self.journal.as_mut().filter(|j| !j.syncing.is_empty()).map(|j| j.syncing.next())
+                ) => {
+                    let j = self.journal.as_mut().expect("journal mode");
+                    let (pending, end, since) = j.waiting.pop_front().expect("one per sync");
+                    match r {
+                        Ok(()) => self.journaled(pending, end, since),
+                        Err(e) => {
+                            let e = Arc::new(e);
+                            pending.0.resolve(Err(e.clone()));
+                            self.fail(e);
+                        }
+                    }
                 }
                 Some(up) = self.inflight.next(), if !self.inflight.is_empty() => {
                     self.done.push(up);
@@ -506,9 +583,15 @@ impl Flusher {
         }
     }
 
-    /// Encodes a batch into a fragment and starts writing it.
-    fn seal(&mut self, b: Batch) {
-        let count = b.entries.len() as u64;
+    /// Encodes entries into a fragment and starts writing it.
+    fn seal(
+        &mut self,
+        entries: Vec<Bytes>,
+        bytes: usize,
+        pending: Option<Pending>,
+        since: Instant,
+    ) {
+        let count = entries.len() as u64;
         let first = self.next_first;
         self.next_first += count;
         if self.seg_bytes > 0
@@ -522,8 +605,8 @@ impl Flusher {
         }
         let buf = self.spare.pop().unwrap_or_default();
         let data =
-            fragment::encode_into(buf, self.stream, self.segment, first, &b.entries, self.opts.lz4);
-        drop(b.entries);
+            fragment::encode_into(buf, self.stream, self.segment, first, &entries, self.opts.lz4);
+        drop(entries);
         self.seg_bytes += data.len() as u64;
         let meta = FragmentMeta {
             segment: self.segment,
@@ -547,7 +630,138 @@ impl Flusher {
             };
             Upload { meta, data, result, started }
         }));
-        self.sealed.push_back(Sealed { pending: b.pending, since: b.since, bytes: b.bytes });
+        self.sealed.push_back(Sealed { pending, since, bytes });
+    }
+
+    /// With a journal: journals what senders buffered, then seals fragments from the tail as
+    /// they become due.
+    fn journal_and_cut(&mut self) {
+        let batches: Vec<Batch> = {
+            let mut st = self.ws.state.lock();
+            if st.failed.is_some() {
+                return;
+            }
+            let mut v = Vec::new();
+            while let Some(b) = self.next_batch(&mut st) {
+                if self.journal.as_ref().is_some_and(|j| j.synced) {
+                    st.journaling += 1;
+                }
+                st.last_sealed = Some(b.pending.0.clone());
+                v.push(b);
+            }
+            v
+        };
+        let mut batches = batches.into_iter();
+        while let Some(b) = batches.next() {
+            if let Err(e) = self.journal_batch(b) {
+                for b in batches.by_ref() {
+                    b.pending.0.resolve(Err(e.clone()));
+                }
+                self.fail(e);
+                return;
+            }
+        }
+        self.cut();
+    }
+
+    /// Appends a batch to the journal and the tail; acknowledges it, or starts the sync that
+    /// will. On failure the batch's slot holds the error.
+    fn journal_batch(&mut self, b: Batch) -> std::result::Result<(), Arc<Error>> {
+        let j = self.journal.as_mut().expect("journal mode");
+        let first = j.next;
+        let end = first + b.entries.len() as u64;
+        let r = {
+            let mut t = j.tail.lock();
+            if t.deleted {
+                Err(Error::NotFound { stream: self.name.to_string() })
+            } else if t.epoch != self.epoch {
+                Err(Error::Fenced { stream: self.name.to_string(), epoch: self.epoch })
+            } else if t.end() != first {
+                Err(Error::Corrupt {
+                    object: format!("stream {:?}", self.name),
+                    reason: format!(
+                        "journal tail ends at {} but the writer is at {first}",
+                        t.end()
+                    ),
+                })
+            } else {
+                let journal = self.shared.journal().expect("journal mode");
+                journal
+                    .append_entries(self.stream, first, &b.entries)
+                    .map(|seq| t.push(b.entries, seq))
+            }
+        };
+        if let Err(e) = r {
+            let e = Arc::new(e);
+            b.pending.0.resolve(Err(e.clone()));
+            return Err(e);
+        }
+        j.next = end;
+        j.uncut_bytes += b.bytes;
+        j.uncut_since.get_or_insert(b.since);
+        if j.synced {
+            let sh = self.shared.clone();
+            j.syncing.push_back(Box::pin(async move {
+                tokio::task::spawn_blocking(move || sh.journal().expect("journal mode").sync())
+                    .await
+                    .unwrap_or_else(|e| {
+                        Err(Error::InvalidParam(format!("journal sync failed: {e}")))
+                    })
+            }));
+            j.waiting.push_back((b.pending, end, b.since));
+        } else {
+            self.journaled(b.pending, end, b.since);
+        }
+        Ok(())
+    }
+
+    /// Acknowledges journaled entries up to `end`.
+    fn journaled(&mut self, pending: Pending, end: u64, since: Instant) {
+        {
+            let mut st = self.ws.state.lock();
+            st.committed = st.committed.max(end);
+            if self.journal.as_ref().is_some_and(|j| j.synced) {
+                st.journaling -= 1;
+            }
+        }
+        self.shared.publish_next(self.stream, end);
+        metrics::histogram!("timber_stream_append_seconds").record(since.elapsed().as_secs_f64());
+        pending.0.resolve(Ok(()));
+    }
+
+    /// Seals fragments from the journaled entries not yet in one, while one is due (full, old
+    /// enough, or the writer is closing) and there is room in flight.
+    fn cut(&mut self) {
+        let (closing, mut inflight) = {
+            let st = self.ws.state.lock();
+            (st.closing, st.inflight)
+        };
+        let (max_entries, max_bytes) = (self.opts.max_entries, self.opts.max_bytes);
+        while inflight < self.opts.max_flush_inflight {
+            let j = self.journal.as_mut().expect("journal mode");
+            if self.next_first >= j.next {
+                j.uncut_since = None;
+                return;
+            }
+            let due = closing
+                || j.next - self.next_first >= max_entries as u64
+                || j.uncut_bytes >= max_bytes
+                || j.uncut_since.is_some_and(|t| t.elapsed() >= self.opts.max_interval);
+            if !due {
+                return;
+            }
+            let entries = j.tail.lock().range(self.next_first, j.next, max_entries, max_bytes);
+            if entries.is_empty() {
+                return;
+            }
+            let bytes: usize = entries.iter().map(Bytes::len).sum();
+            j.uncut_bytes = j.uncut_bytes.saturating_sub(bytes);
+            let left = self.next_first + (entries.len() as u64) < j.next;
+            j.uncut_since = left.then(Instant::now);
+            inflight += 1;
+            self.ws.state.lock().inflight += 1;
+            self.seal(entries, bytes, None, Instant::now());
+        }
     }
 
     /// Starts recording the finished uploads that were written; the first failed upload fails
@@ -568,22 +782,46 @@ impl Flusher {
         let metas: Vec<FragmentMeta> = ups.iter().map(|u| u.meta).collect();
         let (id, name, epoch) = (self.stream, self.name.clone(), self.epoch);
         let shared = self.shared.clone();
+        let tail = self.journal.as_ref().map(|j| j.tail.clone());
         self.commit = Some(Box::pin(async move {
-            let r = shared.blocking(move |sh| sh.meta.commit(id, &name, epoch, &metas)).await;
+            let r = shared
+                .blocking(move |sh| {
+                    let s = sh.meta.commit(id, &name, epoch, &metas)?;
+                    let Some(tail) = tail else { return Ok((s, Vec::new())) };
+                    // A journaled truncation is recorded as far as the entries are, then the
+                    // tail and the journal let go of what is recorded.
+                    let truncate = tail.lock().truncate;
+                    let (s, gone) = if truncate > s.first_id {
+                        sh.meta.truncate(&name, truncate)?
+                    } else {
+                        (s, Vec::new())
+                    };
+                    tail.lock().release(s.next_id);
+                    if let Err(e) = sh.release_journal(false) {
+                        tracing::warn!(error = %e, "truncating the stream journal failed");
+                    }
+                    Ok((s, gone))
+                })
+                .await;
             (ups, r)
         }));
     }
 
     /// Acks the fragments a metadata write recorded, or fails the writer.
-    fn finish(&mut self, ups: Vec<Upload>, r: Result<StreamMeta>) {
-        let s = match r {
-            Ok(s) => s,
+    fn finish(&mut self, ups: Vec<Upload>, r: Committed) {
+        let (s, gone) = match r {
+            Ok(r) => r,
             Err(e) => {
                 self.fail_all(e);
                 return;
             }
         };
         self.shared.publish(&s);
+        if !gone.is_empty() {
+            let sh = self.shared.clone();
+            tokio::spawn(async move { crate::streams::forget(&sh, s.id, &gone).await });
+        }
+        let n = ups.len();
         let readers = self.shared.cache.has_readers(self.stream);
         let mut freed = 0;
         let mut resolved = Vec::with_capacity(ups.len());
@@ -591,8 +829,10 @@ impl Flusher {
             let sealed = self.sealed.pop_front().expect("one sealed record per upload");
             metrics::histogram!("timber_stream_flush_seconds")
                 .record(up.started.elapsed().as_secs_f64());
-            metrics::histogram!("timber_stream_append_seconds")
-                .record(sealed.since.elapsed().as_secs_f64());
+            if sealed.pending.is_some() {
+                metrics::histogram!("timber_stream_append_seconds")
+                    .record(sealed.since.elapsed().as_secs_f64());
+            }
             metrics::counter!("timber_stream_fragments_total").increment(1);
             metrics::counter!("timber_stream_appended_entries_total")
                 .increment(up.meta.end_id - up.meta.first_id);
@@ -603,14 +843,16 @@ impl Flusher {
                 }
             }
             freed += sealed.bytes;
-            resolved.push(sealed.pending);
+            resolved.extend(sealed.pending);
             self.reclaim(up.data);
         }
         {
             let mut st = self.ws.state.lock();
-            st.committed = s.next_id;
+            if self.journal.is_none() {
+                st.committed = s.next_id;
+            }
             st.unacked_bytes -= freed;
-            st.inflight -= resolved.len();
+            st.inflight -= n;
         }
         for p in &resolved {
             p.0.resolve(Ok(()));
@@ -635,15 +877,27 @@ impl Flusher {
     /// Fails every entry not yet recorded (in flight, written, set aside, buffered) with `err`,
     /// and marks the writer failed: later sends and flushes get the error.
     fn fail_all(&mut self, err: Error) {
+        self.fail(Arc::new(err));
+    }
+
+    /// [`Flusher::fail_all`] with a shared error. With a journal, the stream's tail keeps what
+    /// was journaled (acknowledged): the next writer, or the next open, records it.
+    fn fail(&mut self, err: Arc<Error>) {
         tracing::warn!(stream = %self.name, epoch = self.epoch, error = %err, "stream writer failed");
-        let err = Arc::new(err);
         self.inflight = FuturesOrdered::new();
         self.done.clear();
-        let mut slots: Vec<Pending> = self.sealed.drain(..).map(|s| s.pending).collect();
+        let mut slots: Vec<Pending> = self.sealed.drain(..).filter_map(|s| s.pending).collect();
+        if let Some(j) = &mut self.journal {
+            j.syncing = FuturesOrdered::new();
+            slots.extend(j.waiting.drain(..).map(|(p, _, _)| p));
+            j.uncut_bytes = 0;
+            j.uncut_since = None;
+        }
         {
             let mut st = self.ws.state.lock();
             st.failed = Some(err.clone());
             st.inflight = 0;
+            st.journaling = 0;
             st.unacked_bytes = 0;
             slots.extend(st.ready.drain(..).map(|b| b.pending));
             st.buf.clear();

@@ -1,7 +1,8 @@
 //! Model-based property test: random sequences of appends, reads, tail reads, truncations,
 //! writer changes (fencing), maintenance (garbage collection, merging) and reopens, checked
 //! against a `Vec` of every entry ever appended plus the truncation point. Runs against the local
-//! file system and a real S3 server.
+//! file system and a real S3 server, without and with a journal (whose entries are read from
+//! memory until fragments are cut, and replayed at reopen).
 
 mod common;
 
@@ -10,7 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::{Backend, Place};
 use proptest::prelude::*;
-use timber_stream::{Error, Start, StreamConfig, StreamWriter, Streams, WriterOptions};
+use timber_stream::{Error, Journal, Start, StreamConfig, StreamWriter, Streams, WriterOptions};
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -52,9 +53,9 @@ struct Model {
     first: u64,
 }
 
-async fn run(p: &Place, ops: &[Op], wo: WriterOptions, merge: bool) {
+async fn run(p: &Place, ops: &[Op], wo: WriterOptions, merge: bool, journal: Journal) {
     let opts = || {
-        let o = p.options();
+        let o = p.options().journal(journal);
         if merge {
             o.merge(2048, 16 << 10)
         } else {
@@ -156,17 +157,38 @@ async fn run(p: &Place, ops: &[Op], wo: WriterOptions, merge: bool) {
     assert_eq!(p.fragment_files().len() as u64, recorded);
 }
 
-fn writer_options() -> impl Strategy<Value = (WriterOptions, bool)> {
-    (1usize..12, any::<bool>(), prop_oneof![Just(4u64 << 10), Just(1u64 << 30)], any::<bool>())
-        .prop_map(|(max_entries, lz4, seg, merge)| {
+fn writer_options() -> impl Strategy<Value = (WriterOptions, bool, Journal)> {
+    let journal = prop_oneof![
+        2 => Just(Journal::Off),
+        1 => Just(Journal::Always),
+        1 => Just(Journal::Interval(Duration::from_millis(5))),
+        1 => Just(Journal::Manual),
+    ];
+    // With a journal, a long interval keeps entries in the tail (read from memory, replayed at
+    // reopen) until the writer closes or its fragment fills.
+    let interval = prop_oneof![Just(Duration::from_millis(1)), Just(Duration::from_secs(30))];
+    (
+        1usize..12,
+        any::<bool>(),
+        prop_oneof![Just(4u64 << 10), Just(1u64 << 30)],
+        any::<bool>(),
+        journal,
+        interval,
+    )
+        .prop_map(|(max_entries, lz4, seg, merge, journal, interval)| {
             let wo = WriterOptions {
                 max_entries,
                 lz4,
                 max_segment_bytes: seg,
                 max_flush_inflight: 1 + max_entries % 4,
+                max_interval: if journal == Journal::Off {
+                    Duration::from_millis(1)
+                } else {
+                    interval
+                },
                 ..common::fast_writer()
             };
-            (wo, merge)
+            (wo, merge, journal)
         })
 }
 
@@ -178,14 +200,14 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: cases(), ..ProptestConfig::default() })]
 
     #[test]
-    fn local_matches_model(ops in prop::collection::vec(op(), 1..40), (wo, merge) in writer_options()) {
+    fn local_matches_model(ops in prop::collection::vec(op(), 1..40), (wo, merge, journal) in writer_options()) {
         let p = Place::new(Backend::Local);
-        common::runtime().block_on(run(&p, &ops, wo, merge));
+        common::runtime().block_on(run(&p, &ops, wo, merge, journal));
     }
 
     #[test]
-    fn s3_matches_model(ops in prop::collection::vec(op(), 1..40), (wo, merge) in writer_options()) {
+    fn s3_matches_model(ops in prop::collection::vec(op(), 1..40), (wo, merge, journal) in writer_options()) {
         let p = Place::new(Backend::S3);
-        common::runtime().block_on(run(&p, &ops, wo, merge));
+        common::runtime().block_on(run(&p, &ops, wo, merge, journal));
     }
 }
