@@ -87,7 +87,7 @@ impl Server {
         };
         let streams_dir = cfg.data_dir.join("streams");
         let redis_streams = Arc::new(
-            StreamSpace::open(keys.clone(), &streams_dir)
+            StreamSpace::open(keys.clone(), &streams_dir, cfg.sync)
                 .await
                 .with_context(|| format!("cannot open {}", streams_dir.display()))?,
         );

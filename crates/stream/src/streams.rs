@@ -498,12 +498,7 @@ async fn replay_journal(sh: &Arc<Shared>) -> Result<()> {
             std::collections::btree_map::Entry::Vacant(v) => {
                 // Ids are never reused: records of a deleted stream are skipped.
                 let Some(s) = sh.meta.stream(id)? else { continue };
-                v.insert(Replay {
-                    name: s.name,
-                    next: s.next_id,
-                    entries: Vec::new(),
-                    truncate: 0,
-                })
+                v.insert(Replay { name: s.name, next: s.next_id, entries: Vec::new(), truncate: 0 })
             }
         };
         match r {

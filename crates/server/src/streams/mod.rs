@@ -29,11 +29,12 @@ use futures::future::BoxFuture;
 use futures::FutureExt as _;
 use parking_lot::Mutex;
 use timber_kv::WriteBatch;
-use timber_stream::{Ack, Start, StreamConfig, StreamReader, StreamWriter, Streams};
+use timber_stream::{Ack, Journal, Start, StreamConfig, StreamReader, StreamWriter, Streams};
 use tokio::sync::watch;
 
 pub use id::StreamId;
 
+use crate::config::Sync;
 use crate::keyspace::{self, now_ms, Keyspace, Kind, Value};
 use group::{Group, Pending};
 
@@ -197,9 +198,16 @@ fn reverse_key(uid: u64) -> Vec<u8> {
 pub type Delivery = Vec<(StreamId, Option<Vec<Bytes>>)>;
 
 impl StreamSpace {
-    /// Opens the timber streams of the server in `dir`.
-    pub async fn open(keys: Arc<Keyspace>, dir: &Path) -> Result<StreamSpace> {
-        let streams = Streams::open(dir, timber_stream::Options::default()).await?;
+    /// Opens the timber streams of the server in `dir`. Appends are acknowledged from the
+    /// store's journal, synced as `sync` says (as keyspace writes are).
+    pub async fn open(keys: Arc<Keyspace>, dir: &Path, sync: Sync) -> Result<StreamSpace> {
+        let journal = match sync {
+            Sync::Always => Journal::Always,
+            Sync::Interval(d) => Journal::Interval(d),
+            Sync::Manual => Journal::Manual,
+        };
+        let streams =
+            Streams::open(dir, timber_stream::Options::default().journal(journal)).await?;
         Ok(StreamSpace {
             keys,
             streams,
@@ -905,7 +913,9 @@ mod tests {
     async fn idle_writers_close_and_reopen_without_losing_order() {
         let dir = tempfile::tempdir().unwrap();
         let keys = Arc::new(Keyspace::open(&dir.path().join("kv"), crate::Sync::Manual).unwrap());
-        let space = StreamSpace::open(keys.clone(), &dir.path().join("streams")).await.unwrap();
+        let space = StreamSpace::open(keys.clone(), &dir.path().join("streams"), Sync::Always)
+            .await
+            .unwrap();
         let logs = crate::logs::Logs::new(space.store().clone());
         let f = [Bytes::from("f"), Bytes::from("v")];
         logs.append("plain", vec![Bytes::from("x")]).await.unwrap_err();
