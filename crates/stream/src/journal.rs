@@ -206,6 +206,15 @@ fn decode(seq: u64, data: &[u8]) -> Result<Record> {
     }
 }
 
+/// What a journal record waits for before it is unneeded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Needed {
+    /// Recorded fragments reaching this id.
+    Recorded(u64),
+    /// A recorded truncation point at or above this id.
+    Truncated(u64),
+}
+
 /// The journaled entries of one stream that no recorded fragment holds yet, and the journal
 /// records they need.
 #[derive(Debug)]
@@ -219,9 +228,9 @@ pub(crate) struct Tail {
     /// Id of `entries[0]`.
     first: u64,
     entries: VecDeque<Bytes>,
-    /// The journal records still needed, in journal order: (the recorded end that makes the
-    /// record unneeded, its sequence number).
-    records: VecDeque<(u64, u64)>,
+    /// The journal records still needed, in journal order: what makes the record unneeded and
+    /// its sequence number.
+    records: VecDeque<(Needed, u64)>,
 }
 
 impl Tail {
@@ -256,13 +265,13 @@ impl Tail {
     /// Adds journaled entries at the end.
     pub(crate) fn push(&mut self, entries: Vec<Bytes>, seq: u64) {
         self.entries.extend(entries);
-        self.records.push_back((self.end(), seq));
+        self.records.push_back((Needed::Recorded(self.end()), seq));
     }
 
     /// Notes a journaled truncation below `before`.
     pub(crate) fn push_truncate(&mut self, before: u64, seq: u64) {
         self.truncate = self.truncate.max(before);
-        self.records.push_back((before, seq));
+        self.records.push_back((Needed::Truncated(before), seq));
     }
 
     /// Entries `from ..to`, at most `max_entries` of them and stopping after the one that
@@ -292,9 +301,10 @@ impl Tail {
         id >= self.first && id < self.end()
     }
 
-    /// Forgets the entries and records that recorded fragments up to `recorded` (and a recorded
-    /// truncation) made unneeded.
-    pub(crate) fn release(&mut self, recorded: u64) {
+    /// Forgets the entries and records that the metadata made unneeded: fragments recorded up
+    /// to `recorded`, and the truncation point `first` recorded. A truncation journaled after
+    /// the caller read [`Tail::truncate`] stays.
+    pub(crate) fn release(&mut self, recorded: u64, first: u64) {
         while self.first < recorded && !self.entries.is_empty() {
             self.entries.pop_front();
             self.first += 1;
@@ -302,10 +312,13 @@ impl Tail {
         if self.entries.is_empty() {
             self.first = self.first.max(recorded);
         }
-        while self.records.front().is_some_and(|&(end, _)| end <= recorded) {
+        while self.records.front().is_some_and(|&(needed, _)| match needed {
+            Needed::Recorded(end) => end <= recorded,
+            Needed::Truncated(before) => before <= first,
+        }) {
             self.records.pop_front();
         }
-        if self.truncate <= recorded {
+        if self.truncate <= first {
             self.truncate = 0;
         }
     }
@@ -359,9 +372,13 @@ mod tests {
         assert_eq!(t.range(6, 10, 2, usize::MAX).len(), 2);
         assert_eq!(t.range(6, 10, 10, 2).len(), 2);
         assert_eq!(t.adopt(2, 8), (10, 4));
-        t.release(8);
+        // Entries up to 8 recorded, the truncation to 7 not yet: its record stays, and so does
+        // every later one.
+        t.release(8, 0);
+        assert_eq!((t.first, t.truncate, t.oldest_record()), (8, 7, Some(101)));
+        t.release(8, 7);
         assert_eq!((t.first, t.truncate, t.oldest_record()), (8, 0, Some(102)));
-        t.release(10);
+        t.release(10, 7);
         assert_eq!((t.end(), t.oldest_record()), (10, None));
     }
 }

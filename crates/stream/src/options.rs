@@ -74,7 +74,8 @@ pub struct WriterOptions {
     pub max_entries: usize,
     /// Flush a fragment once its entries add up to this many bytes.
     pub max_bytes: usize,
-    /// Flush a fragment this long after its first entry arrived.
+    /// Flush a fragment this long after its first entry arrived (with a journal: cut one from
+    /// the journaled entries this long after the oldest of them was journaled).
     pub max_interval: Duration,
     /// Fragments being written at once.
     pub max_flush_inflight: usize,
@@ -92,7 +93,9 @@ pub struct WriterOptions {
     /// instead of waiting for `max_interval`; entries arriving meanwhile form the next one (two,
     /// so that one fragment's fsync overlaps the next one's write). Lowest latency for writers
     /// that wait for each ack, at the price of more, smaller fragments under light load (merged
-    /// later once their segment is sealed).
+    /// later once their segment is sealed). With a journal
+    /// ([`Options::journal`](crate::Options::journal)) entries are always journaled at once and
+    /// this option has no effect.
     pub flush_when_idle: bool,
 }
 

@@ -746,6 +746,8 @@ impl Flusher {
             let due = closing
                 || j.next - self.next_first >= max_entries as u64
                 || j.uncut_bytes >= max_bytes
+                // Senders wait once `max_buffered_bytes` are not recorded: cut before that.
+                || j.uncut_bytes.saturating_mul(2) >= self.opts.max_buffered_bytes
                 || j.uncut_since.is_some_and(|t| t.elapsed() >= self.opts.max_interval);
             if !due {
                 return;
@@ -796,7 +798,7 @@ impl Flusher {
                     } else {
                         (s, Vec::new())
                     };
-                    tail.lock().release(s.next_id);
+                    tail.lock().release(s.next_id, s.first_id);
                     if let Err(e) = sh.release_journal(false) {
                         tracing::warn!(error = %e, "truncating the stream journal failed");
                     }

@@ -215,3 +215,26 @@ fn a_damaged_journal_record_is_reported() {
         assert!(matches!(e, Error::Journal(_) | Error::Corrupt { .. }), "{e}");
     });
 }
+
+#[test]
+fn a_journaled_truncation_is_recorded_once_the_entries_are() {
+    let p = Place::new(Backend::Local);
+    common::runtime().block_on(async {
+        let s = Streams::open(p.dir.path(), p.options().journal(Journal::Always)).await.unwrap();
+        s.create("r", StreamConfig::default()).await.unwrap();
+        let w = s.writer_with("r", slow_cut()).await.unwrap();
+        for i in 0..30 {
+            w.append(entry(i)).await.unwrap();
+        }
+        assert_eq!(s.truncate("r", 25).await.unwrap().first_id, 25);
+        // Truncating again below it changes nothing.
+        assert_eq!(s.truncate("r", 10).await.unwrap().first_id, 25);
+        w.close().await.unwrap();
+        s.close().await.unwrap();
+        // Recorded in metadata: a store without a journal (and an empty one) agrees.
+        let s = Streams::open(p.dir.path(), p.options()).await.unwrap();
+        let info = s.info("r").unwrap();
+        assert_eq!((info.first_id, info.next_id), (25, 30));
+        read_all(&s, "r", 25, 30).await;
+    });
+}
