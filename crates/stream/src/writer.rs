@@ -10,12 +10,20 @@
 //! resolves its slot, which wakes the tasks awaiting its entries' acks. Nothing is allocated per
 //! entry: no channel, no permit, no clock read.
 //!
+//! With a journal (`crate::journal`), the flusher instead appends each buffer to the journal
+//! and the stream's tail at once (under `Journal::Always`, with at most two journal syncs in
+//! flight) and resolves its slot when the record is durable; fragments are then cut from the
+//! tail by `max_entries`, `max_bytes` or `max_interval` and written and recorded as above, their
+//! entries long acknowledged.
+//!
 //! Invariants: ids are assigned densely from the stream's end in the order `send` calls take the
 //! buffer lock; a buffer that reaches `max_entries` or `max_bytes` is set aside whole, so a
 //! fragment never exceeds them; a slot is resolved Ok only after its fragment's object is durable
-//! AND the metadata write recording it (checked against the writer's epoch) is synced, and slots
-//! resolve in id order; once any upload or commit fails, that fragment and every later entry
-//! fails with the error and nothing more is recorded; bytes sent and not yet durable stay under
+//! AND the metadata write recording it (checked against the writer's epoch) is synced, or, with a
+//! journal, after its journal record (appended while the writer's epoch is the tail's) is
+//! durable; slots resolve in id order; once any journal append, upload or commit fails, every
+//! entry not yet acknowledged fails with the error and nothing more is recorded (journaled
+//! entries stay in the tail for the next writer); bytes sent and not yet recorded stay under
 //! `max_buffered_bytes` (senders wait for room); every slot is resolved, at worst with
 //! [`Error::Closed`] when the flusher or the writer goes away.
 
@@ -149,7 +157,7 @@ struct State {
     ready: VecDeque<Batch>,
     /// Id of the next entry sent.
     next_id: u64,
-    /// One past the last recorded entry.
+    /// One past the last acknowledged entry: recorded, or with a journal journaled.
     committed: u64,
     /// Bytes sent and not yet recorded (or failed).
     unacked_bytes: usize,
