@@ -206,6 +206,24 @@ fn decode(seq: u64, data: &[u8]) -> Result<Record> {
     }
 }
 
+/// How many of `entries` one fragment takes: at most `max_entries`, ending at the entry that
+/// reaches `max_bytes` (the rule by which writers fill fragments).
+pub(crate) fn fragment_len<'a>(
+    entries: impl Iterator<Item = &'a Bytes>,
+    max_entries: usize,
+    max_bytes: usize,
+) -> usize {
+    let (mut n, mut bytes) = (0, 0);
+    for e in entries {
+        if n >= max_entries || bytes >= max_bytes {
+            break;
+        }
+        n += 1;
+        bytes += e.len();
+    }
+    n
+}
+
 /// What a journal record waits for before it is unneeded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Needed {
@@ -274,8 +292,7 @@ impl Tail {
         self.records.push_back((Needed::Truncated(before), seq));
     }
 
-    /// Entries `from ..to`, at most `max_entries` of them and stopping after the one that
-    /// reaches `max_bytes`.
+    /// Entries `from ..to`, as many as one fragment cut at `from` takes ([`fragment_len`]).
     pub(crate) fn range(
         &self,
         from: u64,
@@ -283,17 +300,14 @@ impl Tail {
         max_entries: usize,
         max_bytes: usize,
     ) -> Vec<Bytes> {
-        let mut out = Vec::new();
-        let mut bytes = 0;
+        let from = from.max(self.first);
         let to = to.min(self.end());
-        let mut id = from.max(self.first);
-        while id < to && out.len() < max_entries && bytes < max_bytes {
-            let e = &self.entries[(id - self.first) as usize];
-            bytes += e.len();
-            out.push(e.clone());
-            id += 1;
+        if from >= to {
+            return Vec::new();
         }
-        out
+        let run = self.entries.range((from - self.first) as usize..(to - self.first) as usize);
+        let n = fragment_len(run.clone(), max_entries, max_bytes);
+        run.take(n).cloned().collect()
     }
 
     /// Whether the tail holds entry `id`.

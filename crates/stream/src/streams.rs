@@ -142,9 +142,14 @@ impl Shared {
     /// Tells readers about a metadata write. Bounds only grow, so a late publish of an older
     /// state changes nothing.
     pub(crate) fn publish(&self, s: &StreamMeta) {
-        if let Some(tx) = self.tails.lock().get(&s.id) {
+        self.raise(s.id, s.first_id, s.next_id);
+    }
+
+    /// Raises the readable range of a stream to at least `[first, next)`.
+    fn raise(&self, stream: u64, first: u64, next: u64) {
+        if let Some(tx) = self.tails.lock().get(&stream) {
             tx.send_if_modified(|b| {
-                let new = Bounds { first: b.first.max(s.first_id), next: b.next.max(s.next_id) };
+                let new = Bounds { first: b.first.max(first), next: b.next.max(next) };
                 std::mem::replace(b, new) != new
             });
         }
@@ -157,13 +162,7 @@ impl Shared {
 
     /// Tells readers that entries up to `next` are durable in the journal.
     pub(crate) fn publish_next(&self, stream: u64, next: u64) {
-        if let Some(tx) = self.tails.lock().get(&stream) {
-            tx.send_if_modified(|b| {
-                let old = b.next;
-                b.next = old.max(next);
-                old < next
-            });
-        }
+        self.raise(stream, 0, next);
     }
 
     /// The readable range of a stream as last published.
@@ -192,14 +191,14 @@ impl Shared {
         Some(Fragment::of_entries(stream, pos, &entries))
     }
 
-    /// Truncates the journal up to the oldest record a tail still needs (when that frees
-    /// enough, or now with `force`). Blocking.
-    pub(crate) fn release_journal(&self, force: bool) -> Result<()> {
+    /// Truncates the journal up to the oldest record a tail still needs, when that frees
+    /// enough. Blocking.
+    pub(crate) fn release_journal(&self) -> Result<()> {
         let Some(j) = self.journal() else { return Ok(()) };
         // The next sequence number is read first: a record appended after it is above it.
         let next = j.next_seq();
         let oldest = self.journaled.lock().values().filter_map(|t| t.lock().oldest_record()).min();
-        j.release(oldest.unwrap_or(next).min(next), force)
+        j.release(oldest.unwrap_or(next).min(next), false)
     }
 
     pub(crate) fn writer_opened(&self, stream: u64, epoch: u64) {
@@ -464,13 +463,7 @@ async fn truncate(sh: &Arc<Shared>, name: &str, before: u64) -> Result<StreamMet
         })
         .await?;
     if journaled {
-        if let Some(tx) = sh.tails.lock().get(&s.id) {
-            tx.send_if_modified(|b| {
-                let old = b.first;
-                b.first = old.max(before);
-                old < before
-            });
-        }
+        sh.raise(s.id, before, 0);
     }
     Ok(s)
 }
@@ -571,20 +564,15 @@ async fn replay_journal(sh: &Arc<Shared>) -> Result<()> {
     .await
 }
 
-/// Splits entries into runs of at most `max_entries`, each ending at the entry that reaches
-/// `max_bytes`.
+/// Splits entries into the runs the writer would cut them into.
 fn chunks(entries: &[Bytes], max_entries: usize, max_bytes: usize) -> Vec<&[Bytes]> {
     let mut out = Vec::new();
-    let (mut start, mut bytes) = (0, 0);
-    for (i, e) in entries.iter().enumerate() {
-        bytes += e.len();
-        if i + 1 - start >= max_entries || bytes >= max_bytes {
-            out.push(&entries[start..=i]);
-            (start, bytes) = (i + 1, 0);
-        }
-    }
-    if start < entries.len() {
-        out.push(&entries[start..]);
+    let mut rest = entries;
+    while !rest.is_empty() {
+        let n = crate::journal::fragment_len(rest.iter(), max_entries, max_bytes);
+        let (run, tail) = rest.split_at(n);
+        out.push(run);
+        rest = tail;
     }
     out
 }

@@ -807,7 +807,7 @@ impl Flusher {
                         (s, Vec::new())
                     };
                     tail.lock().release(s.next_id, s.first_id);
-                    if let Err(e) = sh.release_journal(false) {
+                    if let Err(e) = sh.release_journal() {
                         tracing::warn!(error = %e, "truncating the stream journal failed");
                     }
                     Ok((s, gone))
