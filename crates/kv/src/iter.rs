@@ -12,16 +12,10 @@ use bytes::Bytes;
 
 use crate::db::View;
 use crate::error::Result;
-use crate::key::{self, IKey, Kind, MAX_SEQ};
-use crate::memtable::Memtable;
+use crate::key::{self, Kind, MAX_SEQ};
+use crate::memtable::{self, Memtable};
 use crate::table::TableIter;
 use crate::version::TableFile;
-
-pub(crate) struct MemIter {
-    mem: Arc<Memtable>,
-    forward: bool,
-    cur: Option<(IKey, Bytes)>,
-}
 
 pub(crate) struct LevelIter {
     files: Vec<Arc<TableFile>>,
@@ -54,14 +48,14 @@ impl LevelIter {
 
 /// One input of a merge.
 pub(crate) enum Source {
-    Mem(MemIter),
+    Mem(memtable::Cursor),
     Table(TableIter),
     Level(LevelIter),
 }
 
 impl Source {
     pub(crate) fn mem(mem: Arc<Memtable>, forward: bool) -> Source {
-        Source::Mem(MemIter { mem, forward, cur: None })
+        Source::Mem(memtable::Cursor::new(mem, forward))
     }
 
     pub(crate) fn table(t: &TableFile, forward: bool) -> Source {
@@ -76,13 +70,7 @@ impl Source {
     fn seek(&mut self, target: Option<&[u8]>) -> Result<()> {
         match self {
             Source::Mem(m) => {
-                m.cur = match target {
-                    None => m.mem.first(m.forward),
-                    Some(t) => {
-                        let probe = IKey::probe_ikey(t);
-                        m.mem.seek(Bound::Included(&probe), m.forward)
-                    }
-                };
+                m.seek(target);
                 Ok(())
             }
             Source::Table(t) => t.seek(target),
@@ -107,9 +95,7 @@ impl Source {
     fn advance(&mut self) -> Result<()> {
         match self {
             Source::Mem(m) => {
-                if let Some((k, _)) = m.cur.take() {
-                    m.cur = m.mem.seek(Bound::Excluded(&k), m.forward);
-                }
+                m.advance();
                 Ok(())
             }
             Source::Table(t) => t.advance(),
@@ -127,7 +113,7 @@ impl Source {
 
     fn key(&self) -> Option<&[u8]> {
         match self {
-            Source::Mem(m) => m.cur.as_ref().map(|(k, _)| &k.bytes()[..]),
+            Source::Mem(m) => m.key(),
             Source::Table(t) => t.key(),
             Source::Level(l) => l.it.as_ref().and_then(|t| t.key()),
         }
@@ -136,7 +122,7 @@ impl Source {
     /// The current internal key as shared bytes.
     fn key_bytes(&self) -> Bytes {
         match self {
-            Source::Mem(m) => m.cur.as_ref().map(|(k, _)| k.bytes().clone()).unwrap_or_default(),
+            Source::Mem(m) => m.key().map(Bytes::copy_from_slice).unwrap_or_default(),
             Source::Table(t) => t.key_bytes(),
             Source::Level(l) => l.it.as_ref().map(|t| t.key_bytes()).unwrap_or_default(),
         }
@@ -144,7 +130,7 @@ impl Source {
 
     fn value(&self) -> Bytes {
         match self {
-            Source::Mem(m) => m.cur.as_ref().map(|(_, v)| v.clone()).unwrap_or_default(),
+            Source::Mem(m) => m.value(),
             Source::Table(t) => t.value(),
             Source::Level(l) => l.it.as_ref().map(|t| t.value()).unwrap_or_default(),
         }

@@ -107,101 +107,69 @@ pub(crate) fn prefix16(user: &[u8]) -> u128 {
     u128::from_be_bytes(p)
 }
 
-/// Bytes of a user key kept inline in an [`IKey`]: 16-byte keys (db_bench's) and the Redis
+/// Bytes of a user key kept inline in a [`UserKey`]: 16-byte keys (db_bench's) and the Redis
 /// keys of timberd (a one-byte namespace and `key:` or `counter:` with 12 digits) fit.
-const INLINE: usize = 24;
+pub(crate) const INLINE: usize = 24;
 
-/// An internal key as a skiplist key, ordered by [`compare`]. The first 24 bytes of the user key
-/// and the tag are kept inline, so comparing short keys touches only the skiplist node and never
-/// chases the pointer to the full key (a cache miss per node on a large memtable).
+/// A user key as a skiplist key (a memtable node), ordered as its bytes are. The first 24 bytes
+/// are kept inline, so comparing short keys touches only the skiplist node and never chases a
+/// pointer (a cache miss per node on a large memtable).
 #[derive(Debug, Clone)]
-pub(crate) struct IKey {
+pub(crate) struct UserKey {
     prefix: [u8; INLINE],
-    user_len: u32,
-    tag: u64,
-    /// The whole internal key; empty for a search probe whose user key fits inline.
-    full: Bytes,
+    len: u32,
+    /// The whole key if it is longer than [`INLINE`], else empty.
+    long: Bytes,
 }
 
-impl IKey {
-    /// Takes ownership of an internal key built by [`make`].
-    pub(crate) fn new(ikey: Bytes) -> IKey {
-        let u = user(&ikey);
-        let mut prefix = [0u8; INLINE];
-        let n = u.len().min(INLINE);
-        prefix[..n].copy_from_slice(&u[..n]);
-        IKey { prefix, user_len: u.len() as u32, tag: tag_of(&ikey), full: ikey }
-    }
-
-    /// A key to search for: `user` at `tag`, allocating only if `user` is longer than 24 bytes.
-    pub(crate) fn probe(user: &[u8], tag: u64) -> IKey {
+impl UserKey {
+    /// `user` as a skiplist key, allocating only if it is longer than 24 bytes.
+    pub(crate) fn new(user: &[u8]) -> UserKey {
         let mut prefix = [0u8; INLINE];
         let n = user.len().min(INLINE);
         prefix[..n].copy_from_slice(&user[..n]);
-        let full = if user.len() > INLINE {
-            let mut k = Vec::with_capacity(user.len() + TAG_LEN);
-            k.extend_from_slice(user);
-            k.put_u64(tag);
-            Bytes::from(k)
-        } else {
-            Bytes::new()
-        };
-        IKey { prefix, user_len: user.len() as u32, tag, full }
-    }
-
-    /// A probe for an internal key given as bytes.
-    pub(crate) fn probe_ikey(ikey: &[u8]) -> IKey {
-        IKey::probe(user(ikey), tag_of(ikey))
+        let long = if user.len() > INLINE { Bytes::copy_from_slice(user) } else { Bytes::new() };
+        UserKey { prefix, len: user.len() as u32, long }
     }
 
     pub(crate) fn user(&self) -> &[u8] {
-        if self.user_len as usize <= INLINE {
-            &self.prefix[..self.user_len as usize]
+        if self.len as usize <= INLINE {
+            &self.prefix[..self.len as usize]
         } else {
-            &self.full[..self.user_len as usize]
+            &self.long
         }
-    }
-
-    pub(crate) fn tag(&self) -> u64 {
-        self.tag
-    }
-
-    /// The whole internal key (of a key taken from a memtable, not of a probe).
-    pub(crate) fn bytes(&self) -> &Bytes {
-        &self.full
     }
 }
 
-impl PartialEq for IKey {
+impl PartialEq for UserKey {
     fn eq(&self, other: &Self) -> bool {
         self.cmp(other) == Ordering::Equal
     }
 }
 
-impl Eq for IKey {}
+impl Eq for UserKey {}
 
-impl Ord for IKey {
+impl Ord for UserKey {
     #[inline]
     fn cmp(&self, other: &Self) -> Ordering {
         let head = |p: &[u8; INLINE]| u128::from_be_bytes(p[..16].try_into().expect("16 bytes"));
         let tail = |p: &[u8; INLINE]| u64::from_be_bytes(p[16..].try_into().expect("8 bytes"));
         let (a, b) = (head(&self.prefix), head(&other.prefix));
-        // The zero-padded inline bytes order as the user keys do, up to their length.
-        let users = if a != b {
+        // The zero-padded inline bytes order as the keys do, up to their length.
+        if a != b {
             a.cmp(&b)
         } else if tail(&self.prefix) != tail(&other.prefix) {
             tail(&self.prefix).cmp(&tail(&other.prefix))
-        } else if self.user_len as usize <= INLINE && other.user_len as usize <= INLINE {
+        } else if self.len as usize <= INLINE && other.len as usize <= INLINE {
             // Equal zero-padded prefixes: the shorter key is a prefix of the longer one.
-            self.user_len.cmp(&other.user_len)
+            self.len.cmp(&other.len)
         } else {
             bytes_cmp(self.user(), other.user())
-        };
-        users.then_with(|| other.tag.cmp(&self.tag))
+        }
     }
 }
 
-impl PartialOrd for IKey {
+impl PartialOrd for UserKey {
     fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
         Some(self.cmp(other))
     }
@@ -287,17 +255,13 @@ mod tests {
 
     proptest! {
         #[test]
-        fn inline_keys_order_like_internal_keys(
-            a in proptest::collection::vec(prop_oneof![Just(0u8), Just(1u8), Just(255u8)], 1..34),
-            b in proptest::collection::vec(prop_oneof![Just(0u8), Just(1u8), Just(255u8)], 1..34),
-            sa in 0u64..4, sb in 0u64..4,
+        fn inline_keys_order_like_their_bytes(
+            a in proptest::collection::vec(prop_oneof![Just(0u8), Just(1u8), Just(255u8)], 0..34),
+            b in proptest::collection::vec(prop_oneof![Just(0u8), Just(1u8), Just(255u8)], 0..34),
         ) {
-            let (ka, kb) = (make(&a, sa, Kind::Put), make(&b, sb, Kind::Put));
-            let want = compare(&ka, &kb);
-            prop_assert_eq!(IKey::new(Bytes::from(ka.clone())).cmp(&IKey::new(Bytes::from(kb.clone()))), want);
-            prop_assert_eq!(IKey::probe(&a, tag(sa, Kind::Put)).cmp(&IKey::new(Bytes::from(kb))), want);
-            let p = IKey::probe_ikey(&ka);
-            prop_assert_eq!(p.user(), &a[..]);
+            let (ka, kb) = (UserKey::new(&a), UserKey::new(&b));
+            prop_assert_eq!(ka.cmp(&kb), a.cmp(&b));
+            prop_assert_eq!(ka.user(), &a[..]);
         }
 
         #[test]
