@@ -32,9 +32,9 @@ use crate::key::{self, Kind, UserKey, INLINE};
 /// versions' allocation with room for one version inline (about 88 bytes).
 const NODE_OVERHEAD: usize = 200;
 
-/// Memory of a key's entry in the hash index (hash, key, node handle, control byte and spare
-/// capacity), counted once per distinct key.
-const INDEX_OVERHEAD: usize = 112;
+/// Memory of a key's entry in the hash index (hash, key, newest version, node handle, control
+/// byte and spare capacity), counted once per distinct key.
+const INDEX_OVERHEAD: usize = 176;
 
 /// Shards of the hash index, each behind its own lock.
 const SHARDS: usize = 64;
@@ -44,6 +44,7 @@ const SHARDS: usize = 64;
 const INLINE_VALUE: usize = 32;
 
 /// A value in a version.
+#[derive(Clone)]
 enum Value {
     Inline { len: u8, bytes: [u8; INLINE_VALUE] },
     Shared(Bytes),
@@ -84,9 +85,20 @@ impl Value {
 }
 
 /// One version of a key.
+#[derive(Clone)]
 struct Version {
     tag: u64,
     value: Value,
+}
+
+impl Version {
+    fn lookup(&self) -> Lookup {
+        if self.tag & 0xff == Kind::Put as u64 {
+            Lookup::Found(self.value.to_bytes())
+        } else {
+            Lookup::Deleted
+        }
+    }
 }
 
 /// The versions of one user key in a memtable, highest tag first.
@@ -118,11 +130,7 @@ impl Versions {
     /// The newest version visible at `seq`.
     fn visible(&self, seq: u64) -> Lookup {
         let list = self.0.read();
-        match list.iter().find(|v| v.tag >> 8 <= seq) {
-            None => Lookup::Absent,
-            Some(v) if v.tag & 0xff == Kind::Put as u64 => Lookup::Found(v.value.to_bytes()),
-            Some(_) => Lookup::Deleted,
-        }
+        list.iter().find(|v| v.tag >> 8 <= seq).map_or(Lookup::Absent, Version::lookup)
     }
 
     /// The version the cursor stops at in this node: with `after = None`, the first in the
@@ -140,10 +148,12 @@ impl Versions {
     }
 }
 
-/// A key's entry in the hash index.
+/// A key's entry in the hash index: its node's versions, and a copy of the newest version, which
+/// answers reads at or above its sequence number without touching the node.
 struct Indexed {
     hash: u64,
     key: UserKey,
+    newest: Version,
     versions: Arc<Versions>,
 }
 
@@ -196,15 +206,22 @@ impl Memtable {
         } else {
             let hash = crate::bloom::hash(user);
             let mut shard = self.index[shard_of(hash)].0.write();
-            match shard.find(hash, |n| n.hash == hash && n.key.user() == user) {
+            match shard.find_mut(hash, |n| n.hash == hash && n.key.user() == user) {
                 // An overwrite: no skiplist search.
-                Some(n) => n.versions.add(version),
+                Some(n) => {
+                    if n.newest.tag <= version.tag {
+                        n.newest = version.clone();
+                    }
+                    n.versions.add(version)
+                }
                 None => {
                     let key = UserKey::new(user);
+                    let newest = version.clone();
                     let versions = Arc::new(Versions::new(version));
                     let added = self.node_size(user, &versions) + INDEX_OVERHEAD;
                     self.map.insert(key.clone(), versions.clone());
-                    shard.insert_unique(hash, Indexed { hash, key, versions }, |n| n.hash);
+                    let n = Indexed { hash, key, newest, versions };
+                    shard.insert_unique(hash, n, |n| n.hash);
                     added
                 }
             }
@@ -236,6 +253,7 @@ impl Memtable {
         if let Some(Shard(shard)) = self.index.get(shard_of(hash)) {
             let shard = shard.read();
             return match shard.find(hash, |n| n.hash == hash && n.key.user() == user) {
+                Some(n) if n.newest.tag >> 8 <= seq => n.newest.lookup(),
                 Some(n) => n.versions.visible(seq),
                 None => Lookup::Absent,
             };
