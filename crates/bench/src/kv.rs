@@ -445,6 +445,7 @@ fn run_system(
         Ok(d)
     };
 
+    eprintln!("  {system}: fillseq");
     // fillseq
     let dir = fresh("seq")?;
     {
@@ -463,6 +464,7 @@ fn run_system(
     let dir = fresh("rand")?;
     {
         let mut db = open(system, &dir, args.cache_mb)?;
+        eprintln!("  {system}: fillrandom");
         let mut order: Vec<u64> = (0..n).collect();
         order.shuffle(&mut rng);
         let mut vrng = rand::rngs::StdRng::seed_from_u64(7);
@@ -473,6 +475,7 @@ fn run_system(
         m.disk_mb = Some(disk_after_grace(&dir));
         out.push(("fillrandom", m));
 
+        eprintln!("  {system}: overwrite");
         let picks: Vec<u64> = (0..n).map(|_| rng.random_range(0..n)).collect();
         let mut m = measure(picks.iter().copied(), kv_bytes, |i| {
             db.put(&key(i), &value(&mut vrng), false)
@@ -481,6 +484,7 @@ fn run_system(
         m.disk_mb = Some(disk_after_grace(&dir));
         out.push(("overwrite", m));
 
+        eprintln!("  {system}: readrandom");
         let picks: Vec<u64> = (0..reads).map(|_| rng.random_range(0..n)).collect();
         let db = &*db;
         let m = measure(picks.iter().copied(), kv_bytes, |i| {
@@ -488,12 +492,14 @@ fn run_system(
             Ok(())
         })?;
         out.push(("readrandom", m));
+        eprintln!("  {system}: readmissing");
         let m = measure(picks.iter().copied(), KEY_LEN as u64, |i| {
             anyhow::ensure!(!db.get(&missing_key(i))?, "{system}: missing key {i} found");
             Ok(())
         })?;
         out.push(("readmissing", m));
 
+        eprintln!("  {system}: readseq");
         let rss = reset_peak_rss();
         let start = Instant::now();
         let count = db.scan_all()?;
@@ -510,6 +516,7 @@ fn run_system(
             },
         ));
 
+        eprintln!("  {system}: seekrandom");
         let picks: Vec<u64> = (0..args.seeks).map(|_| rng.random_range(0..n)).collect();
         let m = measure(picks.iter().copied(), 100 * kv_bytes, |i| {
             let c = db.seek_next(&key(i), 100)?;
@@ -520,6 +527,7 @@ fn run_system(
     }
     std::fs::remove_dir_all(&dir)?;
 
+    eprintln!("  {system}: fillsync");
     // fillsync
     let dir = fresh("sync")?;
     {
