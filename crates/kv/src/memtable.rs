@@ -28,8 +28,8 @@ use crate::key::{self, Kind, UserKey, INLINE};
 
 /// Memory of a key's node beyond its key and value bytes, counted against the size limit so
 /// that the limit is what the memtable really holds: the skiplist node (the key with its 24
-/// inline bytes, the handle of its versions, refcount and tower, about 112 bytes) and the
-/// versions' allocation with room for one version inline (about 88 bytes).
+/// inline bytes, the versions with room for one inline, refcount and tower, about 160 bytes;
+/// with a hash index the versions are a separate shared allocation of about 88 bytes).
 const NODE_OVERHEAD: usize = 200;
 
 /// Memory of a key's entry in the hash index (hash, key, newest version, node handle, control
@@ -148,6 +148,24 @@ impl Versions {
     }
 }
 
+/// A skiplist node's versions: in the node itself, or, with a hash index, shared with the
+/// key's index entry.
+enum Node {
+    Own(Versions),
+    Indexed(Arc<Versions>),
+}
+
+impl std::ops::Deref for Node {
+    type Target = Versions;
+
+    fn deref(&self) -> &Versions {
+        match self {
+            Node::Own(v) => v,
+            Node::Indexed(v) => v,
+        }
+    }
+}
+
 /// A key's entry in the hash index: its node's versions, and a copy of the newest version, which
 /// answers reads at or above its sequence number without touching the node.
 struct Indexed {
@@ -167,8 +185,14 @@ fn shard_of(hash: u64) -> usize {
     (hash >> 40) as usize % SHARDS
 }
 
+/// Memory of a new node holding `first`.
+fn node_size(user: &[u8], first: &Version) -> usize {
+    let key = if user.len() > INLINE { user.len() } else { 0 };
+    NODE_OVERHEAD + key + first.value.heap()
+}
+
 pub(crate) struct Memtable {
-    map: SkipMap<UserKey, Arc<Versions>>,
+    map: SkipMap<UserKey, Node>,
     /// The hash index: no shards if the database does not keep one.
     index: Box<[Shard]>,
     size: AtomicUsize,
@@ -216,10 +240,10 @@ impl Memtable {
                 }
                 None => {
                     let key = UserKey::new(user);
+                    let added = node_size(user, &version) + INDEX_OVERHEAD;
                     let newest = version.clone();
                     let versions = Arc::new(Versions::new(version));
-                    let added = self.node_size(user, &versions) + INDEX_OVERHEAD;
-                    self.map.insert(key.clone(), versions.clone());
+                    self.map.insert(key.clone(), Node::Indexed(versions.clone()));
                     let n = Indexed { hash, key, newest, versions };
                     shard.insert_unique(hash, n, |n| n.hash);
                     added
@@ -231,21 +255,15 @@ impl Memtable {
 
     /// Adds `version` to `user`'s node, creating it if needed; returns the bytes this added.
     fn insert_node(&self, user: &[u8], version: Version) -> usize {
+        let size = node_size(user, &version);
         let mut version = Some(version);
         let e = self.map.get_or_insert_with(UserKey::new(user), || {
-            Arc::new(Versions::new(version.take().expect("taken once")))
+            Node::Own(Versions::new(version.take().expect("taken once")))
         });
         match version {
             Some(v) => e.value().add(v),
-            None => self.node_size(user, e.value()),
+            None => size,
         }
-    }
-
-    /// Memory of a new node holding one version.
-    fn node_size(&self, user: &[u8], versions: &Versions) -> usize {
-        let value = versions.0.read().first().map_or(0, |v| v.value.heap());
-        let key = if user.len() > INLINE { user.len() } else { 0 };
-        NODE_OVERHEAD + key + value
     }
 
     /// The newest version of `user` visible at `seq`; `hash` is [`crate::bloom::hash`] of `user`.
@@ -311,16 +329,20 @@ impl std::fmt::Debug for Memtable {
 }
 
 /// A cursor over one memtable's entries in internal-key order (or its reverse), for the merge
-/// of [`crate::iter`]. It holds the memtable, so the entries it shows stay alive.
+/// of [`crate::iter`]. It holds the memtable, so the entries it shows stay alive; it remembers
+/// where it stands by key and tag, and finds its node again with one search per step.
 pub(crate) struct Cursor {
     mem: Arc<Memtable>,
     forward: bool,
-    /// The node it stands in and the tag of the version it stands at.
-    at: Option<(UserKey, Arc<Versions>, u64)>,
+    /// The key of the node it stands in and the tag of the version it stands at.
+    at: Option<(UserKey, u64)>,
     /// The internal key of the current entry.
     ikey: Vec<u8>,
     value: Bytes,
 }
+
+/// A node of the skiplist.
+type NodeEntry<'a> = crossbeam_skiplist::map::Entry<'a, UserKey, Node>;
 
 impl Cursor {
     pub(crate) fn new(mem: Arc<Memtable>, forward: bool) -> Cursor {
@@ -330,54 +352,40 @@ impl Cursor {
     /// Stands at the first entry at or past the internal key `target` in the direction of
     /// travel (at the edge if `None`).
     pub(crate) fn seek(&mut self, target: Option<&[u8]>) {
-        let Some(target) = target else {
-            let e = if self.forward { self.mem.map.front() } else { self.mem.map.back() };
-            let node = e.map(|e| (e.key().clone(), e.value().clone()));
-            return self.stand(node, None);
+        let map = &self.mem.map;
+        let found = match target {
+            None => pick(if self.forward { map.front() } else { map.back() }, self.forward, None),
+            Some(target) => {
+                let probe = UserKey::new(key::user(target));
+                let e = if self.forward {
+                    map.lower_bound(Bound::Included(&probe))
+                } else {
+                    map.upper_bound(Bound::Included(&probe))
+                };
+                let same = e.as_ref().is_some_and(|e| e.key().user() == probe.user());
+                pick(e, self.forward, same.then_some((key::tag_of(target), true)))
+            }
         };
-        let probe = UserKey::new(key::user(target));
-        let e = if self.forward {
-            self.mem.map.lower_bound(Bound::Included(&probe))
-        } else {
-            self.mem.map.upper_bound(Bound::Included(&probe))
-        };
-        let node = e.map(|e| (e.key().clone(), e.value().clone()));
-        let same = node.as_ref().is_some_and(|(k, _)| k.user() == probe.user());
-        self.stand(node, same.then_some((key::tag_of(target), true)));
+        self.stand(found);
     }
 
     /// Moves to the next entry in the direction of travel.
     pub(crate) fn advance(&mut self) {
-        if let Some((k, v, tag)) = self.at.take() {
-            self.stand(Some((k, v)), Some((tag, false)));
-        }
+        let Some((k, tag)) = self.at.take() else { return };
+        // Nodes are never removed: the search finds the node the cursor stands in.
+        let e = self.mem.map.get(&k);
+        let found = pick(e, self.forward, Some((tag, false)));
+        self.stand(found);
     }
 
-    /// Stands in `node` at the version `pick` chooses, or else at the edge of the nodes after
-    /// it.
-    fn stand(
-        &mut self,
-        mut node: Option<(UserKey, Arc<Versions>)>,
-        mut after: Option<(u64, bool)>,
-    ) {
-        while let Some((k, versions)) = node {
-            if let Some((tag, value)) = versions.pick(self.forward, after) {
-                self.ikey.clear();
-                self.ikey.extend_from_slice(k.user());
-                self.ikey.extend_from_slice(&tag.to_be_bytes());
-                self.value = value;
-                self.at = Some((k, versions, tag));
-                return;
-            }
-            let e = if self.forward {
-                self.mem.map.lower_bound(Bound::Excluded(&k))
-            } else {
-                self.mem.map.upper_bound(Bound::Excluded(&k))
-            };
-            node = e.map(|e| (e.key().clone(), e.value().clone()));
-            after = None;
-        }
-        self.at = None;
+    fn stand(&mut self, found: Option<(UserKey, u64, Bytes)>) {
+        self.at = found.map(|(k, tag, value)| {
+            self.ikey.clear();
+            self.ikey.extend_from_slice(k.user());
+            self.ikey.extend_from_slice(&tag.to_be_bytes());
+            self.value = value;
+            (k, tag)
+        });
     }
 
     /// The current internal key; `None` past the end.
@@ -388,6 +396,23 @@ impl Cursor {
     pub(crate) fn value(&self) -> Bytes {
         self.value.clone()
     }
+}
+
+/// The version [`Versions::pick`] chooses in node `e`, or else the first version at the edge of
+/// the nodes after it in the direction of travel: its key, tag and value.
+fn pick(
+    mut e: Option<NodeEntry<'_>>,
+    forward: bool,
+    mut after: Option<(u64, bool)>,
+) -> Option<(UserKey, u64, Bytes)> {
+    while let Some(node) = e {
+        if let Some((tag, value)) = node.value().pick(forward, after) {
+            return Some((node.key().clone(), tag, value));
+        }
+        e = if forward { node.next() } else { node.prev() };
+        after = None;
+    }
+    None
 }
 
 #[cfg(test)]
