@@ -6,6 +6,8 @@
 //! Workloads: append throughput and ack latency (1 KiB and 64 KiB entries), tail latency (append
 //! to a tailing reader's `next()`), catch-up reads cold (from storage) and warm (from the cache),
 //! and the cache hit rate of 1 and 8 sequential readers over a stream four times the cache.
+//! The append and tail rows run twice: without a journal (an entry is acknowledged once its
+//! fragment is written and recorded) and with a synced journal (`timber+journal`).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -16,7 +18,7 @@ use bytes::Bytes;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto::Builder as ConnBuilder;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
-use timber_stream::{Options, S3Options, Start, Storage, StreamConfig, Streams};
+use timber_stream::{Journal, Options, S3Options, Start, Storage, StreamConfig, Streams};
 
 use crate::report::{print_table, write_json, Common, Row, Sample};
 
@@ -90,10 +92,11 @@ impl Server {
     }
 }
 
-/// A fresh stream store on a backend.
+/// A fresh stream store on a backend, with or without a journal.
 struct Place {
     dir: tempfile::TempDir,
     s3: Option<S3Options>,
+    journal: Journal,
 }
 
 impl Place {
@@ -104,12 +107,18 @@ impl Place {
             Backend::Local => None,
             Backend::S3 => Some(server.bucket(&format!("b{}-{n}", std::process::id()))?),
         };
-        Ok(Place { dir, s3 })
+        Ok(Place { dir, s3, journal: Journal::Off })
+    }
+
+    /// The same place with a journal (on the local disk, whatever the backend).
+    fn journaled(mut self, journal: Journal) -> Place {
+        self.journal = journal;
+        self
     }
 
     fn options(&self) -> Options {
         let storage = self.s3.clone().map_or(Storage::Local, Storage::S3);
-        Options::default().storage(storage).maintenance_interval(None)
+        Options::default().storage(storage).maintenance_interval(None).journal(self.journal)
     }
 }
 
@@ -163,6 +172,10 @@ async fn append_run(place: &Place, size: usize, total: u64) -> anyhow::Result<(S
     s.close().await?;
     Ok((Sample { ops: n, bytes: n * size as u64, secs, latency_ns }, avg))
 }
+
+/// The system name of rows whose store has a synced journal (`Journal::Always`): entries are
+/// acknowledged once a shared WAL holds them, fsynced, and cut into fragments later.
+const JOURNALED: &str = "timber+journal";
 
 /// One entry in this many has its ack latency recorded by [`append_run`].
 const LATENCY_SAMPLE: u64 = 16;
@@ -349,11 +362,14 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
             if !args.common.wanted(&name) {
                 continue;
             }
-            let (mut timber, mut ceiling) = (Vec::new(), Vec::new());
+            let (mut timber, mut ceiling, mut journaled) = (Vec::new(), Vec::new(), Vec::new());
             for _ in 0..args.common.repeat {
                 let p = Place::new(&args, backend, &server, &mut places)?;
                 let (sample, frag) = append_run(&p, size, total).await?;
                 timber.push(sample);
+                let p =
+                    Place::new(&args, backend, &server, &mut places)?.journaled(Journal::Always);
+                journaled.push(append_run(&p, size, total).await?.0);
                 let p = Place::new(&args, backend, &server, &mut places)?;
                 ceiling.push(match &p.s3 {
                     None => raw_disk(p.dir.path(), frag, total)?,
@@ -370,16 +386,21 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
                 Backend::S3 => "put-ceiling",
             };
             rows.push(Row::from_samples(&name, "timber", &timber));
+            rows.push(Row::from_samples(&name, JOURNALED, &journaled));
             rows.push(Row::from_samples(&name, ceiling_name, &ceiling));
         }
         let name = format!("tail-latency/{}", backend.name());
         if args.common.wanted(&name) {
-            let mut samples = Vec::new();
+            let (mut samples, mut journaled) = (Vec::new(), Vec::new());
             for _ in 0..args.common.repeat {
                 let p = Place::new(&args, backend, &server, &mut places)?;
                 samples.push(tail_run(&p, 500).await?);
+                let p =
+                    Place::new(&args, backend, &server, &mut places)?.journaled(Journal::Always);
+                journaled.push(tail_run(&p, 500).await?);
             }
             rows.push(Row::from_samples(&name, "timber", &samples));
+            rows.push(Row::from_samples(&name, JOURNALED, &journaled));
         }
         let reads = ["catchup-cold", "catchup-warm", "cache-1-reader", "cache-8-readers"];
         if reads.iter().any(|w| args.common.wanted(&format!("{w}/{}", backend.name()))) {
@@ -415,10 +436,14 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
         &rows,
     );
     for r in rows.iter().filter(|r| r.system.ends_with("ceiling")) {
-        if let Some(t) = rows.iter().find(|t| t.workload == r.workload && t.system == "timber") {
+        for t in rows
+            .iter()
+            .filter(|t| t.workload == r.workload && (t.system == "timber" || t.system == JOURNALED))
+        {
             println!(
-                "{:<26} timber at {:.0}% of the {} (MB/s; goal 85%)",
+                "{:<26} {} at {:.0}% of the {} (MB/s; goal 85%)",
                 r.workload,
+                t.system,
                 100.0 * t.mb_per_sec / r.mb_per_sec,
                 r.system
             );
