@@ -1,7 +1,8 @@
 //! `Memtable`: the in-memory table of recent writes. A lock-free skiplist (crossbeam-skiplist)
 //! holds one node per user key; the node holds every version of that key written to this
-//! memtable, newest first. Beside it, if the database asks for it, a hash index maps each user
-//! key to its node, so that point reads and overwrites of a key already present skip the
+//! memtable, newest first (inside the node; shared with the index entry when there is an index).
+//! Beside it, if the database asks for it, a hash index maps each user key to its versions and a
+//! copy of the newest one, so that point reads and overwrites of a key already present skip the
 //! skiplist search (the cache misses down its levels were a fifth of timberd's CPU under a
 //! Redis write load). Writers insert concurrently with readers; once the memtable is full it
 //! becomes immutable (no more inserts) and is flushed to an L0 SSTable.
