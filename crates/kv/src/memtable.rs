@@ -186,6 +186,13 @@ fn shard_of(hash: u64) -> usize {
     (hash >> 40) as usize % SHARDS
 }
 
+/// Makes `buf` the internal key of `user` at `tag` (as [`key::make`] builds it).
+fn set_ikey(buf: &mut Vec<u8>, user: &[u8], tag: u64) {
+    buf.clear();
+    buf.extend_from_slice(user);
+    buf.extend_from_slice(&tag.to_be_bytes());
+}
+
 /// Memory of a new node holding `first`.
 fn node_size(user: &[u8], first: &Version) -> usize {
     let key = if user.len() > INLINE { user.len() } else { 0 };
@@ -309,9 +316,7 @@ impl Memtable {
         for e in self.map.iter() {
             let user = e.key().user();
             for v in e.value().0.read().iter() {
-                ikey.clear();
-                ikey.extend_from_slice(user);
-                ikey.extend_from_slice(&v.tag.to_be_bytes());
+                set_ikey(&mut ikey, user, v.tag);
                 f(&ikey, v.value.as_slice())?;
             }
         }
@@ -381,9 +386,7 @@ impl Cursor {
 
     fn stand(&mut self, found: Option<(UserKey, u64, Bytes)>) {
         self.at = found.map(|(k, tag, value)| {
-            self.ikey.clear();
-            self.ikey.extend_from_slice(k.user());
-            self.ikey.extend_from_slice(&tag.to_be_bytes());
+            set_ikey(&mut self.ikey, k.user(), tag);
             self.value = value;
             (k, tag)
         });
