@@ -476,6 +476,52 @@ mod tests {
         );
     }
 
+    #[test]
+    fn concurrent_writers_of_the_same_keys_lose_no_version() {
+        for hash_index in [false, true] {
+            let m = Memtable::new(0, hash_index);
+            let threads = 4u64;
+            let per = 2000u64;
+            std::thread::scope(|s| {
+                for t in 0..threads {
+                    let m = &m;
+                    s.spawn(move || {
+                        for i in 0..per {
+                            // 50 keys shared by every thread; sequence numbers are distinct.
+                            let k = format!("key{}", (i * 7 + t) % 50);
+                            m.insert(
+                                k.as_bytes(),
+                                1 + i * threads + t,
+                                Kind::Put,
+                                &i.to_le_bytes(),
+                            );
+                        }
+                    });
+                }
+            });
+            let mut seen = Vec::new();
+            m.try_for_each(|k, _| {
+                seen.push((key::user(k).to_vec(), key::seq(k)));
+                Ok::<_, ()>(())
+            })
+            .unwrap();
+            assert_eq!(seen.len() as u64, threads * per, "hash_index {hash_index}");
+            // Internal-key order: user key ascending, sequence number descending.
+            assert!(seen
+                .windows(2)
+                .all(|w| w[0].0 < w[1].0 || (w[0].0 == w[1].0 && w[0].1 > w[1].1)));
+            // The first entry of each key is its newest version, which a read returns.
+            for (i, (user, newest)) in seen.iter().enumerate() {
+                if i > 0 && seen[i - 1].0 == *user {
+                    continue;
+                }
+                let got = m.get(user, crate::bloom::hash(user), u64::MAX >> 8);
+                let wrote = (newest - 1) / threads;
+                assert_eq!(got, Lookup::Found(Bytes::copy_from_slice(&wrote.to_le_bytes())));
+            }
+        }
+    }
+
     /// Operations of the cursor model test.
     #[derive(Debug, Clone)]
     enum Op {
