@@ -138,7 +138,9 @@ impl Db {
         let wal_opts = wal_options(&opts)
             .sync(opts.wal_sync_interval.map_or(SyncMode::Manual, SyncMode::Interval))
             .bytes_per_sync(Some(1 << 20))
-            .write_buffer(0);
+            // Writes hand their records to the OS themselves: `flush` for buffered ones (copied
+            // through the WAL's map), `sync` for synced ones (written before the fsync).
+            .write_buffer(WAL_WRITE_BUFFER);
         let wal = Wal::open(dir.join("wal"), wal_opts)?;
         let (state, old_manifest) = match manifest::current(&dir)? {
             Some((id, path)) => (manifest::load(&path)?, Some((id, path))),
@@ -416,6 +418,10 @@ fn release(counts: &mut BTreeMap<u64, usize>, key: u64) {
     }
 }
 
+/// Bytes of records the WAL buffers before it hands them to the OS on its own; every write
+/// flushes or syncs its records before it returns, so this only bounds a single large batch.
+const WAL_WRITE_BUFFER: usize = 1 << 20;
+
 /// The WAL settings of a database: segments of `wal_segment_size`, larger batches in segments of
 /// their own.
 fn wal_options(opts: &Options) -> timber_wal::Options {
@@ -511,14 +517,23 @@ impl Inner {
         self.counters.user_bytes.fetch_add(user_bytes as u64, Ordering::Relaxed);
         self.metrics.writes.increment(n);
         self.metrics.write_bytes.increment(user_bytes as u64);
-        if durability == Durability::Synced {
-            let start = Instant::now();
-            if let Err(e) = self.wal.sync() {
-                let e = Error::from(e);
-                self.set_poison(&e);
-                return Err(e);
+        match durability {
+            Durability::Buffered => {
+                if let Err(e) = self.wal.flush() {
+                    let e = Error::from(e);
+                    self.set_poison(&e);
+                    return Err(e);
+                }
             }
-            self.metrics.sync_seconds.record(start.elapsed().as_secs_f64());
+            Durability::Synced => {
+                let start = Instant::now();
+                if let Err(e) = self.wal.sync() {
+                    let e = Error::from(e);
+                    self.set_poison(&e);
+                    return Err(e);
+                }
+                self.metrics.sync_seconds.record(start.elapsed().as_secs_f64());
+            }
         }
         Ok(last)
     }

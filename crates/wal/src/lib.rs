@@ -17,6 +17,7 @@
 
 mod error;
 mod frame;
+mod mapped;
 mod meta;
 mod metrics;
 mod options;

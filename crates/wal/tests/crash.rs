@@ -23,6 +23,16 @@ fn opts() -> Options {
     Options::default().segment_capacity(64 << 10).sync(SyncMode::Always)
 }
 
+/// The options of a role: `append` acknowledges durable records (`SyncMode::Always`),
+/// `append-flushed` records handed to the OS by `flush` (`SyncMode::Manual`, through the map of
+/// the preallocated segment), which must survive a crash of the process.
+fn role_opts(role: &str) -> Options {
+    match role {
+        "append-flushed" => opts().sync(SyncMode::Manual),
+        _ => opts(),
+    }
+}
+
 /// Identity of a record: (writer, counter, index in batch, batch size).
 type Id = (u64, u64, u32, u32);
 
@@ -52,7 +62,8 @@ fn decode(b: &[u8]) -> Option<Id> {
 }
 
 /// The child: appends from several threads and reports every acknowledged batch on stdout as
-/// `A start end writer counter`, and every completed front truncation as `T seq`.
+/// `A start end writer counter`, and every completed front truncation as `T seq`. In the role
+/// `append-flushed` a batch is acknowledged once `flush` returns.
 #[test]
 #[ignore = "run only as a child process of the tests below"]
 fn child() {
@@ -71,13 +82,15 @@ fn child() {
             }
             Err(e) => panic!("unexpected error {e}"),
         },
-        _ => append_until_killed(&dir),
+        Ok(role) => append_until_killed(&dir, role),
+        Err(_) => panic!("{ENV_ROLE} not set"),
     }
 }
 
-fn append_until_killed(dir: &str) {
+fn append_until_killed(dir: &str, role: &str) {
     let cycle: u64 = std::env::var(ENV_CYCLE).unwrap().parse().unwrap();
-    let wal = Arc::new(Wal::open(dir, opts()).unwrap());
+    let flushed = role == "append-flushed";
+    let wal = Arc::new(Wal::open(dir, role_opts(role)).unwrap());
     let out = Arc::new(std::sync::Mutex::new(std::io::stdout()));
     let threads: Vec<_> = (0..THREADS)
         .map(|t| {
@@ -90,6 +103,9 @@ fn append_until_killed(dir: &str) {
                     let batch: Vec<Vec<u8>> =
                         (0..k).map(|i| encode((writer, counter, i, k))).collect();
                     let r = wal.append_batch(&batch).unwrap();
+                    if flushed {
+                        wal.flush().unwrap();
+                    }
                     let mut o = out.lock().unwrap();
                     writeln!(o, "A {} {} {writer} {counter}", r.start, r.end).unwrap();
                     o.flush().unwrap();
@@ -124,16 +140,29 @@ fn spawn_child(dir: &Path, role: &str, cycle: u64) -> Child {
 
 #[test]
 fn every_acknowledged_record_survives_sigkill() {
+    survives_sigkill("append", 60);
+}
+
+/// Records copied into the page cache (through the map of the active segment) survive a crash of
+/// the process: only a crash of the machine needs the fsync.
+#[test]
+fn every_flushed_record_survives_sigkill() {
+    survives_sigkill("append-flushed", 30);
+}
+
+/// Runs `cycles` (or `TIMBER_CRASH_CYCLES`) cycles of a child in `role` killed at a random moment,
+/// checking after each that every batch it acknowledged is there whole.
+fn survives_sigkill(role: &str, cycles: u64) {
     let dir = tempfile::tempdir().unwrap();
     let cycles: u64 =
-        std::env::var("TIMBER_CRASH_CYCLES").ok().and_then(|s| s.parse().ok()).unwrap_or(60);
+        std::env::var("TIMBER_CRASH_CYCLES").ok().and_then(|s| s.parse().ok()).unwrap_or(cycles);
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
     // Everything seen in the log after a recovery must stay there (unless truncated away).
     let mut known: BTreeMap<u64, Id> = BTreeMap::new();
     let mut truncated_to = 0u64;
     let mut total_acked = 0usize;
     for cycle in 1..=cycles {
-        let mut child = spawn_child(dir.path(), "append", cycle);
+        let mut child = spawn_child(dir.path(), role, cycle);
         let stdout = child.stdout.take().unwrap();
         let reader = std::thread::spawn(move || {
             BufReader::new(stdout).lines().map_while(Result::ok).collect::<Vec<String>>()
@@ -154,7 +183,7 @@ fn every_acknowledged_record_survives_sigkill() {
         }
         total_acked += acked.len();
 
-        let wal = Wal::open(dir.path(), opts()).unwrap();
+        let wal = Wal::open(dir.path(), role_opts(role)).unwrap();
         let (first, next) = (wal.first_seq(), wal.next_seq());
         assert!(
             first >= truncated_to,
