@@ -28,6 +28,12 @@ pub enum Durability {
     Buffered,
     /// The write is on disk (fdatasync, shared by concurrent writers): it survives power loss.
     Synced,
+    /// The write is in the WAL's buffer in this process until the next [`crate::Db::sync`] (or
+    /// the WAL's interval sync, or a full buffer): a crash of the process can lose it. For a
+    /// caller that makes a run of writes and then syncs once before acknowledging any of them
+    /// (a pipeline of commands); cheaper for that than `Buffered` writes and a sync, because
+    /// records the sync writes itself are faster to fsync than ones already handed to the OS.
+    Deferred,
 }
 
 /// Options of [`crate::Db::open`].

@@ -15,7 +15,7 @@ use rand::{Rng, SeedableRng};
 use timber_kv::{Db, Durability, Options, WriteBatch};
 
 const ENV_DIR: &str = "TIMBER_KV_TEST_DIR";
-const THREADS: u64 = 2;
+const THREADS: u64 = 3;
 const KEEP: u64 = 40;
 
 fn opts() -> Options {
@@ -29,6 +29,11 @@ fn opts() -> Options {
         .wal_segment_size(64 << 10)
         .durability(Durability::Synced)
 }
+
+/// Durabilities of the writers: synced, buffered (through the WAL's map), and deferred then
+/// synced.
+const DURABILITIES: [Durability; 3] =
+    [Durability::Synced, Durability::Buffered, Durability::Deferred];
 
 fn parts(i: u64) -> u64 {
     1 + i % 4
@@ -77,8 +82,14 @@ fn child() {
         .map(|t| {
             let (db, out) = (db.clone(), out.clone());
             std::thread::spawn(move || {
+                // Each writer acknowledges at another durability; all of them survive a crash
+                // of the process (buffered writes are in the page cache).
+                let durability = DURABILITIES[t as usize % DURABILITIES.len()];
                 for i in next_of(&db, t).. {
-                    db.write(batch(t, i)).unwrap();
+                    db.write_with(batch(t, i), durability).unwrap();
+                    if durability == Durability::Deferred {
+                        db.sync().unwrap();
+                    }
                     let mut o = out.lock().unwrap();
                     writeln!(o, "A {t} {i}").unwrap();
                     o.flush().unwrap();

@@ -139,7 +139,9 @@ impl Keyspace {
             Sync::Interval(d) => (false, Some(d)),
             Sync::Manual => (false, None),
         };
-        let durability = Durability::Buffered;
+        // Under `Always` the connection syncs before it replies, so writes need not reach the OS
+        // first (and the sync is cheaper when it writes them itself).
+        let durability = if synced { Durability::Deferred } else { Durability::Buffered };
         let opts = timber_kv::Options::default()
             .durability(durability)
             .wal_sync_interval(interval)
@@ -236,8 +238,8 @@ impl Keyspace {
         &self.db
     }
 
-    /// The durability of keyspace writes (buffered; callers await [`Keyspace::durable`] before
-    /// acknowledging).
+    /// The durability of keyspace writes (buffered, or deferred under `--sync always`; callers
+    /// await [`Keyspace::durable`] before acknowledging).
     pub(crate) fn durability(&self) -> Durability {
         self.durability
     }
