@@ -304,12 +304,7 @@ impl Db {
     /// Lets a caller write a run of batches `Deferred` and pay for one sync at the end.
     pub fn sync(&self) -> Result<()> {
         self.inner.check_writable()?;
-        if let Err(e) = self.inner.wal.sync() {
-            let e = Error::from(e);
-            self.inner.set_poison(&e);
-            return Err(e);
-        }
-        Ok(())
+        self.inner.wal.sync().map_err(|e| self.inner.wal_failed(e))
     }
 
     /// Live keys in `range`, in order (`.rev()` for descending), at the current point in time.
@@ -518,25 +513,25 @@ impl Inner {
         self.metrics.writes.increment(n);
         self.metrics.write_bytes.increment(user_bytes as u64);
         match durability {
-            Durability::Buffered => {
-                if let Err(e) = self.wal.flush() {
-                    let e = Error::from(e);
-                    self.set_poison(&e);
-                    return Err(e);
-                }
-            }
+            Durability::Buffered => self.wal.flush().map_err(|e| self.wal_failed(e))?,
             Durability::Synced => {
                 let start = Instant::now();
-                if let Err(e) = self.wal.sync() {
-                    let e = Error::from(e);
-                    self.set_poison(&e);
-                    return Err(e);
-                }
+                self.wal.sync().map_err(|e| self.wal_failed(e))?;
                 self.metrics.sync_seconds.record(start.elapsed().as_secs_f64());
             }
             Durability::Deferred => {}
         }
         Ok(last)
+    }
+
+    /// The error of a WAL flush or sync after a write was applied: the database refuses writes
+    /// from then on (what reached the disk is only known after a reopen), unless it was closed.
+    fn wal_failed(&self, e: timber_wal::Error) -> Error {
+        let e = Error::from(e);
+        if !matches!(e, Error::Closed) {
+            self.set_poison(&e);
+        }
+        e
     }
 
     /// Delays a write by a millisecond while L0 is past its slowdown trigger, so that compaction
