@@ -413,8 +413,9 @@ fn release(counts: &mut BTreeMap<u64, usize>, key: u64) {
     }
 }
 
-/// Bytes of records the WAL buffers before it hands them to the OS on its own; every write
-/// flushes or syncs its records before it returns, so this only bounds a single large batch.
+/// Bytes of records the WAL buffers before it hands them to the OS on its own. Buffered and
+/// synced writes flush or sync their records before they return, so this bounds a single large
+/// batch and a run of deferred writes between syncs.
 const WAL_WRITE_BUFFER: usize = 1 << 20;
 
 /// The WAL settings of a database: segments of `wal_segment_size`, larger batches in segments of
