@@ -11,7 +11,9 @@
 //! capacity. Bytes past the file's length at the time it was first mapped go through `pwrite`,
 //! so the file never grows through the map (which would fault with SIGBUS). Only a window of
 //! [`WINDOW`] bytes is mapped at a time, so the pages held in the process's address space (and
-//! counted in its resident set) stay bounded.
+//! counted in its resident set) stay bounded. A file that cannot be mapped (a filesystem without
+//! shared maps, no address space left) is written with `pwrite`, after a warning: the map is a
+//! speed-up, never a reason to refuse a write.
 //!
 //! Invariants:
 //! - Nothing maps past the file's length: the length is read once when a `Mapped` first writes,
@@ -23,6 +25,7 @@
 
 use std::fs::File;
 use std::io;
+use std::path::Path;
 
 use memmap2::{MmapMut, MmapOptions};
 
@@ -46,14 +49,27 @@ impl Mapped {
 
     /// Copies a prefix of `bytes` to the file at `off` through the map and returns its length:
     /// all of `bytes`, or less where they reach past the file's preallocated extent (the caller
-    /// writes the rest with `pwrite`).
-    pub(crate) fn write_at(&mut self, file: &File, bytes: &[u8], off: u64) -> io::Result<usize> {
+    /// writes the rest with `pwrite`). If the file cannot be mapped, the map is given up for this
+    /// file with a warning and the caller writes everything.
+    pub(crate) fn write_at(&mut self, file: &File, path: &Path, bytes: &[u8], off: u64) -> usize {
+        match self.copy(file, bytes, off) {
+            Ok(n) => n,
+            Err((n, e)) => {
+                tracing::warn!(segment = %path.display(), error = %e, "cannot map the WAL segment; writing it with pwrite");
+                self.enabled = false;
+                self.window = None;
+                n
+            }
+        }
+    }
+
+    fn copy(&mut self, file: &File, bytes: &[u8], off: u64) -> Result<usize, (usize, io::Error)> {
         if !self.enabled {
             return Ok(0);
         }
         let extent = match self.extent {
             Some(e) => e,
-            None => *self.extent.insert(file.metadata()?.len()),
+            None => *self.extent.insert(file.metadata().map_err(|e| (0, e))?.len()),
         };
         let mut done = 0;
         while done < bytes.len() {
@@ -68,7 +84,8 @@ impl Mapped {
                 // SAFETY: `start..start + len` lies inside the file (its length was read above and
                 // the file is only shortened after `unmap`), and no one else modifies the file while
                 // it is mapped (module invariants). The map is only written through `&mut self`.
-                let map = unsafe { MmapOptions::new().offset(start).len(len).map_mut(file)? };
+                let map = unsafe { MmapOptions::new().offset(start).len(len).map_mut(file) }
+                    .map_err(|e| (done, e))?;
                 self.window = Some((start, map));
             }
             let (start, map) = self.window.as_mut().expect("mapped above");
@@ -118,10 +135,10 @@ mod tests {
         // Across the window boundary.
         let bytes: Vec<u8> = (0..9000u32).map(|i| (i % 251) as u8).collect();
         let off = WINDOW - 3000;
-        assert_eq!(m.write_at(&file, &bytes, off).unwrap(), bytes.len());
+        assert_eq!(m.write_at(&file, dir.path(), &bytes, off), bytes.len());
         // Past the extent: only the part inside is written.
-        assert_eq!(m.write_at(&file, &bytes, extent - 100).unwrap(), 100);
-        assert_eq!(m.write_at(&file, &bytes, extent).unwrap(), 0);
+        assert_eq!(m.write_at(&file, dir.path(), &bytes, extent - 100), 100);
+        assert_eq!(m.write_at(&file, dir.path(), &bytes, extent), 0);
         let mut back = vec![0u8; bytes.len()];
         file.read_exact_at(&mut back, off).unwrap();
         assert_eq!(back, bytes);
@@ -130,6 +147,19 @@ mod tests {
         assert_eq!(tail, bytes[..100]);
         assert_eq!(file.metadata().unwrap().len(), extent, "the map never grows the file");
         // A disabled map writes nothing.
-        assert_eq!(Mapped::new(false).write_at(&file, &bytes, 0).unwrap(), 0);
+        assert_eq!(Mapped::new(false).write_at(&file, dir.path(), &bytes, 0), 0);
+    }
+
+    #[test]
+    fn a_file_that_cannot_be_mapped_is_left_to_pwrite() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, vec![0u8; 8192]).unwrap();
+        // Write-only: a shared writable map needs read access, so mapping fails (EACCES).
+        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        let mut m = Mapped::new(true);
+        assert_eq!(m.write_at(&file, &path, b"record", 0), 0);
+        assert!(!m.enabled, "the map is given up after a failure");
+        assert_eq!(m.write_at(&file, &path, b"record", 100), 0);
     }
 }

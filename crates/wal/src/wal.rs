@@ -158,9 +158,7 @@ impl Active {
             return Ok(());
         }
         let mapped = if map {
-            self.map
-                .write_at(&self.file, &self.buf, self.written)
-                .map_err(|e| Error::io("map", &self.path, e))?
+            self.map.write_at(&self.file, &self.path, &self.buf, self.written)
         } else {
             0
         };
