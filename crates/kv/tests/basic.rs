@@ -262,3 +262,41 @@ fn an_idle_database_merges_l0_into_l1() {
     }
     assert_eq!(db.iter().count(), 300);
 }
+
+/// Whether some WAL segment file of the database in `dir` holds `needle` (read as another
+/// process would: through the OS, whatever this process still buffers).
+fn wal_holds(dir: &std::path::Path, needle: &[u8]) -> bool {
+    std::fs::read_dir(dir.join("wal")).unwrap().map(|e| e.unwrap().path()).any(|p| {
+        p.extension().is_some_and(|x| x == "log")
+            && std::fs::read(&p).unwrap().windows(needle.len()).any(|w| w == needle)
+    })
+}
+
+#[test]
+fn buffered_writes_reach_the_os_and_deferred_ones_wait_for_sync() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let db = Db::open(dir.path(), small()).unwrap();
+        let mut b = WriteBatch::new();
+        b.put(b"buffered", b"buffered-value-marker");
+        db.write_with(b, Durability::Buffered).unwrap();
+        assert!(wal_holds(dir.path(), b"buffered-value-marker"), "a buffered write is in the OS");
+
+        for i in 0..20u32 {
+            let mut b = WriteBatch::new();
+            b.put(key(i), format!("deferred-value-marker-{i:02}"));
+            db.write_with(b, Durability::Deferred).unwrap();
+        }
+        let got = db.get(key(7)).unwrap();
+        assert_eq!(got.as_deref(), Some(&b"deferred-value-marker-07"[..]), "visible at once");
+        assert!(!wal_holds(dir.path(), b"deferred-value-marker"), "deferred: not in the OS yet");
+        db.sync().unwrap();
+        assert!(wal_holds(dir.path(), b"deferred-value-marker-19"), "sync wrote deferred writes");
+    }
+    let db = Db::open(dir.path(), small()).unwrap();
+    for i in 0..20u32 {
+        let want = format!("deferred-value-marker-{i:02}");
+        assert_eq!(db.get(key(i)).unwrap().as_deref(), Some(want.as_bytes()));
+    }
+    assert_eq!(db.get(b"buffered").unwrap().as_deref(), Some(&b"buffered-value-marker"[..]));
+}
