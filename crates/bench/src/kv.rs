@@ -80,6 +80,7 @@ fn missing_key(i: u64) -> [u8; KEY_LEN] {
 }
 
 /// Counts the items of an iterator of results, failing on the first error.
+#[cfg(feature = "peers")]
 fn count_ok<T, E: Into<anyhow::Error>>(
     it: impl Iterator<Item = Result<T, E>>,
 ) -> anyhow::Result<usize> {
@@ -112,11 +113,27 @@ impl Kv for Timber {
     fn get(&self, k: &[u8]) -> anyhow::Result<bool> {
         Ok(self.0.get(k)?.is_some())
     }
+    // Scans lend each entry (`next_ref`), as RocksDB's raw iterator does.
     fn scan_all(&self) -> anyhow::Result<u64> {
-        Ok(count_ok(self.0.iter())? as u64)
+        let mut it = self.0.iter();
+        let mut n = 0;
+        while let Some(r) = it.next_ref() {
+            r?;
+            n += 1;
+        }
+        Ok(n)
     }
     fn seek_next(&self, k: &[u8], n: usize) -> anyhow::Result<usize> {
-        count_ok(self.0.scan(k..).take(n))
+        let mut it = self.0.scan(k..);
+        let mut c = 0;
+        while c < n {
+            match it.next_ref() {
+                Some(r) => r?,
+                None => break,
+            };
+            c += 1;
+        }
+        Ok(c)
     }
     fn settle(&mut self) -> anyhow::Result<()> {
         self.0.flush()?;

@@ -138,44 +138,20 @@ impl Block {
         Ok(Entry { shared, delta: (p, kend), value: (kend, vend), next: vend })
     }
 
-    /// The first entry whose key is not below `target`, found without decoding the whole block:
-    /// a binary search over the restart points, then a scan of at most one restart interval.
-    /// Every key it looks at must pass `valid`.
+    /// The first entry whose key is not below `target`, found without decoding the whole block
+    /// (see [`BlockCursor::seek`]). Every key it looks at must pass `valid`.
     pub(crate) fn seek(
         &self,
         target: &[u8],
         cmp: impl Fn(&[u8], &[u8]) -> Ordering,
-        valid: impl Fn(&[u8]) -> bool,
+        valid: fn(&[u8]) -> bool,
     ) -> Result<Option<(Vec<u8>, Bytes)>, String> {
-        let (mut lo, mut hi) = (0usize, self.restarts);
-        while lo < hi {
-            let mid = (lo + hi) / 2;
-            let e = self.entry(self.restart(mid), 0)?;
-            let k = &self.data[e.delta.0..e.delta.1];
-            if !valid(k) {
-                return Err(format!("restart key {mid} is malformed"));
-            }
-            if cmp(k, target) == Ordering::Less {
-                lo = mid + 1;
-            } else {
-                hi = mid;
-            }
-        }
-        let mut pos = if lo == 0 { 0 } else { self.restart(lo - 1) };
-        let mut key = Vec::new();
-        while pos < self.restarts_at {
-            let e = self.entry(pos, key.len())?;
-            key.truncate(e.shared);
-            key.extend_from_slice(&self.data[e.delta.0..e.delta.1]);
-            if !valid(&key) {
-                return Err(format!("key at {pos} is malformed"));
-            }
-            if cmp(&key, target) != Ordering::Less {
-                return Ok(Some((key, self.data.slice(e.value.0..e.value.1))));
-            }
-            pos = e.next;
-        }
-        Ok(None)
+        let mut c = BlockCursor::new(self.clone(), valid);
+        c.seek(target, cmp)?;
+        Ok(c.at.then(|| {
+            let v = c.value_bytes();
+            (c.key, v)
+        }))
     }
 
     pub(crate) fn size(&self) -> usize {
@@ -198,6 +174,109 @@ impl Block {
             pos = e.next;
         }
         Ok(Decoded { keys: Bytes::from(keys), spans, data: self.data.clone() })
+    }
+}
+
+/// A forward walk over a block's entries. It restores each key from the one before it, so an
+/// entry is parsed only when the walk reaches it and nothing is allocated per entry; every key it
+/// restores must pass `valid`, or the step fails.
+#[derive(Debug)]
+pub(crate) struct BlockCursor {
+    block: Block,
+    valid: fn(&[u8]) -> bool,
+    /// The key of the current entry (meaningful while `at`).
+    key: Vec<u8>,
+    value: (usize, usize),
+    /// Where the next entry starts.
+    next: usize,
+    /// Whether the cursor stands on an entry.
+    at: bool,
+}
+
+impl BlockCursor {
+    /// A cursor before the first entry of `block` (not on an entry until it moves).
+    pub(crate) fn new(block: Block, valid: fn(&[u8]) -> bool) -> BlockCursor {
+        BlockCursor { block, valid, key: Vec::new(), value: (0, 0), next: 0, at: false }
+    }
+
+    /// Moves to another block, keeping the key buffer; call `first` or `seek` next.
+    pub(crate) fn reset(&mut self, block: Block) {
+        self.block = block;
+        self.next = 0;
+        self.at = false;
+    }
+
+    /// Moves to the first entry.
+    pub(crate) fn first(&mut self) -> Result<(), String> {
+        self.next = 0;
+        self.key.clear();
+        self.advance()
+    }
+
+    /// Moves to the next entry (off the end after the last).
+    pub(crate) fn advance(&mut self) -> Result<(), String> {
+        if self.next >= self.block.restarts_at {
+            self.at = false;
+            return Ok(());
+        }
+        let shared = if self.next == 0 { 0 } else { self.key.len() };
+        let e = self.block.entry(self.next, shared)?;
+        self.key.truncate(e.shared);
+        self.key.extend_from_slice(&self.block.data[e.delta.0..e.delta.1]);
+        if !(self.valid)(&self.key) {
+            return Err(format!("key at {} is malformed", self.next));
+        }
+        self.value = e.value;
+        self.next = e.next;
+        self.at = true;
+        Ok(())
+    }
+
+    /// Moves to the first entry whose key is not below `target` (off the end if none): a
+    /// binary search over the restart points, then a walk of at most one restart interval.
+    pub(crate) fn seek(
+        &mut self,
+        target: &[u8],
+        cmp: impl Fn(&[u8], &[u8]) -> Ordering,
+    ) -> Result<(), String> {
+        let b = &self.block;
+        let (mut lo, mut hi) = (0usize, b.restarts);
+        while lo < hi {
+            let mid = (lo + hi) / 2;
+            let e = b.entry(b.restart(mid), 0)?;
+            let k = &b.data[e.delta.0..e.delta.1];
+            if !(self.valid)(k) {
+                return Err(format!("restart key {mid} is malformed"));
+            }
+            if cmp(k, target) == Ordering::Less {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        self.next = if lo == 0 { 0 } else { b.restart(lo - 1) };
+        self.key.clear();
+        loop {
+            self.advance()?;
+            if !self.at || cmp(&self.key, target) != Ordering::Less {
+                return Ok(());
+            }
+        }
+    }
+
+    /// The current key; `None` off the end.
+    pub(crate) fn key(&self) -> Option<&[u8]> {
+        self.at.then_some(&self.key[..])
+    }
+
+    /// The current value (empty off the end).
+    pub(crate) fn value(&self) -> &[u8] {
+        &self.block.data[self.value.0..self.value.1]
+    }
+
+    /// The current value as shared bytes (no copy).
+    pub(crate) fn value_bytes(&self) -> Bytes {
+        self.block.data.slice(self.value.0..self.value.1)
     }
 }
 
@@ -230,19 +309,15 @@ impl Decoded {
         self.data.slice(s.0..s.1)
     }
 
+    pub(crate) fn value_ref(&self, i: usize) -> &[u8] {
+        let s = self.spans[i].value;
+        &self.data[s.0..s.1]
+    }
+
     /// Key `i` as shared bytes (no copy).
     pub(crate) fn key_bytes(&self, i: usize) -> Bytes {
         let s = self.spans[i].key;
         self.keys.slice(s.0..s.1)
-    }
-
-    /// Index of the first entry not less than `target`.
-    pub(crate) fn lower_bound(
-        &self,
-        target: &[u8],
-        cmp: impl Fn(&[u8], &[u8]) -> Ordering,
-    ) -> usize {
-        self.spans.partition_point(|s| cmp(&self.keys[s.key.0..s.key.1], target) == Ordering::Less)
     }
 
     /// Offset within `range` of the first entry of the range not less than `target`.
@@ -296,10 +371,21 @@ mod tests {
                 prop_assert_eq!(&d.value(i)[..], &[k.len() as u8][..]);
             }
             let want = keys.iter().find(|k| k[..] >= probe[..]);
-            let at = d.lower_bound(&probe, cmp);
+            let at = d.lower_bound_in(0..d.len(), &probe, cmp);
             prop_assert_eq!(at, keys.partition_point(|k| k[..] < probe[..]));
             let sought = block.seek(&probe, cmp, |_| true).unwrap().map(|(k, _)| k);
             prop_assert_eq!(sought, want.cloned());
+            let mut c = BlockCursor::new(block.clone(), |_| true);
+            c.first().unwrap();
+            let mut walked = Vec::new();
+            while let Some(k) = c.key() {
+                prop_assert_eq!(c.value(), &[k.len() as u8][..]);
+                walked.push(k.to_vec());
+                c.advance().unwrap();
+            }
+            prop_assert_eq!(&walked, &keys);
+            c.seek(&probe, cmp).unwrap();
+            prop_assert_eq!(c.key().map(|k| k.to_vec()), want.cloned());
             prop_assert_eq!((at < d.len()).then(|| d.key(at).to_vec()), want.cloned());
         }
 
@@ -307,9 +393,14 @@ mod tests {
         fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
             if let Ok(b) = Block::new(Bytes::from(bytes)) {
                 if let Ok(d) = b.decode() {
-                    let _ = d.lower_bound(b"m", cmp);
+                    let _ = d.lower_bound_in(0..d.len(), b"m", cmp);
                 }
                 let _ = b.seek(b"m", cmp, |_| true);
+                // Each step moves forward, so the walk ends.
+                let mut c = BlockCursor::new(b, |_| true);
+                if c.first().is_ok() {
+                    while c.key().is_some() && c.advance().is_ok() {}
+                }
             }
         }
     }

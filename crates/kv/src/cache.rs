@@ -1,30 +1,22 @@
-//! `BlockCache`: decoded, verified blocks kept in memory under a byte limit, shared by every
-//! table of a database. Sixteen LRU shards, each behind its own mutex, keyed by (table, offset).
+//! `BlockCache`: verified, uncompressed data blocks kept in memory under a byte limit, shared by
+//! every table of a database. Sixteen LRU shards, each behind its own mutex, keyed by
+//! (table, offset). A block is charged for its bytes and a fixed overhead.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use lru::LruCache;
 use parking_lot::Mutex;
 
-use std::sync::Arc;
-
-use crate::block::{Block, Decoded};
+use crate::block::Block;
 
 const SHARDS: usize = 16;
 
-/// A verified block as read, and its decoded form once an iterator needed it. Point reads search
-/// the raw block by its restart points, so a cache miss does not pay for decoding every entry.
-#[derive(Debug)]
-pub(crate) struct CachedBlock {
-    pub(crate) raw: Block,
-    pub(crate) decoded: std::sync::OnceLock<Arc<Decoded>>,
-}
+/// Memory charged for a cached block besides its bytes: the map entry and the allocation's
+/// header, roughly.
+const OVERHEAD: usize = 96;
 
-impl CachedBlock {
-    /// Memory charged to the cache: the block, and room for its decoded form.
-    fn charge(&self) -> usize {
-        self.raw.size() * 2 + 64
-    }
+fn charge(b: &Block) -> usize {
+    b.size() + OVERHEAD
 }
 
 /// Hashes a (table, offset) key with one multiply-xorshift round: SipHash, the default, would
@@ -50,7 +42,7 @@ impl std::hash::Hasher for KeyHasher {
 type Hasher = std::hash::BuildHasherDefault<KeyHasher>;
 
 struct Shard {
-    map: LruCache<(u64, u64), Arc<CachedBlock>, Hasher>,
+    map: LruCache<(u64, u64), Block, Hasher>,
     bytes: usize,
 }
 
@@ -83,7 +75,7 @@ impl BlockCache {
         &self.shards[(h as usize) % SHARDS]
     }
 
-    pub(crate) fn get(&self, table: u64, offset: u64) -> Option<Arc<CachedBlock>> {
+    pub(crate) fn get(&self, table: u64, offset: u64) -> Option<Block> {
         if self.shard_limit == 0 {
             return None;
         }
@@ -93,19 +85,19 @@ impl BlockCache {
         b
     }
 
-    pub(crate) fn insert(&self, table: u64, offset: u64, block: Arc<CachedBlock>) {
-        let size = block.charge();
+    pub(crate) fn insert(&self, table: u64, offset: u64, block: Block) {
+        let size = charge(&block);
         if size > self.shard_limit {
             return;
         }
         let mut s = self.shard(table, offset).lock();
         if let Some(old) = s.map.put((table, offset), block) {
-            s.bytes -= old.charge();
+            s.bytes -= charge(&old);
         }
         s.bytes += size;
         while s.bytes > self.shard_limit {
             match s.map.pop_lru() {
-                Some((_, b)) => s.bytes -= b.charge(),
+                Some((_, b)) => s.bytes -= charge(&b),
                 None => break,
             }
         }

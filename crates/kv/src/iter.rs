@@ -119,12 +119,21 @@ impl Source {
         }
     }
 
-    /// The current internal key as shared bytes.
-    fn key_bytes(&self) -> Bytes {
+    /// The user key of the current entry as bytes of its own.
+    fn user_key_bytes(&self) -> Bytes {
         match self {
-            Source::Mem(m) => m.key().map(Bytes::copy_from_slice).unwrap_or_default(),
-            Source::Table(t) => t.key_bytes(),
-            Source::Level(l) => l.it.as_ref().map(|t| t.key_bytes()).unwrap_or_default(),
+            Source::Mem(m) => m.key().map(|k| Bytes::copy_from_slice(key::user(k))),
+            Source::Table(t) => t.user_key_bytes(),
+            Source::Level(l) => l.it.as_ref().and_then(|t| t.user_key_bytes()),
+        }
+        .unwrap_or_default()
+    }
+
+    fn value_ref(&self) -> &[u8] {
+        match self {
+            Source::Mem(m) => m.value_ref(),
+            Source::Table(t) => t.value_ref(),
+            Source::Level(l) => l.it.as_ref().map_or(&[], |t| t.value_ref()),
         }
     }
 
@@ -233,11 +242,14 @@ impl Merge {
         self.cur.map(|i| self.sources[i].value()).unwrap_or_default()
     }
 
-    /// The user key of the current entry, without copying it.
+    /// The current value, borrowed from the block or memtable it is in.
+    fn value_ref(&self) -> &[u8] {
+        self.cur.map_or(&[], |i| self.sources[i].value_ref())
+    }
+
+    /// The user key of the current entry as bytes of its own.
     fn user_key_bytes(&self) -> Bytes {
-        let mut k = self.cur.map(|i| self.sources[i].key_bytes()).unwrap_or_default();
-        k.truncate(k.len().saturating_sub(key::TAG_LEN));
-        k
+        self.cur.map(|i| self.sources[i].user_key_bytes()).unwrap_or_default()
     }
 }
 
@@ -270,7 +282,7 @@ impl Bounds {
 type Visible = (Kind, Bytes);
 
 /// User entries visible at `seq`, in one direction.
-struct Cursor {
+struct Walk {
     merge: Merge,
     forward: bool,
     seq: u64,
@@ -282,11 +294,28 @@ struct Cursor {
     has_last: bool,
     /// Backward: the user key being collected and its newest visible version so far.
     group: Option<(Vec<u8>, Option<Visible>)>,
+    /// Forward: the merge stands on the entry last returned; it moves past it on the next step,
+    /// so that the entry can be lent from the block or memtable it is in until then.
+    pending: bool,
 }
 
 type Item = Result<(Bytes, Bytes)>;
 
-impl Cursor {
+impl Walk {
+    fn new(view: &View, forward: bool, seq: u64, bounds: &Bounds) -> Walk {
+        Walk {
+            merge: Merge::of_view(view, forward),
+            forward,
+            seq,
+            bounds: bounds.clone(),
+            started: false,
+            last: Vec::new(),
+            has_last: false,
+            group: None,
+            pending: false,
+        }
+    }
+
     fn start(&mut self) -> Result<()> {
         self.started = true;
         let target = if self.forward {
@@ -304,24 +333,37 @@ impl Cursor {
     }
 
     fn next(&mut self) -> Option<Item> {
-        if !self.started {
-            if let Err(e) = self.start() {
-                return Some(Err(e));
-            }
-        }
         if self.forward {
-            self.next_forward().transpose()
+            match self.step_forward() {
+                Ok(true) => Some(Ok((self.merge.user_key_bytes(), self.merge.value()))),
+                Ok(false) => None,
+                Err(e) => Some(Err(e)),
+            }
         } else {
+            if !self.started {
+                if let Err(e) = self.start() {
+                    return Some(Err(e));
+                }
+            }
             self.next_backward().transpose()
         }
     }
 
-    fn next_forward(&mut self) -> Result<Option<(Bytes, Bytes)>> {
+    /// Forward: stands the merge on the next visible live entry (`false` past the end). The
+    /// entry is read from the merge; the next step moves past it.
+    fn step_forward(&mut self) -> Result<bool> {
+        if !self.started {
+            self.start()?;
+        }
+        if self.pending {
+            self.pending = false;
+            self.merge.advance()?;
+        }
         loop {
-            let Some(k) = self.merge.key() else { return Ok(None) };
+            let Some(k) = self.merge.key() else { return Ok(false) };
             let user = key::user(k);
             if !self.bounds.below_hi(user) {
-                return Ok(None);
+                return Ok(false);
             }
             if !self.bounds.above_lo(user)
                 || key::seq(k) > self.seq
@@ -333,12 +375,11 @@ impl Cursor {
             self.last.clear();
             self.last.extend_from_slice(user);
             self.has_last = true;
-            let put = key::kind(k) == Kind::Put;
-            let item = put.then(|| (self.merge.user_key_bytes(), self.merge.value()));
-            self.merge.advance()?;
-            if item.is_some() {
-                return Ok(item);
+            if key::kind(k) == Kind::Put {
+                self.pending = true;
+                return Ok(true);
             }
+            self.merge.advance()?;
         }
     }
 
@@ -390,10 +431,12 @@ pub struct Iter {
     view: Arc<View>,
     seq: u64,
     bounds: Bounds,
-    front: Option<Cursor>,
-    back: Option<Cursor>,
+    front: Option<Walk>,
+    back: Option<Walk>,
     front_last: Option<Bytes>,
     back_last: Option<Bytes>,
+    /// The entry [`Iter::next_back_ref`] lent last.
+    held: Option<(Bytes, Bytes)>,
     done: bool,
 }
 
@@ -413,20 +456,51 @@ impl Iter {
             back: None,
             front_last: None,
             back_last: None,
+            held: None,
             done: false,
         }
     }
 
-    fn cursor(&self, forward: bool) -> Cursor {
-        Cursor {
-            merge: Merge::of_view(&self.view, forward),
-            forward,
-            seq: self.seq,
-            bounds: self.bounds.clone(),
-            started: false,
-            last: Vec::new(),
-            has_last: false,
-            group: None,
+    /// Like `next`, but lends the key and value instead of handing out shared buffers: they are
+    /// borrowed from the block or memtable they are in, valid until the iterator moves again.
+    /// For scans that look at many entries and keep few, this saves two reference counts per
+    /// entry. It moves the same front end as `next`; the two can be mixed.
+    pub fn next_ref(&mut self) -> Option<Result<(&[u8], &[u8])>> {
+        if self.done {
+            return None;
+        }
+        let front =
+            self.front.get_or_insert_with(|| Walk::new(&self.view, true, self.seq, &self.bounds));
+        match front.step_forward() {
+            Ok(true) => {}
+            Ok(false) => {
+                self.done = true;
+                return None;
+            }
+            Err(e) => {
+                self.done = true;
+                return Some(Err(e));
+            }
+        }
+        let user = key::user(front.merge.key().expect("the walk stands on an entry"));
+        if self.back_last.as_ref().is_some_and(|o| user >= &o[..]) {
+            self.done = true;
+            return None;
+        }
+        if self.back.is_some() {
+            self.front_last = Some(Bytes::copy_from_slice(user));
+        }
+        Some(Ok((user, front.merge.value_ref())))
+    }
+
+    /// Like `next_back`, lending the key and value as [`Iter::next_ref`] does.
+    pub fn next_back_ref(&mut self) -> Option<Result<(&[u8], &[u8])>> {
+        match self.next_back()? {
+            Ok(kv) => {
+                let (k, v) = self.held.insert(kv);
+                Some(Ok((&k[..], &v[..])))
+            }
+            Err(e) => Some(Err(e)),
         }
     }
 
@@ -468,9 +542,9 @@ impl Iterator for Iter {
             return None;
         }
         if self.front.is_none() {
-            self.front = Some(self.cursor(true));
+            self.front = Some(Walk::new(&self.view, true, self.seq, &self.bounds));
         }
-        let item = self.front.as_mut().and_then(Cursor::next);
+        let item = self.front.as_mut().and_then(Walk::next);
         self.finish(item, true)
     }
 }
@@ -481,13 +555,13 @@ impl DoubleEndedIterator for Iter {
             return None;
         }
         if self.back.is_none() {
-            self.back = Some(self.cursor(false));
+            self.back = Some(Walk::new(&self.view, false, self.seq, &self.bounds));
             // Every key the front cursor passed (emitted or hidden) is behind the iteration.
             if let Some(f) = self.front.as_ref().filter(|f| f.has_last) {
                 self.front_last = Some(Bytes::copy_from_slice(&f.last));
             }
         }
-        let item = self.back.as_mut().and_then(Cursor::next);
+        let item = self.back.as_mut().and_then(Walk::next);
         self.finish(item, false)
     }
 }

@@ -400,6 +400,10 @@ impl Cursor {
     pub(crate) fn value(&self) -> Bytes {
         self.value.clone()
     }
+
+    pub(crate) fn value_ref(&self) -> &[u8] {
+        &self.value
+    }
 }
 
 /// The version [`Versions::pick`] chooses in node `e`, or else the first version at the edge of

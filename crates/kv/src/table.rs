@@ -14,9 +14,9 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::block::{Block, BlockBuilder, Decoded};
+use crate::block::{Block, BlockBuilder, BlockCursor, Decoded};
 use crate::bloom;
-use crate::cache::{BlockCache, CachedBlock};
+use crate::cache::BlockCache;
 use crate::error::{Error, Result};
 use crate::key::{self, Kind};
 use crate::options::{Compression, Options};
@@ -293,43 +293,33 @@ impl Table {
         (end <= self.data_end).then_some((off, len))
     }
 
-    /// Data block `i`, verified, through the cache.
-    fn cached(&self, i: usize) -> Result<(u64, Arc<CachedBlock>)> {
+    /// Data block `i`, verified, through the cache, and its offset in the file.
+    fn cached(&self, i: usize) -> Result<(u64, Block)> {
         let (off, len) =
             self.handle_at(&self.index, i).expect("index entries are validated on open");
         if let Some(b) = self.cache.get(self.id, off) {
             return Ok((off, b));
         }
         let raw = read_block(&self.file, &self.path, off, len)?;
-        let raw = Block::new(raw)
-            .map_err(|r| Error::corrupt(&self.path, off, format!("data block: {r}")))?;
-        let b = Arc::new(CachedBlock { raw, decoded: std::sync::OnceLock::new() });
+        let b = Block::new(raw).map_err(|r| self.corrupt_block(off, r))?;
         self.cache.insert(self.id, off, b.clone());
         Ok((off, b))
     }
 
-    /// Data block `i`, verified and decoded (for iteration).
-    fn block(&self, i: usize) -> Result<Arc<Decoded>> {
+    /// Data block `i`, verified and decoded (for backward iteration), and its offset.
+    fn decoded(&self, i: usize) -> Result<(u64, Decoded)> {
         let (off, b) = self.cached(i)?;
-        if let Some(d) = b.decoded.get() {
-            return Ok(d.clone());
-        }
-        let d = b
-            .raw
-            .decode()
-            .map_err(|r| Error::corrupt(&self.path, off, format!("data block: {r}")))?;
+        let d = b.decode().map_err(|r| self.corrupt_block(off, r))?;
         for j in 0..d.len() {
             if !key::valid(d.key(j)) {
-                return Err(Error::corrupt(
-                    &self.path,
-                    off,
-                    format!("entry {j} has a malformed key"),
-                ));
+                return Err(self.corrupt_block(off, format!("entry {j} has a malformed key")));
             }
         }
-        let d = Arc::new(d);
-        let _ = b.decoded.set(d.clone());
-        Ok(d)
+        Ok((off, d))
+    }
+
+    fn corrupt_block(&self, off: u64, reason: String) -> Error {
+        Error::corrupt(&self.path, off, format!("data block: {reason}"))
     }
 
     /// The first index entry (data block) whose last key is not below `target`.
@@ -359,17 +349,8 @@ impl Table {
             return Ok(None);
         }
         let (off, b) = self.cached(i)?;
-        if let Some(d) = b.decoded.get() {
-            let at = d.lower_bound(lookup, key::compare);
-            if at < d.len() && key::user(d.key(at)) == user {
-                return Ok(Some((key::kind(d.key(at)), d.value(at))));
-            }
-            return Ok(None);
-        }
-        let found = b
-            .raw
-            .seek(lookup, key::compare, key::valid)
-            .map_err(|r| Error::corrupt(&self.path, off, format!("data block: {r}")))?;
+        let found =
+            b.seek(lookup, key::compare, key::valid).map_err(|r| self.corrupt_block(off, r))?;
         Ok(found.filter(|(k, _)| key::user(k) == user).map(|(k, v)| (key::kind(&k), v)))
     }
 }
@@ -380,85 +361,150 @@ impl std::fmt::Debug for Table {
     }
 }
 
-/// A cursor over one table in one direction.
+/// A cursor over one table in one direction. Forward it walks each block's entries in place
+/// ([`BlockCursor`]); backward it decodes each block it enters.
 pub(crate) struct TableIter {
     table: Arc<Table>,
     forward: bool,
-    block: Option<(usize, Arc<Decoded>)>,
+    /// The block it stands in, and its offset in the file; `None` past the end.
+    block: Option<(usize, u64)>,
+    /// Forward: the walk over that block (kept from block to block for its key buffer).
+    cursor: Option<BlockCursor>,
+    /// Backward: that block decoded, and the entry it stands on.
+    decoded: Option<Decoded>,
     pos: usize,
 }
 
 impl TableIter {
     pub(crate) fn new(table: Arc<Table>, forward: bool) -> TableIter {
-        TableIter { table, forward, block: None, pos: 0 }
+        TableIter { table, forward, block: None, cursor: None, decoded: None, pos: 0 }
     }
 
-    fn load(&mut self, i: usize) -> Result<()> {
-        self.block = Some((i, self.table.block(i)?));
+    /// Enters block `i` at its first entry in the direction of travel, or at `target`.
+    fn load(&mut self, i: usize, target: Option<&[u8]>) -> Result<()> {
+        if self.forward {
+            let (off, b) = self.table.cached(i)?;
+            let c = match &mut self.cursor {
+                Some(c) => {
+                    c.reset(b);
+                    c
+                }
+                None => self.cursor.insert(BlockCursor::new(b, key::valid)),
+            };
+            let moved = match target {
+                Some(t) => c.seek(t, key::compare),
+                None => c.first(),
+            };
+            moved.map_err(|r| self.table.corrupt_block(off, r))?;
+            self.block = Some((i, off));
+        } else {
+            let (off, d) = self.table.decoded(i)?;
+            let end = target.map_or(d.len(), |t| d.upper_bound(t, key::compare));
+            self.pos = end.wrapping_sub(1);
+            self.decoded = Some(d);
+            self.block = Some((i, off));
+        }
         Ok(())
     }
 
-    /// Moves to the next non-empty block in the direction of travel, or past the end.
+    fn on_entry(&self) -> bool {
+        if self.forward {
+            self.cursor.as_ref().is_some_and(|c| c.key().is_some())
+        } else {
+            self.decoded.as_ref().is_some_and(|d| self.pos < d.len())
+        }
+    }
+
+    /// Moves to the next block with entries while the current one has none left.
     fn settle(&mut self) -> Result<()> {
-        loop {
-            let Some((i, d)) = &self.block else { return Ok(()) };
-            if self.pos < d.len() {
+        while let Some((i, _)) = self.block {
+            if self.on_entry() {
                 return Ok(());
             }
-            let i = *i;
             let next = if self.forward { i + 1 } else { i.wrapping_sub(1) };
             if next >= self.table.blocks() {
                 self.block = None;
                 return Ok(());
             }
-            self.load(next)?;
-            let len = self.block.as_ref().map_or(0, |(_, d)| d.len());
-            self.pos = if self.forward { 0 } else { len.wrapping_sub(1) };
-            if len == 0 {
-                self.pos = usize::MAX;
-            }
+            self.load(next, None)?;
         }
+        Ok(())
     }
 
     pub(crate) fn seek(&mut self, target: Option<&[u8]>) -> Result<()> {
+        self.block = None;
         let n = self.table.blocks();
         if n == 0 {
-            self.block = None;
             return Ok(());
         }
-        if self.forward {
-            let i = target.map_or(0, |t| self.table.index_lower_bound(t));
-            if i == n {
-                self.block = None;
-                return Ok(());
-            }
-            self.load(i)?;
-            let d = &self.block.as_ref().expect("loaded").1;
-            self.pos = target.map_or(0, |t| d.lower_bound(t, key::compare));
-        } else {
-            let i = target.map_or(n - 1, |t| self.table.index_lower_bound(t).min(n - 1));
-            self.load(i)?;
-            let d = &self.block.as_ref().expect("loaded").1;
-            let ub = target.map_or(d.len(), |t| d.upper_bound(t, key::compare));
-            self.pos = ub.wrapping_sub(1);
+        let i = match target {
+            None if self.forward => 0,
+            None => n - 1,
+            Some(t) if self.forward => self.table.index_lower_bound(t),
+            Some(t) => self.table.index_lower_bound(t).min(n - 1),
+        };
+        if i == n {
+            return Ok(());
         }
+        self.load(i, target)?;
         self.settle()
     }
 
     pub(crate) fn advance(&mut self) -> Result<()> {
-        self.pos = if self.forward { self.pos + 1 } else { self.pos.wrapping_sub(1) };
+        let Some((_, off)) = self.block else { return Ok(()) };
+        if self.forward {
+            if let Some(c) = &mut self.cursor {
+                c.advance().map_err(|r| self.table.corrupt_block(off, r))?;
+            }
+        } else {
+            self.pos = self.pos.wrapping_sub(1);
+        }
         self.settle()
     }
 
     pub(crate) fn key(&self) -> Option<&[u8]> {
-        self.block.as_ref().map(|(_, d)| d.key(self.pos))
+        self.block?;
+        if self.forward {
+            self.cursor.as_ref()?.key()
+        } else {
+            let d = self.decoded.as_ref()?;
+            (self.pos < d.len()).then(|| d.key(self.pos))
+        }
+    }
+
+    pub(crate) fn value_ref(&self) -> &[u8] {
+        if self.key().is_none() {
+            return &[];
+        }
+        match (&self.cursor, &self.decoded) {
+            (Some(c), _) if self.forward => c.value(),
+            (_, Some(d)) => d.value_ref(self.pos),
+            _ => &[],
+        }
     }
 
     pub(crate) fn value(&self) -> Bytes {
-        self.block.as_ref().map(|(_, d)| d.value(self.pos)).unwrap_or_default()
+        if self.key().is_none() {
+            return Bytes::new();
+        }
+        match (&self.cursor, &self.decoded) {
+            (Some(c), _) if self.forward => c.value_bytes(),
+            (_, Some(d)) => d.value(self.pos),
+            _ => Bytes::new(),
+        }
     }
 
-    pub(crate) fn key_bytes(&self) -> Bytes {
-        self.block.as_ref().map(|(_, d)| d.key_bytes(self.pos)).unwrap_or_default()
+    /// The current user key as bytes of its own: copied out of the walk's buffer forward, a
+    /// slice of the decoded block backward.
+    pub(crate) fn user_key_bytes(&self) -> Option<Bytes> {
+        let k = self.key()?;
+        match &self.decoded {
+            Some(d) if !self.forward => {
+                let mut b = d.key_bytes(self.pos);
+                b.truncate(b.len() - key::TAG_LEN);
+                Some(b)
+            }
+            _ => Some(Bytes::copy_from_slice(key::user(k))),
+        }
     }
 }

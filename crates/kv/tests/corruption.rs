@@ -83,6 +83,35 @@ fn flipped_byte_in_a_data_block_is_reported_on_read() {
 }
 
 #[test]
+fn malformed_entry_under_a_valid_checksum_is_corrupt() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = one_table(dir.path());
+    let mut b = fs::read(&t).unwrap();
+    // The first data block ends where a raw-block trailer (type 0, crc32c) matches what precedes
+    // it.
+    let len = (1..4096)
+        .find(|&n| {
+            let crc = crc32c::crc32c_append(crc32c::crc32c(&b[..n]), &[0]);
+            b[n] == 0 && crc.to_le_bytes() == b[n + 1..n + 5]
+        })
+        .expect("the first block's trailer");
+    // The first entry claims to share a byte with a key before it; the checksum is made to
+    // match, so only the block's own checks can catch it.
+    b[0] = 1;
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&b[..len]), &[0]);
+    b[len + 1..len + 5].copy_from_slice(&crc.to_le_bytes());
+    fs::write(&t, &b).unwrap();
+    let db = Db::open(dir.path(), opts()).unwrap();
+    assert_eq!(assert_corrupt(db.get(key(0)), &t), 0);
+    let mut it = db.iter();
+    assert_eq!(assert_corrupt(it.next_ref().unwrap(), &t), 0);
+    assert!(it.next_ref().is_none(), "an error ends the iteration");
+    let back: Vec<_> = db.iter().rev().collect();
+    assert!(matches!(back.last(), Some(Err(Error::Corrupt { .. }))), "{back:?}");
+    assert_eq!(db.get(key(1999)).unwrap().as_deref(), Some(&b"value1999"[..]));
+}
+
+#[test]
 fn flipped_byte_in_index_filter_or_footer_fails_open() {
     for part in ["index", "filter", "footer", "magic"] {
         let dir = tempfile::tempdir().unwrap();

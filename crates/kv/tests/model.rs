@@ -16,10 +16,12 @@ enum Op {
     Delete(u8),
     Batch(Vec<(u8, Option<u16>)>),
     Get(u8),
-    Scan(Option<u8>, Option<u8>, bool, bool),
+    /// Bounds, inclusive end, reverse, and whether entries are lent (`next_ref`).
+    Scan(Option<u8>, Option<u8>, bool, bool, bool),
     Prefix(u8, bool),
-    /// Both ends of one iterator: `true` takes from the front, `false` from the back.
-    Zigzag(Vec<bool>),
+    /// Both ends of one iterator: `% 4` is 0 `next`, 1 `next_back`, 2 `next_ref`,
+    /// 3 `next_back_ref`.
+    Zigzag(Vec<u8>),
     Snapshot,
     SnapGet(usize, u8),
     SnapScan(usize, bool),
@@ -52,10 +54,10 @@ fn op() -> impl Strategy<Value = Op> {
         8 => k.clone().prop_map(Op::Delete),
         6 => proptest::collection::vec((k.clone(), proptest::option::of(any::<u16>())), 1..8).prop_map(Op::Batch),
         10 => k.clone().prop_map(Op::Get),
-        5 => (proptest::option::of(k.clone()), proptest::option::of(k.clone()), any::<bool>(), any::<bool>())
-            .prop_map(|(a, b, inc, rev)| Op::Scan(a, b, inc, rev)),
+        5 => (proptest::option::of(k.clone()), proptest::option::of(k.clone()), any::<bool>(), any::<bool>(), any::<bool>())
+            .prop_map(|(a, b, inc, rev, lend)| Op::Scan(a, b, inc, rev, lend)),
         2 => (0u8..45, any::<bool>()).prop_map(|(p, rev)| Op::Prefix(p, rev)),
-        2 => proptest::collection::vec(any::<bool>(), 1..40).prop_map(Op::Zigzag),
+        2 => proptest::collection::vec(any::<u8>(), 1..40).prop_map(Op::Zigzag),
         2 => Just(Op::Snapshot),
         3 => (any::<usize>(), k.clone()).prop_map(|(i, k)| Op::SnapGet(i, k)),
         2 => (any::<usize>(), any::<bool>()).prop_map(|(i, r)| Op::SnapScan(i, r)),
@@ -115,6 +117,17 @@ fn collect(it: impl Iterator<Item = timber_kv::Result<(Bytes, Bytes)>>) -> Vec<(
     .collect()
 }
 
+/// Every entry through `next_ref` (or `next_back_ref`), copied out.
+fn collect_lent(mut it: timber_kv::Iter, rev: bool) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let mut out = Vec::new();
+    loop {
+        let item = if rev { it.next_back_ref() } else { it.next_ref() };
+        let Some(r) = item else { return out };
+        let (k, v) = r.unwrap();
+        out.push((k.to_vec(), v.to_vec()));
+    }
+}
+
 fn bounds(a: Option<u8>, b: Option<u8>, inclusive: bool) -> (Bound<Vec<u8>>, Bound<Vec<u8>>) {
     let lo = a.map_or(Bound::Unbounded, |a| Bound::Included(key(a)));
     let hi = b.map_or(Bound::Unbounded, |b| {
@@ -163,10 +176,14 @@ fn run(ops: Vec<Op>, lz4: bool, synced: bool, hash_index: bool) {
             Op::Get(k) => {
                 assert_eq!(d.get(key(k)).unwrap().map(|b| b.to_vec()), model.get(&key(k)).cloned());
             }
-            Op::Scan(a, b, inc, rev) => {
+            Op::Scan(a, b, inc, rev, lend) => {
                 let (lo, hi) = bounds(a, b, inc);
                 let it = d.scan::<Vec<u8>>((lo.clone(), hi.clone()));
-                let got = if rev { collect(it.rev()) } else { collect(it) };
+                let got = match (rev, lend) {
+                    (false, false) => collect(it),
+                    (true, false) => collect(it.rev()),
+                    (_, true) => collect_lent(it, rev),
+                };
                 assert_eq!(got, range_of(&model, lo, hi, rev));
             }
             Op::Prefix(p, rev) => {
@@ -184,10 +201,20 @@ fn run(ops: Vec<Op>, lz4: bool, synced: bool, hash_index: bool) {
                 let mut want: std::collections::VecDeque<_> =
                     range_of(&model, Bound::Unbounded, Bound::Unbounded, false).into();
                 let mut it = d.iter();
-                for front in pattern.iter().cycle().take(want.len() + 2) {
-                    let got = if *front { it.next() } else { it.next_back() };
-                    let got = got.map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())).unwrap());
-                    let exp = if *front { want.pop_front() } else { want.pop_back() };
+                for step in pattern.iter().cycle().take(want.len() + 2) {
+                    let owned = |r: Option<timber_kv::Result<(Bytes, Bytes)>>| {
+                        r.map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())).unwrap())
+                    };
+                    let lent = |r: Option<timber_kv::Result<(&[u8], &[u8])>>| {
+                        r.map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())).unwrap())
+                    };
+                    let got = match step % 4 {
+                        0 => owned(it.next()),
+                        1 => owned(it.next_back()),
+                        2 => lent(it.next_ref()),
+                        _ => lent(it.next_back_ref()),
+                    };
+                    let exp = if step % 2 == 0 { want.pop_front() } else { want.pop_back() };
                     assert_eq!(got, exp);
                 }
             }

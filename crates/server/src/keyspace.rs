@@ -98,6 +98,12 @@ impl Value {
 }
 
 fn decode(key: &[u8], v: &Bytes) -> Result<Value, Error> {
+    let (kind, expire_at) = header(key, v)?;
+    Ok(Value { kind, data: v.slice(9..), expire_at })
+}
+
+/// The kind and deadline of a stored value, without its data.
+fn header(key: &[u8], v: &[u8]) -> Result<(Kind, Option<u64>), Error> {
     let kind = match v.first() {
         Some(1) => Kind::String,
         Some(2) => Kind::Stream,
@@ -107,7 +113,7 @@ fn decode(key: &[u8], v: &Bytes) -> Result<Value, Error> {
         return Err(Error::Corrupt(Bytes::copy_from_slice(key)));
     }
     let at = u64::from_le_bytes(v[1..9].try_into().expect("8 bytes"));
-    Ok(Value { kind, data: v.slice(9..), expire_at: (at != 0).then_some(at) })
+    Ok((kind, (at != 0).then_some(at)))
 }
 
 /// The stripe of a key (FNV-1a).
@@ -398,10 +404,18 @@ impl Keyspace {
         }
     }
 
-    /// Number of live keys.
+    /// Number of live keys (a scan that lends each entry rather than copying it).
     pub fn len(&self) -> Result<u64, Error> {
+        let now = now_ms();
         let mut n = 0;
-        self.each_key(|_| n += 1)?;
+        let mut it = self.db.scan(&b"k"[..]..&b"l"[..]);
+        while let Some(kv) = it.next_ref() {
+            let (k, v) = kv?;
+            let (_, expire_at) = header(&k[1..], v)?;
+            if expire_at.is_none_or(|at| at > now) {
+                n += 1;
+            }
+        }
         Ok(n)
     }
 
@@ -450,5 +464,26 @@ impl Keyspace {
             self.db.write_with(b, self.durability)?;
         }
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn len_counts_live_keys_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let ks = Keyspace::open(dir.path(), Sync::Manual).unwrap();
+        assert_eq!(ks.len().unwrap(), 0);
+        assert!(ks.is_empty().unwrap());
+        ks.set(b"a", &Value::string("1")).unwrap();
+        ks.set(b"b", &Value { expire_at: Some(now_ms() + 60_000), ..Value::string("2") }).unwrap();
+        // Past its deadline but not yet swept: not counted.
+        ks.set(b"c", &Value { expire_at: Some(1), ..Value::string("3") }).unwrap();
+        assert_eq!(ks.len().unwrap(), 2);
+        let mut keys = Vec::new();
+        ks.each_key(|k| keys.push(k)).unwrap();
+        assert_eq!(keys, vec![Bytes::from_static(b"a"), Bytes::from_static(b"b")]);
     }
 }
