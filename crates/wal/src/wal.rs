@@ -394,6 +394,7 @@ impl Inner {
         self.fsync(&a.file, &a.path)?;
         let end = a.end();
         self.durable.fetch_max(end, Ordering::AcqRel);
+        self.gate.wake_covered(end);
         let sealed = Sealed {
             start: a.start,
             count: a.offsets.len() as u64,
@@ -445,7 +446,7 @@ impl Inner {
         if covered() {
             return Ok(());
         }
-        let Some(_leader) = self.gate.lead_unless(covered) else { return Ok(()) };
+        let Some(leader) = self.gate.lead_unless(target, covered) else { return Ok(()) };
         if let Some(cause) = self.poison.get() {
             return Err(Error::Poisoned { cause: cause.clone() });
         }
@@ -461,6 +462,7 @@ impl Inner {
         self.poisoning(r)?;
         let before = self.durable.fetch_max(upto, Ordering::AcqRel);
         self.metrics.group_records.record(upto.saturating_sub(before) as f64);
+        leader.finish(upto.max(before));
         Ok(())
     }
 
@@ -778,19 +780,25 @@ impl fmt::Debug for Wal {
 }
 
 /// Leadership for group commit: at most one thread at a time syncs (or truncates). The others
-/// park; the leader unparks every one of them when it is done, without a lock handoff, and each
-/// re-checks whether it still needs to lead (most find their records durable already).
+/// park with the sequence number they wait for. A leader that made records durable unparks,
+/// without a lock handoff, the waiters it covered and one other (the next leader); the rest stay
+/// parked, so a sync does not wake every appender that arrived during it only to park it again.
+/// A leader that ends otherwise (a truncation, an error) unparks everyone. A woken thread
+/// re-checks whether it still needs to lead.
 #[derive(Default)]
 struct Gate {
     leading: AtomicBool,
-    waiters: Mutex<Vec<thread::Thread>>,
+    /// Parked threads and what they wait for (`u64::MAX`: leadership itself). A thread may
+    /// appear twice after a spurious wakeup; that costs an extra unpark, nothing else.
+    waiters: Mutex<Vec<(u64, thread::Thread)>>,
 }
 
 struct Leader<'a>(&'a Gate);
 
 impl Gate {
-    /// Waits until this thread may lead, or until `unneeded()` holds (then `None`).
-    fn lead_unless(&self, unneeded: impl Fn() -> bool) -> Option<Leader<'_>> {
+    /// Waits until this thread may lead, or until `unneeded()` holds (then `None`). `target` is
+    /// the durable point that makes it unneeded.
+    fn lead_unless(&self, target: u64, unneeded: impl Fn() -> bool) -> Option<Leader<'_>> {
         loop {
             if unneeded() {
                 return None;
@@ -802,7 +810,7 @@ impl Gate {
             {
                 return Some(Leader(self));
             }
-            self.waiters.lock().push(thread::current());
+            self.waiters.lock().push((target, thread::current()));
             // The leader may have finished between the attempt and the registration; an entry
             // left behind only causes a spurious wakeup later, which the loop absorbs.
             if unneeded() || !self.leading.load(Ordering::Acquire) {
@@ -813,7 +821,55 @@ impl Gate {
     }
 
     fn lead(&self) -> Leader<'_> {
-        self.lead_unless(|| false).expect("leadership is always needed")
+        self.lead_unless(u64::MAX, || false).expect("leadership is always needed")
+    }
+
+    /// Unparks the waiters whose records became durable other than by a leader (a sealed
+    /// segment). Everything appended before the seal is covered, so no waiter that a leader
+    /// left parked is stranded when the one it woke to lead next finds nothing left to do.
+    fn wake_covered(&self, durable: u64) {
+        let mut woken = Vec::new();
+        self.waiters.lock().retain(|(target, t)| {
+            let covered = *target <= durable;
+            if covered {
+                woken.push(t.clone());
+            }
+            !covered
+        });
+        for t in woken {
+            t.unpark();
+        }
+    }
+}
+
+impl Leader<'_> {
+    /// Ends a leadership that made everything below `durable` durable: unparks the waiters that
+    /// covers and the first of the others, who leads next (or finds its records covered by a
+    /// leader that came first, which then wakes the next one the same way).
+    fn finish(self, durable: u64) {
+        let gate = self.0;
+        std::mem::forget(self);
+        gate.leading.store(false, Ordering::Release);
+        let woken = {
+            let mut waiters = gate.waiters.lock();
+            let all = std::mem::take(&mut *waiters);
+            let mut woken = Vec::with_capacity(all.len());
+            let mut next_leader = false;
+            for (target, t) in all {
+                if target <= durable {
+                    woken.push(t);
+                } else if !next_leader {
+                    next_leader = true;
+                    woken.push(t);
+                } else {
+                    waiters.push((target, t));
+                }
+            }
+            woken
+        };
+        for t in woken {
+            t.unpark();
+        }
     }
 }
 
@@ -821,7 +877,7 @@ impl Drop for Leader<'_> {
     fn drop(&mut self) {
         self.0.leading.store(false, Ordering::Release);
         let waiters = std::mem::take(&mut *self.0.waiters.lock());
-        for t in waiters {
+        for (_, t) in waiters {
             t.unpark();
         }
     }

@@ -242,6 +242,36 @@ fn truncate_back_across_segments_and_reuse_of_sequence_numbers() {
     assert_eq!(wal.append(b"again").unwrap(), 20);
 }
 
+/// Many waiters at once, segments sealed under them, and `sync` callers: no waiter is left parked
+/// (a hang fails the test after a generous deadline rather than blocking it).
+#[test]
+fn group_commit_leaves_no_waiter_behind() {
+    for mode in [SyncMode::Always, SyncMode::Manual] {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = Arc::new(Wal::open(dir.path(), small(8 << 10).sync(mode)).unwrap());
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        for t in 0..24u64 {
+            let (wal, done_tx) = (wal.clone(), done_tx.clone());
+            std::thread::spawn(move || {
+                for i in 0..300u64 {
+                    wal.append(&payload(t * 1000 + i, 40 + (i as usize % 7) * 60)).unwrap();
+                    if mode == SyncMode::Manual || t % 8 == 0 {
+                        wal.sync().unwrap();
+                    }
+                }
+                done_tx.send(()).unwrap();
+            });
+        }
+        drop(done_tx);
+        for _ in 0..24 {
+            done_rx
+                .recv_timeout(Duration::from_secs(120))
+                .unwrap_or_else(|_| panic!("{mode:?}: an appender never returned"));
+        }
+        assert_eq!(wal.len(), 24 * 300);
+    }
+}
+
 #[test]
 fn concurrent_appenders_get_dense_unique_sequence_numbers() {
     for mode in [SyncMode::Always, SyncMode::Manual, SyncMode::Interval(Duration::from_millis(5))] {
