@@ -141,12 +141,12 @@ impl Block {
     /// The first entry whose key is not below `target`, found without decoding the whole block
     /// (see [`BlockCursor::seek`]). Every key it looks at must pass `valid`.
     pub(crate) fn seek(
-        &self,
+        self,
         target: &[u8],
         cmp: impl Fn(&[u8], &[u8]) -> Ordering,
         valid: fn(&[u8]) -> bool,
     ) -> Result<Option<(Vec<u8>, Bytes)>, String> {
-        let mut c = BlockCursor::new(self.clone(), valid);
+        let mut c = BlockCursor::new(self, valid);
         c.seek(target, cmp)?;
         Ok(c.at.then(|| {
             let v = c.value_bytes();
@@ -373,7 +373,7 @@ mod tests {
             let want = keys.iter().find(|k| k[..] >= probe[..]);
             let at = d.lower_bound_in(0..d.len(), &probe, cmp);
             prop_assert_eq!(at, keys.partition_point(|k| k[..] < probe[..]));
-            let sought = block.seek(&probe, cmp, |_| true).unwrap().map(|(k, _)| k);
+            let sought = block.clone().seek(&probe, cmp, |_| true).unwrap().map(|(k, _)| k);
             prop_assert_eq!(sought, want.cloned());
             let mut c = BlockCursor::new(block.clone(), |_| true);
             c.first().unwrap();
@@ -395,7 +395,7 @@ mod tests {
                 if let Ok(d) = b.decode() {
                     let _ = d.lower_bound_in(0..d.len(), b"m", cmp);
                 }
-                let _ = b.seek(b"m", cmp, |_| true);
+                let _ = b.clone().seek(b"m", cmp, |_| true);
                 // Each step moves forward, so the walk ends.
                 let mut c = BlockCursor::new(b, |_| true);
                 if c.first().is_ok() {
