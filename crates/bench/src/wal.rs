@@ -4,6 +4,7 @@
 use std::fs::File;
 use std::io::Write;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
@@ -25,11 +26,16 @@ pub struct Args {
     /// Size of the log opened by the recovery workload, in GiB.
     #[arg(long, default_value_t = 1.0)]
     recovery_gib: f64,
+    /// Only these systems (comma-separated: timber, okaywal, raft-engine, raw-fdatasync).
+    #[arg(long, value_delimiter = ',')]
+    systems: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum System {
     Timber,
+    /// timber without the checkpoints: the log grows through the run.
+    TimberGrowing,
     #[cfg(feature = "peers")]
     Okaywal,
     #[cfg(feature = "peers")]
@@ -41,6 +47,7 @@ impl System {
     fn name(self) -> &'static str {
         match self {
             System::Timber => "timber",
+            System::TimberGrowing => "timber-growing",
             #[cfg(feature = "peers")]
             System::Okaywal => "okaywal",
             #[cfg(feature = "peers")]
@@ -58,6 +65,30 @@ trait Log: Send + Sync {
 impl Log for Wal {
     fn append(&self, record: &[u8]) -> anyhow::Result<()> {
         Wal::append(self, record)?;
+        Ok(())
+    }
+}
+
+/// Bytes appended between two checkpoints of the timber log in the durable workloads.
+const CHECKPOINT_BYTES: u64 = 64 << 20;
+
+/// A durable log as a checkpointing user runs it: each time another `CHECKPOINT_BYTES` were
+/// appended, every record appended so far is dropped, and the WAL reuses the segments dropped.
+/// okaywal does the same by itself: with `LogVoid` it checkpoints every 768 KiB and reuses its
+/// files, so a log that only grew (`timber-growing`) would compare a different workload.
+struct Checkpointed {
+    wal: Wal,
+    appended: AtomicU64,
+}
+
+impl Log for Checkpointed {
+    fn append(&self, record: &[u8]) -> anyhow::Result<()> {
+        let seq = self.wal.append(record)?;
+        let n = record.len() as u64;
+        let before = self.appended.fetch_add(n, Ordering::Relaxed);
+        if (before + n) / CHECKPOINT_BYTES != before / CHECKPOINT_BYTES {
+            self.wal.truncate_front(seq + 1)?;
+        }
         Ok(())
     }
 }
@@ -108,9 +139,13 @@ mod peers {
 
 fn open(system: System, dir: &Path, sync: bool) -> anyhow::Result<Box<dyn Log>> {
     Ok(match system {
-        System::Timber => {
-            let mode = if sync { SyncMode::Always } else { SyncMode::Manual };
-            Box::new(Wal::open(dir, Options::default().sync(mode))?)
+        System::Timber if sync => Box::new(Checkpointed {
+            wal: Wal::open(dir, Options::default().sync(SyncMode::Always))?,
+            appended: AtomicU64::new(0),
+        }),
+        System::Timber => Box::new(Wal::open(dir, Options::default().sync(SyncMode::Manual))?),
+        System::TimberGrowing => {
+            Box::new(Wal::open(dir, Options::default().sync(SyncMode::Always))?)
         }
         #[cfg(feature = "peers")]
         System::Okaywal => {
@@ -192,6 +227,9 @@ fn run_count(log: &dyn Log, n: u64, record: &[u8]) -> anyhow::Result<Sample> {
 
 fn peers_for(durable: bool, threads: usize) -> Vec<System> {
     let mut v = vec![System::Timber];
+    if durable && threads > 1 {
+        v.push(System::TimberGrowing);
+    }
     #[cfg(feature = "peers")]
     {
         if durable {
@@ -219,7 +257,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             if !wanted(workload) {
                 return Ok(());
             }
-            let systems = peers_for(durable, threads);
+            let mut systems = peers_for(durable, threads);
+            systems
+                .retain(|s| args.systems.is_empty() || args.systems.iter().any(|o| o == s.name()));
             let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); systems.len()];
             for r in 0..args.common.repeat {
                 // Alternate the order so that no system always runs on a quieter disk.

@@ -11,6 +11,7 @@ pub(crate) struct Metrics {
     pub fsync_seconds: Histogram,
     pub group_records: Histogram,
     pub segments_sealed: Counter,
+    pub segments_recycled: Counter,
 }
 
 impl Metrics {
@@ -23,6 +24,7 @@ impl Metrics {
             fsync_seconds: histogram!("timber_wal_fsync_seconds", &l),
             group_records: histogram!("timber_wal_group_commit_records", &l),
             segments_sealed: counter!("timber_wal_segments_sealed_total", &l),
+            segments_recycled: counter!("timber_wal_segments_recycled_total", &l),
         }
     }
 }

@@ -39,6 +39,7 @@ pub struct Options {
     pub(crate) reader_cache: usize,
     pub(crate) max_size: Option<u64>,
     pub(crate) preallocate: bool,
+    pub(crate) recycle: bool,
     pub(crate) sync: SyncMode,
     pub(crate) write_buffer: usize,
     pub(crate) name: String,
@@ -55,6 +56,7 @@ impl Default for Options {
             reader_cache: 8,
             max_size: None,
             preallocate: true,
+            recycle: true,
             sync: SyncMode::default(),
             write_buffer: 64 << 10,
             name: "wal".to_owned(),
@@ -99,6 +101,15 @@ impl Options {
     /// Reserve the whole capacity of a new segment on disk when it is created (default on).
     pub fn preallocate(mut self, on: bool) -> Self {
         self.preallocate = on;
+        self
+    }
+
+    /// Reuse a segment that `truncate_front` dropped as the next segment instead of deleting it
+    /// and zero-filling a new one (default on; only with `preallocate`). Its old records stay in
+    /// the file until overwritten (they are never read back: recovery knows them by their
+    /// numbers), so turn this off if dropped records must leave the disk at once.
+    pub fn recycle_segments(mut self, on: bool) -> Self {
+        self.recycle = on;
         self
     }
 

@@ -7,7 +7,9 @@
 //!   no valid record with a later sequence number follows it anywhere in the file, it is a torn
 //!   write that was never acknowledged, and it is cut. If one does follow, acknowledged data may
 //!   lie beyond it: that is corruption, reported as `Error::Corrupt`, and nothing is modified.
-//! - A checksummed record whose sequence number breaks the sequence is corruption.
+//! - A checksummed record whose sequence number breaks the sequence is corruption, except in a
+//!   recycled segment (its header says so), where a record numbered below the segment's start is
+//!   a stale one of the file's previous life and ends the good data like zeros do.
 //! - Records after the last one flagged as the end of a batch belong to a batch that was never
 //!   completed; they are cut too, which makes batches atomic. Records below `complete_below`
 //!   (the point of the last `truncate_back`, which may cut a batch in two on purpose) count as
@@ -70,6 +72,7 @@ pub(crate) fn scan_tail(
     start: u64,
     file_len: u64,
     complete_below: u64,
+    recycled: bool,
 ) -> Result<Tail> {
     let mut w = Window { file, path, file_len, base: 0, buf: Vec::new() };
     let mut off = SEGMENT_HEADER_LEN as u64;
@@ -93,6 +96,7 @@ pub(crate) fn scan_tail(
         }
         match frame::decode(w.get(off, flen)?) {
             Err(e) => break Some(e.to_string()),
+            Ok(f) if recycled && f.seq < start => break None,
             Ok(f) if f.seq != seq => {
                 return Err(Error::corrupt(
                     path,
@@ -160,4 +164,53 @@ fn find_record_after(w: &mut Window<'_>, from: u64, seq: u64) -> Result<Option<(
         pos += last_start as u64;
     }
     Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::segment::encode_header;
+
+    /// A segment starting at `start` holding records `live` then, as a recycled file does, the
+    /// stale records `stale` of its previous life.
+    fn segment(start: u64, recycled: bool, live: usize, stale: std::ops::Range<u64>) -> File {
+        let mut b = encode_header(start, recycled).to_vec();
+        for i in 0..live {
+            frame::encode(&mut b, start + i as u64, true, &[i as u8; 50]);
+        }
+        for seq in stale {
+            frame::encode(&mut b, seq, true, &[0xEE; 50]);
+        }
+        let f = tempfile::tempfile().unwrap();
+        f.write_all_at(&b, 0).unwrap();
+        f
+    }
+
+    #[test]
+    fn stale_records_end_a_recycled_segment() {
+        let f = segment(100, true, 3, 5..9);
+        let len = f.metadata().unwrap().len();
+        let tail = scan_tail(&f, Path::new("seg"), 100, len, 0, true).unwrap();
+        assert_eq!(tail.offsets.len(), 3);
+        assert_eq!(tail.data_end, SEGMENT_HEADER_LEN as u64 + 3 * 70);
+        assert_eq!(tail.cut, None);
+    }
+
+    #[test]
+    fn stale_looking_records_in_a_segment_not_recycled_are_corruption() {
+        let f = segment(100, false, 3, 5..9);
+        let len = f.metadata().unwrap().len();
+        let err = scan_tail(&f, Path::new("seg"), 100, len, 0, false).unwrap_err();
+        assert!(err.to_string().contains("expected record 103"), "{err}");
+    }
+
+    /// Only records numbered below the segment's start are stale: a record that jumps ahead is
+    /// corruption in a recycled segment too.
+    #[test]
+    fn a_record_numbered_past_the_expected_one_is_corruption_even_when_recycled() {
+        let f = segment(100, true, 3, 200..201);
+        let len = f.metadata().unwrap().len();
+        let err = scan_tail(&f, Path::new("seg"), 100, len, 0, true).unwrap_err();
+        assert!(err.to_string().contains("expected record 103"), "{err}");
+    }
 }

@@ -17,8 +17,11 @@ use bytes::Bytes;
 use crate::error::{Error, Result};
 use crate::frame;
 
-/// Format: `{ magic: "TMBRWAL\0" | version: u32 | reserved: u32 | start_seq: u64 | reserved: u32 | crc32c: u32 }`.
+/// Format: `{ magic: "TMBRWAL\0" | version: u32 | flags: u32 | start_seq: u64 | reserved: u32 | crc32c: u32 }`.
 pub(crate) const SEGMENT_HEADER_LEN: usize = 32;
+/// Header flag: the file is a recycled segment, whose bytes past the live records may hold stale
+/// records of the segment it was, all numbered below `start_seq`.
+const FLAG_RECYCLED: u32 = 1;
 const SEGMENT_MAGIC: &[u8; 8] = b"TMBRWAL\0";
 pub(crate) const FORMAT_VERSION: u32 = 1;
 
@@ -45,18 +48,27 @@ pub(crate) fn parse_file_name(name: &str) -> Option<u64> {
     digits.parse().ok()
 }
 
-pub(crate) fn encode_header(start: u64) -> [u8; SEGMENT_HEADER_LEN] {
+/// What a segment header says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Header {
+    pub start: u64,
+    pub recycled: bool,
+}
+
+pub(crate) fn encode_header(start: u64, recycled: bool) -> [u8; SEGMENT_HEADER_LEN] {
     let mut h = [0u8; SEGMENT_HEADER_LEN];
     h[0..8].copy_from_slice(SEGMENT_MAGIC);
     h[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    let flags = if recycled { FLAG_RECYCLED } else { 0 };
+    h[12..16].copy_from_slice(&flags.to_le_bytes());
     h[16..24].copy_from_slice(&start.to_le_bytes());
     let crc = crc32c::crc32c(&h[..28]);
     h[28..32].copy_from_slice(&crc.to_le_bytes());
     h
 }
 
-/// Checks a segment header and returns the start sequence it names.
-pub(crate) fn decode_header(h: &[u8]) -> Result<u64, String> {
+/// Checks a segment header and returns what it says.
+pub(crate) fn decode_header(h: &[u8]) -> Result<Header, String> {
     let h: &[u8; SEGMENT_HEADER_LEN] = h
         .get(..SEGMENT_HEADER_LEN)
         .and_then(|s| s.try_into().ok())
@@ -77,7 +89,14 @@ pub(crate) fn decode_header(h: &[u8]) -> Result<u64, String> {
             "unsupported segment format version {version} (this build reads {FORMAT_VERSION})"
         ));
     }
-    Ok(u64::from_le_bytes(h[16..24].try_into().expect("8 bytes")))
+    let flags = u32::from_le_bytes(h[12..16].try_into().expect("4 bytes"));
+    if flags & !FLAG_RECYCLED != 0 {
+        return Err(format!("unknown segment header flags {flags:#x}"));
+    }
+    Ok(Header {
+        start: u64::from_le_bytes(h[16..24].try_into().expect("8 bytes")),
+        recycled: flags & FLAG_RECYCLED != 0,
+    })
 }
 
 /// The decoded trailer of a sealed segment.
@@ -172,7 +191,7 @@ pub(crate) fn read_exact_at(file: &File, path: &Path, buf: &mut [u8], offset: u6
 
 /// Reads the header and, if present, the trailer of a segment file.
 /// Returns the trailer of a sealed segment, or `None` for an unsealed one.
-pub(crate) fn inspect(path: &Path, expected_start: u64) -> Result<(File, u64, Option<Trailer>)> {
+pub(crate) fn inspect(path: &Path, expected_start: u64) -> Result<Inspected> {
     let file = File::open(path).map_err(|e| Error::io("open", path, e))?;
     let file_len = file.metadata().map_err(|e| Error::io("stat", path, e))?.len();
     let mut h = [0u8; SEGMENT_HEADER_LEN];
@@ -184,7 +203,8 @@ pub(crate) fn inspect(path: &Path, expected_start: u64) -> Result<(File, u64, Op
         ));
     }
     read_exact_at(&file, path, &mut h, 0)?;
-    let start = decode_header(&h).map_err(|r| Error::corrupt(path, 0, r))?;
+    let header = decode_header(&h).map_err(|r| Error::corrupt(path, 0, r))?;
+    let start = header.start;
     if start != expected_start {
         return Err(Error::corrupt(
             path,
@@ -198,7 +218,16 @@ pub(crate) fn inspect(path: &Path, expected_start: u64) -> Result<(File, u64, Op
         read_exact_at(&file, path, &mut t, file_len - TRAILER_LEN as u64)?;
         trailer = Trailer::decode(&t, file_len);
     }
-    Ok((file, file_len, trailer))
+    Ok(Inspected { file, file_len, trailer, recycled: header.recycled })
+}
+
+/// A segment file opened by `inspect`.
+pub(crate) struct Inspected {
+    pub file: File,
+    pub file_len: u64,
+    /// Present when the segment is sealed.
+    pub trailer: Option<Trailer>,
+    pub recycled: bool,
 }
 
 /// Reads and verifies the index of a sealed segment.
@@ -259,7 +288,7 @@ pub(crate) struct SegmentReader {
 
 impl SegmentReader {
     pub(crate) fn open(seg: &Sealed) -> Result<SegmentReader> {
-        let (file, _, trailer) = inspect(&seg.path, seg.start)?;
+        let Inspected { file, trailer, .. } = inspect(&seg.path, seg.start)?;
         let trailer = trailer.ok_or_else(|| {
             Error::corrupt(
                 &seg.path,
@@ -351,18 +380,20 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
 pub(crate) const SPARE_FILE: &str = "wal_spare.tmp";
 
 /// Creates the segment starting at `start`: written under a temporary name (or taken from a
-/// prepared `spare`), made durable, then renamed into place and the directory fsynced.
+/// prepared `spare`, recycled or zero-filled), made durable, then renamed into place and the
+/// directory fsynced.
 pub(crate) fn create(
     dir: &Path,
     start: u64,
     capacity: u64,
     preallocate: bool,
     mode: u32,
-    spare: Option<File>,
+    spare: Option<(File, PathBuf)>,
+    recycled: bool,
 ) -> Result<(File, PathBuf)> {
     let path = dir.join(file_name(start));
     let (file, tmp) = match spare {
-        Some(file) => (file, dir.join(SPARE_FILE)),
+        Some(spare) => spare,
         None => {
             let tmp = dir.join(format!("{}.tmp", file_name(start)));
             let file = create_file(&tmp, mode)?;
@@ -372,7 +403,8 @@ pub(crate) fn create(
             (file, tmp)
         }
     };
-    file.write_all_at(&encode_header(start), 0).map_err(|e| Error::io("write", &tmp, e))?;
+    file.write_all_at(&encode_header(start, recycled), 0)
+        .map_err(|e| Error::io("write", &tmp, e))?;
     file.sync_all().map_err(|e| Error::io("fsync", &tmp, e))?;
     fs::rename(&tmp, &path).map_err(|e| Error::io("rename", &tmp, e))?;
     sync_dir(dir)?;
@@ -397,6 +429,31 @@ pub(crate) fn prepare_spare(
     let filled = preallocate_tail(&file, &path, 0, capacity)
         .and_then(|()| file.sync_all().map_err(|e| Error::io("fsync", &path, e)));
     Some(filled.map(|()| file))
+}
+
+/// Turns a sealed segment that truncation dropped into a spare: renamed to
+/// `wal_recycled_{start}.tmp` (the directory fsynced, so that a crash never finds the segment
+/// under its name half overwritten), then its index and trailer zeroed and its space up to
+/// `capacity` written. Its records stay: all are numbered below any segment the spare will
+/// become, whose header says it was recycled. Reusing written blocks spares the zero-filling of
+/// a new segment (a third of the CPU of 64 threads of durable 4 KiB appends on 2 cores).
+pub(crate) fn recycle(
+    dir: &Path,
+    seg: &Sealed,
+    capacity: u64,
+    mode: u32,
+) -> Result<(File, PathBuf)> {
+    let spare = dir.join(format!("wal_recycled_{}.tmp", seg.start));
+    let file =
+        open_options_rw(mode).open(&seg.path).map_err(|e| Error::io("open", &seg.path, e))?;
+    fs::rename(&seg.path, &spare).map_err(|e| Error::io("rename", &seg.path, e))?;
+    sync_dir(dir)?;
+    let data_end = seg
+        .file_len
+        .saturating_sub(TRAILER_LEN as u64 + seg.count * INDEX_ENTRY_LEN)
+        .max(SEGMENT_HEADER_LEN as u64);
+    preallocate_tail(&file, &spare, data_end, capacity)?;
+    Ok((file, spare))
 }
 
 /// Reserves `from..capacity` of a segment on disk by writing zeros. Written (not merely
@@ -429,8 +486,15 @@ mod tests {
 
     #[test]
     fn header_roundtrip_and_checks() {
-        let h = encode_header(9);
-        assert_eq!(decode_header(&h), Ok(9));
+        let h = encode_header(9, false);
+        assert_eq!(decode_header(&h), Ok(Header { start: 9, recycled: false }));
+        let r = encode_header(9, true);
+        assert_eq!(decode_header(&r), Ok(Header { start: 9, recycled: true }));
+        let mut unknown = r;
+        unknown[12] = 2;
+        let crc = crc32c::crc32c(&unknown[..28]);
+        unknown[28..32].copy_from_slice(&crc.to_le_bytes());
+        assert!(decode_header(&unknown).unwrap_err().contains("flags"));
         let mut bad = h;
         bad[17] ^= 1;
         assert!(decode_header(&bad).unwrap_err().contains("checksum"));

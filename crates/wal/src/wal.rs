@@ -26,7 +26,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use lru::LruCache;
-use parking_lot::{Mutex, RwLock};
+use parking_lot::{Condvar, Mutex, RwLock};
 
 use crate::error::{Error, Result};
 use crate::frame;
@@ -77,8 +77,10 @@ struct Inner {
     closed: AtomicBool,
     readers: Mutex<LruCache<u64, Arc<SegmentReader>>>,
     lock_file: Mutex<Option<File>>,
-    /// A zero-filled file ready to become the next segment, and the way to ask for another.
-    spare: Mutex<Option<File>>,
+    /// The zero-filled file that becomes the next segment, signalled when a fill ends, and the
+    /// way to ask for another.
+    spare: Mutex<Spares>,
+    spare_filled: Condvar,
     want_spare: Mutex<Option<mpsc::Sender<()>>>,
     /// Asks the `Interval` sync thread for a sync now (`bytes_per_sync`).
     kick: Mutex<Option<mpsc::Sender<()>>>,
@@ -87,6 +89,22 @@ struct Inner {
     #[cfg(test)]
     fail_next_sync: AtomicBool,
 }
+
+/// Files ready to become the next segment: segments that truncation dropped, recycled, and
+/// when there is none, one that the preparer thread fills with zeros while appends go on.
+struct Spares {
+    recycled: VecDeque<(File, PathBuf)>,
+    zeroed: Zeroed,
+}
+
+enum Zeroed {
+    None,
+    Filling,
+    Ready(File),
+}
+
+/// Dropped segments kept for reuse at most; more are deleted.
+const MAX_RECYCLED: usize = 2;
 
 struct State {
     /// What the meta file holds; `meta.first_seq` is the first live sequence number.
@@ -99,8 +117,9 @@ struct State {
     unsynced: u64,
     kicked: bool,
     /// Whether the preparer was asked for the spare that will follow the active segment. It is
-    /// asked once the segment is half full, so that a fresh log does not write a second segment
-    /// of zeros while its first writes wait on the disk.
+    /// asked when a roll used the previous one, or, for the first segment after open, once that
+    /// is half full, so that a fresh log does not write a second segment of zeros while its
+    /// first writes wait on the disk.
     spare_asked: bool,
 }
 
@@ -116,6 +135,9 @@ struct Active {
     buf: Vec<u8>,
     /// The map that `flush` copies `buf` through, inside the file's preallocated extent.
     map: Mapped,
+    /// The file is a recycled segment: stale records follow the written ones, so every flush
+    /// also writes a frame header of zeros after its records, which recovery reads as the end.
+    recycled: bool,
 }
 
 impl Active {
@@ -130,7 +152,16 @@ impl Active {
         map: bool,
     ) -> Active {
         let map = Mapped::new(map);
-        Active { start, path, file: Arc::new(file), offsets, written, buf: Vec::new(), map }
+        Active {
+            start,
+            path,
+            file: Arc::new(file),
+            offsets,
+            written,
+            buf: Vec::new(),
+            map,
+            recycled: false,
+        }
     }
 
     fn end(&self) -> u64 {
@@ -158,6 +189,10 @@ impl Active {
         if self.buf.is_empty() {
             return Ok(());
         }
+        let len = self.buf.len();
+        if self.recycled {
+            self.buf.extend_from_slice(&[0; frame::HEADER_LEN]);
+        }
         let mapped = if map {
             self.map.write_at(&self.file, &self.path, &self.buf, self.written)
         } else {
@@ -168,7 +203,7 @@ impl Active {
                 .write_all_at(&self.buf[mapped..], self.written + mapped as u64)
                 .map_err(|e| Error::io("write", &self.path, e))?;
         }
-        self.written += self.buf.len() as u64;
+        self.written += len as u64;
         self.buf.clear();
         Ok(())
     }
@@ -267,7 +302,7 @@ fn reopen_sealed(seg: &Sealed, opts: &Options) -> Result<Active> {
     let file = open_options_rw(opts.file_mode)
         .open(&seg.path)
         .map_err(|e| Error::io("open", &seg.path, e))?;
-    let (_, file_len, trailer) = segment::inspect(&seg.path, seg.start)?;
+    let segment::Inspected { file_len, trailer, .. } = segment::inspect(&seg.path, seg.start)?;
     let trailer = trailer.ok_or_else(|| {
         Error::corrupt(
             &seg.path,
@@ -363,10 +398,7 @@ impl Inner {
         }
         st.next += n;
         if !st.spare_asked && st.active.data_len() >= capacity / 2 {
-            st.spare_asked = true;
-            if let Some(tx) = self.want_spare.lock().as_ref() {
-                let _ = tx.send(());
-            }
+            self.ask_spare(&mut st);
         }
         if let Some(limit) = self.opts.bytes_per_sync {
             st.unsynced += frames;
@@ -401,29 +433,57 @@ impl Inner {
             path: a.path.clone(),
             file_len: data_end + seal.len() as u64,
         };
-        let (file, path) = self.create_segment(end)?;
+        let (file, path, recycled) = self.create_segment(end)?;
         st.sealed_bytes += sealed.file_len;
         st.sealed.push_back(sealed);
         st.active =
             Active::new(end, path, file, Vec::new(), SEGMENT_HEADER_LEN as u64, maps(&self.opts));
+        st.active.recycled = recycled;
+        // A log that filled one segment is likely to fill the next: its spare gets the whole
+        // segment's time to be written.
         st.spare_asked = false;
+        self.ask_spare(st);
         self.metrics.segments_sealed.increment(1);
         Ok(())
     }
 
-    /// Creates the segment starting at `start` from the prepared spare if there is one (the
-    /// preparer is asked for the next one when this segment is half full).
-    fn create_segment(&self, start: u64) -> Result<(File, PathBuf)> {
+    fn ask_spare(&self, st: &mut State) {
+        st.spare_asked = true;
+        if let Some(tx) = self.want_spare.lock().as_ref() {
+            let _ = tx.send(());
+        }
+    }
+
+    /// Creates the segment starting at `start` from a recycled segment, else from the zero-filled
+    /// spare. A spare still being filled is waited for: the rest of its fill is shorter than a
+    /// whole one here, and two fills at once would share the disk.
+    fn create_segment(&self, start: u64) -> Result<(File, PathBuf, bool)> {
         // Held until the spare is renamed, so the preparer cannot create a new file under its name.
-        let mut spare = self.spare.lock();
-        segment::create(
+        let mut spares = self.spare.lock();
+        let (spare, recycled) = match spares.recycled.pop_front() {
+            Some(r) => (Some(r), true),
+            None => {
+                while matches!(spares.zeroed, Zeroed::Filling) {
+                    self.spare_filled.wait(&mut spares);
+                }
+                match std::mem::replace(&mut spares.zeroed, Zeroed::None) {
+                    Zeroed::Ready(file) => {
+                        (Some((file, self.dir.join(segment::SPARE_FILE))), false)
+                    }
+                    Zeroed::None | Zeroed::Filling => (None, false),
+                }
+            }
+        };
+        let (file, path) = segment::create(
             &self.dir,
             start,
             self.opts.segment_capacity,
             self.opts.preallocate,
             self.opts.file_mode,
-            spare.take(),
-        )
+            spare,
+            recycled,
+        )?;
+        Ok((file, path, recycled))
     }
 
     fn fsync(&self, file: &File, path: &Path) -> Result<()> {
@@ -525,13 +585,13 @@ impl Inner {
             // Nothing live is left: the log restarts empty at `seq`. Old segments go first, from
             // the front, so that a crash leaves a contiguous suffix that recovery drops.
             while let Some(s) = st.sealed.pop_front() {
-                remove_file(&s.path)?;
+                self.discard(&s)?;
             }
             st.sealed_bytes = 0;
             self.readers.lock().clear();
             remove_file(&st.active.path)?;
             sync_dir(&self.dir)?;
-            let (file, path) = self.create_segment(seq)?;
+            let (file, path, recycled) = self.create_segment(seq)?;
             st.active = Active::new(
                 seq,
                 path,
@@ -540,21 +600,41 @@ impl Inner {
                 SEGMENT_HEADER_LEN as u64,
                 maps(&self.opts),
             );
+            st.active.recycled = recycled;
             st.next = seq;
             self.durable.fetch_max(seq, Ordering::AcqRel);
         }
         let mut removed = false;
         while st.sealed.front().is_some_and(|s| s.end() <= seq) {
             let s = st.sealed.pop_front().expect("front exists");
-            remove_file(&s.path)?;
-            st.sealed_bytes -= s.file_len;
             self.readers.lock().pop(&s.start);
+            self.discard(&s)?;
+            st.sealed_bytes -= s.file_len;
             removed = true;
         }
         if removed {
             sync_dir(&self.dir)?;
         }
         Ok(())
+    }
+
+    /// Removes a sealed segment that truncation dropped, or keeps it for reuse as a later
+    /// segment: its blocks are written already, so reusing it costs no zero-filling. Callers hold
+    /// the `layout` lock for writing, so no read of the segment is under way (reads copy what
+    /// they return).
+    fn discard(&self, seg: &Sealed) -> Result<()> {
+        let opts = &self.opts;
+        if opts.recycle && opts.preallocate && seg.file_len <= opts.segment_capacity {
+            let mut spares = self.spare.lock();
+            if spares.recycled.len() < MAX_RECYCLED {
+                let recycled =
+                    segment::recycle(&self.dir, seg, opts.segment_capacity, opts.file_mode)?;
+                spares.recycled.push_back(recycled);
+                self.metrics.segments_recycled.increment(1);
+                return Ok(());
+            }
+        }
+        remove_file(&seg.path)
     }
 
     fn truncate_back(&self, seq: u64) -> Result<()> {
@@ -606,7 +686,8 @@ impl Wal {
             poison: OnceLock::new(),
             closed: AtomicBool::new(false),
             lock_file: Mutex::new(Some(lock_file)),
-            spare: Mutex::new(None),
+            spare: Mutex::new(Spares { recycled: VecDeque::new(), zeroed: Zeroed::None }),
+            spare_filled: Condvar::new(),
             want_spare: Mutex::new(None),
             kick: Mutex::new(None),
             #[cfg(test)]
@@ -739,9 +820,14 @@ impl Wal {
         if let Some(p) = self.preparer.lock().take() {
             p.stop();
         }
-        if inner.spare.lock().take().is_some() {
+        let mut spares = inner.spare.lock();
+        if let Zeroed::Ready(_) = std::mem::replace(&mut spares.zeroed, Zeroed::None) {
             let _ = fs::remove_file(inner.dir.join(segment::SPARE_FILE));
         }
+        for (_, path) in spares.recycled.drain(..) {
+            let _ = fs::remove_file(path);
+        }
+        drop(spares);
         let r = if inner.poison.get().is_some() {
             Ok(())
         } else {
@@ -898,18 +984,33 @@ fn spawn_preparer(inner: Arc<Inner>) -> Result<Worker> {
                     inner.opts.segment_capacity,
                     inner.opts.file_mode,
                     |create| {
-                        let spare = inner.spare.lock();
-                        if spare.is_some() || inner.closed.load(Ordering::Acquire) {
+                        let mut spares = inner.spare.lock();
+                        if !matches!(spares.zeroed, Zeroed::None)
+                            || !spares.recycled.is_empty()
+                            || inner.closed.load(Ordering::Acquire)
+                        {
                             return None;
                         }
-                        Some(create())
+                        let file = create();
+                        if file.is_ok() {
+                            spares.zeroed = Zeroed::Filling;
+                        }
+                        Some(file)
                     },
                 );
+                let Some(prepared) = prepared else { continue };
+                let mut spares = inner.spare.lock();
                 match prepared {
-                    None => {}
-                    Some(Ok(file)) => *inner.spare.lock() = Some(file),
-                    Some(Err(e)) => tracing::warn!(error = %e, "preparing a spare WAL segment failed; the next roll creates one itself"),
+                    Ok(file) if matches!(spares.zeroed, Zeroed::Filling) => {
+                        spares.zeroed = Zeroed::Ready(file)
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        spares.zeroed = Zeroed::None;
+                        tracing::warn!(error = %e, "preparing a spare WAL segment failed; the next roll creates one itself");
+                    }
                 }
+                inner.spare_filled.notify_all();
             }
         })
         .map_err(|e| Error::io("spawn spare preparer for", &dir, e))?;
@@ -974,11 +1075,12 @@ fn recover(dir: &Path, opts: &Options) -> Result<State> {
     let mut active = None;
     for (i, &start) in starts.iter().enumerate() {
         let path = dir.join(segment::file_name(start));
-        let (_, file_len, trailer) = segment::inspect(&path, start)?;
-        match trailer {
+        let seg = segment::inspect(&path, start)?;
+        let file_len = seg.file_len;
+        match seg.trailer {
             Some(t) => sealed.push_back(Sealed { start, count: t.count, path, file_len }),
             None if i + 1 == starts.len() => {
-                active = Some(recover_tail(&path, start, opts, meta.complete_below)?)
+                active = Some(recover_tail(seg, &path, start, opts, meta.complete_below)?)
             }
             None => {
                 return Err(Error::corrupt(
@@ -1037,6 +1139,7 @@ fn recover(dir: &Path, opts: &Options) -> Result<State> {
                 opts.preallocate,
                 opts.file_mode,
                 None,
+                false,
             )?;
             Active::new(start, path, file, Vec::new(), SEGMENT_HEADER_LEN as u64, maps(opts))
         }
@@ -1063,11 +1166,17 @@ fn recover(dir: &Path, opts: &Options) -> Result<State> {
 }
 
 /// Opens the last, unsealed segment, cuts what recovery discards, and makes the rest durable.
-fn recover_tail(path: &Path, start: u64, opts: &Options, complete_below: u64) -> Result<Active> {
+fn recover_tail(
+    seg: segment::Inspected,
+    path: &Path,
+    start: u64,
+    opts: &Options,
+    complete_below: u64,
+) -> Result<Active> {
     let file =
         open_options_rw(opts.file_mode).open(path).map_err(|e| Error::io("open", path, e))?;
-    let file_len = file.metadata().map_err(|e| Error::io("stat", path, e))?.len();
-    let tail = scan_tail(&file, path, start, file_len, complete_below)?;
+    let file_len = seg.file_len;
+    let tail = scan_tail(&seg.file, path, start, file_len, complete_below, seg.recycled)?;
     if let Some(reason) = &tail.cut {
         tracing::warn!(segment = %path.display(), offset = tail.data_end, %reason, "cutting the torn tail of the WAL");
         metrics::counter!("timber_wal_torn_tails_cut_total", "wal" => opts.name.clone())

@@ -8,7 +8,7 @@ use std::fs::{self, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use common::{payload, segments, small};
+use common::{collect, payload, segments, small};
 use proptest::prelude::*;
 use timber_wal::{Error, Wal};
 
@@ -270,4 +270,42 @@ proptest! {
             }
         }
     }
+}
+
+/// A recycled segment (one that `truncate_front` dropped, reused) still holds stale records after
+/// its live ones. Damage to a live record with live records after it is corruption there too,
+/// and damage to its last record is a torn tail cut at that record, stale records or not.
+#[test]
+fn damage_in_a_recycled_segment_is_found_like_anywhere_else() {
+    let recycled_log = || {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = open(dir.path()).unwrap();
+        for i in 0..64 {
+            wal.append(&payload(i, LEN)).unwrap();
+        }
+        wal.truncate_front(32).unwrap(); // the segment of records 0..32 is kept for reuse
+        for i in 64..72 {
+            wal.append(&payload(i, LEN)).unwrap(); // record 64 rolls into the recycled file
+        }
+        drop(wal);
+        let tail = segments(dir.path()).pop().unwrap();
+        let mut flags = [0u8; 4];
+        fs::File::open(&tail).unwrap().read_exact_at(&mut flags, 12).unwrap();
+        assert_eq!(u32::from_le_bytes(flags), 1, "the tail segment should be a recycled one");
+        (dir, tail)
+    };
+    let (dir, tail) = recycled_log();
+    flip(&tail, offset(66, 64) + FRAME_HEADER + 3);
+    assert_corrupt(open(dir.path()), &tail, "checksum mismatch");
+
+    let (dir, tail) = recycled_log();
+    flip(&tail, offset(71, 64) + FRAME_HEADER + 3);
+    let wal = open(dir.path()).unwrap();
+    assert_eq!(wal.next_seq(), 71);
+    assert_eq!(wal.read(70).unwrap().to_vec(), payload(70, LEN));
+
+    let (dir, _) = recycled_log();
+    let wal = open(dir.path()).unwrap();
+    assert_eq!((wal.first_seq(), wal.next_seq()), (32, 72));
+    assert_eq!(collect(&wal, 64..72), (64..72).map(|i| (i, payload(i, LEN))).collect::<Vec<_>>());
 }
