@@ -126,13 +126,34 @@ fn truncated_segments_are_recycled_and_reopen_cleanly() {
                 wal.truncate_front(first).unwrap();
             }
         }
+        // End in a recycled segment, a few records into it: append until the tail is one.
+        first = 590;
+        wal.truncate_front(first).unwrap();
+        let mut next = 600;
+        let tail_recycled = || {
+            let tail = std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .filter(|p| p.extension().is_some_and(|e| e == "log"))
+                .max()
+                .unwrap();
+            std::fs::read(tail).unwrap()[12] == 1
+        };
+        while !tail_recycled() {
+            assert_eq!(wal.append(&record(next)).unwrap(), next);
+            next += 1;
+        }
+        for _ in 0..3 {
+            assert_eq!(wal.append(&record(next)).unwrap(), next);
+            next += 1;
+        }
         drop(wal);
         let c = counters_of(name);
         assert!(c.get("timber_wal_segments_recycled_total").copied().unwrap_or(0) >= 5, "{c:?}");
         let wal = Wal::open(dir.path(), opts).unwrap();
         let got: Vec<(u64, Vec<u8>)> =
             wal.iter(..).map(|r| r.map(|(s, b)| (s, b.to_vec())).unwrap()).collect();
-        let want: Vec<(u64, Vec<u8>)> = (first..600).map(|i| (i, record(i))).collect();
+        let want: Vec<(u64, Vec<u8>)> = (first..next).map(|i| (i, record(i))).collect();
         assert_eq!(got, want);
         let c = counters_of(name);
         assert_eq!(c.get("timber_wal_torn_tails_cut_total").copied().unwrap_or(0), 0, "{c:?}");
