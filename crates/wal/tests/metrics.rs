@@ -118,16 +118,14 @@ fn truncated_segments_are_recycled_and_reopen_cleanly() {
         let opts = Options::default().segment_capacity(8192).sync(mode).name(name);
         let record = |i: u64| vec![i as u8; 40 + (i as usize * 37) % 300];
         let wal = Wal::open(dir.path(), opts.clone()).unwrap();
-        let mut first = 0;
         for i in 0..600u64 {
             assert_eq!(wal.append(&record(i)).unwrap(), i);
             if i % 50 == 49 {
-                first = i - 20;
-                wal.truncate_front(first).unwrap();
+                wal.truncate_front(i - 20).unwrap();
             }
         }
         // End in a recycled segment, a few records into it: append until the tail is one.
-        first = 590;
+        let first = 590;
         wal.truncate_front(first).unwrap();
         let mut next = 600;
         let tail_recycled = || {
