@@ -34,8 +34,8 @@ pub struct Args {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum System {
     Timber,
-    /// timber without the checkpoints: the log grows through the run.
-    TimberGrowing,
+    /// timber with `recycle_segments(true)`, checkpointed the same way.
+    TimberRecycling,
     #[cfg(feature = "peers")]
     Okaywal,
     #[cfg(feature = "peers")]
@@ -47,7 +47,7 @@ impl System {
     fn name(self) -> &'static str {
         match self {
             System::Timber => "timber",
-            System::TimberGrowing => "timber-growing",
+            System::TimberRecycling => "timber-recycling",
             #[cfg(feature = "peers")]
             System::Okaywal => "okaywal",
             #[cfg(feature = "peers")]
@@ -73,9 +73,9 @@ impl Log for Wal {
 const CHECKPOINT_BYTES: u64 = 64 << 20;
 
 /// A durable log as a checkpointing user runs it: each time another `CHECKPOINT_BYTES` were
-/// appended, every record appended so far is dropped, and the WAL reuses the segments dropped.
-/// okaywal does the same by itself: with `LogVoid` it checkpoints every 768 KiB and reuses its
-/// files, so a log that only grew (`timber-growing`) would compare a different workload.
+/// appended, every record appended so far is dropped (as okaywal does by itself: with `LogVoid`
+/// it checkpoints every 768 KiB, and it reuses its files, as timber does with
+/// `recycle_segments(true)`, the `timber-recycling` rows).
 struct Checkpointed {
     wal: Wal,
     appended: AtomicU64,
@@ -144,9 +144,10 @@ fn open(system: System, dir: &Path, sync: bool) -> anyhow::Result<Box<dyn Log>> 
             appended: AtomicU64::new(0),
         }),
         System::Timber => Box::new(Wal::open(dir, Options::default().sync(SyncMode::Manual))?),
-        System::TimberGrowing => {
-            Box::new(Wal::open(dir, Options::default().sync(SyncMode::Always))?)
-        }
+        System::TimberRecycling => Box::new(Checkpointed {
+            wal: Wal::open(dir, Options::default().sync(SyncMode::Always).recycle_segments(true))?,
+            appended: AtomicU64::new(0),
+        }),
         #[cfg(feature = "peers")]
         System::Okaywal => {
             Box::new(peers::Okaywal(okaywal::WriteAheadLog::recover(dir, okaywal::LogVoid)?))
@@ -228,7 +229,7 @@ fn run_count(log: &dyn Log, n: u64, record: &[u8]) -> anyhow::Result<Sample> {
 fn peers_for(durable: bool, threads: usize) -> Vec<System> {
     let mut v = vec![System::Timber];
     if durable && threads > 1 {
-        v.push(System::TimberGrowing);
+        v.push(System::TimberRecycling);
     }
     #[cfg(feature = "peers")]
     {

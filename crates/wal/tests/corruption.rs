@@ -279,7 +279,7 @@ proptest! {
 fn damage_in_a_recycled_segment_is_found_like_anywhere_else() {
     let recycled_log = || {
         let dir = tempfile::tempdir().unwrap();
-        let wal = open(dir.path()).unwrap();
+        let wal = Wal::open(dir.path(), small(4096).recycle_segments(true)).unwrap();
         for i in 0..64 {
             wal.append(&payload(i, LEN)).unwrap();
         }

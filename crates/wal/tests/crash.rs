@@ -20,7 +20,8 @@ const ENV_CYCLE: &str = "TIMBER_WAL_TEST_CYCLE";
 const THREADS: u64 = 4;
 
 fn opts() -> Options {
-    Options::default().segment_capacity(64 << 10).sync(SyncMode::Always)
+    // Recycled segments on: a SIGKILL must not make their stale records matter either.
+    Options::default().segment_capacity(64 << 10).sync(SyncMode::Always).recycle_segments(true)
 }
 
 /// The options of a role: `append` acknowledges durable records (`SyncMode::Always`),

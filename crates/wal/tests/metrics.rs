@@ -115,7 +115,8 @@ fn truncated_segments_are_recycled_and_reopen_cleanly() {
     {
         let _ = counters_of(name);
         let dir = tempfile::tempdir().unwrap();
-        let opts = Options::default().segment_capacity(8192).sync(mode).name(name);
+        let opts =
+            Options::default().segment_capacity(8192).sync(mode).recycle_segments(true).name(name);
         let record = |i: u64| vec![i as u8; 40 + (i as usize * 37) % 300];
         let wal = Wal::open(dir.path(), opts.clone()).unwrap();
         for i in 0..600u64 {

@@ -60,6 +60,7 @@ fn options(sync: SyncMode, write_buffer: usize, preallocate: bool) -> Options {
         .sync(sync)
         .write_buffer(write_buffer)
         .preallocate(preallocate)
+        .recycle_segments(true)
         .reader_cache(2)
 }
 
