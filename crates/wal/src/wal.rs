@@ -77,8 +77,8 @@ struct Inner {
     closed: AtomicBool,
     readers: Mutex<LruCache<u64, Arc<SegmentReader>>>,
     lock_file: Mutex<Option<File>>,
-    /// The zero-filled file that becomes the next segment, signalled when a fill ends, and the
-    /// way to ask for another.
+    /// The files ready to become the next segment, signalled when a fill of the zero-filled one
+    /// ends, and the way to ask the preparer for another.
     spare: Mutex<Spares>,
     spare_filled: Condvar,
     want_spare: Mutex<Option<mpsc::Sender<()>>>,
