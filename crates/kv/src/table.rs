@@ -20,6 +20,7 @@ use crate::cache::BlockCache;
 use crate::error::{Error, Result};
 use crate::key::{self, Kind};
 use crate::options::{Compression, Options};
+use crate::writeback;
 
 pub(crate) const MAGIC: [u8; 8] = *b"TMBRSST\0";
 pub(crate) const VERSION: u32 = 1;
@@ -27,6 +28,8 @@ pub(crate) const FOOTER_LEN: usize = 48;
 pub(crate) const TRAILER_LEN: usize = 5;
 const RAW: u8 = 0;
 const LZ4: u8 = 1;
+/// Bytes of a table written between two starts of its writeback (`writeback::start`).
+const WRITEBACK_BYTES: u64 = 1 << 20;
 
 pub(crate) fn file_name(id: u64) -> String {
     format!("{id:06}.sst")
@@ -50,6 +53,8 @@ pub(crate) struct TableBuilder {
     out: BufWriter<File>,
     path: PathBuf,
     offset: u64,
+    /// Bytes of the file whose writeback was started (`writeback::start`).
+    written_back: u64,
     data: BlockBuilder,
     index: BlockBuilder,
     hashes: Vec<u64>,
@@ -72,6 +77,7 @@ impl TableBuilder {
         Ok(TableBuilder {
             out: BufWriter::with_capacity(1 << 20, file),
             path: path.to_path_buf(),
+            written_back: 0,
             offset: 0,
             data: BlockBuilder::new(opts.restart_interval),
             index: BlockBuilder::new(1),
@@ -148,6 +154,12 @@ impl TableBuilder {
         self.out.write_all(&trailer).map_err(|e| Error::io("write", path, e))?;
         let off = self.offset;
         self.offset += u64::from(len) + TRAILER_LEN as u64;
+        // What left the write buffer is in the page cache: start its writeback a MiB at a time.
+        let in_cache = self.offset - self.out.buffer().len() as u64;
+        if in_cache - self.written_back >= WRITEBACK_BYTES {
+            writeback::start(self.out.get_ref(), self.written_back, in_cache - self.written_back);
+            self.written_back = in_cache;
+        }
         Ok((off, len))
     }
 
