@@ -16,6 +16,7 @@ use bytes::Bytes;
 
 use crate::error::{Error, Result};
 use crate::frame;
+use crate::writeback;
 
 /// Format: `{ magic: "TMBRWAL\0" | version: u32 | flags: u32 | start_seq: u64 | reserved: u32 | crc32c: u32 }`.
 pub(crate) const SEGMENT_HEADER_LEN: usize = 32;
@@ -461,11 +462,18 @@ pub(crate) fn recycle(
 /// unwritten extents costs, which nearly halves the latency of a durable append of a few KiB.
 pub(crate) fn preallocate_tail(file: &File, path: &Path, from: u64, capacity: u64) -> Result<()> {
     static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
-    let mut off = from;
+    // Writeback is started a MiB at a time, so that the fsync after this is not one burst of the
+    // whole segment that appenders' fsyncs queue behind.
+    const WRITEBACK_BYTES: u64 = 1 << 20;
+    let (mut off, mut started) = (from, from);
     while off < capacity {
         let n = (capacity - off).min(ZEROS.len() as u64) as usize;
         file.write_all_at(&ZEROS[..n], off).map_err(|e| Error::io("preallocate", path, e))?;
         off += n as u64;
+        if off - started >= WRITEBACK_BYTES {
+            writeback::start(file, started, off - started);
+            started = off;
+        }
     }
     Ok(())
 }
