@@ -438,12 +438,10 @@ impl Inner {
             path: a.path.clone(),
             file_len: data_end + seal.len() as u64,
         };
-        let (file, path, recycled) = self.create_segment(end)?;
+        let active = self.create_segment(end)?;
         st.sealed_bytes += sealed.file_len;
         st.sealed.push_back(sealed);
-        st.active =
-            Active::new(end, path, file, Vec::new(), SEGMENT_HEADER_LEN as u64, maps(&self.opts));
-        st.active.recycled = recycled;
+        st.active = active;
         // A log that filled one segment is likely to fill the next: its spare gets the whole
         // segment's time to be written (asked at half of it, unsynced 4 KiB appends ran at half
         // their speed, every roll waiting for the rest of a fill).
@@ -459,10 +457,10 @@ impl Inner {
         }
     }
 
-    /// Creates the segment starting at `start` from a recycled segment, else from the zero-filled
-    /// spare. A spare still being filled is waited for: the rest of its fill is shorter than a
-    /// whole one here, and two fills at once would share the disk.
-    fn create_segment(&self, start: u64) -> Result<(File, PathBuf, bool)> {
+    /// Creates the empty segment starting at `start`, to append to, from a recycled segment,
+    /// else from the zero-filled spare. A spare still being filled is waited for: the rest of
+    /// its fill is shorter than a whole one here, and two fills at once would share the disk.
+    fn create_segment(&self, start: u64) -> Result<Active> {
         // Held until the spare is renamed, so the preparer cannot create a new file under its name.
         let mut spares = self.spare.lock();
         let (spare, recycled) = match spares.recycled.pop_front() {
@@ -488,7 +486,10 @@ impl Inner {
             spare,
             recycled,
         )?;
-        Ok((file, path, recycled))
+        let mut active =
+            Active::new(start, path, file, Vec::new(), SEGMENT_HEADER_LEN as u64, maps(&self.opts));
+        active.recycled = recycled;
+        Ok(active)
     }
 
     fn fsync(&self, file: &File, path: &Path) -> Result<()> {
@@ -596,16 +597,7 @@ impl Inner {
             self.readers.lock().clear();
             remove_file(&st.active.path)?;
             sync_dir(&self.dir)?;
-            let (file, path, recycled) = self.create_segment(seq)?;
-            st.active = Active::new(
-                seq,
-                path,
-                file,
-                Vec::new(),
-                SEGMENT_HEADER_LEN as u64,
-                maps(&self.opts),
-            );
-            st.active.recycled = recycled;
+            st.active = self.create_segment(seq)?;
             st.next = seq;
             self.durable.fetch_max(seq, Ordering::AcqRel);
         }
