@@ -43,6 +43,9 @@ pub struct Args {
     /// Only these systems (comma-separated: timber, rocksdb, fjall, sled, redb).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// Run fillsync only.
+    #[arg(long)]
+    sync_only: bool,
     /// Block cache size in MiB for every system.
     #[arg(long, default_value_t = 64)]
     cache_mb: u64,
@@ -258,10 +261,16 @@ mod peers {
         }
     }
 
-    pub struct Sled(pub sled::Db);
+    /// sled, and its data file. sled's `flush()` makes writes stable with `sync_file_range`
+    /// (sled 0.34.7, `pagecache/iobuf.rs`), which neither flushes the drive's write cache nor
+    /// the file's metadata (see `man 2 sync_file_range`): a synced put also `fdatasync`s the
+    /// file, for the durability the other systems' synced writes have.
+    pub struct Sled(pub sled::Db, std::fs::File);
 
     pub fn sled(dir: &Path, cache_mb: u64) -> anyhow::Result<Sled> {
-        Ok(Sled(sled::Config::new().path(dir).cache_capacity(cache_mb << 20).open()?))
+        let db = sled::Config::new().path(dir).cache_capacity(cache_mb << 20).open()?;
+        let file = std::fs::File::open(dir.join("db"))?;
+        Ok(Sled(db, file))
     }
 
     impl Kv for Sled {
@@ -269,6 +278,7 @@ mod peers {
             self.0.insert(k, v)?;
             if sync {
                 self.0.flush()?;
+                self.1.sync_data()?;
             }
             Ok(())
         }
@@ -462,6 +472,9 @@ fn run_system(
         Ok(d)
     };
 
+    if args.sync_only {
+        return fillsync(system, args, n, &fresh, kv_bytes);
+    }
     eprintln!("  {system}: fillseq");
     // fillseq
     let dir = fresh("seq")?;
@@ -543,7 +556,19 @@ fn run_system(
         out.push(("seekrandom", m));
     }
     std::fs::remove_dir_all(&dir)?;
+    out.extend(fillsync(system, args, n, &fresh, kv_bytes)?);
+    Ok(out)
+}
 
+/// The fillsync workload: random keys of `0..n`, each write durable before it returns.
+fn fillsync(
+    system: &str,
+    args: &Args,
+    n: u64,
+    fresh: &dyn Fn(&str) -> anyhow::Result<PathBuf>,
+    kv_bytes: u64,
+) -> anyhow::Result<Vec<(&'static str, Measured)>> {
+    let mut out = Vec::new();
     eprintln!("  {system}: fillsync");
     // fillsync
     let dir = fresh("sync")?;
