@@ -499,8 +499,10 @@ impl Inner {
         }
         let t = Instant::now();
         file.sync_data().map_err(|e| Error::io("fdatasync", path, e))?;
+        let took = t.elapsed();
+        self.gate.last_fsync_ns.store(took.as_nanos() as u64, Ordering::Relaxed);
         self.metrics.fsyncs.increment(1);
-        self.metrics.fsync_seconds.record(t.elapsed().as_secs_f64());
+        self.metrics.fsync_seconds.record(took.as_secs_f64());
         Ok(())
     }
 
@@ -526,10 +528,8 @@ impl Inner {
             st.kicked = false;
             (st.active.file.clone(), st.active.path.clone(), st.next)
         };
-        let t = Instant::now();
         let r = self.fsync(&file, &path);
         self.poisoning(r)?;
-        self.gate.last_fsync_ns.store(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
         let before = self.durable.fetch_max(upto, Ordering::AcqRel);
         self.metrics.group_records.record(upto.saturating_sub(before) as f64);
         leader.finish(upto.max(before));
@@ -884,7 +884,7 @@ struct Gate {
     /// whose records it made durable, and itself).
     released_at: AtomicU64,
     released: AtomicU64,
-    /// How long the last group-commit fsync took, in nanoseconds.
+    /// How long the last fsync took, in nanoseconds.
     last_fsync_ns: AtomicU64,
     /// Parked threads and what they wait for (`u64::MAX`: leadership itself). A thread may
     /// appear twice after a spurious wakeup; that costs an extra unpark, nothing else.
@@ -923,7 +923,7 @@ impl Gate {
     /// a sync of little more than its own record while the rest were still waking, and syncs
     /// alternated between small and large groups (64 threads: 25 records per fdatasync, 50 with
     /// it). Waits until as many appenders arrived as were released, for at most half the last
-    /// fsync's duration (and never more than `MAX_GATHER`), yielding the CPU meanwhile. A lone
+    /// fsync's duration (and never more than `MAX_GATHER_NS`), yielding the CPU meanwhile. A lone
     /// appender, or one whose records another sync covered, never waits.
     fn gather(&self) {
         let expected = self.released.load(Ordering::Acquire);
