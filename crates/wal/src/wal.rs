@@ -975,9 +975,6 @@ impl Leader<'_> {
             let all = std::mem::take(&mut *waiters);
             let mut woken = Vec::with_capacity(all.len());
             let mut next_leader = false;
-            let covered = all.iter().filter(|(target, _)| *target <= durable).count() as u64;
-            gate.released_at.store(gate.arrivals.load(Ordering::Acquire), Ordering::Release);
-            gate.released.store(covered + 1, Ordering::Release);
             for (target, t) in all {
                 if target <= durable {
                     woken.push(t);
@@ -988,6 +985,10 @@ impl Leader<'_> {
                     waiters.push((target, t));
                 }
             }
+            // Those it covered, and itself; counted before any of them is unparked.
+            let covered = woken.len() - usize::from(next_leader);
+            gate.released_at.store(gate.arrivals.load(Ordering::Acquire), Ordering::Release);
+            gate.released.store(covered as u64 + 1, Ordering::Release);
             woken
         };
         for t in woken {
