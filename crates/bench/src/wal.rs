@@ -26,7 +26,8 @@ pub struct Args {
     /// Size of the log opened by the recovery workload, in GiB.
     #[arg(long, default_value_t = 1.0)]
     recovery_gib: f64,
-    /// Only these systems (comma-separated: timber, okaywal, raft-engine, raw-fdatasync).
+    /// Only these systems (comma-separated: timber, timber-zerofill, okaywal, raft-engine,
+    /// raw-fdatasync).
     #[arg(long, value_delimiter = ',')]
     systems: Vec<String>,
 }
@@ -34,8 +35,8 @@ pub struct Args {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum System {
     Timber,
-    /// timber with `recycle_segments(true)`, checkpointed the same way.
-    TimberRecycling,
+    /// timber with `recycle_segments(false)` (every segment zero-filled), checkpointed the same way.
+    TimberZeroFill,
     #[cfg(feature = "peers")]
     Okaywal,
     #[cfg(feature = "peers")]
@@ -47,7 +48,7 @@ impl System {
     fn name(self) -> &'static str {
         match self {
             System::Timber => "timber",
-            System::TimberRecycling => "timber-recycling",
+            System::TimberZeroFill => "timber-zerofill",
             #[cfg(feature = "peers")]
             System::Okaywal => "okaywal",
             #[cfg(feature = "peers")]
@@ -74,8 +75,8 @@ const CHECKPOINT_BYTES: u64 = 64 << 20;
 
 /// A durable log as a checkpointing user runs it: each time another `CHECKPOINT_BYTES` were
 /// appended, every record appended so far is dropped (as okaywal does by itself: with `LogVoid`
-/// it checkpoints every 768 KiB, and it reuses its files, as timber does with
-/// `recycle_segments(true)`, the `timber-recycling` rows).
+/// it checkpoints every 768 KiB, and it reuses its files, as timber does by default; the
+/// `timber-zerofill` rows are timber with `recycle_segments(false)`).
 struct Checkpointed {
     wal: Wal,
     appended: AtomicU64,
@@ -144,8 +145,8 @@ fn open(system: System, dir: &Path, sync: bool) -> anyhow::Result<Box<dyn Log>> 
             appended: AtomicU64::new(0),
         }),
         System::Timber => Box::new(Wal::open(dir, Options::default().sync(SyncMode::Manual))?),
-        System::TimberRecycling => Box::new(Checkpointed {
-            wal: Wal::open(dir, Options::default().sync(SyncMode::Always).recycle_segments(true))?,
+        System::TimberZeroFill => Box::new(Checkpointed {
+            wal: Wal::open(dir, Options::default().sync(SyncMode::Always).recycle_segments(false))?,
             appended: AtomicU64::new(0),
         }),
         #[cfg(feature = "peers")]
@@ -229,7 +230,7 @@ fn run_count(log: &dyn Log, n: u64, record: &[u8]) -> anyhow::Result<Sample> {
 fn peers_for(durable: bool, threads: usize) -> Vec<System> {
     let mut v = vec![System::Timber];
     if durable && threads > 1 {
-        v.push(System::TimberRecycling);
+        v.push(System::TimberZeroFill);
     }
     #[cfg(feature = "peers")]
     {

@@ -421,9 +421,9 @@ const WAL_WRITE_BUFFER: usize = 1 << 20;
 /// The WAL settings of a database: segments of `wal_segment_size`, larger batches in segments of
 /// their own.
 fn wal_options(opts: &Options) -> timber_wal::Options {
-    // No recycled segments (the WAL's default): a flush drops several WAL segments at once, and
-    // a kept one would be a segment of disk beside the tables for a saving (no zero-filling)
-    // that is small at the WAL's rate here.
+    // No recycled segments (the WAL recycles by default): a flush drops several WAL segments at
+    // once, and a kept one would be a segment of disk beside the tables for a saving (no
+    // zero-filling) that is small at the WAL's rate here.
     timber_wal::Options::default()
         .segment_capacity(opts.wal_segment_size)
         .oversized_records(true)

@@ -3,21 +3,40 @@
 //!
 //! Format (little-endian): `{ crc32c: u32 | len: u32 | seq: u64 | flags: u32 | payload: [u8; len] }`.
 //! The CRC32C covers everything after itself: bytes 4..20 of the header, then the payload.
-//! `FLAG_LAST` marks the last record of a batch (every single append is a batch of one): on
-//! recovery, records after the last `FLAG_LAST` of the tail belong to a batch that was never
-//! completed and are cut, which makes batches atomic.
+//! The low 8 bits of `flags` are flags: `FLAG_LAST` marks the last record of a batch (every
+//! single append is a batch of one): on recovery, records after the last `FLAG_LAST` of the tail
+//! belong to a batch that was never completed and are cut, which makes batches atomic.
+//!
+//! The high 24 bits (format version 2) are the frame's *synced claim* `v`: when the frame was
+//! encoded, every record numbered below `seq + 1 - v` was durable (`v = 0`: no claim, as in
+//! version 1). Recovery uses claims to tell damage inside data that was synced (corruption) from
+//! a write that never completed (a torn tail), wherever the write's pages landed.
 
 /// Bytes of a frame header.
 pub(crate) const HEADER_LEN: usize = 20;
 /// Set on the last record of each batch.
 pub(crate) const FLAG_LAST: u32 = 1;
 const KNOWN_FLAGS: u32 = FLAG_LAST;
+/// Bits of the flags word that hold flags; the rest hold the synced claim.
+const FLAG_BITS: u32 = 0xFF;
+const CLAIM_SHIFT: u32 = 8;
+const CLAIM_MAX: u64 = (1 << 24) - 1;
 
-/// Appends one encoded frame to `buf`.
-pub(crate) fn encode(buf: &mut Vec<u8>, seq: u64, last: bool, payload: &[u8]) {
+/// The claim word of a frame numbered `seq` encoded when every record below `synced_below` was
+/// durable: 0 (no claim) when the distance does not fit in 24 bits.
+fn claim_bits(seq: u64, synced_below: u64) -> u32 {
+    match (seq + 1).checked_sub(synced_below) {
+        Some(v @ 1..=CLAIM_MAX) => (v as u32) << CLAIM_SHIFT,
+        _ => 0,
+    }
+}
+
+/// Appends one encoded frame to `buf`. `synced_below` is the log's durable point when it is
+/// encoded: every record below it is on stable storage (it is at most `seq`).
+pub(crate) fn encode(buf: &mut Vec<u8>, seq: u64, last: bool, synced_below: u64, payload: &[u8]) {
     let start = buf.len();
     let len = u32::try_from(payload.len()).expect("record length checked against capacity");
-    let flags = if last { FLAG_LAST } else { 0 };
+    let flags = if last { FLAG_LAST } else { 0 } | claim_bits(seq, synced_below);
     buf.extend_from_slice(&[0; 4]);
     buf.extend_from_slice(&len.to_le_bytes());
     buf.extend_from_slice(&seq.to_le_bytes());
@@ -62,6 +81,8 @@ impl Header {
 pub(crate) struct Frame<'a> {
     pub seq: u64,
     pub last: bool,
+    /// Every record below this was durable when the frame was written (0: no claim).
+    pub synced_below: u64,
     pub payload: &'a [u8],
 }
 
@@ -107,12 +128,14 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Frame<'_>, Invalid> {
     if computed != header.crc {
         return Err(Invalid::Checksum { stored: header.crc, computed });
     }
-    if header.flags & !KNOWN_FLAGS != 0 {
-        return Err(Invalid::UnknownFlags(header.flags));
+    if header.flags & FLAG_BITS & !KNOWN_FLAGS != 0 {
+        return Err(Invalid::UnknownFlags(header.flags & FLAG_BITS));
     }
+    let v = u64::from(header.flags >> CLAIM_SHIFT);
     Ok(Frame {
         seq: header.seq,
         last: header.flags & FLAG_LAST != 0,
+        synced_below: if v == 0 { 0 } else { (header.seq + 1).saturating_sub(v) },
         payload: &bytes[HEADER_LEN..end],
     })
 }
@@ -125,18 +148,49 @@ mod tests {
     #[test]
     fn roundtrip() {
         let mut buf = Vec::new();
-        encode(&mut buf, 7, true, b"hello");
-        encode(&mut buf, 8, false, b"");
+        encode(&mut buf, 7, true, 5, b"hello");
+        encode(&mut buf, 8, false, 0, b"");
         let a = decode(&buf).unwrap();
-        assert_eq!(a, Frame { seq: 7, last: true, payload: b"hello" });
+        assert_eq!(a, Frame { seq: 7, last: true, synced_below: 5, payload: b"hello" });
         let b = decode(&buf[frame_len(5) as usize..]).unwrap();
-        assert_eq!(b, Frame { seq: 8, last: false, payload: b"" });
+        assert_eq!(b, Frame { seq: 8, last: false, synced_below: 0, payload: b"" });
+    }
+
+    /// A claim is exact when it fits in 24 bits, and absent (never larger) when it does not.
+    #[test]
+    fn synced_claims_roundtrip_or_are_dropped() {
+        let cases = [
+            (0, 0, 0),
+            (9, 9, 9),
+            (9, 3, 3),
+            (1 << 40, (1 << 40) - CLAIM_MAX + 1, (1 << 40) - CLAIM_MAX + 1),
+            (1 << 40, (1 << 40) - CLAIM_MAX, 0),
+            (5, 6, 0),
+        ];
+        for (seq, synced, want) in cases {
+            let mut buf = Vec::new();
+            encode(&mut buf, seq, true, synced, b"x");
+            assert_eq!(decode(&buf).unwrap().synced_below, want, "seq {seq} synced {synced}");
+        }
+    }
+
+    /// Frames of format version 1 (high flag bits zero) decode with no claim.
+    #[test]
+    fn version_1_frames_carry_no_claim() {
+        let mut buf = Vec::new();
+        encode(&mut buf, 7, true, 6, b"old");
+        assert_ne!(&buf[16..20], &FLAG_LAST.to_le_bytes());
+        buf[16..20].copy_from_slice(&FLAG_LAST.to_le_bytes());
+        let crc = crc32c::crc32c(&buf[4..]);
+        buf[..4].copy_from_slice(&crc.to_le_bytes());
+        let f = decode(&buf).unwrap();
+        assert_eq!((f.seq, f.last, f.synced_below, f.payload), (7, true, 0, &b"old"[..]));
     }
 
     #[test]
     fn every_single_bit_flip_is_detected() {
         let mut buf = Vec::new();
-        encode(&mut buf, 42, true, b"some payload bytes");
+        encode(&mut buf, 42, true, 40, b"some payload bytes");
         for bit in 0..buf.len() * 8 {
             let mut copy = buf.clone();
             copy[bit / 8] ^= 1 << (bit % 8);
@@ -157,7 +211,7 @@ mod tests {
             byte in any::<u8>(),
         ) {
             let mut buf = Vec::new();
-            encode(&mut buf, 1, true, &payload);
+            encode(&mut buf, 1, true, 1, &payload);
             let i = pos.index(buf.len());
             let changed = buf[i] != byte;
             buf[i] = byte;

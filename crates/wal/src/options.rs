@@ -56,7 +56,7 @@ impl Default for Options {
             reader_cache: 8,
             max_size: None,
             preallocate: true,
-            recycle: false,
+            recycle: true,
             sync: SyncMode::default(),
             write_buffer: 64 << 10,
             name: "wal".to_owned(),
@@ -105,16 +105,13 @@ impl Options {
     }
 
     /// Reuse a segment that `truncate_front` dropped as the next segment instead of deleting it
-    /// and zero-filling a new one (default off; only with `preallocate`). Nothing copies zeros
+    /// and zero-filling a new one (default on; only with `preallocate`). Nothing copies zeros
     /// then, and the disk writes only records: with 64 threads of durable 4 KiB appends on 2
-    /// cores, 1.2-1.8x the records/s. Two costs: the old records stay in the file until
-    /// overwritten (never read back: recovery knows them by their numbers), and after a power
-    /// loss during a write that was never synced, a page of it that did not reach the disk shows
-    /// old bytes where a zero-filled segment shows zeros. Recovery cannot tell those from damage
-    /// when records of the same write follow on pages that did reach the disk, so such a log can
-    /// fail to open with `Error::Corrupt` (acknowledged records are intact) instead of cutting
-    /// the unsynced write. A process crash (kill -9) does not do this: the page cache keeps the
-    /// whole write.
+    /// cores, 1.2-1.8x the records/s. One kept segment costs a segment of disk, like the
+    /// zero-filled spare it replaces; the old records stay in the file until overwritten (never
+    /// read back: recovery knows them by their numbers). Recovery is as safe as in a zero-filled
+    /// segment: a power loss that leaves old bytes inside a write that was never synced is cut as
+    /// a torn tail, because each record says how far the log was durable when it was written.
     pub fn recycle_segments(mut self, on: bool) -> Self {
         self.recycle = on;
         self

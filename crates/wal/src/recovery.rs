@@ -3,13 +3,18 @@
 //! Policy (see docs/format/wal.md, "Recovery"):
 //! - Records are read in order from the segment header. Reading stops at the end of the file or
 //!   at a header of all zero bytes (space that was preallocated or never written).
-//! - A record that fails verification (short, bad checksum, unknown flags) ends the good data. If
-//!   no valid record with a later sequence number follows it anywhere in the file, it is a torn
-//!   write that was never acknowledged, and it is cut. If one does follow, acknowledged data may
-//!   lie beyond it: that is corruption, reported as `Error::Corrupt`, and nothing is modified.
+//! - A record that fails verification (short, bad checksum, unknown flags) ends the good data.
+//!   It is damage inside the log, reported as `Error::Corrupt` with nothing modified, if the log
+//!   is known to have made it durable: a valid record later in the file claims it was synced
+//!   (each frame records the durable point of its time, see `frame`). Otherwise it belongs to a write
+//!   that was never acknowledged, torn by a crash wherever its pages landed, and it is cut. In a
+//!   segment of format version 1, whose frames carry no claims, any valid later record makes it
+//!   corruption.
 //! - A checksummed record whose sequence number breaks the sequence is corruption, except in a
 //!   recycled segment (its header says so), where a record numbered below the segment's start is
 //!   a stale one of the file's previous life and ends the good data like zeros do.
+//! - Records below the meta file's `synced_below` (the durable point of the last close) must all
+//!   be there: good data that ends before it, whatever ends it, is `Error::Corrupt`.
 //! - Records after the last one flagged as the end of a batch belong to a batch that was never
 //!   completed; they are cut too, which makes batches atomic. Records below `complete_below`
 //!   (the point of the last `truncate_back`, which may cut a batch in two on purpose) count as
@@ -66,14 +71,24 @@ impl Window<'_> {
     }
 }
 
-pub(crate) fn scan_tail(
-    file: &File,
-    path: &Path,
-    start: u64,
-    file_len: u64,
-    complete_below: u64,
-    recycled: bool,
-) -> Result<Tail> {
+/// What recovery knows of the segment it scans, besides its bytes.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Scan {
+    /// Sequence number of the segment's first record.
+    pub start: u64,
+    pub file_len: u64,
+    /// Records below this are whole even without a `LAST` flag (meta `complete_below`).
+    pub complete_below: u64,
+    /// Records below this were durable at the last close (meta `synced_below`).
+    pub synced_below: u64,
+    /// The segment's header says it is recycled.
+    pub recycled: bool,
+    /// Its frames carry synced claims (format version 2).
+    pub claims: bool,
+}
+
+pub(crate) fn scan_tail(file: &File, path: &Path, scan: Scan) -> Result<Tail> {
+    let Scan { start, file_len, complete_below, synced_below, recycled, claims } = scan;
     let mut w = Window { file, path, file_len, base: 0, buf: Vec::new() };
     let mut off = SEGMENT_HEADER_LEN as u64;
     let mut seq = start;
@@ -114,15 +129,33 @@ pub(crate) fn scan_tail(
             }
         }
     };
+    let kept_end = start + committed_count as u64;
+    if kept_end < synced_below {
+        let (at, what) = match &bad {
+            Some(reason) => (off, reason.clone()),
+            None if seq < synced_below => (off, format!("the records end before record {seq}")),
+            None => (committed_end, format!("record {kept_end} ends no batch")),
+        };
+        return Err(Error::corrupt(
+            path,
+            at,
+            format!(
+                "{what}; records below {synced_below} were durable when the log was last \
+                 closed, so this is damage inside the log, not a torn tail"
+            ),
+        ));
+    }
     if let Some(reason) = &bad {
-        if let Some((later_off, later_seq)) = find_record_after(&mut w, off + 1, seq)? {
+        if let Some((later_off, later)) = find_synced_claim(&mut w, off + 1, seq, claims)? {
+            let why = if claims {
+                format!("a valid record {} at offset {later_off} was written after records below {} were synced", later.seq, later.synced_below)
+            } else {
+                format!("a valid record {} follows at offset {later_off}", later.seq)
+            };
             return Err(Error::corrupt(
                 path,
                 off,
-                format!(
-                    "{reason}; a valid record {later_seq} follows at offset {later_off}, \
-                     so this is damage inside the log, not a torn tail"
-                ),
+                format!("{reason}; {why}, so this is damage inside the log, not a torn tail"),
             ));
         }
     }
@@ -139,8 +172,21 @@ pub(crate) fn scan_tail(
     Ok(Tail { offsets, data_end: committed_end, cut })
 }
 
-/// The first position at or after `from` holding a valid frame numbered `seq` or later.
-fn find_record_after(w: &mut Window<'_>, from: u64, seq: u64) -> Result<Option<(u64, u64)>> {
+/// A valid frame found after a damaged one.
+struct Later {
+    seq: u64,
+    synced_below: u64,
+}
+
+/// The first position at or after `from` holding a valid frame numbered `seq` or later that
+/// shows record `seq` was synced: one claiming a durable point past `seq` (with `claims`), or
+/// any such frame (without: format version 1).
+fn find_synced_claim(
+    w: &mut Window<'_>,
+    from: u64,
+    seq: u64,
+    claims: bool,
+) -> Result<Option<(u64, Later)>> {
     let mut pos = from;
     while pos + HEADER_LEN as u64 <= w.file_len {
         let chunk = w.get(pos, CHUNK)?.to_vec();
@@ -154,8 +200,10 @@ fn find_record_after(w: &mut Window<'_>, from: u64, seq: u64) -> Result<Option<(
             if at + h.frame_len() > w.file_len {
                 continue;
             }
-            if frame::decode(w.get(at, h.frame_len())?).is_ok() {
-                return Ok(Some((at, h.seq)));
+            if let Ok(f) = frame::decode(w.get(at, h.frame_len())?) {
+                if !claims || f.synced_below > seq {
+                    return Ok(Some((at, Later { seq: f.seq, synced_below: f.synced_below })));
+                }
             }
         }
         if last_start == 0 {
@@ -176,21 +224,26 @@ mod tests {
     fn segment(start: u64, recycled: bool, live: usize, stale: std::ops::Range<u64>) -> File {
         let mut b = encode_header(start, recycled).to_vec();
         for i in 0..live {
-            frame::encode(&mut b, start + i as u64, true, &[i as u8; 50]);
+            let seq = start + i as u64;
+            frame::encode(&mut b, seq, true, seq, &[i as u8; 50]);
         }
         for seq in stale {
-            frame::encode(&mut b, seq, true, &[0xEE; 50]);
+            frame::encode(&mut b, seq, true, seq, &[0xEE; 50]);
         }
         let f = tempfile::tempfile().unwrap();
         f.write_all_at(&b, 0).unwrap();
         f
     }
 
+    fn scan(start: u64, file_len: u64, recycled: bool) -> Scan {
+        Scan { start, file_len, complete_below: 0, synced_below: 0, recycled, claims: true }
+    }
+
     #[test]
     fn stale_records_end_a_recycled_segment() {
         let f = segment(100, true, 3, 5..9);
         let len = f.metadata().unwrap().len();
-        let tail = scan_tail(&f, Path::new("seg"), 100, len, 0, true).unwrap();
+        let tail = scan_tail(&f, Path::new("seg"), scan(100, len, true)).unwrap();
         assert_eq!(tail.offsets.len(), 3);
         assert_eq!(tail.data_end, SEGMENT_HEADER_LEN as u64 + 3 * 70);
         assert_eq!(tail.cut, None);
@@ -200,7 +253,7 @@ mod tests {
     fn stale_looking_records_in_a_segment_not_recycled_are_corruption() {
         let f = segment(100, false, 3, 5..9);
         let len = f.metadata().unwrap().len();
-        let err = scan_tail(&f, Path::new("seg"), 100, len, 0, false).unwrap_err();
+        let err = scan_tail(&f, Path::new("seg"), scan(100, len, false)).unwrap_err();
         assert!(err.to_string().contains("expected record 103"), "{err}");
     }
 
@@ -210,7 +263,7 @@ mod tests {
     fn a_record_numbered_past_the_expected_one_is_corruption_even_when_recycled() {
         let f = segment(100, true, 3, 200..201);
         let len = f.metadata().unwrap().len();
-        let err = scan_tail(&f, Path::new("seg"), 100, len, 0, true).unwrap_err();
+        let err = scan_tail(&f, Path::new("seg"), scan(100, len, true)).unwrap_err();
         assert!(err.to_string().contains("expected record 103"), "{err}");
     }
 }

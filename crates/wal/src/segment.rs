@@ -24,7 +24,9 @@ pub(crate) const SEGMENT_HEADER_LEN: usize = 32;
 /// records of the segment it was, all numbered below `start_seq`.
 const FLAG_RECYCLED: u32 = 1;
 const SEGMENT_MAGIC: &[u8; 8] = b"TMBRWAL\0";
-pub(crate) const FORMAT_VERSION: u32 = 1;
+/// The version this build writes. Version 1 (frames without synced claims) is still read.
+pub(crate) const FORMAT_VERSION: u32 = 2;
+const OLDEST_READABLE_VERSION: u32 = 1;
 
 /// Format: `{ magic: "TMBRSEAL" | count: u64 | data_end: u64 | index_crc32c: u32 | crc32c: u32 }`,
 /// preceded by the index: `count` little-endian `u32` offsets of the records' frames.
@@ -54,6 +56,8 @@ pub(crate) fn parse_file_name(name: &str) -> Option<u64> {
 pub(crate) struct Header {
     pub start: u64,
     pub recycled: bool,
+    /// The segment's frames carry synced claims (format version 2 and later).
+    pub claims: bool,
 }
 
 pub(crate) fn encode_header(start: u64, recycled: bool) -> [u8; SEGMENT_HEADER_LEN] {
@@ -85,9 +89,10 @@ pub(crate) fn decode_header(h: &[u8]) -> Result<Header, String> {
         ));
     }
     let version = u32::from_le_bytes(h[8..12].try_into().expect("4 bytes"));
-    if version != FORMAT_VERSION {
+    if !(OLDEST_READABLE_VERSION..=FORMAT_VERSION).contains(&version) {
         return Err(format!(
-            "unsupported segment format version {version} (this build reads {FORMAT_VERSION})"
+            "unsupported segment format version {version} (this build reads \
+             {OLDEST_READABLE_VERSION} to {FORMAT_VERSION})"
         ));
     }
     let flags = u32::from_le_bytes(h[12..16].try_into().expect("4 bytes"));
@@ -97,6 +102,7 @@ pub(crate) fn decode_header(h: &[u8]) -> Result<Header, String> {
     Ok(Header {
         start: u64::from_le_bytes(h[16..24].try_into().expect("8 bytes")),
         recycled: flags & FLAG_RECYCLED != 0,
+        claims: version >= 2,
     })
 }
 
@@ -219,7 +225,7 @@ pub(crate) fn inspect(path: &Path, expected_start: u64) -> Result<Inspected> {
         read_exact_at(&file, path, &mut t, file_len - TRAILER_LEN as u64)?;
         trailer = Trailer::decode(&t, file_len);
     }
-    Ok(Inspected { file, file_len, trailer, recycled: header.recycled })
+    Ok(Inspected { file, file_len, trailer, recycled: header.recycled, claims: header.claims })
 }
 
 /// A segment file opened by `inspect`.
@@ -229,6 +235,8 @@ pub(crate) struct Inspected {
     /// Present when the segment is sealed.
     pub trailer: Option<Trailer>,
     pub recycled: bool,
+    /// Its frames carry synced claims (see `frame`).
+    pub claims: bool,
 }
 
 /// Reads and verifies the index of a sealed segment.
@@ -495,9 +503,19 @@ mod tests {
     #[test]
     fn header_roundtrip_and_checks() {
         let h = encode_header(9, false);
-        assert_eq!(decode_header(&h), Ok(Header { start: 9, recycled: false }));
+        assert_eq!(decode_header(&h), Ok(Header { start: 9, recycled: false, claims: true }));
         let r = encode_header(9, true);
-        assert_eq!(decode_header(&r), Ok(Header { start: 9, recycled: true }));
+        assert_eq!(decode_header(&r), Ok(Header { start: 9, recycled: true, claims: true }));
+        let mut v1 = h;
+        v1[8..12].copy_from_slice(&1u32.to_le_bytes());
+        let crc = crc32c::crc32c(&v1[..28]);
+        v1[28..32].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(decode_header(&v1), Ok(Header { start: 9, recycled: false, claims: false }));
+        let mut v3 = h;
+        v3[8..12].copy_from_slice(&3u32.to_le_bytes());
+        let crc = crc32c::crc32c(&v3[..28]);
+        v3[28..32].copy_from_slice(&crc.to_le_bytes());
+        assert!(decode_header(&v3).unwrap_err().contains("version 3"));
         let mut unknown = r;
         unknown[12] = 2;
         let crc = crc32c::crc32c(&unknown[..28]);

@@ -31,10 +31,10 @@ use parking_lot::{Condvar, Mutex, RwLock};
 use crate::error::{Error, Result};
 use crate::frame;
 use crate::mapped::Mapped;
-use crate::meta::{Meta, META_TMP};
+use crate::meta::{Meta, META_FILE, META_TMP};
 use crate::metrics::Metrics;
 use crate::options::{Options, SyncMode};
-use crate::recovery::scan_tail;
+use crate::recovery::{scan_tail, Scan};
 use crate::segment::{
     self, decode_run, encode_seal, open_options_rw, preallocate_tail, read_index, sync_dir, Sealed,
     SegmentReader, INDEX_ENTRY_LEN, SEGMENT_HEADER_LEN, TRAILER_LEN,
@@ -265,7 +265,12 @@ impl State {
 
     /// `truncate_back` made crash-atomic: the intent is persisted first and redone by recovery.
     fn truncate_back(&mut self, seq: u64, dir: &Path, opts: &Options) -> Result<()> {
-        let meta = Meta { cut_from: Some(seq), complete_below: seq, ..self.meta };
+        let meta = Meta {
+            cut_from: Some(seq),
+            complete_below: seq,
+            synced_below: self.meta.synced_below.min(seq),
+            ..self.meta
+        };
         self.store_meta(meta, dir, opts)?;
         self.cut_back(seq, dir, opts)?;
         self.store_meta(Meta { cut_from: None, ..meta }, dir, opts)
@@ -391,11 +396,15 @@ impl Inner {
             self.poisoning(r)?;
         }
         let first = st.next;
+        // Each frame records how far the log was durable (see `frame`): recovery tells damage to
+        // synced records from a torn write by it.
+        let synced = self.durable.load(Ordering::Acquire);
         let active = &mut st.active;
         for (i, r) in records.iter().enumerate() {
             let off = active.data_len();
             active.offsets.push(u32::try_from(off).expect("segment capacity < 4 GiB"));
-            frame::encode(&mut active.buf, first + i as u64, i as u64 == n - 1, r.as_ref());
+            let seq = first + i as u64;
+            frame::encode(&mut active.buf, seq, i as u64 == n - 1, synced, r.as_ref());
         }
         if active.buf.len() >= self.opts.write_buffer {
             let r = active.flush(true);
@@ -638,6 +647,20 @@ impl Inner {
         remove_file(&seg.path)
     }
 
+    /// Stores in the meta file how far the log is durable, once nothing more is appended (on
+    /// close): the last records synced are then known to recovery as synced even though no later
+    /// frame claims it. Only when the tail segment holds records the meta file does not cover.
+    fn record_synced(&self) -> Result<()> {
+        let mut st = self.state.lock();
+        let durable = self.durable.load(Ordering::Acquire).min(st.next);
+        if durable <= st.meta.synced_below.max(st.active.start) {
+            return Ok(());
+        }
+        let meta = Meta { synced_below: durable, ..st.meta };
+        let r = st.store_meta(meta, &self.dir, &self.opts);
+        self.poisoning(r)
+    }
+
     fn truncate_back(&self, seq: u64) -> Result<()> {
         self.check_writable()?;
         let _layout = self.layout.write();
@@ -833,7 +856,7 @@ impl Wal {
             Ok(())
         } else {
             let next = inner.state.lock().next;
-            inner.wait_durable(next)
+            inner.wait_durable(next).and_then(|()| inner.record_synced())
         };
         inner.readers.lock().clear();
         inner.lock_file.lock().take();
@@ -1118,7 +1141,7 @@ fn recover(dir: &Path, opts: &Options) -> Result<State> {
         match seg.trailer {
             Some(t) => sealed.push_back(Sealed { start, count: t.count, path, file_len }),
             None if i + 1 == starts.len() => {
-                active = Some(recover_tail(seg, &path, start, opts, meta.complete_below)?)
+                active = Some(recover_tail(seg, &path, start, opts, &meta)?)
             }
             None => {
                 return Err(Error::corrupt(
@@ -1170,6 +1193,20 @@ fn recover(dir: &Path, opts: &Options) -> Result<State> {
         Some(a) => a,
         None => {
             let start = sealed.back().map_or(first, |s| s.end().max(first));
+            if start < meta.synced_below {
+                let (path, at) = sealed
+                    .back()
+                    .map_or_else(|| (dir.join(META_FILE), 0), |s| (s.path.clone(), s.file_len));
+                return Err(Error::corrupt(
+                    &path,
+                    at,
+                    format!(
+                        "the log ends at record {start}, but records below {} were durable when \
+                         it was last closed: a segment after this one is missing",
+                        meta.synced_below
+                    ),
+                ));
+            }
             let (file, path) = segment::create(
                 dir,
                 start,
@@ -1209,12 +1246,20 @@ fn recover_tail(
     path: &Path,
     start: u64,
     opts: &Options,
-    complete_below: u64,
+    meta: &Meta,
 ) -> Result<Active> {
     let file =
         open_options_rw(opts.file_mode).open(path).map_err(|e| Error::io("open", path, e))?;
     let file_len = seg.file_len;
-    let tail = scan_tail(&seg.file, path, start, file_len, complete_below, seg.recycled)?;
+    let scan = Scan {
+        start,
+        file_len,
+        complete_below: meta.complete_below,
+        synced_below: meta.synced_below,
+        recycled: seg.recycled,
+        claims: seg.claims,
+    };
+    let tail = scan_tail(&seg.file, path, scan)?;
     if let Some(reason) = &tail.cut {
         tracing::warn!(segment = %path.display(), offset = tail.data_end, %reason, "cutting the torn tail of the WAL");
         metrics::counter!("timber_wal_torn_tails_cut_total", "wal" => opts.name.clone())

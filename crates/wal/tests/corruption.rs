@@ -33,6 +33,27 @@ fn write_zeros(path: &Path, at: u64, n: usize) {
     f.write_all_at(&vec![0u8; n], at).unwrap();
 }
 
+/// Makes a cleanly closed log look like one whose process was killed after its last sync: the
+/// meta file forgets the durable point that `close` stored in it (`synced_below`, bytes 40..48,
+/// CRC at 48..52). Damage to the tail after that is what a power loss can leave.
+fn as_if_killed(dir: &Path) {
+    let path = dir.join("wal.meta");
+    let Ok(mut b) = fs::read(&path) else { return };
+    assert_eq!(b.len(), 56, "meta format version 2");
+    b[40..48].fill(0);
+    let crc = crc32c::crc32c(&b[..48]);
+    b[48..52].copy_from_slice(&crc.to_le_bytes());
+    fs::write(&path, b).unwrap();
+}
+
+/// A log of `n` records of `LEN` bytes in segments of 4 KiB (32 records each), killed after its
+/// last sync (see `as_if_killed`).
+fn killed_log(n: u64) -> (tempfile::TempDir, Vec<PathBuf>) {
+    let (dir, segs) = log(n);
+    as_if_killed(dir.path());
+    (dir, segs)
+}
+
 /// A log of `n` records of `LEN` bytes in segments of 4 KiB (32 records each), closed cleanly.
 fn log(n: u64) -> (tempfile::TempDir, Vec<PathBuf>) {
     let dir = tempfile::tempdir().unwrap();
@@ -61,7 +82,7 @@ fn assert_corrupt(r: Result<Wal, Error>, file: &Path, what: &str) {
 
 #[test]
 fn torn_tail_is_cut_and_appends_continue() {
-    let (dir, segs) = log(40); // records 0..32 sealed in the first segment, 32..40 in the tail
+    let (dir, segs) = killed_log(40); // records 0..32 sealed in the first segment, 32..40 in the tail
     let tail = segs.last().unwrap();
     let len = fs::metadata(tail).unwrap().len();
     fs::OpenOptions::new().write(true).open(tail).unwrap().set_len(offset(39, 32) + 50).unwrap();
@@ -76,7 +97,7 @@ fn torn_tail_is_cut_and_appends_continue() {
 
 #[test]
 fn partial_header_at_end_of_file_is_cut() {
-    let (dir, segs) = log(40);
+    let (dir, segs) = killed_log(40);
     let tail = segs.last().unwrap();
     fs::OpenOptions::new().write(true).open(tail).unwrap().set_len(offset(39, 32) + 7).unwrap();
     assert_eq!(open(dir.path()).unwrap().next_seq(), 39);
@@ -84,10 +105,54 @@ fn partial_header_at_end_of_file_is_cut() {
 
 #[test]
 fn damaged_last_record_of_the_tail_counts_as_torn() {
-    let (dir, segs) = log(40);
+    let (dir, segs) = killed_log(40);
     flip(segs.last().unwrap(), offset(39, 32) + FRAME_HEADER + 10);
     let wal = open(dir.path()).unwrap();
     assert_eq!(wal.next_seq(), 39);
+}
+
+/// A log closed cleanly recorded how far it was durable: any of those records missing or
+/// damaged at the tail is corruption, not a torn write, and nothing is cut.
+#[test]
+fn records_synced_at_close_are_never_cut() {
+    let (dir, segs) = log(40);
+    let tail = segs.last().unwrap();
+    flip(tail, offset(39, 32) + FRAME_HEADER + 10);
+    let before = fs::read(tail).unwrap();
+    assert_corrupt(open(dir.path()), tail, "durable when the log was last closed");
+    assert_eq!(fs::read(tail).unwrap(), before, "a corrupt log must be left as it was");
+
+    let (dir, segs) = log(40);
+    let tail = segs.last().unwrap();
+    OpenOptions::new().write(true).open(tail).unwrap().set_len(offset(37, 32)).unwrap();
+    assert_corrupt(open(dir.path()), tail, "records end before record 37");
+
+    let (dir, segs) = log(40);
+    write_zeros(segs.last().unwrap(), offset(36, 32), FRAME_HEADER as usize);
+    assert_corrupt(open(dir.path()), segs.last().unwrap(), "records end before record 36");
+
+    // The whole tail segment lost: the sealed one before it is now the last.
+    let (dir, segs) = log(40);
+    fs::remove_file(segs.last().unwrap()).unwrap();
+    assert_corrupt(open(dir.path()), &segs[0], "a segment after this one is missing");
+}
+
+/// Damage to records that later records say were synced is corruption even after a crash.
+#[test]
+fn damage_to_records_claimed_synced_is_corruption_after_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(dir.path(), small(4096)).unwrap();
+    for i in 0..40 {
+        wal.append(&payload(i, LEN)).unwrap();
+        wal.sync().unwrap();
+    }
+    drop(wal);
+    as_if_killed(dir.path());
+    let tail = segments(dir.path()).pop().unwrap();
+    flip(&tail, offset(37, 32) + FRAME_HEADER + 3);
+    let before = fs::read(&tail).unwrap();
+    assert_corrupt(open(dir.path()), &tail, "were synced");
+    assert_eq!(fs::read(&tail).unwrap(), before);
 }
 
 #[test]
@@ -98,6 +163,12 @@ fn damaged_record_inside_the_tail_is_corruption_and_files_are_untouched() {
     let before = fs::read(tail).unwrap();
     assert_corrupt(open(dir.path()), tail, "checksum mismatch");
     assert_eq!(fs::read(tail).unwrap(), before, "a corrupt log must be left as it was");
+    // After a crash, records 33..40 (appended in `Manual` mode, never synced: their frames claim
+    // only records below 32 durable) are an unsynced write, torn by the damage, and cut there.
+    let (dir, segs) = killed_log(40);
+    let tail = segs.last().unwrap();
+    flip(tail, offset(35, 32) + FRAME_HEADER + 3);
+    assert_eq!(open(dir.path()).unwrap().next_seq(), 35);
     // A damaged length field is caught too (the record would claim bytes of its successors).
     let (dir, segs) = log(40);
     flip(segs.last().unwrap(), offset(35, 32) + 5);
@@ -177,7 +248,7 @@ fn zeroed_preallocated_tail_opens_cleanly() {
 fn zeroed_record_header_in_the_tail_ends_the_log_there() {
     // Power loss can leave a page of the last unsynced write unwritten (zeros) while a later one
     // reached the disk: a header of zeros marks space never written, and the log ends there.
-    let (dir, segs) = log(40);
+    let (dir, segs) = killed_log(40);
     write_zeros(segs.last().unwrap(), offset(36, 32), FRAME_HEADER as usize);
     let wal = open(dir.path()).unwrap();
     assert_eq!(wal.next_seq(), 36);
@@ -194,6 +265,7 @@ fn unfinished_batch_at_the_tail_is_cut_whole() {
     wal.append(&payload(0, LEN)).unwrap();
     wal.append_batch(&[payload(1, LEN), payload(2, LEN), payload(3, LEN)]).unwrap();
     drop(wal);
+    as_if_killed(dir.path());
     let tail = segments(dir.path()).pop().unwrap();
     OpenOptions::new().write(true).open(&tail).unwrap().set_len(offset(3, 0) + 40).unwrap();
     let wal = Wal::open(dir.path(), small(1 << 20)).unwrap();
@@ -272,40 +344,135 @@ proptest! {
     }
 }
 
-/// A recycled segment (one that `truncate_front` dropped, reused) still holds stale records after
-/// its live ones. Damage to a live record with live records after it is corruption there too,
-/// and damage to its last record is a torn tail cut at that record, stale records or not.
+/// A log whose tail segment is a recycled one (a segment that `truncate_front` dropped, reused):
+/// records 0..32 went, 32..64 are sealed, 64..72 are in the recycled file, which still holds
+/// stale records of its previous life after them. Records below `synced` are synced one by
+/// one; the rest only by the close.
+fn recycled_log(synced: u64) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(dir.path(), small(4096).recycle_segments(true)).unwrap();
+    for i in 0..64 {
+        wal.append(&payload(i, LEN)).unwrap();
+    }
+    wal.truncate_front(32).unwrap(); // the segment of records 0..32 is kept for reuse
+    for i in 64..72 {
+        wal.append(&payload(i, LEN)).unwrap(); // record 64 rolls into the recycled file
+        if i < synced {
+            wal.sync().unwrap();
+        }
+    }
+    drop(wal);
+    let tail = segments(dir.path()).pop().unwrap();
+    let mut flags = [0u8; 4];
+    fs::File::open(&tail).unwrap().read_exact_at(&mut flags, 12).unwrap();
+    assert_eq!(u32::from_le_bytes(flags), 1, "the tail segment should be a recycled one");
+    (dir, tail)
+}
+
+/// Damage in a recycled segment is judged like anywhere else: corruption where the records were
+/// synced, a torn tail where they were not.
 #[test]
 fn damage_in_a_recycled_segment_is_found_like_anywhere_else() {
-    let recycled_log = || {
-        let dir = tempfile::tempdir().unwrap();
-        let wal = Wal::open(dir.path(), small(4096).recycle_segments(true)).unwrap();
-        for i in 0..64 {
-            wal.append(&payload(i, LEN)).unwrap();
-        }
-        wal.truncate_front(32).unwrap(); // the segment of records 0..32 is kept for reuse
-        for i in 64..72 {
-            wal.append(&payload(i, LEN)).unwrap(); // record 64 rolls into the recycled file
-        }
-        drop(wal);
-        let tail = segments(dir.path()).pop().unwrap();
-        let mut flags = [0u8; 4];
-        fs::File::open(&tail).unwrap().read_exact_at(&mut flags, 12).unwrap();
-        assert_eq!(u32::from_le_bytes(flags), 1, "the tail segment should be a recycled one");
-        (dir, tail)
-    };
-    let (dir, tail) = recycled_log();
+    let (dir, tail) = recycled_log(64);
     flip(&tail, offset(66, 64) + FRAME_HEADER + 3);
-    assert_corrupt(open(dir.path()), &tail, "checksum mismatch");
+    assert_corrupt(open(dir.path()), &tail, "durable when the log was last closed");
 
-    let (dir, tail) = recycled_log();
+    let (dir, tail) = recycled_log(72);
+    as_if_killed(dir.path());
+    flip(&tail, offset(66, 64) + FRAME_HEADER + 3);
+    assert_corrupt(open(dir.path()), &tail, "were synced");
+
+    let (dir, tail) = recycled_log(72);
+    as_if_killed(dir.path());
     flip(&tail, offset(71, 64) + FRAME_HEADER + 3);
     let wal = open(dir.path()).unwrap();
     assert_eq!(wal.next_seq(), 71);
     assert_eq!(wal.read(70).unwrap().to_vec(), payload(70, LEN));
 
-    let (dir, _) = recycled_log();
+    let (dir, _) = recycled_log(64);
     let wal = open(dir.path()).unwrap();
     assert_eq!((wal.first_seq(), wal.next_seq()), (32, 72));
     assert_eq!(collect(&wal, 64..72), (64..72).map(|i| (i, payload(i, LEN))).collect::<Vec<_>>());
+}
+
+/// After a power loss, a page of a write that was never synced can hold a recycled file's old
+/// bytes while later pages of the same write reached the disk. Those later records claim only
+/// what was synced before them, so recovery cuts the write where it is torn instead of reporting
+/// corruption, and keeps every synced record.
+#[test]
+fn power_loss_inside_an_unsynced_write_to_a_recycled_segment_is_a_torn_tail() {
+    let (dir, tail) = recycled_log(68); // 64..68 synced, 68..72 one unsynced write
+    as_if_killed(dir.path());
+    let f = OpenOptions::new().write(true).open(&tail).unwrap();
+    f.write_all_at(&[0xEE; 60], offset(69, 64) + FRAME_HEADER + 10).unwrap(); // old bytes
+    drop(f);
+    let wal = open(dir.path()).unwrap();
+    assert_eq!(wal.next_seq(), 69, "the write is cut where it is torn");
+    assert_eq!(collect(&wal, 32..69), (32..69).map(|i| (i, payload(i, LEN))).collect::<Vec<_>>());
+    assert_eq!(wal.append(b"after").unwrap(), 69);
+    drop(wal);
+    let wal = open(dir.path()).unwrap();
+    assert_eq!(wal.next_seq(), 70, "records behind the cut must not come back");
+    assert_eq!(&wal.read(69).unwrap()[..], b"after");
+
+    // The same damage to a synced record is corruption.
+    let (dir, tail) = recycled_log(72);
+    as_if_killed(dir.path());
+    let f = OpenOptions::new().write(true).open(&tail).unwrap();
+    f.write_all_at(&[0xEE; 60], offset(69, 64) + FRAME_HEADER + 10).unwrap();
+    drop(f);
+    assert_corrupt(open(dir.path()), &tail, "were synced");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// A power loss during a write that was never synced leaves each sector of it either as it was
+    /// before the write (zeros, or a recycled file's old bytes) or as written, in any mix. The log
+    /// must open without reporting corruption, keep every synced record, and return nothing but
+    /// whole, byte-exact records.
+    #[test]
+    fn power_loss_keeps_synced_records_and_never_raises_a_false_alarm(
+        recycle in any::<bool>(),
+        synced in 0u64..16,
+        more in 1u64..16,
+        sectors in proptest::collection::vec(any::<bool>(), 8),
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = Wal::open(dir.path(), small(4096).recycle_segments(recycle)).unwrap();
+        for i in 0..64 {
+            wal.append(&payload(i, LEN)).unwrap();
+        }
+        wal.truncate_front(32).unwrap();
+        for i in 64..64 + synced {
+            wal.append(&payload(i, LEN)).unwrap();
+            wal.sync().unwrap();
+        }
+        wal.append(&payload(64 + synced, LEN)).unwrap(); // rolls if nothing was synced yet
+        wal.sync().unwrap();
+        let tail = segments(dir.path()).pop().unwrap();
+        let before = fs::read(&tail).unwrap();
+        for i in 65 + synced..65 + synced + more {
+            wal.append(&payload(i, LEN)).unwrap();
+        }
+        wal.flush().unwrap();
+        let after = fs::read(&tail).unwrap();
+        drop(wal);
+        as_if_killed(dir.path());
+        let mut image = after.clone();
+        for (k, &old) in sectors.iter().enumerate() {
+            let range = k * 512..((k + 1) * 512).min(image.len());
+            if old && range.start < image.len() {
+                image[range.clone()].copy_from_slice(&before[range]);
+            }
+        }
+        fs::write(&tail, &image).unwrap();
+        let wal = open(dir.path()).unwrap();
+        let next = wal.next_seq();
+        prop_assert!(next >= 65 + synced, "synced records lost: next {}", next);
+        prop_assert!(next <= 65 + synced + more);
+        for (seq, b) in wal.iter(32..next).map(Result::unwrap) {
+            prop_assert_eq!(b.to_vec(), payload(seq, LEN));
+        }
+    }
 }
