@@ -7,6 +7,10 @@
 //!   the active one starts, and `active.end() == next`).
 //! - Every record `< durable` is on stable storage. A roll seals (fsyncs) the old segment before
 //!   the next is created, so syncing the active file makes everything up to `next` durable.
+//! - A frame's synced claim (see `frame`) is `durable` as it was when the frame was encoded, so
+//!   never more than what was on stable storage. `meta.synced_below` is stored only once it is
+//!   durable (on close), and `truncate_back` lowers it at its commit point, before any record
+//!   below the old value is removed.
 //! - After any failed write or fsync the log is poisoned and refuses writes: the page cache may
 //!   have dropped the data, so only a reopen (re-reading the disk) tells what is there.
 //!
