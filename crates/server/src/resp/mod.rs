@@ -9,14 +9,13 @@
 pub mod command;
 pub mod glob;
 pub mod reply;
+mod request;
 pub mod stream_command;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use redis_protocol::resp2::decode::decode_bytes_mut;
-use redis_protocol::resp2::types::BytesFrame;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
@@ -25,6 +24,7 @@ use crate::limit::{Counted, Limited};
 use crate::streams::StreamSpace;
 use command::{Context, Session};
 use reply::Reply;
+use request::{parse, Parsed};
 use stream_command::{Outcome, StreamContext};
 
 /// Shared by all connections of the endpoint.
@@ -115,81 +115,6 @@ pub async fn serve(ep: Arc<Endpoint>, mut listener: Limited, stop: watch::Receiv
     }
     drop(listener);
     while tasks.join_next().await.is_some() {}
-}
-
-enum Parsed {
-    Request(Vec<Bytes>),
-    Incomplete,
-    Bad(String),
-}
-
-/// Refuses a request whose declared sizes exceed the limit before its bytes arrive: walks the
-/// array header and bulk headers present so far.
-fn check_lengths(buf: &[u8], max: usize) -> Result<(), String> {
-    fn header(buf: &[u8], at: usize) -> Option<(i64, usize)> {
-        let end = at + buf.get(at..)?.iter().position(|&c| c == b'\n')?;
-        let text = std::str::from_utf8(buf.get(at + 1..end)?.strip_suffix(b"\r")?).ok()?;
-        Some((text.parse().ok()?, end + 1))
-    }
-    let too_big = || Err(format!("Protocol error: request larger than {max} bytes"));
-    let Some((n, mut at)) = header(buf, 0) else { return Ok(()) };
-    if n > (max / 4) as i64 {
-        return too_big();
-    }
-    for _ in 0..n.max(0) {
-        if buf.get(at) != Some(&b'$') {
-            return Ok(());
-        }
-        let Some((len, next)) = header(buf, at) else { return Ok(()) };
-        if len > max as i64 {
-            return too_big();
-        }
-        at = next + len.max(0) as usize + 2;
-        if at >= buf.len() {
-            return Ok(());
-        }
-    }
-    Ok(())
-}
-
-/// Takes one request off the front of `buf`: a RESP array of bulk strings, or an inline command.
-fn parse(buf: &mut BytesMut, max: usize) -> Parsed {
-    if buf.is_empty() {
-        return Parsed::Incomplete;
-    }
-    if buf[0] == b'*' {
-        if let Err(e) = check_lengths(buf, max) {
-            return Parsed::Bad(e);
-        }
-        match decode_bytes_mut(buf) {
-            Ok(None) => Parsed::Incomplete,
-            Ok(Some((BytesFrame::Array(items), _, _))) => {
-                let mut args = Vec::with_capacity(items.len());
-                for f in items {
-                    match f {
-                        BytesFrame::BulkString(b) | BytesFrame::SimpleString(b) => args.push(b),
-                        _ => return Parsed::Bad("Protocol error: expected bulk strings".into()),
-                    }
-                }
-                Parsed::Request(args)
-            }
-            Ok(Some(_)) => Parsed::Bad("Protocol error: expected an array".into()),
-            Err(e) => Parsed::Bad(format!("Protocol error: {}", e.details())),
-        }
-    } else {
-        let Some(end) = buf.iter().position(|&c| c == b'\n') else { return Parsed::Incomplete };
-        let line = buf.split_to(end + 1);
-        let text = line.strip_suffix(b"\r\n").or_else(|| line.strip_suffix(b"\n")).unwrap_or(&line);
-        let args: Vec<Bytes> = text
-            .split(|c| *c == b' ' || *c == b'\t')
-            .filter(|a| !a.is_empty())
-            .map(Bytes::copy_from_slice)
-            .collect();
-        if args.is_empty() {
-            return parse(buf, max);
-        }
-        Parsed::Request(args)
-    }
 }
 
 async fn connection(
@@ -381,26 +306,4 @@ async fn settle(
 /// Resolves once the server is stopping (or its stop sender is gone).
 pub async fn stopped(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_pipelined_arrays_and_inline_commands() {
-        let mut b = BytesMut::from(&b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\nPING\r\n*1\r\n$4\r\nPI"[..]);
-        assert!(
-            matches!(parse(&mut b, 1024), Parsed::Request(a) if a == [Bytes::from("GET"), Bytes::from("k")])
-        );
-        assert!(matches!(parse(&mut b, 1024), Parsed::Request(a) if a == [Bytes::from("PING")]));
-        assert!(matches!(parse(&mut b, 1024), Parsed::Incomplete));
-        let mut b = BytesMut::from(&b"*1\r\n:5\r\n"[..]);
-        assert!(matches!(parse(&mut b, 1024), Parsed::Bad(_)));
-        let mut b = BytesMut::from(&b"*x\r\n"[..]);
-        assert!(matches!(parse(&mut b, 1024), Parsed::Bad(_)));
-        // A declared length over the limit is refused before the bytes arrive.
-        let mut b = BytesMut::from(&b"*2\r\n$3\r\nSET\r\n$2000\r\nab"[..]);
-        assert!(matches!(parse(&mut b, 1024), Parsed::Bad(_)));
-    }
 }
