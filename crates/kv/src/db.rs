@@ -270,8 +270,7 @@ impl Db {
 
     /// The value of `key`, or `None`.
     pub fn get(&self, key: impl AsRef<[u8]>) -> Result<Option<Bytes>> {
-        let seq = self.inner.visible();
-        self.inner.get_at(key.as_ref(), seq)
+        self.inner.get_latest(key.as_ref())
     }
 
     /// Sets `key` to `value` with the database's default durability.
@@ -309,7 +308,7 @@ impl Db {
 
     /// Live keys in `range`, in order (`.rev()` for descending), at the current point in time.
     pub fn scan<K: AsRef<[u8]>>(&self, range: impl RangeBounds<K>) -> Iter {
-        self.inner.iter(self.inner.visible(), user_bounds(&range))
+        self.inner.iter_latest(user_bounds(&range))
     }
 
     /// Every live key, in order.
@@ -319,7 +318,7 @@ impl Db {
 
     /// Live keys starting with `prefix`, in order.
     pub fn prefix(&self, prefix: impl AsRef<[u8]>) -> Iter {
-        self.inner.iter(self.inner.visible(), prefix_bounds(prefix.as_ref()))
+        self.inner.iter_latest(prefix_bounds(prefix.as_ref()))
     }
 
     /// A consistent point-in-time view; versions it needs are kept until it is dropped.
@@ -605,9 +604,26 @@ impl Inner {
         self.wake_bg();
     }
 
+    /// `user` as of `seq`, which a registered snapshot protects (or which is older than no
+    /// version a flush or compaction may drop: see `get_latest`).
     pub(crate) fn get_at(&self, user: &[u8], seq: u64) -> Result<Option<Bytes>> {
         check_key(user)?;
+        self.get_in(&self.view.load_full(), user, seq)
+    }
+
+    /// `user` as of now. The view is taken before the sequence number: every table in it holds
+    /// only versions at or below that number, so the newest one it has at or below it is the
+    /// answer. Taken the other way round, a flush and a compaction finishing in between could
+    /// have replaced the version the number needs by a newer one, which no unregistered read
+    /// protects.
+    pub(crate) fn get_latest(&self, user: &[u8]) -> Result<Option<Bytes>> {
+        check_key(user)?;
         let view = self.view.load_full();
+        let seq = self.visible();
+        self.get_in(&view, user, seq)
+    }
+
+    fn get_in(&self, view: &View, user: &[u8], seq: u64) -> Result<Option<Bytes>> {
         let hash = bloom::hash(user);
         for m in std::iter::once(&view.mem).chain(&view.imms) {
             match m.get(user, hash, seq) {
@@ -639,6 +655,12 @@ impl Inner {
 
     pub(crate) fn iter(&self, seq: u64, bounds: Bounds) -> Iter {
         Iter::new(self.view.load_full(), seq, bounds)
+    }
+
+    /// An iterator as of now: the view first, then the sequence number (see `get_latest`).
+    pub(crate) fn iter_latest(&self, bounds: Bounds) -> Iter {
+        let view = self.view.load_full();
+        Iter::new(view, self.visible(), bounds)
     }
 
     pub(crate) fn add_snapshot(&self) -> u64 {

@@ -91,7 +91,9 @@ fn array(buf: &[u8], max: usize) -> Result<(usize, Vec<(usize, usize)>), Stop> {
         match buf.get(end..end + 2) {
             None => return Err(Stop::Incomplete),
             Some(b"\r\n") => {}
-            Some(_) => return Err(Stop::Bad("Protocol error: bulk string not ended by CRLF".into())),
+            Some(_) => {
+                return Err(Stop::Bad("Protocol error: bulk string not ended by CRLF".into()))
+            }
         }
         ranges.push((start, end));
         at = end + 2;
@@ -137,7 +139,8 @@ mod tests {
 
     #[test]
     fn parses_pipelined_arrays_and_inline_commands() {
-        let mut b = BytesMut::from(&b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\nPING\r\n\r\n*1\r\n$4\r\nPI"[..]);
+        let mut b =
+            BytesMut::from(&b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\nPING\r\n\r\n*1\r\n$4\r\nPI"[..]);
         assert!(
             matches!(parse(&mut b, 1024), Parsed::Request(a) if a == [Bytes::from("GET"), Bytes::from("k")])
         );
