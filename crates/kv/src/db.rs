@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::fs;
 use std::ops::{Bound, RangeBounds};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -37,7 +37,7 @@ use crate::error::{Error, Result};
 use crate::iter::{Bounds, Iter};
 use crate::key::{self, Kind};
 use crate::manifest::{self, Edit, Manifest};
-use crate::memtable::{Lookup, Memtable};
+use crate::memtable::{Lookup, Memtable, ReadAt};
 use crate::metrics::Metrics;
 use crate::options::{Durability, Options, NUM_LEVELS};
 use crate::snapshot::Snapshot;
@@ -81,6 +81,9 @@ pub(crate) struct Inner {
     visible: AtomicU64,
     pub(crate) tree: Mutex<Tree>,
     snapshots: Mutex<BTreeMap<u64, usize>>,
+    /// Open snapshots and iterators: readers at a fixed sequence number. While there are none,
+    /// a write prunes the versions of the keys it writes that no read can see any more.
+    pins: Arc<AtomicUsize>,
     wal_pins: Mutex<BTreeMap<u64, usize>>,
     bg: Mutex<Bg>,
     bg_cv: Condvar,
@@ -208,7 +211,7 @@ impl Db {
             })?;
             let mem = mems.last().expect("one memtable");
             for (i, op) in ops.iter().enumerate() {
-                mem.insert(op.key, seq + i as u64, op.kind, op.value);
+                mem.insert(op.key, seq + i as u64, op.kind, op.value, None);
             }
             last_seq = last_seq.max(seq + ops.len() as u64 - 1);
             if mem.size() >= opts.memtable_size {
@@ -242,6 +245,7 @@ impl Db {
                 cursors: vec![Vec::new(); NUM_LEVELS],
             }),
             snapshots: Mutex::new(BTreeMap::new()),
+            pins: Arc::new(AtomicUsize::new(0)),
             wal_pins: Mutex::new(BTreeMap::new()),
             bg: Mutex::new(Bg::default()),
             bg_cv: Condvar::new(),
@@ -402,6 +406,25 @@ fn list_tables(dir: &Path) -> Result<Vec<u64>> {
     Ok(out)
 }
 
+/// A registered reader at a fixed sequence number (an iterator; snapshots count themselves):
+/// while one is open, writes prune no versions. Registration (`SeqCst` increment) comes before
+/// the reader loads `visible` (`SeqCst`), and a writer loads the count (`SeqCst`) before it
+/// prunes: a writer that saw none prunes only below what any later reader will load.
+pub(crate) struct ReadPin(Arc<AtomicUsize>);
+
+impl ReadPin {
+    fn new(pins: &Arc<AtomicUsize>) -> ReadPin {
+        pins.fetch_add(1, Ordering::SeqCst);
+        ReadPin(pins.clone())
+    }
+}
+
+impl Drop for ReadPin {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// Drops one count of `key` from a counted set (snapshots, WAL pins).
 fn release(counts: &mut BTreeMap<u64, usize>, key: u64) {
     if let Some(n) = counts.get_mut(&key) {
@@ -456,7 +479,7 @@ fn remove_orphans(dir: &Path, state: &manifest::State, current: u64) -> Result<(
 
 impl Inner {
     pub(crate) fn visible(&self) -> u64 {
-        self.visible.load(Ordering::Acquire)
+        self.visible.load(Ordering::SeqCst)
     }
 
     fn check_writable(&self) -> Result<()> {
@@ -502,16 +525,20 @@ impl Inner {
         self.wal.append(rep)?;
         let (_, ops) = batch::ops(rep).expect("a batch we encoded decodes");
         let view = self.view.load();
+        // Under the writer lock `visible` is stable. A reader that registers after this load of
+        // `pins` reads `visible` after it too, so it needs no version older than the newest one
+        // at or below it, which pruning keeps (all SeqCst: see `ReadPin`).
+        let prune = (self.pins.load(Ordering::SeqCst) == 0).then(|| self.visible());
         let mut user_bytes = 0;
         let mut n = 0u64;
         for op in ops.flatten() {
-            view.mem.insert(op.key, seq + n, op.kind, op.value);
+            view.mem.insert(op.key, seq + n, op.kind, op.value, prune);
             user_bytes += op.key.len() + op.value.len();
             n += 1;
         }
         w.last_seq = seq + n - 1;
         let last = w.last_seq;
-        self.visible.store(last, Ordering::Release);
+        self.visible.store(last, Ordering::SeqCst);
         drop(w);
         self.counters.user_bytes.fetch_add(user_bytes as u64, Ordering::Relaxed);
         self.metrics.writes.increment(n);
@@ -608,7 +635,7 @@ impl Inner {
     /// version a flush or compaction may drop: see `get_latest`).
     pub(crate) fn get_at(&self, user: &[u8], seq: u64) -> Result<Option<Bytes>> {
         check_key(user)?;
-        self.get_in(&self.view.load_full(), user, seq)
+        self.get_in(&self.view.load_full(), user, seq, false)
     }
 
     /// `user` as of now. The view is taken before the sequence number: every table in it holds
@@ -620,13 +647,18 @@ impl Inner {
         check_key(user)?;
         let view = self.view.load_full();
         let seq = self.visible();
-        self.get_in(&view, user, seq)
+        self.get_in(&view, user, seq, true)
     }
 
-    fn get_in(&self, view: &View, user: &[u8], seq: u64) -> Result<Option<Bytes>> {
+    /// `user` in `view` at `seq`; with `latest`, the mutable memtable is read as of its newest
+    /// published version instead (`ReadAt::Latest`: what pruning never drops), which is at or
+    /// after `seq` and before anything else in the view.
+    fn get_in(&self, view: &View, user: &[u8], seq: u64, latest: bool) -> Result<Option<Bytes>> {
         let hash = bloom::hash(user);
-        for m in std::iter::once(&view.mem).chain(&view.imms) {
-            match m.get(user, hash, seq) {
+        for (i, m) in std::iter::once(&view.mem).chain(&view.imms).enumerate() {
+            let at =
+                if latest && i == 0 { ReadAt::Latest(&self.visible) } else { ReadAt::Seq(seq) };
+            match m.get(user, hash, at) {
                 Lookup::Found(v) => return Ok(Some(v)),
                 Lookup::Deleted => return Ok(None),
                 Lookup::Absent => {}
@@ -653,18 +685,23 @@ impl Inner {
         Ok(None)
     }
 
+    /// An iterator at `seq`, which the caller's snapshot protects until the iterator pins it.
     pub(crate) fn iter(&self, seq: u64, bounds: Bounds) -> Iter {
-        Iter::new(self.view.load_full(), seq, bounds)
+        let pin = ReadPin::new(&self.pins);
+        Iter::new(self.view.load_full(), seq, bounds, pin)
     }
 
-    /// An iterator as of now: the view first, then the sequence number (see `get_latest`).
+    /// An iterator as of now: pinned first, then the view, then the sequence number (see
+    /// `get_latest` and `ReadPin`).
     pub(crate) fn iter_latest(&self, bounds: Bounds) -> Iter {
+        let pin = ReadPin::new(&self.pins);
         let view = self.view.load_full();
-        Iter::new(view, self.visible(), bounds)
+        Iter::new(view, self.visible(), bounds, pin)
     }
 
     pub(crate) fn add_snapshot(&self) -> u64 {
         let mut s = self.snapshots.lock();
+        self.pins.fetch_add(1, Ordering::SeqCst);
         let seq = self.visible();
         *s.entry(seq).or_default() += 1;
         seq
@@ -672,6 +709,7 @@ impl Inner {
 
     pub(crate) fn drop_snapshot(&self, seq: u64) {
         release(&mut self.snapshots.lock(), seq);
+        self.pins.fetch_sub(1, Ordering::SeqCst);
     }
 
     pub(crate) fn snapshot_seqs(&self) -> Vec<u64> {

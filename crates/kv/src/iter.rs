@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::db::View;
+use crate::db::{ReadPin, View};
 use crate::error::Result;
 use crate::key::{self, Kind, MAX_SEQ};
 use crate::memtable::{self, Memtable};
@@ -428,6 +428,8 @@ impl Walk {
 /// `.rev()` and `next_back()` run from the other end. Items are `(key, value)`; an error (a corrupt
 /// block, say) is yielded once and ends the iteration.
 pub struct Iter {
+    /// Keeps writes from pruning memtable versions this iterator may still read.
+    _pin: ReadPin,
     view: Arc<View>,
     seq: u64,
     bounds: Bounds,
@@ -447,8 +449,9 @@ impl std::fmt::Debug for Iter {
 }
 
 impl Iter {
-    pub(crate) fn new(view: Arc<View>, seq: u64, bounds: Bounds) -> Iter {
+    pub(crate) fn new(view: Arc<View>, seq: u64, bounds: Bounds, pin: ReadPin) -> Iter {
         Iter {
+            _pin: pin,
             view,
             seq,
             bounds,

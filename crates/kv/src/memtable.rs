@@ -10,7 +10,11 @@
 //! Invariants: every record of the WAL at or after `wal_start` whose writes are not in an
 //! SSTable is in this memtable or a newer one. A node is created with its first version and
 //! never removed, so a node's versions are never empty; its versions are stored sorted by
-//! tag, lowest first (read in reverse for the internal-key order), and a version inserted again under the same tag (a replay) replaces it. With a
+//! tag, lowest first (read in reverse for the internal-key order), and a version inserted again under the same tag (a replay) replaces it.
+//! A write may prune a key's versions (only while the database has no snapshot or iterator
+//! open): it drops those older than the newest one at or below the visible sequence number, so
+//! a key overwritten again and again holds one or two versions, not one per write. The newest
+//! published version of a key is never pruned. With a
 //! hash index, a key is in the index if and only if it has a node (both are added under the
 //! index shard's lock). The memtable's internal-key order (user key ascending, tag descending)
 //! is the order of nodes, then of versions within a node.
@@ -115,9 +119,13 @@ impl Versions {
         Versions(RwLock::new(list))
     }
 
-    /// Adds `v` in tag order (replacing a version with its tag); returns the bytes this added.
-    fn add(&self, v: Version) -> usize {
-        let heap = v.value.heap();
+    /// Adds `v` in tag order (replacing a version with its tag); returns the bytes this added
+    /// (negative when it pruned more than it added). With `prune = Some(floor)`, versions that no
+    /// read can see any more go: those older than the newest one at or below `floor`, the
+    /// database's visible sequence number, when no snapshot or iterator is open (see
+    /// `Memtable::insert`).
+    fn add(&self, v: Version, prune: Option<u64>) -> isize {
+        let heap = v.value.heap() as isize;
         let mut list = self.0.write();
         let before = if list.spilled() { list.capacity() } else { 0 };
         if list.last().is_some_and(|o| o.tag < v.tag) {
@@ -130,14 +138,22 @@ impl Versions {
             }
             list.insert(at, v);
         }
+        let mut freed = 0isize;
+        if let Some(floor) = prune {
+            let keep_from = list.partition_point(|o| o.tag >> 8 <= floor).saturating_sub(1);
+            if keep_from > 0 {
+                freed = list.drain(..keep_from).map(|o| o.value.heap() as isize).sum();
+            }
+        }
         // The versions past the first inline one live in a heap array that grows by doubling.
         let grown = if list.spilled() { list.capacity() - before } else { 0 };
-        heap + grown * std::mem::size_of::<Version>()
+        heap + (grown * std::mem::size_of::<Version>()) as isize - freed
     }
 
-    /// The newest version visible at `seq`.
-    fn visible(&self, seq: u64) -> Lookup {
+    /// The newest version visible at `at`, resolved under the versions' lock.
+    fn visible(&self, at: ReadAt<'_>) -> Lookup {
         let list = self.0.read();
+        let seq = at.resolve();
         list.iter().rev().find(|v| v.tag >> 8 <= seq).map_or(Lookup::Absent, Version::lookup)
     }
 
@@ -153,6 +169,26 @@ impl Versions {
             (false, Some((t, inc))) => list.iter().find(|v| v.tag > t || (inc && v.tag == t)),
         };
         v.map(|v| (v.tag, v.value.to_bytes()))
+    }
+}
+
+/// The point in time a read of a memtable is at.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum ReadAt<'a> {
+    /// A sequence number that a registered snapshot or iterator protects from pruning (or of
+    /// an immutable memtable, which nothing prunes).
+    Seq(u64),
+    /// The database's visible sequence number, read under the lock that pruning holds: the
+    /// newest published version of a key is never pruned, so a plain read needs no registration.
+    Latest(&'a AtomicU64),
+}
+
+impl ReadAt<'_> {
+    fn resolve(self) -> u64 {
+        match self {
+            ReadAt::Seq(s) => s,
+            ReadAt::Latest(visible) => visible.load(Ordering::SeqCst),
+        }
     }
 }
 
@@ -237,11 +273,22 @@ impl Memtable {
         }
     }
 
-    /// Inserts `user` at `seq` (hashing `user` only if there is a hash index).
-    pub(crate) fn insert(&self, user: &[u8], seq: u64, kind: Kind, value: &[u8]) {
+    /// Inserts `user` at `seq` (hashing `user` only if there is a hash index). `prune` is the
+    /// database's visible sequence number when no snapshot or iterator is registered (`None`
+    /// otherwise, and during replay): the key's versions older than its newest one at or below it
+    /// are dropped, since only registered readers read at an older point and plain reads take
+    /// the visible number under the lock that pruning holds (`ReadAt::Latest`).
+    pub(crate) fn insert(
+        &self,
+        user: &[u8],
+        seq: u64,
+        kind: Kind,
+        value: &[u8],
+        prune: Option<u64>,
+    ) {
         let version = Version { tag: key::tag(seq, kind), value: Value::new(value) };
         let added = if self.index.is_empty() {
-            self.insert_node(user, version)
+            self.insert_node(user, version, prune)
         } else {
             let hash = crate::bloom::hash(user);
             let mut shard = self.index[shard_of(hash)].0.write();
@@ -251,7 +298,7 @@ impl Memtable {
                     if n.newest.tag <= version.tag {
                         n.newest = version.clone();
                     }
-                    n.versions.add(version)
+                    n.versions.add(version, prune)
                 }
                 None => {
                     let key = UserKey::new(user);
@@ -261,38 +308,47 @@ impl Memtable {
                     self.map.insert(key.clone(), Node::Indexed(versions.clone()));
                     let n = Indexed { hash, key, newest, versions };
                     shard.insert_unique(hash, n, |n| n.hash);
-                    added
+                    added as isize
                 }
             }
         };
-        self.size.fetch_add(added, Ordering::Relaxed);
+        if added >= 0 {
+            self.size.fetch_add(added as usize, Ordering::Relaxed);
+        } else {
+            let freed = added.unsigned_abs();
+            let _ = self.size.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| {
+                Some(s.saturating_sub(freed))
+            });
+        }
     }
 
     /// Adds `version` to `user`'s node, creating it if needed; returns the bytes this added.
-    fn insert_node(&self, user: &[u8], version: Version) -> usize {
+    fn insert_node(&self, user: &[u8], version: Version, prune: Option<u64>) -> isize {
         let size = node_size(user, &version);
         let mut version = Some(version);
         let e = self.map.get_or_insert_with(UserKey::new(user), || {
             Node::Own(Versions::new(version.take().expect("taken once")))
         });
         match version {
-            Some(v) => e.value().add(v),
-            None => size,
+            Some(v) => e.value().add(v, prune),
+            None => size as isize,
         }
     }
 
     /// The newest version of `user` visible at `seq`; `hash` is [`crate::bloom::hash`] of `user`.
-    pub(crate) fn get(&self, user: &[u8], hash: u64, seq: u64) -> Lookup {
+    pub(crate) fn get(&self, user: &[u8], hash: u64, at: ReadAt<'_>) -> Lookup {
         if let Some(Shard(shard)) = self.index.get(shard_of(hash)) {
             let shard = shard.read();
+            // Pruning happens under this shard's write lock: resolve under its read lock.
+            let seq = at.resolve();
             return match shard.find(hash, |n| n.hash == hash && n.key.user() == user) {
                 Some(n) if n.newest.tag >> 8 <= seq => n.newest.lookup(),
-                Some(n) => n.versions.visible(seq),
+                Some(n) => n.versions.visible(ReadAt::Seq(seq)),
                 None => Lookup::Absent,
             };
         }
         match self.map.get(&UserKey::new(user)) {
-            Some(e) => e.value().visible(seq),
+            Some(e) => e.value().visible(at),
             None => Lookup::Absent,
         }
     }
@@ -434,6 +490,46 @@ fn pick(
 mod tests {
     use super::*;
 
+    /// Pruning keeps the newest version at or below the floor and every newer one; without a
+    /// floor every version stays. With and without a hash index.
+    #[test]
+    fn pruning_keeps_what_a_read_at_or_after_the_floor_can_see() {
+        for index in [false, true] {
+            let m = Memtable::new(0, index);
+            let big = |i: u64| vec![i as u8; 100];
+            for seq in 1..=10u64 {
+                m.insert(b"k", seq, Kind::Put, &big(seq), Some(seq - 1));
+            }
+            let at = |seq| m.get(b"k", crate::bloom::hash(b"k"), ReadAt::Seq(seq));
+            assert_eq!(at(10), Lookup::Found(Bytes::from(big(10))));
+            assert_eq!(at(9), Lookup::Found(Bytes::from(big(9))), "the newest at the floor stays");
+            assert_eq!(at(8), Lookup::Absent, "older versions are pruned (index {index})");
+            let pruned = m.size();
+            let kept = Memtable::new(0, index);
+            for seq in 1..=10u64 {
+                kept.insert(b"k", seq, Kind::Put, &big(seq), None);
+            }
+            assert_eq!(
+                kept.get(b"k", crate::bloom::hash(b"k"), ReadAt::Seq(3)),
+                Lookup::Found(Bytes::from(big(3)))
+            );
+            assert!(
+                pruned + 800 <= kept.size(),
+                "pruned values leave the size: {pruned} vs {}",
+                kept.size()
+            );
+            // A tombstone at the floor is kept: it hides older tables' versions.
+            m.insert(b"k", 11, Kind::Delete, b"", Some(10));
+            m.insert(b"k", 12, Kind::Put, b"x", Some(11));
+            assert_eq!(m.get(b"k", crate::bloom::hash(b"k"), ReadAt::Seq(11)), Lookup::Deleted);
+            let visible = AtomicU64::new(12);
+            assert_eq!(
+                m.get(b"k", crate::bloom::hash(b"k"), ReadAt::Latest(&visible)),
+                Lookup::Found(Bytes::from_static(b"x"))
+            );
+        }
+    }
+
     #[test]
     fn versions_and_tombstones() {
         for hash_index in [false, true] {
@@ -444,19 +540,19 @@ mod tests {
     fn versions_and_tombstones_with(hash_index: bool) {
         let m = Memtable::new(0, hash_index);
         let h = |k: &[u8]| crate::bloom::hash(k);
-        m.insert(b"a", 1, Kind::Put, b"1");
-        m.insert(b"a", 5, Kind::Delete, b"");
+        m.insert(b"a", 1, Kind::Put, b"1", None);
+        m.insert(b"a", 5, Kind::Delete, b"", None);
         // An older version inserted after a newer one (recovery order) does not hide it.
-        m.insert(b"a", 3, Kind::Put, b"3");
-        m.insert(b"ab", 2, Kind::Put, b"x");
-        assert_eq!(m.get(b"a", h(b"a"), 0), Lookup::Absent);
-        assert_eq!(m.get(b"a", h(b"a"), 1), Lookup::Found(Bytes::from_static(b"1")));
-        assert_eq!(m.get(b"a", h(b"a"), 4), Lookup::Found(Bytes::from_static(b"3")));
-        assert_eq!(m.get(b"a", h(b"a"), 5), Lookup::Deleted);
-        assert_eq!(m.get(b"a", h(b"a"), 9), Lookup::Deleted);
-        assert_eq!(m.get(b"ab", h(b"ab"), 9), Lookup::Found(Bytes::from_static(b"x")));
-        assert_eq!(m.get(b"ab", h(b"ab"), 1), Lookup::Absent);
-        assert_eq!(m.get(b"b", h(b"b"), 9), Lookup::Absent);
+        m.insert(b"a", 3, Kind::Put, b"3", None);
+        m.insert(b"ab", 2, Kind::Put, b"x", None);
+        assert_eq!(m.get(b"a", h(b"a"), ReadAt::Seq(0)), Lookup::Absent);
+        assert_eq!(m.get(b"a", h(b"a"), ReadAt::Seq(1)), Lookup::Found(Bytes::from_static(b"1")));
+        assert_eq!(m.get(b"a", h(b"a"), ReadAt::Seq(4)), Lookup::Found(Bytes::from_static(b"3")));
+        assert_eq!(m.get(b"a", h(b"a"), ReadAt::Seq(5)), Lookup::Deleted);
+        assert_eq!(m.get(b"a", h(b"a"), ReadAt::Seq(9)), Lookup::Deleted);
+        assert_eq!(m.get(b"ab", h(b"ab"), ReadAt::Seq(9)), Lookup::Found(Bytes::from_static(b"x")));
+        assert_eq!(m.get(b"ab", h(b"ab"), ReadAt::Seq(1)), Lookup::Absent);
+        assert_eq!(m.get(b"b", h(b"b"), ReadAt::Seq(9)), Lookup::Absent);
         let mut seqs = Vec::new();
         m.try_for_each(|k, _| {
             seqs.push(key::seq(k));
@@ -469,20 +565,20 @@ mod tests {
     #[test]
     fn size_counts_nodes_and_versions() {
         let m = Memtable::new(0, true);
-        m.insert(b"k", 1, Kind::Put, b"short");
+        m.insert(b"k", 1, Kind::Put, b"short", None);
         let one = m.size();
         assert!(one >= NODE_OVERHEAD + INDEX_OVERHEAD);
         // An overwrite with a short value costs a version, far less than a node.
-        m.insert(b"k", 2, Kind::Put, b"short");
+        m.insert(b"k", 2, Kind::Put, b"short", None);
         let two = m.size();
         assert!(two > one && two - one < NODE_OVERHEAD, "{one} {two}");
         // A long value is counted by its length.
-        m.insert(b"k", 3, Kind::Put, &[0u8; 1000]);
+        m.insert(b"k", 3, Kind::Put, &[0u8; 1000], None);
         assert!(m.size() - two >= 1000);
         // The same version again (a replay) replaces it.
-        m.insert(b"k", 3, Kind::Put, b"v");
+        m.insert(b"k", 3, Kind::Put, b"v", None);
         assert_eq!(
-            m.get(b"k", crate::bloom::hash(b"k"), 9),
+            m.get(b"k", crate::bloom::hash(b"k"), ReadAt::Seq(9)),
             Lookup::Found(Bytes::from_static(b"v"))
         );
     }
@@ -505,6 +601,7 @@ mod tests {
                                 1 + i * threads + t,
                                 Kind::Put,
                                 &i.to_le_bytes(),
+                                None,
                             );
                         }
                     });
@@ -526,7 +623,7 @@ mod tests {
                 if i > 0 && seen[i - 1].0 == *user {
                     continue;
                 }
-                let got = m.get(user, crate::bloom::hash(user), u64::MAX >> 8);
+                let got = m.get(user, crate::bloom::hash(user), ReadAt::Seq(u64::MAX >> 8));
                 let wrote = (newest - 1) / threads;
                 assert_eq!(got, Lookup::Found(Bytes::copy_from_slice(&wrote.to_le_bytes())));
             }
@@ -579,7 +676,7 @@ mod tests {
                     Op::Insert(u, seq, del) => {
                         let kind = if del { Kind::Delete } else { Kind::Put };
                         let v = if del { vec![] } else { format!("{seq}").into_bytes() };
-                        m.insert(&u, seq, kind, &v);
+                        m.insert(&u, seq, kind, &v, None);
                         model.insert((u, !key::tag(seq, kind)), v);
                     }
                     Op::Seek(t, f) => {
@@ -630,7 +727,7 @@ mod tests {
                         .map_or(Lookup::Absent, |((_, t), v)| {
                             if (!t) & 0xff == Kind::Put as u64 { Lookup::Found(Bytes::from(v.clone())) } else { Lookup::Deleted }
                         });
-                    proptest::prop_assert_eq!(m.get(&u, crate::bloom::hash(&u), seq), want);
+                    proptest::prop_assert_eq!(m.get(&u, crate::bloom::hash(&u), ReadAt::Seq(seq)), want);
                 }
             }
             let mut all = Vec::new();

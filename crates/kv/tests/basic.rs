@@ -300,3 +300,43 @@ fn buffered_writes_reach_the_os_and_deferred_ones_wait_for_sync() {
     }
     assert_eq!(db.get(b"buffered").unwrap().as_deref(), Some(&b"buffered-value-marker"[..]));
 }
+
+/// Overwrites prune a key's older memtable versions only while no snapshot or iterator could
+/// read them: an open iterator and a snapshot, each alone, still see their point in time after
+/// many overwrites; plain reads always see the newest value; with no reader open the memtable
+/// stops growing with overwrites.
+#[test]
+fn open_readers_keep_the_versions_they_read_while_overwrites_prune() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open(dir.path(), Options::default().memtable_hash_index(true)).unwrap();
+    let overwrite = |round: u32| {
+        for i in 0..10 {
+            db.put(key(i), val(i, round)).unwrap();
+            assert_eq!(db.get(key(i)).unwrap().unwrap(), val(i, round));
+        }
+    };
+    overwrite(0);
+    // An iterator alone.
+    let mut it = db.iter();
+    let first = it.next().unwrap().unwrap();
+    (1..30).for_each(overwrite);
+    assert_eq!(first, (Bytes::from(key(0)), Bytes::from(val(0, 0))));
+    let rest: Vec<_> = it.map(|r| r.unwrap()).collect();
+    let want: Vec<_> = (1..10).map(|i| (Bytes::from(key(i)), Bytes::from(val(i, 0)))).collect();
+    assert_eq!(rest, want);
+    // A snapshot alone.
+    let snap = db.snapshot();
+    (30..50).for_each(overwrite);
+    for i in 0..10 {
+        assert_eq!(snap.get(key(i)).unwrap().unwrap(), val(i, 29));
+    }
+    drop(snap);
+    // No reader open: overwrites prune, so the memtable stops growing.
+    (50..60).for_each(overwrite);
+    let before = db.stats().memtable_bytes;
+    (60..200).for_each(overwrite);
+    let after = db.stats().memtable_bytes;
+    assert!(after <= before + 4096, "memtable grew from {before} to {after} bytes");
+    let want: Vec<_> = (0..10).map(|i| (Bytes::from(key(i)), Bytes::from(val(i, 199)))).collect();
+    assert_eq!(all(&db), want);
+}
