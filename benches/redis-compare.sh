@@ -5,7 +5,11 @@
 # (appendfsync always vs --sync always). Runs alternate between the two servers; each row is the
 # median of REPEAT runs; the last column is timber / redis.
 #
-# Usage: benches/redis-compare.sh            (N=100000 REPEAT=3 by default)
+# timberd runs with one runtime worker (WORKERS=1), as Redis runs its commands on one thread:
+# on a machine of 2 cores each server then leaves a core to redis-benchmark. WORKERS=0 keeps
+# timberd's default (one worker per core).
+#
+# Usage: benches/redis-compare.sh            (N=100000 REPEAT=3 WORKERS=1 by default)
 # Needs: redis-server and redis-benchmark (apt-get install redis-server).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +18,9 @@ N=${N:-100000}
 REPEAT=${REPEAT:-3}
 CLIENTS=50
 TESTS=${TESTS:-set,get,incr,xadd}
+WORKERS=${WORKERS:-1}
+WORKER_FLAG=()
+[[ "$WORKERS" != 0 ]] && WORKER_FLAG=(--workers "$WORKERS")
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/redis-compare.XXXXXX")
 RPORT=${RPORT:-16379}
 TPORT=${TPORT:-16380}
@@ -49,7 +56,7 @@ for mode in everysec always; do
     PIDS+=($!)
     tsync=$([[ $mode == always ]] && echo always || echo interval:1000)
     "$TIMBERD" --data-dir "$WORK/timber" --resp-addr "127.0.0.1:$TPORT" --grpc-addr 127.0.0.1:0 \
-        --http-addr 127.0.0.1:0 --sync "$tsync" 2>/dev/null &
+        --http-addr 127.0.0.1:0 --sync "$tsync" "${WORKER_FLAG[@]}" 2>/dev/null &
     PIDS+=($!)
     wait_port "$RPORT"; wait_port "$TPORT"
     for test in ${TESTS//,/ }; do

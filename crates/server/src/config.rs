@@ -101,6 +101,11 @@ pub struct Flags {
     /// Shared secret clients must present (Redis AUTH / HELLO AUTH) [default: none].
     #[arg(long, env = "TIMBER_AUTH_SECRET", hide_env_values = true)]
     pub auth_secret: Option<String>,
+    /// Threads that serve connections (the async runtime's workers); the engines' background
+    /// threads come on top. Fewer than the cores leaves the rest to other processes, such as
+    /// clients on the same machine [default: the number of cores].
+    #[arg(long, env = "TIMBER_WORKERS")]
+    pub workers: Option<usize>,
 }
 
 /// The `--config` file: the same options as the flags, in snake_case.
@@ -117,6 +122,7 @@ struct File {
     max_request_bytes: Option<usize>,
     idle_timeout_secs: Option<u64>,
     auth_secret: Option<String>,
+    workers: Option<usize>,
 }
 
 /// The resolved configuration.
@@ -142,6 +148,8 @@ pub struct Config {
     pub idle_timeout: Option<Duration>,
     /// Shared secret for AUTH.
     pub auth_secret: Option<String>,
+    /// Runtime worker threads (`None`: one per core).
+    pub workers: Option<usize>,
 }
 
 impl Config {
@@ -158,6 +166,7 @@ impl Config {
             max_request_bytes: 512 << 20,
             idle_timeout: None,
             auth_secret: None,
+            workers: None,
         }
     }
 
@@ -186,6 +195,10 @@ impl Config {
             return Err("max_request_bytes must be at least 1024".into());
         }
         let idle = flags.idle_timeout_secs.or(file.idle_timeout_secs).unwrap_or(0);
+        let workers = flags.workers.or(file.workers);
+        if workers == Some(0) {
+            return Err("workers must be at least 1".into());
+        }
         Ok(Config {
             data_dir: flags.data_dir.or(file.data_dir).unwrap_or_else(|| "timber-data".into()),
             resp_addr: flags
@@ -206,6 +219,7 @@ impl Config {
             max_request_bytes,
             idle_timeout: (idle > 0).then(|| Duration::from_secs(idle)),
             auth_secret: flags.auth_secret.or(file.auth_secret).filter(|s| !s.is_empty()),
+            workers,
         })
     }
 }
@@ -222,23 +236,39 @@ mod tests {
     fn precedence_is_flags_then_file_then_defaults() {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("t.toml");
-        std::fs::write(&f, "data_dir = \"/from/file\"\nsync = \"manual\"\nmax_connections = 7\n")
-            .unwrap();
-        let c =
-            Config::resolve(flags(&["--config", f.to_str().unwrap(), "--sync", "always"])).unwrap();
+        std::fs::write(
+            &f,
+            "data_dir = \"/from/file\"\nsync = \"manual\"\nmax_connections = 7\nworkers = 3\n",
+        )
+        .unwrap();
+        let c = Config::resolve(flags(&[
+            "--config",
+            f.to_str().unwrap(),
+            "--sync",
+            "always",
+            "--workers",
+            "1",
+        ]))
+        .unwrap();
         assert_eq!(c.sync, Sync::Always);
         assert_eq!(c.data_dir, PathBuf::from("/from/file"));
         assert_eq!(c.max_connections, 7);
+        assert_eq!(c.workers, Some(1));
         assert_eq!(c.resp_addr.port(), 6379);
+        let c = Config::resolve(flags(&["--config", f.to_str().unwrap()])).unwrap();
+        assert_eq!(c.workers, Some(3));
         let c = Config::resolve(flags(&[])).unwrap();
         assert_eq!(c.data_dir, PathBuf::from("timber-data"));
         assert_eq!(c.sync, Sync::Interval(Duration::from_secs(1)));
+        assert_eq!(c.workers, None);
     }
 
     #[test]
     fn bad_config_gives_one_clear_message() {
         let e = Config::resolve(flags(&["--sync", "sometimes"])).unwrap_err();
         assert!(e.contains("sometimes") && e.contains("interval:<ms>"), "{e}");
+        let e = Config::resolve(flags(&["--workers", "0"])).unwrap_err();
+        assert!(e.contains("workers must be at least 1"), "{e}");
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("t.toml");
         std::fs::write(&f, "colour = \"blue\"\n").unwrap();

@@ -27,7 +27,11 @@ fn main() {
         LogFormat::Human => logs.init(),
         LogFormat::Json => logs.json().init(),
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = cfg.workers {
+        rt.worker_threads(n);
+    }
+    let rt = match rt.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("timberd: cannot start the runtime: {e}");
