@@ -225,7 +225,7 @@ pub(crate) fn inspect(path: &Path, expected_start: u64) -> Result<Inspected> {
         read_exact_at(&file, path, &mut t, file_len - TRAILER_LEN as u64)?;
         trailer = Trailer::decode(&t, file_len);
     }
-    Ok(Inspected { file, file_len, trailer, recycled: header.recycled, claims: header.claims })
+    Ok(Inspected { file, file_len, trailer, header })
 }
 
 /// A segment file opened by `inspect`.
@@ -234,9 +234,7 @@ pub(crate) struct Inspected {
     pub file_len: u64,
     /// Present when the segment is sealed.
     pub trailer: Option<Trailer>,
-    pub recycled: bool,
-    /// Its frames carry synced claims (see `frame`).
-    pub claims: bool,
+    pub header: Header,
 }
 
 /// Reads and verifies the index of a sealed segment.

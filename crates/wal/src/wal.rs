@@ -1260,8 +1260,8 @@ fn recover_tail(
         file_len,
         complete_below: meta.complete_below,
         synced_below: meta.synced_below,
-        recycled: seg.recycled,
-        claims: seg.claims,
+        recycled: seg.header.recycled,
+        claims: seg.header.claims,
     };
     let tail = scan_tail(&seg.file, path, scan)?;
     if let Some(reason) = &tail.cut {
