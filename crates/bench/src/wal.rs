@@ -26,8 +26,9 @@ pub struct Args {
     /// Size of the log opened by the recovery workload, in GiB.
     #[arg(long, default_value_t = 1.0)]
     recovery_gib: f64,
-    /// Only these systems (comma-separated: timber, timber-zerofill, okaywal, raft-engine,
-    /// raw-fdatasync).
+    /// Only these systems (comma-separated: timber, timber-zerofill, timber-2syncs, okaywal,
+    /// raft-engine, raw-fdatasync). `timber-2syncs` (two overlapping group commits) runs only
+    /// when named.
     #[arg(long, value_delimiter = ',')]
     systems: Vec<String>,
 }
@@ -37,6 +38,8 @@ enum System {
     Timber,
     /// timber with `recycle_segments(false)` (every segment zero-filled), checkpointed the same way.
     TimberZeroFill,
+    /// timber with `syncs_in_flight(2)`: two group commits may be on the disk at once.
+    TimberTwoSyncs,
     #[cfg(feature = "peers")]
     Okaywal,
     #[cfg(feature = "peers")]
@@ -49,6 +52,7 @@ impl System {
         match self {
             System::Timber => "timber",
             System::TimberZeroFill => "timber-zerofill",
+            System::TimberTwoSyncs => "timber-2syncs",
             #[cfg(feature = "peers")]
             System::Okaywal => "okaywal",
             #[cfg(feature = "peers")]
@@ -149,6 +153,10 @@ fn open(system: System, dir: &Path, sync: bool) -> anyhow::Result<Box<dyn Log>> 
             wal: Wal::open(dir, Options::default().sync(SyncMode::Always).recycle_segments(false))?,
             appended: AtomicU64::new(0),
         }),
+        System::TimberTwoSyncs => Box::new(Checkpointed {
+            wal: Wal::open(dir, Options::default().sync(SyncMode::Always).syncs_in_flight(2))?,
+            appended: AtomicU64::new(0),
+        }),
         #[cfg(feature = "peers")]
         System::Okaywal => {
             Box::new(peers::Okaywal(okaywal::WriteAheadLog::recover(dir, okaywal::LogVoid)?))
@@ -231,6 +239,7 @@ fn peers_for(durable: bool, threads: usize) -> Vec<System> {
     let mut v = vec![System::Timber];
     if durable && threads > 1 {
         v.push(System::TimberZeroFill);
+        v.push(System::TimberTwoSyncs);
     }
     #[cfg(feature = "peers")]
     {
@@ -260,8 +269,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 return Ok(());
             }
             let mut systems = peers_for(durable, threads);
-            systems
-                .retain(|s| args.systems.is_empty() || args.systems.iter().any(|o| o == s.name()));
+            systems.retain(|s| {
+                let named = args.systems.iter().any(|o| o == s.name());
+                named || (args.systems.is_empty() && *s != System::TimberTwoSyncs)
+            });
             let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); systems.len()];
             for r in 0..args.common.repeat {
                 // Alternate the order so that no system always runs on a quieter disk.

@@ -10,6 +10,9 @@ pub const MIN_SEGMENT_CAPACITY: u64 = 4096;
 /// Largest allowed segment capacity: record offsets inside a segment are stored as `u32`.
 pub const MAX_SEGMENT_CAPACITY: u64 = u32::MAX as u64;
 
+/// Most group commits that may fsync at once.
+pub const MAX_SYNCS_IN_FLIGHT: u32 = 8;
+
 /// When appended records become durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SyncMode {
@@ -45,6 +48,7 @@ pub struct Options {
     pub(crate) name: String,
     pub(crate) oversized: bool,
     pub(crate) bytes_per_sync: Option<u64>,
+    pub(crate) syncs_in_flight: u32,
 }
 
 impl Default for Options {
@@ -62,6 +66,7 @@ impl Default for Options {
             name: "wal".to_owned(),
             oversized: false,
             bytes_per_sync: None,
+            syncs_in_flight: 1,
         }
     }
 }
@@ -147,6 +152,15 @@ impl Options {
         self
     }
 
+    /// How many group commits may fsync at once (default 2, from 1 to 8). A second sync may
+    /// start while the first is on the disk, covering the records appended meanwhile; syncs
+    /// that overlap still publish in order, and one that fails fails those after it. Each slot
+    /// keeps its own read-only handle of the active segment open.
+    pub fn syncs_in_flight(mut self, n: u32) -> Self {
+        self.syncs_in_flight = n;
+        self
+    }
+
     /// Name used as the `wal` label of this log's metrics (default `"wal"`).
     pub fn name(mut self, name: impl Into<String>) -> Self {
         self.name = name.into();
@@ -174,6 +188,12 @@ impl Options {
             if d.is_zero() {
                 return invalid("sync interval must be positive".into());
             }
+        }
+        if !(1..=MAX_SYNCS_IN_FLIGHT).contains(&self.syncs_in_flight) {
+            return invalid(format!(
+                "syncs in flight {} is outside 1..={MAX_SYNCS_IN_FLIGHT}",
+                self.syncs_in_flight
+            ));
         }
         if self.dir_mode & !0o7777 != 0 || self.file_mode & !0o7777 != 0 {
             return invalid(format!(

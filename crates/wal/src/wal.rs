@@ -13,9 +13,14 @@
 //!   below the old value is removed.
 //! - After any failed write or fsync the log is poisoned and refuses writes: the page cache may
 //!   have dropped the data, so only a reopen (re-reading the disk) tells what is there.
+//! - A group commit raises `durable` only after every group commit that took its flush point
+//!   earlier has ended without error (they may overlap, see `Options::syncs_in_flight`), and it
+//!   fsyncs through a file handle of its own slot: the kernel reports a writeback error once per
+//!   open file, so no other fsync can have consumed the error that concerns its records.
 //!
 //! Lock order: `layout` (read: reads of sealed segments; write: truncations), then leadership of
-//! the `gate` (the group-commit leader, or a truncation), then `state`, then `readers`.
+//! the `gate` (a slot of a group-commit leader, or all of them for a truncation), then `state`,
+//! then `readers`.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -23,7 +28,7 @@ use std::fs::{self, DirBuilder, File, OpenOptions, TryLockError};
 use std::ops::{Bound, Range, RangeBounds};
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, OnceLock};
 use std::thread;
 use std::time::Instant;
@@ -92,7 +97,13 @@ struct Inner {
     /// Makes the next fsync fail, to test poisoning.
     #[cfg(test)]
     fail_next_sync: AtomicBool,
+    /// Runs after a group commit's fsync with its ticket; an error counts as a failed fsync.
+    #[cfg(test)]
+    after_sync: Mutex<Option<SyncHook>>,
 }
+
+#[cfg(test)]
+type SyncHook = Arc<dyn Fn(u64) -> Result<()> + Send + Sync>;
 
 /// Files ready to become the next segment: segments that truncation dropped, recycled, and
 /// when there is none, one that the preparer thread fills with zeros while appends go on.
@@ -132,7 +143,12 @@ struct State {
 struct Active {
     start: u64,
     path: PathBuf,
-    file: Arc<File>,
+    file: File,
+    /// One handle of the file per sync slot (`Options::syncs_in_flight`), each opened on its
+    /// own: the kernel reports a failed writeback once per open file, so a sync that shared a
+    /// handle with another could miss the error that the other consumed, and call lost records
+    /// durable.
+    sync_handles: Vec<Arc<File>>,
     /// Frame offsets of its records.
     offsets: Vec<u32>,
     /// Bytes of the file that hold the header and records; records after that are in `buf`.
@@ -146,27 +162,31 @@ struct Active {
 }
 
 impl Active {
-    /// An active segment whose records end at `written`; with `map`, flushes not followed by a
-    /// sync copy records into the file's preallocated extent through a shared map.
+    /// An active segment whose records end at `written`. When segments are preallocated and
+    /// not every append is synced, flushes not followed by a sync copy records into the file's
+    /// preallocated extent through a shared map.
     fn new(
         start: u64,
         path: PathBuf,
         file: File,
         offsets: Vec<u32>,
         written: u64,
-        map: bool,
-    ) -> Active {
-        let map = Mapped::new(map);
-        Active {
+        opts: &Options,
+    ) -> Result<Active> {
+        let sync_handles = (0..opts.syncs_in_flight)
+            .map(|_| File::open(&path).map(Arc::new).map_err(|e| Error::io("open", &path, e)))
+            .collect::<Result<_>>()?;
+        Ok(Active {
             start,
             path,
-            file: Arc::new(file),
+            file,
+            sync_handles,
             offsets,
             written,
             buf: Vec::new(),
-            map,
+            map: Mapped::new(maps(opts)),
             recycled: false,
-        }
+        })
     }
 
     fn end(&self) -> u64 {
@@ -325,7 +345,7 @@ fn reopen_sealed(seg: &Sealed, opts: &Options) -> Result<Active> {
         )
     })?;
     let index = read_index(&file, &seg.path, &trailer)?;
-    Ok(Active::new(seg.start, seg.path.clone(), file, index, trailer.data_end, maps(opts)))
+    Active::new(seg.start, seg.path.clone(), file, index, trailer.data_end, opts)
 }
 
 /// Whether appends to active segments go through a shared map: when segments are preallocated,
@@ -500,7 +520,7 @@ impl Inner {
             recycled,
         )?;
         let mut active =
-            Active::new(start, path, file, Vec::new(), SEGMENT_HEADER_LEN as u64, maps(&self.opts));
+            Active::new(start, path, file, Vec::new(), SEGMENT_HEADER_LEN as u64, &self.opts)?;
         active.recycled = recycled;
         Ok(active)
     }
@@ -519,9 +539,10 @@ impl Inner {
         Ok(())
     }
 
-    /// Makes every record below `target` durable. One caller at a time leads: it writes out and
-    /// fsyncs everything appended so far, while the others sleep and wake when it is done, most
-    /// finding their records durable already (group commit).
+    /// Makes every record below `target` durable. Callers lead in turn, at most
+    /// `syncs_in_flight` at once: a leader writes out and fsyncs everything appended so far,
+    /// while the others sleep and wake when it is done, most finding their records durable
+    /// already (group commit).
     fn wait_durable(&self, target: u64) -> Result<()> {
         let covered = || self.durable.load(Ordering::Acquire) >= target;
         if covered() {
@@ -529,20 +550,45 @@ impl Inner {
         }
         self.gate.arrivals.fetch_add(1, Ordering::AcqRel);
         let Some(leader) = self.gate.lead_unless(target, covered) else { return Ok(()) };
+        let slot = leader.slot.expect("a sync leader holds one slot");
         if let Some(cause) = self.poison.get() {
             return Err(Error::Poisoned { cause: cause.clone() });
         }
         self.gate.gather();
-        let (file, path, upto) = {
+        let (file, path, upto, ticket) = {
             let mut st = self.state.lock();
             let r = st.active.flush(false);
             self.poisoning(r)?;
             st.unsynced = 0;
             st.kicked = false;
-            (st.active.file.clone(), st.active.path.clone(), st.next)
+            let ticket = self.gate.tickets.fetch_add(1, Ordering::AcqRel);
+            // A leader that starts while this sync runs gathers the appenders that arrive after
+            // this point.
+            self.gate
+                .released_at
+                .store(self.gate.arrivals.load(Ordering::Acquire), Ordering::Release);
+            let file = st.active.sync_handles[slot as usize].clone();
+            (file, st.active.path.clone(), st.next, ticket)
         };
+        self.gate.sync_started_ns.store(self.gate.now_ns(), Ordering::Release);
         let r = self.fsync(&file, &path);
-        self.poisoning(r)?;
+        #[cfg(test)]
+        let hook = self.after_sync.lock().clone();
+        #[cfg(test)]
+        let r = match (r, hook) {
+            (Ok(()), Some(hook)) => hook(ticket),
+            (r, _) => r,
+        };
+        let r = self.poisoning(r);
+        // Publish in ticket order: an earlier sync still under way may yet fail, and then the
+        // records before `upto` that only it covered would be lost.
+        self.gate.wait_turn(ticket);
+        let poisoned = self.poison.get().cloned();
+        self.gate.end_turn(ticket);
+        r?;
+        if let Some(cause) = poisoned {
+            return Err(Error::Poisoned { cause });
+        }
         let before = self.durable.fetch_max(upto, Ordering::AcqRel);
         self.metrics.group_records.record(upto.saturating_sub(before) as f64);
         leader.finish(upto.max(before));
@@ -700,6 +746,7 @@ impl Wal {
         let lock_file = lock_dir(&dir, opts.file_mode)?;
         let state = recover(&dir, &opts)?;
         let durable = AtomicU64::new(state.next);
+        let gate = Gate::new(opts.syncs_in_flight);
         let inner = Arc::new(Inner {
             metrics: Metrics::new(&opts.name),
             readers: Mutex::new(LruCache::new(
@@ -708,7 +755,7 @@ impl Wal {
             dir,
             opts,
             layout: RwLock::new(()),
-            gate: Gate::default(),
+            gate,
             state: Mutex::new(state),
             durable,
             poison: OnceLock::new(),
@@ -720,6 +767,8 @@ impl Wal {
             kick: Mutex::new(None),
             #[cfg(test)]
             fail_next_sync: AtomicBool::new(false),
+            #[cfg(test)]
+            after_sync: Mutex::new(None),
         });
         let ticker = match inner.opts.sync {
             SyncMode::Interval(every) => Some(spawn_ticker(inner.clone(), every)?),
@@ -896,62 +945,150 @@ impl fmt::Debug for Wal {
 /// The longest a group-commit leader waits for released appenders to come back (`Gate::gather`).
 const MAX_GATHER_NS: u64 = 500_000;
 
-/// Leadership for group commit: at most one thread at a time syncs (or truncates). The others
-/// park with the sequence number they wait for. A leader that made records durable unparks,
-/// without a lock handoff, the waiters it covered and one other (the next leader); the rest stay
-/// parked, so a sync does not wake every appender that arrived during it only to park it again.
-/// A leader that ends otherwise (a truncation, an error) unparks everyone. A woken thread
-/// re-checks whether it still needs to lead.
-#[derive(Default)]
+/// `Gate::slots` when a truncation holds the gate: every slot, and more.
+const EXCLUSIVE: u32 = u32::MAX;
+
+/// Leadership for group commit: at most `Options::syncs_in_flight` threads at a time sync, each
+/// in a slot of its own, or one thread truncates, holding every slot. The others park with the
+/// sequence number they wait for. A leader that made records durable unparks, without a lock
+/// handoff, the waiters it covered and one other (who may lead next); the rest stay parked, so a
+/// sync does not wake every appender that arrived during it only to park it again. A leader that
+/// ends otherwise (a truncation, an error) unparks everyone. A woken thread re-checks whether it
+/// still needs to lead.
+///
+/// Syncs that overlap publish in the order they took their flush point (`ticket`): a sync that
+/// ends first waits for the earlier ones, and publishes nothing if one of them failed (the log
+/// is poisoned then), so the durable point never passes a record whose sync failed.
 struct Gate {
-    leading: AtomicBool,
+    /// Bit `i` set: slot `i` syncs. `EXCLUSIVE`: a truncation holds the gate.
+    slots: AtomicU32,
+    /// Number of sync slots.
+    width: u32,
     /// Calls of `wait_durable` so far.
     arrivals: AtomicU64,
     /// `arrivals` when the last leader finished, and how many threads it released then (those
     /// whose records it made durable, and itself).
     released_at: AtomicU64,
     released: AtomicU64,
-    /// How long the last fsync took, in nanoseconds.
+    /// How long the last fsync took, and when the latest one started (nanoseconds since `epoch`).
     last_fsync_ns: AtomicU64,
+    sync_started_ns: AtomicU64,
+    epoch: Instant,
+    /// Tickets handed out to leaders (under the state lock, with their flush), and the first
+    /// ticket whose sync has not ended in order.
+    tickets: AtomicU64,
+    published: Mutex<u64>,
+    published_cv: Condvar,
     /// Parked threads and what they wait for (`u64::MAX`: leadership itself). A thread may
     /// appear twice after a spurious wakeup; that costs an extra unpark, nothing else.
     waiters: Mutex<Vec<(u64, thread::Thread)>>,
 }
 
-struct Leader<'a>(&'a Gate);
+/// Leadership of the gate: one sync slot (`slot`), or all of them (`None`, a truncation).
+struct Leader<'a> {
+    gate: &'a Gate,
+    slot: Option<u32>,
+}
 
 impl Gate {
-    /// Waits until this thread may lead, or until `unneeded()` holds (then `None`). `target` is
-    /// the durable point that makes it unneeded.
+    fn new(width: u32) -> Gate {
+        assert!((1..32).contains(&width), "validated by Options");
+        Gate {
+            slots: AtomicU32::new(0),
+            width,
+            arrivals: AtomicU64::new(0),
+            released_at: AtomicU64::new(0),
+            released: AtomicU64::new(0),
+            last_fsync_ns: AtomicU64::new(0),
+            sync_started_ns: AtomicU64::new(0),
+            epoch: Instant::now(),
+            tickets: AtomicU64::new(0),
+            published: Mutex::new(0),
+            published_cv: Condvar::new(),
+            waiters: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn now_ns(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+
+    /// Takes a free sync slot, or with `exclusive` every slot once none is taken.
+    fn try_take(&self, exclusive: bool) -> Option<Option<u32>> {
+        let mut cur = self.slots.load(Ordering::Acquire);
+        loop {
+            let (slot, want) = if exclusive {
+                if cur != 0 {
+                    return None;
+                }
+                (None, EXCLUSIVE)
+            } else {
+                let free = (!cur).trailing_zeros();
+                if cur == EXCLUSIVE || free >= self.width {
+                    return None;
+                }
+                (Some(free), cur | 1 << free)
+            };
+            match self.slots.compare_exchange_weak(cur, want, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return Some(slot),
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    fn can_take(&self, exclusive: bool) -> bool {
+        let cur = self.slots.load(Ordering::Acquire);
+        if exclusive {
+            cur == 0
+        } else {
+            cur != EXCLUSIVE && (!cur).trailing_zeros() < self.width
+        }
+    }
+
+    /// Waits until this thread may lead a sync, or until `unneeded()` holds (then `None`).
+    /// `target` is the durable point that makes it unneeded.
     fn lead_unless(&self, target: u64, unneeded: impl Fn() -> bool) -> Option<Leader<'_>> {
+        self.take(target, false, unneeded)
+    }
+
+    /// Takes the whole gate, once no sync is under way.
+    fn lead(&self) -> Leader<'_> {
+        self.take(u64::MAX, true, || false).expect("leadership is always needed")
+    }
+
+    fn take(
+        &self,
+        target: u64,
+        exclusive: bool,
+        unneeded: impl Fn() -> bool,
+    ) -> Option<Leader<'_>> {
         loop {
             if unneeded() {
                 return None;
             }
-            if self
-                .leading
-                .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-            {
-                return Some(Leader(self));
+            if let Some(slot) = self.try_take(exclusive) {
+                return Some(Leader { gate: self, slot });
             }
             self.waiters.lock().push((target, thread::current()));
-            // The leader may have finished between the attempt and the registration; an entry
+            // A leader may have finished between the attempt and the registration; an entry
             // left behind only causes a spurious wakeup later, which the loop absorbs.
-            if unneeded() || !self.leading.load(Ordering::Acquire) {
+            if unneeded() || self.can_take(exclusive) {
                 continue;
             }
             thread::park();
         }
     }
 
-    /// Before a leader syncs, gives the threads the previous leader released time to append
-    /// again, so that one sync covers them all: without this, the first of them to come back led
-    /// a sync of little more than its own record while the rest were still waking, and syncs
-    /// alternated between small and large groups (64 threads: 25 records per fdatasync, 50 with
-    /// it). Waits until as many appenders arrived as were released, for at most half the last
-    /// fsync's duration (and never more than `MAX_GATHER_NS`), yielding the CPU meanwhile. A lone
-    /// appender, or one whose records another sync covered, never waits.
+    /// Before a leader syncs, gives appenders time to join its group, so that one sync covers
+    /// them all. With no other sync under way, it waits for the threads the previous leader
+    /// released: without this, the first of them to come back led a sync of little more than
+    /// its own record while the rest were still waking, and syncs alternated between small and
+    /// large groups (64 threads: 25 records per fdatasync, 50 with it). It waits until as many
+    /// appenders arrived as were released, for at most half the last fsync's duration (and never
+    /// more than `MAX_GATHER_NS`). A leader that starts while another sync runs waits until that
+    /// one is half done, so that overlapping syncs are spread over time rather than bunched.
+    /// Both yield the CPU meanwhile. A lone appender, or one whose records another sync covered,
+    /// never waits.
     fn gather(&self) {
         let expected = self.released.load(Ordering::Acquire);
         if expected <= 1 {
@@ -967,8 +1104,20 @@ impl Gate {
         }
     }
 
-    fn lead(&self) -> Leader<'_> {
-        self.lead_unless(u64::MAX, || false).expect("leadership is always needed")
+    /// Waits until every sync with a smaller ticket has ended.
+    fn wait_turn(&self, ticket: u64) {
+        let mut published = self.published.lock();
+        while *published < ticket {
+            self.published_cv.wait(&mut published);
+        }
+    }
+
+    /// Ends the sync with `ticket` (whose turn it is), letting the next one publish.
+    fn end_turn(&self, ticket: u64) {
+        let mut published = self.published.lock();
+        debug_assert_eq!(*published, ticket);
+        *published = ticket + 1;
+        self.published_cv.notify_all();
     }
 
     /// Unparks the waiters whose records became durable other than by a leader (a sealed
@@ -990,13 +1139,20 @@ impl Gate {
 }
 
 impl Leader<'_> {
+    fn release(&self) {
+        match self.slot {
+            Some(slot) => self.gate.slots.fetch_and(!(1 << slot), Ordering::AcqRel),
+            None => self.gate.slots.swap(0, Ordering::AcqRel),
+        };
+    }
+
     /// Ends a leadership that made everything below `durable` durable: unparks the waiters that
     /// covers and the first of the others, who leads next (or finds its records covered by a
     /// leader that came first, which then wakes the next one the same way).
     fn finish(self, durable: u64) {
-        let gate = self.0;
+        let gate = self.gate;
+        self.release();
         std::mem::forget(self);
-        gate.leading.store(false, Ordering::Release);
         let woken = {
             let mut waiters = gate.waiters.lock();
             let all = std::mem::take(&mut *waiters);
@@ -1026,8 +1182,8 @@ impl Leader<'_> {
 
 impl Drop for Leader<'_> {
     fn drop(&mut self) {
-        self.0.leading.store(false, Ordering::Release);
-        let waiters = std::mem::take(&mut *self.0.waiters.lock());
+        self.release();
+        let waiters = std::mem::take(&mut *self.gate.waiters.lock());
         for (_, t) in waiters {
             t.unpark();
         }
@@ -1220,7 +1376,7 @@ fn recover(dir: &Path, opts: &Options) -> Result<State> {
                 None,
                 false,
             )?;
-            Active::new(start, path, file, Vec::new(), SEGMENT_HEADER_LEN as u64, maps(opts))
+            Active::new(start, path, file, Vec::new(), SEGMENT_HEADER_LEN as u64, opts)?
         }
     };
     let mut state = State {
@@ -1278,7 +1434,7 @@ fn recover_tail(
         preallocate_tail(&file, path, tail.data_end, opts.segment_capacity)?;
     }
     file.sync_data().map_err(|e| Error::io("fdatasync", path, e))?;
-    Ok(Active::new(start, path.to_path_buf(), file, tail.offsets, tail.data_end, maps(opts)))
+    Active::new(start, path.to_path_buf(), file, tail.offsets, tail.data_end, opts)
 }
 
 fn check_contiguous(sealed: &VecDeque<Sealed>, active: Option<&Active>) -> Result<()> {
@@ -1360,5 +1516,42 @@ mod tests {
         let wal = Wal::open(dir.path(), Options::default()).unwrap();
         assert_eq!(&wal.read(0).unwrap()[..], b"kept");
         wal.append(b"after reopen").unwrap();
+    }
+
+    /// Two syncs overlap; the first fails after the second has ended. The second must not call
+    /// its records durable: the first one's records, below them, may be lost.
+    #[test]
+    fn a_sync_that_ends_first_waits_for_an_earlier_one_and_fails_with_it() {
+        use std::sync::mpsc::channel;
+        use std::time::Duration;
+        let dir = tempfile::tempdir().unwrap();
+        let opts = Options::default().sync(SyncMode::Always).syncs_in_flight(2);
+        let wal = Arc::new(Wal::open(dir.path(), opts).unwrap());
+        let (first_in, first_in_rx) = channel::<()>();
+        let (second_done, second_done_rx) = channel::<()>();
+        let (first_in, second_done) = (Mutex::new(first_in), Mutex::new(second_done));
+        let second_done_rx = Mutex::new(second_done_rx);
+        *wal.inner.after_sync.lock() = Some(Arc::new(move |ticket| {
+            if ticket == 0 {
+                first_in.lock().send(()).unwrap();
+                let ended = second_done_rx.lock().recv_timeout(Duration::from_secs(10));
+                assert!(ended.is_ok(), "the second sync never ended");
+                Err(Error::io("fdatasync", Path::new("seg"), std::io::Error::other("injected")))
+            } else {
+                second_done.lock().send(()).unwrap();
+                Ok(())
+            }
+        }));
+        let w = wal.clone();
+        let first = thread::spawn(move || w.append(b"first"));
+        first_in_rx.recv_timeout(Duration::from_secs(10)).expect("first sync started");
+        let second = wal.append(b"second").unwrap_err();
+        assert!(
+            matches!(&second, Error::Poisoned { cause } if cause.contains("injected")),
+            "{second}"
+        );
+        let first = first.join().unwrap().unwrap_err();
+        assert!(matches!(first, Error::Io { op: "fdatasync", .. }), "{first}");
+        assert_eq!(wal.inner.durable.load(Ordering::Acquire), 0);
     }
 }

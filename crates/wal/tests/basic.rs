@@ -121,6 +121,8 @@ fn invalid_options_are_rejected() {
         Options::default().reader_cache(0),
         Options::default().max_size(Some(10)),
         Options::default().sync(SyncMode::Interval(Duration::ZERO)),
+        Options::default().syncs_in_flight(0),
+        Options::default().syncs_in_flight(9),
         Options::default().file_mode(0o1_000_000),
     ] {
         assert!(matches!(Wal::open(dir.path(), opts), Err(Error::InvalidParam(_))));
@@ -242,13 +244,14 @@ fn truncate_back_across_segments_and_reuse_of_sequence_numbers() {
     assert_eq!(wal.append(b"again").unwrap(), 20);
 }
 
-/// Many waiters at once, segments sealed under them, and `sync` callers: no waiter is left parked
-/// (a hang fails the test after a generous deadline rather than blocking it).
+/// Many waiters at once, segments sealed under them, and `sync` callers, with one group commit
+/// at a time and with several overlapping: no waiter is left parked (a hang fails the test after a generous deadline rather than blocking it).
 #[test]
 fn group_commit_leaves_no_waiter_behind() {
-    for mode in [SyncMode::Always, SyncMode::Manual] {
+    for (mode, syncs) in [(SyncMode::Always, 1), (SyncMode::Always, 3), (SyncMode::Manual, 2)] {
         let dir = tempfile::tempdir().unwrap();
-        let wal = Arc::new(Wal::open(dir.path(), small(8 << 10).sync(mode)).unwrap());
+        let opts = small(8 << 10).sync(mode).syncs_in_flight(syncs);
+        let wal = Arc::new(Wal::open(dir.path(), opts).unwrap());
         let (done_tx, done_rx) = std::sync::mpsc::channel();
         for t in 0..24u64 {
             let (wal, done_tx) = (wal.clone(), done_tx.clone());

@@ -26,10 +26,12 @@ fn opts() -> Options {
 
 /// The options of a role: `append` acknowledges durable records (`SyncMode::Always`),
 /// `append-flushed` records handed to the OS by `flush` (`SyncMode::Manual`, through the map of
-/// the preallocated segment), which must survive a crash of the process.
+/// the preallocated segment), which must survive a crash of the process; `append-overlapping`
+/// acknowledges durable records with three group commits allowed on the disk at once.
 fn role_opts(role: &str) -> Options {
     match role {
         "append-flushed" => opts().sync(SyncMode::Manual),
+        "append-overlapping" => opts().syncs_in_flight(3),
         _ => opts(),
     }
 }
@@ -142,6 +144,12 @@ fn spawn_child(dir: &Path, role: &str, cycle: u64) -> Child {
 #[test]
 fn every_acknowledged_record_survives_sigkill() {
     survives_sigkill("append", 60);
+}
+
+/// Overlapping group commits acknowledge only what is durable, in order.
+#[test]
+fn every_record_acknowledged_by_overlapping_syncs_survives_sigkill() {
+    survives_sigkill("append-overlapping", 30);
 }
 
 /// Records copied into the page cache (through the map of the active segment) survive a crash of
