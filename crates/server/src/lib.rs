@@ -26,6 +26,7 @@ pub use config::{Config, Flags, LogFormat, Sync};
 use keyspace::Keyspace;
 use logs::Logs;
 use streams::StreamSpace;
+pub use sync_thread::install_idle_hook;
 
 /// The engines every endpoint serves, and what they report about the server.
 #[derive(Debug)]

@@ -31,6 +31,7 @@ fn main() {
     if let Some(n) = cfg.workers {
         rt.worker_threads(n);
     }
+    timber_server::install_idle_hook(&mut rt);
     let rt = match rt.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

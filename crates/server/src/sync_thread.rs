@@ -2,22 +2,60 @@
 //! waits on it, so that under `--sync always` a connection awaits its fsync instead of blocking a
 //! runtime worker, and the writes of all connections waiting at once share one fsync.
 //!
+//! When a round starts: in a runtime built with [`install_idle_hook`] (timberd's), once a worker
+//! has run out of ready tasks, as Redis syncs before its event loop sleeps: every connection
+//! whose request was ready by then has written and waits, and one fsync covers them all. Without
+//! the hook the first waiter starts a round, and the connections still running join the next.
+//! A round that waits for the hook waits at most `MAX_DELAY` after its first waiter, in case no
+//! worker goes idle.
+//!
 //! Invariant: a waiter registered after its writes were appended is answered only by a sync
 //! that started after it registered, which covers those writes; a failed sync fails every
 //! waiter of its round (and the engine refuses writes from then on).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 use timber_kv::Db;
 use tokio::sync::oneshot;
+
+/// The longest a round waits for a runtime worker to go idle.
+const MAX_DELAY: Duration = Duration::from_millis(1);
+
+/// Whether a runtime calls [`runtime_idle`] when its workers go idle.
+static HOOKED: AtomicBool = AtomicBool::new(false);
+/// The sync threads that [`runtime_idle`] starts rounds of.
+static RUNNING: Mutex<Vec<Arc<Shared>>> = Mutex::new(Vec::new());
+
+/// Makes the runtime `builder` builds start sync rounds when a worker goes idle (see the
+/// module documentation).
+pub fn install_idle_hook(builder: &mut tokio::runtime::Builder) {
+    HOOKED.store(true, Ordering::Release);
+    builder.on_thread_park(runtime_idle);
+}
+
+/// A worker is about to park: every sync thread with waiters starts its round.
+fn runtime_idle() {
+    for s in RUNNING.lock().iter() {
+        if s.waiting.load(Ordering::Acquire) {
+            s.queue.lock().kicked = true;
+            s.wake.notify_one();
+        }
+    }
+}
 
 type Waiter = oneshot::Sender<Result<(), Arc<timber_kv::Error>>>;
 
 #[derive(Default)]
 struct Queue {
     waiting: Vec<Waiter>,
+    /// When the first of `waiting` came.
+    since: Option<Instant>,
+    /// A worker went idle with waiters queued: start the round.
+    kicked: bool,
     stop: bool,
 }
 
@@ -25,6 +63,12 @@ struct Queue {
 struct Shared {
     queue: Mutex<Queue>,
     wake: Condvar,
+    /// `queue.waiting` is not empty (read by the idle hook without the lock).
+    waiting: AtomicBool,
+    /// Rounds wait for a worker to go idle.
+    on_idle: bool,
+    /// Rounds (syncs) so far.
+    rounds: std::sync::atomic::AtomicU64,
 }
 
 /// The sync thread of one database.
@@ -36,11 +80,19 @@ pub(crate) struct SyncThread {
 impl SyncThread {
     /// Starts the thread for `db`.
     pub(crate) fn start(db: Arc<Db>) -> std::io::Result<SyncThread> {
-        let shared = Arc::new(Shared::default());
+        SyncThread::start_with(db, HOOKED.load(Ordering::Acquire))
+    }
+
+    /// Starts the thread for `db`, its rounds waiting for an idle worker if `on_idle`.
+    fn start_with(db: Arc<Db>, on_idle: bool) -> std::io::Result<SyncThread> {
+        let shared = Arc::new(Shared { on_idle, ..Shared::default() });
         let s = shared.clone();
         let thread = std::thread::Builder::new()
             .name("timber-keyspace-sync".into())
             .spawn(move || run(&db, &s))?;
+        if on_idle {
+            RUNNING.lock().push(shared.clone());
+        }
         Ok(SyncThread { shared, thread: Mutex::new(Some(thread)) })
     }
 
@@ -52,14 +104,20 @@ impl SyncThread {
         &self,
     ) -> impl std::future::Future<Output = Result<(), Arc<timber_kv::Error>>> + use<> {
         let (tx, rx) = oneshot::channel();
-        let queued = {
+        let wake = {
             let mut q = self.shared.queue.lock();
             if !q.stop {
+                if q.waiting.is_empty() {
+                    q.since = Some(Instant::now());
+                    self.shared.waiting.store(true, Ordering::Release);
+                }
                 q.waiting.push(tx);
             }
-            !q.stop
+            // With the idle hook, only the first waiter wakes the thread (which then waits for
+            // the hook, or `MAX_DELAY`).
+            !q.stop && (!self.shared.on_idle || q.waiting.len() == 1)
         };
-        if queued {
+        if wake {
             self.shared.wake.notify_one();
         }
         // A dropped sender (stopped, or the thread died) reads as a closed engine.
@@ -68,6 +126,7 @@ impl SyncThread {
 
     /// Answers the waiters still queued, then stops the thread and waits for it.
     pub(crate) fn stop(&self) {
+        RUNNING.lock().retain(|s| !Arc::ptr_eq(s, &self.shared));
         self.shared.queue.lock().stop = true;
         self.shared.wake.notify_one();
         if let Some(t) = self.thread.lock().take() {
@@ -92,15 +151,31 @@ fn run(db: &Db, shared: &Shared) {
     loop {
         let round = {
             let mut q = shared.queue.lock();
-            while q.waiting.is_empty() && !q.stop {
-                shared.wake.wait(&mut q);
+            loop {
+                if q.stop || (!q.waiting.is_empty() && (!shared.on_idle || q.kicked)) {
+                    break;
+                }
+                match q.since {
+                    Some(since) if !q.waiting.is_empty() => {
+                        let due = since + MAX_DELAY;
+                        if Instant::now() >= due {
+                            break;
+                        }
+                        shared.wake.wait_until(&mut q, due);
+                    }
+                    _ => shared.wake.wait(&mut q),
+                }
             }
             if q.waiting.is_empty() {
                 return;
             }
+            q.kicked = false;
+            q.since = None;
+            shared.waiting.store(false, Ordering::Release);
             std::mem::take(&mut q.waiting)
         };
         let r = db.sync().map_err(Arc::new);
+        shared.rounds.fetch_add(1, Ordering::Relaxed);
         for w in round {
             let _ = w.send(r.clone());
         }
@@ -124,5 +199,50 @@ mod tests {
         t.stop();
         let closed = t.durable().await.unwrap_err();
         assert!(matches!(*closed, timber_kv::Error::Closed), "{closed}");
+    }
+
+    /// With the idle hook, a round starts when a worker goes idle: the writes of every task
+    /// that ran before share it.
+    #[test]
+    fn an_idle_worker_starts_the_round_for_all_waiters() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Arc::new(Db::open(dir.path(), timber_kv::Options::default()).unwrap());
+        let mut rt = tokio::runtime::Builder::new_multi_thread();
+        rt.worker_threads(1).enable_all();
+        install_idle_hook(&mut rt);
+        let rt = rt.build().unwrap();
+        let t = Arc::new(SyncThread::start_with(db.clone(), true).unwrap());
+        rt.block_on(async {
+            let tasks: Vec<_> = (0..20u32)
+                .map(|i| {
+                    let (db, t) = (db.clone(), t.clone());
+                    tokio::spawn(async move {
+                        db.put(format!("k{i}").as_bytes(), b"v").unwrap();
+                        t.durable().await
+                    })
+                })
+                .collect();
+            for task in tasks {
+                task.await.unwrap().unwrap();
+            }
+        });
+        let rounds = t.shared.rounds.load(Ordering::Relaxed);
+        assert!((1..20).contains(&rounds), "{rounds} syncs for 20 waiters");
+        t.stop();
+    }
+
+    /// A round that waits for an idle worker that never comes still starts, after `MAX_DELAY`.
+    #[test]
+    fn without_an_idle_worker_a_round_starts_after_the_delay() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Arc::new(Db::open(dir.path(), timber_kv::Options::default()).unwrap());
+        let t = SyncThread::start_with(db.clone(), true).unwrap();
+        // Out of reach of the runtimes of other tests, whose idle workers would start its round.
+        RUNNING.lock().retain(|s| !Arc::ptr_eq(s, &t.shared));
+        db.put(b"a", b"1").unwrap();
+        let start = Instant::now();
+        futures::executor::block_on(t.durable()).unwrap();
+        assert!(start.elapsed() >= MAX_DELAY);
+        t.stop();
     }
 }

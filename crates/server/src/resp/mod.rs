@@ -120,7 +120,7 @@ pub async fn serve(ep: Arc<Endpoint>, mut listener: Limited, stop: watch::Receiv
 async fn connection(
     ep: Arc<Endpoint>,
     mut sock: Counted,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     let mut s = Session {
         proto: 2,
@@ -132,9 +132,14 @@ async fn connection(
     };
     let mut buf = BytesMut::with_capacity(16 << 10);
     let mut out = BytesMut::with_capacity(16 << 10);
+    let mut requests = Vec::new();
+    // One wait for the stop signal for the whole connection, rather than one per read.
+    let mut stop_signal = stop.clone();
+    let stopping = stopped(&mut stop_signal);
+    tokio::pin!(stopping);
     loop {
         // Run every complete request already buffered (pipelining), then write all replies.
-        let mut requests = Vec::new();
+        requests.clear();
         let mut bad = None;
         loop {
             match parse(&mut buf, ep.max_request) {
@@ -166,7 +171,7 @@ async fn connection(
         let read = sock.read_buf(&mut buf);
         let n = tokio::select! {
             n = read => n?,
-            () = stopped(&mut stop) => return Ok(()),
+            () = &mut stopping => return Ok(()),
         };
         if n == 0 {
             return Ok(());
@@ -245,8 +250,13 @@ async fn run_requests(
         let mut j = 0;
         while j < run.len() {
             // Consecutive SETs and INCRs (a pipeline of writes) go in as one write batch.
+            let is_op = |r: &Vec<Bytes>| command::RunOp::of(r, ep.max_request).is_some();
             let ops: Vec<command::RunOp<'_>> =
-                run[j..].iter().map_while(|r| command::RunOp::of(r, ep.max_request)).collect();
+                if run.len() - j >= 2 && run[j..j + 2].iter().all(is_op) {
+                    run[j..].iter().map_while(|r| command::RunOp::of(r, ep.max_request)).collect()
+                } else {
+                    Vec::new()
+                };
             if s.authed && ops.len() >= 2 {
                 let t = std::time::Instant::now();
                 for (r, reply) in run[j..].iter().zip(command::execute_run(&ep.keys, &ops)) {

@@ -78,7 +78,7 @@ fn bad_id() -> Reply {
 
 fn entry_reply(id: StreamId, fields: Option<Vec<Bytes>>) -> Reply {
     Reply::Array(vec![
-        Reply::text(id.to_string()),
+        Reply::Bulk(id.to_bytes()),
         match fields {
             Some(f) => Reply::Array(f.into_iter().map(Reply::Bulk).collect()),
             None => Reply::NilArray,
@@ -221,24 +221,35 @@ async fn xadd(cx: &mut StreamContext<'_>, a: &[Bytes]) -> R<Outcome> {
         Ok(None) => return Ok(Outcome::Now(Reply::Nil)),
         Err(e) => return Err(error(e)),
     };
+    let reply = Reply::Bulk(id.to_bytes());
+    let Some(t) = trim else {
+        // The common case, kept small: this future is boxed for every XADD.
+        return Ok(Outcome::Later(
+            async move {
+                match ack.await {
+                    Ok(_) => reply,
+                    Err(e) => error(e.into()),
+                }
+            }
+            .boxed(),
+        ));
+    };
     let space = cx.space.clone();
     Ok(Outcome::Later(
         async move {
             if let Err(e) = ack.await {
                 return error(e.into());
             }
-            if let Some(t) = trim {
-                match space.handle(&key) {
-                    Ok(Some(h)) => {
-                        if let Err(e) = space.trim(&key, &h, t).await {
-                            return error(e);
-                        }
+            match space.handle(&key) {
+                Ok(Some(h)) => {
+                    if let Err(e) = space.trim(&key, &h, t).await {
+                        return error(e);
                     }
-                    Ok(None) => {}
-                    Err(e) => return error(e),
                 }
+                Ok(None) => {}
+                Err(e) => return error(e),
             }
-            Reply::text(id.to_string())
+            reply
         }
         .boxed(),
     ))

@@ -14,6 +14,20 @@ pub struct StreamId {
     pub seq: u64,
 }
 
+impl StreamId {
+    /// The id as the bulk string a reply carries, `<ms>-<seq>`, without going through `fmt`.
+    pub fn to_bytes(self) -> bytes::Bytes {
+        let mut a = itoa::Buffer::new();
+        let mut b = itoa::Buffer::new();
+        let (ms, seq) = (a.format(self.ms).as_bytes(), b.format(self.seq).as_bytes());
+        let mut out = bytes::BytesMut::with_capacity(ms.len() + 1 + seq.len());
+        out.extend_from_slice(ms);
+        out.extend_from_slice(b"-");
+        out.extend_from_slice(seq);
+        out.freeze()
+    }
+}
+
 impl fmt::Display for StreamId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}-{}", self.ms, self.seq)
