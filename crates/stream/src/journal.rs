@@ -83,9 +83,14 @@ impl JournalLog {
             Journal::Interval(d) => SyncMode::Interval(d),
             _ => SyncMode::Manual,
         };
+        // Acknowledged entries must survive a crash of the process: without syncs, each append
+        // goes to the OS at once. With them (`Always`), nothing is acknowledged before the sync,
+        // which writes the buffer itself; appending through the WAL's map instead cost a map and
+        // an unmap of its window per sync.
+        let write_buffer = if mode == Journal::Always { 64 << 10 } else { 0 };
         let opts = timber_wal::Options::default()
             .sync(sync)
-            .write_buffer(0)
+            .write_buffer(write_buffer)
             .segment_capacity(SEGMENT_BYTES)
             .oversized_records(true)
             .bytes_per_sync(Some(1 << 20))
