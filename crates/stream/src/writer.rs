@@ -508,6 +508,12 @@ impl Flusher {
         let ws = self.ws.clone();
         loop {
             let work = ws.work.notified();
+            if self.journal.as_ref().is_some_and(|j| j.synced) {
+                // Let the other tasks that are ready (senders, on a busy runtime) send first,
+                // so that one journal sync covers them all: woken by a send, this task would
+                // otherwise run right after that one sender and sync its entry alone.
+                tokio::task::yield_now().await;
+            }
             if self.journal.is_some() {
                 self.journal_and_cut();
             }
