@@ -570,7 +570,6 @@ impl Inner {
             let file = st.active.sync_handles[slot as usize].clone();
             (file, st.active.path.clone(), st.next, ticket)
         };
-        self.gate.sync_started_ns.store(self.gate.now_ns(), Ordering::Release);
         let r = self.fsync(&file, &path);
         #[cfg(test)]
         let hook = self.after_sync.lock().clone();
@@ -970,10 +969,8 @@ struct Gate {
     /// whose records it made durable, and itself).
     released_at: AtomicU64,
     released: AtomicU64,
-    /// How long the last fsync took, and when the latest one started (nanoseconds since `epoch`).
+    /// How long the last fsync took, in nanoseconds.
     last_fsync_ns: AtomicU64,
-    sync_started_ns: AtomicU64,
-    epoch: Instant,
     /// Tickets handed out to leaders (under the state lock, with their flush), and the first
     /// ticket whose sync has not ended in order.
     tickets: AtomicU64,
@@ -1000,17 +997,11 @@ impl Gate {
             released_at: AtomicU64::new(0),
             released: AtomicU64::new(0),
             last_fsync_ns: AtomicU64::new(0),
-            sync_started_ns: AtomicU64::new(0),
-            epoch: Instant::now(),
             tickets: AtomicU64::new(0),
             published: Mutex::new(0),
             published_cv: Condvar::new(),
             waiters: Mutex::new(Vec::new()),
         }
-    }
-
-    fn now_ns(&self) -> u64 {
-        self.epoch.elapsed().as_nanos() as u64
     }
 
     /// Takes a free sync slot, or with `exclusive` every slot once none is taken.
@@ -1079,16 +1070,15 @@ impl Gate {
         }
     }
 
-    /// Before a leader syncs, gives appenders time to join its group, so that one sync covers
-    /// them all. With no other sync under way, it waits for the threads the previous leader
-    /// released: without this, the first of them to come back led a sync of little more than
-    /// its own record while the rest were still waking, and syncs alternated between small and
-    /// large groups (64 threads: 25 records per fdatasync, 50 with it). It waits until as many
-    /// appenders arrived as were released, for at most half the last fsync's duration (and never
-    /// more than `MAX_GATHER_NS`). A leader that starts while another sync runs waits until that
-    /// one is half done, so that overlapping syncs are spread over time rather than bunched.
-    /// Both yield the CPU meanwhile. A lone appender, or one whose records another sync covered,
-    /// never waits.
+    /// Before a leader syncs, gives the threads the previous leader released time to append
+    /// again, so that one sync covers them all: without this, the first of them to come back led
+    /// a sync of little more than its own record while the rest were still waking, and syncs
+    /// alternated between small and large groups (64 threads: 25 records per fdatasync, 50 with
+    /// it). Waits until as many appenders arrived as were released, counted from the later of
+    /// the last release and the last leader's flush point (so that a leader starting while
+    /// another syncs gathers those who arrived after that one's group), for at most half the
+    /// last fsync's duration (and never more than `MAX_GATHER_NS`), yielding the CPU meanwhile.
+    /// A lone appender, or one whose records another sync covered, never waits.
     fn gather(&self) {
         let expected = self.released.load(Ordering::Acquire);
         if expected <= 1 {
