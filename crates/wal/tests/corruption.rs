@@ -70,6 +70,13 @@ fn open(dir: &Path) -> Result<Wal, Error> {
     Wal::open(dir, small(4096))
 }
 
+/// Opening the log in `dir` reports `file` corrupt for `what`, and leaves the file as it was.
+fn assert_corrupt_untouched(dir: &Path, file: &Path, what: &str) {
+    let before = fs::read(file).unwrap();
+    assert_corrupt(open(dir), file, what);
+    assert_eq!(fs::read(file).unwrap(), before, "a corrupt log must be left as it was");
+}
+
 fn assert_corrupt(r: Result<Wal, Error>, file: &Path, what: &str) {
     match r {
         Err(Error::Corrupt { segment, reason, .. }) => {
@@ -118,9 +125,7 @@ fn records_synced_at_close_are_never_cut() {
     let (dir, segs) = log(40);
     let tail = segs.last().unwrap();
     flip(tail, offset(39, 32) + FRAME_HEADER + 10);
-    let before = fs::read(tail).unwrap();
-    assert_corrupt(open(dir.path()), tail, "durable when the log was last closed");
-    assert_eq!(fs::read(tail).unwrap(), before, "a corrupt log must be left as it was");
+    assert_corrupt_untouched(dir.path(), tail, "durable when the log was last closed");
 
     let (dir, segs) = log(40);
     let tail = segs.last().unwrap();
@@ -150,9 +155,7 @@ fn damage_to_records_claimed_synced_is_corruption_after_a_crash() {
     as_if_killed(dir.path());
     let tail = segments(dir.path()).pop().unwrap();
     flip(&tail, offset(37, 32) + FRAME_HEADER + 3);
-    let before = fs::read(&tail).unwrap();
-    assert_corrupt(open(dir.path()), &tail, "were synced");
-    assert_eq!(fs::read(&tail).unwrap(), before);
+    assert_corrupt_untouched(dir.path(), &tail, "were synced");
 }
 
 #[test]
@@ -160,9 +163,7 @@ fn damaged_record_inside_the_tail_is_corruption_and_files_are_untouched() {
     let (dir, segs) = log(40);
     let tail = segs.last().unwrap();
     flip(tail, offset(35, 32) + FRAME_HEADER + 3);
-    let before = fs::read(tail).unwrap();
-    assert_corrupt(open(dir.path()), tail, "checksum mismatch");
-    assert_eq!(fs::read(tail).unwrap(), before, "a corrupt log must be left as it was");
+    assert_corrupt_untouched(dir.path(), tail, "checksum mismatch");
     // After a crash, records 33..40 (appended in `Manual` mode, never synced: their frames claim
     // only records below 32 durable) are an unsynced write, torn by the damage, and cut there.
     let (dir, segs) = killed_log(40);
