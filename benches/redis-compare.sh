@@ -29,7 +29,7 @@ cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 
 trap cleanup EXIT
 
 cargo build -q --release --bin timberd
-TIMBERD=target/release/timberd
+TIMBERD=${CARGO_TARGET_DIR:-target}/release/timberd
 
 wait_port() { for _ in $(seq 1 100); do redis-cli -p "$1" PING >/dev/null 2>&1 && return 0; sleep 0.1; done; echo "port $1 did not answer" >&2; exit 1; }
 

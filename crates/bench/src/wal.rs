@@ -1,8 +1,11 @@
 //! `timber-bench wal`: timber-wal beside okaywal, TiKV's raft-engine (feature `peers`) and the
-//! raw limit of the disk (a loop of 4 KiB write + fdatasync in this process).
+//! raw limits of the disk: a loop of one write + fdatasync per record in this process, and, for
+//! many writers, one thread writing as many records at once as there are writers (the most any
+//! group commit of one-record writers can get from this disk).
 
 use std::fs::File;
 use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
@@ -27,7 +30,7 @@ pub struct Args {
     #[arg(long, default_value_t = 1.0)]
     recovery_gib: f64,
     /// Only these systems (comma-separated: timber, timber-zerofill, timber-2syncs, okaywal,
-    /// raft-engine, raw-fdatasync). `timber-2syncs` (two overlapping group commits) runs only
+    /// raft-engine, raw-fdatasync, raw-group). `timber-2syncs` (two overlapping group commits) runs only
     /// when named.
     #[arg(long, value_delimiter = ',')]
     systems: Vec<String>,
@@ -45,6 +48,8 @@ enum System {
     #[cfg(feature = "peers")]
     RaftEngine,
     RawFdatasync,
+    /// One thread writes `threads` records at once into a prewritten file and fdatasyncs them.
+    RawGroup,
 }
 
 impl System {
@@ -58,6 +63,7 @@ impl System {
             #[cfg(feature = "peers")]
             System::RaftEngine => "raft-engine",
             System::RawFdatasync => "raw-fdatasync",
+            System::RawGroup => "raw-group",
         }
     }
 }
@@ -65,6 +71,11 @@ impl System {
 /// A log that appends one record at a time, durably or not, from many threads.
 trait Log: Send + Sync {
     fn append(&self, record: &[u8]) -> anyhow::Result<()>;
+
+    /// How many records one `append` call writes; such a log is driven by one thread.
+    fn group(&self) -> usize {
+        1
+    }
 }
 
 impl Log for Wal {
@@ -110,6 +121,50 @@ impl Log for RawFdatasync {
     }
 }
 
+/// The ceiling of group commit: one thread writes `group` records in one `pwrite` and
+/// fdatasyncs them, back to back, over a file written and synced beforehand (so that, as in
+/// timber's recycled segments, an fdatasync carries data and no file-size or extent change).
+struct RawGroup {
+    file: File,
+    group: usize,
+    next: AtomicU64,
+}
+
+/// Size of the file `RawGroup` writes over, cyclically.
+const RAW_GROUP_FILE: u64 = 64 << 20;
+
+impl RawGroup {
+    fn create(path: &Path, group: usize) -> anyhow::Result<RawGroup> {
+        let mut file = File::create(path)?;
+        let chunk = vec![0u8; 1 << 20];
+        for _ in 0..RAW_GROUP_FILE / chunk.len() as u64 {
+            file.write_all(&chunk)?;
+        }
+        file.sync_all()?;
+        Ok(RawGroup { file, group, next: AtomicU64::new(0) })
+    }
+}
+
+impl Log for RawGroup {
+    fn append(&self, record: &[u8]) -> anyhow::Result<()> {
+        let buf = record.repeat(self.group);
+        let len = buf.len() as u64;
+        // One thread drives this log (`group`), so a load and a store suffice.
+        let mut at = self.next.load(Ordering::Relaxed);
+        if at + len > RAW_GROUP_FILE {
+            at = 0;
+        }
+        self.next.store(at + len, Ordering::Relaxed);
+        self.file.write_all_at(&buf, at)?;
+        self.file.sync_data()?;
+        Ok(())
+    }
+
+    fn group(&self) -> usize {
+        self.group
+    }
+}
+
 #[cfg(feature = "peers")]
 mod peers {
     use std::sync::atomic::{AtomicU64, Ordering};
@@ -142,7 +197,7 @@ mod peers {
     }
 }
 
-fn open(system: System, dir: &Path, sync: bool) -> anyhow::Result<Box<dyn Log>> {
+fn open(system: System, dir: &Path, sync: bool, threads: usize) -> anyhow::Result<Box<dyn Log>> {
     Ok(match system {
         System::Timber if sync => Box::new(Checkpointed {
             wal: Wal::open(dir, Options::default().sync(SyncMode::Always))?,
@@ -177,6 +232,10 @@ fn open(system: System, dir: &Path, sync: bool) -> anyhow::Result<Box<dyn Log>> 
             std::fs::create_dir_all(dir)?;
             Box::new(RawFdatasync(Mutex::new(File::create(dir.join("raw.log"))?)))
         }
+        System::RawGroup => {
+            std::fs::create_dir_all(dir)?;
+            Box::new(RawGroup::create(&dir.join("raw.log"), threads)?)
+        }
     })
 }
 
@@ -187,8 +246,10 @@ fn run_timed(
     secs: f64,
     record: &[u8],
 ) -> anyhow::Result<Sample> {
-    let barrier = Arc::new(Barrier::new(threads + 1));
-    let handles: Vec<_> = (0..threads)
+    let group = log.group().max(1);
+    let writers = threads.div_ceil(group).max(1);
+    let barrier = Arc::new(Barrier::new(writers + 1));
+    let handles: Vec<_> = (0..writers)
         .map(|_| {
             let (log, barrier, record) = (log.clone(), barrier.clone(), record.to_vec());
             std::thread::spawn(move || -> anyhow::Result<(u64, hdrhistogram::Histogram<u64>)> {
@@ -202,8 +263,9 @@ fn run_timed(
                         break;
                     }
                     log.append(&record)?;
-                    hist.saturating_record(t.elapsed().as_nanos() as u64);
-                    ops += 1;
+                    let ns = t.elapsed().as_nanos() as u64;
+                    hist.record_n(ns.clamp(1, hist.high()), group as u64)?;
+                    ops += group as u64;
                 }
                 Ok((ops, hist))
             })
@@ -252,6 +314,10 @@ fn peers_for(durable: bool, threads: usize) -> Vec<System> {
         // The raw loop is the single-writer limit: one write and one fdatasync per record.
         v.push(System::RawFdatasync);
     }
+    if durable && threads > 1 {
+        // The group-commit limit: all the writers' records in one write and one fdatasync.
+        v.push(System::RawGroup);
+    }
     v
 }
 
@@ -279,7 +345,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 for k in 0..systems.len() {
                     let i = (k + r) % systems.len();
                     let dir = tempfile::tempdir_in(&args.common.dir)?;
-                    let log: Arc<dyn Log> = Arc::from(open(systems[i], dir.path(), durable)?);
+                    let log: Arc<dyn Log> =
+                        Arc::from(open(systems[i], dir.path(), durable, threads)?);
                     let s = f(log)?;
                     eprintln!(
                         "  {workload} {} run {}: {:.0} ops/s",
