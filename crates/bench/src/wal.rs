@@ -30,8 +30,8 @@ pub struct Args {
     #[arg(long, default_value_t = 1.0)]
     recovery_gib: f64,
     /// Only these systems (comma-separated: timber, timber-zerofill, timber-2syncs, okaywal,
-    /// raft-engine, raw-fdatasync, raw-group). `timber-2syncs` (two overlapping group commits) runs only
-    /// when named.
+    /// raft-engine, raw-fdatasync, raw-group). `timber-2syncs` (two overlapping group commits)
+    /// runs only when named.
     #[arg(long, value_delimiter = ',')]
     systems: Vec<String>,
 }
