@@ -199,7 +199,11 @@ impl Db {
 
         // Replay the WAL into memtables.
         let mut last_seq = state.last_seq;
-        let mut mems = vec![Arc::new(Memtable::new(state.log_number, opts.memtable_hash_index))];
+        let mut mems = vec![Arc::new(Memtable::new(
+            state.log_number,
+            opts.memtable_hash_index,
+            opts.memtable_size,
+        ))];
         for rec in wal.iter(state.log_number..) {
             let (wseq, rec) = rec?;
             let (seq, ops) = batch::decode(&rec).ok_or_else(|| {
@@ -216,7 +220,11 @@ impl Db {
             last_seq = last_seq.max(seq + ops.len() as u64 - 1);
             if mem.size() >= opts.memtable_size {
                 mem.seal(wseq + 1);
-                mems.push(Arc::new(Memtable::new(wseq + 1, opts.memtable_hash_index)));
+                mems.push(Arc::new(Memtable::new(
+                    wseq + 1,
+                    opts.memtable_hash_index,
+                    opts.memtable_size,
+                )));
             }
         }
         let mem = mems.pop().expect("one memtable");
@@ -623,7 +631,11 @@ impl Inner {
         let mut imms = vec![view.mem.clone()];
         imms.extend(view.imms.iter().cloned());
         self.view.store(Arc::new(View {
-            mem: Arc::new(Memtable::new(wal_end, self.opts.memtable_hash_index)),
+            mem: Arc::new(Memtable::new(
+                wal_end,
+                self.opts.memtable_hash_index,
+                self.opts.memtable_size,
+            )),
             imms,
             version: view.version.clone(),
         }));

@@ -12,6 +12,7 @@ use bytes::Bytes;
 
 use crate::db::{ReadPin, View};
 use crate::error::Result;
+pub(crate) use crate::key::Bounds;
 use crate::key::{self, Kind, MAX_SEQ};
 use crate::memtable::{self, Memtable};
 use crate::table::TableIter;
@@ -54,8 +55,9 @@ pub(crate) enum Source {
 }
 
 impl Source {
-    pub(crate) fn mem(mem: Arc<Memtable>, forward: bool) -> Source {
-        Source::Mem(memtable::Cursor::new(mem, forward))
+    /// A memtable cursor that only has to be right within `bounds`.
+    pub(crate) fn mem(mem: Arc<Memtable>, forward: bool, bounds: &Bounds) -> Source {
+        Source::Mem(memtable::Cursor::within(mem, forward, bounds.clone()))
     }
 
     pub(crate) fn table(t: &TableFile, forward: bool) -> Source {
@@ -162,10 +164,10 @@ impl Merge {
         Merge { sources, forward, cur: None, runner: None }
     }
 
-    /// Sources for everything a view holds, newest first.
-    pub(crate) fn of_view(view: &View, forward: bool) -> Merge {
-        let mut sources = vec![Source::mem(view.mem.clone(), forward)];
-        sources.extend(view.imms.iter().map(|m| Source::mem(m.clone(), forward)));
+    /// Sources for everything a view holds, newest first, for a walk within `bounds`.
+    pub(crate) fn of_view(view: &View, forward: bool, bounds: &Bounds) -> Merge {
+        let mut sources = vec![Source::mem(view.mem.clone(), forward, bounds)];
+        sources.extend(view.imms.iter().map(|m| Source::mem(m.clone(), forward, bounds)));
         sources.extend(view.version.levels[0].iter().map(|t| Source::table(t, forward)));
         for level in &view.version.levels[1..] {
             if !level.is_empty() {
@@ -253,31 +255,6 @@ impl Merge {
     }
 }
 
-/// User-key bounds of a scan.
-#[derive(Debug, Clone)]
-pub(crate) struct Bounds {
-    pub(crate) lo: Bound<Vec<u8>>,
-    pub(crate) hi: Bound<Vec<u8>>,
-}
-
-impl Bounds {
-    fn above_lo(&self, user: &[u8]) -> bool {
-        match &self.lo {
-            Bound::Included(l) => user >= l.as_slice(),
-            Bound::Excluded(l) => user > l.as_slice(),
-            Bound::Unbounded => true,
-        }
-    }
-
-    fn below_hi(&self, user: &[u8]) -> bool {
-        match &self.hi {
-            Bound::Included(h) => user <= h.as_slice(),
-            Bound::Excluded(h) => user < h.as_slice(),
-            Bound::Unbounded => true,
-        }
-    }
-}
-
 /// The newest visible version of a key: a put with its value, or a tombstone.
 type Visible = (Kind, Bytes);
 
@@ -304,7 +281,7 @@ type Item = Result<(Bytes, Bytes)>;
 impl Walk {
     fn new(view: &View, forward: bool, seq: u64, bounds: &Bounds) -> Walk {
         Walk {
-            merge: Merge::of_view(view, forward),
+            merge: Merge::of_view(view, forward, bounds),
             forward,
             seq,
             bounds: bounds.clone(),

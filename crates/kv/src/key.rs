@@ -4,6 +4,7 @@
 //! the on-disk formats.
 
 use std::cmp::Ordering;
+use std::ops::Bound;
 
 use bytes::{BufMut, Bytes};
 
@@ -224,6 +225,38 @@ pub(crate) fn prefix_successor(prefix: &[u8]) -> Option<Vec<u8>> {
         }
     }
     None
+}
+
+/// User-key bounds of a scan.
+#[derive(Debug, Clone)]
+pub(crate) struct Bounds {
+    pub(crate) lo: Bound<Vec<u8>>,
+    pub(crate) hi: Bound<Vec<u8>>,
+}
+
+impl Bounds {
+    /// No bounds: every key.
+    pub(crate) const ALL: Bounds = Bounds { lo: Bound::Unbounded, hi: Bound::Unbounded };
+
+    pub(crate) fn contains(&self, user: &[u8]) -> bool {
+        self.above_lo(user) && self.below_hi(user)
+    }
+
+    pub(crate) fn above_lo(&self, user: &[u8]) -> bool {
+        match &self.lo {
+            Bound::Included(l) => user >= l.as_slice(),
+            Bound::Excluded(l) => user > l.as_slice(),
+            Bound::Unbounded => true,
+        }
+    }
+
+    pub(crate) fn below_hi(&self, user: &[u8]) -> bool {
+        match &self.hi {
+            Bound::Included(h) => user <= h.as_slice(),
+            Bound::Excluded(h) => user < h.as_slice(),
+            Bound::Unbounded => true,
+        }
+    }
 }
 
 #[cfg(test)]

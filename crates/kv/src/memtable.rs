@@ -1,11 +1,16 @@
 //! `Memtable`: the in-memory table of recent writes. A lock-free skiplist (crossbeam-skiplist)
 //! holds one node per user key; the node holds every version of that key written to this
-//! memtable, newest first (inside the node; shared with the index entry when there is an index).
-//! Beside it, if the database asks for it, a hash index maps each user key to its versions and a
-//! copy of the newest one, so that point reads and overwrites of a key already present skip the
+//! memtable, newest first (inside the node; in the index entry, which the node points to, when
+//! there is an index). Beside it, if the database asks for it, a hash index maps each user key
+//! to its entry, so that point reads and overwrites of a key already present skip the
 //! skiplist search (the cache misses down its levels were a fifth of timberd's CPU under a
-//! Redis write load). Writers insert concurrently with readers; once the memtable is full it
-//! becomes immutable (no more inserts) and is flushed to an L0 SSTable.
+//! Redis write load). With the index, a new key does not search the skiplist either: it waits
+//! in an unordered list until something reads in key order (a cursor's seek or step, a flush,
+//! which call [`Memtable::order`]), and then the waiting keys are sorted and inserted together, each
+//! insert finding the path of the one before it in cache (random inserts were a tenth of
+//! timberd's CPU under SETs and INCRs of new keys). Writers insert concurrently with readers;
+//! once the memtable is full it becomes immutable (no more inserts) and is flushed to an L0
+//! SSTable.
 //!
 //! Invariants: every record of the WAL at or after `wal_start` whose writes are not in an
 //! SSTable is in this memtable or a newer one. A node is created with its first version and
@@ -14,10 +19,13 @@
 //! A write may prune a key's versions (only while the database has no snapshot or iterator
 //! open): it drops those older than the newest one at or below the visible sequence number, so
 //! a key overwritten again and again holds one or two versions, not one per write. The newest
-//! published version of a key is never pruned. With a
-//! hash index, a key is in the index if and only if it has a node (both are added under the
-//! index shard's lock). The memtable's internal-key order (user key ascending, tag descending)
-//! is the order of nodes, then of versions within a node.
+//! published version of a key is never pruned. With a hash index, a key is in the index if and
+//! only if it has a node or waits in the unordered list (both added under the index shard's
+//! lock), and once `order` returns, every key added before it was called has a node: a cursor
+//! orders the memtable after its sequence number is fixed, and every write at or below that
+//! number finished its insert before the number was published. The memtable's internal-key
+//! order (user key ascending, tag descending) is the order of nodes, then of versions within a
+//! node.
 
 use std::ops::Bound;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -26,20 +34,21 @@ use std::sync::Arc;
 use bytes::Bytes;
 use crossbeam_skiplist::SkipMap;
 use hashbrown::HashTable;
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 use smallvec::SmallVec;
 
-use crate::key::{self, Kind, UserKey, INLINE};
+use crate::key::{self, Bounds, Kind, UserKey, INLINE};
 
 /// Memory of a key's node beyond its key and value bytes, counted against the size limit so
 /// that the limit is what the memtable really holds: the skiplist node (the key with its 24
 /// inline bytes, the versions with room for two inline, refcount and tower, about 210 bytes;
-/// with a hash index the versions are a separate shared allocation of about 136 bytes).
+/// with a hash index that room holds a pointer to the key's index entry, which holds them).
 const NODE_OVERHEAD: usize = 248;
 
-/// Memory of a key's entry in the hash index (hash, key, newest version, node handle, control
-/// byte and spare capacity), counted once per distinct key.
-const INDEX_OVERHEAD: usize = 176;
+/// Memory of a key's entry in the hash index (the shared allocation of its hash, versions and a
+/// copy of its key, 208 bytes in an allocator size class of 224; its pointer, control byte and
+/// spare capacity in the table), counted once per distinct key.
+const INDEX_OVERHEAD: usize = 236;
 
 /// Shards of the hash index, each behind its own lock.
 const SHARDS: usize = 64;
@@ -201,11 +210,11 @@ impl ReadAt<'_> {
     }
 }
 
-/// A skiplist node's versions: in the node itself, or, with a hash index, shared with the
-/// key's index entry.
+/// A skiplist node's versions: in the node itself, or, with a hash index, in the key's index
+/// entry.
 enum Node {
     Own(Versions),
-    Indexed(Arc<Versions>),
+    Indexed(Arc<Indexed>),
 }
 
 impl std::ops::Deref for Node {
@@ -214,28 +223,49 @@ impl std::ops::Deref for Node {
     fn deref(&self) -> &Versions {
         match self {
             Node::Own(v) => v,
-            Node::Indexed(v) => v,
+            Node::Indexed(e) => &e.versions,
         }
     }
 }
 
-/// A key's entry in the hash index: its node's versions, and a copy of the newest version, which
-/// answers reads at or above its sequence number without touching the node.
+/// A key's entry in the hash index, shared with its skiplist node: the index table holds only a
+/// pointer to it, so the table stays small enough to stay in cache (its entries were 128 bytes
+/// inline, with the versions in an allocation of their own: a point read and the write after it
+/// missed the cache in the table and again in the versions), and a lookup that finds the key
+/// loads one allocation, whose versions the write that follows then finds in cache. `repr(C)`:
+/// what a lookup compares (hash, key prefix) comes first, beside the versions' lock.
+#[repr(C)]
 struct Indexed {
     hash: u64,
+    versions: Versions,
     key: UserKey,
-    newest: Version,
-    versions: Arc<Versions>,
 }
 
 /// A shard alone on its cache line(s).
 #[repr(align(64))]
-struct Shard(RwLock<HashTable<Indexed>>);
+struct Shard(RwLock<HashTable<Arc<Indexed>>>);
 
 /// The index shard of a key's hash: bits that the table itself uses neither for its buckets
 /// (low) nor its tags (top 7).
 fn shard_of(hash: u64) -> usize {
     (hash >> 40) as usize % SHARDS
+}
+
+/// The first eight bytes of `key`, zero-padded, as a big-endian number: if one key's is less
+/// than another's, so is the key.
+fn prefix8(key: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    let n = key.len().min(8);
+    b[..n].copy_from_slice(&key[..n]);
+    u64::from_be_bytes(b)
+}
+
+/// The prefix of a bound's key, if bounded.
+fn bound_prefix(b: &Bound<Vec<u8>>) -> Option<u64> {
+    match b {
+        Bound::Included(k) | Bound::Excluded(k) => Some(prefix8(k)),
+        Bound::Unbounded => None,
+    }
 }
 
 /// Makes `buf` the internal key of `user` at `tag` (as [`key::make`] builds it).
@@ -255,6 +285,12 @@ pub(crate) struct Memtable {
     map: SkipMap<UserKey, Node>,
     /// The hash index: no shards if the database does not keep one.
     index: Box<[Shard]>,
+    /// With the hash index: keys in the index that have no skiplist node yet, each with its
+    /// first eight bytes (see [`prefix8`]).
+    unordered: Mutex<Vec<(u64, Arc<Indexed>)>>,
+    /// Held while `order` moves keys from `unordered` into the skiplist, so that a reader who
+    /// finds the list empty knows its keys are all in the skiplist.
+    ordering: Mutex<()>,
     size: AtomicUsize,
     /// First WAL sequence number this memtable may hold writes of.
     pub(crate) wal_start: u64,
@@ -271,11 +307,22 @@ pub(crate) enum Lookup {
 }
 
 impl Memtable {
-    pub(crate) fn new(wal_start: u64, hash_index: bool) -> Memtable {
+    /// A memtable whose writes start at WAL sequence number `wal_start`, with a hash index if
+    /// `hash_index`. `limit` is the size at which it will be sealed: the index shards start with
+    /// room for half the keys of that many bytes of the smallest nodes, so that filling the
+    /// memtable doubles them at most once (growing them from empty, rehashing every entry and
+    /// faulting in each new table, was a twentieth of timberd's CPU under INCRs of new keys).
+    /// The room is address space until entries land in it.
+    pub(crate) fn new(wal_start: u64, hash_index: bool, limit: usize) -> Memtable {
         let shards = if hash_index { SHARDS } else { 0 };
+        let keys = limit / (2 * (NODE_OVERHEAD + INDEX_OVERHEAD));
         Memtable {
             map: SkipMap::new(),
-            index: (0..shards).map(|_| Shard(RwLock::new(HashTable::new()))).collect(),
+            index: (0..shards)
+                .map(|_| Shard(RwLock::new(HashTable::with_capacity(keys / SHARDS))))
+                .collect(),
+            unordered: Mutex::new(Vec::new()),
+            ordering: Mutex::new(()),
             size: AtomicUsize::new(0),
             wal_start,
             wal_end: AtomicU64::new(u64::MAX),
@@ -301,21 +348,15 @@ impl Memtable {
         } else {
             let hash = crate::bloom::hash(user);
             let mut shard = self.index[shard_of(hash)].0.write();
-            match shard.find_mut(hash, |n| n.hash == hash && n.key.user() == user) {
+            match shard.find(hash, |n| n.hash == hash && n.key.user() == user) {
                 // An overwrite: no skiplist search.
-                Some(n) => {
-                    if n.newest.tag <= version.tag {
-                        n.newest = version.clone();
-                    }
-                    n.versions.add(version, prune)
-                }
+                Some(n) => n.versions.add(version, prune),
+                // A new key: its node waits for `order`.
                 None => {
                     let key = UserKey::new(user);
                     let added = node_size(user, &version) + INDEX_OVERHEAD;
-                    let newest = version.clone();
-                    let versions = Arc::new(Versions::new(version));
-                    self.map.insert(key.clone(), Node::Indexed(versions.clone()));
-                    let n = Indexed { hash, key, newest, versions };
+                    let n = Arc::new(Indexed { hash, versions: Versions::new(version), key });
+                    self.unordered.lock().push((prefix8(user), n.clone()));
                     shard.insert_unique(hash, n, |n| n.hash);
                     added as isize
                 }
@@ -351,7 +392,6 @@ impl Memtable {
             // Pruning happens under this shard's write lock: resolve under its read lock.
             let seq = at.resolve();
             return match shard.find(hash, |n| n.hash == hash && n.key.user() == user) {
-                Some(n) if n.newest.tag >> 8 <= seq => n.newest.lookup(),
                 Some(n) => n.versions.visible(ReadAt::Seq(seq)),
                 None => Lookup::Absent,
             };
@@ -367,7 +407,40 @@ impl Memtable {
     }
 
     pub(crate) fn is_empty(&self) -> bool {
-        self.map.is_empty()
+        let _o = self.ordering.lock();
+        self.map.is_empty() && self.unordered.lock().is_empty()
+    }
+
+    /// Gives every key within `bounds` added to the hash index so far its skiplist node (see
+    /// the module doc). Readers in key order call it once their point in time is fixed; it
+    /// returns at once if no key waits. Keys outside `bounds` keep waiting: a scan of a few keys
+    /// (the server's expiry sweep) does not order the whole memtable.
+    pub(crate) fn order(&self, bounds: &Bounds) {
+        if self.index.is_empty() {
+            return;
+        }
+        let _o = self.ordering.lock();
+        let mut keys: Vec<Arc<Indexed>> = {
+            let mut unordered = self.unordered.lock();
+            if let (Bound::Unbounded, Bound::Unbounded) = (&bounds.lo, &bounds.hi) {
+                std::mem::take(&mut *unordered).into_iter().map(|(_, n)| n).collect()
+            } else {
+                let (lo, hi) = (bound_prefix(&bounds.lo), bound_prefix(&bounds.hi));
+                // The eight-byte prefixes settle most keys without loading their entries.
+                unordered
+                    .extract_if(.., |(p, n)| {
+                        lo.is_none_or(|lo| *p >= lo)
+                            && hi.is_none_or(|hi| *p <= hi)
+                            && bounds.contains(n.key.user())
+                    })
+                    .map(|(_, n)| n)
+                    .collect()
+            }
+        };
+        keys.sort_unstable_by(|a, b| a.key.user().cmp(b.key.user()));
+        for n in keys {
+            self.map.insert(n.key.clone(), Node::Indexed(n));
+        }
     }
 
     pub(crate) fn seal(&self, wal_end: u64) {
@@ -384,6 +457,7 @@ impl Memtable {
         &self,
         mut f: impl FnMut(&[u8], &[u8]) -> Result<(), E>,
     ) -> Result<(), E> {
+        self.order(&Bounds::ALL);
         let mut ikey = Vec::new();
         for e in self.map.iter() {
             let user = e.key().user();
@@ -399,7 +473,7 @@ impl Memtable {
 impl std::fmt::Debug for Memtable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Memtable")
-            .field("keys", &self.map.len())
+            .field("keys", &(self.map.len() + self.unordered.lock().len()))
             .field("size", &self.size())
             .field("wal_start", &self.wal_start)
             .finish()
@@ -412,6 +486,9 @@ impl std::fmt::Debug for Memtable {
 pub(crate) struct Cursor {
     mem: Arc<Memtable>,
     forward: bool,
+    /// The user keys it has to be right about (the keys of the scan it serves): keys of the
+    /// hash index outside them may have no node yet.
+    bounds: Bounds,
     /// The key of the node it stands in and the tag of the version it stands at.
     at: Option<(UserKey, u64)>,
     /// The internal key of the current entry.
@@ -423,13 +500,20 @@ pub(crate) struct Cursor {
 type NodeEntry<'a> = crossbeam_skiplist::map::Entry<'a, UserKey, Node>;
 
 impl Cursor {
+    #[cfg(test)]
     pub(crate) fn new(mem: Arc<Memtable>, forward: bool) -> Cursor {
-        Cursor { mem, forward, at: None, ikey: Vec::new(), value: Bytes::new() }
+        Cursor::within(mem, forward, Bounds::ALL)
+    }
+
+    /// A cursor that shows every key within `bounds`, and perhaps others.
+    pub(crate) fn within(mem: Arc<Memtable>, forward: bool, bounds: Bounds) -> Cursor {
+        Cursor { mem, forward, bounds, at: None, ikey: Vec::new(), value: Bytes::new() }
     }
 
     /// Stands at the first entry at or past the internal key `target` in the direction of
     /// travel (at the edge if `None`).
     pub(crate) fn seek(&mut self, target: Option<&[u8]>) {
+        self.mem.order(&self.bounds);
         let map = &self.mem.map;
         let found = match target {
             None => pick(if self.forward { map.front() } else { map.back() }, self.forward, None),
@@ -450,6 +534,8 @@ impl Cursor {
     /// Moves to the next entry in the direction of travel.
     pub(crate) fn advance(&mut self) {
         let Some((k, tag)) = self.at.take() else { return };
+        // Keys added while the cursor stood get their nodes, so that it steps onto them.
+        self.mem.order(&self.bounds);
         // Nodes are never removed: the search finds the node the cursor stands in.
         let e = self.mem.map.get(&k);
         let found = pick(e, self.forward, Some((tag, false)));
@@ -504,7 +590,7 @@ mod tests {
     #[test]
     fn pruning_keeps_what_a_read_at_or_after_the_floor_can_see() {
         for index in [false, true] {
-            let m = Memtable::new(0, index);
+            let m = Memtable::new(0, index, 1 << 20);
             let big = |i: u64| vec![i as u8; 100];
             for seq in 1..=10u64 {
                 m.insert(b"k", seq, Kind::Put, &big(seq), Some(seq - 1));
@@ -514,7 +600,7 @@ mod tests {
             assert_eq!(at(9), Lookup::Found(Bytes::from(big(9))), "the newest at the floor stays");
             assert_eq!(at(8), Lookup::Absent, "older versions are pruned (index {index})");
             let pruned = m.size();
-            let kept = Memtable::new(0, index);
+            let kept = Memtable::new(0, index, 1 << 20);
             for seq in 1..=10u64 {
                 kept.insert(b"k", seq, Kind::Put, &big(seq), None);
             }
@@ -547,7 +633,7 @@ mod tests {
     }
 
     fn versions_and_tombstones_with(hash_index: bool) {
-        let m = Memtable::new(0, hash_index);
+        let m = Memtable::new(0, hash_index, 1 << 20);
         let h = |k: &[u8]| crate::bloom::hash(k);
         m.insert(b"a", 1, Kind::Put, b"1", None);
         m.insert(b"a", 5, Kind::Delete, b"", None);
@@ -573,7 +659,7 @@ mod tests {
 
     #[test]
     fn size_counts_nodes_and_versions() {
-        let m = Memtable::new(0, true);
+        let m = Memtable::new(0, true, 1 << 20);
         m.insert(b"k", 1, Kind::Put, b"short", None);
         let one = m.size();
         assert!(one >= NODE_OVERHEAD + INDEX_OVERHEAD);
@@ -600,7 +686,7 @@ mod tests {
     #[test]
     fn concurrent_writers_of_the_same_keys_lose_no_version() {
         for hash_index in [false, true] {
-            let m = Memtable::new(0, hash_index);
+            let m = Memtable::new(0, hash_index, 1 << 20);
             let threads = 4u64;
             let per = 2000u64;
             std::thread::scope(|s| {
@@ -678,7 +764,7 @@ mod tests {
             hash_index in proptest::bool::ANY,
         ) {
             use std::collections::BTreeMap;
-            let m = Arc::new(Memtable::new(0, hash_index));
+            let m = Arc::new(Memtable::new(0, hash_index, 1 << 20));
             // Internal key (user, !tag) in order → value.
             let mut model: BTreeMap<(Vec<u8>, u64), Vec<u8>> = BTreeMap::new();
             let mut cur: Option<Cursor> = None;
@@ -752,6 +838,60 @@ mod tests {
                 (k, v.clone())
             }).collect();
             proptest::prop_assert_eq!(all, want);
+        }
+
+        /// A cursor for a range shows every key of the range, in order, when the keys of the
+        /// index outside it still wait for their nodes; a later unbounded cursor shows them all.
+        #[test]
+        fn a_bounded_cursor_orders_its_range(
+            keys in proptest::collection::btree_set(proptest::collection::vec(0u8..4, 0..10), 1..60),
+            lo in proptest::collection::vec(0u8..4, 0..10),
+            hi in proptest::collection::vec(0u8..4, 0..10),
+            lo_inclusive: bool,
+        ) {
+            use std::ops::RangeBounds;
+            let m = Arc::new(Memtable::new(0, true, 1 << 20));
+            // Inserted in a scrambled order.
+            let mut shuffled: Vec<&Vec<u8>> = keys.iter().collect();
+            shuffled.sort_by_key(|k| crate::bloom::hash(k));
+            for (i, k) in shuffled.iter().enumerate() {
+                m.insert(k, i as u64 + 1, Kind::Put, b"v", None);
+            }
+            let lo_b = if lo_inclusive { Bound::Included(lo) } else { Bound::Excluded(lo) };
+            let bounds = Bounds { lo: lo_b, hi: Bound::Included(hi) };
+            let range: (Bound<Vec<u8>>, Bound<Vec<u8>>) = (bounds.lo.clone(), bounds.hi.clone());
+            let want: Vec<Vec<u8>> =
+                keys.iter().filter(|k| range.contains(*k)).cloned().collect();
+            let mut c = Cursor::within(m.clone(), true, bounds.clone());
+            c.seek(None);
+            let mut got = Vec::new();
+            while let Some(k) = c.key() {
+                let user = key::user(k).to_vec();
+                if bounds.contains(&user) {
+                    got.push(user);
+                }
+                c.advance();
+            }
+            proptest::prop_assert_eq!(got, want);
+            let mut all = Vec::new();
+            let mut c = Cursor::new(m, true);
+            c.seek(None);
+            while let Some(k) = c.key() {
+                all.push(key::user(k).to_vec());
+                c.advance();
+            }
+            proptest::prop_assert_eq!(all, keys.into_iter().collect::<Vec<_>>());
+        }
+
+        /// Comparing eight-byte prefixes never contradicts comparing the keys.
+        #[test]
+        fn prefixes_order_like_their_keys(
+            a in proptest::collection::vec(proptest::prop_oneof![proptest::strategy::Just(0u8), proptest::prelude::any::<u8>()], 0..12),
+            b in proptest::collection::vec(proptest::prop_oneof![proptest::strategy::Just(0u8), proptest::prelude::any::<u8>()], 0..12),
+        ) {
+            if prefix8(&a) < prefix8(&b) {
+                proptest::prop_assert!(a < b);
+            }
         }
     }
 }

@@ -114,6 +114,55 @@ fn readers_see_consistent_states_during_writes_flushes_and_compactions() {
     assert_eq!(sum, total);
 }
 
+/// New keys reach a memtable's hash index at once and its skiplist only when a reader orders
+/// it: an iterator created after a write returned sees that write's key, and every key before
+/// it, while a writer keeps adding new ones (and flushes move them into tables).
+#[test]
+fn iterators_see_every_new_key_written_before_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Arc::new(Db::open(dir.path(), opts()).unwrap());
+    let acked = Arc::new(AtomicU64::new(0));
+    const KEYS: u64 = 4000;
+    std::thread::scope(|s| {
+        {
+            let (db, acked) = (db.clone(), acked.clone());
+            s.spawn(move || {
+                for i in 0..KEYS {
+                    // Keys spread over the key space, so that each lands between older ones.
+                    let k = format!("new/{:08}", (i * 7919) % KEYS);
+                    db.put(k, i.to_string()).unwrap();
+                    acked.store(i + 1, Ordering::Release);
+                }
+            });
+        }
+        for r in 0..2u64 {
+            let (db, acked) = (db.clone(), acked.clone());
+            s.spawn(move || {
+                let mut seen_all = false;
+                let mut rounds = 0u64;
+                while !seen_all {
+                    rounds += 1;
+                    let n = acked.load(Ordering::Acquire);
+                    let items: Vec<_> = if (rounds + r).is_multiple_of(2) {
+                        db.prefix("new/").rev().map(|x| x.unwrap()).collect()
+                    } else {
+                        db.prefix("new/").map(|x| x.unwrap()).collect()
+                    };
+                    let keys: std::collections::HashSet<Vec<u8>> =
+                        items.iter().map(|(k, _)| k.to_vec()).collect();
+                    for i in 0..n {
+                        let k = format!("new/{:08}", (i * 7919) % KEYS);
+                        assert!(keys.contains(k.as_bytes()), "{k} (write {i} of {n}) is missing");
+                    }
+                    seen_all = n == KEYS;
+                }
+                assert!(rounds > 1);
+            });
+        }
+    });
+    assert!(db.stats().flushes >= 1, "no flush ran");
+}
+
 #[test]
 fn checkpoint_under_load_equals_a_prefix_of_the_writes() {
     let dir = tempfile::tempdir().unwrap();
