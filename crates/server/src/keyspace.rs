@@ -197,11 +197,19 @@ impl Keyspace {
     }
 
     /// Resolves once every write made before the call may be acknowledged: under `--sync
-    /// always`, once it is durable (one fsync, on the sync thread, serves every caller waiting
-    /// at that moment); in the other modes at once (the interval sync or `manual` make writes
+    /// always`, once it is durable (one fsync, by the sync thread or an idle runtime worker,
+    /// serves every caller waiting at that moment); in the other modes at once (the interval sync or `manual` make writes
     /// durable).
     pub fn durable(&self) -> impl std::future::Future<Output = Result<(), Error>> + use<> {
-        let wait = self.sync_thread.as_ref().map(SyncThread::durable);
+        self.durable_for(1)
+    }
+
+    /// [`Keyspace::durable`] for a caller that waits for `writes` writes (a pipeline of them).
+    pub fn durable_for(
+        &self,
+        writes: usize,
+    ) -> impl std::future::Future<Output = Result<(), Error>> + use<> {
+        let wait = self.sync_thread.as_ref().map(|t| t.durable(writes));
         async move {
             match wait {
                 Some(w) => w.await.map_err(Error::Sync),

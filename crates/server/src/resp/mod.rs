@@ -244,7 +244,11 @@ async fn run_requests(
             max_value: ep.max_request,
             clients: ep.connections.open(),
         };
-        let writes = ep.keys.synced() && run.iter().any(|r| command::is_write(&r[0]));
+        let writes = if ep.keys.synced() {
+            run.iter().filter(|r| command::is_write(&r[0])).count()
+        } else {
+            0
+        };
         let start = out.len();
         // Reads and buffered writes take microseconds: run them here.
         let mut j = 0;
@@ -288,8 +292,8 @@ async fn run_requests(
         }
         // Under `--sync always`, one fsync covers the whole run (and the runs of every other
         // connection waiting at that moment), before any reply.
-        if writes {
-            if let Err(e) = ep.keys.durable().await {
+        if writes > 0 {
+            if let Err(e) = ep.keys.durable_for(writes).await {
                 tracing::error!(error = %e, "sync failed");
                 out.truncate(start);
                 for _ in run {
