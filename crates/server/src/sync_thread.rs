@@ -374,28 +374,40 @@ mod tests {
         assert!(matches!(*closed, timber_kv::Error::Closed), "{closed}");
     }
 
+    /// A runtime of one worker, with the idle hook.
+    fn hooked_runtime() -> tokio::runtime::Runtime {
+        let mut rt = tokio::runtime::Builder::new_multi_thread();
+        rt.worker_threads(1).enable_all();
+        install_idle_hook(&mut rt);
+        rt.build().unwrap()
+    }
+
+    /// Tasks that each write one of `keys` and wait for it to be durable.
+    fn writers(
+        db: &Arc<Db>,
+        t: &Arc<SyncThread>,
+        keys: impl Iterator<Item = String>,
+    ) -> Vec<tokio::task::JoinHandle<Result<(), Arc<timber_kv::Error>>>> {
+        keys.map(|k| {
+            let (db, t) = (db.clone(), t.clone());
+            tokio::spawn(async move {
+                db.put(k.as_bytes(), b"v").unwrap();
+                t.durable(1).await
+            })
+        })
+        .collect()
+    }
+
     /// With the idle hook, a round starts when a worker goes idle: the writes of every task
     /// that ran before share it.
     #[test]
     fn an_idle_worker_starts_the_round_for_all_waiters() {
         let dir = tempfile::tempdir().unwrap();
         let db = Arc::new(Db::open(dir.path(), timber_kv::Options::default()).unwrap());
-        let mut rt = tokio::runtime::Builder::new_multi_thread();
-        rt.worker_threads(1).enable_all();
-        install_idle_hook(&mut rt);
-        let rt = rt.build().unwrap();
+        let rt = hooked_runtime();
         let t = Arc::new(SyncThread::start_with(db.clone(), true).unwrap());
         rt.block_on(async {
-            let tasks: Vec<_> = (0..20u32)
-                .map(|i| {
-                    let (db, t) = (db.clone(), t.clone());
-                    tokio::spawn(async move {
-                        db.put(format!("k{i}").as_bytes(), b"v").unwrap();
-                        t.durable(1).await
-                    })
-                })
-                .collect();
-            for task in tasks {
+            for task in writers(&db, &t, (0..20u32).map(|i| format!("k{i}"))) {
                 task.await.unwrap().unwrap();
             }
         });
@@ -411,23 +423,12 @@ mod tests {
     fn an_idle_worker_runs_the_round_and_the_tasks_it_answered() {
         let dir = tempfile::tempdir().unwrap();
         let db = Arc::new(Db::open(dir.path(), timber_kv::Options::default()).unwrap());
-        let mut rt = tokio::runtime::Builder::new_multi_thread();
-        rt.worker_threads(1).enable_all();
-        install_idle_hook(&mut rt);
-        let rt = rt.build().unwrap();
+        let rt = hooked_runtime();
         let t = Arc::new(rt.block_on(async { SyncThread::start(db.clone()) }).unwrap());
         assert!(t.shared.inline.is_some());
         for round in 0..20u32 {
             let all = rt.block_on(async {
-                let tasks: Vec<_> = (0..10u32)
-                    .map(|i| {
-                        let (db, t) = (db.clone(), t.clone());
-                        tokio::spawn(async move {
-                            db.put(format!("k{round}.{i}").as_bytes(), b"v").unwrap();
-                            t.durable(1).await
-                        })
-                    })
-                    .collect();
+                let tasks = writers(&db, &t, (0..10u32).map(|i| format!("k{round}.{i}")));
                 tokio::time::timeout(Duration::from_secs(20), futures::future::join_all(tasks))
                     .await
             });
