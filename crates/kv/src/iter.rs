@@ -12,8 +12,7 @@ use bytes::Bytes;
 
 use crate::db::{ReadPin, View};
 use crate::error::Result;
-pub(crate) use crate::key::Bounds;
-use crate::key::{self, Kind, MAX_SEQ};
+use crate::key::{self, Bounds, Kind, MAX_SEQ};
 use crate::memtable::{self, Memtable};
 use crate::table::TableIter;
 use crate::version::TableFile;

@@ -198,8 +198,8 @@ impl Keyspace {
 
     /// Resolves once every write made before the call may be acknowledged: under `--sync
     /// always`, once it is durable (one fsync, by the sync thread or an idle runtime worker,
-    /// serves every caller waiting at that moment); in the other modes at once (the interval sync or `manual` make writes
-    /// durable).
+    /// serves every caller waiting at that moment); in the other modes at once (the interval
+    /// sync or `manual` make writes durable).
     pub fn durable(&self) -> impl std::future::Future<Output = Result<(), Error>> + use<> {
         self.durable_for(1)
     }

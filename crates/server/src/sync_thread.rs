@@ -26,10 +26,11 @@
 //! goes to the runtime's shared queue, which a worker about to park looks at again only if it
 //! was searching for work (tokio 1.54, `Core::transition_to_parked`; with one worker it always
 //! was, with more it may not be).
+//!
 //! A round of pipelined writes (more than two per waiter) still goes to the thread: while it
 //! syncs, the worker parses and runs the next requests the clients have already sent, which an
-//! inline round would leave waiting (pipelines of 16 ran 15% slower inline, pipelines of one 24-40%
-//! faster). The thread also takes the rounds no idle worker takes within `MAX_DELAY`.
+//! inline round would leave waiting (pipelines of 16 ran 15% slower inline, pipelines of one
+//! 24-40% faster). The thread also takes the rounds no idle worker takes within `MAX_DELAY`.
 //!
 //! Invariant: a waiter registered after its writes were appended is answered only by a sync
 //! that started after it registered, which covers those writes; a failed sync fails every
@@ -163,6 +164,23 @@ impl Shared {
         self.wake.notify_one();
     }
 
+    /// Takes the queued waiters as a round (the queue lock held).
+    fn take_round(&self, q: &mut Queue) -> Vec<Waiter> {
+        q.kicked = false;
+        q.since = None;
+        q.writes = 0;
+        self.waiting.store(false, Ordering::Release);
+        std::mem::take(&mut q.waiting)
+    }
+
+    /// Answers a round's waiters with the outcome of its sync.
+    fn answer(&self, round: Vec<Waiter>, r: Result<(), Arc<timber_kv::Error>>) {
+        self.rounds.fetch_add(1, Ordering::Relaxed);
+        for w in round {
+            let _ = w.send(r.clone());
+        }
+    }
+
     /// A worker went idle: it runs the round (if the thread has not taken it, and the waiters
     /// did not pipeline), then pokes its reactor so that it runs the tasks the round woke before
     /// it sleeps.
@@ -178,18 +196,10 @@ impl Shared {
                 self.wake.notify_one();
                 return;
             }
-            q.writes = 0;
-            q.kicked = false;
-            q.since = None;
-            self.waiting.store(false, Ordering::Release);
-            std::mem::take(&mut q.waiting)
+            self.take_round(&mut q)
         };
-        let r = inline.db.sync().map_err(Arc::new);
-        self.rounds.fetch_add(1, Ordering::Relaxed);
+        self.answer(round, inline.db.sync().map_err(Arc::new));
         self.inline_rounds.fetch_add(1, Ordering::Relaxed);
-        for w in round {
-            let _ = w.send(r.clone());
-        }
         // A full socket (`WouldBlock`) already holds bytes that will wake the runtime.
         let _ = inline.poke.send(&[1]);
     }
@@ -336,20 +346,13 @@ fn run(db: &Db, shared: &Shared) {
             if q.waiting.is_empty() {
                 return;
             }
-            q.kicked = false;
-            q.since = None;
-            q.writes = 0;
-            shared.waiting.store(false, Ordering::Release);
-            std::mem::take(&mut q.waiting)
+            shared.take_round(&mut q)
         };
         let start = Instant::now();
         let r = db.sync().map_err(Arc::new);
         let took = start.elapsed();
-        shared.rounds.fetch_add(1, Ordering::Relaxed);
         let answered = round.len();
-        for w in round {
-            let _ = w.send(r.clone());
-        }
+        shared.answer(round, r);
         expected = answered + shared.queue.lock().waiting.len();
         gather_until = Instant::now() + shared.gather_for.unwrap_or(took.min(shared.max_delay));
     }
