@@ -179,6 +179,12 @@ impl Keyspace {
         self.sync_thread.is_some()
     }
 
+    /// Whether connections wait for a sync round, which a runtime worker runs or starts when it
+    /// parks (see `sync_thread`).
+    pub(crate) fn sync_due(&self) -> bool {
+        self.sync_thread.as_ref().is_some_and(|t| t.round_due())
+    }
+
     /// Runs `f` off the async workers and waits until its writes may be acknowledged
     /// ([`Keyspace::durable`]): the write path of the gRPC and HTTP endpoints. `None` if the
     /// task died.

@@ -10,6 +10,7 @@ pub mod keyspace;
 pub mod limit;
 pub mod logs;
 pub mod resp;
+mod spin;
 pub mod streams;
 mod sync_thread;
 
@@ -117,13 +118,18 @@ impl Server {
             .map_err(|e| tracing::debug!(error = %e, "metrics recorder not installed"))
             .ok();
         let (stop, stop_rx) = watch::channel(false);
+        let spinner = (!cfg.idle_spin.is_zero()).then(|| {
+            let k = keys.clone();
+            spin::Spinner::new(cfg.idle_spin, move || k.sync_due())
+        });
         let endpoint = Arc::new(resp::Endpoint::new(
             keys.clone(),
             redis_streams.clone(),
             engines.connections.clone(),
+            spinner.clone(),
             &cfg,
         ));
-        let tasks = vec![
+        let mut tasks = vec![
             tokio::spawn(resp::serve(
                 endpoint,
                 limit::Limited::new(
@@ -136,8 +142,11 @@ impl Server {
             )),
             tokio::spawn(grpc::serve(engines.clone(), grpc_listener, stop_rx.clone())),
             tokio::spawn(http::serve(engines.clone(), prometheus, http_listener, stop_rx.clone())),
-            tokio::spawn(sweep(engines.clone(), stop_rx)),
+            tokio::spawn(sweep(engines.clone(), stop_rx.clone())),
         ];
+        if let Some(s) = spinner {
+            tasks.push(tokio::spawn(s.run(stop_rx)));
+        }
         tracing::info!(
             %resp_addr, %grpc_addr, %http_addr, data_dir = %cfg.data_dir.display(), sync = %cfg.sync,
             "timberd listening"

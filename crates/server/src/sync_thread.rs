@@ -284,6 +284,12 @@ impl SyncThread {
         async move { rx.await.unwrap_or_else(|_| Err(Arc::new(timber_kv::Error::Closed))) }
     }
 
+    /// Whether connections wait for a round (which, with the idle hook, a worker runs or starts
+    /// when it parks).
+    pub(crate) fn round_due(&self) -> bool {
+        self.shared.waiting.load(Ordering::Acquire)
+    }
+
     /// Answers the waiters still queued, then stops the thread and waits for it.
     pub(crate) fn stop(&self) {
         RUNNING.lock().retain(|s| !Arc::ptr_eq(s, &self.shared));

@@ -21,6 +21,7 @@ use tokio::sync::watch;
 
 use crate::keyspace::Keyspace;
 use crate::limit::{Counted, Limited};
+use crate::spin::Spinner;
 use crate::streams::StreamSpace;
 use command::{Context, Session};
 use reply::Reply;
@@ -39,6 +40,8 @@ pub struct Endpoint {
     /// Largest request.
     pub max_request: usize,
     connections: Arc<crate::limit::Connections>,
+    /// Told of every request, if the server spins (`--idle-spin-us`).
+    spinner: Option<Arc<Spinner>>,
     next_id: AtomicU64,
     /// Per command (by [`command::prepare`]'s index): calls and latency.
     metrics: Vec<(metrics::Counter, metrics::Histogram)>,
@@ -46,10 +49,11 @@ pub struct Endpoint {
 
 impl Endpoint {
     /// A new endpoint over `keys`.
-    pub fn new(
+    pub(crate) fn new(
         keys: Arc<Keyspace>,
         streams: Arc<StreamSpace>,
         connections: Arc<crate::limit::Connections>,
+        spinner: Option<Arc<Spinner>>,
         cfg: &crate::config::Config,
     ) -> Endpoint {
         Endpoint {
@@ -58,6 +62,7 @@ impl Endpoint {
             secret: cfg.auth_secret.clone(),
             max_request: cfg.max_request_bytes,
             connections,
+            spinner,
             next_id: AtomicU64::new(1),
             metrics: command::names()
                 .map(|c| {
@@ -152,6 +157,9 @@ async fn connection(
             }
         }
         if !requests.is_empty() {
+            if let Some(s) = &ep.spinner {
+                s.request();
+            }
             run_requests(&ep, &mut s, &requests, &mut out, &stop).await;
         }
         if let Some(e) = &bad {
