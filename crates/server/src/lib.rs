@@ -6,6 +6,7 @@
 pub mod config;
 pub mod grpc;
 pub mod http;
+mod journal_sync;
 pub mod keyspace;
 pub mod limit;
 pub mod logs;
@@ -119,8 +120,8 @@ impl Server {
             .ok();
         let (stop, stop_rx) = watch::channel(false);
         let spinner = (!cfg.idle_spin.is_zero()).then(|| {
-            let k = keys.clone();
-            spin::Spinner::new(cfg.idle_spin, move || k.sync_due())
+            let (k, s) = (keys.clone(), redis_streams.clone());
+            spin::Spinner::new(cfg.idle_spin, move || k.sync_due() || s.sync_due())
         });
         let endpoint = Arc::new(resp::Endpoint::new(
             keys.clone(),

@@ -47,7 +47,7 @@ use timber_kv::Db;
 use tokio::sync::oneshot;
 
 /// The longest a round waits for a runtime worker to go idle.
-const MAX_DELAY: Duration = Duration::from_millis(1);
+pub(crate) const MAX_DELAY: Duration = Duration::from_millis(1);
 
 /// Whether a runtime calls [`runtime_idle`] when its workers go idle.
 static HOOKED: AtomicBool = AtomicBool::new(false);
@@ -73,6 +73,12 @@ fn runtime_idle() {
             None => s.kick(),
         }
     }
+    crate::journal_sync::run_queued();
+}
+
+/// Whether a runtime built with [`install_idle_hook`] is around (rounds then wait for it).
+pub(crate) fn hooked() -> bool {
+    HOOKED.load(Ordering::Acquire)
 }
 
 /// Rounds run by the idle worker itself (see the module documentation).
@@ -89,6 +95,17 @@ impl Inline {
         db: Arc<Db>,
         rt: &tokio::runtime::Handle,
     ) -> std::io::Result<(Inline, tokio::task::AbortHandle)> {
+        let (poke, task) = poke_pair(rt)?;
+        Ok((Inline { db, poke }, task))
+    }
+}
+
+/// A socket to poke the reactor of `rt` with (one byte wakes a parked worker), and the task
+/// that drains the watched end.
+pub(crate) fn poke_pair(
+    rt: &tokio::runtime::Handle,
+) -> std::io::Result<(UnixDatagram, tokio::task::AbortHandle)> {
+    {
         let (poke, watched) = UnixDatagram::pair()?;
         poke.set_nonblocking(true)?;
         watched.set_nonblocking(true)?;
@@ -104,7 +121,7 @@ impl Inline {
                 while watched.try_recv(&mut buf).is_ok() {}
             }
         });
-        Ok((Inline { db, poke }, task.abort_handle()))
+        Ok((poke, task.abort_handle()))
     }
 }
 

@@ -34,7 +34,9 @@ mod writer;
 pub use cache::CacheStats;
 pub use error::{Error, Result};
 pub use journal::Journal;
-pub use options::{Options, S3Options, Storage, StreamConfig, WriterOptions};
+pub use options::{
+    BlockingSync, Options, S3Options, Storage, StreamConfig, SyncRunner, WriterOptions,
+};
 pub use reader::{Entry, Start, StreamReader};
 pub use streams::{SegmentInfo, StreamInfo, Streams};
 pub use writer::{Ack, StreamWriter};

@@ -11,8 +11,8 @@
 //! entry: no channel, no permit, no clock read.
 //!
 //! With a journal (`crate::journal`), the flusher instead appends each buffer to the journal
-//! and the stream's tail at once (under `Journal::Always`, one journal sync at a time, see
-//! `JOURNAL_SYNCS`) and resolves its slot when the record is durable; fragments are then cut from the
+//! and the stream's tail at once (under `Journal::Always`, as many journal syncs at a time as
+//! the store's `SyncRunner` takes, by default one) and resolves its slot when the record is durable; fragments are then cut from the
 //! tail by `max_entries`, `max_bytes` or `max_interval` and written and recorded as above, their
 //! entries long acknowledged.
 //!
@@ -52,14 +52,6 @@ use crate::streams::{object_id, Shared};
 /// written at once. Two rather than one: XADD P1 from 50 clients (timberd) went from 31k to 40k
 /// entries/s in A/B runs, as one fragment's fsync overlaps the next one's write.
 const IDLE_INFLIGHT: usize = 2;
-
-/// Under `Journal::Always`: journal syncs in flight at once. One: entries sent during a sync
-/// wait for the next, which covers them all. With two, the second arrived while the first was
-/// under way, and the WAL's group commit, which waits for as many syncers as its last sync
-/// released, spun (`sched_yield`) before each sync for a syncer that would come only after the
-/// acks: on 2 cores timberd took 13% more CPU per XADD P1 `--sync always`, and XADD P16 ran at
-/// 493k against 628k entries/s (medians of 6 and 3 alternating runs).
-const JOURNAL_SYNCS: usize = 1;
 
 /// The outcome of one fragment, shared by the acks of its entries.
 #[derive(Debug, Default)]
@@ -187,10 +179,19 @@ struct WriterShared {
     state: Mutex<State>,
     /// The store has a journal: entries are acknowledged once journaled.
     journal: bool,
+    /// Where journal syncs run, and how many may be in flight (`journal_syncs`).
+    sync_runner: Arc<dyn crate::SyncRunner>,
     /// Wakes the flusher: entries to seal, a flush or a close.
     work: Notify,
     /// Wakes senders waiting for room under `max_buffered_bytes`.
     room: Notify,
+}
+
+impl WriterShared {
+    /// Journal syncs that may be queued or in flight now.
+    fn journal_syncs(&self) -> usize {
+        self.sync_runner.queued_syncs().max(1)
+    }
 }
 
 /// The writer of one stream. Cheap to share by reference across tasks; `send` may be called
@@ -251,6 +252,7 @@ impl StreamWriter {
                 failed: None,
             }),
             journal: journal.is_some(),
+            sync_runner: shared.opts.sync_runner.clone(),
             work: Notify::new(),
             room: Notify::new(),
         });
@@ -316,7 +318,7 @@ impl StreamWriter {
                     // full buffer set aside without room waits for a commit, which the flusher
                     // sees without being woken.
                     let wake = if self.shared.journal {
-                        st.journaling < JOURNAL_SYNCS
+                        st.journaling < self.shared.journal_syncs()
                     } else {
                         st.buf.len() == 1
                             || (set_aside && st.inflight < self.opts.max_flush_inflight)
@@ -488,8 +490,8 @@ impl Flusher {
     /// Takes the next batch to write, if one should be written now.
     fn next_batch(&self, st: &mut State) -> Option<Batch> {
         if let Some(j) = &self.journal {
-            // Journal at once, with at most `JOURNAL_SYNCS` syncs in flight (group commit).
-            if j.synced && st.journaling >= JOURNAL_SYNCS {
+            // Journal at once, with at most `journal_syncs()` syncs in flight (group commit).
+            if j.synced && st.journaling >= self.ws.journal_syncs() {
                 return None;
             }
             return st.ready.pop_front().or_else(|| (!st.buf.is_empty()).then(|| take_buf(st)));
@@ -723,13 +725,12 @@ impl Flusher {
         j.uncut_since.get_or_insert(b.since);
         if j.synced {
             let sh = self.shared.clone();
-            j.syncing.push_back(Box::pin(async move {
-                tokio::task::spawn_blocking(move || sh.journal().expect("journal mode").sync())
-                    .await
-                    .unwrap_or_else(|e| {
-                        Err(Error::InvalidParam(format!("journal sync failed: {e}")))
-                    })
-            }));
+            j.syncing.push_back(
+                self.shared
+                    .opts
+                    .sync_runner
+                    .run(Box::new(move || sh.journal().expect("journal mode").sync())),
+            );
             j.waiting.push_back((b.pending, end, b.since));
         } else {
             self.journaled(b.pending, end, b.since);

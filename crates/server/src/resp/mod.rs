@@ -226,7 +226,12 @@ async fn run_requests(
             let outcome = stream_command::execute(&mut cx, name, &requests[i][1..]).await;
             ep.record(index, t);
             match outcome {
-                Outcome::Later(f) => later.push(f),
+                Outcome::Later(f) => {
+                    later.push(f);
+                    if later.len() == 3 {
+                        ep.streams.note_pipelined();
+                    }
+                }
                 Outcome::Now(r) => {
                     settle(&mut later, s.proto, out).await;
                     r.encode(s.proto, out);

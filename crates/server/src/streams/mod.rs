@@ -181,6 +181,8 @@ pub struct StreamSpace {
     uids: Mutex<()>,
     /// Bumped whenever a stream is created, for waits on keys that did not exist.
     created: watch::Sender<u64>,
+    /// Under `--sync always` in timberd's runtime: where the journal's syncs run.
+    idle_syncs: Option<Arc<crate::journal_sync::IdleSyncs>>,
 }
 
 fn stream_name(uid: u64) -> String {
@@ -206,15 +208,40 @@ impl StreamSpace {
             Sync::Interval(d) => Journal::Interval(d),
             Sync::Manual => Journal::Manual,
         };
-        let streams =
-            Streams::open(dir, timber_stream::Options::default().journal(journal)).await?;
+        let mut opts = timber_stream::Options::default().journal(journal);
+        // Under `always`, journal syncs run on idle runtime workers (in timberd's runtime).
+        let idle_syncs = match sync {
+            // Without them (no socket pair) the blocking pool runs the syncs.
+            Sync::Always => crate::journal_sync::IdleSyncs::start().unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "journal syncs run on the blocking pool");
+                None
+            }),
+            _ => None,
+        };
+        if let Some(r) = &idle_syncs {
+            opts = opts.sync_runner(r.clone());
+        }
+        let streams = Streams::open(dir, opts).await?;
         Ok(StreamSpace {
+            idle_syncs,
             keys,
             streams,
             open: Mutex::default(),
             uids: Mutex::new(()),
             created: watch::channel(0).0,
         })
+    }
+
+    /// A connection pipelined appends (see `journal_sync`).
+    pub(crate) fn note_pipelined(&self) {
+        if let Some(s) = &self.idle_syncs {
+            s.pipelined();
+        }
+    }
+
+    /// Whether journal syncs wait for an idle runtime worker.
+    pub(crate) fn sync_due(&self) -> bool {
+        self.idle_syncs.as_ref().is_some_and(|s| s.due())
     }
 
     /// The timber stream store (also serves the gRPC and HTTP stream APIs).
