@@ -77,6 +77,13 @@ impl Server {
     /// Opens the data directory and starts listening. Fails if another server holds the data
     /// directory or an address cannot be bound.
     pub async fn start(cfg: Config) -> anyhow::Result<Server> {
+        // One process-wide recorder; a second server in the same process goes without. Installed
+        // before the engines open: they take their metric handles when they open, and a handle
+        // taken before the recorder is installed records nothing.
+        let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
+            .install_recorder()
+            .map_err(|e| tracing::debug!(error = %e, "metrics recorder not installed"))
+            .ok();
         std::fs::create_dir_all(&cfg.data_dir)
             .with_context(|| format!("cannot create data directory {}", cfg.data_dir.display()))?;
         let kv_dir = cfg.data_dir.join("kv");
@@ -113,11 +120,6 @@ impl Server {
         let resp_addr = resp_listener.local_addr()?;
         let grpc_addr = grpc_listener.local_addr()?;
         let http_addr = http_listener.local_addr()?;
-        // One process-wide recorder; a second server in the same process goes without.
-        let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
-            .install_recorder()
-            .map_err(|e| tracing::debug!(error = %e, "metrics recorder not installed"))
-            .ok();
         let (stop, stop_rx) = watch::channel(false);
         let spinner = (!cfg.idle_spin.is_zero()).then(|| {
             let (k, s) = (keys.clone(), redis_streams.clone());

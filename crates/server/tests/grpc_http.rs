@@ -252,6 +252,7 @@ async fn http_rest_websocket_metrics_and_health() {
         "timber_grpc_requests_total{method=\"/timber.v1.Kv/Get\"}",
         "timber_http_requests_total",
         "timber_stream_append_seconds",
+        "timber_kv_writes_total{db=",
         "timber_uptime_seconds",
     ] {
         assert!(text.contains(want), "/metrics lacks {want}");
