@@ -2,7 +2,8 @@
 //! them, are cut into fragments later (or when the writer closes), survive the process going
 //! away (replayed into fragments at open, also by a store opened without a journal), keep their
 //! ids across a new writer, and truncations above the recorded fragments are journaled too.
-//! A damaged journal record is reported, not skipped.
+//! A damaged journal record is reported, not skipped. Most of this holds for a synced journal
+//! (acks wait for its sync) and an unsynced one alike: the tests run both ways.
 
 mod common;
 
@@ -11,6 +12,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::{Backend, Place};
 use timber_stream::{Error, Journal, Start, StreamConfig, Streams, WriterOptions};
+
+/// A synced journal and an unsynced one: the two ways entries get journaled.
+const BOTH: [Journal; 2] = [Journal::Always, Journal::Manual];
 
 fn entry(i: u64) -> Bytes {
     Bytes::from(format!("entry-{i}-{}", "j".repeat((i % 50) as usize)))
@@ -67,9 +71,15 @@ fn append_and_vanish(p: &Place, journal: Journal, name: &str, n: u64) {
 
 #[test]
 fn journaled_entries_are_readable_at_once_and_cut_into_fragments_later() {
+    for journal in BOTH {
+        journaled_entries_are_readable_then_cut(journal);
+    }
+}
+
+fn journaled_entries_are_readable_then_cut(journal: Journal) {
     let p = Place::new(Backend::Local);
     common::runtime().block_on(async {
-        let s = Streams::open(p.dir.path(), p.options().journal(Journal::Always)).await.unwrap();
+        let s = Streams::open(p.dir.path(), p.options().journal(journal)).await.unwrap();
         s.create("j", StreamConfig::default()).await.unwrap();
         let w = s.writer_with("j", slow_cut()).await.unwrap();
         let mut tail = s.reader("j", Start::Latest).unwrap();
@@ -141,9 +151,15 @@ fn a_store_without_a_journal_replays_the_one_left_behind() {
 
 #[test]
 fn a_new_writer_takes_over_journaled_entries_and_fences_the_old_one() {
+    for journal in BOTH {
+        a_new_writer_fences_the_old_one(journal);
+    }
+}
+
+fn a_new_writer_fences_the_old_one(journal: Journal) {
     let p = Place::new(Backend::Local);
     common::runtime().block_on(async {
-        let s = Streams::open(p.dir.path(), p.options().journal(Journal::Always)).await.unwrap();
+        let s = Streams::open(p.dir.path(), p.options().journal(journal)).await.unwrap();
         s.create("f", StreamConfig::default()).await.unwrap();
         let old = s.writer_with("f", slow_cut()).await.unwrap();
         for i in 0..20 {
@@ -152,6 +168,8 @@ fn a_new_writer_takes_over_journaled_entries_and_fences_the_old_one() {
         let new = s.writer_with("f", slow_cut()).await.unwrap();
         let e = old.append(entry(999)).await.unwrap_err();
         assert!(matches!(e, Error::Fenced { .. }), "{e}");
+        let e = old.append(entry(999)).await.unwrap_err();
+        assert!(matches!(e, Error::Fenced { .. }), "a fenced writer stays fenced: {e}");
         assert_eq!(new.append(entry(20)).await.unwrap(), 20);
         read_all(&s, "f", 0, 21).await;
         new.close().await.unwrap();
@@ -165,11 +183,17 @@ fn a_new_writer_takes_over_journaled_entries_and_fences_the_old_one() {
 
 #[test]
 fn truncation_above_the_recorded_entries_is_journaled() {
+    for journal in BOTH {
+        truncation_is_journaled(journal);
+    }
+}
+
+fn truncation_is_journaled(journal: Journal) {
     let p = Place::new(Backend::Local);
-    append_and_vanish(&p, Journal::Always, "t", 10);
+    append_and_vanish(&p, journal, "t", 10);
     let rt = vanishing_runtime();
     rt.block_on(async {
-        let s = Streams::open(p.dir.path(), p.options().journal(Journal::Always)).await.unwrap();
+        let s = Streams::open(p.dir.path(), p.options().journal(journal)).await.unwrap();
         let w = s.writer_with("t", slow_cut()).await.unwrap();
         for i in 10..30 {
             w.append(entry(i)).await.unwrap();
@@ -186,7 +210,7 @@ fn truncation_above_the_recorded_entries_is_journaled() {
     rt.shutdown_background();
     // The process goes away before the truncation is recorded: the journal has it.
     common::runtime().block_on(async {
-        let s = Streams::open(p.dir.path(), p.options().journal(Journal::Always)).await.unwrap();
+        let s = Streams::open(p.dir.path(), p.options().journal(journal)).await.unwrap();
         let info = s.info("t").unwrap();
         assert_eq!((info.first_id, info.next_id), (25, 30));
         read_all(&s, "t", 25, 30).await;
@@ -218,9 +242,15 @@ fn a_damaged_journal_record_is_reported() {
 
 #[test]
 fn a_journaled_truncation_is_recorded_once_the_entries_are() {
+    for journal in BOTH {
+        a_journaled_truncation_is_recorded(journal);
+    }
+}
+
+fn a_journaled_truncation_is_recorded(journal: Journal) {
     let p = Place::new(Backend::Local);
     common::runtime().block_on(async {
-        let s = Streams::open(p.dir.path(), p.options().journal(Journal::Always)).await.unwrap();
+        let s = Streams::open(p.dir.path(), p.options().journal(journal)).await.unwrap();
         s.create("r", StreamConfig::default()).await.unwrap();
         let w = s.writer_with("r", slow_cut()).await.unwrap();
         for i in 0..30 {
@@ -237,4 +267,52 @@ fn a_journaled_truncation_is_recorded_once_the_entries_are() {
         assert_eq!((info.first_id, info.next_id), (25, 30));
         read_all(&s, "r", 25, 30).await;
     });
+}
+
+#[test]
+fn entries_of_an_unsynced_journal_are_cut_at_max_interval() {
+    let p = Place::new(Backend::Local);
+    common::runtime().block_on(async {
+        let s = Streams::open(p.dir.path(), p.options().journal(Journal::Manual)).await.unwrap();
+        s.create("i", StreamConfig::default()).await.unwrap();
+        let opts = WriterOptions { max_interval: Duration::from_millis(20), ..slow_cut() };
+        let w = s.writer_with("i", opts).await.unwrap();
+        // Two rounds: the first arms the cut deadline, the second must arm it again.
+        for round in 0..2u64 {
+            for i in round * 10..round * 10 + 10 {
+                assert_eq!(w.append(entry(i)).await.unwrap(), i);
+            }
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            while recorded(&s, "i") < round * 10 + 10 {
+                assert!(std::time::Instant::now() < deadline, "round {round}: nothing cut");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        read_all(&s, "i", 0, 20).await;
+        w.close().await.unwrap();
+        s.close().await.unwrap();
+    });
+}
+
+#[test]
+fn a_writer_of_a_deleted_stream_fails_and_stays_failed() {
+    for journal in BOTH {
+        let p = Place::new(Backend::Local);
+        common::runtime().block_on(async {
+            let s = Streams::open(p.dir.path(), p.options().journal(journal)).await.unwrap();
+            s.create("x", StreamConfig::default()).await.unwrap();
+            let w = s.writer_with("x", slow_cut()).await.unwrap();
+            for i in 0..5 {
+                w.append(entry(i)).await.unwrap();
+            }
+            s.delete("x").await.unwrap();
+            for _ in 0..2 {
+                let e = w.append(entry(9)).await.unwrap_err();
+                assert!(matches!(e, Error::NotFound { .. }), "{journal:?}: {e}");
+            }
+            drop(w);
+            assert!(matches!(s.info("x"), Err(Error::NotFound { .. })));
+            s.close().await.unwrap();
+        });
+    }
 }
