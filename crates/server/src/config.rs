@@ -109,8 +109,8 @@ pub struct Flags {
     /// Microseconds a runtime worker keeps polling for Redis-protocol requests after the last
     /// one before it sleeps; 0 never. Under steady load this spares the client the wake-up of a
     /// sleeping server thread per request, for at most this much CPU per quiet spell; at most
-    /// 1000. Off under --sync always unless set, since idle workers run the fsyncs there
-    /// [default: 10; 0 with --sync always].
+    /// 1000. Under --sync always it stops whenever an fsync round is due, since idle workers
+    /// run those [default: 10].
     #[arg(long, env = "TIMBER_IDLE_SPIN_US")]
     pub idle_spin_us: Option<u64>,
 }
@@ -210,10 +210,7 @@ impl Config {
         if workers == Some(0) {
             return Err("workers must be at least 1".into());
         }
-        let idle_spin = flags
-            .idle_spin_us
-            .or(file.idle_spin_us)
-            .unwrap_or(if sync == Sync::Always { 0 } else { DEFAULT_IDLE_SPIN_US });
+        let idle_spin = flags.idle_spin_us.or(file.idle_spin_us).unwrap_or(DEFAULT_IDLE_SPIN_US);
         if idle_spin > MAX_IDLE_SPIN_US {
             return Err(format!(
                 "idle_spin_us must be at most {MAX_IDLE_SPIN_US} (got {idle_spin})"
@@ -245,7 +242,7 @@ impl Config {
     }
 }
 
-/// `--idle-spin-us` unless set (and not `--sync always`).
+/// `--idle-spin-us` unless set.
 const DEFAULT_IDLE_SPIN_US: u64 = 10;
 /// The largest `--idle-spin-us`.
 const MAX_IDLE_SPIN_US: u64 = 1000;
@@ -289,7 +286,9 @@ mod tests {
         assert_eq!(c.workers, None);
         assert_eq!(c.idle_spin, Duration::from_micros(DEFAULT_IDLE_SPIN_US));
         let c = Config::resolve(flags(&["--sync", "always"])).unwrap();
-        assert_eq!(c.idle_spin, Duration::ZERO, "no spinning by default under --sync always");
+        assert_eq!(c.idle_spin, Duration::from_micros(DEFAULT_IDLE_SPIN_US));
+        let c = Config::resolve(flags(&["--sync", "always", "--idle-spin-us", "0"])).unwrap();
+        assert_eq!(c.idle_spin, Duration::ZERO);
         let c = Config::resolve(flags(&["--sync", "always", "--idle-spin-us", "50"])).unwrap();
         assert_eq!(c.idle_spin, Duration::from_micros(50));
     }

@@ -218,8 +218,7 @@ fn data_survives_graceful_restart_and_sigkill_with_sync_always() {
     let _: () = cmd("SET").arg("graceful").arg("1").query(&mut c).unwrap();
     assert_eq!(t.stop(), 0, "SIGTERM exits 0");
 
-    // With the spinner on (it is off by default under --sync always): it must leave the
-    // fsync rounds to the idle workers.
+    // With a long spinner window: the spinner must leave the fsync rounds to the idle workers.
     let t = Timberd::start(dir.path(), &["--sync", "always", "--idle-spin-us", "200"]);
     let mut c = t.client();
     assert_eq!(cmd("GET").arg("graceful").query::<String>(&mut c).unwrap(), "1");
