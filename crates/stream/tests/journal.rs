@@ -33,6 +33,15 @@ fn recorded(s: &Streams, name: &str) -> u64 {
     s.segments(name).unwrap().iter().map(|g| g.end_id - g.first_id).sum()
 }
 
+/// Waits (at most 20 s) until fragments record `n` entries of `name`.
+async fn wait_recorded(s: &Streams, name: &str, n: u64, what: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while recorded(s, name) < n {
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 async fn read_all(s: &Streams, name: &str, from: u64, to: u64) {
     let mut r = s.reader(name, Start::At(from)).unwrap();
     for i in from..to {
@@ -101,11 +110,7 @@ fn journaled_entries_are_readable_then_cut(journal: Journal) {
             drop(w.send(entry(i)).await.unwrap());
         }
         w.flush().await.unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while recorded(&s, "j") < 1000 {
-            assert!(std::time::Instant::now() < deadline, "no fragment cut at max_entries");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        wait_recorded(&s, "j", 1000, "no fragment cut at max_entries").await;
         read_all(&s, "j", 0, 1100).await;
         w.close().await.unwrap();
         assert_eq!(recorded(&s, "j"), 1100, "closing cuts and records the rest");
@@ -282,11 +287,7 @@ fn entries_of_an_unsynced_journal_are_cut_at_max_interval() {
             for i in round * 10..round * 10 + 10 {
                 assert_eq!(w.append(entry(i)).await.unwrap(), i);
             }
-            let deadline = std::time::Instant::now() + Duration::from_secs(20);
-            while recorded(&s, "i") < round * 10 + 10 {
-                assert!(std::time::Instant::now() < deadline, "round {round}: nothing cut");
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
+            wait_recorded(&s, "i", round * 10 + 10, &format!("round {round}: nothing cut")).await;
         }
         read_all(&s, "i", 0, 20).await;
         w.close().await.unwrap();
