@@ -3,7 +3,7 @@
 //! `seq u64 LE | count u32 LE | count × (kind u8 | key_len varint | key | [value_len varint | value])`.
 
 use crate::error::{Error, Result};
-use crate::key::{get_slice, get_u32, get_u64, get_varint, put_varint, Kind};
+use crate::key::{get_slice, get_u32, get_u64, get_varint, put_varint, Kind, Op};
 use crate::options::{MAX_KEY_LEN, MAX_VALUE_LEN};
 
 pub(crate) const HEADER_LEN: usize = 12;
@@ -54,6 +54,27 @@ impl WriteBatch {
         self.rep.extend_from_slice(key);
         put_varint(&mut self.rep, value.len() as u64);
         self.rep.extend_from_slice(value);
+        self.count += 1;
+        self
+    }
+
+    /// Sets the key that is the concatenation of `key` to the value that is the concatenation
+    /// of `value`, as [`WriteBatch::put`] of the joined bytes would, without joining them first.
+    pub fn put_parts(&mut self, key: &[&[u8]], value: &[&[u8]]) -> &mut Self {
+        let klen: usize = key.iter().map(|p| p.len()).sum();
+        let vlen: usize = value.iter().map(|p| p.len()).sum();
+        if self.invalid.is_none() {
+            self.invalid = validate_lens(klen, Some(vlen)).err();
+        }
+        self.rep.push(Kind::Put as u8);
+        put_varint(&mut self.rep, klen as u64);
+        for p in key {
+            self.rep.extend_from_slice(p);
+        }
+        put_varint(&mut self.rep, vlen as u64);
+        for p in value {
+            self.rep.extend_from_slice(p);
+        }
         self.count += 1;
         self
     }
@@ -115,25 +136,23 @@ impl WriteBatch {
 
 /// Checks the limits on keys and values.
 pub(crate) fn validate(key: &[u8], value: Option<&[u8]>) -> Result<(), String> {
-    if key.is_empty() {
+    validate_lens(key.len(), value.map(<[u8]>::len))
+}
+
+/// [`validate`] of a key and value of these lengths.
+fn validate_lens(key: usize, value: Option<usize>) -> Result<(), String> {
+    if key == 0 {
         return Err("empty keys are not allowed".into());
     }
-    if key.len() > MAX_KEY_LEN {
-        return Err(format!("key of {} bytes exceeds the limit of {MAX_KEY_LEN}", key.len()));
+    if key > MAX_KEY_LEN {
+        return Err(format!("key of {key} bytes exceeds the limit of {MAX_KEY_LEN}"));
     }
     if let Some(v) = value {
-        if v.len() > MAX_VALUE_LEN {
-            return Err(format!("value of {} bytes exceeds the limit of {MAX_VALUE_LEN}", v.len()));
+        if v > MAX_VALUE_LEN {
+            return Err(format!("value of {v} bytes exceeds the limit of {MAX_VALUE_LEN}"));
         }
     }
     Ok(())
-}
-
-/// One decoded write of a batch.
-pub(crate) struct Op<'a> {
-    pub(crate) kind: Kind,
-    pub(crate) key: &'a [u8],
-    pub(crate) value: &'a [u8],
 }
 
 /// Decodes an encoded batch: its first sequence number and its writes. `None` if malformed.
@@ -216,6 +235,19 @@ mod tests {
         assert_eq!((ops[0].kind, ops[0].key, ops[0].value), (Kind::Put, &b"k1"[..], &b"v1"[..]));
         assert_eq!((ops[1].kind, ops[1].key), (Kind::Delete, &b"k2"[..]));
         assert!(decode(&rep[..rep.len() - 1]).is_none());
+
+        let mut parts = WriteBatch::new();
+        parts.put_parts(&[b"k", b"1"], &[b"v", b"", b"1"]).put_parts(&[b"k2"], &[]);
+        let rep = parts.encode(7).unwrap().to_vec();
+        let (_, ops) = decode(&rep).unwrap();
+        assert_eq!((ops[0].kind, ops[0].key, ops[0].value), (Kind::Put, &b"k1"[..], &b"v1"[..]));
+        assert_eq!((ops[1].key, ops[1].value), (&b"k2"[..], &b""[..]));
+        parts.clear();
+        parts.put_parts(&[b"", b""], &[b"v"]);
+        assert!(matches!(parts.encode(1), Err(Error::InvalidParam(m)) if m.contains("empty")));
+        parts.clear();
+        parts.put_parts(&[b"k", &vec![0u8; MAX_KEY_LEN]], &[b"v"]);
+        assert!(matches!(parts.encode(1), Err(Error::InvalidParam(m)) if m.contains("key of")));
 
         let mut bad = WriteBatch::new();
         bad.put(b"", b"v");

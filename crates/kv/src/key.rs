@@ -259,6 +259,13 @@ impl Bounds {
     }
 }
 
+/// One write of a batch: a put of `value` or a delete (whose `value` is empty) of a user key.
+pub(crate) struct Op<'a> {
+    pub(crate) kind: Kind,
+    pub(crate) key: &'a [u8],
+    pub(crate) value: &'a [u8],
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,6 +16,8 @@ enum Op {
     Delete(u8),
     Batch(Vec<(u8, Option<u16>)>),
     Get(u8),
+    /// Several keys, perhaps repeated, in one `get_many`.
+    GetMany(Vec<u8>),
     /// Bounds, inclusive end, reverse, and whether entries are lent (`next_ref`).
     Scan(Option<u8>, Option<u8>, bool, bool, bool),
     Prefix(u8, bool),
@@ -54,6 +56,7 @@ fn op() -> impl Strategy<Value = Op> {
         8 => k.clone().prop_map(Op::Delete),
         6 => proptest::collection::vec((k.clone(), proptest::option::of(any::<u16>())), 1..8).prop_map(Op::Batch),
         10 => k.clone().prop_map(Op::Get),
+        4 => proptest::collection::vec(k.clone(), 0..20).prop_map(Op::GetMany),
         5 => (proptest::option::of(k.clone()), proptest::option::of(k.clone()), any::<bool>(), any::<bool>(), any::<bool>())
             .prop_map(|(a, b, inc, rev, lend)| Op::Scan(a, b, inc, rev, lend)),
         2 => (0u8..45, any::<bool>()).prop_map(|(p, rev)| Op::Prefix(p, rev)),
@@ -175,6 +178,13 @@ fn run(ops: Vec<Op>, lz4: bool, synced: bool, hash_index: bool) {
             }
             Op::Get(k) => {
                 assert_eq!(d.get(key(k)).unwrap().map(|b| b.to_vec()), model.get(&key(k)).cloned());
+            }
+            Op::GetMany(ks) => {
+                let keys: Vec<Vec<u8>> = ks.iter().map(|&k| key(k)).collect();
+                let got: Vec<_> =
+                    d.get_many(&keys).unwrap().into_iter().map(|v| v.map(|b| b.to_vec())).collect();
+                let want: Vec<_> = keys.iter().map(|k| model.get(k).cloned()).collect();
+                assert_eq!(got, want);
             }
             Op::Scan(a, b, inc, rev, lend) => {
                 let (lo, hi) = bounds(a, b, inc);

@@ -166,26 +166,47 @@ fn pipelining_and_resp3() {
     assert_eq!(got, ("OK".into(), "OK".into(), "OK".into(), "2".into(), 3, -1, "x".into()));
     // Runs of INCRs with errors inside: each reply as if alone, nothing of a failed one written.
     let _: () = cmd("SET").arg("ttl-kept").arg("1").arg("EX").arg(100).query(&mut c).unwrap();
+    let _: String = cmd("XADD").arg("strm").arg("*").arg("f").arg("v").query(&mut c).unwrap();
     // Raw bytes: the redis crate's pipelines stop at the first error reply.
     let mut raw = TcpStream::connect(("127.0.0.1", t.port)).unwrap();
     raw.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let script = "SET n 5\r\nINCR n\r\nINCRBY n 10\r\nINCR other2\r\nDECRBY n x\r\nDECR n\r\n\
-                  INCR fresh\r\nINCRBY n 9223372036854775807\r\nINCR ttl-kept\r\n";
+                  INCR fresh\r\nINCRBY n 9223372036854775807\r\nINCR ttl-kept\r\nINCR strm\r\n\
+                  INCR n\r\n";
     raw.write_all(script.as_bytes()).unwrap();
     let mut text = String::new();
     let mut buf = [0u8; 4096];
-    while text.matches("\r\n").count() < 9 {
+    while text.matches("\r\n").count() < 11 {
         let n = raw.read(&mut buf).unwrap();
         assert!(n > 0, "connection closed after {text:?}");
         text.push_str(std::str::from_utf8(&buf[..n]).unwrap());
     }
-    let lines: Vec<&str> = text.split("\r\n").take(9).collect();
+    let lines: Vec<&str> = text.split("\r\n").take(11).collect();
     assert_eq!(lines[..4], ["+OK", ":6", ":16", ":1"], "{text}");
     assert!(lines[4].starts_with("-ERR value is not an integer"), "{text}");
     assert_eq!(lines[5..7], [":15", ":1"], "{text}");
     assert!(lines[7].contains("overflow"), "{text}");
     assert_eq!(lines[8], ":2", "{text}");
-    assert_eq!(cmd("GET").arg("n").query::<i64>(&mut c).unwrap(), 15);
+    assert!(lines[9].starts_with("-WRONGTYPE"), "{text}");
+    assert_eq!(lines[10], ":16", "{text}");
+    assert_eq!(cmd("GET").arg("n").query::<i64>(&mut c).unwrap(), 16);
+    assert_eq!(cmd("XLEN").arg("strm").query::<i64>(&mut c).unwrap(), 1, "the stream is intact");
+    // A run of GETs is one read: a stream and a key too long for the engine fail alone.
+    let long = "a".repeat(timber_kv::MAX_KEY_LEN);
+    let script = format!("GET n\r\nGET strm\r\nGET nothing\r\nGET {long}\r\nGET fresh\r\n");
+    raw.write_all(script.as_bytes()).unwrap();
+    let mut text = String::new();
+    while text.matches("\r\n").count() < 7 {
+        let n = raw.read(&mut buf).unwrap();
+        assert!(n > 0, "connection closed after {text:?}");
+        text.push_str(std::str::from_utf8(&buf[..n]).unwrap());
+    }
+    let lines: Vec<&str> = text.split("\r\n").take(7).collect();
+    assert_eq!(lines[..2], ["$2", "16"], "{text}");
+    assert!(lines[2].starts_with("-WRONGTYPE"), "{text}");
+    assert_eq!(lines[3], "$-1", "{text}");
+    assert!(lines[4].starts_with("-ERR"), "{text}");
+    assert_eq!(lines[5..7], ["$1", "1"], "{text}");
     assert!(cmd("TTL").arg("ttl-kept").query::<i64>(&mut c).unwrap() > 0, "INCR keeps the TTL");
 
     let url = format!("redis://127.0.0.1:{}/?protocol=resp3", t.port);

@@ -274,16 +274,26 @@ async fn run_requests(
                 } else {
                     Vec::new()
                 };
-            if s.authed && ops.len() >= 2 {
+            // And consecutive GETs (a pipeline of reads) as one read.
+            let gets: Vec<&[u8]> = if ops.is_empty() && run.len() - j >= 2 {
+                run[j..].iter().map_while(|r| command::get_of(r)).collect()
+            } else {
+                Vec::new()
+            };
+            if s.authed && (ops.len() >= 2 || gets.len() >= 2) {
                 let t = std::time::Instant::now();
-                for (r, reply) in run[j..].iter().zip(command::execute_run(&ep.keys, &ops)) {
+                let (n, replies) = match ops.len() {
+                    0 => (gets.len(), command::execute_gets(&ep.keys, &gets)),
+                    n => (n, command::execute_run(&ep.keys, &ops)),
+                };
+                for (r, reply) in run[j..].iter().zip(replies) {
                     reply.encode(s.proto, out);
                     let timed = sample(s).map(|_| t);
                     if let Ok((index, _)) = command::prepare(s, r) {
                         ep.record(index, timed);
                     }
                 }
-                j += ops.len();
+                j += n;
                 continue;
             }
             let r = &run[j];
