@@ -443,8 +443,8 @@ impl Memtable {
     /// Inserts the writes of a batch, the `i`th at `seq + i`, as [`Memtable::insert`] inserts
     /// each. With a hash index, under the write locks of all their shards (see
     /// [`Memtable::locked`]): the index entries of all the keys are prefetched first, so that
-    /// their cache misses overlap (see [`Memtable::get_many`]; one by one, they were a tenth of
-    /// timberd's CPU under pipelined SETs of random keys).
+    /// their cache misses overlap (see [`Memtable::get_many`]; pipelined SETs of random keys
+    /// ran 10–30% faster in timberd than with one lock and miss after another).
     pub(crate) fn insert_batch(&self, ops: &[Op<'_>], seq: u64, prune: Option<u64>) {
         if self.index.is_empty() {
             for (i, op) in ops.iter().enumerate() {

@@ -249,15 +249,15 @@ impl Keyspace {
         Ok(v.expire_at.is_none_or(|at| at > now_ms()).then_some(v))
     }
 
-    /// The live values of several keys, of any kind, in the order of `keys`: faster than as
-    /// many [`Keyspace::get`]s (see [`Db::get_many`]). Fails as a whole if the engine does; a
-    /// value that does not decode fails alone.
+    /// [`Keyspace::get_string`] of several keys, in the order of `keys`: faster than one by
+    /// one (see [`Db::get_many`]). Fails as a whole if the engine does; a key that holds
+    /// another kind, or a value that does not decode, fails alone.
     #[allow(clippy::type_complexity)]
-    pub fn get_many(&self, keys: &[&[u8]]) -> Result<Vec<Result<Option<Value>, Error>>, Error> {
+    pub fn get_strings(&self, keys: &[&[u8]]) -> Result<Vec<Result<Option<Value>, Error>>, Error> {
         if keys.iter().any(|k| k.len() >= timber_kv::MAX_KEY_LEN) {
             // The engine refuses such a key, and a read of several keys as a whole: read them
             // one by one, so that only that one fails.
-            return Ok(keys.iter().map(|k| self.get(k)).collect());
+            return Ok(keys.iter().map(|k| self.get_string(k)).collect());
         }
         // The engine keys, in one buffer.
         let mut buf = Vec::with_capacity(keys.iter().map(|k| k.len() + 1).sum());
@@ -280,10 +280,11 @@ impl Keyspace {
             .zip(found)
             .map(|(k, v)| match v {
                 None => Ok(None),
-                Some(v) => {
-                    let v = decode(k, &v)?;
-                    Ok(v.expire_at.is_none_or(|at| at > now).then_some(v))
-                }
+                Some(v) => match decode(k, &v)? {
+                    v if v.expire_at.is_some_and(|at| at <= now) => Ok(None),
+                    v if v.kind != Kind::String => Err(Error::WrongType),
+                    v => Ok(Some(v)),
+                },
             })
             .collect())
     }

@@ -628,13 +628,12 @@ pub fn get_of(r: &[Bytes]) -> Option<&[u8]> {
 }
 
 /// Runs consecutive pipelined GETs as one read of all their keys, whose cache misses overlap
-/// (see `Keyspace::get_many`). The replies are those the GETs would give one by one.
+/// (see `Keyspace::get_strings`). The replies are those the GETs would give one by one.
 pub fn execute_gets(keys: &Keyspace, gets: &[&[u8]]) -> Vec<Reply> {
-    match keys.get_many(gets) {
+    match keys.get_strings(gets) {
         Ok(values) => values
             .into_iter()
             .map(|v| match v {
-                Ok(Some(v)) if v.kind != Kind::String => storage(crate::keyspace::Error::WrongType),
                 Ok(Some(v)) => Reply::Bulk(v.data),
                 Ok(None) => Reply::Nil,
                 Err(e) => storage(e),
@@ -666,7 +665,7 @@ pub fn execute_run(keys: &Keyspace, ops: &[RunOp<'_>]) -> Vec<Reply> {
             _ => None,
         })
         .collect();
-    let stored = match keys.get_many(&added) {
+    let stored = match keys.get_strings(&added) {
         Ok(v) => v,
         Err(e) => {
             let r = storage(e);
@@ -686,12 +685,7 @@ pub fn execute_run(keys: &Keyspace, ops: &[RunOp<'_>]) -> Vec<Reply> {
                 let read = stored.next().expect("one stored value per addition");
                 let cur = match overlay.get(&k[..]) {
                     Some(v) => Ok(Some(v.clone())),
-                    None => match read {
-                        Ok(Some(v)) if v.kind != Kind::String => {
-                            Err(crate::keyspace::Error::WrongType)
-                        }
-                        r => r,
-                    },
+                    None => read,
                 };
                 match cur {
                     Err(e) => storage(e),
