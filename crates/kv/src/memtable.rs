@@ -170,6 +170,11 @@ impl Versions {
         heap + (grown * std::mem::size_of::<Version>()) as isize - freed
     }
 
+    /// Whether a version with `tag` is there.
+    fn has(&self, tag: u64) -> bool {
+        self.0.read().iter().any(|v| v.tag == tag)
+    }
+
     /// The newest version visible at `at`, resolved under the versions' lock.
     fn visible(&self, at: ReadAt<'_>) -> Lookup {
         let list = self.0.read();
@@ -509,13 +514,18 @@ impl Memtable {
     /// Adds `version` to `user`'s node, creating it if needed; returns the bytes this added.
     fn insert_node(&self, user: &[u8], version: Version, prune: Option<u64>) -> isize {
         let size = node_size(user, &version);
-        let mut version = Some(version);
+        let mut created = false;
+        // The closure gets a copy: when two writers race to create the key's node, the skiplist
+        // may call it, lose the race, drop the node it built and return the winner's, and the
+        // version must then still be added to that one.
         let e = self.map.get_or_insert_with(UserKey::new(user), || {
-            Node::Own(Versions::new(version.take().expect("taken once")))
+            created = true;
+            Node::Own(Versions::new(version.clone()))
         });
-        match version {
-            Some(v) => e.value().add(v, prune),
-            None => size as isize,
+        if created && e.value().has(version.tag) {
+            size as isize
+        } else {
+            e.value().add(version, prune)
         }
     }
 
