@@ -102,6 +102,21 @@ impl Value {
     }
 }
 
+/// The value `key`'s engine entry holds (`stored`), if it is live at `now`.
+fn live(key: &[u8], stored: Option<Bytes>, now: u64) -> Result<Option<Value>, Error> {
+    let Some(v) = stored else { return Ok(None) };
+    let v = decode(key, &v)?;
+    Ok(v.expire_at.is_none_or(|at| at > now).then_some(v))
+}
+
+/// A value that must be a string (or nothing): [`Error::WrongType`] otherwise.
+fn string(v: Option<Value>) -> Result<Option<Value>, Error> {
+    match v {
+        Some(v) if v.kind != Kind::String => Err(Error::WrongType),
+        v => Ok(v),
+    }
+}
+
 fn decode(key: &[u8], v: &Bytes) -> Result<Value, Error> {
     let (kind, expire_at) = header(key, v)?;
     Ok(Value { kind, data: v.slice(9..), expire_at })
@@ -244,9 +259,7 @@ impl Keyspace {
 
     /// The live value of a key, of any kind.
     pub fn get(&self, key: &[u8]) -> Result<Option<Value>, Error> {
-        let Some(v) = self.db.get(data_key(key))? else { return Ok(None) };
-        let v = decode(key, &v)?;
-        Ok(v.expire_at.is_none_or(|at| at > now_ms()).then_some(v))
+        live(key, self.db.get(data_key(key))?, now_ms())
     }
 
     /// [`Keyspace::get_string`] of several keys, in the order of `keys`: faster than one by
@@ -259,43 +272,27 @@ impl Keyspace {
             // one by one, so that only that one fails.
             return Ok(keys.iter().map(|k| self.get_string(k)).collect());
         }
-        // The engine keys, in one buffer.
+        // The engine keys, in one buffer: key `i` ends at `ends[i]`.
         let mut buf = Vec::with_capacity(keys.iter().map(|k| k.len() + 1).sum());
-        for k in keys {
-            buf.push(DATA);
-            buf.extend_from_slice(k);
-        }
-        let mut at = 0;
-        let data: Vec<&[u8]> = keys
+        let ends: Vec<usize> = keys
             .iter()
             .map(|k| {
-                at += k.len() + 1;
-                &buf[at - k.len() - 1..at]
+                buf.push(DATA);
+                buf.extend_from_slice(k);
+                buf.len()
             })
             .collect();
+        let data: Vec<&[u8]> =
+            keys.iter().zip(&ends).map(|(k, &end)| &buf[end - k.len() - 1..end]).collect();
         let found = self.db.get_many(&data)?;
         let now = now_ms();
-        Ok(keys
-            .iter()
-            .zip(found)
-            .map(|(k, v)| match v {
-                None => Ok(None),
-                Some(v) => match decode(k, &v)? {
-                    v if v.expire_at.is_some_and(|at| at <= now) => Ok(None),
-                    v if v.kind != Kind::String => Err(Error::WrongType),
-                    v => Ok(Some(v)),
-                },
-            })
-            .collect())
+        Ok(keys.iter().zip(found).map(|(k, v)| live(k, v, now).and_then(string)).collect())
     }
 
     /// The live value of a key that must hold a string (or nothing): [`Error::WrongType`]
     /// otherwise.
     pub fn get_string(&self, key: &[u8]) -> Result<Option<Value>, Error> {
-        match self.get(key)? {
-            Some(v) if v.kind != Kind::String => Err(Error::WrongType),
-            v => Ok(v),
-        }
+        string(self.get(key)?)
     }
 
     /// The engine, for the other structures kept beside the keys ([`crate::streams`]).
