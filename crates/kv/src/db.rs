@@ -216,9 +216,7 @@ impl Db {
                 )
             })?;
             let mem = mems.last().expect("one memtable");
-            for (i, op) in ops.iter().enumerate() {
-                mem.insert(op.key, seq + i as u64, op.kind, op.value, None);
-            }
+            mem.insert_batch(&ops, seq, None);
             last_seq = last_seq.max(seq + ops.len() as u64 - 1);
             if mem.size() >= opts.memtable_size {
                 mem.seal(wseq + 1);
