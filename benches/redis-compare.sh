@@ -2,8 +2,10 @@
 # timberd beside a real redis-server (Debian package redis-server, appendonly yes), driven by the
 # same redis-benchmark runs: SET, GET, INCR, XADD; pipelines of 1 and 16; 50 clients. First at
 # 1-second durability (appendfsync everysec vs --sync interval:1000), then per-write durability
-# (appendfsync always vs --sync always). Runs alternate between the two servers; each row is the
-# median of REPEAT runs; the last column is timber / redis.
+# (appendfsync always vs --sync always). Runs alternate between the two servers (which one goes
+# first alternates too); each row gives the median of REPEAT runs of each, their ratio (timber /
+# redis), and the median and range of the REPEAT ratios of runs made back to back, which drift in
+# the machine's speed moves less than it moves the medians.
 #
 # timberd runs with one runtime worker (WORKERS=1), as Redis runs its commands on one thread:
 # on a machine of 2 cores each server then leaves a core to redis-benchmark. WORKERS=0 keeps
@@ -48,7 +50,19 @@ run() { # port test pipeline
 
 median() { sort -g | awk '{a[NR]=$1} END {if (NR==0) print "n/a"; else print a[int((NR+1)/2)]}'; }
 
-printf "%-10s %-6s %-4s %14s %14s %8s\n" durability test P redis_rps timber_rps ratio
+# The median and the range of the ratios of paired runs: "1.04x (0.97-1.10)".
+pair_ratios() { # redis runs, then timber runs, as two space-separated lists
+    awk -v r="$1" -v t="$2" 'BEGIN {
+        n = split(r, a, " "); split(t, b, " "); m = 0
+        for (i = 1; i <= n; i++) if (a[i] != "n/a" && b[i] != "n/a" && a[i] > 0) q[++m] = b[i] / a[i]
+        if (m == 0) { print "-"; exit }
+        for (i = 1; i <= m; i++) for (j = i + 1; j <= m; j++) if (q[j] < q[i]) { x = q[i]; q[i] = q[j]; q[j] = x }
+        printf "%.2fx (%.2f-%.2f)", q[int((m + 1) / 2)], q[1], q[m]
+    }'
+}
+
+printf "%-10s %-6s %-4s %14s %14s %8s  %s\n" durability test P redis_rps timber_rps ratio \
+    "paired ratio (range)"
 for mode in everysec always; do
     rm -rf "$WORK/redis" "$WORK/timber"; mkdir -p "$WORK/redis" "$WORK/timber"
     redis-server --port "$RPORT" --dir "$WORK/redis" --appendonly yes --appendfsync "$mode" \
@@ -62,14 +76,20 @@ for mode in everysec always; do
     for test in ${TESTS//,/ }; do
         for p in 1 16; do
             r=(); t=()
-            for _ in $(seq 1 "$REPEAT"); do
-                r+=("$(run "$RPORT" "$test" "$p")")
-                t+=("$(run "$TPORT" "$test" "$p")")
+            for i in $(seq 1 "$REPEAT"); do
+                if (( i % 2 )); then
+                    r+=("$(run "$RPORT" "$test" "$p")")
+                    t+=("$(run "$TPORT" "$test" "$p")")
+                else
+                    t+=("$(run "$TPORT" "$test" "$p")")
+                    r+=("$(run "$RPORT" "$test" "$p")")
+                fi
             done
             rm=$(printf "%s\n" "${r[@]}" | { grep -v n/a || true; } | median)
             tm=$(printf "%s\n" "${t[@]}" | { grep -v n/a || true; } | median)
             ratio=$(awk -v a="$tm" -v b="$rm" 'BEGIN { if (a=="n/a" || b=="n/a" || b==0) print "-"; else printf "%.2fx", a/b }')
-            printf "%-10s %-6s %-4s %14s %14s %8s\n" "$mode" "$test" "$p" "$rm" "$tm" "$ratio"
+            printf "%-10s %-6s %-4s %14s %14s %8s  %s\n" "$mode" "$test" "$p" "$rm" "$tm" "$ratio" \
+                "$(pair_ratios "${r[*]}" "${t[*]}")"
         done
     done
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done

@@ -16,9 +16,14 @@
 //! Invariants: an idle server does not spin (at most `window` after its last request); the spinner
 //! never spins while a keyspace sync round is due, since under `--sync always` those run when a
 //! worker parks (`sync_thread`) and a spinning worker would not park. `Spinner::request` costs a
-//! relaxed load when the spinner is already spinning.
+//! relaxed load and store when the spinner is already spinning.
+//!
+//! It also tells connections whether the worker is busy: the spinner turns once each time the
+//! worker polls for I/O, so a batch of requests that finds another batch ran since the last turn
+//! is one of several ready at once, and the connection holds its replies until the others have
+//! run (`resp::connection`).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,8 +33,9 @@ use tokio::sync::{watch, Notify};
 pub(crate) struct Spinner {
     /// How long the spinner keeps polling after the last request.
     window: Duration,
-    /// A request came since the spinner last looked (set by connections, cleared by the spinner).
-    seen: AtomicBool,
+    /// Batches of requests run since the spinner's last turn (counted by connections, cleared by
+    /// the spinner).
+    batches: AtomicU32,
     /// The spinner waits on `wake` for the next request.
     asleep: AtomicBool,
     wake: Notify,
@@ -52,24 +58,30 @@ impl Spinner {
     ) -> Arc<Spinner> {
         Arc::new(Spinner {
             window,
-            seen: AtomicBool::new(false),
+            batches: AtomicU32::new(0),
             asleep: AtomicBool::new(false),
             wake: Notify::new(),
             park_due: Box::new(park_due),
         })
     }
 
-    /// A connection got a request: keep spinning, or start again.
+    /// A connection got a batch of requests: keep spinning, or start again. Returns whether the
+    /// worker is busy: the spinner is spinning and another batch ran since its last turn (the
+    /// spinner turns once each time the worker polls for I/O, so other connections are likely
+    /// still ready).
     #[inline]
-    pub(crate) fn request(&self) {
-        if !self.seen.load(Ordering::Relaxed) {
-            self.seen.store(true, Ordering::Relaxed);
-        }
+    pub(crate) fn request(&self) -> bool {
+        let before = self.batches.load(Ordering::Relaxed);
+        self.batches.store(before.saturating_add(1), Ordering::Relaxed);
         // A request that slips in between the spinner's last look and its `asleep` store finds
         // it not yet asleep and does not wake it: the next request does.
-        if self.asleep.load(Ordering::Relaxed) && self.asleep.swap(false, Ordering::Relaxed) {
-            self.wake.notify_one();
+        if self.asleep.load(Ordering::Relaxed) {
+            if self.asleep.swap(false, Ordering::Relaxed) {
+                self.wake.notify_one();
+            }
+            return false;
         }
+        before > 0
     }
 
     /// Whether the spinner is waiting for a request (not spinning).
@@ -90,7 +102,7 @@ impl Spinner {
                 if (self.park_due)() {
                     break;
                 }
-                if self.seen.swap(false, Ordering::Relaxed) {
+                if self.batches.swap(0, Ordering::Relaxed) > 0 {
                     idle_since = None;
                 } else {
                     match idle_since {
@@ -120,6 +132,38 @@ mod tests {
             assert!(Instant::now() < deadline, "timed out waiting until {what}");
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
+    }
+
+    /// Yields until the spinner has taken a turn since the last batch (bounded).
+    async fn until_turn(s: &Spinner) {
+        for _ in 0..1000 {
+            if s.batches.load(Ordering::Relaxed) == 0 {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+        panic!("the spinner took no turn in 1000 yields");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_worker_is_busy_when_a_second_batch_runs_before_the_spinner_turns() {
+        // Each assertion below holds whether or not the spinner fell asleep between them.
+        let s = Spinner::new(Duration::from_millis(20), || false);
+        let (stop, rx) = watch::channel(false);
+        let task = tokio::spawn(s.clone().run(rx));
+        until("the spinner sleeps with no requests", || s.is_asleep()).await;
+        assert!(!s.request(), "a batch that wakes a sleeping spinner finds the worker idle");
+        until_turn(&s).await;
+        assert!(!s.request(), "the first batch since the spinner's turn finds the worker idle");
+        assert!(s.request(), "a second batch before the spinner's turn finds the worker busy");
+        assert!(s.request(), "and so does a third");
+        until_turn(&s).await;
+        assert!(!s.request(), "after the spinner's turn the worker is idle again");
+        stop.send_replace(true);
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("the spinner stops when told")
+            .unwrap();
     }
 
     #[tokio::test(flavor = "current_thread")]
