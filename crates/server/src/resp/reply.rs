@@ -47,9 +47,9 @@ impl Reply {
                     e.chars().map(|c| if c == '\r' || c == '\n' { ' ' } else { c }).collect();
                 line(out, b'-', clean.as_bytes());
             }
-            Reply::Int(i) => line(out, b':', i.to_string().as_bytes()),
+            Reply::Int(i) => number(out, b':', *i),
             Reply::Bulk(b) => {
-                line(out, b'$', b.len().to_string().as_bytes());
+                number(out, b'$', b.len());
                 out.put_slice(b);
                 out.put_slice(b"\r\n");
             }
@@ -58,16 +58,16 @@ impl Reply {
             Reply::NilArray if proto >= 3 => out.put_slice(b"_\r\n"),
             Reply::NilArray => out.put_slice(b"*-1\r\n"),
             Reply::Array(items) => {
-                line(out, b'*', items.len().to_string().as_bytes());
+                number(out, b'*', items.len());
                 for i in items {
                     i.encode(proto, out);
                 }
             }
             Reply::Map(pairs) => {
                 if proto >= 3 {
-                    line(out, b'%', pairs.len().to_string().as_bytes());
+                    number(out, b'%', pairs.len());
                 } else {
-                    line(out, b'*', (pairs.len() * 2).to_string().as_bytes());
+                    number(out, b'*', pairs.len() * 2);
                 }
                 for (k, v) in pairs {
                     k.encode(proto, out);
@@ -82,6 +82,12 @@ fn line(out: &mut BytesMut, tag: u8, body: &[u8]) {
     out.put_u8(tag);
     out.put_slice(body);
     out.put_slice(b"\r\n");
+}
+
+/// A line holding a number (an integer reply, or a length), formatted without allocating: every
+/// bulk reply has one.
+fn number(out: &mut BytesMut, tag: u8, n: impl itoa::Integer) {
+    line(out, tag, itoa::Buffer::new().format(n).as_bytes());
 }
 
 #[cfg(test)]
@@ -102,5 +108,10 @@ mod tests {
         assert_eq!(enc(&m, 2), b"*2\r\n$1\r\na\r\n:1\r\n");
         assert_eq!(enc(&m, 3), b"%1\r\n$1\r\na\r\n:1\r\n");
         assert_eq!(enc(&Reply::Error("ERR a\r\nb".into()), 2), b"-ERR a  b\r\n");
+        assert_eq!(enc(&Reply::Int(i64::MIN), 2), b":-9223372036854775808\r\n");
+        assert_eq!(enc(&Reply::Int(0), 3), b":0\r\n");
+        let long = Reply::Bulk(Bytes::from(vec![b'x'; 12345]));
+        assert!(enc(&long, 2).starts_with(b"$12345\r\nxxx"));
+        assert_eq!(enc(&Reply::Array(vec![Reply::Int(7), Reply::Nil]), 2), b"*2\r\n:7\r\n$-1\r\n");
     }
 }
