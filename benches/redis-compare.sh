@@ -52,13 +52,10 @@ median() { sort -g | awk '{a[NR]=$1} END {if (NR==0) print "n/a"; else print a[i
 
 # The median and the range of the ratios of paired runs: "1.04x (0.97-1.10)".
 pair_ratios() { # redis runs, then timber runs, as two space-separated lists
-    awk -v r="$1" -v t="$2" 'BEGIN {
-        n = split(r, a, " "); split(t, b, " "); m = 0
-        for (i = 1; i <= n; i++) if (a[i] != "n/a" && b[i] != "n/a" && a[i] > 0) q[++m] = b[i] / a[i]
-        if (m == 0) { print "-"; exit }
-        for (i = 1; i <= m; i++) for (j = i + 1; j <= m; j++) if (q[j] < q[i]) { x = q[i]; q[i] = q[j]; q[j] = x }
-        printf "%.2fx (%.2f-%.2f)", q[int((m + 1) / 2)], q[1], q[m]
-    }'
+    paste -d ' ' <(tr ' ' '\n' <<<"$1") <(tr ' ' '\n' <<<"$2") \
+        | awk '$1 != "n/a" && $2 != "n/a" && $1 > 0 { print $2 / $1 }' | sort -g \
+        | awk '{ q[NR] = $1 }
+            END { if (NR == 0) print "-"; else printf "%.2fx (%.2f-%.2f)", q[int((NR + 1) / 2)], q[1], q[NR] }'
 }
 
 printf "%-10s %-6s %-4s %14s %14s %8s  %s\n" durability test P redis_rps timber_rps ratio \

@@ -453,10 +453,10 @@ impl Memtable {
     }
 
     /// Inserts the writes of a batch, the `i`th at `seq + i`, as [`Memtable::insert`] inserts
-    /// each. With a hash index and more than one write, under the write locks of all their shards (see
-    /// [`Memtable::locked`]): the index entries of all the keys are prefetched first, so that
-    /// their cache misses overlap (see [`Memtable::get_many`]; pipelined SETs of random keys
-    /// ran 10–30% faster in timberd than with one lock and miss after another).
+    /// each. With a hash index and more than one write, under the write locks of all their
+    /// shards (see [`Memtable::locked`]): the index entries of all the keys are prefetched
+    /// first, so that their cache misses overlap (see [`Memtable::get_many`]; pipelined SETs of
+    /// random keys ran 10–30% faster in timberd than with one lock and miss after another).
     pub(crate) fn insert_batch(&self, ops: &[Op<'_>], seq: u64, prune: Option<u64>) {
         if self.index.is_empty() || ops.len() < 2 {
             for (i, op) in ops.iter().enumerate() {
