@@ -102,11 +102,16 @@ impl Value {
     }
 }
 
-/// The value `key`'s engine entry holds (`stored`), if it is live at `now`.
-fn live(key: &[u8], stored: Option<Bytes>, now: u64) -> Result<Option<Value>, Error> {
+/// The value `key`'s engine entry holds (`stored`), if it is live at the time `now` reads.
+fn live(
+    key: &[u8],
+    stored: Option<Bytes>,
+    now: impl FnOnce() -> u64,
+) -> Result<Option<Value>, Error> {
     let Some(v) = stored else { return Ok(None) };
     let v = decode(key, &v)?;
-    Ok(v.expire_at.is_none_or(|at| at > now).then_some(v))
+    // The clock is read only for a value that can expire.
+    Ok(v.expire_at.is_none_or(|at| at > now()).then_some(v))
 }
 
 /// A value that must be a string (or nothing): [`Error::WrongType`] otherwise.
@@ -259,7 +264,7 @@ impl Keyspace {
 
     /// The live value of a key, of any kind.
     pub fn get(&self, key: &[u8]) -> Result<Option<Value>, Error> {
-        live(key, self.db.get(data_key(key))?, now_ms())
+        live(key, self.db.get(data_key(key))?, now_ms)
     }
 
     /// [`Keyspace::get_string`] of several keys, in the order of `keys`: faster than one by
@@ -285,7 +290,8 @@ impl Keyspace {
         let data: Vec<&[u8]> =
             keys.iter().zip(&ends).map(|(k, &end)| &buf[end - k.len() - 1..end]).collect();
         let found = self.db.get_many(&data)?;
-        let now = now_ms();
+        let now = std::cell::OnceCell::new();
+        let now = || *now.get_or_init(now_ms);
         Ok(keys.iter().zip(found).map(|(k, v)| live(k, v, now).and_then(string)).collect())
     }
 

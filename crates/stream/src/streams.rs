@@ -266,7 +266,7 @@ impl Shared {
 /// A store of named, append-only log streams.
 #[derive(Debug, Clone)]
 pub struct Streams {
-    shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
 }
 
 impl Streams {

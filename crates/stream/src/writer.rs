@@ -522,13 +522,15 @@ impl Flusher {
         let ws = self.ws.clone();
         loop {
             let work = ws.work.notified();
-            if self.journal.as_ref().is_some_and(|j| j.synced) {
-                // Let the other tasks that are ready (senders, on a busy runtime) send first,
-                // so that one journal sync covers them all: woken by a send, this task would
-                // otherwise run right after that one sender and sync its entry alone.
-                tokio::task::yield_now().await;
-            }
             if self.journal.is_some() {
+                // Let the other tasks that are ready (senders, on a busy runtime) send first,
+                // so that one journal record (and, when acks wait for it, one sync) covers them
+                // all: woken by a send, this task would otherwise run right after that one
+                // sender and journal its entry alone. Without a sync to share, this still
+                // spreads the flusher's work over more entries: XADD P1 from 50 clients used 4.3
+                // instead of 4.6 µs of user CPU per entry in timberd, pipelines of 16 1.30
+                // instead of 1.43.
+                tokio::task::yield_now().await;
                 self.journal_and_cut();
             }
             let (deadline, finished) = {
@@ -939,5 +941,55 @@ impl Flusher {
         self.ws.room.notify_waiters();
         // Orphans of this writer may now be collected.
         self.shared.writer_closed(self.stream, self.epoch);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Journal, Options, StreamConfig, Streams};
+
+    /// Under both journal modes, entries that several tasks send on a busy runtime go into the
+    /// journal together: the flusher, woken by the first send, lets the other senders run
+    /// before it journals.
+    #[test]
+    fn the_sends_of_ready_tasks_share_one_journal_record() {
+        for journal in [Journal::Manual, Journal::Always] {
+            let dir = tempfile::tempdir().unwrap();
+            // One worker, as in timberd: a task woken by another (the flusher, by a send) runs
+            // right after it.
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap();
+            let records = rt.block_on(async {
+                let opts = Options::default().maintenance_interval(None).journal(journal);
+                let s = Streams::open(dir.path(), opts).await.unwrap();
+                s.create("s", StreamConfig::default()).await.unwrap();
+                let w = Arc::new(s.writer("s").await.unwrap());
+                let before = s.shared.journal().unwrap().next_seq();
+                // Spawned from a worker, so that the senders all wait in its queue.
+                let senders = tokio::spawn({
+                    let w = w.clone();
+                    async move {
+                        let tasks: Vec<_> = (0..8u8)
+                            .map(|i| {
+                                let w = w.clone();
+                                tokio::spawn(async move { w.append(vec![i]).await.unwrap() })
+                            })
+                            .collect();
+                        for t in tasks {
+                            t.await.unwrap();
+                        }
+                    }
+                });
+                senders.await.unwrap();
+                let records = s.shared.journal().unwrap().next_seq() - before;
+                Arc::into_inner(w).unwrap().close().await.unwrap();
+                records
+            });
+            assert!(records <= 2, "{journal:?}: 8 sends took {records} journal records");
+        }
     }
 }
