@@ -18,10 +18,21 @@ pub struct Timberd {
 
 impl Timberd {
     /// Starts timberd on `dir` with extra flags and waits until it listens.
+    ///
+    /// `TIMBER_TEST_WORKERS=n` in the environment runs it with `--workers n` unless `extra`
+    /// names `--workers` (`.ci/run` runs the end-to-end suites again with one worker, where
+    /// timberd runs on a current-thread runtime).
     pub fn start(dir: &Path, extra: &[&str]) -> Timberd {
+        let mut workers = Vec::new();
+        if let Ok(n) = std::env::var("TIMBER_TEST_WORKERS") {
+            if !extra.contains(&"--workers") {
+                workers = vec!["--workers".to_string(), n];
+            }
+        }
         let mut child = Command::new(env!("CARGO_BIN_EXE_timberd"))
             .args(["--data-dir", dir.to_str().unwrap(), "--resp-addr", "127.0.0.1:0"])
             .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+            .args(&workers)
             .args(extra)
             .env("TIMBER_LOG", "info")
             .stdout(Stdio::null())
