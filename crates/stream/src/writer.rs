@@ -11,10 +11,11 @@
 //! entry: no channel, no permit, no clock read.
 //!
 //! With a journal (`crate::journal`), the flusher instead appends each buffer to the journal
-//! and the stream's tail at once (under `Journal::Always`, as many journal syncs at a time as
-//! the store's `SyncRunner` takes, by default one) and resolves its slot when the record is durable; fragments are then cut from the
-//! tail by `max_entries`, `max_bytes` or `max_interval` and written and recorded as above, their
-//! entries long acknowledged.
+//! and the stream's tail as soon as the other tasks ready on the runtime have run (so that the
+//! senders among them share the record; under `Journal::Always`, as many journal syncs at a
+//! time as the store's `SyncRunner` takes, by default one) and resolves its slot when the record
+//! is durable; fragments are then cut from the tail by `max_entries`, `max_bytes` or
+//! `max_interval` and written and recorded as above, their entries long acknowledged.
 //!
 //! Invariants: ids are assigned densely from the stream's end in the order `send` calls take the
 //! buffer lock; a buffer that reaches `max_entries` or `max_bytes` is set aside whole, so a
