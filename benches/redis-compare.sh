@@ -7,8 +7,9 @@
 # redis), and the median and range of the REPEAT ratios of runs made back to back, which drift in
 # the machine's speed moves less than it moves the medians.
 #
-# timberd runs with one runtime worker (WORKERS=1), as Redis runs its commands on one thread:
-# on a machine of 2 cores each server then leaves a core to redis-benchmark. WORKERS=0 keeps
+# timberd runs with one runtime worker (WORKERS=1: a current-thread runtime), as Redis runs its
+# commands on one thread: on a machine of 2 cores each server then leaves a core to
+# redis-benchmark. WORKERS=0 keeps
 # timberd's default (one worker per core).
 #
 # Usage: benches/redis-compare.sh            (N=100000 REPEAT=3 WORKERS=1 by default)
