@@ -15,30 +15,9 @@ BINS=${BINS:-target/release/timberd redis}
 T=${T:-set}; P=${P:-1}; N=${N:-150000}; R=${R:-4}; C=${C:-50}
 SYNC=${SYNC:-interval:1000}; WORKERS=${WORKERS:-1}; EXTRA=${EXTRA:-}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/client-busy.XXXXXX")
-declare -A PORT PID
-NAMES=()
-cleanup() { for p in "${PID[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
-trap cleanup EXIT
-
-port=17200
-for b in $BINS; do
-    name=$([[ $b == redis ]] && echo redis || echo "$(basename "$b")#${#NAMES[@]}")
-    NAMES+=("$name")
-    port=$((port + 1)); PORT[$name]=$port; mkdir -p "$WORK/$port"
-    if [[ $b == redis ]]; then
-        mode=$([[ $SYNC == always ]] && echo always || echo everysec)
-        redis-server --port "$port" --dir "$WORK/$port" --appendonly yes --appendfsync "$mode" \
-            --save "" --daemonize no >/dev/null 2>&1 &
-    else
-        # shellcheck disable=SC2086
-        "$b" --data-dir "$WORK/$port" --resp-addr "127.0.0.1:$port" --grpc-addr 127.0.0.1:0 \
-            --http-addr 127.0.0.1:0 --sync "$SYNC" --workers "$WORKERS" $EXTRA 2>/dev/null &
-    fi
-    PID[$name]=$!
-done
-for n in "${NAMES[@]}"; do
-    for _ in $(seq 100); do redis-cli -p "${PORT[$n]}" PING >/dev/null 2>&1 && break; sleep 0.1; done
-done
+# shellcheck source=benches/lib/servers.sh
+source "$(dirname "$0")/lib/servers.sh"
+start_servers 17200
 
 what=(-t "$T")
 [[ $T == xadd ]] && what=(XADD bench-stream '*' field value)
