@@ -26,7 +26,7 @@ type Reply<T> = Result<Response<T>, Status>;
 type Out<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 /// The gRPC status for a stream error.
-pub fn stream_status(e: timber_stream::Error) -> Status {
+pub(crate) fn stream_status(e: timber_stream::Error) -> Status {
     use timber_stream::Error as E;
     match e {
         E::NotFound { .. } => Status::not_found(e.to_string()),
@@ -49,7 +49,7 @@ fn key_status(e: crate::keyspace::Error) -> Status {
 
 /// The services, sharing the server's engines.
 #[derive(Debug, Clone)]
-pub struct Service {
+pub(crate) struct Service {
     engines: Arc<Engines>,
     stop: watch::Receiver<bool>,
 }
@@ -282,7 +282,7 @@ impl Streams for Service {
                 let e = tokio::select! {
                     e = reader.next() => e,
                     () = tx.closed() => return,
-                    () = crate::resp::stopped(&mut stop) => return,
+                    () = crate::shutdown::stopped(&mut stop) => return,
                 };
                 let item = e.map(|e| pb::Entry { id: e.id, data: e.data }).map_err(stream_status);
                 let failed = item.is_err();
@@ -323,7 +323,7 @@ impl Admin for Service {
 }
 
 /// Serves the gRPC services on `listener` until `stop` fires.
-pub async fn serve(
+pub(crate) async fn serve(
     engines: Arc<Engines>,
     listener: tokio::net::TcpListener,
     stop: watch::Receiver<bool>,
@@ -359,7 +359,7 @@ pub async fn serve(
         .add_service(tonic::service::interceptor::InterceptedService::new(streams, auth.clone()))
         .add_service(tonic::service::interceptor::InterceptedService::new(admin, auth))
         .serve_with_incoming_shutdown(incoming, async move {
-            crate::resp::stopped(&mut stopping).await;
+            crate::shutdown::stopped(&mut stopping).await;
         })
         .await;
     if let Err(e) = r {

@@ -99,7 +99,7 @@ fn entry_json(id: u64, data: &[u8]) -> Json_ {
 const REFUSAL: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: 45\r\nconnection: close\r\n\r\n{\"error\":\"max number of connections reached\"}";
 
 /// Serves the HTTP endpoint on `listener` until `stop` fires.
-pub async fn serve(
+pub(crate) async fn serve(
     engines: Arc<Engines>,
     prometheus: Option<metrics_exporter_prometheus::PrometheusHandle>,
     listener: tokio::net::TcpListener,
@@ -128,7 +128,7 @@ pub async fn serve(
         .with_state(app);
     let mut stopping = stop;
     let r = axum::serve(listener, router)
-        .with_graceful_shutdown(async move { crate::resp::stopped(&mut stopping).await })
+        .with_graceful_shutdown(async move { crate::shutdown::stopped(&mut stopping).await })
         .await;
     if let Err(e) = r {
         tracing::error!(error = %e, "HTTP endpoint failed");
@@ -425,7 +425,7 @@ async fn push(
                 Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
                 Some(Ok(_)) => {}
             },
-            () = crate::resp::stopped(&mut stop) => {
+            () = crate::shutdown::stopped(&mut stop) => {
                 let _ = socket.send(Message::Close(None)).await;
                 return;
             }

@@ -19,13 +19,14 @@ use parking_lot::{Mutex, MutexGuard};
 use timber_kv::{Db, Durability, WriteBatch};
 
 use crate::config::Sync;
-use crate::sync_thread::SyncThread;
+use crate::idle::keyspace_sync::SyncRounds;
+use crate::idle::IdleWork;
 
 const STRIPES: usize = 256;
 
 /// Errors of keyspace operations.
 #[derive(Debug, thiserror::Error)]
-pub enum Error {
+pub(crate) enum Error {
     /// The storage engine failed.
     #[error("storage: {0}")]
     Kv(#[from] timber_kv::Error),
@@ -42,7 +43,7 @@ pub enum Error {
 
 /// What a key holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
+pub(crate) enum Kind {
     /// A string.
     String = 1,
     /// A Redis stream; the value's bytes are its handle.
@@ -51,7 +52,7 @@ pub enum Kind {
 
 impl Kind {
     /// The name `TYPE` reports.
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Kind::String => "string",
             Kind::Stream => "stream",
@@ -61,17 +62,17 @@ impl Kind {
 
 /// A stored value.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Value {
+pub(crate) struct Value {
     /// What the key holds.
-    pub kind: Kind,
+    pub(crate) kind: Kind,
     /// The bytes.
-    pub data: Bytes,
+    pub(crate) data: Bytes,
     /// Deadline in ms since the Unix epoch.
-    pub expire_at: Option<u64>,
+    pub(crate) expire_at: Option<u64>,
 }
 
 /// Milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
@@ -97,7 +98,7 @@ fn index_key(at: u64, key: &[u8]) -> Vec<u8> {
 
 impl Value {
     /// A string value without deadline.
-    pub fn string(data: impl Into<Bytes>) -> Value {
+    pub(crate) fn string(data: impl Into<Bytes>) -> Value {
         Value { kind: Kind::String, data: data.into(), expire_at: None }
     }
 }
@@ -150,19 +151,24 @@ fn stripe(key: &[u8]) -> usize {
 
 /// The shared keyspace.
 #[derive(Debug)]
-pub struct Keyspace {
+pub(crate) struct Keyspace {
     db: std::sync::Arc<Db>,
     durability: Durability,
-    /// Under `--sync always` (and only then): the thread that answers [`Keyspace::durable`].
-    sync_thread: Option<SyncThread>,
+    /// Under `--sync always` (and only then): the rounds that answer [`Keyspace::durable`].
+    sync_rounds: Option<SyncRounds>,
     stripes: Vec<Mutex<()>>,
     cursors: Mutex<lru::LruCache<u64, Bytes>>,
     next_cursor: AtomicU64,
 }
 
 impl Keyspace {
-    /// Opens (creating) the keyspace in `dir` with the server's sync mode.
-    pub fn open(dir: &std::path::Path, sync: Sync) -> Result<Keyspace, Error> {
+    /// Opens (creating) the keyspace in `dir` with the server's sync mode; under `--sync
+    /// always`, its sync rounds run on the parking workers of a runtime that runs `idle`.
+    pub(crate) fn open(
+        dir: &std::path::Path,
+        sync: Sync,
+        idle: &IdleWork,
+    ) -> Result<Keyspace, Error> {
         // With `Always`, writes are buffered and the connection awaits `durable` once per batch
         // of pipelined commands, before any reply is sent.
         let (synced, interval) = match sync {
@@ -180,8 +186,8 @@ impl Keyspace {
             .memtable_hash_index(true)
             .name("keyspace");
         let db = std::sync::Arc::new(Db::open(dir, opts)?);
-        let sync_thread = match synced {
-            true => Some(SyncThread::start(db.clone()).map_err(|e| {
+        let sync_rounds = match synced {
+            true => Some(SyncRounds::start(db.clone(), idle).map_err(|e| {
                 Error::Kv(timber_kv::Error::Io { path: dir.to_path_buf(), op: "spawn", source: e })
             })?),
             false => None,
@@ -189,7 +195,7 @@ impl Keyspace {
         Ok(Keyspace {
             db,
             durability,
-            sync_thread,
+            sync_rounds,
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             cursors: Mutex::new(lru::LruCache::new(
                 std::num::NonZeroUsize::new(4096).expect("> 0"),
@@ -200,20 +206,14 @@ impl Keyspace {
 
     /// Whether acknowledged writes must be durable: then callers await [`Keyspace::durable`]
     /// before replying.
-    pub fn synced(&self) -> bool {
-        self.sync_thread.is_some()
-    }
-
-    /// Whether connections wait for a sync round, which a runtime worker runs or starts when it
-    /// parks (see `sync_thread`).
-    pub(crate) fn sync_due(&self) -> bool {
-        self.sync_thread.as_ref().is_some_and(|t| t.round_due())
+    pub(crate) fn synced(&self) -> bool {
+        self.sync_rounds.is_some()
     }
 
     /// Runs `f` off the async workers and waits until its writes may be acknowledged
     /// ([`Keyspace::durable`]): the write path of the gRPC and HTTP endpoints. `None` if the
     /// task died.
-    pub async fn write_durably<T: Send + 'static>(
+    pub(crate) async fn write_durably<T: Send + 'static>(
         self: &std::sync::Arc<Self>,
         f: impl FnOnce(&Keyspace) -> Result<T, Error> + Send + 'static,
     ) -> Option<Result<T, Error>> {
@@ -231,16 +231,16 @@ impl Keyspace {
     /// always`, once it is durable (one fsync, by the sync thread or an idle runtime worker,
     /// serves every caller waiting at that moment); in the other modes at once (the interval
     /// sync or `manual` make writes durable).
-    pub fn durable(&self) -> impl std::future::Future<Output = Result<(), Error>> + use<> {
+    pub(crate) fn durable(&self) -> impl std::future::Future<Output = Result<(), Error>> + use<> {
         self.durable_for(1)
     }
 
     /// [`Keyspace::durable`] for a caller that waits for `writes` writes (a pipeline of them).
-    pub fn durable_for(
+    pub(crate) fn durable_for(
         &self,
         writes: usize,
     ) -> impl std::future::Future<Output = Result<(), Error>> + use<> {
-        let wait = self.sync_thread.as_ref().map(|t| t.durable(writes));
+        let wait = self.sync_rounds.as_ref().map(|t| t.durable(writes));
         async move {
             match wait {
                 Some(w) => w.await.map_err(Error::Sync),
@@ -250,20 +250,20 @@ impl Keyspace {
     }
 
     /// Syncs and closes the engine.
-    pub fn close(&self) -> Result<(), Error> {
-        if let Some(t) = &self.sync_thread {
+    pub(crate) fn close(&self) -> Result<(), Error> {
+        if let Some(t) = &self.sync_rounds {
             t.stop();
         }
         Ok(self.db.close()?)
     }
 
     /// The stripe lock of a key: hold it across a read and the write that depends on it.
-    pub fn lock(&self, key: &[u8]) -> MutexGuard<'_, ()> {
+    pub(crate) fn lock(&self, key: &[u8]) -> MutexGuard<'_, ()> {
         self.stripes[stripe(key)].lock()
     }
 
     /// The live value of a key, of any kind.
-    pub fn get(&self, key: &[u8]) -> Result<Option<Value>, Error> {
+    pub(crate) fn get(&self, key: &[u8]) -> Result<Option<Value>, Error> {
         live(key, self.db.get(data_key(key))?, now_ms)
     }
 
@@ -271,7 +271,10 @@ impl Keyspace {
     /// one (see [`Db::get_many`]). Fails as a whole if the engine does; a key that holds
     /// another kind, or a value that does not decode, fails alone.
     #[allow(clippy::type_complexity)]
-    pub fn get_strings(&self, keys: &[&[u8]]) -> Result<Vec<Result<Option<Value>, Error>>, Error> {
+    pub(crate) fn get_strings(
+        &self,
+        keys: &[&[u8]],
+    ) -> Result<Vec<Result<Option<Value>, Error>>, Error> {
         if keys.iter().any(|k| k.len() >= timber_kv::MAX_KEY_LEN) {
             // The engine refuses such a key, and a read of several keys as a whole: read them
             // one by one, so that only that one fails.
@@ -297,7 +300,7 @@ impl Keyspace {
 
     /// The live value of a key that must hold a string (or nothing): [`Error::WrongType`]
     /// otherwise.
-    pub fn get_string(&self, key: &[u8]) -> Result<Option<Value>, Error> {
+    pub(crate) fn get_string(&self, key: &[u8]) -> Result<Option<Value>, Error> {
         string(self.get(key)?)
     }
 
@@ -321,7 +324,7 @@ impl Keyspace {
     }
 
     /// Stores values, atomically.
-    pub fn set_many(&self, items: &[(&[u8], Value)]) -> Result<(), Error> {
+    pub(crate) fn set_many(&self, items: &[(&[u8], Value)]) -> Result<(), Error> {
         // Each write's kind, lengths, prefix and header take under 32 bytes.
         let mut b =
             WriteBatch::with_capacity(items.iter().map(|(k, v)| k.len() + v.data.len() + 32).sum());
@@ -333,7 +336,7 @@ impl Keyspace {
 
     /// The stripe locks of several keys, taken in stripe order (so that two callers never
     /// deadlock), each once.
-    pub fn lock_many(&self, keys: &[&[u8]]) -> Vec<MutexGuard<'_, ()>> {
+    pub(crate) fn lock_many(&self, keys: &[&[u8]]) -> Vec<MutexGuard<'_, ()>> {
         let mut stripes: Vec<usize> = keys.iter().map(|k| stripe(k)).collect();
         stripes.sort_unstable();
         stripes.dedup();
@@ -341,7 +344,7 @@ impl Keyspace {
     }
 
     /// Stores strings (`Some`) and deletes keys (`None`), atomically.
-    pub fn write_mixed(&self, items: &[(&[u8], Option<Bytes>)]) -> Result<(), Error> {
+    pub(crate) fn write_mixed(&self, items: &[(&[u8], Option<Bytes>)]) -> Result<(), Error> {
         let mut b = WriteBatch::new();
         for (k, v) in items {
             match v {
@@ -355,12 +358,12 @@ impl Keyspace {
     }
 
     /// Stores one value.
-    pub fn set(&self, key: &[u8], v: &Value) -> Result<(), Error> {
+    pub(crate) fn set(&self, key: &[u8], v: &Value) -> Result<(), Error> {
         self.set_many(&[(key, v.clone())])
     }
 
     /// Deletes keys, atomically; returns how many were live.
-    pub fn delete(&self, keys: &[&[u8]]) -> Result<u64, Error> {
+    pub(crate) fn delete(&self, keys: &[&[u8]]) -> Result<u64, Error> {
         let mut b = WriteBatch::new();
         let mut n = 0;
         for k in keys {
@@ -375,7 +378,7 @@ impl Keyspace {
 
     /// Live keys after `after` (all from the start if `None`), at most `count` examined.
     /// Returns them and where to continue (`None`: the end was reached).
-    pub fn keys(
+    pub(crate) fn keys(
         &self,
         after: Option<&[u8]>,
         count: usize,
@@ -409,7 +412,7 @@ impl Keyspace {
 
     /// Live string keys with their values, in key order: those starting with `prefix`, at or
     /// after `start`, before `end` (empty: no bound), at most `limit`.
-    pub fn range(
+    pub(crate) fn range(
         &self,
         prefix: &[u8],
         start: &[u8],
@@ -441,19 +444,19 @@ impl Keyspace {
     }
 
     /// A numeric cursor for `SCAN` that continues after `key`.
-    pub fn cursor_for(&self, key: Bytes) -> u64 {
+    pub(crate) fn cursor_for(&self, key: Bytes) -> u64 {
         let id = self.next_cursor.fetch_add(1, Ordering::Relaxed);
         self.cursors.lock().put(id, key);
         id
     }
 
     /// Where a `SCAN` cursor continues; `None` if it is unknown (or forgotten).
-    pub fn cursor(&self, id: u64) -> Option<Bytes> {
+    pub(crate) fn cursor(&self, id: u64) -> Option<Bytes> {
         self.cursors.lock().get(&id).cloned()
     }
 
     /// Calls `f` with every live key, in order.
-    pub fn each_key(&self, mut f: impl FnMut(Bytes)) -> Result<(), Error> {
+    pub(crate) fn each_key(&self, mut f: impl FnMut(Bytes)) -> Result<(), Error> {
         let mut after: Option<Bytes> = None;
         loop {
             let (keys, next) = self.keys(after.as_deref(), 4096)?;
@@ -466,7 +469,7 @@ impl Keyspace {
     }
 
     /// Number of live keys (a scan that lends each entry rather than copying it).
-    pub fn len(&self) -> Result<u64, Error> {
+    pub(crate) fn len(&self) -> Result<u64, Error> {
         let now = now_ms();
         let mut n = 0;
         let mut it = self.db.scan(&b"k"[..]..&b"l"[..]);
@@ -480,13 +483,8 @@ impl Keyspace {
         Ok(n)
     }
 
-    /// Whether the keyspace holds no live key.
-    pub fn is_empty(&self) -> Result<bool, Error> {
-        Ok(self.len()? == 0)
-    }
-
     /// Deletes every key.
-    pub fn clear(&self) -> Result<(), Error> {
+    pub(crate) fn clear(&self) -> Result<(), Error> {
         for prefix in [&b"k"[..], &b"e"[..]] {
             let mut b = WriteBatch::new();
             for kv in self.db.prefix(prefix) {
@@ -501,7 +499,7 @@ impl Keyspace {
     }
 
     /// Deletes keys whose deadline passed; returns how many.
-    pub fn sweep(&self) -> Result<u64, Error> {
+    pub(crate) fn sweep(&self) -> Result<u64, Error> {
         let now = now_ms();
         let hi = index_key(now + 1, &[]);
         let entries: Vec<Bytes> = self
@@ -535,9 +533,9 @@ mod tests {
     #[test]
     fn len_counts_live_keys_only() {
         let dir = tempfile::tempdir().unwrap();
-        let ks = Keyspace::open(dir.path(), Sync::Manual).unwrap();
+        let ks = Keyspace::open(dir.path(), Sync::Manual, &IdleWork::new()).unwrap();
         assert_eq!(ks.len().unwrap(), 0);
-        assert!(ks.is_empty().unwrap());
+        assert_eq!(ks.len().unwrap(), 0);
         ks.set(b"a", &Value::string("1")).unwrap();
         ks.set(b"b", &Value { expire_at: Some(now_ms() + 60_000), ..Value::string("2") }).unwrap();
         // Past its deadline but not yet swept: not counted.

@@ -3,17 +3,16 @@
 //! HTTP. Library form so that tests and embedders can start it in process; the `timberd` binary
 //! wraps it with flags, logs and signal handling.
 
-pub mod config;
-pub mod grpc;
-pub mod http;
-mod journal_sync;
-pub mod keyspace;
-pub mod limit;
-pub mod logs;
-pub mod resp;
-mod spin;
-pub mod streams;
-mod sync_thread;
+mod config;
+mod grpc;
+mod http;
+mod idle;
+mod keyspace;
+mod limit;
+mod logs;
+mod resp;
+mod shutdown;
+mod streams;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -25,14 +24,14 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 pub use config::{Config, Flags, LogFormat, Sync};
+pub use idle::IdleWork;
 use keyspace::Keyspace;
 use logs::Logs;
 use streams::StreamSpace;
-pub use sync_thread::install_idle_hook;
 
 /// The engines every endpoint serves, and what they report about the server.
 #[derive(Debug)]
-pub struct Engines {
+pub(crate) struct Engines {
     /// Keys and values (strings, and the handles of Redis streams).
     pub keys: Arc<Keyspace>,
     /// Redis streams.
@@ -75,8 +74,16 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
 
 impl Server {
     /// Opens the data directory and starts listening. Fails if another server holds the data
-    /// directory or an address cannot be bound.
+    /// directory or an address cannot be bound. Fsyncs under `--sync always` run on threads of
+    /// their own; [`Server::start_on`] runs them on runtime workers about to park.
     pub async fn start(cfg: Config) -> anyhow::Result<Server> {
+        Server::start_on(cfg, &IdleWork::new()).await
+    }
+
+    /// [`Server::start`] on a runtime built with `idle` installed ([`IdleWork::install`]), whose
+    /// workers run the server's fsyncs when they run out of tasks, as Redis fsyncs before its
+    /// event loop sleeps ([`runtime`] builds one).
+    pub async fn start_on(cfg: Config, idle: &IdleWork) -> anyhow::Result<Server> {
         // One process-wide recorder; a second server in the same process goes without. Installed
         // before the engines open: they take their metric handles when they open, and a handle
         // taken before the recorder is installed records nothing.
@@ -87,7 +94,7 @@ impl Server {
         std::fs::create_dir_all(&cfg.data_dir)
             .with_context(|| format!("cannot create data directory {}", cfg.data_dir.display()))?;
         let kv_dir = cfg.data_dir.join("kv");
-        let keys = match Keyspace::open(&kv_dir, cfg.sync) {
+        let keys = match Keyspace::open(&kv_dir, cfg.sync, idle) {
             Ok(k) => Arc::new(k),
             Err(keyspace::Error::Kv(timber_kv::Error::Locked { .. })) => anyhow::bail!(
                 "data directory {} is in use by another timberd (or another process holding its lock)",
@@ -96,8 +103,18 @@ impl Server {
             Err(e) => return Err(e).with_context(|| format!("cannot open {}", kv_dir.display())),
         };
         let streams_dir = cfg.data_dir.join("streams");
+        // Under `--sync always` on a runtime that runs `idle`, journal syncs run on parking
+        // workers; otherwise (or without a socket pair to poke them) on the blocking pool.
+        let journal_syncs = match cfg.sync {
+            Sync::Always => idle::journal_sync::JournalSyncs::start(idle).unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "journal syncs run on the blocking pool");
+                None
+            }),
+            _ => None,
+        };
+        let runner = journal_syncs.clone().map(|j| j as Arc<dyn timber_stream::SyncRunner>);
         let redis_streams = Arc::new(
-            StreamSpace::open(keys.clone(), &streams_dir, cfg.sync)
+            StreamSpace::open(keys.clone(), &streams_dir, cfg.sync, runner)
                 .await
                 .with_context(|| format!("cannot open {}", streams_dir.display()))?,
         );
@@ -121,15 +138,13 @@ impl Server {
         let grpc_addr = grpc_listener.local_addr()?;
         let http_addr = http_listener.local_addr()?;
         let (stop, stop_rx) = watch::channel(false);
-        let spinner = (!cfg.idle_spin.is_zero()).then(|| {
-            let (k, s) = (keys.clone(), redis_streams.clone());
-            spin::Spinner::new(cfg.idle_spin, move || k.sync_due() || s.sync_due())
-        });
+        let spinner = (!cfg.idle_spin.is_zero())
+            .then(|| idle::spin::Spinner::new(cfg.idle_spin, idle.clone()));
         let endpoint = Arc::new(resp::Endpoint::new(
             keys.clone(),
             redis_streams.clone(),
             engines.connections.clone(),
-            spinner.clone(),
+            idle::Activity::new(spinner.clone(), journal_syncs),
             &cfg,
         ));
         let mut tasks = vec![
@@ -200,7 +215,7 @@ async fn sweep(engines: Arc<Engines>, mut stop: watch::Receiver<bool>) {
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-            () = resp::stopped(&mut stop) => return,
+            () = shutdown::stopped(&mut stop) => return,
         }
         let k = keys.clone();
         match tokio::task::spawn_blocking(move || k.sweep()).await {
@@ -209,4 +224,19 @@ async fn sweep(engines: Arc<Engines>, mut stop: watch::Receiver<bool>) {
             _ => {}
         }
     }
+}
+
+/// A tokio runtime for a server, with `idle` installed on it: `workers` workers, or with one, a
+/// current-thread runtime on the calling thread (which does what a multi-thread runtime of one
+/// worker does, without the bookkeeping for stealing work between workers).
+pub fn runtime(workers: usize, idle: &IdleWork) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut rt = if workers <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut rt = tokio::runtime::Builder::new_multi_thread();
+        rt.worker_threads(workers);
+        rt
+    };
+    idle.install(&mut rt);
+    rt.enable_all().build()
 }

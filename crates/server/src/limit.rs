@@ -18,14 +18,14 @@ use tokio::net::{TcpListener, TcpStream};
 
 /// The open connections of a server and their limit.
 #[derive(Debug)]
-pub struct Connections {
+pub(crate) struct Connections {
     open: AtomicUsize,
     max: usize,
 }
 
 /// One admitted connection; gives its place back when dropped.
 #[derive(Debug)]
-pub struct Slot(Arc<Connections>);
+pub(crate) struct Slot(Arc<Connections>);
 
 impl Drop for Slot {
     fn drop(&mut self) {
@@ -35,19 +35,19 @@ impl Drop for Slot {
 
 impl Connections {
     /// At most `max` connections at once.
-    pub fn new(max: usize) -> Arc<Connections> {
+    pub(crate) fn new(max: usize) -> Arc<Connections> {
         Arc::new(Connections { open: AtomicUsize::new(0), max })
     }
 
     /// A slot, or `None` when `max` connections are open.
-    pub fn admit(self: &Arc<Self>) -> Option<Slot> {
+    pub(crate) fn admit(self: &Arc<Self>) -> Option<Slot> {
         let n = self.open.fetch_add(1, Ordering::SeqCst) + 1;
         let slot = Slot(self.clone());
         (n <= self.max).then_some(slot)
     }
 
     /// Connections open now.
-    pub fn open(&self) -> usize {
+    pub(crate) fn open(&self) -> usize {
         self.open.load(Ordering::Relaxed)
     }
 }
@@ -55,7 +55,7 @@ impl Connections {
 /// A TCP connection that holds a [`Slot`] and, with an idle limit, fails its reads once
 /// nothing was read or written for that long (so the endpoint closes it).
 #[derive(Debug)]
-pub struct Counted {
+pub(crate) struct Counted {
     inner: TcpStream,
     _slot: Slot,
     idle: Option<(Duration, Pin<Box<tokio::time::Sleep>>)>,
@@ -145,7 +145,7 @@ impl tonic::transport::server::Connected for Counted {
 /// A listener that admits connections up to the limit; `refusal` is written to the others
 /// before they are closed.
 #[derive(Debug)]
-pub struct Limited {
+pub(crate) struct Limited {
     listener: TcpListener,
     connections: Arc<Connections>,
     refusal: &'static [u8],
@@ -154,7 +154,7 @@ pub struct Limited {
 
 impl Limited {
     /// Wraps `listener`; connections idle for `idle` are closed.
-    pub fn new(
+    pub(crate) fn new(
         listener: TcpListener,
         connections: Arc<Connections>,
         refusal: &'static [u8],
@@ -164,7 +164,7 @@ impl Limited {
     }
 
     /// The next admitted connection.
-    pub async fn next(&mut self) -> io::Result<Counted> {
+    pub(crate) async fn next(&mut self) -> io::Result<Counted> {
         loop {
             let (sock, _) = self.listener.accept().await?;
             let _ = sock.set_nodelay(true);
@@ -186,7 +186,7 @@ impl Limited {
     }
 
     /// The connections as a stream (for tonic).
-    pub fn into_stream(self) -> impl futures::Stream<Item = io::Result<Counted>> {
+    pub(crate) fn into_stream(self) -> impl futures::Stream<Item = io::Result<Counted>> {
         futures::stream::unfold(self, |mut l| async move {
             loop {
                 match l.next().await {

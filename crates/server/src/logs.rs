@@ -18,7 +18,7 @@ const RESERVED: &str = "redis.";
 
 /// The served log streams.
 #[derive(Debug)]
-pub struct Logs {
+pub(crate) struct Logs {
     streams: Streams,
     writers: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Slot>>>>,
 }
@@ -41,30 +41,34 @@ fn check(name: &str) -> Result<(), Error> {
 
 impl Logs {
     /// Serves the streams of `streams`.
-    pub fn new(streams: Streams) -> Logs {
+    pub(crate) fn new(streams: Streams) -> Logs {
         Logs { streams, writers: Mutex::default() }
     }
 
     /// Creates a stream.
-    pub async fn create(&self, name: &str, config: StreamConfig) -> Result<StreamInfo, Error> {
+    pub(crate) async fn create(
+        &self,
+        name: &str,
+        config: StreamConfig,
+    ) -> Result<StreamInfo, Error> {
         check(name)?;
         self.streams.create(name, config).await
     }
 
     /// A stream's figures.
-    pub fn info(&self, name: &str) -> Result<StreamInfo, Error> {
+    pub(crate) fn info(&self, name: &str) -> Result<StreamInfo, Error> {
         check(name)?;
         self.streams.info(name)
     }
 
     /// Every stream.
-    pub fn list(&self) -> Result<Vec<StreamInfo>, Error> {
+    pub(crate) fn list(&self) -> Result<Vec<StreamInfo>, Error> {
         Ok(self.streams.list()?.into_iter().filter(|s| !s.name.starts_with(RESERVED)).collect())
     }
 
     /// Buffers `entries` for appending with consecutive ids; the acks resolve once each is
     /// durable.
-    pub async fn send(&self, name: &str, entries: Vec<Bytes>) -> Result<Vec<Ack>, Error> {
+    pub(crate) async fn send(&self, name: &str, entries: Vec<Bytes>) -> Result<Vec<Ack>, Error> {
         check(name)?;
         let slot = self.writers.lock().entry(name.to_string()).or_default().clone();
         let mut slot = slot.lock().await;
@@ -97,7 +101,11 @@ impl Logs {
     }
 
     /// Appends `entries` and waits until they are durable; returns the first id.
-    pub async fn append(&self, name: &str, entries: Vec<Bytes>) -> Result<Option<u64>, Error> {
+    pub(crate) async fn append(
+        &self,
+        name: &str,
+        entries: Vec<Bytes>,
+    ) -> Result<Option<u64>, Error> {
         let mut first = None;
         for a in self.send(name, entries).await? {
             let id = a.await?;
@@ -107,19 +115,19 @@ impl Logs {
     }
 
     /// A reader of a stream.
-    pub fn reader(&self, name: &str, start: Start) -> Result<StreamReader, Error> {
+    pub(crate) fn reader(&self, name: &str, start: Start) -> Result<StreamReader, Error> {
         check(name)?;
         self.streams.reader(name, start)
     }
 
     /// Drops every entry below `before`.
-    pub async fn truncate(&self, name: &str, before: u64) -> Result<StreamInfo, Error> {
+    pub(crate) async fn truncate(&self, name: &str, before: u64) -> Result<StreamInfo, Error> {
         check(name)?;
         self.streams.truncate(name, before).await
     }
 
     /// Deletes a stream.
-    pub async fn delete(&self, name: &str) -> Result<(), Error> {
+    pub(crate) async fn delete(&self, name: &str) -> Result<(), Error> {
         check(name)?;
         let slot = self.writers.lock().remove(name);
         if let Some(slot) = slot {
@@ -129,7 +137,7 @@ impl Logs {
     }
 
     /// Closes the writers not used for `idle`; returns how many.
-    pub async fn close_idle(&self, idle: std::time::Duration) -> u64 {
+    pub(crate) async fn close_idle(&self, idle: std::time::Duration) -> u64 {
         let mut idle_slots = Vec::new();
         self.writers.lock().retain(|_, s| match s.try_lock() {
             Ok(g) if g.used.is_none_or(|t| t.elapsed() >= idle) => {
@@ -151,7 +159,7 @@ impl Logs {
     }
 
     /// Flushes and closes every writer.
-    pub async fn close(&self) -> Result<(), Error> {
+    pub(crate) async fn close(&self) -> Result<(), Error> {
         let slots: Vec<_> = self.writers.lock().drain().map(|(_, s)| s).collect();
         for s in slots {
             if let Some(w) = s.lock().await.writer.take() {

@@ -1,7 +1,7 @@
 //! `timberd`: starts the timber server; SIGTERM or SIGINT shut it down gracefully.
 
 use clap::Parser;
-use timber_server::{Config, Flags, LogFormat, Server};
+use timber_server::{Config, Flags, IdleWork, LogFormat, Server};
 
 // Many small allocations per request (frames, keys, replies): mimalloc serves them faster than
 // glibc's allocator under concurrency.
@@ -27,38 +27,27 @@ fn main() {
         LogFormat::Human => logs.init(),
         LogFormat::Json => logs.json().init(),
     }
-    // One worker: a current-thread runtime, which runs every task on this thread. It does what
-    // a multi-thread runtime of one worker does, without the bookkeeping for stealing work
-    // between workers: 0.3-0.5 us less user CPU per request in A/Bs (XADD P1 4.73 -> 4.20 us,
-    // INCR P1 4.27 -> 3.93, GET P16 0.45 -> 0.42 with 974k -> 1056k requests/s).
     let workers =
         cfg.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let mut rt = if workers == 1 {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        let mut rt = tokio::runtime::Builder::new_multi_thread();
-        rt.worker_threads(workers);
-        rt
-    };
-    timber_server::install_idle_hook(&mut rt);
-    let rt = match rt.enable_all().build() {
+    let idle = IdleWork::new();
+    let rt = match timber_server::runtime(workers, &idle) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("timberd: cannot start the runtime: {e}");
             std::process::exit(1);
         }
     };
-    if let Err(e) = rt.block_on(run(cfg)) {
+    if let Err(e) = rt.block_on(run(cfg, &idle)) {
         eprintln!("timberd: {e:#}");
         std::process::exit(1);
     }
 }
 
-async fn run(cfg: Config) -> anyhow::Result<()> {
+async fn run(cfg: Config, idle: &IdleWork) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    let server = Server::start(cfg).await?;
+    let server = Server::start_on(cfg, idle).await?;
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
         _ = int.recv() => tracing::info!("SIGINT: shutting down"),

@@ -1,7 +1,7 @@
 //! Redis glob patterns for `KEYS` and `SCAN MATCH`: `*`, `?`, `[abc]`, `[^a-z]`, `\x`.
 
 /// Whether `s` matches `pattern`.
-pub fn matches(pattern: &[u8], s: &[u8]) -> bool {
+pub(crate) fn matches(pattern: &[u8], s: &[u8]) -> bool {
     let (mut p, mut i) = (0, 0);
     // Where to resume after the last `*`: (pattern index after it, string index it covers to).
     let mut star: Option<(usize, usize)> = None;

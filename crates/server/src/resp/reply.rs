@@ -4,7 +4,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 /// One reply.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Reply {
+pub(crate) enum Reply {
     /// `+OK`.
     Ok,
     /// A status line.
@@ -27,17 +27,17 @@ pub enum Reply {
 
 impl Reply {
     /// A bulk string of text.
-    pub fn text(s: impl Into<String>) -> Reply {
+    pub(crate) fn text(s: impl Into<String>) -> Reply {
         Reply::Bulk(Bytes::from(s.into()))
     }
 
     /// An `ERR` error.
-    pub fn err(msg: impl std::fmt::Display) -> Reply {
+    pub(crate) fn err(msg: impl std::fmt::Display) -> Reply {
         Reply::Error(format!("ERR {msg}"))
     }
 
     /// Appends the encoding for protocol version `proto` (2 or 3).
-    pub fn encode(&self, proto: u8, out: &mut BytesMut) {
+    pub(crate) fn encode(&self, proto: u8, out: &mut BytesMut) {
         match self {
             Reply::Ok => out.put_slice(b"+OK\r\n"),
             Reply::Status(s) => line(out, b'+', s.as_bytes()),

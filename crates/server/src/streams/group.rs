@@ -16,28 +16,28 @@ use super::id::StreamId;
 use crate::keyspace::Error;
 
 /// Longest group name (its length is stored in two bytes).
-pub const MAX_GROUP_NAME: usize = u16::MAX as usize;
+pub(crate) const MAX_GROUP_NAME: usize = u16::MAX as usize;
 
 /// A consumer group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Group {
+pub(crate) struct Group {
     /// The last entry delivered to the group with `>`.
-    pub last: StreamId,
+    pub(crate) last: StreamId,
     /// Entries delivered with `>` so far.
-    pub entries_read: u64,
+    pub(crate) entries_read: u64,
 }
 
 /// An entry delivered to a consumer and not yet acknowledged.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Pending {
+pub(crate) struct Pending {
     /// The entry.
-    pub id: StreamId,
+    pub(crate) id: StreamId,
     /// The consumer it was delivered to last.
-    pub consumer: Bytes,
+    pub(crate) consumer: Bytes,
     /// When it was delivered last, ms since the Unix epoch.
-    pub delivered_ms: u64,
+    pub(crate) delivered_ms: u64,
     /// How many times it was delivered.
-    pub deliveries: u64,
+    pub(crate) deliveries: u64,
 }
 
 fn group_key(uid: u64, name: &[u8]) -> Vec<u8> {
@@ -68,7 +68,7 @@ fn corrupt(key: &[u8]) -> Error {
 }
 
 /// A group's state.
-pub fn get(db: &Db, uid: u64, name: &[u8]) -> Result<Option<Group>, Error> {
+pub(crate) fn get(db: &Db, uid: u64, name: &[u8]) -> Result<Option<Group>, Error> {
     let key = group_key(uid, name);
     let Some(v) = db.get(&key)? else { return Ok(None) };
     if v.len() != 24 {
@@ -79,7 +79,7 @@ pub fn get(db: &Db, uid: u64, name: &[u8]) -> Result<Option<Group>, Error> {
 }
 
 /// Every group of a stream, by name.
-pub fn list(db: &Db, uid: u64) -> Result<Vec<(Bytes, Group)>, Error> {
+pub(crate) fn list(db: &Db, uid: u64) -> Result<Vec<(Bytes, Group)>, Error> {
     let prefix = group_key(uid, b"");
     let mut out = Vec::new();
     for kv in db.prefix(&prefix) {
@@ -93,7 +93,7 @@ pub fn list(db: &Db, uid: u64) -> Result<Vec<(Bytes, Group)>, Error> {
 }
 
 /// Stores a group's state.
-pub fn put(b: &mut WriteBatch, uid: u64, name: &[u8], g: &Group) {
+pub(crate) fn put(b: &mut WriteBatch, uid: u64, name: &[u8], g: &Group) {
     let mut v = Vec::with_capacity(24);
     v.extend_from_slice(&g.last.ms.to_le_bytes());
     v.extend_from_slice(&g.last.seq.to_le_bytes());
@@ -102,7 +102,7 @@ pub fn put(b: &mut WriteBatch, uid: u64, name: &[u8], g: &Group) {
 }
 
 /// Deletes a group and its PEL.
-pub fn destroy(db: &Db, b: &mut WriteBatch, uid: u64, name: &[u8]) -> Result<(), Error> {
+pub(crate) fn destroy(db: &Db, b: &mut WriteBatch, uid: u64, name: &[u8]) -> Result<(), Error> {
     b.delete(group_key(uid, name));
     for kv in db.prefix(pel_prefix(uid, name)) {
         b.delete(kv?.0);
@@ -111,7 +111,7 @@ pub fn destroy(db: &Db, b: &mut WriteBatch, uid: u64, name: &[u8]) -> Result<(),
 }
 
 /// Deletes every group of a stream and their PELs.
-pub fn destroy_all(db: &Db, b: &mut WriteBatch, uid: u64) -> Result<(), Error> {
+pub(crate) fn destroy_all(db: &Db, b: &mut WriteBatch, uid: u64) -> Result<(), Error> {
     for tag in [b'g', b'p'] {
         let mut prefix = vec![tag];
         prefix.extend_from_slice(&uid.to_be_bytes());
@@ -136,7 +136,7 @@ fn decode_pending(key: &[u8], id: StreamId, v: &Bytes) -> Result<Pending, Error>
 
 /// The PEL entries of a group with `from <= id <= to`, in id order, at most `limit`, only those
 /// of `consumer` if given.
-pub fn pending(
+pub(crate) fn pending(
     db: &Db,
     uid: u64,
     group: &[u8],
@@ -170,7 +170,7 @@ pub fn pending(
 }
 
 /// One PEL entry.
-pub fn get_pending(
+pub(crate) fn get_pending(
     db: &Db,
     uid: u64,
     group: &[u8],
@@ -184,7 +184,7 @@ pub fn get_pending(
 }
 
 /// Adds or replaces a PEL entry.
-pub fn put_pending(b: &mut WriteBatch, uid: u64, group: &[u8], p: &Pending) {
+pub(crate) fn put_pending(b: &mut WriteBatch, uid: u64, group: &[u8], p: &Pending) {
     let mut v = Vec::with_capacity(16 + p.consumer.len());
     v.extend_from_slice(&p.delivered_ms.to_le_bytes());
     v.extend_from_slice(&p.deliveries.to_le_bytes());
@@ -193,6 +193,6 @@ pub fn put_pending(b: &mut WriteBatch, uid: u64, group: &[u8], p: &Pending) {
 }
 
 /// Removes a PEL entry.
-pub fn delete_pending(b: &mut WriteBatch, uid: u64, group: &[u8], id: StreamId) {
+pub(crate) fn delete_pending(b: &mut WriteBatch, uid: u64, group: &[u8], id: StreamId) {
     b.delete(pel_key(uid, group, id));
 }

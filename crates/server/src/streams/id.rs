@@ -7,16 +7,16 @@ use std::fmt;
 
 /// An entry id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
-pub struct StreamId {
+pub(crate) struct StreamId {
     /// Milliseconds part.
-    pub ms: u64,
+    pub(crate) ms: u64,
     /// Sequence within the millisecond.
-    pub seq: u64,
+    pub(crate) seq: u64,
 }
 
 impl StreamId {
     /// The id as the bulk string a reply carries, `<ms>-<seq>`, without going through `fmt`.
-    pub fn to_bytes(self) -> bytes::Bytes {
+    pub(crate) fn to_bytes(self) -> bytes::Bytes {
         let mut a = itoa::Buffer::new();
         let mut b = itoa::Buffer::new();
         let (ms, seq) = (a.format(self.ms).as_bytes(), b.format(self.seq).as_bytes());
@@ -35,16 +35,16 @@ impl fmt::Display for StreamId {
 }
 
 /// The error text Redis sends for an id it cannot parse.
-pub const INVALID: &str = "Invalid stream ID specified as stream command argument";
+pub(crate) const INVALID: &str = "Invalid stream ID specified as stream command argument";
 
 impl StreamId {
     /// The smallest id.
-    pub const MIN: StreamId = StreamId { ms: 0, seq: 0 };
+    pub(crate) const MIN: StreamId = StreamId { ms: 0, seq: 0 };
     /// The largest id.
-    pub const MAX: StreamId = StreamId { ms: u64::MAX, seq: u64::MAX };
+    pub(crate) const MAX: StreamId = StreamId { ms: u64::MAX, seq: u64::MAX };
 
     /// The id right after this one, `None` for [`StreamId::MAX`].
-    pub fn next(self) -> Option<StreamId> {
+    pub(crate) fn next(self) -> Option<StreamId> {
         match self.seq.checked_add(1) {
             Some(seq) => Some(StreamId { ms: self.ms, seq }),
             None => self.ms.checked_add(1).map(|ms| StreamId { ms, seq: 0 }),
@@ -52,7 +52,7 @@ impl StreamId {
     }
 
     /// The id right before this one, `None` for [`StreamId::MIN`].
-    pub fn prev(self) -> Option<StreamId> {
+    pub(crate) fn prev(self) -> Option<StreamId> {
         match self.seq.checked_sub(1) {
             Some(seq) => Some(StreamId { ms: self.ms, seq }),
             None => self.ms.checked_sub(1).map(|ms| StreamId { ms, seq: u64::MAX }),
@@ -60,7 +60,7 @@ impl StreamId {
     }
 
     /// Parses `<ms>-<seq>`, or `<ms>` with `missing_seq` as the sequence.
-    pub fn parse(b: &[u8], missing_seq: u64) -> Option<StreamId> {
+    pub(crate) fn parse(b: &[u8], missing_seq: u64) -> Option<StreamId> {
         let s = std::str::from_utf8(b).ok()?;
         let num = |t: &str| -> Option<u64> {
             if t.is_empty() || !t.bytes().all(|c| c.is_ascii_digit()) {
@@ -76,7 +76,7 @@ impl StreamId {
 
     /// A range start as XRANGE takes it: `-`, `<id>`, `(<id>` (exclusive). `None`: invalid, or
     /// an exclusive start past the largest id (an empty range).
-    pub fn parse_start(b: &[u8]) -> Result<Option<StreamId>, &'static str> {
+    pub(crate) fn parse_start(b: &[u8]) -> Result<Option<StreamId>, &'static str> {
         match b {
             b"-" => Ok(Some(StreamId::MIN)),
             b"+" => Ok(Some(StreamId::MAX)),
@@ -90,7 +90,7 @@ impl StreamId {
 
     /// A range end as XRANGE takes it: `+`, `<id>`, `(<id>` (exclusive). `None`: an exclusive
     /// end at the smallest id (an empty range).
-    pub fn parse_end(b: &[u8]) -> Result<Option<StreamId>, &'static str> {
+    pub(crate) fn parse_end(b: &[u8]) -> Result<Option<StreamId>, &'static str> {
         match b {
             b"+" => Ok(Some(StreamId::MAX)),
             b"-" => Ok(Some(StreamId::MIN)),
@@ -103,7 +103,7 @@ impl StreamId {
     }
 
     /// Big-endian bytes: their order is the ids' order (for keys).
-    pub fn to_be(self) -> [u8; 16] {
+    pub(crate) fn to_be(self) -> [u8; 16] {
         let mut b = [0; 16];
         b[..8].copy_from_slice(&self.ms.to_be_bytes());
         b[8..].copy_from_slice(&self.seq.to_be_bytes());
@@ -111,7 +111,7 @@ impl StreamId {
     }
 
     /// Inverse of [`StreamId::to_be`].
-    pub fn from_be(b: &[u8]) -> Option<StreamId> {
+    pub(crate) fn from_be(b: &[u8]) -> Option<StreamId> {
         let b: &[u8; 16] = b.try_into().ok()?;
         Some(StreamId {
             ms: u64::from_be_bytes(b[..8].try_into().expect("8 bytes")),

@@ -16,8 +16,8 @@
 //! before the timber stream is created, so a uid is never reused; the collector deletes the
 //! timber stream before its reverse entry, so no stream is ever left without one.
 
-pub mod group;
-pub mod id;
+pub(crate) mod group;
+pub(crate) mod id;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -29,10 +29,12 @@ use futures::future::BoxFuture;
 use futures::FutureExt as _;
 use parking_lot::Mutex;
 use timber_kv::WriteBatch;
-use timber_stream::{Ack, Journal, Start, StreamConfig, StreamReader, StreamWriter, Streams};
+use timber_stream::{
+    Ack, Journal, Start, StreamConfig, StreamReader, StreamWriter, Streams, SyncRunner,
+};
 use tokio::sync::watch;
 
-pub use id::StreamId;
+pub(crate) use id::StreamId;
 
 use crate::config::Sync;
 use crate::keyspace::{self, now_ms, Keyspace, Kind, Value};
@@ -40,7 +42,7 @@ use group::{Group, Pending};
 
 /// Errors of stream commands. [`Error::Reject`] carries a Redis error reply (code first).
 #[derive(Debug, thiserror::Error)]
-pub enum Error {
+pub(crate) enum Error {
     /// The keyspace failed (or the key holds a string).
     #[error(transparent)]
     Keys(#[from] keyspace::Error),
@@ -68,11 +70,11 @@ fn reject(msg: impl Into<String>) -> Error {
 
 /// What a stream key's value holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Handle {
+pub(crate) struct Handle {
     /// Names the timber stream.
-    pub uid: u64,
+    pub(crate) uid: u64,
     /// No id at or below it may be added (see the module doc).
-    pub floor: StreamId,
+    pub(crate) floor: StreamId,
 }
 
 impl Handle {
@@ -95,11 +97,11 @@ impl Handle {
 
 /// One entry: its id and its fields and values, alternating.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Entry {
+pub(crate) struct Entry {
     /// The id.
-    pub id: StreamId,
+    pub(crate) id: StreamId,
     /// Field, value, field, value...
-    pub fields: Vec<Bytes>,
+    pub(crate) fields: Vec<Bytes>,
 }
 
 fn encode_entry(id: StreamId, fields: &[Bytes]) -> Bytes {
@@ -136,7 +138,7 @@ fn decode_entry(data: &Bytes) -> Option<Entry> {
 
 /// How XADD picks the new entry's id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NewId {
+pub(crate) enum NewId {
     /// `*`: from the clock, after the last id.
     Auto,
     /// `<ms>-*`: the next sequence within `ms`.
@@ -147,7 +149,7 @@ pub enum NewId {
 
 /// What XTRIM (or XADD's trim option) keeps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Trim {
+pub(crate) enum Trim {
     /// The newest `n` entries.
     MaxLen(u64),
     /// Entries with an id at or above this one.
@@ -173,7 +175,7 @@ struct Open {
 
 /// The Redis streams of one server.
 #[derive(Debug)]
-pub struct StreamSpace {
+pub(crate) struct StreamSpace {
     keys: Arc<Keyspace>,
     streams: Streams,
     open: Mutex<HashMap<u64, Arc<Open>>>,
@@ -181,8 +183,6 @@ pub struct StreamSpace {
     uids: Mutex<()>,
     /// Bumped whenever a stream is created, for waits on keys that did not exist.
     created: watch::Sender<u64>,
-    /// Under `--sync always` in timberd's runtime: where the journal's syncs run.
-    idle_syncs: Option<Arc<crate::journal_sync::IdleSyncs>>,
 }
 
 fn stream_name(uid: u64) -> String {
@@ -197,33 +197,29 @@ fn reverse_key(uid: u64) -> Vec<u8> {
 
 /// A reply to a reading command: per stream, its entries (`None` for a pending entry that was
 /// trimmed away).
-pub type Delivery = Vec<(StreamId, Option<Vec<Bytes>>)>;
+pub(crate) type Delivery = Vec<(StreamId, Option<Vec<Bytes>>)>;
 
 impl StreamSpace {
     /// Opens the timber streams of the server in `dir`. Appends are acknowledged from the
-    /// store's journal, synced as `sync` says (as keyspace writes are).
-    pub async fn open(keys: Arc<Keyspace>, dir: &Path, sync: Sync) -> Result<StreamSpace> {
+    /// store's journal, synced as `sync` says (as keyspace writes are); `runner`, if given, is
+    /// where the journal's syncs run.
+    pub(crate) async fn open(
+        keys: Arc<Keyspace>,
+        dir: &Path,
+        sync: Sync,
+        runner: Option<Arc<dyn SyncRunner>>,
+    ) -> Result<StreamSpace> {
         let journal = match sync {
             Sync::Always => Journal::Always,
             Sync::Interval(d) => Journal::Interval(d),
             Sync::Manual => Journal::Manual,
         };
         let mut opts = timber_stream::Options::default().journal(journal);
-        // Under `always`, journal syncs run on idle runtime workers (in timberd's runtime).
-        let idle_syncs = match sync {
-            // Without them (no socket pair) the blocking pool runs the syncs.
-            Sync::Always => crate::journal_sync::IdleSyncs::start().unwrap_or_else(|e| {
-                tracing::warn!(error = %e, "journal syncs run on the blocking pool");
-                None
-            }),
-            _ => None,
-        };
-        if let Some(r) = &idle_syncs {
-            opts = opts.sync_runner(r.clone());
+        if let Some(r) = runner {
+            opts = opts.sync_runner(r);
         }
         let streams = Streams::open(dir, opts).await?;
         Ok(StreamSpace {
-            idle_syncs,
             keys,
             streams,
             open: Mutex::default(),
@@ -232,25 +228,13 @@ impl StreamSpace {
         })
     }
 
-    /// A connection pipelined appends (see `journal_sync`).
-    pub(crate) fn note_pipelined(&self) {
-        if let Some(s) = &self.idle_syncs {
-            s.pipelined();
-        }
-    }
-
-    /// Whether journal syncs wait for an idle runtime worker.
-    pub(crate) fn sync_due(&self) -> bool {
-        self.idle_syncs.as_ref().is_some_and(|s| s.due())
-    }
-
     /// The timber stream store (also serves the gRPC and HTTP stream APIs).
-    pub fn store(&self) -> &Streams {
+    pub(crate) fn store(&self) -> &Streams {
         &self.streams
     }
 
     /// The handle of a stream key; [`keyspace::Error::WrongType`] if it holds a string.
-    pub fn handle(&self, key: &[u8]) -> Result<Option<Handle>> {
+    pub(crate) fn handle(&self, key: &[u8]) -> Result<Option<Handle>> {
         match self.keys.get(key)? {
             None => Ok(None),
             Some(v) if v.kind == Kind::Stream => Ok(Some(Handle::decode(key, &v.data)?)),
@@ -259,7 +243,7 @@ impl StreamSpace {
     }
 
     /// The handle of a stream key, creating an empty stream if the key does not exist.
-    pub async fn create(&self, key: &[u8]) -> Result<Handle> {
+    pub(crate) async fn create(&self, key: &[u8]) -> Result<Handle> {
         let h = {
             let _g = self.keys.lock(key);
             if let Some(h) = self.handle(key)? {
@@ -296,7 +280,7 @@ impl StreamSpace {
     }
 
     /// A receiver that sees every stream creation from now on.
-    pub fn creations(&self) -> watch::Receiver<u64> {
+    pub(crate) fn creations(&self) -> watch::Receiver<u64> {
         self.created.subscribe()
     }
 
@@ -357,7 +341,7 @@ impl StreamSpace {
     }
 
     /// The largest id added to the stream so far (XINFO's last-generated-id).
-    pub async fn last_id(&self, h: &Handle) -> Result<StreamId> {
+    pub(crate) async fn last_id(&self, h: &Handle) -> Result<StreamId> {
         let st = self.state(h.uid);
         let mut tail = st.tail.lock().await;
         self.load_last(h, &mut tail).await
@@ -382,7 +366,7 @@ impl StreamSpace {
     /// XADD: adds an entry, creating the stream unless `must_exist`. Returns its id and the ack
     /// that resolves once it is durable (and readable); `None` if the key does not exist and
     /// `must_exist`.
-    pub async fn add(
+    pub(crate) async fn add(
         &self,
         key: &[u8],
         new: NewId,
@@ -450,13 +434,13 @@ impl StreamSpace {
     }
 
     /// Number of entries.
-    pub fn len(&self, h: &Handle) -> Result<u64> {
+    pub(crate) fn len(&self, h: &Handle) -> Result<u64> {
         let (first, next) = self.bounds(h.uid)?;
         Ok(next - first)
     }
 
     /// Entries with `start <= id <= end` in id order (reverse order if `rev`), at most `count`.
-    pub async fn range(
+    pub(crate) async fn range(
         &self,
         h: &Handle,
         start: StreamId,
@@ -527,7 +511,7 @@ impl StreamSpace {
     }
 
     /// Drops the oldest entries per `trim`; returns how many.
-    pub async fn trim(&self, key: &[u8], h: &Handle, trim: Trim) -> Result<u64> {
+    pub(crate) async fn trim(&self, key: &[u8], h: &Handle, trim: Trim) -> Result<u64> {
         let (first, next) = self.bounds(h.uid)?;
         let before = match trim {
             Trim::MaxLen(n) => next.saturating_sub(n).max(first),
@@ -564,7 +548,7 @@ impl StreamSpace {
     }
 
     /// Entries after `after`, at most `count`, for XREAD.
-    pub async fn read_after(
+    pub(crate) async fn read_after(
         &self,
         h: &Handle,
         after: StreamId,
@@ -577,7 +561,7 @@ impl StreamSpace {
     }
 
     /// The id `$` stands for: the largest id added so far (`0-0` for a missing key).
-    pub async fn dollar(&self, h: Option<&Handle>) -> Result<StreamId> {
+    pub(crate) async fn dollar(&self, h: Option<&Handle>) -> Result<StreamId> {
         match h {
             Some(h) => self.last_id(h).await,
             None => Ok(StreamId::MIN),
@@ -585,7 +569,7 @@ impl StreamSpace {
     }
 
     /// The last entry (XREAD's `+`).
-    pub async fn last_entry(&self, h: &Handle) -> Result<Option<Entry>> {
+    pub(crate) async fn last_entry(&self, h: &Handle) -> Result<Option<Entry>> {
         Ok(self.range(h, StreamId::MIN, StreamId::MAX, 1, true).await?.pop())
     }
 
@@ -593,7 +577,7 @@ impl StreamSpace {
     /// stream waits for any stream creation), `timeout` passes (`None`: forever) or `stop`
     /// fires. `creations` must have been taken before the caller last looked. Returns whether
     /// something changed.
-    pub async fn wait(
+    pub(crate) async fn wait(
         &self,
         waits: &[(Option<Handle>, StreamId)],
         mut creations: watch::Receiver<u64>,
@@ -623,12 +607,12 @@ impl StreamSpace {
         tokio::select! {
             _ = any => Ok(true),
             () = deadline => Ok(false),
-            () = crate::resp::stopped(stop) => Ok(false),
+            () = crate::shutdown::stopped(stop) => Ok(false),
         }
     }
 
     /// XGROUP CREATE. `id` `None` means `$`.
-    pub async fn group_create(
+    pub(crate) async fn group_create(
         &self,
         key: &[u8],
         group: &[u8],
@@ -660,7 +644,12 @@ impl StreamSpace {
     }
 
     /// XGROUP SETID.
-    pub async fn group_set_id(&self, key: &[u8], group: &[u8], id: Option<StreamId>) -> Result<()> {
+    pub(crate) async fn group_set_id(
+        &self,
+        key: &[u8],
+        group: &[u8],
+        id: Option<StreamId>,
+    ) -> Result<()> {
         let h = self.existing(key)?;
         let st = self.state(h.uid);
         let _g = st.groups.lock().await;
@@ -677,7 +666,7 @@ impl StreamSpace {
     }
 
     /// XGROUP DESTROY: whether the group existed.
-    pub async fn group_destroy(&self, key: &[u8], group: &[u8]) -> Result<bool> {
+    pub(crate) async fn group_destroy(&self, key: &[u8], group: &[u8]) -> Result<bool> {
         let h = self.existing(key)?;
         let st = self.state(h.uid);
         let _g = st.groups.lock().await;
@@ -692,7 +681,7 @@ impl StreamSpace {
     }
 
     /// XGROUP DELCONSUMER: drops the consumer's pending entries; returns how many.
-    pub async fn group_delete_consumer(
+    pub(crate) async fn group_delete_consumer(
         &self,
         key: &[u8],
         group: &[u8],
@@ -729,7 +718,7 @@ impl StreamSpace {
     /// XREADGROUP for one stream. `after` `None` is `>`: entries never delivered to the group,
     /// which become pending for `consumer` (unless `noack`). `Some(id)`: the consumer's own
     /// pending entries after `id`, delivered again. `Ok(None)`: the group does not exist.
-    pub async fn read_group(
+    pub(crate) async fn read_group(
         &self,
         h: &Handle,
         group: &[u8],
@@ -785,7 +774,7 @@ impl StreamSpace {
     }
 
     /// XACK: how many of `ids` were pending.
-    pub async fn ack(&self, key: &[u8], group: &[u8], ids: &[StreamId]) -> Result<u64> {
+    pub(crate) async fn ack(&self, key: &[u8], group: &[u8], ids: &[StreamId]) -> Result<u64> {
         let Some(h) = self.handle(key)? else { return Ok(0) };
         let st = self.state(h.uid);
         let _g = st.groups.lock().await;
@@ -805,7 +794,7 @@ impl StreamSpace {
     /// XPENDING: the group's pending entries with `start <= id <= end`, at most `count`, of one
     /// consumer if given. `Ok(None)`: no such group.
     #[allow(clippy::too_many_arguments)]
-    pub fn pending(
+    pub(crate) fn pending(
         &self,
         key: &[u8],
         group: &[u8],
@@ -823,7 +812,7 @@ impl StreamSpace {
     }
 
     /// Every group of a stream with its pending entries (for XINFO).
-    pub fn groups(&self, h: &Handle) -> Result<Vec<(Bytes, Group, Vec<Pending>)>> {
+    pub(crate) fn groups(&self, h: &Handle) -> Result<Vec<(Bytes, Group, Vec<Pending>)>> {
         let db = self.keys.db();
         let mut out = Vec::new();
         for (name, g) in group::list(db, h.uid)? {
@@ -835,7 +824,7 @@ impl StreamSpace {
     }
 
     /// The last delivered id of a group.
-    pub fn group_last(&self, h: &Handle, group: &[u8]) -> Result<Option<StreamId>> {
+    pub(crate) fn group_last(&self, h: &Handle, group: &[u8]) -> Result<Option<StreamId>> {
         Ok(group::get(self.keys.db(), h.uid, group)?.map(|g| g.last))
     }
 
@@ -849,7 +838,7 @@ impl StreamSpace {
 
     /// Deletes the timber streams and consumer groups of stream keys that are gone (deleted,
     /// overwritten, expired, flushed). Returns how many streams it deleted.
-    pub async fn collect_garbage(&self) -> Result<u64> {
+    pub(crate) async fn collect_garbage(&self) -> Result<u64> {
         let db = self.keys.db();
         let mut gone = Vec::new();
         for kv in db.prefix(b"r") {
@@ -889,7 +878,7 @@ impl StreamSpace {
 
     /// Closes the writers not used for `idle` (each holds a task and a segment); the next XADD
     /// opens a new one. Returns how many it closed.
-    pub async fn close_idle(&self, idle: Duration) -> u64 {
+    pub(crate) async fn close_idle(&self, idle: Duration) -> u64 {
         let open: Vec<Arc<Open>> = self.open.lock().values().cloned().collect();
         let mut closed = 0;
         for o in open {
@@ -908,7 +897,7 @@ impl StreamSpace {
     }
 
     /// Flushes and closes every writer, then the stream store.
-    pub async fn close(&self) -> Result<()> {
+    pub(crate) async fn close(&self) -> Result<()> {
         let open: Vec<Arc<Open>> = self.open.lock().drain().map(|(_, o)| o).collect();
         for o in open {
             if let Some(w) = o.tail.lock().await.writer.take() {
@@ -924,7 +913,7 @@ impl StreamSpace {
 const NO_KEY: &str = "ERR The XGROUP subcommand requires the key to exist. Note that for CREATE you may want to use the MKSTREAM option to create an empty stream automatically.";
 
 /// Redis's reply when a group does not exist.
-pub fn no_group(key: &[u8], group: &[u8], cmd: &str) -> Error {
+pub(crate) fn no_group(key: &[u8], group: &[u8], cmd: &str) -> Error {
     reject(format!(
         "NOGROUP No such key '{}' or consumer group '{}' in {cmd}",
         String::from_utf8_lossy(key),
@@ -939,10 +928,14 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn idle_writers_close_and_reopen_without_losing_order() {
         let dir = tempfile::tempdir().unwrap();
-        let keys = Arc::new(Keyspace::open(&dir.path().join("kv"), crate::Sync::Manual).unwrap());
-        let space = StreamSpace::open(keys.clone(), &dir.path().join("streams"), Sync::Always)
-            .await
-            .unwrap();
+        let keys = Arc::new(
+            Keyspace::open(&dir.path().join("kv"), crate::Sync::Manual, &crate::IdleWork::new())
+                .unwrap(),
+        );
+        let space =
+            StreamSpace::open(keys.clone(), &dir.path().join("streams"), Sync::Always, None)
+                .await
+                .unwrap();
         let logs = crate::logs::Logs::new(space.store().clone());
         let f = [Bytes::from("f"), Bytes::from("v")];
         logs.append("plain", vec![Bytes::from("x")]).await.unwrap_err();

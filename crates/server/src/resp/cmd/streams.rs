@@ -1,5 +1,5 @@
 //! The stream commands of the Redis-protocol endpoint (XADD, XLEN, XRANGE, XREVRANGE, XREAD,
-//! XTRIM, XDEL, XGROUP, XREADGROUP, XACK, XPENDING): argument parsing with Redis's error
+//! XTRIM, XDEL, XGROUP, XREADGROUP, XACK, XPENDING, XINFO): argument parsing with Redis's error
 //! replies, and their effect on the [`StreamSpace`].
 //!
 //! XADD replies once the entry is durable; its reply is a future so that pipelined XADDs share
@@ -14,13 +14,14 @@ use futures::future::BoxFuture;
 use futures::FutureExt as _;
 use tokio::sync::watch;
 
+use super::{int, syntax, upper, R};
 use crate::keyspace;
-use crate::resp::command::{int, upper};
+use crate::resp::args::Args;
 use crate::resp::reply::Reply;
 use crate::streams::{Entry, Error, Handle, NewId, StreamId, StreamSpace, Trim};
 
 /// A command's reply: ready now, or once an entry is durable.
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// The reply.
     Now(Reply),
     /// A reply that resolves later (XADD).
@@ -36,25 +37,6 @@ impl std::fmt::Debug for Outcome {
     }
 }
 
-/// Whether `name` (lower case) is a stream command.
-pub fn is_stream_command(name: &str) -> bool {
-    matches!(
-        name,
-        "xadd"
-            | "xlen"
-            | "xrange"
-            | "xrevrange"
-            | "xread"
-            | "xtrim"
-            | "xdel"
-            | "xgroup"
-            | "xreadgroup"
-            | "xack"
-            | "xpending"
-            | "xinfo"
-    )
-}
-
 fn error(e: Error) -> Reply {
     match e {
         Error::Reject(m) => Reply::Error(m),
@@ -66,10 +48,6 @@ fn error(e: Error) -> Reply {
             Reply::err(format!("storage error: {e}"))
         }
     }
-}
-
-fn syntax() -> Reply {
-    Reply::err("syntax error")
 }
 
 fn bad_id() -> Reply {
@@ -98,46 +76,29 @@ fn count_arg(b: &[u8]) -> Result<usize, Reply> {
     }
 }
 
-/// What to run: the connection's stop signal lets blocking reads end at shutdown.
+/// What a stream command needs besides its arguments: the connection's stop signal lets
+/// blocking reads end at shutdown.
 #[derive(Debug)]
-pub struct StreamContext<'a> {
+pub(crate) struct StreamContext<'a> {
     /// The streams.
-    pub space: &'a Arc<StreamSpace>,
+    pub(crate) space: &'a Arc<StreamSpace>,
     /// Protocol version of the connection.
-    pub proto: u8,
+    pub(crate) proto: u8,
     /// The largest value accepted.
-    pub max_value: usize,
+    pub(crate) max_value: usize,
     /// Fires when the server stops.
-    pub stop: watch::Receiver<bool>,
+    pub(crate) stop: watch::Receiver<bool>,
 }
 
-/// Runs one stream command (`name` lower case, `a` the arguments after it).
-pub async fn execute(cx: &mut StreamContext<'_>, name: &str, a: &[Bytes]) -> Outcome {
-    let r = match name {
-        "xadd" => return xadd(cx, a).await.unwrap_or_else(Outcome::Now),
-        "xlen" => xlen(cx, a),
-        "xrange" => xrange(cx, a, false).await,
-        "xrevrange" => xrange(cx, a, true).await,
-        "xread" => xread(cx, a).await,
-        "xreadgroup" => xreadgroup(cx, a).await,
-        "xtrim" => xtrim(cx, a).await,
-        "xdel" => Err(Reply::err(
-            "XDEL is not supported: timber streams are append-only; use XTRIM to drop the oldest entries",
-        )),
-        "xgroup" => xgroup(cx, a).await,
-        "xack" => xack(cx, a).await,
-        "xpending" => xpending(cx, a),
-        "xinfo" => xinfo(cx, a).await,
-        _ => Err(Reply::err(format!("unknown stream command '{name}'"))),
-    };
-    Outcome::Now(r.unwrap_or_else(|e| e))
+pub(crate) async fn xdel(_: &mut StreamContext<'_>, _: Args<'_>) -> R {
+    Err(Reply::err(
+        "XDEL is not supported: timber streams are append-only; use XTRIM to drop the oldest entries",
+    ))
 }
-
-type R<T = Reply> = Result<T, Reply>;
 
 /// `[=|~] threshold [LIMIT n]` after MAXLEN or MINID; returns the trim and the next index.
 fn parse_trim(a: &[Bytes], mut i: usize) -> R<(Trim, usize)> {
-    let kind = upper(&a[i]);
+    let kind = a.get(i).map(|k| upper(k)).unwrap_or_default();
     i += 1;
     let mut approx = false;
     match a.get(i).map(|b| &b[..]) {
@@ -176,19 +137,19 @@ fn parse_trim(a: &[Bytes], mut i: usize) -> R<(Trim, usize)> {
     Ok((trim, i))
 }
 
-async fn xadd(cx: &mut StreamContext<'_>, a: &[Bytes]) -> R<Outcome> {
-    let key = a[0].clone();
+pub(crate) async fn xadd(cx: &mut StreamContext<'_>, a: Args<'_>) -> R<Outcome> {
+    let key = a.arg(0)?.clone();
     let mut i = 1;
     let mut must_exist = false;
     let mut trim = None;
-    while i < a.len() {
-        match upper(&a[i]).as_str() {
+    while let Some(opt) = a.get(i) {
+        match upper(opt).as_str() {
             "NOMKSTREAM" => {
                 must_exist = true;
                 i += 1;
             }
             "MAXLEN" | "MINID" => {
-                let (t, next) = parse_trim(a, i)?;
+                let (t, next) = parse_trim(a.all(), i)?;
                 trim = Some(t);
                 i = next;
             }
@@ -196,9 +157,9 @@ async fn xadd(cx: &mut StreamContext<'_>, a: &[Bytes]) -> R<Outcome> {
         }
     }
     let Some(id) = a.get(i) else { return Err(syntax()) };
-    let fields = &a[i + 1..];
+    let fields = a.from(i + 1);
     if fields.is_empty() || !fields.len().is_multiple_of(2) {
-        return Err(Reply::err("wrong number of arguments for 'xadd' command"));
+        return Err(a.arity_error());
     }
     let size: usize = fields.iter().map(|f| f.len() + 4).sum();
     if size > cx.max_value {
@@ -259,40 +220,48 @@ fn handle(cx: &StreamContext<'_>, key: &[u8]) -> R<Option<Handle>> {
     cx.space.handle(key).map_err(error)
 }
 
-fn xlen(cx: &StreamContext<'_>, a: &[Bytes]) -> R {
-    match handle(cx, &a[0])? {
+pub(crate) async fn xlen(cx: &mut StreamContext<'_>, a: Args<'_>) -> R {
+    match handle(cx, a.arg(0)?)? {
         Some(h) => Ok(Reply::Int(cx.space.len(&h).map_err(error)? as i64)),
         None => Ok(Reply::Int(0)),
     }
 }
 
-async fn xrange(cx: &mut StreamContext<'_>, a: &[Bytes], rev: bool) -> R {
-    let (lo, hi) = if rev { (&a[2], &a[1]) } else { (&a[1], &a[2]) };
+pub(crate) async fn xrange(cx: &mut StreamContext<'_>, a: Args<'_>) -> R {
+    xrange_in(cx, a, false).await
+}
+
+pub(crate) async fn xrevrange(cx: &mut StreamContext<'_>, a: Args<'_>) -> R {
+    xrange_in(cx, a, true).await
+}
+
+async fn xrange_in(cx: &mut StreamContext<'_>, a: Args<'_>, rev: bool) -> R {
+    let (lo, hi) = if rev { (a.arg(2)?, a.arg(1)?) } else { (a.arg(1)?, a.arg(2)?) };
     let start = StreamId::parse_start(lo).map_err(Reply::err)?;
     let end = StreamId::parse_end(hi).map_err(Reply::err)?;
     let mut count = usize::MAX;
-    match &a[3..] {
+    match a.from(3) {
         [] => {}
         [c, n] if upper(c) == "COUNT" => count = count_arg(n)?,
         _ => return Err(syntax()),
     }
     let (Some(start), Some(end)) = (start, end) else { return Ok(Reply::Array(vec![])) };
-    let Some(h) = handle(cx, &a[0])? else { return Ok(Reply::Array(vec![])) };
+    let Some(h) = handle(cx, a.arg(0)?)? else { return Ok(Reply::Array(vec![])) };
     let es = cx.space.range(&h, start, end, count, rev).await.map_err(error)?;
     Ok(entries_reply(es))
 }
 
-async fn xtrim(cx: &mut StreamContext<'_>, a: &[Bytes]) -> R {
-    let kind = upper(&a[1]);
+pub(crate) async fn xtrim(cx: &mut StreamContext<'_>, a: Args<'_>) -> R {
+    let (key, kind) = (a.arg(0)?, upper(a.arg(1)?));
     if kind != "MAXLEN" && kind != "MINID" {
         return Err(syntax());
     }
-    let (trim, next) = parse_trim(a, 1)?;
+    let (trim, next) = parse_trim(a.all(), 1)?;
     if next != a.len() {
         return Err(syntax());
     }
-    let Some(h) = handle(cx, &a[0])? else { return Ok(Reply::Int(0)) };
-    Ok(Reply::Int(cx.space.trim(&a[0], &h, trim).await.map_err(error)? as i64))
+    let Some(h) = handle(cx, key)? else { return Ok(Reply::Int(0)) };
+    Ok(Reply::Int(cx.space.trim(key, &h, trim).await.map_err(error)? as i64))
 }
 
 /// COUNT, BLOCK, NOACK (for groups), STREAMS keys... ids...
@@ -307,8 +276,8 @@ struct ReadArgs<'a> {
 fn parse_read<'a>(a: &'a [Bytes], group: bool) -> R<ReadArgs<'a>> {
     let mut r = ReadArgs { count: usize::MAX, block: None, noack: false, keys: &[], ids: &[] };
     let mut i = 0;
-    while i < a.len() {
-        match upper(&a[i]).as_str() {
+    while let Some(opt) = a.get(i) {
+        match upper(opt).as_str() {
             "COUNT" => {
                 r.count = count_arg(a.get(i + 1).ok_or_else(syntax)?)?;
                 if r.count == 0 {
@@ -330,13 +299,11 @@ fn parse_read<'a>(a: &'a [Bytes], group: bool) -> R<ReadArgs<'a>> {
                 i += 1;
             }
             "STREAMS" => {
-                let rest = &a[i + 1..];
+                let rest = a.get(i + 1..).unwrap_or(&[]);
                 if rest.is_empty() || !rest.len().is_multiple_of(2) {
                     return Err(Reply::err("Unbalanced 'xread' list of streams: for each stream key an ID or '$' must be specified."));
                 }
-                let n = rest.len() / 2;
-                r.keys = &rest[..n];
-                r.ids = &rest[n..];
+                (r.keys, r.ids) = rest.split_at(rest.len() / 2);
                 return Ok(r);
             }
             _ => return Err(syntax()),
@@ -358,8 +325,8 @@ fn read_reply(proto: u8, per_key: Vec<(Bytes, Reply)>) -> Reply {
     }
 }
 
-async fn xread(cx: &mut StreamContext<'_>, a: &[Bytes]) -> R {
-    let r = parse_read(a, false)?;
+pub(crate) async fn xread(cx: &mut StreamContext<'_>, a: Args<'_>) -> R {
+    let r = parse_read(a.all(), false)?;
     // Resolve `$` and `+` once, before any wait.
     let mut from = Vec::with_capacity(r.keys.len());
     for (k, id) in r.keys.iter().zip(r.ids) {
@@ -418,12 +385,12 @@ async fn wait(
     cx.space.wait(waits, creations, left, &mut cx.stop).await.map_err(error)
 }
 
-async fn xreadgroup(cx: &mut StreamContext<'_>, a: &[Bytes]) -> R {
-    if upper(&a[0]) != "GROUP" {
+pub(crate) async fn xreadgroup(cx: &mut StreamContext<'_>, a: Args<'_>) -> R {
+    if upper(a.arg(0)?) != "GROUP" {
         return Err(syntax());
     }
-    let (group, consumer) = (&a[1], &a[2]);
-    let r = parse_read(&a[3..], true)?;
+    let (group, consumer) = (a.arg(1)?, a.arg(2)?);
+    let r = parse_read(a.from(3), true)?;
     let mut targets = Vec::with_capacity(r.keys.len());
     for (k, id) in r.keys.iter().zip(r.ids) {
         let h = handle(cx, k)?;
@@ -469,21 +436,21 @@ async fn xreadgroup(cx: &mut StreamContext<'_>, a: &[Bytes]) -> R {
     }
 }
 
-async fn xgroup(cx: &mut StreamContext<'_>, a: &[Bytes]) -> R {
-    let sub = upper(&a[0]);
+pub(crate) async fn xgroup(cx: &mut StreamContext<'_>, a: Args<'_>) -> R {
+    let sub = upper(a.arg(0)?);
     let id_arg = |b: &Bytes| -> R<Option<StreamId>> {
         match &b[..] {
             b"$" => Ok(None),
             _ => StreamId::parse(b, 0).map(Some).ok_or_else(bad_id),
         }
     };
-    match (sub.as_str(), &a[1..]) {
+    match (sub.as_str(), a.from(1)) {
         ("CREATE", [key, group, id, opts @ ..]) => {
             let mut mkstream = false;
             let mut entries_read = None;
             let mut i = 0;
-            while i < opts.len() {
-                match upper(&opts[i]).as_str() {
+            while let Some(opt) = opts.get(i) {
+                match upper(opt).as_str() {
                     "MKSTREAM" => i += 1,
                     "ENTRIESREAD" => {
                         let n = opts.get(i + 1).and_then(|b| int(b)).ok_or_else(syntax)?;
@@ -502,8 +469,10 @@ async fn xgroup(cx: &mut StreamContext<'_>, a: &[Bytes]) -> R {
             Ok(Reply::Ok)
         }
         ("SETID", [key, group, id, rest @ ..]) => {
-            if !(rest.is_empty() || (rest.len() == 2 && upper(&rest[0]) == "ENTRIESREAD")) {
-                return Err(syntax());
+            match rest {
+                [] => {}
+                [opt, _] if upper(opt) == "ENTRIESREAD" => {}
+                _ => return Err(syntax()),
             }
             cx.space.group_set_id(key, group, id_arg(id)?).await.map_err(error)?;
             Ok(Reply::Ok)
@@ -529,14 +498,14 @@ async fn xgroup(cx: &mut StreamContext<'_>, a: &[Bytes]) -> R {
         )),
         _ => Err(Reply::err(format!(
             "unknown subcommand or wrong number of arguments for '{}'. Try XGROUP HELP.",
-            String::from_utf8_lossy(&a[0])
+            String::from_utf8_lossy(a.arg(0)?)
         ))),
     }
 }
 
 /// XINFO STREAM / GROUPS / CONSUMERS.
-async fn xinfo(cx: &mut StreamContext<'_>, a: &[Bytes]) -> R {
-    let sub = upper(&a[0]);
+pub(crate) async fn xinfo(cx: &mut StreamContext<'_>, a: Args<'_>) -> R {
+    let sub = upper(a.arg(0)?);
     let Some(key) = a.get(1) else {
         return Err(Reply::err(format!(
             "unknown subcommand or wrong number of arguments for '{sub}'"
@@ -545,7 +514,7 @@ async fn xinfo(cx: &mut StreamContext<'_>, a: &[Bytes]) -> R {
     let Some(h) = handle(cx, key)? else { return Err(Reply::err("no such key")) };
     let groups = cx.space.groups(&h).map_err(error)?;
     let now = crate::keyspace::now_ms();
-    match (sub.as_str(), &a[2..]) {
+    match (sub.as_str(), a.from(2)) {
         ("STREAM", []) => {
             let first =
                 cx.space.range(&h, StreamId::MIN, StreamId::MAX, 1, false).await.map_err(error)?;
@@ -603,19 +572,23 @@ async fn xinfo(cx: &mut StreamContext<'_>, a: &[Bytes]) -> R {
         }
         _ => Err(Reply::err(format!(
             "unknown subcommand or wrong number of arguments for '{}'",
-            String::from_utf8_lossy(&a[0])
+            String::from_utf8_lossy(a.arg(0)?)
         ))),
     }
 }
 
-async fn xack(cx: &mut StreamContext<'_>, a: &[Bytes]) -> R {
-    let ids =
-        a[2..].iter().map(|b| StreamId::parse(b, 0).ok_or_else(bad_id)).collect::<R<Vec<_>>>()?;
-    Ok(Reply::Int(cx.space.ack(&a[0], &a[1], &ids).await.map_err(error)? as i64))
+pub(crate) async fn xack(cx: &mut StreamContext<'_>, a: Args<'_>) -> R {
+    let (key, group) = (a.arg(0)?, a.arg(1)?);
+    let ids = a
+        .from(2)
+        .iter()
+        .map(|b| StreamId::parse(b, 0).ok_or_else(bad_id))
+        .collect::<R<Vec<_>>>()?;
+    Ok(Reply::Int(cx.space.ack(key, group, &ids).await.map_err(error)? as i64))
 }
 
-fn xpending(cx: &StreamContext<'_>, a: &[Bytes]) -> R {
-    let (key, group) = (&a[0], &a[1]);
+pub(crate) async fn xpending(cx: &mut StreamContext<'_>, a: Args<'_>) -> R {
+    let (key, group) = (a.arg(0)?, a.arg(1)?);
     let no_group = || error(crate::streams::no_group(key, group, "XPENDING"));
     if a.len() == 2 {
         let all = cx
@@ -623,17 +596,17 @@ fn xpending(cx: &StreamContext<'_>, a: &[Bytes]) -> R {
             .pending(key, group, StreamId::MIN, StreamId::MAX, usize::MAX, None)
             .map_err(error)?
             .ok_or_else(no_group)?;
-        if all.is_empty() {
+        let (Some(first), Some(last)) = (all.first(), all.last()) else {
             return Ok(Reply::Array(vec![Reply::Int(0), Reply::Nil, Reply::Nil, Reply::NilArray]));
-        }
+        };
         let mut per: std::collections::BTreeMap<Bytes, i64> = Default::default();
         for p in &all {
             *per.entry(p.consumer.clone()).or_default() += 1;
         }
         return Ok(Reply::Array(vec![
             Reply::Int(all.len() as i64),
-            Reply::text(all[0].id.to_string()),
-            Reply::text(all[all.len() - 1].id.to_string()),
+            Reply::text(first.id.to_string()),
+            Reply::text(last.id.to_string()),
             Reply::Array(
                 per.into_iter()
                     .map(|(c, n)| Reply::Array(vec![Reply::Bulk(c), Reply::text(n.to_string())]))
@@ -641,12 +614,15 @@ fn xpending(cx: &StreamContext<'_>, a: &[Bytes]) -> R {
             ),
         ]));
     }
-    let mut rest = &a[2..];
+    let mut rest = a.from(2);
     let mut min_idle = None;
-    if rest.first().is_some_and(|b| upper(b) == "IDLE") {
-        let ms = rest.get(1).and_then(|b| int(b)).ok_or_else(syntax)?;
-        min_idle = Some(ms.max(0) as u64);
-        rest = &rest[2..];
+    if let [idle, ms, tail @ ..] = rest {
+        if upper(idle) == "IDLE" {
+            min_idle = Some(int(ms).ok_or_else(syntax)?.max(0) as u64);
+            rest = tail;
+        }
+    } else if rest.first().is_some_and(|b| upper(b) == "IDLE") {
+        return Err(syntax());
     }
     let (start, end, count, consumer) = match rest {
         [s, e, c] => (s, e, c, None),

@@ -1,24 +1,23 @@
-//! `IdleSyncs`: runs the stream journal's syncs (timber-stream's [`SyncRunner`], used under
-//! `--sync always`) on a runtime worker that has run out of work, as `sync_thread` runs the
+//! `JournalSyncs`: runs the stream journal's syncs (timber-stream's [`SyncRunner`], used under
+//! `--sync always`) on a runtime worker that is about to park, as `keyspace_sync` runs the
 //! keyspace's unpipelined rounds, instead of on tokio's blocking pool.
 //!
-//! Why: under `redis-benchmark -P 1 -c 50` XADD with `--sync always`, each journal sync went to
-//! a blocking-pool thread, which woke, synced, woke the worker back and slept again: timberd made
-//! 0.32 context switches and 0.38 `epoll_wait` calls per request, Redis (which fsyncs in its
-//! event loop) 0.12 and 0.04.
+//! Why: on the blocking pool each journal sync wakes a pool thread, which syncs, wakes the
+//! worker back and sleeps again: two context switches and a reactor wake-up per sync, where
+//! Redis fsyncs in its event loop and switches to no other thread.
 //!
-//! How: `run` queues the sync; the idle hook (`sync_thread::install_idle_hook`) takes every
-//! queued sync when a worker is about to park, runs them there, answers them, and pokes the
-//! reactor so that the worker wakes for the tasks it answered. A sync that no idle worker took
-//! within `MAX_DELAY` (a worker that never runs out of work) is taken back and run on the
-//! blocking pool. For a while after a connection pipelined appends (`IdleSyncs::pipelined`),
-//! syncs skip the queue and go to the blocking pool, one in flight a writer.
+//! How: `run` queues the sync; the park hook ([`IdleWork`]) takes every queued sync when a
+//! worker is about to park, runs them there, answers them, and pokes the reactor so that the
+//! worker wakes for the tasks it answered. A sync that no parking worker took within
+//! [`MAX_DELAY`] (a worker that never runs out of work) is taken back and run on the blocking
+//! pool. For a while after a connection pipelined appends ([`JournalSyncs::pipelined`]), syncs
+//! skip the queue and go to the blocking pool, one in flight a writer, so that the worker runs
+//! the requests the pipelining connections have on their way while the pool syncs.
 //!
 //! Invariants: each queued sync runs exactly once (taking it, by the hook or the fallback, is
 //! under the queue's lock) and its caller gets its outcome; a sync runs only after it was
 //! queued, so it covers every journal append made before `run` was called.
 
-use std::os::unix::net::UnixDatagram;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -27,32 +26,27 @@ use parking_lot::Mutex;
 use timber_stream::{BlockingSync, SyncRunner};
 use tokio::sync::oneshot;
 
-use crate::sync_thread::MAX_DELAY;
+use super::{IdleWork, OnPark, Poke, Registration, MAX_DELAY};
 
 type Outcome = timber_stream::Result<()>;
 
-/// Syncs one writer may have queued at once when appends are not pipelined. With one, each
-/// idle round synced about 18 appends (XADD P1 `-c 50 --sync always`: 0.056 fdatasync a
-/// request, Redis 0.035); with four, appends journaled while a round is queued wait for a
-/// later sync of the same round and the first sync covers more (0.036 a request): 42.1k
-/// against 51.8k XADD/s (medians of 5 alternating runs).
+/// Syncs one writer may have queued at once when appends are not pipelined. With more than
+/// one, appends journaled while a round is queued wait for a later sync of the same round, and
+/// the round's first sync covers every append made before it runs: fewer fsyncs per append
+/// than with one (docs/PERFORMANCE.md, "Tuning").
 const QUEUED_SYNCS: usize = 4;
 
 /// After appends were pipelined, how many syncs keep one in flight a writer: with
-/// `QUEUED_SYNCS` in flight on the blocking pool, each covered fewer appends (XADD P16
-/// `--sync always`: 469k against 513k entries/s, medians of 5 alternating runs).
+/// `QUEUED_SYNCS` in flight on the blocking pool, each would cover fewer appends.
 const PIPELINED_SYNCS: u32 = 64;
-
-/// The queues that idle workers serve.
-static QUEUES: Mutex<Vec<Arc<Queue>>> = Mutex::new(Vec::new());
 
 struct Queue {
     syncs: Mutex<Vec<(u64, BlockingSync, oneshot::Sender<Outcome>)>>,
     /// `syncs` is not empty (read by the idle hook without the lock).
     queued: AtomicBool,
     next_id: AtomicU64,
-    /// Watched by the runtime's reactor: a byte goes to it after the hook answered syncs.
-    poke: UnixDatagram,
+    /// Poked after the hook answered syncs.
+    poke: Poke,
     /// Syncs still to be queued with one in flight per writer since appends were pipelined
     /// (`PIPELINED_SYNCS` when they are; see `queued_syncs`).
     pipelining: AtomicU32,
@@ -62,7 +56,7 @@ struct Queue {
 }
 
 impl Queue {
-    fn new(poke: UnixDatagram) -> Queue {
+    fn new(poke: Poke) -> Queue {
         Queue {
             syncs: Mutex::new(Vec::new()),
             queued: AtomicBool::new(false),
@@ -97,57 +91,50 @@ impl Queue {
             let _ = tx.send(sync());
             self.inline.fetch_add(1, Ordering::Relaxed);
         }
-        // A full socket (`WouldBlock`) already holds bytes that will wake the runtime.
-        let _ = self.poke.send(&[1]);
+        self.poke.poke();
     }
 }
 
-/// Runs every queued sync: called by the idle hook.
-pub(crate) fn run_queued() {
-    let due: Vec<Arc<Queue>> =
-        QUEUES.lock().iter().filter(|q| q.queued.load(Ordering::Acquire)).cloned().collect();
-    for q in due {
-        q.run_all();
+impl OnPark for Queue {
+    fn due(&self) -> bool {
+        self.queued.load(Ordering::Acquire)
+    }
+
+    fn on_park(&self) {
+        self.run_all();
     }
 }
 
-/// See the module documentation. Dropping it stops idle workers from serving it.
-pub(crate) struct IdleSyncs {
+/// See the module documentation. Dropping it stops parking workers from serving it.
+pub(crate) struct JournalSyncs {
     queue: Arc<Queue>,
-    poker: tokio::task::AbortHandle,
+    registration: Option<Registration>,
 }
 
-impl IdleSyncs {
-    /// A runner whose syncs the idle workers of the current runtime run, if that runtime has
-    /// the idle hook (`None` otherwise: the default runner serves).
-    pub(crate) fn start() -> std::io::Result<Option<Arc<IdleSyncs>>> {
+impl JournalSyncs {
+    /// A runner whose syncs the parking workers of the current runtime run, if that runtime
+    /// runs `idle`'s work (`None` otherwise: the default runner serves).
+    pub(crate) fn start(idle: &IdleWork) -> std::io::Result<Option<Arc<JournalSyncs>>> {
         let Ok(rt) = tokio::runtime::Handle::try_current() else { return Ok(None) };
-        if !crate::sync_thread::hooked() {
+        if !idle.hooked() {
             return Ok(None);
         }
-        let (poke, poker) = crate::sync_thread::poke_pair(&rt)?;
-        let queue = Arc::new(Queue::new(poke));
-        QUEUES.lock().push(queue.clone());
-        Ok(Some(Arc::new(IdleSyncs { queue, poker })))
+        let queue = Arc::new(Queue::new(Poke::new(&rt)?));
+        let registration = Some(idle.register(queue.clone()));
+        Ok(Some(Arc::new(JournalSyncs { queue, registration })))
     }
 
     /// A connection sent appends in a pipeline: the next `PIPELINED_SYNCS` syncs go straight
     /// to the blocking pool, one in flight a writer, while the worker runs the requests that
-    /// the pipelining connections have on their way (on the worker, XADD P16 `--sync always`
-    /// ran 15% slower).
+    /// the pipelining connections have on their way.
     pub(crate) fn pipelined(&self) {
         if self.queue.pipelining.load(Ordering::Relaxed) < PIPELINED_SYNCS / 2 {
             self.queue.pipelining.store(PIPELINED_SYNCS, Ordering::Relaxed);
         }
     }
-
-    /// Whether syncs wait for an idle worker.
-    pub(crate) fn due(&self) -> bool {
-        self.queue.queued.load(Ordering::Acquire)
-    }
 }
 
-impl SyncRunner for IdleSyncs {
+impl SyncRunner for JournalSyncs {
     /// The syncs of a round run one after the other; whatever a writer journaled before the
     /// round runs, the round's first sync covers. Unpipelined, `QUEUED_SYNCS` a writer; while
     /// appends are pipelined (their syncs go to the blocking pool), one.
@@ -206,18 +193,17 @@ async fn on_pool(sync: BlockingSync) -> Outcome {
     })
 }
 
-impl Drop for IdleSyncs {
+impl Drop for JournalSyncs {
     fn drop(&mut self) {
-        QUEUES.lock().retain(|q| !Arc::ptr_eq(q, &self.queue));
+        self.registration.take();
         // Syncs still queued run here rather than never.
         self.queue.run_all();
-        self.poker.abort();
     }
 }
 
-impl std::fmt::Debug for IdleSyncs {
+impl std::fmt::Debug for JournalSyncs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("IdleSyncs").finish_non_exhaustive()
+        f.debug_struct("JournalSyncs").finish_non_exhaustive()
     }
 }
 
@@ -240,9 +226,10 @@ mod tests {
     fn idle_workers_run_the_syncs_and_the_tasks_they_answered() {
         let mut rt = tokio::runtime::Builder::new_multi_thread();
         rt.worker_threads(1).enable_all();
-        crate::sync_thread::install_idle_hook(&mut rt);
+        let idle = IdleWork::new();
+        idle.install(&mut rt);
         let rt = rt.build().unwrap();
-        let runner = rt.block_on(async { IdleSyncs::start() }).unwrap().expect("hooked");
+        let runner = rt.block_on(async { JournalSyncs::start(&idle) }).unwrap().expect("hooked");
         let ran = Arc::new(AtomicUsize::new(0));
         for _ in 0..20 {
             let waits: Vec<_> = (0..10)
@@ -291,14 +278,12 @@ mod tests {
         assert_eq!(ran.load(Ordering::SeqCst), 201 + PIPELINED_SYNCS as usize);
     }
 
-    /// A sync no idle worker takes still runs, on the blocking pool, after `MAX_DELAY`.
+    /// A sync no parking worker takes still runs, on the blocking pool, after `MAX_DELAY`.
     #[tokio::test]
     async fn without_an_idle_worker_a_sync_runs_after_the_delay() {
-        let (poke, poker) =
-            crate::sync_thread::poke_pair(&tokio::runtime::Handle::current()).unwrap();
-        // Not in `QUEUES`: out of reach of the idle workers of other tests' runtimes.
-        let queue = Arc::new(Queue::new(poke));
-        let runner = IdleSyncs { queue, poker };
+        // Registered nowhere: no worker ever takes its syncs.
+        let queue = Arc::new(Queue::new(Poke::new(&tokio::runtime::Handle::current()).unwrap()));
+        let runner = JournalSyncs { queue, registration: None };
         let ran = Arc::new(AtomicUsize::new(0));
         let start = std::time::Instant::now();
         runner.run(counting(&ran)).await.unwrap();

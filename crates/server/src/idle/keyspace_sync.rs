@@ -1,42 +1,33 @@
-//! `SyncThread`: one thread that makes the keyspace's writes durable for every connection that
-//! waits on it, so that under `--sync always` a connection awaits its fsync instead of blocking a
-//! runtime worker, and the writes of all connections waiting at once share one fsync.
+//! `SyncRounds`: makes the keyspace's writes durable for every connection that waits on it, so
+//! that under `--sync always` a connection awaits its fsync instead of blocking a runtime
+//! worker, and the writes of all connections waiting at once share one fsync.
 //!
-//! When a round starts: in a runtime built with [`install_idle_hook`] (timberd's), once a worker
-//! has run out of ready tasks, as Redis syncs before its event loop sleeps: every connection
-//! whose request was ready by then has written and waits, and one fsync covers them all. Without
-//! the hook the first waiter starts a round, and the connections still running join the next.
-//! A round that waits for the hook waits at most `MAX_DELAY` after its first waiter, in case no
-//! worker goes idle.
+//! When a round starts: on a runtime whose [`IdleWork`] is installed (timberd's), once a worker
+//! is about to park, as Redis syncs before its event loop sleeps: every connection whose request
+//! was ready by then has written and waits, and one fsync covers them all. Otherwise the first
+//! waiter starts a round, and the connections still running join the next. A round that waits
+//! for a parking worker waits at most [`MAX_DELAY`] after its first waiter, in case no worker
+//! runs out of tasks.
 //!
-//! With the hook, a round also gathers: it waits until as many connections wait as the last
+//! On such a runtime a round also gathers: it waits until as many connections wait as the last
 //! round answered plus those that were already queued when it ended (every connection of the
 //! last cycle, back with its next write), for at most as long as the last sync took (never more
-//! than `MAX_DELAY`). Without this, the first connection to come back found the worker idle and
-//! started a round of its own while the others were still on their way: under `redis-benchmark
-//! -P 1 -c 50 --sync always`, 16 writes per fdatasync against Redis's 28, since Redis's event
-//! loop, blocked in its fsync, gathers every client by itself. A lone connection never waits.
+//! than `MAX_DELAY`). Without this, the first connection to come back finds the worker idle and
+//! starts a round of its own while the others are still on their way, and each fsync covers
+//! fewer writes than Redis's does (Redis's event loop, blocked in its fsync, gathers every
+//! client by itself). A lone connection never waits.
 //!
-//! In a runtime with the hook, the sync thread started inside it hands its rounds to the worker
-//! that goes idle: the worker syncs in the hook itself, as Redis syncs in its event loop before
-//! it sleeps, and no other thread wakes or is woken (under `redis-benchmark -P 1 -c 50 --sync
-//! always`, timberd made 0.42 context switches per request against Redis's 0.12). The hook then
-//! sends a byte to a socket that the runtime's reactor watches, so that the worker, which parks
-//! next, wakes at once and runs the connections the round answered: a task woken from the hook
-//! goes to the runtime's shared queue, which a worker about to park looks at again only if it
-//! was searching for work (tokio 1.54, `Core::transition_to_parked`; with one worker it always
-//! was, with more it may not be).
-//!
-//! A round of pipelined writes (more than two per waiter) still goes to the thread: while it
-//! syncs, the worker parses and runs the next requests the clients have already sent, which an
-//! inline round would leave waiting (pipelines of 16 ran 15% slower inline, pipelines of one
-//! 24-40% faster). The thread also takes the rounds no idle worker takes within `MAX_DELAY`.
+//! Who syncs: the parking worker itself, in the park hook, as Redis syncs in its event loop, so
+//! that no other thread wakes or is woken; it then pokes the reactor ([`Poke`]) so that it wakes
+//! at once for the connections the round answered. A round of pipelined writes (more than two
+//! per waiter) goes to the sync thread instead: while it syncs, the worker parses and runs the
+//! next requests the clients have already sent, which an inline round would leave waiting. The
+//! thread also takes the rounds no parking worker takes within `MAX_DELAY`.
 //!
 //! Invariant: a waiter registered after its writes were appended is answered only by a sync
 //! that started after it registered, which covers those writes; a failed sync fails every
 //! waiter of its round (and the engine refuses writes from then on).
 
-use std::os::unix::net::UnixDatagram;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -46,83 +37,13 @@ use parking_lot::{Condvar, Mutex};
 use timber_kv::Db;
 use tokio::sync::oneshot;
 
-/// The longest a round waits for a runtime worker to go idle.
-pub(crate) const MAX_DELAY: Duration = Duration::from_millis(1);
+use super::{IdleWork, OnPark, Poke, Registration, MAX_DELAY};
 
-/// Whether a runtime calls [`runtime_idle`] when its workers go idle.
-static HOOKED: AtomicBool = AtomicBool::new(false);
-/// The sync threads that [`runtime_idle`] starts rounds of.
-static RUNNING: Mutex<Vec<Arc<Shared>>> = Mutex::new(Vec::new());
-
-/// Makes the runtime `builder` builds start sync rounds when a worker goes idle (see the
-/// module documentation).
-pub fn install_idle_hook(builder: &mut tokio::runtime::Builder) {
-    HOOKED.store(true, Ordering::Release);
-    builder.on_thread_park(runtime_idle);
-}
-
-/// A worker is about to park: every sync thread with waiters has its round run here, or starts
-/// it.
-fn runtime_idle() {
-    // Out of the lock: an inline round syncs.
-    let due: Vec<Arc<Shared>> =
-        RUNNING.lock().iter().filter(|s| s.waiting.load(Ordering::Acquire)).cloned().collect();
-    for s in due {
-        match &s.inline {
-            Some(inline) => s.round_inline(inline),
-            None => s.kick(),
-        }
-    }
-    crate::journal_sync::run_queued();
-}
-
-/// Whether a runtime built with [`install_idle_hook`] is around (rounds then wait for it).
-pub(crate) fn hooked() -> bool {
-    HOOKED.load(Ordering::Acquire)
-}
-
-/// Rounds run by the idle worker itself (see the module documentation).
+/// Rounds run by the parking worker itself (see the module documentation).
 struct Inline {
     db: Arc<Db>,
-    /// Its peer is watched by the runtime's reactor; a byte goes to it after each inline round.
-    poke: UnixDatagram,
-}
-
-impl Inline {
-    /// Inline rounds for `db` in the runtime `rt`: the socket pair, and the task that drains
-    /// the watched end.
-    fn start(
-        db: Arc<Db>,
-        rt: &tokio::runtime::Handle,
-    ) -> std::io::Result<(Inline, tokio::task::AbortHandle)> {
-        let (poke, task) = poke_pair(rt)?;
-        Ok((Inline { db, poke }, task))
-    }
-}
-
-/// A socket to poke the reactor of `rt` with (one byte wakes a parked worker), and the task
-/// that drains the watched end.
-pub(crate) fn poke_pair(
-    rt: &tokio::runtime::Handle,
-) -> std::io::Result<(UnixDatagram, tokio::task::AbortHandle)> {
-    {
-        let (poke, watched) = UnixDatagram::pair()?;
-        poke.set_nonblocking(true)?;
-        watched.set_nonblocking(true)?;
-        let _in = rt.enter();
-        let watched = tokio::net::UnixDatagram::from_std(watched)?;
-        let task = rt.spawn(async move {
-            let mut buf = [0u8; 64];
-            loop {
-                if watched.readable().await.is_err() {
-                    return;
-                }
-                // Only the wake-up matters: drop the bytes.
-                while watched.try_recv(&mut buf).is_ok() {}
-            }
-        });
-        Ok((poke, task.abort_handle()))
-    }
+    /// Poked after each inline round.
+    poke: Poke,
 }
 
 type Waiter = oneshot::Sender<Result<(), Arc<timber_kv::Error>>>;
@@ -198,9 +119,9 @@ impl Shared {
         }
     }
 
-    /// A worker went idle: it runs the round (if the thread has not taken it, and the waiters
-    /// did not pipeline), then pokes its reactor so that it runs the tasks the round woke before
-    /// it sleeps.
+    /// A worker is about to park: it runs the round (if the thread has not taken it, and the
+    /// waiters did not pipeline), then pokes its reactor so that it runs the tasks the round
+    /// woke before it sleeps.
     fn round_inline(&self, inline: &Inline) {
         let round = {
             let mut q = self.queue.lock();
@@ -217,64 +138,71 @@ impl Shared {
         };
         self.answer(round, inline.db.sync().map_err(Arc::new));
         self.inline_rounds.fetch_add(1, Ordering::Relaxed);
-        // A full socket (`WouldBlock`) already holds bytes that will wake the runtime.
-        let _ = inline.poke.send(&[1]);
+        inline.poke.poke();
     }
 }
 
-/// The sync thread of one database.
-pub(crate) struct SyncThread {
-    shared: Arc<Shared>,
-    thread: Mutex<Option<JoinHandle<()>>>,
-    /// With inline rounds: the task that drains their pokes.
-    poker: Option<tokio::task::AbortHandle>,
-}
+impl OnPark for Shared {
+    fn due(&self) -> bool {
+        self.waiting.load(Ordering::Acquire)
+    }
 
-impl SyncThread {
-    /// Starts the thread for `db`; inside a runtime with the idle hook, its idle workers run
-    /// the rounds.
-    pub(crate) fn start(db: Arc<Db>) -> std::io::Result<SyncThread> {
-        let hooked = HOOKED.load(Ordering::Acquire);
-        match tokio::runtime::Handle::try_current() {
-            Ok(rt) if hooked => SyncThread::start_inline(db, &rt),
-            _ => SyncThread::start_with(db, hooked),
+    fn on_park(&self) {
+        match &self.inline {
+            Some(inline) => self.round_inline(inline),
+            None => self.kick(),
         }
     }
+}
 
-    /// Starts the thread for `db`, its rounds waiting for an idle worker if `on_idle`.
-    fn start_with(db: Arc<Db>, on_idle: bool) -> std::io::Result<SyncThread> {
-        SyncThread::start_shared(db, Shared::new(on_idle), None)
-    }
+/// The sync rounds of one database: see the module documentation.
+pub(crate) struct SyncRounds {
+    shared: Arc<Shared>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    /// With an installed [`IdleWork`]: parking workers start or run the rounds until this drops.
+    registration: Mutex<Option<Registration>>,
+}
 
-    /// Starts the thread for `db`, whose rounds the idle workers of `rt` run.
-    fn start_inline(db: Arc<Db>, rt: &tokio::runtime::Handle) -> std::io::Result<SyncThread> {
-        let (inline, poker) = Inline::start(db.clone(), rt)?;
-        let shared = Shared { inline: Some(inline), ..Shared::new(true) };
-        SyncThread::start_shared(db, shared, Some(poker))
+impl SyncRounds {
+    /// Starts the rounds of `db`. Inside a runtime that runs `idle`'s work when it parks, the
+    /// parking workers run them; otherwise the sync thread does, as waiters come.
+    pub(crate) fn start(db: Arc<Db>, idle: &IdleWork) -> std::io::Result<SyncRounds> {
+        if !idle.hooked() {
+            return SyncRounds::start_shared(db, Shared::new(false), None);
+        }
+        let shared = match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                let inline = Inline { db: db.clone(), poke: Poke::new(&rt)? };
+                Shared { inline: Some(inline), ..Shared::new(true) }
+            }
+            Err(_) => Shared::new(true),
+        };
+        SyncRounds::start_shared(db, shared, Some(idle))
     }
 
     fn start_shared(
         db: Arc<Db>,
         shared: Shared,
-        poker: Option<tokio::task::AbortHandle>,
-    ) -> std::io::Result<SyncThread> {
-        let on_idle = shared.on_idle;
+        idle: Option<&IdleWork>,
+    ) -> std::io::Result<SyncRounds> {
         let shared = Arc::new(shared);
         let s = shared.clone();
         let thread = std::thread::Builder::new()
             .name("timber-keyspace-sync".into())
             .spawn(move || run(&db, &s))?;
-        if on_idle {
-            RUNNING.lock().push(shared.clone());
-        }
-        Ok(SyncThread { shared, thread: Mutex::new(Some(thread)), poker })
+        let registration = idle.map(|i| i.register(shared.clone()));
+        Ok(SyncRounds {
+            shared,
+            thread: Mutex::new(Some(thread)),
+            registration: Mutex::new(registration),
+        })
     }
 
     /// Resolves once every write appended before this call is durable; the caller waits for
     /// `writes` of them (pipelined callers wait for many). After [`stop`], it fails with the
     /// engine's `Closed` error.
     ///
-    /// [`stop`]: SyncThread::stop
+    /// [`stop`]: SyncRounds::stop
     pub(crate) fn durable(
         &self,
         writes: usize,
@@ -290,8 +218,8 @@ impl SyncThread {
                 q.waiting.push(tx);
                 q.writes += writes;
             }
-            // With the idle hook, only the first waiter wakes the thread (which then waits for
-            // the hook, or `MAX_DELAY`).
+            // When parking workers start rounds, only the first waiter wakes the thread (which
+            // then waits for a park, or `MAX_DELAY`).
             !q.stop && (!self.shared.on_idle || q.waiting.len() == 1)
         };
         if wake {
@@ -301,35 +229,26 @@ impl SyncThread {
         async move { rx.await.unwrap_or_else(|_| Err(Arc::new(timber_kv::Error::Closed))) }
     }
 
-    /// Whether connections wait for a round (which, with the idle hook, a worker runs or starts
-    /// when it parks).
-    pub(crate) fn round_due(&self) -> bool {
-        self.shared.waiting.load(Ordering::Acquire)
-    }
-
     /// Answers the waiters still queued, then stops the thread and waits for it.
     pub(crate) fn stop(&self) {
-        RUNNING.lock().retain(|s| !Arc::ptr_eq(s, &self.shared));
+        self.registration.lock().take();
         self.shared.queue.lock().stop = true;
         self.shared.wake.notify_one();
         if let Some(t) = self.thread.lock().take() {
             let _ = t.join();
         }
-        if let Some(p) = &self.poker {
-            p.abort();
-        }
     }
 }
 
-impl Drop for SyncThread {
+impl Drop for SyncRounds {
     fn drop(&mut self) {
         self.stop();
     }
 }
 
-impl std::fmt::Debug for SyncThread {
+impl std::fmt::Debug for SyncRounds {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SyncThread").finish_non_exhaustive()
+        f.debug_struct("SyncRounds").finish_non_exhaustive()
     }
 }
 
@@ -389,7 +308,7 @@ mod tests {
     async fn waiters_are_answered_and_stop_drains_then_refuses() {
         let dir = tempfile::tempdir().unwrap();
         let db = Arc::new(Db::open(dir.path(), timber_kv::Options::default()).unwrap());
-        let t = SyncThread::start(db.clone()).unwrap();
+        let t = SyncRounds::start(db.clone(), &IdleWork::new()).unwrap();
         db.put(b"a", b"1").unwrap();
         let waits: Vec<_> = (0..10).map(|_| t.durable(1)).collect();
         for w in waits {
@@ -400,18 +319,18 @@ mod tests {
         assert!(matches!(*closed, timber_kv::Error::Closed), "{closed}");
     }
 
-    /// A runtime of one worker, with the idle hook.
-    fn hooked_runtime() -> tokio::runtime::Runtime {
+    /// A runtime of one worker that runs `idle`'s work when it parks.
+    fn hooked_runtime(idle: &IdleWork) -> tokio::runtime::Runtime {
         let mut rt = tokio::runtime::Builder::new_multi_thread();
         rt.worker_threads(1).enable_all();
-        install_idle_hook(&mut rt);
+        idle.install(&mut rt);
         rt.build().unwrap()
     }
 
     /// Tasks that each write one of `keys` and wait for it to be durable.
     fn writers(
         db: &Arc<Db>,
-        t: &Arc<SyncThread>,
+        t: &Arc<SyncRounds>,
         keys: impl Iterator<Item = String>,
     ) -> Vec<tokio::task::JoinHandle<Result<(), Arc<timber_kv::Error>>>> {
         keys.map(|k| {
@@ -424,14 +343,16 @@ mod tests {
         .collect()
     }
 
-    /// With the idle hook, a round starts when a worker goes idle: the writes of every task
-    /// that ran before share it.
+    /// On a runtime that runs its idle work, a round starts when a worker parks: the writes of
+    /// every task that ran before share it. (Started outside the runtime: the thread syncs.)
     #[test]
     fn an_idle_worker_starts_the_round_for_all_waiters() {
         let dir = tempfile::tempdir().unwrap();
         let db = Arc::new(Db::open(dir.path(), timber_kv::Options::default()).unwrap());
-        let rt = hooked_runtime();
-        let t = Arc::new(SyncThread::start_with(db.clone(), true).unwrap());
+        let idle = IdleWork::new();
+        let rt = hooked_runtime(&idle);
+        let t = Arc::new(SyncRounds::start(db.clone(), &idle).unwrap());
+        assert!(t.shared.inline.is_none());
         rt.block_on(async {
             for task in writers(&db, &t, (0..20u32).map(|i| format!("k{i}"))) {
                 task.await.unwrap().unwrap();
@@ -449,8 +370,9 @@ mod tests {
     fn an_idle_worker_runs_the_round_and_the_tasks_it_answered() {
         let dir = tempfile::tempdir().unwrap();
         let db = Arc::new(Db::open(dir.path(), timber_kv::Options::default()).unwrap());
-        let rt = hooked_runtime();
-        let t = Arc::new(rt.block_on(async { SyncThread::start(db.clone()) }).unwrap());
+        let idle = IdleWork::new();
+        let rt = hooked_runtime(&idle);
+        let t = Arc::new(rt.block_on(async { SyncRounds::start(db.clone(), &idle) }).unwrap());
         assert!(t.shared.inline.is_some());
         for round in 0..20u32 {
             let all = rt.block_on(async {
@@ -474,14 +396,16 @@ mod tests {
         t.stop();
     }
 
-    /// A round that waits for an idle worker that never comes still starts, after `MAX_DELAY`.
+    /// A round that waits for a parking worker that never comes still starts, after `MAX_DELAY`.
     #[test]
     fn without_an_idle_worker_a_round_starts_after_the_delay() {
         let dir = tempfile::tempdir().unwrap();
         let db = Arc::new(Db::open(dir.path(), timber_kv::Options::default()).unwrap());
-        let t = SyncThread::start_with(db.clone(), true).unwrap();
-        // Out of reach of the runtimes of other tests, whose idle workers would start its round.
-        RUNNING.lock().retain(|s| !Arc::ptr_eq(s, &t.shared));
+        // Installed on a runtime that is never built: no worker ever parks.
+        let idle = IdleWork::new();
+        idle.install(&mut tokio::runtime::Builder::new_current_thread());
+        let t = SyncRounds::start(db.clone(), &idle).unwrap();
+        assert!(t.shared.on_idle);
         db.put(b"a", b"1").unwrap();
         let start = Instant::now();
         futures::executor::block_on(t.durable(1)).unwrap();
@@ -497,9 +421,8 @@ mod tests {
         let db = Arc::new(Db::open(dir.path(), timber_kv::Options::default()).unwrap());
         let long = Duration::from_secs(60);
         let shared = Shared { gather_for: Some(long), max_delay: long, ..Shared::new(true) };
-        let t = SyncThread::start_shared(db.clone(), shared, None).unwrap();
-        // Kicked by hand here, out of reach of the runtimes of other tests.
-        RUNNING.lock().retain(|s| !Arc::ptr_eq(s, &t.shared));
+        // Registered nowhere: kicked by hand, as a parking worker would.
+        let t = SyncRounds::start_shared(db.clone(), shared, None).unwrap();
         let rounds = || t.shared.rounds.load(Ordering::Relaxed);
         db.put(b"a", b"1").unwrap();
         let first: Vec<_> = (0..3).map(|_| t.durable(1)).collect();

@@ -1,0 +1,43 @@
+//! `Session`, the per-connection state that commands read and change, and `Context`, what a
+//! keyspace command needs besides its arguments.
+
+use bytes::Bytes;
+
+use crate::keyspace::Keyspace;
+
+/// Per-connection state the commands read and change.
+#[derive(Debug)]
+pub(crate) struct Session {
+    /// Protocol version of replies (2 or 3).
+    pub(crate) proto: u8,
+    /// Whether the client has authenticated (or no secret is set).
+    pub(crate) authed: bool,
+    /// `CLIENT SETNAME`.
+    pub(crate) name: Option<Bytes>,
+    /// Connection id.
+    pub(crate) id: u64,
+    /// Set by `QUIT`: close after replying.
+    pub(crate) quit: bool,
+    /// Commands run on this connection (for sampling their latency).
+    pub(crate) commands: u64,
+}
+
+impl Session {
+    /// A new connection's state: RESP2, authenticated unless a secret is set.
+    pub(crate) fn new(id: u64, needs_auth: bool) -> Session {
+        Session { proto: 2, authed: !needs_auth, name: None, id, quit: false, commands: 0 }
+    }
+}
+
+/// What a keyspace command needs besides its arguments.
+#[derive(Debug)]
+pub(crate) struct Context<'a> {
+    /// The keyspace.
+    pub(crate) keys: &'a Keyspace,
+    /// The shared secret, if any.
+    pub(crate) secret: Option<&'a str>,
+    /// The largest value accepted.
+    pub(crate) max_value: usize,
+    /// Connected clients now.
+    pub(crate) clients: usize,
+}
