@@ -138,7 +138,8 @@ fn header(key: &[u8], v: &[u8]) -> Result<(Kind, Option<u64>), Error> {
     if v.len() < 9 {
         return Err(Error::Corrupt(Bytes::copy_from_slice(key)));
     }
-    let at = u64::from_le_bytes(v[1..9].try_into().expect("8 bytes"));
+    let at =
+        crate::codec::u64_le(v, 1).ok_or_else(|| Error::Corrupt(Bytes::copy_from_slice(key)))?;
     Ok((kind, (at != 0).then_some(at)))
 }
 
@@ -259,6 +260,7 @@ impl Keyspace {
 
     /// The stripe lock of a key: hold it across a read and the write that depends on it.
     pub(crate) fn lock(&self, key: &[u8]) -> MutexGuard<'_, ()> {
+        #[expect(clippy::indexing_slicing, reason = "stripe() < STRIPES = stripes.len()")]
         self.stripes[stripe(key)].lock()
     }
 
@@ -280,18 +282,21 @@ impl Keyspace {
             // one by one, so that only that one fails.
             return Ok(keys.iter().map(|k| self.get_string(k)).collect());
         }
-        // The engine keys, in one buffer: key `i` ends at `ends[i]`.
+        // The engine keys, one after the other in one buffer.
         let mut buf = Vec::with_capacity(keys.iter().map(|k| k.len() + 1).sum());
-        let ends: Vec<usize> = keys
+        for k in keys {
+            buf.push(DATA);
+            buf.extend_from_slice(k);
+        }
+        let mut rest = &buf[..];
+        let data: Vec<&[u8]> = keys
             .iter()
             .map(|k| {
-                buf.push(DATA);
-                buf.extend_from_slice(k);
-                buf.len()
+                let (key, tail) = rest.split_at(k.len() + 1);
+                rest = tail;
+                key
             })
             .collect();
-        let data: Vec<&[u8]> =
-            keys.iter().zip(&ends).map(|(k, &end)| &buf[end - k.len() - 1..end]).collect();
         let found = self.db.get_many(&data)?;
         let now = std::cell::OnceCell::new();
         let now = || *now.get_or_init(now_ms);
@@ -340,6 +345,7 @@ impl Keyspace {
         let mut stripes: Vec<usize> = keys.iter().map(|k| stripe(k)).collect();
         stripes.sort_unstable();
         stripes.dedup();
+        #[expect(clippy::indexing_slicing, reason = "stripe() < STRIPES = stripes.len()")]
         stripes.into_iter().map(|i| self.stripes[i].lock()).collect()
     }
 
@@ -475,7 +481,7 @@ impl Keyspace {
         let mut it = self.db.scan(&b"k"[..]..&b"l"[..]);
         while let Some(kv) = it.next_ref() {
             let (k, v) = kv?;
-            let (_, expire_at) = header(&k[1..], v)?;
+            let (_, expire_at) = header(k.get(1..).unwrap_or_default(), v)?;
             if expire_at.is_none_or(|at| at > now) {
                 n += 1;
             }
@@ -509,8 +515,9 @@ impl Keyspace {
             .collect::<Result<_, _>>()?;
         let mut n = 0;
         for ik in entries {
-            let at = u64::from_be_bytes(ik[1..9].try_into().expect("8 bytes"));
-            let key = &ik[9..];
+            let (Some(at), Some(key)) = (crate::codec::u64_be(&ik, 1), ik.get(9..)) else {
+                return Err(Error::Corrupt(ik.clone()));
+            };
             let _g = self.lock(key);
             let mut b = WriteBatch::new();
             b.delete(&ik);

@@ -3,6 +3,9 @@
 //! HTTP. Library form so that tests and embedders can start it in process; the `timberd` binary
 //! wraps it with flags, logs and signal handling.
 
+#![deny(clippy::unwrap_used, clippy::indexing_slicing)]
+
+mod codec;
 mod config;
 mod grpc;
 mod http;

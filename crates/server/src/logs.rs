@@ -76,21 +76,22 @@ impl Logs {
         let w = &mut slot.writer;
         let mut acks = Vec::with_capacity(entries.len());
         let mut retried = false;
-        let mut i = 0;
-        while i < entries.len() {
-            if w.is_none() {
-                *w = Some(self.streams.writer(name).await?);
-            }
-            match w.as_ref().expect("opened above").send(entries[i].clone()).await {
+        let mut pending = entries.into_iter().peekable();
+        while let Some(entry) = pending.peek() {
+            let writer = match w {
+                Some(w) => w,
+                None => w.insert(self.streams.writer(name).await?),
+            };
+            match writer.send(entry.clone()).await {
                 Ok(a) => {
                     acks.push(a);
-                    i += 1;
+                    pending.next();
                 }
                 // A writer that failed refuses everything: replace it once, before any entry
                 // of this call went to it.
                 Err(e) => {
                     *w = None;
-                    if retried || i > 0 {
+                    if retried || !acks.is_empty() {
                         return Err(e);
                     }
                     retried = true;

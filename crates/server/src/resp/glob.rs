@@ -2,95 +2,106 @@
 
 /// Whether `s` matches `pattern`.
 pub(crate) fn matches(pattern: &[u8], s: &[u8]) -> bool {
-    let (mut p, mut i) = (0, 0);
-    // Where to resume after the last `*`: (pattern index after it, string index it covers to).
-    let mut star: Option<(usize, usize)> = None;
-    while i < s.len() {
-        if p < pattern.len() {
-            match pattern[p] {
-                b'*' => {
-                    star = Some((p + 1, i));
-                    p += 1;
-                    continue;
-                }
-                b'?' => {
-                    p += 1;
-                    i += 1;
-                    continue;
-                }
-                b'[' => {
-                    if let Some((ok, next)) = class(pattern, p, s[i]) {
-                        if ok {
-                            p = next;
-                            i += 1;
-                            continue;
-                        }
-                    } else if s[i] == b'[' {
-                        p += 1;
-                        i += 1;
-                        continue;
-                    }
-                }
-                b'\\' if p + 1 < pattern.len() && pattern[p + 1] == s[i] => {
-                    p += 2;
-                    i += 1;
-                    continue;
-                }
-                b'\\' if p + 1 < pattern.len() => {}
-                c if c == s[i] => {
-                    p += 1;
-                    i += 1;
-                    continue;
-                }
-                _ => {}
+    let (mut pat, mut rest) = (pattern, s);
+    // Where to resume after the last `*`: the pattern after it, and the string from where its
+    // match ends so far.
+    let mut star: Option<(&[u8], &[u8])> = None;
+    while let Some((&c, tail)) = rest.split_first() {
+        // The pattern after matching `c`, if its front matches `c`.
+        let step = match pat {
+            [b'*', after @ ..] => {
+                star = Some((after, rest));
+                pat = after;
+                continue;
             }
-        }
-        match star {
-            Some((sp, si)) => {
-                star = Some((sp, si + 1));
-                p = sp;
-                i = si + 1;
+            [b'?', after @ ..] => Some(after),
+            [b'[', after @ ..] => match class(after, c) {
+                Some((hit, after_class)) => hit.then_some(after_class),
+                // Not closed: a literal `[`.
+                None => (c == b'[').then_some(after),
+            },
+            [b'\\', escaped, after @ ..] => (*escaped == c).then_some(after),
+            [x, after @ ..] => (*x == c).then_some(after),
+            [] => None,
+        };
+        match (step, star) {
+            (Some(after), _) => {
+                pat = after;
+                rest = tail;
             }
-            None => return false,
+            (None, Some((after_star, covered))) => {
+                // Let the star cover one more byte.
+                let covered = covered.get(1..).unwrap_or_default();
+                star = Some((after_star, covered));
+                pat = after_star;
+                rest = covered;
+            }
+            (None, None) => return false,
         }
     }
-    pattern[p..].iter().all(|&c| c == b'*')
+    pat.iter().all(|&c| c == b'*')
 }
 
-/// Matches `c` against the class starting at `pattern[p] == b'['`: (matched, index after `]`),
-/// or `None` if the class is not closed.
-fn class(pattern: &[u8], p: usize, c: u8) -> Option<(bool, usize)> {
-    let mut j = p + 1;
-    let negate = pattern.get(j) == Some(&b'^');
-    if negate {
-        j += 1;
-    }
+/// Matches `c` against the class whose body (after `[`) starts `body`: (matched, the pattern
+/// after its `]`), or `None` if the class is not closed.
+fn class(body: &[u8], c: u8) -> Option<(bool, &[u8])> {
+    let (negate, mut rest) = match body {
+        [b'^', after @ ..] => (true, after),
+        _ => (false, body),
+    };
     let mut hit = false;
     let mut first = true;
-    while j < pattern.len() {
-        let x = pattern[j];
-        if x == b']' && !first {
-            return Some((hit != negate, j + 1));
+    loop {
+        match rest {
+            [b']', after @ ..] if !first => return Some((hit != negate, after)),
+            [b'\\', escaped, after @ ..] => {
+                hit |= *escaped == c;
+                rest = after;
+            }
+            [a, b'-', z, after @ ..] if *z != b']' => {
+                hit |= (*a.min(z)..=*a.max(z)).contains(&c);
+                rest = after;
+            }
+            [x, after @ ..] => {
+                hit |= *x == c;
+                rest = after;
+            }
+            [] => return None,
         }
         first = false;
-        if x == b'\\' && j + 1 < pattern.len() {
-            hit |= pattern[j + 1] == c;
-            j += 2;
-        } else if j + 2 < pattern.len() && pattern[j + 1] == b'-' && pattern[j + 2] != b']' {
-            let (lo, hi) = (x.min(pattern[j + 2]), x.max(pattern[j + 2]));
-            hit |= (lo..=hi).contains(&c);
-            j += 3;
-        } else {
-            hit |= x == c;
-            j += 1;
-        }
     }
-    None
 }
 
 #[cfg(test)]
 mod tests {
-    use super::matches;
+    use super::{class, matches};
+    use proptest::prelude::*;
+
+    /// Exhaustive backtracking: every way a star can split the string.
+    fn reference(p: &[u8], s: &[u8]) -> bool {
+        let Some((&c, tail)) = s.split_first() else { return p.iter().all(|&x| x == b'*') };
+        match p {
+            [b'*', after @ ..] => (0..=s.len()).any(|i| reference(after, &s[i..])),
+            [b'?', after @ ..] => reference(after, tail),
+            [b'[', body @ ..] => match class(body, c) {
+                Some((hit, after)) => hit && reference(after, tail),
+                None => c == b'[' && reference(body, tail),
+            },
+            [b'\\', e, after @ ..] => *e == c && reference(after, tail),
+            [x, after @ ..] => *x == c && reference(after, tail),
+            [] => false,
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn agrees_with_exhaustive_backtracking(
+            p in prop::collection::vec(prop::sample::select(b"ab*?[]^-\\".to_vec()), 0..10),
+            s in prop::collection::vec(prop::sample::select(b"ab[]-*".to_vec()), 0..10),
+        ) {
+            prop_assert_eq!(matches(&p, &s), reference(&p, &s));
+        }
+    }
 
     #[test]
     fn redis_globs() {

@@ -33,7 +33,7 @@ pub(crate) fn parse(buf: &mut BytesMut, max: usize) -> Parsed {
         if buf.is_empty() {
             return Parsed::Incomplete;
         }
-        if buf[0] == b'*' {
+        if buf.first() == Some(&b'*') {
             return match array(buf, max) {
                 Ok((end, ranges)) => {
                     let frame = buf.split_to(end).freeze();
@@ -105,12 +105,12 @@ fn array(buf: &[u8], max: usize) -> Result<(usize, Vec<(usize, usize)>), Stop> {
 /// after it.
 fn header(buf: &[u8], at: usize, what: &str) -> Result<(i64, usize), Stop> {
     let bad = || Stop::Bad(format!("Protocol error: invalid {what} length"));
-    let rest = &buf[at + 1..];
+    let rest = buf.get(at + 1..).unwrap_or_default();
     let Some(nl) = rest.iter().position(|&c| c == b'\n') else {
         // A header is at most a sign and 19 digits: anything longer is not one.
         return Err(if rest.len() > 21 { bad() } else { Stop::Incomplete });
     };
-    let digits = rest[..nl].strip_suffix(b"\r").ok_or_else(bad)?;
+    let digits = rest.split_at(nl).0.strip_suffix(b"\r").ok_or_else(bad)?;
     let (neg, digits) = match digits.split_first() {
         Some((b'-', d)) => (true, d),
         _ => (false, digits),

@@ -74,7 +74,7 @@ pub(crate) fn get(db: &Db, uid: u64, name: &[u8]) -> Result<Option<Group>, Error
     if v.len() != 24 {
         return Err(corrupt(&key));
     }
-    let n = |i: usize| u64::from_le_bytes(v[i..i + 8].try_into().expect("8 bytes"));
+    let n = |i: usize| crate::codec::u64_le(&v, i).unwrap_or_default();
     Ok(Some(Group { last: StreamId { ms: n(0), seq: n(8) }, entries_read: n(16) }))
 }
 
@@ -128,8 +128,8 @@ fn decode_pending(key: &[u8], id: StreamId, v: &Bytes) -> Result<Pending, Error>
     }
     Ok(Pending {
         id,
-        delivered_ms: u64::from_le_bytes(v[..8].try_into().expect("8 bytes")),
-        deliveries: u64::from_le_bytes(v[8..16].try_into().expect("8 bytes")),
+        delivered_ms: crate::codec::u64_le(v, 0).unwrap_or_default(),
+        deliveries: crate::codec::u64_le(v, 8).unwrap_or_default(),
         consumer: v.slice(16..),
     })
 }

@@ -90,7 +90,7 @@ impl Handle {
         if b.len() != 24 {
             return Err(keyspace::Error::Corrupt(Bytes::copy_from_slice(key)).into());
         }
-        let n = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
+        let n = |i: usize| crate::codec::u64_le(b, i).unwrap_or_default();
         Ok(Handle { uid: n(0), floor: StreamId { ms: n(8), seq: n(16) } })
     }
 }
@@ -843,9 +843,9 @@ impl StreamSpace {
         let mut gone = Vec::new();
         for kv in db.prefix(b"r") {
             let (k, key) = kv.map_err(keyspace::Error::from)?;
-            let uid = u64::from_be_bytes(
-                k[1..].try_into().map_err(|_| keyspace::Error::Corrupt(k.clone()))?,
-            );
+            let uid = crate::codec::u64_be(&k, 1)
+                .filter(|_| k.len() == 9)
+                .ok_or_else(|| keyspace::Error::Corrupt(k.clone()))?;
             // Gone: the key is missing, holds another stream, or holds a string. A failed read
             // proves nothing: stop rather than delete a live stream.
             let gone_now = match self.handle(&key) {
