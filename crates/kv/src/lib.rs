@@ -37,7 +37,6 @@ mod snapshot;
 mod stats;
 mod table;
 mod version;
-mod writeback;
 
 pub use batch::WriteBatch;
 pub use bytes::Bytes;

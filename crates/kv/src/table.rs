@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
+use timber_wal::writeback;
 
 use crate::block::{Block, BlockBuilder, BlockCursor, Decoded};
 use crate::bloom;
@@ -20,7 +21,6 @@ use crate::cache::BlockCache;
 use crate::error::{Error, Result};
 use crate::key::{self, Kind};
 use crate::options::{Compression, Options};
-use crate::writeback;
 
 pub(crate) const MAGIC: [u8; 8] = *b"TMBRSST\0";
 pub(crate) const VERSION: u32 = 1;

@@ -24,7 +24,7 @@ mod options;
 mod recovery;
 mod segment;
 mod wal;
-mod writeback;
+pub mod writeback;
 
 pub use crate::error::{Error, Result};
 pub use crate::options::{Options, SyncMode, MAX_SEGMENT_CAPACITY, MIN_SEGMENT_CAPACITY};
