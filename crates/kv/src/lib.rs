@@ -39,7 +39,6 @@ mod table;
 mod version;
 
 pub use batch::WriteBatch;
-pub use bytes::Bytes;
 pub use db::Db;
 pub use error::{Error, Result};
 pub use iter::Iter;
