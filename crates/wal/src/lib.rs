@@ -15,14 +15,18 @@
 
 #![warn(clippy::unwrap_used)]
 
+mod active;
 mod error;
 mod frame;
+mod gate;
 mod mapped;
 mod meta;
 mod metrics;
 mod options;
 mod recovery;
 mod segment;
+mod spare;
+mod state;
 mod wal;
 pub mod writeback;
 

@@ -383,6 +383,14 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(|e| Error::io("fsync directory", dir, e))
 }
 
+/// Removes a file; one that is already gone is no error.
+pub(crate) fn remove_file(path: &Path) -> Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io("remove", path, e)),
+        _ => Ok(()),
+    }
+}
+
 /// Name of the zero-filled file prepared in the background to become the next segment.
 pub(crate) const SPARE_FILE: &str = "wal_spare.tmp";
 
