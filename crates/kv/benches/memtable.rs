@@ -9,6 +9,8 @@ use criterion::{criterion_group, criterion_main};
 
 #[path = "../src/bloom.rs"]
 mod bloom;
+#[path = "../src/bounds.rs"]
+mod bounds;
 #[path = "../src/key.rs"]
 mod key;
 #[path = "../src/memtable.rs"]

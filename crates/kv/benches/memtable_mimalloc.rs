@@ -11,6 +11,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[path = "../src/bloom.rs"]
 mod bloom;
+#[path = "../src/bounds.rs"]
+mod bounds;
 #[path = "../src/key.rs"]
 mod key;
 #[path = "../src/memtable.rs"]

@@ -39,7 +39,8 @@ use hashbrown::HashTable;
 use parking_lot::{Mutex, RwLock};
 use smallvec::SmallVec;
 
-use crate::key::{self, Bounds, Kind, Op, UserKey, INLINE};
+use crate::bounds::Bounds;
+use crate::key::{self, Kind, Op, UserKey, INLINE};
 
 /// Memory of a key's node beyond its key and value bytes, counted against the size limit so
 /// that the limit is what the memtable really holds: the skiplist node (the key with its 24
@@ -674,9 +675,9 @@ impl std::fmt::Debug for Memtable {
     }
 }
 
-/// A cursor over one memtable's entries in internal-key order (or its reverse), for the merge
-/// of [`crate::iter`]. It holds the memtable, so the entries it shows stay alive; it remembers
-/// where it stands by key and tag, and finds its node again with one search per step.
+/// A cursor over one memtable's entries in internal-key order (or its reverse), for the merges
+/// of `iter`. It holds the memtable, so the entries it shows stay alive; it remembers where it
+/// stands by key and tag, and finds its node again with one search per step.
 pub(crate) struct Cursor {
     mem: Arc<Memtable>,
     forward: bool,
