@@ -91,9 +91,9 @@ impl Active {
 
     /// Hands buffered records to the operating system: through the map when `map` (a flush that
     /// no fsync follows right away), else with `pwrite`. On ext4 an `fdatasync` right after writes
-    /// through a shared map took 432 µs against 60 µs after `pwrite` in a C test (the write faults
-    /// join the journal's running transaction, so the fsync commits it): flushes that precede a
-    /// sync use `pwrite`, and unmap the window (see `Mapped::release`).
+    /// through a shared map is much slower than after `pwrite` (the write faults join the
+    /// journal's running transaction, so the fsync commits it): flushes that precede a sync use
+    /// `pwrite`, and unmap the window (see `Mapped::release`).
     pub(crate) fn flush(&mut self, map: bool) -> Result<()> {
         if !map {
             // An fsync follows: nothing of the file stays mapped while it is written back.

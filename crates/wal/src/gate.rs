@@ -152,11 +152,11 @@ impl Gate {
     /// Before a leader syncs, gives the threads the previous leader released time to append
     /// again, so that one sync covers them all: without this, the first of them to come back led
     /// a sync of little more than its own record while the rest were still waking, and syncs
-    /// alternated between small and large groups (64 threads: 25 records per fdatasync, 50 with
-    /// it). Waits until as many appenders arrived as were released, counted from the later of
-    /// the last release and the last leader's flush point (so that a leader starting while
-    /// another syncs gathers those who arrived after that one's group), for at most half the
-    /// last fsync's duration (and never more than `MAX_GATHER_NS`), yielding the CPU meanwhile.
+    /// alternated between small and large groups. Waits until as many appenders arrived as were
+    /// released, counted from the later of the last release and the last leader's flush point
+    /// (so that a leader starting while another syncs gathers those who arrived after that one's
+    /// group), for at most half the last fsync's duration (and never more than `MAX_GATHER_NS`),
+    /// yielding the CPU meanwhile.
     /// A lone appender, or one whose records another sync covered, never waits.
     pub(crate) fn gather(&self) {
         let expected = self.released.load(Ordering::Acquire);

@@ -53,7 +53,8 @@ impl Inner {
     }
 }
 
-/// Iterator over a range of records, from [`Wal::iter`](crate::Wal::iter). Reads about 1 MiB at a time.
+/// Iterator over a range of records, from [`Wal::iter`](crate::Wal::iter). Reads about 1 MiB at
+/// a time.
 pub struct Iter {
     inner: Arc<Inner>,
     next: u64,

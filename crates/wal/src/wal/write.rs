@@ -118,8 +118,8 @@ impl Inner {
         st.sealed.push_back(sealed);
         st.active = active;
         // A log that filled one segment is likely to fill the next: its spare gets the whole
-        // segment's time to be written (asked at half of it, unsynced 4 KiB appends ran at half
-        // their speed, every roll waiting for the rest of a fill).
+        // segment's time to be written (asked only at half of it, a fill was often unfinished
+        // when the next roll came, and the roll waited for it).
         self.ask_spare(st);
         self.metrics.segments_sealed.increment(1);
         Ok(())
