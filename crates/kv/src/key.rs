@@ -107,8 +107,10 @@ pub(crate) fn prefix16(user: &[u8]) -> u128 {
     u128::from_be_bytes(p)
 }
 
-/// Bytes of a user key kept inline in a [`UserKey`]: 16-byte keys (db_bench's) and the Redis
-/// keys of timberd (a one-byte namespace and `key:` or `counter:` with 12 digits) fit.
+/// Bytes of a user key kept inline in a [`UserKey`]: keys up to this length (16-byte binary
+/// keys, short prefixed names with a counter) compare within the node; longer ones also keep a
+/// copy on the heap. A constant, not an option: `UserKey::cmp` reads the 24 bytes as a 16-byte
+/// and an 8-byte integer.
 pub(crate) const INLINE: usize = 24;
 
 /// A user key as a skiplist key (a memtable node), ordered as its bytes are. The first 24 bytes

@@ -28,7 +28,9 @@ pub(crate) const FOOTER_LEN: usize = 48;
 pub(crate) const TRAILER_LEN: usize = 5;
 const RAW: u8 = 0;
 const LZ4: u8 = 1;
-/// Bytes of a table written between two starts of its writeback (`writeback::start`).
+/// Bytes of a table written between two starts of its writeback (`writeback::start`): its pages
+/// trickle out as it is written, instead of reaching the disk in one burst at its fsync, which
+/// WAL fsyncs would wait behind.
 const WRITEBACK_BYTES: u64 = 1 << 20;
 
 pub(crate) fn file_name(id: u64) -> String {
