@@ -21,8 +21,8 @@ use crate::options::SyncRunner;
 use super::ack::{Pending, Slot};
 
 /// With [`WriterOptions::flush_when_idle`]: below this many fragments in flight, a fragment is
-/// written at once. Two rather than one: XADD P1 from 50 clients (timberd) went from 31k to 40k
-/// entries/s in A/B runs, as one fragment's fsync overlaps the next one's write.
+/// written at once. Two rather than one, so that one fragment's fsync overlaps the next one's
+/// write.
 pub(super) const IDLE_INFLIGHT: usize = 2;
 
 /// Entries set aside as one future fragment.

@@ -90,8 +90,8 @@ pub(super) struct Flusher {
     /// Buffers of recorded fragments, reused for the next ones.
     pub(super) spare: Vec<BytesMut>,
     pub(super) journal: Option<JournalSide>,
-    /// `timber_stream_append_seconds`, looked up once: a registry lookup per batch showed in
-    /// profiles of small appends.
+    /// `timber_stream_append_seconds`, looked up in the metrics registry once rather than per
+    /// batch.
     pub(super) append_seconds: metrics::Histogram,
 }
 

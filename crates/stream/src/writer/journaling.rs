@@ -1,7 +1,8 @@
 //! The flusher's journal path (with `Options::journal`): each buffer is appended to the journal
-//! and the stream's tail as soon as the other ready tasks have run, and acknowledged once its
-//! record is durable (under `Journal::Always`, after a sync run by the store's `SyncRunner`,
-//! at most `SyncRunner::queued_syncs` at a time); fragments are cut from the tail later, by
+//! and the stream's tail once the flusher has yielded to the other ready tasks (so that their
+//! sends share the record), and acknowledged once its record is durable (under
+//! `Journal::Always`, after a sync run by the store's `SyncRunner`, at most
+//! `SyncRunner::queued_syncs` at a time); fragments are cut from the tail later, by
 //! `max_entries`, `max_bytes` or `max_interval`, and recorded as without a journal, their
 //! entries long acknowledged.
 //!
@@ -166,8 +167,7 @@ mod tests {
     fn the_sends_of_ready_tasks_share_one_journal_record() {
         for journal in [Journal::Manual, Journal::Always] {
             let dir = tempfile::tempdir().unwrap();
-            // One worker, as in timberd: a task woken by another (the flusher, by a send) runs
-            // right after it.
+            // One worker: the senders and the flusher take turns on one thread.
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(1)
                 .enable_all()
@@ -179,7 +179,7 @@ mod tests {
                 s.create("s", StreamConfig::default()).await.unwrap();
                 let w = Arc::new(s.writer("s").await.unwrap());
                 let before = s.shared.journal().unwrap().next_seq();
-                // Spawned from a worker, so that the senders all wait in its queue.
+                // Spawned from a task, so that all the senders are ready before any of them runs.
                 let senders = tokio::spawn({
                     let w = w.clone();
                     async move {

@@ -11,7 +11,7 @@
 //! entry: no channel, no permit, no clock read.
 //!
 //! With a journal (`crate::journal`), the flusher instead appends each buffer to the journal
-//! and the stream's tail as soon as the other tasks ready on the runtime have run (so that the
+//! and the stream's tail once it has yielded to the other tasks ready on the runtime (so that the
 //! senders among them share the record; under `Journal::Always`, as many journal syncs at a
 //! time as the store's `SyncRunner` takes, by default one) and resolves its slot when the record
 //! is durable; fragments are then cut from the tail by `max_entries`, `max_bytes` or
