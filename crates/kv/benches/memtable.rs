@@ -1,7 +1,7 @@
 //! Memtable insert and lookup cost (S2 target: insert under 1 us), with 16-byte keys and 100-byte
-//! values into a memtable holding up to 1M entries, under the system allocator (see
-//! `memtable_mimalloc.rs` for the allocator timberd runs with). The memtable is crate-private, so
-//! its source is compiled into this benchmark directly.
+//! values into a memtable holding up to 1M entries, under the system allocator
+//! (`memtable_mimalloc.rs` runs them under mimalloc). The memtable is crate-private, so its
+//! source is compiled into this benchmark directly.
 
 #![allow(dead_code, unused_imports, missing_debug_implementations, unreachable_pub)]
 
@@ -9,6 +9,8 @@ use criterion::{criterion_group, criterion_main};
 
 #[path = "../src/bloom.rs"]
 mod bloom;
+#[path = "../src/bounds.rs"]
+mod bounds;
 #[path = "../src/key.rs"]
 mod key;
 #[path = "../src/memtable.rs"]

@@ -1,6 +1,5 @@
-//! The benchmarks of `memtable.rs` with mimalloc as the global allocator, the allocator `timberd`
-//! and `timber-bench` run with: an insert allocates, and under the system allocator glibc's
-//! `malloc` and `free` were 42% of its time in a profile.
+//! The benchmarks of `memtable.rs` with mimalloc as the global allocator, the allocator timber's
+//! binaries run with: an insert allocates, so the allocator is a large part of what is measured.
 
 #![allow(dead_code, unused_imports, missing_debug_implementations, unreachable_pub)]
 
@@ -11,6 +10,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[path = "../src/bloom.rs"]
 mod bloom;
+#[path = "../src/bounds.rs"]
+mod bounds;
 #[path = "../src/key.rs"]
 mod key;
 #[path = "../src/memtable.rs"]

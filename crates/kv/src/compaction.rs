@@ -1,5 +1,6 @@
-//! Leveled compaction: choosing work by level score, and running it as a k-way merge that drops
-//! versions no reader can see.
+//! Leveled compaction policy: which tables to compact next, a pure function of a [`Version`]
+//! and the [`Options`] (the running merge is `db::compact`), and which versions a merge keeps
+//! ([`Retention`]).
 //!
 //! Scores: L0 holds `files / l0_compaction_trigger`, L1.. hold `bytes / target(level)` with
 //! `target(1) = l1_target_bytes` growing by `level_multiplier`. The highest score of at least 1
@@ -11,18 +12,13 @@
 //!
 //! What a merge keeps: snapshots split the sequence space into stripes; of each user key it keeps
 //! the newest version of every stripe, and drops a tombstone in the oldest stripe when no deeper
-//! level can hold the key. Output tables are cut near `target_file_size`, never inside a user key.
+//! level can hold the key.
 
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use crate::db::Inner;
-use crate::error::Result;
-use crate::iter::{Merge, Source};
 use crate::key::{self, Kind};
-use crate::manifest::{Edit, TableMeta};
-use crate::options::NUM_LEVELS;
-use crate::table::{self, TableBuilder};
+use crate::options::{Options, NUM_LEVELS};
 use crate::version::{TableFile, Version};
 
 /// A chosen compaction: `inputs[0]` from `level`, `inputs[1]` from `level + 1`.
@@ -33,7 +29,7 @@ pub(crate) struct Compaction {
 }
 
 impl Compaction {
-    fn ids(&self) -> impl Iterator<Item = u64> + '_ {
+    pub(crate) fn ids(&self) -> impl Iterator<Item = u64> + '_ {
         self.inputs.iter().flatten().map(|t| t.meta.id)
     }
 
@@ -76,12 +72,18 @@ impl Retention {
     }
 }
 
-/// Chooses the next compaction and marks its tables busy, or `None` if no level needs one.
-pub(crate) fn pick(inner: &Inner) -> Option<Compaction> {
-    let mut tree = inner.tree.lock();
-    let version = inner.view.load().version.clone();
-    let opts = &inner.opts;
-    let busy = |t: &Arc<TableFile>| tree.busy.contains(&t.meta.id);
+/// Chooses the next compaction of `version`, or `None` if no level needs one. Tables in `busy`
+/// (those of running compactions) are not picked, and busy tables of a sorted level do not count
+/// towards its score; `cursors[level]` is where the round robin through a sorted level stands
+/// (the largest user key of the last table it took). The caller marks the tables busy
+/// ([`claim`]) and moves the cursor.
+pub(crate) fn pick(
+    version: &Version,
+    opts: &Options,
+    busy: &HashSet<u64>,
+    cursors: &[Vec<u8>],
+) -> Option<Compaction> {
+    let busy = |t: &Arc<TableFile>| busy.contains(&t.meta.id);
     let mut best: Option<(f64, usize)> = None;
     for level in 0..NUM_LEVELS - 1 {
         let files = &version.levels[level];
@@ -103,33 +105,22 @@ pub(crate) fn pick(inner: &Inner) -> Option<Compaction> {
         version.levels[0].clone()
     } else {
         let files = &version.levels[level];
-        let cursor = &tree.cursors[level];
+        let cursor = &cursors[level];
         let after =
             files.iter().position(|t| t.meta.smallest_user() > cursor.as_slice() && !busy(t));
         let i = after.or_else(|| files.iter().position(|t| !busy(t)))?;
         vec![files[i].clone()]
     };
-    let c = expand(&version, level, first);
-    if !claim(&mut tree.busy, &c) {
-        return None;
-    }
-    if level > 0 {
-        tree.cursors[level] = c.inputs[0][0].meta.largest_user().to_vec();
-    }
-    Some(c)
+    Some(expand(version, level, first))
 }
 
 /// When the database is idle: every L0 table merged into L1, so that reads and scans see one
-/// sorted run fewer per table and overwritten versions stop taking space. `None` if L0 is empty or
-/// a compaction holds its tables.
-pub(crate) fn pick_idle(inner: &Inner) -> Option<Compaction> {
-    let mut tree = inner.tree.lock();
-    let version = inner.view.load().version.clone();
-    if version.levels[0].is_empty() || !inner.view.load().imms.is_empty() {
+/// sorted run fewer per table and overwritten versions stop taking space. `None` if L0 is empty.
+pub(crate) fn pick_idle(version: &Version) -> Option<Compaction> {
+    if version.levels[0].is_empty() {
         return None;
     }
-    let c = expand(&version, 0, version.levels[0].clone());
-    claim(&mut tree.busy, &c).then_some(c)
+    Some(expand(version, 0, version.levels[0].clone()))
 }
 
 /// Marks the tables of `c` busy, unless one of them already is (then `false`, nothing marked).
@@ -149,107 +140,178 @@ pub(crate) fn expand(version: &Version, level: usize, first: Vec<Arc<TableFile>>
     c
 }
 
-/// Runs a compaction and installs its result. The busy marks are cleared whatever happens.
-pub(crate) fn run(inner: &Inner, c: Compaction) -> Result<()> {
-    let r = execute(inner, &c);
-    let mut tree = inner.tree.lock();
-    for id in c.ids() {
-        tree.busy.remove(&id);
-    }
-    drop(tree);
-    inner.notify_done();
-    r
-}
-
-fn execute(inner: &Inner, c: &Compaction) -> Result<()> {
-    let out_level = c.level + 1;
-    let mut edit = Edit::default();
-    for (i, files) in c.inputs.iter().enumerate() {
-        edit.deleted.extend(files.iter().map(|t| (c.level + i, t.meta.id)));
-    }
-    // Tables with nothing below them that do not overlap each other (one table, or L0 tables of
-    // sequential writes) move down without being rewritten.
-    if c.inputs[1].is_empty() && disjoint(&c.inputs[0]) {
-        edit.added.extend(c.inputs[0].iter().map(|t| (out_level, t.meta.clone())));
-        let moved = c.inputs[0].clone();
-        return inner.install_compaction(edit, c, moved, 0, 0);
-    }
-    let version = inner.view.load().version.clone();
-    let mut sources: Vec<Source> = c.inputs[0].iter().map(|t| Source::table(t, true)).collect();
-    if c.level > 0 {
-        sources = vec![Source::level(c.inputs[0].clone(), true)];
-    }
-    if !c.inputs[1].is_empty() {
-        sources.push(Source::level(c.inputs[1].clone(), true));
-    }
-    let mut merge = Merge::new(sources, true);
-    merge.seek(None)?;
-    let mut keep = Retention::new(inner.snapshot_seqs());
-    let bottommost = |user: &[u8]| {
-        (out_level + 1..NUM_LEVELS)
-            .all(|l| version.levels[l].is_empty() || version.find(l, user).is_none())
-    };
-    let mut outputs: Vec<Arc<TableFile>> = Vec::new();
-    let mut builder: Option<(u64, TableBuilder)> = None;
-    let mut last_user: Vec<u8> = Vec::new();
-    let mut read = 0u64;
-    while let Some(k) = merge.key() {
-        read += 1;
-        if keep.keep(k, bottommost) {
-            let user = key::user(k);
-            if let Some((_, b)) = &builder {
-                if b.size() >= inner.opts.target_file_size && user != last_user.as_slice() {
-                    let (id, b) = builder.take().expect("builder");
-                    outputs.push(inner.finish_table(id, b)?);
-                }
-            }
-            if builder.is_none() {
-                let id = inner.new_file_id();
-                builder = Some((
-                    id,
-                    TableBuilder::create(&inner.dir.join(table::file_name(id)), &inner.opts)?,
-                ));
-            }
-            let (_, b) = builder.as_mut().expect("builder");
-            b.add(k, &merge.value())?;
-            last_user.clear();
-            last_user.extend_from_slice(user);
-        }
-        merge.advance()?;
-    }
-    if let Some((id, b)) = builder.take() {
-        outputs.push(inner.finish_table(id, b)?);
-    }
-    crate::manifest::sync_dir(&inner.dir)?;
-    edit.added.extend(outputs.iter().map(|t| (out_level, t.meta.clone())));
-    let in_bytes: u64 = c.inputs.iter().flatten().map(|t| t.meta.size).sum();
-    let out_bytes: u64 = outputs.iter().map(|t| t.meta.size).sum();
-    tracing::debug!(level = c.level, entries = read, in_bytes, out_bytes, "compaction done");
-    inner.install_compaction(edit, c, outputs, in_bytes, out_bytes)
-}
-
 /// Whether no two of `tables` share a user key.
-fn disjoint(tables: &[Arc<TableFile>]) -> bool {
+pub(crate) fn disjoint(tables: &[Arc<TableFile>]) -> bool {
     let mut sorted: Vec<&Arc<TableFile>> = tables.iter().collect();
     sorted.sort_by(|a, b| a.meta.smallest_user().cmp(b.meta.smallest_user()));
     sorted.windows(2).all(|w| w[0].meta.largest_user() < w[1].meta.smallest_user())
 }
 
-/// What a new table adds to the manifest.
-pub(crate) fn meta_of(id: u64, built: &table::Built) -> TableMeta {
-    TableMeta {
-        id,
-        size: built.size,
-        entries: built.entries,
-        smallest: built.smallest.clone(),
-        largest: built.largest.clone(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use std::path::PathBuf;
+
     use super::*;
+    use crate::cache::BlockCache;
     use crate::key::make;
+    use crate::manifest::TableMeta;
+    use crate::table::{Table, TableBuilder};
+
+    /// A tree for the picker: each table has the key range and size its manifest entry says; the
+    /// file behind them all is one small table (the picker reads only the metadata).
+    struct Tree {
+        _dir: tempfile::TempDir,
+        path: PathBuf,
+        cache: Arc<BlockCache>,
+        version: Version,
+    }
+
+    impl Tree {
+        fn new() -> Tree {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("000001.sst");
+            let mut b = TableBuilder::create(&path, &Options::default()).unwrap();
+            b.add(&make(b"k", 1, Kind::Put), b"v").unwrap();
+            b.finish().unwrap();
+            Tree { _dir: dir, path, cache: Arc::new(BlockCache::new(0)), version: Version::empty() }
+        }
+
+        /// Adds table `id`, of user keys `lo..=hi` and `size` bytes, to `level`.
+        fn add(mut self, level: usize, id: u64, lo: &str, hi: &str, size: u64) -> Tree {
+            let meta = TableMeta {
+                id,
+                size,
+                entries: 1,
+                smallest: make(lo.as_bytes(), 1, Kind::Put).into(),
+                largest: make(hi.as_bytes(), 1, Kind::Put).into(),
+            };
+            let table = Table::open(&self.path, id, self.cache.clone()).unwrap();
+            self.version.levels[level].push(Arc::new(TableFile::new(meta, table)));
+            self.version.sort();
+            self
+        }
+    }
+
+    /// L0 compacts at 2 tables; L1 holds 4 KiB, L2 40 KiB.
+    fn opts() -> Options {
+        Options::default()
+            .l0_compaction_trigger(2)
+            .l0_stall_triggers(4, 8)
+            .l1_target_bytes(4096)
+            .level_multiplier(10)
+    }
+
+    fn no_cursors() -> Vec<Vec<u8>> {
+        vec![Vec::new(); NUM_LEVELS]
+    }
+
+    fn cursor_at(level: usize, user: &str) -> Vec<Vec<u8>> {
+        let mut c = no_cursors();
+        c[level] = user.as_bytes().to_vec();
+        c
+    }
+
+    /// The level and the table ids of a compaction's two inputs.
+    fn shape(c: Option<Compaction>) -> Option<(usize, Vec<u64>, Vec<u64>)> {
+        let ids = |ts: &[Arc<TableFile>]| ts.iter().map(|t| t.meta.id).collect::<Vec<_>>();
+        c.map(|c| (c.level, ids(&c.inputs[0]), ids(&c.inputs[1])))
+    }
+
+    fn pick_in(
+        tree: &Tree,
+        busy: &[u64],
+        cursors: &[Vec<u8>],
+    ) -> Option<(usize, Vec<u64>, Vec<u64>)> {
+        let busy: HashSet<u64> = busy.iter().copied().collect();
+        shape(pick(&tree.version, &opts(), &busy, cursors))
+    }
+
+    #[test]
+    fn nothing_is_picked_below_every_trigger() {
+        assert_eq!(pick_in(&Tree::new(), &[], &no_cursors()), None);
+        let tree = Tree::new().add(0, 5, "a", "c", 100).add(1, 1, "a", "z", 4095);
+        assert_eq!(pick_in(&tree, &[], &no_cursors()), None);
+    }
+
+    #[test]
+    fn l0_at_its_trigger_takes_every_l0_table_and_the_l1_tables_they_overlap() {
+        let tree = Tree::new()
+            .add(0, 5, "a", "c", 100)
+            .add(0, 6, "m", "p", 100)
+            .add(1, 1, "a", "b", 100)
+            .add(1, 2, "d", "f", 100)
+            .add(1, 3, "q", "z", 100);
+        // L0 newest first; L1 tables within a..=p.
+        assert_eq!(pick_in(&tree, &[], &no_cursors()), Some((0, vec![6, 5], vec![1, 2])));
+    }
+
+    #[test]
+    fn the_highest_score_wins() {
+        // L0 scores 1 (2 of 2 tables), L1 3 (12 KiB of 4).
+        let tree = Tree::new()
+            .add(0, 5, "a", "c", 100)
+            .add(0, 6, "d", "f", 100)
+            .add(1, 1, "a", "b", 4096)
+            .add(1, 2, "c", "d", 4096)
+            .add(1, 3, "e", "f", 4096);
+        assert_eq!(pick_in(&tree, &[], &no_cursors()), Some((1, vec![1], vec![])));
+        // L0 scores 2 (4 of 2), L1 1.5.
+        let tree = Tree::new()
+            .add(0, 5, "a", "c", 100)
+            .add(0, 6, "d", "f", 100)
+            .add(0, 7, "g", "h", 100)
+            .add(0, 8, "i", "j", 100)
+            .add(1, 1, "a", "b", 6144);
+        assert_eq!(pick_in(&tree, &[], &no_cursors()), Some((0, vec![8, 7, 6, 5], vec![1])));
+    }
+
+    #[test]
+    fn a_sorted_level_gives_one_table_at_a_time_round_robin_with_what_it_overlaps_below() {
+        let tree = Tree::new()
+            .add(1, 1, "a", "b", 3000)
+            .add(1, 2, "c", "d", 3000)
+            .add(1, 3, "e", "f", 3000)
+            .add(2, 10, "c", "c", 100)
+            .add(2, 11, "d", "e", 100);
+        assert_eq!(pick_in(&tree, &[], &no_cursors()), Some((1, vec![1], vec![])));
+        assert_eq!(pick_in(&tree, &[], &cursor_at(1, "b")), Some((1, vec![2], vec![10, 11])));
+        assert_eq!(pick_in(&tree, &[], &cursor_at(1, "d")), Some((1, vec![3], vec![11])));
+        // Past the last table: back to the first.
+        assert_eq!(pick_in(&tree, &[], &cursor_at(1, "f")), Some((1, vec![1], vec![])));
+    }
+
+    #[test]
+    fn busy_tables_are_not_picked_and_do_not_count() {
+        let l1 = || Tree::new().add(1, 1, "a", "b", 3000).add(1, 2, "c", "d", 3000);
+        // Busy tables of a sorted level are skipped...
+        assert_eq!(pick_in(&l1(), &[1], &no_cursors()), None, "3000 idle bytes of 4096");
+        let tree = l1().add(1, 3, "e", "f", 3000);
+        assert_eq!(pick_in(&tree, &[1], &no_cursors()), Some((1, vec![2], vec![])));
+        assert_eq!(pick_in(&tree, &[2], &cursor_at(1, "b")), Some((1, vec![3], vec![])));
+        // ...and a busy L0 table keeps L0 out, whatever its score.
+        let tree = l1().add(0, 5, "a", "c", 100).add(0, 6, "d", "f", 100).add(0, 7, "g", "h", 1);
+        assert_eq!(pick_in(&tree, &[6], &no_cursors()), Some((1, vec![1], vec![])));
+    }
+
+    #[test]
+    fn the_idle_pick_merges_every_l0_table_below_its_trigger() {
+        assert!(pick_idle(&Tree::new().version).is_none());
+        let tree =
+            Tree::new().add(0, 5, "b", "c", 100).add(1, 1, "a", "b", 100).add(1, 2, "d", "e", 1);
+        assert_eq!(shape(pick_idle(&tree.version)), Some((0, vec![5], vec![1])));
+    }
+
+    #[test]
+    fn claim_marks_every_table_or_none() {
+        let tree = Tree::new().add(0, 5, "a", "c", 100).add(1, 1, "a", "b", 100);
+        let c = pick_idle(&tree.version).unwrap();
+        let mut busy = HashSet::from([1]);
+        assert!(!claim(&mut busy, &c));
+        assert_eq!(busy, HashSet::from([1]));
+        busy.clear();
+        assert!(claim(&mut busy, &c));
+        assert_eq!(busy, HashSet::from([1, 5]));
+    }
 
     #[test]
     fn retention_keeps_one_version_per_stripe_and_drops_bottom_tombstones() {

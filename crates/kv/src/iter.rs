@@ -10,12 +10,13 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::db::{ReadPin, View};
+use crate::bounds::Bounds;
 use crate::error::Result;
-use crate::key::{self, Bounds, Kind, MAX_SEQ};
+use crate::key::{self, Kind, MAX_SEQ};
 use crate::memtable::{self, Memtable};
 use crate::table::TableIter;
 use crate::version::TableFile;
+use crate::view::{ReadPin, View};
 
 pub(crate) struct LevelIter {
     files: Vec<Arc<TableFile>>,

@@ -4,7 +4,6 @@
 //! the on-disk formats.
 
 use std::cmp::Ordering;
-use std::ops::Bound;
 
 use bytes::{BufMut, Bytes};
 
@@ -108,8 +107,10 @@ pub(crate) fn prefix16(user: &[u8]) -> u128 {
     u128::from_be_bytes(p)
 }
 
-/// Bytes of a user key kept inline in a [`UserKey`]: 16-byte keys (db_bench's) and the Redis
-/// keys of timberd (a one-byte namespace and `key:` or `counter:` with 12 digits) fit.
+/// Bytes of a user key kept inline in a [`UserKey`]: keys up to this length (16-byte binary
+/// keys, short prefixed names with a counter) compare within the node; longer ones also keep a
+/// copy on the heap. A constant, not an option: `UserKey::cmp` reads the 24 bytes as a 16-byte
+/// and an 8-byte integer.
 pub(crate) const INLINE: usize = 24;
 
 /// A user key as a skiplist key (a memtable node), ordered as its bytes are. The first 24 bytes
@@ -214,51 +215,6 @@ pub(crate) fn get_u32(buf: &[u8], pos: &mut usize) -> Option<u32> {
     get_slice(buf, pos, 4).map(|s| u32::from_le_bytes(s.try_into().expect("4 bytes")))
 }
 
-/// The smallest key greater than every key starting with `prefix`, or `None` if there is none
-/// (the prefix is empty or all `0xff`).
-pub(crate) fn prefix_successor(prefix: &[u8]) -> Option<Vec<u8>> {
-    let mut s = prefix.to_vec();
-    while let Some(last) = s.pop() {
-        if last < 0xff {
-            s.push(last + 1);
-            return Some(s);
-        }
-    }
-    None
-}
-
-/// User-key bounds of a scan.
-#[derive(Debug, Clone)]
-pub(crate) struct Bounds {
-    pub(crate) lo: Bound<Vec<u8>>,
-    pub(crate) hi: Bound<Vec<u8>>,
-}
-
-impl Bounds {
-    /// No bounds: every key.
-    pub(crate) const ALL: Bounds = Bounds { lo: Bound::Unbounded, hi: Bound::Unbounded };
-
-    pub(crate) fn contains(&self, user: &[u8]) -> bool {
-        self.above_lo(user) && self.below_hi(user)
-    }
-
-    pub(crate) fn above_lo(&self, user: &[u8]) -> bool {
-        match &self.lo {
-            Bound::Included(l) => user >= l.as_slice(),
-            Bound::Excluded(l) => user > l.as_slice(),
-            Bound::Unbounded => true,
-        }
-    }
-
-    pub(crate) fn below_hi(&self, user: &[u8]) -> bool {
-        match &self.hi {
-            Bound::Included(h) => user <= h.as_slice(),
-            Bound::Excluded(h) => user < h.as_slice(),
-            Bound::Unbounded => true,
-        }
-    }
-}
-
 /// One write of a batch: a put of `value` or a delete (whose `value` is empty) of a user key.
 pub(crate) struct Op<'a> {
     pub(crate) kind: Kind,
@@ -283,14 +239,6 @@ mod tests {
         assert_eq!(seq(&a2), 2);
         assert_eq!(kind(&a2), Kind::Delete);
         assert_eq!(user(&ab), b"ab");
-    }
-
-    #[test]
-    fn successor_of_prefixes() {
-        assert_eq!(prefix_successor(b"ab"), Some(b"ac".to_vec()));
-        assert_eq!(prefix_successor(b"a\xff"), Some(b"b".to_vec()));
-        assert_eq!(prefix_successor(b"\xff\xff"), None);
-        assert_eq!(prefix_successor(b""), None);
     }
 
     proptest! {

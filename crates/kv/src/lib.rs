@@ -23,6 +23,7 @@
 mod batch;
 mod block;
 mod bloom;
+mod bounds;
 mod cache;
 mod compaction;
 mod db;
@@ -33,17 +34,14 @@ mod manifest;
 mod memtable;
 mod metrics;
 mod options;
-mod snapshot;
 mod stats;
 mod table;
 mod version;
-mod writeback;
+mod view;
 
 pub use batch::WriteBatch;
-pub use bytes::Bytes;
-pub use db::Db;
+pub use db::{Db, Snapshot};
 pub use error::{Error, Result};
 pub use iter::Iter;
 pub use options::{Compression, Durability, Options, MAX_KEY_LEN, MAX_VALUE_LEN, NUM_LEVELS};
-pub use snapshot::Snapshot;
 pub use stats::{LevelStats, Stats};

@@ -1,23 +1,23 @@
 //! `Memtable`: the in-memory table of recent writes. A lock-free skiplist (crossbeam-skiplist)
 //! holds one node per user key; the node holds every version of that key written to this
-//! memtable, newest first (inside the node; in the index entry, which the node points to, when
+//! memtable, oldest first (inside the node; in the index entry, which the node points to, when
 //! there is an index). Beside it, if the database asks for it, a hash index maps each user key
 //! to its entry, so that point reads and overwrites of a key already present skip the
-//! skiplist search (the cache misses down its levels were a fifth of timberd's CPU under a
-//! Redis write load). With the index, a new key does not search the skiplist either: it waits
-//! in an unordered list until something reads in key order (a cursor's seek or step, a flush,
-//! which call [`Memtable::order`]), and then the waiting keys are sorted and inserted together,
-//! each insert finding the path of the one before it in cache (random inserts were a tenth of
-//! timberd's CPU under SETs and INCRs of new keys). A batch's inserts and a read of several keys
-//! lock all their index shards at once, in shard order, and prefetch every entry before
-//! touching any, so that their cache misses overlap. Writers insert concurrently with readers;
-//! once the memtable is full it becomes immutable (no more inserts) and is flushed to an L0
-//! SSTable.
+//! skiplist search and its cache misses down the levels. With the index, a new key does not
+//! search the skiplist either: it waits in an unordered list until something reads in key order
+//! (a cursor's seek or step, a flush, which call [`Memtable::order`]), and then the waiting keys
+//! are sorted and inserted together, each insert finding the path of the one before it in cache
+//! (a random insert misses the cache down the skiplist's levels). A batch's inserts and a read
+//! of several keys lock all their index shards at once, in shard order, and prefetch every entry
+//! before touching any, so that their cache misses overlap. Writers insert concurrently with
+//! readers; once the memtable is full it becomes immutable (no more inserts) and is flushed to
+//! an L0 SSTable.
 //!
 //! Invariants: every record of the WAL at or after `wal_start` whose writes are not in an
 //! SSTable is in this memtable or a newer one. A node is created with its first version and
 //! never removed, so a node's versions are never empty; its versions are stored sorted by
-//! tag, lowest first (read in reverse for the internal-key order), and a version inserted again under the same tag (a replay) replaces it.
+//! tag, lowest first (read in reverse for the internal-key order), and a version inserted again
+//! under the same tag (a replay) replaces it.
 //! A write may prune a key's versions (only while the database has no snapshot or iterator
 //! open): it drops those older than the newest one at or below the visible sequence number, so
 //! a key overwritten again and again holds one or two versions, not one per write. The newest
@@ -39,7 +39,8 @@ use hashbrown::HashTable;
 use parking_lot::{Mutex, RwLock};
 use smallvec::SmallVec;
 
-use crate::key::{self, Bounds, Kind, Op, UserKey, INLINE};
+use crate::bounds::Bounds;
+use crate::key::{self, Kind, Op, UserKey, INLINE};
 
 /// Memory of a key's node beyond its key and value bytes, counted against the size limit so
 /// that the limit is what the memtable really holds: the skiplist node (the key with its 24
@@ -122,9 +123,8 @@ impl Version {
 }
 
 /// The versions of one user key in a memtable, lowest tag first: a new version, which has the
-/// highest tag, is appended, touching only the end of the array (inserting it in front moved the
-/// whole array and its binary search touched several cache lines: a tenth of timberd's CPU under
-/// pipelined SETs of hot keys).
+/// highest tag, is appended, touching only the end of the array (inserting it in front would move
+/// the whole array, and a binary search for its place touches several cache lines).
 struct Versions(RwLock<SmallVec<[Version; INLINE_VERSIONS]>>);
 
 impl Versions {
@@ -404,8 +404,8 @@ impl Memtable {
     /// A memtable whose writes start at WAL sequence number `wal_start`, with a hash index if
     /// `hash_index`. `limit` is the size at which it will be sealed: the index shards start with
     /// room for half the keys of that many bytes of the smallest nodes, so that filling the
-    /// memtable doubles them at most once (growing them from empty, rehashing every entry and
-    /// faulting in each new table, was a twentieth of timberd's CPU under INCRs of new keys).
+    /// memtable doubles them at most once (growing them from empty rehashes every entry and
+    /// faults in each new table, again and again).
     /// The room is address space until entries land in it.
     pub(crate) fn new(wal_start: u64, hash_index: bool, limit: usize) -> Memtable {
         let shards = if hash_index { SHARDS } else { 0 };
@@ -455,8 +455,8 @@ impl Memtable {
     /// Inserts the writes of a batch, the `i`th at `seq + i`, as [`Memtable::insert`] inserts
     /// each. With a hash index and more than one write, under the write locks of all their
     /// shards (see [`Memtable::locked`]): the index entries of all the keys are prefetched
-    /// first, so that their cache misses overlap (see [`Memtable::get_many`]; pipelined SETs of
-    /// random keys ran 10–30% faster in timberd than with one lock and miss after another).
+    /// first, so that their cache misses overlap (see [`Memtable::get_many`]) instead of coming
+    /// one after another, each behind a lock.
     pub(crate) fn insert_batch(&self, ops: &[Op<'_>], seq: u64, prune: Option<u64>) {
         if self.index.is_empty() || ops.len() < 2 {
             for (i, op) in ops.iter().enumerate() {
@@ -608,7 +608,7 @@ impl Memtable {
     /// Gives every key within `bounds` added to the hash index so far its skiplist node (see
     /// the module doc). Readers in key order call it once their point in time is fixed; it
     /// returns at once if no key waits. Keys outside `bounds` keep waiting: a scan of a few keys
-    /// (the server's expiry sweep) does not order the whole memtable.
+    /// does not order the whole memtable.
     pub(crate) fn order(&self, bounds: &Bounds) {
         if self.index.is_empty() {
             return;
@@ -674,9 +674,9 @@ impl std::fmt::Debug for Memtable {
     }
 }
 
-/// A cursor over one memtable's entries in internal-key order (or its reverse), for the merge
-/// of [`crate::iter`]. It holds the memtable, so the entries it shows stay alive; it remembers
-/// where it stands by key and tag, and finds its node again with one search per step.
+/// A cursor over one memtable's entries in internal-key order (or its reverse), for the merges
+/// of `iter`. It holds the memtable, so the entries it shows stay alive; it remembers where it
+/// stands by key and tag, and finds its node again with one search per step.
 pub(crate) struct Cursor {
     mem: Arc<Memtable>,
     forward: bool,

@@ -99,9 +99,9 @@ impl Options {
 
     /// Keep a hash index of each key's newest version beside the memtable's skiplist (default
     /// off). Point reads of recently written keys then cost a hash lookup instead of a skiplist
-    /// search (GETs of a Redis-like workload: +30–50% in timberd), and writes pay for the index
-    /// (about 7% on small overwrites, 20% on 100-byte random inserts) and its memory (counted in
-    /// the memtable size).
+    /// search, and writes pay for the index (a hash and a shard lock each) and its memory
+    /// (counted in the memtable size). Worth it when most reads are point reads of keys written
+    /// recently.
     pub fn memtable_hash_index(mut self, on: bool) -> Self {
         self.memtable_hash_index = on;
         self

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
+use timber_wal::writeback;
 
 use crate::block::{Block, BlockBuilder, BlockCursor, Decoded};
 use crate::bloom;
@@ -20,7 +21,6 @@ use crate::cache::BlockCache;
 use crate::error::{Error, Result};
 use crate::key::{self, Kind};
 use crate::options::{Compression, Options};
-use crate::writeback;
 
 pub(crate) const MAGIC: [u8; 8] = *b"TMBRSST\0";
 pub(crate) const VERSION: u32 = 1;
@@ -28,7 +28,9 @@ pub(crate) const FOOTER_LEN: usize = 48;
 pub(crate) const TRAILER_LEN: usize = 5;
 const RAW: u8 = 0;
 const LZ4: u8 = 1;
-/// Bytes of a table written between two starts of its writeback (`writeback::start`).
+/// Bytes of a table written between two starts of its writeback (`writeback::start`): its pages
+/// trickle out as it is written, instead of reaching the disk in one burst at its fsync, which
+/// WAL fsyncs would wait behind.
 const WRITEBACK_BYTES: u64 = 1 << 20;
 
 pub(crate) fn file_name(id: u64) -> String {

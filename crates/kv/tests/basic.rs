@@ -2,7 +2,8 @@
 
 use std::sync::Arc;
 
-use timber_kv::{Bytes, Compression, Db, Durability, Error, Options, WriteBatch, MAX_KEY_LEN};
+use bytes::Bytes;
+use timber_kv::{Compression, Db, Durability, Error, Options, WriteBatch, MAX_KEY_LEN};
 
 fn small() -> Options {
     Options::default()

@@ -5,8 +5,9 @@
 use std::collections::BTreeMap;
 use std::ops::Bound;
 
+use bytes::Bytes;
 use proptest::prelude::*;
-use timber_kv::{Bytes, Compression, Db, Durability, Options, WriteBatch};
+use timber_kv::{Compression, Db, Durability, Options, WriteBatch};
 
 type Model = BTreeMap<Vec<u8>, Vec<u8>>;
 

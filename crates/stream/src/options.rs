@@ -162,8 +162,8 @@ pub type BlockingSync = Box<dyn FnOnce() -> crate::Result<()> + Send>;
 
 /// Runs the journal's syncs under [`Journal::Always`](crate::Journal::Always), each of which
 /// blocks for as long as the disk takes. The default runs each on tokio's blocking pool; a
-/// server may run them where a thread hand-off costs less (timberd: on a runtime worker that
-/// has run out of work, as Redis fsyncs in its event loop).
+/// server may run them where a thread hand-off costs less (for instance on a runtime worker
+/// that has run out of work).
 pub trait SyncRunner: Send + Sync + 'static {
     /// How many syncs one writer may have queued or in flight at once, asked before each
     /// journal append (entries sent while the limit is reached wait for the next sync, which
@@ -171,11 +171,10 @@ pub trait SyncRunner: Send + Sync + 'static {
     /// and later than they were queued, may take more: the first then covers every append made
     /// before it ran, and the others find nothing to sync.
     ///
-    /// Why one by default: with two on the blocking pool, the second arrived while the first
-    /// was under way, and the WAL's group commit, which waits for as many syncers as its last
-    /// sync released, spun (`sched_yield`) before each sync for a syncer that would come only
-    /// after the acks: on 2 cores timberd took 13% more CPU per XADD P1 `--sync always`, and
-    /// XADD P16 ran at 493k against 628k entries/s (medians of 6 and 3 alternating runs).
+    /// Why one by default: a second sync queued while the first is under way leads the next
+    /// group commit of the journal's WAL, which first waits, yielding the CPU in a loop, for as
+    /// many syncers as its last sync released, and those come only after the acks: CPU spent
+    /// for nothing.
     fn queued_syncs(&self) -> usize {
         1
     }

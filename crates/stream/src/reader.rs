@@ -18,7 +18,7 @@ use tokio::task::JoinHandle;
 use crate::error::{Error, Result};
 use crate::fragment::Fragment;
 use crate::meta::StreamMeta;
-use crate::streams::{object_id, Bounds, Shared};
+use crate::shared::{object_id, Bounds, Shared};
 
 /// Where a new reader starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -15,16 +15,20 @@
 
 #![warn(clippy::unwrap_used)]
 
+mod active;
 mod error;
 mod frame;
+mod gate;
 mod mapped;
 mod meta;
 mod metrics;
 mod options;
 mod recovery;
 mod segment;
+mod spare;
+mod state;
 mod wal;
-mod writeback;
+pub mod writeback;
 
 pub use crate::error::{Error, Result};
 pub use crate::options::{Options, SyncMode, MAX_SEGMENT_CAPACITY, MIN_SEGMENT_CAPACITY};

@@ -1,9 +1,9 @@
 //! Writes into the active segment through a shared memory map of the file, instead of one
 //! `pwrite` per flush.
 //!
-//! A `pwrite` of a 130-byte record costs about 1.3 µs on ext4 (system call, page lookup and
-//! locking, buffer heads, inode timestamps); copying the same bytes into a shared map of the
-//! file costs 0.03 µs, page faults included. Both put the bytes in the same page cache, so a
+//! A `pwrite` of a small record pays for a system call, a page lookup and its locking, buffer
+//! heads and inode timestamps; copying the same bytes into a shared map of the file pays for none
+//! of these once the page is mapped. Both put the bytes in the same page cache, so a
 //! record copied into the map survives a crash of the process exactly as a written one does, and
 //! `fdatasync` of the file makes it durable (Linux tracks pages dirtied through shared maps).
 //!
@@ -99,9 +99,8 @@ impl Mapped {
 
     /// Unmaps the window, to be called before the file is synced. Writeback of a page that is
     /// mapped write-protects it in the map, one TLB shootdown (an interrupt to every other CPU
-    /// running the process; a VM exit each under a hypervisor) per page: an fdatasync after a
-    /// second of 134-byte writes through the map cleaned ~16k mapped pages, and these shootdowns
-    /// took 13% of a `timber-bench kv` run's CPU. Unmapping the window costs one shootdown for
+    /// running the process; a VM exit each under a hypervisor) per page, and a sync may clean
+    /// thousands of pages written through the map. Unmapping the window costs one shootdown for
     /// the whole range, and the next write maps it again.
     pub(crate) fn release(&mut self) {
         self.window = None;

@@ -111,8 +111,7 @@ impl Options {
 
     /// Reuse a segment that `truncate_front` dropped as the next segment instead of deleting it
     /// and zero-filling a new one (default on; only with `preallocate`). Nothing copies zeros
-    /// then, and the disk writes only records: with 64 threads of durable 4 KiB appends on 2
-    /// cores, 1.2-1.8x the records/s. One kept segment costs a segment of disk, like the
+    /// then, and the disk writes only records. One kept segment costs a segment of disk, like the
     /// zero-filled spare it replaces; the old records stay in the file until overwritten (never
     /// read back: recovery knows them by their numbers). Recovery is as safe as in a zero-filled
     /// segment: a power loss that leaves old bytes inside a write that was never synced is cut as
@@ -152,7 +151,7 @@ impl Options {
         self
     }
 
-    /// How many group commits may fsync at once (default 2, from 1 to 8). A second sync may
+    /// How many group commits may fsync at once (default 1, from 1 to 8). A second sync may
     /// start while the first is on the disk, covering the records appended meanwhile; syncs
     /// that overlap still publish in order, and one that fails fails those after it. Each slot
     /// keeps its own read-only handle of the active segment open.

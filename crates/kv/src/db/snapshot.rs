@@ -6,9 +6,11 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::db::Inner;
+use crate::bounds::{prefix_bounds, user_bounds};
 use crate::error::Result;
 use crate::iter::Iter;
+
+use super::inner::Inner;
 
 /// Reads as of the moment [`crate::Db::snapshot`] was called.
 pub struct Snapshot {
@@ -23,7 +25,7 @@ impl std::fmt::Debug for Snapshot {
 }
 
 impl Snapshot {
-    pub(crate) fn new(inner: Arc<Inner>) -> Snapshot {
+    pub(super) fn new(inner: Arc<Inner>) -> Snapshot {
         let seq = inner.add_snapshot();
         Snapshot { inner, seq }
     }
@@ -40,7 +42,7 @@ impl Snapshot {
 
     /// Live keys in `range` as of the snapshot, in order (`.rev()` for descending).
     pub fn scan<K: AsRef<[u8]>>(&self, range: impl RangeBounds<K>) -> Iter {
-        self.inner.iter(self.seq, crate::db::user_bounds(&range))
+        self.inner.iter(self.seq, user_bounds(&range))
     }
 
     /// Every live key as of the snapshot.
@@ -50,7 +52,7 @@ impl Snapshot {
 
     /// Live keys starting with `prefix` as of the snapshot.
     pub fn prefix(&self, prefix: impl AsRef<[u8]>) -> Iter {
-        self.inner.iter(self.seq, crate::db::prefix_bounds(prefix.as_ref()))
+        self.inner.iter(self.seq, prefix_bounds(prefix.as_ref()))
     }
 }
 

@@ -1,0 +1,80 @@
+//! User-key bounds of reads in key order: [`Bounds`] of a scan, as the public range and prefix
+//! calls give them (`user_bounds`, `prefix_bounds`).
+
+use std::ops::{Bound, RangeBounds};
+
+/// User-key bounds of a scan.
+#[derive(Debug, Clone)]
+pub(crate) struct Bounds {
+    pub(crate) lo: Bound<Vec<u8>>,
+    pub(crate) hi: Bound<Vec<u8>>,
+}
+
+impl Bounds {
+    /// No bounds: every key.
+    pub(crate) const ALL: Bounds = Bounds { lo: Bound::Unbounded, hi: Bound::Unbounded };
+
+    pub(crate) fn contains(&self, user: &[u8]) -> bool {
+        self.above_lo(user) && self.below_hi(user)
+    }
+
+    pub(crate) fn above_lo(&self, user: &[u8]) -> bool {
+        match &self.lo {
+            Bound::Included(l) => user >= l.as_slice(),
+            Bound::Excluded(l) => user > l.as_slice(),
+            Bound::Unbounded => true,
+        }
+    }
+
+    pub(crate) fn below_hi(&self, user: &[u8]) -> bool {
+        match &self.hi {
+            Bound::Included(h) => user <= h.as_slice(),
+            Bound::Excluded(h) => user < h.as_slice(),
+            Bound::Unbounded => true,
+        }
+    }
+}
+
+/// The bounds of a scan over `range`.
+pub(crate) fn user_bounds<K: AsRef<[u8]>>(range: &impl RangeBounds<K>) -> Bounds {
+    let own = |b: Bound<&K>| match b {
+        Bound::Included(k) => Bound::Included(k.as_ref().to_vec()),
+        Bound::Excluded(k) => Bound::Excluded(k.as_ref().to_vec()),
+        Bound::Unbounded => Bound::Unbounded,
+    };
+    Bounds { lo: own(range.start_bound()), hi: own(range.end_bound()) }
+}
+
+/// The bounds of a scan over the keys starting with `prefix`.
+pub(crate) fn prefix_bounds(prefix: &[u8]) -> Bounds {
+    Bounds {
+        lo: Bound::Included(prefix.to_vec()),
+        hi: prefix_successor(prefix).map_or(Bound::Unbounded, Bound::Excluded),
+    }
+}
+
+/// The smallest key greater than every key starting with `prefix`, or `None` if there is none
+/// (the prefix is empty or all `0xff`).
+fn prefix_successor(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut s = prefix.to_vec();
+    while let Some(last) = s.pop() {
+        if last < 0xff {
+            s.push(last + 1);
+            return Some(s);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn successor_of_prefixes() {
+        assert_eq!(prefix_successor(b"ab"), Some(b"ac".to_vec()));
+        assert_eq!(prefix_successor(b"a\xff"), Some(b"b".to_vec()));
+        assert_eq!(prefix_successor(b"\xff\xff"), None);
+        assert_eq!(prefix_successor(b""), None);
+    }
+}

@@ -1,0 +1,139 @@
+//! The write path. Under the writer lock a batch gets its sequence numbers, is appended to the
+//! WAL and inserted into the memtable; then the visible sequence number is published. The
+//! durability asked for (flush or sync of the WAL) comes after, outside the lock. Before taking
+//! its sequence numbers a write makes room: it switches to a new memtable when the current one is
+//! full, and stalls while flushes or compactions are behind (`make_room`,
+//! `slow_down_if_behind`).
+//!
+//! Invariant: `visible` is raised only after the batch is in the memtable of the current view,
+//! so a reader that loads it finds every write at or below it.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use smallvec::SmallVec;
+
+use crate::batch::{self, WriteBatch};
+use crate::error::{Error, Result};
+use crate::key;
+use crate::memtable::Memtable;
+use crate::options::Durability;
+use crate::view::View;
+
+use super::inner::Inner;
+
+impl Inner {
+    pub(super) fn write(&self, batch: &mut WriteBatch, durability: Durability) -> Result<u64> {
+        if let Some(m) = batch.invalid() {
+            return Err(Error::InvalidParam(m.to_owned()));
+        }
+        if batch.is_empty() {
+            return Ok(self.visible());
+        }
+        self.check_writable()?;
+        self.slow_down_if_behind();
+        let mut w = self.write.lock();
+        self.make_room()?;
+        let seq = w.last_seq + 1;
+        let rep = batch.encode(seq)?;
+        self.wal.append(rep)?;
+        let (_, ops) = batch::ops(rep).expect("a batch we encoded decodes");
+        let view = self.view.load();
+        // Under the writer lock `visible` is stable. A reader that registers after this load of
+        // `pins` reads `visible` after it too, so it needs no version older than the newest one
+        // at or below it, which pruning keeps (all SeqCst: see `ReadPin`).
+        let prune = (self.pins.load(Ordering::SeqCst) == 0).then(|| self.visible());
+        let ops: SmallVec<[key::Op<'_>; 16]> = ops.flatten().collect();
+        view.mem.insert_batch(&ops, seq, prune);
+        let user_bytes: usize = ops.iter().map(|op| op.key.len() + op.value.len()).sum();
+        let n = ops.len() as u64;
+        w.last_seq = seq + n - 1;
+        let last = w.last_seq;
+        self.visible.store(last, Ordering::SeqCst);
+        drop(w);
+        self.counters.user_bytes.fetch_add(user_bytes as u64, Ordering::Relaxed);
+        self.metrics.writes.increment(n);
+        self.metrics.write_bytes.increment(user_bytes as u64);
+        match durability {
+            Durability::Buffered => self.wal.flush().map_err(|e| self.wal_failed(e))?,
+            Durability::Synced => {
+                let start = Instant::now();
+                self.wal.sync().map_err(|e| self.wal_failed(e))?;
+                self.metrics.sync_seconds.record(start.elapsed().as_secs_f64());
+            }
+            Durability::Deferred => {}
+        }
+        Ok(last)
+    }
+
+    /// Delays a write by a millisecond while L0 is past its slowdown trigger, so that compaction
+    /// catches up before writes must stop.
+    fn slow_down_if_behind(&self) {
+        let l0 = self.view.load().version.levels[0].len();
+        if l0 >= self.opts.l0_slowdown_trigger && l0 < self.opts.l0_stop_trigger {
+            let t = Instant::now();
+            std::thread::sleep(Duration::from_millis(1));
+            self.counters.record_stall(t.elapsed());
+            self.metrics.stalls.increment(1);
+        }
+    }
+
+    /// Makes sure the memtable has room, switching to a new one when it is full. Waits (a stall)
+    /// while too many memtables await flushing or L0 is at its stop trigger. Called with the
+    /// writer lock held.
+    fn make_room(&self) -> Result<()> {
+        let mut stalled: Option<Instant> = None;
+        let r = loop {
+            if let Some(cause) = self.poison.get() {
+                break Err(Error::Poisoned { cause: cause.clone() });
+            }
+            let view = self.view.load();
+            let l0 = view.version.levels[0].len();
+            let full = view.mem.size() >= self.opts.memtable_size;
+            if !full && l0 < self.opts.l0_stop_trigger {
+                break Ok(());
+            }
+            if l0 >= self.opts.l0_stop_trigger
+                || (full && view.imms.len() >= self.opts.max_immutable_memtables)
+            {
+                stalled.get_or_insert_with(Instant::now);
+                let mut bg = self.bg.lock();
+                if bg.shutdown {
+                    break Err(Error::Closed);
+                }
+                self.bg_cv.notify_all();
+                self.done_cv.wait_for(&mut bg, Duration::from_millis(50));
+                continue;
+            }
+            self.switch_memtable();
+            break Ok(());
+        };
+        if let Some(t) = stalled {
+            self.counters.record_stall(t.elapsed());
+            self.metrics.stalls.increment(1);
+        }
+        r
+    }
+
+    /// Makes the memtable immutable and starts a new one (writer lock held).
+    pub(super) fn switch_memtable(&self) {
+        let _v = self.view_lock.lock();
+        let view = self.view.load();
+        let wal_end = self.wal.next_seq();
+        view.mem.seal(wal_end);
+        let mut imms = vec![view.mem.clone()];
+        imms.extend(view.imms.iter().cloned());
+        self.view.store(Arc::new(View {
+            mem: Arc::new(Memtable::new(
+                wal_end,
+                self.opts.memtable_hash_index,
+                self.opts.memtable_size,
+            )),
+            imms,
+            version: view.version.clone(),
+        }));
+        drop(_v);
+        self.wake_bg();
+    }
+}

@@ -1,0 +1,337 @@
+//! The write path: `append` frames records into the active segment's buffer (rolling to a new
+//! segment when the batch does not fit), and durability: `wait_durable` makes records durable
+//! by group commit through the [`Gate`](crate::gate::Gate), `flush` hands buffered records to
+//! the operating system, and `record_synced` stores the durable point on close.
+//!
+//! Invariant: a roll seals (index, trailer, fsync) the old segment before the next one is
+//! created, so the durable point covers every sealed segment and syncing the active file makes
+//! everything up to `next` durable.
+
+use std::fs::File;
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use crate::active::Active;
+use crate::error::{Error, Result};
+use crate::frame;
+use crate::meta::Meta;
+use crate::segment::{self, encode_seal, Sealed, INDEX_ENTRY_LEN, SEGMENT_HEADER_LEN, TRAILER_LEN};
+use crate::spare::Zeroed;
+use crate::state::State;
+
+use super::inner::Inner;
+
+impl Inner {
+    pub(super) fn append<R: AsRef<[u8]>>(&self, records: &[R]) -> Result<Range<u64>> {
+        let mut st = self.state.lock();
+        self.check_writable()?;
+        let n = records.len() as u64;
+        if n == 0 {
+            return Ok(st.next..st.next);
+        }
+        let mut frames = 0u64;
+        for r in records {
+            let len = r.as_ref().len();
+            if len > u32::MAX as usize {
+                return Err(Error::InvalidParam(format!("record of {len} bytes exceeds 4 GiB")));
+            }
+            frames += frame::frame_len(len);
+        }
+        let needed = frames + n * INDEX_ENTRY_LEN;
+        let capacity = self.opts.segment_capacity;
+        let overhead = (SEGMENT_HEADER_LEN + TRAILER_LEN) as u64;
+        let limit = if self.opts.oversized { u64::from(u32::MAX) } else { capacity };
+        if needed + overhead > limit {
+            return Err(Error::InvalidParam(format!(
+                "{} of {needed} bytes does not fit in a segment of {limit} bytes",
+                if n == 1 { "record" } else { "batch" },
+            )));
+        }
+        if let Some(limit) = self.opts.max_size {
+            let used = st.used();
+            if used + needed > limit {
+                return Err(Error::Full { used, needed, limit });
+            }
+        }
+        // An oversized batch goes into an empty segment, which grows past the capacity.
+        if st.active.sealed_len(frames, n) > capacity && !st.active.offsets.is_empty() {
+            let r = self.roll(&mut st);
+            self.poisoning(r)?;
+        }
+        let first = st.next;
+        // Each frame records how far the log was durable (see `frame`): recovery tells damage to
+        // synced records from a torn write by it.
+        let synced = self.durable.load(Ordering::Acquire);
+        let active = &mut st.active;
+        for (i, r) in records.iter().enumerate() {
+            let off = active.data_len();
+            active.offsets.push(u32::try_from(off).expect("segment capacity < 4 GiB"));
+            let seq = first + i as u64;
+            frame::encode(&mut active.buf, seq, i as u64 == n - 1, synced, r.as_ref());
+        }
+        if active.buf.len() >= self.opts.write_buffer {
+            let r = active.flush(true);
+            self.poisoning(r)?;
+        }
+        st.next += n;
+        if !st.spare_asked && st.active.data_len() >= capacity / 2 {
+            self.ask_spare(&mut st);
+        }
+        if let Some(limit) = self.opts.bytes_per_sync {
+            st.unsynced += frames;
+            if st.unsynced >= limit && !st.kicked {
+                st.kicked = true;
+                if let Some(tx) = self.kick.lock().as_ref() {
+                    let _ = tx.send(());
+                }
+            }
+        }
+        self.metrics.appends.increment(n);
+        self.metrics.append_bytes.increment(frames);
+        Ok(first..first + n)
+    }
+
+    /// Seals the active segment (index, trailer, fsync) and starts the next one.
+    fn roll(&self, st: &mut State) -> Result<()> {
+        let a = &mut st.active;
+        a.flush(false)?;
+        let data_end = a.data_len();
+        a.map.unmap();
+        a.file.set_len(data_end).map_err(|e| Error::io("truncate", &a.path, e))?;
+        let seal = encode_seal(&a.offsets, data_end);
+        a.file.write_all_at(&seal, data_end).map_err(|e| Error::io("write", &a.path, e))?;
+        self.fsync(&a.file, &a.path)?;
+        let end = a.end();
+        self.durable.fetch_max(end, Ordering::AcqRel);
+        self.gate.wake_covered(end);
+        let sealed = Sealed {
+            start: a.start,
+            count: a.offsets.len() as u64,
+            path: a.path.clone(),
+            file_len: data_end + seal.len() as u64,
+        };
+        let active = self.create_segment(end)?;
+        st.sealed_bytes += sealed.file_len;
+        st.sealed.push_back(sealed);
+        st.active = active;
+        // A log that filled one segment is likely to fill the next: its spare gets the whole
+        // segment's time to be written (asked only at half of it, a fill was often unfinished
+        // when the next roll came, and the roll waited for it).
+        self.ask_spare(st);
+        self.metrics.segments_sealed.increment(1);
+        Ok(())
+    }
+
+    fn ask_spare(&self, st: &mut State) {
+        st.spare_asked = true;
+        if let Some(tx) = self.want_spare.lock().as_ref() {
+            let _ = tx.send(());
+        }
+    }
+
+    /// Creates the empty segment starting at `start`, to append to, from a recycled segment,
+    /// else from the zero-filled spare. A spare still being filled is waited for: the rest of
+    /// its fill is shorter than a whole one here, and two fills at once would share the disk.
+    pub(super) fn create_segment(&self, start: u64) -> Result<Active> {
+        // Held until the spare is renamed, so the preparer cannot create a new file under its name.
+        let mut spares = self.spare.lock();
+        let (spare, recycled) = match spares.recycled.pop_front() {
+            Some(r) => (Some(r), true),
+            None => {
+                while matches!(spares.zeroed, Zeroed::Filling) {
+                    self.spare_filled.wait(&mut spares);
+                }
+                match std::mem::replace(&mut spares.zeroed, Zeroed::None) {
+                    Zeroed::Ready(file) => {
+                        (Some((file, self.dir.join(segment::SPARE_FILE))), false)
+                    }
+                    Zeroed::None | Zeroed::Filling => (None, false),
+                }
+            }
+        };
+        let (file, path) = segment::create(
+            &self.dir,
+            start,
+            self.opts.segment_capacity,
+            self.opts.preallocate,
+            self.opts.file_mode,
+            spare,
+            recycled,
+        )?;
+        let mut active =
+            Active::new(start, path, file, Vec::new(), SEGMENT_HEADER_LEN as u64, &self.opts)?;
+        active.recycled = recycled;
+        Ok(active)
+    }
+
+    fn fsync(&self, file: &File, path: &Path) -> Result<()> {
+        #[cfg(test)]
+        if self.fail_next_sync.swap(false, Ordering::AcqRel) {
+            return Err(Error::io("fdatasync", path, std::io::Error::other("injected failure")));
+        }
+        let t = Instant::now();
+        file.sync_data().map_err(|e| Error::io("fdatasync", path, e))?;
+        let took = t.elapsed();
+        self.gate.last_fsync_ns.store(took.as_nanos() as u64, Ordering::Relaxed);
+        self.metrics.fsyncs.increment(1);
+        self.metrics.fsync_seconds.record(took.as_secs_f64());
+        Ok(())
+    }
+
+    /// Makes every record below `target` durable. Callers lead in turn, at most
+    /// `syncs_in_flight` at once: a leader writes out and fsyncs everything appended so far,
+    /// while the others sleep and wake when it is done, most finding their records durable
+    /// already (group commit).
+    pub(super) fn wait_durable(&self, target: u64) -> Result<()> {
+        let covered = || self.durable.load(Ordering::Acquire) >= target;
+        if covered() {
+            return Ok(());
+        }
+        self.gate.arrivals.fetch_add(1, Ordering::AcqRel);
+        let Some(leader) = self.gate.lead_unless(target, covered) else { return Ok(()) };
+        let slot = leader.slot.expect("a sync leader holds one slot");
+        if let Some(cause) = self.poison.get() {
+            return Err(Error::Poisoned { cause: cause.clone() });
+        }
+        self.gate.gather();
+        let (file, path, upto, ticket) = {
+            let mut st = self.state.lock();
+            let r = st.active.flush(false);
+            self.poisoning(r)?;
+            st.unsynced = 0;
+            st.kicked = false;
+            let ticket = self.gate.tickets.fetch_add(1, Ordering::AcqRel);
+            // A leader that starts while this sync runs gathers the appenders that arrive after
+            // this point.
+            self.gate
+                .released_at
+                .store(self.gate.arrivals.load(Ordering::Acquire), Ordering::Release);
+            let file = st.active.sync_handles[slot as usize].clone();
+            (file, st.active.path.clone(), st.next, ticket)
+        };
+        let r = self.fsync(&file, &path);
+        #[cfg(test)]
+        let hook = self.after_sync.lock().clone();
+        #[cfg(test)]
+        let r = match (r, hook) {
+            (Ok(()), Some(hook)) => hook(ticket),
+            (r, _) => r,
+        };
+        let r = self.poisoning(r);
+        // Publish in ticket order: an earlier sync still under way may yet fail, and then the
+        // records before `upto` that only it covered would be lost.
+        self.gate.wait_turn(ticket);
+        let poisoned = self.poison.get().cloned();
+        self.gate.end_turn(ticket);
+        r?;
+        if let Some(cause) = poisoned {
+            return Err(Error::Poisoned { cause });
+        }
+        let before = self.durable.fetch_max(upto, Ordering::AcqRel);
+        self.metrics.group_records.record(upto.saturating_sub(before) as f64);
+        leader.finish(upto.max(before));
+        Ok(())
+    }
+
+    pub(super) fn flush(&self) -> Result<()> {
+        let mut st = self.state.lock();
+        self.check_writable()?;
+        let r = st.active.flush(true);
+        self.poisoning(r)
+    }
+
+    pub(super) fn sync(&self) -> Result<()> {
+        self.check_writable()?;
+        let next = self.state.lock().next;
+        self.wait_durable(next)
+    }
+
+    /// Stores in the meta file how far the log is durable, once nothing more is appended (on
+    /// close): the last records synced are then known to recovery as synced even though no later
+    /// frame claims it. Only when the tail segment holds records the meta file does not cover.
+    pub(super) fn record_synced(&self) -> Result<()> {
+        let mut st = self.state.lock();
+        let durable = self.durable.load(Ordering::Acquire).min(st.next);
+        if durable <= st.meta.synced_below.max(st.active.start) {
+            return Ok(());
+        }
+        let meta = Meta { synced_below: durable, ..st.meta };
+        let r = st.store_meta(meta, &self.dir, &self.opts);
+        self.poisoning(r)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::sync::atomic::Ordering;
+    use std::sync::Arc;
+    use std::thread;
+
+    use parking_lot::Mutex;
+
+    use crate::error::Error;
+    use crate::{Options, SyncMode, Wal};
+
+    #[test]
+    fn failed_fsync_poisons_writes_but_not_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = Wal::open(dir.path(), Options::default().sync(SyncMode::Always)).unwrap();
+        assert_eq!(wal.append(b"kept").unwrap(), 0);
+        wal.inner.fail_next_sync.store(true, Ordering::Release);
+        let err = wal.append(b"lost").unwrap_err();
+        assert!(matches!(err, Error::Io { op: "fdatasync", .. }), "{err}");
+        for e in [
+            wal.append(b"x").unwrap_err(),
+            wal.sync().unwrap_err(),
+            wal.truncate_front(1).unwrap_err(),
+        ] {
+            assert!(matches!(&e, Error::Poisoned { cause } if cause.contains("injected")), "{e}");
+        }
+        assert_eq!(&wal.read(0).unwrap()[..], b"kept");
+        drop(wal);
+        let wal = Wal::open(dir.path(), Options::default()).unwrap();
+        assert_eq!(&wal.read(0).unwrap()[..], b"kept");
+        wal.append(b"after reopen").unwrap();
+    }
+
+    /// Two syncs overlap; the first fails after the second has ended. The second must not call
+    /// its records durable: the first one's records, below them, may be lost.
+    #[test]
+    fn a_sync_that_ends_first_waits_for_an_earlier_one_and_fails_with_it() {
+        use std::sync::mpsc::channel;
+        use std::time::Duration;
+        let dir = tempfile::tempdir().unwrap();
+        let opts = Options::default().sync(SyncMode::Always).syncs_in_flight(2);
+        let wal = Arc::new(Wal::open(dir.path(), opts).unwrap());
+        let (first_in, first_in_rx) = channel::<()>();
+        let (second_done, second_done_rx) = channel::<()>();
+        let (first_in, second_done) = (Mutex::new(first_in), Mutex::new(second_done));
+        let second_done_rx = Mutex::new(second_done_rx);
+        *wal.inner.after_sync.lock() = Some(Arc::new(move |ticket| {
+            if ticket == 0 {
+                first_in.lock().send(()).unwrap();
+                let ended = second_done_rx.lock().recv_timeout(Duration::from_secs(10));
+                assert!(ended.is_ok(), "the second sync never ended");
+                Err(Error::io("fdatasync", Path::new("seg"), std::io::Error::other("injected")))
+            } else {
+                second_done.lock().send(()).unwrap();
+                Ok(())
+            }
+        }));
+        let w = wal.clone();
+        let first = thread::spawn(move || w.append(b"first"));
+        first_in_rx.recv_timeout(Duration::from_secs(10)).expect("first sync started");
+        let second = wal.append(b"second").unwrap_err();
+        assert!(
+            matches!(&second, Error::Poisoned { cause } if cause.contains("injected")),
+            "{second}"
+        );
+        let first = first.join().unwrap().unwrap_err();
+        assert!(matches!(first, Error::Io { op: "fdatasync", .. }), "{first}");
+        assert_eq!(wal.inner.durable.load(Ordering::Acquire), 0);
+    }
+}
