@@ -129,7 +129,19 @@ fn append_until_killed(dir: &str, role: &str) {
     }
 }
 
+/// Held (shared) by every spawn of a child. A child forked while this process holds a log open
+/// inherits the lock's descriptor until it execs, so a test that closes its log and then needs
+/// another process to take the lock first waits for the spawns in flight ([`spawns_settled`]).
+static SPAWNS: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+/// Returns once no spawn (by any test of this process) that began before the call is in
+/// flight: none still holds a copy of a lock this process has since released.
+fn spawns_settled() {
+    drop(SPAWNS.write().unwrap());
+}
+
 fn spawn_child(dir: &Path, role: &str, cycle: u64) -> Child {
+    let _spawning = SPAWNS.read().unwrap();
     Command::new(std::env::current_exe().unwrap())
         .args(["child", "--exact", "--ignored", "--nocapture", "--test-threads=1", "-q"])
         .env(ENV_DIR, dir)
@@ -245,6 +257,7 @@ fn survives_sigkill(role: &str, cycles: u64) {
         }
         known = present;
         drop(wal);
+        spawns_settled();
     }
     assert!(
         total_acked > 100,
@@ -262,6 +275,7 @@ fn lock_is_exclusive_across_processes_and_freed_by_sigkill() {
     let msg = String::from_utf8_lossy(&child.stdout);
     assert!(msg.contains("locked") && msg.contains(&*dir.path().to_string_lossy()), "{msg}");
     drop(wal);
+    spawns_settled();
     assert_eq!(spawn_child(dir.path(), "try-open", 0).wait().unwrap().code(), Some(0));
 
     // A child holds the lock: this process cannot open until the child is killed.
