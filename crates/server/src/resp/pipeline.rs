@@ -29,7 +29,7 @@ use tokio::sync::watch;
 
 use super::args::Args;
 use super::cmd::batch::{execute_gets, execute_run, get_of, RunOp};
-use super::cmd::streams::{Outcome, StreamContext};
+use super::cmd::streams::{self, Outcome, StreamContext};
 use super::reply::Reply;
 use super::session::{Context, Session};
 use super::table::{self, Command, Handler, APPEND, WRITE};
@@ -49,26 +49,38 @@ pub(crate) fn hold_replies(ep: &Endpoint) -> bool {
     busy && !ep.keys.synced()
 }
 
-/// One request and what it resolved to.
+/// One request and the command it names, if it resolved (kept small: a batch's items live
+/// on the stack; the error reply of one that did not resolve is made again when it is due).
 struct Item<'a> {
     request: &'a [Bytes],
-    command: Result<(usize, &'static Command), Reply>,
+    command: Option<(usize, &'static Command)>,
 }
 
 impl<'a> Item<'a> {
+    fn new(request: &'a [Bytes]) -> Item<'a> {
+        Item { request, command: table::resolve(request).ok() }
+    }
+
     fn is_stream(&self) -> bool {
-        matches!(&self.command, Ok((_, c)) if c.is_stream())
+        self.command.is_some_and(|(_, c)| c.is_stream())
+    }
+
+    fn is_write(&self) -> bool {
+        self.command.is_some_and(|(_, c)| c.is(WRITE))
     }
 
     /// The command, if the session may run it; the error reply otherwise.
     fn authorized(&self, s: &Session) -> Result<(usize, &'static Command), Reply> {
-        let (index, c) = self.command.clone()?;
+        let (index, c) = match self.command {
+            Some(found) => found,
+            None => table::resolve(self.request)?,
+        };
         table::authorize(s, c)?;
         Ok((index, c))
     }
 
     fn name(&self) -> Option<&'static str> {
-        self.command.as_ref().ok().map(|(_, c)| c.name)
+        self.command.map(|(_, c)| c.name)
     }
 
     fn op(&self, max: usize) -> Option<RunOp<'a>> {
@@ -88,8 +100,8 @@ pub(crate) async fn run(
     out: &mut BytesMut,
     stop: &watch::Receiver<bool>,
 ) {
-    let items: Vec<Item<'_>> =
-        requests.iter().map(|r| Item { request: r, command: table::resolve(r) }).collect();
+    // On the stack for small batches: one request at a time allocates nothing here.
+    let items: smallvec::SmallVec<[Item<'_>; 8]> = requests.iter().map(|r| Item::new(r)).collect();
     let mut later: Vec<BoxFuture<'static, Reply>> = Vec::new();
     let mut rest = &items[..];
     while let Some((first, tail)) = rest.split_first() {
@@ -138,7 +150,7 @@ async fn run_stream(
         stop: stop.clone(),
     };
     let t = ep.sample(s);
-    let outcome = handler(&mut cx, Args::new(command.name, item.request)).await;
+    let outcome = streams::run(handler, &mut cx, Args::new(command.name, item.request)).await;
     ep.record(index, t);
     match outcome {
         Outcome::Later(f) => {
@@ -157,11 +169,7 @@ async fn run_stream(
 /// Runs a run of keyspace (and connection) commands; under `--sync always`, one sync covers
 /// its writes before any of its replies.
 async fn run_keys(ep: &Arc<Endpoint>, s: &mut Session, run: &[Item<'_>], out: &mut BytesMut) {
-    let writes = if ep.keys.synced() {
-        run.iter().filter(|it| matches!(&it.command, Ok((_, c)) if c.is(WRITE))).count()
-    } else {
-        0
-    };
+    let writes = if ep.keys.synced() { run.iter().filter(|it| it.is_write()).count() } else { 0 };
     let start = out.len();
     let ctx = Context {
         keys: &ep.keys,
@@ -191,8 +199,8 @@ async fn run_keys(ep: &Arc<Endpoint>, s: &mut Session, run: &[Item<'_>], out: &m
             for (it, reply) in left.iter().zip(replies) {
                 reply.encode(s.proto, out);
                 let timed = ep.sample(s).map(|_| t);
-                if let Ok((index, _)) = &it.command {
-                    ep.record(*index, timed);
+                if let Some((index, _)) = it.command {
+                    ep.record(index, timed);
                 }
             }
             left = left.get(n..).unwrap_or(&[]);

@@ -8,10 +8,9 @@
 //! [`Args`], so a wrong table entry gives an arity error, not a panic.
 
 use bytes::Bytes;
-use futures::future::BoxFuture;
 
 use super::args::Args;
-use super::cmd::streams::{self, Outcome, StreamContext};
+use super::cmd::streams::StreamCommand as S;
 use super::cmd::{keys, server, R};
 use super::reply::Reply;
 use super::session::{Context, Session};
@@ -44,15 +43,13 @@ const FLAG_NAMES: [(Flags, &str); 5] = [
 
 /// A keyspace or connection command: runs to completion on the connection's task.
 pub(crate) type KeyHandler = fn(&Context<'_>, &mut Session, Args<'_>) -> R;
-/// A stream command: may wait (for durability, or for entries).
-pub(crate) type StreamHandler =
-    for<'a, 'b> fn(&'a mut StreamContext<'b>, Args<'a>) -> BoxFuture<'a, Outcome>;
 
 /// How a command runs.
 #[derive(Clone, Copy)]
 pub(crate) enum Handler {
     Keys(KeyHandler),
-    Streams(StreamHandler),
+    /// A stream command: may wait (for durability, or for entries).
+    Streams(S),
     /// `COMMAND`, which describes this table.
     Describe,
 }
@@ -97,15 +94,6 @@ impl std::fmt::Debug for Command {
     }
 }
 
-/// A stream handler whose reply is ready when the future resolves.
-macro_rules! stream {
-    ($f:path) => {
-        Handler::Streams(|cx, a| {
-            Box::pin(async move { Outcome::Now($f(cx, a).await.unwrap_or_else(|e| e)) })
-        })
-    };
-}
-
 const fn cmd(
     name: &'static str,
     arity: i8,
@@ -125,15 +113,7 @@ pub(crate) static COMMANDS: &[Command] = &[
     cmd("get", 2, READONLY, ONE, Handler::Keys(keys::get)),
     cmd("set", -3, WRITE, ONE, Handler::Keys(keys::set)),
     cmd("incr", 2, WRITE, ONE, Handler::Keys(keys::incr)),
-    cmd(
-        "xadd",
-        -5,
-        WRITE | APPEND,
-        ONE,
-        Handler::Streams(|cx, a| {
-            Box::pin(async move { streams::xadd(cx, a).await.unwrap_or_else(Outcome::Now) })
-        }),
-    ),
+    cmd("xadd", -5, WRITE | APPEND, ONE, Handler::Streams(S::Add)),
     cmd("ping", -1, NO_AUTH, NONE, Handler::Keys(server::ping)),
     cmd("echo", 2, 0, NONE, Handler::Keys(server::echo)),
     cmd("hello", -1, NO_AUTH, NONE, Handler::Keys(server::hello)),
@@ -165,17 +145,17 @@ pub(crate) static COMMANDS: &[Command] = &[
     cmd("type", 2, READONLY, ONE, Handler::Keys(keys::type_of)),
     cmd("flushdb", -1, WRITE, NONE, Handler::Keys(keys::flush)),
     cmd("flushall", -1, WRITE, NONE, Handler::Keys(keys::flush)),
-    cmd("xlen", 2, READONLY, ONE, stream!(streams::xlen)),
-    cmd("xrange", -4, READONLY, ONE, stream!(streams::xrange)),
-    cmd("xrevrange", -4, READONLY, ONE, stream!(streams::xrevrange)),
-    cmd("xread", -4, READONLY | BLOCKING, NONE, stream!(streams::xread)),
-    cmd("xtrim", -4, WRITE, ONE, stream!(streams::xtrim)),
-    cmd("xdel", -3, WRITE, ONE, stream!(streams::xdel)),
-    cmd("xgroup", -2, WRITE, NONE, stream!(streams::xgroup)),
-    cmd("xreadgroup", -7, WRITE | BLOCKING, NONE, stream!(streams::xreadgroup)),
-    cmd("xack", -4, WRITE, ONE, stream!(streams::xack)),
-    cmd("xpending", -3, READONLY, ONE, stream!(streams::xpending)),
-    cmd("xinfo", -2, READONLY, NONE, stream!(streams::xinfo)),
+    cmd("xlen", 2, READONLY, ONE, Handler::Streams(S::Len)),
+    cmd("xrange", -4, READONLY, ONE, Handler::Streams(S::Range)),
+    cmd("xrevrange", -4, READONLY, ONE, Handler::Streams(S::RevRange)),
+    cmd("xread", -4, READONLY | BLOCKING, NONE, Handler::Streams(S::Read)),
+    cmd("xtrim", -4, WRITE, ONE, Handler::Streams(S::Trim)),
+    cmd("xdel", -3, WRITE, ONE, Handler::Streams(S::Del)),
+    cmd("xgroup", -2, WRITE, NONE, Handler::Streams(S::Group)),
+    cmd("xreadgroup", -7, WRITE | BLOCKING, NONE, Handler::Streams(S::ReadGroup)),
+    cmd("xack", -4, WRITE, ONE, Handler::Streams(S::Ack)),
+    cmd("xpending", -3, READONLY, ONE, Handler::Streams(S::Pending)),
+    cmd("xinfo", -2, READONLY, NONE, Handler::Streams(S::Info)),
 ];
 
 /// The longest command name (a longer request name is unknown without a search).

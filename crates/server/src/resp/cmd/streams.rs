@@ -90,10 +90,53 @@ pub(crate) struct StreamContext<'a> {
     pub(crate) stop: watch::Receiver<bool>,
 }
 
-pub(crate) async fn xdel(_: &mut StreamContext<'_>, _: Args<'_>) -> R {
+async fn xdel(_: &mut StreamContext<'_>, _: Args<'_>) -> R {
     Err(Reply::err(
         "XDEL is not supported: timber streams are append-only; use XTRIM to drop the oldest entries",
     ))
+}
+
+/// The stream commands; the command table names one per entry, and [`run`] runs it. (An enum
+/// rather than a function pointer per command: a pointer would return a boxed future, and
+/// moving a command's future into its box costs more than the command's own work.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StreamCommand {
+    Add,
+    Len,
+    Range,
+    RevRange,
+    Read,
+    Trim,
+    Del,
+    Group,
+    ReadGroup,
+    Ack,
+    Pending,
+    Info,
+}
+
+/// Runs one stream command.
+pub(crate) async fn run(
+    command: StreamCommand,
+    cx: &mut StreamContext<'_>,
+    a: Args<'_>,
+) -> Outcome {
+    use StreamCommand as C;
+    let r = match command {
+        C::Add => return xadd(cx, a).await.unwrap_or_else(Outcome::Now),
+        C::Len => xlen(cx, a).await,
+        C::Range => xrange(cx, a).await,
+        C::RevRange => xrevrange(cx, a).await,
+        C::Read => xread(cx, a).await,
+        C::Trim => xtrim(cx, a).await,
+        C::Del => xdel(cx, a).await,
+        C::Group => xgroup(cx, a).await,
+        C::ReadGroup => xreadgroup(cx, a).await,
+        C::Ack => xack(cx, a).await,
+        C::Pending => xpending(cx, a).await,
+        C::Info => xinfo(cx, a).await,
+    };
+    Outcome::Now(r.unwrap_or_else(|e| e))
 }
 
 /// `[=|~] threshold [LIMIT n]` after MAXLEN or MINID; returns the trim and the next index.
@@ -137,7 +180,7 @@ fn parse_trim(a: &[Bytes], mut i: usize) -> R<(Trim, usize)> {
     Ok((trim, i))
 }
 
-pub(crate) async fn xadd(cx: &mut StreamContext<'_>, a: Args<'_>) -> R<Outcome> {
+async fn xadd(cx: &mut StreamContext<'_>, a: Args<'_>) -> R<Outcome> {
     let key = a.arg(0)?.clone();
     let mut i = 1;
     let mut must_exist = false;
@@ -220,18 +263,18 @@ fn handle(cx: &StreamContext<'_>, key: &[u8]) -> R<Option<Handle>> {
     cx.space.handle(key).map_err(error)
 }
 
-pub(crate) async fn xlen(cx: &mut StreamContext<'_>, a: Args<'_>) -> R {
+async fn xlen(cx: &mut StreamContext<'_>, a: Args<'_>) -> R {
     match handle(cx, a.arg(0)?)? {
         Some(h) => Ok(Reply::Int(cx.space.len(&h).map_err(error)? as i64)),
         None => Ok(Reply::Int(0)),
     }
 }
 
-pub(crate) async fn xrange(cx: &mut StreamContext<'_>, a: Args<'_>) -> R {
+async fn xrange(cx: &mut StreamContext<'_>, a: Args<'_>) -> R {
     xrange_in(cx, a, false).await
 }
 
-pub(crate) async fn xrevrange(cx: &mut StreamContext<'_>, a: Args<'_>) -> R {
+async fn xrevrange(cx: &mut StreamContext<'_>, a: Args<'_>) -> R {
     xrange_in(cx, a, true).await
 }
 
@@ -251,7 +294,7 @@ async fn xrange_in(cx: &mut StreamContext<'_>, a: Args<'_>, rev: bool) -> R {
     Ok(entries_reply(es))
 }
 
-pub(crate) async fn xtrim(cx: &mut StreamContext<'_>, a: Args<'_>) -> R {
+async fn xtrim(cx: &mut StreamContext<'_>, a: Args<'_>) -> R {
     let (key, kind) = (a.arg(0)?, upper(a.arg(1)?));
     if kind != "MAXLEN" && kind != "MINID" {
         return Err(syntax());
@@ -325,7 +368,7 @@ fn read_reply(proto: u8, per_key: Vec<(Bytes, Reply)>) -> Reply {
     }
 }
 
-pub(crate) async fn xread(cx: &mut StreamContext<'_>, a: Args<'_>) -> R {
+async fn xread(cx: &mut StreamContext<'_>, a: Args<'_>) -> R {
     let r = parse_read(a.all(), false)?;
     // Resolve `$` and `+` once, before any wait.
     let mut from = Vec::with_capacity(r.keys.len());
@@ -385,7 +428,7 @@ async fn wait(
     cx.space.wait(waits, creations, left, &mut cx.stop).await.map_err(error)
 }
 
-pub(crate) async fn xreadgroup(cx: &mut StreamContext<'_>, a: Args<'_>) -> R {
+async fn xreadgroup(cx: &mut StreamContext<'_>, a: Args<'_>) -> R {
     if upper(a.arg(0)?) != "GROUP" {
         return Err(syntax());
     }
@@ -436,7 +479,7 @@ pub(crate) async fn xreadgroup(cx: &mut StreamContext<'_>, a: Args<'_>) -> R {
     }
 }
 
-pub(crate) async fn xgroup(cx: &mut StreamContext<'_>, a: Args<'_>) -> R {
+async fn xgroup(cx: &mut StreamContext<'_>, a: Args<'_>) -> R {
     let sub = upper(a.arg(0)?);
     let id_arg = |b: &Bytes| -> R<Option<StreamId>> {
         match &b[..] {
@@ -504,7 +547,7 @@ pub(crate) async fn xgroup(cx: &mut StreamContext<'_>, a: Args<'_>) -> R {
 }
 
 /// XINFO STREAM / GROUPS / CONSUMERS.
-pub(crate) async fn xinfo(cx: &mut StreamContext<'_>, a: Args<'_>) -> R {
+async fn xinfo(cx: &mut StreamContext<'_>, a: Args<'_>) -> R {
     let sub = upper(a.arg(0)?);
     let Some(key) = a.get(1) else {
         return Err(Reply::err(format!(
@@ -577,7 +620,7 @@ pub(crate) async fn xinfo(cx: &mut StreamContext<'_>, a: Args<'_>) -> R {
     }
 }
 
-pub(crate) async fn xack(cx: &mut StreamContext<'_>, a: Args<'_>) -> R {
+async fn xack(cx: &mut StreamContext<'_>, a: Args<'_>) -> R {
     let (key, group) = (a.arg(0)?, a.arg(1)?);
     let ids = a
         .from(2)
@@ -587,7 +630,7 @@ pub(crate) async fn xack(cx: &mut StreamContext<'_>, a: Args<'_>) -> R {
     Ok(Reply::Int(cx.space.ack(key, group, &ids).await.map_err(error)? as i64))
 }
 
-pub(crate) async fn xpending(cx: &mut StreamContext<'_>, a: Args<'_>) -> R {
+async fn xpending(cx: &mut StreamContext<'_>, a: Args<'_>) -> R {
     let (key, group) = (a.arg(0)?, a.arg(1)?);
     let no_group = || error(crate::streams::no_group(key, group, "XPENDING"));
     if a.len() == 2 {
