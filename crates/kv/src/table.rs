@@ -144,11 +144,7 @@ impl TableBuilder {
         };
         let len = u32::try_from(body.len())
             .map_err(|_| Error::InvalidParam(format!("block of {} bytes", body.len())))?;
-        let mut crc = crc32c::crc32c(body);
-        crc = crc32c::crc32c_append(crc, &[ty]);
-        let mut trailer = [0u8; TRAILER_LEN];
-        trailer[0] = ty;
-        trailer[1..].copy_from_slice(&crc.to_le_bytes());
+        let trailer = trailer(body, ty);
         let path = &self.path;
         self.out.write_all(body).map_err(|e| Error::io("write", path, e))?;
         self.out.write_all(&trailer).map_err(|e| Error::io("write", path, e))?;
@@ -200,23 +196,42 @@ impl TableBuilder {
 fn read_block(file: &File, path: &Path, off: u64, len: u32) -> Result<Bytes> {
     let mut buf = vec![0u8; len as usize + TRAILER_LEN];
     file.read_exact_at(&mut buf, off).map_err(|e| Error::io("read", path, e))?;
-    let (body, trailer) = buf.split_at(len as usize);
+    unpack(buf).map_err(|reason| Error::corrupt(path, off, reason))
+}
+
+/// Verifies a block as stored (its bytes, then the trailer `type u8 | crc32c u32 LE`) and
+/// decompresses it; the error is the reason.
+pub(crate) fn unpack(mut stored: Vec<u8>) -> std::result::Result<Bytes, String> {
+    let len = stored
+        .len()
+        .checked_sub(TRAILER_LEN)
+        .ok_or_else(|| format!("block of {} bytes has no trailer", stored.len()))?;
+    let (body, trailer) = stored.split_at(len);
     let ty = trailer[0];
     let want = u32::from_le_bytes(trailer[1..].try_into().expect("4 bytes"));
     let crc = crc32c::crc32c_append(crc32c::crc32c(body), &[ty]);
     if crc != want {
-        return Err(Error::corrupt(path, off, "block checksum mismatch"));
+        return Err("block checksum mismatch".into());
     }
     match ty {
         RAW => {
-            buf.truncate(len as usize);
-            Ok(Bytes::from(buf))
+            stored.truncate(len);
+            Ok(Bytes::from(stored))
         }
         LZ4 => lz4_flex::block::decompress_size_prepended(body)
             .map(Bytes::from)
-            .map_err(|e| Error::corrupt(path, off, format!("LZ4 block: {e}"))),
-        t => Err(Error::corrupt(path, off, format!("unknown block type {t}"))),
+            .map_err(|e| format!("LZ4 block: {e}")),
+        t => Err(format!("unknown block type {t}")),
     }
+}
+
+/// The trailer of a block stored as `body` of type `ty` (0 raw, 1 LZ4).
+pub(crate) fn trailer(body: &[u8], ty: u8) -> [u8; TRAILER_LEN] {
+    let crc = crc32c::crc32c_append(crc32c::crc32c(body), &[ty]);
+    let mut trailer = [0u8; TRAILER_LEN];
+    trailer[0] = ty;
+    trailer[1..].copy_from_slice(&crc.to_le_bytes());
+    trailer
 }
 
 /// An open SSTable: index and filter in memory, data blocks read on demand through the cache.

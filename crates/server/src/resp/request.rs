@@ -5,8 +5,8 @@
 //! frozen buffer, so no argument is copied. Declared sizes are checked against the request limit
 //! as soon as their headers arrive, before the bytes they announce.
 //!
-//! Invariant: `parse` consumes bytes only when it returns a whole request; on `Incomplete` and
-//! `Bad` the buffer is left as it was.
+//! Invariant: `parse` consumes bytes only when it returns a whole request, or blank lines (which
+//! it skips); on `Incomplete` and `Bad` the buffer is otherwise left as it was.
 
 use bytes::{Bytes, BytesMut};
 
