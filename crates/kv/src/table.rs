@@ -218,9 +218,19 @@ pub(crate) fn unpack(mut stored: Vec<u8>) -> std::result::Result<Bytes, String> 
             stored.truncate(len);
             Ok(Bytes::from(stored))
         }
-        LZ4 => lz4_flex::block::decompress_size_prepended(body)
-            .map(Bytes::from)
-            .map_err(|e| format!("LZ4 block: {e}")),
+        LZ4 => {
+            // LZ4 expands a byte into at most 255: a larger size is not allocated.
+            let size = body.get(..4).map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")));
+            match size {
+                Some(size) if size as usize <= (body.len() - 4).saturating_mul(255) => {
+                    lz4_flex::block::decompress_size_prepended(body)
+                        .map(Bytes::from)
+                        .map_err(|e| format!("LZ4 block: {e}"))
+                }
+                Some(size) => Err(format!("LZ4 block of {} bytes cannot hold {size}", body.len())),
+                None => Err(format!("LZ4 block of {} bytes has no size", body.len())),
+            }
+        }
         t => Err(format!("unknown block type {t}")),
     }
 }
@@ -533,5 +543,42 @@ impl TableIter {
             }
             _ => Some(Bytes::copy_from_slice(key::user(k))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stored(raw: &[u8]) -> Vec<u8> {
+        let mut body = lz4_flex::block::compress_prepend_size(raw);
+        body.extend_from_slice(&trailer(&body, LZ4));
+        body
+    }
+
+    #[test]
+    fn blocks_unpack_raw_and_lz4() {
+        let raw = b"0123456789".repeat(50);
+        assert_eq!(unpack(stored(&raw)).unwrap(), raw);
+        let mut plain = raw.clone();
+        plain.extend_from_slice(&trailer(&raw, RAW));
+        assert_eq!(unpack(plain).unwrap(), raw);
+        assert!(unpack(vec![0; 4]).unwrap_err().contains("no trailer"));
+    }
+
+    /// Found by the fuzzer: the size an LZ4 block states (here 128 MiB, behind 300 bytes) was
+    /// allocated before decompressing.
+    #[test]
+    fn a_size_lz4_cannot_reach_is_corrupt() {
+        let mut s = stored(&b"user/0000".repeat(100));
+        s[..4].copy_from_slice(&0x0800_0233u32.to_le_bytes());
+        let n = s.len() - TRAILER_LEN;
+        let t = trailer(&s[..n], LZ4);
+        s[n..].copy_from_slice(&t);
+        let e = unpack(s).unwrap_err();
+        assert!(e.contains("cannot hold 134218291"), "{e}");
+        let mut short = vec![1, 2];
+        short.extend_from_slice(&trailer(&[1, 2], LZ4));
+        assert!(unpack(short).unwrap_err().contains("no size"));
     }
 }
