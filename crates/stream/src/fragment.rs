@@ -200,6 +200,9 @@ pub(crate) fn decode(object: &str, data: &Bytes) -> Result<Fragment> {
     let segment = u64_at(h, 24);
     let first_id = u64_at(h, 32);
     let count = u32_at(h, 40) as usize;
+    if first_id.checked_add(count as u64).is_none() {
+        return Err(corrupt(format!("{count} entries from id {first_id} run past the last id")));
+    }
 
     let f = &data[data.len() - FOOTER_LEN..];
     if &f[28..32] != END_MAGIC {
@@ -337,6 +340,25 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    /// Found by the fuzzer: entry ids running past `u64::MAX` overflowed `end_id`.
+    #[test]
+    fn ids_past_the_last_id_are_corrupt() {
+        let mut d = encode(1, 2, 0, &entries(12), false).to_vec();
+        d[32..40].copy_from_slice(&(u64::MAX - 12).to_le_bytes());
+        let crc = crc32c::crc32c(&d[..HEADER_LEN - 4]);
+        d[HEADER_LEN - 4..HEADER_LEN].copy_from_slice(&crc.to_le_bytes());
+        let f = decode("obj", &Bytes::from(d.clone())).unwrap();
+        assert_eq!(f.end_id(), u64::MAX);
+        d[32..40].copy_from_slice(&(u64::MAX - 11).to_le_bytes());
+        let crc = crc32c::crc32c(&d[..HEADER_LEN - 4]);
+        d[HEADER_LEN - 4..HEADER_LEN].copy_from_slice(&crc.to_le_bytes());
+        let r = decode("obj", &Bytes::from(d));
+        assert!(
+            matches!(&r, Err(Error::Corrupt { reason, .. }) if reason.contains("past the last id")),
+            "{r:?}"
+        );
     }
 
     #[test]
