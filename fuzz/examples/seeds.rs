@@ -45,6 +45,10 @@ fn main() -> std::io::Result<()> {
     pipeline.extend(redis::cmd("PING").get_packed_command());
     write("resp_request", "pipeline", &pipeline)?;
     write("resp_request", "inline", b"SET k v\r\nGET k\n\r\n")?;
-    write("resp_request", "binary", &redis::cmd("SET").arg(&b"\r\n\0\xff"[..]).arg(&[0u8; 64][..]).get_packed_command())?;
+    write(
+        "resp_request",
+        "binary",
+        &redis::cmd("SET").arg(&b"\r\n\0\xff"[..]).arg(&[0u8; 64][..]).get_packed_command(),
+    )?;
     Ok(())
 }
