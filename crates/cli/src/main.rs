@@ -306,12 +306,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     out,
                     "{}",
                     json!({
-                        "version": s.version, "uptime_ms": s.uptime_ms, "keys": s.keys,
+                        "version": s.version, "uptime_ms": s.uptime.as_millis() as u64, "keys": s.keys,
                         "streams": s.streams, "data_dir": s.data_dir, "sync": s.sync,
                     })
                 )?;
             } else {
-                writeln!(out, "timberd {} up {}s", s.version, s.uptime_ms / 1000)?;
+                writeln!(out, "timberd {} up {}s", s.version, s.uptime.as_secs())?;
                 writeln!(out, "data dir  {}", s.data_dir)?;
                 writeln!(out, "sync      {}", s.sync)?;
                 writeln!(out, "keys      {}", s.keys)?;
@@ -329,8 +329,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 fn info_json(s: &timber_client::StreamInfo) -> serde_json::Value {
     json!({
         "name": s.name, "first_id": s.first_id, "next_id": s.next_id,
-        "bytes": s.bytes, "created_ms": s.created_ms,
+        "bytes": s.bytes, "created_ms": millis_since_epoch(s.created),
     })
+}
+
+fn millis_since_epoch(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 fn print_entry(

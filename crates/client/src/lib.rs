@@ -21,7 +21,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use futures::FutureExt as _;
@@ -33,8 +33,79 @@ use tokio::sync::{mpsc, oneshot, Mutex};
 use tonic::transport::{Channel, Endpoint};
 use tonic::Request;
 
-pub use timber_proto::v1::{StatusResponse as Status, StreamInfo};
-pub use tonic::Code;
+/// What kind of failure a server error is (the gRPC status code, without tonic).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Code {
+    /// The call was cancelled.
+    Cancelled,
+    /// An error the server did not classify.
+    Unknown,
+    /// The request is malformed or too large (an empty stream name, a value over the limit).
+    InvalidArgument,
+    /// The server's deadline passed.
+    DeadlineExceeded,
+    /// The stream does not exist.
+    NotFound,
+    /// The stream already exists.
+    AlreadyExists,
+    /// The token does not allow the call.
+    PermissionDenied,
+    /// A limit of the server was reached (connections, memory).
+    ResourceExhausted,
+    /// The server is not in a state to run the call.
+    FailedPrecondition,
+    /// The call was aborted by a conflict.
+    Aborted,
+    /// A read starts outside the stream (truncated or beyond its end).
+    OutOfRange,
+    /// The server does not implement the call.
+    Unimplemented,
+    /// The server failed (an I/O error, a bug).
+    Internal,
+    /// The server is unavailable (shutting down, unreachable); idempotent calls are retried.
+    Unavailable,
+    /// Data was lost or corrupted.
+    DataLoss,
+    /// No token, or a wrong one.
+    Unauthenticated,
+    /// A code this client does not know.
+    Other,
+}
+
+/// The server's status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Status {
+    /// The server's version.
+    pub version: String,
+    /// Time since the server started.
+    pub uptime: Duration,
+    /// Live keys of the keyspace.
+    pub keys: u64,
+    /// Streams of the server.
+    pub streams: u64,
+    /// The server's data directory.
+    pub data_dir: String,
+    /// The durability mode, e.g. `interval:1000` or `always`.
+    pub sync: String,
+}
+
+/// A stream's figures.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StreamInfo {
+    /// The stream's name.
+    pub name: String,
+    /// The first readable id.
+    pub first_id: u64,
+    /// One past the last durable id.
+    pub next_id: u64,
+    /// Bytes the stream holds.
+    pub bytes: u64,
+    /// When the stream was created.
+    pub created: SystemTime,
+}
 
 /// Errors of client calls.
 #[derive(Debug, thiserror::Error)]
@@ -46,14 +117,14 @@ pub enum Error {
         /// The address.
         addr: String,
         /// Why.
-        source: tonic::transport::Error,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// The server answered with an error.
     #[error("{op}: {code:?}: {message}")]
     Server {
         /// The call.
         op: &'static str,
-        /// The gRPC code (NotFound, AlreadyExists, InvalidArgument, OutOfRange...).
+        /// What kind of error (NotFound, AlreadyExists, InvalidArgument, OutOfRange...).
         code: Code,
         /// The server's message.
         message: String,
@@ -75,7 +146,7 @@ pub enum Error {
 }
 
 impl Error {
-    /// The gRPC code, for server errors.
+    /// The code, for server errors.
     pub fn code(&self) -> Option<Code> {
         match self {
             Error::Server { code, .. } => Some(*code),
@@ -83,13 +154,77 @@ impl Error {
         }
     }
 
+    fn connect(addr: String, source: tonic::transport::Error) -> Error {
+        Error::Connect { addr, source: Box::new(source) }
+    }
+
     fn server(op: &'static str, s: tonic::Status) -> Error {
-        Error::Server { op, code: s.code(), message: s.message().to_string() }
+        Error::Server { op, code: s.code().into(), message: s.message().to_string() }
     }
 
     fn retryable(&self) -> bool {
         matches!(self, Error::Server { code: Code::Unavailable | Code::Unknown, .. })
             || matches!(self, Error::Timeout { .. })
+    }
+}
+
+/// Conversions from the wire types, which stay private to this crate.
+mod pb_impl {
+    use std::time::{Duration, SystemTime};
+
+    use timber_proto::v1 as pb;
+
+    use super::{Code, Status, StreamInfo};
+
+    impl From<tonic::Code> for Code {
+        fn from(c: tonic::Code) -> Code {
+            use tonic::Code as C;
+            match c {
+                C::Cancelled => Code::Cancelled,
+                C::Unknown => Code::Unknown,
+                C::InvalidArgument => Code::InvalidArgument,
+                C::DeadlineExceeded => Code::DeadlineExceeded,
+                C::NotFound => Code::NotFound,
+                C::AlreadyExists => Code::AlreadyExists,
+                C::PermissionDenied => Code::PermissionDenied,
+                C::ResourceExhausted => Code::ResourceExhausted,
+                C::FailedPrecondition => Code::FailedPrecondition,
+                C::Aborted => Code::Aborted,
+                C::OutOfRange => Code::OutOfRange,
+                C::Unimplemented => Code::Unimplemented,
+                C::Internal => Code::Internal,
+                C::Unavailable => Code::Unavailable,
+                C::DataLoss => Code::DataLoss,
+                C::Unauthenticated => Code::Unauthenticated,
+                // An error status with code Ok is not one the server sends.
+                C::Ok => Code::Other,
+            }
+        }
+    }
+
+    impl From<pb::StatusResponse> for Status {
+        fn from(s: pb::StatusResponse) -> Status {
+            Status {
+                version: s.version,
+                uptime: Duration::from_millis(s.uptime_ms),
+                keys: s.keys,
+                streams: s.streams,
+                data_dir: s.data_dir,
+                sync: s.sync,
+            }
+        }
+    }
+
+    impl From<pb::StreamInfo> for StreamInfo {
+        fn from(s: pb::StreamInfo) -> StreamInfo {
+            StreamInfo {
+                name: s.name,
+                first_id: s.first_id,
+                next_id: s.next_id,
+                bytes: s.bytes,
+                created: SystemTime::UNIX_EPOCH + Duration::from_millis(s.created_ms),
+            }
+        }
     }
 }
 
@@ -182,11 +317,11 @@ impl Client {
     pub async fn connect_with(addr: impl Into<String>, opts: Options) -> Result<Client> {
         let addr = addr.into();
         let endpoint = Endpoint::from_shared(addr.clone())
-            .map_err(|source| Error::Connect { addr: addr.clone(), source })?
+            .map_err(|source| Error::connect(addr.clone(), source))?
             .connect_timeout(opts.connect_timeout)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(30));
-        let channel = endpoint.connect().await.map_err(|source| Error::Connect { addr, source })?;
+        let channel = endpoint.connect().await.map_err(|source| Error::connect(addr, source))?;
         Ok(Client { channel, opts })
     }
 
@@ -348,17 +483,20 @@ impl Client {
             retention_ms: retention.map(|d| d.as_millis() as u64),
             retention_bytes,
         };
-        self.once("create_stream", self.streams().create(self.request(m))).await
+        let s = self.once("create_stream", self.streams().create(self.request(m))).await?;
+        Ok(s.into())
     }
 
     /// A stream's figures.
     pub async fn stream_info(&self, name: &str) -> Result<StreamInfo> {
-        self.idempotent("stream_info", || {
-            let (mut c, r) =
-                (self.streams(), self.request(pb::StreamRequest { name: name.into() }));
-            async move { c.info(r).await }
-        })
-        .await
+        let s = self
+            .idempotent("stream_info", || {
+                let (mut c, r) =
+                    (self.streams(), self.request(pb::StreamRequest { name: name.into() }));
+                async move { c.info(r).await }
+            })
+            .await?;
+        Ok(s.into())
     }
 
     /// Every stream.
@@ -369,19 +507,21 @@ impl Client {
                 async move { c.list(r).await }
             })
             .await?;
-        Ok(r.streams)
+        Ok(r.streams.into_iter().map(StreamInfo::from).collect())
     }
 
     /// Drops every entry below `before`.
     pub async fn truncate(&self, name: &str, before: u64) -> Result<StreamInfo> {
-        self.idempotent("truncate", || {
-            let m = pb::TruncateRequest { name: name.into(), before };
-            {
-                let (mut c, r) = (self.streams(), self.request(m));
-                async move { c.truncate(r).await }
-            }
-        })
-        .await
+        let s = self
+            .idempotent("truncate", || {
+                let m = pb::TruncateRequest { name: name.into(), before };
+                {
+                    let (mut c, r) = (self.streams(), self.request(m));
+                    async move { c.truncate(r).await }
+                }
+            })
+            .await?;
+        Ok(s.into())
     }
 
     /// Deletes a stream.
@@ -454,12 +594,14 @@ impl Client {
 
     /// The server's status.
     pub async fn status(&self) -> Result<Status> {
-        self.idempotent("status", || {
-            let (mut c, r) =
-                (AdminClient::new(self.channel.clone()), self.request(pb::StatusRequest {}));
-            async move { c.status(r).await }
-        })
-        .await
+        let s = self
+            .idempotent("status", || {
+                let (mut c, r) =
+                    (AdminClient::new(self.channel.clone()), self.request(pb::StatusRequest {}));
+                async move { c.status(r).await }
+            })
+            .await?;
+        Ok(s.into())
     }
 }
 
@@ -528,5 +670,57 @@ impl StreamReader {
             Ok(None) => Ok(None),
             Err(s) => Err(Error::server("read", s)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_codes_map_to_the_client_codes_of_the_same_name() {
+        assert_eq!(Code::from(tonic::Code::NotFound), Code::NotFound);
+        assert_eq!(Code::from(tonic::Code::Unauthenticated), Code::Unauthenticated);
+        assert_eq!(Code::from(tonic::Code::Ok), Code::Other);
+        let e = Error::server("get", tonic::Status::already_exists("stream s exists"));
+        assert_eq!(e.code(), Some(Code::AlreadyExists));
+        assert_eq!(e.to_string(), "get: AlreadyExists: stream s exists");
+    }
+
+    #[test]
+    fn only_unavailable_unknown_and_timeouts_are_retried() {
+        let retryable = |s: tonic::Status| Error::server("get", s).retryable();
+        assert!(retryable(tonic::Status::unavailable("down")));
+        assert!(retryable(tonic::Status::unknown("?")));
+        assert!(!retryable(tonic::Status::not_found("k")));
+        assert!(!retryable(tonic::Status::invalid_argument("k")));
+        assert!(Error::Timeout { op: "get", after: Duration::from_secs(1) }.retryable());
+        assert!(!Error::Closed { op: "append" }.retryable());
+    }
+
+    #[test]
+    fn wire_messages_convert_to_domain_types() {
+        let s = Status::from(pb::StatusResponse {
+            version: "0.1.0".into(),
+            uptime_ms: 2500,
+            keys: 3,
+            streams: 1,
+            data_dir: "/d".into(),
+            sync: "always".into(),
+        });
+        assert_eq!(s.uptime, Duration::from_millis(2500));
+        assert_eq!((s.keys, s.streams, s.sync.as_str()), (3, 1, "always"));
+        let i = StreamInfo::from(pb::StreamInfo {
+            name: "ev".into(),
+            first_id: 2,
+            next_id: 5,
+            bytes: 10,
+            created_ms: 1_700_000_000_123,
+        });
+        let ms = i.created.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_millis();
+        assert_eq!(
+            (i.name.as_str(), i.first_id, i.next_id, i.bytes, ms),
+            ("ev", 2, 5, 10, 1_700_000_000_123)
+        );
     }
 }

@@ -146,11 +146,7 @@ impl TableBuilder {
         };
         let len = u32::try_from(body.len())
             .map_err(|_| Error::InvalidParam(format!("block of {} bytes", body.len())))?;
-        let mut crc = crc32c::crc32c(body);
-        crc = crc32c::crc32c_append(crc, &[ty]);
-        let mut trailer = [0u8; TRAILER_LEN];
-        trailer[0] = ty;
-        trailer[1..].copy_from_slice(&crc.to_le_bytes());
+        let trailer = trailer(body, ty);
         let path = &self.path;
         self.out.write_all(body).map_err(|e| Error::io("write", path, e))?;
         self.out.write_all(&trailer).map_err(|e| Error::io("write", path, e))?;
@@ -202,23 +198,52 @@ impl TableBuilder {
 fn read_block(file: &File, path: &Path, off: u64, len: u32) -> Result<Bytes> {
     let mut buf = vec![0u8; len as usize + TRAILER_LEN];
     file.read_exact_at(&mut buf, off).map_err(|e| Error::io("read", path, e))?;
-    let (body, trailer) = buf.split_at(len as usize);
+    unpack(buf).map_err(|reason| Error::corrupt(path, off, reason))
+}
+
+/// Verifies a block as stored (its bytes, then the trailer `type u8 | crc32c u32 LE`) and
+/// decompresses it; the error is the reason.
+pub(crate) fn unpack(mut stored: Vec<u8>) -> std::result::Result<Bytes, String> {
+    let len = stored
+        .len()
+        .checked_sub(TRAILER_LEN)
+        .ok_or_else(|| format!("block of {} bytes has no trailer", stored.len()))?;
+    let (body, trailer) = stored.split_at(len);
     let ty = trailer[0];
     let want = u32::from_le_bytes(trailer[1..].try_into().expect("4 bytes"));
     let crc = crc32c::crc32c_append(crc32c::crc32c(body), &[ty]);
     if crc != want {
-        return Err(Error::corrupt(path, off, "block checksum mismatch"));
+        return Err("block checksum mismatch".into());
     }
     match ty {
         RAW => {
-            buf.truncate(len as usize);
-            Ok(Bytes::from(buf))
+            stored.truncate(len);
+            Ok(Bytes::from(stored))
         }
-        LZ4 => lz4_flex::block::decompress_size_prepended(body)
-            .map(Bytes::from)
-            .map_err(|e| Error::corrupt(path, off, format!("LZ4 block: {e}"))),
-        t => Err(Error::corrupt(path, off, format!("unknown block type {t}"))),
+        LZ4 => {
+            // LZ4 expands a byte into at most 255: a larger size is not allocated.
+            let size = body.get(..4).map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")));
+            match size {
+                Some(size) if size as usize <= (body.len() - 4).saturating_mul(255) => {
+                    lz4_flex::block::decompress_size_prepended(body)
+                        .map(Bytes::from)
+                        .map_err(|e| format!("LZ4 block: {e}"))
+                }
+                Some(size) => Err(format!("LZ4 block of {} bytes cannot hold {size}", body.len())),
+                None => Err(format!("LZ4 block of {} bytes has no size", body.len())),
+            }
+        }
+        t => Err(format!("unknown block type {t}")),
     }
+}
+
+/// The trailer of a block stored as `body` of type `ty` (0 raw, 1 LZ4).
+pub(crate) fn trailer(body: &[u8], ty: u8) -> [u8; TRAILER_LEN] {
+    let crc = crc32c::crc32c_append(crc32c::crc32c(body), &[ty]);
+    let mut trailer = [0u8; TRAILER_LEN];
+    trailer[0] = ty;
+    trailer[1..].copy_from_slice(&crc.to_le_bytes());
+    trailer
 }
 
 /// An open SSTable: index and filter in memory, data blocks read on demand through the cache.
@@ -520,5 +545,42 @@ impl TableIter {
             }
             _ => Some(Bytes::copy_from_slice(key::user(k))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stored(raw: &[u8]) -> Vec<u8> {
+        let mut body = lz4_flex::block::compress_prepend_size(raw);
+        body.extend_from_slice(&trailer(&body, LZ4));
+        body
+    }
+
+    #[test]
+    fn blocks_unpack_raw_and_lz4() {
+        let raw = b"0123456789".repeat(50);
+        assert_eq!(unpack(stored(&raw)).unwrap(), raw);
+        let mut plain = raw.clone();
+        plain.extend_from_slice(&trailer(&raw, RAW));
+        assert_eq!(unpack(plain).unwrap(), raw);
+        assert!(unpack(vec![0; 4]).unwrap_err().contains("no trailer"));
+    }
+
+    /// Found by the fuzzer: the size an LZ4 block states (here 128 MiB, behind 300 bytes) was
+    /// allocated before decompressing.
+    #[test]
+    fn a_size_lz4_cannot_reach_is_corrupt() {
+        let mut s = stored(&b"user/0000".repeat(100));
+        s[..4].copy_from_slice(&0x0800_0233u32.to_le_bytes());
+        let n = s.len() - TRAILER_LEN;
+        let t = trailer(&s[..n], LZ4);
+        s[n..].copy_from_slice(&t);
+        let e = unpack(s).unwrap_err();
+        assert!(e.contains("cannot hold 134218291"), "{e}");
+        let mut short = vec![1, 2];
+        short.extend_from_slice(&trailer(&[1, 2], LZ4));
+        assert!(unpack(short).unwrap_err().contains("no size"));
     }
 }

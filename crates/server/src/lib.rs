@@ -17,6 +17,46 @@ mod resp;
 mod shutdown;
 mod streams;
 
+/// The RESP request parser again, for the fuzz targets: `resp::request` is private to `resp`.
+/// (Once `resp` can make it `pub(crate)`, `fuzz` can use it from there instead.)
+#[cfg(feature = "fuzzing")]
+#[path = "resp/request.rs"]
+#[allow(clippy::duplicate_mod, dead_code)]
+mod fuzz_request;
+
+/// Entry points of the fuzz targets in `fuzz/`, behind the `fuzzing` feature: not an API.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzz {
+    use bytes::BytesMut;
+
+    use crate::fuzz_request::{parse, Parsed};
+
+    /// Takes requests off `data` as a connection's input buffer, until one is incomplete or bad,
+    /// with a small request limit and with the default one (512 MiB). Never panics.
+    pub fn resp_request(data: &[u8]) {
+        for max in [1024, 512 << 20] {
+            let mut buf = BytesMut::from(data);
+            loop {
+                let before = buf.clone();
+                match parse(&mut buf, max) {
+                    Parsed::Request(_) => {
+                        assert!(buf.len() < before.len(), "a request took no bytes")
+                    }
+                    Parsed::Incomplete | Parsed::Bad(_) => {
+                        let taken = &before[..before.len() - buf.len()];
+                        assert!(
+                            taken.iter().all(|c| b" \t\r\n".contains(c)),
+                            "a failed parse took more than blank lines: {taken:?}"
+                        );
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -11,8 +11,7 @@ use bytes::Bytes;
 use common::Timberd;
 use futures::StreamExt as _;
 use redis::cmd;
-use timber_client::{Client, Mutation, Scan, Start};
-use tonic::Code;
+use timber_client::{Client, Code, Mutation, Scan, Start};
 
 fn http(t: &Timberd, path: &str) -> String {
     format!("http://127.0.0.1:{}{path}", t.http_port)

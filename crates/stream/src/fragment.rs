@@ -200,6 +200,9 @@ pub(crate) fn decode(object: &str, data: &Bytes) -> Result<Fragment> {
     let segment = u64_at(h, 24);
     let first_id = u64_at(h, 32);
     let count = u32_at(h, 40) as usize;
+    if first_id.checked_add(count as u64).is_none() {
+        return Err(corrupt(format!("{count} entries from id {first_id} run past the last id")));
+    }
 
     let f = &data[data.len() - FOOTER_LEN..];
     if &f[28..32] != END_MAGIC {
@@ -211,8 +214,8 @@ pub(crate) fn decode(object: &str, data: &Bytes) -> Result<Fragment> {
     let stored_len = u64_at(f, 0);
     let raw_len = u64_at(f, 8);
     let index_len = count as u64 * 4;
-    let expect = HEADER_LEN as u64 + stored_len + index_len + FOOTER_LEN as u64;
-    if expect != data.len() as u64 || raw_len > MAX_BODY as u64 {
+    let expect = (HEADER_LEN + FOOTER_LEN) as u64 + index_len;
+    if expect.checked_add(stored_len) != Some(data.len() as u64) || raw_len > MAX_BODY as u64 {
         return Err(corrupt(format!(
             "lengths do not add up: {} bytes, body {stored_len}, raw {raw_len}, {count} entries",
             data.len()
@@ -227,6 +230,10 @@ pub(crate) fn decode(object: &str, data: &Bytes) -> Result<Fragment> {
         return Err(corrupt("index checksum mismatch".into()));
     }
     let body = if flags & FLAG_LZ4 != 0 {
+        // LZ4 expands a byte into at most 255: a larger raw length is not allocated.
+        if raw_len > stored_len.saturating_mul(255) {
+            return Err(corrupt(format!("lz4 body of {stored_len} bytes cannot hold {raw_len}")));
+        }
         let raw = lz4_flex::block::decompress(&stored, raw_len as usize)
             .map_err(|e| corrupt(format!("lz4 body: {e}")))?;
         if raw.len() as u64 != raw_len {
@@ -298,6 +305,60 @@ mod tests {
                 assert!(decode("obj", &enc.slice(..cut)).is_err());
             }
         }
+    }
+
+    /// `enc` with footer field `at` (0: stored length, 8: raw length) set to `v`, footer
+    /// checksum made right.
+    fn with_footer_field(enc: &Bytes, at: usize, v: u64) -> Bytes {
+        let mut d = enc.to_vec();
+        let foot = d.len() - FOOTER_LEN;
+        d[foot + at..foot + at + 8].copy_from_slice(&v.to_le_bytes());
+        let crc = crc32c::crc32c(&d[foot..foot + 24]);
+        d[foot + 24..foot + 28].copy_from_slice(&crc.to_le_bytes());
+        Bytes::from(d)
+    }
+
+    /// Found by the fuzzer: a stored length near `u64::MAX` overflowed the length check.
+    #[test]
+    fn a_huge_stored_length_is_corrupt() {
+        let enc = encode(u64::MAX - 1, 7, 5, &[Bytes::from_static(b"one entry")], false);
+        for stored in [u64::MAX, u64::MAX - 0x40, u64::MAX - (HEADER_LEN + FOOTER_LEN) as u64] {
+            let r = decode("obj", &with_footer_field(&enc, 0, stored));
+            assert!(matches!(r, Err(Error::Corrupt { .. })), "{stored}: {r:?}");
+        }
+    }
+
+    /// Found by the fuzzer: a raw length of gigabytes behind an LZ4 body of a few bytes was
+    /// allocated before decompressing.
+    #[test]
+    fn a_raw_length_lz4_cannot_reach_is_corrupt() {
+        let enc = encode(1, 2, 5, &entries(20), true);
+        let r = decode("obj", &with_footer_field(&enc, 8, MAX_BODY as u64));
+        match r {
+            Err(Error::Corrupt { reason, .. }) => {
+                assert!(reason.contains("cannot hold"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Found by the fuzzer: entry ids running past `u64::MAX` overflowed `end_id`.
+    #[test]
+    fn ids_past_the_last_id_are_corrupt() {
+        let mut d = encode(1, 2, 0, &entries(12), false).to_vec();
+        d[32..40].copy_from_slice(&(u64::MAX - 12).to_le_bytes());
+        let crc = crc32c::crc32c(&d[..HEADER_LEN - 4]);
+        d[HEADER_LEN - 4..HEADER_LEN].copy_from_slice(&crc.to_le_bytes());
+        let f = decode("obj", &Bytes::from(d.clone())).unwrap();
+        assert_eq!(f.end_id(), u64::MAX);
+        d[32..40].copy_from_slice(&(u64::MAX - 11).to_le_bytes());
+        let crc = crc32c::crc32c(&d[..HEADER_LEN - 4]);
+        d[HEADER_LEN - 4..HEADER_LEN].copy_from_slice(&crc.to_le_bytes());
+        let r = decode("obj", &Bytes::from(d));
+        assert!(
+            matches!(&r, Err(Error::Corrupt { reason, .. }) if reason.contains("past the last id")),
+            "{r:?}"
+        );
     }
 
     #[test]

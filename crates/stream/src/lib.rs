@@ -43,3 +43,59 @@ pub use options::{
 pub use reader::{Entry, Start, StreamReader};
 pub use streams::{SegmentInfo, StreamInfo, Streams};
 pub use writer::{Ack, StreamWriter};
+
+/// Entry points of the fuzz targets in `fuzz/`, behind the `fuzzing` feature: not an API.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzz {
+    use bytes::Bytes;
+
+    use crate::fragment::{self, FOOTER_LEN, HEADER_LEN};
+
+    /// Decodes `data` as a fragment and reads its entries; then again with its four checksums
+    /// made right, so that the checks behind them are reached too. Never panics.
+    pub fn fragment(data: &[u8]) {
+        read(&Bytes::copy_from_slice(data));
+        if data.len() < HEADER_LEN + FOOTER_LEN {
+            return;
+        }
+        let mut d = data.to_vec();
+        let crc = crc32c::crc32c(&d[..HEADER_LEN - 4]);
+        d[HEADER_LEN - 4..HEADER_LEN].copy_from_slice(&crc.to_le_bytes());
+        let foot = d.len() - FOOTER_LEN;
+        let count = u64::from(u32::from_le_bytes(d[40..44].try_into().expect("4 bytes")));
+        let stored = u64::from_le_bytes(d[foot..foot + 8].try_into().expect("8 bytes"));
+        let (body, index) = (HEADER_LEN as u64, (HEADER_LEN as u64).saturating_add(stored));
+        if index.saturating_add(count * 4) == foot as u64 {
+            let (body, index) = (body as usize, index as usize);
+            let body_crc = crc32c::crc32c(&d[body..index]);
+            let index_crc = crc32c::crc32c(&d[index..foot]);
+            d[foot + 16..foot + 20].copy_from_slice(&body_crc.to_le_bytes());
+            d[foot + 20..foot + 24].copy_from_slice(&index_crc.to_le_bytes());
+        }
+        let crc = crc32c::crc32c(&d[foot..foot + 24]);
+        d[foot + 24..foot + 28].copy_from_slice(&crc.to_le_bytes());
+        read(&Bytes::from(d));
+    }
+
+    fn read(data: &Bytes) {
+        if let Ok(f) = fragment::decode("fuzz", data) {
+            assert!(f.len() <= data.len() as u64, "more entries than bytes");
+            for id in f.first_id..f.first_id.saturating_add(f.len()) {
+                assert!(f.get(id).is_some(), "entry {id} of the fragment is missing");
+            }
+            let _ = f.end_id();
+        }
+    }
+
+    /// The bytes of a fragment as the writer builds it (for seed inputs).
+    pub fn encode_fragment(
+        stream: u64,
+        segment: u64,
+        first_id: u64,
+        entries: &[Bytes],
+        lz4: bool,
+    ) -> Vec<u8> {
+        fragment::encode(stream, segment, first_id, entries, lz4).to_vec()
+    }
+}

@@ -135,7 +135,8 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Frame<'_>, Invalid> {
     Ok(Frame {
         seq: header.seq,
         last: header.flags & FLAG_LAST != 0,
-        synced_below: if v == 0 { 0 } else { (header.seq + 1).saturating_sub(v) },
+        // `seq + 1 - v`, saturating at 0, without overflowing at `seq == u64::MAX`.
+        synced_below: if v == 0 { 0 } else { header.seq.saturating_sub(v - 1) },
         payload: &bytes[HEADER_LEN..end],
     })
 }
@@ -196,6 +197,17 @@ mod tests {
             copy[bit / 8] ^= 1 << (bit % 8);
             assert!(decode(&copy).is_err(), "flip of bit {bit} went unnoticed");
         }
+    }
+
+    /// Found by the fuzzer: a frame numbered `u64::MAX` with a claim overflowed `seq + 1`.
+    #[test]
+    fn a_claim_on_the_last_sequence_number_does_not_overflow() {
+        let mut buf = b",\xa2t:\0\0\0\0\xff\xff\xff\xff\xff\xff\xff\xff\0\0\0,".to_vec();
+        let crc = crc32c::crc32c(&buf[4..]);
+        buf[..4].copy_from_slice(&crc.to_le_bytes());
+        let f = decode(&buf).unwrap();
+        assert_eq!((f.seq, f.last, f.payload), (u64::MAX, false, &b""[..]));
+        assert_eq!(f.synced_below, u64::MAX - (0x2c_0000 - 1));
     }
 
     proptest! {

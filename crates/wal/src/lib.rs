@@ -34,6 +34,45 @@ pub use crate::error::{Error, Result};
 pub use crate::options::{Options, SyncMode, MAX_SEGMENT_CAPACITY, MIN_SEGMENT_CAPACITY};
 pub use crate::wal::{Iter, Wal};
 
+/// Entry points of the fuzz targets in `fuzz/`, behind the `fuzzing` feature: not an API.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzz {
+    use crate::frame;
+
+    /// Decodes `data` as a frame, then again with its checksum made right, so that the checks
+    /// behind the checksum are reached too. Never panics.
+    pub fn frame(data: &[u8]) {
+        check(data);
+        if let Some(h) = frame::Header::parse(data) {
+            let need = h.frame_len();
+            if need <= data.len() as u64 {
+                let mut fixed = data.to_vec();
+                let crc = crc32c::crc32c(&fixed[4..need as usize]);
+                fixed[..4].copy_from_slice(&crc.to_le_bytes());
+                check(&fixed);
+            }
+        }
+    }
+
+    fn check(data: &[u8]) {
+        if let Ok(f) = frame::decode(data) {
+            assert_eq!(
+                frame::frame_len(f.payload.len()),
+                frame::Header::parse(data).map_or(0, |h| h.frame_len())
+            );
+            assert!(f.synced_below <= f.seq, "a claim covers at most the records below the frame");
+        }
+    }
+
+    /// The frame the log writes for one record (for seed inputs).
+    pub fn encode_frame(seq: u64, last: bool, synced_below: u64, payload: &[u8]) -> Vec<u8> {
+        let mut buf = Vec::new();
+        frame::encode(&mut buf, seq, last, synced_below, payload);
+        buf
+    }
+}
+
 /// Bytes a record of `len` bytes takes in a segment: frame header, payload and index entry.
 /// Useful to size `segment_capacity` and `max_size`.
 pub const fn record_overhead() -> u64 {

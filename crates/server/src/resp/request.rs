@@ -5,8 +5,8 @@
 //! frozen buffer, so no argument is copied. Declared sizes are checked against the request limit
 //! as soon as their headers arrive, before the bytes they announce.
 //!
-//! Invariant: `parse` consumes bytes only when it returns a whole request; on `Incomplete` and
-//! `Bad` the buffer is left as it was.
+//! Invariant: `parse` consumes bytes only when it returns a whole request, or blank lines (which
+//! it skips); on `Incomplete` and `Bad` the buffer is otherwise left as it was.
 
 use bytes::{Bytes, BytesMut};
 
@@ -68,7 +68,9 @@ fn array(buf: &[u8], max: usize) -> Result<(usize, Vec<(usize, usize)>), Stop> {
     if n < 0 {
         return Err(Stop::Bad("Protocol error: invalid multibulk length".into()));
     }
-    let mut ranges = Vec::with_capacity(n as usize);
+    // Room for the arguments the buffer can hold (each takes at least `$0\r\n\r\n`), not for
+    // the count a header declares.
+    let mut ranges = Vec::with_capacity((n as usize).min((buf.len() - at) / 6));
     for _ in 0..n {
         match buf.get(at) {
             None => return Err(Stop::Incomplete),
@@ -180,6 +182,17 @@ mod tests {
         assert!(matches!(parse(&mut b, 1024), Parsed::Bad(e) if e.contains("larger than 1024")));
         let mut b = BytesMut::from(&b"*300\r\n"[..]);
         assert!(matches!(parse(&mut b, 1024), Parsed::Bad(e) if e.contains("larger than 1024")));
+    }
+
+    /// Found by the fuzzer: the argument count a header declares was allocated for before any
+    /// argument arrived (`*22220220\r\n` took 355 MB; with a limit near `usize::MAX`, a count
+    /// of 18 digits overflowed the allocation).
+    #[test]
+    fn a_declared_count_is_not_allocated_up_front() {
+        let mut b = BytesMut::from(&b"*22220220\r\n"[..]);
+        assert!(matches!(parse(&mut b, 512 << 20), Parsed::Incomplete));
+        let mut b = BytesMut::from(&b"*999999999999999999\r\n"[..]);
+        assert!(matches!(parse(&mut b, usize::MAX), Parsed::Incomplete));
     }
 
     proptest! {
