@@ -17,20 +17,13 @@ mod resp;
 mod shutdown;
 mod streams;
 
-/// The RESP request parser again, for the fuzz targets: `resp::request` is private to `resp`.
-/// (Once `resp` can make it `pub(crate)`, `fuzz` can use it from there instead.)
-#[cfg(feature = "fuzzing")]
-#[path = "resp/request.rs"]
-#[allow(clippy::duplicate_mod, dead_code)]
-mod fuzz_request;
-
 /// Entry points of the fuzz targets in `fuzz/`, behind the `fuzzing` feature: not an API.
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzz {
     use bytes::BytesMut;
 
-    use crate::fuzz_request::{parse, Parsed};
+    use crate::resp::request::{parse, Parsed};
 
     /// Takes requests off `data` as a connection's input buffer, until one is incomplete or bad,
     /// with a small request limit and with the default one (512 MiB). Never panics.

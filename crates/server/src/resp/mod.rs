@@ -13,7 +13,7 @@ mod connection;
 mod glob;
 mod pipeline;
 mod reply;
-mod request;
+pub(crate) mod request;
 mod session;
 mod table;
 
