@@ -10,14 +10,13 @@
 //! fragment is written and recorded) and with a synced journal (`timber+journal`).
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto::Builder as ConnBuilder;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use timber_s3_server::S3Server;
 use timber_stream::{Journal, Options, S3Options, Start, Storage, StreamConfig, Streams};
 
 use crate::report::{print_table, write_json, Common, Row, Sample};
@@ -49,47 +48,18 @@ impl Backend {
     }
 }
 
-/// The S3 server of the run: its address and root directory.
-struct Server {
-    addr: std::net::SocketAddr,
-    root: PathBuf,
-}
-
-async fn start_s3(root: &Path) -> anyhow::Result<Server> {
-    std::fs::create_dir_all(root)?;
-    let fs = s3s_fs::FileSystem::new(root).map_err(|e| anyhow::anyhow!("s3s-fs: {e:?}"))?;
-    let mut b = s3s::service::S3ServiceBuilder::new(fs);
-    b.set_auth(s3s::auth::SimpleAuth::from_single(KEY, SECRET));
-    let service = b.build();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(async move {
-        let http = ConnBuilder::new(TokioExecutor::new());
-        loop {
-            let Ok((socket, _)) = listener.accept().await else { continue };
-            let _ = socket.set_nodelay(true);
-            let conn = http.serve_connection(TokioIo::new(socket), service.clone()).into_owned();
-            tokio::spawn(async move {
-                let _ = conn.await;
-            });
-        }
-    });
-    Ok(Server { addr, root: root.to_path_buf() })
-}
-
-impl Server {
-    fn bucket(&self, name: &str) -> anyhow::Result<S3Options> {
-        std::fs::create_dir_all(self.root.join(name))?;
-        Ok(S3Options {
-            endpoint: Some(format!("http://{}", self.addr)),
-            bucket: name.into(),
-            region: "us-east-1".into(),
-            access_key_id: KEY.into(),
-            secret_access_key: SECRET.into(),
-            allow_http: true,
-            path_style: true,
-        })
-    }
+/// The S3 options of a bucket of the run's server.
+fn bucket(server: &S3Server, name: &str) -> anyhow::Result<S3Options> {
+    server.create_bucket(name)?;
+    Ok(S3Options {
+        endpoint: Some(server.endpoint()),
+        bucket: name.into(),
+        region: "us-east-1".into(),
+        access_key_id: KEY.into(),
+        secret_access_key: SECRET.into(),
+        allow_http: true,
+        path_style: true,
+    })
 }
 
 /// A fresh stream store on a backend, with or without a journal.
@@ -100,12 +70,12 @@ struct Place {
 }
 
 impl Place {
-    fn new(args: &Args, backend: Backend, server: &Server, n: &mut u32) -> anyhow::Result<Place> {
+    fn new(args: &Args, backend: Backend, server: &S3Server, n: &mut u32) -> anyhow::Result<Place> {
         *n += 1;
         let dir = tempfile::tempdir_in(&args.common.dir)?;
         let s3 = match backend {
             Backend::Local => None,
-            Backend::S3 => Some(server.bucket(&format!("b{}-{n}", std::process::id()))?),
+            Backend::S3 => Some(bucket(server, &format!("b{}-{n}", std::process::id()))?),
         };
         Ok(Place { dir, s3, journal: Journal::Off })
     }
@@ -350,7 +320,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
 async fn run_async(args: Args) -> anyhow::Result<()> {
     let s3_root = tempfile::tempdir_in(&args.common.dir)?;
-    let server = start_s3(s3_root.path()).await?;
+    let server =
+        S3Server::start_at(s3_root.path(), ([127, 0, 0, 1], 0).into(), KEY, SECRET).await?;
     let mut places = 0;
     let total = args.mb << 20;
     let mut rows: Vec<Row> = Vec::new();

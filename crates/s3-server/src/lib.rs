@@ -3,7 +3,8 @@
 //! on the same address, to test a store that goes away and comes back.
 //!
 //! Buckets are directories under the root; the server checks every request's signature against
-//! one access key and secret.
+//! one access key and secret, and, as S3 does, answers `NoSuchBucket` for a bucket that does
+//! not exist (s3s-fs alone would create it on the first put).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -62,6 +63,7 @@ impl S3Server {
             .map_err(|e| std::io::Error::other(format!("{e:?}")))?;
         let mut b = s3s::service::S3ServiceBuilder::new(fs);
         b.set_auth(s3s::auth::SimpleAuth::from_single(self.keys.0.as_str(), self.keys.1.as_str()));
+        b.set_access(Access { root: self.root.clone() });
         let service = b.build();
         let listener = tokio::net::TcpListener::bind(self.addr).await?;
         self.addr = listener.local_addr()?;
@@ -114,6 +116,11 @@ impl S3Server {
         std::fs::create_dir_all(self.root.join(name))
     }
 
+    /// The directory holding `bucket`'s objects (one file per object, named by its key).
+    pub fn bucket_dir(&self, bucket: &str) -> PathBuf {
+        self.root.join(bucket)
+    }
+
     /// The keys of the objects under `bucket`, sorted (the backend's own metadata excluded).
     pub fn objects(&self, bucket: &str) -> Vec<String> {
         let root = self.root.join(bucket);
@@ -135,6 +142,30 @@ impl S3Server {
         }
         out.sort();
         out
+    }
+}
+
+/// Who may do what: signed requests only, to buckets that exist.
+struct Access {
+    root: PathBuf,
+}
+
+#[async_trait::async_trait]
+impl s3s::access::S3Access for Access {
+    async fn check(&self, cx: &mut s3s::access::S3AccessContext<'_>) -> s3s::S3Result<()> {
+        if cx.credentials().is_none() {
+            return Err(s3s::s3_error!(AccessDenied, "Signature required"));
+        }
+        let bucket = match cx.s3_path() {
+            s3s::path::S3Path::Bucket { bucket } | s3s::path::S3Path::Object { bucket, .. } => {
+                bucket
+            }
+            s3s::path::S3Path::Root => return Ok(()),
+        };
+        if cx.s3_op().name() != "CreateBucket" && !self.root.join(&**bucket).is_dir() {
+            return Err(s3s::s3_error!(NoSuchBucket));
+        }
+        Ok(())
     }
 }
 

@@ -65,6 +65,38 @@ pub enum Error {
         source: object_store::Error,
     },
 
+    /// The object store has failed for longer than the outage limit, or more journaled bytes
+    /// wait for it than the backlog limit allows (`Options::outage_limits`): the append was
+    /// refused. Everything acknowledged before is durable in the journal and is uploaded when
+    /// the store is back; retry later.
+    #[error(
+        "object store {store} unavailable for {}s ({backlog_bytes} bytes waiting in the journal): {reason}",
+        since.as_secs()
+    )]
+    StoreUnavailable {
+        /// The store (backend, bucket and prefix; never a credential).
+        store: String,
+        /// How long it has been failing.
+        since: std::time::Duration,
+        /// Bytes journaled and not yet in the store.
+        backlog_bytes: u64,
+        /// The last error.
+        reason: String,
+    },
+
+    /// The object store cannot be used at all: checked when the stream store opens, with a
+    /// create-only probe object that is then removed.
+    #[error("object store {store}: {problem}")]
+    StoreUnusable {
+        /// The store (backend, endpoint, bucket and prefix; never a credential).
+        store: String,
+        /// What failed, in words (unreachable endpoint, missing bucket, refused credentials).
+        problem: String,
+        /// The object store's error.
+        #[source]
+        source: object_store::Error,
+    },
+
     /// The journal failed.
     #[error("journal: {0}")]
     Journal(#[source] timber_wal::Error),

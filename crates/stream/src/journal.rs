@@ -251,6 +251,8 @@ pub(crate) struct Tail {
     /// Id of `entries[0]`.
     first: u64,
     entries: VecDeque<Bytes>,
+    /// The bytes of `entries`: journaled and not yet in a recorded fragment.
+    bytes: u64,
     /// The journal records still needed, in journal order: what makes the record unneeded and
     /// its sequence number.
     records: VecDeque<(Needed, u64)>,
@@ -265,6 +267,7 @@ impl Tail {
             truncate: 0,
             first,
             entries: VecDeque::new(),
+            bytes: 0,
             records: VecDeque::new(),
         }
     }
@@ -287,6 +290,7 @@ impl Tail {
 
     /// Adds journaled entries at the end.
     pub(crate) fn push(&mut self, entries: Vec<Bytes>, seq: u64) {
+        self.bytes += entries.iter().map(|e| e.len() as u64).sum::<u64>();
         self.entries.extend(entries);
         self.records.push_back((Needed::Recorded(self.end()), seq));
     }
@@ -315,6 +319,11 @@ impl Tail {
         run.take(n).cloned().collect()
     }
 
+    /// The bytes of the entries it holds (journaled, not yet in a recorded fragment).
+    pub(crate) fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
     /// Whether the tail holds entry `id`.
     pub(crate) fn holds(&self, id: u64) -> bool {
         id >= self.first && id < self.end()
@@ -324,8 +333,9 @@ impl Tail {
     /// to `recorded`, and the truncation point `first` recorded. A truncation journaled after
     /// the caller read [`Tail::truncate`] stays.
     pub(crate) fn release(&mut self, recorded: u64, first: u64) {
-        while self.first < recorded && !self.entries.is_empty() {
-            self.entries.pop_front();
+        while self.first < recorded {
+            let Some(e) = self.entries.pop_front() else { break };
+            self.bytes -= e.len() as u64;
             self.first += 1;
         }
         if self.entries.is_empty() {
@@ -387,6 +397,7 @@ mod tests {
         t.push_truncate(7, 101);
         t.push(vec![Bytes::from_static(b"yy"); 2], 102);
         assert_eq!(t.end(), 10);
+        assert_eq!(t.bytes(), 7);
         assert!(t.holds(5) && t.holds(9) && !t.holds(10) && !t.holds(4));
         assert_eq!(t.range(6, 10, 2, usize::MAX).len(), 2);
         assert_eq!(t.range(6, 10, 10, 2).len(), 2);
@@ -398,6 +409,6 @@ mod tests {
         t.release(8, 7);
         assert_eq!((t.first, t.truncate, t.oldest_record()), (8, 0, Some(102)));
         t.release(10, 7);
-        assert_eq!((t.end(), t.oldest_record()), (10, None));
+        assert_eq!((t.end(), t.oldest_record(), t.bytes()), (10, None, 0));
     }
 }

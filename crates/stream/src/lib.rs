@@ -41,7 +41,7 @@ pub use options::{
     BlockingSync, Options, S3Options, Storage, StreamConfig, SyncRunner, WriterOptions,
 };
 pub use reader::{Entry, Start, StreamReader};
-pub use streams::{SegmentInfo, StreamInfo, Streams};
+pub use streams::{SegmentInfo, StoreStatus, StreamInfo, Streams};
 pub use writer::{Ack, StreamWriter};
 
 /// Entry points of the fuzz targets in `fuzz/`, behind the `fuzzing` feature: not an API.

@@ -218,6 +218,8 @@ pub struct Options {
     pub(crate) merge_target: u64,
     pub(crate) journal: crate::Journal,
     pub(crate) sync_runner: std::sync::Arc<dyn SyncRunner>,
+    pub(crate) outage_limit: Duration,
+    pub(crate) backlog_limit: u64,
 }
 
 impl std::fmt::Debug for Options {
@@ -234,6 +236,8 @@ impl std::fmt::Debug for Options {
             .field("merge_below", &self.merge_below)
             .field("merge_target", &self.merge_target)
             .field("journal", &self.journal)
+            .field("outage_limit", &self.outage_limit)
+            .field("backlog_limit", &self.backlog_limit)
             .finish_non_exhaustive()
     }
 }
@@ -253,11 +257,28 @@ impl Default for Options {
             merge_target: 8 << 20,
             journal: crate::Journal::Off,
             sync_runner: std::sync::Arc::new(BlockingPool),
+            outage_limit: Duration::from_secs(30),
+            backlog_limit: 1 << 30,
         }
     }
 }
 
 impl Options {
+    /// With a journal, how long the object store may fail before appends are refused, and how
+    /// many journaled bytes may wait for it before they are (defaults: 30 s, 1 GiB).
+    ///
+    /// With a journal an append is acknowledged once journaled, so a store that cannot be
+    /// reached does not stop appends at once: their fragments are uploaded when it is back,
+    /// retried with backoff meanwhile. Past either limit, `send` fails with
+    /// [`Error::StoreUnavailable`](crate::Error::StoreUnavailable) (retryable; the writer stays
+    /// usable) until an upload succeeds again. Without a journal appends wait for their
+    /// fragments, and fail once the store's retries (`retries`, `request_timeout`) run out.
+    pub fn outage_limits(mut self, outage: Duration, backlog_bytes: u64) -> Self {
+        self.outage_limit = outage;
+        self.backlog_limit = backlog_bytes;
+        self
+    }
+
     /// Where fragments live (default: local files).
     pub fn storage(mut self, storage: Storage) -> Self {
         self.storage = storage;

@@ -62,6 +62,37 @@ impl Shared {
             .map_err(|e| Error::InvalidParam(format!("metadata task failed: {e}")))?
     }
 
+    /// Bytes journaled and not yet in a recorded fragment, over every stream.
+    pub(crate) fn backlog_bytes(&self) -> u64 {
+        let tails: Vec<_> = self.journaled.lock().values().cloned().collect();
+        tails.iter().map(|t| t.lock().bytes()).sum()
+    }
+
+    /// Whether a journaled append may be accepted: not while the store has been failing for
+    /// longer than the outage limit, or more than the backlog limit waits for it.
+    pub(crate) fn check_available(&self) -> Result<()> {
+        match self.unavailable() {
+            Some(Error::StoreUnavailable { since, backlog_bytes, .. })
+                if since < self.opts.outage_limit && backlog_bytes < self.opts.backlog_limit =>
+            {
+                Ok(())
+            }
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// [`Error::StoreUnavailable`] if the store is failing now.
+    pub(crate) fn unavailable(&self) -> Option<Error> {
+        let (since, reason) = self.store.health().failing()?;
+        Some(Error::StoreUnavailable {
+            store: self.store.describe().to_string(),
+            since: since.elapsed(),
+            backlog_bytes: self.backlog_bytes(),
+            reason,
+        })
+    }
+
     /// The watch channel of a stream; `None` once it was deleted.
     pub(crate) fn watch(&self, stream: u64) -> Option<watch::Receiver<Bounds>> {
         self.tails.lock().get(&stream).map(|tx| tx.subscribe())

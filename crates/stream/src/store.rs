@@ -38,6 +38,55 @@ pub(crate) struct Store {
     retries: u32,
     backoff: Duration,
     timeout: Duration,
+    /// What the store is, for messages: backend, endpoint, bucket, prefix (never a secret).
+    describe: Arc<str>,
+    /// Not the local file system: checked at open, and subject to outages.
+    remote: bool,
+    health: Arc<Health>,
+}
+
+/// Whether the store answers: since when it has been failing, and the last error. Set by the
+/// uploads that retry until the store is back (`put_until_stored`); any success clears it.
+#[derive(Debug, Default)]
+pub(crate) struct Health {
+    failing: parking_lot::Mutex<Option<(Instant, String)>>,
+    /// `failing` is set (read on every journaled append without the lock).
+    down: std::sync::atomic::AtomicBool,
+}
+
+impl Health {
+    fn failed(&self, e: &Error) {
+        self.down.store(true, std::sync::atomic::Ordering::Release);
+        let mut f = self.failing.lock();
+        match &mut *f {
+            Some((_, last)) => *last = e.to_string(),
+            None => {
+                tracing::warn!(error = %e, "object store unavailable; acknowledged entries wait in the journal");
+                *f = Some((Instant::now(), e.to_string()));
+            }
+        }
+    }
+
+    fn succeeded(&self) {
+        if !self.is_down() {
+            return;
+        }
+        self.down.store(false, std::sync::atomic::Ordering::Release);
+        if self.failing.lock().take().is_some() {
+            tracing::info!("object store available again");
+        }
+    }
+
+    /// Whether the store is failing now (one atomic load).
+    #[inline]
+    pub(crate) fn is_down(&self) -> bool {
+        self.down.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Since when, and with what last error, the store has been failing.
+    pub(crate) fn failing(&self) -> Option<(Instant, String)> {
+        self.failing.lock().clone()
+    }
 }
 
 /// Where one fragment lives.
@@ -89,7 +138,7 @@ impl Store {
                 Arc::new(fs)
             }
             Storage::S3(s3) => {
-                let mut b = object_store::aws::AmazonS3Builder::new()
+                let b = object_store::aws::AmazonS3Builder::new()
                     .with_bucket_name(&s3.bucket)
                     .with_region(&s3.region)
                     .with_access_key_id(&s3.access_key_id)
@@ -102,9 +151,10 @@ impl Store {
                         retry_timeout: opts.request_timeout,
                         ..Default::default()
                     });
-                if let Some(ep) = &s3.endpoint {
-                    b = b.with_endpoint(ep);
-                }
+                let b = match &s3.endpoint {
+                    Some(ep) => b.with_endpoint(ep),
+                    None => b,
+                };
                 Arc::new(b.build().map_err(|e| Error::Store {
                     op: "configure S3",
                     key: s3.bucket.clone(),
@@ -113,13 +163,98 @@ impl Store {
             }
             Storage::Custom(s) => s.clone(),
         };
+        let prefix = opts.prefix.trim_matches('/').to_string();
+        let describe = match &opts.storage {
+            Storage::Local => format!("{}/{prefix}", dir.join("objects").display()),
+            Storage::S3(s3) => format!(
+                "s3://{}/{prefix} at {}",
+                s3.bucket,
+                s3.endpoint.as_deref().unwrap_or("AWS")
+            ),
+            Storage::Custom(s) => format!("{s}/{prefix}"),
+        };
         Ok(Store {
             inner,
-            prefix: opts.prefix.trim_matches('/').to_string(),
+            prefix,
             retries: opts.max_retries,
             backoff: opts.retry_backoff,
             timeout: opts.request_timeout,
+            describe: describe.into(),
+            remote: !matches!(opts.storage, Storage::Local),
+            health: Arc::default(),
         })
+    }
+
+    /// What the store is: backend, endpoint, bucket and prefix (never a credential).
+    pub(crate) fn describe(&self) -> &str {
+        &self.describe
+    }
+
+    /// Whether the store is not the local file system.
+    pub(crate) fn is_remote(&self) -> bool {
+        self.remote
+    }
+
+    pub(crate) fn health(&self) -> &Health {
+        &self.health
+    }
+
+    /// Checks that the store can be written: a create-only put of a probe object under the
+    /// prefix, then its removal. A failure names what failed (the endpoint cannot be reached,
+    /// the bucket does not exist, the credentials are refused) without any secret.
+    pub(crate) async fn probe(&self) -> Result<()> {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let p = Path::from(format!("{}/.probe-{}-{nanos:x}", self.prefix, std::process::id()));
+        let unusable = |source: object_store::Error| {
+            let problem = problem(&source);
+            Error::StoreUnusable { store: self.describe.to_string(), problem, source }
+        };
+        let create = PutOptions { mode: PutMode::Create, ..Default::default() };
+        match tokio::time::timeout(
+            self.timeout,
+            self.inner.put_opts(&p, PutPayload::from_static(b"timber"), create),
+        )
+        .await
+        {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(unusable(e)),
+            Err(_) => {
+                return Err(unusable(object_store::Error::Generic {
+                    store: "timber",
+                    source: format!("no answer within {:?}", self.timeout).into(),
+                }))
+            }
+        }
+        self.inner.delete(&p).await.map_err(unusable)
+    }
+
+    /// [`Store::put`] that goes on retrying (with backoff, up to 5 s apart) while the store
+    /// fails in a way that may pass (unreachable, timing out, server errors), recording the
+    /// outage in [`Health`]; `stop` ends it early with the last error.
+    pub(crate) async fn put_until_stored(
+        &self,
+        p: &Path,
+        data: Bytes,
+        stop: &std::sync::atomic::AtomicBool,
+    ) -> Result<Put> {
+        let mut backoff = self.backoff.max(Duration::from_millis(50));
+        loop {
+            match self.put(p, data.clone()).await {
+                Err(e) if transient(&e) && !stop.load(std::sync::atomic::Ordering::Acquire) => {
+                    self.health.failed(&e);
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+                r => {
+                    if r.is_ok() {
+                        self.health.succeeded();
+                    }
+                    return r;
+                }
+            }
+        }
     }
 
     pub(crate) fn path(&self, o: &ObjectId) -> Path {
@@ -245,6 +380,50 @@ fn remove_staging_files(root: &FsPath) {
                 }
             }
         }
+    }
+}
+
+/// Whether a failed store call may succeed later without anyone changing anything (an outage,
+/// not a refusal).
+pub(crate) fn transient(e: &Error) -> bool {
+    match e {
+        Error::Store { source, .. } => retryable(source),
+        _ => false,
+    }
+}
+
+/// What a failed probe means, in words.
+fn problem(e: &object_store::Error) -> String {
+    use object_store::Error as E;
+    let text = e.to_string();
+    // The words that tell the cases apart are often deep in the source chain (the HTTP
+    // client's connect error, the server's error code).
+    let mut all = text.to_ascii_lowercase();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        all.push(' ');
+        all.push_str(&s.to_string().to_ascii_lowercase());
+        source = s.source();
+    }
+    if matches!(e, E::Unauthenticated { .. } | E::PermissionDenied { .. })
+        || ["403", "forbidden", "accessdenied", "signaturedoesnotmatch", "invalidaccesskeyid"]
+            .iter()
+            .any(|w| all.contains(w))
+    {
+        format!("the credentials were refused (check the access key id and secret): {text}")
+    } else if ["nosuchbucket", "bucket does not exist", "no such bucket"]
+        .iter()
+        .any(|w| all.contains(w))
+        || matches!(e, E::NotFound { .. })
+    {
+        format!("the bucket does not exist: {text}")
+    } else if ["connect", "dns", "resolve", "no answer", "timed out", "connection refused"]
+        .iter()
+        .any(|w| all.contains(w))
+    {
+        format!("the endpoint cannot be reached: {text}")
+    } else {
+        format!("a test write failed: {text}")
     }
 }
 

@@ -81,6 +81,21 @@ fn info(s: &StreamMeta) -> StreamInfo {
     }
 }
 
+/// Where a store's fragments live, and whether that store is answering.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreStatus {
+    /// `local`, `s3` or `custom`.
+    pub backend: &'static str,
+    /// The store: path, or endpoint, bucket and prefix (never a credential).
+    pub store: String,
+    /// How long uploads have been failing (`None`: the store answers).
+    pub unavailable_for: Option<std::time::Duration>,
+    /// The last error while it fails.
+    pub last_error: Option<String>,
+    /// Bytes acknowledged from the journal and not yet in the store.
+    pub journal_backlog_bytes: u64,
+}
+
 /// A store of named, append-only log streams.
 #[derive(Debug, Clone)]
 pub struct Streams {
@@ -99,6 +114,11 @@ impl Streams {
             .await
             .map_err(|e| Error::InvalidParam(format!("metadata task failed: {e}")))??;
         let store = Store::open(&dir, &opts)?;
+        if store.is_remote() {
+            // A wrong endpoint, bucket or credential fails here, in words, rather than at the
+            // first upload.
+            store.probe().await?;
+        }
         // A journal left by a store opened with one is replayed even if this one has none.
         let journal_dir = dir.join("journal");
         let mode = match opts.journal {
@@ -141,6 +161,28 @@ impl Streams {
             tokio::spawn(maintain_every(Arc::downgrade(&streams.shared), every));
         }
         Ok(streams)
+    }
+
+    /// Where fragments live, whether that store answers, and what waits for it.
+    pub fn store_status(&self) -> StoreStatus {
+        let sh = &self.shared;
+        let failing = sh.store.health().failing();
+        let backend = match sh.opts.storage {
+            crate::options::Storage::Local => "local",
+            crate::options::Storage::S3(_) => "s3",
+            crate::options::Storage::Custom(_) => "custom",
+        };
+        let backlog = sh.backlog_bytes();
+        metrics::gauge!("timber_stream_journal_backlog_bytes").set(backlog as f64);
+        metrics::gauge!("timber_stream_store_unavailable_seconds")
+            .set(failing.as_ref().map_or(0.0, |(t, _)| t.elapsed().as_secs_f64()));
+        StoreStatus {
+            backend,
+            store: sh.store.describe().to_string(),
+            unavailable_for: failing.as_ref().map(|(t, _)| t.elapsed()),
+            last_error: failing.map(|(_, e)| e),
+            journal_backlog_bytes: backlog,
+        }
     }
 
     /// Creates a stream.

@@ -273,7 +273,7 @@ fn orphaned_fragments_are_collected() {
                 std::fs::write(path, b"junk").unwrap();
             }
             Backend::S3 => {
-                let root = common::shared_s3().root.join(p.bucket.as_ref().unwrap());
+                let root = common::shared_s3().bucket_dir(p.bucket.as_ref().unwrap());
                 std::fs::write(root.join(&orphan), b"junk").unwrap();
             }
         }

@@ -68,6 +68,8 @@ pub(super) struct JournalSide {
 
 pub(super) struct Flusher {
     pub(super) shared: Arc<Shared>,
+    /// Set when the writer fails: uploads retrying through an outage give up.
+    pub(super) abandon: Arc<std::sync::atomic::AtomicBool>,
     pub(super) ws: Arc<WriterShared>,
     pub(super) name: Arc<str>,
     pub(super) stream: u64,
@@ -154,9 +156,18 @@ impl Flusher {
         let store = self.shared.store.clone();
         let path = store.path(&object_id(self.stream, &meta));
         let started = Instant::now();
+        // With a journal the entries are acknowledged already: an upload waits out an outage
+        // of the store (the journal keeps them meanwhile). Without, its acks wait on it, and
+        // it fails once the store's own retries run out.
+        let through_outage = self.journal.is_some().then(|| self.abandon.clone());
         let put = tokio::spawn({
             let data = data.clone();
-            async move { store.put(&path, data).await }
+            async move {
+                match through_outage {
+                    Some(stop) => store.put_until_stored(&path, data, &stop).await,
+                    None => store.put(&path, data).await,
+                }
+            }
         });
         self.inflight.push_back(Box::pin(async move {
             let result = match put.await {
@@ -287,6 +298,7 @@ impl Flusher {
     /// was journaled (acknowledged): the next writer, or the next open, records it.
     pub(super) fn fail(&mut self, err: Arc<Error>) {
         tracing::warn!(stream = %self.name, epoch = self.epoch, error = %err, "stream writer failed");
+        self.abandon.store(true, std::sync::atomic::Ordering::Release);
         self.inflight = FuturesOrdered::new();
         self.done.clear();
         let mut slots: Vec<Pending> = self.sealed.drain(..).filter_map(|s| s.pending).collect();

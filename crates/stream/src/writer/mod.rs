@@ -64,6 +64,8 @@ pub struct StreamWriter {
     epoch: u64,
     shared: Arc<WriterShared>,
     opts: WriterOptions,
+    /// The store's state: with a journal, sends are refused during a long outage.
+    streams: Arc<Shared>,
 }
 
 impl std::fmt::Debug for StreamWriter {
@@ -120,7 +122,8 @@ impl StreamWriter {
             room: Notify::new(),
         });
         let flusher = Flusher {
-            shared,
+            shared: shared.clone(),
+            abandon: Arc::default(),
             ws: ws.clone(),
             name: name.clone(),
             stream: s.id,
@@ -140,7 +143,7 @@ impl StreamWriter {
             append_seconds: metrics::histogram!("timber_stream_append_seconds"),
         };
         tokio::spawn(flusher.run());
-        StreamWriter { name, epoch: s.epoch, shared: ws, opts }
+        StreamWriter { name, epoch: s.epoch, shared: ws, opts, streams: shared }
     }
 
     /// The stream's name.
@@ -155,7 +158,8 @@ impl StreamWriter {
 
     /// Buffers an entry, waiting while `max_buffered_bytes` are already waiting to become
     /// durable. The returned [`Ack`] resolves to the entry's id once it is durable; acks resolve
-    /// in id order.
+    /// in id order. With a journal, fails with [`Error::StoreUnavailable`] (and buffers
+    /// nothing) while the object store is out past `Options::outage_limits`.
     pub async fn send(&self, data: impl Into<Bytes>) -> Result<Ack> {
         let data = data.into();
         if data.len() > self.opts.max_entry_bytes {
@@ -164,6 +168,9 @@ impl StreamWriter {
                 data.len(),
                 self.opts.max_entry_bytes
             )));
+        }
+        if self.shared.journal && self.streams.store.health().is_down() {
+            self.streams.check_available()?;
         }
         loop {
             let room = {

@@ -13,6 +13,27 @@ use crate::error::Error;
 use super::flusher::Flusher;
 
 impl Flusher {
+    /// Closing while the object store is out, with everything journaled and acknowledged: what
+    /// is left to upload stays in the stream's tail (durable in the journal, where the next
+    /// writer or the next open finds it) instead of the close waiting for the store. The
+    /// writer ends failed with [`Error::StoreUnavailable`].
+    fn leave_uploads_if_closing_in_outage(&mut self) {
+        if !self.shared.store.health().is_down() {
+            return;
+        }
+        let leave = {
+            let st = self.ws.state.lock();
+            st.closing
+                && st.failed.is_none()
+                && st.buf.is_empty()
+                && st.ready.is_empty()
+                && self.journal.as_ref().is_some_and(|j| j.waiting.is_empty())
+        };
+        if let (true, Some(e)) = (leave, self.shared.unavailable()) {
+            self.fail(Arc::new(e));
+        }
+    }
+
     pub(super) async fn run(mut self) {
         // One timer for the whole life of the flusher, re-armed when the deadline changes.
         let far = || tokio::time::Instant::now() + std::time::Duration::from_secs(86_400);
@@ -30,8 +51,9 @@ impl Flusher {
                 // `the_sends_of_ready_tasks_share_one_journal_record` checks that they do share.
                 tokio::task::yield_now().await;
                 self.journal_and_cut();
+                self.leave_uploads_if_closing_in_outage();
             }
-            let (deadline, finished) = {
+            let (deadline, finished, closing) = {
                 let mut st = ws.state.lock();
                 if st.failed.is_none() && self.journal.is_none() {
                     while let Some(b) = self.next_batch(&mut st) {
@@ -50,7 +72,8 @@ impl Flusher {
                     idle &= j.waiting.is_empty() && self.next_first >= j.next;
                     deadline = j.uncut_since.filter(|_| room && st.failed.is_none());
                 }
-                (deadline, st.closing && (idle || st.failed.is_some()) && self.commit.is_none())
+                let finished = st.closing && (idle || st.failed.is_some()) && self.commit.is_none();
+                (deadline, finished, st.closing)
             };
             if finished {
                 break;
@@ -88,6 +111,10 @@ impl Flusher {
                     }
                 }
                 () = work => {}
+                // While closing with uploads waiting out an outage: look again, to leave them
+                // to the journal (`leave_uploads_if_closing_in_outage`).
+                () = tokio::time::sleep(std::time::Duration::from_millis(100)),
+                    if closing && self.journal.is_some() && !self.inflight.is_empty() => {}
                 () = &mut timer, if deadline.is_some() => {
                     armed = None;
                     timer.as_mut().reset(far());

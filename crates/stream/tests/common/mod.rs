@@ -1,71 +1,25 @@
-//! Test support: a real S3 server (s3s + s3s-fs) on 127.0.0.1, and the two backends every suite
-//! runs against.
+//! Test support: a real S3 server (timber-s3-server: s3s + s3s-fs on 127.0.0.1), and the two
+//! backends every suite runs against.
 #![allow(dead_code)]
 
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto::Builder as ConnBuilder;
+pub use timber_s3_server::{S3Server, ACCESS_KEY, SECRET_KEY};
 use timber_stream::{Options, S3Options, Storage, WriterOptions};
 
-pub const ACCESS_KEY: &str = "timber-test";
-pub const SECRET_KEY: &str = "timber-test-secret";
-
-/// A real S3 server over HTTP on 127.0.0.1, backed by a temporary directory.
-#[derive(Debug)]
-pub struct S3Server {
-    pub addr: SocketAddr,
-    pub root: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl S3Server {
-    /// Starts a server on `rt` with one bucket per name in `buckets`.
-    pub fn start(rt: &tokio::runtime::Runtime) -> S3Server {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().to_path_buf();
-        let fs = s3s_fs::FileSystem::new(&root).unwrap();
-        let mut b = s3s::service::S3ServiceBuilder::new(fs);
-        b.set_auth(s3s::auth::SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
-        let service = b.build();
-        let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
-        let addr = listener.local_addr().unwrap();
-        rt.spawn(async move {
-            let http = ConnBuilder::new(TokioExecutor::new());
-            loop {
-                let Ok((socket, _)) = listener.accept().await else { continue };
-                // Without it, small responses wait for the peer's delayed ACK (40 ms).
-                let _ = socket.set_nodelay(true);
-                let conn =
-                    http.serve_connection(TokioIo::new(socket), service.clone()).into_owned();
-                tokio::spawn(async move {
-                    let _ = conn.await;
-                });
-            }
-        });
-        S3Server { addr, root, _dir: dir }
-    }
-
-    /// A new, empty bucket.
-    pub fn bucket(&self, name: &str) -> S3Options {
-        std::fs::create_dir_all(self.root.join(name)).unwrap();
-        S3Options {
-            endpoint: Some(format!("http://{}", self.addr)),
-            bucket: name.to_string(),
-            region: "us-east-1".into(),
-            access_key_id: ACCESS_KEY.into(),
-            secret_access_key: SECRET_KEY.into(),
-            allow_http: true,
-            path_style: true,
-        }
-    }
-
-    /// Files the server stores for objects under `bucket` (its own metadata files excluded).
-    pub fn objects(&self, bucket: &str) -> Vec<String> {
-        files_under(&self.root.join(bucket))
+/// Options for a bucket of `server` (created if missing).
+pub fn bucket(server: &S3Server, name: &str) -> S3Options {
+    server.create_bucket(name).unwrap();
+    S3Options {
+        endpoint: Some(server.endpoint()),
+        bucket: name.to_string(),
+        region: "us-east-1".into(),
+        access_key_id: ACCESS_KEY.into(),
+        secret_access_key: SECRET_KEY.into(),
+        allow_http: true,
+        path_style: true,
     }
 }
 
@@ -79,7 +33,7 @@ pub fn shared_s3() -> &'static S3Server {
                 .enable_all()
                 .build()
                 .unwrap();
-            let s = S3Server::start(&rt);
+            let s = rt.block_on(S3Server::start()).unwrap();
             (rt, s)
         })
         .1
@@ -114,7 +68,7 @@ impl Place {
             Backend::S3 => {
                 let n = BUCKETS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let name = format!("b{}-{n}", std::process::id());
-                let o = shared_s3().bucket(&name);
+                let o = bucket(shared_s3(), &name);
                 (Some(name), Some(o))
             }
         };
