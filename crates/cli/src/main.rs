@@ -308,6 +308,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     json!({
                         "version": s.version, "uptime_ms": s.uptime.as_millis() as u64, "keys": s.keys,
                         "streams": s.streams, "data_dir": s.data_dir, "sync": s.sync,
+                        "stream_store": s.stream_store,
+                        "store_unavailable_ms": s.store_unavailable.map(|d| d.as_millis() as u64),
+                        "store_last_error": s.store_last_error,
+                        "journal_backlog_bytes": s.journal_backlog_bytes,
                     })
                 )?;
             } else {
@@ -316,6 +320,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 writeln!(out, "sync      {}", s.sync)?;
                 writeln!(out, "keys      {}", s.keys)?;
                 writeln!(out, "streams   {}", s.streams)?;
+                writeln!(out, "store     {}", s.stream_store)?;
+                match (&s.store_unavailable, &s.store_last_error) {
+                    (Some(d), e) => writeln!(
+                        out,
+                        "          unavailable for {}s: {}",
+                        d.as_secs(),
+                        e.as_deref().unwrap_or("")
+                    )?,
+                    (None, _) => writeln!(out, "          available")?,
+                }
+                writeln!(out, "backlog   {} bytes in the journal", s.journal_backlog_bytes)?;
             }
         }
         Cmd::Bench(args) => {

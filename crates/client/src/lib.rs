@@ -89,6 +89,14 @@ pub struct Status {
     pub data_dir: String,
     /// The durability mode, e.g. `interval:1000` or `always`.
     pub sync: String,
+    /// Where stream fragments are kept: `local`, or `s3://<bucket>/<prefix> at <endpoint>`.
+    pub stream_store: String,
+    /// How long the object store has been failing (`None`: it answers).
+    pub store_unavailable: Option<Duration>,
+    /// The object store's last error while it fails.
+    pub store_last_error: Option<String>,
+    /// Bytes of acknowledged entries waiting in the journal for the object store.
+    pub journal_backlog_bytes: u64,
 }
 
 /// A stream's figures.
@@ -211,6 +219,11 @@ mod pb_impl {
                 streams: s.streams,
                 data_dir: s.data_dir,
                 sync: s.sync,
+                stream_store: s.stream_store,
+                store_unavailable: (s.store_unavailable_ms > 0)
+                    .then(|| Duration::from_millis(s.store_unavailable_ms)),
+                store_last_error: (!s.store_last_error.is_empty()).then_some(s.store_last_error),
+                journal_backlog_bytes: s.journal_backlog_bytes,
             }
         }
     }
@@ -707,7 +720,13 @@ mod tests {
             streams: 1,
             data_dir: "/d".into(),
             sync: "always".into(),
+            stream_store: "s3://b/p at http://h".into(),
+            store_unavailable_ms: 0,
+            store_last_error: String::new(),
+            journal_backlog_bytes: 7,
         });
+        assert_eq!((s.store_unavailable, s.store_last_error.as_deref()), (None, None));
+        assert_eq!((s.stream_store.as_str(), s.journal_backlog_bytes), ("s3://b/p at http://h", 7));
         assert_eq!(s.uptime, Duration::from_millis(2500));
         assert_eq!((s.keys, s.streams, s.sync.as_str()), (3, 1, "always"));
         let i = StreamInfo::from(pb::StreamInfo {

@@ -47,6 +47,80 @@ impl std::str::FromStr for Sync {
     }
 }
 
+/// A secret (a password, a credential): shown as `<redacted>` by `Debug`, never displayed.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(s: impl Into<String>) -> Secret {
+        Secret(s.into())
+    }
+
+    /// The value, for the one place that uses it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// Where stream fragments are kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamStore {
+    /// Files under the data directory.
+    Local,
+    /// An S3-compatible object store.
+    S3(S3Store),
+}
+
+/// An S3-compatible bucket (and prefix) for stream fragments.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct S3Store {
+    /// The bucket.
+    pub bucket: String,
+    /// Key prefix within the bucket (without slashes at either end; may be empty).
+    pub prefix: String,
+    /// Endpoint URL (`None`: AWS); path-style addressing when set.
+    pub endpoint: Option<String>,
+    /// Region.
+    pub region: String,
+    /// Access key id.
+    pub access_key_id: String,
+    /// Secret access key.
+    pub secret_access_key: Secret,
+}
+
+impl std::fmt::Display for StreamStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StreamStore::Local => f.write_str("local"),
+            StreamStore::S3(s) => {
+                write!(f, "s3://{}/{}", s.bucket, s.prefix)?;
+                match &s.endpoint {
+                    Some(e) => write!(f, " at {e}"),
+                    None => write!(f, " ({})", s.region),
+                }
+            }
+        }
+    }
+}
+
+impl StreamStore {
+    /// The name of the backend: `local` or `s3`.
+    pub fn backend(&self) -> &'static str {
+        match self {
+            StreamStore::Local => "local",
+            StreamStore::S3(_) => "s3",
+        }
+    }
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -114,6 +188,28 @@ pub struct Flags {
     /// run those [default: 10].
     #[arg(long, env = "TIMBER_IDLE_SPIN_US")]
     pub idle_spin_us: Option<u64>,
+    /// Where stream fragments are kept: local (files under --data-dir) or
+    /// s3://<bucket>[/<prefix>] (any S3-compatible store; credentials from AWS_ACCESS_KEY_ID and
+    /// AWS_SECRET_ACCESS_KEY, or s3_access_key_id and s3_secret_access_key in the config file).
+    /// Acknowledged entries are durable in a local journal until their fragments are stored
+    /// [default: local].
+    #[arg(long, env = "TIMBER_STREAM_STORE")]
+    pub stream_store: Option<String>,
+    /// S3 endpoint URL, e.g. http://127.0.0.1:9000 for MinIO; path-style addressing when set
+    /// [default: AWS].
+    #[arg(long, env = "TIMBER_S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+    /// S3 region [default: us-east-1].
+    #[arg(long, env = "TIMBER_S3_REGION")]
+    pub s3_region: Option<String>,
+    /// Seconds the object store may fail before stream appends are refused; until then they are
+    /// acknowledged from the local journal and uploaded when the store is back [default: 30].
+    #[arg(long, env = "TIMBER_STORE_OUTAGE_SECS")]
+    pub store_outage_secs: Option<u64>,
+    /// MiB of acknowledged entries that may wait in the journal for the object store before
+    /// appends are refused [default: 1024].
+    #[arg(long, env = "TIMBER_STORE_BACKLOG_MB")]
+    pub store_backlog_mb: Option<u64>,
 }
 
 /// The `--config` file: the same options as the flags, in snake_case.
@@ -132,6 +228,13 @@ struct File {
     auth_secret: Option<String>,
     workers: Option<usize>,
     idle_spin_us: Option<u64>,
+    stream_store: Option<String>,
+    s3_endpoint: Option<String>,
+    s3_region: Option<String>,
+    s3_access_key_id: Option<String>,
+    s3_secret_access_key: Option<Secret>,
+    store_outage_secs: Option<u64>,
+    store_backlog_mb: Option<u64>,
 }
 
 /// The resolved configuration.
@@ -156,11 +259,17 @@ pub struct Config {
     /// Idle connection timeout (`None`: never).
     pub idle_timeout: Option<Duration>,
     /// Shared secret for AUTH.
-    pub auth_secret: Option<String>,
+    pub auth_secret: Option<Secret>,
     /// Runtime worker threads (`None`: one per core).
     pub workers: Option<usize>,
     /// How long a worker polls for requests after the last one before it sleeps (zero: never).
     pub idle_spin: Duration,
+    /// Where stream fragments are kept.
+    pub stream_store: StreamStore,
+    /// How long the object store may fail before stream appends are refused.
+    pub store_outage: Duration,
+    /// Bytes of acknowledged entries that may wait in the journal for the object store.
+    pub store_backlog_bytes: u64,
 }
 
 impl Config {
@@ -179,11 +288,21 @@ impl Config {
             auth_secret: None,
             workers: None,
             idle_spin: Duration::from_micros(DEFAULT_IDLE_SPIN_US),
+            stream_store: StreamStore::Local,
+            store_outage: Duration::from_secs(DEFAULT_STORE_OUTAGE_SECS),
+            store_backlog_bytes: DEFAULT_STORE_BACKLOG_MB << 20,
         }
     }
 
-    /// Resolves flags, environment (already folded into the flags by clap), file and defaults.
+    /// Resolves flags, environment (folded into the flags by clap, and the AWS credentials),
+    /// file and defaults.
     pub fn resolve(flags: Flags) -> Result<Config, String> {
+        Config::resolve_with(flags, |k| std::env::var(k).ok().filter(|v| !v.is_empty()))
+    }
+
+    /// [`Config::resolve`] with the environment variables that clap does not read (the AWS
+    /// credentials) looked up by `env`.
+    fn resolve_with(flags: Flags, env: impl Fn(&str) -> Option<String>) -> Result<Config, String> {
         let file = match &flags.config {
             None => File::default(),
             Some(p) => {
@@ -217,6 +336,52 @@ impl Config {
                 "idle_spin_us must be at most {MAX_IDLE_SPIN_US} (got {idle_spin})"
             ));
         }
+        let store_outage_secs =
+            flags.store_outage_secs.or(file.store_outage_secs).unwrap_or(DEFAULT_STORE_OUTAGE_SECS);
+        let store_backlog_mb =
+            flags.store_backlog_mb.or(file.store_backlog_mb).unwrap_or(DEFAULT_STORE_BACKLOG_MB);
+        if store_backlog_mb == 0 {
+            return Err("store_backlog_mb must be at least 1".into());
+        }
+        let stream_store = match flags.stream_store.or(file.stream_store).as_deref() {
+            None | Some("local") => StreamStore::Local,
+            Some(url) => {
+                let Some(rest) = url.strip_prefix("s3://") else {
+                    return Err(format!(
+                        "stream_store: {url:?} is not local or s3://<bucket>[/<prefix>]"
+                    ));
+                };
+                let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+                if bucket.is_empty() {
+                    return Err(format!("stream_store: {url:?} names no bucket"));
+                }
+                let access_key_id = env("AWS_ACCESS_KEY_ID").or(file.s3_access_key_id);
+                let secret =
+                    env("AWS_SECRET_ACCESS_KEY").map(Secret::new).or(file.s3_secret_access_key);
+                let (Some(access_key_id), Some(secret_access_key)) = (access_key_id, secret) else {
+                    return Err("stream_store s3:// needs credentials: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment, or s3_access_key_id and s3_secret_access_key in the config file".into());
+                };
+                let endpoint = flags.s3_endpoint.or(file.s3_endpoint).filter(|e| !e.is_empty());
+                if let Some(e) = &endpoint {
+                    if !(e.starts_with("http://") || e.starts_with("https://")) {
+                        return Err(format!(
+                            "s3_endpoint: {e:?} is not an http:// or https:// URL"
+                        ));
+                    }
+                }
+                StreamStore::S3(S3Store {
+                    bucket: bucket.to_string(),
+                    prefix: prefix.trim_matches('/').to_string(),
+                    endpoint,
+                    region: flags
+                        .s3_region
+                        .or(file.s3_region)
+                        .unwrap_or_else(|| "us-east-1".into()),
+                    access_key_id,
+                    secret_access_key,
+                })
+            }
+        };
         Ok(Config {
             data_dir: flags.data_dir.or(file.data_dir).unwrap_or_else(|| "timber-data".into()),
             resp_addr: flags
@@ -236,13 +401,24 @@ impl Config {
             max_connections,
             max_request_bytes,
             idle_timeout: (idle > 0).then(|| Duration::from_secs(idle)),
-            auth_secret: flags.auth_secret.or(file.auth_secret).filter(|s| !s.is_empty()),
+            auth_secret: flags
+                .auth_secret
+                .or(file.auth_secret)
+                .filter(|s| !s.is_empty())
+                .map(Secret::new),
             workers,
             idle_spin: Duration::from_micros(idle_spin),
+            stream_store,
+            store_outage: Duration::from_secs(store_outage_secs),
+            store_backlog_bytes: store_backlog_mb.saturating_mul(1 << 20),
         })
     }
 }
 
+/// `--store-outage-secs` unless set.
+const DEFAULT_STORE_OUTAGE_SECS: u64 = 30;
+/// `--store-backlog-mb` unless set.
+const DEFAULT_STORE_BACKLOG_MB: u64 = 1024;
 /// `--idle-spin-us` unless set.
 const DEFAULT_IDLE_SPIN_US: u64 = 10;
 /// The largest `--idle-spin-us`.
@@ -308,5 +484,77 @@ mod tests {
         let e = Config::resolve(flags(&["--config", f.to_str().unwrap()])).unwrap_err();
         assert!(e.contains("colour"), "{e}");
         assert!(Flags::try_parse_from(["timberd", "--resp-addr", "nohost"]).is_err());
+    }
+
+    #[test]
+    fn s3_stream_store_takes_credentials_from_the_environment_or_the_file() {
+        let env = |k: &str| match k {
+            "AWS_ACCESS_KEY_ID" => Some("AKID".to_string()),
+            "AWS_SECRET_ACCESS_KEY" => Some("s3cr3t-from-env".to_string()),
+            _ => None,
+        };
+        let c = Config::resolve_with(
+            flags(&[
+                "--stream-store",
+                "s3://bkt/some/prefix/",
+                "--s3-endpoint",
+                "http://127.0.0.1:9000",
+            ]),
+            env,
+        )
+        .unwrap();
+        let StreamStore::S3(s3) = &c.stream_store else { panic!("{:?}", c.stream_store) };
+        assert_eq!((s3.bucket.as_str(), s3.prefix.as_str()), ("bkt", "some/prefix"));
+        assert_eq!(
+            (s3.access_key_id.as_str(), s3.secret_access_key.expose()),
+            ("AKID", "s3cr3t-from-env")
+        );
+        assert_eq!(s3.region, "us-east-1");
+        // No secret in Debug or Display (what logs print).
+        let shown = format!("{c:?} {}", c.stream_store);
+        assert!(!shown.contains("s3cr3t"), "{shown}");
+        assert_eq!(c.stream_store.to_string(), "s3://bkt/some/prefix at http://127.0.0.1:9000");
+
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("t.toml");
+        std::fs::write(
+            &f,
+            "stream_store = \"s3://filebkt\"\ns3_access_key_id = \"FILEID\"\ns3_secret_access_key = \"file-s3cr3t\"\ns3_region = \"eu-west-1\"\nauth_secret = \"pw-s3cr3t\"\n",
+        )
+        .unwrap();
+        let c = Config::resolve_with(flags(&["--config", f.to_str().unwrap()]), |_| None).unwrap();
+        let StreamStore::S3(s3) = &c.stream_store else { panic!() };
+        assert_eq!(
+            (s3.bucket.as_str(), s3.prefix.as_str(), s3.region.as_str()),
+            ("filebkt", "", "eu-west-1")
+        );
+        assert_eq!(s3.secret_access_key.expose(), "file-s3cr3t");
+        assert!(!format!("{c:?}").contains("s3cr3t"));
+        // The environment wins over the file.
+        let c = Config::resolve_with(flags(&["--config", f.to_str().unwrap()]), env).unwrap();
+        let StreamStore::S3(s3) = &c.stream_store else { panic!() };
+        assert_eq!(s3.access_key_id, "AKID");
+        let c = Config::resolve_with(flags(&[]), env).unwrap();
+        assert_eq!(c.stream_store, StreamStore::Local);
+    }
+
+    #[test]
+    fn bad_stream_store_settings_are_refused_clearly() {
+        let none = |_: &str| None;
+        let e = Config::resolve_with(flags(&["--stream-store", "s3://b"]), none).unwrap_err();
+        assert!(e.contains("AWS_ACCESS_KEY_ID") && e.contains("s3_secret_access_key"), "{e}");
+        let e = Config::resolve_with(flags(&["--stream-store", "gs://b"]), none).unwrap_err();
+        assert!(e.contains("gs://b") && e.contains("s3://"), "{e}");
+        let e = Config::resolve_with(flags(&["--stream-store", "s3://"]), none).unwrap_err();
+        assert!(e.contains("no bucket"), "{e}");
+        let env = |_: &str| Some("x".to_string());
+        let e = Config::resolve_with(
+            flags(&["--stream-store", "s3://b", "--s3-endpoint", "127.0.0.1:9000"]),
+            env,
+        )
+        .unwrap_err();
+        assert!(e.contains("http://"), "{e}");
+        let e = Config::resolve_with(flags(&["--store-backlog-mb", "0"]), none).unwrap_err();
+        assert!(e.contains("store_backlog_mb"), "{e}");
     }
 }

@@ -34,7 +34,7 @@ pub(crate) fn stream_status(e: timber_stream::Error) -> Status {
         E::InvalidParam(_) => Status::invalid_argument(e.to_string()),
         E::Truncated { .. } => Status::out_of_range(e.to_string()),
         E::Fenced { .. } => Status::aborted(e.to_string()),
-        E::Closed => Status::unavailable(e.to_string()),
+        E::Closed | E::StoreUnavailable { .. } => Status::unavailable(e.to_string()),
         e => {
             tracing::error!(error = %e, "stream storage error");
             Status::internal(e.to_string())
@@ -311,7 +311,12 @@ impl Streams for Service {
 impl Admin for Service {
     async fn status(&self, _: Request<pb::StatusRequest>) -> Reply<pb::StatusResponse> {
         let e = &self.engines;
+        let store = e.redis_streams.store().store_status();
         Ok(Response::new(pb::StatusResponse {
+            stream_store: e.stream_store.to_string(),
+            store_unavailable_ms: store.unavailable_for.map_or(0, |d| d.as_millis() as u64),
+            store_last_error: store.last_error.unwrap_or_default(),
+            journal_backlog_bytes: store.journal_backlog_bytes,
             version: env!("CARGO_PKG_VERSION").into(),
             uptime_ms: e.started.elapsed().as_millis() as u64,
             keys: e.keys.len().map_err(key_status)?,

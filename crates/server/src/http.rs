@@ -68,7 +68,7 @@ fn stream_failed(e: timber_stream::Error) -> Failure {
         E::AlreadyExists { .. } | E::Fenced { .. } => StatusCode::CONFLICT,
         E::InvalidParam(_) => StatusCode::BAD_REQUEST,
         E::Truncated { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
-        E::Closed => StatusCode::SERVICE_UNAVAILABLE,
+        E::Closed | E::StoreUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
         _ => {
             tracing::error!(error = %e, "stream storage error");
             StatusCode::INTERNAL_SERVER_ERROR
@@ -171,6 +171,9 @@ async fn measure(req: Request, next: Next) -> Response {
 async fn metrics_text(State(app): State<App>) -> Response {
     match &app.prometheus {
         Some(h) => {
+            // Sets the stream store's gauges (backlog, outage) before they are rendered.
+            let store = app.engines.redis_streams.store().store_status();
+            metrics::gauge!("timber_stream_store_info", "backend" => store.backend).set(1.0);
             let mut text = h.render();
             text.push_str(&format!(
                 "# TYPE timber_uptime_seconds gauge\ntimber_uptime_seconds {}\n",

@@ -59,7 +59,7 @@ use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-pub use config::{Config, Flags, LogFormat, Sync};
+pub use config::{Config, Flags, LogFormat, S3Store, Secret, StreamStore, Sync};
 pub use idle::IdleWork;
 use keyspace::Keyspace;
 use logs::Logs;
@@ -84,6 +84,8 @@ pub(crate) struct Engines {
     pub data_dir: PathBuf,
     /// The sync mode.
     pub sync: Sync,
+    /// Where stream fragments are kept.
+    pub stream_store: config::StreamStore,
     /// Open connections of every endpoint, and their limit.
     pub connections: Arc<limit::Connections>,
     /// Idle connections are closed after this long.
@@ -149,10 +151,16 @@ impl Server {
             _ => None,
         };
         let runner = journal_syncs.clone().map(|j| j as Arc<dyn timber_stream::SyncRunner>);
+        let opts = streams::options(
+            cfg.sync,
+            &cfg.stream_store,
+            (cfg.store_outage, cfg.store_backlog_bytes),
+            runner,
+        );
         let redis_streams = Arc::new(
-            StreamSpace::open(keys.clone(), &streams_dir, cfg.sync, runner)
+            StreamSpace::open(keys.clone(), &streams_dir, opts)
                 .await
-                .with_context(|| format!("cannot open {}", streams_dir.display()))?,
+                .with_context(|| format!("cannot open the stream store ({})", cfg.stream_store))?,
         );
         let logs = Arc::new(Logs::new(redis_streams.store().clone()));
         let engines = Arc::new(Engines {
@@ -160,10 +168,11 @@ impl Server {
             redis_streams: redis_streams.clone(),
             logs,
             max_value: cfg.max_request_bytes,
-            secret: cfg.auth_secret.clone(),
+            secret: cfg.auth_secret.as_ref().map(|s| s.expose().to_string()),
             started: Instant::now(),
             data_dir: cfg.data_dir.clone(),
             sync: cfg.sync,
+            stream_store: cfg.stream_store.clone(),
             connections: limit::Connections::new(cfg.max_connections),
             idle: cfg.idle_timeout,
         });
@@ -203,6 +212,7 @@ impl Server {
         }
         tracing::info!(
             %resp_addr, %grpc_addr, %http_addr, data_dir = %cfg.data_dir.display(), sync = %cfg.sync,
+            stream_store = %cfg.stream_store,
             "timberd listening"
         );
         Ok(Server { resp_addr, grpc_addr, http_addr, engines, stop, tasks })

@@ -87,6 +87,8 @@ impl Logs {
                     acks.push(a);
                     pending.next();
                 }
+                // Refused while the object store is out: the writer is fine.
+                Err(e @ timber_stream::Error::StoreUnavailable { .. }) => return Err(e),
                 // A writer that failed refuses everything: replace it once, before any entry
                 // of this call went to it.
                 Err(e) => {
@@ -164,9 +166,19 @@ impl Logs {
         let slots: Vec<_> = self.writers.lock().drain().map(|(_, s)| s).collect();
         for s in slots {
             if let Some(w) = s.lock().await.writer.take() {
-                w.close().await?;
+                close_writer(w).await;
             }
         }
         Ok(())
+    }
+}
+
+/// Closes a writer at shutdown. A failure is logged, not returned: the entries the writer
+/// acknowledged are in the journal (with the object store out, for instance), and the next
+/// open records them; the server goes on closing the rest.
+pub(crate) async fn close_writer(w: timber_stream::StreamWriter) {
+    let stream = w.stream().to_string();
+    if let Err(e) = w.close().await {
+        tracing::warn!(%stream, error = %e, "closing a stream writer failed; its acknowledged entries stay in the journal");
     }
 }

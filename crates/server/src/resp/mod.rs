@@ -37,6 +37,8 @@ pub(crate) struct Endpoint {
     secret: Option<String>,
     /// Largest request.
     max_request: usize,
+    /// The stream store's backend, for INFO.
+    stream_store: &'static str,
     connections: Arc<crate::limit::Connections>,
     /// What the request loop tells the idle machinery.
     activity: Activity,
@@ -57,8 +59,9 @@ impl Endpoint {
         Endpoint {
             keys,
             streams,
-            secret: cfg.auth_secret.clone(),
+            secret: cfg.auth_secret.as_ref().map(|s| s.expose().to_string()),
             max_request: cfg.max_request_bytes,
+            stream_store: cfg.stream_store.backend(),
             connections,
             activity,
             next_id: AtomicU64::new(1),

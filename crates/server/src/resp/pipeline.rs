@@ -176,6 +176,7 @@ async fn run_keys(ep: &Arc<Endpoint>, s: &mut Session, run: &[Item<'_>], out: &m
         secret: ep.secret.as_deref(),
         max_value: ep.max_request,
         clients: ep.connections.open(),
+        stream_store: ep.stream_store,
     };
     let max = ep.max_request;
     let mut left = run;
@@ -260,11 +261,14 @@ mod tests {
     async fn endpoint(dir: &std::path::Path) -> Arc<Endpoint> {
         let keys =
             Arc::new(Keyspace::open(&dir.join("kv"), Sync::Manual, &IdleWork::new()).unwrap());
-        let streams = Arc::new(
-            StreamSpace::open(keys.clone(), &dir.join("streams"), Sync::Manual, None)
-                .await
-                .unwrap(),
+        let opts = crate::streams::options(
+            Sync::Manual,
+            &crate::config::StreamStore::Local,
+            (std::time::Duration::from_secs(30), 1 << 30),
+            None,
         );
+        let streams =
+            Arc::new(StreamSpace::open(keys.clone(), &dir.join("streams"), opts).await.unwrap());
         let mut cfg = Config::for_dir(dir);
         cfg.max_request_bytes = MAX;
         let connections = crate::limit::Connections::new(100);

@@ -40,4 +40,6 @@ pub(crate) struct Context<'a> {
     pub(crate) max_value: usize,
     /// Connected clients now.
     pub(crate) clients: usize,
+    /// The stream store's backend (`local`, `s3`), for INFO.
+    pub(crate) stream_store: &'static str,
 }

@@ -185,6 +185,48 @@ pub(crate) struct StreamSpace {
     created: watch::Sender<u64>,
 }
 
+/// The stream store's options for the server: appends are acknowledged from the store's
+/// journal, synced as `sync` says (as keyspace writes are); fragments go where `store` says;
+/// `runner`, if given, is where the journal's syncs run.
+pub(crate) fn options(
+    sync: Sync,
+    store: &crate::config::StreamStore,
+    (outage, backlog): (Duration, u64),
+    runner: Option<Arc<dyn SyncRunner>>,
+) -> timber_stream::Options {
+    let journal = match sync {
+        Sync::Always => Journal::Always,
+        Sync::Interval(d) => Journal::Interval(d),
+        Sync::Manual => Journal::Manual,
+    };
+    let mut opts =
+        timber_stream::Options::default().journal(journal).outage_limits(outage, backlog);
+    if let crate::config::StreamStore::S3(s3) = store {
+        let prefix = match s3.prefix.as_str() {
+            "" => "streams".to_string(),
+            p => format!("{p}/streams"),
+        };
+        opts = opts
+            .storage(timber_stream::Storage::S3(timber_stream::S3Options {
+                endpoint: s3.endpoint.clone(),
+                bucket: s3.bucket.clone(),
+                region: s3.region.clone(),
+                access_key_id: s3.access_key_id.clone(),
+                secret_access_key: s3.secret_access_key.expose().to_string(),
+                allow_http: s3.endpoint.as_deref().is_some_and(|e| e.starts_with("http://")),
+                path_style: s3.endpoint.is_some(),
+            }))
+            .prefix(prefix)
+            // A store that does not answer within this is treated as out (appends keep being
+            // acknowledged from the journal meanwhile).
+            .request_timeout(Duration::from_secs(10));
+    }
+    if let Some(r) = runner {
+        opts = opts.sync_runner(r);
+    }
+    opts
+}
+
 fn stream_name(uid: u64) -> String {
     format!("redis.{uid:016x}")
 }
@@ -200,24 +242,12 @@ fn reverse_key(uid: u64) -> Vec<u8> {
 pub(crate) type Delivery = Vec<(StreamId, Option<Vec<Bytes>>)>;
 
 impl StreamSpace {
-    /// Opens the timber streams of the server in `dir`. Appends are acknowledged from the
-    /// store's journal, synced as `sync` says (as keyspace writes are); `runner`, if given, is
-    /// where the journal's syncs run.
+    /// Opens the timber streams of the server in `dir` with `opts` (see [`options`]).
     pub(crate) async fn open(
         keys: Arc<Keyspace>,
         dir: &Path,
-        sync: Sync,
-        runner: Option<Arc<dyn SyncRunner>>,
+        opts: timber_stream::Options,
     ) -> Result<StreamSpace> {
-        let journal = match sync {
-            Sync::Always => Journal::Always,
-            Sync::Interval(d) => Journal::Interval(d),
-            Sync::Manual => Journal::Manual,
-        };
-        let mut opts = timber_stream::Options::default().journal(journal);
-        if let Some(r) = runner {
-            opts = opts.sync_runner(r);
-        }
         let streams = Streams::open(dir, opts).await?;
         Ok(StreamSpace {
             keys,
@@ -417,6 +447,8 @@ impl StreamSpace {
             }
             match tail.writer.as_ref().expect("opened above").send(data.clone()).await {
                 Ok(ack) => break ack,
+                // Refused while the object store is out: the writer is fine, nothing was sent.
+                Err(e @ timber_stream::Error::StoreUnavailable { .. }) => return Err(e.into()),
                 // A failed writer refuses everything after its failure: open a new one once.
                 Err(e) => {
                     tail.writer = None;
@@ -901,7 +933,7 @@ impl StreamSpace {
         let open: Vec<Arc<Open>> = self.open.lock().drain().map(|(_, o)| o).collect();
         for o in open {
             if let Some(w) = o.tail.lock().await.writer.take() {
-                w.close().await?;
+                crate::logs::close_writer(w).await;
             }
         }
         self.streams.clone().close().await?;
@@ -932,10 +964,14 @@ mod tests {
             Keyspace::open(&dir.path().join("kv"), crate::Sync::Manual, &crate::IdleWork::new())
                 .unwrap(),
         );
+        let opts = options(
+            Sync::Always,
+            &crate::config::StreamStore::Local,
+            (Duration::from_secs(30), 1 << 30),
+            None,
+        );
         let space =
-            StreamSpace::open(keys.clone(), &dir.path().join("streams"), Sync::Always, None)
-                .await
-                .unwrap();
+            StreamSpace::open(keys.clone(), &dir.path().join("streams"), opts).await.unwrap();
         let logs = crate::logs::Logs::new(space.store().clone());
         let f = [Bytes::from("f"), Bytes::from("v")];
         logs.append("plain", vec![Bytes::from("x")]).await.unwrap_err();

@@ -23,6 +23,11 @@ impl Timberd {
     /// names `--workers` (`.ci/run` runs the end-to-end suites again with one worker, where
     /// timberd runs on a current-thread runtime).
     pub fn start(dir: &Path, extra: &[&str]) -> Timberd {
+        Timberd::start_env(dir, extra, &[])
+    }
+
+    /// [`Timberd::start`] with extra environment variables.
+    pub fn start_env(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Timberd {
         let mut workers = Vec::new();
         if let Ok(n) = std::env::var("TIMBER_TEST_WORKERS") {
             if !extra.contains(&"--workers") {
@@ -35,6 +40,7 @@ impl Timberd {
             .args(&workers)
             .args(extra)
             .env("TIMBER_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -69,6 +75,11 @@ impl Timberd {
             }
         }
         t
+    }
+
+    /// Lines timberd has logged so far (waits for none).
+    pub fn logged(&self) -> Vec<String> {
+        self.stderr.try_iter().collect()
     }
 
     pub fn client(&self) -> redis::Connection {

@@ -155,10 +155,11 @@ pub(crate) fn client(_: &Context<'_>, s: &mut Session, a: Args<'_>) -> R {
 pub(crate) fn info(ctx: &Context<'_>, _: &mut Session, _: Args<'_>) -> R {
     let keys = ctx.keys.len().unwrap_or(0);
     Ok(Reply::text(format!(
-        "# Server\r\nredis_version:7.2.0\r\ntimber_version:{}\r\nredis_mode:standalone\r\nprocess_id:{}\r\n\r\n# Clients\r\nconnected_clients:{}\r\n\r\n# Persistence\r\nloading:0\r\n\r\n# Keyspace\r\ndb0:keys={keys},expires=0,avg_ttl=0\r\n",
+        "# Server\r\nredis_version:7.2.0\r\ntimber_version:{}\r\nredis_mode:standalone\r\nprocess_id:{}\r\n\r\n# Clients\r\nconnected_clients:{}\r\n\r\n# Persistence\r\nloading:0\r\nstream_store:{}\r\n\r\n# Keyspace\r\ndb0:keys={keys},expires=0,avg_ttl=0\r\n",
         env!("CARGO_PKG_VERSION"),
         std::process::id(),
-        ctx.clients
+        ctx.clients,
+        ctx.stream_store,
     )))
 }
 

@@ -43,6 +43,10 @@ fn error(e: Error) -> Reply {
         Error::Keys(keyspace::Error::WrongType) => {
             Reply::Error(keyspace::Error::WrongType.to_string())
         }
+        // Retryable: the client may send it again once the store is back.
+        Error::Stream(e @ timber_stream::Error::StoreUnavailable { .. }) => {
+            Reply::Error(format!("TRYAGAIN {e}"))
+        }
         e => {
             tracing::error!(error = %e, "stream command failed");
             Reply::err(format!("storage error: {e}"))
