@@ -1,0 +1,2 @@
+//! Fault injection through failpoints (feature `failpoints`): the suite follows.
+#![cfg(feature = "failpoints")]
