@@ -13,6 +13,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fail::FailScenario;
@@ -277,7 +278,10 @@ fn a_failed_flush_poisons_the_database_and_the_wal_keeps_the_writes() {
             m.acked.insert(key(7), None);
             let flushes = db.stats().flushes;
             fail::cfg(fp, "return").unwrap();
-            let e = db.flush().unwrap_err();
+            // Bounded: a flush retried after each failure would never return.
+            let db = Arc::new(db);
+            let flushing = db.clone();
+            let e = within(Duration::from_secs(20), move || flushing.flush()).unwrap_err();
             let file = if file.is_empty() { dir.path().to_str().unwrap() } else { file };
             assert_names(&e, op, file);
             fail::remove(fp);
@@ -423,6 +427,17 @@ fn a_failed_background_compaction_surfaces_on_the_next_write() {
     drop(db);
     db = reopened();
     m.check(&db);
+}
+
+/// Runs `f` on a thread of its own and returns what it returns, failing the test if that takes
+/// longer than `limit` (the thread is left behind).
+fn within<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(f()));
+    match rx.recv_timeout(limit) {
+        Ok(v) => v,
+        Err(_) => panic!("did not return within {limit:?}"),
+    }
 }
 
 fn tables(dir: &Path) -> BTreeSet<String> {

@@ -449,3 +449,39 @@ fn a_failed_journal_write_or_sync_fails_the_writer_and_the_journal_keeps_what_it
         });
     }
 }
+
+/// Opening a store replays journaled entries into fragments; their puts fail for good: the open
+/// fails with the error and leaves the journal as it was, and the next open replays every
+/// acknowledged entry.
+#[test]
+fn a_failed_put_during_journal_replay_fails_the_open_and_loses_nothing() {
+    let _s = FailScenario::setup();
+    let p = Place::new(Backend::Local);
+    let opts = || p.options().journal(Journal::Always);
+    let mut m = Model::default();
+    // A runtime with one thread, dropped at once: the writer never cuts a fragment, and the
+    // entries are left in the journal alone.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let s = Streams::open(p.dir.path(), opts()).await.unwrap();
+        s.create("x", StreamConfig::default()).await.unwrap();
+        let w = s.writer_with("x", journaled()).await.unwrap();
+        m.send_acked(&w, 100).await;
+        assert_eq!(s.segments("x").unwrap().iter().map(|g| g.fragments).sum::<u64>(), 0);
+        drop(w);
+        drop(s);
+    });
+    rt.shutdown_background();
+    common::runtime().block_on(async {
+        fail::cfg("stream::store::put", "return").unwrap();
+        let e = Streams::open(p.dir.path(), opts()).await.unwrap_err();
+        assert_store(&e, "put");
+        fail::remove("stream::store::put");
+        let s = Streams::open(p.dir.path(), opts()).await.unwrap();
+        assert_eq!(m.check(&s, "x").await, 100);
+        s.close().await.unwrap();
+        let s = Streams::open(p.dir.path(), p.options()).await.unwrap();
+        assert_eq!(m.check(&s, "x").await, 100);
+        assert_no_stray_objects(&p, &s, "x");
+    });
+}

@@ -406,6 +406,31 @@ fn a_truncate_back_that_fails_after_its_commit_point_is_finished_by_reopen() {
     m.write_again(&wal);
 }
 
+/// `close` cannot store the durable point in the meta file: it returns the error, and the log
+/// reopens with every record (the meta file only lets recovery tell more damage from a torn
+/// write).
+#[test]
+fn a_failed_close_loses_nothing() {
+    let _s = FailScenario::setup();
+    let dir = tempfile::tempdir().unwrap();
+    let opts = Options::default().sync(SyncMode::Manual);
+    let mut m = Model::default();
+    let wal = Wal::open(dir.path(), opts.clone()).unwrap();
+    append_acked(&wal, &mut m, 0, 100);
+    for i in 100..110 {
+        m.unknown.insert(wal.append(&record(i)).unwrap(), record(i));
+    }
+    fail::cfg("wal::meta::write", "return").unwrap();
+    assert_io(&wal.close().unwrap_err(), "write", "wal.meta.tmp");
+    fail::remove("wal::meta::write");
+    assert!(matches!(wal.append(b"x"), Err(Error::Closed | Error::Poisoned { .. })));
+    drop(wal);
+    let wal = Wal::open(dir.path(), opts).unwrap();
+    assert_eq!(wal.next_seq(), 110, "close synced every record before it failed");
+    m.check(&wal);
+    m.write_again(&wal);
+}
+
 /// A failed read of records (sealed segment, active segment, iterator) is an error naming the
 /// segment, poisons nothing, and the same read succeeds once the disk works again.
 #[test]
