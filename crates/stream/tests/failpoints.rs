@@ -261,7 +261,8 @@ fn a_failed_read_is_an_error_and_harms_no_writer() {
 /// Deletes of truncated fragments fail: the truncation stands (metadata first), the objects
 /// are left as orphans, and garbage collection removes them once deletes work again. Deleting a
 /// stream whose objects cannot be deleted fails with the error, the stream is gone, and
-/// garbage collection removes its objects.
+/// garbage collection removes its objects. Garbage collection whose deletes fail returns the
+/// error, from `maintain` and from `open` (which then fails).
 #[test]
 fn a_failed_delete_leaves_orphans_that_garbage_collection_removes() {
     let _s = FailScenario::setup();
@@ -287,12 +288,14 @@ fn a_failed_delete_leaves_orphans_that_garbage_collection_removes() {
         assert_eq!(p.fragment_files().len(), objects, "no object was deleted");
         m.acked.retain(|&id, _| id >= 50);
         assert_eq!(m.check(&s, "x").await, 100);
+        // Garbage collection reports the failure, in a maintenance round and at open.
+        assert_store(&s.maintain().await.unwrap_err(), "delete");
+        s.close().await.unwrap();
+        assert_store(&Streams::open(p.dir.path(), p.options()).await.unwrap_err(), "delete");
 
         fail::remove("stream::store::delete");
-        s.maintain().await.unwrap();
-        assert_no_stray_objects(&p, &s, "x");
-        s.close().await.unwrap();
         let s = Streams::open(p.dir.path(), p.options()).await.unwrap();
+        assert_no_stray_objects(&p, &s, "x");
         assert_eq!(m.check(&s, "x").await, 100);
     });
 }
