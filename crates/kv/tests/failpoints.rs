@@ -224,11 +224,12 @@ fn a_poisoned_database_closes_and_reopens() {
         let _s = FailScenario::setup();
         let dir = tempfile::tempdir().unwrap();
         let mut m = Model::default();
-        let db = Db::open(dir.path(), opts()).unwrap();
+        let db = Arc::new(Db::open(dir.path(), opts()).unwrap());
         m.fill(&db, 0..100, 0);
         fail::cfg(fp, "return").unwrap();
         if fp.starts_with("kv") {
-            assert!(db.flush().is_err());
+            let flushing = db.clone();
+            assert!(within(Duration::from_secs(20), move || flushing.flush()).is_err());
         } else {
             m.failed(key(1), Some(val(1, 1)));
             assert!(db.put(key(1), val(1, 1)).is_err());
