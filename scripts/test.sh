@@ -6,8 +6,10 @@
 #   - redis-tools (Debian package; the server's end-to-end tests run redis-cli), via apt-get,
 #     with sudo when not root;
 #   - the rustfmt and clippy components of the active toolchain, via rustup.
-# Then runs: cargo fmt --check, cargo clippy -D warnings, cargo test --workspace, and the
-# server's end-to-end suites again against `timberd --workers 1` (a current-thread runtime).
+# Then runs: cargo fmt --check, cargo clippy -D warnings (also with the failpoints features of
+# wal, kv and stream), cargo test --workspace, the fault-injection suites (tests/failpoints.rs of
+# wal, kv and stream, built with their `failpoints` features), and the server's end-to-end
+# suites again against `timberd --workers 1` (a current-thread runtime).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,8 +33,19 @@ cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 
+# The failpoints of the storage crates and their fault-injection suites (docs/ARCHITECTURE.md,
+# "Fault injection"); without these features the failpoints are compiled out.
+FAILPOINTS=timber-wal/failpoints,timber-kv/failpoints,timber-stream/failpoints
+
+echo "== cargo clippy with failpoints"
+cargo clippy -p timber-wal -p timber-kv -p timber-stream --all-targets --features "$FAILPOINTS" \
+    -- -D warnings
+
 echo "== cargo test --workspace"
 cargo test --workspace
+
+echo "== fault injection: the failpoint suites of wal, kv and stream"
+cargo test -p timber-wal -p timber-kv -p timber-stream --features "$FAILPOINTS" --test failpoints
 
 echo "== the server's end-to-end suites against timberd --workers 1"
 TIMBER_TEST_WORKERS=1 cargo test -p timber-server --test resp --test resp_streams --test grpc_http

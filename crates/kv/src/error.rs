@@ -68,6 +68,12 @@ impl Error {
         Error::Io { path: path.as_ref().to_path_buf(), op, source }
     }
 
+    /// The error a failpoint injects in place of the operating system's (feature `failpoints`).
+    #[cfg(feature = "failpoints")]
+    pub(crate) fn injected(op: &'static str, path: impl AsRef<Path>) -> Error {
+        Error::io(op, path, io::Error::other("injected by a failpoint"))
+    }
+
     pub(crate) fn corrupt(path: impl AsRef<Path>, offset: u64, reason: impl Into<String>) -> Error {
         Error::Corrupt { path: path.as_ref().to_path_buf(), offset, reason: reason.into() }
     }

@@ -209,6 +209,7 @@ fn record(payload: &[u8]) -> Vec<u8> {
 }
 
 pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
+    fail::fail_point!("kv::manifest::sync_dir", |_| Err(Error::injected("fsync", dir)));
     File::open(dir).and_then(|d| d.sync_all()).map_err(|e| Error::io("fsync", dir, e))
 }
 
@@ -228,6 +229,7 @@ impl Manifest {
             .truncate(true)
             .open(&path)
             .map_err(|e| Error::io("create", &path, e))?;
+        fail::fail_point!("kv::manifest::create", |_| Err(Error::injected("write", &path)));
         file.write_all(&buf).map_err(|e| Error::io("write", &path, e))?;
         file.sync_all().map_err(|e| Error::io("fsync", &path, e))?;
         let tmp = dir.join("CURRENT.tmp");
@@ -235,6 +237,7 @@ impl Manifest {
         cur.write_all(format!("{}\n", file_name(id)).as_bytes())
             .and_then(|()| cur.sync_all())
             .map_err(|e| Error::io("write", &tmp, e))?;
+        fail::fail_point!("kv::manifest::current", |_| Err(Error::injected("rename", &tmp)));
         fs::rename(&tmp, dir.join(CURRENT)).map_err(|e| Error::io("rename", &tmp, e))?;
         sync_dir(dir)?;
         Ok(Manifest { file, path, len: buf.len() as u64, id })
@@ -243,7 +246,9 @@ impl Manifest {
     /// Appends an edit and makes it durable.
     pub(crate) fn append(&mut self, e: &Edit) -> Result<()> {
         let r = record(&e.encode());
+        fail::fail_point!("kv::manifest::append", |_| Err(Error::injected("write", &self.path)));
         self.file.write_all_at(&r, self.len).map_err(|e| Error::io("write", &self.path, e))?;
+        fail::fail_point!("kv::manifest::fsync", |_| Err(Error::injected("fdatasync", &self.path)));
         self.file.sync_data().map_err(|e| Error::io("fdatasync", &self.path, e))?;
         self.len += r.len() as u64;
         Ok(())

@@ -147,6 +147,7 @@ impl TableBuilder {
         let len = u32::try_from(body.len())
             .map_err(|_| Error::InvalidParam(format!("block of {} bytes", body.len())))?;
         let trailer = trailer(body, ty);
+        fail::fail_point!("kv::table::write", |_| Err(Error::injected("write", &self.path)));
         let path = &self.path;
         self.out.write_all(body).map_err(|e| Error::io("write", path, e))?;
         self.out.write_all(&trailer).map_err(|e| Error::io("write", path, e))?;
@@ -184,6 +185,7 @@ impl TableBuilder {
         let path = self.path.clone();
         self.out.write_all(&footer).map_err(|e| Error::io("write", &path, e))?;
         let file = self.out.into_inner().map_err(|e| Error::io("write", &path, e.into_error()))?;
+        fail::fail_point!("kv::table::fsync", |_| Err(Error::injected("fsync", &path)));
         file.sync_all().map_err(|e| Error::io("fsync", &path, e))?;
         Ok(Built {
             size: self.offset + FOOTER_LEN as u64,
@@ -196,6 +198,7 @@ impl TableBuilder {
 
 /// Reads and verifies the block at `off`, decompressing it.
 fn read_block(file: &File, path: &Path, off: u64, len: u32) -> Result<Bytes> {
+    fail::fail_point!("kv::table::read", |_| Err(Error::injected("read", path)));
     let mut buf = vec![0u8; len as usize + TRAILER_LEN];
     file.read_exact_at(&mut buf, off).map_err(|e| Error::io("read", path, e))?;
     unpack(buf).map_err(|reason| Error::corrupt(path, off, reason))

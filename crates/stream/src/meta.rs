@@ -497,6 +497,11 @@ impl Meta {
             b.put(key(b'g', id, Some(m.id)), m.encode());
         }
         b.put(key(b's', id, None), s.encode());
+        fail::fail_point!("stream::meta::commit", |_| Err(Error::Kv(timber_kv::Error::Io {
+            path: self.db.path().to_path_buf(),
+            op: "write",
+            source: std::io::Error::other("injected by a failpoint"),
+        })));
         self.db.write_with(b, Durability::Synced)?;
         Ok(s)
     }

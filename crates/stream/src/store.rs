@@ -326,8 +326,12 @@ impl Store {
     pub(crate) async fn put(&self, p: &Path, data: Bytes) -> Result<Put> {
         let opts = || PutOptions { mode: PutMode::Create, ..Default::default() };
         let r = self
-            .retry("put", p, || {
-                self.inner.put_opts(p, PutPayload::from_bytes(data.clone()), opts())
+            .retry("put", p, || async {
+                fail::fail_point!("stream::store::put", |_| Err(injected()));
+                let r = self.inner.put_opts(p, PutPayload::from_bytes(data.clone()), opts()).await;
+                // The object is stored, but its caller is told the put failed.
+                fail::fail_point!("stream::store::put_reply", r.is_ok(), |_| Err(injected()));
+                r
             })
             .await;
         match r {
@@ -346,12 +350,20 @@ impl Store {
 
     /// The whole object.
     pub(crate) async fn get(&self, p: &Path) -> Result<Bytes> {
-        self.retry("get", p, || async { self.inner.get(p).await?.bytes().await }).await
+        self.retry("get", p, || async {
+            fail::fail_point!("stream::store::get", |_| Err(injected()));
+            self.inner.get(p).await?.bytes().await
+        })
+        .await
     }
 
     /// Deletes an object; a missing one is not an error.
     pub(crate) async fn delete(&self, p: &Path) -> Result<()> {
-        match self.retry("delete", p, || self.inner.delete(p)).await {
+        let delete = || async {
+            fail::fail_point!("stream::store::delete", |_| Err(injected()));
+            self.inner.delete(p).await
+        };
+        match self.retry("delete", p, delete).await {
             Err(Error::Store { source: object_store::Error::NotFound { .. }, .. }) => Ok(()),
             r => r,
         }
@@ -425,6 +437,13 @@ fn problem(e: &object_store::Error) -> String {
     } else {
         format!("a test write failed: {text}")
     }
+}
+
+/// The error a failpoint injects in place of the object store's (feature `failpoints`): one the
+/// store retries, as it does a failed request.
+#[cfg(feature = "failpoints")]
+fn injected() -> object_store::Error {
+    object_store::Error::Generic { store: "failpoint", source: "injected by a failpoint".into() }
 }
 
 pub(crate) fn is_not_found(e: &Error) -> bool {

@@ -102,6 +102,7 @@ impl Active {
         if self.buf.is_empty() {
             return Ok(());
         }
+        fail::fail_point!("wal::active::write", |_| Err(Error::injected("write", &self.path)));
         let len = self.buf.len();
         if self.recycled {
             self.buf.extend_from_slice(&[0; frame::HEADER_LEN]);

@@ -86,6 +86,12 @@ impl Error {
         Error::Io { path: path.into(), op, source }
     }
 
+    /// The error a failpoint injects in place of the operating system's (feature `failpoints`).
+    #[cfg(feature = "failpoints")]
+    pub(crate) fn injected(op: &'static str, path: impl Into<PathBuf>) -> Self {
+        Error::io(op, path, io::Error::other("injected by a failpoint"))
+    }
+
     pub(crate) fn corrupt(
         segment: impl Into<PathBuf>,
         offset: u64,

@@ -80,6 +80,7 @@ impl Mapped {
             let start = at - at % WINDOW;
             if self.window.as_ref().is_none_or(|(s, _)| *s != start) {
                 self.window = None;
+                fail::fail_point!("wal::mapped::map", |_| Err((done, io::ErrorKind::Other.into())));
                 let len = (extent - start).min(WINDOW) as usize;
                 // SAFETY: `start..start + len` lies inside the file (its length was read above and
                 // the file is only shortened after `unmap`), and no one else modifies the file while

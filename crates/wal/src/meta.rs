@@ -103,9 +103,11 @@ impl Meta {
     pub(crate) fn store(&self, dir: &Path, mode: u32) -> Result<()> {
         let tmp = dir.join(META_TMP);
         let file = create_file(&tmp, mode)?;
+        fail::fail_point!("wal::meta::write", |_| Err(Error::injected("write", &tmp)));
         file.write_all_at(&self.encode(), 0).map_err(|e| Error::io("write", &tmp, e))?;
         file.sync_all().map_err(|e| Error::io("fsync", &tmp, e))?;
         let path = dir.join(META_FILE);
+        fail::fail_point!("wal::meta::rename", |_| Err(Error::injected("rename", &tmp)));
         fs::rename(&tmp, &path).map_err(|e| Error::io("rename", &tmp, e))?;
         sync_dir(dir)
     }

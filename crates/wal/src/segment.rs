@@ -183,6 +183,7 @@ pub(crate) fn create_file(path: &Path, mode: u32) -> Result<File> {
 }
 
 pub(crate) fn read_exact_at(file: &File, path: &Path, buf: &mut [u8], offset: u64) -> Result<()> {
+    fail::fail_point!("wal::segment::read", |_| Err(Error::injected("read", path)));
     file.read_exact_at(buf, offset).map_err(|e| {
         if e.kind() == std::io::ErrorKind::UnexpectedEof {
             Error::corrupt(
@@ -380,6 +381,7 @@ pub(crate) fn decode_run(
 
 /// Fsyncs a directory so that entries created, renamed or removed in it are durable.
 pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
+    fail::fail_point!("wal::segment::sync_dir", |_| Err(Error::injected("fsync directory", dir)));
     File::open(dir).and_then(|d| d.sync_all()).map_err(|e| Error::io("fsync directory", dir, e))
 }
 
@@ -418,9 +420,11 @@ pub(crate) fn create(
             (file, tmp)
         }
     };
+    fail::fail_point!("wal::segment::create", |_| Err(Error::injected("write", &tmp)));
     file.write_all_at(&encode_header(start, recycled), 0)
         .map_err(|e| Error::io("write", &tmp, e))?;
     file.sync_all().map_err(|e| Error::io("fsync", &tmp, e))?;
+    fail::fail_point!("wal::segment::rename", |_| Err(Error::injected("rename", &tmp)));
     fs::rename(&tmp, &path).map_err(|e| Error::io("rename", &tmp, e))?;
     sync_dir(dir)?;
     Ok((file, path))
@@ -441,6 +445,10 @@ pub(crate) fn prepare_spare(
         Ok(f) => f,
         Err(e) => return Some(Err(e)),
     };
+    fail::fail_point!("wal::segment::prepare_spare", |_| Some(Err(Error::injected(
+        "preallocate",
+        &path
+    ))));
     let filled = preallocate_tail(&file, &path, 0, capacity)
         .and_then(|()| file.sync_all().map_err(|e| Error::io("fsync", &path, e)));
     Some(filled.map(|()| file))

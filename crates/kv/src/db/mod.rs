@@ -152,8 +152,9 @@ impl Db {
         &self.inner.dir
     }
 
-    /// Stops the background threads and syncs the WAL. Later writes fail with `Closed`. Also
-    /// done on drop.
+    /// Stops the background threads, syncs the WAL and closes it, which releases the directory.
+    /// Later writes fail with `Closed` (or `Poisoned`). A database that refuses writes after a
+    /// failure is closed too (its WAL is synced unless the WAL failed itself). Also done on drop.
     pub fn close(&self) -> Result<()> {
         {
             let mut bg = self.inner.bg.lock();
@@ -167,9 +168,6 @@ impl Db {
         self.inner.done_cv.notify_all();
         for t in self.threads.lock().drain(..) {
             let _ = t.join();
-        }
-        if self.inner.poison.get().is_some() {
-            return Ok(());
         }
         self.inner.wal.close().map_err(Error::from)
     }

@@ -62,6 +62,7 @@ impl Window<'_> {
             let len = n.max(CHUNK).min(self.file_len - off);
             self.base = off;
             self.buf.resize(len as usize, 0);
+            fail::fail_point!("wal::recovery::scan", |_| Err(Error::injected("read", self.path)));
             self.file
                 .read_exact_at(&mut self.buf, off)
                 .map_err(|e| Error::io("read", self.path, e))?;

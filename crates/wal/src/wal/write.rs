@@ -102,6 +102,7 @@ impl Inner {
         a.map.unmap();
         a.file.set_len(data_end).map_err(|e| Error::io("truncate", &a.path, e))?;
         let seal = encode_seal(&a.offsets, data_end);
+        fail::fail_point!("wal::write::seal", |_| Err(Error::injected("write", &a.path)));
         a.file.write_all_at(&seal, data_end).map_err(|e| Error::io("write", &a.path, e))?;
         self.fsync(&a.file, &a.path)?;
         let end = a.end();
@@ -172,6 +173,7 @@ impl Inner {
         if self.fail_next_sync.swap(false, Ordering::AcqRel) {
             return Err(Error::io("fdatasync", path, std::io::Error::other("injected failure")));
         }
+        fail::fail_point!("wal::write::fsync", |_| Err(Error::injected("fdatasync", path)));
         let t = Instant::now();
         file.sync_data().map_err(|e| Error::io("fdatasync", path, e))?;
         let took = t.elapsed();
