@@ -120,6 +120,10 @@ impl WriteBatch {
     }
 
     /// The encoding with `seq` stamped in, ready for the WAL.
+    #[expect(
+        clippy::indexing_slicing,
+        reason = "`rep` always starts with its HEADER_LEN-byte header (`clear` keeps it)"
+    )]
     pub(crate) fn encode(&mut self, seq: u64) -> Result<&[u8]> {
         if let Some(m) = &self.invalid {
             return Err(Error::InvalidParam(m.clone()));

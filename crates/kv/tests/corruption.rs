@@ -128,6 +128,34 @@ fn flipped_byte_in_index_filter_or_footer_fails_open() {
     }
 }
 
+/// An index block under a valid checksum whose key is shorter than the 8-byte tag of an
+/// internal key: open reports it instead of panicking on the key.
+#[test]
+fn index_key_shorter_than_a_tag_fails_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = one_table(dir.path());
+    let (index, _, _) = layout(&t);
+    let b = fs::read(&t).unwrap();
+    let mut footer = b[b.len() - 48..].to_vec();
+    // One entry (no shared bytes, a 3-byte key, a 12-byte handle), one restart point at 0.
+    let mut block = vec![0, 3, 12];
+    block.extend_from_slice(b"abc");
+    block.extend_from_slice(&[0; 12]);
+    block.extend_from_slice(&0u32.to_le_bytes());
+    block.extend_from_slice(&1u32.to_le_bytes());
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&block), &[0]);
+    footer[8..12].copy_from_slice(&(block.len() as u32).to_le_bytes());
+    let footer_crc = crc32c::crc32c(&footer[..36]);
+    footer[36..40].copy_from_slice(&footer_crc.to_le_bytes());
+    let mut file = b[..index as usize].to_vec();
+    file.extend_from_slice(&block);
+    file.push(0);
+    file.extend_from_slice(&crc.to_le_bytes());
+    file.extend_from_slice(&footer);
+    fs::write(&t, file).unwrap();
+    assert_eq!(assert_corrupt(Db::open(dir.path(), opts()), &t), index);
+}
+
 #[test]
 fn truncated_table_fails_open() {
     let dir = tempfile::tempdir().unwrap();
