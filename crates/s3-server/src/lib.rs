@@ -5,6 +5,8 @@
 //! Buckets are directories under the root; the server checks every request's signature against
 //! one access key and secret.
 
+#![deny(clippy::unwrap_used, clippy::indexing_slicing)]
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
