@@ -165,6 +165,32 @@ fn truncated_table_fails_open() {
     assert_corrupt(Db::open(dir.path(), opts()), &t);
 }
 
+/// WAL records that decode as batches but hold no write, or number their writes at 0 or past the
+/// largest sequence number, are corrupt (replay computed the batch's last number from them).
+#[test]
+fn wal_batches_numbered_out_of_range_are_corrupt() {
+    let empty_at_0 = vec![0u8; 12];
+    let mut past_the_last = (u64::MAX - 1).to_le_bytes().to_vec();
+    past_the_last.extend_from_slice(&2u32.to_le_bytes());
+    for k in [b'a', b'b'] {
+        past_the_last.extend_from_slice(&[0, 1, k]); // a delete of a one-byte key
+    }
+    for (i, rec) in [empty_at_0, past_the_last].iter().enumerate() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path(), opts()).unwrap();
+        db.put(key(1), "v").unwrap();
+        drop(db);
+        let wal =
+            timber_wal::Wal::open(dir.path().join("wal"), timber_wal::Options::default()).unwrap();
+        wal.append(rec).unwrap();
+        drop(wal);
+        match Db::open(dir.path(), opts()) {
+            Err(Error::Corrupt { reason, .. }) => assert!(reason.contains("not a valid batch")),
+            other => panic!("record {i}: expected Corrupt, got {other:?}"),
+        }
+    }
+}
+
 fn manifest(dir: &Path) -> PathBuf {
     let name = fs::read_to_string(dir.join("CURRENT")).unwrap();
     dir.join(name.trim())
