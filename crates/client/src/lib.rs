@@ -18,6 +18,8 @@
 //! # let _ = id; Ok(()) }
 //! ```
 
+#![deny(clippy::unwrap_used, clippy::indexing_slicing)]
+
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};

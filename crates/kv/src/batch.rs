@@ -3,7 +3,7 @@
 //! `seq u64 LE | count u32 LE | count × (kind u8 | key_len varint | key | [value_len varint | value])`.
 
 use crate::error::{Error, Result};
-use crate::key::{get_slice, get_u32, get_u64, get_varint, put_varint, Kind, Op};
+use crate::key::{get_slice, get_u32, get_u64, get_varint, put_varint, Kind, Op, MAX_SEQ};
 use crate::options::{MAX_KEY_LEN, MAX_VALUE_LEN};
 
 pub(crate) const HEADER_LEN: usize = 12;
@@ -120,6 +120,10 @@ impl WriteBatch {
     }
 
     /// The encoding with `seq` stamped in, ready for the WAL.
+    #[expect(
+        clippy::indexing_slicing,
+        reason = "`rep` always starts with its HEADER_LEN-byte header (`clear` keeps it)"
+    )]
     pub(crate) fn encode(&mut self, seq: u64) -> Result<&[u8]> {
         if let Some(m) = &self.invalid {
             return Err(Error::InvalidParam(m.clone()));
@@ -155,12 +159,16 @@ fn validate_lens(key: usize, value: Option<usize>) -> Result<(), String> {
     Ok(())
 }
 
-/// Decodes an encoded batch: its first sequence number and its writes. `None` if malformed.
+/// Decodes an encoded batch: its first sequence number and its writes. `None` if malformed,
+/// which includes a batch of no writes (never logged) and one whose sequence numbers do not all
+/// lie in `1..=MAX_SEQ`.
 pub(crate) fn decode(rep: &[u8]) -> Option<(u64, Vec<Op<'_>>)> {
     let (seq, ops) = ops(rep)?;
     let v: Option<Vec<Op<'_>>> = ops.collect();
     let v = v?;
-    (v.len() == count(rep)? as usize).then_some((seq, v))
+    let last = seq.checked_add(v.len() as u64)?.checked_sub(1)?;
+    let numbered = seq > 0 && last >= seq && last <= MAX_SEQ;
+    (numbered && v.len() == count(rep)? as usize).then_some((seq, v))
 }
 
 fn count(rep: &[u8]) -> Option<u32> {
@@ -235,6 +243,13 @@ mod tests {
         assert_eq!((ops[0].kind, ops[0].key, ops[0].value), (Kind::Put, &b"k1"[..], &b"v1"[..]));
         assert_eq!((ops[1].kind, ops[1].key), (Kind::Delete, &b"k2"[..]));
         assert!(decode(&rep[..rep.len() - 1]).is_none());
+        // Sequence numbers outside 1..=MAX_SEQ, and an empty batch, are malformed (replay
+        // computes the batch's last sequence number from them).
+        for seq in [0, MAX_SEQ, u64::MAX] {
+            assert!(decode(b.encode(seq).unwrap()).is_none(), "seq {seq}");
+        }
+        assert!(decode(b.encode(MAX_SEQ - 1).unwrap()).is_some());
+        assert!(decode(WriteBatch::new().encode(1).unwrap()).is_none());
 
         let mut parts = WriteBatch::new();
         parts.put_parts(&[b"k", b"1"], &[b"v", b"", b"1"]).put_parts(&[b"k2"], &[]);

@@ -45,6 +45,7 @@ impl BlockBuilder {
         put_varint(&mut self.buf, shared as u64);
         put_varint(&mut self.buf, (key.len() - shared) as u64);
         put_varint(&mut self.buf, value.len() as u64);
+        #[expect(clippy::indexing_slicing, reason = "`shared` counts bytes of `key`")]
         self.buf.extend_from_slice(&key[shared..]);
         self.buf.extend_from_slice(value);
         self.last_key.clear();
@@ -98,10 +99,10 @@ struct Entry {
 impl Block {
     pub(crate) fn new(data: Bytes) -> Result<Block, String> {
         let len = data.len();
-        if len < 4 {
+        let Some((_, &n)) = data.split_last_chunk::<4>() else {
             return Err(format!("block of {len} bytes is too short"));
-        }
-        let n = u32::from_le_bytes(data[len - 4..].try_into().expect("4 bytes")) as usize;
+        };
+        let n = u32::from_le_bytes(n) as usize;
         let restarts_at = n
             .checked_mul(4)
             .and_then(|b| (len - 4).checked_sub(b))
@@ -118,15 +119,25 @@ impl Block {
         Ok(b)
     }
 
+    #[expect(
+        clippy::indexing_slicing,
+        reason = "callers pass i < restarts, and `new` checked that the restarts_at + 4 * restarts \
+                  bytes of the restart array lie in `data`"
+    )]
     fn restart(&self, i: usize) -> usize {
         let at = self.restarts_at + 4 * i;
         u32::from_le_bytes(self.data[at..at + 4].try_into().expect("4 bytes")) as usize
     }
 
+    /// Bytes `from..to` of the block: a span of an `Entry`, which `entry` checked.
+    fn span(&self, (from, to): (usize, usize)) -> Result<&[u8], String> {
+        self.data.get(from..to).ok_or_else(|| format!("bytes {from}..{to} lie outside the block"))
+    }
+
     fn entry(&self, pos: usize, prev_len: usize) -> Result<Entry, String> {
-        let d = &self.data[..self.restarts_at];
-        let mut p = pos;
         let bad = || format!("entry at {pos} is malformed");
+        let d = self.data.get(..self.restarts_at).ok_or_else(bad)?;
+        let mut p = pos;
         let shared = get_varint(d, &mut p).ok_or_else(bad)? as usize;
         let unshared = get_varint(d, &mut p).ok_or_else(bad)? as usize;
         let vlen = get_varint(d, &mut p).ok_or_else(bad)? as usize;
@@ -168,7 +179,7 @@ impl Block {
             let e = self.entry(pos, prev.1 - prev.0)?;
             let start = keys.len();
             keys.extend_from_within(prev.0..prev.0 + e.shared);
-            keys.extend_from_slice(&self.data[e.delta.0..e.delta.1]);
+            keys.extend_from_slice(self.span(e.delta)?);
             prev = (start, keys.len());
             spans.push(Span { key: prev, value: e.value });
             pos = e.next;
@@ -222,7 +233,7 @@ impl BlockCursor {
         let shared = if self.next == 0 { 0 } else { self.key.len() };
         let e = self.block.entry(self.next, shared)?;
         self.key.truncate(e.shared);
-        self.key.extend_from_slice(&self.block.data[e.delta.0..e.delta.1]);
+        self.key.extend_from_slice(self.block.span(e.delta)?);
         if !(self.valid)(&self.key) {
             return Err(format!("key at {} is malformed", self.next));
         }
@@ -244,7 +255,7 @@ impl BlockCursor {
         while lo < hi {
             let mid = (lo + hi) / 2;
             let e = b.entry(b.restart(mid), 0)?;
-            let k = &b.data[e.delta.0..e.delta.1];
+            let k = b.span(e.delta)?;
             if !(self.valid)(k) {
                 return Err(format!("restart key {mid} is malformed"));
             }
@@ -270,6 +281,10 @@ impl BlockCursor {
     }
 
     /// The current value (empty off the end).
+    #[expect(
+        clippy::indexing_slicing,
+        reason = "`value` is a span `entry` checked against this block, read only while `at`"
+    )]
     pub(crate) fn value(&self) -> &[u8] {
         &self.block.data[self.value.0..self.value.1]
     }
@@ -299,28 +314,48 @@ impl Decoded {
         self.spans.len()
     }
 
+    #[expect(
+        clippy::indexing_slicing,
+        reason = "i < len() (callers); `decode` built every span within `keys` and `data`"
+    )]
     pub(crate) fn key(&self, i: usize) -> &[u8] {
         let s = self.spans[i].key;
         &self.keys[s.0..s.1]
     }
 
+    #[expect(
+        clippy::indexing_slicing,
+        reason = "i < len() (callers); `decode` built every span within `keys` and `data`"
+    )]
     pub(crate) fn value(&self, i: usize) -> Bytes {
         let s = self.spans[i].value;
         self.data.slice(s.0..s.1)
     }
 
+    #[expect(
+        clippy::indexing_slicing,
+        reason = "i < len() (callers); `decode` built every span within `keys` and `data`"
+    )]
     pub(crate) fn value_ref(&self, i: usize) -> &[u8] {
         let s = self.spans[i].value;
         &self.data[s.0..s.1]
     }
 
     /// Key `i` as shared bytes (no copy).
+    #[expect(
+        clippy::indexing_slicing,
+        reason = "i < len() (callers); `decode` built every span within `keys` and `data`"
+    )]
     pub(crate) fn key_bytes(&self, i: usize) -> Bytes {
         let s = self.spans[i].key;
         self.keys.slice(s.0..s.1)
     }
 
     /// Offset within `range` of the first entry of the range not less than `target`.
+    #[expect(
+        clippy::indexing_slicing,
+        reason = "`range` lies within 0..len() (callers); `decode` built every key span within `keys`"
+    )]
     pub(crate) fn lower_bound_in(
         &self,
         range: std::ops::Range<usize>,
@@ -332,6 +367,7 @@ impl Decoded {
     }
 
     /// Index of the first entry greater than `target`.
+    #[expect(clippy::indexing_slicing, reason = "`decode` built every key span within `keys`")]
     pub(crate) fn upper_bound(
         &self,
         target: &[u8],
@@ -349,6 +385,16 @@ mod tests {
 
     fn cmp(a: &[u8], b: &[u8]) -> Ordering {
         a.cmp(b)
+    }
+
+    #[test]
+    fn blocks_too_short_or_with_restarts_past_their_end_are_errors() {
+        for short in [&[][..], &[1], &[1, 0, 0]] {
+            let e = Block::new(Bytes::copy_from_slice(short)).unwrap_err();
+            assert!(e.contains("too short"), "{e}");
+        }
+        let e = Block::new(Bytes::from_static(&[0, 0, 0, 0, 2, 0, 0, 0])).unwrap_err();
+        assert!(e.contains("do not fit"), "{e}");
     }
 
     proptest! {

@@ -9,6 +9,7 @@ pub(crate) fn hash(user: &[u8]) -> u64 {
 }
 
 /// Builds a filter from the hashes of the keys.
+#[expect(clippy::indexing_slicing, reason = "bit < bits = 8 * bytes, and `out` holds bytes + 1")]
 pub(crate) fn build(hashes: &[u64], bits_per_key: u32) -> Vec<u8> {
     let bits = (hashes.len() as u64 * u64::from(bits_per_key)).max(64);
     let bytes = bits.div_ceil(8) as usize;
@@ -29,6 +30,7 @@ pub(crate) fn build(hashes: &[u64], bits_per_key: u32) -> Vec<u8> {
 }
 
 /// Whether the key with hash `h` may be in the filter. A malformed filter answers "maybe".
+#[expect(clippy::indexing_slicing, reason = "bit < nbits = 8 * bits.len()")]
 pub(crate) fn may_contain(filter: &[u8], h: u64) -> bool {
     let Some((&k, bits)) = filter.split_last() else { return true };
     if bits.is_empty() || k == 0 || k > 30 {

@@ -70,6 +70,10 @@ impl BlockCache {
         }
     }
 
+    #[expect(
+        clippy::indexing_slicing,
+        reason = "shards holds SHARDS shards, indexed modulo SHARDS"
+    )]
     fn shard(&self, table: u64, offset: u64) -> &Mutex<Shard> {
         let h = (table.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (offset >> 12)).wrapping_mul(31);
         &self.shards[(h as usize) % SHARDS]

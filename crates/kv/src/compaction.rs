@@ -77,6 +77,10 @@ impl Retention {
 /// towards its score; `cursors[level]` is where the round robin through a sorted level stands
 /// (the largest user key of the last table it took). The caller marks the tables busy
 /// ([`claim`]) and moves the cursor.
+#[expect(
+    clippy::indexing_slicing,
+    reason = "levels and cursors hold NUM_LEVELS entries and level < NUM_LEVELS - 1"
+)]
 pub(crate) fn pick(
     version: &Version,
     opts: &Options,
@@ -106,16 +110,16 @@ pub(crate) fn pick(
     } else {
         let files = &version.levels[level];
         let cursor = &cursors[level];
-        let after =
-            files.iter().position(|t| t.meta.smallest_user() > cursor.as_slice() && !busy(t));
-        let i = after.or_else(|| files.iter().position(|t| !busy(t)))?;
-        vec![files[i].clone()]
+        let after = files.iter().find(|t| t.meta.smallest_user() > cursor.as_slice() && !busy(t));
+        let t = after.or_else(|| files.iter().find(|t| !busy(t)))?;
+        vec![t.clone()]
     };
     Some(expand(version, level, first))
 }
 
 /// When the database is idle: every L0 table merged into L1, so that reads and scans see one
 /// sorted run fewer per table and overwritten versions stop taking space. `None` if L0 is empty.
+#[expect(clippy::indexing_slicing, reason = "levels holds NUM_LEVELS > 0 entries")]
 pub(crate) fn pick_idle(version: &Version) -> Option<Compaction> {
     if version.levels[0].is_empty() {
         return None;
@@ -144,7 +148,10 @@ pub(crate) fn expand(version: &Version, level: usize, first: Vec<Arc<TableFile>>
 pub(crate) fn disjoint(tables: &[Arc<TableFile>]) -> bool {
     let mut sorted: Vec<&Arc<TableFile>> = tables.iter().collect();
     sorted.sort_by(|a, b| a.meta.smallest_user().cmp(b.meta.smallest_user()));
-    sorted.windows(2).all(|w| w[0].meta.largest_user() < w[1].meta.smallest_user())
+    sorted
+        .iter()
+        .zip(sorted.iter().skip(1))
+        .all(|(a, b)| a.meta.largest_user() < b.meta.smallest_user())
 }
 
 #[cfg(test)]

@@ -165,6 +165,7 @@ impl Merge {
     }
 
     /// Sources for everything a view holds, newest first, for a walk within `bounds`.
+    #[expect(clippy::indexing_slicing, reason = "levels holds NUM_LEVELS > 0 entries")]
     pub(crate) fn of_view(view: &View, forward: bool, bounds: &Bounds) -> Merge {
         let mut sources = vec![Source::mem(view.mem.clone(), forward, bounds)];
         sources.extend(view.imms.iter().map(|m| Source::mem(m.clone(), forward, bounds)));
@@ -178,6 +179,10 @@ impl Merge {
     }
 
     /// Whether source `a`'s entry comes before source `b`'s (ties: the earlier source).
+    #[expect(
+        clippy::indexing_slicing,
+        reason = "`cur`, `runner` and the sources compared are positions in `sources`, whose length never changes"
+    )]
     fn before(&self, a: usize, b: usize) -> bool {
         match (self.sources[a].key(), self.sources[b].key()) {
             (Some(x), Some(y)) => {
@@ -192,8 +197,8 @@ impl Merge {
 
     fn pick(&mut self) {
         let (mut best, mut runner): (Option<usize>, Option<usize>) = (None, None);
-        for i in 0..self.sources.len() {
-            if self.sources[i].key().is_none() {
+        for (i, source) in self.sources.iter().enumerate() {
+            if source.key().is_none() {
                 continue;
             }
             match best {
@@ -222,6 +227,10 @@ impl Merge {
         Ok(())
     }
 
+    #[expect(
+        clippy::indexing_slicing,
+        reason = "`cur`, `runner` and the sources compared are positions in `sources`, whose length never changes"
+    )]
     pub(crate) fn advance(&mut self) -> Result<()> {
         if let Some(i) = self.cur {
             self.sources[i].advance()?;
@@ -236,20 +245,36 @@ impl Merge {
         Ok(())
     }
 
+    #[expect(
+        clippy::indexing_slicing,
+        reason = "`cur`, `runner` and the sources compared are positions in `sources`, whose length never changes"
+    )]
     pub(crate) fn key(&self) -> Option<&[u8]> {
         self.cur.and_then(|i| self.sources[i].key())
     }
 
+    #[expect(
+        clippy::indexing_slicing,
+        reason = "`cur`, `runner` and the sources compared are positions in `sources`, whose length never changes"
+    )]
     pub(crate) fn value(&self) -> Bytes {
         self.cur.map(|i| self.sources[i].value()).unwrap_or_default()
     }
 
     /// The current value, borrowed from the block or memtable it is in.
+    #[expect(
+        clippy::indexing_slicing,
+        reason = "`cur`, `runner` and the sources compared are positions in `sources`, whose length never changes"
+    )]
     fn value_ref(&self) -> &[u8] {
         self.cur.map_or(&[], |i| self.sources[i].value_ref())
     }
 
     /// The user key of the current entry as bytes of its own.
+    #[expect(
+        clippy::indexing_slicing,
+        reason = "`cur`, `runner` and the sources compared are positions in `sources`, whose length never changes"
+    )]
     fn user_key_bytes(&self) -> Bytes {
         self.cur.map(|i| self.sources[i].user_key_bytes()).unwrap_or_default()
     }

@@ -45,15 +45,14 @@ pub(crate) fn lookup(user: &[u8], seq: u64) -> Vec<u8> {
     make(user, seq, Kind::Put)
 }
 
-/// Splits an internal key. Callers only pass keys they built or validated (`valid`).
+/// Splits an internal key. Callers only pass keys they built or validated (`valid`); a key
+/// shorter than a tag has an empty user key and tag 0.
 pub(crate) fn user(ikey: &[u8]) -> &[u8] {
-    &ikey[..ikey.len() - TAG_LEN]
+    ikey.split_last_chunk::<TAG_LEN>().map_or(&[], |(user, _)| user)
 }
 
 pub(crate) fn tag_of(ikey: &[u8]) -> u64 {
-    let mut t = [0u8; 8];
-    t.copy_from_slice(&ikey[ikey.len() - TAG_LEN..]);
-    u64::from_be_bytes(t)
+    ikey.last_chunk::<TAG_LEN>().map_or(0, |&t| u64::from_be_bytes(t))
 }
 
 pub(crate) fn seq(ikey: &[u8]) -> u64 {
@@ -83,6 +82,10 @@ pub(crate) fn compare(a: &[u8], b: &[u8]) -> Ordering {
 /// Lexicographic order of byte strings, eight bytes at a time: short keys are the common case and
 /// a call into `memcmp` costs more than the comparison itself.
 #[inline]
+#[expect(
+    clippy::indexing_slicing,
+    reason = "i <= n and i + 8 <= n in the loop, n the shorter length"
+)]
 pub(crate) fn bytes_cmp(a: &[u8], b: &[u8]) -> Ordering {
     let n = a.len().min(b.len());
     let mut i = 0;
@@ -100,6 +103,7 @@ pub(crate) fn bytes_cmp(a: &[u8], b: &[u8]) -> Ordering {
 /// The first 16 bytes of `user`, zero-padded, as a big-endian integer. Keys with different
 /// prefixes order as their prefixes do; keys with equal prefixes need a full comparison.
 #[inline]
+#[expect(clippy::indexing_slicing, reason = "n is at most the length of both")]
 pub(crate) fn prefix16(user: &[u8]) -> u128 {
     let mut p = [0u8; 16];
     let n = user.len().min(16);
@@ -129,17 +133,15 @@ impl UserKey {
     pub(crate) fn new(user: &[u8]) -> UserKey {
         let mut prefix = [0u8; INLINE];
         let n = user.len().min(INLINE);
+        #[expect(clippy::indexing_slicing, reason = "n is at most the length of both")]
         prefix[..n].copy_from_slice(&user[..n]);
         let long = if user.len() > INLINE { Bytes::copy_from_slice(user) } else { Bytes::new() };
         UserKey { prefix, len: user.len() as u32, long }
     }
 
     pub(crate) fn user(&self) -> &[u8] {
-        if self.len as usize <= INLINE {
-            &self.prefix[..self.len as usize]
-        } else {
-            &self.long
-        }
+        // A key of up to INLINE bytes is the start of `prefix`; a longer one is `long`.
+        self.prefix.get(..self.len as usize).unwrap_or(&self.long)
     }
 }
 
@@ -239,6 +241,14 @@ mod tests {
         assert_eq!(seq(&a2), 2);
         assert_eq!(kind(&a2), Kind::Delete);
         assert_eq!(user(&ab), b"ab");
+    }
+
+    /// A key shorter than a tag splits into nothing instead of panicking; `valid` rejects it.
+    #[test]
+    fn keys_shorter_than_a_tag_split_without_panicking() {
+        for k in [&b""[..], b"abc", b"1234567"] {
+            assert_eq!((user(k), tag_of(k), valid(k)), (&b""[..], 0, false));
+        }
     }
 
     proptest! {

@@ -18,7 +18,7 @@
 //! }
 //! # Ok(()) }
 //! ```
-#![warn(clippy::unwrap_used)]
+#![deny(clippy::unwrap_used, clippy::indexing_slicing)]
 
 mod batch;
 mod block;
@@ -58,6 +58,7 @@ pub mod fuzz {
     /// `data` as a block as stored (bytes, then trailer) verified, decompressed and read every
     /// way tables read blocks; then again with its checksum made right, so that the checks
     /// behind it are reached too; then `data` as an uncompressed block. Never panics.
+    #[expect(clippy::indexing_slicing, reason = "n = data.len() - TRAILER_LEN < fixed.len()")]
     pub fn block(data: &[u8]) {
         if let Ok(raw) = table::unpack(data.to_vec()) {
             read(raw);

@@ -75,6 +75,7 @@ impl Value {
     fn new(v: &[u8]) -> Value {
         if v.len() <= INLINE_VALUE {
             let mut bytes = [0u8; INLINE_VALUE];
+            #[expect(clippy::indexing_slicing, reason = "v.len() <= INLINE_VALUE, checked above")]
             bytes[..v.len()].copy_from_slice(v);
             Value::Inline { len: v.len() as u8, bytes }
         } else {
@@ -82,6 +83,10 @@ impl Value {
         }
     }
 
+    #[expect(
+        clippy::indexing_slicing,
+        reason = "`len` <= INLINE_VALUE: only `new` builds an inline value, for one that fits"
+    )]
     fn as_slice(&self) -> &[u8] {
         match self {
             Value::Inline { len, bytes } => &bytes[..*len as usize],
@@ -89,6 +94,10 @@ impl Value {
         }
     }
 
+    #[expect(
+        clippy::indexing_slicing,
+        reason = "`len` <= INLINE_VALUE: only `new` builds an inline value, for one that fits"
+    )]
     fn to_bytes(&self) -> Bytes {
         match self {
             Value::Inline { len, bytes } => Bytes::copy_from_slice(&bytes[..*len as usize]),
@@ -159,8 +168,8 @@ impl Versions {
             list.push(v);
         } else {
             let at = list.partition_point(|o| o.tag < v.tag);
-            if list.get(at).is_some_and(|o| o.tag == v.tag) {
-                let old = std::mem::replace(&mut list[at], v);
+            if let Some(same) = list.get_mut(at).filter(|o| o.tag == v.tag) {
+                let old = std::mem::replace(same, v);
                 return heap - old.value.heap() as isize - freed;
             }
             list.insert(at, v);
@@ -284,11 +293,19 @@ impl<G: std::ops::Deref<Target = Table>> LockedShards<G> {
     }
 
     /// The table of `hash`'s shard, which must be locked.
+    #[expect(
+        clippy::indexing_slicing,
+        reason = "`at` is a position in `ids`, and `guards` holds one guard per id"
+    )]
     fn table(&self, hash: u64) -> &Table {
         &self.guards[self.at(hash)]
     }
 
     /// [`LockedShards::table`], to change.
+    #[expect(
+        clippy::indexing_slicing,
+        reason = "`at` is a position in `ids`, and `guards` holds one guard per id"
+    )]
     fn table_mut(&mut self, hash: u64) -> &mut Table
     where
         G: std::ops::DerefMut,
@@ -347,6 +364,7 @@ fn prefetch(p: *const u8, len: usize) {
 
 /// The first eight bytes of `key`, zero-padded, as a big-endian number: if one key's is less
 /// than another's, so is the key.
+#[expect(clippy::indexing_slicing, reason = "n is at most the length of both")]
 fn prefix8(key: &[u8]) -> u64 {
     let mut b = [0u8; 8];
     let n = key.len().min(8);
@@ -437,6 +455,10 @@ impl Memtable {
         prune: Option<u64>,
     ) {
         let version = Version { tag: key::tag(seq, kind), value: Value::new(value) };
+        #[expect(
+            clippy::indexing_slicing,
+            reason = "a non-empty `index` holds SHARDS shards, and shard_of is below SHARDS"
+        )]
         let added = if self.index.is_empty() {
             self.insert_node(user, version, prune)
         } else {
@@ -583,6 +605,10 @@ impl Memtable {
     /// The index shards of these hashes, read-locked in shard order, each once. Readers and
     /// writers of several shards (see [`Memtable::insert_batch`]) take them in this order and
     /// the others take one, so none waits in a cycle.
+    #[expect(
+        clippy::indexing_slicing,
+        reason = "with a hash index (callers check), `index` holds SHARDS shards and shard ids are below SHARDS"
+    )]
     fn locked(&self, hashes: impl Iterator<Item = u64>) -> LockedShards<ShardRead<'_>> {
         let ids = shard_ids(hashes);
         let guards = ids.iter().map(|&i| self.index[i].0.read()).collect();
@@ -590,6 +616,10 @@ impl Memtable {
     }
 
     /// [`Memtable::locked`], write-locked.
+    #[expect(
+        clippy::indexing_slicing,
+        reason = "with a hash index (callers check), `index` holds SHARDS shards and shard ids are below SHARDS"
+    )]
     fn locked_mut(&self, hashes: impl Iterator<Item = u64>) -> LockedShards<ShardWrite<'_>> {
         let ids = shard_ids(hashes);
         let guards = ids.iter().map(|&i| self.index[i].0.write()).collect();

@@ -207,13 +207,11 @@ fn read_block(file: &File, path: &Path, off: u64, len: u32) -> Result<Bytes> {
 /// Verifies a block as stored (its bytes, then the trailer `type u8 | crc32c u32 LE`) and
 /// decompresses it; the error is the reason.
 pub(crate) fn unpack(mut stored: Vec<u8>) -> std::result::Result<Bytes, String> {
-    let len = stored
-        .len()
-        .checked_sub(TRAILER_LEN)
-        .ok_or_else(|| format!("block of {} bytes has no trailer", stored.len()))?;
-    let (body, trailer) = stored.split_at(len);
-    let ty = trailer[0];
-    let want = u32::from_le_bytes(trailer[1..].try_into().expect("4 bytes"));
+    let Some((body, &[ty, c0, c1, c2, c3])) = stored.split_last_chunk::<TRAILER_LEN>() else {
+        return Err(format!("block of {} bytes has no trailer", stored.len()));
+    };
+    let len = body.len();
+    let want = u32::from_le_bytes([c0, c1, c2, c3]);
     let crc = crc32c::crc32c_append(crc32c::crc32c(body), &[ty]);
     if crc != want {
         return Err("block checksum mismatch".into());
@@ -277,17 +275,17 @@ impl Table {
         if f[40..48] != MAGIC {
             return Err(corrupt("footer has no SSTable magic number".into()));
         }
-        let le32 = |r: std::ops::Range<usize>| u32::from_le_bytes(f[r].try_into().expect("4"));
-        let le64 = |r: std::ops::Range<usize>| u64::from_le_bytes(f[r].try_into().expect("8"));
-        if crc32c::crc32c(&f[..36]) != le32(36..40) {
+        let le32 = |b: &[u8]| u32::from_le_bytes(b.try_into().expect("4"));
+        let le64 = |b: &[u8]| u64::from_le_bytes(b.try_into().expect("8"));
+        if crc32c::crc32c(&f[..36]) != le32(&f[36..40]) {
             return Err(corrupt("footer checksum mismatch".into()));
         }
-        let version = le32(32..36);
+        let version = le32(&f[32..36]);
         if version != VERSION {
             return Err(corrupt(format!("unsupported SSTable version {version}")));
         }
-        let (index_off, index_len) = (le64(0..8), le32(8..12));
-        let (filter_off, filter_len) = (le64(12..20), le32(20..24));
+        let (index_off, index_len) = (le64(&f[0..8]), le32(&f[8..12]));
+        let (filter_off, filter_len) = (le64(&f[12..20]), le32(&f[20..24]));
         for (what, off, len) in
             [("index", index_off, index_len), ("filter", filter_off, filter_len)]
         {
@@ -326,9 +324,7 @@ impl Table {
 
     fn handle_at(&self, index: &Decoded, i: usize) -> Option<(u64, u32)> {
         let v = index.value(i);
-        if v.len() != 12 {
-            return None;
-        }
+        let v: &[u8; 12] = v.as_ref().try_into().ok()?;
         let off = u64::from_le_bytes(v[..8].try_into().ok()?);
         let len = u32::from_le_bytes(v[8..].try_into().ok()?);
         let end = off.checked_add(u64::from(len) + TRAILER_LEN as u64)?;
@@ -368,6 +364,7 @@ impl Table {
     fn index_lower_bound(&self, target: &[u8]) -> usize {
         let p = key::prefix16(key::user(target));
         let lo = self.index_prefix.partition_point(|&x| x < p);
+        #[expect(clippy::indexing_slicing, reason = "a partition point is at most the length")]
         let hi = lo + self.index_prefix[lo..].partition_point(|&x| x == p);
         lo + self.index.lower_bound_in(lo..hi, target, key::compare)
     }

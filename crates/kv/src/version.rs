@@ -65,6 +65,7 @@ impl Version {
     }
 
     /// Orders each level by its invariant.
+    #[expect(clippy::indexing_slicing, reason = "levels holds NUM_LEVELS > 0 entries")]
     pub(crate) fn sort(&mut self) {
         self.levels[0].sort_by_key(|t| std::cmp::Reverse(t.meta.id));
         for l in &mut self.levels[1..] {
@@ -75,9 +76,9 @@ impl Version {
     /// The manifest state of this version.
     pub(crate) fn state(&self, last_seq: u64, next_file: u64) -> State {
         let mut s = State::new();
-        for (l, ts) in self.levels.iter().enumerate() {
+        for (level, ts) in s.levels.iter_mut().zip(&self.levels) {
             for t in ts {
-                s.levels[l].insert(t.meta.id, t.meta.clone());
+                level.insert(t.meta.id, t.meta.clone());
             }
         }
         s.log_number = self.log_number;
@@ -87,6 +88,10 @@ impl Version {
     }
 
     /// The table of a sorted level (L1+) that may hold `user`.
+    #[expect(
+        clippy::indexing_slicing,
+        reason = "callers pass level < NUM_LEVELS, and levels holds NUM_LEVELS entries"
+    )]
     pub(crate) fn find(&self, level: usize, user: &[u8]) -> Option<&Arc<TableFile>> {
         let files = &self.levels[level];
         let i = files.partition_point(|t| t.meta.largest_user() < user);
@@ -94,6 +99,10 @@ impl Version {
     }
 
     /// Tables of `level` overlapping the user-key range `[lo, hi]`.
+    #[expect(
+        clippy::indexing_slicing,
+        reason = "callers pass level < NUM_LEVELS, and levels holds NUM_LEVELS entries"
+    )]
     pub(crate) fn overlapping(
         &self,
         level: usize,
@@ -103,6 +112,10 @@ impl Version {
         self.levels[level].iter().filter(|t| t.overlaps(lo, hi)).cloned().collect()
     }
 
+    #[expect(
+        clippy::indexing_slicing,
+        reason = "callers pass level < NUM_LEVELS, and levels holds NUM_LEVELS entries"
+    )]
     pub(crate) fn level_bytes(&self, level: usize) -> u64 {
         self.levels[level].iter().map(|t| t.meta.size).sum()
     }

@@ -128,6 +128,34 @@ fn flipped_byte_in_index_filter_or_footer_fails_open() {
     }
 }
 
+/// An index block under a valid checksum whose key is shorter than the 8-byte tag of an
+/// internal key: open reports it instead of panicking on the key.
+#[test]
+fn index_key_shorter_than_a_tag_fails_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = one_table(dir.path());
+    let (index, _, _) = layout(&t);
+    let b = fs::read(&t).unwrap();
+    let mut footer = b[b.len() - 48..].to_vec();
+    // One entry (no shared bytes, a 3-byte key, a 12-byte handle), one restart point at 0.
+    let mut block = vec![0, 3, 12];
+    block.extend_from_slice(b"abc");
+    block.extend_from_slice(&[0; 12]);
+    block.extend_from_slice(&0u32.to_le_bytes());
+    block.extend_from_slice(&1u32.to_le_bytes());
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&block), &[0]);
+    footer[8..12].copy_from_slice(&(block.len() as u32).to_le_bytes());
+    let footer_crc = crc32c::crc32c(&footer[..36]);
+    footer[36..40].copy_from_slice(&footer_crc.to_le_bytes());
+    let mut file = b[..index as usize].to_vec();
+    file.extend_from_slice(&block);
+    file.push(0);
+    file.extend_from_slice(&crc.to_le_bytes());
+    file.extend_from_slice(&footer);
+    fs::write(&t, file).unwrap();
+    assert_eq!(assert_corrupt(Db::open(dir.path(), opts()), &t), index);
+}
+
 #[test]
 fn truncated_table_fails_open() {
     let dir = tempfile::tempdir().unwrap();
@@ -135,6 +163,32 @@ fn truncated_table_fails_open() {
     let len = fs::metadata(&t).unwrap().len();
     fs::File::options().write(true).open(&t).unwrap().set_len(len - 10).unwrap();
     assert_corrupt(Db::open(dir.path(), opts()), &t);
+}
+
+/// WAL records that decode as batches but hold no write, or number their writes at 0 or past the
+/// largest sequence number, are corrupt (replay computed the batch's last number from them).
+#[test]
+fn wal_batches_numbered_out_of_range_are_corrupt() {
+    let empty_at_0 = vec![0u8; 12];
+    let mut past_the_last = (u64::MAX - 1).to_le_bytes().to_vec();
+    past_the_last.extend_from_slice(&2u32.to_le_bytes());
+    for k in [b'a', b'b'] {
+        past_the_last.extend_from_slice(&[0, 1, k]); // a delete of a one-byte key
+    }
+    for (i, rec) in [empty_at_0, past_the_last].iter().enumerate() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path(), opts()).unwrap();
+        db.put(key(1), "v").unwrap();
+        drop(db);
+        let wal =
+            timber_wal::Wal::open(dir.path().join("wal"), timber_wal::Options::default()).unwrap();
+        wal.append(rec).unwrap();
+        drop(wal);
+        match Db::open(dir.path(), opts()) {
+            Err(Error::Corrupt { reason, .. }) => assert!(reason.contains("not a valid batch")),
+            other => panic!("record {i}: expected Corrupt, got {other:?}"),
+        }
+    }
 }
 
 fn manifest(dir: &Path) -> PathBuf {

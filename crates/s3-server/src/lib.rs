@@ -6,6 +6,8 @@
 //! one access key and secret, and, as S3 does, answers `NoSuchBucket` for a bucket that does
 //! not exist (s3s-fs alone would create it on the first put).
 
+#![deny(clippy::unwrap_used, clippy::indexing_slicing)]
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 

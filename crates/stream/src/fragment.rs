@@ -125,6 +125,7 @@ pub(crate) fn encode_into(
     out.put_u64_le(segment);
     out.put_u64_le(first_id);
     out.put_u32_le(entries.len() as u32);
+    #[expect(clippy::indexing_slicing, reason = "`out` holds the header but its CRC")]
     let hcrc = crc32c::crc32c(&out[..HEADER_LEN - 4]);
     out.put_u32_le(hcrc);
     let body_crc = match (flags, &compressed) {
@@ -140,6 +141,7 @@ pub(crate) fn encode_into(
     out.put_u64_le(raw_len as u64);
     out.put_u32_le(body_crc);
     out.put_u32_le(crc32c::crc32c(&index));
+    #[expect(clippy::indexing_slicing, reason = "foot_start was out.len() before the footer")]
     let fcrc = crc32c::crc32c(&out[foot_start..]);
     out.put_u32_le(fcrc);
     out.put_slice(END_MAGIC);
@@ -149,6 +151,7 @@ pub(crate) fn encode_into(
 /// Appends the raw body (`len u32 | bytes` per entry) to `buf`. With `checksum`, returns the
 /// CRC32C of what it appended, taken every [`CRC_CHUNK`] bytes while they are still in cache (a
 /// second pass over a body of megabytes would read it back from memory); otherwise 0.
+#[expect(clippy::indexing_slicing, reason = "`from` is a length `buf` had, and `buf` only grows")]
 fn put_entries(buf: &mut BytesMut, entries: &[Bytes], checksum: bool) -> u32 {
     let (mut crc, mut from) = (0, buf.len());
     for e in entries {
@@ -165,54 +168,57 @@ fn put_entries(buf: &mut BytesMut, entries: &[Bytes], checksum: bool) -> u32 {
     crc
 }
 
-fn u16_at(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes(b[at..at + 2].try_into().expect("2 bytes"))
+// Fields of the header and footer, passed as constant ranges of those fixed-size arrays.
+fn le16(b: &[u8]) -> u16 {
+    u16::from_le_bytes(b.try_into().expect("a 2-byte field"))
 }
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+fn le32(b: &[u8]) -> u32 {
+    u32::from_le_bytes(b.try_into().expect("a 4-byte field"))
 }
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+fn le64(b: &[u8]) -> u64 {
+    u64::from_le_bytes(b.try_into().expect("an 8-byte field"))
 }
 
 /// Decodes and verifies an encoded fragment. `object` names it in errors.
 pub(crate) fn decode(object: &str, data: &Bytes) -> Result<Fragment> {
     let corrupt = |reason: String| Error::Corrupt { object: object.to_string(), reason };
-    if data.len() < HEADER_LEN + FOOTER_LEN {
+    let (Some(h), Some(f), true) = (
+        data.first_chunk::<HEADER_LEN>(),
+        data.last_chunk::<FOOTER_LEN>(),
+        data.len() >= HEADER_LEN + FOOTER_LEN,
+    ) else {
         return Err(corrupt(format!("{} bytes is shorter than header and footer", data.len())));
-    }
-    let h = &data[..HEADER_LEN];
+    };
     if &h[..8] != MAGIC {
         return Err(corrupt("bad magic number".into()));
     }
-    if crc32c::crc32c(&h[..HEADER_LEN - 4]) != u32_at(h, HEADER_LEN - 4) {
+    if crc32c::crc32c(&h[..HEADER_LEN - 4]) != le32(&h[HEADER_LEN - 4..]) {
         return Err(corrupt("header checksum mismatch".into()));
     }
-    let version = u16_at(h, 8);
+    let version = le16(&h[8..10]);
     if version != VERSION {
         return Err(corrupt(format!("unsupported version {version}")));
     }
-    let flags = u16_at(h, 10);
+    let flags = le16(&h[10..12]);
     if flags & !FLAG_LZ4 != 0 {
         return Err(corrupt(format!("unknown flags {flags:#x}")));
     }
-    let stream = u64_at(h, 16);
-    let segment = u64_at(h, 24);
-    let first_id = u64_at(h, 32);
-    let count = u32_at(h, 40) as usize;
+    let stream = le64(&h[16..24]);
+    let segment = le64(&h[24..32]);
+    let first_id = le64(&h[32..40]);
+    let count = le32(&h[40..44]) as usize;
     if first_id.checked_add(count as u64).is_none() {
         return Err(corrupt(format!("{count} entries from id {first_id} run past the last id")));
     }
 
-    let f = &data[data.len() - FOOTER_LEN..];
     if &f[28..32] != END_MAGIC {
         return Err(corrupt("bad end magic (truncated object?)".into()));
     }
-    if crc32c::crc32c(&f[..24]) != u32_at(f, 24) {
+    if crc32c::crc32c(&f[..24]) != le32(&f[24..28]) {
         return Err(corrupt("footer checksum mismatch".into()));
     }
-    let stored_len = u64_at(f, 0);
-    let raw_len = u64_at(f, 8);
+    let stored_len = le64(&f[0..8]);
+    let raw_len = le64(&f[8..16]);
     let index_len = count as u64 * 4;
     let expect = (HEADER_LEN + FOOTER_LEN) as u64 + index_len;
     if expect.checked_add(stored_len) != Some(data.len() as u64) || raw_len > MAX_BODY as u64 {
@@ -221,12 +227,16 @@ pub(crate) fn decode(object: &str, data: &Bytes) -> Result<Fragment> {
             data.len()
         )));
     }
-    let stored = data.slice(HEADER_LEN..HEADER_LEN + stored_len as usize);
-    let index = &data[HEADER_LEN + stored_len as usize..data.len() - FOOTER_LEN];
-    if crc32c::crc32c(&stored) != u32_at(f, 16) {
+    // The lengths add up to the object's, so body and index lie between header and footer.
+    let body_end = HEADER_LEN + stored_len as usize;
+    let stored = data.slice(HEADER_LEN..body_end);
+    let Some(index) = data.get(body_end..data.len() - FOOTER_LEN) else {
+        return Err(corrupt(format!("a body of {stored_len} bytes leaves no room for the index")));
+    };
+    if crc32c::crc32c(&stored) != le32(&f[16..20]) {
         return Err(corrupt("body checksum mismatch".into()));
     }
-    if crc32c::crc32c(index) != u32_at(f, 20) {
+    if crc32c::crc32c(index) != le32(&f[20..24]) {
         return Err(corrupt("index checksum mismatch".into()));
     }
     let body = if flags & FLAG_LZ4 != 0 {
@@ -249,12 +259,15 @@ pub(crate) fn decode(object: &str, data: &Bytes) -> Result<Fragment> {
 
     let mut spans = Vec::with_capacity(count);
     let mut expect_off = 0usize;
-    for i in 0..count {
-        let off = u32_at(index, i * 4) as usize;
-        if off != expect_off || off + 4 > body.len() {
+    // `count` offsets: the lengths add up, so the index is 4 * count bytes.
+    let (offsets, _) = index.as_chunks::<4>();
+    for (i, &off) in offsets.iter().enumerate() {
+        let off = u32::from_le_bytes(off) as usize;
+        let len = body.get(off..).and_then(<[u8]>::first_chunk::<4>);
+        let (true, Some(&len)) = (off == expect_off, len) else {
             return Err(corrupt(format!("entry {i}: index offset {off} does not match the body")));
-        }
-        let len = u32_at(&body, off) as usize;
+        };
+        let len = u32::from_le_bytes(len) as usize;
         if off + 4 + len > body.len() {
             return Err(corrupt(format!("entry {i}: length {len} runs past the body")));
         }
@@ -301,8 +314,9 @@ mod tests {
                 let r = decode("obj", &Bytes::from(bad));
                 assert!(matches!(r, Err(Error::Corrupt { .. })), "flip at {i} not detected");
             }
-            for cut in [0, 1, HEADER_LEN, enc.len() - 1] {
-                assert!(decode("obj", &enc.slice(..cut)).is_err());
+            for cut in 0..enc.len() {
+                let r = decode("obj", &enc.slice(..cut));
+                assert!(matches!(r, Err(Error::Corrupt { .. })), "cut at {cut}: {r:?}");
             }
         }
     }

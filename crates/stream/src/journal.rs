@@ -185,8 +185,10 @@ fn decode(seq: u64, data: &[u8]) -> Result<Record> {
                 .get(17..21)
                 .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
                 .ok_or_else(|| corrupt(seq, "record too short"))?;
-            let body = Bytes::copy_from_slice(&data[21..]);
-            let mut entries = Vec::with_capacity(count as usize);
+            let body = data.get(21..).ok_or_else(|| corrupt(seq, "record too short"))?;
+            let body = Bytes::copy_from_slice(body);
+            // Each entry takes at least its 4-byte length: a larger count is not allocated.
+            let mut entries = Vec::with_capacity((count as usize).min(body.len() / 4));
             let mut at = 0;
             for _ in 0..count {
                 let len = body
@@ -387,6 +389,24 @@ mod tests {
         long.extend_from_slice(&1u32.to_le_bytes());
         long.extend_from_slice(&100u32.to_le_bytes());
         assert!(matches!(decode(5, &long), Err(Error::Corrupt { .. })));
+    }
+
+    /// A record claiming u32::MAX entries in a few bytes is corrupt, without first allocating
+    /// room for the entries it claims (over 100 GiB).
+    #[test]
+    fn a_count_the_record_cannot_hold_is_corrupt() {
+        let mut rec = vec![ENTRIES];
+        rec.extend_from_slice(&[0; 16]);
+        rec.extend_from_slice(&u32::MAX.to_le_bytes());
+        rec.extend_from_slice(&1u32.to_le_bytes());
+        rec.push(b'x');
+        for cut in [rec.len(), 21, 20] {
+            let r = decode(5, &rec[..cut]);
+            assert!(
+                matches!(&r, Err(Error::Corrupt { reason, .. }) if reason.contains("past the record") || reason.contains("too short")),
+                "{r:?}"
+            );
+        }
     }
 
     #[test]

@@ -160,8 +160,9 @@ async fn merge_group(
             entries.push(frag.get(id).expect("id in range"));
         }
     }
-    let first = group[0];
-    let last = group[group.len() - 1];
+    let (Some(&first), Some(&last)) = (group.first(), group.last()) else {
+        return Ok(());
+    };
     let data = fragment::encode(stream, first.segment, first.first_id, &entries, lz4);
     let new = FragmentMeta {
         segment: first.segment,

@@ -112,9 +112,9 @@ impl Active {
         } else {
             0
         };
-        if mapped < self.buf.len() {
+        if let Some(rest) = self.buf.get(mapped..).filter(|rest| !rest.is_empty()) {
             self.file
-                .write_all_at(&self.buf[mapped..], self.written + mapped as u64)
+                .write_all_at(rest, self.written + mapped as u64)
                 .map_err(|e| Error::io("write", &self.path, e))?;
         }
         self.written += len as u64;
@@ -122,6 +122,11 @@ impl Active {
         Ok(())
     }
 
+    #[expect(
+        clippy::indexing_slicing,
+        reason = "the caller checked start <= from < end(), so first < limit <= offsets.len(); \
+                  bytes past `written` are the first bytes of `buf`"
+    )]
     pub(crate) fn read_run(
         &self,
         from: u64,

@@ -33,6 +33,10 @@ fn claim_bits(seq: u64, synced_below: u64) -> u32 {
 
 /// Appends one encoded frame to `buf`. `synced_below` is the log's durable point when it is
 /// encoded: every record below it is on stable storage (it is at most `seq`).
+#[expect(
+    clippy::indexing_slicing,
+    reason = "`buf` grew by HEADER_LEN + payload bytes from `start`"
+)]
 pub(crate) fn encode(buf: &mut Vec<u8>, seq: u64, last: bool, synced_below: u64, payload: &[u8]) {
     let start = buf.len();
     let len = u32::try_from(payload.len()).expect("record length checked against capacity");
@@ -120,11 +124,14 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Frame<'_>, Invalid> {
     let header = Header::parse(bytes)
         .ok_or(Invalid::Truncated { have: bytes.len(), need: HEADER_LEN as u64 })?;
     let need = header.frame_len();
-    if (bytes.len() as u64) < need {
-        return Err(Invalid::Truncated { have: bytes.len(), need });
-    }
-    let end = need as usize;
-    let computed = crc32c::crc32c(&bytes[4..end]);
+    let truncated = || Invalid::Truncated { have: bytes.len(), need };
+    let frame =
+        usize::try_from(need).ok().and_then(|end| bytes.get(..end)).ok_or_else(truncated)?;
+    // `need` counts the header, so the frame holds at least HEADER_LEN bytes.
+    let (Some(covered), Some(payload)) = (frame.get(4..), frame.get(HEADER_LEN..)) else {
+        return Err(truncated());
+    };
+    let computed = crc32c::crc32c(covered);
     if computed != header.crc {
         return Err(Invalid::Checksum { stored: header.crc, computed });
     }
@@ -137,7 +144,7 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Frame<'_>, Invalid> {
         last: header.flags & FLAG_LAST != 0,
         // `seq + 1 - v`, saturating at 0, without overflowing at `seq == u64::MAX`.
         synced_below: if v == 0 { 0 } else { header.seq.saturating_sub(v - 1) },
-        payload: &bytes[HEADER_LEN..end],
+        payload,
     })
 }
 

@@ -13,7 +13,7 @@
 //!
 //! The on-disk format and the recovery policy are specified in `docs/format/wal.md`.
 
-#![warn(clippy::unwrap_used)]
+#![deny(clippy::unwrap_used, clippy::indexing_slicing)]
 
 mod active;
 mod error;
@@ -42,6 +42,7 @@ pub mod fuzz {
 
     /// Decodes `data` as a frame, then again with its checksum made right, so that the checks
     /// behind the checksum are reached too. Never panics.
+    #[expect(clippy::indexing_slicing, reason = "4 <= HEADER_LEN <= need <= data.len()")]
     pub fn frame(data: &[u8]) {
         check(data);
         if let Some(h) = frame::Header::parse(data) {

@@ -92,6 +92,10 @@ impl Mapped {
             let (start, map) = self.window.as_mut().expect("mapped above");
             let from = (at - *start) as usize;
             let n = (map.len() - from).min(bytes.len() - done);
+            #[expect(
+                clippy::indexing_slicing,
+                reason = "from < map.len() (at < extent) and n fits both what is left of the map and of `bytes`"
+            )]
             map[from..from + n].copy_from_slice(&bytes[done..done + n]);
             done += n;
         }

@@ -56,23 +56,24 @@ impl Meta {
     }
 
     pub(crate) fn decode(b: &[u8]) -> Result<Meta, String> {
-        if b.len() != LEN && b.len() != LEN_V1 {
+        // Every field but the CRC lies in the first 48 bytes of both versions.
+        let (Some(h), Some((covered, crc)), LEN | LEN_V1) =
+            (b.first_chunk::<LEN_V1>(), b.split_last_chunk::<8>(), b.len())
+        else {
             return Err(format!("meta file is {} bytes, expected {LEN} (or {LEN_V1})", b.len()));
-        }
-        if &b[0..8] != MAGIC {
+        };
+        if &h[0..8] != MAGIC {
             return Err("bad meta magic".into());
         }
-        let word =
-            |r: std::ops::Range<usize>| u64::from_le_bytes(b[r].try_into().expect("8 bytes"));
-        let covered = b.len() - 8;
-        let stored = u32::from_le_bytes(b[covered..covered + 4].try_into().expect("4 bytes"));
-        let computed = crc32c::crc32c(&b[..covered]);
+        let word = |w: &[u8]| u64::from_le_bytes(w.try_into().expect("8 bytes"));
+        let stored = u32::from_le_bytes([crc[0], crc[1], crc[2], crc[3]]);
+        let computed = crc32c::crc32c(covered);
         if stored != computed {
             return Err(format!(
                 "meta checksum mismatch: stored {stored:#010x}, computed {computed:#010x}"
             ));
         }
-        let version = u32::from_le_bytes(b[8..12].try_into().expect("4 bytes"));
+        let version = u32::from_le_bytes(h[8..12].try_into().expect("4 bytes"));
         let expected = if b.len() == LEN { FORMAT_VERSION } else { 1 };
         if version != expected {
             return Err(format!(
@@ -80,12 +81,12 @@ impl Meta {
                 b.len()
             ));
         }
-        let cut = word(24..32);
+        let cut = word(&h[24..32]);
         Ok(Meta {
-            first_seq: word(16..24),
+            first_seq: word(&h[16..24]),
             cut_from: (cut != NONE).then_some(cut),
-            complete_below: word(32..40),
-            synced_below: if b.len() == LEN { word(40..48) } else { 0 },
+            complete_below: word(&h[32..40]),
+            synced_below: if b.len() == LEN { word(&h[40..48]) } else { 0 },
         })
     }
 

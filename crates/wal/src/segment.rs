@@ -329,16 +329,32 @@ impl SegmentReader {
         debug_assert!(from >= self.start && from < self.end());
         let until = until.min(self.end());
         let first = (from - self.start) as usize;
-        let begin = u64::from(self.index[first]);
+        // The log's bounds put `from` in this segment; its index, read again from the file, must
+        // agree.
+        let Some(&begin) = self.index.get(first) else {
+            return Err(Error::corrupt(
+                &self.path,
+                self.data_end,
+                format!("record {from} is missing from the segment's index"),
+            ));
+        };
+        let begin = u64::from(begin);
         let mut last = first + 1;
-        while (last as u64) < until - self.start && u64::from(self.index[last]) - begin < max_bytes
+        while (last as u64) < until - self.start
+            && self.index.get(last).is_some_and(|&o| u64::from(o) - begin < max_bytes)
         {
             last += 1;
         }
         let stop = self.index.get(last).map_or(self.data_end, |&o| u64::from(o));
         let mut buf = vec![0u8; (stop - begin) as usize];
         read_exact_at(&self.file, &self.path, &mut buf, begin)?;
-        decode_run(&self.path, Bytes::from(buf), begin, from, &self.index[first..last])
+        #[expect(
+            clippy::indexing_slicing,
+            reason = "first < last <= index.len(): `first` was checked above and `last` moves only \
+                      past indices that exist"
+        )]
+        let offsets = &self.index[first..last];
+        decode_run(&self.path, Bytes::from(buf), begin, from, offsets)
     }
 }
 
@@ -357,7 +373,10 @@ pub(crate) fn decode_run(
         let end = offsets.get(i + 1).map_or(bytes.len(), |&o| (u64::from(o) - base) as usize);
         let at = base + rel as u64;
         let seq = first_seq + i as u64;
-        let frame = frame::decode(&bytes[rel..end])
+        let framed = bytes.get(rel..end).ok_or_else(|| {
+            Error::corrupt(path, at, format!("record {seq}: index offsets out of order"))
+        })?;
+        let frame = frame::decode(framed)
             .map_err(|e| Error::corrupt(path, at, format!("record {seq}: {e}")))?;
         if frame.seq != seq {
             return Err(Error::corrupt(
@@ -490,6 +509,7 @@ pub(crate) fn preallocate_tail(file: &File, path: &Path, from: u64, capacity: u6
     let (mut off, mut started) = (from, from);
     while off < capacity {
         let n = (capacity - off).min(ZEROS.len() as u64) as usize;
+        #[expect(clippy::indexing_slicing, reason = "n <= ZEROS.len() (the min above)")]
         file.write_all_at(&ZEROS[..n], off).map_err(|e| Error::io("preallocate", path, e))?;
         off += n as u64;
         if off - started >= WRITEBACK_BYTES {

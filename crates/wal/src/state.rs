@@ -82,7 +82,15 @@ impl State {
             self.active = reopen_sealed(&seg, opts)?;
         }
         let i = (seq - self.active.start) as usize;
-        let off = u64::from(self.active.offsets[i]);
+        // In range (start <= seq < next = active.end()) unless a reopened segment's index changed.
+        let Some(&off) = self.active.offsets.get(i) else {
+            return Err(Error::corrupt(
+                &self.active.path,
+                0,
+                format!("record {seq} is missing from the segment's index"),
+            ));
+        };
+        let off = u64::from(off);
         self.active.cut(i, off, opts)?;
         self.next = seq;
         self.sealed_bytes = self.sealed.iter().map(|s| s.file_len).sum();

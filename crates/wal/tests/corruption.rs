@@ -296,6 +296,17 @@ fn corrupt_meta_file_is_corruption() {
 }
 
 #[test]
+fn short_meta_file_is_corruption() {
+    let (dir, _) = log(10);
+    let meta = dir.path().join("wal.meta");
+    let b = fs::read(&meta).unwrap();
+    for len in [0, 7, 8, 47, 55] {
+        fs::write(&meta, &b[..len]).unwrap();
+        assert_corrupt(open(dir.path()), &meta, &format!("meta file is {len} bytes"));
+    }
+}
+
+#[test]
 fn unknown_files_are_ignored_and_stale_temporaries_removed() {
     let (dir, segs) = log(10);
     fs::write(dir.path().join("notes.txt"), b"hello").unwrap();

@@ -62,6 +62,10 @@ impl Inner {
     }
 
     /// Chooses the next compaction and marks its tables busy, or `None` if no level needs one.
+    #[expect(
+        clippy::indexing_slicing,
+        reason = "c.level < NUM_LEVELS = cursors.len(), and `pick` takes one table of a sorted level"
+    )]
     fn pick(&self) -> Option<Compaction> {
         let mut tree = self.tree.lock();
         let version = self.view.load().version.clone();
@@ -123,6 +127,7 @@ impl Inner {
         let mut merge = Merge::new(sources, true);
         merge.seek(None)?;
         let mut keep = Retention::new(self.snapshot_seqs());
+        #[expect(clippy::indexing_slicing, reason = "levels holds NUM_LEVELS entries")]
         let bottommost = |user: &[u8]| {
             (out_level + 1..NUM_LEVELS)
                 .all(|l| version.levels[l].is_empty() || version.find(l, user).is_none())
@@ -186,6 +191,10 @@ impl Inner {
             for l in &mut version.levels {
                 l.retain(|t| !gone.contains(&t.meta.id));
             }
+            #[expect(
+                clippy::indexing_slicing,
+                reason = "levels holds NUM_LEVELS entries and compactions start above the last level"
+            )]
             version.levels[c.level + 1].extend(outputs);
             version.sort();
             self.view.store(Arc::new(View {
@@ -221,6 +230,7 @@ impl Inner {
         };
         let deepest = {
             let v = self.view.load().version.clone();
+            #[expect(clippy::indexing_slicing, reason = "levels holds NUM_LEVELS entries")]
             (1..NUM_LEVELS).rev().find(|&l| !v.levels[l].is_empty()).unwrap_or(1)
         };
         for level in 0..deepest {
@@ -231,6 +241,10 @@ impl Inner {
                 let picked = {
                     let mut tree = self.tree.lock();
                     let version = self.view.load().version.clone();
+                    #[expect(
+                        clippy::indexing_slicing,
+                        reason = "levels holds NUM_LEVELS > 0 entries"
+                    )]
                     let first = if level == 0 {
                         let any = version.levels[0].iter().any(|t| t.overlaps(lo, hi));
                         if any {

@@ -79,6 +79,7 @@ impl Inner {
             let mut version = (*view.version).clone();
             version.log_number = log_number;
             if let Some(t) = table {
+                #[expect(clippy::indexing_slicing, reason = "levels holds NUM_LEVELS > 0 entries")]
                 version.levels[0].insert(0, t);
             }
             let imms = view.imms.iter().filter(|m| !Arc::ptr_eq(m, &imm)).cloned().collect();

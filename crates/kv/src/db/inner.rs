@@ -159,6 +159,10 @@ impl Inner {
         Ok(())
     }
 
+    #[expect(
+        clippy::indexing_slicing,
+        reason = "levels (the version's, and the stats built from them) hold NUM_LEVELS entries"
+    )]
     pub(super) fn stats(&self) -> Stats {
         let view = self.view.load_full();
         let levels: Vec<LevelStats> = (0..NUM_LEVELS)

@@ -78,7 +78,7 @@ pub(super) fn open(dir: &Path, opts: Options) -> Result<(Arc<Inner>, Vec<JoinHan
     let cache = Arc::new(BlockCache::new(opts.block_cache_bytes));
     let mut version = Version::empty();
     version.log_number = state.log_number;
-    for (level, tables) in state.levels.iter().enumerate() {
+    for (level, tables) in version.levels.iter_mut().zip(&state.levels) {
         for meta in tables.values() {
             let path = dir.join(table::file_name(meta.id));
             let t = Table::open(&path, meta.id, cache.clone()).map_err(|e| match e {
@@ -91,7 +91,7 @@ pub(super) fn open(dir: &Path, opts: Options) -> Result<(Arc<Inner>, Vec<JoinHan
                 }
                 e => e,
             })?;
-            version.levels[level].push(Arc::new(TableFile::new(meta.clone(), t)));
+            level.push(Arc::new(TableFile::new(meta.clone(), t)));
         }
     }
     version.sort();

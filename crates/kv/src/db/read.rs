@@ -115,6 +115,7 @@ impl Inner {
         let found = |t: &TableFile| -> Result<Option<Option<Bytes>>> {
             Ok(t.table.get(&lookup, user, hash)?.map(|(kind, v)| (kind == Kind::Put).then_some(v)))
         };
+        #[expect(clippy::indexing_slicing, reason = "levels holds NUM_LEVELS > 0 entries")]
         for t in &view.version.levels[0] {
             if t.overlaps(Some(user), Some(user)) {
                 if let Some(r) = found(t)? {

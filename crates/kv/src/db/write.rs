@@ -70,6 +70,7 @@ impl Inner {
     /// Delays a write by a millisecond while L0 is past its slowdown trigger, so that compaction
     /// catches up before writes must stop.
     fn slow_down_if_behind(&self) {
+        #[expect(clippy::indexing_slicing, reason = "levels holds NUM_LEVELS > 0 entries")]
         let l0 = self.view.load().version.levels[0].len();
         if l0 >= self.opts.l0_slowdown_trigger && l0 < self.opts.l0_stop_trigger {
             let t = Instant::now();
@@ -89,6 +90,7 @@ impl Inner {
                 break Err(Error::Poisoned { cause: cause.clone() });
             }
             let view = self.view.load();
+            #[expect(clippy::indexing_slicing, reason = "levels holds NUM_LEVELS > 0 entries")]
             let l0 = view.version.levels[0].len();
             let full = view.mem.size() >= self.opts.memtable_size;
             if !full && l0 < self.opts.l0_stop_trigger {

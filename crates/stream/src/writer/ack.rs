@@ -82,10 +82,10 @@ impl Future for Ack {
         if let Some(r) = self.outcome() {
             return Poll::Ready(r);
         }
-        match self.waker_at {
-            Some(i) if i < wakers.len() => {
-                if !wakers[i].will_wake(cx.waker()) {
-                    wakers[i] = cx.waker().clone();
+        match self.waker_at.and_then(|i| wakers.get_mut(i)) {
+            Some(waker) => {
+                if !waker.will_wake(cx.waker()) {
+                    *waker = cx.waker().clone();
                 }
             }
             _ => {

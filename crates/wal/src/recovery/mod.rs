@@ -99,8 +99,10 @@ pub(crate) fn recover(dir: &Path, opts: &Options) -> Result<State> {
         active = None;
         removed = true;
     }
-    if sealed.len() == 1 && active.is_none() && sealed[0].end() < first {
-        remove_file(&sealed[0].path)?;
+    if let Some(s) =
+        sealed.front().filter(|s| sealed.len() == 1 && active.is_none() && s.end() < first)
+    {
+        remove_file(&s.path)?;
         sealed.clear();
         removed = true;
     }

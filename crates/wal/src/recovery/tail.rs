@@ -55,6 +55,11 @@ struct Window<'a> {
 
 impl Window<'_> {
     /// Bytes `off..off + n` of the file, clipped at its end.
+    #[expect(
+        clippy::indexing_slicing,
+        reason = "after a refill `buf` holds n.max(CHUNK) bytes from `off`, clipped at the same end as `n`; \
+                  otherwise `off..off + n` lies within `base..have`"
+    )]
     fn get(&mut self, off: u64, n: u64) -> Result<&[u8]> {
         let n = n.min(self.file_len.saturating_sub(off));
         let have = self.base + self.buf.len() as u64;
@@ -193,7 +198,7 @@ fn find_synced_claim(
         let chunk = w.get(pos, CHUNK)?.to_vec();
         let last_start = chunk.len().saturating_sub(HEADER_LEN - 1);
         for rel in 0..last_start {
-            let Some(h) = Header::parse(&chunk[rel..]) else { break };
+            let Some(h) = chunk.get(rel..).and_then(Header::parse) else { break };
             if h.seq < seq || h.seq - seq >= LOOKAHEAD_SEQ_SPAN || h.crc == 0 && h.len == 0 {
                 continue;
             }

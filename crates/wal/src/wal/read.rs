@@ -47,6 +47,11 @@ impl Inner {
             if from >= st.active.start {
                 return st.active.read_run(from, until, max_bytes);
             }
+            #[expect(
+                clippy::indexing_slicing,
+                reason = "first() <= from < active.start and the sealed segments are contiguous up to \
+                          active.start, so one of them holds `from`"
+            )]
             st.sealed[st.sealed_holding(from)].clone()
         };
         self.reader(&seg)?.read_run(from, until, max_bytes)
