@@ -4,8 +4,10 @@
 //! Workloads (16-byte keys, 100-byte incompressible values, one thread): fillseq, fillrandom (a
 //! permutation: every key ends up present), overwrite (uniform random), readrandom (hits),
 //! readmissing (misses), readseq (full scan), seekrandom (seek + next 100), fillsync (every write
-//! durable). Per row: ops/s, MB/s, P50/P99/max latency, peak RSS of the phase (VmHWM, reset
-//! through /proc/self/clear_refs) and size on disk after it (space amplification).
+//! durable), and with `--sustained-secs` a sustained ingest (random new keys for a fixed time,
+//! long past the point where compaction must keep up, with the throughput of every second).
+//! Per row: ops/s, MB/s, P50/P99/P99.9/max latency, peak RSS of the phase (VmHWM, reset through
+//! /proc/self/clear_refs) and size on disk after it (space amplification).
 //! Durability is equivalent across systems: unsynced writes reach the OS or the engine's own
 //! buffers without fsync; `fillsync` writes are fsynced before they return.
 
@@ -49,11 +51,18 @@ pub struct Args {
     /// Block cache size in MiB for every system.
     #[arg(long, default_value_t = 64)]
     cache_mb: u64,
+    /// Seconds of the sustained-ingest workload (random keys from a space of 10^16, so nearly
+    /// every write adds a key); 0 leaves it out.
+    #[arg(long, default_value_t = 0)]
+    sustained_secs: u64,
+    /// Run the sustained-ingest workload only.
+    #[arg(long, requires = "sustained_secs")]
+    sustained_only: bool,
 }
 
 const KEY_LEN: usize = 16;
 const VALUE_LEN: usize = 100;
-const WORKLOADS: [&str; 8] = [
+const WORKLOADS: [&str; 9] = [
     "fillseq",
     "fillrandom",
     "overwrite",
@@ -62,6 +71,7 @@ const WORKLOADS: [&str; 8] = [
     "readseq",
     "seekrandom",
     "fillsync",
+    "sustained",
 ];
 
 /// The key of index `i`: its 16 decimal digits, zero-padded (written without `format!`, whose cost
@@ -102,11 +112,29 @@ trait Kv {
     fn seek_next(&self, k: &[u8], n: usize) -> anyhow::Result<usize>;
     /// Makes buffered writes durable and lets background work finish (bounded).
     fn settle(&mut self) -> anyhow::Result<()>;
+    /// What held writes back so far, if the engine says.
+    fn stalls(&self) -> Option<String> {
+        None
+    }
 }
 
 struct Timber(timber_kv::Db);
 
 impl Kv for Timber {
+    fn stalls(&self) -> Option<String> {
+        let s = self.0.stats();
+        let f =
+            |st: timber_kv::StallStats| format!("{} ({:.1} ms)", st.count, st.micros as f64 / 1e3);
+        Some(format!(
+            "slowed by memtables {}, by L0 {}; stopped by memtables {}, by L0 {}; L0 {} files",
+            f(s.slowed_by_memtables),
+            f(s.slowed_by_l0),
+            f(s.stopped_by_memtables),
+            f(s.stopped_by_l0),
+            s.levels[0].files
+        ))
+    }
+
     fn put(&mut self, k: &[u8], v: &[u8], sync: bool) -> anyhow::Result<()> {
         let mut b = timber_kv::WriteBatch::new();
         b.put(k, v);
@@ -423,6 +451,8 @@ struct Measured {
     sample: Sample,
     rss_mb: Option<f64>,
     disk_mb: Option<f64>,
+    /// Operations completed in each second of the phase.
+    per_second: Vec<u64>,
 }
 
 fn measure(
@@ -434,10 +464,19 @@ fn measure(
     let mut hist = Sample::new_histogram();
     let start = Instant::now();
     let mut n = 0u64;
+    let mut per_second: Vec<u64> = Vec::new();
     for i in ops {
         let t = Instant::now();
         f(i)?;
-        hist.saturating_record(t.elapsed().as_nanos() as u64);
+        let end = Instant::now();
+        hist.saturating_record((end - t).as_nanos() as u64);
+        let second = (end - start).as_secs() as usize;
+        if per_second.len() <= second {
+            per_second.resize(second + 1, 0);
+        }
+        if let Some(c) = per_second.get_mut(second) {
+            *c += 1;
+        }
         n += 1;
     }
     let secs = start.elapsed().as_secs_f64();
@@ -445,6 +484,7 @@ fn measure(
         sample: Sample { ops: n, bytes: n * bytes_per_op, secs, latency_ns: hist },
         rss_mb: if rss { peak_rss_mb() } else { None },
         disk_mb: None,
+        per_second,
     })
 }
 
@@ -475,6 +515,9 @@ fn run_system(
     if args.sync_only {
         return fillsync(system, args, n, &fresh, kv_bytes);
     }
+    if args.sustained_only {
+        return sustained(system, args, &fresh, kv_bytes, round);
+    }
     eprintln!("  {system}: fillseq");
     // fillseq
     let dir = fresh("seq")?;
@@ -501,6 +544,9 @@ fn run_system(
         let mut m = measure(order.iter().copied(), kv_bytes, |i| {
             db.put(&key(i), &value(&mut vrng), false)
         })?;
+        if let Some(s) = db.stalls() {
+            eprintln!("  {system}: fillrandom: {s}");
+        }
         db.settle()?;
         m.disk_mb = Some(disk_after_grace(&dir));
         out.push(("fillrandom", m));
@@ -510,6 +556,9 @@ fn run_system(
         let mut m = measure(picks.iter().copied(), kv_bytes, |i| {
             db.put(&key(i), &value(&mut vrng), false)
         })?;
+        if let Some(s) = db.stalls() {
+            eprintln!("  {system}: overwrite (and fillrandom): {s}");
+        }
         db.settle()?;
         m.disk_mb = Some(disk_after_grace(&dir));
         out.push(("overwrite", m));
@@ -543,6 +592,7 @@ fn run_system(
                 sample: Sample { ops: count, bytes: count * kv_bytes, secs, latency_ns: hist },
                 rss_mb: if rss { peak_rss_mb() } else { None },
                 disk_mb: None,
+                per_second: Vec::new(),
             },
         ));
 
@@ -557,7 +607,44 @@ fn run_system(
     }
     std::fs::remove_dir_all(&dir)?;
     out.extend(fillsync(system, args, n, &fresh, kv_bytes)?);
+    if args.sustained_secs > 0 {
+        out.extend(sustained(system, args, &fresh, kv_bytes, round)?);
+    }
     Ok(out)
+}
+
+/// The sustained-ingest workload: random keys (nearly all new) for `--sustained-secs`, so that
+/// the tree grows far past its memtables and every level's compaction must keep up with the
+/// writes. The database is closed, not settled, after it.
+fn sustained(
+    system: &str,
+    args: &Args,
+    fresh: &dyn Fn(&str) -> anyhow::Result<PathBuf>,
+    kv_bytes: u64,
+    round: usize,
+) -> anyhow::Result<Vec<(&'static str, Measured)>> {
+    eprintln!("  {system}: sustained for {} s", args.sustained_secs);
+    let dir = fresh("sustained")?;
+    let m = {
+        let mut db = open(system, &dir, args.cache_mb)?;
+        let mut krng = rand::rngs::StdRng::seed_from_u64(11 + round as u64);
+        let mut vrng = rand::rngs::StdRng::seed_from_u64(13);
+        let deadline = Instant::now() + Duration::from_secs(args.sustained_secs);
+        let mut i = 0u64;
+        // The clock is read once per 256 writes to stop; the phase ends within a few µs of it.
+        let keys = std::iter::from_fn(|| {
+            i += 1;
+            (!i.is_multiple_of(256) || Instant::now() < deadline)
+                .then(|| krng.random_range(0..10_000_000_000_000_000))
+        });
+        let m = measure(keys, kv_bytes, |k| db.put(&key(k), &value(&mut vrng), false))?;
+        if let Some(s) = db.stalls() {
+            eprintln!("  {system}: sustained: {s}");
+        }
+        m
+    };
+    std::fs::remove_dir_all(&dir)?;
+    Ok(vec![("sustained", m)])
 }
 
 /// The fillsync workload: random keys of `0..n`, each write durable before it returns.
@@ -629,10 +716,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 median(ms.iter().map(|m| m.sample.latency_ns.max() as f64 / 1e3).collect());
             row.peak_rss_mb = median(ms.iter().filter_map(|m| m.rss_mb).collect());
             row.disk_mb = median(ms.iter().filter_map(|m| m.disk_mb).collect());
+            if w == "sustained" {
+                let mut by_rate: Vec<&&Measured> = ms.iter().collect();
+                by_rate.sort_by(|a, b| {
+                    let r = |m: &Measured| m.sample.ops as f64 / m.sample.secs;
+                    r(a).total_cmp(&r(b))
+                });
+                row.ops_per_second = by_rate.get(by_rate.len() / 2).map(|m| m.per_second.clone());
+            }
             rows.push(row);
         }
     }
     print_table(n, &rows);
+    print_timelines(&rows);
     let path = report::write_json("kv", &rows)?;
     println!("\nwrote {}", path.display());
     Ok(())
@@ -642,13 +738,14 @@ fn print_table(n: u64, rows: &[Row]) {
     let logical = n as f64 * (KEY_LEN + VALUE_LEN) as f64 / 1e6;
     println!("\nkv: medians; space amp = disk / {logical:.0} MB of keys and values");
     println!(
-        "{:<12} {:<8} {:>11} {:>8} {:>8} {:>8} {:>10} {:>8} {:>8} {:>6} {:>11}",
+        "{:<12} {:<8} {:>11} {:>8} {:>8} {:>8} {:>9} {:>10} {:>8} {:>8} {:>6} {:>11}",
         "workload",
         "system",
         "ops/s",
         "MB/s",
         "p50 us",
         "p99 us",
+        "p99.9 us",
         "max us",
         "rss MB",
         "disk MB",
@@ -662,18 +759,44 @@ fn print_table(n: u64, rows: &[Row]) {
         let opt = |v: Option<f64>| v.map_or(String::from("-"), |v| format!("{v:.0}"));
         let amp = r.disk_mb.map_or(String::from("-"), |d| format!("{:.2}", d / logical));
         println!(
-            "{:<12} {:<8} {:>11.0} {:>8.1} {:>8.2} {:>8.2} {:>10} {:>8} {:>8} {:>6} {:>11}",
+            "{:<12} {:<8} {:>11.0} {:>8.1} {:>8.2} {:>8.2} {:>9.1} {:>10} {:>8} {:>8} {:>6} {:>11}",
             r.workload,
             r.system,
             r.ops_per_sec,
             r.mb_per_sec,
             r.p50_us,
             r.p99_us,
+            r.p999_us,
             opt(r.max_us),
             opt(r.peak_rss_mb),
             opt(r.disk_mb),
             amp,
             ratio
         );
+    }
+}
+
+/// The sustained rows' throughput over time: each second's writes, in rows of ten seconds, and
+/// the slowest second against the median one.
+fn print_timelines(rows: &[Row]) {
+    for r in rows {
+        let Some(secs) = &r.ops_per_second else { continue };
+        // The last second is partial.
+        let full = secs.get(..secs.len().saturating_sub(1)).unwrap_or_default();
+        let mut sorted = full.to_vec();
+        sorted.sort_unstable();
+        let (Some(min), Some(mid)) = (sorted.first(), sorted.get(sorted.len() / 2)) else {
+            continue;
+        };
+        println!(
+            "\n{} {}: writes per second (slowest {min}, median {mid}, slowest/median {:.2})",
+            r.workload,
+            r.system,
+            *min as f64 / (*mid).max(1) as f64
+        );
+        for (i, chunk) in full.chunks(10).enumerate() {
+            let line: Vec<String> = chunk.iter().map(|c| format!("{c:>7}")).collect();
+            println!("  {:>4}s {}", i * 10, line.join(""));
+        }
     }
 }

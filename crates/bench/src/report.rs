@@ -51,6 +51,7 @@ pub struct Row {
     pub mb_per_sec: f64,
     pub p50_us: f64,
     pub p99_us: f64,
+    pub p999_us: f64,
     /// Longest single operation (the longest write stall shows here).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_us: Option<f64>,
@@ -63,6 +64,10 @@ pub struct Row {
     /// Share of fragment lookups served by the cache.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hit_rate: Option<f64>,
+    /// Operations completed in each second of the run (of the median run by throughput), where
+    /// a stall shows as a dip.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ops_per_second: Option<Vec<u64>>,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -84,10 +89,12 @@ impl Row {
             mb_per_sec: per(&|s| s.bytes as f64 / s.secs / 1e6),
             p50_us: per(&|s| s.latency_ns.value_at_quantile(0.50) as f64 / 1e3),
             p99_us: per(&|s| s.latency_ns.value_at_quantile(0.99) as f64 / 1e3),
+            p999_us: per(&|s| s.latency_ns.value_at_quantile(0.999) as f64 / 1e3),
             max_us: None,
             peak_rss_mb: None,
             disk_mb: None,
             hit_rate: None,
+            ops_per_second: None,
         }
     }
 }

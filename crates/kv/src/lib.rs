@@ -44,7 +44,7 @@ pub use db::{Db, Snapshot};
 pub use error::{Error, Result};
 pub use iter::Iter;
 pub use options::{Compression, Durability, Options, MAX_KEY_LEN, MAX_VALUE_LEN, NUM_LEVELS};
-pub use stats::{LevelStats, Stats};
+pub use stats::{LevelStats, StallStats, Stats};
 
 /// Entry points of the fuzz targets in `fuzz/`, behind the `fuzzing` feature: not an API.
 #[cfg(feature = "fuzzing")]

@@ -42,6 +42,17 @@ impl Metrics {
         gauge!("timber_kv_cache_hit_rate", &l).set(s.cache_hit_rate);
         gauge!("timber_kv_pending_compaction_bytes", &l).set(s.pending_compaction_bytes as f64);
         gauge!("timber_kv_stall_seconds", &l).set(s.stall_micros as f64 / 1e6);
+        for (kind, cause, st) in [
+            ("slowdown", "memtables", s.slowed_by_memtables),
+            ("slowdown", "l0", s.slowed_by_l0),
+            ("stop", "memtables", s.stopped_by_memtables),
+            ("stop", "l0", s.stopped_by_l0),
+        ] {
+            let labels =
+                [("db", self.name.clone()), ("kind", kind.into()), ("cause", cause.into())];
+            gauge!("timber_kv_write_stall_seconds", &labels).set(st.micros as f64 / 1e6);
+            gauge!("timber_kv_write_stalls", &labels).set(st.count as f64);
+        }
         gauge!("timber_kv_wal_bytes", &l).set(s.wal_bytes as f64);
     }
 }

@@ -50,6 +50,7 @@ pub struct Options {
     pub(crate) l0_compaction_trigger: usize,
     pub(crate) l0_slowdown_trigger: usize,
     pub(crate) l0_stop_trigger: usize,
+    pub(crate) delayed_write_rate: u64,
     pub(crate) l1_target_bytes: u64,
     pub(crate) level_multiplier: u64,
     pub(crate) target_file_size: u64,
@@ -76,6 +77,7 @@ impl Default for Options {
             l0_compaction_trigger: 4,
             l0_slowdown_trigger: 20,
             l0_stop_trigger: 36,
+            delayed_write_rate: 16 << 20,
             l1_target_bytes: 256 << 20,
             level_multiplier: 10,
             target_file_size: 64 << 20,
@@ -172,6 +174,17 @@ impl Options {
     /// Background compaction threads (default 1; flushes have their own thread).
     pub fn compaction_threads(mut self, n: usize) -> Self {
         self.compaction_threads = n;
+        self
+    }
+
+    /// The pace, in bytes per second, at which writes start when flushes or compactions fall
+    /// behind (default 16 MiB/s): while L0 is past its slowdown trigger, or every
+    /// immutable-memtable slot is taken and the active memtable is half full, each write waits
+    /// its share at this rate (in slices of at most a millisecond), and the rate falls by a fifth
+    /// each time the backlog grows and rises again as it shrinks (never below 16 KiB/s). Lower
+    /// rates stop writes less often at the stop triggers; higher ones slow them less.
+    pub fn delayed_write_rate(mut self, bytes_per_sec: u64) -> Self {
+        self.delayed_write_rate = bytes_per_sec;
         self
     }
 

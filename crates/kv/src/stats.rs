@@ -12,6 +12,15 @@ pub struct LevelStats {
     pub bytes: u64,
 }
 
+/// Writes held back for one cause, and how long they waited in all.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StallStats {
+    /// Writes held back.
+    pub count: u64,
+    /// Their total wait.
+    pub micros: u64,
+}
+
 /// A picture of the engine's state and work so far (since open).
 #[derive(Debug, Clone, Default)]
 #[non_exhaustive]
@@ -48,10 +57,19 @@ pub struct Stats {
     pub cache_bytes: u64,
     /// Bytes above the levels' targets (and all of L0 once it is at its trigger).
     pub pending_compaction_bytes: u64,
-    /// Writes that were slowed or stopped waiting for flush or compaction.
+    /// Writes that were slowed or stopped waiting for flush or compaction (the sum of the four
+    /// causes below).
     pub stalls: u64,
     /// Total time writes spent stalled.
     pub stall_micros: u64,
+    /// Writes paced while every immutable-memtable slot was taken (`Options::delayed_write_rate`).
+    pub slowed_by_memtables: StallStats,
+    /// Writes paced while L0 was past its slowdown trigger.
+    pub slowed_by_l0: StallStats,
+    /// Writes stopped until a flush made room for a memtable.
+    pub stopped_by_memtables: StallStats,
+    /// Writes stopped while L0 was at its stop trigger.
+    pub stopped_by_l0: StallStats,
     /// Sequence number of the last visible write.
     pub last_seq: u64,
     /// Live snapshots.
@@ -73,13 +91,33 @@ pub(crate) struct Counters {
     pub(crate) compaction_written: AtomicU64,
     pub(crate) flushes: AtomicU64,
     pub(crate) compactions: AtomicU64,
-    pub(crate) stalls: AtomicU64,
-    pub(crate) stall_micros: AtomicU64,
+    /// Count and microseconds of each (slowdown or stop, cause): see [`Stall`].
+    pub(crate) stalls: [[AtomicU64; 2]; 4],
+}
+
+/// A kind of held-back write, indexing `Counters::stalls`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Stall {
+    SlowedByMemtables = 0,
+    SlowedByL0 = 1,
+    StoppedByMemtables = 2,
+    StoppedByL0 = 3,
 }
 
 impl Counters {
-    pub(crate) fn record_stall(&self, d: Duration) {
-        self.stalls.fetch_add(1, Ordering::Relaxed);
-        self.stall_micros.fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+    pub(crate) fn record_stall(&self, kind: Stall, d: Duration) {
+        if let Some([count, micros]) = self.stalls.get(kind as usize) {
+            count.fetch_add(1, Ordering::Relaxed);
+            micros.fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn stall(&self, kind: Stall) -> StallStats {
+        self.stalls.get(kind as usize).map_or_else(StallStats::default, |[count, micros]| {
+            StallStats {
+                count: count.load(Ordering::Relaxed),
+                micros: micros.load(Ordering::Relaxed),
+            }
+        })
     }
 }

@@ -12,7 +12,7 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -21,7 +21,9 @@ use crate::error::{Error, Result};
 use crate::frame;
 use crate::mapped::Mapped;
 use crate::options::{Options, SyncMode};
-use crate::segment::{self, decode_run, preallocate_tail, INDEX_ENTRY_LEN, TRAILER_LEN};
+use crate::segment::{
+    self, decode_run, preallocate_tail, INDEX_ENTRY_LEN, SEGMENT_HEADER_LEN, TRAILER_LEN,
+};
 
 /// The segment being appended to.
 pub(crate) struct Active {
@@ -37,6 +39,12 @@ pub(crate) struct Active {
     pub(crate) offsets: Vec<u32>,
     /// Bytes of the file that hold the header and records; records after that are in `buf`.
     pub(crate) written: u64,
+    /// Bytes of the file whose writeback was started in the background (`bytes_per_sync` in
+    /// `Manual` mode), through a handle of its own (a second handle of the same open file: a
+    /// `sync_file_range` without a wait reports no writeback error, so it cannot take one that a
+    /// later fsync must see).
+    pub(crate) written_back: u64,
+    pub(crate) writeback_handle: Arc<File>,
     pub(crate) buf: Vec<u8>,
     /// The map that `flush` copies `buf` through, inside the file's preallocated extent.
     pub(crate) map: Mapped,
@@ -57,9 +65,35 @@ impl Active {
         written: u64,
         opts: &Options,
     ) -> Result<Active> {
+        let at = path.clone();
+        Active::opened_at(start, path, &at, file, offsets, written, opts)
+    }
+
+    /// An empty segment named `path`, whose file is still at `at` (see `segment::begin`).
+    pub(crate) fn begun(
+        start: u64,
+        path: PathBuf,
+        at: &Path,
+        file: File,
+        opts: &Options,
+    ) -> Result<Active> {
+        Active::opened_at(start, path, at, file, Vec::new(), SEGMENT_HEADER_LEN as u64, opts)
+    }
+
+    fn opened_at(
+        start: u64,
+        path: PathBuf,
+        at: &Path,
+        file: File,
+        offsets: Vec<u32>,
+        written: u64,
+        opts: &Options,
+    ) -> Result<Active> {
         let sync_handles = (0..opts.syncs_in_flight)
-            .map(|_| File::open(&path).map(Arc::new).map_err(|e| Error::io("open", &path, e)))
+            .map(|_| File::open(at).map(Arc::new).map_err(|e| Error::io("open", at, e)))
             .collect::<Result<_>>()?;
+        let writeback_handle =
+            Arc::new(file.try_clone().map_err(|e| Error::io("duplicate", at, e))?);
         Ok(Active {
             start,
             path,
@@ -67,6 +101,8 @@ impl Active {
             sync_handles,
             offsets,
             written,
+            written_back: 0,
+            writeback_handle,
             buf: Vec::new(),
             map: Mapped::new(maps(opts)),
             recycled: false,

@@ -143,9 +143,10 @@ impl Options {
         self
     }
 
-    /// In `Interval` mode, also sync in the background as soon as this many bytes were appended
-    /// since the last sync (default off). Sealing a full segment fsyncs it while appends wait;
-    /// with this, little is left to write by then.
+    /// Write in the background as this many bytes are appended (default off): in `Interval`
+    /// mode, sync as soon as this many were appended since the last sync; in `Manual` mode,
+    /// start their writeback (`sync_file_range`, not durable) on a thread of the log. Sealing a
+    /// full segment fsyncs it while appends wait; with this, little is left to write by then.
     pub fn bytes_per_sync(mut self, bytes: Option<u64>) -> Self {
         self.bytes_per_sync = bytes;
         self

@@ -415,9 +415,8 @@ pub(crate) fn remove_file(path: &Path) -> Result<()> {
 /// Name of the zero-filled file prepared in the background to become the next segment.
 pub(crate) const SPARE_FILE: &str = "wal_spare.tmp";
 
-/// Creates the segment starting at `start`: written under a temporary name (or taken from a
-/// prepared `spare`, recycled or zero-filled), made durable, then renamed into place and the
-/// directory fsynced.
+/// Creates the segment starting at `start` and makes it durable under its name: [`begin`], then
+/// [`finish`].
 pub(crate) fn create(
     dir: &Path,
     start: u64,
@@ -427,26 +426,60 @@ pub(crate) fn create(
     spare: Option<(File, PathBuf)>,
     recycled: bool,
 ) -> Result<(File, PathBuf)> {
-    let path = dir.join(file_name(start));
-    let (file, tmp) = match spare {
-        Some(spare) => spare,
+    let (file, tmp) = begin(dir, start, capacity, preallocate, mode, spare, recycled)?;
+    let path = finish(dir, start, &file, &tmp)?;
+    Ok((file, path))
+}
+
+/// The temporary name of the segment starting at `start`, under which it is written until
+/// [`finish`] names it: recovery removes such a file, or adopts it as the last segment if it
+/// continues the log (see `recovery`).
+pub(crate) fn tmp_name(start: u64) -> String {
+    format!("{}.tmp", file_name(start))
+}
+
+/// Starts the segment at `start` under its temporary name: the spare (zero-filled or recycled)
+/// if there is one, renamed, else a new file; its header written, nothing synced. Returns the
+/// file and its path.
+pub(crate) fn begin(
+    dir: &Path,
+    start: u64,
+    capacity: u64,
+    preallocate: bool,
+    mode: u32,
+    spare: Option<(File, PathBuf)>,
+    recycled: bool,
+) -> Result<(File, PathBuf)> {
+    let tmp = dir.join(tmp_name(start));
+    let file = match spare {
+        Some((file, at)) => {
+            // The spare's own name is free again at once, for the preparer's next one.
+            fs::rename(&at, &tmp).map_err(|e| Error::io("rename", &at, e))?;
+            file
+        }
         None => {
-            let tmp = dir.join(format!("{}.tmp", file_name(start)));
             let file = create_file(&tmp, mode)?;
             if preallocate {
                 preallocate_tail(&file, &tmp, SEGMENT_HEADER_LEN as u64, capacity)?;
             }
-            (file, tmp)
+            file
         }
     };
     fail::fail_point!("wal::segment::create", |_| Err(Error::injected("write", &tmp)));
     file.write_all_at(&encode_header(start, recycled), 0)
         .map_err(|e| Error::io("write", &tmp, e))?;
-    file.sync_all().map_err(|e| Error::io("fsync", &tmp, e))?;
-    fail::fail_point!("wal::segment::rename", |_| Err(Error::injected("rename", &tmp)));
-    fs::rename(&tmp, &path).map_err(|e| Error::io("rename", &tmp, e))?;
+    Ok((file, tmp))
+}
+
+/// Makes a segment started by [`begin`] durable under its name: its header, the rename, the
+/// directory. Returns its path.
+pub(crate) fn finish(dir: &Path, start: u64, file: &File, tmp: &Path) -> Result<PathBuf> {
+    let path = dir.join(file_name(start));
+    file.sync_all().map_err(|e| Error::io("fsync", tmp, e))?;
+    fail::fail_point!("wal::segment::rename", |_| Err(Error::injected("rename", tmp)));
+    fs::rename(tmp, &path).map_err(|e| Error::io("rename", tmp, e))?;
     sync_dir(dir)?;
-    Ok((file, path))
+    Ok(path)
 }
 
 /// Writes the zero-filled spare segment file (header space included) and makes it durable.

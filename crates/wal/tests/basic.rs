@@ -71,6 +71,8 @@ fn oversized_records_get_a_segment_of_their_own_when_allowed() {
         flush(&wal);
         wal.append(b"after").unwrap();
         flush(&wal);
+        // A segment takes its name once its roll is finished, which a sync makes sure of.
+        wal.sync().unwrap();
         assert!(segments(dir.path()).len() >= 4, "each oversized write starts its own segment");
         let check = |wal: &Wal| {
             assert_eq!(&wal.read(0).unwrap()[..], b"before");

@@ -35,6 +35,7 @@ impl Inner {
             if self.bg.lock().shutdown {
                 return;
             }
+            self.reap();
             let seq = self.visible();
             if seq != idle_since.0 {
                 idle_since = (seq, Instant::now());
@@ -197,11 +198,11 @@ impl Inner {
             )]
             version.levels[c.level + 1].extend(outputs);
             version.sort();
-            self.view.store(Arc::new(View {
+            self.install_view(View {
                 mem: view.mem.clone(),
                 imms: view.imms.clone(),
                 version: Arc::new(version),
-            }));
+            });
         }
         if !moved {
             for t in c.inputs.iter().flatten() {

@@ -19,6 +19,7 @@ use super::inner::Inner;
 impl Inner {
     pub(super) fn flush_loop(&self) {
         loop {
+            self.reap();
             {
                 let mut bg = self.bg.lock();
                 while !bg.shutdown && self.view.load().imms.is_empty() {
@@ -83,11 +84,7 @@ impl Inner {
                 version.levels[0].insert(0, t);
             }
             let imms = view.imms.iter().filter(|m| !Arc::ptr_eq(m, &imm)).cloned().collect();
-            self.view.store(Arc::new(View {
-                mem: view.mem.clone(),
-                imms,
-                version: Arc::new(version),
-            }));
+            self.install_view(View { mem: view.mem.clone(), imms, version: Arc::new(version) });
         }
         self.maybe_switch_manifest(&mut tree)?;
         drop(tree);

@@ -12,7 +12,12 @@
 //! - A table becomes part of the tree only after its file and directory entry are durable and the
 //!   manifest edit naming it is fsynced.
 //!
-//! Lock order: `write` → `tree` → `view_lock`; `bg` is taken alone or innermost.
+//! - A view replaced by a flush, a compaction or a memtable switch is dropped by a background
+//!   thread (`retire`, `reap`), never by a writer: the last reference to a flushed memtable or
+//!   to a version with obsolete tables frees that memtable or deletes those files, which takes
+//!   milliseconds, and a writer holding the view when it was replaced would otherwise pay it.
+//!
+//! Lock order: `write` → `tree` → `view_lock` → `retired`; `bg` is taken alone or innermost.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs;
@@ -29,10 +34,12 @@ use crate::error::{Error, Result};
 use crate::manifest::{self, Manifest, TableMeta};
 use crate::metrics::Metrics;
 use crate::options::{Options, NUM_LEVELS};
-use crate::stats::{Counters, LevelStats, Stats};
+use crate::stats::{Counters, LevelStats, Stall, Stats};
 use crate::table::{self, Table, TableBuilder};
 use crate::version::TableFile;
 use crate::view::View;
+
+use super::throttle::Pace;
 
 /// The tree's bookkeeping, under its lock: the manifest, the next file id, the tables of running
 /// compactions and where the round robin of each level stands.
@@ -62,6 +69,9 @@ pub(super) struct Inner {
     pub(super) cache: Arc<BlockCache>,
     pub(super) view: ArcSwap<View>,
     pub(super) view_lock: Mutex<()>,
+    /// Views replaced since the last `reap`, dropped by a background thread once nothing else
+    /// holds them.
+    pub(super) retired: Mutex<Vec<Arc<View>>>,
     pub(super) write: Mutex<Writer>,
     pub(super) visible: AtomicU64,
     pub(super) tree: Mutex<Tree>,
@@ -76,6 +86,10 @@ pub(super) struct Inner {
     pub(super) poison: OnceLock<String>,
     pub(super) closed: AtomicBool,
     pub(super) counters: Counters,
+    /// The pace of writes under pressure (see `throttle`).
+    pub(super) pace: Mutex<Pace>,
+    /// Whether the last write was under pressure (`pace` is left alone while none is).
+    pub(super) pacing: AtomicBool,
     pub(super) metrics: Metrics,
 }
 
@@ -90,6 +104,29 @@ pub(super) fn release(counts: &mut BTreeMap<u64, usize>, key: u64) {
 }
 
 impl Inner {
+    /// Makes `view` the current one (`view_lock` held) and keeps the one it replaces for `reap`.
+    pub(super) fn install_view(&self, view: View) {
+        let old = self.view.swap(Arc::new(view));
+        self.retired.lock().push(old);
+    }
+
+    /// Drops the replaced views that nothing else holds any more. Called by the background
+    /// threads only (see the invariant above); a view still held by a reader stays for a later
+    /// call, or is dropped by that reader.
+    pub(super) fn reap(&self) {
+        let done: Vec<Arc<View>> = {
+            let mut retired = self.retired.lock();
+            if retired.is_empty() {
+                return;
+            }
+            let (done, kept) =
+                std::mem::take(&mut *retired).into_iter().partition(|v| Arc::strong_count(v) == 1);
+            *retired = kept;
+            done
+        };
+        drop(done);
+    }
+
     pub(super) fn visible(&self) -> u64 {
         self.visible.load(Ordering::SeqCst)
     }
@@ -176,6 +213,13 @@ impl Inner {
         let user = c.user_bytes.load(Ordering::Relaxed);
         let flushed = c.flush_bytes.load(Ordering::Relaxed);
         let compacted = c.compaction_written.load(Ordering::Relaxed);
+        let kinds = [
+            Stall::SlowedByMemtables,
+            Stall::SlowedByL0,
+            Stall::StoppedByMemtables,
+            Stall::StoppedByL0,
+        ]
+        .map(|k| c.stall(k));
         let mut pending = 0u64;
         if levels[0].files >= self.opts.l0_compaction_trigger {
             pending += levels[0].bytes;
@@ -208,8 +252,12 @@ impl Inner {
             },
             cache_bytes: self.cache.bytes() as u64,
             pending_compaction_bytes: pending,
-            stalls: c.stalls.load(Ordering::Relaxed),
-            stall_micros: c.stall_micros.load(Ordering::Relaxed),
+            stalls: kinds.iter().map(|k| k.count).sum(),
+            stall_micros: kinds.iter().map(|k| k.micros).sum(),
+            slowed_by_memtables: kinds[0],
+            slowed_by_l0: kinds[1],
+            stopped_by_memtables: kinds[2],
+            stopped_by_l0: kinds[3],
             last_seq: self.visible(),
             snapshots: self.snapshots.lock().values().sum(),
         }

@@ -1,6 +1,7 @@
 //! [`Db`], the handle of an open database, and [`Snapshot`]. `open` recovers the directory
 //! (`open`); every other call goes to the database's shared state (`inner`) and the module that
-//! owns it: `write`, `read`, `flush`, `compact`, `checkpoint`. `close` (also on drop) stops the
+//! owns it: `write` (with `throttle`, the pace of writes under pressure), `read`, `flush`,
+//! `compact`, `checkpoint`. `close` (also on drop) stops the
 //! background threads and syncs the WAL.
 
 mod checkpoint;
@@ -10,6 +11,7 @@ mod inner;
 mod open;
 mod read;
 mod snapshot;
+mod throttle;
 mod write;
 
 use std::ops::RangeBounds;

@@ -27,6 +27,7 @@ use crate::version::{TableFile, Version};
 use crate::view::View;
 
 use super::inner::{Bg, Inner, Tree, Writer};
+use super::throttle::Pace;
 
 /// Opens (or creates) the database in `dir` and starts its background threads.
 pub(super) fn open(dir: &Path, opts: Options) -> Result<(Arc<Inner>, Vec<JoinHandle<()>>)> {
@@ -137,6 +138,7 @@ pub(super) fn open(dir: &Path, opts: Options) -> Result<(Arc<Inner>, Vec<JoinHan
         cache,
         view: ArcSwap::from_pointee(View { mem, imms: mems, version: Arc::new(version) }),
         view_lock: Mutex::new(()),
+        retired: Mutex::new(Vec::new()),
         write: Mutex::new(Writer { last_seq }),
         visible: AtomicU64::new(last_seq),
         tree: Mutex::new(Tree {
@@ -154,6 +156,8 @@ pub(super) fn open(dir: &Path, opts: Options) -> Result<(Arc<Inner>, Vec<JoinHan
         poison: OnceLock::new(),
         closed: AtomicBool::new(false),
         counters: Counters::default(),
+        pace: Mutex::new(Pace::new(opts.delayed_write_rate)),
+        pacing: AtomicBool::new(false),
         metrics,
         opts,
     });

@@ -19,9 +19,11 @@ use crate::error::{Error, Result};
 use crate::key;
 use crate::memtable::Memtable;
 use crate::options::Durability;
+use crate::stats::Stall;
 use crate::view::View;
 
 use super::inner::Inner;
+use super::throttle::Cause;
 
 impl Inner {
     pub(super) fn write(&self, batch: &mut WriteBatch, durability: Durability) -> Result<u64> {
@@ -32,7 +34,7 @@ impl Inner {
             return Ok(self.visible());
         }
         self.check_writable()?;
-        self.slow_down_if_behind();
+        self.slow_down_if_behind(batch.size() as u64);
         let mut w = self.write.lock();
         self.make_room()?;
         let seq = w.last_seq + 1;
@@ -67,24 +69,51 @@ impl Inner {
         Ok(last)
     }
 
-    /// Delays a write by a millisecond while L0 is past its slowdown trigger, so that compaction
-    /// catches up before writes must stop.
-    fn slow_down_if_behind(&self) {
-        #[expect(clippy::indexing_slicing, reason = "levels holds NUM_LEVELS > 0 entries")]
-        let l0 = self.view.load().version.levels[0].len();
-        if l0 >= self.opts.l0_slowdown_trigger && l0 < self.opts.l0_stop_trigger {
-            let t = Instant::now();
-            std::thread::sleep(Duration::from_millis(1));
-            self.counters.record_stall(t.elapsed());
-            self.metrics.stalls.increment(1);
+    /// Paces a write of `bytes` while flushes or compactions are behind (see `throttle`): L0 past
+    /// its slowdown trigger, or every immutable-memtable slot taken and the active memtable half
+    /// full, so that the wait is spread over many writes before `make_room` must stop them.
+    fn slow_down_if_behind(&self, bytes: u64) {
+        let pressure = {
+            let view = self.view.load();
+            #[expect(clippy::indexing_slicing, reason = "levels holds NUM_LEVELS > 0 entries")]
+            let l0 = view.version.levels[0].len();
+            if l0 >= self.opts.l0_slowdown_trigger {
+                Some((Cause::L0, l0 + 1 - self.opts.l0_slowdown_trigger))
+            } else if view.imms.len() >= self.opts.max_immutable_memtables
+                && view.mem.size() * 2 >= self.opts.memtable_size
+            {
+                // Quarters of the memtable past its half: the pressure grows as it fills.
+                Some((Cause::Memtables, 1 + 4 * view.mem.size() / self.opts.memtable_size - 2))
+            } else {
+                None
+            }
+        };
+        let Some((cause, level)) = pressure else {
+            if self.pacing.swap(false, Ordering::Relaxed) {
+                self.pace.lock().relax();
+            }
+            return;
+        };
+        self.pacing.store(true, Ordering::Relaxed);
+        let d = self.pace.lock().delay(bytes, cause, level, Instant::now());
+        if d.is_zero() {
+            return;
         }
+        let t = Instant::now();
+        std::thread::sleep(d);
+        let kind = match cause {
+            Cause::L0 => Stall::SlowedByL0,
+            Cause::Memtables => Stall::SlowedByMemtables,
+        };
+        self.counters.record_stall(kind, t.elapsed());
+        self.metrics.stalls.increment(1);
     }
 
     /// Makes sure the memtable has room, switching to a new one when it is full. Waits (a stall)
     /// while too many memtables await flushing or L0 is at its stop trigger. Called with the
     /// writer lock held.
     fn make_room(&self) -> Result<()> {
-        let mut stalled: Option<Instant> = None;
+        let mut stalled: Option<(Instant, Stall)> = None;
         let r = loop {
             if let Some(cause) = self.poison.get() {
                 break Err(Error::Poisoned { cause: cause.clone() });
@@ -99,7 +128,12 @@ impl Inner {
             if l0 >= self.opts.l0_stop_trigger
                 || (full && view.imms.len() >= self.opts.max_immutable_memtables)
             {
-                stalled.get_or_insert_with(Instant::now);
+                let kind = if l0 >= self.opts.l0_stop_trigger {
+                    Stall::StoppedByL0
+                } else {
+                    Stall::StoppedByMemtables
+                };
+                stalled.get_or_insert_with(|| (Instant::now(), kind));
                 let mut bg = self.bg.lock();
                 if bg.shutdown {
                     break Err(Error::Closed);
@@ -111,8 +145,8 @@ impl Inner {
             self.switch_memtable();
             break Ok(());
         };
-        if let Some(t) = stalled {
-            self.counters.record_stall(t.elapsed());
+        if let Some((t, kind)) = stalled {
+            self.counters.record_stall(kind, t.elapsed());
             self.metrics.stalls.increment(1);
         }
         r
@@ -126,7 +160,7 @@ impl Inner {
         view.mem.seal(wal_end);
         let mut imms = vec![view.mem.clone()];
         imms.extend(view.imms.iter().cloned());
-        self.view.store(Arc::new(View {
+        self.install_view(View {
             mem: Arc::new(Memtable::new(
                 wal_end,
                 self.opts.memtable_hash_index,
@@ -134,7 +168,7 @@ impl Inner {
             )),
             imms,
             version: view.version.clone(),
-        }));
+        });
         drop(_v);
         self.wake_bg();
     }

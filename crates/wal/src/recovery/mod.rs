@@ -49,11 +49,14 @@ pub(crate) fn lock_dir(dir: &Path, mode: u32) -> Result<File> {
 pub(crate) fn recover(dir: &Path, opts: &Options) -> Result<State> {
     let meta = Meta::load(dir)?;
     let mut starts = Vec::new();
+    let mut begun = Vec::new();
     for entry in fs::read_dir(dir).map_err(|e| Error::io("list", dir, e))? {
         let entry = entry.map_err(|e| Error::io("list", dir, e))?;
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
-        if name.ends_with(".tmp") && (name == META_TMP || name.starts_with("wal_")) {
+        if let Some(start) = name.strip_suffix(".tmp").and_then(segment::parse_file_name) {
+            begun.push(start);
+        } else if name.ends_with(".tmp") && (name == META_TMP || name.starts_with("wal_")) {
             remove_file(&entry.path())?;
         } else if let Some(start) = segment::parse_file_name(name) {
             starts.push(start);
@@ -80,6 +83,28 @@ pub(crate) fn recover(dir: &Path, opts: &Options) -> Result<State> {
                 ))
             }
         }
+    }
+    // A roll not finished when the process stopped leaves the next segment under its temporary
+    // name, after a sealed last segment that it continues: it is the log's last segment. Any
+    // other segment under a temporary name holds nothing durable and goes.
+    let continues = sealed.back().filter(|_| active.is_none()).map(Sealed::end);
+    for start in begun {
+        let tmp = dir.join(segment::tmp_name(start));
+        if continues == Some(start) {
+            // A header not written yet (or not durable) means nothing was written after it.
+            match segment::inspect(&tmp, start) {
+                Ok(seg) if seg.trailer.is_none() => {
+                    let path = dir.join(segment::file_name(start));
+                    fs::rename(&tmp, &path).map_err(|e| Error::io("rename", &tmp, e))?;
+                    sync_dir(dir)?;
+                    active = Some(recover_tail(seg, &path, start, opts, &meta)?);
+                    continue;
+                }
+                Ok(_) | Err(Error::Corrupt { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        remove_file(&tmp)?;
     }
     check_contiguous(&sealed, active.as_ref())?;
 

@@ -59,6 +59,12 @@ pub(super) struct Inner {
     pub(super) want_spare: Mutex<Option<mpsc::Sender<()>>>,
     /// Asks the `Interval` sync thread for a sync now (`bytes_per_sync`).
     pub(super) kick: Mutex<Option<mpsc::Sender<()>>>,
+    /// The last roll, until its old segment and the new segment's name are durable
+    /// (`Inner::finish_roll`), and the thread that finishes it (none under `SyncMode::Always`,
+    /// where the appender's own sync does).
+    pub(super) rolling: Mutex<Option<PendingRoll>>,
+    pub(super) finishing: Mutex<()>,
+    pub(super) roll_done: Mutex<Option<mpsc::Sender<()>>>,
     pub(super) metrics: Metrics,
     /// Makes the next fsync fail, to test poisoning.
     #[cfg(test)]
@@ -66,6 +72,18 @@ pub(super) struct Inner {
     /// Runs after a group commit's fsync with its ticket; an error counts as a failed fsync.
     #[cfg(test)]
     pub(super) after_sync: Mutex<Option<SyncHook>>,
+}
+
+/// What a roll leaves to make durable: the sealed segment (written, not yet fsynced) and the new
+/// segment's header and name (it is written under its temporary name until then).
+pub(super) struct PendingRoll {
+    pub(super) old_file: File,
+    pub(super) old_path: PathBuf,
+    /// The sequence number after the sealed segment's last record.
+    pub(super) old_end: u64,
+    pub(super) new_start: u64,
+    pub(super) new_file: File,
+    pub(super) new_tmp: PathBuf,
 }
 
 #[cfg(test)]

@@ -30,13 +30,14 @@ use crate::spare::Spares;
 
 use self::inner::Inner;
 pub use self::read::Iter;
-use self::workers::{spawn_preparer, spawn_ticker, Worker};
+use self::workers::{spawn_finisher, spawn_preparer, spawn_ticker, spawn_writeback, Worker};
 
 /// A write-ahead log in one directory. Cheap to share between threads (`&self` everywhere);
 /// closed on drop.
 pub struct Wal {
     inner: Arc<Inner>,
     ticker: Mutex<Option<Worker>>,
+    finisher: Mutex<Option<Worker>>,
     preparer: Mutex<Option<Worker>>,
 }
 
@@ -73,18 +74,31 @@ impl Wal {
             spare_filled: Condvar::new(),
             want_spare: Mutex::new(None),
             kick: Mutex::new(None),
+            rolling: Mutex::new(None),
+            finishing: Mutex::new(()),
+            roll_done: Mutex::new(None),
             #[cfg(test)]
             fail_next_sync: AtomicBool::new(false),
             #[cfg(test)]
             after_sync: Mutex::new(None),
         });
-        let ticker = match inner.opts.sync {
-            SyncMode::Interval(every) => Some(spawn_ticker(inner.clone(), every)?),
+        let ticker = match (inner.opts.sync, inner.opts.bytes_per_sync) {
+            (SyncMode::Interval(every), _) => Some(spawn_ticker(inner.clone(), every)?),
+            (SyncMode::Manual, Some(_)) => Some(spawn_writeback(inner.clone())?),
             _ => None,
         };
         let preparer =
             if inner.opts.preallocate { Some(spawn_preparer(inner.clone())?) } else { None };
-        Ok(Wal { inner, ticker: Mutex::new(ticker), preparer: Mutex::new(preparer) })
+        let finisher = match inner.opts.sync {
+            SyncMode::Always => None,
+            _ => Some(spawn_finisher(inner.clone())?),
+        };
+        Ok(Wal {
+            inner,
+            ticker: Mutex::new(ticker),
+            preparer: Mutex::new(preparer),
+            finisher: Mutex::new(finisher),
+        })
     }
 
     /// Appends one record and returns its sequence number. In `SyncMode::Always` it returns once
@@ -194,6 +208,10 @@ impl Wal {
         inner.kick.lock().take();
         if let Some(t) = self.ticker.lock().take() {
             t.stop();
+        }
+        inner.roll_done.lock().take();
+        if let Some(f) = self.finisher.lock().take() {
+            f.stop();
         }
         inner.want_spare.lock().take();
         if let Some(p) = self.preparer.lock().take() {

@@ -14,16 +14,51 @@ use crate::state::State;
 use super::inner::Inner;
 
 impl Inner {
+    /// Appends go on while the meta file is written and the dropped segments go: only the
+    /// state lock excludes them, and it is not held across that I/O (reads, syncs and other
+    /// truncations are excluded by the `layout` lock and the gate, and appends neither read the
+    /// meta file's fields nor touch the front segments).
     pub(super) fn truncate_front(&self, seq: u64) -> Result<()> {
         self.check_writable()?;
         let _layout = self.layout.write();
         let _leader = self.gate.lead();
-        let mut st = self.state.lock();
-        if seq <= st.first() {
-            return Ok(());
+        let meta = {
+            let mut st = self.state.lock();
+            if seq <= st.first() {
+                return Ok(());
+            }
+            if seq > st.next {
+                // The log is emptied and restarts at `seq`: its active segment goes too, so
+                // the last roll must be finished first.
+                self.finish_roll()?;
+                let r = self.drop_front(&mut st, seq);
+                return self.poisoning(r);
+            }
+            Meta { first_seq: seq, ..st.meta }
+        };
+        let r = meta.store(&self.dir, self.opts.file_mode);
+        self.poisoning(r)?;
+        let dropped = {
+            let mut st = self.state.lock();
+            st.meta = meta;
+            let mut dropped = Vec::new();
+            while st.sealed.front().is_some_and(|s| s.end() <= seq) {
+                let s = st.sealed.pop_front().expect("front exists");
+                st.sealed_bytes -= s.file_len;
+                dropped.push(s);
+            }
+            dropped
+        };
+        for s in &dropped {
+            self.readers.lock().pop(&s.start);
+            let r = self.discard(s);
+            self.poisoning(r)?;
         }
-        let r = self.drop_front(&mut st, seq);
-        self.poisoning(r)
+        if !dropped.is_empty() {
+            let r = sync_dir(&self.dir);
+            self.poisoning(r)?;
+        }
+        Ok(())
     }
 
     fn drop_front(&self, st: &mut State, seq: u64) -> Result<()> {
@@ -89,6 +124,7 @@ impl Inner {
                 st.first()
             )));
         }
+        self.finish_roll()?;
         let r = st.truncate_back(seq, &self.dir, &self.opts);
         self.readers.lock().clear();
         self.durable.fetch_min(seq, Ordering::AcqRel);

@@ -1,5 +1,7 @@
 //! The background threads of a log: the `Interval` syncer, which syncs every interval or when
-//! appends passed `bytes_per_sync`, and the preparer of the zero-filled spare segment
+//! appends passed `bytes_per_sync`, in `Manual` mode the writeback starter, which starts the
+//! writeback of every `bytes_per_sync` appended (so that the fsync of a roll finds little left
+//! to write), the roll finisher, which makes each roll durable after it, and the preparer of the zero-filled spare segment
 //! (`spare::run_preparer`). Each runs until its sender is dropped, which `Wal::close` does
 //! before it joins them.
 
@@ -65,5 +67,43 @@ pub(super) fn spawn_ticker(inner: Arc<Inner>, every: std::time::Duration) -> Res
             }
         })
         .map_err(|e| Error::io("spawn sync thread for", dir, e))?;
+    Ok(Worker { tx: stop, handle })
+}
+
+/// Starts the thread that, in `Manual` mode with `bytes_per_sync`, starts the writeback of the
+/// active segment's new bytes each time appends passed that many (`Inner::start_writeback`).
+pub(super) fn spawn_writeback(inner: Arc<Inner>) -> Result<Worker> {
+    let dir = inner.dir.clone();
+    let (stop, rx) = mpsc::channel::<()>();
+    *inner.kick.lock() = Some(stop.clone());
+    let handle = thread::Builder::new()
+        .name("timber-wal-writeback".into())
+        .spawn(move || {
+            while rx.recv().is_ok() {
+                inner.start_writeback();
+            }
+        })
+        .map_err(|e| Error::io("spawn writeback thread for", dir, e))?;
+    Ok(Worker { tx: stop, handle })
+}
+
+/// Starts the thread that finishes each roll (`Inner::finish_roll`): the fsyncs of a roll then
+/// happen beside the appends instead of in the append that rolled.
+pub(super) fn spawn_finisher(inner: Arc<Inner>) -> Result<Worker> {
+    let dir = inner.dir.clone();
+    let (stop, rx) = mpsc::channel::<()>();
+    *inner.roll_done.lock() = Some(stop.clone());
+    let handle = thread::Builder::new()
+        .name("timber-wal-roll".into())
+        .spawn(move || {
+            while rx.recv().is_ok() {
+                if let Err(e) = inner.finish_roll() {
+                    if !matches!(e, Error::Closed | Error::Poisoned { .. }) {
+                        tracing::error!(error = %e, "finishing a WAL segment roll failed");
+                    }
+                }
+            }
+        })
+        .map_err(|e| Error::io("spawn roll thread for", dir, e))?;
     Ok(Worker { tx: stop, handle })
 }

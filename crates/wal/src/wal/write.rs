@@ -3,26 +3,41 @@
 //! by group commit through the [`Gate`](crate::gate::Gate), `flush` hands buffered records to
 //! the operating system, and `record_synced` stores the durable point on close.
 //!
-//! Invariant: a roll seals (index, trailer, fsync) the old segment before the next one is
-//! created, so the durable point covers every sealed segment and syncing the active file makes
-//! everything up to `next` durable.
+//! A roll seals the full segment (index and trailer) and starts the next one under its temporary
+//! name, and leaves the fsyncs to `finish_roll` (the roll thread's, or the next sync's, or the
+//! next roll's): an append that rolls waits for no disk.
+//!
+//! Invariants: a segment is named (renamed from its temporary name) only once the segment
+//! before it is sealed and durable, so every named segment but the last is sealed; at most one
+//! roll is unfinished; the durable point passes the end of a sealed segment only once its roll
+//! is finished, and a sync finishes any unfinished roll before it fsyncs the active segment, so
+//! syncing makes everything up to `next` durable. Before the finish, a crash of the process
+//! leaves the new segment under its temporary name after a sealed one that it continues, which
+//! recovery adopts; a power loss may leave anything after the last durable point, which
+//! recovery cuts.
 
 use std::fs::File;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::Instant;
+
+use parking_lot::MutexGuard;
 
 use crate::active::Active;
 use crate::error::{Error, Result};
 use crate::frame;
 use crate::meta::Meta;
+use crate::options::SyncMode;
 use crate::segment::{self, encode_seal, Sealed, INDEX_ENTRY_LEN, SEGMENT_HEADER_LEN, TRAILER_LEN};
-use crate::spare::Zeroed;
+use crate::spare::{Spares, Zeroed};
 use crate::state::State;
 
-use super::inner::Inner;
+use super::inner::{Inner, PendingRoll};
+
+/// How far behind the written end `start_writeback` stops, a multiple of the page size.
+const WRITEBACK_SLACK: u64 = 256 << 10;
 
 impl Inner {
     pub(super) fn append<R: AsRef<[u8]>>(&self, records: &[R]) -> Result<Range<u64>> {
@@ -94,30 +109,49 @@ impl Inner {
         Ok(first..first + n)
     }
 
-    /// Seals the active segment (index, trailer, fsync) and starts the next one.
+    /// Seals the active segment (index, trailer) and starts the next one; `finish_roll` makes
+    /// both durable.
     fn roll(&self, st: &mut State) -> Result<()> {
+        // The segment sealed here must be the last unfinished one.
+        self.finish_roll()?;
         let a = &mut st.active;
         a.flush(false)?;
         let data_end = a.data_len();
         a.map.unmap();
-        a.file.set_len(data_end).map_err(|e| Error::io("truncate", &a.path, e))?;
         let seal = encode_seal(&a.offsets, data_end);
         fail::fail_point!("wal::write::seal", |_| Err(Error::injected("write", &a.path)));
+        // The seal overwrites the preallocated space reserved for it, and only what is left past
+        // it is cut: freeing blocks can be slow (a file system mounted with `discard` discards
+        // them before returning), and cutting to `data_end` first would free the seal's blocks
+        // only to allocate them again. A crash before the cut leaves a file whose length does not
+        // match its trailer: an unsealed last segment, scanned up to its last record, as after a
+        // crash in the middle of writing the seal.
         a.file.write_all_at(&seal, data_end).map_err(|e| Error::io("write", &a.path, e))?;
-        self.fsync(&a.file, &a.path)?;
+        a.file
+            .set_len(data_end + seal.len() as u64)
+            .map_err(|e| Error::io("truncate", &a.path, e))?;
         let end = a.end();
-        self.durable.fetch_max(end, Ordering::AcqRel);
-        self.gate.wake_covered(end);
         let sealed = Sealed {
             start: a.start,
             count: a.offsets.len() as u64,
             path: a.path.clone(),
             file_len: data_end + seal.len() as u64,
         };
-        let active = self.create_segment(end)?;
+        let (active, new_file, new_tmp) = self.begin_segment(end)?;
         st.sealed_bytes += sealed.file_len;
         st.sealed.push_back(sealed);
-        st.active = active;
+        let old = std::mem::replace(&mut st.active, active);
+        *self.rolling.lock() = Some(PendingRoll {
+            old_file: old.file,
+            old_path: old.path,
+            old_end: end,
+            new_start: end,
+            new_file,
+            new_tmp,
+        });
+        if let Some(tx) = self.roll_done.lock().as_ref() {
+            let _ = tx.send(());
+        }
         // A log that filled one segment is likely to fill the next: its spare gets the whole
         // segment's time to be written (asked only at half of it, a fill was often unfinished
         // when the next roll came, and the roll waited for it).
@@ -139,20 +173,7 @@ impl Inner {
     pub(super) fn create_segment(&self, start: u64) -> Result<Active> {
         // Held until the spare is renamed, so the preparer cannot create a new file under its name.
         let mut spares = self.spare.lock();
-        let (spare, recycled) = match spares.recycled.pop_front() {
-            Some(r) => (Some(r), true),
-            None => {
-                while matches!(spares.zeroed, Zeroed::Filling) {
-                    self.spare_filled.wait(&mut spares);
-                }
-                match std::mem::replace(&mut spares.zeroed, Zeroed::None) {
-                    Zeroed::Ready(file) => {
-                        (Some((file, self.dir.join(segment::SPARE_FILE))), false)
-                    }
-                    Zeroed::None | Zeroed::Filling => (None, false),
-                }
-            }
-        };
+        let (spare, recycled) = self.take_spare(&mut spares, true);
         let (file, path) = segment::create(
             &self.dir,
             start,
@@ -166,6 +187,72 @@ impl Inner {
             Active::new(start, path, file, Vec::new(), SEGMENT_HEADER_LEN as u64, &self.opts)?;
         active.recycled = recycled;
         Ok(active)
+    }
+
+    /// The spare the next segment is made of, if any, and whether it is a recycled segment. A
+    /// zero-filled spare still being filled is waited for only by a roll whose appends wait for
+    /// the disk anyway (`wait`); otherwise the segment is made without one.
+    fn take_spare(
+        &self,
+        spares: &mut MutexGuard<'_, Spares>,
+        wait: bool,
+    ) -> (Option<(File, PathBuf)>, bool) {
+        match spares.recycled.pop_front() {
+            Some(r) => (Some(r), true),
+            None => {
+                while wait && matches!(spares.zeroed, Zeroed::Filling) {
+                    self.spare_filled.wait(spares);
+                }
+                match std::mem::replace(&mut spares.zeroed, Zeroed::None) {
+                    Zeroed::Ready(file) => {
+                        (Some((file, self.dir.join(segment::SPARE_FILE))), false)
+                    }
+                    Zeroed::None | Zeroed::Filling => (None, false),
+                }
+            }
+        }
+    }
+
+    /// [`Inner::create_segment`] up to `segment::begin`: the segment under its temporary name,
+    /// with a second handle of its file for `finish_roll`.
+    fn begin_segment(&self, start: u64) -> Result<(Active, File, PathBuf)> {
+        let mut spares = self.spare.lock();
+        // An append that rolls does not wait for the spare's zero-filling unless every append
+        // waits for an fsync; a segment made without a spare is not preallocated (appends go by
+        // `pwrite`, and its fsyncs pay for the file's growth).
+        let wait = self.opts.sync == SyncMode::Always;
+        let (spare, recycled) = self.take_spare(&mut spares, wait);
+        let preallocate = self.opts.preallocate && (wait || spare.is_some());
+        let (file, tmp) = segment::begin(
+            &self.dir,
+            start,
+            self.opts.segment_capacity,
+            preallocate,
+            self.opts.file_mode,
+            spare,
+            recycled,
+        )?;
+        drop(spares);
+        let second = file.try_clone().map_err(|e| Error::io("duplicate", &tmp, e))?;
+        let path = self.dir.join(segment::file_name(start));
+        let mut active = Active::begun(start, path, &tmp, file, &self.opts)?;
+        active.recycled = recycled;
+        Ok((active, second, tmp))
+    }
+
+    /// Finishes the last roll if it is unfinished: fsyncs the segment it sealed, then makes the
+    /// new segment's header durable and names it, and only then raises the durable point to the
+    /// end of the sealed segment. A failure poisons the log.
+    pub(super) fn finish_roll(&self) -> Result<()> {
+        let _finishing = self.finishing.lock();
+        let Some(p) = self.rolling.lock().take() else { return Ok(()) };
+        let r = self
+            .fsync(&p.old_file, &p.old_path)
+            .and_then(|()| segment::finish(&self.dir, p.new_start, &p.new_file, &p.new_tmp));
+        self.poisoning(r)?;
+        self.durable.fetch_max(p.old_end, Ordering::AcqRel);
+        self.gate.wake_covered(p.old_end);
+        Ok(())
     }
 
     fn fsync(&self, file: &File, path: &Path) -> Result<()> {
@@ -203,6 +290,8 @@ impl Inner {
             let mut st = self.state.lock();
             let r = st.active.flush(false);
             self.poisoning(r)?;
+            // The segments before the active one must be durable before it is synced.
+            self.finish_roll()?;
             st.unsynced = 0;
             st.kicked = false;
             let ticket = self.gate.tickets.fetch_add(1, Ordering::AcqRel);
@@ -249,6 +338,29 @@ impl Inner {
         self.poisoning(r)
     }
 
+    /// Starts the writeback of the active segment's bytes written since the last call, without
+    /// waiting for it (`Manual` mode with `bytes_per_sync`). Advisory: durability still comes
+    /// only from a sync or a roll's fsync, which then find little left to write.
+    pub(super) fn start_writeback(&self) {
+        // No system call under the state lock: a thread preempted there would hold up appends.
+        let (file, from, to) = {
+            let mut st = self.state.lock();
+            st.unsynced = 0;
+            st.kicked = false;
+            let a = &mut st.active;
+            // Pages near the end are still being filled: writing them back now would only
+            // make the next append to them fault again.
+            let to = a.written.saturating_sub(WRITEBACK_SLACK) & !(WRITEBACK_SLACK - 1);
+            if to <= a.written_back {
+                return;
+            }
+            let from = a.written_back;
+            a.written_back = to;
+            (a.writeback_handle.clone(), from, to)
+        };
+        crate::writeback::start(&file, from, to - from);
+    }
+
     pub(super) fn sync(&self) -> Result<()> {
         self.check_writable()?;
         let next = self.state.lock().next;
@@ -259,6 +371,8 @@ impl Inner {
     /// close): the last records synced are then known to recovery as synced even though no later
     /// frame claims it. Only when the tail segment holds records the meta file does not cover.
     pub(super) fn record_synced(&self) -> Result<()> {
+        // A truncation writes the meta file without the state lock: not at the same time.
+        let _layout = self.layout.write();
         let mut st = self.state.lock();
         let durable = self.durable.load(Ordering::Acquire).min(st.next);
         if durable <= st.meta.synced_below.max(st.active.start) {
