@@ -356,3 +356,108 @@ fn fast_rolls_racing_the_spare_preparer_lose_nothing() {
         assert_eq!(b, payload(s, 100 + (s % 200) as usize), "record {s}");
     }
 }
+
+#[test]
+fn unfinished_roll_is_adopted_on_reopen() {
+    // A roll publishes the next segment (rename from `wal_N.log.tmp`) after the writer has moved
+    // on; a crash in between leaves flushed records under the temporary name. Closing and
+    // renaming the last segment back recreates that state.
+    let dir = tempfile::tempdir().unwrap();
+    let n = 300u64;
+    {
+        let wal = Wal::open(dir.path(), small(8192)).unwrap();
+        for i in 0..n {
+            wal.append(&payload(i, 100)).unwrap();
+        }
+        wal.close().unwrap();
+    }
+    let segs = segments(dir.path());
+    assert!(segs.len() > 2);
+    let last = segs.last().unwrap().clone();
+    let tmp = last.with_extension("log.tmp");
+    std::fs::rename(&last, &tmp).unwrap();
+    // A temporary segment that continues nothing is not part of the log.
+    let stray = dir.path().join("wal_00000000000099999999.log.tmp");
+    std::fs::write(&stray, b"not a segment").unwrap();
+
+    let wal = Wal::open(dir.path(), small(8192)).unwrap();
+    assert_eq!(wal.next_seq(), n);
+    let all = collect(&wal, 0..n);
+    assert_eq!(all.len() as u64, n);
+    for (s, b) in all {
+        assert_eq!(b, payload(s, 100));
+    }
+    assert!(last.exists() && !tmp.exists() && !stray.exists());
+    assert_eq!(wal.append(b"next").unwrap(), n);
+}
+
+#[test]
+fn a_torn_unfinished_roll_is_reported_when_its_records_were_durable() {
+    // The log was closed (every record durable), then the last segment lost all but 7 bytes of
+    // its header under the temporary name: records that were durable are gone, which recovery
+    // must report rather than silently continue without them.
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let wal = Wal::open(dir.path(), small(8192)).unwrap();
+        let mut i = 0u64;
+        while segments(dir.path()).len() < 3 {
+            wal.append(&payload(i, 100)).unwrap();
+            i += 1;
+        }
+        wal.close().unwrap();
+    }
+    let segs = segments(dir.path());
+    let last = segs.last().unwrap();
+    let tmp = last.with_extension("log.tmp");
+    std::fs::rename(last, &tmp).unwrap();
+    std::fs::OpenOptions::new().write(true).open(&tmp).unwrap().set_len(7).unwrap();
+    match Wal::open(dir.path(), small(8192)) {
+        Err(Error::Corrupt { reason, .. }) => assert!(reason.contains("missing"), "{reason}"),
+        other => panic!("expected a corruption report, got {:?}", other.map(|_| ())),
+    }
+    // The sealed segments are untouched.
+    assert_eq!(segments(dir.path()), segs[..segs.len() - 1].to_vec());
+}
+
+#[test]
+fn truncate_front_racing_appends_and_rolls_loses_nothing_kept() {
+    // truncate_front stores its meta and deletes segments without the state lock, while the
+    // writer rolls: every record at or above the last truncation point must survive reopen.
+    let dir = tempfile::tempdir().unwrap();
+    let n = 20_000u64;
+    let wal = Arc::new(Wal::open(dir.path(), small(16 << 10)).unwrap());
+    let writer = {
+        let wal = wal.clone();
+        std::thread::spawn(move || {
+            for i in 0..n {
+                assert_eq!(wal.append(&payload(i, 64)).unwrap(), i);
+                if i % 64 == 0 {
+                    wal.flush().unwrap();
+                }
+            }
+            wal.sync().unwrap();
+        })
+    };
+    let mut cut = 0u64;
+    while !writer.is_finished() {
+        let next = wal.next_seq();
+        if next > cut + 500 {
+            cut = next - 200;
+            wal.truncate_front(cut).unwrap();
+            assert_eq!(wal.first_seq(), cut);
+        }
+        std::thread::yield_now();
+    }
+    writer.join().unwrap();
+    assert!(cut > 0, "the truncations ran while the writer appended");
+    let wal = Arc::try_unwrap(wal).ok().unwrap();
+    wal.close().unwrap();
+    drop(wal);
+    let wal = Wal::open(dir.path(), small(16 << 10)).unwrap();
+    assert_eq!((wal.first_seq(), wal.next_seq()), (cut, n));
+    let all = collect(&wal, cut..n);
+    assert_eq!(all.len() as u64, n - cut);
+    for (s, b) in all {
+        assert_eq!(b, payload(s, 64));
+    }
+}
