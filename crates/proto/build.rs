@@ -1,11 +1,13 @@
-//! Compiles `proto/timber.proto` with protox (a protobuf compiler in Rust, so no `protoc` is
+//! Compiles `proto/timber.proto` and `proto/raft.proto` with protox (a protobuf compiler in Rust, so no `protoc` is
 //! needed) and generates the messages and the tonic client and server stubs.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
-    let file = root.join("timber.proto");
-    println!("cargo:rerun-if-changed={}", file.display());
-    let fds = protox::compile([&file], [&root])?;
+    let files = [root.join("timber.proto"), root.join("raft.proto")];
+    for file in &files {
+        println!("cargo:rerun-if-changed={}", file.display());
+    }
+    let fds = protox::compile(&files, [&root])?;
     tonic_prost_build::configure().bytes(".").compile_fds(fds)?;
     Ok(())
 }

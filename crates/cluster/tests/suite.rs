@@ -1,133 +1,14 @@
 //! openraft's storage test suite against `LogStore`, with a small in-memory state machine (the
 //! suite tests the two together), and the log store's own behaviour across reopens.
 
-use std::collections::BTreeMap;
-use std::io::Cursor;
-use std::sync::Arc;
+mod common;
 
-use openraft::storage::{RaftLogStorage, RaftStateMachine, Snapshot};
+use common::{Config, Set, Sm};
+use openraft::storage::RaftLogStorage;
 use openraft::testing::{log_id, StoreBuilder, Suite};
-use openraft::{
-    Entry, EntryPayload, LogId, RaftLogReader, RaftSnapshotBuilder, SnapshotMeta, StorageError,
-    StoredMembership, Vote,
-};
-use serde::{Deserialize, Serialize};
+use openraft::{Entry, EntryPayload, RaftLogReader, StorageError, Vote};
 use timber_cluster::LogStore;
 use timber_wal::SyncMode;
-use tokio::sync::Mutex;
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-struct Set {
-    key: String,
-    value: String,
-}
-
-openraft::declare_raft_types!(
-    Config:
-        D = Set,
-        R = (),
-        SnapshotData = Cursor<Vec<u8>>,
-);
-
-#[derive(Debug, Default, Clone, Serialize, Deserialize)]
-struct Data {
-    applied: Option<LogId<u64>>,
-    membership: StoredMembership<u64, openraft::BasicNode>,
-    kv: BTreeMap<String, String>,
-}
-
-#[derive(Debug, Default)]
-struct Machine {
-    data: Data,
-    snapshot: Option<(SnapshotMeta<u64, openraft::BasicNode>, Vec<u8>)>,
-    built: u64,
-}
-
-#[derive(Debug, Clone, Default)]
-struct Sm(Arc<Mutex<Machine>>);
-
-impl RaftSnapshotBuilder<Config> for Sm {
-    async fn build_snapshot(&mut self) -> Result<Snapshot<Config>, StorageError<u64>> {
-        let mut m = self.0.lock().await;
-        m.built += 1;
-        let bytes = serde_json::to_vec(&m.data).unwrap();
-        let meta = SnapshotMeta {
-            last_log_id: m.data.applied,
-            last_membership: m.data.membership.clone(),
-            snapshot_id: format!("{:?}-{}", m.data.applied, m.built),
-        };
-        m.snapshot = Some((meta.clone(), bytes.clone()));
-        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(bytes)) })
-    }
-}
-
-impl RaftStateMachine<Config> for Sm {
-    type SnapshotBuilder = Self;
-
-    async fn applied_state(
-        &mut self,
-    ) -> Result<(Option<LogId<u64>>, StoredMembership<u64, openraft::BasicNode>), StorageError<u64>>
-    {
-        let m = self.0.lock().await;
-        Ok((m.data.applied, m.data.membership.clone()))
-    }
-
-    async fn apply<I>(&mut self, entries: I) -> Result<Vec<()>, StorageError<u64>>
-    where
-        I: IntoIterator<Item = Entry<Config>> + Send,
-        I::IntoIter: Send,
-    {
-        let mut m = self.0.lock().await;
-        let mut out = Vec::new();
-        for e in entries {
-            m.data.applied = Some(e.log_id);
-            match e.payload {
-                EntryPayload::Blank => {}
-                EntryPayload::Normal(set) => {
-                    m.data.kv.insert(set.key, set.value);
-                }
-                EntryPayload::Membership(mem) => {
-                    m.data.membership = StoredMembership::new(Some(e.log_id), mem)
-                }
-            }
-            out.push(());
-        }
-        Ok(out)
-    }
-
-    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        self.clone()
-    }
-
-    async fn begin_receiving_snapshot(
-        &mut self,
-    ) -> Result<Box<Cursor<Vec<u8>>>, StorageError<u64>> {
-        Ok(Box::new(Cursor::new(Vec::new())))
-    }
-
-    async fn install_snapshot(
-        &mut self,
-        meta: &SnapshotMeta<u64, openraft::BasicNode>,
-        snapshot: Box<Cursor<Vec<u8>>>,
-    ) -> Result<(), StorageError<u64>> {
-        let bytes = snapshot.into_inner();
-        let mut m = self.0.lock().await;
-        m.data = serde_json::from_slice(&bytes).unwrap();
-        m.data.applied = meta.last_log_id;
-        m.data.membership = meta.last_membership.clone();
-        m.snapshot = Some((meta.clone(), bytes));
-        Ok(())
-    }
-
-    async fn get_current_snapshot(
-        &mut self,
-    ) -> Result<Option<Snapshot<Config>>, StorageError<u64>> {
-        let m = self.0.lock().await;
-        Ok(m.snapshot
-            .clone()
-            .map(|(meta, bytes)| Snapshot { meta, snapshot: Box::new(Cursor::new(bytes)) }))
-    }
-}
 
 struct Builder(SyncMode);
 

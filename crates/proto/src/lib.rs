@@ -7,3 +7,8 @@
 pub mod v1 {
     tonic::include_proto!("timber.v1");
 }
+
+/// The transport between cluster members (`package timber.raft.v1`): openraft's RPCs.
+pub mod raft {
+    tonic::include_proto!("timber.raft.v1");
+}

@@ -145,8 +145,8 @@ impl Options {
 
     /// Write in the background as this many bytes are appended (default off): in `Interval`
     /// mode, sync as soon as this many were appended since the last sync; in `Manual` mode,
-    /// start their writeback (`sync_file_range`, not durable) on a thread of the log. Sealing a
-    /// full segment fsyncs it while appends wait; with this, little is left to write by then.
+    /// start their writeback (`sync_file_range`, not durable) on a thread of the log, so that
+    /// the fsync that finishes a roll, or the next sync, finds little left to write.
     pub fn bytes_per_sync(mut self, bytes: Option<u64>) -> Self {
         self.bytes_per_sync = bytes;
         self

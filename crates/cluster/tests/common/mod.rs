@@ -1,0 +1,126 @@
+//! A small in-memory state machine for the tests: a map of strings, snapshotted as JSON.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::Cursor;
+use std::sync::Arc;
+
+use openraft::storage::{RaftStateMachine, Snapshot};
+use openraft::{
+    Entry, EntryPayload, LogId, RaftSnapshotBuilder, SnapshotMeta, StorageError, StoredMembership,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Set {
+    pub key: String,
+    pub value: String,
+}
+
+openraft::declare_raft_types!(
+    pub Config:
+        D = Set,
+        R = (),
+        SnapshotData = Cursor<Vec<u8>>,
+);
+
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct Data {
+    pub applied: Option<LogId<u64>>,
+    pub membership: StoredMembership<u64, openraft::BasicNode>,
+    pub kv: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Default)]
+pub struct Machine {
+    pub data: Data,
+    snapshot: Option<(SnapshotMeta<u64, openraft::BasicNode>, Vec<u8>)>,
+    built: u64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Sm(pub Arc<Mutex<Machine>>);
+
+impl RaftSnapshotBuilder<Config> for Sm {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<Config>, StorageError<u64>> {
+        let mut m = self.0.lock().await;
+        m.built += 1;
+        let bytes = serde_json::to_vec(&m.data).unwrap();
+        let meta = SnapshotMeta {
+            last_log_id: m.data.applied,
+            last_membership: m.data.membership.clone(),
+            snapshot_id: format!("{:?}-{}", m.data.applied, m.built),
+        };
+        m.snapshot = Some((meta.clone(), bytes.clone()));
+        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(bytes)) })
+    }
+}
+
+impl RaftStateMachine<Config> for Sm {
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId<u64>>, StoredMembership<u64, openraft::BasicNode>), StorageError<u64>>
+    {
+        let m = self.0.lock().await;
+        Ok((m.data.applied, m.data.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<()>, StorageError<u64>>
+    where
+        I: IntoIterator<Item = Entry<Config>> + Send,
+        I::IntoIter: Send,
+    {
+        let mut m = self.0.lock().await;
+        let mut out = Vec::new();
+        for e in entries {
+            m.data.applied = Some(e.log_id);
+            match e.payload {
+                EntryPayload::Blank => {}
+                EntryPayload::Normal(set) => {
+                    m.data.kv.insert(set.key, set.value);
+                }
+                EntryPayload::Membership(mem) => {
+                    m.data.membership = StoredMembership::new(Some(e.log_id), mem)
+                }
+            }
+            out.push(());
+        }
+        Ok(out)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(
+        &mut self,
+    ) -> Result<Box<Cursor<Vec<u8>>>, StorageError<u64>> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<u64, openraft::BasicNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError<u64>> {
+        let bytes = snapshot.into_inner();
+        let mut m = self.0.lock().await;
+        m.data = serde_json::from_slice(&bytes).unwrap();
+        m.data.applied = meta.last_log_id;
+        m.data.membership = meta.last_membership.clone();
+        m.snapshot = Some((meta.clone(), bytes));
+        Ok(())
+    }
+
+    async fn get_current_snapshot(
+        &mut self,
+    ) -> Result<Option<Snapshot<Config>>, StorageError<u64>> {
+        let m = self.0.lock().await;
+        Ok(m.snapshot
+            .clone()
+            .map(|(meta, bytes)| Snapshot { meta, snapshot: Box::new(Cursor::new(bytes)) }))
+    }
+}
