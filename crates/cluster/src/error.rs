@@ -10,6 +10,39 @@ pub enum Error {
     #[error("raft log: {0}")]
     Wal(#[from] timber_wal::Error),
 
+    /// The state machine's engine failed.
+    #[error("state machine: {0}")]
+    Kv(#[from] timber_kv::Error),
+
+    /// A proposal writes under the keys the state machine keeps for itself.
+    #[error("key {:?} is reserved for the cluster's own state", String::from_utf8_lossy(.0))]
+    Reserved(Vec<u8>),
+
+    /// This member is not the leader; writes and linearizable reads go to `leader`.
+    #[error("not the leader; the leader is {}", match (.leader_id, .leader_addr) {
+        (Some(id), Some(addr)) => format!("member {id} at {addr}"),
+        _ => "not known yet".to_string(),
+    })]
+    NotLeader {
+        /// The leader's id, if known.
+        leader_id: Option<u64>,
+        /// The address of the leader's Raft endpoint, if known.
+        leader_addr: Option<String>,
+    },
+
+    /// No quorum answered in time: retry later. Nothing is known of whether a write was
+    /// applied (it may still commit).
+    #[error("cluster unavailable: {0}")]
+    Unavailable(String),
+
+    /// Raft itself failed (a storage error stopped it, or it was shut down).
+    #[error("raft: {0}")]
+    Raft(String),
+
+    /// The configuration is invalid.
+    #[error("invalid cluster configuration: {0}")]
+    Config(String),
+
     /// A file system call failed.
     #[error("{op} {}: {source}", path.display())]
     Io {

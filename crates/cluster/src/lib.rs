@@ -4,12 +4,25 @@
 //! - [`LogStore`]: the Raft log on a timber WAL, with the vote and the purged and committed log
 //!   ids in a small file beside it (`docs/format/raft.md`).
 //! - [`Network`] and [`RaftService`]: openraft's RPCs between members on gRPC (tonic).
+//! - [`KvMachine`]: the state machine, a timber-kv engine that applies committed
+//!   [`Proposal`]s (the writes a request produced on the leader) with the applied log id in
+//!   the same batch, and snapshots it.
+//! - [`Member`]: a running member: log, machine, endpoint, and `propose` / `read_barrier`.
 
 mod error;
 mod hard_state;
 mod log_store;
+mod machine;
+mod member;
 mod network;
+mod types;
 
 pub use crate::error::{Error, Result};
 pub use crate::log_store::LogStore;
+pub use crate::machine::{KvMachine, RESERVED_PREFIX};
+pub use crate::member::{Member, MemberConfig};
 pub use crate::network::{Connection, Network, RaftService};
+pub use crate::types::{Op, Proposal, TypeConfig};
+
+/// openraft, as this crate uses it (its metrics and handle types appear in the API).
+pub use openraft;

@@ -24,6 +24,7 @@ struct Member {
     raft: Raft<Config>,
     sm: Sm,
     server: JoinHandle<()>,
+    stop: tokio::sync::oneshot::Sender<()>,
 }
 
 async fn start(id: u64, dir: &std::path::Path, listener: TcpListener) -> Member {
@@ -41,19 +42,22 @@ async fn start(id: u64, dir: &std::path::Path, listener: TcpListener) -> Member 
         .unwrap();
     let svc = RaftService::server(raft.clone());
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(async move {
         let _ = tonic::transport::Server::builder()
             .add_service(svc)
-            .serve_with_incoming(incoming)
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = stopped.await;
+            })
             .await;
     });
-    Member { raft, sm, server }
+    Member { raft, sm, server, stop }
 }
 
 async fn stop(m: Member) {
     m.raft.shutdown().await.unwrap();
-    m.server.abort();
-    let _ = m.server.await;
+    let _ = m.stop.send(());
+    m.server.await.unwrap();
 }
 
 /// The member every live member follows, in one term, and which says it leads: waits for the

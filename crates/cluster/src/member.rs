@@ -1,0 +1,255 @@
+//! `Member`: one running member of a timber cluster — its Raft (log on disk, [`KvMachine`] on
+//! the engine it is given), the gRPC endpoint the other members call, and what the server asks
+//! of it: propose a write, wait for a linearizable read, say who leads.
+//!
+//! A cluster is formed as etcd forms one: every member starts with the same initial membership;
+//! on a first start (an empty log) each asks openraft to initialize with it, which only one
+//! election turns into a cluster, and later starts ignore it. Every call that needs a quorum is
+//! bounded by a deadline and fails with [`Error::Unavailable`] when none answers in time.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::error::{ClientWriteError, InitializeError, RaftError};
+use openraft::{BasicNode, LogId, Raft, RaftMetrics, SnapshotPolicy};
+use timber_kv::Db;
+use timber_wal::SyncMode;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use crate::error::{Error, Result};
+use crate::log_store::LogStore;
+use crate::machine::KvMachine;
+use crate::network::{Network, RaftService};
+use crate::types::{Proposal, TypeConfig};
+
+/// How a member is started.
+#[derive(Debug, Clone)]
+pub struct MemberConfig {
+    /// This member's id (not 0), unique in the cluster.
+    pub id: u64,
+    /// Where the Raft endpoint listens.
+    pub listen: SocketAddr,
+    /// The initial membership, id → Raft address, used only on the first start (empty log).
+    /// Empty: the member waits to be added by a running cluster.
+    pub initial_cluster: BTreeMap<u64, String>,
+    /// Directory of the Raft log, its state and the current snapshot.
+    pub dir: PathBuf,
+    /// `Always`: an entry counts as stored on this member once fsynced; `Interval`: once it is
+    /// in the OS (a power loss of a majority may then lose acknowledged writes).
+    pub sync: SyncMode,
+    /// Heartbeat period (also the deadline of one replication call).
+    pub heartbeat: Duration,
+    /// Election timeouts are drawn from this range.
+    pub election_timeout: (Duration, Duration),
+    /// Build a snapshot after this many applied entries, and purge the log before it.
+    pub snapshot_every: u64,
+    /// Entries kept in the log behind a snapshot, for followers slightly behind.
+    pub keep_after_snapshot: u64,
+}
+
+impl MemberConfig {
+    /// Defaults: heartbeat 50 ms, elections 150–300 ms, fsync per entry, snapshots every
+    /// 10,000 entries keeping 1,000.
+    pub fn new(id: u64, listen: SocketAddr, dir: impl Into<PathBuf>) -> MemberConfig {
+        MemberConfig {
+            id,
+            listen,
+            initial_cluster: BTreeMap::new(),
+            dir: dir.into(),
+            sync: SyncMode::Always,
+            heartbeat: Duration::from_millis(50),
+            election_timeout: (Duration::from_millis(150), Duration::from_millis(300)),
+            snapshot_every: 10_000,
+            keep_after_snapshot: 1_000,
+        }
+    }
+
+    fn raft_config(&self) -> Result<openraft::Config> {
+        let ms = |d: Duration| d.as_millis() as u64;
+        openraft::Config {
+            cluster_name: "timber".into(),
+            heartbeat_interval: ms(self.heartbeat),
+            election_timeout_min: ms(self.election_timeout.0),
+            election_timeout_max: ms(self.election_timeout.1),
+            install_snapshot_timeout: ms(self.heartbeat).max(1000),
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_every.max(1)),
+            max_in_snapshot_log_to_keep: self.keep_after_snapshot,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| Error::Config(e.to_string()))
+    }
+}
+
+/// A running member. Dropping it without [`Member::shutdown`] leaves its tasks running until the
+/// runtime stops.
+pub struct Member {
+    id: u64,
+    raft: Raft<TypeConfig>,
+    machine: KvMachine,
+    server: JoinHandle<()>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    addr: SocketAddr,
+}
+
+impl std::fmt::Debug for Member {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Member").field("id", &self.id).field("addr", &self.addr).finish()
+    }
+}
+
+impl Member {
+    /// Starts the member on `db`: opens its log, binds its Raft endpoint, and on a first start
+    /// with an initial membership forms the cluster.
+    pub async fn start(config: MemberConfig, db: Arc<Db>) -> Result<Member> {
+        if config.id == 0 {
+            return Err(Error::Config("member ids start at 1".into()));
+        }
+        if !config.initial_cluster.is_empty() && !config.initial_cluster.contains_key(&config.id) {
+            return Err(Error::Config(format!(
+                "member {} is not in the initial cluster {:?}",
+                config.id, config.initial_cluster
+            )));
+        }
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|e| Error::io("bind raft endpoint", config.listen.to_string(), e))?;
+        Member::start_on(listener, config, db).await
+    }
+
+    /// As [`Member::start`], on a listener bound already (`config.listen` is not used).
+    pub async fn start_on(
+        listener: TcpListener,
+        config: MemberConfig,
+        db: Arc<Db>,
+    ) -> Result<Member> {
+        if config.id == 0 {
+            return Err(Error::Config("member ids start at 1".into()));
+        }
+        let raft_config = Arc::new(config.raft_config()?);
+        let log = LogStore::<TypeConfig>::open(config.dir.join("log"), config.sync)?;
+        let machine = KvMachine::open(db, config.dir.join("machine"))?;
+        let addr = listener.local_addr().map_err(|e| Error::io("local address", "", e))?;
+        let network = Network::new(config.heartbeat.max(Duration::from_millis(100)) * 4);
+        let raft = Raft::new(config.id, raft_config, network, log, machine.clone())
+            .await
+            .map_err(|e| Error::Raft(e.to_string()))?;
+        let svc = RaftService::server(raft.clone());
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(async move {
+            // A graceful stop closes the connections too: a peer's channel must not stay on a
+            // connection whose Raft is gone, or it never reconnects to this member's next life.
+            let served = tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming_shutdown(incoming, async {
+                    let _ = stopped.await;
+                });
+            if let Err(e) = served.await {
+                tracing::error!("raft endpoint stopped: {e}");
+            }
+        });
+        let member = Member { id: config.id, raft, machine, server, stop, addr };
+        if !config.initial_cluster.is_empty() {
+            let nodes: BTreeMap<u64, BasicNode> = config
+                .initial_cluster
+                .iter()
+                .map(|(id, a)| (*id, BasicNode::new(a.clone())))
+                .collect();
+            match member.raft.initialize(nodes).await {
+                Ok(()) | Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {}
+                Err(e) => {
+                    member.shutdown().await;
+                    return Err(Error::Raft(e.to_string()));
+                }
+            }
+        }
+        Ok(member)
+    }
+
+    /// This member's id.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The address the Raft endpoint listens on.
+    pub fn raft_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The state machine (and through it the engine every member applies to).
+    pub fn machine(&self) -> &KvMachine {
+        &self.machine
+    }
+
+    /// Raft's view of this member: role, term, leader, log and applied indexes, replication.
+    pub fn metrics(&self) -> RaftMetrics<u64, BasicNode> {
+        self.raft.metrics().borrow().clone()
+    }
+
+    /// The openraft handle, for membership changes and what this API does not cover.
+    pub fn raft(&self) -> &Raft<TypeConfig> {
+        &self.raft
+    }
+
+    /// Replicates `proposal` and returns once a majority stored it and this member applied it.
+    /// Fails with [`Error::NotLeader`] on a member that does not lead, and with
+    /// [`Error::Unavailable`] when no quorum commits it within `timeout` (it may still commit).
+    pub async fn propose(&self, proposal: Proposal, timeout: Duration) -> Result<LogId<u64>> {
+        proposal.check()?;
+        match tokio::time::timeout(timeout, self.raft.client_write(proposal)).await {
+            Ok(Ok(resp)) => Ok(resp.log_id),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+                Err(Error::NotLeader {
+                    leader_id: f.leader_id,
+                    leader_addr: f.leader_node.map(|n| n.addr),
+                })
+            }
+            Ok(Err(e)) => Err(Error::Raft(e.to_string())),
+            Err(_) => Err(Error::Unavailable(format!(
+                "no quorum committed the write within {} ms",
+                timeout.as_millis()
+            ))),
+        }
+    }
+
+    /// Returns once this member, as leader, has confirmed its leadership with a quorum and
+    /// applied everything committed before the call: a read of the engine after it is
+    /// linearizable.
+    pub async fn read_barrier(&self, timeout: Duration) -> Result<()> {
+        use openraft::error::CheckIsLeaderError;
+        match tokio::time::timeout(timeout, self.raft.ensure_linearizable()).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => {
+                Err(Error::NotLeader {
+                    leader_id: f.leader_id,
+                    leader_addr: f.leader_node.map(|n| n.addr),
+                })
+            }
+            Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(q)))) => {
+                Err(Error::Unavailable(q.to_string()))
+            }
+            Ok(Err(e)) => Err(Error::Raft(e.to_string())),
+            Err(_) => Err(Error::Unavailable(format!(
+                "no quorum confirmed the leader within {} ms",
+                timeout.as_millis()
+            ))),
+        }
+    }
+
+    /// Stops Raft and the endpoint.
+    pub async fn shutdown(self) {
+        if let Err(e) = self.raft.shutdown().await {
+            tracing::warn!("raft shutdown: {e}");
+        }
+        let _ = self.stop.send(());
+        let mut server = self.server;
+        if tokio::time::timeout(Duration::from_secs(2), &mut server).await.is_err() {
+            server.abort();
+        }
+    }
+}

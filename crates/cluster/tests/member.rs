@@ -1,0 +1,225 @@
+//! Members on loopback with their own engines: proposals reach every engine, followers name
+//! the leader, the leader's loss elects another, a lone leader refuses writes within a bounded
+//! time, restarted members catch up, and one behind the purged log catches up from a snapshot.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use timber_cluster::openraft::ServerState;
+use timber_cluster::{Error, Member, MemberConfig, Proposal};
+use timber_kv::Db;
+use tokio::net::TcpListener;
+
+const WAIT: Duration = Duration::from_secs(10);
+const PROPOSE: Duration = Duration::from_secs(5);
+
+struct Node {
+    _dir: tempfile::TempDir,
+    db: Arc<Db>,
+    addr: String,
+    config: MemberConfig,
+}
+
+async fn nodes(n: u64, tune: impl Fn(&mut MemberConfig)) -> (Vec<Node>, Vec<TcpListener>) {
+    let mut listeners = Vec::new();
+    let mut cluster = BTreeMap::new();
+    for id in 1..=n {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        cluster.insert(id, l.local_addr().unwrap().to_string());
+        listeners.push(l);
+    }
+    let mut out = Vec::new();
+    for id in 1..=n {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Arc::new(Db::open(dir.path().join("db"), timber_kv::Options::default()).unwrap());
+        let addr = cluster[&id].clone();
+        let mut config = MemberConfig::new(id, addr.parse().unwrap(), dir.path().join("raft"));
+        config.initial_cluster = cluster.clone();
+        tune(&mut config);
+        out.push(Node { _dir: dir, db, addr, config });
+    }
+    (out, listeners)
+}
+
+async fn start(node: &Node, listener: Option<TcpListener>) -> Member {
+    let l = match listener {
+        Some(l) => l,
+        None => TcpListener::bind(&node.addr).await.unwrap(),
+    };
+    Member::start_on(l, node.config.clone(), node.db.clone()).await.unwrap()
+}
+
+/// The member all the given ones follow in one term, which says it leads.
+async fn leader(members: &BTreeMap<u64, Member>) -> u64 {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let mut rxs: Vec<_> = members.values().map(|m| m.raft().metrics()).collect();
+        let views: Vec<_> = rxs.iter_mut().map(|rx| rx.borrow_and_update().clone()).collect();
+        if let Some(l) = views.iter().find(|m| m.state == ServerState::Leader) {
+            if views
+                .iter()
+                .all(|m| m.current_leader == Some(l.id) && m.current_term == l.current_term)
+            {
+                return l.id;
+            }
+        }
+        let mut changes = tokio::task::JoinSet::new();
+        for mut rx in rxs {
+            changes.spawn(async move {
+                let _ = rx.changed().await;
+            });
+        }
+        if tokio::time::timeout_at(deadline, changes.join_next()).await.is_err() {
+            let seen: Vec<_> =
+                views.iter().map(|m| (m.id, m.state, m.current_term, m.current_leader)).collect();
+            panic!("the members agree on no leader: {seen:?}");
+        }
+    }
+}
+
+fn put(i: u32) -> Proposal {
+    let mut p = Proposal::default();
+    p.put(format!("k{i:04}"), format!("v{i}"));
+    p
+}
+
+async fn write(m: &Member, range: std::ops::Range<u32>) {
+    for i in range {
+        m.propose(put(i), PROPOSE).await.unwrap();
+    }
+}
+
+/// Every member applied what the leader has, and every engine holds the keys `0..n`, plus
+/// those of `maybe` on all members or on none.
+async fn converged(members: &BTreeMap<u64, Member>, n: u32, maybe: &[u32]) {
+    let l = leader(members).await;
+    let last = members[&l].metrics().last_log_index;
+    let mut seen = None;
+    for m in members.values() {
+        m.raft().wait(Some(WAIT)).applied_index_at_least(last, "caught up").await.unwrap();
+        let keys: Vec<u32> = m
+            .machine()
+            .db()
+            .prefix(b"k")
+            .map(|r| {
+                let (k, v) = r.unwrap();
+                let i: u32 = std::str::from_utf8(&k[1..]).unwrap().parse().unwrap();
+                assert_eq!(&v[..], format!("v{i}").as_bytes());
+                i
+            })
+            .collect();
+        let extra: Vec<u32> = keys.iter().copied().filter(|i| *i >= n).collect();
+        assert_eq!(keys.len() - extra.len(), n as usize, "member {}", m.id());
+        assert!(extra.iter().all(|i| maybe.contains(i)), "member {}: {extra:?}", m.id());
+        assert_eq!(*seen.get_or_insert(keys.clone()), keys, "member {}", m.id());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proposals_replicate_fail_over_and_stop_without_quorum() {
+    let (nodes, listeners) = nodes(3, |_| {}).await;
+    let mut members = BTreeMap::new();
+    for (node, l) in nodes.iter().zip(listeners) {
+        members.insert(node.config.id, start(node, Some(l)).await);
+    }
+    let first = leader(&members).await;
+    write(&members[&first], 0..40).await;
+    converged(&members, 40, &[]).await;
+
+    // A follower refuses, naming the leader; a reserved key is refused everywhere.
+    let follower = *members.keys().find(|&&id| id != first).unwrap();
+    match members[&follower].propose(put(999), PROPOSE).await {
+        Err(Error::NotLeader { leader_id, leader_addr }) => {
+            assert_eq!(leader_id, Some(first));
+            assert_eq!(leader_addr.as_deref(), Some(nodes[first as usize - 1].addr.as_str()));
+        }
+        other => panic!("expected NotLeader, got {other:?}"),
+    }
+    let mut bad = Proposal::default();
+    bad.put(timber_cluster::RESERVED_PREFIX.to_vec(), b"x".to_vec());
+    assert!(matches!(members[&first].propose(bad, PROPOSE).await, Err(Error::Reserved(_))));
+    members[&first].read_barrier(PROPOSE).await.unwrap();
+
+    // The leader goes: the others elect one of them and go on.
+    members.remove(&first).unwrap().shutdown().await;
+    let second = leader(&members).await;
+    assert_ne!(second, first);
+    write(&members[&second], 40..70).await;
+    converged(&members, 70, &[]).await;
+
+    // Alone, the leader refuses within the deadline and applies nothing.
+    let other = *members.keys().find(|&&id| id != second).unwrap();
+    members.remove(&other).unwrap().shutdown().await;
+    let short = Duration::from_millis(700);
+    let t = tokio::time::Instant::now();
+    let r = members[&second].propose(put(500), short).await;
+    assert!(matches!(r, Err(Error::Unavailable(_))), "{r:?}");
+    assert!(t.elapsed() < short + Duration::from_secs(1));
+    let r = members[&second].read_barrier(short).await;
+    assert!(matches!(r, Err(Error::Unavailable(_)) | Err(Error::NotLeader { .. })), "{r:?}");
+
+    // Both come back from their directories and engines. The write that timed out is in the
+    // lone leader's log only: it commits if that member leads again, and is dropped if the
+    // two others elect one of them; either way all members agree.
+    for id in [first, other] {
+        members.insert(id, start(&nodes[id as usize - 1], None).await);
+    }
+    let l = leader(&members).await;
+    write(&members[&l], 70..80).await;
+    converged(&members, 80, &[500]).await;
+    for (_, m) in members {
+        m.shutdown().await;
+    }
+    drop(nodes);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_behind_the_purged_log_catches_up_from_a_snapshot() {
+    let (nodes, listeners) = nodes(3, |c| {
+        c.snapshot_every = 10;
+        c.keep_after_snapshot = 0;
+    })
+    .await;
+    let mut members = BTreeMap::new();
+    for (node, l) in nodes.iter().zip(listeners) {
+        members.insert(node.config.id, start(node, Some(l)).await);
+    }
+    let l = leader(&members).await;
+    write(&members[&l], 0..5).await;
+    converged(&members, 5, &[]).await;
+    let behind = *members.keys().find(|&&id| id != l).unwrap();
+    members.remove(&behind).unwrap().shutdown().await;
+
+    // Overwrites and deletes too: the snapshot must carry the state, not a history.
+    write(&members[&l], 5..60).await;
+    let mut del = Proposal::default();
+    del.delete(b"k0000".to_vec()).put(b"k0001".to_vec(), b"v1".to_vec());
+    members[&l].propose(del, PROPOSE).await.unwrap();
+    let m = members[&l]
+        .raft()
+        .wait(Some(WAIT))
+        .metrics(|m| m.purged.is_some_and(|p| p.index > 10), "leader purged its log")
+        .await
+        .unwrap();
+    assert!(m.snapshot.is_some());
+
+    members.insert(behind, start(&nodes[behind as usize - 1], None).await);
+    let last = members[&l].metrics().last_log_index;
+    members[&behind]
+        .raft()
+        .wait(Some(WAIT))
+        .applied_index_at_least(last, "caught up")
+        .await
+        .unwrap();
+    assert!(members[&behind].metrics().snapshot.is_some(), "caught up through a snapshot");
+    let db = members[&behind].machine().db();
+    assert!(db.get(b"k0000").unwrap().is_none());
+    let keys = db.prefix(b"k").count();
+    assert_eq!(keys, 59);
+    assert_eq!(&db.get(b"k0059").unwrap().unwrap()[..], b"v59");
+    for (_, m) in members {
+        m.shutdown().await;
+    }
+    drop(nodes);
+}
