@@ -91,8 +91,7 @@ pub struct Member {
     id: u64,
     raft: Raft<TypeConfig>,
     machine: KvMachine,
-    server: JoinHandle<()>,
-    stop: tokio::sync::oneshot::Sender<()>,
+    server: parking_lot::Mutex<Option<(JoinHandle<()>, tokio::sync::oneshot::Sender<()>)>>,
     addr: SocketAddr,
 }
 
@@ -153,7 +152,8 @@ impl Member {
                 tracing::error!("raft endpoint stopped: {e}");
             }
         });
-        let member = Member { id: config.id, raft, machine, server, stop, addr };
+        let server = parking_lot::Mutex::new(Some((server, stop)));
+        let member = Member { id: config.id, raft, machine, server, addr };
         if !config.initial_cluster.is_empty() {
             let nodes: BTreeMap<u64, BasicNode> = config
                 .initial_cluster
@@ -241,13 +241,13 @@ impl Member {
         }
     }
 
-    /// Stops Raft and the endpoint.
-    pub async fn shutdown(self) {
+    /// Stops Raft and the endpoint (the second call does nothing).
+    pub async fn shutdown(&self) {
+        let Some((mut server, stop)) = self.server.lock().take() else { return };
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!("raft shutdown: {e}");
         }
-        let _ = self.stop.send(());
-        let mut server = self.server;
+        let _ = stop.send(());
         if tokio::time::timeout(Duration::from_secs(2), &mut server).await.is_err() {
             server.abort();
         }

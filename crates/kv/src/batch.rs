@@ -105,6 +105,14 @@ impl WriteBatch {
         self.rep.len()
     }
 
+    /// The writes in the batch, in order: `(key, Some(value))` for a put, `(key, None)` for a
+    /// delete.
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], Option<&[u8]>)> + '_ {
+        let ops = Ops { rep: &self.rep, pos: HEADER_LEN, left: self.count, done: false };
+        // A batch built by the calls above is well formed: every op decodes.
+        ops.map_while(|op| op).map(|op| (op.key, (op.kind == Kind::Put).then_some(op.value)))
+    }
+
     /// Empties the batch for reuse.
     pub fn clear(&mut self) {
         self.rep.truncate(HEADER_LEN);
@@ -231,6 +239,17 @@ impl<'a> Ops<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn iter_yields_the_writes_in_order() {
+        let mut b = WriteBatch::new();
+        assert_eq!(b.iter().count(), 0);
+        b.put(b"a", b"1").delete(b"b").put_parts(&[b"c", b"d"], &[b"", b"2"]);
+        let got: Vec<_> = b.iter().collect();
+        let want: Vec<(&[u8], Option<&[u8]>)> =
+            vec![(b"a", Some(b"1")), (b"b", None), (b"cd", Some(b"2"))];
+        assert_eq!(got, want);
+    }
 
     #[test]
     fn roundtrip_and_limits() {

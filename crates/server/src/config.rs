@@ -210,6 +210,26 @@ pub struct Flags {
     /// appends are refused [default: 1024].
     #[arg(long, env = "TIMBER_STORE_BACKLOG_MB")]
     pub store_backlog_mb: Option<u64>,
+    /// This member's id in a cluster (1 or more); with --raft-addr, runs timberd as a member of
+    /// a Raft cluster [default: single node].
+    #[arg(long, env = "TIMBER_NODE_ID")]
+    pub node_id: Option<u64>,
+    /// Where this member's Raft endpoint listens, host:port; the address the others reach it at
+    /// in --initial-cluster.
+    #[arg(long, env = "TIMBER_RAFT_ADDR")]
+    pub raft_addr: Option<SocketAddr>,
+    /// The members a new cluster starts with, as id=host:port of their Raft endpoints, comma
+    /// separated (every member is started with the same list); used on the first start only.
+    #[arg(long, env = "TIMBER_INITIAL_CLUSTER")]
+    pub initial_cluster: Option<String>,
+    /// Raft heartbeat period in milliseconds; elections time out after 3 to 6 of them
+    /// [default: 50].
+    #[arg(long, env = "TIMBER_RAFT_HEARTBEAT_MS")]
+    pub raft_heartbeat_ms: Option<u64>,
+    /// Milliseconds a write or linearizable read waits for a quorum before it fails with
+    /// CLUSTERDOWN (gRPC UNAVAILABLE, HTTP 503) [default: 2000].
+    #[arg(long, env = "TIMBER_RAFT_TIMEOUT_MS")]
+    pub raft_timeout_ms: Option<u64>,
 }
 
 /// The `--config` file: the same options as the flags, in snake_case.
@@ -235,6 +255,50 @@ struct File {
     s3_secret_access_key: Option<Secret>,
     store_outage_secs: Option<u64>,
     store_backlog_mb: Option<u64>,
+    node_id: Option<u64>,
+    raft_addr: Option<SocketAddr>,
+    initial_cluster: Option<String>,
+    raft_heartbeat_ms: Option<u64>,
+    raft_timeout_ms: Option<u64>,
+}
+
+/// Membership of a Raft cluster (`--node-id`, `--raft-addr`, `--initial-cluster`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cluster {
+    /// This member's id.
+    pub node_id: u64,
+    /// Where its Raft endpoint listens.
+    pub raft_addr: SocketAddr,
+    /// id → Raft address of the members a new cluster starts with (empty: join later).
+    pub initial: std::collections::BTreeMap<u64, String>,
+    /// Raft heartbeat period.
+    pub heartbeat: Duration,
+    /// How long a write or linearizable read waits for a quorum.
+    pub timeout: Duration,
+}
+
+/// Parses `1=host:port,2=host:port`.
+fn parse_initial_cluster(text: &str) -> Result<std::collections::BTreeMap<u64, String>, String> {
+    let mut out = std::collections::BTreeMap::new();
+    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (id, addr) = part
+            .split_once('=')
+            .ok_or_else(|| format!("initial_cluster: {part:?} is not id=host:port"))?;
+        let id: u64 = id
+            .trim()
+            .parse()
+            .ok()
+            .filter(|&i| i > 0)
+            .ok_or_else(|| format!("initial_cluster: {id:?} is not a member id (1 or more)"))?;
+        let addr = addr.trim();
+        if addr.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none() {
+            return Err(format!("initial_cluster: {addr:?} is not host:port"));
+        }
+        if out.insert(id, addr.to_string()).is_some() {
+            return Err(format!("initial_cluster: member {id} is listed twice"));
+        }
+    }
+    Ok(out)
 }
 
 /// The resolved configuration.
@@ -270,6 +334,8 @@ pub struct Config {
     pub store_outage: Duration,
     /// Bytes of acknowledged entries that may wait in the journal for the object store.
     pub store_backlog_bytes: u64,
+    /// Membership of a Raft cluster (`None`: a single node).
+    pub cluster: Option<Cluster>,
 }
 
 impl Config {
@@ -291,6 +357,7 @@ impl Config {
             stream_store: StreamStore::Local,
             store_outage: Duration::from_secs(DEFAULT_STORE_OUTAGE_SECS),
             store_backlog_bytes: DEFAULT_STORE_BACKLOG_MB << 20,
+            cluster: None,
         }
     }
 
@@ -382,7 +449,45 @@ impl Config {
                 })
             }
         };
+        let cluster = match (flags.node_id.or(file.node_id), flags.raft_addr.or(file.raft_addr)) {
+            (None, None) => {
+                if flags.initial_cluster.is_some() || file.initial_cluster.is_some() {
+                    return Err("initial_cluster needs node_id and raft_addr".into());
+                }
+                None
+            }
+            (Some(0), _) => return Err("node_id must be at least 1".into()),
+            (Some(node_id), Some(raft_addr)) => {
+                let initial = match flags.initial_cluster.or(file.initial_cluster) {
+                    Some(t) => parse_initial_cluster(&t)?,
+                    None => Default::default(),
+                };
+                if !initial.is_empty() && !initial.contains_key(&node_id) {
+                    return Err(format!("initial_cluster does not list this member ({node_id})"));
+                }
+                let heartbeat = flags.raft_heartbeat_ms.or(file.raft_heartbeat_ms).unwrap_or(50);
+                if !(10..=10_000).contains(&heartbeat) {
+                    return Err(format!("raft_heartbeat_ms must be 10 to 10000 (got {heartbeat})"));
+                }
+                let timeout = flags.raft_timeout_ms.or(file.raft_timeout_ms).unwrap_or(2000);
+                if timeout < 10 * heartbeat {
+                    return Err(format!(
+                        "raft_timeout_ms must be at least 10 heartbeats ({} ms)",
+                        10 * heartbeat
+                    ));
+                }
+                Some(Cluster {
+                    node_id,
+                    raft_addr,
+                    initial,
+                    heartbeat: Duration::from_millis(heartbeat),
+                    timeout: Duration::from_millis(timeout),
+                })
+            }
+            _ => return Err("node_id and raft_addr go together".into()),
+        };
         Ok(Config {
+            cluster,
             data_dir: flags.data_dir.or(file.data_dir).unwrap_or_else(|| "timber-data".into()),
             resp_addr: flags
                 .resp_addr

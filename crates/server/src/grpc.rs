@@ -43,8 +43,25 @@ pub(crate) fn stream_status(e: timber_stream::Error) -> Status {
 }
 
 fn key_status(e: crate::keyspace::Error) -> Status {
-    tracing::error!(error = %e, "keyspace error");
-    Status::internal(e.to_string())
+    use crate::keyspace::Error;
+    match e {
+        // Retryable: on the leader, or once a quorum is back.
+        Error::NotLeader { .. } | Error::ClusterDown(_) => Status::unavailable(e.to_string()),
+        e => {
+            tracing::error!(error = %e, "keyspace error");
+            Status::internal(e.to_string())
+        }
+    }
+}
+
+/// Streams are not replicated yet: in a cluster, their writes are refused.
+fn streams_replicated(engines: &Engines) -> Result<(), Status> {
+    match engines.keys.replication() {
+        None => Ok(()),
+        Some(_) => Err(Status::unimplemented(
+            "streams are not replicated yet: stream writes are refused in a cluster",
+        )),
+    }
 }
 
 /// The services, sharing the server's engines.
@@ -80,6 +97,7 @@ impl Service {
 impl Kv for Service {
     async fn get(&self, req: Request<pb::GetRequest>) -> Reply<pb::GetResponse> {
         let key = req.into_inner().key;
+        self.engines.keys.linearizable_async().await.map_err(key_status)?;
         let v = self.engines.keys.get(&key).map_err(key_status)?;
         let value = v.filter(|v| v.kind == crate::keyspace::Kind::String).map(|v| v.data);
         Ok(Response::new(pb::GetResponse { value }))
@@ -169,6 +187,7 @@ fn info(s: timber_stream::StreamInfo) -> pb::StreamInfo {
 #[tonic::async_trait]
 impl Streams for Service {
     async fn create(&self, req: Request<pb::CreateStreamRequest>) -> Reply<pb::StreamInfo> {
+        streams_replicated(&self.engines)?;
         let r = req.into_inner();
         let cfg = StreamConfig {
             retention_age: r.retention_ms.map(std::time::Duration::from_millis),
@@ -194,6 +213,7 @@ impl Streams for Service {
         &self,
         req: Request<Streaming<pb::AppendRequest>>,
     ) -> Reply<Self::AppendStream> {
+        streams_replicated(&self.engines)?;
         let mut inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(64);
         let (acks_tx, mut acks_rx) = mpsc::channel::<
@@ -296,12 +316,14 @@ impl Streams for Service {
     }
 
     async fn truncate(&self, req: Request<pb::TruncateRequest>) -> Reply<pb::StreamInfo> {
+        streams_replicated(&self.engines)?;
         let r = req.into_inner();
         let s = self.engines.logs.truncate(&r.name, r.before).await.map_err(stream_status)?;
         Ok(Response::new(info(s)))
     }
 
     async fn delete(&self, req: Request<pb::StreamRequest>) -> Reply<pb::DeleteStreamResponse> {
+        streams_replicated(&self.engines)?;
         self.engines.logs.delete(&req.into_inner().name).await.map_err(stream_status)?;
         Ok(Response::new(pb::DeleteStreamResponse {}))
     }

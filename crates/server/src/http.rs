@@ -57,8 +57,26 @@ impl IntoResponse for Failure {
 type Result<T> = std::result::Result<T, Failure>;
 
 fn keys_failed(e: crate::keyspace::Error) -> Failure {
-    tracing::error!(error = %e, "keyspace error");
-    Failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+    use crate::keyspace::Error;
+    match e {
+        Error::NotLeader { .. } => Failure(StatusCode::MISDIRECTED_REQUEST, e.to_string()),
+        Error::ClusterDown(_) => Failure(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        e => {
+            tracing::error!(error = %e, "keyspace error");
+            Failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+        }
+    }
+}
+
+/// Streams are not replicated yet: in a cluster, their writes are refused.
+fn streams_replicated(app: &App) -> Result<()> {
+    match app.engines.keys.replication() {
+        None => Ok(()),
+        Some(_) => Err(Failure(
+            StatusCode::NOT_IMPLEMENTED,
+            "streams are not replicated yet: stream writes are refused in a cluster".into(),
+        )),
+    }
 }
 
 fn stream_failed(e: timber_stream::Error) -> Failure {
@@ -209,6 +227,7 @@ async fn blocking<T: Send + 'static>(
 }
 
 async fn kv_get(State(app): State<App>, Path(key): Path<String>) -> Result<Response> {
+    app.engines.keys.linearizable_async().await.map_err(keys_failed)?;
     match app.engines.keys.get(key.as_bytes()).map_err(keys_failed)? {
         Some(v) if v.kind == crate::keyspace::Kind::String => {
             Ok(([(header::CONTENT_TYPE, "application/octet-stream")], v.data).into_response())
@@ -302,6 +321,7 @@ async fn stream_create(
     State(app): State<App>,
     Json(b): Json<CreateBody>,
 ) -> Result<(StatusCode, Json<Json_>)> {
+    streams_replicated(&app)?;
     let cfg = StreamConfig {
         retention_age: b.retention_ms.map(Duration::from_millis),
         retention_bytes: b.retention_bytes,
@@ -315,6 +335,7 @@ async fn stream_info(State(app): State<App>, Path(name): Path<String>) -> Result
 }
 
 async fn stream_delete(State(app): State<App>, Path(name): Path<String>) -> Result<StatusCode> {
+    streams_replicated(&app)?;
     app.engines.logs.delete(&name).await.map_err(stream_failed)?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -329,6 +350,7 @@ async fn stream_truncate(
     Path(name): Path<String>,
     Query(q): Query<TruncateQuery>,
 ) -> Result<Json<Json_>> {
+    streams_replicated(&app)?;
     let s = app.engines.logs.truncate(&name, q.before).await.map_err(stream_failed)?;
     Ok(Json(info_json(&s)))
 }
@@ -344,6 +366,7 @@ async fn entries_append(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<(StatusCode, Json<Json_>)> {
+    streams_replicated(&app)?;
     let is_json = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())

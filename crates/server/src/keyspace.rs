@@ -21,6 +21,7 @@ use timber_kv::{Db, Durability, WriteBatch};
 use crate::config::Sync;
 use crate::idle::keyspace_sync::SyncRounds;
 use crate::idle::IdleWork;
+use crate::replication::Replication;
 
 const STRIPES: usize = 256;
 
@@ -39,6 +40,16 @@ pub(crate) enum Error {
     /// The key holds another kind of value than the command works on.
     #[error("WRONGTYPE Operation against a key holding the wrong kind of value")]
     WrongType,
+    /// In a cluster, this member does not lead: writes (and linearizable reads) go to the
+    /// leader. Nothing was written.
+    #[error("READONLY You can't write against a read only replica: the leader is {leader}")]
+    NotLeader {
+        /// Who leads, as far as this member knows.
+        leader: String,
+    },
+    /// In a cluster, no quorum answered in time; retry. A write may still be applied later.
+    #[error("CLUSTERDOWN {0}")]
+    ClusterDown(String),
 }
 
 /// What a key holds.
@@ -158,6 +169,8 @@ pub(crate) struct Keyspace {
     /// Under `--sync always` (and only then): the rounds that answer [`Keyspace::durable`].
     sync_rounds: Option<SyncRounds>,
     stripes: Vec<Mutex<()>>,
+    /// In a cluster, the member writes are proposed through (set once, at startup).
+    replication: std::sync::OnceLock<std::sync::Arc<Replication>>,
     cursors: Mutex<lru::LruCache<u64, Bytes>>,
     next_cursor: AtomicU64,
 }
@@ -198,11 +211,52 @@ impl Keyspace {
             durability,
             sync_rounds,
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            replication: std::sync::OnceLock::new(),
             cursors: Mutex::new(lru::LruCache::new(
                 std::num::NonZeroUsize::new(4096).expect("> 0"),
             )),
             next_cursor: AtomicU64::new(1),
         })
+    }
+
+    /// From now on, writes are proposed through `r` (a cluster member) instead of written.
+    pub(crate) fn replicate_through(&self, r: std::sync::Arc<Replication>) {
+        let _ = self.replication.set(r);
+    }
+
+    /// The cluster member writes go through, if this server is one.
+    pub(crate) fn replication(&self) -> Option<&std::sync::Arc<Replication>> {
+        self.replication.get()
+    }
+
+    /// Returns once a read of this member's engine is linearizable: at once on a single node;
+    /// in a cluster, once this member confirmed it leads and applied everything committed
+    /// (`NotLeader` on a follower, `ClusterDown` without a quorum). Blocks.
+    pub(crate) fn linearizable(&self) -> Result<(), Error> {
+        match self.replication.get() {
+            None => Ok(()),
+            Some(r) => r.read_barrier(),
+        }
+    }
+
+    /// [`Keyspace::linearizable`] off the async workers.
+    pub(crate) async fn linearizable_async(self: &std::sync::Arc<Self>) -> Result<(), Error> {
+        if self.replication.get().is_none() {
+            return Ok(());
+        }
+        let keys = self.clone();
+        tokio::task::spawn_blocking(move || keys.linearizable())
+            .await
+            .unwrap_or_else(|e| Err(Error::ClusterDown(format!("read barrier task failed: {e}"))))
+    }
+
+    /// Writes `b`: to the engine, or in a cluster, as a proposal of the leader that returns
+    /// once a majority has it and this member applied it (the one write path of the keyspace).
+    fn commit(&self, b: WriteBatch) -> Result<(), Error> {
+        match self.replication.get() {
+            None => Ok(self.db.write_with(b, self.durability)?),
+            Some(r) => r.commit(&b),
+        }
     }
 
     /// Whether acknowledged writes must be durable: then callers await [`Keyspace::durable`]
@@ -310,7 +364,7 @@ impl Keyspace {
     }
 
     /// The engine, for the other structures kept beside the keys ([`crate::streams`]).
-    pub(crate) fn db(&self) -> &Db {
+    pub(crate) fn db(&self) -> &std::sync::Arc<Db> {
         &self.db
     }
 
@@ -336,7 +390,7 @@ impl Keyspace {
         for (k, v) in items {
             Self::put_into(&mut b, k, v);
         }
-        Ok(self.db.write_with(b, self.durability)?)
+        self.commit(b)
     }
 
     /// The stripe locks of several keys, taken in stripe order (so that two callers never
@@ -360,7 +414,7 @@ impl Keyspace {
                 }
             }
         }
-        Ok(self.db.write_with(b, self.durability)?)
+        self.commit(b)
     }
 
     /// Stores one value.
@@ -378,7 +432,7 @@ impl Keyspace {
             }
             b.delete(data_key(k));
         }
-        self.db.write_with(b, self.durability)?;
+        self.commit(b)?;
         Ok(n)
     }
 
@@ -496,16 +550,20 @@ impl Keyspace {
             for kv in self.db.prefix(prefix) {
                 b.delete(kv?.0);
                 if b.len() >= 4096 {
-                    self.db.write_with(std::mem::take(&mut b), self.durability)?;
+                    self.commit(std::mem::take(&mut b))?;
                 }
             }
-            self.db.write_with(b, self.durability)?;
+            self.commit(b)?;
         }
         Ok(())
     }
 
     /// Deletes keys whose deadline passed; returns how many.
     pub(crate) fn sweep(&self) -> Result<u64, Error> {
+        // In a cluster the leader sweeps, and its deletes replicate.
+        if self.replication.get().is_some_and(|r| !r.is_leader()) {
+            return Ok(0);
+        }
         let now = now_ms();
         let hi = index_key(now + 1, &[]);
         let entries: Vec<Bytes> = self
@@ -527,7 +585,7 @@ impl Keyspace {
                     n += 1;
                 }
             }
-            self.db.write_with(b, self.durability)?;
+            self.commit(b)?;
         }
         Ok(n)
     }

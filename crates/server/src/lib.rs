@@ -13,6 +13,7 @@ mod idle;
 mod keyspace;
 mod limit;
 mod logs;
+mod replication;
 mod resp;
 mod shutdown;
 mod streams;
@@ -59,7 +60,7 @@ use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-pub use config::{Config, Flags, LogFormat, S3Store, Secret, StreamStore, Sync};
+pub use config::{Cluster, Config, Flags, LogFormat, S3Store, Secret, StreamStore, Sync};
 pub use idle::IdleWork;
 use keyspace::Keyspace;
 use logs::Logs;
@@ -140,6 +141,14 @@ impl Server {
             ),
             Err(e) => return Err(e).with_context(|| format!("cannot open {}", kv_dir.display())),
         };
+        if let Some(c) = &cfg.cluster {
+            let dir = cfg.data_dir.join("raft");
+            let r = replication::Replication::start(c, cfg.sync, keys.db().clone(), dir)
+                .await
+                .with_context(|| format!("cannot start the cluster member {}", c.node_id))?;
+            tracing::info!(node_id = c.node_id, raft_addr = %c.raft_addr, "raft member started");
+            keys.replicate_through(Arc::new(r));
+        }
         let streams_dir = cfg.data_dir.join("streams");
         // Under `--sync always` on a runtime that runs `idle`, journal syncs run on parking
         // workers; otherwise (or without a socket pair to poke them) on the blocking pool.
@@ -228,6 +237,9 @@ impl Server {
         let e = &self.engines;
         e.logs.close().await?;
         e.redis_streams.close().await?;
+        if let Some(r) = e.keys.replication() {
+            r.shutdown().await;
+        }
         let keys = e.keys.clone();
         tokio::task::spawn_blocking(move || keys.close()).await??;
         tracing::info!("timberd stopped; data synced");

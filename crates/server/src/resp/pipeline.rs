@@ -32,7 +32,7 @@ use super::cmd::batch::{execute_gets, execute_run, get_of, RunOp};
 use super::cmd::streams::{self, Outcome, StreamContext};
 use super::reply::Reply;
 use super::session::{Context, Session};
-use super::table::{self, Command, Handler, APPEND, WRITE};
+use super::table::{self, Command, Handler, APPEND, READONLY, WRITE};
 use super::Endpoint;
 
 /// Appends in flight on one connection from which its appends count as pipelined.
@@ -140,6 +140,12 @@ async fn run_stream(
         }
     };
     let Handler::Streams(handler) = command.handler else { return };
+    if ep.keys.replication().is_some() {
+        settle(later, s.proto, out).await;
+        Reply::err("streams are not replicated yet: stream commands are refused in a cluster")
+            .encode(s.proto, out);
+        return;
+    }
     if !command.is(APPEND) {
         settle(later, s.proto, out).await;
     }
@@ -179,6 +185,26 @@ async fn run_keys(ep: &Arc<Endpoint>, s: &mut Session, run: &[Item<'_>], out: &m
         stream_store: ep.stream_store,
     };
     let max = ep.max_request;
+    // In a cluster, reads are linearizable unless the connection asked for stale ones: one
+    // barrier (leadership confirmed by a quorum, everything committed applied) serves the
+    // reads of the run, which all arrived before it.
+    if let Some(r) = ep.keys.replication() {
+        let reads = run.iter().any(|it| it.command.is_some_and(|(_, c)| c.is(READONLY)));
+        if reads && !s.stale_reads {
+            if let Err(e) = r.read_barrier() {
+                let reply = match e {
+                    crate::keyspace::Error::NotLeader { leader } => Reply::Error(format!(
+                        "READONLY this member does not lead, the leader is {leader}: send reads there, or READONLY first for stale reads here"
+                    )),
+                    e => Reply::Error(e.to_string()),
+                };
+                for _ in run {
+                    reply.encode(s.proto, out);
+                }
+                return;
+            }
+        }
+    }
     let mut left = run;
     while !left.is_empty() && !s.quit {
         // Consecutive SETs and INCRs (a pipeline of writes) go in as one write batch, and

@@ -20,12 +20,23 @@ pub(crate) struct Session {
     pub(crate) quit: bool,
     /// Commands run on this connection (for sampling their latency).
     pub(crate) commands: u64,
+    /// Set by `READONLY`: in a cluster, reads are served from this member's state even when it
+    /// does not lead (they may be stale) instead of waiting for a linearizable read.
+    pub(crate) stale_reads: bool,
 }
 
 impl Session {
     /// A new connection's state: RESP2, authenticated unless a secret is set.
     pub(crate) fn new(id: u64, needs_auth: bool) -> Session {
-        Session { proto: 2, authed: !needs_auth, name: None, id, quit: false, commands: 0 }
+        Session {
+            proto: 2,
+            authed: !needs_auth,
+            name: None,
+            id,
+            quit: false,
+            commands: 0,
+            stale_reads: false,
+        }
     }
 }
 

@@ -123,6 +123,8 @@ pub(crate) static COMMANDS: &[Command] = &[
     cmd("command", -1, 0, NONE, Handler::Describe),
     cmd("client", -2, 0, NONE, Handler::Keys(server::client)),
     cmd("info", -1, 0, NONE, Handler::Keys(server::info)),
+    cmd("readonly", 1, 0, NONE, Handler::Keys(server::readonly)),
+    cmd("readwrite", 1, 0, NONE, Handler::Keys(server::readwrite)),
     cmd("config", -2, ADMIN, NONE, Handler::Keys(server::config)),
     cmd("dbsize", 1, READONLY, NONE, Handler::Keys(server::dbsize)),
     cmd("getdel", 2, WRITE, ONE, Handler::Keys(keys::getdel)),

@@ -14,6 +14,8 @@ pub struct Timberd {
     pub grpc_port: u16,
     pub http_port: u16,
     pub stderr: mpsc::Receiver<String>,
+    /// The lines logged before it listened.
+    pub early: Vec<String>,
 }
 
 impl Timberd {
@@ -60,7 +62,8 @@ impl Timberd {
             addr.rsplit(':').next()?.parse().ok()
         };
         // Built first so that its Drop kills the child if the start fails.
-        let mut t = Timberd { child, port: 0, grpc_port: 0, http_port: 0, stderr: rx };
+        let mut t =
+            Timberd { child, port: 0, grpc_port: 0, http_port: 0, stderr: rx, early: Vec::new() };
         while t.port == 0 {
             let line = t
                 .stderr
@@ -73,6 +76,7 @@ impl Timberd {
             ) {
                 (t.port, t.grpc_port, t.http_port) = (port, grpc_port, http_port);
             }
+            t.early.push(line);
         }
         t
     }

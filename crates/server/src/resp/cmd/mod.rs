@@ -42,7 +42,8 @@ pub(crate) fn syntax() -> Reply {
 
 /// The reply to a failed keyspace operation (WRONGTYPE as Redis sends it; the rest logged).
 pub(crate) fn storage(e: crate::keyspace::Error) -> Reply {
-    if let crate::keyspace::Error::WrongType = e {
+    use crate::keyspace::Error;
+    if let Error::WrongType | Error::NotLeader { .. } | Error::ClusterDown(_) = e {
         return Reply::Error(e.to_string());
     }
     tracing::error!(error = %e, "storage error");

@@ -155,12 +155,57 @@ pub(crate) fn client(_: &Context<'_>, s: &mut Session, a: Args<'_>) -> R {
 pub(crate) fn info(ctx: &Context<'_>, _: &mut Session, _: Args<'_>) -> R {
     let keys = ctx.keys.len().unwrap_or(0);
     Ok(Reply::text(format!(
-        "# Server\r\nredis_version:7.2.0\r\ntimber_version:{}\r\nredis_mode:standalone\r\nprocess_id:{}\r\n\r\n# Clients\r\nconnected_clients:{}\r\n\r\n# Persistence\r\nloading:0\r\nstream_store:{}\r\n\r\n# Keyspace\r\ndb0:keys={keys},expires=0,avg_ttl=0\r\n",
+        "# Server\r\nredis_version:7.2.0\r\ntimber_version:{}\r\nredis_mode:standalone\r\nprocess_id:{}\r\n\r\n# Clients\r\nconnected_clients:{}\r\n\r\n# Persistence\r\nloading:0\r\nstream_store:{}\r\n\r\n{}# Keyspace\r\ndb0:keys={keys},expires=0,avg_ttl=0\r\n",
         env!("CARGO_PKG_VERSION"),
         std::process::id(),
         ctx.clients,
         ctx.stream_store,
+        replication_info(ctx),
     )))
+}
+
+/// `INFO`'s replication section: the role as Redis tools read it (`master` on the leader,
+/// `slave` on the others), then the Raft view.
+fn replication_info(ctx: &Context<'_>) -> String {
+    let Some(r) = ctx.keys.replication() else {
+        return "# Replication\r\nrole:master\r\nconnected_slaves:0\r\n\r\n".into();
+    };
+    let st = r.status();
+    let mut out = String::from("# Replication\r\n");
+    if st.leader {
+        out.push_str(&format!("role:master\r\nconnected_slaves:{}\r\n", st.members.len() - 1));
+    } else {
+        let (host, port) =
+            st.leader_addr.as_deref().and_then(|a| a.rsplit_once(':')).unwrap_or(("", "0"));
+        let link = if st.leader_id.is_some() { "up" } else { "down" };
+        out.push_str(&format!(
+            "role:slave\r\nmaster_host:{host}\r\nmaster_port:{port}\r\nmaster_link_status:{link}\r\n"
+        ));
+    }
+    let idx = |i: Option<u64>| i.map_or(-1, |i| i as i64);
+    out.push_str(&format!(
+        "raft_node_id:{}\r\nraft_term:{}\r\nraft_leader_id:{}\r\nraft_last_log_index:{}\r\nraft_applied_index:{}\r\nraft_members:{}\r\n\r\n",
+        st.id,
+        st.term,
+        st.leader_id.map_or(0, |l| l),
+        idx(st.last_log_index),
+        idx(st.applied_index),
+        st.members.iter().map(|(id, a)| format!("{id}={a}")).collect::<Vec<_>>().join(","),
+    ));
+    out
+}
+
+/// `READONLY`: in a cluster, serve this connection's reads from this member's state, even
+/// stale, instead of linearizable reads through the leader.
+pub(crate) fn readonly(_: &Context<'_>, s: &mut Session, _: Args<'_>) -> R {
+    s.stale_reads = true;
+    Ok(Reply::Ok)
+}
+
+/// `READWRITE`: back to linearizable reads.
+pub(crate) fn readwrite(_: &Context<'_>, s: &mut Session, _: Args<'_>) -> R {
+    s.stale_reads = false;
+    Ok(Reply::Ok)
 }
 
 pub(crate) fn dbsize(ctx: &Context<'_>, _: &mut Session, _: Args<'_>) -> R {

@@ -1,0 +1,186 @@
+//! `Replication`: timberd as a member of a Raft cluster (`--node-id`, `--raft-addr`,
+//! `--initial-cluster`). Every keyspace write becomes a proposal of the leader
+//! ([`timber_cluster::Member`]); the members apply committed proposals to their engines.
+//!
+//! Raft runs on a runtime of its own, so that a connection task waiting for a proposal (the
+//! keyspace's write path is synchronous, and a read-modify-write holds its keys' locks until
+//! its write is applied) never keeps Raft from running; a write waits at most the configured
+//! timeout for a quorum.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use timber_cluster::{Member, MemberConfig, Proposal};
+use timber_kv::{Db, WriteBatch};
+use timber_wal::SyncMode;
+
+use crate::config::{Cluster, Sync};
+use crate::keyspace::Error;
+
+/// A running member and the runtime it runs on.
+pub(crate) struct Replication {
+    /// Taken by `shutdown` (a runtime may not be dropped on an async task).
+    runtime: parking_lot::Mutex<Option<tokio::runtime::Runtime>>,
+    handle: tokio::runtime::Handle,
+    member: Arc<Member>,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for Replication {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replication").field("member", &self.member).finish_non_exhaustive()
+    }
+}
+
+/// A member's role and progress, as `INFO replication` and `/metrics` report them.
+#[derive(Debug, Clone)]
+pub(crate) struct Status {
+    pub(crate) id: u64,
+    pub(crate) leader: bool,
+    pub(crate) leader_id: Option<u64>,
+    pub(crate) leader_addr: Option<String>,
+    pub(crate) term: u64,
+    pub(crate) last_log_index: Option<u64>,
+    pub(crate) applied_index: Option<u64>,
+    /// The voters and learners, id → Raft address.
+    pub(crate) members: Vec<(u64, String)>,
+}
+
+impl Replication {
+    /// Starts the member on `db`, with its Raft state under `dir`.
+    pub(crate) async fn start(
+        cluster: &Cluster,
+        sync: Sync,
+        db: Arc<Db>,
+        dir: std::path::PathBuf,
+    ) -> anyhow::Result<Replication> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("timber-raft")
+            .enable_all()
+            .build()?;
+        let mut config = MemberConfig::new(cluster.node_id, cluster.raft_addr, dir);
+        config.initial_cluster = cluster.initial.clone();
+        config.sync = match sync {
+            Sync::Always => SyncMode::Always,
+            Sync::Interval(d) => SyncMode::Interval(d),
+            Sync::Manual => SyncMode::Manual,
+        };
+        config.heartbeat = cluster.heartbeat;
+        config.election_timeout = (cluster.heartbeat * 3, cluster.heartbeat * 6);
+        let member = runtime.spawn(Member::start(config, db)).await??;
+        let member = Arc::new(member);
+        runtime.spawn(log_leadership(member.clone()));
+        let handle = runtime.handle().clone();
+        let runtime = parking_lot::Mutex::new(Some(runtime));
+        Ok(Replication { runtime, handle, member, timeout: cluster.timeout })
+    }
+
+    /// Runs `f` on the Raft runtime and waits for it, blocking the calling thread.
+    fn wait<T: Send + 'static>(
+        &self,
+        f: impl std::future::Future<Output = timber_cluster::Result<T>> + Send + 'static,
+    ) -> Result<T, Error> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.handle.spawn(async move {
+            let _ = tx.send(f.await);
+        });
+        match rx.recv() {
+            Ok(r) => r.map_err(cluster_error),
+            Err(_) => Err(Error::ClusterDown("the member stopped".into())),
+        }
+    }
+
+    /// Replicates the writes of `batch` and returns once they are committed and applied here.
+    pub(crate) fn commit(&self, batch: &WriteBatch) -> Result<(), Error> {
+        let mut p = Proposal::default();
+        for (key, value) in batch.iter() {
+            match value {
+                Some(v) => p.put(key, v),
+                None => p.delete(key),
+            };
+        }
+        let (member, timeout) = (self.member.clone(), self.timeout);
+        self.wait(async move { member.propose(p, timeout).await.map(|_| ()) })
+    }
+
+    /// Returns once a read of the local engine is linearizable (this member leads, a quorum
+    /// confirmed it, and it applied everything committed before the call).
+    pub(crate) fn read_barrier(&self) -> Result<(), Error> {
+        let (member, timeout) = (self.member.clone(), self.timeout);
+        self.wait(async move { member.read_barrier(timeout).await })
+    }
+
+    /// Whether this member leads now (it may learn otherwise at once).
+    pub(crate) fn is_leader(&self) -> bool {
+        let m = self.member.metrics();
+        m.current_leader == Some(m.id)
+    }
+
+    pub(crate) fn status(&self) -> Status {
+        let m = self.member.metrics();
+        let nodes = m.membership_config.membership().nodes();
+        let members: Vec<(u64, String)> = nodes.map(|(id, n)| (*id, n.addr.clone())).collect();
+        let leader_addr = m
+            .current_leader
+            .and_then(|l| members.iter().find(|(id, _)| *id == l).map(|(_, a)| a.clone()));
+        Status {
+            id: m.id,
+            leader: m.current_leader == Some(m.id),
+            leader_id: m.current_leader,
+            leader_addr,
+            term: m.current_term,
+            last_log_index: m.last_log_index,
+            applied_index: m.last_applied.map(|l| l.index),
+            members,
+        }
+    }
+
+    /// Stops the member, then its runtime; writes fail with CLUSTERDOWN from then on.
+    pub(crate) async fn shutdown(&self) {
+        let member = self.member.clone();
+        let _ = self.handle.spawn(async move { member.shutdown().await }).await;
+        if let Some(rt) = self.runtime.lock().take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// Logs each change of leader this member sees (the end-to-end tests wait for these lines).
+async fn log_leadership(member: Arc<Member>) {
+    let mut rx = member.raft().metrics();
+    let mut seen = None;
+    loop {
+        let m = rx.borrow_and_update().clone();
+        // An election in between (no leader) counts as a change, so that a member that leads
+        // again in a later term says so again.
+        if m.current_leader != seen {
+            seen = m.current_leader;
+            match seen {
+                Some(l) if l == m.id => {
+                    tracing::info!(node_id = m.id, term = m.current_term, "raft: this member leads")
+                }
+                Some(_) => {
+                    tracing::info!(node_id = m.id, leader = ?seen, term = m.current_term, "raft: following")
+                }
+                None => {}
+            }
+        }
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+fn cluster_error(e: timber_cluster::Error) -> Error {
+    match e {
+        timber_cluster::Error::NotLeader { leader_id, leader_addr } => Error::NotLeader {
+            leader: match (leader_id, leader_addr) {
+                (Some(id), Some(a)) => format!("member {id} (raft {a})"),
+                _ => "not known yet".into(),
+            },
+        },
+        timber_cluster::Error::Unavailable(m) => Error::ClusterDown(m),
+        other => Error::ClusterDown(other.to_string()),
+    }
+}

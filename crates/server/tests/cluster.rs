@@ -1,0 +1,220 @@
+//! Three real `timberd` processes forming a Raft cluster on loopback: writes go through the
+//! leader and survive its SIGKILL, a follower refuses writes and linearizable reads, the new
+//! leader serves everything acknowledged before, and the killed member rejoins.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::Timberd;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+struct Cluster {
+    dirs: Vec<tempfile::TempDir>,
+    raft_ports: Vec<u16>,
+    nodes: Vec<Option<Timberd>>,
+}
+
+impl Cluster {
+    fn flags(&self, i: usize) -> Vec<String> {
+        let initial: Vec<String> = self
+            .raft_ports
+            .iter()
+            .enumerate()
+            .map(|(j, p)| format!("{}=127.0.0.1:{p}", j + 1))
+            .collect();
+        vec![
+            "--node-id".into(),
+            (i + 1).to_string(),
+            "--raft-addr".into(),
+            format!("127.0.0.1:{}", self.raft_ports[i]),
+            "--initial-cluster".into(),
+            initial.join(","),
+            "--sync".into(),
+            "always".into(),
+            // Elections after 300-600 ms of silence: fewer spurious ones on a loaded machine.
+            "--raft-heartbeat-ms".into(),
+            "100".into(),
+        ]
+    }
+
+    fn start(&mut self, i: usize) {
+        let flags = self.flags(i);
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        self.nodes[i] = Some(Timberd::start(self.dirs[i].path(), &flags));
+    }
+
+    fn node(&self, i: usize) -> &Timberd {
+        self.nodes[i].as_ref().unwrap()
+    }
+
+    /// Waits until one of the running members logs that it leads, and returns it. Reads each
+    /// member's log as it comes (lines logged before it listened included).
+    fn leader(&mut self) -> usize {
+        let deadline = Instant::now() + WAIT;
+        let leads = |line: &str| line.contains("raft: this member leads");
+        for (i, n) in self.nodes.iter_mut().enumerate() {
+            if let Some(n) = n {
+                if n.early.drain(..).any(|l| leads(&l)) {
+                    return i;
+                }
+            }
+        }
+        while Instant::now() < deadline {
+            for (i, n) in self.nodes.iter().enumerate() {
+                let Some(n) = n else { continue };
+                if let Ok(line) = n.stderr.recv_timeout(Duration::from_millis(20)) {
+                    if leads(&line) {
+                        return i;
+                    }
+                }
+            }
+        }
+        panic!("no member took the lead within {WAIT:?}");
+    }
+}
+
+impl Cluster {
+    /// Waits until member `i` logs the leader it follows, and returns that leader.
+    fn following(&mut self, i: usize) -> usize {
+        let parse = |line: &str| -> Option<usize> {
+            if !line.contains("raft: following") {
+                return None;
+            }
+            let id: usize = line.split("leader=Some(").nth(1)?.split(')').next()?.parse().ok()?;
+            Some(id - 1)
+        };
+        let n = self.nodes[i].as_mut().unwrap();
+        if let Some(l) = n.early.drain(..).find_map(|l| parse(&l)) {
+            return l;
+        }
+        let deadline = Instant::now() + WAIT;
+        while let Ok(line) =
+            n.stderr.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            if let Some(l) = parse(&line) {
+                return l;
+            }
+        }
+        panic!("member {} followed no leader within {WAIT:?}", i + 1);
+    }
+}
+
+fn err_of(r: redis::RedisResult<redis::Value>) -> String {
+    match r {
+        Err(e) => format!("{} {}", e.code().unwrap_or(""), e.detail().unwrap_or("")),
+        Ok(v) => panic!("expected an error, got {v:?}"),
+    }
+}
+
+/// Runs `op` against the leader, finding it again after a refusal (READONLY, CLUSTERDOWN)
+/// until `op` succeeds: an election may come at any time on a loaded machine (a follower whose
+/// fsync outlasts its election timeout starts one). Only for operations that may be repeated.
+fn on_leader<T>(
+    c: &Cluster,
+    mut op: impl FnMut(&mut redis::Connection) -> redis::RedisResult<T>,
+) -> T {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(i) = c.leader_now() {
+            match op(&mut c.node(i).client()) {
+                Ok(v) => return v,
+                Err(e) => eprintln!("member {} refused: {e}", i + 1),
+            }
+        }
+        assert!(Instant::now() < deadline, "no leader served the request within {WAIT:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+impl Cluster {
+    /// The running member whose `INFO replication` says it leads, if any.
+    fn leader_now(&self) -> Option<usize> {
+        (0..self.nodes.len()).find(|&i| {
+            self.nodes[i].is_some() && {
+                let mut con = self.node(i).client();
+                let info: String =
+                    redis::cmd("INFO").arg("replication").query(&mut con).unwrap_or_default();
+                info.contains("role:master")
+            }
+        })
+    }
+}
+
+#[test]
+fn three_timberds_replicate_fail_over_and_rejoin() {
+    let mut c = Cluster {
+        dirs: (0..3).map(|_| tempfile::tempdir().unwrap()).collect(),
+        raft_ports: (0..3).map(|_| free_port()).collect(),
+        nodes: vec![None, None, None],
+    };
+    for i in 0..3 {
+        c.start(i);
+    }
+    c.leader();
+    for i in 0..50 {
+        let (k, v) = (format!("k{i}"), format!("v{i}"));
+        on_leader(&c, |con| redis::cmd("SET").arg(&k).arg(&v).query::<()>(con));
+    }
+    // An INCR whose reply was an error may or may not have been applied (a leader that lost
+    // its lead while the write was pending says READONLY too).
+    let (mut incrs, mut unknown) = (0i64, 0i64);
+    let deadline = Instant::now() + WAIT;
+    while incrs + unknown < 20 {
+        assert!(Instant::now() < deadline, "INCRs not served within {WAIT:?}");
+        let r = on_leader(&c, |con| Ok(redis::cmd("INCR").arg("counter").query::<i64>(con)));
+        match r {
+            Ok(_) => incrs += 1,
+            Err(e) => {
+                eprintln!("INCR failed: {e}");
+                unknown += 1;
+            }
+        }
+    }
+    let n: i64 = on_leader(&c, |con| redis::cmd("DBSIZE").query(con));
+    assert_eq!(n, 51);
+
+    // A follower refuses writes and linearizable reads, and says so; a leader says it leads.
+    let first = c.leader_now().unwrap_or_else(|| c.leader());
+    let f = (first + 1) % 3;
+    let mut fcon = c.node(f).client();
+    let e = err_of(redis::cmd("SET").arg("x").arg("y").query(&mut fcon));
+    assert!(e.starts_with("READONLY"), "{e}");
+    let e = err_of(redis::cmd("GET").arg("k1").query(&mut fcon));
+    assert!(e.starts_with("READONLY"), "{e}");
+    let info: String = redis::cmd("INFO").arg("replication").query(&mut fcon).unwrap();
+    assert!(info.contains("role:slave"), "{info}");
+    let e = err_of(redis::cmd("XADD").arg("s").arg("*").arg("f").arg("v").query(&mut fcon));
+    assert!(e.contains("not replicated"), "{e}");
+
+    // The leader dies without warning: another takes over with every acknowledged write.
+    c.nodes[first].as_mut().unwrap().child.kill().unwrap();
+    c.nodes[first].take();
+    for i in 0..50 {
+        let v: String = on_leader(&c, |con| redis::cmd("GET").arg(format!("k{i}")).query(con));
+        assert_eq!(v, format!("v{i}"));
+    }
+    let n: i64 = on_leader(&c, |con| redis::cmd("GET").arg("counter").query(con));
+    assert!(
+        (incrs..=incrs + unknown).contains(&n),
+        "counter {n}: {incrs} acknowledged, {unknown} unknown"
+    );
+    on_leader(&c, |con| redis::cmd("SET").arg("after").arg("failover").query::<()>(con));
+
+    // The killed member comes back from its directory and follows; then the member that is
+    // neither it nor the leader goes, and the cluster still commits: the member that came back
+    // is part of the quorum again.
+    c.start(first);
+    let leader = c.following(first);
+    let victim = (0..3).find(|&i| i != first && i != leader).unwrap();
+    c.nodes[victim].as_mut().unwrap().child.kill().unwrap();
+    c.nodes[victim].take();
+    on_leader(&c, |con| redis::cmd("SET").arg("quorum").arg("again").query::<()>(con));
+    let v: String = on_leader(&c, |con| redis::cmd("GET").arg("after").query(con));
+    assert_eq!(v, "failover");
+}
