@@ -130,7 +130,7 @@ impl Member {
             return Err(Error::Config("member ids start at 1".into()));
         }
         let raft_config = Arc::new(config.raft_config()?);
-        let log = LogStore::<TypeConfig>::open(config.dir.join("log"), config.sync)?;
+        let log = LogStore::<TypeConfig>::open(&config.dir, config.sync)?;
         let machine = KvMachine::open(db, config.dir.join("machine"))?;
         let addr = listener.local_addr().map_err(|e| Error::io("local address", "", e))?;
         let network = Network::new(config.heartbeat.max(Duration::from_millis(100)) * 4);

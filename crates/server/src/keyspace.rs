@@ -295,7 +295,12 @@ impl Keyspace {
         &self,
         writes: usize,
     ) -> impl std::future::Future<Output = Result<(), Error>> + use<> {
-        let wait = self.sync_rounds.as_ref().map(|t| t.durable(writes));
+        // In a cluster a write is acknowledged once a majority's Raft logs hold it: the
+        // engine under the state machine need not be synced for it.
+        let wait = match self.replication.get() {
+            Some(_) => None,
+            None => self.sync_rounds.as_ref().map(|t| t.durable(writes)),
+        };
         async move {
             match wait {
                 Some(w) => w.await.map_err(Error::Sync),

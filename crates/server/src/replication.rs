@@ -93,6 +93,9 @@ impl Replication {
 
     /// Replicates the writes of `batch` and returns once they are committed and applied here.
     pub(crate) fn commit(&self, batch: &WriteBatch) -> Result<(), Error> {
+        if batch.is_empty() {
+            return Ok(());
+        }
         let mut p = Proposal::default();
         for (key, value) in batch.iter() {
             match value {
