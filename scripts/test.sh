@@ -48,4 +48,4 @@ echo "== fault injection: the failpoint suites of wal, kv and stream"
 cargo test -p timber-wal -p timber-kv -p timber-stream --features "$FAILPOINTS" --test failpoints
 
 echo "== the server's end-to-end suites against timberd --workers 1"
-TIMBER_TEST_WORKERS=1 cargo test -p timber-server --test resp --test resp_streams --test grpc_http
+TIMBER_TEST_WORKERS=1 cargo test -p timber-server --test resp --test resp_streams --test grpc_http --test cluster
