@@ -197,6 +197,9 @@ async fn metrics_text(State(app): State<App>) -> Response {
                 "# TYPE timber_uptime_seconds gauge\ntimber_uptime_seconds {}\n",
                 app.engines.started.elapsed().as_secs()
             ));
+            if let Some(r) = app.engines.keys.replication() {
+                text.push_str(&r.status().prometheus());
+            }
             ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
         }
         None => Failure(StatusCode::SERVICE_UNAVAILABLE, "metrics recorder not installed".into())
@@ -207,6 +210,11 @@ async fn metrics_text(State(app): State<App>) -> Response {
 async fn ready(State(app): State<App>) -> Response {
     if *app.stop.borrow() {
         return (StatusCode::SERVICE_UNAVAILABLE, "stopping\n").into_response();
+    }
+    if let Some(r) = app.engines.keys.replication() {
+        if let Err(why) = r.status().ready() {
+            return (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")).into_response();
+        }
     }
     match app.engines.keys.get(b"") {
         Ok(_) => (StatusCode::OK, "ready\n").into_response(),

@@ -24,6 +24,8 @@ pub(crate) struct Replication {
     handle: tokio::runtime::Handle,
     member: Arc<Member>,
     timeout: Duration,
+    /// Changes of leader this member has seen (elections that ended with a leader).
+    leader_changes: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for Replication {
@@ -44,7 +46,33 @@ pub(crate) struct Status {
     pub(crate) applied_index: Option<u64>,
     /// The voters and learners, id → Raft address.
     pub(crate) members: Vec<(u64, String)>,
+    /// Index of the last snapshot, and of the last purged entry.
+    pub(crate) snapshot_index: Option<u64>,
+    pub(crate) purged_index: Option<u64>,
+    /// On the leader: each other member's entries behind the leader's last one.
+    pub(crate) lag: Vec<(u64, u64)>,
+    /// Changes of leader seen since start.
+    pub(crate) leader_changes: u64,
 }
+
+impl Status {
+    /// Ready to serve: a leader is known, and this member has applied all but a few of the
+    /// entries it holds.
+    pub(crate) fn ready(&self) -> Result<(), String> {
+        if self.leader_id.is_none() {
+            return Err("no leader known".into());
+        }
+        let behind =
+            self.last_log_index.unwrap_or(0).saturating_sub(self.applied_index.unwrap_or(0));
+        if behind > READY_LAG {
+            return Err(format!("{behind} entries not applied yet"));
+        }
+        Ok(())
+    }
+}
+
+/// `/readyz` fails while more entries than this wait to be applied.
+const READY_LAG: u64 = 1000;
 
 impl Replication {
     /// Starts the member on `db`, with its Raft state under `dir`.
@@ -70,10 +98,11 @@ impl Replication {
         config.election_timeout = (cluster.heartbeat * 3, cluster.heartbeat * 6);
         let member = runtime.spawn(Member::start(config, db)).await??;
         let member = Arc::new(member);
-        runtime.spawn(log_leadership(member.clone()));
+        let leader_changes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        runtime.spawn(log_leadership(member.clone(), leader_changes.clone()));
         let handle = runtime.handle().clone();
         let runtime = parking_lot::Mutex::new(Some(runtime));
-        Ok(Replication { runtime, handle, member, timeout: cluster.timeout })
+        Ok(Replication { runtime, handle, member, timeout: cluster.timeout, leader_changes })
     }
 
     /// Runs `f` on the Raft runtime and waits for it, blocking the calling thread.
@@ -127,7 +156,19 @@ impl Replication {
         let leader_addr = m
             .current_leader
             .and_then(|l| members.iter().find(|(id, _)| *id == l).map(|(_, a)| a.clone()));
+        let last = m.last_log_index.unwrap_or(0);
+        let lag = m
+            .replication
+            .iter()
+            .flatten()
+            .filter(|(id, _)| **id != m.id)
+            .map(|(id, matched)| (*id, last.saturating_sub(matched.map_or(0, |l| l.index))))
+            .collect();
         Status {
+            snapshot_index: m.snapshot.map(|l| l.index),
+            purged_index: m.purged.map(|l| l.index),
+            lag,
+            leader_changes: self.leader_changes.load(std::sync::atomic::Ordering::Relaxed),
             id: m.id,
             leader: m.current_leader == Some(m.id),
             leader_id: m.current_leader,
@@ -150,7 +191,7 @@ impl Replication {
 }
 
 /// Logs each change of leader this member sees (the end-to-end tests wait for these lines).
-async fn log_leadership(member: Arc<Member>) {
+async fn log_leadership(member: Arc<Member>, changes: Arc<std::sync::atomic::AtomicU64>) {
     let mut rx = member.raft().metrics();
     let mut seen = None;
     loop {
@@ -159,6 +200,9 @@ async fn log_leadership(member: Arc<Member>) {
         // again in a later term says so again.
         if m.current_leader != seen {
             seen = m.current_leader;
+            if seen.is_some() {
+                changes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
             match seen {
                 Some(l) if l == m.id => {
                     tracing::info!(node_id = m.id, term = m.current_term, "raft: this member leads")
@@ -185,5 +229,73 @@ fn cluster_error(e: timber_cluster::Error) -> Error {
         },
         timber_cluster::Error::Unavailable(m) => Error::ClusterDown(m),
         other => Error::ClusterDown(other.to_string()),
+    }
+}
+
+impl Status {
+    /// The Prometheus text of the Raft figures.
+    pub(crate) fn prometheus(&self) -> String {
+        let idx = |i: Option<u64>| i.map_or(-1, |i| i as i64);
+        let mut out = String::new();
+        let mut gauge = |name: &str, help: &str, value: String| {
+            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n{value}"));
+        };
+        gauge(
+            "timber_raft_node_id",
+            "This member's id.",
+            format!("timber_raft_node_id {}\n", self.id),
+        );
+        gauge("timber_raft_term", "The current term.", format!("timber_raft_term {}\n", self.term));
+        gauge(
+            "timber_raft_is_leader",
+            "1 on the leader, 0 elsewhere.",
+            format!("timber_raft_is_leader {}\n", u8::from(self.leader)),
+        );
+        gauge(
+            "timber_raft_leader_id",
+            "The leader this member knows (0: none).",
+            format!("timber_raft_leader_id {}\n", self.leader_id.unwrap_or(0)),
+        );
+        gauge(
+            "timber_raft_last_log_index",
+            "Index of the last entry in this member's log (-1: none).",
+            format!("timber_raft_last_log_index {}\n", idx(self.last_log_index)),
+        );
+        gauge(
+            "timber_raft_applied_index",
+            "Index of the last entry applied to this member's engine (-1: none).",
+            format!("timber_raft_applied_index {}\n", idx(self.applied_index)),
+        );
+        gauge(
+            "timber_raft_snapshot_index",
+            "Last index in this member's current snapshot (-1: none).",
+            format!("timber_raft_snapshot_index {}\n", idx(self.snapshot_index)),
+        );
+        gauge(
+            "timber_raft_purged_index",
+            "Last entry purged from this member's log (-1: none).",
+            format!("timber_raft_purged_index {}\n", idx(self.purged_index)),
+        );
+        gauge(
+            "timber_raft_members",
+            "Members in the configuration.",
+            format!("timber_raft_members {}\n", self.members.len()),
+        );
+        gauge(
+            "timber_raft_leader_changes",
+            "Changes of leader this member has seen since it started.",
+            format!("timber_raft_leader_changes {}\n", self.leader_changes),
+        );
+        let lag: String = self
+            .lag
+            .iter()
+            .map(|(id, n)| format!("timber_raft_follower_lag_entries{{member=\"{id}\"}} {n}\n"))
+            .collect();
+        gauge(
+            "timber_raft_follower_lag_entries",
+            "On the leader: entries each other member lacks.",
+            lag,
+        );
+        out
     }
 }

@@ -179,8 +179,22 @@ fn three_timberds_replicate_fail_over_and_rejoin() {
     let n: i64 = on_leader(&c, |con| redis::cmd("DBSIZE").query(con));
     assert_eq!(n, 51);
 
-    // A follower refuses writes and linearizable reads, and says so; a leader says it leads.
+    // A follower refuses writes and linearizable reads, and says so; a leader says it leads,
+    // in INFO and in /metrics, and is ready.
     let first = c.leader_now().unwrap_or_else(|| c.leader());
+    let http = |i: usize, path: &str| -> (u16, String) {
+        let url = format!("http://127.0.0.1:{}{path}", c.node(i).http_port);
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let r = reqwest::get(url).await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        })
+    };
+    let (code, metrics) = http(first, "/metrics");
+    assert_eq!(code, 200);
+    assert!(metrics.contains("timber_raft_is_leader 1"), "{metrics}");
+    assert!(metrics.contains("timber_raft_follower_lag_entries{member="), "{metrics}");
+    assert_eq!(http(first, "/readyz").0, 200);
     let f = (first + 1) % 3;
     let mut fcon = c.node(f).client();
     let e = err_of(redis::cmd("SET").arg("x").arg("y").query(&mut fcon));
