@@ -7,9 +7,11 @@
 //! - [`KvMachine`]: the state machine, a timber-kv engine that applies committed
 //!   [`Proposal`]s (the writes a request produced on the leader) with the applied log id in
 //!   the same batch, and snapshots it.
-//! - [`Member`]: a running member: log, machine, endpoint, and `propose` / `read_barrier`.
+//! - [`Member`]: a running member: log, machine, endpoint, `propose` / `read_barrier`, and
+//!   `forward` of a client's command to the leader (run there by the server's [`Executor`]).
 
 mod error;
+mod forward;
 mod hard_state;
 mod log_store;
 mod machine;
@@ -18,6 +20,7 @@ mod network;
 mod types;
 
 pub use crate::error::{Error, Result};
+pub use crate::forward::{Executor, Reply};
 pub use crate::log_store::LogStore;
 pub use crate::machine::{KvMachine, RESERVED_PREFIX};
 pub use crate::member::{Member, MemberConfig};

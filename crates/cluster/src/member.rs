@@ -21,6 +21,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use crate::error::{Error, Result};
+use crate::forward::{self, Executor};
 use crate::log_store::LogStore;
 use crate::machine::KvMachine;
 use crate::network::{Network, RaftService};
@@ -93,6 +94,8 @@ pub struct Member {
     machine: KvMachine,
     server: parking_lot::Mutex<Option<(JoinHandle<()>, tokio::sync::oneshot::Sender<()>)>>,
     addr: SocketAddr,
+    network: Network<TypeConfig>,
+    executor: forward::Slot,
 }
 
 impl std::fmt::Debug for Member {
@@ -134,10 +137,12 @@ impl Member {
         let machine = KvMachine::open(db, config.dir.join("machine"))?;
         let addr = listener.local_addr().map_err(|e| Error::io("local address", "", e))?;
         let network = Network::new(config.heartbeat.max(Duration::from_millis(100)) * 4);
-        let raft = Raft::new(config.id, raft_config, network, log, machine.clone())
+        let raft = Raft::new(config.id, raft_config, network.clone(), log, machine.clone())
             .await
             .map_err(|e| Error::Raft(e.to_string()))?;
         let svc = RaftService::server(raft.clone());
+        let executor: forward::Slot = Default::default();
+        let forward_svc = forward::server(executor.clone());
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(async move {
@@ -145,6 +150,7 @@ impl Member {
             // connection whose Raft is gone, or it never reconnects to this member's next life.
             let served = tonic::transport::Server::builder()
                 .add_service(svc)
+                .add_service(forward_svc)
                 .serve_with_incoming_shutdown(incoming, async {
                     let _ = stopped.await;
                 });
@@ -153,7 +159,7 @@ impl Member {
             }
         });
         let server = parking_lot::Mutex::new(Some((server, stop)));
-        let member = Member { id: config.id, raft, machine, server, addr };
+        let member = Member { id: config.id, raft, machine, server, addr, network, executor };
         if !config.initial_cluster.is_empty() {
             let nodes: BTreeMap<u64, BasicNode> = config
                 .initial_cluster
@@ -239,6 +245,44 @@ impl Member {
                 timeout.as_millis()
             ))),
         }
+    }
+
+    /// Sets how this member runs commands the others forward to it (once; later calls are
+    /// ignored). Until then forwarded commands are refused as unavailable.
+    pub fn set_executor(&self, executor: Executor) {
+        let _ = self.executor.set(executor);
+    }
+
+    /// Passes a client's command to the leader and returns its encoded reply. While no leader
+    /// is known (an election, or a member that just started), waits for one up to `timeout`,
+    /// then fails with `Unavailable`; if this member turns out to lead, runs the command here.
+    pub async fn forward(
+        &self,
+        protocol: u32,
+        args: Vec<bytes::Bytes>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>> {
+        let m = self
+            .raft
+            .wait(Some(timeout))
+            .metrics(|m| m.current_leader.is_some(), "a known leader")
+            .await
+            .map_err(|_| {
+                Error::Unavailable(format!("no leader known within {} ms", timeout.as_millis()))
+            })?;
+        let leader = m.current_leader.unwrap_or(self.id);
+        if leader == self.id {
+            return match self.executor.get() {
+                Some(run) => Ok(run(protocol, args).await),
+                None => Err(Error::Unavailable("this member does not run commands yet".into())),
+            };
+        }
+        let Some(addr) = m.membership_config.membership().get_node(&leader).map(|n| n.addr.clone())
+        else {
+            return Err(Error::NotLeader { leader_id: Some(leader), leader_addr: None });
+        };
+        let channel = self.network.channel(&addr).map_err(Error::Unavailable)?;
+        forward::send(channel, &addr, protocol, args, timeout).await
     }
 
     /// Stops Raft and the endpoint (the second call does nothing).

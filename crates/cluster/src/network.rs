@@ -34,7 +34,7 @@ use tonic::{Code, Request, Response, Status};
 /// The encoding of `RaftMessage::payload` this build speaks.
 const WIRE_VERSION: u32 = 1;
 /// Messages up to this size (snapshot chunks are smaller; a batch of entries may be large).
-const MAX_MESSAGE: usize = 256 << 20;
+pub(crate) const MAX_MESSAGE: usize = 256 << 20;
 
 type RpcError<E = openraft::error::Infallible> = RPCError<u64, BasicNode, RaftError<u64, E>>;
 
@@ -62,7 +62,7 @@ impl<C> Network<C> {
         }
     }
 
-    fn channel(&self, addr: &str) -> Result<Channel, String> {
+    pub(crate) fn channel(&self, addr: &str) -> Result<Channel, String> {
         let mut channels = self.channels.lock();
         if let Some(c) = channels.get(addr) {
             return Ok(c.clone());

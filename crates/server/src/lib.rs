@@ -201,6 +201,12 @@ impl Server {
             idle::Activity::new(spinner.clone(), journal_syncs),
             &cfg,
         ));
+        if let Some(r) = keys.replication() {
+            let (ep, stop) = (endpoint.clone(), stop_rx.clone());
+            r.serve_forwarded(move |proto, args| {
+                Box::pin(resp::execute_forwarded(ep.clone(), proto, args, stop.clone()))
+            });
+        }
         let mut tasks = vec![
             tokio::spawn(resp::serve(
                 endpoint,

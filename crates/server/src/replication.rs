@@ -82,6 +82,15 @@ impl Replication {
         db: Arc<Db>,
         dir: std::path::PathBuf,
     ) -> anyhow::Result<Replication> {
+        // A member's engine holds only what the cluster applied: data written before it joined
+        // would exist on this member alone.
+        if !dir.exists() && db.iter().next().is_some() {
+            anyhow::bail!(
+                "{} holds data written outside the cluster: a new member starts from an empty \
+                 data directory",
+                db.path().display()
+            );
+        }
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("timber-raft")
@@ -141,6 +150,41 @@ impl Replication {
     pub(crate) fn read_barrier(&self) -> Result<(), Error> {
         let (member, timeout) = (self.member.clone(), self.timeout);
         self.wait(async move { member.read_barrier(timeout).await })
+    }
+
+    /// Passes a client's command to the leader; its reply, encoded for `protocol`.
+    pub(crate) async fn forward(
+        &self,
+        protocol: u8,
+        args: Vec<bytes::Bytes>,
+    ) -> Result<Vec<u8>, Error> {
+        let (member, timeout) = (self.member.clone(), self.timeout);
+        let call = self
+            .handle
+            .spawn(async move { member.forward(u32::from(protocol), args, timeout).await });
+        match call.await {
+            Ok(r) => r.map_err(cluster_error),
+            Err(_) => Err(Error::ClusterDown("the member stopped".into())),
+        }
+    }
+
+    /// Runs the commands the other members forward here with `run`, on the runtime of the
+    /// caller (the server's, never Raft's: a command may wait for a proposal).
+    pub(crate) fn serve_forwarded(
+        &self,
+        run: impl Fn(u8, Vec<bytes::Bytes>) -> timber_cluster::Reply
+            + Send
+            + std::marker::Sync
+            + 'static,
+    ) {
+        let server = tokio::runtime::Handle::current();
+        let run = Arc::new(run);
+        self.member.set_executor(Arc::new(move |protocol, args| {
+            let run = run.clone();
+            let proto = u8::try_from(protocol).unwrap_or(2);
+            let task = server.spawn(async move { run(proto, args).await });
+            Box::pin(async move { task.await.unwrap_or_default() })
+        }));
     }
 
     /// Whether this member leads now (it may learn otherwise at once).

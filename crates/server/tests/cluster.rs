@@ -195,14 +195,28 @@ fn three_timberds_replicate_fail_over_and_rejoin() {
     assert!(metrics.contains("timber_raft_is_leader 1"), "{metrics}");
     assert!(metrics.contains("timber_raft_follower_lag_entries{member="), "{metrics}");
     assert_eq!(http(first, "/readyz").0, 200);
+    // A client of a follower never needs to know the leader: writes and linearizable reads are
+    // forwarded to it (read-your-writes through any member), RESP3 replies included.
     let f = (first + 1) % 3;
     let mut fcon = c.node(f).client();
-    let e = err_of(redis::cmd("SET").arg("x").arg("y").query(&mut fcon));
-    assert!(e.starts_with("READONLY"), "{e}");
-    let e = err_of(redis::cmd("GET").arg("k1").query(&mut fcon));
-    assert!(e.starts_with("READONLY"), "{e}");
     let info: String = redis::cmd("INFO").arg("replication").query(&mut fcon).unwrap();
     assert!(info.contains("role:slave"), "{info}");
+    let () = redis::cmd("SET").arg("via-follower").arg("yes").query(&mut fcon).unwrap();
+    let v: String = redis::cmd("GET").arg("via-follower").query(&mut fcon).unwrap();
+    assert_eq!(v, "yes");
+    let n: i64 = redis::cmd("INCRBY").arg("via-follower-n").arg(5).query(&mut fcon).unwrap();
+    assert_eq!(n, 5);
+    let e = err_of(redis::cmd("INCR").arg("via-follower").query(&mut fcon));
+    assert!(e.contains("not an integer"), "{e}");
+    let _: redis::Value = redis::cmd("HELLO").arg(3).query(&mut fcon).unwrap();
+    let v: redis::Value =
+        redis::cmd("MGET").arg("via-follower").arg("missing").query(&mut fcon).unwrap();
+    assert_eq!(
+        v,
+        redis::Value::Array(vec![redis::Value::BulkString(b"yes".to_vec()), redis::Value::Nil])
+    );
+    let n: i64 = on_leader(&c, |con| redis::cmd("DBSIZE").query(con));
+    assert_eq!(n, 53);
     let e = err_of(redis::cmd("XADD").arg("s").arg("*").arg("f").arg("v").query(&mut fcon));
     assert!(e.contains("not replicated"), "{e}");
 
@@ -231,4 +245,26 @@ fn three_timberds_replicate_fail_over_and_rejoin() {
     on_leader(&c, |con| redis::cmd("SET").arg("quorum").arg("again").query::<()>(con));
     let v: String = on_leader(&c, |con| redis::cmd("GET").arg("after").query(con));
     assert_eq!(v, "failover");
+}
+
+#[test]
+fn a_data_directory_with_single_node_data_cannot_become_a_member() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = Timberd::start(dir.path(), &[]);
+    let () = redis::cmd("SET").arg("mine").arg("alone").query(&mut t.client()).unwrap();
+    assert_eq!(t.stop(), 0);
+    let raft = format!("127.0.0.1:{}", free_port());
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_timberd"))
+        .args(["--data-dir", dir.path().to_str().unwrap(), "--resp-addr", "127.0.0.1:0"])
+        .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+        .args(["--node-id", "1", "--raft-addr", &raft, "--initial-cluster", &format!("1={raft}")])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("holds data written outside the cluster"), "{err}");
+    // The data is untouched: the single node still serves it.
+    let t = Timberd::start(dir.path(), &[]);
+    let v: String = redis::cmd("GET").arg("mine").query(&mut t.client()).unwrap();
+    assert_eq!(v, "alone");
 }

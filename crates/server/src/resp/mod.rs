@@ -128,3 +128,20 @@ pub(crate) async fn serve(ep: Arc<Endpoint>, mut listener: Limited, stop: watch:
     drop(listener);
     while tasks.join_next().await.is_some() {}
 }
+
+/// Runs a command another cluster member forwarded (its client is there) and returns the
+/// reply encoded for `proto`: as if the client had sent it here, authenticated (the member that
+/// forwarded it checked), and never forwarded again.
+pub(crate) async fn execute_forwarded(
+    ep: Arc<Endpoint>,
+    proto: u8,
+    args: Vec<bytes::Bytes>,
+    stop: watch::Receiver<bool>,
+) -> Vec<u8> {
+    let mut s = session::Session::new(0, false);
+    s.proto = if proto == 3 { 3 } else { 2 };
+    s.forwarded = true;
+    let mut out = bytes::BytesMut::new();
+    pipeline::run(&ep, &mut s, &[args], &mut out, &stop).await;
+    out.to_vec()
+}

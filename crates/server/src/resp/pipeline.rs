@@ -185,19 +185,17 @@ async fn run_keys(ep: &Arc<Endpoint>, s: &mut Session, run: &[Item<'_>], out: &m
         stream_store: ep.stream_store,
     };
     let max = ep.max_request;
-    // In a cluster, reads are linearizable unless the connection asked for stale ones: one
-    // barrier (leadership confirmed by a quorum, everything committed applied) serves the
-    // reads of the run, which all arrived before it.
-    if let Some(r) = ep.keys.replication() {
+    // In a cluster, reads are linearizable unless the connection asked for stale ones: on the
+    // leader one barrier (leadership confirmed by a quorum, everything committed applied)
+    // serves the reads of the run, which all arrived before it; a member that does not lead
+    // passes writes and such reads to the leader.
+    let replication = ep.keys.replication();
+    let follower = replication.is_some_and(|r| !r.is_leader()) && !s.forwarded;
+    if let Some(r) = replication.filter(|_| !follower) {
         let reads = run.iter().any(|it| it.command.is_some_and(|(_, c)| c.is(READONLY)));
         if reads && !s.stale_reads {
             if let Err(e) = r.read_barrier() {
-                let reply = match e {
-                    crate::keyspace::Error::NotLeader { leader } => Reply::Error(format!(
-                        "READONLY this member does not lead, the leader is {leader}: send reads there, or READONLY first for stale reads here"
-                    )),
-                    e => Reply::Error(e.to_string()),
-                };
+                let reply = Reply::Error(e.to_string());
                 for _ in run {
                     reply.encode(s.proto, out);
                 }
@@ -217,7 +215,7 @@ async fn run_keys(ep: &Arc<Endpoint>, s: &mut Session, run: &[Item<'_>], out: &m
         } else {
             Vec::new()
         };
-        if s.authed && (ops.len() >= 2 || gets.len() >= 2) {
+        if s.authed && !follower && (ops.len() >= 2 || gets.len() >= 2) {
             let t = Instant::now();
             let (n, replies) = match ops.len() {
                 0 => (gets.len(), execute_gets(&ep.keys, &gets)),
@@ -237,6 +235,16 @@ async fn run_keys(ep: &Arc<Endpoint>, s: &mut Session, run: &[Item<'_>], out: &m
         left = tail;
         match it.authorized(s) {
             Ok((index, command)) => {
+                let leader_only = command.is(WRITE) || (command.is(READONLY) && !s.stale_reads);
+                if follower && leader_only {
+                    if let Some(r) = replication {
+                        match r.forward(s.proto, it.request.to_vec()).await {
+                            Ok(reply) => out.extend_from_slice(&reply),
+                            Err(e) => Reply::Error(e.to_string()).encode(s.proto, out),
+                        }
+                    }
+                    continue;
+                }
                 let t = ep.sample(s);
                 let args = Args::new(command.name, it.request);
                 let reply = match command.handler {

@@ -23,6 +23,9 @@ pub(crate) struct Session {
     /// Set by `READONLY`: in a cluster, reads are served from this member's state even when it
     /// does not lead (they may be stale) instead of waiting for a linearizable read.
     pub(crate) stale_reads: bool,
+    /// A command another member forwarded: never forwarded again (an election in between
+    /// could otherwise send it back and forth).
+    pub(crate) forwarded: bool,
 }
 
 impl Session {
@@ -36,6 +39,7 @@ impl Session {
             quit: false,
             commands: 0,
             stale_reads: false,
+            forwarded: false,
         }
     }
 }

@@ -41,7 +41,7 @@ impl Timberd {
             .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
             .args(&workers)
             .args(extra)
-            .env("TIMBER_LOG", "info")
+            .env("TIMBER_LOG", "info,openraft=warn")
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
