@@ -18,6 +18,8 @@ struct Cluster {
     dirs: Vec<tempfile::TempDir>,
     raft_ports: Vec<u16>,
     nodes: Vec<Option<Timberd>>,
+    /// A member stopped with SIGSTOP: clients do not go there.
+    paused: Option<usize>,
 }
 
 impl Cluster {
@@ -152,6 +154,7 @@ fn three_timberds_replicate_fail_over_and_rejoin() {
         dirs: (0..3).map(|_| tempfile::tempdir().unwrap()).collect(),
         raft_ports: (0..3).map(|_| free_port()).collect(),
         nodes: vec![None, None, None],
+        paused: None,
     };
     for i in 0..3 {
         c.start(i);
@@ -267,4 +270,107 @@ fn a_data_directory_with_single_node_data_cannot_become_a_member() {
     let t = Timberd::start(dir.path(), &[]);
     let v: String = redis::cmd("GET").arg("mine").query(&mut t.client()).unwrap();
     assert_eq!(v, "alone");
+}
+
+impl Cluster {
+    /// SETs `key` through member `via` (any member: a follower forwards), again after every
+    /// refusal, until it is acknowledged.
+    fn set_via(&self, via: usize, key: &str, value: &str) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let mut targets: Vec<usize> =
+                (0..3).filter(|&i| self.nodes[i].is_some() && self.paused != Some(i)).collect();
+            let shift = via % targets.len();
+            targets.rotate_left(shift);
+            let r: redis::RedisResult<()> =
+                redis::cmd("SET").arg(key).arg(value).query(&mut self.node(targets[0]).client());
+            match r {
+                Ok(()) => return,
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "SET {key} not acknowledged: {e}");
+                    eprintln!("SET {key} via member {}: {e}", targets[0] + 1);
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+    }
+
+    /// Every acknowledged key, read linearizably through each running member.
+    fn check(&self, acked: &[(String, String)]) {
+        for i in (0..3).filter(|&i| self.nodes[i].is_some()) {
+            let mut con = self.node(i).client();
+            for (k, v) in acked {
+                let got: Option<String> = loop {
+                    match redis::cmd("GET").arg(k).query(&mut con) {
+                        Ok(v) => break v,
+                        Err(e) => {
+                            eprintln!("GET {k} via member {}: {e}", i + 1);
+                            std::thread::sleep(Duration::from_millis(50));
+                        }
+                    }
+                };
+                assert_eq!(got.as_deref(), Some(v.as_str()), "{k} via member {}", i + 1);
+            }
+        }
+    }
+
+    fn kill(&mut self, i: usize) {
+        self.nodes[i].as_mut().unwrap().child.kill().unwrap();
+        self.nodes[i].take().unwrap().child.wait().unwrap();
+    }
+}
+
+#[test]
+fn acknowledged_writes_survive_repeated_kills_a_stopped_leader_and_a_whole_cluster_restart() {
+    let mut c = Cluster {
+        dirs: (0..3).map(|_| tempfile::tempdir().unwrap()).collect(),
+        raft_ports: (0..3).map(|_| free_port()).collect(),
+        nodes: vec![None, None, None],
+        paused: None,
+    };
+    for i in 0..3 {
+        c.start(i);
+    }
+    c.leader();
+    let mut acked = Vec::new();
+    let write = |c: &Cluster, acked: &mut Vec<(String, String)>, round: &str, n: usize| {
+        for j in 0..n {
+            let (k, v) = (format!("{round}-{j}"), format!("{round}:{j}"));
+            c.set_via(j, &k, &v);
+            acked.push((k, v));
+        }
+    };
+
+    // The leader is killed three times, each time coming back before the next kill.
+    for round in 0..3 {
+        write(&c, &mut acked, &format!("kill{round}"), 20);
+        let leader = c.leader_now().unwrap_or_else(|| c.leader());
+        c.kill(leader);
+        write(&c, &mut acked, &format!("after-kill{round}"), 10);
+        c.start(leader);
+        c.following(leader);
+    }
+
+    // The leader stops (SIGSTOP) past the election timeout: the others elect one of them and go
+    // on; when it resumes it follows, and no write is lost on either side.
+    let leader = c.leader_now().unwrap_or_else(|| c.leader());
+    c.node(leader).signal(rustix::process::Signal::STOP);
+    c.paused = Some(leader);
+    write(&c, &mut acked, "stopped", 10);
+    c.node(leader).signal(rustix::process::Signal::CONT);
+    c.paused = None;
+    write(&c, &mut acked, "resumed", 10);
+    c.check(&acked);
+
+    // Every member killed at once, then all restarted: nothing acknowledged is missing.
+    for i in 0..3 {
+        c.kill(i);
+    }
+    for i in 0..3 {
+        c.start(i);
+    }
+    c.leader();
+    c.check(&acked);
+    write(&c, &mut acked, "restarted", 5);
+    c.check(&acked);
 }
