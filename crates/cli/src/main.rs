@@ -43,8 +43,17 @@ enum Cmd {
     Stream(Stream),
     /// The server's status.
     Status,
+    /// The Raft cluster the server is a member of.
+    #[command(subcommand)]
+    Cluster(Cluster),
     /// Load generator against a running server.
     Bench(bench::Args),
+}
+
+#[derive(Debug, Subcommand)]
+enum Cluster {
+    /// Each member's role, term, log and applied indexes and lag, as the server asked sees them.
+    Status,
 }
 
 #[derive(Debug, Subcommand)]
@@ -331,6 +340,45 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     (None, _) => writeln!(out, "          available")?,
                 }
                 writeln!(out, "backlog   {} bytes in the journal", s.journal_backlog_bytes)?;
+            }
+        }
+        Cmd::Cluster(Cluster::Status) => {
+            let s = client.status().await?;
+            let Some(c) = s.cluster else {
+                return Err(anyhow::anyhow!("the server is a single node, not a cluster member"));
+            };
+            if json {
+                let members: Vec<_> = c
+                    .members
+                    .iter()
+                    .map(|m| json!({ "id": m.id, "raft_addr": m.raft_addr, "lag": m.lag }))
+                    .collect();
+                writeln!(
+                    out,
+                    "{}",
+                    json!({
+                        "node_id": c.node_id, "role": c.role, "term": c.term,
+                        "leader_id": c.leader_id, "last_log_index": c.last_log_index,
+                        "applied_index": c.applied_index, "members": members,
+                    })
+                )?;
+            } else {
+                let opt = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
+                writeln!(
+                    out,
+                    "member {} ({}), term {}, leader {}, log {}, applied {}",
+                    c.node_id,
+                    c.role,
+                    c.term,
+                    opt(c.leader_id),
+                    opt(c.last_log_index),
+                    opt(c.applied_index)
+                )?;
+                writeln!(out, "{:>4}  {:<8}  {:<22}  lag", "id", "role", "raft address")?;
+                for m in &c.members {
+                    let role = if Some(m.id) == c.leader_id { "leader" } else { "follower" };
+                    writeln!(out, "{:>4}  {:<8}  {:<22}  {}", m.id, role, m.raft_addr, opt(m.lag))?;
+                }
             }
         }
         Cmd::Bench(args) => {

@@ -99,6 +99,40 @@ pub struct Status {
     pub store_last_error: Option<String>,
     /// Bytes of acknowledged entries waiting in the journal for the object store.
     pub journal_backlog_bytes: u64,
+    /// The cluster as this server sees it, if it is a member of one.
+    pub cluster: Option<ClusterStatus>,
+}
+
+/// A cluster member's view of its cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ClusterStatus {
+    /// The member's id.
+    pub node_id: u64,
+    /// `leader`, `follower`, `candidate` or `learner`.
+    pub role: String,
+    /// The current term.
+    pub term: u64,
+    /// The leader it knows, if any.
+    pub leader_id: Option<u64>,
+    /// Index of the last entry in its log.
+    pub last_log_index: Option<u64>,
+    /// Index of the last entry it applied.
+    pub applied_index: Option<u64>,
+    /// Every member: id, Raft address, and (known on the leader) entries it lacks.
+    pub members: Vec<ClusterMember>,
+}
+
+/// One member of a cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ClusterMember {
+    /// Its id.
+    pub id: u64,
+    /// The address of its Raft endpoint.
+    pub raft_addr: String,
+    /// Entries it lacks, as the leader knows (`None` when the server asked does not lead).
+    pub lag: Option<u64>,
 }
 
 /// A stream's figures.
@@ -184,7 +218,7 @@ mod pb_impl {
 
     use timber_proto::v1 as pb;
 
-    use super::{Code, Status, StreamInfo};
+    use super::{ClusterMember, ClusterStatus, Code, Status, StreamInfo};
 
     impl From<tonic::Code> for Code {
         fn from(c: tonic::Code) -> Code {
@@ -226,6 +260,26 @@ mod pb_impl {
                     .then(|| Duration::from_millis(s.store_unavailable_ms)),
                 store_last_error: (!s.store_last_error.is_empty()).then_some(s.store_last_error),
                 journal_backlog_bytes: s.journal_backlog_bytes,
+                cluster: s.cluster.map(|c| {
+                    let idx = |i: i64| u64::try_from(i).ok();
+                    ClusterStatus {
+                        node_id: c.node_id,
+                        role: c.role,
+                        term: c.term,
+                        leader_id: (c.leader_id > 0).then_some(c.leader_id),
+                        last_log_index: idx(c.last_log_index),
+                        applied_index: idx(c.applied_index),
+                        members: c
+                            .members
+                            .into_iter()
+                            .map(|m| ClusterMember {
+                                id: m.id,
+                                raft_addr: m.raft_addr,
+                                lag: idx(m.lag),
+                            })
+                            .collect(),
+                    }
+                }),
             }
         }
     }
@@ -726,7 +780,20 @@ mod tests {
             store_unavailable_ms: 0,
             store_last_error: String::new(),
             journal_backlog_bytes: 7,
+            cluster: Some(pb::ClusterStatus {
+                node_id: 2,
+                role: "follower".into(),
+                term: 4,
+                leader_id: 0,
+                last_log_index: 9,
+                applied_index: -1,
+                members: vec![pb::ClusterMember { id: 1, raft_addr: "h:1".into(), lag: -1 }],
+            }),
         });
+        let c = s.cluster.clone().unwrap();
+        assert_eq!((c.node_id, c.role.as_str(), c.term, c.leader_id), (2, "follower", 4, None));
+        assert_eq!((c.last_log_index, c.applied_index), (Some(9), None));
+        assert_eq!((c.members[0].id, c.members[0].lag), (1, None));
         assert_eq!((s.store_unavailable, s.store_last_error.as_deref()), (None, None));
         assert_eq!((s.stream_store.as_str(), s.journal_backlog_bytes), ("s3://b/p at http://h", 7));
         assert_eq!(s.uptime, Duration::from_millis(2500));

@@ -345,6 +345,31 @@ impl Admin for Service {
             streams: e.logs.list().map_err(stream_status)?.len() as u64,
             data_dir: e.data_dir.display().to_string(),
             sync: e.sync.to_string(),
+            cluster: e.keys.replication().map(|r| {
+                let st = r.status();
+                let idx = |i: Option<u64>| i.map_or(-1, |i| i as i64);
+                pb::ClusterStatus {
+                    node_id: st.id,
+                    role: st.role.into(),
+                    term: st.term,
+                    leader_id: st.leader_id.unwrap_or(0),
+                    last_log_index: idx(st.last_log_index),
+                    applied_index: idx(st.applied_index),
+                    members: st
+                        .members
+                        .iter()
+                        .map(|(id, addr)| pb::ClusterMember {
+                            id: *id,
+                            raft_addr: addr.clone(),
+                            lag: match st.lag.iter().find(|(m, _)| m == id) {
+                                Some((_, n)) => *n as i64,
+                                None if st.leader && *id == st.id => 0,
+                                None => -1,
+                            },
+                        })
+                        .collect(),
+                }
+            }),
         }))
     }
 }

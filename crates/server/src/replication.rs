@@ -39,6 +39,8 @@ impl std::fmt::Debug for Replication {
 pub(crate) struct Status {
     pub(crate) id: u64,
     pub(crate) leader: bool,
+    /// "leader", "follower", "candidate" or "learner".
+    pub(crate) role: &'static str,
     pub(crate) leader_id: Option<u64>,
     pub(crate) leader_addr: Option<String>,
     pub(crate) term: u64,
@@ -105,7 +107,19 @@ impl Replication {
         };
         config.heartbeat = cluster.heartbeat;
         config.election_timeout = (cluster.heartbeat * 3, cluster.heartbeat * 6);
-        let member = runtime.spawn(Member::start(config, db)).await??;
+        // A runtime may not be dropped on an async task: on failure it is shut down in the
+        // background.
+        let member = match runtime.spawn(Member::start(config, db)).await {
+            Ok(Ok(m)) => m,
+            Ok(Err(e)) => {
+                runtime.shutdown_background();
+                return Err(e.into());
+            }
+            Err(e) => {
+                runtime.shutdown_background();
+                return Err(e.into());
+            }
+        };
         let member = Arc::new(member);
         let leader_changes = Arc::new(std::sync::atomic::AtomicU64::new(0));
         runtime.spawn(log_leadership(member.clone(), leader_changes.clone()));
@@ -208,7 +222,16 @@ impl Replication {
             .filter(|(id, _)| **id != m.id)
             .map(|(id, matched)| (*id, last.saturating_sub(matched.map_or(0, |l| l.index))))
             .collect();
+        use timber_cluster::openraft::ServerState;
+        let role = match m.state {
+            ServerState::Leader => "leader",
+            ServerState::Follower => "follower",
+            ServerState::Candidate => "candidate",
+            ServerState::Learner => "learner",
+            ServerState::Shutdown => "shutdown",
+        };
         Status {
+            role,
             snapshot_index: m.snapshot.map(|l| l.index),
             purged_index: m.purged.map(|l| l.index),
             lag,

@@ -198,6 +198,12 @@ fn three_timberds_replicate_fail_over_and_rejoin() {
     assert!(metrics.contains("timber_raft_is_leader 1"), "{metrics}");
     assert!(metrics.contains("timber_raft_follower_lag_entries{member="), "{metrics}");
     assert_eq!(http(first, "/readyz").0, 200);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let st = rt.block_on(async { c.node(first).grpc().await.status().await.unwrap() });
+    let cl = st.cluster.expect("a member reports its cluster");
+    assert_eq!((cl.node_id, cl.role.as_str()), (first as u64 + 1, "leader"));
+    assert_eq!(cl.members.len(), 3);
+    assert!(cl.members.iter().all(|m| m.lag.is_some()), "{cl:?}");
     // A client of a follower never needs to know the leader: writes and linearizable reads are
     // forwarded to it (read-your-writes through any member), RESP3 replies included.
     let f = (first + 1) % 3;
@@ -373,4 +379,20 @@ fn acknowledged_writes_survive_repeated_kills_a_stopped_leader_and_a_whole_clust
     c.check(&acked);
     write(&c, &mut acked, "restarted", 5);
     c.check(&acked);
+}
+
+#[test]
+fn a_raft_address_in_use_is_a_clear_error() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let raft = taken.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_timberd"))
+        .args(["--data-dir", dir.path().to_str().unwrap(), "--resp-addr", "127.0.0.1:0"])
+        .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+        .args(["--node-id", "1", "--raft-addr", &raft, "--initial-cluster", &format!("1={raft}")])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bind raft endpoint") && !err.contains("panicked"), "{err}");
 }
