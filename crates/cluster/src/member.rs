@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::error::{ClientWriteError, InitializeError, RaftError};
-use openraft::{BasicNode, LogId, Raft, RaftMetrics, SnapshotPolicy};
+use openraft::{BasicNode, ChangeMembers, LogId, Raft, RaftMetrics, SnapshotPolicy};
 use timber_kv::Db;
 use timber_wal::SyncMode;
 use tokio::net::TcpListener;
@@ -242,6 +242,56 @@ impl Member {
             Ok(Err(e)) => Err(Error::Raft(e.to_string())),
             Err(_) => Err(Error::Unavailable(format!(
                 "no quorum confirmed the leader within {} ms",
+                timeout.as_millis()
+            ))),
+        }
+    }
+
+    /// Adds a member as a learner: it receives the log (or a snapshot) but does not vote.
+    /// Returns once it caught up with the leader's log at the call. Leader only.
+    pub async fn add_learner(&self, id: u64, raft_addr: String, timeout: Duration) -> Result<()> {
+        let call = self.raft.add_learner(id, BasicNode::new(raft_addr), true);
+        self.membership_change(call, timeout).await
+    }
+
+    /// Makes a learner a voter (joint consensus: two entries). Leader only.
+    pub async fn promote(&self, id: u64, timeout: Duration) -> Result<()> {
+        let change = ChangeMembers::AddVoterIds([id].into_iter().collect());
+        self.membership_change(self.raft.change_membership(change, false), timeout).await
+    }
+
+    /// Removes a member from the cluster: no longer a voter nor a learner. Leader only.
+    pub async fn remove(&self, id: u64, timeout: Duration) -> Result<()> {
+        let voters = self.metrics().membership_config.membership().voter_ids().collect::<Vec<_>>();
+        if voters.contains(&id) {
+            let change = ChangeMembers::RemoveVoters([id].into_iter().collect());
+            self.membership_change(self.raft.change_membership(change, false), timeout).await?;
+        }
+        let change = ChangeMembers::RemoveNodes([id].into_iter().collect());
+        self.membership_change(self.raft.change_membership(change, false), timeout).await
+    }
+
+    async fn membership_change<T>(
+        &self,
+        call: impl std::future::Future<
+            Output = std::result::Result<T, RaftError<u64, ClientWriteError<u64, BasicNode>>>,
+        >,
+        timeout: Duration,
+    ) -> Result<()> {
+        match tokio::time::timeout(timeout, call).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+                Err(Error::NotLeader {
+                    leader_id: f.leader_id,
+                    leader_addr: f.leader_node.map(|n| n.addr),
+                })
+            }
+            Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => {
+                Err(Error::Config(e.to_string()))
+            }
+            Ok(Err(e)) => Err(Error::Raft(e.to_string())),
+            Err(_) => Err(Error::Unavailable(format!(
+                "the membership change did not complete within {} ms",
                 timeout.as_millis()
             ))),
         }

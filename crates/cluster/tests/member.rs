@@ -223,3 +223,47 @@ async fn a_member_behind_the_purged_log_catches_up_from_a_snapshot() {
     }
     drop(nodes);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_joins_as_a_learner_is_promoted_and_another_is_removed() {
+    let (mut nodes, listeners) = nodes(4, |_| {}).await;
+    // Member 4 is not in the initial membership: it starts empty and waits to be added.
+    let fourth = listeners.into_iter().collect::<Vec<_>>();
+    let mut members = BTreeMap::new();
+    let mut fourth = fourth.into_iter();
+    for node in nodes.iter_mut().take(3) {
+        node.config.initial_cluster.remove(&4);
+        members.insert(node.config.id, start(node, fourth.next()).await);
+    }
+    nodes[3].config.initial_cluster.clear();
+    let joining = start(&nodes[3], fourth.next()).await;
+    let l = leader(&members).await;
+    write(&members[&l], 0..20).await;
+
+    // Only the leader changes the membership; a follower names it.
+    let f = *members.keys().find(|&&id| id != l).unwrap();
+    let r = members[&f].add_learner(4, nodes[3].addr.clone(), PROPOSE).await;
+    assert!(matches!(r, Err(Error::NotLeader { leader_id: Some(x), .. }) if x == l), "{r:?}");
+    members[&l].add_learner(4, nodes[3].addr.clone(), PROPOSE).await.unwrap();
+    members.insert(4, joining);
+    converged(&members, 20, &[]).await;
+    let m = members[&l].metrics();
+    assert!(m.membership_config.membership().learner_ids().any(|id| id == 4));
+
+    // Promoted, it votes; then another member is removed and stopped: the three voters left
+    // (the new one among them) go on.
+    members[&l].promote(4, PROPOSE).await.unwrap();
+    let gone = *members.keys().find(|&&id| id != l && id != 4).unwrap();
+    members[&l].remove(gone, PROPOSE).await.unwrap();
+    let voters: Vec<u64> =
+        members[&l].metrics().membership_config.membership().voter_ids().collect();
+    assert_eq!(voters.len(), 3, "{voters:?}");
+    assert!(voters.contains(&4) && !voters.contains(&gone));
+    members.remove(&gone).unwrap().shutdown().await;
+    write(&members[&l], 20..30).await;
+    converged(&members, 30, &[]).await;
+    for (_, m) in members {
+        m.shutdown().await;
+    }
+    drop(nodes);
+}
