@@ -54,6 +54,23 @@ enum Cmd {
 enum Cluster {
     /// Each member's role, term, log and applied indexes and lag, as the server asked sees them.
     Status,
+    /// Adds a member as a learner (receives the log, does not vote); ask the leader.
+    AddLearner {
+        /// Its --node-id.
+        id: u64,
+        /// Its --raft-addr, host:port.
+        raft_addr: String,
+    },
+    /// Makes a learner a voter; ask the leader.
+    Promote {
+        /// Its --node-id.
+        id: u64,
+    },
+    /// Removes a member from the cluster; ask the leader.
+    Remove {
+        /// Its --node-id.
+        id: u64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -379,6 +396,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     let role = if Some(m.id) == c.leader_id { "leader" } else { "follower" };
                     writeln!(out, "{:>4}  {:<8}  {:<22}  {}", m.id, role, m.raft_addr, opt(m.lag))?;
                 }
+            }
+        }
+        Cmd::Cluster(change) => {
+            let what = match change {
+                Cluster::AddLearner { id, raft_addr } => {
+                    client.add_learner(id, &raft_addr).await?;
+                    format!("member {id} added as a learner")
+                }
+                Cluster::Promote { id } => {
+                    client.promote(id).await?;
+                    format!("member {id} promoted to voter")
+                }
+                Cluster::Remove { id } => {
+                    client.remove_member(id).await?;
+                    format!("member {id} removed")
+                }
+                Cluster::Status => unreachable!("handled above"),
+            };
+            if json {
+                writeln!(out, "{}", json!({ "ok": true }))?;
+            } else {
+                writeln!(out, "{what}")?;
             }
         }
         Cmd::Bench(args) => {

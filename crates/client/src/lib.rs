@@ -661,6 +661,35 @@ impl Client {
         Ok(StreamReader { inner })
     }
 
+    /// Adds a member to the server's cluster as a learner (it receives the log but does not
+    /// vote); returns once it caught up. The server must lead.
+    pub async fn add_learner(&self, id: u64, raft_addr: &str) -> Result<()> {
+        use pb::membership_change::Change;
+        let add = pb::AddLearner { id, raft_addr: raft_addr.into() };
+        self.change_membership("add_learner", Change::AddLearner(add)).await
+    }
+
+    /// Makes a learner of the server's cluster a voter. The server must lead.
+    pub async fn promote(&self, id: u64) -> Result<()> {
+        self.change_membership("promote", pb::membership_change::Change::Promote(id)).await
+    }
+
+    /// Removes a member from the server's cluster. The server must lead.
+    pub async fn remove_member(&self, id: u64) -> Result<()> {
+        self.change_membership("remove_member", pb::membership_change::Change::Remove(id)).await
+    }
+
+    async fn change_membership(
+        &self,
+        op: &'static str,
+        change: pb::membership_change::Change,
+    ) -> Result<()> {
+        let mut c = AdminClient::new(self.channel.clone());
+        let r = self.request(pb::MembershipChange { change: Some(change) });
+        self.once(op, c.change_membership(r)).await?;
+        Ok(())
+    }
+
     /// The server's status.
     pub async fn status(&self) -> Result<Status> {
         let s = self

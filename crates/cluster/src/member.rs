@@ -278,6 +278,15 @@ impl Member {
         >,
         timeout: Duration,
     ) -> Result<()> {
+        // openraft checks the change before the leadership: a follower would report the
+        // membership it knows as the problem.
+        let m = self.metrics();
+        if m.current_leader != Some(self.id) {
+            let leader_addr = m.current_leader.and_then(|l| {
+                m.membership_config.membership().get_node(&l).map(|n| n.addr.clone())
+            });
+            return Err(Error::NotLeader { leader_id: m.current_leader, leader_addr });
+        }
         match tokio::time::timeout(timeout, call).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {

@@ -331,6 +331,33 @@ impl Streams for Service {
 
 #[tonic::async_trait]
 impl Admin for Service {
+    async fn change_membership(
+        &self,
+        req: Request<pb::MembershipChange>,
+    ) -> Reply<pb::MembershipChangeResponse> {
+        use crate::replication::MembershipChange as C;
+        use pb::membership_change::Change;
+        let Some(r) = self.engines.keys.replication() else {
+            return Err(Status::failed_precondition(
+                "this server is a single node, not a cluster member",
+            ));
+        };
+        let change = match req.into_inner().change {
+            Some(Change::AddLearner(a)) if a.id > 0 && !a.raft_addr.is_empty() => {
+                C::AddLearner { id: a.id, raft_addr: a.raft_addr }
+            }
+            Some(Change::Promote(id)) if id > 0 => C::Promote(id),
+            Some(Change::Remove(id)) if id > 0 => C::Remove(id),
+            _ => {
+                return Err(Status::invalid_argument(
+                    "a change names a member id (1 or more) and, to add one, its raft address",
+                ))
+            }
+        };
+        r.change_membership(change).await.map_err(key_status)?;
+        Ok(Response::new(pb::MembershipChangeResponse {}))
+    }
+
     async fn status(&self, _: Request<pb::StatusRequest>) -> Reply<pb::StatusResponse> {
         let e = &self.engines;
         let store = e.redis_streams.store().store_status();

@@ -34,6 +34,14 @@ impl std::fmt::Debug for Replication {
     }
 }
 
+/// A change of the cluster's membership.
+#[derive(Debug, Clone)]
+pub(crate) enum MembershipChange {
+    AddLearner { id: u64, raft_addr: String },
+    Promote(u64),
+    Remove(u64),
+}
+
 /// A member's role and progress, as `INFO replication` and `/metrics` report them.
 #[derive(Debug, Clone)]
 pub(crate) struct Status {
@@ -199,6 +207,27 @@ impl Replication {
             let task = server.spawn(async move { run(proto, args).await });
             Box::pin(async move { task.await.unwrap_or_default() })
         }));
+    }
+
+    /// Applies a membership change on this member, which must lead.
+    pub(crate) async fn change_membership(&self, change: MembershipChange) -> Result<(), Error> {
+        let (member, timeout) = (self.member.clone(), self.timeout);
+        let call = self.handle.spawn(async move {
+            match change {
+                MembershipChange::AddLearner { id, raft_addr } => {
+                    member.add_learner(id, raft_addr, timeout).await
+                }
+                MembershipChange::Promote(id) => member.promote(id, timeout).await,
+                MembershipChange::Remove(id) => member.remove(id, timeout).await,
+            }
+        });
+        match call.await {
+            Ok(r) => r.map_err(|e| match e {
+                timber_cluster::Error::Config(m) => Error::ClusterDown(format!("refused: {m}")),
+                e => cluster_error(e),
+            }),
+            Err(_) => Err(Error::ClusterDown("the member stopped".into())),
+        }
     }
 
     /// Whether this member leads now (it may learn otherwise at once).

@@ -284,8 +284,9 @@ impl Cluster {
     fn set_via(&self, via: usize, key: &str, value: &str) {
         let deadline = Instant::now() + WAIT;
         loop {
-            let mut targets: Vec<usize> =
-                (0..3).filter(|&i| self.nodes[i].is_some() && self.paused != Some(i)).collect();
+            let mut targets: Vec<usize> = (0..self.nodes.len())
+                .filter(|&i| self.nodes[i].is_some() && self.paused != Some(i))
+                .collect();
             let shift = via % targets.len();
             targets.rotate_left(shift);
             let r: redis::RedisResult<()> =
@@ -303,7 +304,7 @@ impl Cluster {
 
     /// Every acknowledged key, read linearizably through each running member.
     fn check(&self, acked: &[(String, String)]) {
-        for i in (0..3).filter(|&i| self.nodes[i].is_some()) {
+        for i in (0..self.nodes.len()).filter(|&i| self.nodes[i].is_some()) {
             let mut con = self.node(i).client();
             for (k, v) in acked {
                 let got: Option<String> = loop {
@@ -395,4 +396,55 @@ fn a_raft_address_in_use_is_a_clear_error() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("bind raft endpoint") && !err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn a_fourth_timberd_joins_is_promoted_and_another_is_removed() {
+    let mut c = Cluster {
+        dirs: (0..4).map(|_| tempfile::tempdir().unwrap()).collect(),
+        raft_ports: (0..4).map(|_| free_port()).collect(),
+        nodes: vec![None, None, None, None],
+        paused: None,
+    };
+    // Three form the cluster; the fourth starts with no initial membership and waits.
+    c.raft_ports.truncate(3);
+    for i in 0..3 {
+        c.start(i);
+    }
+    let fourth_raft = format!("127.0.0.1:{}", free_port());
+    c.nodes[3] = Some(Timberd::start(
+        c.dirs[3].path(),
+        &["--node-id", "4", "--raft-addr", &fourth_raft, "--sync", "always"],
+    ));
+    c.leader();
+    for i in 0..20 {
+        let (k, v) = (format!("j{i}"), format!("v{i}"));
+        on_leader(&c, |con| redis::cmd("SET").arg(&k).arg(&v).query::<()>(con));
+    }
+    let l = c.leader_now().unwrap_or_else(|| c.leader());
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let admin = rt.block_on(c.node(l).grpc());
+    // A follower refuses, naming the leader.
+    let f = (l + 1) % 3;
+    let e = rt.block_on(async { c.node(f).grpc().await.promote(4).await.unwrap_err() });
+    assert!(e.to_string().contains("the leader is"), "{e}");
+
+    rt.block_on(admin.add_learner(4, &fourth_raft)).unwrap();
+    rt.block_on(admin.promote(4)).unwrap();
+    let st = rt.block_on(admin.status()).unwrap().cluster.unwrap();
+    assert_eq!(st.members.len(), 4);
+    rt.block_on(admin.remove_member(f as u64 + 1)).unwrap();
+    let st = rt.block_on(admin.status()).unwrap().cluster.unwrap();
+    assert!(st.members.iter().all(|m| m.id != f as u64 + 1), "{st:?}");
+    c.kill(f);
+
+    // The new member serves every write, its own clients' included (forwarded to the leader).
+    let mut con = c.node(3).client();
+    let () = redis::cmd("SET").arg("from-4").arg("yes").query(&mut con).unwrap();
+    for i in 0..20 {
+        let v: String = redis::cmd("GET").arg(format!("j{i}")).query(&mut con).unwrap();
+        assert_eq!(v, format!("v{i}"));
+    }
+    let v: String = on_leader(&c, |con| redis::cmd("GET").arg("from-4").query(con));
+    assert_eq!(v, "yes");
 }
