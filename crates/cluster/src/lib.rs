@@ -16,6 +16,7 @@ mod hard_state;
 mod log_store;
 mod machine;
 mod member;
+mod membership;
 mod network;
 mod types;
 
@@ -24,6 +25,7 @@ pub use crate::forward::{Executor, Reply};
 pub use crate::log_store::LogStore;
 pub use crate::machine::{KvMachine, RESERVED_PREFIX};
 pub use crate::member::{Member, MemberConfig};
+pub use crate::membership::Change;
 pub use crate::network::{Connection, Network, RaftService};
 pub use crate::types::{Op, Proposal, TypeConfig};
 

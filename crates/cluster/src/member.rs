@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::error::{ClientWriteError, InitializeError, RaftError};
-use openraft::{BasicNode, ChangeMembers, LogId, Raft, RaftMetrics, SnapshotPolicy};
+use openraft::{BasicNode, LogId, Raft, RaftMetrics, SnapshotPolicy};
 use timber_kv::Db;
 use timber_wal::SyncMode;
 use tokio::net::TcpListener;
@@ -24,6 +24,7 @@ use crate::error::{Error, Result};
 use crate::forward::{self, Executor};
 use crate::log_store::LogStore;
 use crate::machine::KvMachine;
+use crate::membership::{self, Change, Control};
 use crate::network::{Network, RaftService};
 use crate::types::{Proposal, TypeConfig};
 
@@ -96,6 +97,9 @@ pub struct Member {
     addr: SocketAddr,
     network: Network<TypeConfig>,
     executor: forward::Slot,
+    control: Control,
+    /// The Raft address the others reach this member at.
+    advertised: String,
 }
 
 impl std::fmt::Debug for Member {
@@ -143,6 +147,8 @@ impl Member {
         let svc = RaftService::server(raft.clone());
         let executor: forward::Slot = Default::default();
         let forward_svc = forward::server(executor.clone());
+        let control = Control { id: config.id, raft: raft.clone(), network: network.clone() };
+        let membership_svc = membership::server(control.clone(), config.heartbeat * 40);
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(async move {
@@ -151,6 +157,7 @@ impl Member {
             let served = tonic::transport::Server::builder()
                 .add_service(svc)
                 .add_service(forward_svc)
+                .add_service(membership_svc)
                 .serve_with_incoming_shutdown(incoming, async {
                     let _ = stopped.await;
                 });
@@ -159,7 +166,18 @@ impl Member {
             }
         });
         let server = parking_lot::Mutex::new(Some((server, stop)));
-        let member = Member { id: config.id, raft, machine, server, addr, network, executor };
+        let advertised = if config.listen.port() == 0 { addr } else { config.listen }.to_string();
+        let member = Member {
+            id: config.id,
+            raft,
+            machine,
+            server,
+            addr,
+            network,
+            executor,
+            control,
+            advertised,
+        };
         if !config.initial_cluster.is_empty() {
             let nodes: BTreeMap<u64, BasicNode> = config
                 .initial_cluster
@@ -250,60 +268,31 @@ impl Member {
     /// Adds a member as a learner: it receives the log (or a snapshot) but does not vote.
     /// Returns once it caught up with the leader's log at the call. Leader only.
     pub async fn add_learner(&self, id: u64, raft_addr: String, timeout: Duration) -> Result<()> {
-        let call = self.raft.add_learner(id, BasicNode::new(raft_addr), true);
-        self.membership_change(call, timeout).await
+        self.control.run(Change::AddLearner { id, raft_addr }, timeout).await
     }
 
     /// Makes a learner a voter (joint consensus: two entries). Leader only.
     pub async fn promote(&self, id: u64, timeout: Duration) -> Result<()> {
-        let change = ChangeMembers::AddVoterIds([id].into_iter().collect());
-        self.membership_change(self.raft.change_membership(change, false), timeout).await
+        self.control.run(Change::Promote(id), timeout).await
     }
 
     /// Removes a member from the cluster: no longer a voter nor a learner. Leader only.
     pub async fn remove(&self, id: u64, timeout: Duration) -> Result<()> {
-        let voters = self.metrics().membership_config.membership().voter_ids().collect::<Vec<_>>();
-        if voters.contains(&id) {
-            let change = ChangeMembers::RemoveVoters([id].into_iter().collect());
-            self.membership_change(self.raft.change_membership(change, false), timeout).await?;
-        }
-        let change = ChangeMembers::RemoveNodes([id].into_iter().collect());
-        self.membership_change(self.raft.change_membership(change, false), timeout).await
+        self.control.run(Change::Remove(id), timeout).await
     }
 
-    async fn membership_change<T>(
-        &self,
-        call: impl std::future::Future<
-            Output = std::result::Result<T, RaftError<u64, ClientWriteError<u64, BasicNode>>>,
-        >,
-        timeout: Duration,
-    ) -> Result<()> {
-        // openraft checks the change before the leadership: a follower would report the
-        // membership it knows as the problem.
-        let m = self.metrics();
-        if m.current_leader != Some(self.id) {
-            let leader_addr = m.current_leader.and_then(|l| {
-                m.membership_config.membership().get_node(&l).map(|n| n.addr.clone())
-            });
-            return Err(Error::NotLeader { leader_id: m.current_leader, leader_addr });
-        }
-        match tokio::time::timeout(timeout, call).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
-                Err(Error::NotLeader {
-                    leader_id: f.leader_id,
-                    leader_addr: f.leader_node.map(|n| n.addr),
-                })
-            }
-            Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => {
-                Err(Error::Config(e.to_string()))
-            }
-            Ok(Err(e)) => Err(Error::Raft(e.to_string())),
-            Err(_) => Err(Error::Unavailable(format!(
-                "the membership change did not complete within {} ms",
-                timeout.as_millis()
-            ))),
-        }
+    /// Runs a membership change on the leader, wherever this member stands: passed to the
+    /// leader (waiting up to `timeout` for one) when this member does not lead.
+    pub async fn change_membership(&self, change: Change, timeout: Duration) -> Result<()> {
+        self.control.change(change, timeout).await
+    }
+
+    /// Asks the member whose Raft endpoint is at `via` to add this one as a learner (it passes
+    /// the request to the leader). For a member started without an initial membership.
+    pub async fn join(&self, via: &str, timeout: Duration) -> Result<()> {
+        let change = Change::AddLearner { id: self.id, raft_addr: self.advertised.clone() };
+        let channel = self.control.network.channel(via).map_err(Error::Unavailable)?;
+        membership::ask(channel, via, &change, timeout).await
     }
 
     /// Sets how this member runs commands the others forward to it (once; later calls are

@@ -222,6 +222,11 @@ pub struct Flags {
     /// separated (every member is started with the same list); used on the first start only.
     #[arg(long, env = "TIMBER_INITIAL_CLUSTER")]
     pub initial_cluster: Option<String>,
+    /// Joins a running cluster through the member whose Raft endpoint is at this host:port: this
+    /// member is added as a learner (it catches up from the leader), to be promoted with
+    /// `timber cluster promote <id>`. Instead of --initial-cluster.
+    #[arg(long, env = "TIMBER_JOIN")]
+    pub join: Option<String>,
     /// Raft heartbeat period in milliseconds; elections time out after 3 to 6 of them
     /// [default: 50].
     #[arg(long, env = "TIMBER_RAFT_HEARTBEAT_MS")]
@@ -258,6 +263,7 @@ struct File {
     node_id: Option<u64>,
     raft_addr: Option<SocketAddr>,
     initial_cluster: Option<String>,
+    join: Option<String>,
     raft_heartbeat_ms: Option<u64>,
     raft_timeout_ms: Option<u64>,
 }
@@ -275,6 +281,8 @@ pub struct Cluster {
     pub heartbeat: Duration,
     /// How long a write or linearizable read waits for a quorum.
     pub timeout: Duration,
+    /// The Raft address of a member to join through (`--join`).
+    pub join: Option<String>,
 }
 
 /// Parses `1=host:port,2=host:port`.
@@ -451,8 +459,12 @@ impl Config {
         };
         let cluster = match (flags.node_id.or(file.node_id), flags.raft_addr.or(file.raft_addr)) {
             (None, None) => {
-                if flags.initial_cluster.is_some() || file.initial_cluster.is_some() {
-                    return Err("initial_cluster needs node_id and raft_addr".into());
+                if flags.initial_cluster.is_some()
+                    || file.initial_cluster.is_some()
+                    || flags.join.is_some()
+                    || file.join.is_some()
+                {
+                    return Err("initial_cluster and join need node_id and raft_addr".into());
                 }
                 None
             }
@@ -464,6 +476,10 @@ impl Config {
                 };
                 if !initial.is_empty() && !initial.contains_key(&node_id) {
                     return Err(format!("initial_cluster does not list this member ({node_id})"));
+                }
+                let join = flags.join.or(file.join).filter(|j| !j.is_empty());
+                if join.is_some() && !initial.is_empty() {
+                    return Err("join and initial_cluster exclude each other".into());
                 }
                 let heartbeat = flags.raft_heartbeat_ms.or(file.raft_heartbeat_ms).unwrap_or(50);
                 if !(10..=10_000).contains(&heartbeat) {
@@ -482,6 +498,7 @@ impl Config {
                     initial,
                     heartbeat: Duration::from_millis(heartbeat),
                     timeout: Duration::from_millis(timeout),
+                    join,
                 })
             }
             _ => return Err("node_id and raft_addr go together".into()),

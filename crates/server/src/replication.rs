@@ -129,6 +129,9 @@ impl Replication {
             }
         };
         let member = Arc::new(member);
+        if let Some(via) = cluster.join.clone() {
+            runtime.spawn(join(member.clone(), via, cluster.timeout));
+        }
         let leader_changes = Arc::new(std::sync::atomic::AtomicU64::new(0));
         runtime.spawn(log_leadership(member.clone(), leader_changes.clone()));
         let handle = runtime.handle().clone();
@@ -209,18 +212,18 @@ impl Replication {
         }));
     }
 
-    /// Applies a membership change on this member, which must lead.
+    /// Applies a membership change (through the leader).
     pub(crate) async fn change_membership(&self, change: MembershipChange) -> Result<(), Error> {
         let (member, timeout) = (self.member.clone(), self.timeout);
-        let call = self.handle.spawn(async move {
-            match change {
-                MembershipChange::AddLearner { id, raft_addr } => {
-                    member.add_learner(id, raft_addr, timeout).await
-                }
-                MembershipChange::Promote(id) => member.promote(id, timeout).await,
-                MembershipChange::Remove(id) => member.remove(id, timeout).await,
-            }
-        });
+        use timber_cluster::Change;
+        let change = match change {
+            MembershipChange::AddLearner { id, raft_addr } => Change::AddLearner { id, raft_addr },
+            MembershipChange::Promote(id) => Change::Promote(id),
+            MembershipChange::Remove(id) => Change::Remove(id),
+        };
+        // Any member takes the request; one that does not lead passes it to the leader.
+        let call =
+            self.handle.spawn(async move { member.change_membership(change, timeout).await });
         match call.await {
             Ok(r) => r.map_err(|e| match e {
                 timber_cluster::Error::Config(m) => Error::ClusterDown(format!("refused: {m}")),
@@ -282,6 +285,26 @@ impl Replication {
         let _ = self.handle.spawn(async move { member.shutdown().await }).await;
         if let Some(rt) = self.runtime.lock().take() {
             rt.shutdown_background();
+        }
+    }
+}
+
+/// Asks to be added to the cluster through `via` until it works (the member there may not be
+/// up yet, or between leaders): retried every timeout, stopped once this member is known.
+async fn join(member: Arc<Member>, via: String, timeout: Duration) {
+    loop {
+        if member.metrics().membership_config.membership().get_node(&member.id()).is_some() {
+            return;
+        }
+        match member.join(&via, timeout).await {
+            Ok(()) => {
+                tracing::info!(node_id = member.id(), via = %via, "raft: joined as a learner");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(via = %via, error = %e, "raft: join failed; retrying");
+                tokio::time::sleep(timeout).await;
+            }
         }
     }
 }

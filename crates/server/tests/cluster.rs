@@ -424,12 +424,13 @@ fn a_fourth_timberd_joins_is_promoted_and_another_is_removed() {
     let l = c.leader_now().unwrap_or_else(|| c.leader());
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let admin = rt.block_on(c.node(l).grpc());
-    // A follower refuses, naming the leader.
+    // Any member takes a change: a follower passes it to the leader. A learner cannot be
+    // promoted before it was added.
     let f = (l + 1) % 3;
-    let e = rt.block_on(async { c.node(f).grpc().await.promote(4).await.unwrap_err() });
-    assert!(e.to_string().contains("the leader is"), "{e}");
-
-    rt.block_on(admin.add_learner(4, &fourth_raft)).unwrap();
+    let follower = rt.block_on(c.node(f).grpc());
+    let e = rt.block_on(follower.promote(4)).unwrap_err();
+    assert!(e.to_string().contains("not found"), "{e}");
+    rt.block_on(follower.add_learner(4, &fourth_raft)).unwrap();
     rt.block_on(admin.promote(4)).unwrap();
     let st = rt.block_on(admin.status()).unwrap().cluster.unwrap();
     assert_eq!(st.members.len(), 4);
@@ -447,4 +448,46 @@ fn a_fourth_timberd_joins_is_promoted_and_another_is_removed() {
     }
     let v: String = on_leader(&c, |con| redis::cmd("GET").arg("from-4").query(con));
     assert_eq!(v, "yes");
+}
+
+#[test]
+fn a_timberd_started_with_join_is_added_and_serves() {
+    let mut c = Cluster {
+        dirs: (0..4).map(|_| tempfile::tempdir().unwrap()).collect(),
+        raft_ports: (0..3).map(|_| free_port()).collect(),
+        nodes: vec![None, None, None, None],
+        paused: None,
+    };
+    for i in 0..3 {
+        c.start(i);
+    }
+    let l = c.leader();
+    on_leader(&c, |con| redis::cmd("SET").arg("before").arg("join").query::<()>(con));
+    // Through a follower's Raft address: it passes the request to the leader.
+    let via = format!("127.0.0.1:{}", c.raft_ports[(l + 1) % 3]);
+    let raft = format!("127.0.0.1:{}", free_port());
+    c.nodes[3] = Some(Timberd::start(
+        c.dirs[3].path(),
+        &["--node-id", "4", "--raft-addr", &raft, "--join", &via, "--sync", "always"],
+    ));
+    let deadline = Instant::now() + WAIT;
+    let joined = |l: &str| l.contains("raft: joined as a learner");
+    let n = c.nodes[3].as_mut().unwrap();
+    let mut ok = n.early.drain(..).any(|l| joined(&l));
+    while !ok {
+        let line = n
+            .stderr
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("member 4 did not join");
+        ok = joined(&line);
+    }
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async { c.node(3).grpc().await.promote(4).await }).unwrap();
+    let mut con = c.node(3).client();
+    let v: String = redis::cmd("GET").arg("before").query(&mut con).unwrap();
+    assert_eq!(v, "join");
+    let () = redis::cmd("SET").arg("after").arg("join").query(&mut con).unwrap();
+    let st = rt.block_on(async { c.node(3).grpc().await.status().await }).unwrap();
+    let cl = st.cluster.unwrap();
+    assert_eq!((cl.node_id, cl.members.len()), (4, 4));
 }
