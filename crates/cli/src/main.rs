@@ -231,7 +231,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Cmd::Kv(Kv::Scan { prefix, start, end, limit }) => {
-            let scan = Scan { prefix: prefix.into(), start: start.into(), end: end.into(), limit };
+            let scan = Scan {
+                prefix: prefix.into(),
+                start: start.into(),
+                end: end.into(),
+                limit,
+                stale: false,
+            };
             let items = client.scan(scan).await?;
             if json {
                 let items: Vec<_> = items

@@ -358,6 +358,9 @@ pub struct Scan {
     pub end: Bytes,
     /// Most pairs (0: all).
     pub limit: u64,
+    /// In a cluster: read the server's own state even if it does not lead (may lag the
+    /// leader); otherwise the scan is linearizable.
+    pub stale: bool,
 }
 
 /// A stream entry.
@@ -445,10 +448,20 @@ impl Client {
 
     /// The value of a key (`None` if it does not exist).
     pub async fn get(&self, key: impl Into<Bytes>) -> Result<Option<Bytes>> {
-        let key = key.into();
+        self.get_with(key.into(), false).await
+    }
+
+    /// The value of a key as the server has it, even when it is a cluster member that does not
+    /// lead (it may lag the leader); `get` is linearizable.
+    pub async fn get_stale(&self, key: impl Into<Bytes>) -> Result<Option<Bytes>> {
+        self.get_with(key.into(), true).await
+    }
+
+    async fn get_with(&self, key: Bytes, stale: bool) -> Result<Option<Bytes>> {
         let r = self
             .idempotent("get", || {
-                let (mut c, r) = (self.kv(), self.request(pb::GetRequest { key: key.clone() }));
+                let req = pb::GetRequest { key: key.clone(), stale };
+                let (mut c, r) = (self.kv(), self.request(req));
                 async move { c.get(r).await }
             })
             .await?;
@@ -521,6 +534,7 @@ impl Client {
             start: scan.start,
             end: scan.end,
             limit: scan.limit,
+            stale: scan.stale,
         };
         let mut stream = self
             .idempotent("scan", || {

@@ -96,8 +96,11 @@ impl Service {
 #[tonic::async_trait]
 impl Kv for Service {
     async fn get(&self, req: Request<pb::GetRequest>) -> Reply<pb::GetResponse> {
-        let key = req.into_inner().key;
-        self.engines.keys.linearizable_async().await.map_err(key_status)?;
+        let r = req.into_inner();
+        if !r.stale {
+            self.engines.keys.linearizable_async().await.map_err(key_status)?;
+        }
+        let key = r.key;
         let v = self.engines.keys.get(&key).map_err(key_status)?;
         let value = v.filter(|v| v.kind == crate::keyspace::Kind::String).map(|v| v.data);
         Ok(Response::new(pb::GetResponse { value }))
@@ -142,6 +145,9 @@ impl Kv for Service {
 
     async fn scan(&self, req: Request<pb::ScanRequest>) -> Reply<Self::ScanStream> {
         let r = req.into_inner();
+        if !r.stale {
+            self.engines.keys.linearizable_async().await.map_err(key_status)?;
+        }
         let limit = if r.limit == 0 { usize::MAX } else { r.limit as usize };
         let (tx, rx) = mpsc::channel(64);
         let keys = self.engines.keys.clone();

@@ -234,8 +234,14 @@ async fn blocking<T: Send + 'static>(
     }
 }
 
-async fn kv_get(State(app): State<App>, Path(key): Path<String>) -> Result<Response> {
-    app.engines.keys.linearizable_async().await.map_err(keys_failed)?;
+async fn kv_get(
+    State(app): State<App>,
+    Path(key): Path<String>,
+    Query(q): Query<StaleQuery>,
+) -> Result<Response> {
+    if !q.stale {
+        app.engines.keys.linearizable_async().await.map_err(keys_failed)?;
+    }
     match app.engines.keys.get(key.as_bytes()).map_err(keys_failed)? {
         Some(v) if v.kind == crate::keyspace::Kind::String => {
             Ok(([(header::CONTENT_TYPE, "application/octet-stream")], v.data).into_response())
@@ -280,9 +286,22 @@ struct ListQuery {
     #[serde(default)]
     end: String,
     limit: Option<usize>,
+    /// In a cluster: read this member's state, even stale.
+    #[serde(default)]
+    stale: bool,
+}
+
+/// `?stale=true`: in a cluster, read this member's state even if it does not lead.
+#[derive(Deserialize)]
+struct StaleQuery {
+    #[serde(default)]
+    stale: bool,
 }
 
 async fn kv_list(State(app): State<App>, Query(q): Query<ListQuery>) -> Result<Json<Json_>> {
+    if !q.stale {
+        app.engines.keys.linearizable_async().await.map_err(keys_failed)?;
+    }
     let limit = q.limit.unwrap_or(1000).min(100_000);
     let mut items = app
         .engines

@@ -226,6 +226,21 @@ fn three_timberds_replicate_fail_over_and_rejoin() {
     );
     let n: i64 = on_leader(&c, |con| redis::cmd("DBSIZE").query(con));
     assert_eq!(n, 53);
+    // gRPC and HTTP reads on a follower are linearizable (refused there) unless stale.
+    let grpc = rt.block_on(c.node(f).grpc());
+    let e = rt.block_on(grpc.get("k1")).unwrap_err();
+    assert!(e.to_string().contains("the leader is"), "{e}");
+    assert_eq!(http(f, "/v1/kv/k1").0, 421);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        // Stale: the follower's own state, which catches up within a heartbeat or so.
+        let v = rt.block_on(grpc.get_stale("k1")).unwrap();
+        if v.as_deref() == Some(&b"v1"[..]) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the follower never applied k1");
+    }
+    assert_eq!(http(f, "/v1/kv/k1?stale=true"), (200, "v1".to_string()));
     let e = err_of(redis::cmd("XADD").arg("s").arg("*").arg("f").arg("v").query(&mut fcon));
     assert!(e.contains("not replicated"), "{e}");
 
