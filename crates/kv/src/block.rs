@@ -314,6 +314,11 @@ impl Decoded {
         self.spans.len()
     }
 
+    /// Bytes it keeps in memory: the restored keys, the block, the spans.
+    pub(crate) fn memory(&self) -> usize {
+        self.keys.len() + self.data.len() + self.spans.capacity() * std::mem::size_of::<Span>()
+    }
+
     #[expect(
         clippy::indexing_slicing,
         reason = "i < len() (callers); `decode` built every span within `keys` and `data`"

@@ -31,6 +31,10 @@ pub struct Stats {
     pub memtable_bytes: u64,
     /// Immutable memtables waiting for flush.
     pub immutable_memtables: usize,
+    /// Bytes in the immutable memtables.
+    pub immutable_memtable_bytes: u64,
+    /// Bytes the open SSTables keep in memory outside the block cache (index and filter blocks).
+    pub table_pinned_bytes: u64,
     /// Size of the write-ahead log on disk.
     pub wal_bytes: u64,
     /// Key and value bytes written by users.

@@ -322,6 +322,12 @@ impl Table {
         Ok(t)
     }
 
+    /// Bytes this open table keeps in memory outside the block cache: its index (with the
+    /// prefix array) and its filter.
+    pub(crate) fn pinned_bytes(&self) -> usize {
+        self.index.memory() + self.index_prefix.capacity() * 16 + self.filter.len()
+    }
+
     fn handle_at(&self, index: &Decoded, i: usize) -> Option<(u64, u32)> {
         let v = index.value(i);
         let v: &[u8; 12] = v.as_ref().try_into().ok()?;

@@ -234,6 +234,8 @@ fn stats_report_levels_amplification_and_cache() {
     }
     let s = db.stats();
     assert!(s.table_bytes() > 0);
+    // Every table pins its index and a filter of about 10 bits per key.
+    assert!(s.table_pinned_bytes >= 5000 * 10 / 8, "{s:?}");
     assert!(s.write_amplification >= 1.0 && s.write_amplification < 20.0, "{s:?}");
     assert!(s.cache_hits + s.cache_misses > 0);
     assert!(s.cache_hit_rate > 0.5, "{s:?}");

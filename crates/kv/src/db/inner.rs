@@ -231,6 +231,14 @@ impl Inner {
             levels,
             memtable_bytes: view.mem.size() as u64,
             immutable_memtables: view.imms.len(),
+            immutable_memtable_bytes: view.imms.iter().map(|m| m.size() as u64).sum(),
+            table_pinned_bytes: view
+                .version
+                .levels
+                .iter()
+                .flatten()
+                .map(|t| t.table.pinned_bytes() as u64)
+                .sum(),
             wal_bytes: self.wal.size_on_disk(),
             user_bytes_written: user,
             flush_bytes_written: flushed,
