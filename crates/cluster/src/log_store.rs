@@ -16,7 +16,7 @@
 
 use std::fmt::Debug;
 use std::marker::PhantomData;
-use std::ops::{Bound, RangeBounds};
+use std::ops::RangeBounds;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -106,18 +106,16 @@ where
         &self.shared.dir
     }
 
-    fn entries(&self, start: u64, end: u64) -> Result<Vec<C::Entry>> {
-        let wal = &self.shared.wal;
+    /// The entries in `range` the log holds (the WAL clamps it to its live records), none at
+    /// or below the purged id (a purge stores the id before the WAL drops its records).
+    fn entries(&self, range: impl RangeBounds<u64>) -> Result<Vec<C::Entry>> {
         let purged_below = self.shared.state.lock().hard.purged.map_or(0, |p| p.index + 1);
-        let start = start.max(wal.first_seq()).max(purged_below);
-        let end = end.min(wal.next_seq());
-        if start >= end {
-            return Ok(Vec::new());
-        }
-        let mut out = Vec::with_capacity((end - start).min(1024) as usize);
-        for r in wal.iter(start..end) {
+        let mut out = Vec::new();
+        for r in self.shared.wal.iter(range) {
             let (seq, bytes) = r?;
-            out.push(decode::<C>(seq, &bytes)?);
+            if seq >= purged_below {
+                out.push(decode::<C>(seq, &bytes)?);
+            }
         }
         Ok(out)
     }
@@ -194,17 +192,7 @@ where
         &mut self,
         range: RB,
     ) -> Result<Vec<C::Entry>, StorageError<u64>> {
-        let start = match range.start_bound() {
-            Bound::Included(&s) => s,
-            Bound::Excluded(&s) => s.saturating_add(1),
-            Bound::Unbounded => 0,
-        };
-        let end = match range.end_bound() {
-            Bound::Included(&e) => e.saturating_add(1),
-            Bound::Excluded(&e) => e,
-            Bound::Unbounded => u64::MAX,
-        };
-        self.entries(start, end).map_err(read_err)
+        self.entries(range).map_err(read_err)
     }
 }
 

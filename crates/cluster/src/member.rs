@@ -24,7 +24,7 @@ use crate::error::{Error, Result};
 use crate::forward::{self, Executor};
 use crate::log_store::LogStore;
 use crate::machine::KvMachine;
-use crate::membership::{self, Change, Control};
+use crate::membership::{self, Change, Control, Route};
 use crate::network::{Network, RaftService};
 use crate::types::{Proposal, TypeConfig};
 
@@ -95,7 +95,6 @@ pub struct Member {
     machine: KvMachine,
     server: parking_lot::Mutex<Option<(JoinHandle<()>, tokio::sync::oneshot::Sender<()>)>>,
     addr: SocketAddr,
-    network: Network<TypeConfig>,
     executor: forward::Slot,
     control: Control,
     /// The Raft address the others reach this member at.
@@ -147,7 +146,7 @@ impl Member {
         let svc = RaftService::server(raft.clone());
         let executor: forward::Slot = Default::default();
         let forward_svc = forward::server(executor.clone());
-        let control = Control { id: config.id, raft: raft.clone(), network: network.clone() };
+        let control = Control { id: config.id, raft: raft.clone(), network };
         let membership_svc = membership::server(control.clone(), config.heartbeat * 40);
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -167,17 +166,8 @@ impl Member {
         });
         let server = parking_lot::Mutex::new(Some((server, stop)));
         let advertised = if config.listen.port() == 0 { addr } else { config.listen }.to_string();
-        let member = Member {
-            id: config.id,
-            raft,
-            machine,
-            server,
-            addr,
-            network,
-            executor,
-            control,
-            advertised,
-        };
+        let member =
+            Member { id: config.id, raft, machine, server, addr, executor, control, advertised };
         if !config.initial_cluster.is_empty() {
             let nodes: BTreeMap<u64, BasicNode> = config
                 .initial_cluster
@@ -310,27 +300,15 @@ impl Member {
         args: Vec<bytes::Bytes>,
         timeout: Duration,
     ) -> Result<Vec<u8>> {
-        let m = self
-            .raft
-            .wait(Some(timeout))
-            .metrics(|m| m.current_leader.is_some(), "a known leader")
-            .await
-            .map_err(|_| {
-                Error::Unavailable(format!("no leader known within {} ms", timeout.as_millis()))
-            })?;
-        let leader = m.current_leader.unwrap_or(self.id);
-        if leader == self.id {
-            return match self.executor.get() {
+        match self.control.route(timeout).await? {
+            Route::Here => match self.executor.get() {
                 Some(run) => Ok(run(protocol, args).await),
                 None => Err(Error::Unavailable("this member does not run commands yet".into())),
-            };
+            },
+            Route::Leader { addr, channel } => {
+                forward::send(channel, &addr, protocol, args, timeout).await
+            }
         }
-        let Some(addr) = m.membership_config.membership().get_node(&leader).map(|n| n.addr.clone())
-        else {
-            return Err(Error::NotLeader { leader_id: Some(leader), leader_addr: None });
-        };
-        let channel = self.network.channel(&addr).map_err(Error::Unavailable)?;
-        forward::send(channel, &addr, protocol, args, timeout).await
     }
 
     /// Stops Raft and the endpoint (the second call does nothing).

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use openraft::error::{ClientWriteError, RaftError};
-use openraft::{BasicNode, ChangeMembers, Raft};
+use openraft::{BasicNode, ChangeMembers, Raft, RaftMetrics};
 
 use timber_proto::raft::membership_client::MembershipClient;
 use timber_proto::raft::membership_server::{Membership, MembershipServer};
@@ -64,10 +64,22 @@ pub(crate) struct Control {
     pub(crate) network: Network<TypeConfig>,
 }
 
+/// Where a request for the leader goes from this member.
+pub(crate) enum Route {
+    /// This member leads.
+    Here,
+    /// To the leader's Raft endpoint at `addr`.
+    Leader { addr: String, channel: tonic::transport::Channel },
+}
+
+/// The Raft address of the member `id`, as the membership in `m` knows it.
+pub(crate) fn addr_of(m: &RaftMetrics<u64, BasicNode>, id: u64) -> Option<String> {
+    m.membership_config.membership().get_node(&id).map(|n| n.addr.clone())
+}
+
 impl Control {
-    /// Runs `change` if this member leads, else passes it to the leader (waiting up to
-    /// `timeout` for one to be known).
-    pub(crate) async fn change(&self, change: Change, timeout: Duration) -> Result<()> {
+    /// Where the leader is, waiting up to `timeout` for one to be known.
+    pub(crate) async fn route(&self, timeout: Duration) -> Result<Route> {
         let m = self
             .raft
             .wait(Some(timeout))
@@ -78,14 +90,22 @@ impl Control {
             })?;
         let leader = m.current_leader.unwrap_or(self.id);
         if leader == self.id {
-            return self.run(change, timeout).await;
+            return Ok(Route::Here);
         }
-        let Some(addr) = m.membership_config.membership().get_node(&leader).map(|n| n.addr.clone())
-        else {
+        let Some(addr) = addr_of(&m, leader) else {
             return Err(Error::NotLeader { leader_id: Some(leader), leader_addr: None });
         };
         let channel = self.network.channel(&addr).map_err(Error::Unavailable)?;
-        ask(channel, &addr, &change, timeout).await
+        Ok(Route::Leader { addr, channel })
+    }
+
+    /// Runs `change` if this member leads, else passes it to the leader (waiting up to
+    /// `timeout` for one to be known).
+    pub(crate) async fn change(&self, change: Change, timeout: Duration) -> Result<()> {
+        match self.route(timeout).await? {
+            Route::Here => self.run(change, timeout).await,
+            Route::Leader { addr, channel } => ask(channel, &addr, &change, timeout).await,
+        }
     }
 
     /// Runs `change` here, as the leader.
@@ -94,9 +114,7 @@ impl Control {
         if m.current_leader != Some(self.id) {
             // openraft checks the change before the leadership: a follower would report the
             // membership it knows as the problem.
-            let leader_addr = m.current_leader.and_then(|l| {
-                m.membership_config.membership().get_node(&l).map(|n| n.addr.clone())
-            });
+            let leader_addr = m.current_leader.and_then(|l| addr_of(&m, l));
             return Err(Error::NotLeader { leader_id: m.current_leader, leader_addr });
         }
         match change {

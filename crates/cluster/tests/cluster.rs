@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::{Config, Set, Sm};
 use openraft::error::{ClientWriteError, RaftError};
-use openraft::{BasicNode, Raft, ServerState};
+use openraft::{BasicNode, Raft};
 use timber_cluster::{LogStore, Network, RaftService};
 use timber_wal::SyncMode;
 use tokio::net::TcpListener;
@@ -60,33 +60,8 @@ async fn stop(m: Member) {
     m.server.await.unwrap();
 }
 
-/// The member every live member follows, in one term, and which says it leads: waits for the
-/// members' metrics to change until they agree.
 async fn leader_among(members: &BTreeMap<u64, Member>) -> u64 {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let mut rxs: Vec<_> = members.values().map(|m| m.raft.metrics()).collect();
-        let views: Vec<_> = rxs.iter_mut().map(|rx| rx.borrow_and_update().clone()).collect();
-        if let Some(l) = views.iter().find(|m| m.state == ServerState::Leader) {
-            if views
-                .iter()
-                .all(|m| m.current_leader == Some(l.id) && m.current_term == l.current_term)
-            {
-                return l.id;
-            }
-        }
-        let mut changes = tokio::task::JoinSet::new();
-        for mut rx in rxs {
-            changes.spawn(async move {
-                let _ = rx.changed().await;
-            });
-        }
-        if tokio::time::timeout_at(deadline, changes.join_next()).await.is_err() {
-            let seen: Vec<_> =
-                views.iter().map(|m| (m.id, m.state, m.current_term, m.current_leader)).collect();
-            panic!("the members agree on no leader: {seen:?}");
-        }
-    }
+    common::agreed_leader(members.values().map(|m| &m.raft), WAIT).await
 }
 
 async fn write(raft: &Raft<Config>, from: u32, to: u32) {

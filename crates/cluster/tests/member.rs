@@ -2,11 +2,12 @@
 //! the leader, the leader's loss elects another, a lone leader refuses writes within a bounded
 //! time, restarted members catch up, and one behind the purged log catches up from a snapshot.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use timber_cluster::openraft::ServerState;
 use timber_cluster::{Error, Member, MemberConfig, Proposal};
 use timber_kv::Db;
 use tokio::net::TcpListener;
@@ -52,30 +53,7 @@ async fn start(node: &Node, listener: Option<TcpListener>) -> Member {
 
 /// The member all the given ones follow in one term, which says it leads.
 async fn leader(members: &BTreeMap<u64, Member>) -> u64 {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let mut rxs: Vec<_> = members.values().map(|m| m.raft().metrics()).collect();
-        let views: Vec<_> = rxs.iter_mut().map(|rx| rx.borrow_and_update().clone()).collect();
-        if let Some(l) = views.iter().find(|m| m.state == ServerState::Leader) {
-            if views
-                .iter()
-                .all(|m| m.current_leader == Some(l.id) && m.current_term == l.current_term)
-            {
-                return l.id;
-            }
-        }
-        let mut changes = tokio::task::JoinSet::new();
-        for mut rx in rxs {
-            changes.spawn(async move {
-                let _ = rx.changed().await;
-            });
-        }
-        if tokio::time::timeout_at(deadline, changes.join_next()).await.is_err() {
-            let seen: Vec<_> =
-                views.iter().map(|m| (m.id, m.state, m.current_term, m.current_leader)).collect();
-            panic!("the members agree on no leader: {seen:?}");
-        }
-    }
+    common::agreed_leader(members.values().map(|m| m.raft()), WAIT).await
 }
 
 fn put(i: u32) -> Proposal {

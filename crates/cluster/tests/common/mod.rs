@@ -124,3 +124,39 @@ impl RaftStateMachine<Config> for Sm {
             .map(|(meta, bytes)| Snapshot { meta, snapshot: Box::new(Cursor::new(bytes)) }))
     }
 }
+
+/// The member every given member follows, in one term, and which says it leads: waits for the
+/// members' metrics to change until they agree, at most `wait`.
+pub async fn agreed_leader<'a, C>(
+    rafts: impl Iterator<Item = &'a openraft::Raft<C>>,
+    wait: std::time::Duration,
+) -> u64
+where
+    C: openraft::RaftTypeConfig<NodeId = u64>,
+{
+    let rafts: Vec<_> = rafts.collect();
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let mut rxs: Vec<_> = rafts.iter().map(|r| r.metrics()).collect();
+        let views: Vec<_> = rxs.iter_mut().map(|rx| rx.borrow_and_update().clone()).collect();
+        if let Some(l) = views.iter().find(|m| m.state == openraft::ServerState::Leader) {
+            if views
+                .iter()
+                .all(|m| m.current_leader == Some(l.id) && m.current_term == l.current_term)
+            {
+                return l.id;
+            }
+        }
+        let mut changes = tokio::task::JoinSet::new();
+        for mut rx in rxs {
+            changes.spawn(async move {
+                let _ = rx.changed().await;
+            });
+        }
+        if tokio::time::timeout_at(deadline, changes.join_next()).await.is_err() {
+            let seen: Vec<_> =
+                views.iter().map(|m| (m.id, m.state, m.current_term, m.current_leader)).collect();
+            panic!("the members agree on no leader: {seen:?}");
+        }
+    }
+}
