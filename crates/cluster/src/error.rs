@@ -78,6 +78,18 @@ pub enum Error {
 }
 
 impl Error {
+    /// The error of a call that served several callers, for each of them: leader and
+    /// availability errors as they are (callers retry on them), the others as their message.
+    pub(crate) fn for_each_caller(&self) -> Error {
+        match self {
+            Error::NotLeader { leader_id, leader_addr } => {
+                Error::NotLeader { leader_id: *leader_id, leader_addr: leader_addr.clone() }
+            }
+            Error::Unavailable(m) => Error::Unavailable(m.clone()),
+            other => Error::Raft(other.to_string()),
+        }
+    }
+
     pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Error {
         Error::Io { op, path: path.into(), source }
     }

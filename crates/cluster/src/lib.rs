@@ -18,6 +18,8 @@ mod machine;
 mod member;
 mod membership;
 mod network;
+mod proposals;
+mod read_index;
 mod types;
 
 pub use crate::error::{Error, Result};

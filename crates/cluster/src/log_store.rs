@@ -9,7 +9,9 @@
 //!   leaves records the open drops (it finishes the purge), never a log state that claims
 //!   entries it lost;
 //! - with `SyncMode::Always`, `append` reports an entry persisted (openraft's `LogFlushed`) only
-//!   once `fdatasync` covered it; `save_vote` and `purge` are durable on return in every mode;
+//!   once `fdatasync` covered it: `append` writes the entries and returns, and a flusher thread
+//!   syncs the WAL once for every append queued meanwhile (group commit: openraft appends each
+//!   client write on its own, so syncing inside `append` would cost one fsync per write); `save_vote` and `purge` are durable on return in every mode;
 //! - `save_committed` is kept in memory and stored with the next vote or purge: it is a hint
 //!   (openraft re-applies up to it at startup), and the state machine records what it applied
 //!   with the data it produced, so a stale committed id costs replay, not data.
@@ -44,7 +46,9 @@ pub struct LogStore<C: RaftTypeConfig> {
 }
 
 struct Shared<C: RaftTypeConfig> {
-    wal: Wal,
+    /// Under `SyncMode::Always` (declared first: dropped, and its thread joined, before `wal`).
+    flusher: Option<Flusher<C>>,
+    wal: Arc<Wal>,
     dir: PathBuf,
     state: Mutex<Cached>,
     _config: PhantomData<fn() -> C>,
@@ -80,7 +84,10 @@ where
         std::fs::create_dir_all(&dir).map_err(|e| Error::io("create directory", &dir, e))?;
         hard_state::remove_leftover(&dir)?;
         let hard = HardState::load(&dir)?;
-        let wal = Wal::open(dir.join(LOG_DIR), timber_wal::Options::default().sync(sync))?;
+        // Under `Always`, the flusher makes appends durable (the WAL would sync in each append).
+        let wal_sync = if sync == SyncMode::Always { SyncMode::Manual } else { sync };
+        let wal =
+            Arc::new(Wal::open(dir.join(LOG_DIR), timber_wal::Options::default().sync(wal_sync))?);
         if let Some(p) = hard.purged {
             let first = p.index + 1;
             if wal.first_seq() < first {
@@ -98,7 +105,11 @@ where
             None => hard.purged,
         };
         let state = Mutex::new(Cached { hard, last });
-        Ok(LogStore { shared: Arc::new(Shared { wal, dir, state, _config: PhantomData }) })
+        let flusher = match sync {
+            SyncMode::Always => Some(Flusher::start(wal.clone(), &dir)?),
+            _ => None,
+        };
+        Ok(LogStore { shared: Arc::new(Shared { flusher, wal, dir, state, _config: PhantomData }) })
     }
 
     /// The directory the store lives in.
@@ -142,6 +153,55 @@ where
             Ok(())
         })
         .await
+    }
+}
+
+/// The thread that makes appended entries durable and then tells openraft, one `fdatasync`
+/// for every append queued while the previous one ran.
+struct Flusher<C: RaftTypeConfig> {
+    /// Taken on drop, which ends the thread once it reported what was queued.
+    queue: Option<std::sync::mpsc::Sender<LogFlushed<C>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl<C: RaftTypeConfig> Flusher<C> {
+    fn start(wal: Arc<Wal>, dir: &Path) -> Result<Self> {
+        let (tx, rx) = std::sync::mpsc::channel::<LogFlushed<C>>();
+        let thread = std::thread::Builder::new()
+            .name("timber-raft-sync".into())
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    // Everything queued was appended before it was queued: one sync covers it.
+                    let mut done = vec![first];
+                    done.extend(rx.try_iter());
+                    let synced = wal.sync();
+                    for callback in done {
+                        let r = match &synced {
+                            Ok(()) => Ok(()),
+                            Err(e) => Err(std::io::Error::other(e.to_string())),
+                        };
+                        callback.log_io_completed(r);
+                    }
+                }
+            })
+            .map_err(|e| Error::io("spawn the log's sync thread", dir, e))?;
+        Ok(Flusher { queue: Some(tx), thread: Some(thread) })
+    }
+
+    fn queue(&self, callback: LogFlushed<C>) {
+        if let Some(q) = &self.queue {
+            // The thread ends only when the store drops: a send cannot fail before that.
+            let _ = q.send(callback);
+        }
+    }
+}
+
+impl<C: RaftTypeConfig> Drop for Flusher<C> {
+    fn drop(&mut self) {
+        self.queue.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
@@ -293,7 +353,10 @@ where
         })
         .await
         .map_err(write_err)?;
-        callback.log_io_completed(Ok(()));
+        match &self.shared.flusher {
+            Some(f) => f.queue(callback),
+            None => callback.log_io_completed(Ok(())),
+        }
         Ok(())
     }
 

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use openraft::error::{ClientWriteError, InitializeError, RaftError};
+use openraft::error::{InitializeError, RaftError};
 use openraft::{BasicNode, LogId, Raft, RaftMetrics, SnapshotPolicy};
 use timber_kv::Db;
 use timber_wal::SyncMode;
@@ -26,6 +26,8 @@ use crate::log_store::LogStore;
 use crate::machine::KvMachine;
 use crate::membership::{self, Change, Control, Route};
 use crate::network::{Network, RaftService};
+use crate::proposals::Proposals;
+use crate::read_index::ReadIndex;
 use crate::types::{Proposal, TypeConfig};
 
 /// How a member is started.
@@ -97,6 +99,8 @@ pub struct Member {
     addr: SocketAddr,
     executor: forward::Slot,
     control: Control,
+    read_index: ReadIndex,
+    proposals: Proposals,
     /// The Raft address the others reach this member at.
     advertised: String,
 }
@@ -166,8 +170,20 @@ impl Member {
         });
         let server = parking_lot::Mutex::new(Some((server, stop)));
         let advertised = if config.listen.port() == 0 { addr } else { config.listen }.to_string();
-        let member =
-            Member { id: config.id, raft, machine, server, addr, executor, control, advertised };
+        let read_index = ReadIndex::new(raft.clone());
+        let proposals = Proposals::new(raft.clone());
+        let member = Member {
+            id: config.id,
+            raft,
+            machine,
+            server,
+            addr,
+            executor,
+            control,
+            read_index,
+            proposals,
+            advertised,
+        };
         if !config.initial_cluster.is_empty() {
             let nodes: BTreeMap<u64, BasicNode> = config
                 .initial_cluster
@@ -215,44 +231,14 @@ impl Member {
     /// [`Error::Unavailable`] when no quorum commits it within `timeout` (it may still commit).
     pub async fn propose(&self, proposal: Proposal, timeout: Duration) -> Result<LogId<u64>> {
         proposal.check()?;
-        match tokio::time::timeout(timeout, self.raft.client_write(proposal)).await {
-            Ok(Ok(resp)) => Ok(resp.log_id),
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
-                Err(Error::NotLeader {
-                    leader_id: f.leader_id,
-                    leader_addr: f.leader_node.map(|n| n.addr),
-                })
-            }
-            Ok(Err(e)) => Err(Error::Raft(e.to_string())),
-            Err(_) => Err(Error::Unavailable(format!(
-                "no quorum committed the write within {} ms",
-                timeout.as_millis()
-            ))),
-        }
+        self.proposals.propose(proposal, timeout).await
     }
 
     /// Returns once this member, as leader, has confirmed its leadership with a quorum and
     /// applied everything committed before the call: a read of the engine after it is
     /// linearizable.
     pub async fn read_barrier(&self, timeout: Duration) -> Result<()> {
-        use openraft::error::CheckIsLeaderError;
-        match tokio::time::timeout(timeout, self.raft.ensure_linearizable()).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => {
-                Err(Error::NotLeader {
-                    leader_id: f.leader_id,
-                    leader_addr: f.leader_node.map(|n| n.addr),
-                })
-            }
-            Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(q)))) => {
-                Err(Error::Unavailable(q.to_string()))
-            }
-            Ok(Err(e)) => Err(Error::Raft(e.to_string())),
-            Err(_) => Err(Error::Unavailable(format!(
-                "no quorum confirmed the leader within {} ms",
-                timeout.as_millis()
-            ))),
-        }
+        self.read_index.wait(timeout).await
     }
 
     /// Adds a member as a learner: it receives the log (or a snapshot) but does not vote.

@@ -292,13 +292,19 @@ async fn sweep(engines: Arc<Engines>, mut stop: watch::Receiver<bool>) {
 
 /// A tokio runtime for a server, with `idle` installed on it: `workers` workers, or with one, a
 /// current-thread runtime on the calling thread (which does what a multi-thread runtime of one
-/// worker does, without the bookkeeping for stealing work between workers).
-pub fn runtime(workers: usize, idle: &IdleWork) -> std::io::Result<tokio::runtime::Runtime> {
-    let mut rt = if workers <= 1 {
+/// worker does, without the bookkeeping for stealing work between workers). A cluster member
+/// always gets a multi-thread runtime: its connections wait for proposals with the worker
+/// handed over (`block_in_place`), which a current-thread runtime cannot do.
+pub fn runtime(
+    workers: usize,
+    cfg: &Config,
+    idle: &IdleWork,
+) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut rt = if workers <= 1 && cfg.cluster.is_none() {
         tokio::runtime::Builder::new_current_thread()
     } else {
         let mut rt = tokio::runtime::Builder::new_multi_thread();
-        rt.worker_threads(workers);
+        rt.worker_threads(workers.max(1));
         rt
     };
     idle.install(&mut rt);

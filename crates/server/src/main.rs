@@ -31,7 +31,7 @@ fn main() {
     let workers =
         cfg.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let idle = IdleWork::new();
-    let rt = match timber_server::runtime(workers, &idle) {
+    let rt = match timber_server::runtime(workers, &cfg, &idle) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("timberd: cannot start the runtime: {e}");

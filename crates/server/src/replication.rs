@@ -17,6 +17,17 @@ use timber_wal::SyncMode;
 use crate::config::{Cluster, Sync};
 use crate::keyspace::Error;
 
+/// Runs `f`, which blocks: on a worker of a multi-thread runtime, after handing the worker's
+/// other tasks to another thread (a server in a cluster always runs on one, see
+/// [`crate::runtime`]); elsewhere (a blocking thread, a test's runtime) in place.
+pub(crate) fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
 /// A running member and the runtime it runs on.
 pub(crate) struct Replication {
     /// Taken by `shutdown` (a runtime may not be dropped on an async task).
@@ -139,7 +150,9 @@ impl Replication {
         Ok(Replication { runtime, handle, member, timeout: cluster.timeout, leader_changes })
     }
 
-    /// Runs `f` on the Raft runtime and waits for it, blocking the calling thread.
+    /// Runs `f` on the Raft runtime and waits for it, blocking the calling thread (a worker of
+    /// the server's runtime hands its other connections to another thread meanwhile, so that
+    /// many connections can wait for proposals at once, and openraft batches them).
     fn wait<T: Send + 'static>(
         &self,
         f: impl std::future::Future<Output = timber_cluster::Result<T>> + Send + 'static,
@@ -148,7 +161,7 @@ impl Replication {
         self.handle.spawn(async move {
             let _ = tx.send(f.await);
         });
-        match rx.recv() {
+        match blocking(|| rx.recv()) {
             Ok(r) => r.map_err(cluster_error),
             Err(_) => Err(Error::ClusterDown("the member stopped".into())),
         }

@@ -1,0 +1,150 @@
+//! `Proposals`: the leader's write queue. Proposals that wait at the same moment go into one
+//! Raft entry.
+//!
+//! openraft 0.9 appends, replicates and applies each `client_write` as its own entry, one after
+//! the other in its core task, with a log append per entry: under many concurrent writers the
+//! per-entry work, not the disk or the network, sets the pace. Here at most [`ROUNDS`] entries
+//! are in flight; proposals that arrive while they are wait in the queue, and the next free
+//! round takes all of them (up to [`MAX_ENTRY_BYTES`]) as one entry. A lone writer pays no
+//! wait: with a round free, its proposal leaves at once.
+//!
+//! Invariants: proposals merged into an entry keep their order (a later write to a key wins,
+//! as if each had been its own entry, one after the other) and are applied atomically
+//! together, which keeps each proposal atomic; every caller hears the outcome of the entry
+//! that carries its proposal, and only of that one.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{LogId, Raft};
+use tokio::sync::{oneshot, Semaphore};
+
+use crate::error::{Error, Result};
+use crate::types::{Proposal, TypeConfig};
+
+/// Entries in flight at once (proposed, not yet applied).
+const ROUNDS: usize = 8;
+/// A round stops taking proposals once its entry holds this many bytes of keys and values
+/// (a single larger proposal still goes alone).
+const MAX_ENTRY_BYTES: usize = 1 << 20;
+
+struct Waiting {
+    proposal: Proposal,
+    timeout: Duration,
+    reply: oneshot::Sender<Result<LogId<u64>>>,
+}
+
+#[derive(Default)]
+struct Queue {
+    waiting: VecDeque<Waiting>,
+    /// Whether a task hands the queue to rounds (it ends when the queue is empty).
+    draining: bool,
+}
+
+/// The write queue of one member.
+pub(crate) struct Proposals {
+    raft: Raft<TypeConfig>,
+    queue: Arc<parking_lot::Mutex<Queue>>,
+    rounds: Arc<Semaphore>,
+}
+
+impl Proposals {
+    pub(crate) fn new(raft: Raft<TypeConfig>) -> Proposals {
+        Proposals { raft, queue: Default::default(), rounds: Arc::new(Semaphore::new(ROUNDS)) }
+    }
+
+    /// Replicates `proposal`; returns the id of the entry that carried it once a majority
+    /// stored it and this member applied it.
+    pub(crate) async fn propose(
+        &self,
+        proposal: Proposal,
+        timeout: Duration,
+    ) -> Result<LogId<u64>> {
+        let (reply, rx) = oneshot::channel();
+        let start = {
+            let mut q = self.queue.lock();
+            q.waiting.push_back(Waiting { proposal, timeout, reply });
+            !std::mem::replace(&mut q.draining, true)
+        };
+        if start {
+            tokio::spawn(drain(self.raft.clone(), self.queue.clone(), self.rounds.clone()));
+        }
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(Error::Raft("the write queue stopped".into())),
+            Err(_) => Err(uncommitted(timeout)),
+        }
+    }
+}
+
+/// Hands the queue to rounds as they free up, until it is empty.
+async fn drain(
+    raft: Raft<TypeConfig>,
+    queue: Arc<parking_lot::Mutex<Queue>>,
+    rounds: Arc<Semaphore>,
+) {
+    loop {
+        let Ok(permit) = rounds.clone().acquire_owned().await else { return };
+        let taken = {
+            let mut q = queue.lock();
+            let mut taken = Vec::new();
+            let mut bytes = 0;
+            while let Some(w) = q.waiting.front() {
+                let size = w.proposal.size();
+                if !taken.is_empty() && bytes + size > MAX_ENTRY_BYTES {
+                    break;
+                }
+                bytes += size;
+                taken.extend(q.waiting.pop_front());
+            }
+            if taken.is_empty() {
+                q.draining = false;
+                return;
+            }
+            taken
+        };
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            round(&raft, taken).await;
+            drop(permit);
+        });
+    }
+}
+
+/// Proposes the waiting proposals as one entry and tells each caller the outcome.
+async fn round(raft: &Raft<TypeConfig>, taken: Vec<Waiting>) {
+    let timeout = taken.iter().map(|w| w.timeout).max().unwrap_or_default();
+    let (entry, replies) = match <[Waiting; 1]>::try_from(taken) {
+        Ok([one]) => (one.proposal, vec![one.reply]),
+        Err(taken) => {
+            let mut entry = Proposal::default();
+            entry.ops.reserve(taken.iter().map(|w| w.proposal.ops.len()).sum());
+            let mut replies = Vec::with_capacity(taken.len());
+            for w in taken {
+                entry.ops.extend(w.proposal.ops);
+                replies.push(w.reply);
+            }
+            (entry, replies)
+        }
+    };
+    let r = match tokio::time::timeout(timeout, raft.client_write(entry)).await {
+        Ok(Ok(resp)) => Ok(resp.log_id),
+        Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+            Err(Error::NotLeader {
+                leader_id: f.leader_id,
+                leader_addr: f.leader_node.map(|n| n.addr),
+            })
+        }
+        Ok(Err(e)) => Err(Error::Raft(e.to_string())),
+        Err(_) => Err(uncommitted(timeout)),
+    };
+    for reply in replies {
+        let _ = reply.send(r.as_ref().copied().map_err(Error::for_each_caller));
+    }
+}
+
+fn uncommitted(timeout: Duration) -> Error {
+    Error::Unavailable(format!("no quorum committed the write within {} ms", timeout.as_millis()))
+}
