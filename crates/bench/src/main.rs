@@ -6,6 +6,7 @@
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+mod cluster;
 mod kv;
 mod report;
 mod stream;
@@ -29,6 +30,9 @@ enum Command {
     /// Log streams: appends, tail latency, catch-up reads and the cache, on local files and S3,
     /// beside each backend's ceiling.
     Stream(stream::Args),
+    /// A three-member timberd cluster beside a three-member etcd: puts, linearizable reads,
+    /// replication lag and failover.
+    Cluster(cluster::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -36,5 +40,6 @@ fn main() -> anyhow::Result<()> {
         Command::Wal(args) => wal::run(args),
         Command::Kv(args) => kv::run(args),
         Command::Stream(args) => stream::run(args),
+        Command::Cluster(args) => cluster::run(args),
     }
 }

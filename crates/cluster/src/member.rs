@@ -152,7 +152,16 @@ impl Member {
         let forward_svc = forward::server(executor.clone());
         let control = Control { id: config.id, raft: raft.clone(), network };
         let membership_svc = membership::server(control.clone(), config.heartbeat * 40);
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        // Replies are small frames written one after another: without TCP_NODELAY a frame
+        // waits for the ACK of the one before it (Nagle's algorithm against delayed ACKs).
+        let incoming = tokio_stream::StreamExt::map(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            |conn| {
+                conn.inspect(|s| {
+                    let _ = s.set_nodelay(true);
+                })
+            },
+        );
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(async move {
             // A graceful stop closes the connections too: a peer's channel must not stay on a
