@@ -143,7 +143,11 @@ impl Member {
         let log = LogStore::<TypeConfig>::open(&config.dir, config.sync)?;
         let machine = KvMachine::open(db, config.dir.join("machine"))?;
         let addr = listener.local_addr().map_err(|e| Error::io("local address", "", e))?;
-        let network = Network::new(config.heartbeat.max(Duration::from_millis(100)) * 4);
+        // Connections to the others leave from the address this member listens on, when it
+        // listens on one address (not on all of them).
+        let source = Some(addr.ip()).filter(|ip| !ip.is_unspecified());
+        let network =
+            Network::new(config.heartbeat.max(Duration::from_millis(100)) * 4).from_address(source);
         let raft = Raft::new(config.id, raft_config, network.clone(), log, machine.clone())
             .await
             .map_err(|e| Error::Raft(e.to_string()))?;

@@ -43,6 +43,8 @@ type RpcError<E = openraft::error::Infallible> = RPCError<u64, BasicNode, RaftEr
 pub struct Network<C> {
     channels: Arc<Mutex<HashMap<String, Channel>>>,
     connect_timeout: Duration,
+    /// The address connections leave from (`None`: the one the OS picks).
+    source: Option<std::net::IpAddr>,
     _config: PhantomData<fn() -> C>,
 }
 
@@ -58,8 +60,16 @@ impl<C> Network<C> {
         Network {
             channels: Arc::new(Mutex::new(HashMap::new())),
             connect_timeout,
+            source: None,
             _config: PhantomData,
         }
+    }
+
+    /// Connections leave from `ip` (a member's own Raft address, so that the others, and
+    /// firewalls between them, see every connection of a member come from one address).
+    pub fn from_address(mut self, ip: Option<std::net::IpAddr>) -> Self {
+        self.source = ip;
+        self
     }
 
     pub(crate) fn channel(&self, addr: &str) -> Result<Channel, String> {
@@ -71,6 +81,7 @@ impl<C> Network<C> {
             .map_err(|e| format!("bad member address {addr:?}: {e}"))?
             .connect_timeout(self.connect_timeout)
             .tcp_nodelay(true)
+            .local_address(self.source)
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_while_idle(true);
         let channel = endpoint.connect_lazy();

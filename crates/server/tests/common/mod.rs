@@ -1,6 +1,9 @@
 //! Starts the real `timberd` binary on a free port with a temporary data directory.
 #![allow(dead_code)]
 
+pub mod history;
+pub mod net;
+
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -91,6 +94,14 @@ impl Timberd {
         let con = c.get_connection_with_timeout(Duration::from_secs(10)).unwrap();
         con.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         con
+    }
+
+    /// A connection, or the error (a member being stopped may not answer).
+    pub fn try_client(&self) -> redis::RedisResult<redis::Connection> {
+        let c = redis::Client::open(format!("redis://127.0.0.1:{}/", self.port))?;
+        let con = c.get_connection_with_timeout(Duration::from_secs(5))?;
+        con.set_read_timeout(Some(Duration::from_secs(10)))?;
+        Ok(con)
     }
 
     /// A gRPC client.

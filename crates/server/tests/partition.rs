@@ -1,0 +1,277 @@
+//! Three real `timberd` processes whose Raft links pass through TCP proxies (`common::net`):
+//! the leader is cut off from the others while clients on every member write and read, and
+//! every operation goes into a history that must be linearizable (`common::history`). The
+//! checker itself is tested first, on histories with a known answer.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::history::History;
+use common::net::{member_ip, Links};
+use common::Timberd;
+
+const WAIT: Duration = Duration::from_secs(30);
+const KEYS: [&str; 4] = ["a", "b", "c", "d"];
+
+#[test]
+fn the_checker_accepts_linearizable_histories_and_rejects_a_stale_read() {
+    let ok = History::default();
+    ok.write("k", "1", 0, Some(10));
+    ok.write("k", "2", 5, Some(20)); // concurrent with the first: either order
+    ok.read("k", Some("1"), 12, 15); // so 2 then 1 ...
+    ok.read("k", Some("1"), 30, 40); // ... and 1 stays
+    ok.read("j", None, 0, 1);
+    ok.write("j", "x", 2, None); // unknown outcome, read back later: it took effect
+    ok.read("j", Some("x"), 50, 60);
+    ok.write("j", "y", 70, None); // unknown outcome, never read: maybe never applied
+    ok.read("j", Some("x"), 80, 90);
+    assert_eq!(ok.check(), Ok(()));
+
+    let stale = History::default();
+    stale.write("k", "1", 0, Some(10));
+    stale.write("k", "2", 20, Some(30));
+    stale.read("k", Some("1"), 40, 50); // 2 was acknowledged before this read began
+    assert!(stale.check().is_err());
+
+    let lost = History::default();
+    lost.write("k", "1", 0, Some(10));
+    lost.read("k", None, 20, 30); // an acknowledged write vanished
+    assert!(lost.check().is_err());
+
+    let back_in_time = History::default();
+    back_in_time.write("k", "1", 0, Some(10));
+    back_in_time.write("k", "2", 0, Some(10));
+    back_in_time.read("k", Some("2"), 20, 30);
+    back_in_time.read("k", Some("1"), 40, 50); // seen 2, then 1 again: no order explains it
+    assert!(back_in_time.check().is_err());
+}
+
+/// Member `i` (1-based) listens for Raft on 127.0.0.i; the cluster reaches it through a proxy.
+struct Members {
+    dirs: Vec<tempfile::TempDir>,
+    raft: Vec<SocketAddr>,
+    proxies: Vec<SocketAddr>,
+    nodes: Vec<Option<Timberd>>,
+}
+
+impl Members {
+    fn start(links: &Links) -> Members {
+        let raft: Vec<SocketAddr> = (1..=3)
+            .map(|i| {
+                let l = std::net::TcpListener::bind((member_ip(i), 0)).unwrap();
+                l.local_addr().unwrap()
+            })
+            .collect();
+        let proxies = raft.iter().enumerate().map(|(i, a)| links.proxy(i + 1, *a)).collect();
+        let mut m = Members {
+            dirs: (0..3).map(|_| tempfile::tempdir().unwrap()).collect(),
+            raft,
+            proxies,
+            nodes: vec![None, None, None],
+        };
+        for i in 0..3 {
+            m.run(i);
+        }
+        m
+    }
+
+    fn run(&mut self, i: usize) {
+        let initial: Vec<String> =
+            self.proxies.iter().enumerate().map(|(j, p)| format!("{}={p}", j + 1)).collect();
+        let flags = [
+            "--node-id".to_string(),
+            (i + 1).to_string(),
+            "--raft-addr".into(),
+            self.raft[i].to_string(),
+            "--initial-cluster".into(),
+            initial.join(","),
+            "--sync".into(),
+            "always".into(),
+            "--raft-heartbeat-ms".into(),
+            "100".into(),
+        ];
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        self.nodes[i] = Some(Timberd::start(self.dirs[i].path(), &flags));
+    }
+
+    fn node(&self, i: usize) -> &Timberd {
+        self.nodes[i].as_ref().unwrap()
+    }
+
+    fn role(&self, i: usize) -> String {
+        let Ok(mut con) = self.node(i).try_client() else { return String::new() };
+        let info: String =
+            redis::cmd("INFO").arg("replication").query(&mut con).unwrap_or_default();
+        info.lines().find_map(|l| l.strip_prefix("role:")).unwrap_or("").trim().to_string()
+    }
+
+    /// Waits until one of `among` says it leads and takes a write; returns it.
+    fn leader_among(&self, among: &[usize]) -> usize {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            for &i in among {
+                if self.role(i) == "master" {
+                    let r: redis::RedisResult<()> =
+                        redis::cmd("SET").arg("probe").arg(i).query(&mut self.node(i).client());
+                    if r.is_ok() {
+                        return i;
+                    }
+                }
+            }
+            assert!(Instant::now() < deadline, "no leader among {among:?} within {WAIT:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// What member `i` holds for `keys`, read from its own replica.
+    fn local(&self, i: usize, keys: &[&str]) -> Vec<Option<String>> {
+        let mut con = self.node(i).client();
+        let _: () = redis::cmd("READONLY").query(&mut con).unwrap();
+        keys.iter().map(|k| redis::cmd("GET").arg(k).query(&mut con).unwrap()).collect()
+    }
+}
+
+/// One client of the member at `node_port`: writes unique values and reads, on [`KEYS`],
+/// recording each operation, until `stop`; counts its failed operations in `failed`.
+fn client(
+    node_port: u16,
+    id: usize,
+    history: History,
+    stop: Arc<AtomicBool>,
+    failed: Arc<AtomicUsize>,
+) {
+    let connect = || {
+        let c = redis::Client::open(format!("redis://127.0.0.1:{node_port}/")).unwrap();
+        let con = c.get_connection_with_timeout(Duration::from_secs(5)).ok()?;
+        con.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        Some(con)
+    };
+    let mut con = connect();
+    let mut n = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let Some(c) = con.as_mut() else {
+            std::thread::sleep(Duration::from_millis(20));
+            con = connect();
+            continue;
+        };
+        n += 1;
+        let key = KEYS[(n as usize * 7 + id) % KEYS.len()];
+        let call = history.now();
+        if n.is_multiple_of(2) {
+            let value = format!("c{id}-{n}");
+            let r: redis::RedisResult<()> = redis::cmd("SET").arg(key).arg(&value).query(c);
+            match r {
+                Ok(()) => history.write(key, &value, call, Some(history.now())),
+                Err(e) => {
+                    // Refused or timed out: it may still be applied.
+                    history.write(key, &value, call, None);
+                    failed.fetch_add(1, Ordering::Relaxed);
+                    if e.is_io_error() || e.is_timeout() {
+                        con = None;
+                    }
+                }
+            }
+        } else {
+            let r: redis::RedisResult<Option<String>> = redis::cmd("GET").arg(key).query(c);
+            match r {
+                Ok(v) => history.read(key, v.as_deref(), call, history.now()),
+                Err(e) => {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                    if e.is_io_error() || e.is_timeout() {
+                        con = None;
+                    }
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn a_partitioned_leader_serves_no_stale_reads_and_the_history_stays_linearizable() {
+    let links = Links::default();
+    let m = Members::start(&links);
+    let old = m.leader_among(&[0, 1, 2]);
+    let others: Vec<usize> = (0..3).filter(|&i| i != old).collect();
+
+    let history = History::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let failed_on_old = Arc::new(AtomicUsize::new(0));
+    let failed_elsewhere = Arc::new(AtomicUsize::new(0));
+    let clients: Vec<_> = (0..6)
+        .map(|id| {
+            let member = id % 3;
+            let port = m.node(member).port;
+            let failed =
+                if member == old { failed_on_old.clone() } else { failed_elsewhere.clone() };
+            let (h, s) = (history.clone(), stop.clone());
+            std::thread::spawn(move || client(port, id, h, s, failed))
+        })
+        .collect();
+    let progress = |h: &History| h.counts().0;
+    let before = progress(&history);
+    let wait_for_writes = |n: usize| {
+        let deadline = Instant::now() + WAIT;
+        let from = progress(&history);
+        while progress(&history) < from + n {
+            assert!(Instant::now() < deadline, "clients made no progress");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait_for_writes(50);
+    assert!(progress(&history) > before);
+
+    // The leader is cut off from both others (Raft traffic only: its clients still reach it).
+    links.isolate(old + 1, &others.iter().map(|i| i + 1).collect::<Vec<_>>());
+    let new = m.leader_among(&others);
+    assert_ne!(new, old);
+    // The majority serves; the old leader refuses rather than answering from its replica.
+    let mut con = m.node(new).client();
+    let _: () = redis::cmd("SET").arg("during").arg("majority").query(&mut con).unwrap();
+    let mut con = m.node(old).client();
+    let r: redis::RedisResult<Option<String>> = redis::cmd("GET").arg("during").query(&mut con);
+    assert!(r.is_err(), "the cut-off leader answered a linearizable read: {r:?}");
+    let r: redis::RedisResult<()> = redis::cmd("SET").arg("during").arg("minority").query(&mut con);
+    assert!(r.is_err(), "the cut-off leader acknowledged a write: {r:?}");
+    wait_for_writes(50);
+
+    // Healed: the old leader steps down and follows, and the clients go on.
+    links.heal();
+    let deadline = Instant::now() + WAIT;
+    while m.role(old) != "slave" {
+        assert!(Instant::now() < deadline, "the old leader did not step down");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    wait_for_writes(50);
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.join().unwrap();
+    }
+
+    // Every member converges to the same data, the majority's.
+    let mut keys = KEYS.to_vec();
+    keys.push("during");
+    let leader = m.leader_among(&[0, 1, 2]);
+    let mut con = m.node(leader).client();
+    let _: () = redis::cmd("SET").arg("last").arg("1").query(&mut con).unwrap();
+    keys.push("last");
+    let want = m.local(leader, &keys);
+    assert_eq!(want[4].as_deref(), Some("majority"));
+    for i in 0..3 {
+        let deadline = Instant::now() + WAIT;
+        while m.local(i, &keys) != want {
+            assert!(Instant::now() < deadline, "member {} did not converge", i + 1);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    let (acked, unknown, reads) = history.counts();
+    eprintln!("history: {acked} acknowledged writes, {unknown} unknown, {reads} reads");
+    assert!(acked >= 150 && reads >= 150, "too little happened to check");
+    assert!(failed_on_old.load(Ordering::Relaxed) > 0, "the partition never touched a client");
+    history.check().unwrap();
+}
