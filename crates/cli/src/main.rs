@@ -46,6 +46,12 @@ enum Cmd {
     /// The Raft cluster the server is a member of.
     #[command(subcommand)]
     Cluster(Cluster),
+    /// Takes a consistent backup of the server's keyspace into a new directory, while it
+    /// serves; `timberd --restore-from <dir>` starts a server from it.
+    Backup {
+        /// Where to write it (created; must not exist or be empty).
+        dir: std::path::PathBuf,
+    },
     /// Load generator against a running server.
     Bench(bench::Args),
 }
@@ -364,6 +370,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 writeln!(out, "backlog   {} bytes in the journal", s.journal_backlog_bytes)?;
             }
+        }
+        Cmd::Backup { dir } => {
+            let (position, bytes) = client.backup(&dir).await?;
+            writeln!(out, "backed up {bytes} bytes at {position} into {}", dir.display())?;
         }
         Cmd::Cluster(Cluster::Status) => {
             let s = client.status().await?;

@@ -187,6 +187,16 @@ pub enum Error {
         /// The call.
         op: &'static str,
     },
+    /// A local file operation failed (writing a backup).
+    #[error("{op} {}: {source}", path.display())]
+    Io {
+        /// What was done.
+        op: &'static str,
+        /// The file or directory.
+        path: std::path::PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
 }
 
 impl Error {
@@ -702,6 +712,50 @@ impl Client {
         let r = self.request(pb::MembershipChange { change: Some(change) });
         self.once(op, c.change_membership(r)).await?;
         Ok(())
+    }
+
+    /// Takes a consistent backup of the server's keyspace into the directory `dir` (created;
+    /// it must not exist or be empty), while the server goes on serving. Returns the position
+    /// the backup stands at (`seq:<n>` or `raft:<term>-<node>-<index>`) and its size in bytes.
+    /// The file is synced and renamed into place only once complete.
+    pub async fn backup(&self, dir: &std::path::Path) -> Result<(String, u64)> {
+        use std::io::Write;
+        let io = |op: &'static str, path: &std::path::Path| {
+            let path = path.to_path_buf();
+            move |source| Error::Io { op, path, source }
+        };
+        if dir.read_dir().is_ok_and(|mut d| d.next().is_some()) {
+            return Err(Error::Io {
+                op: "back up into",
+                path: dir.to_path_buf(),
+                source: std::io::Error::other("the directory is not empty"),
+            });
+        }
+        std::fs::create_dir_all(dir).map_err(io("create", dir))?;
+        let (tmp, done) = (dir.join("keyspace.backup.tmp"), dir.join("keyspace.backup"));
+        let mut c = AdminClient::new(self.channel.clone());
+        let r = self.request(pb::BackupRequest {});
+        let mut stream = self.once("backup", c.backup(r)).await?;
+        let mut file = std::fs::File::create(&tmp).map_err(io("create", &tmp))?;
+        let (mut position, mut bytes) = (String::new(), 0u64);
+        loop {
+            match tokio::time::timeout(self.opts.timeout, stream.message()).await {
+                Ok(Ok(Some(chunk))) => {
+                    if position.is_empty() {
+                        position = chunk.position;
+                    }
+                    bytes += chunk.data.len() as u64;
+                    file.write_all(&chunk.data).map_err(io("write", &tmp))?;
+                }
+                Ok(Ok(None)) => break,
+                Ok(Err(s)) => return Err(Error::server("backup", s)),
+                Err(_) => return Err(Error::Timeout { op: "backup", after: self.opts.timeout }),
+            }
+        }
+        file.sync_all().map_err(io("sync", &tmp))?;
+        std::fs::rename(&tmp, &done).map_err(io("rename", &tmp))?;
+        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io("sync", dir))?;
+        Ok((position, bytes))
     }
 
     /// The server's status.

@@ -74,6 +74,18 @@ struct SnapshotData {
     pairs: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
+/// The log id a state machine had applied at `snap`, a snapshot of its engine (what a backup
+/// of a member's keyspace stands at).
+pub fn applied_in(snap: &timber_kv::Snapshot) -> Result<Option<LogId<u64>>> {
+    match snap.get(APPLIED_KEY)? {
+        None => Ok(None),
+        Some(b) => postcard::from_bytes(&b).map(Some).map_err(|e| Error::Corrupt {
+            path: PathBuf::from("<applied log id>"),
+            reason: e.to_string(),
+        }),
+    }
+}
+
 impl Proposal {
     /// Refuses a proposal that writes under the state machine's reserved keys.
     pub fn check(&self) -> Result<()> {

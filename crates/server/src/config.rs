@@ -145,6 +145,10 @@ pub struct Flags {
     /// Directory for all data [default: ./timber-data].
     #[arg(long, env = "TIMBER_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Starts from a backup (a directory `timber backup` wrote): its keyspace is loaded into
+    /// --data-dir, which must not hold a keyspace yet. Single node only.
+    #[arg(long)]
+    pub restore_from: Option<PathBuf>,
     /// Redis-protocol listen address, host:port; port 0 picks a free port [default: 127.0.0.1:6379].
     #[arg(long, env = "TIMBER_RESP_ADDR")]
     pub resp_addr: Option<SocketAddr>,
@@ -314,6 +318,8 @@ fn parse_initial_cluster(text: &str) -> Result<std::collections::BTreeMap<u64, S
 pub struct Config {
     /// Directory for all data.
     pub data_dir: PathBuf,
+    /// A backup to load into a new data directory before starting.
+    pub restore_from: Option<PathBuf>,
     /// Redis-protocol listen address.
     pub resp_addr: SocketAddr,
     /// gRPC listen address.
@@ -351,6 +357,7 @@ impl Config {
     pub fn for_dir(dir: impl Into<PathBuf>) -> Config {
         Config {
             data_dir: dir.into(),
+            restore_from: None,
             resp_addr: "127.0.0.1:0".parse().expect("valid address"),
             grpc_addr: "127.0.0.1:0".parse().expect("valid address"),
             http_addr: "127.0.0.1:0".parse().expect("valid address"),
@@ -503,9 +510,17 @@ impl Config {
             }
             _ => return Err("node_id and raft_addr go together".into()),
         };
+        if flags.restore_from.is_some() && cluster.is_some() {
+            return Err(
+                "restore_from starts a single node (seeding a cluster from a backup is not \
+                 supported yet)"
+                    .into(),
+            );
+        }
         Ok(Config {
             cluster,
             data_dir: flags.data_dir.or(file.data_dir).unwrap_or_else(|| "timber-data".into()),
+            restore_from: flags.restore_from,
             resp_addr: flags
                 .resp_addr
                 .or(file.resp_addr)

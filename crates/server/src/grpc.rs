@@ -364,6 +364,58 @@ impl Admin for Service {
         Ok(Response::new(pb::MembershipChangeResponse {}))
     }
 
+    type BackupStream = Out<pb::BackupChunk>;
+
+    async fn backup(&self, _: Request<pb::BackupRequest>) -> Reply<Self::BackupStream> {
+        let e = &self.engines;
+        let streams = e.logs.list().map_err(stream_status)?.len();
+        let db = e.keys.db().clone();
+        let redis_streams = db.prefix([crate::keyspace::STREAM_REVERSE]).next().is_some();
+        if streams > 0 || redis_streams {
+            return Err(Status::failed_precondition(
+                "a backup holds the keyspace only, and this server holds streams it would leave out",
+            ));
+        }
+        // The snapshot is the backup's point: writes after it are not in it.
+        let snap = db.snapshot();
+        let position = match e.keys.replication() {
+            None => format!("seq:{}", snap.seq()),
+            Some(_) => match timber_cluster::applied_in(&snap) {
+                Ok(Some(id)) => {
+                    format!("raft:{}-{}-{}", id.leader_id.term, id.leader_id.node_id, id.index)
+                }
+                Ok(None) => "raft:none".into(),
+                Err(err) => return Err(Status::internal(err.to_string())),
+            },
+        };
+        let (tx, rx) = mpsc::channel(4);
+        tokio::task::spawn_blocking(move || {
+            let send = |data: Vec<u8>, position: String| {
+                tx.blocking_send(Ok(pb::BackupChunk { data: data.into(), position })).is_ok()
+            };
+            let mut w = crate::backup::Writer::new(&position);
+            let mut first = Some(position);
+            for prefix in crate::keyspace::BACKED_UP {
+                for r in snap.prefix([prefix]) {
+                    let (k, v) = match r {
+                        Ok(kv) => kv,
+                        Err(err) => {
+                            let _ = tx.blocking_send(Err(Status::internal(err.to_string())));
+                            return;
+                        }
+                    };
+                    if let Some(chunk) = w.pair(&k, &v) {
+                        if !send(chunk, first.take().unwrap_or_default()) {
+                            return;
+                        }
+                    }
+                }
+            }
+            send(w.finish(), first.take().unwrap_or_default());
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
     async fn status(&self, _: Request<pb::StatusRequest>) -> Reply<pb::StatusResponse> {
         let e = &self.engines;
         let store = e.redis_streams.store().store_status();

@@ -5,6 +5,7 @@
 
 #![deny(clippy::unwrap_used, clippy::indexing_slicing)]
 
+mod backup;
 mod codec;
 mod config;
 mod grpc;
@@ -133,6 +134,21 @@ impl Server {
         std::fs::create_dir_all(&cfg.data_dir)
             .with_context(|| format!("cannot create data directory {}", cfg.data_dir.display()))?;
         let kv_dir = cfg.data_dir.join("kv");
+        if let Some(from) = cfg.restore_from.clone() {
+            let into = kv_dir.clone();
+            let restored = tokio::task::spawn_blocking(move || {
+                let b = backup::Backup::read(&from)?;
+                b.restore(&into)?;
+                Ok::<_, backup::Error>((from, b.position, b.count))
+            })
+            .await??;
+            tracing::info!(
+                from = %restored.0.display(),
+                position = %restored.1,
+                keys = restored.2,
+                "restored the keyspace from a backup"
+            );
+        }
         let keys = match Keyspace::open(&kv_dir, cfg.sync, idle) {
             Ok(k) => Arc::new(k),
             Err(keyspace::Error::Kv(timber_kv::Error::Locked { .. })) => anyhow::bail!(

@@ -232,7 +232,7 @@ fn stream_name(uid: u64) -> String {
 }
 
 fn reverse_key(uid: u64) -> Vec<u8> {
-    let mut k = vec![b'r'];
+    let mut k = vec![crate::keyspace::STREAM_REVERSE];
     k.extend_from_slice(&uid.to_be_bytes());
     k
 }

@@ -1,0 +1,180 @@
+//! Online backups (`Admin.Backup`, `Client::backup`) of a real `timberd` under write load, and
+//! `timberd --restore-from`: the restored server holds exactly a prefix of the writes, every
+//! write acknowledged before the backup began and none begun after it ended; a damaged backup
+//! and a data directory in use are refused without changing anything.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::Timberd;
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+}
+
+/// Writes `w:<i>` = i for i = 0, 1, ... through member `port`, one after the other; `acked` is
+/// how many were acknowledged, `begun` how many were sent.
+fn writer(port: u16, stop: Arc<AtomicBool>, acked: Arc<AtomicU64>, begun: Arc<AtomicU64>) {
+    let c = redis::Client::open(format!("redis://127.0.0.1:{port}/")).unwrap();
+    let mut con = c.get_connection_with_timeout(Duration::from_secs(10)).unwrap();
+    let mut i = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        begun.store(i + 1, Ordering::SeqCst);
+        let r: redis::RedisResult<()> =
+            redis::cmd("SET").arg(format!("w:{i:08}")).arg(i).query(&mut con);
+        if r.is_err() {
+            // A refusal (an election in a cluster): the same key again.
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        }
+        i += 1;
+        acked.store(i, Ordering::SeqCst);
+    }
+}
+
+/// Backs up through `backup_via` while a writer writes through `write_via`; restores into a new
+/// single node and checks the writes it holds. Returns the backup's position.
+fn backup_under_load(write_via: &Timberd, backup_via: &Timberd) -> String {
+    let stop = Arc::new(AtomicBool::new(false));
+    let (acked, begun) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let w = {
+        let (port, s, a, b) = (write_via.port, stop.clone(), acked.clone(), begun.clone());
+        std::thread::spawn(move || writer(port, s, a, b))
+    };
+    while acked.load(Ordering::SeqCst) < 300 {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let out = tempfile::tempdir().unwrap();
+    let dir = out.path().join("backup");
+    let before = acked.load(Ordering::SeqCst);
+    let (position, bytes) =
+        rt().block_on(async { backup_via.grpc().await.backup(&dir).await }).unwrap();
+    let after = begun.load(Ordering::SeqCst);
+    // The writer goes on past the backup: the backup must not see what came after.
+    while acked.load(Ordering::SeqCst) < after + 100 {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    stop.store(true, Ordering::Relaxed);
+    w.join().unwrap();
+    assert!(bytes > 0);
+
+    let data = tempfile::tempdir().unwrap();
+    let restore = dir.to_str().unwrap();
+    let restored = Timberd::start(data.path(), &["--restore-from", restore]);
+    let mut con = restored.client();
+    let keys: Vec<String> = redis::cmd("KEYS").arg("w:*").query(&mut con).unwrap();
+    let mut held: Vec<u64> = keys.iter().map(|k| k[2..].parse().unwrap()).collect();
+    held.sort_unstable();
+    let n = held.len() as u64;
+    assert_eq!(held, (0..n).collect::<Vec<_>>(), "a backup holds a prefix of the writes");
+    assert!(n >= before, "{n} writes restored, {before} were acknowledged before the backup");
+    assert!(n <= after, "{n} writes restored, only {after} had begun when the backup returned");
+    for i in [0, n / 2, n - 1] {
+        let v: u64 = redis::cmd("GET").arg(format!("w:{i:08}")).query(&mut con).unwrap();
+        assert_eq!(v, i);
+    }
+    position
+}
+
+#[test]
+fn a_backup_under_load_restores_to_one_point_with_ttls_and_refuses_damage() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Timberd::start(dir.path(), &["--sync", "always"]);
+    let mut con = server.client();
+    let _: () = redis::cmd("SET").arg("ttl").arg("v").arg("EX").arg(1000).query(&mut con).unwrap();
+    let _: i64 = redis::cmd("INCRBY").arg("n").arg(41).query(&mut con).unwrap();
+
+    let position = backup_under_load(&server, &server);
+    let seq: u64 = position.strip_prefix("seq:").unwrap().parse().unwrap();
+    assert!(seq > 300, "position {position}");
+
+    // Keys of every kind come back, with their deadlines.
+    let out = tempfile::tempdir().unwrap();
+    let bdir = out.path().join("b");
+    rt().block_on(async { server.grpc().await.backup(&bdir).await }).unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let restored = Timberd::start(data.path(), &["--restore-from", bdir.to_str().unwrap()]);
+    let mut r = restored.client();
+    let ttl: i64 = redis::cmd("TTL").arg("ttl").query(&mut r).unwrap();
+    assert!((900..=1000).contains(&ttl), "ttl {ttl}");
+    let n: i64 = redis::cmd("GET").arg("n").query(&mut r).unwrap();
+    assert_eq!(n, 41);
+    drop(restored);
+
+    // Restoring into a data directory that holds a keyspace is refused, and the keyspace is
+    // left as it was.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_timberd"))
+        .args(["--data-dir", data.path().to_str().unwrap(), "--restore-from"])
+        .arg(&bdir)
+        .args(["--resp-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0"])
+        .args(["--http-addr", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("already holds a keyspace"), "{err}");
+    let again = Timberd::start(data.path(), &[]);
+    let n: i64 = redis::cmd("GET").arg("n").query(&mut again.client()).unwrap();
+    assert_eq!(n, 41);
+    drop(again);
+
+    // A damaged backup is refused before anything is written.
+    let file = bdir.join("keyspace.backup");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::write(&file, &bytes).unwrap();
+    let fresh = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_timberd"))
+        .args(["--data-dir", fresh.path().to_str().unwrap(), "--restore-from"])
+        .arg(&bdir)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("checksum mismatch"), "{err}");
+    assert!(!fresh.path().join("kv").exists());
+
+    // A backup into a directory that is not empty is refused.
+    let e = rt().block_on(async { server.grpc().await.backup(&bdir).await }).unwrap_err();
+    assert!(e.to_string().contains("not empty"), "{e}");
+}
+
+#[test]
+fn a_server_with_streams_refuses_a_backup_that_would_leave_them_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Timberd::start(dir.path(), &[]);
+    let _: String =
+        redis::cmd("XADD").arg("s").arg("*").arg("f").arg("v").query(&mut server.client()).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let e = rt()
+        .block_on(async { server.grpc().await.backup(&out.path().join("b")).await })
+        .unwrap_err();
+    assert_eq!(e.code(), Some(timber_client::Code::FailedPrecondition), "{e}");
+}
+
+#[test]
+fn a_cluster_member_backs_up_at_its_applied_log_position() {
+    let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let ports: Vec<u16> = (0..3).map(|_| free()).collect();
+    let initial: Vec<String> =
+        ports.iter().enumerate().map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1)).collect();
+    let initial = initial.join(",");
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let members: Vec<Timberd> = (0..3)
+        .map(|i| {
+            let (id, raft) = ((i + 1).to_string(), format!("127.0.0.1:{}", ports[i]));
+            let flags = ["--node-id", &id, "--raft-addr", &raft, "--initial-cluster", &initial];
+            let mut flags = flags.to_vec();
+            flags.extend(["--sync", "always", "--raft-heartbeat-ms", "100"]);
+            Timberd::start(dirs[i].path(), &flags)
+        })
+        .collect();
+    // Writes go through member 1 (forwarded if it does not lead); the backup comes from 2.
+    let position = backup_under_load(&members[0], &members[1]);
+    let index: u64 = position.rsplit('-').next().unwrap().parse().unwrap();
+    assert!(position.starts_with("raft:") && index > 300, "position {position}");
+}
