@@ -238,23 +238,13 @@ impl Keyspace {
 
     /// Returns once a read of this member's engine is linearizable: at once on a single node;
     /// in a cluster, once this member confirmed it leads and applied everything committed
-    /// (`NotLeader` on a follower, `ClusterDown` without a quorum). Blocks.
-    pub(crate) fn linearizable(&self) -> Result<(), Error> {
+    /// (`NotLeader` on a follower, `ClusterDown` without a quorum). Awaits the barrier on
+    /// Raft's runtime without holding a thread.
+    pub(crate) async fn linearizable_async(self: &std::sync::Arc<Self>) -> Result<(), Error> {
         match self.replication.get() {
             None => Ok(()),
-            Some(r) => r.read_barrier(),
+            Some(r) => r.read_barrier_async().await,
         }
-    }
-
-    /// [`Keyspace::linearizable`] off the async workers.
-    pub(crate) async fn linearizable_async(self: &std::sync::Arc<Self>) -> Result<(), Error> {
-        if self.replication.get().is_none() {
-            return Ok(());
-        }
-        let keys = self.clone();
-        tokio::task::spawn_blocking(move || keys.linearizable())
-            .await
-            .unwrap_or_else(|e| Err(Error::ClusterDown(format!("read barrier task failed: {e}"))))
     }
 
     /// Writes `b`: to the engine, or in a cluster, as a proposal of the leader that returns

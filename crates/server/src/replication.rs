@@ -190,6 +190,15 @@ impl Replication {
         self.wait(async move { member.read_barrier(timeout).await })
     }
 
+    /// [`Replication::read_barrier`] for async callers.
+    pub(crate) async fn read_barrier_async(&self) -> Result<(), Error> {
+        let (member, timeout) = (self.member.clone(), self.timeout);
+        match self.handle.spawn(async move { member.read_barrier(timeout).await }).await {
+            Ok(r) => r.map_err(cluster_error),
+            Err(_) => Err(Error::ClusterDown("the member stopped".into())),
+        }
+    }
+
     /// Passes a client's command to the leader; its reply, encoded for `protocol`.
     pub(crate) async fn forward(
         &self,
