@@ -63,6 +63,20 @@ impl Proposals {
         proposal: Proposal,
         timeout: Duration,
     ) -> Result<LogId<u64>> {
+        // Nobody waits and a round is free: this proposal is the entry, proposed from the
+        // caller's task (a lone writer pays no hop to the queue's tasks).
+        let alone = {
+            let q = self.queue.lock();
+            match q.waiting.is_empty() && !q.draining {
+                true => self.rounds.clone().try_acquire_owned().ok(),
+                false => None,
+            }
+        };
+        if let Some(permit) = alone {
+            let r = write(&self.raft, proposal, timeout).await;
+            drop(permit);
+            return r;
+        }
         let (reply, rx) = oneshot::channel();
         let start = {
             let mut q = self.queue.lock();
@@ -130,7 +144,15 @@ async fn round(raft: &Raft<TypeConfig>, taken: Vec<Waiting>) {
             (entry, replies)
         }
     };
-    let r = match tokio::time::timeout(timeout, raft.client_write(entry)).await {
+    let r = write(raft, entry, timeout).await;
+    for reply in replies {
+        let _ = reply.send(r.as_ref().copied().map_err(Error::for_each_caller));
+    }
+}
+
+/// Proposes one entry and waits until it is applied here.
+async fn write(raft: &Raft<TypeConfig>, entry: Proposal, timeout: Duration) -> Result<LogId<u64>> {
+    match tokio::time::timeout(timeout, raft.client_write(entry)).await {
         Ok(Ok(resp)) => Ok(resp.log_id),
         Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
             Err(Error::NotLeader {
@@ -140,9 +162,6 @@ async fn round(raft: &Raft<TypeConfig>, taken: Vec<Waiting>) {
         }
         Ok(Err(e)) => Err(Error::Raft(e.to_string())),
         Err(_) => Err(uncommitted(timeout)),
-    };
-    for reply in replies {
-        let _ = reply.send(r.as_ref().copied().map_err(Error::for_each_caller));
     }
 }
 
