@@ -99,7 +99,8 @@ impl Row {
     }
 }
 
-/// Prints the table; the last column is timber's ops/s divided by the row's.
+/// Prints the table; the last column is timber's ops/s divided by the row's (for a row that
+/// times an event, the row's median time divided by timber's).
 pub fn print_table(title: &str, rows: &[Row]) {
     println!("\n{title}");
     println!(
@@ -108,8 +109,11 @@ pub fn print_table(title: &str, rows: &[Row]) {
     );
     for r in rows {
         let timber = rows.iter().find(|t| t.workload == r.workload && t.system == "timber");
-        let ratio =
-            timber.map_or(String::from("-"), |t| format!("{:.2}x", t.ops_per_sec / r.ops_per_sec));
+        // Rows that time one event (ops/s 0, e.g. failover) compare their median times.
+        let ratio = timber.map_or(String::from("-"), |t| match r.ops_per_sec > 0.0 {
+            true => format!("{:.2}x", t.ops_per_sec / r.ops_per_sec),
+            false => format!("{:.2}x", r.p50_us / t.p50_us),
+        });
         println!(
             "{:<26} {:<14} {:>13.0} {:>10.1} {:>10.1} {:>10.1} {:>12}",
             r.workload, r.system, r.ops_per_sec, r.mb_per_sec, r.p50_us, r.p99_us, ratio
