@@ -25,7 +25,7 @@ mod types;
 pub use crate::error::{Error, Result};
 pub use crate::forward::{Executor, Reply};
 pub use crate::log_store::LogStore;
-pub use crate::machine::{applied_in, KvMachine, RESERVED_PREFIX};
+pub use crate::machine::{applied_in, KvMachine, SnapshotStats, RESERVED_PREFIX};
 pub use crate::member::{Member, MemberConfig};
 pub use crate::membership::Change;
 pub use crate::network::{Connection, Network, RaftService};

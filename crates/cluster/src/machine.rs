@@ -61,6 +61,25 @@ struct Inner {
     db: Arc<Db>,
     dir: PathBuf,
     builds: AtomicU64,
+    stats: parking_lot::Mutex<SnapshotStats>,
+}
+
+/// What this member did with snapshots since it started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SnapshotStats {
+    /// Snapshots built here (for the log's compaction and for members behind it).
+    pub built: u64,
+    /// Size of the data of the last one built, in bytes.
+    pub last_built_bytes: u64,
+    /// How long the last build took (dump, engine sync, file write).
+    pub last_build: std::time::Duration,
+    /// Snapshots received from a leader and installed here.
+    pub installed: u64,
+    /// Size of the last one installed, in bytes.
+    pub last_installed_bytes: u64,
+    /// How long the last install took.
+    pub last_install: std::time::Duration,
 }
 
 impl std::fmt::Debug for KvMachine {
@@ -140,7 +159,14 @@ impl KvMachine {
             });
         }
         let _ = fs::remove_file(dir.join(SNAPSHOT_TMP));
-        Ok(KvMachine { inner: Arc::new(Inner { db, dir, builds: AtomicU64::new(0) }) })
+        Ok(KvMachine {
+            inner: Arc::new(Inner {
+                db,
+                dir,
+                builds: AtomicU64::new(0),
+                stats: Default::default(),
+            }),
+        })
     }
 
     /// The engine the machine applies to.
@@ -225,7 +251,13 @@ impl KvMachine {
         Ok((applied, membership, data))
     }
 
+    /// Snapshot builds and installs since the machine opened.
+    pub fn snapshot_stats(&self) -> SnapshotStats {
+        *self.inner.stats.lock()
+    }
+
     fn build(&self) -> Result<(Meta, Vec<u8>)> {
+        let started = std::time::Instant::now();
         let (applied, membership, data) = self.dump()?;
         // openraft purges the log up to this snapshot: the engine must hold it durably first.
         self.inner.db.sync()?;
@@ -236,10 +268,15 @@ impl KvMachine {
         };
         let meta = Meta { last_log_id: applied, last_membership: membership, snapshot_id: id };
         self.store_snapshot(&meta, &data)?;
+        let mut st = self.inner.stats.lock();
+        st.built += 1;
+        st.last_built_bytes = data.len() as u64;
+        st.last_build = started.elapsed();
         Ok((meta, data))
     }
 
     fn install(&self, meta: &Meta, data: &[u8]) -> Result<()> {
+        let started = std::time::Instant::now();
         let bad = |reason: String| Error::Corrupt { path: PathBuf::from("<snapshot>"), reason };
         let body = match data.split_first() {
             Some((&DATA_VERSION, rest)) => rest,
@@ -276,7 +313,12 @@ impl KvMachine {
         batch.put(MEMBERSHIP_KEY, encode(&meta.last_membership));
         batch.delete(INSTALLING_KEY);
         db.write_with(batch, Durability::Synced)?;
-        self.store_snapshot(meta, data)
+        self.store_snapshot(meta, data)?;
+        let mut st = self.inner.stats.lock();
+        st.installed += 1;
+        st.last_installed_bytes = data.len() as u64;
+        st.last_install = started.elapsed();
+        Ok(())
     }
 
     fn apply_entries(&self, entries: Vec<Entry<TypeConfig>>) -> Result<usize> {

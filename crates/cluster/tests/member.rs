@@ -191,6 +191,11 @@ async fn a_member_behind_the_purged_log_catches_up_from_a_snapshot() {
         .await
         .unwrap();
     assert!(members[&behind].metrics().snapshot.is_some(), "caught up through a snapshot");
+    let installed = members[&behind].machine().snapshot_stats();
+    assert_eq!(installed.installed, 1, "{installed:?}");
+    assert!(installed.last_installed_bytes > 0, "{installed:?}");
+    let built = members[&l].machine().snapshot_stats();
+    assert!(built.built >= 1 && built.last_built_bytes > 0, "{built:?}");
     let db = members[&behind].machine().db();
     assert!(db.get(b"k0000").unwrap().is_none());
     let keys = db.prefix(b"k").count();

@@ -37,6 +37,8 @@ pub(crate) struct Replication {
     timeout: Duration,
     /// Changes of leader this member has seen (elections that ended with a leader).
     leader_changes: Arc<std::sync::atomic::AtomicU64>,
+    /// Terms this member entered (each began with an election).
+    elections: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for Replication {
@@ -74,6 +76,10 @@ pub(crate) struct Status {
     pub(crate) lag: Vec<(u64, u64)>,
     /// Changes of leader seen since start.
     pub(crate) leader_changes: u64,
+    /// Elections this member saw start (terms it entered) since it started.
+    pub(crate) elections: u64,
+    /// Snapshots built and installed here.
+    pub(crate) snapshots: timber_cluster::SnapshotStats,
 }
 
 impl Status {
@@ -144,10 +150,18 @@ impl Replication {
             runtime.spawn(join(member.clone(), via, cluster.timeout));
         }
         let leader_changes = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        runtime.spawn(log_leadership(member.clone(), leader_changes.clone()));
+        let elections = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        runtime.spawn(log_leadership(member.clone(), leader_changes.clone(), elections.clone()));
         let handle = runtime.handle().clone();
         let runtime = parking_lot::Mutex::new(Some(runtime));
-        Ok(Replication { runtime, handle, member, timeout: cluster.timeout, leader_changes })
+        Ok(Replication {
+            runtime,
+            handle,
+            member,
+            timeout: cluster.timeout,
+            leader_changes,
+            elections,
+        })
     }
 
     /// Runs `f` on the Raft runtime and waits for it, blocking the calling thread (a worker of
@@ -290,6 +304,8 @@ impl Replication {
             purged_index: m.purged.map(|l| l.index),
             lag,
             leader_changes: self.leader_changes.load(std::sync::atomic::Ordering::Relaxed),
+            elections: self.elections.load(std::sync::atomic::Ordering::Relaxed),
+            snapshots: self.member.machine().snapshot_stats(),
             id: m.id,
             leader: m.current_leader == Some(m.id),
             leader_id: m.current_leader,
@@ -332,11 +348,24 @@ async fn join(member: Arc<Member>, via: String, timeout: Duration) {
 }
 
 /// Logs each change of leader this member sees (the end-to-end tests wait for these lines).
-async fn log_leadership(member: Arc<Member>, changes: Arc<std::sync::atomic::AtomicU64>) {
+async fn log_leadership(
+    member: Arc<Member>,
+    changes: Arc<std::sync::atomic::AtomicU64>,
+    elections: Arc<std::sync::atomic::AtomicU64>,
+) {
     let mut rx = member.raft().metrics();
     let mut seen = None;
+    let mut term = None;
     loop {
         let m = rx.borrow_and_update().clone();
+        // The term a member starts in is not an election it saw; every later one is.
+        if term.is_some_and(|t| m.current_term > t) {
+            elections.fetch_add(
+                m.current_term - term.unwrap_or(0),
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        }
+        term = Some(m.current_term);
         // An election in between (no leader) counts as a change, so that a member that leads
         // again in a later term says so again.
         if m.current_leader != seen {
@@ -426,6 +455,42 @@ impl Status {
             "timber_raft_leader_changes",
             "Changes of leader this member has seen since it started.",
             format!("timber_raft_leader_changes {}\n", self.leader_changes),
+        );
+        gauge(
+            "timber_raft_elections",
+            "Terms this member entered since it started (each began with an election).",
+            format!("timber_raft_elections {}\n", self.elections),
+        );
+        let sn = &self.snapshots;
+        gauge(
+            "timber_raft_snapshots_built",
+            "Snapshots built on this member since it started.",
+            format!("timber_raft_snapshots_built {}\n", sn.built),
+        );
+        gauge(
+            "timber_raft_snapshot_built_bytes",
+            "Size of the last snapshot built here.",
+            format!("timber_raft_snapshot_built_bytes {}\n", sn.last_built_bytes),
+        );
+        gauge(
+            "timber_raft_snapshot_build_seconds",
+            "How long the last snapshot build took.",
+            format!("timber_raft_snapshot_build_seconds {}\n", sn.last_build.as_secs_f64()),
+        );
+        gauge(
+            "timber_raft_snapshots_installed",
+            "Snapshots received from a leader and installed here since it started.",
+            format!("timber_raft_snapshots_installed {}\n", sn.installed),
+        );
+        gauge(
+            "timber_raft_snapshot_installed_bytes",
+            "Size of the last snapshot installed here.",
+            format!("timber_raft_snapshot_installed_bytes {}\n", sn.last_installed_bytes),
+        );
+        gauge(
+            "timber_raft_snapshot_install_seconds",
+            "How long the last snapshot install took.",
+            format!("timber_raft_snapshot_install_seconds {}\n", sn.last_install.as_secs_f64()),
         );
         let lag: String = self
             .lag

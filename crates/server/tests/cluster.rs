@@ -197,6 +197,9 @@ fn three_timberds_replicate_fail_over_and_rejoin() {
     assert_eq!(code, 200);
     assert!(metrics.contains("timber_raft_is_leader 1"), "{metrics}");
     assert!(metrics.contains("timber_raft_follower_lag_entries{member="), "{metrics}");
+    // No snapshot was needed yet.
+    assert!(metrics.contains("timber_raft_snapshots_installed 0"), "{metrics}");
+    assert!(metrics.contains("timber_raft_snapshot_build_seconds "), "{metrics}");
     assert_eq!(http(first, "/readyz").0, 200);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let st = rt.block_on(async { c.node(first).grpc().await.status().await.unwrap() });
@@ -257,6 +260,16 @@ fn three_timberds_replicate_fail_over_and_rejoin() {
         "counter {n}: {incrs} acknowledged, {unknown} unknown"
     );
     on_leader(&c, |con| redis::cmd("SET").arg("after").arg("failover").query::<()>(con));
+    // The survivors saw the election that replaced it.
+    let survivor = c.leader_now().unwrap();
+    let url = format!("http://127.0.0.1:{}/metrics", c.node(survivor).http_port);
+    let metrics = rt.block_on(async { reqwest::get(url).await.unwrap().text().await.unwrap() });
+    let elections: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("timber_raft_elections "))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no election count: {metrics}"));
+    assert!(elections >= 1, "{metrics}");
 
     // The killed member comes back from its directory and follows; then the member that is
     // neither it nor the leader goes, and the cluster still commits: the member that came back
