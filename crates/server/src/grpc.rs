@@ -17,6 +17,8 @@ use timber_proto::v1::streams_server::{Streams, StreamsServer};
 use timber_stream::{Start, StreamConfig};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
+
+use crate::replication::Answer;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::keyspace::{now_ms, Value};
@@ -51,6 +53,21 @@ fn key_status(e: crate::keyspace::Error) -> Status {
             tracing::error!(error = %e, "keyspace error");
             Status::internal(e.to_string())
         }
+    }
+}
+
+/// A reply of the leader that a forwarded call cannot have.
+fn unexpected(a: Answer) -> Status {
+    Status::internal(format!("unexpected reply from the leader: {a:?}"))
+}
+
+impl Service {
+    /// On a cluster member that does not lead: the reply of the Redis-protocol command `args`
+    /// run on the leader. `None` on a single node and on the leader.
+    async fn on_leader(&self, args: &[&[u8]]) -> Result<Option<Answer>, Status> {
+        let Some(r) = self.engines.keys.replication() else { return Ok(None) };
+        let args = args.iter().map(|a| bytes::Bytes::copy_from_slice(a)).collect();
+        r.on_leader(args).await.transpose().map_err(key_status)
     }
 }
 
@@ -98,6 +115,16 @@ impl Kv for Service {
     async fn get(&self, req: Request<pb::GetRequest>) -> Reply<pb::GetResponse> {
         let r = req.into_inner();
         if !r.stale {
+            if let Some(a) = self.on_leader(&[b"GET", &r.key]).await? {
+                let value = match a {
+                    Answer::Bulk(v) => Some(v),
+                    // Not a string (a Redis stream): as on the leader, no value.
+                    Answer::Nil => None,
+                    Answer::Error(e) if e.starts_with("WRONGTYPE") => None,
+                    other => return Err(unexpected(other)),
+                };
+                return Ok(Response::new(pb::GetResponse { value }));
+            }
             self.engines.keys.linearizable_async().await.map_err(key_status)?;
         }
         let key = r.key;
@@ -109,7 +136,19 @@ impl Kv for Service {
     async fn put(&self, req: Request<pb::PutRequest>) -> Reply<pb::PutResponse> {
         let r = req.into_inner();
         self.check_size(r.value.len())?;
-        let expire_at = r.ttl_ms.filter(|t| *t > 0).map(|t| now_ms().saturating_add(t));
+        let ttl = r.ttl_ms.filter(|t| *t > 0);
+        let px = ttl.map(|t| t.to_string());
+        let mut args: Vec<&[u8]> = vec![b"SET", &r.key, &r.value];
+        if let Some(px) = &px {
+            args.extend([&b"PX"[..], px.as_bytes()]);
+        }
+        if let Some(a) = self.on_leader(&args).await? {
+            return match a {
+                Answer::Ok => Ok(Response::new(pb::PutResponse {})),
+                other => Err(unexpected(other)),
+            };
+        }
+        let expire_at = ttl.map(|t| now_ms().saturating_add(t));
         let v = Value { expire_at, ..Value::string(r.value) };
         let key = r.key;
         self.synced(move |k| {
@@ -122,6 +161,12 @@ impl Kv for Service {
 
     async fn delete(&self, req: Request<pb::DeleteRequest>) -> Reply<pb::DeleteResponse> {
         let key = req.into_inner().key;
+        if let Some(a) = self.on_leader(&[b"DEL", &key]).await? {
+            return match a {
+                Answer::Int(n) => Ok(Response::new(pb::DeleteResponse { existed: n > 0 })),
+                other => Err(unexpected(other)),
+            };
+        }
         let n = self.synced(move |k| k.delete(&[&key[..]])).await?;
         Ok(Response::new(pb::DeleteResponse { existed: n > 0 }))
     }

@@ -36,6 +36,7 @@ use timber_stream::{Start, StreamConfig};
 use tokio::sync::watch;
 
 use crate::keyspace::{now_ms, Value};
+use crate::replication::Answer;
 use crate::Engines;
 
 #[derive(Clone)]
@@ -66,6 +67,19 @@ fn keys_failed(e: crate::keyspace::Error) -> Failure {
             Failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
         }
     }
+}
+
+/// On a cluster member that does not lead: the reply of the Redis-protocol command `args` run
+/// on the leader. `None` on a single node and on the leader.
+async fn on_leader(app: &App, args: &[&[u8]]) -> Result<Option<Answer>> {
+    let Some(r) = app.engines.keys.replication() else { return Ok(None) };
+    let args = args.iter().map(|a| Bytes::copy_from_slice(a)).collect();
+    r.on_leader(args).await.transpose().map_err(keys_failed)
+}
+
+/// A reply of the leader that a forwarded call cannot have.
+fn unexpected(a: Answer) -> Failure {
+    Failure(StatusCode::INTERNAL_SERVER_ERROR, format!("unexpected reply from the leader: {a:?}"))
 }
 
 /// Streams are not replicated yet: in a cluster, their writes are refused.
@@ -239,15 +253,27 @@ async fn kv_get(
     Path(key): Path<String>,
     Query(q): Query<StaleQuery>,
 ) -> Result<Response> {
+    let missing = || Failure(StatusCode::NOT_FOUND, format!("key {key:?} does not exist"));
+    let stream = || Failure(StatusCode::CONFLICT, "the key holds a Redis stream".into());
     if !q.stale {
+        if let Some(a) = on_leader(&app, &[b"GET", key.as_bytes()]).await? {
+            return match a {
+                Answer::Bulk(v) => {
+                    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], v).into_response())
+                }
+                Answer::Nil => Err(missing()),
+                Answer::Error(e) if e.starts_with("WRONGTYPE") => Err(stream()),
+                other => Err(unexpected(other)),
+            };
+        }
         app.engines.keys.linearizable_async().await.map_err(keys_failed)?;
     }
     match app.engines.keys.get(key.as_bytes()).map_err(keys_failed)? {
         Some(v) if v.kind == crate::keyspace::Kind::String => {
             Ok(([(header::CONTENT_TYPE, "application/octet-stream")], v.data).into_response())
         }
-        Some(_) => Err(Failure(StatusCode::CONFLICT, "the key holds a Redis stream".into())),
-        None => Err(Failure(StatusCode::NOT_FOUND, format!("key {key:?} does not exist"))),
+        Some(_) => Err(stream()),
+        None => Err(missing()),
     }
 }
 
@@ -262,7 +288,19 @@ async fn kv_put(
     Query(q): Query<PutQuery>,
     body: Bytes,
 ) -> Result<StatusCode> {
-    let expire_at = q.ttl_ms.filter(|t| *t > 0).map(|t| now_ms().saturating_add(t));
+    let ttl = q.ttl_ms.filter(|t| *t > 0);
+    let px = ttl.map(|t| t.to_string());
+    let mut args: Vec<&[u8]> = vec![b"SET", key.as_bytes(), &body];
+    if let Some(px) = &px {
+        args.extend([&b"PX"[..], px.as_bytes()]);
+    }
+    if let Some(a) = on_leader(&app, &args).await? {
+        return match a {
+            Answer::Ok => Ok(StatusCode::NO_CONTENT),
+            other => Err(unexpected(other)),
+        };
+    }
+    let expire_at = ttl.map(|t| now_ms().saturating_add(t));
     let v = Value { expire_at, ..Value::string(body) };
     blocking(&app, move |k| {
         let _g = k.lock(key.as_bytes());
@@ -273,6 +311,12 @@ async fn kv_put(
 }
 
 async fn kv_delete(State(app): State<App>, Path(key): Path<String>) -> Result<Json<Json_>> {
+    if let Some(a) = on_leader(&app, &[b"DEL", key.as_bytes()]).await? {
+        return match a {
+            Answer::Int(n) => Ok(Json(json!({ "existed": n > 0 }))),
+            other => Err(unexpected(other)),
+        };
+    }
     let n = blocking(&app, move |k| k.delete(&[key.as_bytes()])).await?;
     Ok(Json(json!({ "existed": n > 0 })))
 }

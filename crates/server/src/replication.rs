@@ -47,6 +47,47 @@ impl std::fmt::Debug for Replication {
     }
 }
 
+/// The reply of a single-key command run on the leader ([`Replication::on_leader`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Answer {
+    Ok,
+    Nil,
+    Bulk(bytes::Bytes),
+    Int(i64),
+    /// An error reply other than the leader's refusals (e.g. `WRONGTYPE ...`).
+    Error(String),
+}
+
+impl Answer {
+    /// Decodes a RESP2 reply of one of the kinds above. `READONLY` and `CLUSTERDOWN` replies
+    /// (the leader stopped leading, or lost its quorum) become the retryable errors.
+    fn decode(reply: &[u8]) -> Result<Answer, Error> {
+        let bad = || Error::ClusterDown(format!("unexpected reply from the leader: {reply:?}"));
+        let (kind, rest) = reply.split_first().ok_or_else(bad)?;
+        let line = rest.strip_suffix(b"\r\n").ok_or_else(bad)?;
+        let text = || String::from_utf8_lossy(line).into_owned();
+        match kind {
+            b'+' => Ok(Answer::Ok),
+            b'-' if line.starts_with(b"READONLY") || line.starts_with(b"CLUSTERDOWN") => {
+                Err(Error::ClusterDown(text()))
+            }
+            b'-' => Ok(Answer::Error(text())),
+            b':' => text().parse().map(Answer::Int).map_err(|_| bad()),
+            b'$' if line == b"-1" => Ok(Answer::Nil),
+            b'$' => {
+                let at = line.iter().position(|&c| c == b'\r').ok_or_else(bad)?;
+                let len: usize = std::str::from_utf8(line.get(..at).ok_or_else(bad)?)
+                    .ok()
+                    .and_then(|n| n.parse().ok())
+                    .ok_or_else(bad)?;
+                let data = line.get(at + 2..).filter(|d| d.len() == len).ok_or_else(bad)?;
+                Ok(Answer::Bulk(bytes::Bytes::copy_from_slice(data)))
+            }
+            _ => Err(bad()),
+        }
+    }
+}
+
 /// A change of the cluster's membership.
 #[derive(Debug, Clone)]
 pub(crate) enum MembershipChange {
@@ -227,6 +268,17 @@ impl Replication {
             Ok(r) => r.map_err(cluster_error),
             Err(_) => Err(Error::ClusterDown("the member stopped".into())),
         }
+    }
+
+    /// On a member that does not lead, runs the Redis-protocol command `args` on the leader
+    /// (as a follower's Redis clients' commands are) and decodes its reply: how the gRPC and
+    /// HTTP endpoints of a follower serve single-key reads and writes. `None` on the leader
+    /// (or while this member believes it leads), where the caller runs it itself.
+    pub(crate) async fn on_leader(&self, args: Vec<bytes::Bytes>) -> Option<Result<Answer, Error>> {
+        if self.is_leader() {
+            return None;
+        }
+        Some(self.forward(2, args).await.and_then(|reply| Answer::decode(&reply)))
     }
 
     /// Runs the commands the other members forward here with `run`, on the runtime of the
@@ -503,5 +555,28 @@ impl Status {
             lag,
         );
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn leader_replies_decode_and_refusals_are_retryable() {
+        assert_eq!(Answer::decode(b"+OK\r\n").unwrap(), Answer::Ok);
+        assert_eq!(Answer::decode(b":3\r\n").unwrap(), Answer::Int(3));
+        assert_eq!(Answer::decode(b"$-1\r\n").unwrap(), Answer::Nil);
+        let bulk = Answer::decode(b"$4\r\na\r\nb\r\n").unwrap();
+        assert_eq!(bulk, Answer::Bulk(bytes::Bytes::from_static(b"a\r\nb")));
+        let e = Answer::decode(b"-WRONGTYPE Operation against a key\r\n").unwrap();
+        assert!(matches!(e, Answer::Error(m) if m.starts_with("WRONGTYPE")));
+        for refusal in [&b"-READONLY no\r\n"[..], b"-CLUSTERDOWN no quorum\r\n"] {
+            assert!(matches!(Answer::decode(refusal), Err(Error::ClusterDown(_))));
+        }
+        for bad in [&b""[..], b"+OK", b"$5\r\nab\r\n", b"*1\r\n:1\r\n", b":x\r\n"] {
+            assert!(Answer::decode(bad).is_err(), "{bad:?}");
+        }
     }
 }

@@ -229,11 +229,31 @@ fn three_timberds_replicate_fail_over_and_rejoin() {
     );
     let n: i64 = on_leader(&c, |con| redis::cmd("DBSIZE").query(con));
     assert_eq!(n, 53);
-    // gRPC and HTTP reads on a follower are linearizable (refused there) unless stale.
+    // gRPC and HTTP on a follower: single-key reads and writes run on the leader (linearizable,
+    // read-your-writes through the follower); a linearizable scan is refused there, naming the
+    // leader; stale reads read the follower's own state.
     let grpc = rt.block_on(c.node(f).grpc());
-    let e = rt.block_on(grpc.get("k1")).unwrap_err();
+    assert_eq!(rt.block_on(grpc.get("k1")).unwrap().as_deref(), Some(&b"v1"[..]));
+    rt.block_on(grpc.put("via-grpc", "g")).unwrap();
+    assert_eq!(rt.block_on(grpc.get("via-grpc")).unwrap().as_deref(), Some(&b"g"[..]));
+    rt.block_on(grpc.put_with_ttl("via-grpc-ttl", "t", Duration::from_secs(100))).unwrap();
+    let ttl: i64 = on_leader(&c, |con| redis::cmd("TTL").arg("via-grpc-ttl").query(con));
+    assert!((90..=100).contains(&ttl), "ttl {ttl}");
+    assert!(rt.block_on(grpc.delete("via-grpc")).unwrap());
+    assert!(!rt.block_on(grpc.delete("via-grpc")).unwrap());
+    assert_eq!(rt.block_on(grpc.get("via-grpc")).unwrap(), None);
+    let e = rt.block_on(grpc.scan(timber_client::Scan::default())).unwrap_err();
     assert!(e.to_string().contains("the leader is"), "{e}");
-    assert_eq!(http(f, "/v1/kv/k1").0, 421);
+    assert_eq!(http(f, "/v1/kv/k1"), (200, "v1".to_string()));
+    let url = format!("http://127.0.0.1:{}/v1/kv/via-http", c.node(f).http_port);
+    let put = rt.block_on(async { reqwest::Client::new().put(&url).body("h").send().await });
+    assert_eq!(put.unwrap().status().as_u16(), 204);
+    assert_eq!(http(f, "/v1/kv/via-http"), (200, "h".to_string()));
+    let del = rt.block_on(async {
+        reqwest::Client::new().delete(&url).send().await.unwrap().text().await.unwrap()
+    });
+    assert_eq!(del, r#"{"existed":true}"#);
+    assert_eq!(http(f, "/v1/kv/via-http").0, 404);
     let deadline = Instant::now() + WAIT;
     loop {
         // Stale: the follower's own state, which catches up within a heartbeat or so.
