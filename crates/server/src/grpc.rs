@@ -175,10 +175,17 @@ impl Kv for Service {
         &self,
         req: Request<pb::BatchWriteRequest>,
     ) -> Reply<pb::BatchWriteResponse> {
-        let muts = req.into_inner().mutations;
-        for m in &muts {
+        let req = req.into_inner();
+        for m in &req.mutations {
             self.check_size(m.value.as_ref().map_or(0, |v| v.len()))?;
         }
+        if let Some(r) = self.engines.keys.replication() {
+            if let Some(done) = crate::forwarded::batch_write(r, &req).await {
+                done.map_err(key_status)?;
+                return Ok(Response::new(pb::BatchWriteResponse {}));
+            }
+        }
+        let muts = req.mutations;
         self.synced(move |k| {
             k.write_mixed(&muts.iter().map(|m| (&m.key[..], m.value.clone())).collect::<Vec<_>>())
         })
@@ -190,6 +197,46 @@ impl Kv for Service {
 
     async fn scan(&self, req: Request<pb::ScanRequest>) -> Reply<Self::ScanStream> {
         let r = req.into_inner();
+        let follower = self.engines.keys.replication().filter(|r| !r.is_leader()).cloned();
+        if let Some(rep) = follower.filter(|_| !r.stale) {
+            // The leader reads each page (linearizable); they stream from here.
+            let limit = if r.limit == 0 { usize::MAX } else { r.limit as usize };
+            let (tx, rx) = mpsc::channel(64);
+            tokio::spawn(async move {
+                let (mut start, mut sent) = (r.start.to_vec(), 0usize);
+                loop {
+                    let want = crate::forwarded::PAGE.min(limit - sent);
+                    let page =
+                        match crate::forwarded::scan_page(&rep, &r.prefix, &start, &r.end, want)
+                            .await
+                        {
+                            Some(Ok(p)) => p,
+                            Some(Err(e)) => {
+                                let _ = tx.send(Err(key_status(e))).await;
+                                return;
+                            }
+                            None => {
+                                let msg = "this member took the lead during the scan: retry";
+                                let _ = tx.send(Err(Status::unavailable(msg))).await;
+                                return;
+                            }
+                        };
+                    let n = page.len();
+                    for (key, value) in page {
+                        start = key.to_vec();
+                        start.push(0);
+                        if tx.send(Ok(pb::KeyValue { key, value })).await.is_err() {
+                            return;
+                        }
+                    }
+                    sent += n;
+                    if n < want || sent >= limit {
+                        return;
+                    }
+                }
+            });
+            return Ok(Response::new(Box::pin(ReceiverStream::new(rx))));
+        }
         if !r.stale {
             self.engines.keys.linearizable_async().await.map_err(key_status)?;
         }

@@ -343,15 +343,27 @@ struct StaleQuery {
 }
 
 async fn kv_list(State(app): State<App>, Query(q): Query<ListQuery>) -> Result<Json<Json_>> {
-    if !q.stale {
-        app.engines.keys.linearizable_async().await.map_err(keys_failed)?;
-    }
     let limit = q.limit.unwrap_or(1000).min(100_000);
-    let mut items = app
-        .engines
-        .keys
-        .range(q.prefix.as_bytes(), q.start.as_bytes(), q.end.as_bytes(), limit + 1)
-        .map_err(keys_failed)?;
+    let (prefix, end) = (Bytes::from(q.prefix.clone()), Bytes::from(q.end.clone()));
+    let forwarded = match app.engines.keys.replication().filter(|_| !q.stale) {
+        Some(r) => crate::forwarded::scan(r, &prefix, q.start.as_bytes(), &end, limit + 1).await,
+        None => None,
+    };
+    let mut items = match forwarded {
+        Some(items) => items.map_err(keys_failed)?,
+        None if !q.stale => {
+            app.engines.keys.linearizable_async().await.map_err(keys_failed)?;
+            app.engines
+                .keys
+                .range(q.prefix.as_bytes(), q.start.as_bytes(), q.end.as_bytes(), limit + 1)
+                .map_err(keys_failed)?
+        }
+        None => app
+            .engines
+            .keys
+            .range(q.prefix.as_bytes(), q.start.as_bytes(), q.end.as_bytes(), limit + 1)
+            .map_err(keys_failed)?,
+    };
     let more = items.len() > limit;
     items.truncate(limit);
     let items: Vec<Json_> = items

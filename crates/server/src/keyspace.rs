@@ -52,6 +52,9 @@ pub(crate) enum Error {
     /// In a cluster, no quorum answered in time; retry. A write may still be applied later.
     #[error("CLUSTERDOWN {0}")]
     ClusterDown(String),
+    /// In a cluster, the leader failed a call this member passed to it.
+    #[error("the leader failed: {0}")]
+    Leader(String),
 }
 
 /// What a key holds.

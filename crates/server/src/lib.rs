@@ -8,6 +8,7 @@
 mod backup;
 mod codec;
 mod config;
+mod forwarded;
 mod grpc;
 mod http;
 mod idle;
@@ -218,9 +219,10 @@ impl Server {
             &cfg,
         ));
         if let Some(r) = keys.replication() {
-            let (ep, stop) = (endpoint.clone(), stop_rx.clone());
-            r.serve_forwarded(move |proto, args| {
-                Box::pin(resp::execute_forwarded(ep.clone(), proto, args, stop.clone()))
+            let (ep, stop, eng) = (endpoint.clone(), stop_rx.clone(), engines.clone());
+            r.serve_forwarded(move |proto, args| match proto {
+                forwarded::PROTOCOL => Box::pin(forwarded::run(eng.clone(), args)),
+                _ => Box::pin(resp::execute_forwarded(ep.clone(), proto, args, stop.clone())),
             });
         }
         let mut tasks = vec![

@@ -229,9 +229,8 @@ fn three_timberds_replicate_fail_over_and_rejoin() {
     );
     let n: i64 = on_leader(&c, |con| redis::cmd("DBSIZE").query(con));
     assert_eq!(n, 53);
-    // gRPC and HTTP on a follower: single-key reads and writes run on the leader (linearizable,
-    // read-your-writes through the follower); a linearizable scan is refused there, naming the
-    // leader; stale reads read the follower's own state.
+    // gRPC and HTTP on a follower: reads and writes run on the leader (linearizable,
+    // read-your-writes through the follower); stale reads read the follower's own state.
     let grpc = rt.block_on(c.node(f).grpc());
     assert_eq!(rt.block_on(grpc.get("k1")).unwrap().as_deref(), Some(&b"v1"[..]));
     rt.block_on(grpc.put("via-grpc", "g")).unwrap();
@@ -242,8 +241,23 @@ fn three_timberds_replicate_fail_over_and_rejoin() {
     assert!(rt.block_on(grpc.delete("via-grpc")).unwrap());
     assert!(!rt.block_on(grpc.delete("via-grpc")).unwrap());
     assert_eq!(rt.block_on(grpc.get("via-grpc")).unwrap(), None);
-    let e = rt.block_on(grpc.scan(timber_client::Scan::default())).unwrap_err();
-    assert!(e.to_string().contains("the leader is"), "{e}");
+    // A batch write and a linearizable scan through the follower run on the leader, the scan
+    // page by page (more pairs than one page).
+    use timber_client::Mutation;
+    let mut batch: Vec<Mutation> = (0..1500)
+        .map(|i| Mutation::Put(format!("b{i:04}").into(), format!("{i}").into()))
+        .collect();
+    batch.push(Mutation::Delete("b0000".into()));
+    rt.block_on(grpc.write_batch(batch)).unwrap();
+    let scan = |limit| timber_client::Scan { prefix: "b".into(), limit, ..Default::default() };
+    let got = rt.block_on(grpc.scan(scan(0))).unwrap();
+    assert_eq!(got.len(), 1499);
+    assert_eq!((&got[0].0[..], &got[0].1[..]), (&b"b0001"[..], &b"1"[..]));
+    assert_eq!(&got[1498].0[..], b"b1499");
+    assert_eq!(rt.block_on(grpc.scan(scan(1100))).unwrap().len(), 1100);
+    let (code, body) = http(f, "/v1/kv?prefix=b&limit=2");
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("b0001") && body.contains("b0002") && !body.contains("b0003"), "{body}");
     assert_eq!(http(f, "/v1/kv/k1"), (200, "v1".to_string()));
     let url = format!("http://127.0.0.1:{}/v1/kv/via-http", c.node(f).http_port);
     let put = rt.block_on(async { reqwest::Client::new().put(&url).body("h").send().await });
