@@ -310,6 +310,28 @@ impl Member {
         }
     }
 
+    /// Builds a snapshot of everything applied and purges the log up to it: from then on a
+    /// member that joins catches up from the snapshot. How a cluster seeded with data outside
+    /// its log (a restored backup) hands that data to the members that join it.
+    pub async fn compact(&self, timeout: Duration) -> Result<()> {
+        let applied = self.metrics().last_applied;
+        let Some(applied) = applied else { return Ok(()) };
+        let fatal = |e: openraft::error::Fatal<u64>| Error::Raft(e.to_string());
+        self.raft.trigger().snapshot().await.map_err(fatal)?;
+        self.raft
+            .wait(Some(timeout))
+            .metrics(|m| m.snapshot.is_some_and(|s| s.index >= applied.index), "a snapshot")
+            .await
+            .map_err(|e| Error::Unavailable(format!("no snapshot within the timeout: {e}")))?;
+        self.raft.trigger().purge_log(applied.index).await.map_err(fatal)?;
+        self.raft
+            .wait(Some(timeout))
+            .metrics(|m| m.purged.is_some_and(|p| p.index >= applied.index), "a purge")
+            .await
+            .map_err(|e| Error::Unavailable(format!("no purge within the timeout: {e}")))?;
+        Ok(())
+    }
+
     /// Stops Raft and the endpoint (the second call does nothing).
     pub async fn shutdown(&self) {
         let Some((mut server, stop)) = self.server.lock().take() else { return };

@@ -510,12 +510,14 @@ impl Config {
             }
             _ => return Err("node_id and raft_addr go together".into()),
         };
-        if flags.restore_from.is_some() && cluster.is_some() {
-            return Err(
-                "restore_from starts a single node (seeding a cluster from a backup is not \
-                 supported yet)"
-                    .into(),
-            );
+        if let (Some(_), Some(c)) = (&flags.restore_from, &cluster) {
+            // The restored data is not in any log: only a member that forms a new cluster on
+            // its own can take it in (the others join it and receive it as a snapshot).
+            if c.join.is_some() || c.initial.len() != 1 {
+                return Err("restore_from seeds a new cluster from one member: its \
+                            initial_cluster lists only itself, and the others join it"
+                    .into());
+            }
         }
         Ok(Config {
             cluster,
@@ -567,6 +569,21 @@ mod tests {
 
     fn flags(args: &[&str]) -> Flags {
         Flags::try_parse_from(std::iter::once("timberd").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn a_restore_seeds_a_single_node_or_a_cluster_of_one_member() {
+        let member = ["--node-id", "1", "--raft-addr", "127.0.0.1:7001", "--restore-from", "b"];
+        let c = Config::resolve(flags(&member)).unwrap_err();
+        assert!(c.contains("lists only itself"), "{c}");
+        let mut alone = member.to_vec();
+        alone.extend(["--initial-cluster", "1=127.0.0.1:7001"]);
+        assert!(Config::resolve(flags(&alone)).is_ok());
+        let mut three = member.to_vec();
+        three.extend(["--initial-cluster", "1=127.0.0.1:7001,2=127.0.0.1:7002,3=127.0.0.1:7003"]);
+        assert!(Config::resolve(flags(&three)).unwrap_err().contains("lists only itself"));
+        let single = Config::resolve(flags(&["--restore-from", "b"])).unwrap();
+        assert_eq!(single.restore_from, Some(PathBuf::from("b")));
     }
 
     #[test]

@@ -160,7 +160,16 @@ impl Server {
         };
         if let Some(c) = &cfg.cluster {
             let dir = cfg.data_dir.join("raft");
-            let r = replication::Replication::start(c, cfg.sync, keys.db().clone(), dir)
+            // Restored data stays marked until the cluster's first snapshot holds it (a crash in
+            // between must not let members join without it).
+            let seed = cfg.data_dir.join(replication::SEED_MARKER);
+            if cfg.restore_from.is_some() {
+                std::fs::write(&seed, b"")
+                    .and_then(|()| std::fs::File::open(&cfg.data_dir)?.sync_all())
+                    .with_context(|| format!("cannot write {}", seed.display()))?;
+            }
+            let seeded = seed.exists().then_some(seed);
+            let r = replication::Replication::start(c, cfg.sync, keys.db().clone(), dir, seeded)
                 .await
                 .with_context(|| format!("cannot start the cluster member {}", c.node_id))?;
             tracing::info!(node_id = c.node_id, raft_addr = %c.raft_addr, "raft member started");

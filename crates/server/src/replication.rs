@@ -28,6 +28,9 @@ pub(crate) fn blocking<T>(f: impl FnOnce() -> T) -> T {
     }
 }
 
+/// In the data directory while a restored keyspace is not yet in the cluster's snapshot.
+pub(crate) const SEED_MARKER: &str = "restored-not-replicated";
+
 /// A running member and the runtime it runs on.
 pub(crate) struct Replication {
     /// Taken by `shutdown` (a runtime may not be dropped on an async task).
@@ -144,15 +147,19 @@ const READY_LAG: u64 = 1000;
 
 impl Replication {
     /// Starts the member on `db`, with its Raft state under `dir`.
+    /// `seeded`: the engine holds a restored backup the cluster has not taken in yet (this
+    /// member forms a cluster of its own, and a snapshot will hand the data to the members
+    /// that join); the marker file is removed once the snapshot holds it.
     pub(crate) async fn start(
         cluster: &Cluster,
         sync: Sync,
         db: Arc<Db>,
         dir: std::path::PathBuf,
+        seeded: Option<std::path::PathBuf>,
     ) -> anyhow::Result<Replication> {
         // A member's engine holds only what the cluster applied: data written before it joined
         // would exist on this member alone.
-        if !dir.exists() && db.iter().next().is_some() {
+        if seeded.is_none() && !dir.exists() && db.iter().next().is_some() {
             anyhow::bail!(
                 "{} holds data written outside the cluster: a new member starts from an empty \
                  data directory",
@@ -189,6 +196,9 @@ impl Replication {
         let member = Arc::new(member);
         if let Some(via) = cluster.join.clone() {
             runtime.spawn(join(member.clone(), via, cluster.timeout));
+        }
+        if let Some(marker) = seeded {
+            runtime.spawn(take_in(member.clone(), cluster.timeout, marker));
         }
         let leader_changes = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let elections = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -396,6 +406,30 @@ async fn join(member: Arc<Member>, via: String, timeout: Duration) {
                 tokio::time::sleep(timeout).await;
             }
         }
+    }
+}
+
+/// Once the new cluster's only member leads, snapshots the restored data (and the membership)
+/// and purges the log, so that members that join receive the data as a snapshot.
+async fn take_in(member: Arc<Member>, timeout: Duration, marker: std::path::PathBuf) {
+    let id = member.id();
+    let led = member
+        .raft()
+        .wait(None)
+        .metrics(|m| m.current_leader == Some(id) && m.last_applied.is_some(), "leads")
+        .await;
+    if led.is_err() {
+        return;
+    }
+    match member.compact(timeout.max(Duration::from_secs(30))).await {
+        Ok(()) => match std::fs::remove_file(&marker) {
+            Ok(()) => tracing::info!("the restored keyspace is in the cluster's first snapshot"),
+            Err(e) => tracing::error!(error = %e, marker = %marker.display(), "cannot remove"),
+        },
+        Err(e) => tracing::error!(
+            error = %e,
+            "could not snapshot the restored keyspace: members that join will not receive it"
+        ),
     }
 }
 

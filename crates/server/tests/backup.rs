@@ -178,3 +178,58 @@ fn a_cluster_member_backs_up_at_its_applied_log_position() {
     let index: u64 = position.rsplit('-').next().unwrap().parse().unwrap();
     assert!(position.starts_with("raft:") && index > 300, "position {position}");
 }
+
+#[test]
+fn a_backup_seeds_a_new_cluster_whose_joining_members_receive_it() {
+    let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    // A backup of a single node with some data.
+    let src = tempfile::tempdir().unwrap();
+    let server = Timberd::start(src.path(), &[]);
+    let mut con = server.client();
+    for i in 0..200 {
+        let _: () = redis::cmd("SET").arg(format!("r{i:03}")).arg(i).query(&mut con).unwrap();
+    }
+    let out = tempfile::tempdir().unwrap();
+    let bdir = out.path().join("b");
+    rt().block_on(async { server.grpc().await.backup(&bdir).await }).unwrap();
+    drop(server);
+
+    // Member 1 restores it and forms a cluster of its own; a member that joins as a learner
+    // receives the data (as the cluster's first snapshot), and is promoted.
+    let raft1 = format!("127.0.0.1:{}", free());
+    let initial = format!("1={raft1}");
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let restore = bdir.to_str().unwrap();
+    let flags = ["--node-id", "1", "--raft-addr", &raft1, "--initial-cluster", &initial];
+    let mut flags = flags.to_vec();
+    flags.extend(["--restore-from", restore, "--sync", "always"]);
+    let first = Timberd::start(dirs[0].path(), &flags);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while dirs[0].path().join("restored-not-replicated").exists() {
+        assert!(std::time::Instant::now() < deadline, "the restored data was not snapshotted");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _: () = redis::cmd("SET").arg("after").arg("seed").query(&mut first.client()).unwrap();
+
+    let raft2 = format!("127.0.0.1:{}", free());
+    let second = Timberd::start(
+        dirs[1].path(),
+        &["--node-id", "2", "--raft-addr", &raft2, "--join", &raft1, "--sync", "always"],
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut local = second.client();
+    let _: () = redis::cmd("READONLY").query(&mut local).unwrap();
+    loop {
+        let n: i64 = redis::cmd("DBSIZE").query(&mut local).unwrap();
+        if n == 201 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "member 2 holds {n} keys, not 201");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let v: i64 = redis::cmd("GET").arg("r123").query(&mut local).unwrap();
+    assert_eq!(v, 123);
+    rt().block_on(async { first.grpc().await.promote(2).await }).unwrap();
+    let v: String = redis::cmd("GET").arg("after").query(&mut second.client()).unwrap();
+    assert_eq!(v, "seed");
+}
