@@ -719,7 +719,6 @@ impl Client {
     /// the backup stands at (`seq:<n>` or `raft:<term>-<node>-<index>`) and its size in bytes.
     /// The file is synced and renamed into place only once complete.
     pub async fn backup(&self, dir: &std::path::Path) -> Result<(String, u64)> {
-        use std::io::Write;
         let io = |op: &'static str, path: &std::path::Path| {
             let path = path.to_path_buf();
             move |source| Error::Io { op, path, source }
@@ -733,10 +732,31 @@ impl Client {
         }
         std::fs::create_dir_all(dir).map_err(io("create", dir))?;
         let (tmp, done) = (dir.join("keyspace.backup.tmp"), dir.join("keyspace.backup"));
+        let written = self.backup_into(&tmp).await;
+        let (position, bytes) = match written {
+            Ok(w) => w,
+            Err(e) => {
+                // Nothing half-written stays behind (a retry into the directory then works).
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e);
+            }
+        };
+        std::fs::rename(&tmp, &done).map_err(io("rename", &tmp))?;
+        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io("sync", dir))?;
+        Ok((position, bytes))
+    }
+
+    /// Streams a backup into the file `tmp`, synced.
+    async fn backup_into(&self, tmp: &std::path::Path) -> Result<(String, u64)> {
+        use std::io::Write;
+        let io = |op: &'static str, path: &std::path::Path| {
+            let path = path.to_path_buf();
+            move |source| Error::Io { op, path, source }
+        };
         let mut c = AdminClient::new(self.channel.clone());
         let r = self.request(pb::BackupRequest {});
         let mut stream = self.once("backup", c.backup(r)).await?;
-        let mut file = std::fs::File::create(&tmp).map_err(io("create", &tmp))?;
+        let mut file = std::fs::File::create(tmp).map_err(io("create", tmp))?;
         let (mut position, mut bytes) = (String::new(), 0u64);
         loop {
             match tokio::time::timeout(self.opts.timeout, stream.message()).await {
@@ -745,16 +765,14 @@ impl Client {
                         position = chunk.position;
                     }
                     bytes += chunk.data.len() as u64;
-                    file.write_all(&chunk.data).map_err(io("write", &tmp))?;
+                    file.write_all(&chunk.data).map_err(io("write", tmp))?;
                 }
                 Ok(Ok(None)) => break,
                 Ok(Err(s)) => return Err(Error::server("backup", s)),
                 Err(_) => return Err(Error::Timeout { op: "backup", after: self.opts.timeout }),
             }
         }
-        file.sync_all().map_err(io("sync", &tmp))?;
-        std::fs::rename(&tmp, &done).map_err(io("rename", &tmp))?;
-        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io("sync", dir))?;
+        file.sync_all().map_err(io("sync", tmp))?;
         Ok((position, bytes))
     }
 

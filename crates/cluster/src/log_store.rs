@@ -10,8 +10,12 @@
 //!   entries it lost;
 //! - with `SyncMode::Always`, `append` reports an entry persisted (openraft's `LogFlushed`) only
 //!   once `fdatasync` covered it: `append` writes the entries and returns, and a flusher thread
-//!   syncs the WAL once for every append queued meanwhile (group commit: openraft appends each
-//!   client write on its own, so syncing inside `append` would cost one fsync per write); `save_vote` and `purge` are durable on return in every mode;
+//!   syncs the WAL for every append queued meanwhile and then reports them. (openraft 0.9 waits
+//!   for each append's report before it appends again, so in practice one append a sync; the
+//!   thread keeps the fsync off the runtime's workers. Concurrent client writes share a sync
+//!   by sharing an entry, `crate::proposals`.)
+//! - an append is written in batches that each fit a WAL segment (entries are independent: a
+//!   crash may keep a prefix of an append, which openraft sees as a shorter log); `save_vote` and `purge` are durable on return in every mode;
 //! - `save_committed` is kept in memory and stored with the next vote or purge: it is a hint
 //!   (openraft re-applies up to it at startup), and the state machine records what it applied
 //!   with the data it produced, so a stale committed id costs replay, not data.
@@ -86,8 +90,9 @@ where
         let hard = HardState::load(&dir)?;
         // Under `Always`, the flusher makes appends durable (the WAL would sync in each append).
         let wal_sync = if sync == SyncMode::Always { SyncMode::Manual } else { sync };
-        let wal =
-            Arc::new(Wal::open(dir.join(LOG_DIR), timber_wal::Options::default().sync(wal_sync))?);
+        // A single entry larger than a segment (a huge request) gets a segment of its own.
+        let opts = timber_wal::Options::default().sync(wal_sync).oversized_records(true);
+        let wal = Arc::new(Wal::open(dir.join(LOG_DIR), opts)?);
         if let Some(p) = hard.purged {
             let first = p.index + 1;
             if wal.first_seq() < first {
@@ -154,6 +159,29 @@ where
         })
         .await
     }
+}
+
+/// Bytes of entries per WAL batch of an append (well under a segment).
+const CHUNK_BYTES: usize = 8 << 20;
+
+/// Appends `records` in order, in batches of at most [`CHUNK_BYTES`] (a larger record alone).
+fn append_chunks(wal: &Wal, records: &[Vec<u8>]) -> Result<()> {
+    let mut rest = records;
+    while !rest.is_empty() {
+        let mut n = 0;
+        let mut bytes = 0;
+        for r in rest {
+            if n > 0 && bytes + r.len() > CHUNK_BYTES {
+                break;
+            }
+            bytes += r.len();
+            n += 1;
+        }
+        let (chunk, tail) = rest.split_at(n);
+        wal.append_batch(chunk)?;
+        rest = tail;
+    }
+    Ok(())
 }
 
 /// The thread that makes appended entries durable and then tells openraft, one `fdatasync`
@@ -332,7 +360,7 @@ where
         if first == self.shared.wal.next_seq() {
             // The common case, in place: the WAL copies the records into its buffer (the sync,
             // where one is due, is the flusher's), which costs less than a hop to a thread.
-            self.shared.wal.append_batch(&records).map_err(|e| write_err(e.into()))?;
+            append_chunks(&self.shared.wal, &records).map_err(write_err)?;
             self.shared.state.lock().last = Some(last);
             match &self.shared.flusher {
                 Some(f) => f.queue(callback),
@@ -358,7 +386,7 @@ where
                 // the leader's entries do.
                 wal.truncate_front(first)?;
             }
-            wal.append_batch(&records)?;
+            append_chunks(wal, &records)?;
             s.state.lock().last = Some(last);
             Ok(())
         })

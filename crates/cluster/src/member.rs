@@ -82,6 +82,9 @@ impl MemberConfig {
             install_snapshot_timeout: ms(self.heartbeat).max(1000),
             snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_every.max(1)),
             max_in_snapshot_log_to_keep: self.keep_after_snapshot,
+            // Entries carry up to a MiB of merged writes (`crate::proposals`): an AppendEntries
+            // to a member catching up stays within a few tens of MiB.
+            max_payload_entries: 16,
             ..Default::default()
         }
         .validate()

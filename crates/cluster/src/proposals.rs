@@ -107,6 +107,12 @@ async fn drain(
             let mut taken = Vec::new();
             let mut bytes = 0;
             while let Some(w) = q.waiting.front() {
+                if w.reply.is_closed() {
+                    // Its caller gave up (timed out, and was told the write may still commit):
+                    // proposing it now would apply an evaluation older than later writes.
+                    q.waiting.pop_front();
+                    continue;
+                }
                 let size = w.proposal.size();
                 if !taken.is_empty() && bytes + size > MAX_ENTRY_BYTES {
                     break;

@@ -120,6 +120,9 @@ impl Backup {
         count.copy_from_slice(bytes.get(trailer + 8..trailer + 16).unwrap_or(&[0; 8]));
         let count = u64::from_le_bytes(count);
         let plen = u32_at(12) as usize;
+        if 16 + plen > trailer {
+            return Err(bad("the position runs past the pairs"));
+        }
         let position = bytes
             .get(16..16 + plen)
             .and_then(|p| std::str::from_utf8(p).ok())
@@ -166,11 +169,28 @@ impl Backup {
         })
     }
 
-    /// Writes the pairs into a new keyspace directory `kv_dir`, synced.
+    /// Writes the pairs into a new keyspace directory `kv_dir`, synced: built beside it and
+    /// renamed into place once complete, so a crash leaves either no keyspace or all of it.
     pub(crate) fn restore(&self, kv_dir: &Path) -> Result<(), Error> {
         if kv_dir.exists() {
             return Err(Error::Exists { path: kv_dir.to_path_buf() });
         }
+        let building = kv_dir.with_extension("restoring");
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| Error::Io { path, source }
+        };
+        if building.exists() {
+            // A restore that stopped half way: start over.
+            std::fs::remove_dir_all(&building).map_err(io(&building))?;
+        }
+        self.write_into(&building)?;
+        std::fs::rename(&building, kv_dir).map_err(io(kv_dir))?;
+        let parent = kv_dir.parent().unwrap_or(Path::new("."));
+        std::fs::File::open(parent).and_then(|d| d.sync_all()).map_err(io(parent))
+    }
+
+    fn write_into(&self, kv_dir: &Path) -> Result<(), Error> {
         let kv = |source| Error::Kv { path: kv_dir.to_path_buf(), source };
         let db = Db::open(kv_dir, timber_kv::Options::default()).map_err(kv)?;
         let mut batch = WriteBatch::new();

@@ -146,7 +146,8 @@ pub struct Flags {
     #[arg(long, env = "TIMBER_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
     /// Starts from a backup (a directory `timber backup` wrote): its keyspace is loaded into
-    /// --data-dir, which must not hold a keyspace yet. Single node only.
+    /// --data-dir, which must not hold a keyspace yet. A single node, or the first member of a
+    /// new cluster (--initial-cluster listing only itself), which the others then join.
     #[arg(long)]
     pub restore_from: Option<PathBuf>,
     /// Redis-protocol listen address, host:port; port 0 picks a free port [default: 127.0.0.1:6379].

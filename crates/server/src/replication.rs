@@ -544,7 +544,7 @@ impl Status {
         );
         gauge(
             "timber_raft_elections",
-            "Terms this member entered since it started (each began with an election).",
+            "Count of terms this member's term advanced by since it started (one per election).",
             format!("timber_raft_elections {}\n", self.elections),
         );
         let sn = &self.snapshots;
