@@ -157,7 +157,8 @@ impl Member {
         let svc = RaftService::server(raft.clone());
         let executor: forward::Slot = Default::default();
         let forward_svc = forward::server(executor.clone());
-        let control = Control { id: config.id, raft: raft.clone(), network };
+        let control =
+            Control { id: config.id, raft: raft.clone(), network, closed: Default::default() };
         let membership_svc = membership::server(control.clone(), config.heartbeat * 40);
         // Replies are small frames written one after another: without TCP_NODELAY a frame
         // waits for the ACK of the one before it (Nagle's algorithm against delayed ACKs).
@@ -311,6 +312,12 @@ impl Member {
                 forward::send(channel, &addr, protocol, args, timeout).await
             }
         }
+    }
+
+    /// While `closed`, this member (as leader) adds no member: its engine holds data its log
+    /// does not, until [`Member::compact`] puts it in a snapshot.
+    pub fn close_membership(&self, closed: bool) {
+        self.control.closed.store(closed, std::sync::atomic::Ordering::Release);
     }
 
     /// Builds a snapshot of everything applied and purges the log up to it: from then on a

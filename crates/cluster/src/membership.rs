@@ -2,6 +2,7 @@
 //! one on the leader, or passes it there from a member that does not lead, so that a joining
 //! member (or an operator) needs the address of one member only.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::error::{ClientWriteError, RaftError};
@@ -62,6 +63,9 @@ pub(crate) struct Control {
     pub(crate) id: u64,
     pub(crate) raft: Raft<TypeConfig>,
     pub(crate) network: Network<TypeConfig>,
+    /// While set, no member is added: this member's engine holds data its log does not (a
+    /// restored backup) until a snapshot takes it in.
+    pub(crate) closed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Where a request for the leader goes from this member.
@@ -118,6 +122,13 @@ impl Control {
             return Err(Error::NotLeader { leader_id: m.current_leader, leader_addr });
         }
         match change {
+            Change::AddLearner { .. } if self.closed.load(std::sync::atomic::Ordering::Acquire) => {
+                Err(Error::Unavailable(
+                    "this member is taking in a restored keyspace: members can join once it is \
+                     in a snapshot"
+                        .into(),
+                ))
+            }
             Change::AddLearner { id, raft_addr } => {
                 let call = self.raft.add_learner(id, BasicNode::new(raft_addr), true);
                 bounded(call, timeout).await

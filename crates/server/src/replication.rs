@@ -198,6 +198,7 @@ impl Replication {
             runtime.spawn(join(member.clone(), via, cluster.timeout));
         }
         if let Some(marker) = seeded {
+            member.close_membership(true);
             runtime.spawn(take_in(member.clone(), cluster.timeout, marker));
         }
         let leader_changes = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -423,7 +424,10 @@ async fn take_in(member: Arc<Member>, timeout: Duration, marker: std::path::Path
     }
     match member.compact(timeout.max(Duration::from_secs(30))).await {
         Ok(()) => match std::fs::remove_file(&marker) {
-            Ok(()) => tracing::info!("the restored keyspace is in the cluster's first snapshot"),
+            Ok(()) => {
+                member.close_membership(false);
+                tracing::info!("the restored keyspace is in the cluster's first snapshot")
+            }
             Err(e) => tracing::error!(error = %e, marker = %marker.display(), "cannot remove"),
         },
         Err(e) => tracing::error!(

@@ -209,18 +209,18 @@ fn a_backup_seeds_a_new_cluster_whose_joining_members_receive_it() {
     let mut flags = flags.to_vec();
     flags.extend(["--restore-from", restore, "--sync", "always"]);
     let first = Timberd::start(dirs[0].path(), &flags);
+    // Member 2 asks to join at once: it is let in only once the data is in a snapshot.
+    let raft2 = format!("127.0.0.1:{}", free());
+    let second = Timberd::start(
+        dirs[1].path(),
+        &["--node-id", "2", "--raft-addr", &raft2, "--join", &raft1, "--sync", "always"],
+    );
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while dirs[0].path().join("restored-not-replicated").exists() {
         assert!(std::time::Instant::now() < deadline, "the restored data was not snapshotted");
         std::thread::sleep(Duration::from_millis(20));
     }
     let _: () = redis::cmd("SET").arg("after").arg("seed").query(&mut first.client()).unwrap();
-
-    let raft2 = format!("127.0.0.1:{}", free());
-    let second = Timberd::start(
-        dirs[1].path(),
-        &["--node-id", "2", "--raft-addr", &raft2, "--join", &raft1, "--sync", "always"],
-    );
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let mut local = second.client();
     let _: () = redis::cmd("READONLY").query(&mut local).unwrap();
