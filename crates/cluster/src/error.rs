@@ -77,6 +77,13 @@ pub enum Error {
     Hole(String),
 }
 
+impl From<openraft::error::ForwardToLeader<u64, openraft::BasicNode>> for Error {
+    /// openraft's refusal on a member that does not lead, naming the leader it knows.
+    fn from(f: openraft::error::ForwardToLeader<u64, openraft::BasicNode>) -> Error {
+        Error::NotLeader { leader_id: f.leader_id, leader_addr: f.leader_node.map(|n| n.addr) }
+    }
+}
+
 impl Error {
     /// The error of a call that served several callers, for each of them: leader and
     /// availability errors as they are (callers retry on them), the others as their message.

@@ -160,12 +160,7 @@ async fn round(raft: &Raft<TypeConfig>, taken: Vec<Waiting>) {
 async fn write(raft: &Raft<TypeConfig>, entry: Proposal, timeout: Duration) -> Result<LogId<u64>> {
     match tokio::time::timeout(timeout, raft.client_write(entry)).await {
         Ok(Ok(resp)) => Ok(resp.log_id),
-        Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
-            Err(Error::NotLeader {
-                leader_id: f.leader_id,
-                leader_addr: f.leader_node.map(|n| n.addr),
-            })
-        }
+        Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => Err(f.into()),
         Ok(Err(e)) => Err(Error::Raft(e.to_string())),
         Err(_) => Err(uncommitted(timeout)),
     }

@@ -85,12 +85,7 @@ async fn rounds(
 async fn round(raft: &Raft<TypeConfig>, timeout: Duration) -> Result<()> {
     match tokio::time::timeout(timeout, raft.ensure_linearizable()).await {
         Ok(Ok(_)) => Ok(()),
-        Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => {
-            Err(Error::NotLeader {
-                leader_id: f.leader_id,
-                leader_addr: f.leader_node.map(|n| n.addr),
-            })
-        }
+        Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => Err(f.into()),
         Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(q)))) => {
             Err(Error::Unavailable(q.to_string()))
         }
