@@ -21,11 +21,11 @@ pub(crate) const PROTOCOL: u8 = 0;
 const SCAN: &[u8] = b"scan";
 const BATCH_WRITE: &[u8] = b"batch-write";
 /// Pairs per forwarded scan page.
-pub(crate) const PAGE: usize = 1024;
+const PAGE: usize = 1024;
 
 /// On a member that does not lead: one page (up to `limit` pairs) of the linearizable scan of
 /// `[start, end)` under `prefix`, read by the leader. `None` on the leader.
-pub(crate) async fn scan_page(
+async fn scan_page(
     r: &Replication,
     prefix: &Bytes,
     start: &[u8],
@@ -125,7 +125,45 @@ async fn run_batch(engines: &Arc<Engines>, body: &Bytes) -> Result<Vec<u8>, Erro
     written.map(|()| pb::BatchWriteResponse {}.encode_to_vec())
 }
 
-/// [`scan_page`] repeated until `limit` pairs or the end of the range.
+/// A linearizable scan a member that does not lead reads from the leader, a page at a time.
+pub(crate) struct Pages {
+    prefix: Bytes,
+    end: Bytes,
+    /// Where the next page starts (just after the last key returned).
+    from: Vec<u8>,
+    /// Pairs still wanted (0: done).
+    left: usize,
+}
+
+impl Pages {
+    /// Up to `limit` pairs of `[start, end)` under `prefix`.
+    pub(crate) fn new(prefix: Bytes, start: &[u8], end: Bytes, limit: usize) -> Pages {
+        Pages { prefix, end, from: start.to_vec(), left: limit }
+    }
+
+    /// The next page, empty once the scan is over. `None` once this member leads.
+    pub(crate) async fn next(
+        &mut self,
+        r: &Replication,
+    ) -> Option<Result<Vec<(Bytes, Bytes)>, Error>> {
+        if self.left == 0 {
+            return Some(Ok(Vec::new()));
+        }
+        let want = PAGE.min(self.left);
+        let page = scan_page(r, &self.prefix, &self.from, &self.end, want).await?;
+        if let Ok(p) = &page {
+            // A short page is the end of the range.
+            self.left = if p.len() < want { 0 } else { self.left - p.len() };
+            if let Some((last, _)) = p.last() {
+                self.from = last.to_vec();
+                self.from.push(0);
+            }
+        }
+        Some(page)
+    }
+}
+
+/// Every page of a scan ([`Pages`]), gathered.
 pub(crate) async fn scan(
     r: &Replication,
     prefix: &Bytes,
@@ -133,22 +171,13 @@ pub(crate) async fn scan(
     end: &Bytes,
     limit: usize,
 ) -> Option<Result<Vec<(Bytes, Bytes)>, Error>> {
+    let mut pages = Pages::new(prefix.clone(), start, end.clone(), limit);
     let mut out = Vec::new();
-    let mut from = start.to_vec();
     loop {
-        let want = PAGE.min(limit - out.len());
-        let page = match scan_page(r, prefix, &from, end, want).await? {
-            Ok(p) => p,
+        match pages.next(r).await? {
+            Ok(p) if p.is_empty() => return Some(Ok(out)),
+            Ok(p) => out.extend(p),
             Err(e) => return Some(Err(e)),
-        };
-        let n = page.len();
-        if let Some((last, _)) = page.last() {
-            from = last.to_vec();
-            from.push(0);
-        }
-        out.extend(page);
-        if n < want || out.len() >= limit {
-            return Some(Ok(out));
         }
     }
 }

@@ -202,36 +202,26 @@ impl Kv for Service {
             // The leader reads each page (linearizable); they stream from here.
             let limit = if r.limit == 0 { usize::MAX } else { r.limit as usize };
             let (tx, rx) = mpsc::channel(64);
+            let mut pages = crate::forwarded::Pages::new(r.prefix, &r.start, r.end, limit);
             tokio::spawn(async move {
-                let (mut start, mut sent) = (r.start.to_vec(), 0usize);
                 loop {
-                    let want = crate::forwarded::PAGE.min(limit - sent);
-                    let page =
-                        match crate::forwarded::scan_page(&rep, &r.prefix, &start, &r.end, want)
-                            .await
-                        {
-                            Some(Ok(p)) => p,
-                            Some(Err(e)) => {
-                                let _ = tx.send(Err(key_status(e))).await;
-                                return;
-                            }
-                            None => {
-                                let msg = "this member took the lead during the scan: retry";
-                                let _ = tx.send(Err(Status::unavailable(msg))).await;
-                                return;
-                            }
-                        };
-                    let n = page.len();
+                    let page = match pages.next(&rep).await {
+                        Some(Ok(p)) if p.is_empty() => return,
+                        Some(Ok(p)) => p,
+                        Some(Err(e)) => {
+                            let _ = tx.send(Err(key_status(e))).await;
+                            return;
+                        }
+                        None => {
+                            let msg = "this member took the lead during the scan: retry";
+                            let _ = tx.send(Err(Status::unavailable(msg))).await;
+                            return;
+                        }
+                    };
                     for (key, value) in page {
-                        start = key.to_vec();
-                        start.push(0);
                         if tx.send(Ok(pb::KeyValue { key, value })).await.is_err() {
                             return;
                         }
-                    }
-                    sent += n;
-                    if n < want || sent >= limit {
-                        return;
                     }
                 }
             });
