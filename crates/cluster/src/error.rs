@@ -14,6 +14,10 @@ pub enum Error {
     #[error("state machine: {0}")]
     Kv(#[from] timber_kv::Error),
 
+    /// The state machine's stream store failed.
+    #[error("state machine streams: {0}")]
+    Stream(#[from] timber_stream::Error),
+
     /// A proposal writes under the keys the state machine keeps for itself.
     #[error("key {:?} is reserved for the cluster's own state", String::from_utf8_lossy(.0))]
     Reserved(Vec<u8>),

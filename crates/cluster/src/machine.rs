@@ -1,5 +1,6 @@
-//! `KvMachine`: the state machine of a timber cluster, a timber-kv database that every member
-//! applies the committed [`Proposal`]s to, and its snapshots.
+//! `KvMachine`: the state machine of a timber cluster, a timber-kv database (and, on a server,
+//! its stream store) that every member applies the committed [`Proposal`]s to, and its
+//! snapshots.
 //!
 //! Invariants:
 //! - the last applied log id and the membership are stored under reserved keys (first byte
@@ -10,10 +11,19 @@
 //!   a power loss that takes applied writes takes their applied id with them, so they are
 //!   replayed. The engine is synced before a snapshot is reported built, because openraft
 //!   purges the log up to a snapshot: what a purge drops is always durable in the engine;
+//! - the machine is the only writer of the stream store's streams; the stream writes of
+//!   entries are durable (their acks resolved) before the batch with their applied id is
+//!   written, so the streams are never behind the applied id. A replay after a restart may
+//!   find them ahead: stream writes are idempotent (an append carries the id of its first
+//!   record and a member skips the records it holds; creating an existing stream, truncating
+//!   below the start, deleting a missing stream change nothing);
+//! - a snapshot holds the keys and every stream's entries from one point between two applies
+//!   (an apply and the start of a build exclude each other);
 //! - a snapshot install writes an "installing" key (synced) before it touches the data and
 //!   removes it with the last batch; an open that finds it refuses to start
 //!   ([`Error::Corrupt`]), since the engine then holds a mix of two states.
 
+use std::collections::HashMap;
 use std::fs;
 use std::io::{Cursor, Write};
 use std::path::{Path, PathBuf};
@@ -27,6 +37,7 @@ use openraft::{
 };
 use serde::{Deserialize, Serialize};
 use timber_kv::{Db, Durability, WriteBatch};
+use timber_stream::{Ack, Start, StreamConfig, StreamWriter, Streams};
 
 use crate::error::{Error, Result};
 use crate::hard_state::sync_dir;
@@ -42,8 +53,10 @@ const SNAPSHOT_FILE: &str = "snapshot";
 const SNAPSHOT_TMP: &str = "snapshot.tmp";
 const SNAPSHOT_MAGIC: &[u8; 8] = b"TMBRSNAP";
 const SNAPSHOT_VERSION: u32 = 1;
-/// Version byte of a snapshot's data (what goes over the network).
-const DATA_VERSION: u8 = 1;
+/// Version byte of a snapshot's data (what goes over the network): 1 held keys only, 2 keys
+/// and streams.
+const DATA_VERSION: u8 = 2;
+const DATA_VERSION_KEYS_ONLY: u8 = 1;
 /// Writes of an apply or install are cut into batches of about this size (a batch must fit in
 /// one segment of the engine's WAL).
 const BATCH_BYTES: usize = 4 << 20;
@@ -59,6 +72,11 @@ pub struct KvMachine {
 
 struct Inner {
     db: Arc<Db>,
+    /// The stream store the stream writes of entries go to (a member without one refuses them).
+    streams: Option<Streams>,
+    /// The writer of each stream written since the machine opened. Held by an apply from
+    /// start to end, and by a snapshot build while it reads its view.
+    writers: tokio::sync::Mutex<HashMap<String, StreamWriter>>,
     dir: PathBuf,
     builds: AtomicU64,
     stats: parking_lot::Mutex<SnapshotStats>,
@@ -91,6 +109,21 @@ impl std::fmt::Debug for KvMachine {
 #[derive(Serialize, Deserialize)]
 struct SnapshotData {
     pairs: Vec<(Vec<u8>, Vec<u8>)>,
+    streams: Vec<StreamImage>,
+}
+
+/// Snapshot data of version 1.
+#[derive(Deserialize)]
+struct KeysOnly {
+    pairs: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// One stream in a snapshot: its name, the id of its first entry, and its entries.
+#[derive(Serialize, Deserialize)]
+struct StreamImage {
+    name: String,
+    first: u64,
+    records: Vec<Vec<u8>>,
 }
 
 /// The log id a state machine had applied at `snap`, a snapshot of its engine (what a backup
@@ -111,6 +144,7 @@ impl Proposal {
         for op in &self.ops {
             let key = match op {
                 Op::Put { key, .. } | Op::Delete { key } => key,
+                _ => continue,
             };
             if key.starts_with(RESERVED_PREFIX) {
                 return Err(Error::Reserved(key.clone()));
@@ -145,8 +179,9 @@ fn encode<T: Serialize>(v: &T) -> Vec<u8> {
 }
 
 impl KvMachine {
-    /// The state machine over `db`, keeping its current snapshot in `dir`.
-    pub fn open(db: Arc<Db>, dir: impl AsRef<Path>) -> Result<KvMachine> {
+    /// The state machine over `db` (and `streams`, if given: then it is the only writer of
+    /// that store's streams), keeping its current snapshot in `dir`.
+    pub fn open(db: Arc<Db>, streams: Option<Streams>, dir: impl AsRef<Path>) -> Result<KvMachine> {
         let dir = dir.as_ref().to_path_buf();
         fs::create_dir_all(&dir).map_err(|e| Error::io("create directory", &dir, e))?;
         if db.get(INSTALLING_KEY)?.is_some() {
@@ -162,6 +197,8 @@ impl KvMachine {
         Ok(KvMachine {
             inner: Arc::new(Inner {
                 db,
+                streams,
+                writers: Default::default(),
                 dir,
                 builds: AtomicU64::new(0),
                 stats: Default::default(),
@@ -231,24 +268,47 @@ impl KvMachine {
         Ok(Some((meta, body[data_at..].to_vec())))
     }
 
-    /// Reads a consistent view of the engine into snapshot data, with the applied id and
-    /// membership of that same view.
-    fn dump(&self) -> Result<(Option<LogId<u64>>, Membership, Vec<u8>)> {
-        let snap = self.inner.db.snapshot();
-        let db = &self.inner.db;
-        let applied = decode_key(db, APPLIED_KEY, snap.get(APPLIED_KEY)?)?;
-        let membership: Membership =
-            decode_key(db, MEMBERSHIP_KEY, snap.get(MEMBERSHIP_KEY)?)?.unwrap_or_default();
-        let mut pairs = Vec::new();
-        for r in snap.iter() {
-            let (k, v) = r?;
-            if !k.starts_with(RESERVED_PREFIX) {
-                pairs.push((k.to_vec(), v.to_vec()));
+    /// Reads a consistent view of the engine and the streams into snapshot data, with the
+    /// applied id and membership of that same view.
+    async fn dump(&self) -> Result<(Option<LogId<u64>>, Membership, Vec<u8>)> {
+        let (snap, streams) = {
+            // No apply runs while the view is taken: its keys and streams stand at one point.
+            let _applies = self.inner.writers.lock().await;
+            let snap = self.inner.db.snapshot();
+            let mut images = Vec::new();
+            if let Some(store) = &self.inner.streams {
+                for info in store.list()? {
+                    let mut r = store.reader(&info.name, Start::At(info.first_id))?;
+                    let mut records = Vec::new();
+                    while r.position() < info.next_id {
+                        let max = (info.next_id - r.position()).min(1024) as usize;
+                        records
+                            .extend(r.next_batch(max).await?.into_iter().map(|e| e.data.to_vec()));
+                    }
+                    images.push(StreamImage { name: info.name, first: info.first_id, records });
+                }
             }
-        }
-        let mut data = vec![DATA_VERSION];
-        data.extend_from_slice(&encode(&SnapshotData { pairs }));
-        Ok((applied, membership, data))
+            (snap, images)
+        };
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let db = &me.inner.db;
+            let applied = decode_key(db, APPLIED_KEY, snap.get(APPLIED_KEY)?)?;
+            let membership: Membership =
+                decode_key(db, MEMBERSHIP_KEY, snap.get(MEMBERSHIP_KEY)?)?.unwrap_or_default();
+            let mut pairs = Vec::new();
+            for r in snap.iter() {
+                let (k, v) = r?;
+                if !k.starts_with(RESERVED_PREFIX) {
+                    pairs.push((k.to_vec(), v.to_vec()));
+                }
+            }
+            let mut data = vec![DATA_VERSION];
+            data.extend_from_slice(&encode(&SnapshotData { pairs, streams }));
+            Ok((applied, membership, data))
+        })
+        .await
+        .map_err(|e| Error::Raft(format!("snapshot dump: {e}")))?
     }
 
     /// Snapshot builds and installs since the machine opened.
@@ -256,39 +316,101 @@ impl KvMachine {
         *self.inner.stats.lock()
     }
 
-    fn build(&self) -> Result<(Meta, Vec<u8>)> {
+    async fn build(&self) -> Result<(Meta, Vec<u8>)> {
         let started = std::time::Instant::now();
-        let (applied, membership, data) = self.dump()?;
-        // openraft purges the log up to this snapshot: the engine must hold it durably first.
-        self.inner.db.sync()?;
-        let n = self.inner.builds.fetch_add(1, Ordering::Relaxed);
-        let id = match applied {
-            Some(l) => format!("{}-{}-{}-{n}", l.leader_id.term, l.leader_id.node_id, l.index),
-            None => format!("none-{n}"),
-        };
-        let meta = Meta { last_log_id: applied, last_membership: membership, snapshot_id: id };
-        self.store_snapshot(&meta, &data)?;
-        let mut st = self.inner.stats.lock();
-        st.built += 1;
-        st.last_built_bytes = data.len() as u64;
-        st.last_build = started.elapsed();
-        Ok((meta, data))
+        let (applied, membership, data) = self.dump().await?;
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || {
+            // openraft purges the log up to this snapshot: the engine must hold it durably
+            // first (the streams' entries are durable once acknowledged).
+            me.inner.db.sync()?;
+            let n = me.inner.builds.fetch_add(1, Ordering::Relaxed);
+            let id = match applied {
+                Some(l) => format!("{}-{}-{}-{n}", l.leader_id.term, l.leader_id.node_id, l.index),
+                None => format!("none-{n}"),
+            };
+            let meta = Meta { last_log_id: applied, last_membership: membership, snapshot_id: id };
+            me.store_snapshot(&meta, &data)?;
+            let mut st = me.inner.stats.lock();
+            st.built += 1;
+            st.last_built_bytes = data.len() as u64;
+            st.last_build = started.elapsed();
+            Ok((meta, data))
+        })
+        .await
+        .map_err(|e| Error::Raft(format!("snapshot build: {e}")))?
     }
 
-    fn install(&self, meta: &Meta, data: &[u8]) -> Result<()> {
+    /// Replaces the machine's state by the snapshot's.
+    async fn install(&self, meta: &Meta, data: Vec<u8>) -> Result<()> {
         let started = std::time::Instant::now();
         let bad = |reason: String| Error::Corrupt { path: PathBuf::from("<snapshot>"), reason };
-        let body = match data.split_first() {
-            Some((&DATA_VERSION, rest)) => rest,
+        let snap = match data.split_first() {
+            Some((&DATA_VERSION, body)) => postcard::from_bytes::<SnapshotData>(body)
+                .map_err(|e| bad(format!("undecodable snapshot: {e}")))?,
+            Some((&DATA_VERSION_KEYS_ONLY, body)) => {
+                let k: KeysOnly = postcard::from_bytes(body)
+                    .map_err(|e| bad(format!("undecodable snapshot: {e}")))?;
+                SnapshotData { pairs: k.pairs, streams: Vec::new() }
+            }
             Some((v, _)) => return Err(bad(format!("unknown snapshot data version {v}"))),
             None => return Err(bad("empty snapshot data".into())),
         };
-        let snap: SnapshotData =
-            postcard::from_bytes(body).map_err(|e| bad(format!("undecodable snapshot: {e}")))?;
+        if !snap.streams.is_empty() && self.inner.streams.is_none() {
+            return Err(Error::Config(
+                "a snapshot with streams, on a member without a stream store".into(),
+            ));
+        }
+        let mut writers = self.inner.writers.lock().await;
+        let db = self.inner.db.clone();
+        let marked = tokio::task::spawn_blocking(move || {
+            let mut marker = WriteBatch::new();
+            marker.put(INSTALLING_KEY, b"1");
+            db.write_with(marker, Durability::Synced)
+        });
+        marked.await.map_err(|e| Error::Raft(format!("snapshot install: {e}")))??;
+        if let Some(store) = &self.inner.streams {
+            for (_, w) in writers.drain() {
+                // A writer that fails to close loses nothing the snapshot does not replace.
+                let _ = w.close().await;
+            }
+            for info in store.list()? {
+                match store.delete(&info.name).await {
+                    Ok(()) | Err(timber_stream::Error::NotFound { .. }) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            for image in &snap.streams {
+                store.create_at(&image.name, StreamConfig::default(), image.first).await?;
+                let w = store.writer(&image.name).await?;
+                for r in &image.records {
+                    drop(w.send(r.clone()).await?);
+                }
+                w.flush().await?;
+                writers.insert(image.name.clone(), w);
+            }
+        }
+        let me = self.clone();
+        let meta = meta.clone();
+        let installed = tokio::task::spawn_blocking(move || {
+            me.install_keys(&meta, &snap.pairs)?;
+            me.store_snapshot(&meta, &data)?;
+            Ok::<_, Error>(data.len())
+        });
+        let bytes =
+            installed.await.map_err(|e| Error::Raft(format!("snapshot install: {e}")))??;
+        drop(writers);
+        let mut st = self.inner.stats.lock();
+        st.installed += 1;
+        st.last_installed_bytes = bytes as u64;
+        st.last_install = started.elapsed();
+        Ok(())
+    }
+
+    /// The keyspace part of an install: replaces every pair, then the applied id and the
+    /// membership, removing the "installing" key with the last batch.
+    fn install_keys(&self, meta: &Meta, pairs: &[(Vec<u8>, Vec<u8>)]) -> Result<()> {
         let db = &self.inner.db;
-        let mut marker = WriteBatch::new();
-        marker.put(INSTALLING_KEY, b"1");
-        db.write_with(marker, Durability::Synced)?;
         // Delete what the snapshot does not hold, then write what it does.
         let mut batch = WriteBatch::new();
         for r in db.iter() {
@@ -300,7 +422,7 @@ impl KvMachine {
                 }
             }
         }
-        for (k, v) in &snap.pairs {
+        for (k, v) in pairs {
             batch.put(k, v);
             if batch.size() >= BATCH_BYTES {
                 self.write(std::mem::take(&mut batch))?;
@@ -313,16 +435,13 @@ impl KvMachine {
         batch.put(MEMBERSHIP_KEY, encode(&meta.last_membership));
         batch.delete(INSTALLING_KEY);
         db.write_with(batch, Durability::Synced)?;
-        self.store_snapshot(meta, data)?;
-        let mut st = self.inner.stats.lock();
-        st.installed += 1;
-        st.last_installed_bytes = data.len() as u64;
-        st.last_install = started.elapsed();
         Ok(())
     }
 
-    fn apply_entries(&self, entries: Vec<Entry<TypeConfig>>) -> Result<usize> {
+    async fn apply_entries(&self, entries: Vec<Entry<TypeConfig>>) -> Result<usize> {
         let n = entries.len();
+        let mut writers = self.inner.writers.lock().await;
+        let mut acks = Vec::new();
         let mut batch = WriteBatch::new();
         let mut last = None;
         for e in entries {
@@ -332,9 +451,14 @@ impl KvMachine {
                     p.check()?;
                     for op in p.ops {
                         match op {
-                            Op::Put { key, value } => batch.put(&key, &value),
-                            Op::Delete { key } => batch.delete(&key),
-                        };
+                            Op::Put { key, value } => {
+                                batch.put(&key, &value);
+                            }
+                            Op::Delete { key } => {
+                                batch.delete(&key);
+                            }
+                            op => self.apply_stream(&mut writers, op, &mut acks).await?,
+                        }
                     }
                 }
                 EntryPayload::Membership(m) => {
@@ -343,25 +467,120 @@ impl KvMachine {
             }
             last = Some(e.log_id);
             if batch.size() >= BATCH_BYTES {
+                durable(&mut acks).await?;
                 batch.put(APPLIED_KEY, encode(&e.log_id));
                 self.write(std::mem::take(&mut batch))?;
             }
         }
+        durable(&mut acks).await?;
         if let Some(id) = last {
             batch.put(APPLIED_KEY, encode(&id));
             self.write(batch)?;
         }
         Ok(n)
     }
+
+    /// Applies one stream write; the acks of appended records join `acks`.
+    async fn apply_stream(
+        &self,
+        writers: &mut HashMap<String, StreamWriter>,
+        op: Op,
+        acks: &mut Vec<Ack>,
+    ) -> Result<()> {
+        let Some(store) = &self.inner.streams else {
+            return Err(Error::Config("a stream write, on a member without a stream store".into()));
+        };
+        match op {
+            Op::Put { .. } | Op::Delete { .. } => {}
+            Op::StreamCreate { name } => match store.create(&name, StreamConfig::default()).await {
+                Ok(_) | Err(timber_stream::Error::AlreadyExists { .. }) => {}
+                Err(e) => return Err(e.into()),
+            },
+            Op::StreamAppend { name, at, records } => {
+                let mut attempt = 0;
+                loop {
+                    let w = match writers.entry(name.clone()) {
+                        std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+                        std::collections::hash_map::Entry::Vacant(v) => {
+                            v.insert(store.writer(&name).await?)
+                        }
+                    };
+                    let next = w.next_id();
+                    if at > next {
+                        return Err(Error::Corrupt {
+                            path: PathBuf::from(format!("<stream {name}>")),
+                            reason: format!("an append at id {at}, but the stream ends at {next}"),
+                        });
+                    }
+                    let held = (next - at) as usize;
+                    let mut sent = Ok(());
+                    for r in records.iter().skip(held) {
+                        match w.send(r.clone()).await {
+                            Ok(a) => acks.push(a),
+                            Err(e) => {
+                                sent = Err(e);
+                                break;
+                            }
+                        }
+                    }
+                    match sent {
+                        Ok(()) => break,
+                        // A writer that failed refuses everything after: open a new one, which
+                        // starts after what became durable, once.
+                        Err(e) if attempt == 0 => {
+                            tracing::warn!(stream = %name, error = %e, "stream writer failed; reopening");
+                            attempt += 1;
+                            acks.clear();
+                            writers.remove(&name);
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            }
+            Op::StreamTruncate { name, before } => {
+                durable(acks).await?;
+                match store.truncate(&name, before).await {
+                    Ok(_) | Err(timber_stream::Error::NotFound { .. }) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Op::StreamDelete { name } => {
+                durable(acks).await?;
+                if let Some(w) = writers.remove(&name) {
+                    let _ = w.close().await;
+                }
+                match store.delete(&name).await {
+                    Ok(()) | Err(timber_stream::Error::NotFound { .. }) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Flushes and closes every stream writer (each holds a task and an open segment); the next
+    /// append to a stream opens a new one. Waits for an apply under way.
+    pub async fn close_writers(&self) {
+        let mut writers = self.inner.writers.lock().await;
+        for (_, w) in writers.drain() {
+            if let Err(e) = w.close().await {
+                tracing::warn!(error = %e, "closing a stream writer failed");
+            }
+        }
+    }
+}
+
+/// Waits until every record in `acks` is durable.
+async fn durable(acks: &mut Vec<Ack>) -> Result<()> {
+    for a in acks.drain(..) {
+        a.await?;
+    }
+    Ok(())
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for KvMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<u64>> {
-        let me = self.clone();
-        let (meta, data) = tokio::task::spawn_blocking(move || me.build())
-            .await
-            .map_err(|e| StorageIOError::read_state_machine(&e))?
-            .map_err(read_err)?;
+        let (meta, data) = self.build().await.map_err(read_err)?;
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
     }
 }
@@ -380,7 +599,7 @@ impl RaftStateMachine<TypeConfig> for KvMachine {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let n = self.apply_entries(entries.into_iter().collect()).map_err(sm_err)?;
+        let n = self.apply_entries(entries.into_iter().collect()).await.map_err(sm_err)?;
         Ok(vec![(); n])
     }
 
@@ -399,12 +618,8 @@ impl RaftStateMachine<TypeConfig> for KvMachine {
         meta: &Meta,
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError<u64>> {
-        let me = self.clone();
-        let meta = meta.clone();
-        let data = snapshot.into_inner();
-        tokio::task::spawn_blocking(move || me.install(&meta, &data))
+        self.install(meta, snapshot.into_inner())
             .await
-            .map_err(|e| StorageIOError::write_snapshot(None, &e))?
             .map_err(|e| StorageIOError::write_snapshot(None, &e).into())
     }
 

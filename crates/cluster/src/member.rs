@@ -53,6 +53,9 @@ pub struct MemberConfig {
     pub snapshot_every: u64,
     /// Entries kept in the log behind a snapshot, for followers slightly behind.
     pub keep_after_snapshot: u64,
+    /// The stream store the stream writes of proposals go to; `None`: they are refused (a
+    /// member that replicates keys only).
+    pub streams: Option<timber_stream::Streams>,
 }
 
 impl MemberConfig {
@@ -69,6 +72,7 @@ impl MemberConfig {
             election_timeout: (Duration::from_millis(150), Duration::from_millis(300)),
             snapshot_every: 10_000,
             keep_after_snapshot: 1_000,
+            streams: None,
         }
     }
 
@@ -144,7 +148,7 @@ impl Member {
         }
         let raft_config = Arc::new(config.raft_config()?);
         let log = LogStore::<TypeConfig>::open(&config.dir, config.sync)?;
-        let machine = KvMachine::open(db, config.dir.join("machine"))?;
+        let machine = KvMachine::open(db, config.streams.clone(), config.dir.join("machine"))?;
         let addr = listener.local_addr().map_err(|e| Error::io("local address", "", e))?;
         // Connections to the others leave from the address this member listens on, when it
         // listens on one address (not on all of them).
@@ -348,6 +352,8 @@ impl Member {
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!("raft shutdown: {e}");
         }
+        // No apply runs any more: seal the streams' open segments.
+        self.machine.close_writers().await;
         let _ = stop.send(());
         if tokio::time::timeout(Duration::from_secs(2), &mut server).await.is_err() {
             server.abort();

@@ -1,5 +1,6 @@
 //! What the cluster replicates: a [`Proposal`] is the writes one client request produced on the
-//! leader, applied to every member's KV engine as one batch ([`crate::KvMachine`]).
+//! leader, applied to every member's engines ([`crate::KvMachine`]): its key writes as one KV
+//! batch, its stream writes to the member's stream store.
 //!
 //! The leader evaluates a request (reads, checks, ids and deadlines decided there) and proposes
 //! only its effect, so that members apply identical bytes without clocks or randomness; a
@@ -23,6 +24,34 @@ pub enum Op {
         /// The engine key.
         key: Vec<u8>,
     },
+    /// Create the stream `name`, empty (nothing if it exists).
+    StreamCreate {
+        /// The stream's name.
+        name: String,
+    },
+    /// Append `records` to the stream `name`, the first one at id `at`: the leader's end of
+    /// the stream when it proposed them. A member whose stream already holds some of them (a
+    /// replay after a restart) appends only the rest.
+    StreamAppend {
+        /// The stream's name.
+        name: String,
+        /// The id of the first record.
+        at: u64,
+        /// The records, in order.
+        records: Vec<Vec<u8>>,
+    },
+    /// Drop the entries of stream `name` below `before`.
+    StreamTruncate {
+        /// The stream's name.
+        name: String,
+        /// The first id kept.
+        before: u64,
+    },
+    /// Delete the stream `name` and its entries (nothing if it does not exist).
+    StreamDelete {
+        /// The stream's name.
+        name: String,
+    },
 }
 
 /// The writes of one client request, applied atomically on every member.
@@ -45,13 +74,48 @@ impl Proposal {
         self
     }
 
-    /// Bytes of keys and values.
+    /// Adds the creation of a stream.
+    pub fn create_stream(&mut self, name: impl Into<String>) -> &mut Self {
+        self.ops.push(Op::StreamCreate { name: name.into() });
+        self
+    }
+
+    /// Adds an append of `records` to a stream whose end is at id `at` on the leader.
+    pub fn append(&mut self, name: impl Into<String>, at: u64, records: Vec<Vec<u8>>) -> &mut Self {
+        self.ops.push(Op::StreamAppend { name: name.into(), at, records });
+        self
+    }
+
+    /// Adds a truncation of a stream below `before`.
+    pub fn truncate_stream(&mut self, name: impl Into<String>, before: u64) -> &mut Self {
+        self.ops.push(Op::StreamTruncate { name: name.into(), before });
+        self
+    }
+
+    /// Adds the deletion of a stream.
+    pub fn delete_stream(&mut self, name: impl Into<String>) -> &mut Self {
+        self.ops.push(Op::StreamDelete { name: name.into() });
+        self
+    }
+
+    /// Whether it holds no write.
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+
+    /// Bytes of keys, values, stream names and records.
     pub fn size(&self) -> usize {
         self.ops
             .iter()
             .map(|op| match op {
                 Op::Put { key, value } => key.len() + value.len(),
                 Op::Delete { key } => key.len(),
+                Op::StreamAppend { name, records, .. } => {
+                    name.len() + records.iter().map(Vec::len).sum::<usize>()
+                }
+                Op::StreamCreate { name }
+                | Op::StreamTruncate { name, .. }
+                | Op::StreamDelete { name } => name.len(),
             })
             .sum()
     }

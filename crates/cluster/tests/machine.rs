@@ -17,7 +17,7 @@ impl StoreBuilder<TypeConfig, LogStore<TypeConfig>, KvMachine, tempfile::TempDir
         let dir = tempfile::tempdir().unwrap();
         let log = LogStore::open(dir.path().join("log"), SyncMode::Always).unwrap();
         let db = Arc::new(Db::open(dir.path().join("db"), timber_kv::Options::default()).unwrap());
-        let machine = KvMachine::open(db, dir.path().join("machine")).unwrap();
+        let machine = KvMachine::open(db, None, dir.path().join("machine")).unwrap();
         Ok((dir, log, machine))
     }
 }

@@ -348,7 +348,13 @@ impl Meta {
         }
     }
 
-    pub(crate) fn create(&self, name: &str, config: StreamConfig) -> Result<StreamMeta> {
+    /// Records a new, empty stream whose first entry will get id `first_id`.
+    pub(crate) fn create(
+        &self,
+        name: &str,
+        config: StreamConfig,
+        first_id: u64,
+    ) -> Result<StreamMeta> {
         if name.is_empty() || name.len() > MAX_NAME {
             return Err(Error::InvalidParam(format!("stream names are 1 to {MAX_NAME} bytes")));
         }
@@ -367,8 +373,8 @@ impl Meta {
             id,
             name: name.to_string(),
             epoch: 0,
-            first_id: 0,
-            next_id: 0,
+            first_id,
+            next_id: first_id,
             next_segment: 0,
             open_segment: None,
             created_ms: now_ms(),

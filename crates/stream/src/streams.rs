@@ -187,8 +187,20 @@ impl Streams {
 
     /// Creates a stream.
     pub async fn create(&self, name: &str, config: StreamConfig) -> Result<StreamInfo> {
+        self.create_at(name, config, 0).await
+    }
+
+    /// Creates a stream whose first entry gets id `first_id`, as if `first_id` entries had
+    /// been appended and truncated: how a replica recreates a stream whose oldest entries were
+    /// dropped.
+    pub async fn create_at(
+        &self,
+        name: &str,
+        config: StreamConfig,
+        first_id: u64,
+    ) -> Result<StreamInfo> {
         let name = name.to_string();
-        let s = self.shared.blocking(move |sh| sh.meta.create(&name, config)).await?;
+        let s = self.shared.blocking(move |sh| sh.meta.create(&name, config, first_id)).await?;
         self.shared.add_watch(&s);
         Ok(info(&s))
     }

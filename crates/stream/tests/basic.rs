@@ -151,6 +151,30 @@ fn truncate_drops_whole_fragments_and_reports_truncated() {
 }
 
 #[test]
+fn a_stream_created_at_an_id_starts_there_and_keeps_it_across_a_reopen() {
+    each_backend(|p| async move {
+        let s = Streams::open(p.dir.path(), p.options()).await.unwrap();
+        let info = s.create_at("late", StreamConfig::default(), 1_000).await.unwrap();
+        assert_eq!((info.first_id, info.next_id), (1_000, 1_000));
+        let w = s.writer("late").await.unwrap();
+        assert_eq!(w.next_id(), 1_000);
+        for i in 0..3 {
+            assert_eq!(w.append(entry(i)).await.unwrap(), 1_000 + i);
+        }
+        w.close().await.unwrap();
+        s.close().await.unwrap();
+        let s = Streams::open(p.dir.path(), p.options()).await.unwrap();
+        let info = s.info("late").unwrap();
+        assert_eq!((info.first_id, info.next_id), (1_000, 1_003));
+        let mut r = s.reader("late", Start::Earliest).unwrap();
+        assert_eq!(r.next().await.unwrap().data, entry(0));
+        let mut r = s.reader("late", Start::At(10)).unwrap();
+        assert!(matches!(r.next().await, Err(Error::Truncated { first_available: 1_000 })));
+        assert_eq!(s.writer("late").await.unwrap().append(entry(3)).await.unwrap(), 1_003);
+    });
+}
+
+#[test]
 fn admin_list_delete_and_bad_input() {
     each_backend(|p| async move {
         let s = Streams::open(p.dir.path(), p.options()).await.unwrap();

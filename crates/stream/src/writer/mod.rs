@@ -151,6 +151,11 @@ impl StreamWriter {
         &self.name
     }
 
+    /// The id the next entry sent will get.
+    pub fn next_id(&self) -> u64 {
+        self.shared.state.lock().next_id
+    }
+
     /// This writer's epoch: opening a writer bumps it and fences every older one.
     pub fn epoch(&self) -> u64 {
         self.epoch
