@@ -71,12 +71,12 @@ impl Service {
     }
 }
 
-/// Streams are not replicated yet: in a cluster, their writes are refused.
+/// The gRPC and HTTP log streams are not replicated yet: in a cluster, their writes are refused.
 fn streams_replicated(engines: &Engines) -> Result<(), Status> {
     match engines.keys.replication() {
         None => Ok(()),
         Some(_) => Err(Status::unimplemented(
-            "streams are not replicated yet: stream writes are refused in a cluster",
+            "the log streams of the gRPC and HTTP APIs are not replicated yet: their writes are refused in a cluster (Redis streams are)",
         )),
     }
 }

@@ -82,13 +82,13 @@ fn unexpected(a: Answer) -> Failure {
     Failure(StatusCode::INTERNAL_SERVER_ERROR, format!("unexpected reply from the leader: {a:?}"))
 }
 
-/// Streams are not replicated yet: in a cluster, their writes are refused.
+/// The gRPC and HTTP log streams are not replicated yet: in a cluster, their writes are refused.
 fn streams_replicated(app: &App) -> Result<()> {
     match app.engines.keys.replication() {
         None => Ok(()),
         Some(_) => Err(Failure(
             StatusCode::NOT_IMPLEMENTED,
-            "streams are not replicated yet: stream writes are refused in a cluster".into(),
+            "the log streams of the gRPC and HTTP APIs are not replicated yet: their writes are refused in a cluster (Redis streams are)".into(),
         )),
     }
 }

@@ -158,23 +158,6 @@ impl Server {
             ),
             Err(e) => return Err(e).with_context(|| format!("cannot open {}", kv_dir.display())),
         };
-        if let Some(c) = &cfg.cluster {
-            let dir = cfg.data_dir.join("raft");
-            // Restored data stays marked until the cluster's first snapshot holds it (a crash in
-            // between must not let members join without it).
-            let seed = cfg.data_dir.join(replication::SEED_MARKER);
-            if cfg.restore_from.is_some() {
-                std::fs::write(&seed, b"")
-                    .and_then(|()| std::fs::File::open(&cfg.data_dir)?.sync_all())
-                    .with_context(|| format!("cannot write {}", seed.display()))?;
-            }
-            let seeded = seed.exists().then_some(seed);
-            let r = replication::Replication::start(c, cfg.sync, keys.db().clone(), dir, seeded)
-                .await
-                .with_context(|| format!("cannot start the cluster member {}", c.node_id))?;
-            tracing::info!(node_id = c.node_id, raft_addr = %c.raft_addr, "raft member started");
-            keys.replicate_through(Arc::new(r));
-        }
         let streams_dir = cfg.data_dir.join("streams");
         // Under `--sync always` on a runtime that runs `idle`, journal syncs run on parking
         // workers; otherwise (or without a socket pair to poke them) on the blocking pool.
@@ -197,6 +180,30 @@ impl Server {
                 .await
                 .with_context(|| format!("cannot open the stream store ({})", cfg.stream_store))?,
         );
+        if let Some(c) = &cfg.cluster {
+            let dir = cfg.data_dir.join("raft");
+            // Restored data stays marked until the cluster's first snapshot holds it (a crash in
+            // between must not let members join without it).
+            let seed = cfg.data_dir.join(replication::SEED_MARKER);
+            if cfg.restore_from.is_some() {
+                std::fs::write(&seed, b"")
+                    .and_then(|()| std::fs::File::open(&cfg.data_dir)?.sync_all())
+                    .with_context(|| format!("cannot write {}", seed.display()))?;
+            }
+            let seeded = seed.exists().then_some(seed);
+            let r = replication::Replication::start(
+                c,
+                cfg.sync,
+                keys.db().clone(),
+                redis_streams.store().clone(),
+                dir,
+                seeded,
+            )
+            .await
+            .with_context(|| format!("cannot start the cluster member {}", c.node_id))?;
+            tracing::info!(node_id = c.node_id, raft_addr = %c.raft_addr, "raft member started");
+            keys.replicate_through(Arc::new(r));
+        }
         let logs = Arc::new(Logs::new(redis_streams.store().clone()));
         let engines = Arc::new(Engines {
             keys: keys.clone(),
@@ -268,11 +275,12 @@ impl Server {
             let _ = t.await;
         }
         let e = &self.engines;
-        e.logs.close().await?;
-        e.redis_streams.close().await?;
+        // A member's state machine writes the streams: it stops before the stream store closes.
         if let Some(r) = e.keys.replication() {
             r.shutdown().await;
         }
+        e.logs.close().await?;
+        e.redis_streams.close().await?;
         let keys = e.keys.clone();
         tokio::task::spawn_blocking(move || keys.close()).await??;
         tracing::info!("timberd stopped; data synced");

@@ -17,6 +17,18 @@ use timber_wal::SyncMode;
 use crate::config::{Cluster, Sync};
 use crate::keyspace::Error;
 
+/// The proposal of a batch's writes.
+pub(crate) fn proposal_of(batch: &WriteBatch) -> Proposal {
+    let mut p = Proposal::default();
+    for (key, value) in batch.iter() {
+        match value {
+            Some(v) => p.put(key, v),
+            None => p.delete(key),
+        };
+    }
+    p
+}
+
 /// Runs `f`, which blocks: on a worker of a multi-thread runtime, after handing the worker's
 /// other tasks to another thread (a server in a cluster always runs on one, see
 /// [`crate::runtime`]); elsewhere (a blocking thread, a test's runtime) in place.
@@ -154,12 +166,14 @@ impl Replication {
         cluster: &Cluster,
         sync: Sync,
         db: Arc<Db>,
+        streams: timber_stream::Streams,
         dir: std::path::PathBuf,
         seeded: Option<std::path::PathBuf>,
     ) -> anyhow::Result<Replication> {
         // A member's engine holds only what the cluster applied: data written before it joined
         // would exist on this member alone.
-        if seeded.is_none() && !dir.exists() && db.iter().next().is_some() {
+        let streams_held = streams.list().map(|l| !l.is_empty()).unwrap_or(true);
+        if seeded.is_none() && !dir.exists() && (db.iter().next().is_some() || streams_held) {
             anyhow::bail!(
                 "{} holds data written outside the cluster: a new member starts from an empty \
                  data directory",
@@ -179,6 +193,7 @@ impl Replication {
             Sync::Manual => SyncMode::Manual,
         };
         config.heartbeat = cluster.heartbeat;
+        config.streams = Some(streams);
         config.election_timeout = (cluster.heartbeat * 3, cluster.heartbeat * 6);
         // A runtime may not be dropped on an async task: on failure it is shut down in the
         // background.
@@ -238,15 +253,49 @@ impl Replication {
         if batch.is_empty() {
             return Ok(());
         }
-        let mut p = Proposal::default();
-        for (key, value) in batch.iter() {
-            match value {
-                Some(v) => p.put(key, v),
-                None => p.delete(key),
-            };
-        }
+        self.commit_proposal(proposal_of(batch))
+    }
+
+    /// Replicates `p` (key and stream writes) and returns once it is committed and applied
+    /// here, blocking the calling thread.
+    pub(crate) fn commit_proposal(&self, p: Proposal) -> Result<(), Error> {
         let (member, timeout) = (self.member.clone(), self.timeout);
         self.wait(async move { member.propose(p, timeout).await.map(|_| ()) })
+    }
+
+    /// [`Replication::commit_proposal`] for async callers.
+    pub(crate) async fn propose(&self, p: Proposal) -> Result<(), Error> {
+        if p.is_empty() {
+            return Ok(());
+        }
+        let (member, timeout) = (self.member.clone(), self.timeout);
+        match self.handle.spawn(async move { member.propose(p, timeout).await }).await {
+            Ok(r) => r.map(|_| ()).map_err(cluster_error),
+            Err(_) => Err(Error::ClusterDown("the member stopped".into())),
+        }
+    }
+
+    /// Returns once this member may evaluate a write against its engine: it leads, and it
+    /// applied an entry of its own term, so that every entry committed by an earlier leader
+    /// is applied here (a new leader's engine may lag its log). A member that does not lead
+    /// returns at once: its proposal will be refused.
+    pub(crate) async fn fresh(&self) -> Result<(), Error> {
+        let fresh = |m: &timber_cluster::openraft::RaftMetrics<u64, _>| {
+            m.current_leader != Some(m.id)
+                || m.last_applied.is_some_and(|l| l.leader_id.term == m.current_term)
+        };
+        if fresh(&self.member.raft().metrics().borrow()) {
+            return Ok(());
+        }
+        let (member, timeout) = (self.member.clone(), self.timeout);
+        let waited = self.handle.spawn(async move {
+            member.raft().wait(Some(timeout)).metrics(fresh, "applied an entry of its term").await
+        });
+        match waited.await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(Error::ClusterDown(format!("the new leader is catching up: {e}"))),
+            Err(_) => Err(Error::ClusterDown("the member stopped".into())),
+        }
     }
 
     /// Returns once a read of the local engine is linearizable (this member leads, a quorum
@@ -272,6 +321,29 @@ impl Replication {
         args: Vec<bytes::Bytes>,
     ) -> Result<Vec<u8>, Error> {
         let (member, timeout) = (self.member.clone(), self.timeout);
+        let call = self
+            .handle
+            .spawn(async move { member.forward(u32::from(protocol), args, timeout).await });
+        match call.await {
+            Ok(r) => r.map_err(cluster_error),
+            Err(_) => Err(Error::ClusterDown("the member stopped".into())),
+        }
+    }
+
+    /// [`Replication::forward`] of a command that may block on the leader for `block` (`Some(None)`:
+    /// without limit) beyond the usual timeout.
+    pub(crate) async fn forward_blocking(
+        &self,
+        protocol: u8,
+        args: Vec<bytes::Bytes>,
+        block: Option<Option<Duration>>,
+    ) -> Result<Vec<u8>, Error> {
+        // A day stands for "no limit": the call ends sooner if the leader goes.
+        let block = match block {
+            None => Duration::ZERO,
+            Some(b) => b.unwrap_or(Duration::from_secs(86_400)),
+        };
+        let (member, timeout) = (self.member.clone(), self.timeout + block);
         let call = self
             .handle
             .spawn(async move { member.forward(u32::from(protocol), args, timeout).await });

@@ -140,11 +140,33 @@ async fn run_stream(
         }
     };
     let Handler::Streams(handler) = command.handler else { return };
-    if ep.keys.replication().is_some() {
-        settle(later, s.proto, out).await;
-        Reply::err("streams are not replicated yet: stream commands are refused in a cluster")
-            .encode(s.proto, out);
-        return;
+    if let Some(r) = ep.keys.replication() {
+        // As for keys: a member that does not lead passes writes and linearizable reads to the
+        // leader (a blocking read waits there); the leader evaluates writes once it applied
+        // what earlier leaders committed, and reads after a read barrier.
+        let leader_only = command.is(WRITE) || (command.is(READONLY) && !s.stale_reads);
+        let barrier = if s.forwarded || r.is_leader() {
+            match (command.is(WRITE), leader_only) {
+                (true, _) => Some(r.fresh().await),
+                (false, true) => Some(r.read_barrier_async().await),
+                _ => None,
+            }
+        } else if leader_only {
+            settle(later, s.proto, out).await;
+            let block = block_arg(item.request);
+            match r.forward_blocking(s.proto, item.request.to_vec(), block).await {
+                Ok(reply) => out.extend_from_slice(&reply),
+                Err(e) => Reply::Error(e.to_string()).encode(s.proto, out),
+            }
+            return;
+        } else {
+            None
+        };
+        if let Some(Err(e)) = barrier {
+            settle(later, s.proto, out).await;
+            Reply::Error(e.to_string()).encode(s.proto, out);
+            return;
+        }
     }
     if !command.is(APPEND) {
         settle(later, s.proto, out).await;
@@ -172,6 +194,15 @@ async fn run_stream(
     }
 }
 
+/// The `BLOCK <ms>` of XREAD and XREADGROUP: `None` without one, `Some(None)` for `BLOCK 0`
+/// (no limit), `Some(Some(ms))` otherwise (a bad value blocks for no time: the command itself
+/// refuses it).
+fn block_arg(request: &[Bytes]) -> Option<Option<std::time::Duration>> {
+    let at = request.iter().position(|a| a.eq_ignore_ascii_case(b"BLOCK"))?;
+    let ms: u64 = std::str::from_utf8(request.get(at + 1)?).ok()?.parse().ok()?;
+    Some((ms > 0).then(|| std::time::Duration::from_millis(ms)))
+}
+
 /// Runs a run of keyspace (and connection) commands; under `--sync always`, one sync covers
 /// its writes before any of its replies.
 async fn run_keys(ep: &Arc<Endpoint>, s: &mut Session, run: &[Item<'_>], out: &mut BytesMut) {
@@ -192,15 +223,21 @@ async fn run_keys(ep: &Arc<Endpoint>, s: &mut Session, run: &[Item<'_>], out: &m
     let replication = ep.keys.replication();
     let follower = replication.is_some_and(|r| !r.is_leader()) && !s.forwarded;
     if let Some(r) = replication.filter(|_| !follower) {
+        // A new leader evaluates writes (INCR, SET NX...) once it applied what earlier
+        // leaders committed.
+        let writes = run.iter().any(|it| it.command.is_some_and(|(_, c)| c.is(WRITE)));
+        let fresh = if writes { r.fresh().await } else { Ok(()) };
         let reads = run.iter().any(|it| it.command.is_some_and(|(_, c)| c.is(READONLY)));
-        if reads && !s.stale_reads {
-            if let Err(e) = r.read_barrier() {
-                let reply = Reply::Error(e.to_string());
-                for _ in run {
-                    reply.encode(s.proto, out);
-                }
-                return;
+        let barrier = match fresh {
+            Ok(()) if reads && !s.stale_reads => r.read_barrier(),
+            other => other,
+        };
+        if let Err(e) = barrier {
+            let reply = Reply::Error(e.to_string());
+            for _ in run {
+                reply.encode(s.proto, out);
             }
+            return;
         }
     }
     let mut left = run;

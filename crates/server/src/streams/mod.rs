@@ -10,6 +10,13 @@
 //! Each entry of the timber stream is `[ms u64 LE][seq u64 LE][count u32 LE]` followed by `count`
 //! fields and values, each `[len u32 LE][bytes]`.
 //!
+//! In a cluster every write here is a proposal of the leader ([`crate::replication`]): the key
+//! writes with the stream writes they go with (create, append at the leader's end of the
+//! stream, truncate, delete), applied by every member's state machine, which is then the only
+//! writer of the stream store. The leader evaluates them (ids, uids, group state) once it has
+//! applied everything earlier leaders committed, holding the stream's locks until its
+//! proposal is applied.
+//!
 //! Invariants: entry ids strictly increase along a timber stream's dense ids (one writer per
 //! stream in this process, ids assigned under its tail lock in send order), so id lookups are
 //! binary searches; a key, its reverse entry and the uid counter are written in one synced batch
@@ -134,6 +141,25 @@ fn decode_entry(data: &Bytes) -> Option<Entry> {
         at = end;
     }
     (at == data.len()).then_some(Entry { id, fields })
+}
+
+/// What tells an XADD's caller that its entry is durable.
+#[derive(Debug)]
+pub(crate) enum Appended {
+    /// Resolves once the entry is durable (a single node's stream writer).
+    Ack(Ack),
+    /// Durable already: a cluster applied it (a majority's Raft logs hold it).
+    Applied,
+}
+
+impl Appended {
+    /// Resolves once the entry is durable.
+    pub(crate) async fn durable(self) -> Result<()> {
+        match self {
+            Appended::Ack(a) => a.await.map(|_| ()).map_err(Error::from),
+            Appended::Applied => Ok(()),
+        }
+    }
 }
 
 /// How XADD picks the new entry's id.
@@ -293,6 +319,15 @@ impl StreamSpace {
             Keyspace::put_into(&mut b, key, &v);
             b.put(reverse_key(uid), key);
             b.put(b"u", (uid + 1).to_le_bytes());
+            if let Some(r) = self.keys.replication() {
+                let mut p = crate::replication::proposal_of(&b);
+                p.create_stream(stream_name(uid));
+                r.commit_proposal(p)?;
+                drop(_u);
+                drop(_g);
+                self.created.send_modify(|n| *n += 1);
+                return Ok(h);
+            }
             // Synced in every mode: a uid must never be handed out twice.
             db.write_with(b, timber_kv::Durability::Synced).map_err(keyspace::Error::from)?;
             h
@@ -378,7 +413,8 @@ impl StreamSpace {
     }
 
     async fn load_last(&self, h: &Handle, tail: &mut Tail) -> Result<StreamId> {
-        if let Some(l) = tail.last {
+        // In a cluster the state machine appends: what this member added last says nothing.
+        if let Some(l) = tail.last.filter(|_| self.keys.replication().is_none()) {
             return Ok(l.max(h.floor));
         }
         let (first, next) = self.bounds(h.uid)?;
@@ -393,8 +429,8 @@ impl StreamSpace {
         Ok(last)
     }
 
-    /// XADD: adds an entry, creating the stream unless `must_exist`. Returns its id and the ack
-    /// that resolves once it is durable (and readable); `None` if the key does not exist and
+    /// XADD: adds an entry, creating the stream unless `must_exist`. Returns its id and what
+    /// says once it is durable (and readable); `None` if the key does not exist and
     /// `must_exist`.
     pub(crate) async fn add(
         &self,
@@ -402,7 +438,7 @@ impl StreamSpace {
         new: NewId,
         fields: &[Bytes],
         must_exist: bool,
-    ) -> Result<Option<(StreamId, Ack)>> {
+    ) -> Result<Option<(StreamId, Appended)>> {
         if let NewId::Exact(StreamId::MIN) = new {
             return Err(reject("ERR The ID specified in XADD must be greater than 0-0"));
         }
@@ -439,6 +475,19 @@ impl StreamSpace {
             NewId::Exact(_) => return Err(too_small()),
         };
         let data = encode_entry(id, fields);
+        if let Some(r) = self.keys.replication() {
+            let max = timber_stream::WriterOptions::local().max_entry_bytes;
+            if data.len() > max {
+                return Err(reject(format!(
+                    "ERR entry of {} bytes exceeds {max} bytes",
+                    data.len()
+                )));
+            }
+            let mut p = timber_cluster::Proposal::default();
+            p.append(stream_name(h.uid), self.bounds(h.uid)?.1, vec![data.to_vec()]);
+            r.propose(p).await?;
+            return Ok(Some((id, Appended::Applied)));
+        }
         let mut attempt = 0;
         let ack = loop {
             if tail.writer.is_none() {
@@ -462,7 +511,7 @@ impl StreamSpace {
         };
         tail.last = Some(id);
         tail.used = Some(std::time::Instant::now());
-        Ok(Some((id, ack)))
+        Ok(Some((id, Appended::Ack(ack))))
     }
 
     /// Number of entries.
@@ -552,6 +601,18 @@ impl StreamSpace {
         if before <= first {
             return Ok(0);
         }
+        if let Some(r) = self.keys.replication() {
+            // One proposal: the floor (when emptying, see below) with the truncation.
+            let mut b = WriteBatch::new();
+            if before >= next {
+                let last = self.last_id(h).await?;
+                self.floor_into(&mut b, key, h, last)?;
+            }
+            let mut p = crate::replication::proposal_of(&b);
+            p.truncate_stream(stream_name(h.uid), before);
+            r.propose(p).await?;
+            return Ok(before - first);
+        }
         if before >= next {
             // Emptying the stream: remember its last id first, so ids keep growing.
             let last = self.last_id(h).await?;
@@ -562,20 +623,33 @@ impl StreamSpace {
     }
 
     async fn set_floor(&self, key: &[u8], h: &Handle, floor: StreamId) -> Result<()> {
-        {
-            let _g = self.keys.lock(key);
-            let Some(mut v) = self.keys.get(key)? else { return Ok(()) };
-            if v.kind != Kind::Stream || Handle::decode(key, &v.data)?.uid != h.uid {
-                return Ok(());
-            }
-            v.data = Handle { uid: h.uid, floor }.encode();
-            let mut b = WriteBatch::new();
-            Keyspace::put_into(&mut b, key, &v);
+        let _g = self.keys.lock(key);
+        let mut b = WriteBatch::new();
+        self.floor_into(&mut b, key, h, floor)?;
+        if !b.is_empty() {
             self.keys
                 .db()
                 .write_with(b, timber_kv::Durability::Synced)
                 .map_err(keyspace::Error::from)?;
         }
+        Ok(())
+    }
+
+    /// Adds to `b` the write of `floor` into the handle of `key`, if it still names `h`'s
+    /// stream.
+    fn floor_into(
+        &self,
+        b: &mut WriteBatch,
+        key: &[u8],
+        h: &Handle,
+        floor: StreamId,
+    ) -> Result<()> {
+        let Some(mut v) = self.keys.get(key)? else { return Ok(()) };
+        if v.kind != Kind::Stream || Handle::decode(key, &v.data)?.uid != h.uid {
+            return Ok(());
+        }
+        v.data = Handle { uid: h.uid, floor }.encode();
+        Keyspace::put_into(b, key, &v);
         Ok(())
     }
 
@@ -864,6 +938,9 @@ impl StreamSpace {
         if b.is_empty() {
             return Ok(());
         }
+        if let Some(r) = self.keys.replication() {
+            return Ok(r.propose(crate::replication::proposal_of(&b)).await?);
+        }
         self.keys.db().write_with(b, self.keys.durability()).map_err(keyspace::Error::from)?;
         Ok(self.keys.durable().await?)
     }
@@ -871,6 +948,13 @@ impl StreamSpace {
     /// Deletes the timber streams and consumer groups of stream keys that are gone (deleted,
     /// overwritten, expired, flushed). Returns how many streams it deleted.
     pub(crate) async fn collect_garbage(&self) -> Result<u64> {
+        // In a cluster the leader collects, as proposals every member applies.
+        if let Some(r) = self.keys.replication() {
+            if !r.is_leader() {
+                return Ok(0);
+            }
+            r.fresh().await?;
+        }
         let db = self.keys.db();
         let mut gone = Vec::new();
         for kv in db.prefix(b"r") {
@@ -896,13 +980,19 @@ impl StreamSpace {
                     let _ = w.close().await;
                 }
             }
+            let mut b = WriteBatch::new();
+            group::destroy_all(db, &mut b, *uid)?;
+            b.delete(reverse_key(*uid));
+            if let Some(r) = self.keys.replication() {
+                let mut p = crate::replication::proposal_of(&b);
+                p.delete_stream(stream_name(*uid));
+                r.propose(p).await?;
+                continue;
+            }
             match self.streams.delete(&stream_name(*uid)).await {
                 Ok(()) | Err(timber_stream::Error::NotFound { .. }) => {}
                 Err(e) => return Err(e.into()),
             }
-            let mut b = WriteBatch::new();
-            group::destroy_all(db, &mut b, *uid)?;
-            b.delete(reverse_key(*uid));
             db.write_with(b, self.keys.durability()).map_err(keyspace::Error::from)?;
         }
         Ok(gone.len() as u64)
@@ -980,7 +1070,7 @@ mod tests {
         for round in 0..3 {
             for _ in 0..5 {
                 let (id, ack) = space.add(b"s", NewId::Auto, &f, false).await.unwrap().unwrap();
-                ack.await.unwrap();
+                ack.durable().await.unwrap();
                 ids.push(id);
             }
             let first = logs.append("plain", vec![Bytes::from(format!("r{round}"))]).await.unwrap();

@@ -234,9 +234,9 @@ async fn xadd(cx: &mut StreamContext<'_>, a: Args<'_>) -> R<Outcome> {
         // The common case, kept small: this future is boxed for every XADD.
         return Ok(Outcome::Later(
             async move {
-                match ack.await {
-                    Ok(_) => reply,
-                    Err(e) => error(e.into()),
+                match ack.durable().await {
+                    Ok(()) => reply,
+                    Err(e) => error(e),
                 }
             }
             .boxed(),
@@ -245,8 +245,8 @@ async fn xadd(cx: &mut StreamContext<'_>, a: Args<'_>) -> R<Outcome> {
     let space = cx.space.clone();
     Ok(Outcome::Later(
         async move {
-            if let Err(e) = ack.await {
-                return error(e.into());
+            if let Err(e) = ack.durable().await {
+                return error(e);
             }
             match space.handle(&key) {
                 Ok(Some(h)) => {
