@@ -418,7 +418,8 @@ fn problem(e: &object_store::Error) -> String {
         source = s.source();
     }
     if matches!(e, E::Unauthenticated { .. } | E::PermissionDenied { .. })
-        || ["403", "forbidden", "accessdenied", "signaturedoesnotmatch", "invalidaccesskeyid"]
+        // Not the bare status code: "403" also turns up in a request's timing ("237.403µs").
+        || ["forbidden", "accessdenied", "signaturedoesnotmatch", "invalidaccesskeyid"]
             .iter()
             .any(|w| all.contains(w))
     {
@@ -448,4 +449,27 @@ fn injected() -> object_store::Error {
 
 pub(crate) fn is_not_found(e: &Error) -> bool {
     matches!(e, Error::Store { source: object_store::Error::NotFound { .. }, .. })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::problem;
+
+    fn generic(text: &str) -> object_store::Error {
+        object_store::Error::Generic { store: "S3", source: text.to_string().into() }
+    }
+
+    #[test]
+    fn a_failed_probe_is_told_by_its_cause_not_by_digits_in_its_timing() {
+        let refused = generic(
+            "Error performing PUT http://127.0.0.1:9/b/.probe in 237.403µs - HTTP error: error \
+             sending request: tcp connect error: Connection refused (os error 111)",
+        );
+        assert!(problem(&refused).starts_with("the endpoint cannot be reached"));
+        let forbidden =
+            generic("Client error with status 403 Forbidden: <Code>AccessDenied</Code>");
+        assert!(problem(&forbidden).starts_with("the credentials were refused"));
+        let bucket = generic("<Code>NoSuchBucket</Code>");
+        assert!(problem(&bucket).starts_with("the bucket does not exist"));
+    }
 }
