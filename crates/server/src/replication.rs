@@ -269,8 +269,16 @@ impl Replication {
             return Ok(());
         }
         let (member, timeout) = (self.member.clone(), self.timeout);
-        match self.handle.spawn(async move { member.propose(p, timeout).await }).await {
-            Ok(r) => r.map(|_| ()).map_err(cluster_error),
+        self.on_raft(async move { member.propose(p, timeout).await.map(|_| ()) }).await
+    }
+
+    /// Runs `f` on the Raft runtime and awaits it (without holding a thread of the caller's).
+    async fn on_raft<T: Send + 'static>(
+        &self,
+        f: impl std::future::Future<Output = timber_cluster::Result<T>> + Send + 'static,
+    ) -> Result<T, Error> {
+        match self.handle.spawn(f).await {
+            Ok(r) => r.map_err(cluster_error),
             Err(_) => Err(Error::ClusterDown("the member stopped".into())),
         }
     }
@@ -308,10 +316,7 @@ impl Replication {
     /// [`Replication::read_barrier`] for async callers.
     pub(crate) async fn read_barrier_async(&self) -> Result<(), Error> {
         let (member, timeout) = (self.member.clone(), self.timeout);
-        match self.handle.spawn(async move { member.read_barrier(timeout).await }).await {
-            Ok(r) => r.map_err(cluster_error),
-            Err(_) => Err(Error::ClusterDown("the member stopped".into())),
-        }
+        self.on_raft(async move { member.read_barrier(timeout).await }).await
     }
 
     /// Passes a client's command to the leader; its reply, encoded for `protocol`.
@@ -320,14 +325,7 @@ impl Replication {
         protocol: u8,
         args: Vec<bytes::Bytes>,
     ) -> Result<Vec<u8>, Error> {
-        let (member, timeout) = (self.member.clone(), self.timeout);
-        let call = self
-            .handle
-            .spawn(async move { member.forward(u32::from(protocol), args, timeout).await });
-        match call.await {
-            Ok(r) => r.map_err(cluster_error),
-            Err(_) => Err(Error::ClusterDown("the member stopped".into())),
-        }
+        self.forward_blocking(protocol, args, None).await
     }
 
     /// [`Replication::forward`] of a command that may block on the leader for `block` (`Some(None)`:
@@ -344,13 +342,7 @@ impl Replication {
             Some(b) => b.unwrap_or(Duration::from_secs(86_400)),
         };
         let (member, timeout) = (self.member.clone(), self.timeout + block);
-        let call = self
-            .handle
-            .spawn(async move { member.forward(u32::from(protocol), args, timeout).await });
-        match call.await {
-            Ok(r) => r.map_err(cluster_error),
-            Err(_) => Err(Error::ClusterDown("the member stopped".into())),
-        }
+        self.on_raft(async move { member.forward(u32::from(protocol), args, timeout).await }).await
     }
 
     /// On a member that does not lead, runs the Redis-protocol command `args` on the leader

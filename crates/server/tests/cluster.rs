@@ -23,6 +23,20 @@ struct Cluster {
 }
 
 impl Cluster {
+    /// Three members, each in its own temporary directory, started.
+    fn three_started() -> Cluster {
+        let mut c = Cluster {
+            dirs: (0..3).map(|_| tempfile::tempdir().unwrap()).collect(),
+            raft_ports: (0..3).map(|_| free_port()).collect(),
+            nodes: vec![None, None, None],
+            paused: None,
+        };
+        for i in 0..3 {
+            c.start(i);
+        }
+        c
+    }
+
     fn flags(&self, i: usize) -> Vec<String> {
         let initial: Vec<String> = self
             .raft_ports
@@ -150,15 +164,7 @@ impl Cluster {
 
 #[test]
 fn three_timberds_replicate_fail_over_and_rejoin() {
-    let mut c = Cluster {
-        dirs: (0..3).map(|_| tempfile::tempdir().unwrap()).collect(),
-        raft_ports: (0..3).map(|_| free_port()).collect(),
-        nodes: vec![None, None, None],
-        paused: None,
-    };
-    for i in 0..3 {
-        c.start(i);
-    }
+    let mut c = Cluster::three_started();
     c.leader();
     for i in 0..50 {
         let (k, v) = (format!("k{i}"), format!("v{i}"));
@@ -389,15 +395,7 @@ impl Cluster {
 
 #[test]
 fn acknowledged_writes_survive_repeated_kills_a_stopped_leader_and_a_whole_cluster_restart() {
-    let mut c = Cluster {
-        dirs: (0..3).map(|_| tempfile::tempdir().unwrap()).collect(),
-        raft_ports: (0..3).map(|_| free_port()).collect(),
-        nodes: vec![None, None, None],
-        paused: None,
-    };
-    for i in 0..3 {
-        c.start(i);
-    }
+    let mut c = Cluster::three_started();
     c.leader();
     let mut acked = Vec::new();
     let write = |c: &Cluster, acked: &mut Vec<(String, String)>, round: &str, n: usize| {
@@ -592,15 +590,7 @@ fn local_ids(c: &Cluster, i: usize) -> Vec<String> {
 
 #[test]
 fn redis_streams_and_their_groups_replicate_through_any_member_and_a_failover() {
-    let mut c = Cluster {
-        dirs: (0..3).map(|_| tempfile::tempdir().unwrap()).collect(),
-        raft_ports: (0..3).map(|_| free_port()).collect(),
-        nodes: vec![None, None, None],
-        paused: None,
-    };
-    for i in 0..3 {
-        c.start(i);
-    }
+    let mut c = Cluster::three_started();
     let leader = c.leader();
     // Appends through every member: a follower passes them to the leader.
     for n in 1..=30 {
