@@ -673,14 +673,43 @@ impl Client {
         })
     }
 
-    /// Opens a reader from `start`; with `follow`, it waits at the tail for new entries.
+    /// Opens a reader from `start`; with `follow`, it waits at the tail for new entries. In a
+    /// cluster it sees every entry committed before the call, through any member.
     pub async fn reader(&self, name: &str, start: Start, follow: bool) -> Result<StreamReader> {
+        self.reader_with(name, start, follow, false).await
+    }
+
+    /// [`Client::reader`] of the server's own copy of the stream: in a cluster, a member that
+    /// does not lead may lag the leader's.
+    pub async fn reader_stale(
+        &self,
+        name: &str,
+        start: Start,
+        follow: bool,
+    ) -> Result<StreamReader> {
+        self.reader_with(name, start, follow, true).await
+    }
+
+    async fn reader_with(
+        &self,
+        name: &str,
+        start: Start,
+        follow: bool,
+        stale: bool,
+    ) -> Result<StreamReader> {
         let (start, id) = match start {
             Start::Earliest => (pb::StartAt::Earliest, 0),
             Start::Latest => (pb::StartAt::Latest, 0),
             Start::At(id) => (pb::StartAt::Id, id),
         };
-        let m = pb::ReadRequest { stream: name.into(), start: start as i32, id, follow, limit: 0 };
+        let m = pb::ReadRequest {
+            stream: name.into(),
+            start: start as i32,
+            id,
+            follow,
+            limit: 0,
+            stale,
+        };
         let inner = self.once("read", self.streams().read(self.request(m))).await?;
         Ok(StreamReader { inner })
     }

@@ -29,7 +29,7 @@ pub use crate::machine::{applied_in, KvMachine, SnapshotStats, RESERVED_PREFIX};
 pub use crate::member::{Member, MemberConfig};
 pub use crate::membership::Change;
 pub use crate::network::{Connection, Network, RaftService};
-pub use crate::types::{Op, Proposal, TypeConfig};
+pub use crate::types::{Op, Proposal, Retention, TypeConfig};
 
 /// openraft, as this crate uses it (its metrics and handle types appear in the API).
 pub use openraft;

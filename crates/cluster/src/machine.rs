@@ -41,7 +41,7 @@ use timber_stream::{Ack, Start, StreamConfig, StreamWriter, Streams};
 
 use crate::error::{Error, Result};
 use crate::hard_state::sync_dir;
-use crate::types::{Op, Proposal, TypeConfig};
+use crate::types::{Op, Proposal, Retention, TypeConfig};
 
 /// Engine keys the state machine keeps for itself; no proposal may write under this prefix.
 pub const RESERVED_PREFIX: &[u8] = b"\x00raft/";
@@ -54,8 +54,9 @@ const SNAPSHOT_TMP: &str = "snapshot.tmp";
 const SNAPSHOT_MAGIC: &[u8; 8] = b"TMBRSNAP";
 const SNAPSHOT_VERSION: u32 = 1;
 /// Version byte of a snapshot's data (what goes over the network): 1 held keys only, 2 keys
-/// and streams.
-const DATA_VERSION: u8 = 2;
+/// and streams, 3 keys and streams with their retention.
+const DATA_VERSION: u8 = 3;
+const DATA_VERSION_STREAMS: u8 = 2;
 const DATA_VERSION_KEYS_ONLY: u8 = 1;
 /// Writes of an apply or install are cut into batches of about this size (a batch must fit in
 /// one segment of the engine's WAL).
@@ -118,10 +119,25 @@ struct KeysOnly {
     pairs: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
-/// One stream in a snapshot: its name, the id of its first entry, and its entries.
+/// Snapshot data of version 2: streams without their retention.
+#[derive(Deserialize)]
+struct StreamsV2 {
+    pairs: Vec<(Vec<u8>, Vec<u8>)>,
+    streams: Vec<StreamImageV2>,
+}
+
+#[derive(Deserialize)]
+struct StreamImageV2 {
+    name: String,
+    first: u64,
+    records: Vec<Vec<u8>>,
+}
+
+/// One stream in a snapshot: its name, retention, the id of its first entry, and its entries.
 #[derive(Serialize, Deserialize)]
 struct StreamImage {
     name: String,
+    retention: Retention,
     first: u64,
     records: Vec<Vec<u8>>,
 }
@@ -285,7 +301,12 @@ impl KvMachine {
                         records
                             .extend(r.next_batch(max).await?.into_iter().map(|e| e.data.to_vec()));
                     }
-                    images.push(StreamImage { name: info.name, first: info.first_id, records });
+                    images.push(StreamImage {
+                        name: info.name,
+                        retention: Retention::of(info.config),
+                        first: info.first_id,
+                        records,
+                    });
                 }
             }
             (snap, images)
@@ -348,6 +369,17 @@ impl KvMachine {
         let snap = match data.split_first() {
             Some((&DATA_VERSION, body)) => postcard::from_bytes::<SnapshotData>(body)
                 .map_err(|e| bad(format!("undecodable snapshot: {e}")))?,
+            Some((&DATA_VERSION_STREAMS, body)) => {
+                let v2: StreamsV2 = postcard::from_bytes(body)
+                    .map_err(|e| bad(format!("undecodable snapshot: {e}")))?;
+                let streams = v2.streams.into_iter().map(|i| StreamImage {
+                    name: i.name,
+                    retention: Retention::default(),
+                    first: i.first,
+                    records: i.records,
+                });
+                SnapshotData { pairs: v2.pairs, streams: streams.collect() }
+            }
             Some((&DATA_VERSION_KEYS_ONLY, body)) => {
                 let k: KeysOnly = postcard::from_bytes(body)
                     .map_err(|e| bad(format!("undecodable snapshot: {e}")))?;
@@ -381,7 +413,7 @@ impl KvMachine {
                 }
             }
             for image in &snap.streams {
-                store.create_at(&image.name, StreamConfig::default(), image.first).await?;
+                store.create_at(&image.name, image.retention.config(), image.first).await?;
                 let w = store.writer(&image.name).await?;
                 for r in &image.records {
                     drop(w.send(r.clone()).await?);
@@ -492,10 +524,10 @@ impl KvMachine {
         };
         match op {
             Op::Put { .. } | Op::Delete { .. } => {}
-            Op::StreamCreate { name } => match store.create(&name, StreamConfig::default()).await {
-                Ok(_) | Err(timber_stream::Error::AlreadyExists { .. }) => {}
-                Err(e) => return Err(e.into()),
-            },
+            Op::StreamCreate { name } => create(store, &name, StreamConfig::default()).await?,
+            Op::StreamCreateWith { name, retention } => {
+                create(store, &name, retention.config()).await?;
+            }
             Op::StreamAppend { name, at, records } => {
                 let mut attempt = 0;
                 loop {
@@ -571,6 +603,14 @@ impl KvMachine {
 }
 
 /// Waits until every record in `acks` is durable.
+/// Creates a stream; nothing if it exists (a replay).
+async fn create(store: &Streams, name: &str, config: StreamConfig) -> Result<()> {
+    match store.create(name, config).await {
+        Ok(_) | Err(timber_stream::Error::AlreadyExists { .. }) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
 async fn durable(acks: &mut Vec<Ack>) -> Result<()> {
     for a in acks.drain(..) {
         a.await?;

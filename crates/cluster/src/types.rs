@@ -52,6 +52,42 @@ pub enum Op {
         /// The stream's name.
         name: String,
     },
+    /// Create the stream `name`, empty, with `retention` (nothing if it exists).
+    StreamCreateWith {
+        /// The stream's name.
+        name: String,
+        /// What each member's store drops by age and size.
+        retention: Retention,
+    },
+}
+
+/// A stream's retention, as its creator asked for it: each member's store applies it to its
+/// own copy (the front of a stream may differ between members for a while; the ids and the
+/// entries they hold do not).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Retention {
+    /// Entries older than this many milliseconds are dropped.
+    pub age_ms: Option<u64>,
+    /// The oldest entries are dropped while the stream holds more bytes than this.
+    pub bytes: Option<u64>,
+}
+
+impl Retention {
+    /// The store's configuration of a stream with this retention.
+    pub fn config(self) -> timber_stream::StreamConfig {
+        timber_stream::StreamConfig {
+            retention_age: self.age_ms.map(std::time::Duration::from_millis),
+            retention_bytes: self.bytes,
+        }
+    }
+
+    /// The retention of a stream configured with `c` (ages rounded down to milliseconds).
+    pub fn of(c: timber_stream::StreamConfig) -> Retention {
+        Retention {
+            age_ms: c.retention_age.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            bytes: c.retention_bytes,
+        }
+    }
 }
 
 /// The writes of one client request, applied atomically on every member.
@@ -77,6 +113,16 @@ impl Proposal {
     /// Adds the creation of a stream.
     pub fn create_stream(&mut self, name: impl Into<String>) -> &mut Self {
         self.ops.push(Op::StreamCreate { name: name.into() });
+        self
+    }
+
+    /// Adds the creation of a stream with a retention.
+    pub fn create_stream_with(
+        &mut self,
+        name: impl Into<String>,
+        retention: Retention,
+    ) -> &mut Self {
+        self.ops.push(Op::StreamCreateWith { name: name.into(), retention });
         self
     }
 
@@ -114,6 +160,7 @@ impl Proposal {
                     name.len() + records.iter().map(Vec::len).sum::<usize>()
                 }
                 Op::StreamCreate { name }
+                | Op::StreamCreateWith { name, .. }
                 | Op::StreamTruncate { name, .. }
                 | Op::StreamDelete { name } => name.len(),
             })

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use openraft::storage::RaftStateMachine;
 use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, RaftSnapshotBuilder};
-use timber_cluster::{KvMachine, Member, MemberConfig, Proposal, TypeConfig};
+use timber_cluster::{KvMachine, Member, MemberConfig, Proposal, Retention, TypeConfig};
 use timber_kv::Db;
 use timber_stream::{Start, Streams};
 use tokio::net::TcpListener;
@@ -126,6 +126,27 @@ async fn snapshots_carry_streams_and_an_install_replaces_them() {
     p.append("s", 6, records(6..7));
     b.apply(vec![entry(5, p)]).await.unwrap();
     assert_eq!(contents(&streams, "s").await, (2, records(2..7)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_keeps_its_retention_when_applied_and_in_a_snapshot() {
+    let (from, to) = (Place::new(), Place::new());
+    let (mut a, streams) = from.machine().await;
+    let retention = Retention { age_ms: Some(60_000), bytes: Some(1 << 20) };
+    let mut p = Proposal::default();
+    p.create_stream_with("kept", retention).append("kept", 0, records(0..2));
+    // A replay of the creation changes nothing, not even a retention asked for anew.
+    let mut again = Proposal::default();
+    again.create_stream_with("kept", Retention::default());
+    a.apply(vec![entry(1, p), entry(2, again)]).await.unwrap();
+    assert_eq!(Retention::of(streams.info("kept").unwrap().config), retention);
+
+    let snap = a.build_snapshot().await.unwrap();
+    let (mut b, streams) = to.machine().await;
+    b.install_snapshot(&snap.meta, snap.snapshot).await.unwrap();
+    let info = streams.info("kept").unwrap();
+    assert_eq!(Retention::of(info.config), retention);
+    assert_eq!(contents(&streams, "kept").await, (0, records(0..2)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

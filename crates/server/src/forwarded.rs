@@ -1,9 +1,10 @@
 //! Calls of a follower's gRPC and HTTP endpoints that the leader runs for it beyond single-key
 //! Redis commands (those go as GET, SET and DEL, `Replication::on_leader`): a page of a
-//! linearizable scan and a batch write. They travel through the cluster's forward service
-//! under their own protocol number, as the operation's name and its request in protobuf; the
-//! reply is `+` and the protobuf response, or `-` and an error line (`READONLY` or
-//! `CLUSTERDOWN` when retryable).
+//! linearizable scan, a batch write, the writes of log streams, and the leader's read index.
+//! They travel through the cluster's forward service under their own protocol number, as the
+//! operation's name and its request in protobuf; the reply is `+` and the protobuf response,
+//! or `-` and an error line (for keys, retryable when it starts with `READONLY` or
+//! `CLUSTERDOWN`; for log streams, a [`crate::logs::Code`] word first).
 
 use std::sync::Arc;
 
@@ -11,7 +12,10 @@ use bytes::Bytes;
 use prost::Message;
 use timber_proto::v1 as pb;
 
+use timber_stream::{StreamConfig, StreamInfo};
+
 use crate::keyspace::Error;
+use crate::logs::Error as LogError;
 use crate::replication::Replication;
 use crate::Engines;
 
@@ -20,6 +24,11 @@ pub(crate) const PROTOCOL: u8 = 0;
 
 const SCAN: &[u8] = b"scan";
 const BATCH_WRITE: &[u8] = b"batch-write";
+const READ_INDEX: &[u8] = b"read-index";
+const LOG_CREATE: &[u8] = b"log-create";
+const LOG_APPEND: &[u8] = b"log-append";
+const LOG_TRUNCATE: &[u8] = b"log-truncate";
+const LOG_DELETE: &[u8] = b"log-delete";
 /// Pairs per forwarded scan page.
 const PAGE: usize = 1024;
 
@@ -59,6 +68,36 @@ async fn call<Req: Message, Resp: Message + Default>(
     op: &'static [u8],
     req: &Req,
 ) -> Option<Result<Resp, Error>> {
+    Some(match exchange(r, op, req).await? {
+        Ok(Ok(resp)) => Ok(resp),
+        Ok(Err(line)) => match line.starts_with("READONLY") || line.starts_with("CLUSTERDOWN") {
+            true => Err(Error::ClusterDown(line)),
+            false => Err(Error::Leader(line)),
+        },
+        Err(e) => Err(e),
+    })
+}
+
+/// A call of a log stream's write: the leader's error line says what its client is told.
+async fn log_call<Req: Message, Resp: Message + Default>(
+    r: &Replication,
+    op: &'static [u8],
+    req: &Req,
+) -> Option<Result<Resp, LogError>> {
+    Some(match exchange(r, op, req).await? {
+        Ok(Ok(resp)) => Ok(resp),
+        Ok(Err(line)) => Err(LogError::of_line(&line)),
+        Err(e) => Err(e.into()),
+    })
+}
+
+/// Passes `req` to the leader: its response, or its error line (inner `Err`), or why the
+/// call did not reach it (outer `Err`). `None` on the leader.
+async fn exchange<Req: Message, Resp: Message + Default>(
+    r: &Replication,
+    op: &'static [u8],
+    req: &Req,
+) -> Option<Result<Result<Resp, String>, Error>> {
     if r.is_leader() {
         return None;
     }
@@ -69,25 +108,93 @@ async fn call<Req: Message, Resp: Message + Default>(
     };
     Some(match reply.split_first() {
         Some((b'+', body)) => {
-            Resp::decode(body).map_err(|e| Error::Leader(format!("undecodable reply: {e}")))
+            Resp::decode(body).map(Ok).map_err(|e| Error::Leader(format!("undecodable reply: {e}")))
         }
-        Some((b'-', line)) => {
-            let line = String::from_utf8_lossy(line).into_owned();
-            match line.starts_with("READONLY") || line.starts_with("CLUSTERDOWN") {
-                true => Err(Error::ClusterDown(line)),
-                false => Err(Error::Leader(line)),
-            }
-        }
+        Some((b'-', line)) => Ok(Err(String::from_utf8_lossy(line).into_owned())),
         _ => Err(Error::Leader("empty reply".into())),
     })
 }
 
+/// Returns once a read of this member's engines is linearizable: on the leader, once it
+/// confirmed its leadership and applied what was committed; on another member, once it
+/// applied as far as the leader had then (the leader's read index).
+pub(crate) async fn caught_up(r: &Replication) -> Result<(), Error> {
+    match call::<_, u64>(r, READ_INDEX, &()).await {
+        None => r.read_barrier_async().await,
+        Some(index) => r.applied_up_to(index?).await,
+    }
+}
+
+/// On a member that does not lead: the stream `name` created by the leader.
+pub(crate) async fn log_create(
+    r: &Replication,
+    name: &str,
+    config: StreamConfig,
+) -> Option<Result<StreamInfo, LogError>> {
+    let req = pb::CreateStreamRequest {
+        name: name.to_string(),
+        retention_ms: config.retention_age.map(|d| d.as_millis() as u64),
+        retention_bytes: config.retention_bytes,
+    };
+    Some(log_call(r, LOG_CREATE, &req).await?.map(stream_info))
+}
+
+/// On a member that does not lead: `entries` appended by the leader; the first one's id.
+pub(crate) async fn log_append(
+    r: &Replication,
+    name: &str,
+    entries: &[Bytes],
+) -> Option<Result<Option<u64>, LogError>> {
+    let req = pb::AppendRequest { stream: name.to_string(), entries: entries.to_vec() };
+    let resp: Result<pb::AppendResponse, _> = log_call(r, LOG_APPEND, &req).await?;
+    Some(resp.map(|a| (a.count > 0).then_some(a.first_id)))
+}
+
+/// On a member that does not lead: the stream `name` truncated below `before` by the leader.
+pub(crate) async fn log_truncate(
+    r: &Replication,
+    name: &str,
+    before: u64,
+) -> Option<Result<StreamInfo, LogError>> {
+    let req = pb::TruncateRequest { name: name.to_string(), before };
+    Some(log_call(r, LOG_TRUNCATE, &req).await?.map(stream_info))
+}
+
+/// On a member that does not lead: the stream `name` deleted by the leader.
+pub(crate) async fn log_delete(r: &Replication, name: &str) -> Option<Result<(), LogError>> {
+    let req = pb::StreamRequest { name: name.to_string() };
+    let resp: Result<pb::DeleteStreamResponse, _> = log_call(r, LOG_DELETE, &req).await?;
+    Some(resp.map(|_| ()))
+}
+
+/// A stream's figures as the leader sent them (the writer epoch and retention stay the
+/// leader's: they are not sent).
+fn stream_info(s: pb::StreamInfo) -> StreamInfo {
+    StreamInfo {
+        name: s.name,
+        first_id: s.first_id,
+        next_id: s.next_id,
+        bytes: s.bytes,
+        epoch: 0,
+        created_ms: s.created_ms,
+        config: StreamConfig::default(),
+    }
+}
+
 /// On the leader: runs a call a member passed here and encodes its reply.
 pub(crate) async fn run(engines: Arc<Engines>, args: Vec<Bytes>) -> Vec<u8> {
-    let result = match (args.first().map(|a| &a[..]), args.get(1)) {
-        (Some(SCAN), Some(body)) => run_scan(&engines, body).await,
-        (Some(BATCH_WRITE), Some(body)) => run_batch(&engines, body).await,
-        _ => Err(Error::Leader("unknown forwarded call".into())),
+    let (op, body) = match (args.first(), args.get(1)) {
+        (Some(op), Some(body)) => (&op[..], body),
+        _ => return b"-unknown forwarded call".to_vec(),
+    };
+    let result = match op {
+        SCAN => run_scan(&engines, body).await.map_err(|e| e.to_string()),
+        BATCH_WRITE => run_batch(&engines, body).await.map_err(|e| e.to_string()),
+        READ_INDEX => run_read_index(&engines).await.map_err(|e| e.to_string()),
+        LOG_CREATE | LOG_APPEND | LOG_TRUNCATE | LOG_DELETE => {
+            run_log(&engines, op, body).await.map_err(|e| e.to_line())
+        }
+        _ => Err("unknown forwarded call".to_string()),
     };
     match result {
         Ok(body) => {
@@ -96,8 +203,51 @@ pub(crate) async fn run(engines: Arc<Engines>, args: Vec<Bytes>) -> Vec<u8> {
             out.extend_from_slice(&body);
             out
         }
-        Err(e) => format!("-{e}").into_bytes(),
+        Err(line) => format!("-{line}").into_bytes(),
     }
+}
+
+fn leading(engines: &Engines) -> Result<&Arc<Replication>, Error> {
+    engines.keys.replication().ok_or_else(|| Error::Leader("not a cluster member".into()))
+}
+
+async fn run_read_index(engines: &Arc<Engines>) -> Result<Vec<u8>, Error> {
+    let r = leading(engines)?;
+    r.read_barrier_async().await?;
+    Ok(r.applied_index().encode_to_vec())
+}
+
+async fn run_log(engines: &Arc<Engines>, op: &[u8], body: &Bytes) -> Result<Vec<u8>, LogError> {
+    let r = leading(engines)?;
+    let bad = |e: prost::DecodeError| {
+        LogError::Stream(timber_stream::Error::InvalidParam(format!("undecodable request: {e}")))
+    };
+    let logs = &engines.logs;
+    Ok(match op {
+        LOG_CREATE => {
+            let q = pb::CreateStreamRequest::decode(&body[..]).map_err(bad)?;
+            let config = StreamConfig {
+                retention_age: q.retention_ms.map(std::time::Duration::from_millis),
+                retention_bytes: q.retention_bytes,
+            };
+            crate::grpc::info(logs.lead_create(r, &q.name, config).await?).encode_to_vec()
+        }
+        LOG_APPEND => {
+            let q = pb::AppendRequest::decode(&body[..]).map_err(bad)?;
+            let count = q.entries.len() as u32;
+            let first = logs.lead_append(r, &q.stream, q.entries).await?;
+            pb::AppendResponse { first_id: first.unwrap_or(0), count }.encode_to_vec()
+        }
+        LOG_TRUNCATE => {
+            let q = pb::TruncateRequest::decode(&body[..]).map_err(bad)?;
+            crate::grpc::info(logs.lead_truncate(r, &q.name, q.before).await?).encode_to_vec()
+        }
+        _ => {
+            let q = pb::StreamRequest::decode(&body[..]).map_err(bad)?;
+            logs.lead_delete(r, &q.name).await?;
+            pb::DeleteStreamResponse {}.encode_to_vec()
+        }
+    })
 }
 
 async fn run_scan(engines: &Arc<Engines>, body: &Bytes) -> Result<Vec<u8>, Error> {

@@ -28,18 +28,20 @@ type Reply<T> = Result<Response<T>, Status>;
 type Out<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 /// The gRPC status for a stream error.
-pub(crate) fn stream_status(e: timber_stream::Error) -> Status {
-    use timber_stream::Error as E;
-    match e {
-        E::NotFound { .. } => Status::not_found(e.to_string()),
-        E::AlreadyExists { .. } => Status::already_exists(e.to_string()),
-        E::InvalidParam(_) => Status::invalid_argument(e.to_string()),
-        E::Truncated { .. } => Status::out_of_range(e.to_string()),
-        E::Fenced { .. } => Status::aborted(e.to_string()),
-        E::Closed | E::StoreUnavailable { .. } => Status::unavailable(e.to_string()),
-        e => {
-            tracing::error!(error = %e, "stream storage error");
-            Status::internal(e.to_string())
+pub(crate) fn stream_status(e: impl Into<crate::logs::Error>) -> Status {
+    use crate::logs::Code;
+    let e = e.into();
+    let msg = e.to_string();
+    match e.code() {
+        Code::NotFound => Status::not_found(msg),
+        Code::AlreadyExists => Status::already_exists(msg),
+        Code::Invalid => Status::invalid_argument(msg),
+        Code::OutOfRange => Status::out_of_range(msg),
+        Code::Fenced => Status::aborted(msg),
+        Code::Unavailable => Status::unavailable(msg),
+        Code::Internal => {
+            tracing::error!(error = %msg, "stream storage error");
+            Status::internal(msg)
         }
     }
 }
@@ -68,16 +70,6 @@ impl Service {
         let Some(r) = self.engines.keys.replication() else { return Ok(None) };
         let args = args.iter().map(|a| bytes::Bytes::copy_from_slice(a)).collect();
         r.on_leader(args).await.transpose().map_err(key_status)
-    }
-}
-
-/// The gRPC and HTTP log streams are not replicated yet: in a cluster, their writes are refused.
-fn streams_replicated(engines: &Engines) -> Result<(), Status> {
-    match engines.keys.replication() {
-        None => Ok(()),
-        Some(_) => Err(Status::unimplemented(
-            "the log streams of the gRPC and HTTP APIs are not replicated yet: their writes are refused in a cluster (Redis streams are)",
-        )),
     }
 }
 
@@ -262,7 +254,7 @@ impl Kv for Service {
     }
 }
 
-fn info(s: timber_stream::StreamInfo) -> pb::StreamInfo {
+pub(crate) fn info(s: timber_stream::StreamInfo) -> pb::StreamInfo {
     pb::StreamInfo {
         name: s.name,
         first_id: s.first_id,
@@ -275,7 +267,6 @@ fn info(s: timber_stream::StreamInfo) -> pb::StreamInfo {
 #[tonic::async_trait]
 impl Streams for Service {
     async fn create(&self, req: Request<pb::CreateStreamRequest>) -> Reply<pb::StreamInfo> {
-        streams_replicated(&self.engines)?;
         let r = req.into_inner();
         let cfg = StreamConfig {
             retention_age: r.retention_ms.map(std::time::Duration::from_millis),
@@ -286,12 +277,13 @@ impl Streams for Service {
     }
 
     async fn info(&self, req: Request<pb::StreamRequest>) -> Reply<pb::StreamInfo> {
-        let s = self.engines.logs.info(&req.into_inner().name).map_err(stream_status)?;
+        let s =
+            self.engines.logs.info(&req.into_inner().name, false).await.map_err(stream_status)?;
         Ok(Response::new(info(s)))
     }
 
     async fn list(&self, _: Request<pb::ListStreamsRequest>) -> Reply<pb::ListStreamsResponse> {
-        let all = self.engines.logs.list().map_err(stream_status)?;
+        let all = self.engines.logs.list(false).await.map_err(stream_status)?;
         Ok(Response::new(pb::ListStreamsResponse { streams: all.into_iter().map(info).collect() }))
     }
 
@@ -301,7 +293,6 @@ impl Streams for Service {
         &self,
         req: Request<Streaming<pb::AppendRequest>>,
     ) -> Reply<Self::AppendStream> {
-        streams_replicated(&self.engines)?;
         let mut inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(64);
         let (acks_tx, mut acks_rx) = mpsc::channel::<
@@ -347,7 +338,7 @@ impl Streams for Service {
                 } else {
                     let count = req.entries.len() as u32;
                     match logs.send(&name, req.entries).await {
-                        Ok(acks) => async move {
+                        Ok(crate::logs::Sent::Acks(acks)) => async move {
                             let mut first = None;
                             for a in acks {
                                 let id = a.await.map_err(stream_status)?;
@@ -356,6 +347,13 @@ impl Streams for Service {
                             Ok(pb::AppendResponse { first_id: first.unwrap_or(0), count })
                         }
                         .boxed(),
+                        Ok(crate::logs::Sent::Applied(first)) => {
+                            futures::future::ready(Ok(pb::AppendResponse {
+                                first_id: first.unwrap_or(0),
+                                count,
+                            }))
+                            .boxed()
+                        }
                         Err(e) => futures::future::ready(Err(stream_status(e))).boxed(),
                     }
                 };
@@ -377,7 +375,8 @@ impl Streams for Service {
             Ok(pb::StartAt::Id) => Start::At(r.id),
             Err(_) => return Err(Status::invalid_argument(format!("unknown start {}", r.start))),
         };
-        let mut reader = self.engines.logs.reader(&r.stream, start).map_err(stream_status)?;
+        let mut reader =
+            self.engines.logs.reader(&r.stream, start, r.stale).await.map_err(stream_status)?;
         let limit = if r.limit == 0 { u64::MAX } else { r.limit };
         let (tx, rx) = mpsc::channel(256);
         let mut stop = self.stop.clone();
@@ -404,14 +403,12 @@ impl Streams for Service {
     }
 
     async fn truncate(&self, req: Request<pb::TruncateRequest>) -> Reply<pb::StreamInfo> {
-        streams_replicated(&self.engines)?;
         let r = req.into_inner();
         let s = self.engines.logs.truncate(&r.name, r.before).await.map_err(stream_status)?;
         Ok(Response::new(info(s)))
     }
 
     async fn delete(&self, req: Request<pb::StreamRequest>) -> Reply<pb::DeleteStreamResponse> {
-        streams_replicated(&self.engines)?;
         self.engines.logs.delete(&req.into_inner().name).await.map_err(stream_status)?;
         Ok(Response::new(pb::DeleteStreamResponse {}))
     }
@@ -450,7 +447,7 @@ impl Admin for Service {
 
     async fn backup(&self, _: Request<pb::BackupRequest>) -> Reply<Self::BackupStream> {
         let e = &self.engines;
-        let streams = e.logs.list().map_err(stream_status)?.len();
+        let streams = e.logs.list(true).await.map_err(stream_status)?.len();
         let db = e.keys.db().clone();
         let redis_streams = db.prefix([crate::keyspace::STREAM_REVERSE]).next().is_some();
         if streams > 0 || redis_streams {
@@ -509,7 +506,7 @@ impl Admin for Service {
             version: env!("CARGO_PKG_VERSION").into(),
             uptime_ms: e.started.elapsed().as_millis() as u64,
             keys: e.keys.len().map_err(key_status)?,
-            streams: e.logs.list().map_err(stream_status)?.len() as u64,
+            streams: e.logs.list(true).await.map_err(stream_status)?.len() as u64,
             data_dir: e.data_dir.display().to_string(),
             sync: e.sync.to_string(),
             cluster: e.keys.replication().map(|r| {

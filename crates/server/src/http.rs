@@ -82,26 +82,16 @@ fn unexpected(a: Answer) -> Failure {
     Failure(StatusCode::INTERNAL_SERVER_ERROR, format!("unexpected reply from the leader: {a:?}"))
 }
 
-/// The gRPC and HTTP log streams are not replicated yet: in a cluster, their writes are refused.
-fn streams_replicated(app: &App) -> Result<()> {
-    match app.engines.keys.replication() {
-        None => Ok(()),
-        Some(_) => Err(Failure(
-            StatusCode::NOT_IMPLEMENTED,
-            "the log streams of the gRPC and HTTP APIs are not replicated yet: their writes are refused in a cluster (Redis streams are)".into(),
-        )),
-    }
-}
-
-fn stream_failed(e: timber_stream::Error) -> Failure {
-    use timber_stream::Error as E;
-    let code = match &e {
-        E::NotFound { .. } => StatusCode::NOT_FOUND,
-        E::AlreadyExists { .. } | E::Fenced { .. } => StatusCode::CONFLICT,
-        E::InvalidParam(_) => StatusCode::BAD_REQUEST,
-        E::Truncated { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
-        E::Closed | E::StoreUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
-        _ => {
+fn stream_failed(e: impl Into<crate::logs::Error>) -> Failure {
+    use crate::logs::Code;
+    let e = e.into();
+    let code = match e.code() {
+        Code::NotFound => StatusCode::NOT_FOUND,
+        Code::AlreadyExists | Code::Fenced => StatusCode::CONFLICT,
+        Code::Invalid => StatusCode::BAD_REQUEST,
+        Code::OutOfRange => StatusCode::RANGE_NOT_SATISFIABLE,
+        Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        Code::Internal => {
             tracing::error!(error = %e, "stream storage error");
             StatusCode::INTERNAL_SERVER_ERROR
         }
@@ -389,7 +379,7 @@ fn info_json(s: &timber_stream::StreamInfo) -> Json_ {
 }
 
 async fn streams_list(State(app): State<App>) -> Result<Json<Json_>> {
-    let all = app.engines.logs.list().map_err(stream_failed)?;
+    let all = app.engines.logs.list(false).await.map_err(stream_failed)?;
     Ok(Json(json!({ "streams": all.iter().map(info_json).collect::<Vec<_>>() })))
 }
 
@@ -404,7 +394,6 @@ async fn stream_create(
     State(app): State<App>,
     Json(b): Json<CreateBody>,
 ) -> Result<(StatusCode, Json<Json_>)> {
-    streams_replicated(&app)?;
     let cfg = StreamConfig {
         retention_age: b.retention_ms.map(Duration::from_millis),
         retention_bytes: b.retention_bytes,
@@ -414,11 +403,10 @@ async fn stream_create(
 }
 
 async fn stream_info(State(app): State<App>, Path(name): Path<String>) -> Result<Json<Json_>> {
-    Ok(Json(info_json(&app.engines.logs.info(&name).map_err(stream_failed)?)))
+    Ok(Json(info_json(&app.engines.logs.info(&name, false).await.map_err(stream_failed)?)))
 }
 
 async fn stream_delete(State(app): State<App>, Path(name): Path<String>) -> Result<StatusCode> {
-    streams_replicated(&app)?;
     app.engines.logs.delete(&name).await.map_err(stream_failed)?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -433,7 +421,6 @@ async fn stream_truncate(
     Path(name): Path<String>,
     Query(q): Query<TruncateQuery>,
 ) -> Result<Json<Json_>> {
-    streams_replicated(&app)?;
     let s = app.engines.logs.truncate(&name, q.before).await.map_err(stream_failed)?;
     Ok(Json(info_json(&s)))
 }
@@ -449,7 +436,6 @@ async fn entries_append(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<(StatusCode, Json<Json_>)> {
-    streams_replicated(&app)?;
     let is_json = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -470,6 +456,9 @@ async fn entries_append(
 struct ReadQuery {
     from: Option<String>,
     limit: Option<usize>,
+    /// In a cluster: read this member's own copy, which may lag the leader's.
+    #[serde(default)]
+    stale: bool,
 }
 
 fn parse_start(from: Option<&str>) -> Result<Start> {
@@ -489,7 +478,7 @@ async fn entries_read(
 ) -> Result<Json<Json_>> {
     let start = parse_start(q.from.as_deref())?;
     let limit = q.limit.unwrap_or(1000).min(100_000);
-    let mut r = app.engines.logs.reader(&name, start).map_err(stream_failed)?;
+    let mut r = app.engines.logs.reader(&name, start, q.stale).await.map_err(stream_failed)?;
     let mut out = Vec::new();
     while out.len() < limit && r.has_next() {
         let e = r.next().await.map_err(stream_failed)?;
@@ -505,7 +494,7 @@ async fn entries_ws(
     ws: WebSocketUpgrade,
 ) -> Result<Response> {
     let start = parse_start(q.from.as_deref())?;
-    let reader = app.engines.logs.reader(&name, start).map_err(stream_failed)?;
+    let reader = app.engines.logs.reader(&name, start, q.stale).await.map_err(stream_failed)?;
     let stop = app.stop.clone();
     Ok(ws.on_upgrade(move |socket| push(socket, reader, stop)))
 }

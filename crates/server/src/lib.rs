@@ -204,7 +204,7 @@ impl Server {
             tracing::info!(node_id = c.node_id, raft_addr = %c.raft_addr, "raft member started");
             keys.replicate_through(Arc::new(r));
         }
-        let logs = Arc::new(Logs::new(redis_streams.store().clone()));
+        let logs = Arc::new(Logs::new(redis_streams.store().clone(), keys.clone()));
         let engines = Arc::new(Engines {
             keys: keys.clone(),
             redis_streams: redis_streams.clone(),

@@ -1,76 +1,270 @@
 //! The log streams the gRPC and HTTP endpoints serve: timber streams by user-chosen name, with
 //! one writer per stream shared by every client of this server.
 //!
+//! In a cluster the state machine is the only writer of the stream store: each write here is a
+//! proposal of the leader ([`crate::replication`]), and a member that does not lead passes it
+//! to the leader ([`crate::forwarded`]). Reads are linearizable unless asked stale: the leader
+//! confirms its leadership first, another member asks the leader how far it applied and waits
+//! until it applied as much, then reads its own copy.
+//!
 //! Invariants: the entries of one `send` call get consecutive ids (the stream's writer is held
 //! for the whole call); names starting with `redis.` are refused (they hold Redis streams, see
-//! [`crate::streams`]) and never listed; a writer that failed is replaced on the next call.
+//! [`crate::streams`]) and never listed; a writer that failed is replaced on the next call. In
+//! a cluster the leader evaluates one write of a stream at a time, from the proposal's
+//! evaluation to its apply (the stream's slot is held), so an append proposes the id the
+//! stream ends at (and after a proposal whose outcome is unknown, the next evaluation waits
+//! until it is applied or gone: `Replication::fresh`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
-use timber_stream::{
-    Ack, Error, Start, StreamConfig, StreamInfo, StreamReader, StreamWriter, Streams,
-};
+use timber_cluster::{Proposal, Retention};
+use timber_stream::{Ack, Start, StreamConfig, StreamInfo, StreamReader, StreamWriter, Streams};
+
+use crate::keyspace::Keyspace;
+use crate::replication::Replication;
 
 const RESERVED: &str = "redis.";
+
+/// What a failed log-stream call says to its client, on every endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Code {
+    /// No such stream.
+    NotFound,
+    /// The stream exists.
+    AlreadyExists,
+    /// Another writer took the stream over.
+    Fenced,
+    /// The request is invalid.
+    Invalid,
+    /// The entries asked for were truncated.
+    OutOfRange,
+    /// Retryable: the object store, or the cluster's quorum or leader, is out.
+    Unavailable,
+    /// Storage failed.
+    Internal,
+}
+
+impl Code {
+    /// The word a leader puts in front of a forwarded call's error line.
+    fn word(self) -> &'static str {
+        match self {
+            Code::NotFound => "NOTFOUND",
+            Code::AlreadyExists => "EXISTS",
+            Code::Fenced => "FENCED",
+            Code::Invalid => "INVALID",
+            Code::OutOfRange => "RANGE",
+            Code::Unavailable => "UNAVAILABLE",
+            Code::Internal => "INTERNAL",
+        }
+    }
+
+    fn of_word(w: &str) -> Option<Code> {
+        [
+            Code::NotFound,
+            Code::AlreadyExists,
+            Code::Fenced,
+            Code::Invalid,
+            Code::OutOfRange,
+            Code::Unavailable,
+            Code::Internal,
+        ]
+        .into_iter()
+        .find(|c| c.word() == w)
+    }
+}
+
+/// Why a log-stream call failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum Error {
+    /// The stream store refused or failed.
+    #[error(transparent)]
+    Stream(#[from] timber_stream::Error),
+    /// The cluster refused or failed (no leader, no quorum, a proposal failed).
+    #[error(transparent)]
+    Cluster(#[from] crate::keyspace::Error),
+    /// The leader this member passed the call to refused it.
+    #[error("{message}")]
+    Leader {
+        /// What the leader said it was.
+        code: Code,
+        /// The leader's message.
+        message: String,
+    },
+}
+
+impl Error {
+    /// What the client is told.
+    pub(crate) fn code(&self) -> Code {
+        use timber_stream::Error as E;
+        match self {
+            Error::Stream(e) => match e {
+                E::NotFound { .. } => Code::NotFound,
+                E::AlreadyExists { .. } => Code::AlreadyExists,
+                E::Fenced { .. } => Code::Fenced,
+                E::InvalidParam(_) => Code::Invalid,
+                E::Truncated { .. } => Code::OutOfRange,
+                E::Closed | E::StoreUnavailable { .. } => Code::Unavailable,
+                _ => Code::Internal,
+            },
+            Error::Cluster(e) => match e {
+                crate::keyspace::Error::NotLeader { .. }
+                | crate::keyspace::Error::ClusterDown(_) => Code::Unavailable,
+                _ => Code::Internal,
+            },
+            Error::Leader { code, .. } => *code,
+        }
+    }
+
+    /// The error line a leader returns for a forwarded call: its code's word, a space, the
+    /// message.
+    pub(crate) fn to_line(&self) -> String {
+        format!("{} {self}", self.code().word())
+    }
+
+    /// The error an error line of the leader stands for.
+    pub(crate) fn of_line(line: &str) -> Error {
+        match line.split_once(' ').and_then(|(w, m)| Some((Code::of_word(w)?, m))) {
+            Some((code, m)) => Error::Leader { code, message: m.to_string() },
+            None => Error::Leader { code: Code::Internal, message: line.to_string() },
+        }
+    }
+}
+
+type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What [`Logs::send`] did with the entries.
+pub(crate) enum Sent {
+    /// On a single node: buffered for appending, each ack resolving once its entry is durable.
+    Acks(Vec<Ack>),
+    /// In a cluster: committed and applied, the first at this id (`None` for no entries).
+    Applied(Option<u64>),
+}
 
 /// The served log streams.
 #[derive(Debug)]
 pub(crate) struct Logs {
     streams: Streams,
-    writers: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Slot>>>>,
+    /// Whose replication, in a cluster, carries the writes.
+    keys: Arc<Keyspace>,
+    slots: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Slot>>>>,
 }
 
-/// The writer of one stream, opened on first use.
+/// One stream's writer (on a single node, opened on first use) or, in a cluster, the right
+/// to evaluate its next write.
 #[derive(Debug, Default)]
 struct Slot {
     writer: Option<StreamWriter>,
     used: Option<std::time::Instant>,
 }
 
-fn check(name: &str) -> Result<(), Error> {
+fn check(name: &str) -> Result<()> {
     if name.starts_with(RESERVED) {
-        return Err(Error::InvalidParam(format!(
+        return Err(timber_stream::Error::InvalidParam(format!(
             "stream names starting with {RESERVED:?} are reserved for Redis streams"
-        )));
+        ))
+        .into());
     }
     Ok(())
 }
 
+/// The figures of `name`, `None` if it does not exist.
+fn find(streams: &Streams, name: &str) -> Result<Option<StreamInfo>> {
+    match streams.info(name) {
+        Ok(i) => Ok(Some(i)),
+        Err(timber_stream::Error::NotFound { .. }) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn not_found(name: &str) -> Error {
+    timber_stream::Error::NotFound { stream: name.to_string() }.into()
+}
+
 impl Logs {
-    /// Serves the streams of `streams`.
-    pub(crate) fn new(streams: Streams) -> Logs {
-        Logs { streams, writers: Mutex::default() }
+    /// Serves the streams of `streams`; in a cluster, `keys`' replication carries the writes.
+    pub(crate) fn new(streams: Streams, keys: Arc<Keyspace>) -> Logs {
+        Logs { streams, keys, slots: Mutex::default() }
+    }
+
+    fn replication(&self) -> Option<&Arc<Replication>> {
+        self.keys.replication()
+    }
+
+    fn slot(&self, name: &str) -> Arc<tokio::sync::Mutex<Slot>> {
+        self.slots.lock().entry(name.to_string()).or_default().clone()
     }
 
     /// Creates a stream.
-    pub(crate) async fn create(
+    pub(crate) async fn create(&self, name: &str, config: StreamConfig) -> Result<StreamInfo> {
+        check(name)?;
+        let Some(r) = self.replication() else {
+            return Ok(self.streams.create(name, config).await?);
+        };
+        match crate::forwarded::log_create(r, name, config).await {
+            Some(created) => created,
+            None => self.lead_create(r, name, config).await,
+        }
+    }
+
+    /// On the leader: [`Logs::create`].
+    pub(crate) async fn lead_create(
         &self,
+        r: &Replication,
         name: &str,
         config: StreamConfig,
-    ) -> Result<StreamInfo, Error> {
+    ) -> Result<StreamInfo> {
         check(name)?;
-        self.streams.create(name, config).await
+        self.propose(r, name, |info| match info {
+            Some(_) => Err(timber_stream::Error::AlreadyExists { stream: name.to_string() }.into()),
+            None => {
+                let mut p = Proposal::default();
+                p.create_stream_with(name, Retention::of(config));
+                Ok(Some(p))
+            }
+        })
+        .await?;
+        Ok(self.streams.info(name)?)
     }
 
-    /// A stream's figures.
-    pub(crate) fn info(&self, name: &str) -> Result<StreamInfo, Error> {
-        check(name)?;
-        self.streams.info(name)
+    /// Returns once a read of this member's streams is linearizable (at once on a single
+    /// node).
+    async fn linearizable(&self, stale: bool) -> Result<()> {
+        match self.replication() {
+            Some(r) if !stale => Ok(crate::forwarded::caught_up(r).await?),
+            _ => Ok(()),
+        }
     }
 
-    /// Every stream.
-    pub(crate) fn list(&self) -> Result<Vec<StreamInfo>, Error> {
+    /// A stream's figures; with `stale`, as this member holds them.
+    pub(crate) async fn info(&self, name: &str, stale: bool) -> Result<StreamInfo> {
+        check(name)?;
+        self.linearizable(stale).await?;
+        Ok(self.streams.info(name)?)
+    }
+
+    /// Every stream; with `stale`, as this member holds them.
+    pub(crate) async fn list(&self, stale: bool) -> Result<Vec<StreamInfo>> {
+        self.linearizable(stale).await?;
         Ok(self.streams.list()?.into_iter().filter(|s| !s.name.starts_with(RESERVED)).collect())
     }
 
-    /// Buffers `entries` for appending with consecutive ids; the acks resolve once each is
-    /// durable.
-    pub(crate) async fn send(&self, name: &str, entries: Vec<Bytes>) -> Result<Vec<Ack>, Error> {
+    /// The entries with consecutive ids: on a single node buffered for appending (the acks
+    /// resolve once each is durable), in a cluster committed and applied.
+    pub(crate) async fn send(&self, name: &str, entries: Vec<Bytes>) -> Result<Sent> {
         check(name)?;
-        let slot = self.writers.lock().entry(name.to_string()).or_default().clone();
+        let Some(r) = self.replication() else { return self.send_here(name, entries).await };
+        let first = match crate::forwarded::log_append(r, name, &entries).await {
+            Some(appended) => appended?,
+            None => self.lead_append(r, name, entries).await?,
+        };
+        Ok(Sent::Applied(first))
+    }
+
+    async fn send_here(&self, name: &str, entries: Vec<Bytes>) -> Result<Sent> {
+        let slot = self.slot(name);
         let mut slot = slot.lock().await;
         slot.used = Some(std::time::Instant::now());
         let w = &mut slot.writer;
@@ -88,61 +282,164 @@ impl Logs {
                     pending.next();
                 }
                 // Refused while the object store is out: the writer is fine.
-                Err(e @ timber_stream::Error::StoreUnavailable { .. }) => return Err(e),
+                Err(e @ timber_stream::Error::StoreUnavailable { .. }) => return Err(e.into()),
                 // A writer that failed refuses everything: replace it once, before any entry
                 // of this call went to it.
                 Err(e) => {
                     *w = None;
                     if retried || !acks.is_empty() {
-                        return Err(e);
+                        return Err(e.into());
                     }
                     retried = true;
                 }
             }
         }
-        Ok(acks)
+        Ok(Sent::Acks(acks))
     }
 
-    /// Appends `entries` and waits until they are durable; returns the first id.
-    pub(crate) async fn append(
+    /// On the leader: appends `entries`, returns the id of the first once they are applied.
+    pub(crate) async fn lead_append(
         &self,
+        r: &Replication,
         name: &str,
         entries: Vec<Bytes>,
-    ) -> Result<Option<u64>, Error> {
-        let mut first = None;
-        for a in self.send(name, entries).await? {
-            let id = a.await?;
-            first.get_or_insert(id);
+    ) -> Result<Option<u64>> {
+        check(name)?;
+        let max = timber_stream::WriterOptions::local().max_entry_bytes;
+        if let Some(e) = entries.iter().find(|e| e.len() > max) {
+            return Err(timber_stream::Error::InvalidParam(format!(
+                "entry of {} bytes exceeds {max} bytes",
+                e.len()
+            ))
+            .into());
         }
+        let mut first = None;
+        self.propose(r, name, |info| {
+            let info = info.ok_or_else(|| not_found(name))?;
+            if entries.is_empty() {
+                return Ok(None);
+            }
+            first = Some(info.next_id);
+            let mut p = Proposal::default();
+            p.append(name, info.next_id, entries.iter().map(|e| e.to_vec()).collect());
+            Ok(Some(p))
+        })
+        .await?;
         Ok(first)
     }
 
-    /// A reader of a stream.
-    pub(crate) fn reader(&self, name: &str, start: Start) -> Result<StreamReader, Error> {
+    /// On the leader: evaluates a write of stream `name` against what this member applied
+    /// (`eval` gets the stream's figures, `None` if it does not exist), proposes the write it
+    /// returns, and returns once the write is applied here.
+    async fn propose(
+        &self,
+        r: &Replication,
+        name: &str,
+        eval: impl FnOnce(Option<StreamInfo>) -> Result<Option<Proposal>>,
+    ) -> Result<()> {
+        let slot = self.slot(name);
+        let mut slot = slot.lock().await;
+        slot.used = Some(std::time::Instant::now());
+        r.fresh().await?;
+        let Some(p) = eval(find(&self.streams, name)?)? else { return Ok(()) };
+        Ok(r.propose(p).await?)
+    }
+
+    /// Appends `entries` and waits until they are durable (in a cluster: applied); returns the
+    /// first id.
+    pub(crate) async fn append(&self, name: &str, entries: Vec<Bytes>) -> Result<Option<u64>> {
+        match self.send(name, entries).await? {
+            Sent::Applied(first) => Ok(first),
+            Sent::Acks(acks) => {
+                let mut first = None;
+                for a in acks {
+                    let id = a.await?;
+                    first.get_or_insert(id);
+                }
+                Ok(first)
+            }
+        }
+    }
+
+    /// A reader of a stream; with `stale`, of what this member holds (else a read of it up
+    /// to its current end is linearizable).
+    pub(crate) async fn reader(
+        &self,
+        name: &str,
+        start: Start,
+        stale: bool,
+    ) -> Result<StreamReader> {
         check(name)?;
-        self.streams.reader(name, start)
+        self.linearizable(stale).await?;
+        Ok(self.streams.reader(name, start)?)
     }
 
     /// Drops every entry below `before`.
-    pub(crate) async fn truncate(&self, name: &str, before: u64) -> Result<StreamInfo, Error> {
+    pub(crate) async fn truncate(&self, name: &str, before: u64) -> Result<StreamInfo> {
         check(name)?;
-        self.streams.truncate(name, before).await
+        let Some(r) = self.replication() else {
+            return Ok(self.streams.truncate(name, before).await?);
+        };
+        match crate::forwarded::log_truncate(r, name, before).await {
+            Some(truncated) => truncated,
+            None => self.lead_truncate(r, name, before).await,
+        }
+    }
+
+    /// On the leader: [`Logs::truncate`].
+    pub(crate) async fn lead_truncate(
+        &self,
+        r: &Replication,
+        name: &str,
+        before: u64,
+    ) -> Result<StreamInfo> {
+        check(name)?;
+        self.propose(r, name, |info| {
+            let info = info.ok_or_else(|| not_found(name))?;
+            if before.min(info.next_id) <= info.first_id {
+                return Ok(None);
+            }
+            let mut p = Proposal::default();
+            p.truncate_stream(name, before.min(info.next_id));
+            Ok(Some(p))
+        })
+        .await?;
+        Ok(self.streams.info(name)?)
     }
 
     /// Deletes a stream.
-    pub(crate) async fn delete(&self, name: &str) -> Result<(), Error> {
+    pub(crate) async fn delete(&self, name: &str) -> Result<()> {
         check(name)?;
-        let slot = self.writers.lock().remove(name);
-        if let Some(slot) = slot {
-            slot.lock().await.writer.take();
+        let Some(r) = self.replication() else {
+            let slot = self.slots.lock().remove(name);
+            if let Some(slot) = slot {
+                slot.lock().await.writer.take();
+            }
+            return Ok(self.streams.delete(name).await?);
+        };
+        match crate::forwarded::log_delete(r, name).await {
+            Some(deleted) => deleted,
+            None => self.lead_delete(r, name).await,
         }
-        self.streams.delete(name).await
     }
 
-    /// Closes the writers not used for `idle`; returns how many.
+    /// On the leader: [`Logs::delete`].
+    pub(crate) async fn lead_delete(&self, r: &Replication, name: &str) -> Result<()> {
+        check(name)?;
+        self.propose(r, name, |info| {
+            info.ok_or_else(|| not_found(name))?;
+            let mut p = Proposal::default();
+            p.delete_stream(name);
+            Ok(Some(p))
+        })
+        .await
+    }
+
+    /// Closes the writers not used for `idle` (and forgets idle slots); returns how many
+    /// writers it closed.
     pub(crate) async fn close_idle(&self, idle: std::time::Duration) -> u64 {
         let mut idle_slots = Vec::new();
-        self.writers.lock().retain(|_, s| match s.try_lock() {
+        self.slots.lock().retain(|_, s| match s.try_lock() {
             Ok(g) if g.used.is_none_or(|t| t.elapsed() >= idle) => {
                 idle_slots.push(s.clone());
                 false
@@ -162,8 +459,8 @@ impl Logs {
     }
 
     /// Flushes and closes every writer.
-    pub(crate) async fn close(&self) -> Result<(), Error> {
-        let slots: Vec<_> = self.writers.lock().drain().map(|(_, s)| s).collect();
+    pub(crate) async fn close(&self) -> Result<()> {
+        let slots: Vec<_> = self.slots.lock().drain().map(|(_, s)| s).collect();
         for s in slots {
             if let Some(w) = s.lock().await.writer.take() {
                 close_writer(w).await;

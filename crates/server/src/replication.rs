@@ -54,6 +54,10 @@ pub(crate) struct Replication {
     leader_changes: Arc<std::sync::atomic::AtomicU64>,
     /// Terms this member entered (each began with an election).
     elections: Arc<std::sync::atomic::AtomicU64>,
+    /// The term and log index a write evaluated here must see applied (in that term): the end
+    /// of the log when a proposal failed (it may still commit, and its caller no longer holds
+    /// its keys). In a later term, an applied entry of that term settles it.
+    unsettled: parking_lot::Mutex<(u64, u64)>,
 }
 
 impl std::fmt::Debug for Replication {
@@ -228,6 +232,7 @@ impl Replication {
             timeout: cluster.timeout,
             leader_changes,
             elections,
+            unsettled: Default::default(),
         })
     }
 
@@ -260,7 +265,8 @@ impl Replication {
     /// here, blocking the calling thread.
     pub(crate) fn commit_proposal(&self, p: Proposal) -> Result<(), Error> {
         let (member, timeout) = (self.member.clone(), self.timeout);
-        self.wait(async move { member.propose(p, timeout).await.map(|_| ()) })
+        let r = self.wait(async move { member.propose(p, timeout).await.map(|_| ()) });
+        self.settled_after(r)
     }
 
     /// [`Replication::commit_proposal`] for async callers.
@@ -269,7 +275,25 @@ impl Replication {
             return Ok(());
         }
         let (member, timeout) = (self.member.clone(), self.timeout);
-        self.on_raft(async move { member.propose(p, timeout).await.map(|_| ()) }).await
+        let r = self.on_raft(async move { member.propose(p, timeout).await.map(|_| ()) }).await;
+        self.settled_after(r)
+    }
+
+    /// After a failed proposal, the writes evaluated here wait (in [`Replication::fresh`])
+    /// until everything logged so far is applied: the failed one may still commit, and an
+    /// evaluation that did not see it could propose a stale write (an append at an id it
+    /// took, a second SET NX).
+    fn settled_after(&self, r: Result<(), Error>) -> Result<(), Error> {
+        if r.is_err() {
+            let m = self.member.raft().metrics();
+            let at = {
+                let m = m.borrow();
+                (m.current_term, m.last_log_index.unwrap_or(0))
+            };
+            let mut u = self.unsettled.lock();
+            *u = (*u).max(at);
+        }
+        r
     }
 
     /// Runs `f` on the Raft runtime and awaits it (without holding a thread of the caller's).
@@ -283,25 +307,57 @@ impl Replication {
         }
     }
 
-    /// Returns once this member may evaluate a write against its engine: it leads, and it
+    /// Returns once this member may evaluate a write against its engine: it leads, it
     /// applied an entry of its own term, so that every entry committed by an earlier leader
-    /// is applied here (a new leader's engine may lag its log). A member that does not lead
-    /// returns at once: its proposal will be refused.
+    /// is applied here (a new leader's engine may lag its log), and it applied every entry
+    /// logged before a proposal of its failed ([`Replication::settled_after`]). A member that
+    /// does not lead returns at once: its proposal will be refused.
     pub(crate) async fn fresh(&self) -> Result<(), Error> {
-        let fresh = |m: &timber_cluster::openraft::RaftMetrics<u64, _>| {
+        let (term, index) = *self.unsettled.lock();
+        self.until("the leader is catching up", move |m| {
             m.current_leader != Some(m.id)
-                || m.last_applied.is_some_and(|l| l.leader_id.term == m.current_term)
-        };
-        if fresh(&self.member.raft().metrics().borrow()) {
+                || m.last_applied.is_some_and(|l| {
+                    l.leader_id.term == m.current_term
+                        && (term < m.current_term || l.index >= index)
+                })
+        })
+        .await
+    }
+
+    /// The index of the last entry this member applied (0 before any).
+    pub(crate) fn applied_index(&self) -> u64 {
+        self.member.raft().metrics().borrow().last_applied.map_or(0, |l| l.index)
+    }
+
+    /// Returns once this member applied the entry at `index`.
+    pub(crate) async fn applied_up_to(&self, index: u64) -> Result<(), Error> {
+        self.until("this member is behind the leader", move |m| {
+            m.last_applied.is_some_and(|l| l.index >= index)
+        })
+        .await
+    }
+
+    /// Returns once the member's metrics satisfy `ready`, or fails as retryable after the
+    /// cluster timeout, saying `what` was awaited.
+    async fn until(
+        &self,
+        what: &'static str,
+        ready: impl Fn(
+                &timber_cluster::openraft::RaftMetrics<u64, timber_cluster::openraft::BasicNode>,
+            ) -> bool
+            + Send
+            + 'static,
+    ) -> Result<(), Error> {
+        if ready(&self.member.raft().metrics().borrow()) {
             return Ok(());
         }
         let (member, timeout) = (self.member.clone(), self.timeout);
-        let waited = self.handle.spawn(async move {
-            member.raft().wait(Some(timeout)).metrics(fresh, "applied an entry of its term").await
-        });
+        let waited = self
+            .handle
+            .spawn(async move { member.raft().wait(Some(timeout)).metrics(ready, what).await });
         match waited.await {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(Error::ClusterDown(format!("the new leader is catching up: {e}"))),
+            Ok(Err(e)) => Err(Error::ClusterDown(format!("{what}: {e}"))),
             Err(_) => Err(Error::ClusterDown("the member stopped".into())),
         }
     }
@@ -398,7 +454,8 @@ impl Replication {
 
     /// Whether this member leads now (it may learn otherwise at once).
     pub(crate) fn is_leader(&self) -> bool {
-        let m = self.member.metrics();
+        let m = self.member.raft().metrics();
+        let m = m.borrow();
         m.current_leader == Some(m.id)
     }
 

@@ -677,3 +677,190 @@ fn redis_streams_and_their_groups_replicate_through_any_member_and_a_failover() 
     let len: i64 = on_leader(&c, |con| redis::cmd("XLEN").arg("s").query(con));
     assert_eq!(len, 1);
 }
+
+/// Every entry of log stream `name` through member `i`: `stale` reads its own copy, else the
+/// read sees every entry committed before it. `None` if the stream does not exist.
+async fn log_entries(c: &Cluster, i: usize, name: &str, stale: bool) -> Option<Vec<(u64, String)>> {
+    use timber_client::Start;
+    let client = c.node(i).grpc().await;
+    let r = match stale {
+        true => client.reader_stale(name, Start::Earliest, false).await,
+        false => client.reader(name, Start::Earliest, false).await,
+    };
+    let mut r = match r {
+        Ok(r) => r,
+        Err(e) if e.code() == Some(timber_client::Code::NotFound) => return None,
+        Err(e) => panic!("read of {name} through member {}: {e}", i + 1),
+    };
+    let mut out = Vec::new();
+    loop {
+        match r.next().await {
+            Ok(Some(e)) => out.push((e.id, String::from_utf8(e.data.to_vec()).unwrap())),
+            Ok(None) => return Some(out),
+            Err(e) if e.code() == Some(timber_client::Code::NotFound) => return None,
+            Err(e) => panic!("read of {name} through member {}: {e}", i + 1),
+        }
+    }
+}
+
+/// Appends `data` to log stream `events` through member `via`, or, while the cluster refuses
+/// (an election under way), through any running member until one takes it. Returns the id.
+/// A refused append that committed anyway shows up as a repeated entry right after itself.
+async fn log_append(c: &Cluster, via: usize, data: &str) -> u64 {
+    let deadline = Instant::now() + WAIT;
+    let running: Vec<usize> = (0..c.nodes.len()).filter(|&i| c.nodes[i].is_some()).collect();
+    let mut via = running[via % running.len()];
+    loop {
+        let client = c.node(via).grpc().await;
+        match client.append("events", vec![bytes::Bytes::from(data.to_string())]).await {
+            Ok(id) => return id,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "no member took the append: {e}");
+                eprintln!("member {} refused the append: {e}", via + 1);
+                via = running[(via + 1) % running.len()];
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// `entries` without repeats of the entry just before (a retried append that had committed).
+fn unrepeated(entries: &[(u64, String)]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for (_, d) in entries {
+        if out.last() != Some(d) {
+            out.push(d.clone());
+        }
+    }
+    out
+}
+
+#[test]
+fn grpc_and_http_log_streams_replicate_through_any_member_and_a_failover() {
+    use timber_client::Code;
+    let mut c = Cluster::three_started();
+    let leader = c.leader();
+    let f = c.follower(leader);
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let h = reqwest::Client::new();
+    let http = |i: usize, path: &str| format!("http://127.0.0.1:{}{path}", c.node(i).http_port);
+    let mut want: Vec<String> = Vec::new();
+    rt.block_on(async {
+        // Created through a follower; refusals keep their meaning on the way back.
+        let fc = c.node(f).grpc().await;
+        let info = fc.create_stream("events", None, Some(1 << 30)).await.unwrap();
+        assert_eq!((info.name.as_str(), info.first_id, info.next_id), ("events", 0, 0));
+        let e = fc.create_stream("events", None, None).await.unwrap_err();
+        assert_eq!(e.code(), Some(Code::AlreadyExists), "{e}");
+        let e = fc.append("missing", vec![bytes::Bytes::from("x")]).await.unwrap_err();
+        assert_eq!(e.code(), Some(Code::NotFound), "{e}");
+        let e = fc.create_stream("redis.x", None, None).await.unwrap_err();
+        assert_eq!(e.code(), Some(Code::InvalidArgument), "{e}");
+
+        // Appends through every member; a read through another member right after sees each.
+        let mut last = None;
+        for n in 0..24 {
+            let data = format!("e{n}");
+            let id = log_append(&c, n, &data).await;
+            assert!(last < Some(id), "ids grow: {id} after {last:?}");
+            last = Some(id);
+            want.push(data.clone());
+            if n % 4 == 0 {
+                let seen = log_entries(&c, (n + 1) % 3, "events", false).await.unwrap();
+                assert_eq!(
+                    seen.last().map(|e| &e.1),
+                    Some(&data),
+                    "read through {}",
+                    (n + 1) % 3 + 1
+                );
+            }
+        }
+
+        // HTTP through a follower: append, read, info.
+        let r = h
+            .post(http(f, "/v1/streams/events/entries"))
+            .json(&serde_json::json!({"entries": ["h0", "h1"]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+        want.extend(["h0".to_string(), "h1".to_string()]);
+        let other = 3 - leader - f;
+        let read: serde_json::Value = h
+            .get(http(other, "/v1/streams/events/entries?from=earliest&limit=1000"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let data: Vec<&str> = read["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["data"].as_str().unwrap())
+            .collect();
+        assert_eq!(unrepeated_strs(&data), want);
+        let r = h.post(http(f, "/v1/streams/nope/entries")).body("x").send().await.unwrap();
+        assert_eq!(r.status(), 404);
+
+        // Truncated through a follower, seen by the leader.
+        let info = fc.truncate("events", 5).await.unwrap();
+        assert_eq!(info.first_id, 5);
+        let lc = c.node(leader).grpc().await;
+        assert_eq!(lc.stream_info("events").await.unwrap().first_id, 5);
+    });
+
+    // The leader dies: the survivors keep the stream and take more.
+    c.kill(leader);
+    rt.block_on(async {
+        for n in 24..32 {
+            let data = format!("e{n}");
+            log_append(&c, n, &data).await;
+            want.push(data);
+        }
+    });
+    let want: Vec<String> = want.split_off(5);
+    rt.block_on(async {
+        let seen = log_entries(&c, f, "events", false).await.unwrap();
+        assert_eq!(seen[0].0, 5);
+        assert_eq!(unrepeated(&seen), want);
+    });
+
+    // The killed member comes back and catches up in its own store.
+    c.start(leader);
+    c.following(leader);
+    let deadline = Instant::now() + WAIT;
+    rt.block_on(async {
+        loop {
+            let own = log_entries(&c, leader, "events", true).await;
+            if own.as_deref().map(unrepeated) == Some(want.clone()) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "member {} never caught up: {own:?}", leader + 1);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Every member's own copy holds the same ids and entries.
+        let all = log_entries(&c, 0, "events", false).await;
+        for i in 0..3 {
+            while log_entries(&c, i, "events", true).await != all {
+                assert!(Instant::now() < deadline, "member {} differs", i + 1);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+
+        // Deleted through a follower: gone everywhere.
+        let f = c.follower(c.leader_now().unwrap_or(0));
+        c.node(f).grpc().await.delete_stream("events").await.unwrap();
+        for i in 0..3 {
+            let e = c.node(i).grpc().await.stream_info("events").await.unwrap_err();
+            assert_eq!(e.code(), Some(Code::NotFound), "member {}", i + 1);
+        }
+    });
+}
+
+fn unrepeated_strs(data: &[&str]) -> Vec<String> {
+    let pairs: Vec<(u64, String)> = data.iter().map(|d| (0, d.to_string())).collect();
+    unrepeated(&pairs)
+}

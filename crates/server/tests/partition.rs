@@ -275,3 +275,59 @@ fn a_partitioned_leader_serves_no_stale_reads_and_the_history_stays_linearizable
     assert!(failed_on_old.load(Ordering::Relaxed) > 0, "the partition never touched a client");
     history.check().unwrap();
 }
+
+/// The log stream `events` through member `i`: linearizable, or with `stale` its own copy.
+async fn events(m: &Members, i: usize, stale: bool) -> timber_client::Result<Vec<String>> {
+    use timber_client::Start;
+    let c = m.node(i).grpc().await;
+    let mut r = match stale {
+        true => c.reader_stale("events", Start::Earliest, false).await?,
+        false => c.reader("events", Start::Earliest, false).await?,
+    };
+    let mut out = Vec::new();
+    while let Some(e) = r.next().await? {
+        out.push(String::from_utf8(e.data.to_vec()).unwrap());
+    }
+    Ok(out)
+}
+
+#[test]
+fn a_follower_the_leader_cannot_reach_serves_no_stale_log_stream_read() {
+    let links = Links::default();
+    let m = Members::start(&links);
+    let leader = m.leader_among(&[0, 1, 2]);
+    let f = (leader + 1) % 3;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let lc = m.node(leader).grpc().await;
+        lc.create_stream("events", None, None).await.unwrap();
+        lc.append("events", vec![bytes::Bytes::from("before")]).await.unwrap();
+        let deadline = Instant::now() + WAIT;
+        while events(&m, f, true).await.ok() != Some(vec!["before".to_string()]) {
+            assert!(Instant::now() < deadline, "member {} never received the append", f + 1);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // The leader's entries no longer reach the follower; the follower still reaches the
+        // leader. An append commits with the third member.
+        links.cut(&[(leader + 1, f + 1)]);
+        lc.append("events", vec![bytes::Bytes::from("after")]).await.unwrap();
+        // A read through the follower sees the append, or fails (retryable): it never answers
+        // from the follower's copy without it.
+        match events(&m, f, false).await {
+            Ok(seen) => assert_eq!(seen, ["before", "after"], "a stale read"),
+            Err(e) => assert_eq!(e.code(), Some(timber_client::Code::Unavailable), "{e}"),
+        }
+        links.heal();
+        let deadline = Instant::now() + WAIT;
+        loop {
+            match events(&m, f, false).await {
+                Ok(seen) => {
+                    assert_eq!(seen, ["before", "after"]);
+                    break;
+                }
+                Err(e) => assert!(Instant::now() < deadline, "no read after the heal: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+}

@@ -1062,7 +1062,7 @@ mod tests {
         );
         let space =
             StreamSpace::open(keys.clone(), &dir.path().join("streams"), opts).await.unwrap();
-        let logs = crate::logs::Logs::new(space.store().clone());
+        let logs = crate::logs::Logs::new(space.store().clone(), keys.clone());
         let f = [Bytes::from("f"), Bytes::from("v")];
         logs.append("plain", vec![Bytes::from("x")]).await.unwrap_err();
         logs.create("plain", StreamConfig::default()).await.unwrap();

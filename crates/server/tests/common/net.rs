@@ -72,11 +72,15 @@ impl Links {
 
     /// Cuts member `a` off from every member in `others`, both ways.
     pub fn isolate(&self, a: usize, others: &[usize]) {
+        let links: Vec<_> = others.iter().flat_map(|&b| [(a, b), (b, a)]).collect();
+        self.cut(&links);
+    }
+
+    /// Cuts the directed links `(from, to)`: what `from` sends on connections it opened to
+    /// `to` (its requests and their replies); `to`'s own connections to `from` stay.
+    pub fn cut(&self, links: &[(usize, usize)]) {
         let mut st = self.state.lock().unwrap();
-        for &b in others {
-            st.cut.insert((a, b));
-            st.cut.insert((b, a));
-        }
+        st.cut.extend(links.iter().copied());
         let cut = st.cut.clone();
         st.open.retain(|(link, x, y)| {
             if cut.contains(link) {
