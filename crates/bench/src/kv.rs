@@ -51,6 +51,10 @@ pub struct Args {
     /// Block cache size in MiB for every system.
     #[arg(long, default_value_t = 64)]
     cache_mb: u64,
+    /// timber only: a memory budget in MiB for its memtables, index and filter blocks and
+    /// block cache together (`Options::memory_budget`), instead of `--cache-mb` for its cache.
+    #[arg(long)]
+    timber_memory_budget_mb: Option<u64>,
     /// Seconds of the sustained-ingest workload (random keys from a space of 10^16, so nearly
     /// every write adds a key); 0 leaves it out.
     #[arg(long, default_value_t = 0)]
@@ -392,11 +396,14 @@ fn systems(only: &[String]) -> Vec<&'static str> {
     all
 }
 
-fn open(system: &str, dir: &Path, cache_mb: u64) -> anyhow::Result<Box<dyn Kv>> {
+fn open(system: &str, dir: &Path, args: &Args) -> anyhow::Result<Box<dyn Kv>> {
+    let cache_mb = args.cache_mb;
     Ok(match system {
         "timber" => Box::new(Timber(timber_kv::Db::open(
             dir,
-            timber_kv::Options::default().block_cache_bytes((cache_mb as usize) << 20),
+            timber_kv::Options::default()
+                .block_cache_bytes((cache_mb as usize) << 20)
+                .memory_budget(args.timber_memory_budget_mb.map(|mb| (mb as usize) << 20)),
         )?)),
         #[cfg(feature = "rocksdb")]
         "rocksdb" => Box::new(rocks::open(dir, cache_mb)?),
@@ -522,7 +529,7 @@ fn run_system(
     // fillseq
     let dir = fresh("seq")?;
     {
-        let mut db = open(system, &dir, args.cache_mb)?;
+        let mut db = open(system, &dir, args)?;
         let mut m = measure(0..n, kv_bytes, |i| {
             let v = value(&mut rng);
             db.put(&key(i), &v, false)
@@ -536,7 +543,7 @@ fn run_system(
     // fillrandom, overwrite, reads on the same database
     let dir = fresh("rand")?;
     {
-        let mut db = open(system, &dir, args.cache_mb)?;
+        let mut db = open(system, &dir, args)?;
         eprintln!("  {system}: fillrandom");
         let mut order: Vec<u64> = (0..n).collect();
         order.shuffle(&mut rng);
@@ -626,7 +633,7 @@ fn sustained(
     eprintln!("  {system}: sustained for {} s", args.sustained_secs);
     let dir = fresh("sustained")?;
     let m = {
-        let mut db = open(system, &dir, args.cache_mb)?;
+        let mut db = open(system, &dir, args)?;
         let mut krng = rand::rngs::StdRng::seed_from_u64(11 + round as u64);
         let mut vrng = rand::rngs::StdRng::seed_from_u64(13);
         let deadline = Instant::now() + Duration::from_secs(args.sustained_secs);
@@ -660,7 +667,7 @@ fn fillsync(
     // fillsync
     let dir = fresh("sync")?;
     {
-        let mut db = open(system, &dir, args.cache_mb)?;
+        let mut db = open(system, &dir, args)?;
         let mut vrng = rand::rngs::StdRng::seed_from_u64(9);
         let m = measure(0..args.sync_ops, kv_bytes, |_| {
             let i = vrng.random_range(0..n);

@@ -1,8 +1,9 @@
 //! `BlockCache`: verified, uncompressed data blocks kept in memory under a byte limit, shared by
 //! every table of a database. Sixteen LRU shards, each behind its own mutex, keyed by
-//! (table, offset). A block is charged for its bytes and a fixed overhead.
+//! (table, offset). A block is charged for its bytes and a fixed overhead. The limit may change
+//! while the cache is in use (under a memory budget); a lower one evicts at once.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use lru::LruCache;
 use parking_lot::Mutex;
@@ -48,7 +49,7 @@ struct Shard {
 
 pub(crate) struct BlockCache {
     shards: Vec<Mutex<Shard>>,
-    shard_limit: usize,
+    shard_limit: AtomicUsize,
     hits: AtomicU64,
     misses: AtomicU64,
 }
@@ -64,7 +65,7 @@ impl BlockCache {
                     })
                 })
                 .collect(),
-            shard_limit: limit / SHARDS,
+            shard_limit: AtomicUsize::new(limit / SHARDS),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
         }
@@ -79,8 +80,22 @@ impl BlockCache {
         &self.shards[(h as usize) % SHARDS]
     }
 
+    /// Sets the limit; evicts down to it now if it is lower.
+    pub(crate) fn set_limit(&self, limit: usize) {
+        let shard_limit = limit / SHARDS;
+        if self.shard_limit.swap(shard_limit, Ordering::Relaxed) > shard_limit {
+            for s in &self.shards {
+                evict(&mut s.lock(), shard_limit);
+            }
+        }
+    }
+
+    pub(crate) fn limit(&self) -> usize {
+        self.shard_limit.load(Ordering::Relaxed) * SHARDS
+    }
+
     pub(crate) fn get(&self, table: u64, offset: u64) -> Option<Block> {
-        if self.shard_limit == 0 {
+        if self.shard_limit.load(Ordering::Relaxed) == 0 {
             return None;
         }
         let b = self.shard(table, offset).lock().map.get(&(table, offset)).cloned();
@@ -91,7 +106,8 @@ impl BlockCache {
 
     pub(crate) fn insert(&self, table: u64, offset: u64, block: Block) {
         let size = charge(&block);
-        if size > self.shard_limit {
+        let limit = self.shard_limit.load(Ordering::Relaxed);
+        if size > limit {
             return;
         }
         let mut s = self.shard(table, offset).lock();
@@ -99,12 +115,7 @@ impl BlockCache {
             s.bytes -= charge(&old);
         }
         s.bytes += size;
-        while s.bytes > self.shard_limit {
-            match s.map.pop_lru() {
-                Some((_, b)) => s.bytes -= charge(&b),
-                None => break,
-            }
-        }
+        evict(&mut s, limit);
     }
 
     /// (hits, misses) so far.
@@ -117,8 +128,18 @@ impl BlockCache {
     }
 }
 
+/// Drops a shard's least recently used blocks until it holds at most `limit` bytes.
+fn evict(s: &mut Shard, limit: usize) {
+    while s.bytes > limit {
+        match s.map.pop_lru() {
+            Some((_, b)) => s.bytes -= charge(&b),
+            None => break,
+        }
+    }
+}
+
 impl std::fmt::Debug for BlockCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BlockCache").field("limit", &(self.shard_limit * SHARDS)).finish()
+        f.debug_struct("BlockCache").field("limit", &self.limit()).finish()
     }
 }

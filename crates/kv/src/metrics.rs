@@ -54,5 +54,16 @@ impl Metrics {
             gauge!("timber_kv_write_stalls", &labels).set(st.count as f64);
         }
         gauge!("timber_kv_wal_bytes", &l).set(s.wal_bytes as f64);
+        // What the engine holds in memory, by kind (the parts a memory budget charges).
+        for (kind, bytes) in [
+            ("memtable", s.memtable_bytes),
+            ("immutable_memtables", s.immutable_memtable_bytes),
+            ("table_index_filter", s.table_pinned_bytes),
+            ("block_cache", s.cache_bytes),
+        ] {
+            let labels = [("db", self.name.clone()), ("kind", kind.into())];
+            gauge!("timber_kv_memory_bytes", &labels).set(bytes as f64);
+        }
+        gauge!("timber_kv_block_cache_limit_bytes", &l).set(s.cache_limit as f64);
     }
 }

@@ -47,6 +47,7 @@ pub struct Options {
     pub(crate) bloom_bits_per_key: u32,
     pub(crate) compression: Compression,
     pub(crate) block_cache_bytes: usize,
+    pub(crate) memory_budget: Option<usize>,
     pub(crate) l0_compaction_trigger: usize,
     pub(crate) l0_slowdown_trigger: usize,
     pub(crate) l0_stop_trigger: usize,
@@ -74,6 +75,7 @@ impl Default for Options {
             bloom_bits_per_key: 10,
             compression: Compression::None,
             block_cache_bytes: 64 << 20,
+            memory_budget: None,
             l0_compaction_trigger: 4,
             l0_slowdown_trigger: 20,
             l0_stop_trigger: 36,
@@ -133,9 +135,22 @@ impl Options {
         self
     }
 
-    /// Memory limit of the block cache (default 64 MiB; 0 disables it).
+    /// Memory limit of the block cache (default 64 MiB; 0 disables it). Without effect under
+    /// a [`Options::memory_budget`], which sizes the cache.
     pub fn block_cache_bytes(mut self, bytes: usize) -> Self {
         self.block_cache_bytes = bytes;
+        self
+    }
+
+    /// One limit for the memory of the engine's buffers and caches together (default none:
+    /// each has its own limit). Memtables, the active one and those awaiting flush, take at
+    /// most three quarters of it (the memtable size is capped at `budget * 3/4 / (1 +
+    /// max_immutable_memtables)`); the index and filter blocks of the open tables are charged
+    /// next; the block cache gets what is left, reserving the active memtable's full size, so
+    /// it shrinks while memtables await flush or tables accumulate and grows back after. At
+    /// least 1 MiB.
+    pub fn memory_budget(mut self, bytes: Option<usize>) -> Self {
+        self.memory_budget = bytes;
         self
     }
 
@@ -228,6 +243,26 @@ impl Options {
         self
     }
 
+    /// The options as the engine runs them: under a memory budget, the memtable size capped
+    /// to the memtables' share.
+    pub(crate) fn effective(mut self) -> Options {
+        if let Some(b) = self.memory_budget {
+            let share = b / 4 * 3 / (1 + self.max_immutable_memtables);
+            self.memtable_size = self.memtable_size.min(share).max(4096);
+        }
+        self
+    }
+
+    /// The block cache's limit under a memory budget, given the bytes of the memtables awaiting
+    /// flush and the bytes the open tables pin (the active memtable is reserved at its full
+    /// size); `block_cache_bytes` without one.
+    pub(crate) fn cache_limit(&self, immutable_bytes: usize, pinned_bytes: usize) -> usize {
+        match self.memory_budget {
+            None => self.block_cache_bytes,
+            Some(b) => b.saturating_sub(self.memtable_size + immutable_bytes + pinned_bytes),
+        }
+    }
+
     pub(crate) fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::InvalidParam(m));
         if self.memtable_size < 4096 {
@@ -235,6 +270,9 @@ impl Options {
         }
         if self.max_immutable_memtables == 0 {
             return bad("max_immutable_memtables must be at least 1".into());
+        }
+        if let Some(b) = self.memory_budget.filter(|&b| b < 1 << 20) {
+            return bad(format!("memory budget {b} is below 1 MiB"));
         }
         if !(256..=(1 << 20)).contains(&self.block_size) {
             return bad(format!("block size {} is outside 256..=1 MiB", self.block_size));

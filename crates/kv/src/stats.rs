@@ -59,6 +59,11 @@ pub struct Stats {
     pub cache_hit_rate: f64,
     /// Bytes held by the block cache.
     pub cache_bytes: u64,
+    /// The block cache's current limit (under a memory budget, what the memtables and the
+    /// tables' index and filter blocks leave of it).
+    pub cache_limit: u64,
+    /// [`crate::Options::memory_budget`], if set.
+    pub memory_budget: Option<u64>,
     /// Bytes above the levels' targets (and all of L0 once it is at its trigger).
     pub pending_compaction_bytes: u64,
     /// Writes that were slowed or stopped waiting for flush or compaction (the sum of the four

@@ -173,6 +173,11 @@ pub struct Flags {
     /// Largest request (one command with its arguments), in bytes [default: 536870912].
     #[arg(long, env = "TIMBER_MAX_REQUEST_BYTES")]
     pub max_request_bytes: Option<usize>,
+    /// Memory the keyspace engine's memtables, index and filter blocks and block cache may
+    /// hold together, in MiB (at least 1) [default: none: 3 memtables of 64 MiB at most and a
+    /// 64 MiB block cache].
+    #[arg(long, env = "TIMBER_MEMORY_BUDGET_MB")]
+    pub memory_budget_mb: Option<usize>,
     /// Seconds a connection (any endpoint) may stay idle before it is closed; 0 never. gRPC
     /// peers that stop answering HTTP/2 pings are dropped regardless [default: 0].
     #[arg(long, env = "TIMBER_IDLE_TIMEOUT_SECS")]
@@ -254,6 +259,7 @@ struct File {
     log_format: Option<LogFormat>,
     max_connections: Option<usize>,
     max_request_bytes: Option<usize>,
+    memory_budget_mb: Option<usize>,
     idle_timeout_secs: Option<u64>,
     auth_secret: Option<String>,
     workers: Option<usize>,
@@ -335,6 +341,8 @@ pub struct Config {
     pub max_connections: usize,
     /// Largest request in bytes.
     pub max_request_bytes: usize,
+    /// The keyspace engine's memory budget in bytes (`None`: its own limits).
+    pub memory_budget: Option<usize>,
     /// Idle connection timeout (`None`: never).
     pub idle_timeout: Option<Duration>,
     /// Shared secret for AUTH.
@@ -366,6 +374,7 @@ impl Config {
             log_format: LogFormat::Human,
             max_connections: 10_000,
             max_request_bytes: 512 << 20,
+            memory_budget: None,
             idle_timeout: None,
             auth_secret: None,
             workers: None,
@@ -408,6 +417,11 @@ impl Config {
         if max_request_bytes < 1024 {
             return Err("max_request_bytes must be at least 1024".into());
         }
+        let memory_budget = match flags.memory_budget_mb.or(file.memory_budget_mb) {
+            Some(0) => return Err("memory_budget_mb must be at least 1".into()),
+            Some(mb) => Some(mb.checked_mul(1 << 20).ok_or("memory_budget_mb is too large")?),
+            None => None,
+        };
         let idle = flags.idle_timeout_secs.or(file.idle_timeout_secs).unwrap_or(0);
         let workers = flags.workers.or(file.workers);
         if workers == Some(0) {
@@ -540,6 +554,7 @@ impl Config {
             log_format: flags.log_format.or(file.log_format).unwrap_or(LogFormat::Human),
             max_connections,
             max_request_bytes,
+            memory_budget,
             idle_timeout: (idle > 0).then(|| Duration::from_secs(idle)),
             auth_secret: flags
                 .auth_secret
@@ -633,6 +648,10 @@ mod tests {
         assert!(e.contains("workers must be at least 1"), "{e}");
         let e = Config::resolve(flags(&["--idle-spin-us", "5000"])).unwrap_err();
         assert!(e.contains("idle_spin_us must be at most 1000"), "{e}");
+        let e = Config::resolve(flags(&["--memory-budget-mb", "0"])).unwrap_err();
+        assert!(e.contains("memory_budget_mb must be at least 1"), "{e}");
+        let c = Config::resolve(flags(&["--memory-budget-mb", "256"])).unwrap();
+        assert_eq!(c.memory_budget, Some(256 << 20));
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("t.toml");
         std::fs::write(&f, "colour = \"blue\"\n").unwrap();

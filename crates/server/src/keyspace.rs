@@ -186,11 +186,13 @@ pub(crate) struct Keyspace {
 }
 
 impl Keyspace {
-    /// Opens (creating) the keyspace in `dir` with the server's sync mode; under `--sync
-    /// always`, its sync rounds run on the parking workers of a runtime that runs `idle`.
+    /// Opens (creating) the keyspace in `dir` with the server's sync mode and the engine's
+    /// memory budget; under `--sync always`, its sync rounds run on the parking workers of a
+    /// runtime that runs `idle`.
     pub(crate) fn open(
         dir: &std::path::Path,
         sync: Sync,
+        memory_budget: Option<usize>,
         idle: &IdleWork,
     ) -> Result<Keyspace, Error> {
         // With `Always`, writes are buffered and the connection awaits `durable` once per batch
@@ -208,6 +210,7 @@ impl Keyspace {
             .wal_sync_interval(interval)
             // GET, INCR and the stream handles are point reads of recently written keys.
             .memtable_hash_index(true)
+            .memory_budget(memory_budget)
             .name("keyspace");
         let db = std::sync::Arc::new(Db::open(dir, opts)?);
         let sync_rounds = match synced {
@@ -613,7 +616,7 @@ mod tests {
     #[test]
     fn len_counts_live_keys_only() {
         let dir = tempfile::tempdir().unwrap();
-        let ks = Keyspace::open(dir.path(), Sync::Manual, &IdleWork::new()).unwrap();
+        let ks = Keyspace::open(dir.path(), Sync::Manual, None, &IdleWork::new()).unwrap();
         assert_eq!(ks.len().unwrap(), 0);
         assert_eq!(ks.len().unwrap(), 0);
         ks.set(b"a", &Value::string("1")).unwrap();

@@ -150,7 +150,7 @@ impl Server {
                 "restored the keyspace from a backup"
             );
         }
-        let keys = match Keyspace::open(&kv_dir, cfg.sync, idle) {
+        let keys = match Keyspace::open(&kv_dir, cfg.sync, cfg.memory_budget, idle) {
             Ok(k) => Arc::new(k),
             Err(keyspace::Error::Kv(timber_kv::Error::Locked { .. })) => anyhow::bail!(
                 "data directory {} is in use by another timberd (or another process holding its lock)",

@@ -103,9 +103,19 @@ pub(super) fn release(counts: &mut BTreeMap<u64, usize>, key: u64) {
     }
 }
 
+/// The block cache's limit while `view` is current (see [`Options::memory_budget`]).
+pub(super) fn cache_limit(opts: &Options, view: &View) -> usize {
+    let imms = view.imms.iter().map(|m| m.size()).sum();
+    let pinned = view.version.levels.iter().flatten().map(|t| t.table.pinned_bytes()).sum();
+    opts.cache_limit(imms, pinned)
+}
+
 impl Inner {
     /// Makes `view` the current one (`view_lock` held) and keeps the one it replaces for `reap`.
     pub(super) fn install_view(&self, view: View) {
+        if self.opts.memory_budget.is_some() {
+            self.cache.set_limit(cache_limit(&self.opts, &view));
+        }
         let old = self.view.swap(Arc::new(view));
         self.retired.lock().push(old);
     }
@@ -259,6 +269,8 @@ impl Inner {
                 hits as f64 / (hits + misses) as f64
             },
             cache_bytes: self.cache.bytes() as u64,
+            cache_limit: self.cache.limit() as u64,
+            memory_budget: self.opts.memory_budget.map(|b| b as u64),
             pending_compaction_bytes: pending,
             stalls: kinds.iter().map(|k| k.count).sum(),
             stall_micros: kinds.iter().map(|k| k.micros).sum(),

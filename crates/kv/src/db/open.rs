@@ -32,6 +32,7 @@ use super::throttle::Pace;
 /// Opens (or creates) the database in `dir` and starts its background threads.
 pub(super) fn open(dir: &Path, opts: Options) -> Result<(Arc<Inner>, Vec<JoinHandle<()>>)> {
     opts.validate()?;
+    let opts = opts.effective();
     let dir = dir.to_path_buf();
     let existed = dir.join(manifest::CURRENT).exists();
     if !existed && !opts.create_if_missing {
@@ -76,7 +77,7 @@ pub(super) fn open(dir: &Path, opts: Options) -> Result<(Arc<Inner>, Vec<JoinHan
             ),
         ));
     }
-    let cache = Arc::new(BlockCache::new(opts.block_cache_bytes));
+    let cache = Arc::new(BlockCache::new(opts.cache_limit(0, 0)));
     let mut version = Version::empty();
     version.log_number = state.log_number;
     for (level, tables) in version.levels.iter_mut().zip(&state.levels) {
@@ -161,6 +162,9 @@ pub(super) fn open(dir: &Path, opts: Options) -> Result<(Arc<Inner>, Vec<JoinHan
         metrics,
         opts,
     });
+    if inner.opts.memory_budget.is_some() {
+        inner.cache.set_limit(super::inner::cache_limit(&inner.opts, &inner.view.load()));
+    }
     inner.publish_gauges();
     let mut threads = Vec::new();
     let spawn = |name: String, f: fn(&Inner)| {

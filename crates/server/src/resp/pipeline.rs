@@ -330,8 +330,9 @@ mod tests {
     const MAX: usize = 64;
 
     async fn endpoint(dir: &std::path::Path) -> Arc<Endpoint> {
-        let keys =
-            Arc::new(Keyspace::open(&dir.join("kv"), Sync::Manual, &IdleWork::new()).unwrap());
+        let keys = Arc::new(
+            Keyspace::open(&dir.join("kv"), Sync::Manual, None, &IdleWork::new()).unwrap(),
+        );
         let opts = crate::streams::options(
             Sync::Manual,
             &crate::config::StreamStore::Local,

@@ -1051,8 +1051,13 @@ mod tests {
     async fn idle_writers_close_and_reopen_without_losing_order() {
         let dir = tempfile::tempdir().unwrap();
         let keys = Arc::new(
-            Keyspace::open(&dir.path().join("kv"), crate::Sync::Manual, &crate::IdleWork::new())
-                .unwrap(),
+            Keyspace::open(
+                &dir.path().join("kv"),
+                crate::Sync::Manual,
+                None,
+                &crate::IdleWork::new(),
+            )
+            .unwrap(),
         );
         let opts = options(
             Sync::Always,

@@ -1,0 +1,69 @@
+//! The memory budget: memtables, the tables' index and filter blocks and the block cache held
+//! under one limit while data far larger than it is written and read.
+
+use timber_kv::{Db, Error, Options};
+
+const BUDGET: usize = 8 << 20;
+
+fn key(i: u64) -> [u8; 16] {
+    // Spread over the key space: every table overlaps the others.
+    (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) as u128).to_be_bytes()
+}
+
+#[test]
+fn memtables_tables_and_cache_stay_within_the_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = Options::default().memory_budget(Some(BUDGET)).block_cache_bytes(1 << 30);
+    let db = Db::open(dir.path(), opts).unwrap();
+    let value = [7u8; 100];
+    // About 40 MiB of memtable bytes: five times the budget.
+    let n = 100_000u64;
+    let mut max_memtables = 0;
+    for i in 0..n {
+        db.put(key(i), value).unwrap();
+        if i % 97 == 0 {
+            // Reads fill the cache from the tables.
+            let _ = db.get(key(i / 2)).unwrap();
+        }
+        if i % 1000 == 0 {
+            let s = db.stats();
+            let memtables = s.memtable_bytes + s.immutable_memtable_bytes;
+            max_memtables = max_memtables.max(memtables);
+            // A memtable switches after the write that fills it: one write of slack each.
+            assert!(memtables <= (BUDGET as u64) * 3 / 4 + 3 * 1024, "memtables at {memtables}");
+            assert!(s.cache_limit < BUDGET as u64, "cache limit {}", s.cache_limit);
+            // A limit lowered by an install may race with an insert: one block of slack.
+            assert!(
+                s.cache_bytes <= s.cache_limit + 8192,
+                "cache {} > {}",
+                s.cache_bytes,
+                s.cache_limit
+            );
+        }
+    }
+    assert!(max_memtables > (BUDGET as u64) / 8, "memtables never grew: {max_memtables}");
+    db.flush().unwrap();
+    db.compact_range::<&[u8]>(..).unwrap();
+    for i in (0..n).step_by(7) {
+        assert_eq!(&db.get(key(i)).unwrap().unwrap()[..], &value[..]);
+    }
+    let s = db.stats();
+    assert_eq!(s.memory_budget, Some(BUDGET as u64));
+    assert!(s.table_pinned_bytes > 0);
+    // Quiet: the cache has what the memtables (the active one at its full size) and the
+    // tables leave, and holds no more.
+    let memtable_size = (BUDGET / 4 * 3 / 3) as u64;
+    let want = (BUDGET as u64)
+        .saturating_sub(memtable_size + s.immutable_memtable_bytes + s.table_pinned_bytes);
+    // (Rounded down to a multiple of the cache's 16 shards.)
+    assert!(s.cache_limit <= want && want - s.cache_limit < 16, "{} for {want}", s.cache_limit);
+    assert!(s.cache_bytes <= s.cache_limit);
+    assert!(s.cache_bytes > 0, "the reads used the cache");
+}
+
+#[test]
+fn a_budget_below_one_mebibyte_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = Db::open(dir.path(), Options::default().memory_budget(Some(1000))).unwrap_err();
+    assert!(matches!(e, Error::InvalidParam(_)), "{e}");
+}
