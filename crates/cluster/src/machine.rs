@@ -284,6 +284,19 @@ impl KvMachine {
         Ok(Some((meta, body[data_at..].to_vec())))
     }
 
+    /// A snapshot of the engine and the figures of every stream, taken at one point between
+    /// two applies (what a backup of the member holds: the streams' entries up to the ends
+    /// listed are those of the applied id in the snapshot).
+    pub async fn view(&self) -> Result<(timber_kv::Snapshot, Vec<timber_stream::StreamInfo>)> {
+        let _applies = self.inner.writers.lock().await;
+        let snap = self.inner.db.snapshot();
+        let streams = match &self.inner.streams {
+            Some(store) => store.list()?,
+            None => Vec::new(),
+        };
+        Ok((snap, streams))
+    }
+
     /// Reads a consistent view of the engine and the streams into snapshot data, with the
     /// applied id and membership of that same view.
     async fn dump(&self) -> Result<(Option<LogId<u64>>, Membership, Vec<u8>)> {

@@ -23,6 +23,8 @@ pub(crate) struct LevelIter {
     forward: bool,
     at: usize,
     it: Option<TableIter>,
+    /// Whether its reads fill the block cache.
+    fill: bool,
 }
 
 impl LevelIter {
@@ -35,6 +37,9 @@ impl LevelIter {
                 return Ok(());
             };
             let mut it = TableIter::new(f.table.clone(), self.forward);
+            if !self.fill {
+                it = it.filling_no_cache();
+            }
             it.seek(target)?;
             if it.key().is_some() {
                 self.at = at;
@@ -66,7 +71,17 @@ impl Source {
 
     /// A sorted level (or any list of tables with disjoint, ordered ranges).
     pub(crate) fn level(files: Vec<Arc<TableFile>>, forward: bool) -> Source {
-        Source::Level(LevelIter { files, forward, at: 0, it: None })
+        Source::Level(LevelIter { files, forward, at: 0, it: None, fill: true })
+    }
+
+    /// A compaction's input table, read forward without filling the block cache.
+    pub(crate) fn compacted_table(t: &TableFile) -> Source {
+        Source::Table(TableIter::new(t.table.clone(), true).filling_no_cache())
+    }
+
+    /// A compaction's input level, read forward without filling the block cache.
+    pub(crate) fn compacted_level(files: Vec<Arc<TableFile>>) -> Source {
+        Source::Level(LevelIter { files, forward: true, at: 0, it: None, fill: false })
     }
 
     fn seek(&mut self, target: Option<&[u8]>) -> Result<()> {

@@ -339,6 +339,12 @@ impl Table {
 
     /// Data block `i`, verified, through the cache, and its offset in the file.
     fn cached(&self, i: usize) -> Result<(u64, Block)> {
+        self.block(i, true)
+    }
+
+    /// Data block `i`, verified, from the cache if it holds it, and its offset in the file;
+    /// with `fill`, a block read from the file goes into the cache.
+    fn block(&self, i: usize, fill: bool) -> Result<(u64, Block)> {
         let (off, len) =
             self.handle_at(&self.index, i).expect("index entries are validated on open");
         if let Some(b) = self.cache.get(self.id, off) {
@@ -346,7 +352,9 @@ impl Table {
         }
         let raw = read_block(&self.file, &self.path, off, len)?;
         let b = Block::new(raw).map_err(|r| self.corrupt_block(off, r))?;
-        self.cache.insert(self.id, off, b.clone());
+        if fill {
+            self.cache.insert(self.id, off, b.clone());
+        }
         Ok((off, b))
     }
 
@@ -418,17 +426,26 @@ pub(crate) struct TableIter {
     /// Backward: that block decoded, and the entry it stands on.
     decoded: Option<Decoded>,
     pos: usize,
+    /// Whether the blocks it reads from the file go into the cache.
+    fill: bool,
 }
 
 impl TableIter {
     pub(crate) fn new(table: Arc<Table>, forward: bool) -> TableIter {
-        TableIter { table, forward, block: None, cursor: None, decoded: None, pos: 0 }
+        TableIter { table, forward, block: None, cursor: None, decoded: None, pos: 0, fill: true }
+    }
+
+    /// An iterator whose reads leave the cache as it is (a compaction's: its blocks are read
+    /// once, and would push out the ones readers use).
+    pub(crate) fn filling_no_cache(mut self) -> TableIter {
+        self.fill = false;
+        self
     }
 
     /// Enters block `i` at its first entry in the direction of travel, or at `target`.
     fn load(&mut self, i: usize, target: Option<&[u8]>) -> Result<()> {
         if self.forward {
-            let (off, b) = self.table.cached(i)?;
+            let (off, b) = self.table.block(i, self.fill)?;
             let c = match &mut self.cursor {
                 Some(c) => {
                     c.reset(b);

@@ -67,3 +67,20 @@ fn a_budget_below_one_mebibyte_is_refused() {
     let e = Db::open(dir.path(), Options::default().memory_budget(Some(1000))).unwrap_err();
     assert!(matches!(e, Error::InvalidParam(_)), "{e}");
 }
+
+#[test]
+fn compactions_leave_the_block_cache_to_readers() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = Options::default().memtable_size(256 << 10).l0_compaction_trigger(2);
+    let db = Db::open(dir.path(), opts).unwrap();
+    for i in 0..40_000u64 {
+        db.put(key(i), [1u8; 100]).unwrap();
+    }
+    db.flush().unwrap();
+    db.compact_range::<&[u8]>(..).unwrap();
+    let s = db.stats();
+    assert!(s.compactions > 0 && s.compaction_bytes_read > 0, "{s:?}");
+    assert_eq!(s.cache_bytes, 0, "compaction reads went into the cache");
+    assert!(db.get(key(7)).unwrap().is_some());
+    assert!(db.stats().cache_bytes > 0, "a read fills the cache");
+}

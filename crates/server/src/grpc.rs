@@ -414,6 +414,46 @@ impl Streams for Service {
     }
 }
 
+/// Adds the entries of stream `info` from its first id to its end to backup `w`, sending the
+/// chunks it fills; `false` once the receiver is gone. A stream deleted or truncated since
+/// its figures were taken fails the backup (retryable: `ABORTED`).
+async fn backup_stream(
+    store: &timber_stream::Streams,
+    info: &timber_stream::StreamInfo,
+    w: &mut crate::backup::Writer,
+    tx: &mpsc::Sender<Result<pb::BackupChunk, Status>>,
+    chunk: &(impl Fn(Vec<u8>) -> Result<pb::BackupChunk, Status> + Sync),
+) -> Result<bool, Status> {
+    let changed = |e: timber_stream::Error| {
+        Status::aborted(format!("stream {:?} changed during the backup ({e}); retry", info.name))
+    };
+    let header = crate::backup::StreamHeader {
+        name: info.name.clone(),
+        config: info.config,
+        first: info.first_id,
+        entries: info.next_id - info.first_id,
+    };
+    let mut filled = vec![w.stream(&header)];
+    let mut r = store.reader(&info.name, Start::At(info.first_id)).map_err(changed)?;
+    while r.position() < info.next_id {
+        let max = (info.next_id - r.position()).min(1024) as usize;
+        for e in r.next_batch(max).await.map_err(changed)? {
+            filled.push(w.entry(&e.data));
+        }
+        for c in filled.drain(..).flatten() {
+            if tx.send(chunk(c)).await.is_err() {
+                return Ok(false);
+            }
+        }
+    }
+    for c in filled.into_iter().flatten() {
+        if tx.send(chunk(c)).await.is_err() {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
 #[tonic::async_trait]
 impl Admin for Service {
     async fn change_membership(
@@ -447,16 +487,16 @@ impl Admin for Service {
 
     async fn backup(&self, _: Request<pb::BackupRequest>) -> Reply<Self::BackupStream> {
         let e = &self.engines;
-        let streams = e.logs.list(true).await.map_err(stream_status)?.len();
         let db = e.keys.db().clone();
-        let redis_streams = db.prefix([crate::keyspace::STREAM_REVERSE]).next().is_some();
-        if streams > 0 || redis_streams {
-            return Err(Status::failed_precondition(
-                "a backup holds the keyspace only, and this server holds streams it would leave out",
-            ));
-        }
-        // The snapshot is the backup's point: writes after it are not in it.
-        let snap = db.snapshot();
+        let store = e.redis_streams.store().clone();
+        // The backup's point: writes after it are not in it.
+        let (snap, streams) = match e.keys.replication() {
+            None => {
+                let snap = db.snapshot();
+                (snap, store.list().map_err(stream_status)?)
+            }
+            Some(r) => r.view().await.map_err(key_status)?,
+        };
         let position = match e.keys.replication() {
             None => format!("seq:{}", snap.seq()),
             Some(_) => match timber_cluster::applied_in(&snap) {
@@ -468,29 +508,60 @@ impl Admin for Service {
             },
         };
         let (tx, rx) = mpsc::channel(4);
-        tokio::task::spawn_blocking(move || {
-            let send = |data: Vec<u8>, position: String| {
-                tx.blocking_send(Ok(pb::BackupChunk { data: data.into(), position })).is_ok()
+        tokio::spawn(async move {
+            let first = std::sync::Arc::new(parking_lot::Mutex::new(Some(position.clone())));
+            let chunk = {
+                let first = first.clone();
+                move |data: Vec<u8>| {
+                    Ok(pb::BackupChunk {
+                        data: data.into(),
+                        position: first.lock().take().unwrap_or_default(),
+                    })
+                }
             };
-            let mut w = crate::backup::Writer::new(&position);
-            let mut first = Some(position);
-            for prefix in crate::keyspace::BACKED_UP {
-                for r in snap.prefix([prefix]) {
-                    let (k, v) = match r {
-                        Ok(kv) => kv,
-                        Err(err) => {
-                            let _ = tx.blocking_send(Err(Status::internal(err.to_string())));
-                            return;
+            // The engine's pairs, but the cluster's own keys (`\0raft/`): a restore starts a
+            // new single node or cluster.
+            let pairs = {
+                let (tx, chunk) = (tx.clone(), chunk.clone());
+                tokio::task::spawn_blocking(move || {
+                    let mut w = crate::backup::Writer::new(&position);
+                    for r in snap.iter() {
+                        let (k, v) = r.map_err(|err| Status::internal(err.to_string()))?;
+                        if k.starts_with(timber_cluster::RESERVED_PREFIX) {
+                            continue;
                         }
-                    };
-                    if let Some(chunk) = w.pair(&k, &v) {
-                        if !send(chunk, first.take().unwrap_or_default()) {
-                            return;
+                        if let Some(c) = w.pair(&k, &v) {
+                            if tx.blocking_send(chunk(c)).is_err() {
+                                return Ok(None);
+                            }
                         }
+                    }
+                    Ok(Some(w))
+                })
+            };
+            let mut w = match pairs.await {
+                Ok(Ok(Some(w))) => w,
+                Ok(Ok(None)) => return,
+                Ok(Err(status)) => {
+                    let _ = tx.send(Err(status)).await;
+                    return;
+                }
+                Err(err) => {
+                    let _ = tx.send(Err(Status::internal(err.to_string()))).await;
+                    return;
+                }
+            };
+            for info in streams {
+                match backup_stream(&store, &info, &mut w, &tx, &chunk).await {
+                    Ok(true) => {}
+                    Ok(false) => return,
+                    Err(status) => {
+                        let _ = tx.send(Err(status)).await;
+                        return;
                     }
                 }
             }
-            send(w.finish(), first.take().unwrap_or_default());
+            let _ = tx.send(chunk(w.finish())).await;
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }

@@ -96,9 +96,6 @@ pub(crate) fn now_ms() -> u64 {
 const DATA: u8 = b'k';
 /// The first byte of an expiry index entry's engine key.
 const INDEX: u8 = b'e';
-/// The prefixes of the keyspace proper (what a backup holds): the other prefixes of the engine
-/// belong to streams.
-pub(crate) const BACKED_UP: [u8; 2] = [DATA, INDEX];
 /// Prefix of the engine keys that map a Redis stream to its timber stream.
 pub(crate) const STREAM_REVERSE: u8 = b'r';
 

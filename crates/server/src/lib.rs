@@ -113,6 +113,66 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} ({what})"))
 }
 
+/// Marks a data directory whose restore has not finished: its streams may be partly written.
+const RESTORING: &str = "restore-in-progress";
+
+/// With `--restore-from`, loads the backup into the new data directory: verifies it whole,
+/// then writes the streams, then the keyspace, which is renamed into place last; a marker file
+/// says a restore is under way until then, so a restore that stopped half way is started over
+/// (its streams deleted) by the next `--restore-from`, and a start without it is refused.
+async fn restore(
+    cfg: &Config,
+    kv_dir: &std::path::Path,
+    streams_dir: &std::path::Path,
+    opts: &timber_stream::Options,
+) -> anyhow::Result<()> {
+    let marker = cfg.data_dir.join(RESTORING);
+    let interrupted = marker.exists();
+    let Some(from) = cfg.restore_from.clone() else {
+        if interrupted {
+            anyhow::bail!(
+                "{} holds a restore that did not finish: start again with --restore-from",
+                cfg.data_dir.display()
+            );
+        }
+        return Ok(());
+    };
+    let b = tokio::task::spawn_blocking(move || backup::Backup::read(&from)).await??;
+    if kv_dir.exists() {
+        return Err(backup::Error::Exists { path: kv_dir.to_path_buf() }.into());
+    }
+    std::fs::write(&marker, b"")
+        .and_then(|()| std::fs::File::open(&cfg.data_dir)?.sync_all())
+        .with_context(|| format!("cannot write {}", marker.display()))?;
+    let store = timber_stream::Streams::open(streams_dir, opts.clone())
+        .await
+        .with_context(|| format!("cannot open the stream store ({})", cfg.stream_store))?;
+    for s in store.list()? {
+        if !interrupted {
+            anyhow::bail!(
+                "the stream store ({}) holds streams: restore into a new data directory",
+                cfg.stream_store
+            );
+        }
+        store.delete(&s.name).await?;
+    }
+    b.restore_streams(&store).await?;
+    store.close().await?;
+    let into = kv_dir.to_path_buf();
+    let b = tokio::task::spawn_blocking(move || b.restore(&into).map(|()| b)).await??;
+    std::fs::remove_file(&marker)
+        .and_then(|()| std::fs::File::open(&cfg.data_dir)?.sync_all())
+        .with_context(|| format!("cannot remove {}", marker.display()))?;
+    tracing::info!(
+        from = %cfg.restore_from.as_deref().unwrap_or(std::path::Path::new("")).display(),
+        position = %b.position,
+        keys = b.count,
+        streams = b.stream_count(),
+        "restored a backup"
+    );
+    Ok(())
+}
+
 impl Server {
     /// Opens the data directory and starts listening. Fails if another server holds the data
     /// directory or an address cannot be bound. Fsyncs under `--sync always` run on threads of
@@ -135,29 +195,6 @@ impl Server {
         std::fs::create_dir_all(&cfg.data_dir)
             .with_context(|| format!("cannot create data directory {}", cfg.data_dir.display()))?;
         let kv_dir = cfg.data_dir.join("kv");
-        if let Some(from) = cfg.restore_from.clone() {
-            let into = kv_dir.clone();
-            let restored = tokio::task::spawn_blocking(move || {
-                let b = backup::Backup::read(&from)?;
-                b.restore(&into)?;
-                Ok::<_, backup::Error>((from, b.position, b.count))
-            })
-            .await??;
-            tracing::info!(
-                from = %restored.0.display(),
-                position = %restored.1,
-                keys = restored.2,
-                "restored the keyspace from a backup"
-            );
-        }
-        let keys = match Keyspace::open(&kv_dir, cfg.sync, cfg.memory_budget, idle) {
-            Ok(k) => Arc::new(k),
-            Err(keyspace::Error::Kv(timber_kv::Error::Locked { .. })) => anyhow::bail!(
-                "data directory {} is in use by another timberd (or another process holding its lock)",
-                cfg.data_dir.display()
-            ),
-            Err(e) => return Err(e).with_context(|| format!("cannot open {}", kv_dir.display())),
-        };
         let streams_dir = cfg.data_dir.join("streams");
         // Under `--sync always` on a runtime that runs `idle`, journal syncs run on parking
         // workers; otherwise (or without a socket pair to poke them) on the blocking pool.
@@ -175,6 +212,15 @@ impl Server {
             (cfg.store_outage, cfg.store_backlog_bytes),
             runner,
         );
+        restore(&cfg, &kv_dir, &streams_dir, &opts).await?;
+        let keys = match Keyspace::open(&kv_dir, cfg.sync, cfg.memory_budget, idle) {
+            Ok(k) => Arc::new(k),
+            Err(keyspace::Error::Kv(timber_kv::Error::Locked { .. })) => anyhow::bail!(
+                "data directory {} is in use by another timberd (or another process holding its lock)",
+                cfg.data_dir.display()
+            ),
+            Err(e) => return Err(e).with_context(|| format!("cannot open {}", kv_dir.display())),
+        };
         let redis_streams = Arc::new(
             StreamSpace::open(keys.clone(), &streams_dir, opts)
                 .await

@@ -452,6 +452,15 @@ impl Replication {
         }
     }
 
+    /// A snapshot of the engine and the figures of every stream at one point between two
+    /// applies (see `KvMachine::view`).
+    pub(crate) async fn view(
+        &self,
+    ) -> Result<(timber_kv::Snapshot, Vec<timber_stream::StreamInfo>), Error> {
+        let member = self.member.clone();
+        self.on_raft(async move { member.machine().view().await }).await
+    }
+
     /// Whether this member leads now (it may learn otherwise at once).
     pub(crate) fn is_leader(&self) -> bool {
         let m = self.member.raft().metrics();

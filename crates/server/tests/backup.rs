@@ -40,6 +40,16 @@ fn writer(port: u16, stop: Arc<AtomicBool>, acked: Arc<AtomicU64>, begun: Arc<At
 /// the backup began too: not so on a follower, which backs up what it applied). Returns the
 /// backup's position.
 fn backup_under_load(write_via: &Timberd, backup_via: &Timberd, current: bool) -> String {
+    backup_under_load_then(write_via, backup_via, current, |_| {})
+}
+
+/// [`backup_under_load`], then `check` on a connection to the restored server.
+fn backup_under_load_then(
+    write_via: &Timberd,
+    backup_via: &Timberd,
+    current: bool,
+    check: impl FnOnce(&mut redis::Connection),
+) -> String {
     let stop = Arc::new(AtomicBool::new(false));
     let (acked, begun) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let w = {
@@ -80,6 +90,7 @@ fn backup_under_load(write_via: &Timberd, backup_via: &Timberd, current: bool) -
         let v: u64 = redis::cmd("GET").arg(format!("w:{i:08}")).query(&mut con).unwrap();
         assert_eq!(v, i);
     }
+    check(&mut con);
     position
 }
 
@@ -147,17 +158,103 @@ fn a_backup_under_load_restores_to_one_point_with_ttls_and_refuses_damage() {
     assert!(e.to_string().contains("not empty"), "{e}");
 }
 
+type Entries = Vec<(String, Vec<(String, String)>)>;
+
 #[test]
-fn a_server_with_streams_refuses_a_backup_that_would_leave_them_out() {
+fn redis_streams_their_groups_and_log_streams_are_backed_up_and_restored() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Timberd::start(dir.path(), &[]);
-    let _: String =
-        redis::cmd("XADD").arg("s").arg("*").arg("f").arg("v").query(&mut server.client()).unwrap();
+    let server = Timberd::start(dir.path(), &["--sync", "always"]);
+    let mut con = server.client();
+    for i in 0..50 {
+        let _: String =
+            redis::cmd("XADD").arg("s").arg("*").arg("f").arg(i).query(&mut con).unwrap();
+    }
+    let _: () =
+        redis::cmd("XGROUP").arg("CREATE").arg("s").arg("g").arg("0").query(&mut con).unwrap();
+    let read: Vec<(String, Entries)> = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg("g")
+        .arg("c")
+        .arg("COUNT")
+        .arg(10)
+        .arg("STREAMS")
+        .arg("s")
+        .arg(">")
+        .query(&mut con)
+        .unwrap();
+    let delivered: Vec<String> = read[0].1.iter().map(|(id, _)| id.clone()).collect();
+    let _: i64 = redis::cmd("XACK").arg("s").arg("g").arg(&delivered[..3]).query(&mut con).unwrap();
+    let _: () = redis::cmd("SET").arg("k").arg("v").query(&mut con).unwrap();
+    let entries: Entries = redis::cmd("XRANGE").arg("s").arg("-").arg("+").query(&mut con).unwrap();
+    rt().block_on(async {
+        let c = server.grpc().await;
+        c.create_stream("events", Some(Duration::from_secs(3600)), None).await.unwrap();
+        for i in 0..100 {
+            c.append("events", vec![bytes::Bytes::from(format!("e{i}"))]).await.unwrap();
+        }
+        c.truncate("events", 10).await.unwrap();
+    });
     let out = tempfile::tempdir().unwrap();
-    let e = rt()
-        .block_on(async { server.grpc().await.backup(&out.path().join("b")).await })
-        .unwrap_err();
-    assert_eq!(e.code(), Some(timber_client::Code::FailedPrecondition), "{e}");
+    let bdir = out.path().join("b");
+    rt().block_on(async { server.grpc().await.backup(&bdir).await }).unwrap();
+    drop(server);
+
+    let data = tempfile::tempdir().unwrap();
+    let restored = Timberd::start(data.path(), &["--restore-from", bdir.to_str().unwrap()]);
+    let mut con = restored.client();
+    let got: Entries = redis::cmd("XRANGE").arg("s").arg("-").arg("+").query(&mut con).unwrap();
+    assert_eq!(got, entries);
+    let pending: (i64, String, String, Vec<(String, String)>) =
+        redis::cmd("XPENDING").arg("s").arg("g").query(&mut con).unwrap();
+    assert_eq!((pending.0, &pending.1, &pending.2), (7, &delivered[3], &delivered[9]));
+    let v: String = redis::cmd("GET").arg("k").query(&mut con).unwrap();
+    assert_eq!(v, "v");
+    // The group goes on where it was; new entries come after the restored ones.
+    let next: String =
+        redis::cmd("XADD").arg("s").arg("*").arg("f").arg("new").query(&mut con).unwrap();
+    assert!(next > entries.last().unwrap().0, "{next}");
+    let read: Vec<(String, Entries)> = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg("g")
+        .arg("c")
+        .arg("COUNT")
+        .arg(1)
+        .arg("STREAMS")
+        .arg("s")
+        .arg(">")
+        .query(&mut con)
+        .unwrap();
+    assert_eq!(read[0].1[0].0, entries[10].0);
+    rt().block_on(async {
+        let c = restored.grpc().await;
+        let info = c.stream_info("events").await.unwrap();
+        assert_eq!((info.first_id, info.next_id), (10, 100));
+        let mut r = c.reader("events", timber_client::Start::Earliest, false).await.unwrap();
+        let mut got = Vec::new();
+        while let Some(e) = r.next().await.unwrap() {
+            got.push((e.id, String::from_utf8(e.data.to_vec()).unwrap()));
+        }
+        let want: Vec<(u64, String)> = (10..100).map(|i| (i, format!("e{i}"))).collect();
+        assert_eq!(got, want);
+        assert_eq!(c.append("events", vec![bytes::Bytes::from("more")]).await.unwrap(), 100);
+    });
+    drop(restored);
+    // A restore into a directory that holds data is refused, and the data stays.
+    let e = Timberd::fails(data.path(), &["--restore-from", bdir.to_str().unwrap()]);
+    assert!(e.contains("already holds a keyspace"), "{e}");
+    let restored = Timberd::start(data.path(), &[]);
+    let v: String = redis::cmd("GET").arg("k").query(&mut restored.client()).unwrap();
+    assert_eq!(v, "v");
+    // A restore cut short (its marker left behind) is refused without --restore-from and
+    // started over with it.
+    let cut = tempfile::tempdir().unwrap();
+    std::fs::write(cut.path().join("restore-in-progress"), b"").unwrap();
+    let e = Timberd::fails(cut.path(), &[]);
+    assert!(e.contains("did not finish"), "{e}");
+    let again = Timberd::start(cut.path(), &["--restore-from", bdir.to_str().unwrap()]);
+    let len: i64 = redis::cmd("XLEN").arg("s").query(&mut again.client()).unwrap();
+    assert_eq!(len, 50);
+    assert!(!cut.path().join("restore-in-progress").exists());
 }
 
 #[test]
@@ -177,9 +274,23 @@ fn a_cluster_member_backs_up_at_its_applied_log_position() {
             Timberd::start(dirs[i].path(), &flags)
         })
         .collect();
+    // A stream, written before the load: the backup holds it whole.
+    let mut con = members[0].client();
+    for i in 0..20 {
+        let _: String = redis::cmd("XADD")
+            .arg("s")
+            .arg(format!("1-{}", i + 1))
+            .arg("f")
+            .arg(i)
+            .query(&mut con)
+            .unwrap();
+    }
     // Writes go through member 1 (forwarded if it does not lead); the backup comes from 2,
     // which may follow: its backup stands at what it applied.
-    let position = backup_under_load(&members[0], &members[1], false);
+    let position = backup_under_load_then(&members[0], &members[1], false, |con| {
+        let len: i64 = redis::cmd("XLEN").arg("s").query(con).unwrap();
+        assert_eq!(len, 20);
+    });
     let index: u64 = position.rsplit('-').next().unwrap().parse().unwrap();
     assert!(position.starts_with("raft:") && index > 300, "position {position}");
 }

@@ -118,12 +118,13 @@ impl Inner {
             return self.install_compaction(edit, c, moved, 0, 0);
         }
         let version = self.view.load().version.clone();
-        let mut sources: Vec<Source> = c.inputs[0].iter().map(|t| Source::table(t, true)).collect();
+        let mut sources: Vec<Source> =
+            c.inputs[0].iter().map(|t| Source::compacted_table(t)).collect();
         if c.level > 0 {
-            sources = vec![Source::level(c.inputs[0].clone(), true)];
+            sources = vec![Source::compacted_level(c.inputs[0].clone())];
         }
         if !c.inputs[1].is_empty() {
-            sources.push(Source::level(c.inputs[1].clone(), true));
+            sources.push(Source::compacted_level(c.inputs[1].clone()));
         }
         let mut merge = Merge::new(sources, true);
         merge.seek(None)?;

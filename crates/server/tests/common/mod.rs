@@ -84,6 +84,20 @@ impl Timberd {
         t
     }
 
+    /// Runs timberd on `dir` with extra flags, expecting it to refuse to start: its exit code
+    /// must be 1; returns what it wrote to stderr.
+    pub fn fails(dir: &Path, extra: &[&str]) -> String {
+        let out = Command::new(env!("CARGO_BIN_EXE_timberd"))
+            .args(["--data-dir", dir.to_str().unwrap(), "--resp-addr", "127.0.0.1:0"])
+            .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+            .args(extra)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        err
+    }
+
     /// Lines timberd has logged so far (waits for none).
     pub fn logged(&self) -> Vec<String> {
         self.stderr.try_iter().collect()
