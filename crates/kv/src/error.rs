@@ -23,6 +23,32 @@ pub enum Error {
     #[error("database is closed")]
     Closed,
 
+    /// A transaction's commit found that something it depends on was written by another since
+    /// it began; nothing was written. Retry the transaction.
+    #[error("transaction conflict: {what}")]
+    Conflict {
+        /// What changed.
+        what: String,
+    },
+
+    /// A transaction's writes would exceed `TxnOptions::max_bytes`.
+    #[error("transaction of {bytes} bytes exceeds its limit of {max} bytes")]
+    TxnTooLarge {
+        /// Bytes of keys and values it would hold.
+        bytes: usize,
+        /// The limit.
+        max: usize,
+    },
+
+    /// A transaction stayed open past `TxnOptions::max_age`; roll it back and retry.
+    #[error("transaction open for {age:?}, past its limit of {max:?}")]
+    TxnExpired {
+        /// How long it has been open.
+        age: std::time::Duration,
+        /// The limit.
+        max: std::time::Duration,
+    },
+
     /// Stored data failed verification: a checksum, a length, a magic number or a reference does
     /// not hold. Nothing is repaired or skipped; the files are left as found.
     #[error("corrupt {path} at offset {offset}: {reason}")]

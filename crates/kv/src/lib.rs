@@ -34,13 +34,14 @@ mod manifest;
 mod memtable;
 mod metrics;
 mod options;
+mod oracle;
 mod stats;
 mod table;
 mod version;
 mod view;
 
 pub use batch::WriteBatch;
-pub use db::{Db, Snapshot};
+pub use db::{Db, Isolation, Snapshot, Transaction, TxnOptions};
 pub use error::{Error, Result};
 pub use iter::Iter;
 pub use options::{Compression, Durability, Options, MAX_KEY_LEN, MAX_VALUE_LEN, NUM_LEVELS};

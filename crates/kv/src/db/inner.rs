@@ -76,6 +76,8 @@ pub(super) struct Inner {
     pub(super) visible: AtomicU64,
     pub(super) tree: Mutex<Tree>,
     pub(super) snapshots: Mutex<BTreeMap<u64, usize>>,
+    /// What open transactions are validated against (taken after `write` when both are).
+    pub(super) oracle: Mutex<crate::oracle::Oracle>,
     /// Open snapshots and iterators: readers at a fixed sequence number. While there are none,
     /// a write prunes the versions of the keys it writes that no read can see any more.
     pub(super) pins: Arc<AtomicUsize>,

@@ -12,6 +12,7 @@ mod open;
 mod read;
 mod snapshot;
 mod throttle;
+mod txn;
 mod write;
 
 use std::ops::RangeBounds;
@@ -32,6 +33,8 @@ use crate::stats::Stats;
 
 use self::inner::Inner;
 pub use self::snapshot::Snapshot;
+pub(crate) use self::txn::is_empty as range_is_empty;
+pub use self::txn::{Isolation, Transaction, TxnOptions};
 
 /// An embedded key-value database: an LSM tree on a write-ahead log. All methods take `&self`
 /// and may be called from many threads; share a `Db` with an `Arc`.
@@ -137,6 +140,11 @@ impl Db {
     /// last write the copy holds.
     pub fn checkpoint(&self, dir: impl AsRef<Path>) -> Result<u64> {
         self.inner.checkpoint(dir.as_ref())
+    }
+
+    /// Begins a transaction (see [`Transaction`] for what each isolation level guarantees).
+    pub fn transaction(&self, opts: TxnOptions) -> Transaction {
+        Transaction::begin(self.inner.clone(), opts)
     }
 
     /// Sizes, amplification, cache and stall figures.

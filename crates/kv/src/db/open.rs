@@ -149,6 +149,7 @@ pub(super) fn open(dir: &Path, opts: Options) -> Result<(Arc<Inner>, Vec<JoinHan
             cursors: vec![Vec::new(); NUM_LEVELS],
         }),
         snapshots: Mutex::new(BTreeMap::new()),
+        oracle: Mutex::new(crate::oracle::Oracle::default()),
         pins: Arc::new(AtomicUsize::new(0)),
         wal_pins: Mutex::new(BTreeMap::new()),
         bg: Mutex::new(Bg::default()),

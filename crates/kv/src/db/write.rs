@@ -22,11 +22,28 @@ use crate::options::Durability;
 use crate::stats::Stall;
 use crate::view::View;
 
+use crate::oracle::Oracle;
+
 use super::inner::Inner;
+
+/// A transaction's validation, run against the oracle just before its batch is written.
+pub(super) type CommitCheck<'a> = dyn Fn(&Oracle) -> Result<()> + 'a;
 use super::throttle::Cause;
 
 impl Inner {
     pub(super) fn write(&self, batch: &mut WriteBatch, durability: Durability) -> Result<u64> {
+        self.write_checked(batch, durability, None)
+    }
+
+    /// [`Inner::write`], after `check` passed under the writer lock (no write comes between
+    /// the check and this one): a transaction's commit validation. While transactions are
+    /// open, every write records its keys in the oracle once visible.
+    pub(super) fn write_checked(
+        &self,
+        batch: &mut WriteBatch,
+        durability: Durability,
+        check: Option<&CommitCheck<'_>>,
+    ) -> Result<u64> {
         if let Some(m) = batch.invalid() {
             return Err(Error::InvalidParam(m.to_owned()));
         }
@@ -37,6 +54,9 @@ impl Inner {
         self.slow_down_if_behind(batch.size() as u64);
         let mut w = self.write.lock();
         self.make_room()?;
+        if let Some(check) = check {
+            check(&self.oracle.lock())?;
+        }
         let seq = w.last_seq + 1;
         let rep = batch.encode(seq)?;
         self.wal.append(rep)?;
@@ -53,6 +73,14 @@ impl Inner {
         w.last_seq = seq + n - 1;
         let last = w.last_seq;
         self.visible.store(last, Ordering::SeqCst);
+        {
+            let mut oracle = self.oracle.lock();
+            if oracle.tracking() {
+                for (i, op) in ops.iter().enumerate() {
+                    oracle.record(op.key, seq + i as u64);
+                }
+            }
+        }
         drop(w);
         self.counters.user_bytes.fetch_add(user_bytes as u64, Ordering::Relaxed);
         self.metrics.writes.increment(n);

@@ -1,0 +1,403 @@
+//! Transactions: each classic anomaly at every isolation level (prevented where the level
+//! promises it, allowed where it says so), savepoints, limits, and a model-based test of
+//! interleaved transactions against serial execution on a `BTreeMap`.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use proptest::prelude::*;
+use timber_kv::{Db, Error, Isolation, Options, TxnOptions};
+
+const LEVELS: [Isolation; 3] =
+    [Isolation::ReadCommitted, Isolation::Snapshot, Isolation::Serializable];
+
+fn db() -> (tempfile::TempDir, Db) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open(dir.path(), Options::default().memtable_size(64 << 10)).unwrap();
+    (dir, db)
+}
+
+fn num(v: Option<Bytes>) -> i64 {
+    v.map_or(0, |b| std::str::from_utf8(&b).unwrap().parse().unwrap())
+}
+
+fn is_conflict<T: std::fmt::Debug>(r: Result<T, Error>) -> bool {
+    match r {
+        Err(Error::Conflict { .. }) => true,
+        Ok(_) => false,
+        Err(e) => panic!("expected a conflict or success, got {e}"),
+    }
+}
+
+#[test]
+fn own_writes_commit_rollback_drop_and_savepoints() {
+    let (_d, db) = db();
+    db.put("a", "0").unwrap();
+    let mut t = db.transaction(TxnOptions::default());
+    t.put("a", "1").unwrap();
+    t.put("b", "2").unwrap();
+    t.delete("c").unwrap();
+    assert_eq!(t.get("a").unwrap().unwrap(), "1");
+    // Invisible to others until committed (no dirty read).
+    assert_eq!(db.get("a").unwrap().unwrap(), "0");
+    t.savepoint();
+    t.put("a", "3").unwrap();
+    t.delete("b").unwrap();
+    assert_eq!(t.scan::<&str>(..).unwrap(), [(Bytes::from("a"), Bytes::from("3"))]);
+    t.rollback_to_savepoint().unwrap();
+    assert!(matches!(t.rollback_to_savepoint(), Err(Error::InvalidParam(_))));
+    let rev: Vec<_> = t.scan_rev::<&str>(..).unwrap().into_iter().map(|(k, _)| k).collect();
+    assert_eq!(rev, ["b", "a"]);
+    t.commit().unwrap();
+    assert_eq!(db.get("a").unwrap().unwrap(), "1");
+    assert_eq!(db.get("b").unwrap().unwrap(), "2");
+
+    let mut t = db.transaction(TxnOptions::default());
+    t.put("a", "9").unwrap();
+    t.rollback();
+    let mut t = db.transaction(TxnOptions::default());
+    t.put("a", "9").unwrap();
+    drop(t);
+    assert_eq!(db.get("a").unwrap().unwrap(), "1");
+}
+
+#[test]
+fn lost_update_is_prevented_from_snapshot_up() {
+    for level in LEVELS {
+        let (_d, db) = db();
+        db.put("x", "0").unwrap();
+        let mut t1 = db.transaction(TxnOptions::isolation(level));
+        let mut t2 = db.transaction(TxnOptions::isolation(level));
+        let (a, b) = (num(t1.get("x").unwrap()), num(t2.get("x").unwrap()));
+        t1.put("x", (a + 1).to_string()).unwrap();
+        t2.put("x", (b + 1).to_string()).unwrap();
+        t1.commit().unwrap();
+        let lost = !is_conflict(t2.commit());
+        // ReadCommitted documents lost updates.
+        assert_eq!(lost, level == Isolation::ReadCommitted, "{level:?}");
+        assert_eq!(num(db.get("x").unwrap()), 1);
+    }
+}
+
+#[test]
+fn a_write_outside_any_transaction_conflicts_too() {
+    let (_d, db) = db();
+    let mut t = db.transaction(TxnOptions::isolation(Isolation::Snapshot));
+    t.put("x", "t").unwrap();
+    db.put("x", "plain").unwrap();
+    assert!(is_conflict(t.commit()));
+    assert_eq!(db.get("x").unwrap().unwrap(), "plain");
+}
+
+#[test]
+fn dirty_and_aborted_reads_never_happen() {
+    for level in LEVELS {
+        let (_d, db) = db();
+        db.put("x", "0").unwrap();
+        let mut t1 = db.transaction(TxnOptions::isolation(level));
+        t1.put("x", "dirty").unwrap();
+        let mut t2 = db.transaction(TxnOptions::isolation(level));
+        assert_eq!(t2.get("x").unwrap().unwrap(), "0", "{level:?}");
+        t1.rollback();
+        assert_eq!(t2.get("x").unwrap().unwrap(), "0", "{level:?}");
+        t2.commit().unwrap();
+    }
+}
+
+#[test]
+fn read_skew_is_prevented_from_snapshot_up() {
+    for level in LEVELS {
+        let (_d, db) = db();
+        db.put("x", "50").unwrap();
+        db.put("y", "50").unwrap();
+        let mut t1 = db.transaction(TxnOptions::isolation(level));
+        let x = num(t1.get("x").unwrap());
+        let mut t2 = db.transaction(TxnOptions::isolation(level));
+        t2.put("x", "0").unwrap();
+        t2.put("y", "100").unwrap();
+        t2.commit().unwrap();
+        let y = num(t1.get("y").unwrap());
+        // The sum is 100 in every committed state; ReadCommitted may see two of them.
+        assert_eq!(x + y == 100, level != Isolation::ReadCommitted, "{level:?}");
+        let committed = !is_conflict(t1.commit());
+        // A serializable reader of a value written since cannot commit.
+        assert_eq!(committed, level != Isolation::Serializable, "{level:?}");
+    }
+}
+
+#[test]
+fn write_skew_on_items_is_prevented_only_by_serializable() {
+    for level in LEVELS {
+        let (_d, db) = db();
+        db.put("alice", "on").unwrap();
+        db.put("bob", "on").unwrap();
+        // Each goes off call if the other is on: at least one must stay on.
+        let mut t1 = db.transaction(TxnOptions::isolation(level));
+        let mut t2 = db.transaction(TxnOptions::isolation(level));
+        assert!(t1.get("bob").unwrap().is_some_and(|v| v == "on"));
+        assert!(t2.get("alice").unwrap().is_some_and(|v| v == "on"));
+        t1.put("alice", "off").unwrap();
+        t2.put("bob", "off").unwrap();
+        t1.commit().unwrap();
+        let skewed = !is_conflict(t2.commit());
+        assert_eq!(skewed, level != Isolation::Serializable, "{level:?}");
+    }
+}
+
+#[test]
+fn write_skew_through_a_predicate_is_prevented_only_by_serializable() {
+    for level in LEVELS {
+        let (_d, db) = db();
+        db.put("oncall/alice", "").unwrap();
+        db.put("oncall/bob", "").unwrap();
+        let mut t1 = db.transaction(TxnOptions::isolation(level));
+        let mut t2 = db.transaction(TxnOptions::isolation(level));
+        assert_eq!(t1.prefix("oncall/").unwrap().len(), 2);
+        assert_eq!(t2.prefix("oncall/").unwrap().len(), 2);
+        t1.delete("oncall/alice").unwrap();
+        t2.delete("oncall/bob").unwrap();
+        t1.commit().unwrap();
+        let skewed = !is_conflict(t2.commit());
+        assert_eq!(skewed, level != Isolation::Serializable, "{level:?}");
+    }
+}
+
+#[test]
+fn a_write_into_a_scanned_range_conflicts_and_one_outside_does_not() {
+    let (_d, db) = db();
+    let ser = || TxnOptions::isolation(Isolation::Serializable);
+    let mut t = db.transaction(ser());
+    assert!(t.scan("b".."d").unwrap().is_empty());
+    t.put("z", "1").unwrap();
+    db.put("d", "outside").unwrap();
+    db.put("a", "outside").unwrap();
+    t.commit().unwrap();
+
+    // A phantom: an insert into the range scanned.
+    let mut t = db.transaction(ser());
+    assert!(t.scan("b".."d").unwrap().is_empty());
+    t.put("z", "2").unwrap();
+    let mut other = db.transaction(ser());
+    other.put("c", "phantom").unwrap();
+    other.commit().unwrap();
+    assert!(is_conflict(t.commit()));
+    assert_eq!(db.get("z").unwrap().unwrap(), "1");
+
+    // Inverted or empty ranges read nothing and conflict with nothing.
+    let mut t = db.transaction(ser());
+    assert!(t.scan("d".."b").unwrap().is_empty());
+    assert!(t.scan("c".."c").unwrap().is_empty());
+    db.put("c", "x").unwrap();
+    t.commit().unwrap();
+}
+
+#[test]
+fn observed_transaction_vanishes_and_circular_flow_cannot_happen() {
+    // T1 writes x and y; T2 reads x (before T1 commits: it sees the old one) and writes y.
+    for level in [Isolation::Snapshot, Isolation::Serializable] {
+        let (_d, db) = db();
+        let mut t1 = db.transaction(TxnOptions::isolation(level));
+        let mut t2 = db.transaction(TxnOptions::isolation(level));
+        t1.put("x", "1").unwrap();
+        t1.put("y", "1").unwrap();
+        assert_eq!(t2.get("x").unwrap(), None);
+        t2.put("y", "2").unwrap();
+        t1.commit().unwrap();
+        // Committing would order T2 both before T1 (it missed x) and after it (y): refused.
+        assert!(is_conflict(t2.commit()), "{level:?}");
+    }
+}
+
+#[test]
+fn limits_give_clear_errors_and_write_nothing() {
+    let (_d, db) = db();
+    let mut t = db.transaction(TxnOptions { max_bytes: 100, ..TxnOptions::default() });
+    t.put("k", vec![0u8; 90]).unwrap();
+    assert!(matches!(t.put("j", vec![0u8; 20]), Err(Error::TxnTooLarge { max: 100, .. })));
+    // Overwriting a key counts its new size, not both.
+    t.put("k", vec![1u8; 95]).unwrap();
+    t.commit().unwrap();
+    let mut t =
+        db.transaction(TxnOptions { max_age: std::time::Duration::ZERO, ..TxnOptions::default() });
+    assert!(matches!(t.put("late", "1"), Err(Error::TxnExpired { .. })));
+    assert!(matches!(t.commit(), Err(Error::TxnExpired { .. })));
+    assert_eq!(db.get("late").unwrap(), None);
+    let mut t = db.transaction(TxnOptions::default());
+    assert!(matches!(t.put("", "empty key"), Err(Error::InvalidParam(_))));
+}
+
+// ---- Model: interleaved transactions against serial execution ----
+
+#[derive(Debug, Clone)]
+enum Step {
+    Get(u8),
+    Put(u8, u8),
+    Delete(u8),
+    Scan(u8, u8),
+    Plain(u8, u8),
+    Commit,
+    Rollback,
+}
+
+type Model = BTreeMap<Vec<u8>, Vec<u8>>;
+
+fn k(i: u8) -> Vec<u8> {
+    vec![b'k', b'0' + i % 6]
+}
+
+/// What a transaction saw, to check against a serial execution.
+enum Seen {
+    Get(Vec<u8>, Option<Vec<u8>>),
+    Scan(Vec<u8>, Vec<u8>, Vec<(Vec<u8>, Vec<u8>)>),
+    Put(Vec<u8>, Option<Vec<u8>>),
+}
+
+fn run_on(
+    model: &Model,
+    writes: &Model,
+    deleted: &std::collections::BTreeSet<Vec<u8>>,
+    s: &Seen,
+) -> bool {
+    let get = |key: &Vec<u8>| {
+        if deleted.contains(key) {
+            None
+        } else {
+            writes.get(key).or_else(|| model.get(key)).cloned()
+        }
+    };
+    match s {
+        Seen::Get(key, v) => get(key) == *v,
+        Seen::Scan(lo, hi, got) if lo >= hi => got.is_empty(),
+        Seen::Scan(lo, hi, got) => {
+            let mut all: Model =
+                model.range(lo.clone()..hi.clone()).map(|(a, b)| (a.clone(), b.clone())).collect();
+            for (kk, v) in writes.range(lo.clone()..hi.clone()) {
+                all.insert(kk.clone(), v.clone());
+            }
+            for d in deleted.range(lo.clone()..hi.clone()) {
+                all.remove(d);
+            }
+            all.into_iter().collect::<Vec<_>>() == *got
+        }
+        Seen::Put(..) => true,
+    }
+}
+
+fn check_schedule(level: Isolation, schedule: Vec<(usize, Step)>) {
+    let (_d, db) = db();
+    let mut model = Model::new();
+    let mut txns: Vec<Option<(timber_kv::Transaction, Model, Vec<Seen>)>> = Vec::new();
+    for _ in 0..4 {
+        txns.push(Some((db.transaction(TxnOptions::isolation(level)), model.clone(), Vec::new())));
+    }
+    for (who, step) in schedule {
+        let slot = &mut txns[who % 4];
+        if slot.is_none() {
+            *slot = Some((db.transaction(TxnOptions::isolation(level)), model.clone(), Vec::new()));
+        }
+        let (t, _, seen) = slot.as_mut().unwrap();
+        match step {
+            Step::Get(i) => {
+                let v = t.get(k(i)).unwrap().map(|b| b.to_vec());
+                seen.push(Seen::Get(k(i), v));
+            }
+            Step::Put(i, v) => {
+                t.put(k(i), [v]).unwrap();
+                seen.push(Seen::Put(k(i), Some(vec![v])));
+            }
+            Step::Delete(i) => {
+                t.delete(k(i)).unwrap();
+                seen.push(Seen::Put(k(i), None));
+            }
+            Step::Scan(a, b) => {
+                // Either order: an inverted range is empty, not an error.
+                let (lo, hi) = (k(a), k(b));
+                let got = t.scan(lo.clone()..hi.clone()).unwrap();
+                let got = got.into_iter().map(|(a, b)| (a.to_vec(), b.to_vec())).collect();
+                seen.push(Seen::Scan(lo, hi, got));
+            }
+            Step::Plain(i, v) => {
+                db.put(k(i), [v]).unwrap();
+                model.insert(k(i), vec![v]);
+            }
+            Step::Rollback => {
+                let (t, _, _) = slot.take().unwrap();
+                t.rollback();
+            }
+            Step::Commit => {
+                let (t, start, seen) = slot.take().unwrap();
+                let committed = match t.commit() {
+                    Ok(_) => true,
+                    Err(Error::Conflict { .. }) => false,
+                    Err(e) => panic!("{e}"),
+                };
+                // Replay on the model: Snapshot reads must match the start state,
+                // Serializable ones the state at the commit point (the serial order).
+                let base = match level {
+                    Isolation::Serializable => model.clone(),
+                    _ => start.clone(),
+                };
+                let mut writes = Model::new();
+                let mut deleted = std::collections::BTreeSet::new();
+                for s in &seen {
+                    if level != Isolation::ReadCommitted
+                        && (committed || level == Isolation::Snapshot)
+                    {
+                        assert!(
+                            run_on(&base, &writes, &deleted, s),
+                            "{level:?}: a read differs from the {} state",
+                            if level == Isolation::Serializable { "serial" } else { "snapshot" }
+                        );
+                    }
+                    if let Seen::Put(key, v) = s {
+                        match v {
+                            Some(v) => {
+                                deleted.remove(key);
+                                writes.insert(key.clone(), v.clone());
+                            }
+                            None => {
+                                writes.remove(key);
+                                deleted.insert(key.clone());
+                            }
+                        }
+                    }
+                }
+                if committed {
+                    for (kk, v) in writes {
+                        model.insert(kk, v);
+                    }
+                    for d in deleted {
+                        model.remove(&d);
+                    }
+                }
+            }
+        }
+    }
+    drop(txns);
+    let all: Model = db.iter().map(|r| r.map(|(a, b)| (a.to_vec(), b.to_vec())).unwrap()).collect();
+    assert_eq!(all, model, "{level:?}: the database differs from the model");
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        4 => any::<u8>().prop_map(Step::Get),
+        4 => (any::<u8>(), any::<u8>()).prop_map(|(a, b)| Step::Put(a, b)),
+        1 => any::<u8>().prop_map(Step::Delete),
+        2 => (any::<u8>(), any::<u8>()).prop_map(|(a, b)| Step::Scan(a, b)),
+        1 => (any::<u8>(), any::<u8>()).prop_map(|(a, b)| Step::Plain(a, b)),
+        3 => Just(Step::Commit),
+        1 => Just(Step::Rollback),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+    #[test]
+    fn interleaved_transactions_match_their_isolation_level(
+        schedule in proptest::collection::vec((0usize..4, step()), 1..60),
+        level in prop_oneof![Just(Isolation::Snapshot), Just(Isolation::Serializable), Just(Isolation::ReadCommitted)],
+    ) {
+        check_schedule(level, schedule);
+    }
+}
