@@ -31,6 +31,23 @@ pub enum Error {
         what: String,
     },
 
+    /// A pessimistic transaction's lock request would close a cycle of transactions waiting
+    /// for each other; it holds its other locks until it ends. Roll it back and retry.
+    #[error("deadlock: waiting for the lock of key {key:?} would close a cycle")]
+    Deadlock {
+        /// The key it asked for.
+        key: bytes::Bytes,
+    },
+
+    /// A pessimistic transaction waited `TxnOptions::lock_timeout` for a key's lock.
+    #[error("lock of key {key:?} not granted within {after:?}")]
+    LockTimeout {
+        /// The key it asked for.
+        key: bytes::Bytes,
+        /// How long it waited.
+        after: std::time::Duration,
+    },
+
     /// A transaction's writes would exceed `TxnOptions::max_bytes`.
     #[error("transaction of {bytes} bytes exceeds its limit of {max} bytes")]
     TxnTooLarge {

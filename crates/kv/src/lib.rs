@@ -30,6 +30,7 @@ mod db;
 mod error;
 mod iter;
 mod key;
+mod locks;
 mod manifest;
 mod memtable;
 mod metrics;
@@ -41,7 +42,7 @@ mod version;
 mod view;
 
 pub use batch::WriteBatch;
-pub use db::{Db, Isolation, Snapshot, Transaction, TxnOptions};
+pub use db::{Db, Isolation, Mode, Snapshot, Transaction, TxnOptions};
 pub use error::{Error, Result};
 pub use iter::Iter;
 pub use options::{Compression, Durability, Options, MAX_KEY_LEN, MAX_VALUE_LEN, NUM_LEVELS};

@@ -6,7 +6,10 @@ use std::collections::BTreeMap;
 
 use bytes::Bytes;
 use proptest::prelude::*;
-use timber_kv::{Db, Error, Isolation, Options, TxnOptions};
+use std::sync::{Arc, Barrier};
+use std::time::Duration;
+
+use timber_kv::{Db, Error, Isolation, Mode, Options, TxnOptions};
 
 const LEVELS: [Isolation; 3] =
     [Isolation::ReadCommitted, Isolation::Snapshot, Isolation::Serializable];
@@ -226,6 +229,142 @@ fn limits_give_clear_errors_and_write_nothing() {
     assert!(matches!(t.put("", "empty key"), Err(Error::InvalidParam(_))));
 }
 
+#[test]
+fn a_deadlock_fails_one_transaction_at_once_and_the_other_commits() {
+    let (_d, db) = db();
+    let db = Arc::new(db);
+    let both_locked = Arc::new(Barrier::new(2));
+    let opts = || TxnOptions {
+        lock_timeout: Duration::from_secs(30),
+        ..TxnOptions::pessimistic(Isolation::Snapshot)
+    };
+    let run = |first: &'static str, second: &'static str| {
+        let (db, both_locked) = (db.clone(), both_locked.clone());
+        std::thread::spawn(move || {
+            let mut t = db.transaction(opts());
+            t.put(first, "1").unwrap();
+            both_locked.wait();
+            let started = std::time::Instant::now();
+            match t.get_for_update(second) {
+                Ok(_) => {
+                    t.put(second, first).unwrap();
+                    t.commit().unwrap();
+                    None
+                }
+                Err(e) => Some((e, started.elapsed())),
+            }
+        })
+    };
+    let (a, b) = (run("a", "b"), run("b", "a"));
+    let outcomes = [a.join().unwrap(), b.join().unwrap()];
+    let failed: Vec<_> = outcomes.iter().flatten().collect();
+    assert_eq!(failed.len(), 1, "exactly one victim: {outcomes:?}");
+    let (e, waited) = failed[0];
+    assert!(matches!(e, Error::Deadlock { .. }), "{e}");
+    // Found as the cycle formed, not by the 30 s timeout.
+    assert!(*waited < Duration::from_secs(10), "{waited:?}");
+    let winner = if outcomes[0].is_none() { "a" } else { "b" };
+    let other = if winner == "a" { "b" } else { "a" };
+    assert_eq!(db.get(other).unwrap().unwrap(), winner);
+}
+
+#[test]
+fn a_lock_wait_times_out_as_configured() {
+    let (_d, db) = db();
+    let mut holder = db.transaction(TxnOptions::pessimistic(Isolation::Snapshot));
+    holder.put("k", "held").unwrap();
+    let timeout = Duration::from_millis(100);
+    let mut t = db.transaction(TxnOptions {
+        lock_timeout: timeout,
+        ..TxnOptions::pessimistic(Isolation::Snapshot)
+    });
+    let started = std::time::Instant::now();
+    match t.get_for_update("k") {
+        Err(Error::LockTimeout { after, .. }) => assert_eq!(after, timeout),
+        r => panic!("{r:?}"),
+    }
+    assert!(started.elapsed() >= timeout);
+    holder.commit().unwrap();
+    // Released at commit: the lock is free now, and the latest value is read under it.
+    assert_eq!(t.get_for_update("k").unwrap().unwrap(), "held");
+}
+
+#[test]
+fn pessimistic_read_modify_writes_wait_instead_of_failing() {
+    let (_d, db) = db();
+    let db = Arc::new(db);
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let db = db.clone();
+            std::thread::spawn(move || {
+                for _ in 0..100 {
+                    let mut t = db.transaction(TxnOptions {
+                        lock_timeout: Duration::from_secs(30),
+                        ..TxnOptions::pessimistic(Isolation::Snapshot)
+                    });
+                    let n = num(t.get_for_update("counter").unwrap());
+                    t.put("counter", (n + 1).to_string()).unwrap();
+                    t.commit().unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(num(db.get("counter").unwrap()), 400);
+}
+
+#[test]
+fn concurrent_transfers_keep_the_total_in_both_modes() {
+    for mode in [Mode::Optimistic, Mode::Pessimistic] {
+        let (_d, db) = db();
+        let db = Arc::new(db);
+        let accounts = 8u64;
+        for a in 0..accounts {
+            db.put(format!("acct/{a}"), "100").unwrap();
+        }
+        let threads: Vec<_> = (0..4u64)
+            .map(|seed| {
+                let db = db.clone();
+                std::thread::spawn(move || {
+                    let mut x = seed * 7 + 1;
+                    let mut done = 0;
+                    while done < 100 {
+                        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                        let (from, to) = ((x >> 33) % accounts, (x >> 17) % accounts);
+                        if from == to {
+                            continue;
+                        }
+                        let opts = TxnOptions {
+                            mode,
+                            lock_timeout: Duration::from_secs(30),
+                            ..TxnOptions::isolation(Isolation::Serializable)
+                        };
+                        let mut t = db.transaction(opts);
+                        let r = (|| {
+                            let a = num(t.get_for_update(format!("acct/{from}"))?);
+                            let b = num(t.get_for_update(format!("acct/{to}"))?);
+                            t.put(format!("acct/{from}"), (a - 3).to_string())?;
+                            t.put(format!("acct/{to}"), (b + 3).to_string())
+                        })();
+                        match r.and_then(|()| t.commit()) {
+                            Ok(_) => done += 1,
+                            Err(Error::Conflict { .. } | Error::Deadlock { .. }) => {}
+                            Err(e) => panic!("{e}"),
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let total: i64 = db.prefix("acct/").map(|r| num(Some(r.unwrap().1))).sum();
+        assert_eq!(total, 800, "{mode:?}");
+    }
+}
+
 // ---- Model: interleaved transactions against serial execution ----
 
 #[derive(Debug, Clone)]
@@ -283,30 +422,51 @@ fn run_on(
     }
 }
 
-fn check_schedule(level: Isolation, schedule: Vec<(usize, Step)>) {
+/// Whether a pessimistic step gave up on a lock (the transaction is then rolled back).
+fn gave_up<T>(r: Result<T, Error>) -> Option<T> {
+    match r {
+        Ok(v) => Some(v),
+        Err(Error::LockTimeout { .. } | Error::Deadlock { .. }) => None,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+fn check_schedule(level: Isolation, mode: Mode, schedule: Vec<(usize, Step)>) {
     let (_d, db) = db();
     let mut model = Model::new();
+    // Pessimistic steps run on one thread: a lock held by another transaction times out at
+    // once, and the step's transaction rolls back.
+    let opts = TxnOptions { mode, lock_timeout: Duration::ZERO, ..TxnOptions::isolation(level) };
     let mut txns: Vec<Option<(timber_kv::Transaction, Model, Vec<Seen>)>> = Vec::new();
     for _ in 0..4 {
-        txns.push(Some((db.transaction(TxnOptions::isolation(level)), model.clone(), Vec::new())));
+        txns.push(Some((db.transaction(opts.clone()), model.clone(), Vec::new())));
     }
     for (who, step) in schedule {
         let slot = &mut txns[who % 4];
         if slot.is_none() {
-            *slot = Some((db.transaction(TxnOptions::isolation(level)), model.clone(), Vec::new()));
+            *slot = Some((db.transaction(opts.clone()), model.clone(), Vec::new()));
         }
         let (t, _, seen) = slot.as_mut().unwrap();
         match step {
             Step::Get(i) => {
-                let v = t.get(k(i)).unwrap().map(|b| b.to_vec());
-                seen.push(Seen::Get(k(i), v));
+                let Some(v) = gave_up(t.get(k(i))) else {
+                    slot.take();
+                    continue;
+                };
+                seen.push(Seen::Get(k(i), v.map(|b| b.to_vec())));
             }
             Step::Put(i, v) => {
-                t.put(k(i), [v]).unwrap();
+                if gave_up(t.put(k(i), [v])).is_none() {
+                    slot.take();
+                    continue;
+                }
                 seen.push(Seen::Put(k(i), Some(vec![v])));
             }
             Step::Delete(i) => {
-                t.delete(k(i)).unwrap();
+                if gave_up(t.delete(k(i))).is_none() {
+                    slot.take();
+                    continue;
+                }
                 seen.push(Seen::Put(k(i), None));
             }
             Step::Scan(a, b) => {
@@ -398,6 +558,13 @@ proptest! {
         schedule in proptest::collection::vec((0usize..4, step()), 1..60),
         level in prop_oneof![Just(Isolation::Snapshot), Just(Isolation::Serializable), Just(Isolation::ReadCommitted)],
     ) {
-        check_schedule(level, schedule);
+        check_schedule(level, Mode::Optimistic, schedule);
+    }
+
+    #[test]
+    fn interleaved_pessimistic_serializable_transactions_match_serial_execution(
+        schedule in proptest::collection::vec((0usize..4, step()), 1..60),
+    ) {
+        check_schedule(Isolation::Serializable, Mode::Pessimistic, schedule);
     }
 }

@@ -78,6 +78,10 @@ pub(super) struct Inner {
     pub(super) snapshots: Mutex<BTreeMap<u64, usize>>,
     /// What open transactions are validated against (taken after `write` when both are).
     pub(super) oracle: Mutex<crate::oracle::Oracle>,
+    /// The key locks of pessimistic transactions.
+    pub(super) locks: crate::locks::Locks,
+    /// The id of the next transaction.
+    pub(super) next_txn: AtomicU64,
     /// Open snapshots and iterators: readers at a fixed sequence number. While there are none,
     /// a write prunes the versions of the keys it writes that no read can see any more.
     pub(super) pins: Arc<AtomicUsize>,

@@ -150,6 +150,8 @@ pub(super) fn open(dir: &Path, opts: Options) -> Result<(Arc<Inner>, Vec<JoinHan
         }),
         snapshots: Mutex::new(BTreeMap::new()),
         oracle: Mutex::new(crate::oracle::Oracle::default()),
+        locks: crate::locks::Locks::default(),
+        next_txn: AtomicU64::new(1),
         pins: Arc::new(AtomicUsize::new(0)),
         wal_pins: Mutex::new(BTreeMap::new()),
         bg: Mutex::new(Bg::default()),

@@ -18,8 +18,16 @@
 //! A conflict is `Error::Conflict` (retryable: nothing was written). A dropped transaction
 //! rolls back. An open transaction keeps the versions its snapshot needs, and its writes in
 //! memory: `TxnOptions` limits its size and age.
+//!
+//! `Mode::Pessimistic` adds key locks ([`crate::locks`]): a write or `get_for_update` takes the
+//! key's exclusive lock (waiting for its holders; `Error::Deadlock` at once for the request
+//! that would close a cycle, `Error::LockTimeout` after `lock_timeout`), a `Serializable` get
+//! a shared one; a locked key is read as of when it was locked (its latest committed value),
+//! and its commit check starts there (so only a write outside transactions, which takes no
+//! lock, can still conflict), unless the transaction read it from its snapshot before. Ranges
+//! are not locked: a `Serializable` scan is validated at commit as in optimistic mode.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ops::{Bound, RangeBounds};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,6 +37,7 @@ use bytes::Bytes;
 use crate::batch::WriteBatch;
 use crate::bounds::{prefix_bounds, user_bounds, Bounds};
 use crate::error::{Error, Result};
+use crate::locks::TxnId;
 
 use super::inner::Inner;
 
@@ -43,11 +52,24 @@ pub enum Isolation {
     Serializable,
 }
 
+/// How a transaction meets other transactions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Conflicts are found at commit (`Error::Conflict`).
+    Optimistic,
+    /// Keys are locked as they are written or read for update; conflicts wait.
+    Pessimistic,
+}
+
 /// Options of [`crate::Db::transaction`].
 #[derive(Debug, Clone)]
 pub struct TxnOptions {
     /// Isolation level (default `Snapshot`).
     pub isolation: Isolation,
+    /// Optimistic (default) or pessimistic.
+    pub mode: Mode,
+    /// How long a pessimistic transaction waits for a key's lock (default 1 s).
+    pub lock_timeout: Duration,
     /// Most bytes of keys and values it may buffer (default 64 MiB): past it, a write fails
     /// with `Error::TxnTooLarge`.
     pub max_bytes: usize,
@@ -60,6 +82,8 @@ impl Default for TxnOptions {
     fn default() -> Self {
         TxnOptions {
             isolation: Isolation::Snapshot,
+            mode: Mode::Optimistic,
+            lock_timeout: Duration::from_secs(1),
             max_bytes: 64 << 20,
             max_age: Duration::from_secs(60),
         }
@@ -71,9 +95,15 @@ impl TxnOptions {
     pub fn isolation(isolation: Isolation) -> TxnOptions {
         TxnOptions { isolation, ..TxnOptions::default() }
     }
+
+    /// Default options at isolation `isolation`, pessimistic.
+    pub fn pessimistic(isolation: Isolation) -> TxnOptions {
+        TxnOptions { isolation, mode: Mode::Pessimistic, ..TxnOptions::default() }
+    }
 }
 
-/// What a transaction read, for the validation of a `Serializable` commit.
+/// What a transaction read, for the validation of a `Serializable` commit (and the keys read
+/// for update, in optimistic mode).
 #[derive(Debug, Default, Clone)]
 struct ReadSet {
     keys: Vec<Bytes>,
@@ -94,6 +124,12 @@ pub struct Transaction {
     /// The writes (and their size) at each savepoint.
     savepoints: Vec<(BTreeMap<Bytes, Option<Bytes>>, usize)>,
     open: bool,
+    /// Its id in the lock table.
+    id: TxnId,
+    /// Pessimistic: each key it locked, with the sequence number its commit check starts at.
+    locked: BTreeMap<Bytes, u64>,
+    /// Pessimistic: keys it read from its snapshot (a later lock keeps checking from the start).
+    snapshot_reads: BTreeSet<Bytes>,
 }
 
 impl std::fmt::Debug for Transaction {
@@ -117,7 +153,6 @@ impl Transaction {
             start
         };
         Transaction {
-            inner,
             opts,
             start,
             began: Instant::now(),
@@ -126,6 +161,10 @@ impl Transaction {
             reads: ReadSet::default(),
             savepoints: Vec::new(),
             open: true,
+            id: inner.next_txn.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            locked: BTreeMap::new(),
+            snapshot_reads: BTreeSet::new(),
+            inner,
         }
     }
 
@@ -145,21 +184,58 @@ impl Transaction {
         Ok(())
     }
 
-    /// The value of `key`: its own write if it wrote it, else as its isolation level reads.
+    /// The value of `key`: its own write if it wrote it, else as its isolation level reads
+    /// (pessimistic and `Serializable`: under a shared lock, as of when it was locked).
     pub fn get(&mut self, key: impl AsRef<[u8]>) -> Result<Option<Bytes>> {
+        self.read(key.as_ref(), false)
+    }
+
+    /// [`Transaction::get`] of a key it means to write: pessimistic, it takes the key's
+    /// exclusive lock and reads the latest committed value; optimistic, the key is checked at
+    /// commit as if written (a write by another since its start is a conflict, at every
+    /// isolation level but `ReadCommitted`).
+    pub fn get_for_update(&mut self, key: impl AsRef<[u8]>) -> Result<Option<Bytes>> {
+        self.read(key.as_ref(), true)
+    }
+
+    fn read(&mut self, key: &[u8], for_update: bool) -> Result<Option<Bytes>> {
         self.check_open()?;
-        let key = key.as_ref();
+        crate::batch::validate(key, None).map_err(Error::InvalidParam)?;
+        let pessimistic = self.opts.mode == Mode::Pessimistic;
+        let serializable = self.opts.isolation == Isolation::Serializable;
+        if pessimistic && (for_update || serializable) {
+            self.lock(key, for_update)?;
+        }
         if let Some(w) = self.writes.get(key) {
             return Ok(w.clone());
         }
-        let v = match self.opts.isolation {
-            Isolation::ReadCommitted => self.inner.get_latest(key)?,
-            _ => self.inner.get_at(key, self.start)?,
+        let v = match (self.opts.isolation, self.locked.contains_key(key)) {
+            // Locked: nobody else writes it now; its latest value is the one to read.
+            (_, true) | (Isolation::ReadCommitted, false) => self.inner.get_latest(key)?,
+            _ => {
+                if pessimistic {
+                    self.snapshot_reads.insert(Bytes::copy_from_slice(key));
+                }
+                self.inner.get_at(key, self.start)?
+            }
         };
-        if self.opts.isolation == Isolation::Serializable {
+        if serializable || (for_update && !pessimistic) {
             self.reads.keys.push(Bytes::copy_from_slice(key));
         }
         Ok(v)
+    }
+
+    /// Takes `key`'s lock (exclusive or shared), remembering where its commit check starts.
+    fn lock(&mut self, key: &[u8], exclusive: bool) -> Result<()> {
+        self.inner.locks.acquire(self.id, key, exclusive, self.opts.lock_timeout)?;
+        if !self.locked.contains_key(key) {
+            let from = match self.snapshot_reads.contains(key) {
+                true => self.start,
+                false => self.inner.visible(),
+            };
+            self.locked.insert(Bytes::copy_from_slice(key), from);
+        }
+        Ok(())
     }
 
     /// Stores `value` under `key` when the transaction commits.
@@ -178,6 +254,9 @@ impl Transaction {
 
     fn buffer(&mut self, key: &[u8], value: Option<Bytes>) -> Result<()> {
         self.check_open()?;
+        if self.opts.mode == Mode::Pessimistic {
+            self.lock(key, true)?;
+        }
         let size = key.len() + value.as_ref().map_or(0, Bytes::len);
         let old = self.writes.get(key).map_or(0, |v| key.len() + v.as_ref().map_or(0, Bytes::len));
         let bytes = self.bytes - old + size;
@@ -273,20 +352,25 @@ impl Transaction {
             };
         }
         let (start, isolation) = (self.start, self.opts.isolation);
-        let (writes, reads) = (&self.writes, &self.reads);
+        let (writes, reads, locked) = (&self.writes, &self.reads, &self.locked);
+        // A locked key is checked from when it was locked.
+        let since = |k: &Bytes| locked.get(k).copied().unwrap_or(start);
         let check = |oracle: &crate::oracle::Oracle| -> Result<()> {
             if isolation == Isolation::ReadCommitted {
                 return Ok(());
             }
             let conflict = |what: String| Err(Error::Conflict { what });
             for k in writes.keys() {
-                if oracle.written_after(k, start) {
-                    return conflict(format!("key {k:?} was written since the transaction began"));
+                if oracle.written_after(k, since(k)) {
+                    return conflict(format!(
+                        "key {k:?} was written since the transaction read it"
+                    ));
                 }
             }
-            if isolation == Isolation::Serializable {
+            // Serializable reads and ranges, and optimistic reads for update.
+            {
                 for k in &reads.keys {
-                    if oracle.written_after(k, start) {
+                    if oracle.written_after(k, since(k)) {
                         return conflict(format!("key {k:?} it read was written since"));
                     }
                 }
@@ -321,6 +405,9 @@ impl Transaction {
             self.inner.oracle.lock().end(self.start);
             self.inner.drop_snapshot(self.start);
             self.start = u64::MAX;
+        }
+        if !self.locked.is_empty() {
+            self.inner.locks.release(self.id, std::mem::take(&mut self.locked).into_keys());
         }
     }
 }
