@@ -78,6 +78,8 @@ struct Inner {
     /// The writer of each stream written since the machine opened. Held by an apply from
     /// start to end, and by a snapshot build while it reads its view.
     writers: tokio::sync::Mutex<HashMap<String, StreamWriter>>,
+    /// When each stream's writer was last used by an apply.
+    used: parking_lot::Mutex<HashMap<String, std::time::Instant>>,
     dir: PathBuf,
     builds: AtomicU64,
     stats: parking_lot::Mutex<SnapshotStats>,
@@ -215,6 +217,7 @@ impl KvMachine {
                 db,
                 streams,
                 writers: Default::default(),
+                used: Default::default(),
                 dir,
                 builds: AtomicU64::new(0),
                 stats: Default::default(),
@@ -542,6 +545,7 @@ impl KvMachine {
                 create(store, &name, retention.config()).await?;
             }
             Op::StreamAppend { name, at, records } => {
+                self.inner.used.lock().insert(name.clone(), std::time::Instant::now());
                 let mut attempt = 0;
                 loop {
                     let w = match writers.entry(name.clone()) {
@@ -603,6 +607,32 @@ impl KvMachine {
         Ok(())
     }
 
+    /// Flushes and closes the stream writers no apply used for `idle` (each holds a task and
+    /// an open segment); returns how many. The next append to such a stream opens a new one.
+    /// Waits for an apply under way.
+    pub async fn close_idle_writers(&self, idle: std::time::Duration) -> u64 {
+        let mut writers = self.inner.writers.lock().await;
+        let idle_names: Vec<String> = {
+            let used = self.inner.used.lock();
+            writers
+                .keys()
+                .filter(|n| used.get(*n).is_none_or(|t| t.elapsed() >= idle))
+                .cloned()
+                .collect()
+        };
+        let mut closed = 0;
+        for name in idle_names {
+            self.inner.used.lock().remove(&name);
+            if let Some(w) = writers.remove(&name) {
+                if let Err(e) = w.close().await {
+                    tracing::warn!(stream = %name, error = %e, "closing an idle stream writer failed");
+                }
+                closed += 1;
+            }
+        }
+        closed
+    }
+
     /// Flushes and closes every stream writer (each holds a task and an open segment); the next
     /// append to a stream opens a new one. Waits for an apply under way.
     pub async fn close_writers(&self) {
@@ -615,7 +645,6 @@ impl KvMachine {
     }
 }
 
-/// Waits until every record in `acks` is durable.
 /// Creates a stream; nothing if it exists (a replay).
 async fn create(store: &Streams, name: &str, config: StreamConfig) -> Result<()> {
     match store.create(name, config).await {
@@ -624,6 +653,7 @@ async fn create(store: &Streams, name: &str, config: StreamConfig) -> Result<()>
     }
 }
 
+/// Waits until every record in `acks` is durable.
 async fn durable(acks: &mut Vec<Ack>) -> Result<()> {
     for a in acks.drain(..) {
         a.await?;

@@ -150,6 +150,28 @@ async fn a_stream_keeps_its_retention_when_applied_and_in_a_snapshot() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_writers_close_and_appends_reopen_them() {
+    let place = Place::new();
+    let (mut m, streams) = place.machine().await;
+    let mut p = Proposal::default();
+    p.create_stream("a").create_stream("b").append("a", 0, records(0..2)).append(
+        "b",
+        0,
+        records(0..1),
+    );
+    m.apply(vec![entry(1, p)]).await.unwrap();
+    assert_eq!(m.close_idle_writers(Duration::from_secs(3600)).await, 0, "both were just used");
+    assert_eq!(m.close_idle_writers(Duration::ZERO).await, 2);
+    assert_eq!(m.close_idle_writers(Duration::ZERO).await, 0);
+    let mut p = Proposal::default();
+    p.append("a", 2, records(2..4));
+    m.apply(vec![entry(2, p)]).await.unwrap();
+    assert_eq!(contents(&streams, "a").await, (0, records(0..4)));
+    assert_eq!(contents(&streams, "b").await, (0, records(0..1)));
+    assert_eq!(m.close_idle_writers(Duration::ZERO).await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_without_a_stream_store_refuses_stream_writes() {
     let dir = tempfile::tempdir().unwrap();
     let db = Arc::new(Db::open(dir.path().join("db"), timber_kv::Options::default()).unwrap());

@@ -352,8 +352,11 @@ async fn sweep(engines: Arc<Engines>, mut stop: watch::Receiver<bool>) {
             }
         }
         if round.is_multiple_of(100) {
-            let n =
+            let mut n =
                 streams.close_idle(WRITER_IDLE).await + engines.logs.close_idle(WRITER_IDLE).await;
+            if let Some(r) = engines.keys.replication() {
+                n += r.close_idle_writers(WRITER_IDLE).await;
+            }
             if n > 0 {
                 tracing::debug!(writers = n, "closed idle stream writers");
             }

@@ -461,6 +461,14 @@ impl Replication {
         self.on_raft(async move { member.machine().view().await }).await
     }
 
+    /// Closes the state machine's stream writers no apply used for `idle`; returns how many.
+    pub(crate) async fn close_idle_writers(&self, idle: Duration) -> u64 {
+        let member = self.member.clone();
+        let closed =
+            self.handle.spawn(async move { member.machine().close_idle_writers(idle).await });
+        closed.await.unwrap_or(0)
+    }
+
     /// Whether this member leads now (it may learn otherwise at once).
     pub(crate) fn is_leader(&self) -> bool {
         let m = self.member.raft().metrics();
