@@ -159,7 +159,12 @@ impl Kv for Service {
                 other => Err(unexpected(other)),
             };
         }
-        let n = self.synced(move |k| k.delete(&[&key[..]])).await?;
+        let n = self
+            .synced(move |k| {
+                let _g = k.lock(&key);
+                k.delete(&[&key[..]])
+            })
+            .await?;
         Ok(Response::new(pb::DeleteResponse { existed: n > 0 }))
     }
 

@@ -307,7 +307,11 @@ async fn kv_delete(State(app): State<App>, Path(key): Path<String>) -> Result<Js
             other => Err(unexpected(other)),
         };
     }
-    let n = blocking(&app, move |k| k.delete(&[key.as_bytes()])).await?;
+    let n = blocking(&app, move |k| {
+        let _g = k.lock(key.as_bytes());
+        k.delete(&[key.as_bytes()])
+    })
+    .await?;
     Ok(Json(json!({ "existed": n > 0 })))
 }
 

@@ -7,8 +7,9 @@
 //! the sweep. Other first bytes belong to [`crate::streams`] (`u`, `r`, `g`, `p`).
 //!
 //! Invariants: a key whose deadline has passed is never returned (reads check it, the sweep
-//! deletes it); read-modify-write commands hold the key's stripe lock from read to write, so
-//! they are atomic with respect to each other; an index entry may be stale (the key was
+//! deletes it); every write of a key holds its stripe lock, and read-modify-write commands hold
+//! it from read to write, so they are atomic with respect to every other write of the key (a
+//! DEL or MSET cannot land between an INCR's read and its write); an index entry may be stale (the key was
 //! overwritten or persisted) and the sweep then only drops the index entry.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -398,7 +399,8 @@ impl Keyspace {
         }
     }
 
-    /// Stores values, atomically.
+    /// Stores values, atomically. The caller holds their stripe locks (`lock`, `lock_many`):
+    /// every write of a key does, so that a read-modify-write of it never straddles another.
     pub(crate) fn set_many(&self, items: &[(&[u8], Value)]) -> Result<(), Error> {
         // Each write's kind, lengths, prefix and header take under 32 bytes.
         let mut b =
@@ -418,8 +420,10 @@ impl Keyspace {
         stripes.into_iter().map(|i| self.lock_stripe(i)).collect()
     }
 
-    /// Stores strings (`Some`) and deletes keys (`None`), atomically.
+    /// Stores strings (`Some`) and deletes keys (`None`), atomically, under their locks.
     pub(crate) fn write_mixed(&self, items: &[(&[u8], Option<Bytes>)]) -> Result<(), Error> {
+        let keys: Vec<&[u8]> = items.iter().map(|(k, _)| *k).collect();
+        let _g = self.lock_many(&keys);
         let mut b = WriteBatch::new();
         for (k, v) in items {
             match v {
@@ -432,12 +436,13 @@ impl Keyspace {
         self.commit(b)
     }
 
-    /// Stores one value.
+    /// Stores one value (its stripe lock held by the caller).
     pub(crate) fn set(&self, key: &[u8], v: &Value) -> Result<(), Error> {
         self.set_many(&[(key, v.clone())])
     }
 
-    /// Deletes keys, atomically; returns how many were live.
+    /// Deletes keys, atomically (their stripe locks held by the caller); returns how many were
+    /// live.
     pub(crate) fn delete(&self, keys: &[&[u8]]) -> Result<u64, Error> {
         let mut b = WriteBatch::new();
         let mut n = 0;

@@ -354,3 +354,44 @@ fn redis_cli_smoke() {
     assert_eq!(cli(&["TYPE", "st"]), "stream");
     assert_eq!(cli(&["DBSIZE"]), "3");
 }
+
+/// An INCR reads and writes its key under the key's lock; a blind write of the key (MSET, DEL)
+/// takes the lock too, so it never lands between an INCR's read and its write (which would
+/// undo it: the INCR would write a value computed from before it).
+#[test]
+fn blind_writes_never_land_inside_an_incr() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = Timberd::start(dir.path(), &[]);
+    for round in 0..40 {
+        let key = format!("counter:{round}");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let incrs = {
+            let mut con = t.client();
+            let key = key.clone();
+            std::thread::spawn(move || {
+                for i in 0..300 {
+                    let _: i64 = cmd("INCR").arg(&key).query(&mut con).unwrap();
+                    if i == 20 {
+                        tx.send(()).unwrap();
+                    }
+                }
+            })
+        };
+        rx.recv().unwrap();
+        let mut con = t.client();
+        let op = if round % 2 == 0 { "MSET" } else { "DEL" };
+        match op {
+            "MSET" => {
+                cmd("MSET").arg(&key).arg(1_000_000).arg("other").arg(1).query::<()>(&mut con)
+            }
+            _ => cmd("DEL").arg(&key).query::<i64>(&mut con).map(|_| ()),
+        }
+        .unwrap();
+        incrs.join().unwrap();
+        let v: i64 = con.get(&key).unwrap();
+        // The blind write came after the 21st INCR and before the 300th returned: the INCRs
+        // after it count from its value, and at least the last one is after it.
+        let floor = if op == "MSET" { 1_000_001 } else { 1 };
+        assert!(v >= floor && v <= floor + 279, "round {round} ({op}): {key} = {v}");
+    }
+}

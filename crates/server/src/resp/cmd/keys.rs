@@ -33,6 +33,8 @@ pub(crate) fn getdel(ctx: &Context<'_>, _: &mut Session, a: Args<'_>) -> R {
 
 pub(crate) fn del(ctx: &Context<'_>, _: &mut Session, a: Args<'_>) -> R {
     let keys: Vec<&[u8]> = a.all().iter().map(|k| &k[..]).collect();
+    // Under the keys' locks: a read-modify-write of one of them (INCR) never straddles it.
+    let _g = ctx.keys.lock_many(&keys);
     Ok(Reply::Int(ctx.keys.delete(&keys).map_err(storage)? as i64))
 }
 
@@ -72,6 +74,8 @@ pub(crate) fn mset(ctx: &Context<'_>, _: &mut Session, a: Args<'_>) -> R {
     if let Some((_, v)) = items.iter().find(|(_, v)| v.data.len() > ctx.max_value) {
         return Err(too_big(v.data.len(), ctx.max_value));
     }
+    let keys: Vec<&[u8]> = items.iter().map(|(k, _)| *k).collect();
+    let _g = ctx.keys.lock_many(&keys);
     ctx.keys.set_many(&items).map_err(storage)?;
     Ok(Reply::Ok)
 }
