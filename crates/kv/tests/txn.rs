@@ -616,3 +616,47 @@ fn a_predicate_read_twice_sees_the_same_keys_from_snapshot_up() {
         assert_eq!(!is_conflict(t1.commit()), level != Isolation::Serializable, "{level:?}");
     }
 }
+
+#[test]
+fn pessimistic_locks_prevent_lost_updates_and_serializable_write_skew() {
+    let now = |level| TxnOptions { lock_timeout: Duration::ZERO, ..TxnOptions::pessimistic(level) };
+    let locked = |r: Result<Option<Bytes>, Error>| matches!(r, Err(Error::LockTimeout { .. }));
+    for level in LEVELS {
+        // Lost update: the second read for update waits (here: gives up at once).
+        let (_d, db) = db();
+        db.put("x", "0").unwrap();
+        let mut t1 = db.transaction(now(level));
+        let mut t2 = db.transaction(now(level));
+        let a = num(t1.get_for_update("x").unwrap());
+        assert!(locked(t2.get_for_update("x")), "{level:?}");
+        t1.put("x", (a + 1).to_string()).unwrap();
+        t1.commit().unwrap();
+        assert_eq!(
+            num(t2.get_for_update("x").unwrap()),
+            1,
+            "{level:?}: reads the latest under its lock"
+        );
+
+        // Write skew on items: Serializable reads take shared locks the other's write needs.
+        let (_d2, db) = self::db();
+        db.put("alice", "on").unwrap();
+        db.put("bob", "on").unwrap();
+        let mut t1 = db.transaction(now(level));
+        let mut t2 = db.transaction(now(level));
+        t1.get("bob").unwrap();
+        t2.get("alice").unwrap();
+        // Serializable: each write needs the lock the other holds shared (waiting, this is a
+        // deadlock: one of them fails). Weaker levels take no read locks: the skew happens.
+        let blocked = |r: Result<(), Error>| matches!(r, Err(Error::LockTimeout { .. }));
+        let (b1, b2) = (blocked(t1.put("alice", "off")), blocked(t2.put("bob", "off")));
+        assert_eq!(
+            (b1, b2),
+            (level == Isolation::Serializable, level == Isolation::Serializable),
+            "{level:?}"
+        );
+        if !b1 {
+            t1.commit().unwrap();
+            t2.commit().unwrap();
+        }
+    }
+}
