@@ -268,8 +268,11 @@ impl Options {
         if self.memtable_size < 4096 {
             return bad(format!("memtable size {} is below 4096 bytes", self.memtable_size));
         }
-        if self.max_immutable_memtables == 0 {
-            return bad("max_immutable_memtables must be at least 1".into());
+        if !(1..=64).contains(&self.max_immutable_memtables) {
+            return bad(format!(
+                "max_immutable_memtables {} is outside 1..=64",
+                self.max_immutable_memtables
+            ));
         }
         if let Some(b) = self.memory_budget.filter(|&b| b < 1 << 20) {
             return bad(format!("memory budget {b} is below 1 MiB"));

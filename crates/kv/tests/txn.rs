@@ -660,3 +660,18 @@ fn pessimistic_locks_prevent_lost_updates_and_serializable_write_skew() {
         }
     }
 }
+
+#[test]
+fn a_pessimistic_snapshot_write_after_a_scan_is_checked_from_the_scan() {
+    let (_d, db) = db();
+    db.put("item/x", "0").unwrap();
+    let mut t1 = db.transaction(TxnOptions::pessimistic(Isolation::Snapshot));
+    assert_eq!(t1.prefix("item/").unwrap().len(), 1);
+    let mut t2 = db.transaction(TxnOptions::pessimistic(Isolation::Snapshot));
+    t2.put("item/x", "5").unwrap();
+    t2.commit().unwrap();
+    // t1 decided on the 0 it scanned: its write must not silently undo t2's.
+    t1.put("item/x", "1").unwrap();
+    assert!(is_conflict(t1.commit()));
+    assert_eq!(db.get("item/x").unwrap().unwrap(), "5");
+}

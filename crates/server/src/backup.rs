@@ -326,6 +326,8 @@ impl Backup {
 fn stream_header(c: &mut Cursor<'_>) -> Option<StreamHeader> {
     let name = std::str::from_utf8(c.field()?).ok()?.to_string();
     let (age, bytes, first, entries) = (c.u64()?, c.u64()?, c.u64()?, c.u64()?);
+    // Ids must stay below `u64::MAX` once restored.
+    first.checked_add(entries)?;
     let config = StreamConfig {
         retention_age: (age != NONE).then(|| std::time::Duration::from_millis(age)),
         retention_bytes: (bytes != NONE).then_some(bytes),

@@ -127,6 +127,14 @@ async fn restore(
     opts: &timber_stream::Options,
 ) -> anyhow::Result<()> {
     let marker = cfg.data_dir.join(RESTORING);
+    let sync_dir = || std::fs::File::open(&cfg.data_dir)?.sync_all();
+    if marker.exists() && kv_dir.exists() {
+        // The keyspace's rename is a restore's last step: this one finished, but its marker
+        // stayed.
+        std::fs::remove_file(&marker)
+            .and_then(|()| sync_dir())
+            .with_context(|| format!("cannot remove {}", marker.display()))?;
+    }
     let interrupted = marker.exists();
     let Some(from) = cfg.restore_from.clone() else {
         if interrupted {
@@ -141,19 +149,22 @@ async fn restore(
     if kv_dir.exists() {
         return Err(backup::Error::Exists { path: kv_dir.to_path_buf() }.into());
     }
-    std::fs::write(&marker, b"")
-        .and_then(|()| std::fs::File::open(&cfg.data_dir)?.sync_all())
-        .with_context(|| format!("cannot write {}", marker.display()))?;
     let store = timber_stream::Streams::open(streams_dir, opts.clone())
         .await
         .with_context(|| format!("cannot open the stream store ({})", cfg.stream_store))?;
-    for s in store.list()? {
-        if !interrupted {
-            anyhow::bail!(
-                "the stream store ({}) holds streams: restore into a new data directory",
-                cfg.stream_store
-            );
-        }
+    let held = store.list()?;
+    // Streams found here are refused before anything is written, unless an interrupted restore
+    // of this directory wrote them.
+    if !held.is_empty() && !interrupted {
+        anyhow::bail!(
+            "the stream store ({}) holds streams: restore into a new data directory",
+            cfg.stream_store
+        );
+    }
+    std::fs::write(&marker, b"")
+        .and_then(|()| sync_dir())
+        .with_context(|| format!("cannot write {}", marker.display()))?;
+    for s in held {
         store.delete(&s.name).await?;
     }
     b.restore_streams(&store).await?;
@@ -161,7 +172,7 @@ async fn restore(
     let into = kv_dir.to_path_buf();
     let b = tokio::task::spawn_blocking(move || b.restore(&into).map(|()| b)).await??;
     std::fs::remove_file(&marker)
-        .and_then(|()| std::fs::File::open(&cfg.data_dir)?.sync_all())
+        .and_then(|()| sync_dir())
         .with_context(|| format!("cannot remove {}", marker.display()))?;
     tracing::info!(
         from = %cfg.restore_from.as_deref().unwrap_or(std::path::Path::new("")).display(),

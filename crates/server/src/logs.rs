@@ -212,17 +212,18 @@ impl Logs {
     /// On the leader: [`Logs::create`].
     pub(crate) async fn lead_create(
         &self,
-        r: &Replication,
+        r: &Arc<Replication>,
         name: &str,
         config: StreamConfig,
     ) -> Result<StreamInfo> {
         check(name)?;
-        self.propose(r, name, |info| match info {
-            Some(_) => Err(timber_stream::Error::AlreadyExists { stream: name.to_string() }.into()),
+        let stream = name.to_string();
+        self.propose(r, name, move |info| match info {
+            Some(_) => Err(timber_stream::Error::AlreadyExists { stream }.into()),
             None => {
                 let mut p = Proposal::default();
-                p.create_stream_with(name, Retention::of(config));
-                Ok(Some(p))
+                p.create_stream_with(stream, Retention::of(config));
+                Ok((Some(p), ()))
             }
         })
         .await?;
@@ -300,7 +301,7 @@ impl Logs {
     /// On the leader: appends `entries`, returns the id of the first once they are applied.
     pub(crate) async fn lead_append(
         &self,
-        r: &Replication,
+        r: &Arc<Replication>,
         name: &str,
         entries: Vec<Bytes>,
     ) -> Result<Option<u64>> {
@@ -313,36 +314,51 @@ impl Logs {
             ))
             .into());
         }
-        let mut first = None;
-        self.propose(r, name, |info| {
-            let info = info.ok_or_else(|| not_found(name))?;
+        let stream = name.to_string();
+        self.propose(r, name, move |info| {
+            let info = info.ok_or_else(|| not_found(&stream))?;
             if entries.is_empty() {
-                return Ok(None);
+                return Ok((None, None));
             }
-            first = Some(info.next_id);
             let mut p = Proposal::default();
-            p.append(name, info.next_id, entries.iter().map(|e| e.to_vec()).collect());
-            Ok(Some(p))
+            p.append(stream, info.next_id, entries.iter().map(|e| e.to_vec()).collect());
+            Ok((Some(p), Some(info.next_id)))
         })
-        .await?;
-        Ok(first)
+        .await
     }
 
     /// On the leader: evaluates a write of stream `name` against what this member applied
     /// (`eval` gets the stream's figures, `None` if it does not exist), proposes the write it
-    /// returns, and returns once the write is applied here.
-    async fn propose(
+    /// returns (with what to answer), and returns once the write is applied here.
+    ///
+    /// In a task of its own that owns the stream's slot: a caller that stops waiting (its
+    /// client went away) neither frees the slot while the proposal is unresolved nor cuts the
+    /// evaluation short.
+    async fn propose<T: Send + 'static>(
         &self,
-        r: &Replication,
+        r: &Arc<Replication>,
         name: &str,
-        eval: impl FnOnce(Option<StreamInfo>) -> Result<Option<Proposal>>,
-    ) -> Result<()> {
+        eval: impl FnOnce(Option<StreamInfo>) -> Result<(Option<Proposal>, T)> + Send + 'static,
+    ) -> Result<T> {
         let slot = self.slot(name);
-        let mut slot = slot.lock().await;
-        slot.used = Some(std::time::Instant::now());
-        r.fresh().await?;
-        let Some(p) = eval(find(&self.streams, name)?)? else { return Ok(()) };
-        Ok(r.propose(p).await?)
+        let (r, streams, name) = (r.clone(), self.streams.clone(), name.to_string());
+        let task = tokio::spawn(async move {
+            let mut slot = slot.lock_owned().await;
+            slot.used = Some(std::time::Instant::now());
+            r.fresh().await?;
+            let (p, out) = eval(find(&streams, &name)?)?;
+            if let Some(p) = p {
+                r.propose(p).await?;
+            }
+            Ok(out)
+        });
+        match task.await {
+            Ok(r) => r,
+            Err(e) => {
+                Err(crate::keyspace::Error::ClusterDown(format!("the write task failed: {e}"))
+                    .into())
+            }
+        }
     }
 
     /// Appends `entries` and waits until they are durable (in a cluster: applied); returns the
@@ -389,19 +405,20 @@ impl Logs {
     /// On the leader: [`Logs::truncate`].
     pub(crate) async fn lead_truncate(
         &self,
-        r: &Replication,
+        r: &Arc<Replication>,
         name: &str,
         before: u64,
     ) -> Result<StreamInfo> {
         check(name)?;
-        self.propose(r, name, |info| {
-            let info = info.ok_or_else(|| not_found(name))?;
+        let stream = name.to_string();
+        self.propose(r, name, move |info| {
+            let info = info.ok_or_else(|| not_found(&stream))?;
             if before.min(info.next_id) <= info.first_id {
-                return Ok(None);
+                return Ok((None, ()));
             }
             let mut p = Proposal::default();
-            p.truncate_stream(name, before.min(info.next_id));
-            Ok(Some(p))
+            p.truncate_stream(stream, before.min(info.next_id));
+            Ok((Some(p), ()))
         })
         .await?;
         Ok(self.streams.info(name)?)
@@ -424,13 +441,14 @@ impl Logs {
     }
 
     /// On the leader: [`Logs::delete`].
-    pub(crate) async fn lead_delete(&self, r: &Replication, name: &str) -> Result<()> {
+    pub(crate) async fn lead_delete(&self, r: &Arc<Replication>, name: &str) -> Result<()> {
         check(name)?;
-        self.propose(r, name, |info| {
-            info.ok_or_else(|| not_found(name))?;
+        let stream = name.to_string();
+        self.propose(r, name, move |info| {
+            info.ok_or_else(|| not_found(&stream))?;
             let mut p = Proposal::default();
-            p.delete_stream(name);
-            Ok(Some(p))
+            p.delete_stream(stream);
+            Ok((Some(p), ()))
         })
         .await
     }
@@ -439,8 +457,10 @@ impl Logs {
     /// writers it closed.
     pub(crate) async fn close_idle(&self, idle: std::time::Duration) -> u64 {
         let mut idle_slots = Vec::new();
+        // A slot another caller holds a handle of (about to lock it) stays: two slots of one
+        // stream would let two of its writes be evaluated at once.
         self.slots.lock().retain(|_, s| match s.try_lock() {
-            Ok(g) if g.used.is_none_or(|t| t.elapsed() >= idle) => {
+            Ok(g) if Arc::strong_count(s) == 1 && g.used.is_none_or(|t| t.elapsed() >= idle) => {
                 idle_slots.push(s.clone());
                 false
             }

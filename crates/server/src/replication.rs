@@ -57,7 +57,7 @@ pub(crate) struct Replication {
     /// The term and log index a write evaluated here must see applied (in that term): the end
     /// of the log when a proposal failed (it may still commit, and its caller no longer holds
     /// its keys). In a later term, an applied entry of that term settles it.
-    unsettled: parking_lot::Mutex<(u64, u64)>,
+    unsettled: Arc<parking_lot::Mutex<(u64, u64)>>,
 }
 
 impl std::fmt::Debug for Replication {
@@ -264,9 +264,7 @@ impl Replication {
     /// Replicates `p` (key and stream writes) and returns once it is committed and applied
     /// here, blocking the calling thread.
     pub(crate) fn commit_proposal(&self, p: Proposal) -> Result<(), Error> {
-        let (member, timeout) = (self.member.clone(), self.timeout);
-        let r = self.wait(async move { member.propose(p, timeout).await.map(|_| ()) });
-        self.settled_after(r)
+        self.wait(self.proposal(p))
     }
 
     /// [`Replication::commit_proposal`] for async callers.
@@ -274,26 +272,33 @@ impl Replication {
         if p.is_empty() {
             return Ok(());
         }
-        let (member, timeout) = (self.member.clone(), self.timeout);
-        let r = self.on_raft(async move { member.propose(p, timeout).await.map(|_| ()) }).await;
-        self.settled_after(r)
+        self.on_raft(self.proposal(p)).await
     }
 
-    /// After a failed proposal, the writes evaluated here wait (in [`Replication::fresh`])
-    /// until everything logged so far is applied: the failed one may still commit, and an
-    /// evaluation that did not see it could propose a stale write (an append at an id it
-    /// took, a second SET NX).
-    fn settled_after(&self, r: Result<(), Error>) -> Result<(), Error> {
-        if r.is_err() {
-            let m = self.member.raft().metrics();
-            let at = {
-                let m = m.borrow();
-                (m.current_term, m.last_log_index.unwrap_or(0))
-            };
-            let mut u = self.unsettled.lock();
-            *u = (*u).max(at);
+    /// Proposes `p` and waits until it is applied here, as a future for the Raft runtime. A
+    /// failure is recorded there, even if the caller stopped waiting: the writes evaluated
+    /// here then wait (in [`Replication::fresh`]) until everything logged at that moment is
+    /// applied, since the failed proposal may still commit and an evaluation that did not see
+    /// it could propose a stale write (an append at an id it took, a second SET NX).
+    fn proposal(
+        &self,
+        p: Proposal,
+    ) -> impl std::future::Future<Output = timber_cluster::Result<()>> + Send + 'static {
+        let (member, timeout, unsettled) =
+            (self.member.clone(), self.timeout, self.unsettled.clone());
+        async move {
+            let r = member.propose(p, timeout).await.map(|_| ());
+            if r.is_err() {
+                let m = member.raft().metrics();
+                let at = {
+                    let m = m.borrow();
+                    (m.current_term, m.last_log_index.unwrap_or(0))
+                };
+                let mut u = unsettled.lock();
+                *u = (*u).max(at);
+            }
+            r
         }
-        r
     }
 
     /// Runs `f` on the Raft runtime and awaits it (without holding a thread of the caller's).

@@ -299,8 +299,15 @@ impl Transaction {
             _ => self.inner.iter(self.start, bounds.clone()),
         };
         let mut merged = BTreeMap::new();
+        // Pessimistic: a key read here from the snapshot, if locked later, is checked from the
+        // start (as one read by `get`).
+        let from_snapshot =
+            self.opts.mode == Mode::Pessimistic && self.opts.isolation != Isolation::ReadCommitted;
         for kv in it {
             let (k, v) = kv?;
+            if from_snapshot && !self.locked.contains_key(&k) {
+                self.snapshot_reads.insert(k.clone());
+            }
             merged.insert(k, v);
         }
         let range = (as_ref(&bounds.lo), as_ref(&bounds.hi));
