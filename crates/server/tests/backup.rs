@@ -281,13 +281,25 @@ fn a_cluster_member_backs_up_at_its_applied_log_position() {
     // A stream, written before the load: the backup holds it whole.
     let mut con = members[0].client();
     for i in 0..20 {
-        let _: String = redis::cmd("XADD")
-            .arg("s")
-            .arg(format!("1-{}", i + 1))
-            .arg("f")
-            .arg(i)
-            .query(&mut con)
-            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let r: redis::RedisResult<String> = redis::cmd("XADD")
+                .arg("s")
+                .arg(format!("1-{}", i + 1))
+                .arg("f")
+                .arg(i)
+                .query(&mut con);
+            match r {
+                Ok(_) => break,
+                // A retry of an entry that was added.
+                Err(e) if e.to_string().contains("equal or smaller") => break,
+                // Refused during an election: again.
+                Err(e) => {
+                    assert!(std::time::Instant::now() < deadline, "{e}");
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
     }
     // Writes go through member 1 (forwarded if it does not lead); the backup comes from 2,
     // which may follow: its backup stands at what it applied.

@@ -681,24 +681,43 @@ fn redis_streams_and_their_groups_replicate_through_any_member_and_a_failover() 
 /// Every entry of log stream `name` through member `i`: `stale` reads its own copy, else the
 /// read sees every entry committed before it. `None` if the stream does not exist.
 async fn log_entries(c: &Cluster, i: usize, name: &str, stale: bool) -> Option<Vec<(u64, String)>> {
-    use timber_client::Start;
-    let client = c.node(i).grpc().await;
-    let r = match stale {
-        true => client.reader_stale(name, Start::Earliest, false).await,
-        false => client.reader(name, Start::Earliest, false).await,
+    use timber_client::{Code, Start};
+    let deadline = Instant::now() + WAIT;
+    // Again while the cluster refuses (an election under way, the leader not known yet).
+    let retry = |e: timber_client::Error| {
+        assert!(
+            e.code() == Some(Code::Unavailable) && Instant::now() < deadline,
+            "read of {name} through member {}: {e}",
+            i + 1
+        );
     };
-    let mut r = match r {
-        Ok(r) => r,
-        Err(e) if e.code() == Some(timber_client::Code::NotFound) => return None,
-        Err(e) => panic!("read of {name} through member {}: {e}", i + 1),
-    };
-    let mut out = Vec::new();
-    loop {
-        match r.next().await {
-            Ok(Some(e)) => out.push((e.id, String::from_utf8(e.data.to_vec()).unwrap())),
-            Ok(None) => return Some(out),
-            Err(e) if e.code() == Some(timber_client::Code::NotFound) => return None,
-            Err(e) => panic!("read of {name} through member {}: {e}", i + 1),
+    'read: loop {
+        let client = c.node(i).grpc().await;
+        let r = match stale {
+            true => client.reader_stale(name, Start::Earliest, false).await,
+            false => client.reader(name, Start::Earliest, false).await,
+        };
+        let mut r = match r {
+            Ok(r) => r,
+            Err(e) if e.code() == Some(Code::NotFound) => return None,
+            Err(e) => {
+                retry(e);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let mut out = Vec::new();
+        loop {
+            match r.next().await {
+                Ok(Some(e)) => out.push((e.id, String::from_utf8(e.data.to_vec()).unwrap())),
+                Ok(None) => return Some(out),
+                Err(e) if e.code() == Some(Code::NotFound) => return None,
+                Err(e) => {
+                    retry(e);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue 'read;
+                }
+            }
         }
     }
 }
@@ -720,6 +739,26 @@ async fn log_append(c: &Cluster, via: usize, data: &str) -> u64 {
                 via = running[(via + 1) % running.len()];
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
+        }
+    }
+}
+
+/// `op`, again while the cluster answers Unavailable (an election under way), for up to
+/// [`WAIT`].
+async fn again<T, F>(mut op: impl FnMut() -> F) -> timber_client::Result<T>
+where
+    F: std::future::Future<Output = timber_client::Result<T>>,
+{
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match op().await {
+            Err(e)
+                if e.code() == Some(timber_client::Code::Unavailable)
+                    && Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            r => return r,
         }
     }
 }
@@ -749,11 +788,16 @@ fn grpc_and_http_log_streams_replicate_through_any_member_and_a_failover() {
     rt.block_on(async {
         // Created through a follower; refusals keep their meaning on the way back.
         let fc = c.node(f).grpc().await;
-        let info = fc.create_stream("events", None, Some(1 << 30)).await.unwrap();
+        match again(|| fc.create_stream("events", None, Some(1 << 30))).await {
+            Ok(info) => assert_eq!((info.first_id, info.next_id), (0, 0)),
+            // A retry of a creation that had committed.
+            Err(e) => assert_eq!(e.code(), Some(Code::AlreadyExists), "{e}"),
+        }
+        let info = again(|| fc.stream_info("events")).await.unwrap();
         assert_eq!((info.name.as_str(), info.first_id, info.next_id), ("events", 0, 0));
-        let e = fc.create_stream("events", None, None).await.unwrap_err();
+        let e = again(|| fc.create_stream("events", None, None)).await.unwrap_err();
         assert_eq!(e.code(), Some(Code::AlreadyExists), "{e}");
-        let e = fc.append("missing", vec![bytes::Bytes::from("x")]).await.unwrap_err();
+        let e = again(|| fc.append("missing", vec![bytes::Bytes::from("x")])).await.unwrap_err();
         assert_eq!(e.code(), Some(Code::NotFound), "{e}");
         let e = fc.create_stream("redis.x", None, None).await.unwrap_err();
         assert_eq!(e.code(), Some(Code::InvalidArgument), "{e}");
@@ -777,24 +821,27 @@ fn grpc_and_http_log_streams_replicate_through_any_member_and_a_failover() {
             }
         }
 
-        // HTTP through a follower: append, read, info.
-        let r = h
-            .post(http(f, "/v1/streams/events/entries"))
-            .json(&serde_json::json!({"entries": ["h0", "h1"]}))
-            .send()
-            .await
-            .unwrap();
+        // HTTP through a follower: append (JSON, then a raw body), read.
+        let post = |body: reqwest::RequestBuilder| async move {
+            let deadline = Instant::now() + WAIT;
+            loop {
+                let r = body.try_clone().unwrap().send().await.unwrap();
+                if r.status() != 503 || Instant::now() > deadline {
+                    return r;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        let entries = http(f, "/v1/streams/events/entries");
+        let r = post(h.post(&entries).json(&serde_json::json!({"entries": ["h0"]}))).await;
+        assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+        let r = post(h.post(&entries).body("h1")).await;
         assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
         want.extend(["h0".to_string(), "h1".to_string()]);
         let other = 3 - leader - f;
-        let read: serde_json::Value = h
-            .get(http(other, "/v1/streams/events/entries?from=earliest&limit=1000"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let read =
+            post(h.get(http(other, "/v1/streams/events/entries?from=earliest&limit=1000"))).await;
+        let read: serde_json::Value = read.json().await.unwrap();
         let data: Vec<&str> = read["entries"]
             .as_array()
             .unwrap()
@@ -802,14 +849,14 @@ fn grpc_and_http_log_streams_replicate_through_any_member_and_a_failover() {
             .map(|e| e["data"].as_str().unwrap())
             .collect();
         assert_eq!(unrepeated_strs(&data), want);
-        let r = h.post(http(f, "/v1/streams/nope/entries")).body("x").send().await.unwrap();
+        let r = post(h.post(http(f, "/v1/streams/nope/entries")).body("x")).await;
         assert_eq!(r.status(), 404);
 
         // Truncated through a follower, seen by the leader.
-        let info = fc.truncate("events", 5).await.unwrap();
+        let info = again(|| fc.truncate("events", 5)).await.unwrap();
         assert_eq!(info.first_id, 5);
         let lc = c.node(leader).grpc().await;
-        assert_eq!(lc.stream_info("events").await.unwrap().first_id, 5);
+        assert_eq!(again(|| lc.stream_info("events")).await.unwrap().first_id, 5);
     });
 
     // The leader dies: the survivors keep the stream and take more.
@@ -852,9 +899,15 @@ fn grpc_and_http_log_streams_replicate_through_any_member_and_a_failover() {
 
         // Deleted through a follower: gone everywhere.
         let f = c.follower(c.leader_now().unwrap_or(0));
-        c.node(f).grpc().await.delete_stream("events").await.unwrap();
+        let fc = c.node(f).grpc().await;
+        match again(|| fc.delete_stream("events")).await {
+            Ok(()) => {}
+            // A retry of a deletion that had committed.
+            Err(e) => assert_eq!(e.code(), Some(Code::NotFound), "{e}"),
+        }
         for i in 0..3 {
-            let e = c.node(i).grpc().await.stream_info("events").await.unwrap_err();
+            let client = c.node(i).grpc().await;
+            let e = again(|| client.stream_info("events")).await.unwrap_err();
             assert_eq!(e.code(), Some(Code::NotFound), "member {}", i + 1);
         }
     });
