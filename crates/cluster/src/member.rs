@@ -255,6 +255,13 @@ impl Member {
         self.proposals.propose(proposal, timeout).await
     }
 
+    /// Returns once every proposal this member handed to Raft before the call is in its log
+    /// and applied here, or never will be (an empty entry appended behind them, and applied).
+    /// Its log id.
+    pub async fn barrier(&self, timeout: Duration) -> Result<LogId<u64>> {
+        self.proposals.barrier(timeout).await
+    }
+
     /// Returns once this member, as leader, has confirmed its leadership with a quorum and
     /// applied everything committed before the call: a read of the engine after it is
     /// linearizable.

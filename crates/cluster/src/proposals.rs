@@ -94,6 +94,22 @@ impl Proposals {
     }
 }
 
+impl Proposals {
+    /// Returns once every proposal handed to Raft before the call is in the log or never
+    /// will be: takes every round, so those in flight first hand their entries to Raft (and
+    /// finish or time out), then appends an empty entry behind them (Raft takes entries in the
+    /// order they are handed over) and waits until it is applied here. Its log id.
+    pub(crate) async fn barrier(&self, timeout: Duration) -> Result<LogId<u64>> {
+        let rounds = self.rounds.clone().acquire_many_owned(ROUNDS as u32);
+        let Ok(Ok(all)) = tokio::time::timeout(timeout, rounds).await else {
+            return Err(uncommitted(timeout));
+        };
+        let r = write(&self.raft, Proposal::default(), timeout).await;
+        drop(all);
+        r
+    }
+}
+
 /// Hands the queue to rounds as they free up, until it is empty.
 async fn drain(
     raft: Raft<TypeConfig>,

@@ -136,6 +136,8 @@ async fn proposals_replicate_fail_over_and_stop_without_quorum() {
     assert!(t.elapsed() < short + Duration::from_secs(1));
     let r = members[&second].read_barrier(short).await;
     assert!(matches!(r, Err(Error::Unavailable(_)) | Err(Error::NotLeader { .. })), "{r:?}");
+    let r = members[&second].barrier(short).await;
+    assert!(matches!(r, Err(Error::Unavailable(_)) | Err(Error::NotLeader { .. })), "{r:?}");
 
     // Both come back from their directories and engines. The write that timed out is in the
     // lone leader's log only: it commits if that member leads again, and is dropped if the
@@ -143,7 +145,21 @@ async fn proposals_replicate_fail_over_and_stop_without_quorum() {
     for id in [first, other] {
         members.insert(id, start(&nodes[id as usize - 1], None).await);
     }
-    let l = leader(&members).await;
+    // A barrier on the leader: once it returns, every proposal handed to Raft before it is
+    // applied there (the timed-out write too, if its member leads again) or never will be.
+    let (l, id) = loop {
+        let l = leader(&members).await;
+        match members[&l].barrier(PROPOSE).await {
+            Ok(id) => break (l, id),
+            // An election under way: the leader again.
+            Err(Error::NotLeader { .. } | Error::Unavailable(_)) => continue,
+            Err(e) => panic!("barrier on the leader: {e}"),
+        }
+    };
+    assert!(members[&l].metrics().last_applied.is_some_and(|a| a.index >= id.index));
+    if l == second {
+        assert!(members[&l].machine().db().get(b"k0500").unwrap().is_some());
+    }
     write(&members[&l], 70..80).await;
     converged(&members, 80, &[500]).await;
     for (_, m) in members {

@@ -58,6 +58,9 @@ pub(crate) struct Replication {
     /// of the log when a proposal failed (it may still commit, and its caller no longer holds
     /// its keys). In a later term, an applied entry of that term settles it.
     unsettled: Arc<parking_lot::Mutex<(u64, u64)>>,
+    /// Barriers under way after failed proposals (see [`Replication::proposal`]): writes are
+    /// evaluated only once there are none.
+    settling: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl std::fmt::Debug for Replication {
@@ -233,6 +236,7 @@ impl Replication {
             leader_changes,
             elections,
             unsettled: Default::default(),
+            settling: Arc::new(tokio::sync::watch::channel(0).0),
         })
     }
 
@@ -275,27 +279,40 @@ impl Replication {
         self.on_raft(self.proposal(p)).await
     }
 
-    /// Proposes `p` and waits until it is applied here, as a future for the Raft runtime. A
-    /// failure is recorded there, even if the caller stopped waiting: the writes evaluated
-    /// here then wait (in [`Replication::fresh`]) until everything logged at that moment is
-    /// applied, since the failed proposal may still commit and an evaluation that did not see
-    /// it could propose a stale write (an append at an id it took, a second SET NX).
+    /// Proposes `p` and waits until it is applied here, as a future for the Raft runtime.
+    ///
+    /// A failed proposal may still commit, and its caller no longer holds its keys: an
+    /// evaluation that did not see it could propose a stale write (an append at an id it took,
+    /// a second SET NX). So a failure (recorded on the Raft runtime, even if the caller stopped
+    /// waiting) starts a barrier: an empty entry appended behind every proposal handed to Raft
+    /// so far; until it is applied, and then until this member applied up to it, writes
+    /// evaluated here wait ([`Replication::fresh`]). A barrier that fails too leaves the end
+    /// of the log as the Raft metrics show it.
     fn proposal(
         &self,
         p: Proposal,
     ) -> impl std::future::Future<Output = timber_cluster::Result<()>> + Send + 'static {
-        let (member, timeout, unsettled) =
-            (self.member.clone(), self.timeout, self.unsettled.clone());
+        let (member, timeout) = (self.member.clone(), self.timeout);
+        let (unsettled, settling) = (self.unsettled.clone(), self.settling.clone());
         async move {
             let r = member.propose(p, timeout).await.map(|_| ());
             if r.is_err() {
-                let m = member.raft().metrics();
-                let at = {
-                    let m = m.borrow();
-                    (m.current_term, m.last_log_index.unwrap_or(0))
-                };
-                let mut u = unsettled.lock();
-                *u = (*u).max(at);
+                settling.send_modify(|n| *n += 1);
+                tokio::spawn(async move {
+                    let at = match member.barrier(timeout).await {
+                        Ok(id) => (id.leader_id.term, id.index),
+                        Err(_) => {
+                            let m = member.raft().metrics();
+                            let m = m.borrow();
+                            (m.current_term, m.last_log_index.unwrap_or(0))
+                        }
+                    };
+                    {
+                        let mut u = unsettled.lock();
+                        *u = (*u).max(at);
+                    }
+                    settling.send_modify(|n| *n -= 1);
+                });
             }
             r
         }
@@ -314,10 +331,17 @@ impl Replication {
 
     /// Returns once this member may evaluate a write against its engine: it leads, it
     /// applied an entry of its own term, so that every entry committed by an earlier leader
-    /// is applied here (a new leader's engine may lag its log), and it applied every entry
-    /// logged before a proposal of its failed ([`Replication::settled_after`]). A member that
+    /// is applied here (a new leader's engine may lag its log), and, after a proposal of its
+    /// failed, the barrier behind it is applied ([`Replication::proposal`]). A member that
     /// does not lead returns at once: its proposal will be refused.
     pub(crate) async fn fresh(&self) -> Result<(), Error> {
+        if *self.settling.borrow() > 0 {
+            let mut settled = self.settling.subscribe();
+            let waited = tokio::time::timeout(self.timeout, settled.wait_for(|n| *n == 0)).await;
+            if !matches!(waited, Ok(Ok(_))) {
+                return Err(Error::ClusterDown("earlier proposals are not settled yet".into()));
+            }
+        }
         let (term, index) = *self.unsettled.lock();
         self.until("the leader is catching up", move |m| {
             m.current_leader != Some(m.id)
