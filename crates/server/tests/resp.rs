@@ -355,8 +355,8 @@ fn redis_cli_smoke() {
     assert_eq!(cli(&["DBSIZE"]), "3");
 }
 
-/// An INCR reads and writes its key under the key's lock; a blind write of the key (MSET, DEL)
-/// takes the lock too, so it never lands between an INCR's read and its write (which would
+/// An INCR reads and writes its key under the key's lock; a blind write of the key (MSET, DEL,
+/// FLUSHALL) takes the lock too, so it never lands between an INCR's read and its write (which would
 /// undo it: the INCR would write a value computed from before it).
 #[test]
 fn blind_writes_never_land_inside_an_incr() {
@@ -379,12 +379,13 @@ fn blind_writes_never_land_inside_an_incr() {
         };
         rx.recv().unwrap();
         let mut con = t.client();
-        let op = if round % 2 == 0 { "MSET" } else { "DEL" };
+        let op = ["MSET", "DEL", "FLUSHALL"][round % 3];
         match op {
             "MSET" => {
                 cmd("MSET").arg(&key).arg(1_000_000).arg("other").arg(1).query::<()>(&mut con)
             }
-            _ => cmd("DEL").arg(&key).query::<i64>(&mut con).map(|_| ()),
+            "DEL" => cmd("DEL").arg(&key).query::<i64>(&mut con).map(|_| ()),
+            _ => cmd("FLUSHALL").query::<()>(&mut con),
         }
         .unwrap();
         incrs.join().unwrap();
