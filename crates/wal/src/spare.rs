@@ -84,7 +84,10 @@ pub(crate) fn run_preparer(
             Ok(file) if matches!(spares.zeroed, Zeroed::Filling) => {
                 spares.zeroed = Zeroed::Ready(file)
             }
-            Ok(_) => {}
+            // Nobody waits for it any more: it must not stay behind on disk.
+            Ok(_) => {
+                let _ = std::fs::remove_file(dir.join(segment::SPARE_FILE));
+            }
             Err(e) => {
                 spares.zeroed = Zeroed::None;
                 tracing::warn!(error = %e, "preparing a spare WAL segment failed; the next roll creates one itself");

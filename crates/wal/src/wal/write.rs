@@ -203,6 +203,11 @@ impl Inner {
                 while wait && matches!(spares.zeroed, Zeroed::Filling) {
                     self.spare_filled.wait(spares);
                 }
+                // A spare still being filled stays the preparer's: it becomes ready for a later
+                // roll (or is deleted at close), never an orphan.
+                if !matches!(spares.zeroed, Zeroed::Ready(_)) {
+                    return (None, false);
+                }
                 match std::mem::replace(&mut spares.zeroed, Zeroed::None) {
                     Zeroed::Ready(file) => {
                         (Some((file, self.dir.join(segment::SPARE_FILE))), false)
