@@ -33,6 +33,22 @@ impl Bounds {
             Bound::Unbounded => true,
         }
     }
+
+    /// The bounds as a range of borrowed keys (what `BTreeMap::range` takes).
+    pub(crate) fn as_range(&self) -> (Bound<&[u8]>, Bound<&[u8]>) {
+        (self.lo.as_ref().map(Vec::as_slice), self.hi.as_ref().map(Vec::as_slice))
+    }
+}
+
+/// Whether no key lies in `(lo, hi)` (an inverted range, which a `BTreeMap` range would
+/// refuse with a panic).
+pub(crate) fn is_empty_range((lo, hi): (Bound<&[u8]>, Bound<&[u8]>)) -> bool {
+    match (lo, hi) {
+        (Bound::Included(l), Bound::Included(h)) => l > h,
+        (Bound::Included(l) | Bound::Excluded(l), Bound::Excluded(h))
+        | (Bound::Excluded(l), Bound::Included(h)) => l >= h,
+        _ => false,
+    }
 }
 
 /// The bounds of a scan over `range`.

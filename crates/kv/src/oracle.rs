@@ -63,11 +63,15 @@ impl Oracle {
     }
 
     /// Whether a key in `(lo, hi)` was written after `seq`.
-    pub(crate) fn range_written_after(&self, lo: Bound<&[u8]>, hi: Bound<&[u8]>, seq: u64) -> bool {
-        if crate::db::range_is_empty((lo, hi)) {
+    pub(crate) fn range_written_after(
+        &self,
+        range: (Bound<&[u8]>, Bound<&[u8]>),
+        seq: u64,
+    ) -> bool {
+        if crate::bounds::is_empty_range(range) {
             return false;
         }
-        self.written.range::<[u8], _>((lo, hi)).any(|(_, &s)| s > seq)
+        self.written.range::<[u8], _>(range).any(|(_, &s)| s > seq)
     }
 
     /// Drops the records no open transaction needs.
@@ -108,10 +112,10 @@ mod tests {
         o.record(b"a", 10);
         assert!(o.written_after(b"a", 5) && o.written_after(b"a", 9));
         assert!(!o.written_after(b"a", 10) && !o.written_after(b"c", 0));
-        assert!(o.range_written_after(Bound::Included(b"a"), Bound::Excluded(b"b"), 8));
-        assert!(!o.range_written_after(Bound::Excluded(b"a"), Bound::Excluded(b"b"), 0));
-        assert!(o.range_written_after(Bound::Excluded(b"a"), Bound::Unbounded, 8));
-        assert!(!o.range_written_after(Bound::Included(b"z"), Bound::Included(b"a"), 0));
+        assert!(o.range_written_after((Bound::Included(b"a"), Bound::Excluded(b"b")), 8));
+        assert!(!o.range_written_after((Bound::Excluded(b"a"), Bound::Excluded(b"b")), 0));
+        assert!(o.range_written_after((Bound::Excluded(b"a"), Bound::Unbounded), 8));
+        assert!(!o.range_written_after((Bound::Included(b"z"), Bound::Included(b"a")), 0));
         o.end(5);
         // Start 8 still needs the writes at 9 and 10.
         assert!(o.written_after(b"b", 8) && o.written_after(b"a", 8));

@@ -438,25 +438,21 @@ async fn backup_stream(
         first: info.first_id,
         entries: info.next_id - info.first_id,
     };
-    let mut filled = vec![w.stream(&header)];
+    let mut filled: Vec<Vec<u8>> = w.stream(&header).into_iter().collect();
     let mut r = store.reader(&info.name, Start::At(info.first_id)).map_err(changed)?;
-    while r.position() < info.next_id {
-        let max = (info.next_id - r.position()).min(1024) as usize;
-        for e in r.next_batch(max).await.map_err(changed)? {
-            filled.push(w.entry(&e.data));
-        }
-        for c in filled.drain(..).flatten() {
+    loop {
+        for c in filled.drain(..) {
             if tx.send(chunk(c)).await.is_err() {
                 return Ok(false);
             }
         }
-    }
-    for c in filled.into_iter().flatten() {
-        if tx.send(chunk(c)).await.is_err() {
-            return Ok(false);
+        if r.position() >= info.next_id {
+            return Ok(true);
         }
+        let max = (info.next_id - r.position()).min(1024) as usize;
+        let batch = r.next_batch(max).await.map_err(changed)?;
+        filled.extend(batch.iter().filter_map(|e| w.entry(&e.data)));
     }
-    Ok(true)
 }
 
 #[tonic::async_trait]

@@ -33,7 +33,6 @@ use crate::stats::Stats;
 
 use self::inner::Inner;
 pub use self::snapshot::Snapshot;
-pub(crate) use self::txn::is_empty as range_is_empty;
 pub use self::txn::{Isolation, Mode, Transaction, TxnOptions};
 
 /// An embedded key-value database: an LSM tree on a write-ahead log. All methods take `&self`

@@ -28,14 +28,14 @@
 //! are not locked: a `Serializable` scan is validated at commit as in optimistic mode.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::ops::{Bound, RangeBounds};
+use std::ops::RangeBounds;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
 use crate::batch::WriteBatch;
-use crate::bounds::{prefix_bounds, user_bounds, Bounds};
+use crate::bounds::{is_empty_range, prefix_bounds, user_bounds, Bounds};
 use crate::error::{Error, Result};
 use crate::locks::TxnId;
 
@@ -310,8 +310,8 @@ impl Transaction {
             }
             merged.insert(k, v);
         }
-        let range = (as_ref(&bounds.lo), as_ref(&bounds.hi));
-        if !is_empty(range) {
+        let range = bounds.as_range();
+        if !is_empty_range(range) {
             for (k, w) in self.writes.range::<[u8], _>(range) {
                 match w {
                     Some(v) => merged.insert(k.clone(), v.clone()),
@@ -375,16 +375,14 @@ impl Transaction {
                 }
             }
             // Serializable reads and ranges, and optimistic reads for update.
-            {
-                for k in &reads.keys {
-                    if oracle.written_after(k, since(k)) {
-                        return conflict(format!("key {k:?} it read was written since"));
-                    }
+            for k in &reads.keys {
+                if oracle.written_after(k, since(k)) {
+                    return conflict(format!("key {k:?} it read was written since"));
                 }
-                for b in &reads.ranges {
-                    if oracle.range_written_after(as_ref(&b.lo), as_ref(&b.hi), start) {
-                        return conflict("a range it scanned was written since".into());
-                    }
+            }
+            for b in &reads.ranges {
+                if oracle.range_written_after(b.as_range(), start) {
+                    return conflict("a range it scanned was written since".into());
                 }
             }
             Ok(())
@@ -422,23 +420,5 @@ impl Transaction {
 impl Drop for Transaction {
     fn drop(&mut self) {
         self.end();
-    }
-}
-
-/// Whether no key lies between the bounds (which a `BTreeMap` range would refuse).
-pub(crate) fn is_empty((lo, hi): (Bound<&[u8]>, Bound<&[u8]>)) -> bool {
-    match (lo, hi) {
-        (Bound::Included(l), Bound::Included(h)) => l > h,
-        (Bound::Included(l) | Bound::Excluded(l), Bound::Excluded(h))
-        | (Bound::Excluded(l), Bound::Included(h)) => l >= h,
-        _ => false,
-    }
-}
-
-fn as_ref(b: &Bound<Vec<u8>>) -> Bound<&[u8]> {
-    match b {
-        Bound::Included(k) => Bound::Included(k),
-        Bound::Excluded(k) => Bound::Excluded(k),
-        Bound::Unbounded => Bound::Unbounded,
     }
 }
