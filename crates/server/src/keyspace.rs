@@ -23,6 +23,7 @@ use crate::config::Sync;
 use crate::idle::keyspace_sync::SyncRounds;
 use crate::idle::IdleWork;
 use crate::replication::Replication;
+use crate::versions::{Epoch, Versions, Watched};
 
 /// Key locks (a byte each). Many, because in a cluster a pipeline of writes holds the stripes
 /// of its keys for a Raft round trip: two pipelines of 16 random keys then rarely share one.
@@ -100,7 +101,7 @@ const INDEX: u8 = b'e';
 /// Prefix of the engine keys that map a Redis stream to its timber stream.
 pub(crate) const STREAM_REVERSE: u8 = b'r';
 
-fn data_key(key: &[u8]) -> Vec<u8> {
+pub(crate) fn data_key(key: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(key.len() + 1);
     k.push(DATA);
     k.extend_from_slice(key);
@@ -123,7 +124,7 @@ impl Value {
 }
 
 /// The value `key`'s engine entry holds (`stored`), if it is live at the time `now` reads.
-fn live(
+pub(crate) fn live(
     key: &[u8],
     stored: Option<Bytes>,
     now: impl FnOnce() -> u64,
@@ -135,7 +136,7 @@ fn live(
 }
 
 /// A value that must be a string (or nothing): [`Error::WrongType`] otherwise.
-fn string(v: Option<Value>) -> Result<Option<Value>, Error> {
+pub(crate) fn string(v: Option<Value>) -> Result<Option<Value>, Error> {
     match v {
         Some(v) if v.kind != Kind::String => Err(Error::WrongType),
         v => Ok(v),
@@ -162,11 +163,9 @@ fn header(key: &[u8], v: &[u8]) -> Result<(Kind, Option<u64>), Error> {
     Ok((kind, (at != 0).then_some(at)))
 }
 
-/// The stripe of a key (FNV-1a).
+/// The stripe of a key.
 fn stripe(key: &[u8]) -> usize {
-    let h =
-        key.iter().fold(0xcbf29ce484222325u64, |h, b| (h ^ *b as u64).wrapping_mul(0x100000001b3));
-    (h % STRIPES as u64) as usize
+    (crate::versions::hash(key) % STRIPES as u64) as usize
 }
 
 /// The shared keyspace.
@@ -181,6 +180,8 @@ pub(crate) struct Keyspace {
     replication: std::sync::OnceLock<std::sync::Arc<Replication>>,
     cursors: Mutex<lru::LruCache<u64, Bytes>>,
     next_cursor: AtomicU64,
+    /// What WATCH compares: bumped by every commit of a key and by stream commands.
+    versions: Versions,
 }
 
 impl Keyspace {
@@ -227,6 +228,7 @@ impl Keyspace {
                 std::num::NonZeroUsize::new(4096).expect("> 0"),
             )),
             next_cursor: AtomicU64::new(1),
+            versions: Versions::new(),
         })
     }
 
@@ -253,11 +255,63 @@ impl Keyspace {
 
     /// Writes `b`: to the engine, or in a cluster, as a proposal of the leader that returns
     /// once a majority has it and this member applied it (the one write path of the keyspace).
-    fn commit(&self, b: WriteBatch) -> Result<(), Error> {
-        match self.replication.get() {
-            None => Ok(self.db.write_with(b, self.durability)?),
+    /// Then bumps the versions of the keys it wrote (their stripe locks are held).
+    pub(crate) fn commit(&self, b: WriteBatch) -> Result<(), Error> {
+        let written: smallvec::SmallVec<[usize; 4]> =
+            b.iter().filter_map(|(k, _)| k.strip_prefix(&[DATA]).map(Versions::slot)).collect();
+        let r = match self.replication.get() {
+            None => self.db.write_with(b, self.durability).map_err(Error::from),
             Some(r) => r.commit(&b),
+        };
+        // Also after a failure: in a cluster the write may still be applied.
+        for slot in written {
+            self.versions.bump_slot(slot);
         }
+        r
+    }
+
+    /// Where this keyspace's versions compare ([`crate::versions`]): `None` on a cluster member
+    /// that does not lead.
+    pub(crate) fn epoch(&self) -> Option<Epoch> {
+        let term = match self.replication.get() {
+            None => 0,
+            Some(r) => r.leader_term()?,
+        };
+        Some(Epoch { nonce: self.versions.nonce(), term })
+    }
+
+    /// `keys` as they are now, for WATCH.
+    pub(crate) fn watch(&self, keys: &[Bytes]) -> Result<Vec<Watched>, Error> {
+        keys.iter()
+            .map(|k| {
+                // The version first: a write between the two reads then shows as a change.
+                let version = self.versions.get(k);
+                let expires = self.get(k)?.and_then(|v| v.expire_at);
+                Ok(Watched { key: k.clone(), version, expires })
+            })
+            .collect()
+    }
+
+    /// Whether no watched key was written or expired since it was watched. The caller holds
+    /// their stripe locks.
+    pub(crate) fn unchanged(&self, watched: &[Watched]) -> bool {
+        let now = now_ms();
+        watched
+            .iter()
+            .all(|w| self.versions.get(&w.key) == w.version && w.expires.is_none_or(|at| at > now))
+    }
+
+    /// Records writes of `keys` made without their stripe locks (stream commands): called
+    /// before and after such a write.
+    pub(crate) fn touch(&self, keys: &[&[u8]]) {
+        for k in keys {
+            self.versions.bump(k);
+        }
+    }
+
+    /// Every stripe lock, in order: no write of any key runs while they are held.
+    pub(crate) fn lock_all(&self) -> Vec<MutexGuard<'_, ()>> {
+        (0..STRIPES).map(|i| self.lock_stripe(i)).collect()
     }
 
     /// Whether acknowledged writes must be durable: then callers await [`Keyspace::durable`]
@@ -442,15 +496,17 @@ impl Keyspace {
     }
 
     /// Deletes keys, atomically (their stripe locks held by the caller); returns how many were
-    /// live.
+    /// live. A key without a value is not written (a watch of it stays intact, as in Redis).
     pub(crate) fn delete(&self, keys: &[&[u8]]) -> Result<u64, Error> {
         let mut b = WriteBatch::new();
         let mut n = 0;
         for k in keys {
-            if self.get(k)?.is_some() {
+            let dk = data_key(k);
+            let Some(stored) = self.db.get(&dk)? else { continue };
+            if live(k, Some(stored), now_ms)?.is_some() {
                 n += 1;
             }
-            b.delete(data_key(k));
+            b.delete(dk);
         }
         self.commit(b)?;
         Ok(n)
@@ -535,19 +591,6 @@ impl Keyspace {
         self.cursors.lock().get(&id).cloned()
     }
 
-    /// Calls `f` with every live key, in order.
-    pub(crate) fn each_key(&self, mut f: impl FnMut(Bytes)) -> Result<(), Error> {
-        let mut after: Option<Bytes> = None;
-        loop {
-            let (keys, next) = self.keys(after.as_deref(), 4096)?;
-            keys.into_iter().for_each(&mut f);
-            match next {
-                Some(k) => after = Some(k),
-                None => return Ok(()),
-            }
-        }
-    }
-
     /// Number of live keys (a scan that lends each entry rather than copying it).
     pub(crate) fn len(&self) -> Result<u64, Error> {
         let now = now_ms();
@@ -565,8 +608,7 @@ impl Keyspace {
 
     /// Deletes every key.
     pub(crate) fn clear(&self) -> Result<(), Error> {
-        // Every stripe, in order (as `lock_many` takes them): no write of any key runs meanwhile.
-        let _all: Vec<_> = (0..STRIPES).map(|i| self.lock_stripe(i)).collect();
+        let _all = self.lock_all();
         for prefix in [&b"k"[..], &b"e"[..]] {
             let mut b = WriteBatch::new();
             for kv in self.db.prefix(prefix) {
@@ -628,8 +670,7 @@ mod tests {
         // Past its deadline but not yet swept: not counted.
         ks.set(b"c", &Value { expire_at: Some(1), ..Value::string("3") }).unwrap();
         assert_eq!(ks.len().unwrap(), 2);
-        let mut keys = Vec::new();
-        ks.each_key(|k| keys.push(k)).unwrap();
+        let (keys, _) = ks.keys(None, 100).unwrap();
         assert_eq!(keys, vec![Bytes::from_static(b"a"), Bytes::from_static(b"b")]);
     }
 }

@@ -19,6 +19,7 @@ mod replication;
 mod resp;
 mod shutdown;
 mod streams;
+mod versions;
 
 /// Entry points of the fuzz targets in `fuzz/`, behind the `fuzzing` feature: not an API.
 #[cfg(feature = "fuzzing")]

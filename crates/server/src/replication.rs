@@ -499,6 +499,13 @@ impl Replication {
     }
 
     /// Whether this member leads now (it may learn otherwise at once).
+    /// The term this member leads in, if it leads.
+    pub(crate) fn leader_term(&self) -> Option<u64> {
+        let m = self.member.raft().metrics();
+        let m = m.borrow();
+        (m.current_leader == Some(m.id)).then_some(m.current_term)
+    }
+
     pub(crate) fn is_leader(&self) -> bool {
         let m = self.member.raft().metrics();
         let m = m.borrow();

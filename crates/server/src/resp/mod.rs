@@ -11,11 +11,13 @@ mod args;
 mod cmd;
 mod connection;
 mod glob;
+mod multi;
 mod pipeline;
 mod reply;
 pub(crate) mod request;
 mod session;
 mod table;
+mod view;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -142,6 +144,11 @@ pub(crate) async fn execute_forwarded(
     s.proto = if proto == 3 { 3 } else { 2 };
     s.forwarded = true;
     let mut out = bytes::BytesMut::new();
+    // A transaction or a WATCH of a member's client.
+    if let Some(reply) = multi::forwarded(&ep, &mut s, &args, &stop).await {
+        reply.encode(s.proto, &mut out);
+        return out.to_vec();
+    }
     pipeline::run(&ep, &mut s, &[args], &mut out, &stop).await;
     out.to_vec()
 }

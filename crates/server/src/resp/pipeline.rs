@@ -33,6 +33,7 @@ use super::cmd::streams::{self, Outcome, StreamContext};
 use super::reply::Reply;
 use super::session::{Context, Session};
 use super::table::{self, Command, Handler, APPEND, READONLY, WRITE};
+use super::view::KeyView;
 use super::Endpoint;
 
 /// Appends in flight on one connection from which its appends count as pipelined.
@@ -63,6 +64,10 @@ impl<'a> Item<'a> {
 
     fn is_stream(&self) -> bool {
         self.command.is_some_and(|(_, c)| c.is_stream())
+    }
+
+    fn is_txn(&self) -> bool {
+        self.command.is_some_and(|(_, c)| c.is_txn())
     }
 
     fn is_write(&self) -> bool {
@@ -108,13 +113,20 @@ pub(crate) async fn run(
         if s.quit {
             break;
         }
+        if s.multi.is_some() || first.is_txn() {
+            // Queued, or a transaction command: one at a time.
+            settle(&mut later, s.proto, out).await;
+            super::multi::step(ep, s, first.request, out, stop).await;
+            rest = tail;
+            continue;
+        }
         if first.is_stream() {
             run_stream(ep, s, first, &mut later, out, stop).await;
             rest = tail;
             continue;
         }
         settle(&mut later, s.proto, out).await;
-        let n = 1 + tail.iter().position(Item::is_stream).unwrap_or(tail.len());
+        let n = 1 + tail.iter().position(|it| it.is_stream() || it.is_txn()).unwrap_or(tail.len());
         let (keys, after) = rest.split_at(n);
         run_keys(ep, s, keys, out).await;
         rest = after;
@@ -177,9 +189,14 @@ async fn run_stream(
         max_value: ep.max_request,
         stop: stop.clone(),
     };
+    // A stream write changes its key for WATCH: recorded before and after (it holds no
+    // stripe lock, see `crate::versions`).
+    let touched = super::multi::stream_keys(command, item.request);
+    ep.keys.touch(&touched);
     let t = ep.sample(s);
     let outcome = streams::run(handler, &mut cx, Args::new(command.name, item.request)).await;
     ep.record(index, t);
+    ep.keys.touch(&touched);
     match outcome {
         Outcome::Later(f) => {
             later.push(f);
@@ -209,7 +226,7 @@ async fn run_keys(ep: &Arc<Endpoint>, s: &mut Session, run: &[Item<'_>], out: &m
     let writes = if ep.keys.synced() { run.iter().filter(|it| it.is_write()).count() } else { 0 };
     let start = out.len();
     let ctx = Context {
-        keys: &ep.keys,
+        keys: KeyView::direct(&ep.keys),
         secret: ep.secret.as_deref(),
         max_value: ep.max_request,
         clients: ep.connections.open(),
@@ -287,8 +304,8 @@ async fn run_keys(ep: &Arc<Endpoint>, s: &mut Session, run: &[Item<'_>], out: &m
                 let reply = match command.handler {
                     Handler::Keys(h) => h(&ctx, s, args).unwrap_or_else(|e| e),
                     Handler::Describe => table::describe(args),
-                    // Runs end before stream commands.
-                    Handler::Streams(_) => {
+                    // Runs end before stream and transaction commands.
+                    Handler::Streams(_) | Handler::Txn(_) => {
                         Reply::err(format!("'{}' cannot run here", command.name))
                     }
                 };
@@ -405,7 +422,7 @@ mod tests {
     /// Every key with its value, and every stream's entries.
     async fn contents(ep: &Arc<Endpoint>) -> Vec<u8> {
         let mut all = Vec::new();
-        ep.keys.each_key(|k| all.push(k)).unwrap();
+        KeyView::direct(&ep.keys).each_key(|k| all.push(k)).unwrap();
         let mut dump: Vec<Vec<Bytes>> = Vec::new();
         for k in &all {
             dump.push(vec!["TYPE".into(), k.clone()]);

@@ -23,6 +23,8 @@ pub(crate) enum Reply {
     Array(Vec<Reply>),
     /// A map (RESP3), a flat array of key, value, ... in RESP2.
     Map(Vec<(Reply, Reply)>),
+    /// A reply already encoded for the connection's protocol (by the leader, in a cluster).
+    Raw(Bytes),
 }
 
 impl Reply {
@@ -48,6 +50,7 @@ impl Reply {
                 line(out, b'-', clean.as_bytes());
             }
             Reply::Int(i) => number(out, b':', *i),
+            Reply::Raw(b) => out.put_slice(b),
             Reply::Bulk(b) => {
                 number(out, b'$', b.len());
                 out.put_slice(b);

@@ -3,7 +3,9 @@
 
 use bytes::Bytes;
 
-use crate::keyspace::Keyspace;
+use super::multi::Multi;
+use super::view::KeyView;
+use crate::versions::Watches;
 
 /// Per-connection state the commands read and change.
 #[derive(Debug)]
@@ -26,6 +28,10 @@ pub(crate) struct Session {
     /// A command another member forwarded: never forwarded again (an election in between
     /// could otherwise send it back and forth).
     pub(crate) forwarded: bool,
+    /// Between `MULTI` and `EXEC`/`DISCARD`: the queued commands.
+    pub(crate) multi: Option<Multi>,
+    /// The keys `WATCH`ed (until `EXEC`, `DISCARD` or `UNWATCH`).
+    pub(crate) watches: Watches,
 }
 
 impl Session {
@@ -40,6 +46,8 @@ impl Session {
             commands: 0,
             stale_reads: false,
             forwarded: false,
+            multi: None,
+            watches: Watches::default(),
         }
     }
 }
@@ -47,8 +55,8 @@ impl Session {
 /// What a keyspace command needs besides its arguments.
 #[derive(Debug)]
 pub(crate) struct Context<'a> {
-    /// The keyspace.
-    pub(crate) keys: &'a Keyspace,
+    /// The keyspace (under `EXEC`, with the transaction's writes so far).
+    pub(crate) keys: KeyView<'a>,
     /// The shared secret, if any.
     pub(crate) secret: Option<&'a str>,
     /// The largest value accepted.

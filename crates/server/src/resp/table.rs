@@ -12,6 +12,7 @@ use bytes::Bytes;
 use super::args::Args;
 use super::cmd::streams::StreamCommand as S;
 use super::cmd::{keys, server, R};
+use super::multi::TxnCommand as T;
 use super::reply::Reply;
 use super::session::{Context, Session};
 
@@ -52,6 +53,8 @@ pub(crate) enum Handler {
     Streams(S),
     /// `COMMAND`, which describes this table.
     Describe,
+    /// A transaction command (`MULTI`, `EXEC`...): runs between the runs of other commands.
+    Txn(T),
 }
 
 /// One command.
@@ -75,6 +78,11 @@ impl Command {
     /// Whether it runs as a stream command (ends a run of keyspace commands in a pipeline).
     pub(crate) fn is_stream(&self) -> bool {
         matches!(self.handler, Handler::Streams(_))
+    }
+
+    /// Whether it is a transaction command (ends a run of keyspace commands in a pipeline).
+    pub(crate) fn is_txn(&self) -> bool {
+        matches!(self.handler, Handler::Txn(_))
     }
 
     fn arity_ok(&self, n: usize) -> bool {
@@ -158,6 +166,11 @@ pub(crate) static COMMANDS: &[Command] = &[
     cmd("xack", -4, WRITE, ONE, Handler::Streams(S::Ack)),
     cmd("xpending", -3, READONLY, ONE, Handler::Streams(S::Pending)),
     cmd("xinfo", -2, READONLY, NONE, Handler::Streams(S::Info)),
+    cmd("multi", 1, 0, NONE, Handler::Txn(T::Multi)),
+    cmd("exec", 1, 0, NONE, Handler::Txn(T::Exec)),
+    cmd("discard", 1, 0, NONE, Handler::Txn(T::Discard)),
+    cmd("watch", -2, 0, ALL, Handler::Txn(T::Watch)),
+    cmd("unwatch", 1, 0, NONE, Handler::Txn(T::Unwatch)),
 ];
 
 /// The longest command name (a longer request name is unknown without a search).
