@@ -917,3 +917,109 @@ fn unrepeated_strs(data: &[&str]) -> Vec<String> {
     let pairs: Vec<(u64, String)> = data.iter().map(|d| (0, d.to_string())).collect();
     unrepeated(&pairs)
 }
+
+/// One check-and-set through the member at `port`: WATCH c, read it, then `MULTI SET c <c+1>
+/// INCR n EXEC`. `Ok(true)` if EXEC ran, `Ok(false)` if it was aborted (a watched change or a
+/// leader change), `Err` if a member refused (an election).
+fn check_and_set(port: u16) -> redis::RedisResult<bool> {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}/"))?;
+    let mut con = client.get_connection_with_timeout(Duration::from_secs(5))?;
+    con.set_read_timeout(Some(Duration::from_secs(10)))?;
+    redis::cmd("WATCH").arg("c").query::<()>(&mut con)?;
+    let v: i64 = redis::cmd("GET").arg("c").query::<Option<i64>>(&mut con)?.unwrap_or(0);
+    let r: Option<(i64,)> = redis::pipe()
+        .atomic()
+        .cmd("SET")
+        .arg("c")
+        .arg(v + 1)
+        .ignore()
+        .cmd("INCR")
+        .arg("n")
+        .query(&mut con)?;
+    Ok(r.is_some())
+}
+
+/// What member `i` holds under `key` (READONLY: its own state).
+fn local_get(c: &Cluster, i: usize, key: &str) -> Option<i64> {
+    let mut con = c.node(i).client();
+    redis::cmd("READONLY").query::<()>(&mut con).unwrap();
+    redis::cmd("GET").arg(key).query(&mut con).unwrap()
+}
+
+#[test]
+fn redis_transactions_and_watch_run_on_the_leader_through_any_member() {
+    let mut c = Cluster::three_started();
+    let leader = c.leader();
+
+    // Check-and-set increments through every member at once, each retried until its EXEC runs:
+    // EXEC sets c and increments n in one entry, so c == n unless a watched change was missed
+    // (two transactions both writing c + 1 from the same c).
+    let deadline = Instant::now() + WAIT;
+    std::thread::scope(|scope| {
+        for via in 0..3 {
+            let port = c.node(via).port;
+            scope.spawn(move || {
+                for _ in 0..10 {
+                    loop {
+                        assert!(Instant::now() < deadline, "check-and-set not done in {WAIT:?}");
+                        match check_and_set(port) {
+                            Ok(true) => break,
+                            Ok(false) => {}
+                            Err(e) => eprintln!("member {} refused: {e}", via + 1),
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let both = |con: &mut redis::Connection| {
+        let r: (Option<i64>, Option<i64>) =
+            redis::pipe().atomic().cmd("GET").arg("c").cmd("GET").arg("n").query(con)?;
+        Ok(r)
+    };
+    let (cv, nv) = on_leader(&c, both);
+    assert_eq!(cv, nv, "a watched change was missed");
+    assert!(cv >= Some(30), "{cv:?}");
+
+    // A WATCH through a follower, a write through the leader: EXEC through the follower is nil.
+    let f = c.follower(leader);
+    let mut fcon = c.node(f).client();
+    let _: () = redis::cmd("WATCH").arg("c").query(&mut fcon).unwrap();
+    let _: () = on_leader(&c, |con| redis::cmd("SET").arg("c").arg(-1).query(con));
+    let r: Option<(String,)> =
+        redis::pipe().atomic().cmd("SET").arg("c").arg(0).query(&mut fcon).unwrap();
+    assert_eq!(r, None);
+
+    // A leader change between WATCH and EXEC aborts: versions do not carry across leaders.
+    // (The new leader never wrote `w` itself: its own version of `w` would say unchanged.)
+    let _: () = redis::cmd("WATCH").arg("w").query(&mut fcon).unwrap();
+    let _: () = on_leader(&c, |con| redis::cmd("SET").arg("w").arg(1).query(con));
+    let old = c.leader_now().unwrap();
+    if old == f {
+        // The follower took the lead meanwhile: nothing left to show here.
+        return;
+    }
+    c.kill(old);
+    c.leader();
+    let r: redis::RedisResult<Option<(String,)>> =
+        redis::pipe().atomic().cmd("SET").arg("w").arg(0).query(&mut fcon);
+    match r {
+        Ok(r) => assert_eq!(r, None),
+        Err(e) => assert!(
+            e.to_string().contains("CLUSTERDOWN") || e.to_string().contains("READONLY"),
+            "{e}"
+        ),
+    }
+    assert_eq!(on_leader(&c, |con| redis::cmd("GET").arg("w").query::<i64>(con)), 1);
+
+    // The killed member comes back; every member holds the same c and n.
+    c.start(old);
+    let want = on_leader(&c, both);
+    let deadline = Instant::now() + WAIT;
+    for i in 0..3 {
+        while (local_get(&c, i, "c"), local_get(&c, i, "n")) != want {
+            assert!(Instant::now() < deadline, "member {} did not converge", i + 1);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
