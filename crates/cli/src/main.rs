@@ -1,8 +1,10 @@
-//! `timber`, the command-line client of timberd over gRPC: keys, streams, status, and a load
-//! generator (`bench`). Human output by default, `--json` for scripts; exit code 0 on success,
-//! 1 on errors, 2 on bad usage, 3 when a key or stream does not exist.
+//! `timber`, the command-line client of timberd over gRPC: keys, conditional transactions,
+//! streams, status, and a load generator (`bench`). Human output by default, `--json` for
+//! scripts; exit code 0 on success, 1 on errors, 2 on bad usage, 3 when a key or stream does
+//! not exist, 4 when a transaction's comparisons failed.
 
 mod bench;
+mod txn;
 
 use std::io::Write as _;
 use std::process::ExitCode;
@@ -38,6 +40,22 @@ enum Cmd {
     /// Keys and values.
     #[command(subcommand)]
     Kv(Kv),
+    /// A conditional transaction: if every --if holds, the --then operations run, else the
+    /// --else ones, atomically. Exit code 4 when the --else branch ran.
+    ///
+    /// Example: timber txn --if 'lock missing' --then 'put lock me' --else 'get lock'
+    Txn {
+        /// A comparison: `KEY = VALUE` (or `!=`, `<`, `>`: byte order), `KEY exists`,
+        /// `KEY missing`.
+        #[arg(long = "if", value_name = "COMPARISON")]
+        compare: Vec<String>,
+        /// An operation when every comparison holds: `put KEY VALUE`, `del KEY`, `get KEY`.
+        #[arg(long = "then", value_name = "OPERATION")]
+        success: Vec<String>,
+        /// An operation otherwise.
+        #[arg(long = "else", value_name = "OPERATION")]
+        failure: Vec<String>,
+    },
     /// Log streams.
     #[command(subcommand)]
     Stream(Stream),
@@ -178,7 +196,7 @@ fn main() -> ExitCode {
     };
     let json = cli.json;
     match rt.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             if json {
                 println!("{}", json!({ "error": format!("{e:#}") }));
@@ -194,7 +212,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let opts = Options { timeout: cli.timeout, token: cli.token.clone(), ..Options::default() };
     let client = Client::connect_with(cli.addr.clone(), opts)
         .await
@@ -217,6 +235,56 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .into())
             }
         },
+        Cmd::Txn { compare, success, failure } => {
+            let mut t = timber_client::Txn::new();
+            for c in &compare {
+                t = txn::compare(t, c).map_err(anyhow::Error::msg)?;
+            }
+            for o in &success {
+                t = txn::operation(t, o, true).map_err(anyhow::Error::msg)?;
+            }
+            for o in &failure {
+                t = txn::operation(t, o, false).map_err(anyhow::Error::msg)?;
+            }
+            let done = client.txn(t).await?;
+            let results: Vec<serde_json::Value> = done
+                .results
+                .iter()
+                .map(|r| match r {
+                    timber_client::TxnOpResult::Put => json!({ "put": {} }),
+                    timber_client::TxnOpResult::Delete { existed } => {
+                        json!({ "delete": { "existed": existed } })
+                    }
+                    timber_client::TxnOpResult::Get(v) => {
+                        json!({ "get": { "value": v.as_deref().map(text) } })
+                    }
+                })
+                .collect();
+            if json {
+                writeln!(out, "{}", json!({ "succeeded": done.succeeded, "results": results }))?;
+            } else {
+                writeln!(out, "{}", if done.succeeded { "SUCCESS" } else { "FAILURE" })?;
+                for r in &done.results {
+                    match r {
+                        timber_client::TxnOpResult::Put => writeln!(out, "OK")?,
+                        timber_client::TxnOpResult::Delete { existed: true } => {
+                            writeln!(out, "deleted")?
+                        }
+                        timber_client::TxnOpResult::Delete { existed: false } => {
+                            writeln!(out, "not found")?
+                        }
+                        timber_client::TxnOpResult::Get(Some(v)) => {
+                            out.write_all(v)?;
+                            writeln!(out)?;
+                        }
+                        timber_client::TxnOpResult::Get(None) => writeln!(out, "(nil)")?,
+                    }
+                }
+            }
+            if !done.succeeded {
+                return Ok(ExitCode::from(4));
+            }
+        }
         Cmd::Kv(Kv::Put { key, value, ttl }) => {
             match ttl {
                 Some(t) => client.put_with_ttl(key, value, t).await?,
@@ -441,7 +509,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             bench::run(client, args, json).await?;
         }
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
 
 fn info_json(s: &timber_client::StreamInfo) -> serde_json::Value {

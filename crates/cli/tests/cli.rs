@@ -130,3 +130,24 @@ fn bench_reports_throughput_and_latency() {
     let text = h.ok(&["bench", "--workload", "put", "--duration", "200ms"]);
     assert!(text.contains("ops/s") && text.contains("p99"), "{text}");
 }
+
+#[test]
+fn txn_runs_one_branch_and_exits_4_when_comparisons_fail() {
+    let h = Harness::start();
+    let take =
+        ["txn", "--if", "lock missing", "--then", "put lock me and mine", "--else", "get lock"];
+    assert_eq!(h.ok(&take), "SUCCESS\nOK\n");
+    let o = h.run(&take);
+    assert_eq!(o.status.code(), Some(4), "the comparison failed");
+    assert_eq!(String::from_utf8(o.stdout).unwrap(), "FAILURE\nme and mine\n");
+    let v =
+        h.json(&["txn", "--if", "lock = me and mine", "--then", "del lock", "--then", "get lock"]);
+    assert_eq!(v["succeeded"], true);
+    assert_eq!(v["results"][0]["delete"]["existed"], true);
+    assert_eq!(v["results"][1]["get"]["value"], serde_json::Value::Null);
+    // Bad arguments: an error, exit 1, nothing sent.
+    let o = h.run(&["txn", "--if", "lock ~ x", "--then", "put lock x"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("bad comparison"));
+    assert_eq!(h.run(&["kv", "get", "lock"]).status.code(), Some(3));
+}

@@ -20,6 +20,10 @@
 
 #![deny(clippy::unwrap_used, clippy::indexing_slicing)]
 
+mod txn;
+
+pub use txn::{Cmp, Txn, TxnOpResult, TxnResult};
+
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};

@@ -1,6 +1,7 @@
 //! Calls of a follower's gRPC and HTTP endpoints that the leader runs for it beyond single-key
 //! Redis commands (those go as GET, SET and DEL, `Replication::on_leader`): a page of a
-//! linearizable scan, a batch write, the writes of log streams, and the leader's read index.
+//! linearizable scan, a batch write, a conditional transaction, the writes of log streams, and
+//! the leader's read index.
 //! They travel through the cluster's forward service under their own protocol number, as the
 //! operation's name and its request in protobuf; the reply is `+` and the protobuf response,
 //! or `-` and an error line (for keys, retryable when it starts with `READONLY` or
@@ -25,6 +26,7 @@ pub(crate) const PROTOCOL: u8 = 0;
 const SCAN: &[u8] = b"scan";
 const BATCH_WRITE: &[u8] = b"batch-write";
 const READ_INDEX: &[u8] = b"read-index";
+const TXN: &[u8] = b"txn";
 const LOG_CREATE: &[u8] = b"log-create";
 const LOG_APPEND: &[u8] = b"log-append";
 const LOG_TRUNCATE: &[u8] = b"log-truncate";
@@ -115,6 +117,16 @@ async fn exchange<Req: Message, Resp: Message + Default>(
     })
 }
 
+/// On a member that does not lead: the conditional transaction `t` run by the leader. `None`
+/// on the leader.
+pub(crate) async fn txn(
+    r: &Replication,
+    t: &crate::txn::Txn,
+) -> Option<Result<crate::txn::Outcome, Error>> {
+    let req = crate::grpc::txn_request(t);
+    Some(call::<_, pb::TxnResponse>(r, TXN, &req).await?.map(crate::grpc::txn_outcome))
+}
+
 /// Returns once a read of this member's engines is linearizable: on the leader, once it
 /// confirmed its leadership and applied what was committed; on another member, once it
 /// applied as far as the leader had then (the leader's read index).
@@ -191,6 +203,7 @@ pub(crate) async fn run(engines: Arc<Engines>, args: Vec<Bytes>) -> Vec<u8> {
         SCAN => run_scan(&engines, body).await.map_err(|e| e.to_string()),
         BATCH_WRITE => run_batch(&engines, body).await.map_err(|e| e.to_string()),
         READ_INDEX => run_read_index(&engines).await.map_err(|e| e.to_string()),
+        TXN => run_txn(&engines, body).await.map_err(|e| e.to_string()),
         LOG_CREATE | LOG_APPEND | LOG_TRUNCATE | LOG_DELETE => {
             run_log(&engines, op, body).await.map_err(|e| e.to_line())
         }
@@ -260,6 +273,15 @@ async fn run_scan(engines: &Arc<Engines>, body: &Bytes) -> Result<Vec<u8>, Error
         .map_err(|e| Error::Leader(format!("scan task failed: {e}")))??;
     let items = items.into_iter().map(|(key, value)| pb::KeyValue { key, value }).collect();
     Ok(pb::ScanPage { items }.encode_to_vec())
+}
+
+async fn run_txn(engines: &Arc<Engines>, body: &Bytes) -> Result<Vec<u8>, Error> {
+    let bad = |e: String| Error::Leader(format!("bad transaction: {e}"));
+    let r = pb::TxnRequest::decode(&body[..]).map_err(|e| bad(e.to_string()))?;
+    let t = crate::grpc::txn_of(r).map_err(bad)?;
+    t.check(engines.max_value).map_err(bad)?;
+    let outcome = crate::txn::run_here(engines, t).await?;
+    Ok(crate::grpc::txn_response(outcome).encode_to_vec())
 }
 
 async fn run_batch(engines: &Arc<Engines>, body: &Bytes) -> Result<Vec<u8>, Error> {

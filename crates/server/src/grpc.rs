@@ -22,6 +22,7 @@ use crate::replication::Answer;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::keyspace::{now_ms, Value};
+use crate::txn::{CmpOp, Compare, Op, OpResult, Outcome, Target, Txn};
 use crate::Engines;
 
 type Reply<T> = Result<Response<T>, Status>;
@@ -256,6 +257,125 @@ impl Kv for Service {
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn txn(&self, req: Request<pb::TxnRequest>) -> Reply<pb::TxnResponse> {
+        let t = txn_of(req.into_inner()).map_err(Status::invalid_argument)?;
+        t.check(self.engines.max_value).map_err(Status::invalid_argument)?;
+        let outcome = crate::txn::run(&self.engines, t).await.map_err(key_status)?;
+        Ok(Response::new(txn_response(outcome)))
+    }
+}
+
+/// A transaction from its protobuf form; why not, if a part is empty.
+pub(crate) fn txn_of(r: pb::TxnRequest) -> Result<Txn, String> {
+    use pb::compare::{Op as P, Target as T};
+    let compare = r
+        .compare
+        .into_iter()
+        .map(|c| {
+            let op = match P::try_from(c.op) {
+                Ok(P::Equal) => CmpOp::Equal,
+                Ok(P::NotEqual) => CmpOp::NotEqual,
+                Ok(P::Less) => CmpOp::Less,
+                Ok(P::Greater) => CmpOp::Greater,
+                Err(_) => return Err(format!("unknown comparison operator {}", c.op)),
+            };
+            let target = match c.target {
+                Some(T::Value(v)) => Target::Value(v),
+                Some(T::Exists(e)) => Target::Exists(e),
+                None => return Err("a comparison without a target (value or exists)".into()),
+            };
+            Ok(Compare { key: c.key, op, target })
+        })
+        .collect::<Result<_, _>>()?;
+    let ops = |ops: Vec<pb::TxnOp>| -> Result<Vec<Op>, String> {
+        ops.into_iter()
+            .map(|o| match o.op {
+                Some(pb::txn_op::Op::Put(p)) => {
+                    Ok(Op::Put { key: p.key, value: p.value, ttl_ms: p.ttl_ms })
+                }
+                Some(pb::txn_op::Op::Delete(d)) => Ok(Op::Delete { key: d.key }),
+                Some(pb::txn_op::Op::Get(g)) => Ok(Op::Get { key: g.key }),
+                None => Err("an operation without a kind (put, delete or get)".into()),
+            })
+            .collect()
+    };
+    Ok(Txn { compare, success: ops(r.success)?, failure: ops(r.failure)? })
+}
+
+/// The protobuf form of a transaction (as a member passes it to the leader).
+pub(crate) fn txn_request(t: &Txn) -> pb::TxnRequest {
+    use pb::compare::{Op as P, Target as T};
+    let op = |o: &Op| pb::TxnOp {
+        op: Some(match o {
+            Op::Put { key, value, ttl_ms } => pb::txn_op::Op::Put(pb::PutRequest {
+                key: key.clone(),
+                value: value.clone(),
+                ttl_ms: *ttl_ms,
+            }),
+            Op::Delete { key } => pb::txn_op::Op::Delete(pb::DeleteRequest { key: key.clone() }),
+            Op::Get { key } => {
+                pb::txn_op::Op::Get(pb::GetRequest { key: key.clone(), stale: false })
+            }
+        }),
+    };
+    pb::TxnRequest {
+        compare: t
+            .compare
+            .iter()
+            .map(|c| pb::Compare {
+                key: c.key.clone(),
+                op: match c.op {
+                    CmpOp::Equal => P::Equal,
+                    CmpOp::NotEqual => P::NotEqual,
+                    CmpOp::Less => P::Less,
+                    CmpOp::Greater => P::Greater,
+                } as i32,
+                target: Some(match &c.target {
+                    Target::Value(v) => T::Value(v.clone()),
+                    Target::Exists(e) => T::Exists(*e),
+                }),
+            })
+            .collect(),
+        success: t.success.iter().map(op).collect(),
+        failure: t.failure.iter().map(op).collect(),
+    }
+}
+
+/// The protobuf form of a transaction's outcome.
+pub(crate) fn txn_response(o: Outcome) -> pb::TxnResponse {
+    use pb::txn_op_result::Result as R;
+    pb::TxnResponse {
+        succeeded: o.succeeded,
+        results: o
+            .results
+            .into_iter()
+            .map(|r| pb::TxnOpResult {
+                result: Some(match r {
+                    OpResult::Put => R::Put(pb::PutResponse {}),
+                    OpResult::Delete { existed } => R::Delete(pb::DeleteResponse { existed }),
+                    OpResult::Get { value } => R::Get(pb::GetResponse { value }),
+                }),
+            })
+            .collect(),
+    }
+}
+
+/// A transaction's outcome from its protobuf form (the leader's answer to a member).
+pub(crate) fn txn_outcome(r: pb::TxnResponse) -> Outcome {
+    use pb::txn_op_result::Result as R;
+    Outcome {
+        succeeded: r.succeeded,
+        results: r
+            .results
+            .into_iter()
+            .map(|r| match r.result {
+                Some(R::Put(_)) | None => OpResult::Put,
+                Some(R::Delete(d)) => OpResult::Delete { existed: d.existed },
+                Some(R::Get(g)) => OpResult::Get { value: g.value },
+            })
+            .collect(),
     }
 }
 

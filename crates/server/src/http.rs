@@ -5,6 +5,11 @@
 //! Routes (`{key}` and `{name}` are URL path segments, percent-decoded):
 //! - `GET|PUT|DELETE /v1/kv/{key}`: the value as the raw body; `PUT ?ttl_ms=` sets a deadline.
 //! - `GET /v1/kv?prefix=&start=&end=&limit=`: `{"items": [{"key", "value"}], "more": bool}`.
+//! - `POST /v1/txn`: a conditional transaction (`crate::txn`) from `{"compare": [{"key",
+//!   "op": "equal"|"not_equal"|"less"|"greater", "value" | "exists"}], "success": [ops],
+//!   "failure": [ops]}`, an op being `{"put": {"key", "value", "ttl_ms"?}}`, `{"delete":
+//!   {"key"}}` or `{"get": {"key"}}`; replies `{"succeeded", "results": [{"put": {}} |
+//!   {"delete": {"existed"}} | {"get": {"value"}}]}`.
 //! - `GET|POST /v1/streams`: list; create from `{"name", "retention_ms"?, "retention_bytes"?}`.
 //! - `GET|DELETE /v1/streams/{name}`, `POST /v1/streams/{name}/truncate?before=`.
 //! - `POST /v1/streams/{name}/entries`: the raw body is one entry, or a JSON
@@ -37,6 +42,7 @@ use tokio::sync::watch;
 
 use crate::keyspace::{now_ms, Value};
 use crate::replication::Answer;
+use crate::txn::{CmpOp, Compare, Op, OpResult, Target, Txn};
 use crate::Engines;
 
 #[derive(Clone)]
@@ -134,6 +140,7 @@ pub(crate) async fn serve(
     let v1 = Router::new()
         .route("/kv", get(kv_list))
         .route("/kv/{key}", get(kv_get).put(kv_put).delete(kv_delete))
+        .route("/txn", post(txn))
         .route("/streams", get(streams_list).post(stream_create))
         .route("/streams/{name}", get(stream_info).delete(stream_delete))
         .route("/streams/{name}/truncate", post(stream_truncate))
@@ -370,6 +377,104 @@ async fn kv_list(State(app): State<App>, Query(q): Query<ListQuery>) -> Result<J
         })
         .collect();
     Ok(Json(json!({ "items": items, "more": more })))
+}
+
+async fn txn(State(app): State<App>, Json(body): Json<Json_>) -> Result<Json<Json_>> {
+    let bad = |m: String| Failure(StatusCode::BAD_REQUEST, m);
+    let t = txn_of(&body).map_err(bad)?;
+    t.check(app.engines.max_value).map_err(bad)?;
+    let o = crate::txn::run(&app.engines, t).await.map_err(keys_failed)?;
+    let results: Vec<Json_> = o
+        .results
+        .into_iter()
+        .map(|r| match r {
+            OpResult::Put => json!({ "put": {} }),
+            OpResult::Delete { existed } => json!({ "delete": { "existed": existed } }),
+            OpResult::Get { value: None } => json!({ "get": { "value": null } }),
+            OpResult::Get { value: Some(v) } => {
+                let mut o = serde_json::Map::new();
+                put_bytes(&mut o, "value", &v);
+                json!({ "get": o })
+            }
+        })
+        .collect();
+    Ok(Json(json!({ "succeeded": o.succeeded, "results": results })))
+}
+
+/// The bytes of `field` in `o`: `"<field>"` as text or `"<field>_base64"`.
+fn bytes_of(o: &Json_, field: &str) -> std::result::Result<Option<Bytes>, String> {
+    if let Some(v) = o.get(field) {
+        return match v.as_str() {
+            Some(s) => Ok(Some(Bytes::copy_from_slice(s.as_bytes()))),
+            None => Err(format!("\"{field}\" must be a string")),
+        };
+    }
+    match o.get(format!("{field}_base64")) {
+        None => Ok(None),
+        Some(v) => {
+            let s = v.as_str().ok_or_else(|| format!("\"{field}_base64\" must be a string"))?;
+            let b = base64::engine::general_purpose::STANDARD
+                .decode(s)
+                .map_err(|e| format!("\"{field}_base64\": {e}"))?;
+            Ok(Some(Bytes::from(b)))
+        }
+    }
+}
+
+/// A conditional transaction from its JSON form.
+fn txn_of(body: &Json_) -> std::result::Result<Txn, String> {
+    let key = |o: &Json_| bytes_of(o, "key")?.ok_or_else(|| "a part without \"key\"".to_string());
+    let list = |name: &str| -> std::result::Result<Vec<Json_>, String> {
+        match body.get(name) {
+            None => Ok(Vec::new()),
+            Some(Json_::Array(a)) => Ok(a.clone()),
+            Some(_) => Err(format!("\"{name}\" must be an array")),
+        }
+    };
+    let compare = list("compare")?
+        .iter()
+        .map(|c| {
+            let op = match c.get("op").map(|o| o.as_str()) {
+                None | Some(Some("equal")) => CmpOp::Equal,
+                Some(Some("not_equal")) => CmpOp::NotEqual,
+                Some(Some("less")) => CmpOp::Less,
+                Some(Some("greater")) => CmpOp::Greater,
+                Some(other) => return Err(format!("unknown comparison operator {other:?}")),
+            };
+            let target = match (bytes_of(c, "value")?, c.get("exists")) {
+                (Some(v), None) => Target::Value(v),
+                (None, Some(Json_::Bool(e))) => Target::Exists(*e),
+                _ => {
+                    return Err(
+                        "a comparison needs one of \"value\" and \"exists\" (a boolean)".into()
+                    )
+                }
+            };
+            Ok(Compare { key: key(c)?, op, target })
+        })
+        .collect::<std::result::Result<_, String>>()?;
+    let ops = |name: &str| -> std::result::Result<Vec<Op>, String> {
+        list(name)?
+            .iter()
+            .map(|o| {
+                if let Some(p) = o.get("put") {
+                    let value = bytes_of(p, "value")?.ok_or("a put without \"value\"")?;
+                    let ttl_ms = match p.get("ttl_ms") {
+                        None | Some(Json_::Null) => None,
+                        Some(t) => Some(t.as_u64().ok_or("\"ttl_ms\" must be a whole number")?),
+                    };
+                    Ok(Op::Put { key: key(p)?, value, ttl_ms })
+                } else if let Some(d) = o.get("delete") {
+                    Ok(Op::Delete { key: key(d)? })
+                } else if let Some(g) = o.get("get") {
+                    Ok(Op::Get { key: key(g)? })
+                } else {
+                    Err("an operation is one of \"put\", \"delete\" and \"get\"".to_string())
+                }
+            })
+            .collect()
+    };
+    Ok(Txn { compare, success: ops("success")?, failure: ops("failure")? })
 }
 
 fn info_json(s: &timber_stream::StreamInfo) -> Json_ {

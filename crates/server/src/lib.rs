@@ -19,7 +19,9 @@ mod replication;
 mod resp;
 mod shutdown;
 mod streams;
+mod txn;
 mod versions;
+mod view;
 
 /// Entry points of the fuzz targets in `fuzz/`, behind the `fuzzing` feature: not an API.
 #[cfg(feature = "fuzzing")]

@@ -947,7 +947,7 @@ fn local_get(c: &Cluster, i: usize, key: &str) -> Option<i64> {
 }
 
 #[test]
-fn redis_transactions_and_watch_run_on_the_leader_through_any_member() {
+fn redis_and_conditional_transactions_run_on_the_leader_through_any_member() {
     let mut c = Cluster::three_started();
     let leader = c.leader();
 
@@ -981,8 +981,34 @@ fn redis_transactions_and_watch_run_on_the_leader_through_any_member() {
     assert_eq!(cv, nv, "a watched change was missed");
     assert!(cv >= Some(30), "{cv:?}");
 
-    // A WATCH through a follower, a write through the leader: EXEC through the follower is nil.
+    // Conditional transactions (gRPC) through a follower run on the leader. Each is written so
+    // that a retry after an election (of one that had committed) reaches the same state.
     let f = c.follower(leader);
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        use timber_client::{Cmp, Txn, TxnOpResult};
+        let fc = c.node(f).grpc().await;
+        let step = |old: Option<&'static str>, new: &'static str| {
+            let t = match old {
+                Some(old) => Txn::new().when_value("g", Cmp::Equal, old),
+                None => Txn::new().when_exists("g", false),
+            };
+            t.then_put("g", new).else_get("g")
+        };
+        for (old, new) in [(None, "1"), (Some("1"), "2")] {
+            let done = again(|| fc.txn(step(old, new))).await.unwrap();
+            if !done.succeeded {
+                assert_eq!(done.results, [TxnOpResult::Get(Some(new.into()))], "a retry");
+            }
+        }
+        let done = again(|| fc.txn(step(Some("1"), "3"))).await.unwrap();
+        assert!(!done.succeeded);
+        assert_eq!(done.results, [TxnOpResult::Get(Some("2".into()))]);
+    });
+    drop(rt);
+
+    // A WATCH through a follower, a write through the leader: EXEC through the follower is nil.
     let mut fcon = c.node(f).client();
     let _: () = redis::cmd("WATCH").arg("c").query(&mut fcon).unwrap();
     let _: () = on_leader(&c, |con| redis::cmd("SET").arg("c").arg(-1).query(con));

@@ -434,3 +434,115 @@ async fn idle_connections_are_closed_on_every_endpoint() {
     c.put("k", "v").await.unwrap();
     assert_eq!(c.get("k").await.unwrap(), Some(Bytes::from("v")));
 }
+
+/// Conditional transactions through gRPC (timber-client) and HTTP: compare-and-swap,
+/// create-if-absent, operations seeing earlier writes, bad requests refused with nothing
+/// written, and concurrent compare-and-swap increments losing nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn conditional_transactions_through_grpc_and_http() {
+    use timber_client::{Cmp, Txn, TxnOpResult};
+    let dir = tempfile::tempdir().unwrap();
+    let t = Timberd::start(dir.path(), &["--max-request-bytes", "65536"]);
+    let c = t.grpc().await;
+    c.put("k", "v1").await.unwrap();
+    let cas = |old: &str, new: &str| {
+        Txn::new()
+            .when_value("k", Cmp::Equal, old.to_string())
+            .then_put("k", new.to_string())
+            .then_get("k")
+            .else_get("k")
+    };
+    let done = c.txn(cas("v1", "v2")).await.unwrap();
+    assert!(done.succeeded);
+    assert_eq!(done.results, [TxnOpResult::Put, TxnOpResult::Get(Some("v2".into()))]);
+    let done = c.txn(cas("v1", "v3")).await.unwrap();
+    assert!(!done.succeeded);
+    assert_eq!(done.results, [TxnOpResult::Get(Some("v2".into()))]);
+    assert!(c.compare_and_swap("lock", None, "me").await.unwrap());
+    assert!(!c.compare_and_swap("lock", None, "you").await.unwrap());
+    assert!(c.compare_and_swap("lock", Some("me".into()), "you").await.unwrap());
+    // The same key from RESP.
+    assert_eq!(cmd("GET").arg("lock").query::<String>(&mut t.client()).unwrap(), "you");
+    let done = c
+        .txn(
+            Txn::new()
+                .when_exists("lock", true)
+                .when_value("k", Cmp::Greater, "v1")
+                .then_delete("lock")
+                .then_get("lock"),
+        )
+        .await
+        .unwrap();
+    assert!(done.succeeded);
+    assert_eq!(done.results, [TxnOpResult::Delete { existed: true }, TxnOpResult::Get(None)]);
+
+    // Bad requests: refused, nothing written.
+    let e = c.txn(Txn::new().then_put("k", vec![0u8; 70_000])).await.unwrap_err();
+    assert_eq!(e.code(), Some(Code::InvalidArgument), "{e}");
+    assert_eq!(c.get("k").await.unwrap(), Some(Bytes::from("v2")));
+
+    // HTTP: the same transaction as JSON.
+    let http_client = reqwest::Client::new();
+    let post = |body: serde_json::Value| {
+        let req = http_client.post(http(&t, "/v1/txn")).json(&body);
+        async move {
+            let r = req.send().await.unwrap();
+            (r.status().as_u16(), r.json::<serde_json::Value>().await.unwrap())
+        }
+    };
+    let (status, body) = post(serde_json::json!({
+        "compare": [{"key": "k", "op": "equal", "value": "v2"}, {"key": "nope", "exists": false}],
+        "success": [{"put": {"key": "k", "value_base64": "/w=="}}, {"get": {"key": "k"}}, {"delete": {"key": "nope"}}],
+        "failure": [{"get": {"key": "k"}}],
+    }))
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["succeeded"], true);
+    assert_eq!(body["results"][1]["get"]["value_base64"], "/w==");
+    assert_eq!(body["results"][2]["delete"]["existed"], false);
+    assert_eq!(c.get("k").await.unwrap(), Some(Bytes::from_static(&[0xff])));
+    let (status, body) = post(serde_json::json!({
+        "compare": [{"key": "k", "op": "equal", "value": "v2"}],
+        "failure": [{"get": {"key": "missing"}}],
+    }))
+    .await;
+    assert_eq!((status, &body["succeeded"]), (200, &serde_json::json!(false)));
+    assert_eq!(body["results"][0]["get"]["value"], serde_json::Value::Null);
+    for bad in [
+        serde_json::json!({"compare": [{"key": "k", "op": "sideways", "value": "x"}]}),
+        serde_json::json!({"compare": [{"key": "k"}]}),
+        serde_json::json!({"compare": [{"key": "k", "op": "less", "exists": true}]}),
+        serde_json::json!({"success": [{"put": {"key": "k"}}]}),
+        serde_json::json!({"success": [{"frobnicate": {"key": "k"}}]}),
+        serde_json::json!({"success": "put"}),
+    ] {
+        let (status, body) = post(bad.clone()).await;
+        assert_eq!(status, 400, "{bad}: {body}");
+        assert!(body["error"].is_string(), "{body}");
+    }
+    assert_eq!(c.get("k").await.unwrap(), Some(Bytes::from_static(&[0xff])));
+
+    // Compare-and-swap increments from many tasks at once: each retried until it lands.
+    c.put("n", "0").await.unwrap();
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let c = c.clone();
+            tokio::spawn(async move {
+                for _ in 0..25 {
+                    loop {
+                        let cur = c.get("n").await.unwrap().unwrap();
+                        let next = (std::str::from_utf8(&cur).unwrap().parse::<u64>().unwrap() + 1)
+                            .to_string();
+                        if c.compare_and_swap("n", Some(cur), next).await.unwrap() {
+                            break;
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    assert_eq!(c.get("n").await.unwrap(), Some(Bytes::from("200")));
+}

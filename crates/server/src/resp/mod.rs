@@ -17,7 +17,6 @@ mod reply;
 pub(crate) mod request;
 mod session;
 mod table;
-mod view;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

@@ -30,9 +30,9 @@ use super::cmd::streams::{self, Outcome, StreamContext};
 use super::reply::Reply;
 use super::session::{Context, Session};
 use super::table::{self, Command, Handler, BLOCKING, READONLY, WRITE};
-use super::view::{KeyView, Pending};
 use super::Endpoint;
 use crate::versions::Watches;
+use crate::view::{KeyView, Pending};
 
 /// The most commands one transaction queues.
 const MAX_QUEUED: usize = 100_000;

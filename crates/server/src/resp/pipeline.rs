@@ -33,8 +33,8 @@ use super::cmd::streams::{self, Outcome, StreamContext};
 use super::reply::Reply;
 use super::session::{Context, Session};
 use super::table::{self, Command, Handler, APPEND, READONLY, WRITE};
-use super::view::KeyView;
 use super::Endpoint;
+use crate::view::KeyView;
 
 /// Appends in flight on one connection from which its appends count as pipelined.
 const PIPELINED_APPENDS: usize = 3;

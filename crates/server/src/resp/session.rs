@@ -4,8 +4,8 @@
 use bytes::Bytes;
 
 use super::multi::Multi;
-use super::view::KeyView;
 use crate::versions::Watches;
+use crate::view::KeyView;
 
 /// Per-connection state the commands read and change.
 #[derive(Debug)]

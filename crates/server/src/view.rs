@@ -1,11 +1,12 @@
-//! `KeyView`: the keyspace as the keyspace commands see it. Outside a transaction it is the
-//! keyspace itself; inside `EXEC` it is the keyspace with the transaction's writes so far laid
-//! over it ([`Pending`]): reads see them, writes add to them, and nothing reaches the engine
-//! until `EXEC` commits them as one batch (in a cluster, one Raft entry).
+//! `KeyView`: the keyspace as a command sees it. Outside a transaction it is the keyspace
+//! itself; inside a Redis `EXEC` or a conditional transaction (`crate::txn`) it is the
+//! keyspace with the transaction's writes so far laid over it ([`Pending`]): reads see them,
+//! writes add to them, and nothing reaches the engine until the transaction commits them as
+//! one batch (in a cluster, one Raft entry).
 //!
-//! Invariant: under `EXEC` the view takes no stripe lock itself (`EXEC` holds the locks of every
-//! key its commands name, or all of them), so a command sees no other client's write between
-//! its read and its write, and no client sees part of the transaction.
+//! Invariant: over pending writes the view takes no stripe lock itself (the transaction holds
+//! the locks of every key it names, or all of them), so a command sees no other client's
+//! write between its read and its write, and no client sees part of the transaction.
 
 use std::collections::BTreeMap;
 
