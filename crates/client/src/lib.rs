@@ -20,8 +20,10 @@
 
 #![deny(clippy::unwrap_used, clippy::indexing_slicing)]
 
+mod transaction;
 mod txn;
 
+pub use transaction::{Isolation, Transaction, TxnOptions};
 pub use txn::{Cmp, Txn, TxnOpResult, TxnResult};
 
 use std::future::Future;

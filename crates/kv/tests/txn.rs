@@ -675,3 +675,32 @@ fn a_pessimistic_snapshot_write_after_a_scan_is_checked_from_the_scan() {
     assert!(is_conflict(t1.commit()));
     assert_eq!(db.get("item/x").unwrap().unwrap(), "5");
 }
+
+/// `commit_with` validates as `commit` does, then hands the writes to the caller (who writes
+/// them itself, as a replicated log does), and ends the transaction either way.
+#[test]
+fn commit_with_validates_then_hands_over_the_writes() {
+    let (_d, db) = db();
+    db.put("a", "0").unwrap();
+    let mut t = db.transaction(TxnOptions::isolation(Isolation::Serializable));
+    assert_eq!(num(t.get("a").unwrap()), 0);
+    t.put("b", "1").unwrap();
+    t.delete("c").unwrap();
+    assert_eq!(t.written_keys().collect::<Vec<_>>(), [&Bytes::from("b"), &Bytes::from("c")]);
+    assert_eq!(t.read_keys().collect::<Vec<_>>(), [&Bytes::from("a")]);
+    let r = t.commit_with(|batch| {
+        let ops: Vec<_> = batch.iter().map(|(k, v)| (k.to_vec(), v.map(<[u8]>::to_vec))).collect();
+        assert_eq!(ops, [(b"b".to_vec(), Some(b"1".to_vec())), (b"c".to_vec(), None)]);
+        db.write(batch).map_err(|e| e.to_string())
+    });
+    assert_eq!(r.unwrap(), Ok(()));
+    assert_eq!(num(db.get("b").unwrap()), 1);
+
+    // A key it read, written since: a conflict, and `write` is not called.
+    let mut t = db.transaction(TxnOptions::isolation(Isolation::Serializable));
+    t.get("a").unwrap();
+    t.put("b", "2").unwrap();
+    db.put("a", "9").unwrap();
+    assert!(is_conflict(t.commit_with(|_| -> Result<(), ()> { panic!("must not write") })));
+    assert_eq!(num(db.get("b").unwrap()), 1);
+}

@@ -1,7 +1,7 @@
 //! Calls of a follower's gRPC and HTTP endpoints that the leader runs for it beyond single-key
 //! Redis commands (those go as GET, SET and DEL, `Replication::on_leader`): a page of a
-//! linearizable scan, a batch write, a conditional transaction, the writes of log streams, and
-//! the leader's read index.
+//! linearizable scan, a batch write, a conditional transaction, the calls of interactive
+//! transactions, the writes of log streams, and the leader's read index.
 //! They travel through the cluster's forward service under their own protocol number, as the
 //! operation's name and its request in protobuf; the reply is `+` and the protobuf response,
 //! or `-` and an error line (for keys, retryable when it starts with `READONLY` or
@@ -27,6 +27,7 @@ const SCAN: &[u8] = b"scan";
 const BATCH_WRITE: &[u8] = b"batch-write";
 const READ_INDEX: &[u8] = b"read-index";
 const TXN: &[u8] = b"txn";
+const TXN_CALL: &[u8] = b"txn-call";
 const LOG_CREATE: &[u8] = b"log-create";
 const LOG_APPEND: &[u8] = b"log-append";
 const LOG_TRUNCATE: &[u8] = b"log-truncate";
@@ -127,6 +128,22 @@ pub(crate) async fn txn(
     Some(call::<_, pb::TxnResponse>(r, TXN, &req).await?.map(crate::grpc::txn_outcome))
 }
 
+/// On a member that does not lead: a call of an interactive transaction run by the leader (the
+/// leader's error line keeps its code). `None` on the leader.
+pub(crate) async fn txn_call(
+    r: &Replication,
+    call: pb::txn_call::Call,
+) -> Option<Result<pb::txn_reply::Reply, crate::open_txns::Error>> {
+    use crate::open_txns::Error as E;
+    let req = pb::TxnCall { call: Some(call) };
+    Some(match exchange::<_, pb::TxnReply>(r, TXN_CALL, &req).await? {
+        Ok(Ok(pb::TxnReply { reply: Some(reply) })) => Ok(reply),
+        Ok(Ok(_)) => Err(E::Internal("an empty reply from the leader".into())),
+        Ok(Err(line)) => Err(E::of_line(&line)),
+        Err(e) => Err(e.into()),
+    })
+}
+
 /// Returns once a read of this member's engines is linearizable: on the leader, once it
 /// confirmed its leadership and applied what was committed; on another member, once it
 /// applied as far as the leader had then (the leader's read index).
@@ -204,6 +221,7 @@ pub(crate) async fn run(engines: Arc<Engines>, args: Vec<Bytes>) -> Vec<u8> {
         BATCH_WRITE => run_batch(&engines, body).await.map_err(|e| e.to_string()),
         READ_INDEX => run_read_index(&engines).await.map_err(|e| e.to_string()),
         TXN => run_txn(&engines, body).await.map_err(|e| e.to_string()),
+        TXN_CALL => run_txn_call(&engines, body).await.map_err(|e| e.to_string()),
         LOG_CREATE | LOG_APPEND | LOG_TRUNCATE | LOG_DELETE => {
             run_log(&engines, op, body).await.map_err(|e| e.to_line())
         }
@@ -282,6 +300,17 @@ async fn run_txn(engines: &Arc<Engines>, body: &Bytes) -> Result<Vec<u8>, Error>
     t.check(engines.max_value).map_err(bad)?;
     let outcome = crate::txn::run_here(engines, t).await?;
     Ok(crate::grpc::txn_response(outcome).encode_to_vec())
+}
+
+async fn run_txn_call(
+    engines: &Arc<Engines>,
+    body: &Bytes,
+) -> Result<Vec<u8>, crate::open_txns::Error> {
+    use crate::open_txns::Error as E;
+    let r = pb::TxnCall::decode(&body[..]).map_err(|e| E::Invalid(e.to_string()))?;
+    let call = r.call.ok_or_else(|| E::Invalid("an empty transaction call".into()))?;
+    let reply = crate::open_txns::call_here(engines, call).await?;
+    Ok(pb::TxnReply { reply: Some(reply) }.encode_to_vec())
 }
 
 async fn run_batch(engines: &Arc<Engines>, body: &Bytes) -> Result<Vec<u8>, Error> {

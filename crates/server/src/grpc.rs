@@ -14,6 +14,7 @@ use timber_proto::v1 as pb;
 use timber_proto::v1::admin_server::{Admin, AdminServer};
 use timber_proto::v1::kv_server::{Kv, KvServer};
 use timber_proto::v1::streams_server::{Streams, StreamsServer};
+use timber_proto::v1::transactions_server::{Transactions, TransactionsServer};
 use timber_stream::{Start, StreamConfig};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -264,6 +265,83 @@ impl Kv for Service {
         t.check(self.engines.max_value).map_err(Status::invalid_argument)?;
         let outcome = crate::txn::run(&self.engines, t).await.map_err(key_status)?;
         Ok(Response::new(txn_response(outcome)))
+    }
+}
+
+/// The status of a failed call of an interactive transaction.
+fn txn_status(e: crate::open_txns::Error) -> Status {
+    use crate::open_txns::Error as E;
+    match e {
+        E::Aborted(m) => Status::aborted(m),
+        E::Invalid(m) => Status::invalid_argument(m),
+        E::Unavailable(m) => Status::unavailable(m),
+        E::Internal(m) => Status::internal(m),
+    }
+}
+
+impl Service {
+    /// Runs a call of an interactive transaction.
+    async fn txn_call(&self, call: pb::txn_call::Call) -> Result<pb::txn_reply::Reply, Status> {
+        crate::open_txns::call(&self.engines, call).await.map_err(txn_status)
+    }
+}
+
+/// A reply of another kind than the call's (from a leader of another version).
+fn mismatched() -> Status {
+    Status::internal("a transaction reply of the wrong kind")
+}
+
+#[tonic::async_trait]
+impl Transactions for Service {
+    async fn begin(&self, req: Request<pb::BeginRequest>) -> Reply<pb::BeginResponse> {
+        match self.txn_call(pb::txn_call::Call::Begin(req.into_inner())).await? {
+            pb::txn_reply::Reply::Begin(r) => Ok(Response::new(r)),
+            _ => Err(mismatched()),
+        }
+    }
+
+    async fn get(&self, req: Request<pb::TxnGetRequest>) -> Reply<pb::GetResponse> {
+        match self.txn_call(pb::txn_call::Call::Get(req.into_inner())).await? {
+            pb::txn_reply::Reply::Get(r) => Ok(Response::new(r)),
+            _ => Err(mismatched()),
+        }
+    }
+
+    async fn put(&self, req: Request<pb::TxnPutRequest>) -> Reply<pb::PutResponse> {
+        let r = req.into_inner();
+        self.check_size(r.value.len())?;
+        match self.txn_call(pb::txn_call::Call::Put(r)).await? {
+            pb::txn_reply::Reply::Put(r) => Ok(Response::new(r)),
+            _ => Err(mismatched()),
+        }
+    }
+
+    async fn delete(&self, req: Request<pb::TxnDeleteRequest>) -> Reply<pb::DeleteResponse> {
+        match self.txn_call(pb::txn_call::Call::Delete(req.into_inner())).await? {
+            pb::txn_reply::Reply::Delete(r) => Ok(Response::new(r)),
+            _ => Err(mismatched()),
+        }
+    }
+
+    async fn scan(&self, req: Request<pb::TxnScanRequest>) -> Reply<pb::ScanPage> {
+        match self.txn_call(pb::txn_call::Call::Scan(req.into_inner())).await? {
+            pb::txn_reply::Reply::Scan(r) => Ok(Response::new(r)),
+            _ => Err(mismatched()),
+        }
+    }
+
+    async fn commit(&self, req: Request<pb::TxnRef>) -> Reply<pb::CommitResponse> {
+        match self.txn_call(pb::txn_call::Call::Commit(req.into_inner())).await? {
+            pb::txn_reply::Reply::Commit(r) => Ok(Response::new(r)),
+            _ => Err(mismatched()),
+        }
+    }
+
+    async fn rollback(&self, req: Request<pb::TxnRef>) -> Reply<pb::RollbackResponse> {
+        match self.txn_call(pb::txn_call::Call::Rollback(req.into_inner())).await? {
+            pb::txn_reply::Reply::Rollback(r) => Ok(Response::new(r)),
+            _ => Err(mismatched()),
+        }
     }
 }
 
@@ -753,6 +831,9 @@ pub(crate) async fn serve(
     let streams = StreamsServer::new(svc.clone())
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
+    let txns = TransactionsServer::new(svc.clone())
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
     let admin = AdminServer::new(svc);
     let mut stopping = stop.clone();
     let incoming =
@@ -765,6 +846,7 @@ pub(crate) async fn serve(
         .layer(tower::layer::layer_fn(|inner| Measured { inner }))
         .add_service(tonic::service::interceptor::InterceptedService::new(kv, auth.clone()))
         .add_service(tonic::service::interceptor::InterceptedService::new(streams, auth.clone()))
+        .add_service(tonic::service::interceptor::InterceptedService::new(txns, auth.clone()))
         .add_service(tonic::service::interceptor::InterceptedService::new(admin, auth))
         .serve_with_incoming_shutdown(incoming, async move {
             crate::shutdown::stopped(&mut stopping).await;

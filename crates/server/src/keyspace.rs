@@ -108,7 +108,7 @@ pub(crate) fn data_key(key: &[u8]) -> Vec<u8> {
     k
 }
 
-fn index_key(at: u64, key: &[u8]) -> Vec<u8> {
+pub(crate) fn index_key(at: u64, key: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(key.len() + 9);
     k.push(INDEX);
     k.extend_from_slice(&at.to_be_bytes());
@@ -443,6 +443,15 @@ impl Keyspace {
     /// await [`Keyspace::durable`] before acknowledging).
     pub(crate) fn durability(&self) -> Durability {
         self.durability
+    }
+
+    /// A value as stored under its data key.
+    pub(crate) fn encoded(v: &Value) -> Vec<u8> {
+        let mut out = Vec::with_capacity(9 + v.data.len());
+        out.push(v.kind as u8);
+        out.extend_from_slice(&v.expire_at.unwrap_or(0).to_le_bytes());
+        out.extend_from_slice(&v.data);
+        out
     }
 
     pub(crate) fn put_into(b: &mut WriteBatch, key: &[u8], v: &Value) {

@@ -15,6 +15,7 @@ mod idle;
 mod keyspace;
 mod limit;
 mod logs;
+mod open_txns;
 mod replication;
 mod resp;
 mod shutdown;
@@ -96,6 +97,8 @@ pub(crate) struct Engines {
     pub connections: Arc<limit::Connections>,
     /// Idle connections are closed after this long.
     pub idle: Option<Duration>,
+    /// Interactive transactions of the gRPC and HTTP endpoints.
+    pub txns: open_txns::OpenTxns,
 }
 
 /// A running server.
@@ -277,6 +280,7 @@ impl Server {
             stream_store: cfg.stream_store.clone(),
             connections: limit::Connections::new(cfg.max_connections),
             idle: cfg.idle_timeout,
+            txns: open_txns::OpenTxns::new(open_txns::IDLE),
         });
         let resp_listener = bind(cfg.resp_addr, "resp-addr").await?;
         let grpc_listener = bind(cfg.grpc_addr, "grpc-addr").await?;
@@ -373,6 +377,12 @@ async fn sweep(engines: Arc<Engines>, mut stop: watch::Receiver<bool>) {
             }
             if n > 0 {
                 tracing::debug!(writers = n, "closed idle stream writers");
+            }
+        }
+        if round.is_multiple_of(10) {
+            let n = engines.txns.reap();
+            if n > 0 {
+                tracing::debug!(transactions = n, "rolled back idle transactions");
             }
         }
         tokio::select! {

@@ -546,3 +546,116 @@ async fn conditional_transactions_through_grpc_and_http() {
     }
     assert_eq!(c.get("n").await.unwrap(), Some(Bytes::from("200")));
 }
+
+/// Interactive transactions through gRPC (timber-client): own writes, commit and rollback,
+/// conflicts with other transactions and with plain writes (RESP) as aborts, pessimistic lock
+/// waits, WATCH seeing their commits, and concurrent transfers through `transact` keeping
+/// the total.
+#[tokio::test(flavor = "multi_thread")]
+async fn interactive_transactions_through_grpc() {
+    use timber_client::{Isolation, TxnOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let t = Timberd::start(dir.path(), &[]);
+    let c = t.grpc().await;
+    let ser = TxnOptions::new(Isolation::Serializable);
+    c.put("a", "1").await.unwrap();
+
+    let tx = c.begin(ser).await.unwrap();
+    assert_eq!(tx.get("a").await.unwrap(), Some(Bytes::from("1")));
+    tx.put("b", "2").await.unwrap();
+    assert!(tx.delete("a").await.unwrap());
+    assert_eq!(tx.get("a").await.unwrap(), None);
+    let seen = tx.scan(Scan::default()).await.unwrap();
+    assert_eq!(seen, [(Bytes::from("b"), Bytes::from("2"))]);
+    assert_eq!(c.get("b").await.unwrap(), None, "nothing visible before commit");
+    tx.commit().await.unwrap();
+    assert_eq!(c.get("a").await.unwrap(), None);
+    assert_eq!(cmd("GET").arg("b").query::<String>(&mut t.client()).unwrap(), "2");
+    // Over: any further call is an abort.
+    assert_eq!(tx.get("b").await.unwrap_err().code(), Some(Code::Aborted));
+
+    let tx = c.begin(ser).await.unwrap();
+    tx.put("b", "lost").await.unwrap();
+    assert!(tx.rollback().await.unwrap());
+    assert_eq!(c.get("b").await.unwrap(), Some(Bytes::from("2")));
+
+    // Write skew between two serializable transactions: one of them aborts.
+    c.put("x", "1").await.unwrap();
+    c.put("y", "1").await.unwrap();
+    let (t1, t2) = (c.begin(ser).await.unwrap(), c.begin(ser).await.unwrap());
+    for (tx, write) in [(&t1, "x"), (&t2, "y")] {
+        assert_eq!(tx.get("x").await.unwrap(), Some(Bytes::from("1")));
+        assert_eq!(tx.get("y").await.unwrap(), Some(Bytes::from("1")));
+        tx.put(write, "0").await.unwrap();
+    }
+    t1.commit().await.unwrap();
+    assert!(t2.commit().await.unwrap_err().is_conflict());
+
+    // A plain write (RESP INCR) of a key it read aborts it too, and WATCH sees its commit.
+    let tx = c.begin(ser).await.unwrap();
+    tx.get("n").await.unwrap();
+    tx.put("m", "1").await.unwrap();
+    let mut r = t.client();
+    let _: i64 = cmd("INCR").arg("n").query(&mut r).unwrap();
+    assert!(tx.commit().await.unwrap_err().is_conflict());
+    assert_eq!(c.get("m").await.unwrap(), None);
+    let _: () = cmd("WATCH").arg("m").query(&mut r).unwrap();
+    let tx = c.begin(ser).await.unwrap();
+    tx.put("m", "2").await.unwrap();
+    tx.commit().await.unwrap();
+    let exec: Option<(String,)> =
+        redis::pipe().atomic().cmd("SET").arg("m").arg("3").query(&mut r).unwrap();
+    assert_eq!(exec, None, "EXEC must see the transaction's write of a watched key");
+
+    // Pessimistic: a key locked by one waits the other out, which then aborts.
+    let opts = TxnOptions {
+        lock_timeout: Some(Duration::from_millis(100)),
+        ..TxnOptions::pessimistic(Isolation::Snapshot)
+    };
+    let (p1, p2) = (c.begin(opts).await.unwrap(), c.begin(opts).await.unwrap());
+    p1.get_for_update("lockme").await.unwrap();
+    assert_eq!(p2.put("lockme", "2").await.unwrap_err().code(), Some(Code::Aborted));
+    p1.put("lockme", "1").await.unwrap();
+    p1.commit().await.unwrap();
+
+    // Transfers between accounts from many tasks at once, retried on conflicts: the total
+    // stays, and every transfer lands once.
+    for i in 0..5 {
+        c.put(format!("acct/{i}"), "100").await.unwrap();
+    }
+    let tasks: Vec<_> = (0..6u64)
+        .map(|n| {
+            let c = c.clone();
+            tokio::spawn(async move {
+                for k in 0..10u64 {
+                    let (from, to) =
+                        (format!("acct/{}", (n + k) % 5), format!("acct/{}", (n + k + 1) % 5));
+                    c.transact(TxnOptions::new(Isolation::Snapshot), |t| {
+                        let (from, to) = (from.clone(), to.clone());
+                        async move {
+                            let num = |v: Option<Bytes>| -> i64 {
+                                std::str::from_utf8(&v.unwrap()).unwrap().parse().unwrap()
+                            };
+                            let a = num(t.get_for_update(from.clone()).await?);
+                            let b = num(t.get_for_update(to.clone()).await?);
+                            t.put(from, (a - 1).to_string()).await?;
+                            t.put(to, (b + 1).to_string()).await?;
+                            let done = t.get("transfers").await?.map_or(0, |v| num(Some(v)));
+                            t.put("transfers", (done + 1).to_string()).await
+                        }
+                    })
+                    .await
+                    .unwrap();
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let all = c.scan(Scan { prefix: "acct/".into(), ..Scan::default() }).await.unwrap();
+    let total: i64 =
+        all.iter().map(|(_, v)| std::str::from_utf8(v).unwrap().parse::<i64>().unwrap()).sum();
+    assert_eq!(total, 500);
+    assert_eq!(c.get("transfers").await.unwrap(), Some(Bytes::from("60")));
+}

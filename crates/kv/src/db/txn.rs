@@ -351,42 +351,9 @@ impl Transaction {
     pub fn commit(mut self) -> Result<u64> {
         self.check_open()?;
         self.open = false;
-        let mut batch = WriteBatch::new();
-        for (k, w) in &self.writes {
-            match w {
-                Some(v) => batch.put(k, v),
-                None => batch.delete(k),
-            };
-        }
-        let (start, isolation) = (self.start, self.opts.isolation);
-        let (writes, reads, locked) = (&self.writes, &self.reads, &self.locked);
-        // A locked key is checked from when it was locked.
-        let since = |k: &Bytes| locked.get(k).copied().unwrap_or(start);
-        let check = |oracle: &crate::oracle::Oracle| -> Result<()> {
-            if isolation == Isolation::ReadCommitted {
-                return Ok(());
-            }
-            let conflict = |what: String| Err(Error::Conflict { what });
-            for k in writes.keys() {
-                if oracle.written_after(k, since(k)) {
-                    return conflict(format!(
-                        "key {k:?} was written since the transaction read it"
-                    ));
-                }
-            }
-            // Serializable reads and ranges, and optimistic reads for update.
-            for k in &reads.keys {
-                if oracle.written_after(k, since(k)) {
-                    return conflict(format!("key {k:?} it read was written since"));
-                }
-            }
-            for b in &reads.ranges {
-                if oracle.range_written_after(b.as_range(), start) {
-                    return conflict("a range it scanned was written since".into());
-                }
-            }
-            Ok(())
-        };
+        let mut batch = self.batch();
+        let start = self.start;
+        let check = |oracle: &crate::oracle::Oracle| self.check(oracle);
         let durability = self.inner.opts.durability;
         let r = if batch.is_empty() {
             // A read-only transaction still validates (at its commit point).
@@ -397,6 +364,73 @@ impl Transaction {
         };
         self.end();
         r
+    }
+
+    /// Validates the transaction now and, if nothing it depends on changed since its start,
+    /// hands its writes to `write` instead of writing them itself: for a caller that writes
+    /// through a replicated log applied to this database. The caller keeps what the check
+    /// relies on true until `write` returns: no other writer of the keys it writes (it holds
+    /// their locks), and no other transaction committing meanwhile. `Err` is a conflict (or a
+    /// closed or expired transaction); `Ok` is what `write` returned.
+    pub fn commit_with<E>(
+        mut self,
+        write: impl FnOnce(WriteBatch) -> std::result::Result<(), E>,
+    ) -> Result<std::result::Result<(), E>> {
+        self.check_open()?;
+        self.open = false;
+        let checked = self.check(&self.inner.oracle.lock());
+        let r = checked.map(|()| write(self.batch()));
+        self.end();
+        r
+    }
+
+    /// The keys it wrote (or deleted) so far.
+    pub fn written_keys(&self) -> impl Iterator<Item = &Bytes> {
+        self.writes.keys()
+    }
+
+    /// The keys whose reads its commit validates (not the ranges it scanned).
+    pub fn read_keys(&self) -> impl Iterator<Item = &Bytes> {
+        self.reads.keys.iter()
+    }
+
+    fn batch(&self) -> WriteBatch {
+        let mut batch = WriteBatch::new();
+        for (k, w) in &self.writes {
+            match w {
+                Some(v) => batch.put(k, v),
+                None => batch.delete(k),
+            };
+        }
+        batch
+    }
+
+    /// Whether nothing it depends on was written since it read it, as `oracle` says.
+    fn check(&self, oracle: &crate::oracle::Oracle) -> Result<()> {
+        let (start, isolation) = (self.start, self.opts.isolation);
+        if isolation == Isolation::ReadCommitted {
+            return Ok(());
+        }
+        // A locked key is checked from when it was locked.
+        let since = |k: &Bytes| self.locked.get(k).copied().unwrap_or(start);
+        let conflict = |what: String| Err(Error::Conflict { what });
+        for k in self.writes.keys() {
+            if oracle.written_after(k, since(k)) {
+                return conflict(format!("key {k:?} was written since the transaction read it"));
+            }
+        }
+        // Serializable reads and ranges, and optimistic reads for update.
+        for k in &self.reads.keys {
+            if oracle.written_after(k, since(k)) {
+                return conflict(format!("key {k:?} it read was written since"));
+            }
+        }
+        for b in &self.reads.ranges {
+            if oracle.range_written_after(b.as_range(), start) {
+                return conflict("a range it scanned was written since".into());
+            }
+        }
+        Ok(())
     }
 
     /// Drops the writes; the transaction is over.

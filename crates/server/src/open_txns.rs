@@ -1,0 +1,427 @@
+//! Interactive transactions of the gRPC and HTTP endpoints (`Transactions` service,
+//! `/v1/txns`): `timber_kv` transactions over the keyspace's engine, kept open between calls
+//! under an id, and rolled back once idle for [`OpenTxns`]'s idle time.
+//!
+//! - Reads decode the keyspace's values (a key holding a Redis stream, or past its deadline,
+//!   has no value); writes store strings, with a deadline if asked.
+//! - Commit validates the transaction (`Transaction::commit_with`) and writes through the
+//!   keyspace's one write path (in a cluster, one Raft entry), holding the stripe locks of every
+//!   key it read or wrote and the registry's commit lock from the check to the write: no write
+//!   of those keys, and no other transaction's commit, comes in between.
+//! - In a cluster every call runs on the leader (a member that does not lead passes it there,
+//!   `forwarded.rs` op `txn-call`); a transaction begun under another leader, or another term
+//!   of this one, aborts at commit, as an unknown id does.
+//!
+//! Errors start with a code word (`ABORTED`: retry the whole transaction; `INVALID`;
+//! `UNAVAILABLE`: retry the call; `INTERNAL`), which survives the way back from the leader.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use timber_kv::{Isolation, Transaction, TxnOptions};
+use timber_proto::v1 as pb;
+
+use crate::keyspace::{self, data_key, index_key, live, now_ms, Keyspace, Kind, Value};
+use crate::versions::Epoch;
+use crate::Engines;
+
+/// How long a transaction may go without a call before it is rolled back.
+pub(crate) const IDLE: Duration = Duration::from_secs(30);
+
+/// Errors of interactive transactions; the text starts with its code word.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum Error {
+    /// Retry the whole transaction: a conflict, deadlock, lock timeout, expiry, or an id
+    /// unknown here.
+    #[error("ABORTED {0}")]
+    Aborted(String),
+    /// A bad request; nothing changed.
+    #[error("INVALID {0}")]
+    Invalid(String),
+    /// No leader or quorum now: retry the call.
+    #[error("UNAVAILABLE {0}")]
+    Unavailable(String),
+    #[error("INTERNAL {0}")]
+    Internal(String),
+}
+
+impl Error {
+    /// The error a line of [`Error`]'s display form names (from the leader).
+    pub(crate) fn of_line(line: &str) -> Error {
+        let (word, rest) = line.split_once(' ').unwrap_or((line, ""));
+        let rest = rest.to_string();
+        match word {
+            "ABORTED" => Error::Aborted(rest),
+            "INVALID" => Error::Invalid(rest),
+            "UNAVAILABLE" | "READONLY" | "CLUSTERDOWN" => Error::Unavailable(rest),
+            _ => Error::Internal(line.to_string()),
+        }
+    }
+}
+
+impl From<timber_kv::Error> for Error {
+    fn from(e: timber_kv::Error) -> Error {
+        use timber_kv::Error as K;
+        match e {
+            K::Conflict { .. }
+            | K::Deadlock { .. }
+            | K::LockTimeout { .. }
+            | K::TxnExpired { .. } => Error::Aborted(e.to_string()),
+            K::TxnTooLarge { .. } | K::InvalidParam(_) => Error::Invalid(e.to_string()),
+            e => Error::Internal(e.to_string()),
+        }
+    }
+}
+
+impl From<keyspace::Error> for Error {
+    fn from(e: keyspace::Error) -> Error {
+        match e {
+            keyspace::Error::NotLeader { .. } | keyspace::Error::ClusterDown(_) => {
+                Error::Unavailable(e.to_string())
+            }
+            keyspace::Error::Kv(e) => e.into(),
+            e => Error::Internal(e.to_string()),
+        }
+    }
+}
+
+/// One open transaction.
+struct Open {
+    /// `None` once committed or rolled back by another call.
+    txn: Option<Transaction>,
+    used: Instant,
+    /// Where it began (a commit under another epoch aborts).
+    epoch: Option<Epoch>,
+}
+
+/// The open transactions of one server.
+pub(crate) struct OpenTxns {
+    next: AtomicU64,
+    open: Mutex<HashMap<u64, Arc<Mutex<Open>>>>,
+    /// Held from a commit's check to its write: commits of transactions run one at a time.
+    commits: Mutex<()>,
+    idle: Duration,
+}
+
+impl std::fmt::Debug for OpenTxns {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenTxns").field("open", &self.open.lock().len()).finish_non_exhaustive()
+    }
+}
+
+impl OpenTxns {
+    /// An empty registry whose transactions are rolled back after `idle` without a call.
+    pub(crate) fn new(idle: Duration) -> OpenTxns {
+        // Ids start at a random point, so that an id from before a restart (or of another
+        // leader) is unknown here rather than someone else's.
+        let start = std::collections::hash_map::RandomState::new();
+        let start = std::hash::BuildHasher::hash_one(&start, Instant::now()) >> 1;
+        OpenTxns {
+            next: AtomicU64::new(start.max(1)),
+            open: Mutex::new(HashMap::new()),
+            commits: Mutex::new(()),
+            idle,
+        }
+    }
+
+    /// How many are open.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.open.lock().len()
+    }
+
+    fn begin(&self, ks: &Keyspace, r: &pb::BeginRequest) -> Result<u64, Error> {
+        let isolation = match pb::Isolation::try_from(r.isolation) {
+            Ok(pb::Isolation::Snapshot) => Isolation::Snapshot,
+            Ok(pb::Isolation::ReadCommitted) => Isolation::ReadCommitted,
+            Ok(pb::Isolation::Serializable) => Isolation::Serializable,
+            Err(_) => return Err(Error::Invalid(format!("unknown isolation {}", r.isolation))),
+        };
+        let mut opts = match r.pessimistic {
+            true => TxnOptions::pessimistic(isolation),
+            false => TxnOptions::isolation(isolation),
+        };
+        if let Some(ms) = r.lock_timeout_ms {
+            opts.lock_timeout = Duration::from_millis(ms);
+        }
+        let epoch = ks.epoch();
+        let txn = ks.db().transaction(opts);
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let open = Open { txn: Some(txn), used: Instant::now(), epoch };
+        self.open.lock().insert(id, Arc::new(Mutex::new(open)));
+        Ok(id)
+    }
+
+    /// Runs `f` on transaction `id`.
+    fn with<T>(
+        &self,
+        id: u64,
+        f: impl FnOnce(&mut Transaction) -> Result<T, Error>,
+    ) -> Result<T, Error> {
+        let entry = self.open.lock().get(&id).cloned().ok_or_else(|| unknown(id))?;
+        let mut open = entry.lock();
+        open.used = Instant::now();
+        let txn = open.txn.as_mut().ok_or_else(|| unknown(id))?;
+        f(txn)
+    }
+
+    /// Removes transaction `id`, waiting for a call in progress on it.
+    fn take(&self, id: u64) -> Option<(Transaction, Option<Epoch>)> {
+        let entry = self.open.lock().remove(&id)?;
+        let mut open = entry.lock();
+        let epoch = open.epoch;
+        open.txn.take().map(|t| (t, epoch))
+    }
+
+    fn get(&self, r: &pb::TxnGetRequest) -> Result<Option<Bytes>, Error> {
+        self.with(r.id, |t| {
+            let dk = data_key(&r.key);
+            let stored = if r.for_update { t.get_for_update(&dk)? } else { t.get(&dk)? };
+            let v = live(&r.key, stored, now_ms)?;
+            Ok(v.filter(|v| v.kind == Kind::String).map(|v| v.data))
+        })
+    }
+
+    fn put(&self, r: &pb::TxnPutRequest) -> Result<(), Error> {
+        self.with(r.id, |t| {
+            let expire_at = r.ttl_ms.filter(|t| *t > 0).map(|t| now_ms().saturating_add(t));
+            let v = Value { expire_at, ..Value::string(r.value.clone()) };
+            t.put(data_key(&r.key), Keyspace::encoded(&v))?;
+            if let Some(at) = expire_at {
+                t.put(index_key(at, &r.key), [])?;
+            }
+            Ok(())
+        })
+    }
+
+    fn delete(&self, r: &pb::TxnDeleteRequest) -> Result<bool, Error> {
+        self.with(r.id, |t| {
+            let dk = data_key(&r.key);
+            let existed = live(&r.key, t.get(&dk)?, now_ms)?.is_some();
+            t.delete(dk)?;
+            Ok(existed)
+        })
+    }
+
+    fn scan(&self, r: &pb::TxnScanRequest) -> Result<Vec<(Bytes, Bytes)>, Error> {
+        self.with(r.id, |t| {
+            let lo = data_key((&r.start).max(&r.prefix));
+            let after_prefix = prefix_end(&data_key(&r.prefix));
+            let hi = match r.end.is_empty() {
+                true => after_prefix,
+                false => after_prefix.min(Some(data_key(&r.end))),
+            };
+            if hi.as_ref().is_some_and(|hi| lo >= *hi) {
+                return Ok(Vec::new());
+            }
+            let pairs = match hi {
+                Some(hi) => t.scan(lo..hi)?,
+                None => t.scan(lo..)?,
+            };
+            let limit = if r.limit == 0 { usize::MAX } else { r.limit as usize };
+            let now = now_ms();
+            let mut out = Vec::new();
+            for (k, v) in pairs {
+                let key = k.slice(1..);
+                if !key.starts_with(&r.prefix) {
+                    break;
+                }
+                if let Some(v) = live(&key, Some(v), || now)?.filter(|v| v.kind == Kind::String) {
+                    out.push((key, v.data));
+                    if out.len() >= limit {
+                        break;
+                    }
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn commit(&self, ks: &Keyspace, id: u64) -> Result<(), Error> {
+        let (txn, epoch) = self.take(id).ok_or_else(|| unknown(id))?;
+        if epoch != ks.epoch() {
+            return Err(Error::Aborted(
+                "the leader changed since the transaction began: retry it".into(),
+            ));
+        }
+        let _one = self.commits.lock();
+        let keys: Vec<&[u8]> = txn
+            .written_keys()
+            .chain(txn.read_keys())
+            .filter_map(|k| k.strip_prefix(b"k"))
+            .collect();
+        let _locks = ks.lock_many(&keys);
+        match txn.commit_with(|batch| ks.commit(batch)) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.into()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Rolls back the transactions idle for longer than the registry's idle time; how many.
+    pub(crate) fn reap(&self) -> usize {
+        let now = Instant::now();
+        let mut open = self.open.lock();
+        let before = open.len();
+        // One in a call is not idle (its lock is held).
+        open.retain(|_, e| e.try_lock().is_none_or(|o| now.duration_since(o.used) < self.idle));
+        before - open.len()
+    }
+
+    /// Runs `call` here (on the leader, in a cluster).
+    fn run(&self, ks: &Keyspace, call: pb::txn_call::Call) -> Result<pb::txn_reply::Reply, Error> {
+        use pb::txn_call::Call as C;
+        use pb::txn_reply::Reply as R;
+        Ok(match call {
+            C::Begin(r) => R::Begin(pb::BeginResponse { id: self.begin(ks, &r)? }),
+            C::Get(r) => R::Get(pb::GetResponse { value: self.get(&r)? }),
+            C::Put(r) => {
+                self.put(&r)?;
+                R::Put(pb::PutResponse {})
+            }
+            C::Delete(r) => R::Delete(pb::DeleteResponse { existed: self.delete(&r)? }),
+            C::Scan(r) => {
+                let items = self.scan(&r)?;
+                R::Scan(pb::ScanPage {
+                    items: items
+                        .into_iter()
+                        .map(|(key, value)| pb::KeyValue { key, value })
+                        .collect(),
+                })
+            }
+            C::Commit(r) => {
+                self.commit(ks, r.id)?;
+                R::Commit(pb::CommitResponse {})
+            }
+            C::Rollback(r) => {
+                R::Rollback(pb::RollbackResponse { existed: self.take(r.id).is_some() })
+            }
+        })
+    }
+}
+
+fn unknown(id: u64) -> Error {
+    Error::Aborted(format!(
+        "transaction {id} is not open here (committed, rolled back, idle too long, or begun under another leader)"
+    ))
+}
+
+/// The first key after every key starting with `prefix` (`None`: no such key).
+fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < u8::MAX {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
+/// Runs a call of the `Transactions` service: here, or in a cluster on the leader (a member
+/// that does not lead passes it there).
+pub(crate) async fn call(
+    engines: &Arc<Engines>,
+    call: pb::txn_call::Call,
+) -> Result<pb::txn_reply::Reply, Error> {
+    if let Some(r) = engines.keys.replication() {
+        if let Some(reply) = crate::forwarded::txn_call(r, call.clone()).await {
+            return reply;
+        }
+    }
+    call_here(engines, call).await
+}
+
+/// Runs `call` on this member: in a cluster, a begin waits until the member is fresh and
+/// confirmed its leadership (the transaction's snapshot then holds everything committed).
+pub(crate) async fn call_here(
+    engines: &Arc<Engines>,
+    call: pb::txn_call::Call,
+) -> Result<pb::txn_reply::Reply, Error> {
+    if let Some(r) = engines.keys.replication() {
+        if matches!(call, pb::txn_call::Call::Begin(_)) {
+            r.fresh().await?;
+            r.read_barrier_async().await?;
+        }
+    }
+    let e = engines.clone();
+    let reply = tokio::task::spawn_blocking(move || e.txns.run(&e.keys, call)).await;
+    let reply = reply.map_err(|e| Error::Internal(format!("transaction task failed: {e}")))??;
+    if matches!(reply, pb::txn_reply::Reply::Commit(_)) {
+        engines.keys.durable().await?;
+    }
+    Ok(reply)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Sync;
+    use crate::idle::IdleWork;
+    use pb::txn_call::Call as C;
+    use pb::txn_reply::Reply as R;
+
+    fn begin(t: &OpenTxns, ks: &Keyspace, isolation: pb::Isolation) -> u64 {
+        let r = pb::BeginRequest { isolation: isolation as i32, ..Default::default() };
+        match t.run(ks, C::Begin(r)).unwrap() {
+            R::Begin(b) => b.id,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn transactions_read_their_writes_commit_conflict_and_are_reaped() {
+        let dir = tempfile::tempdir().unwrap();
+        let ks = Keyspace::open(dir.path(), Sync::Manual, None, &IdleWork::new()).unwrap();
+        let t = OpenTxns::new(Duration::ZERO);
+        ks.set(b"a", &Value::string("1")).unwrap();
+        let id = begin(&t, &ks, pb::Isolation::Serializable);
+        let get = |id, key: &str| {
+            t.get(&pb::TxnGetRequest { id, key: key.to_string().into(), for_update: false })
+        };
+        assert_eq!(get(id, "a").unwrap(), Some(Bytes::from("1")));
+        t.put(&pb::TxnPutRequest { id, key: "b".into(), value: "2".into(), ttl_ms: Some(60_000) })
+            .unwrap();
+        assert_eq!(get(id, "b").unwrap(), Some(Bytes::from("2")));
+        let page = pb::TxnScanRequest { id, ..Default::default() };
+        assert_eq!(t.scan(&page).unwrap().len(), 2);
+        assert_eq!(ks.get(b"b").unwrap(), None, "nothing visible before commit");
+        t.commit(&ks, id).unwrap();
+        let b = ks.get(b"b").unwrap().unwrap();
+        assert_eq!((b.data, b.expire_at.is_some()), (Bytes::from("2"), true));
+        assert_eq!(t.commit(&ks, id).unwrap_err(), unknown(id));
+
+        // A key it read written by a plain write since: aborted, nothing written.
+        let id = begin(&t, &ks, pb::Isolation::Serializable);
+        get(id, "a").unwrap();
+        t.put(&pb::TxnPutRequest { id, key: "c".into(), value: "3".into(), ttl_ms: None }).unwrap();
+        let _g = ks.lock(b"a");
+        ks.set(b"a", &Value::string("9")).unwrap();
+        drop(_g);
+        assert!(matches!(t.commit(&ks, id), Err(Error::Aborted(_))));
+        assert_eq!(ks.get(b"c").unwrap(), None);
+
+        // Idle ones are rolled back.
+        let id = begin(&t, &ks, pb::Isolation::Snapshot);
+        assert_eq!(t.reap(), 1);
+        assert_eq!(t.len(), 0);
+        assert!(matches!(get(id, "a"), Err(Error::Aborted(_))));
+    }
+
+    #[test]
+    fn error_lines_keep_their_code() {
+        for e in [
+            Error::Aborted("x y".into()),
+            Error::Invalid("bad".into()),
+            Error::Unavailable("later".into()),
+        ] {
+            assert_eq!(Error::of_line(&e.to_string()), e);
+        }
+        assert_eq!(prefix_end(b"k\xff"), Some(b"l".to_vec()));
+        assert_eq!(prefix_end(b"\xff"), None);
+    }
+}
