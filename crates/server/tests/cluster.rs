@@ -947,7 +947,7 @@ fn local_get(c: &Cluster, i: usize, key: &str) -> Option<i64> {
 }
 
 #[test]
-fn redis_and_conditional_transactions_run_on_the_leader_through_any_member() {
+fn every_kind_of_transaction_runs_on_the_leader_through_any_member() {
     let mut c = Cluster::three_started();
     let leader = c.leader();
 
@@ -1005,6 +1005,21 @@ fn redis_and_conditional_transactions_run_on_the_leader_through_any_member() {
         let done = again(|| fc.txn(step(Some("1"), "3"))).await.unwrap();
         assert!(!done.succeeded);
         assert_eq!(done.results, [TxnOpResult::Get(Some("2".into()))]);
+
+        // An interactive transaction through the follower, retried on an abort or refusal.
+        use timber_client::{Isolation, TxnOptions};
+        let moved = fc
+            .transact(TxnOptions::new(Isolation::Serializable), |t| async move {
+                let g = t.get_for_update("g").await?.unwrap_or_default();
+                t.put("h", g).await?;
+                t.delete("g").await?;
+                Ok(())
+            })
+            .await;
+        match moved {
+            Ok(()) => {}
+            Err(e) => assert_eq!(e.code(), Some(timber_client::Code::Unavailable), "{e}"),
+        }
     });
     drop(rt);
 
@@ -1021,6 +1036,14 @@ fn redis_and_conditional_transactions_run_on_the_leader_through_any_member() {
     let _: () = redis::cmd("WATCH").arg("w").query(&mut fcon).unwrap();
     let _: () = on_leader(&c, |con| redis::cmd("SET").arg("w").arg(1).query(con));
     let old = c.leader_now().unwrap();
+    let rt2 =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let pending = rt2.block_on(async {
+        let fc = c.node(f).grpc().await;
+        let t = fc.begin(timber_client::TxnOptions::default()).await.unwrap();
+        t.put("w", "from-txn").await.unwrap();
+        t
+    });
     if old == f {
         // The follower took the lead meanwhile: nothing left to show here.
         return;
@@ -1037,6 +1060,15 @@ fn redis_and_conditional_transactions_run_on_the_leader_through_any_member() {
         ),
     }
     assert_eq!(on_leader(&c, |con| redis::cmd("GET").arg("w").query::<i64>(con)), 1);
+    // An interactive transaction begun under the killed leader is gone with it.
+    rt2.block_on(async {
+        let r = pending.commit().await;
+        let code = r.unwrap_err().code();
+        assert!(
+            matches!(code, Some(timber_client::Code::Aborted | timber_client::Code::Unavailable)),
+            "{code:?}"
+        );
+    });
 
     // The killed member comes back; every member holds the same c and n.
     c.start(old);
