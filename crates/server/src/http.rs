@@ -10,6 +10,11 @@
 //!   "failure": [ops]}`, an op being `{"put": {"key", "value", "ttl_ms"?}}`, `{"delete":
 //!   {"key"}}` or `{"get": {"key"}}`; replies `{"succeeded", "results": [{"put": {}} |
 //!   {"delete": {"existed"}} | {"get": {"value"}}]}`.
+//! - Interactive transactions (`crate::open_txns`): `POST /v1/txns` from `{"isolation":
+//!   "snapshot"|"read_committed"|"serializable", "pessimistic"?, "lock_timeout_ms"?}` replies
+//!   `{"id"}`; under `/v1/txns/{id}`: `GET|PUT|DELETE kv/{key}` (`?for_update=true`,
+//!   `?ttl_ms=`) and `GET kv?prefix=&start=&end=&limit=` as for `/v1/kv`, `POST commit`
+//!   (409 on a conflict: run the transaction again), `DELETE` (rollback).
 //! - `GET|POST /v1/streams`: list; create from `{"name", "retention_ms"?, "retention_bytes"?}`.
 //! - `GET|DELETE /v1/streams/{name}`, `POST /v1/streams/{name}/truncate?before=`.
 //! - `POST /v1/streams/{name}/entries`: the raw body is one entry, or a JSON
@@ -44,6 +49,7 @@ use crate::keyspace::{now_ms, Value};
 use crate::replication::Answer;
 use crate::txn::{CmpOp, Compare, Op, OpResult, Target, Txn};
 use crate::Engines;
+use timber_proto::v1 as pb;
 
 #[derive(Clone)]
 struct App {
@@ -141,6 +147,11 @@ pub(crate) async fn serve(
         .route("/kv", get(kv_list))
         .route("/kv/{key}", get(kv_get).put(kv_put).delete(kv_delete))
         .route("/txn", post(txn))
+        .route("/txns", post(txns_begin))
+        .route("/txns/{id}", axum::routing::delete(txns_rollback))
+        .route("/txns/{id}/commit", post(txns_commit))
+        .route("/txns/{id}/kv", get(txns_scan))
+        .route("/txns/{id}/kv/{key}", get(txns_get).put(txns_put).delete(txns_delete))
         .route("/streams", get(streams_list).post(stream_create))
         .route("/streams/{name}", get(stream_info).delete(stream_delete))
         .route("/streams/{name}/truncate", post(stream_truncate))
@@ -399,6 +410,145 @@ async fn txn(State(app): State<App>, Json(body): Json<Json_>) -> Result<Json<Jso
         })
         .collect();
     Ok(Json(json!({ "succeeded": o.succeeded, "results": results })))
+}
+
+fn txn_failed(e: crate::open_txns::Error) -> Failure {
+    use crate::open_txns::Error as E;
+    match e {
+        E::Aborted(m) => Failure(StatusCode::CONFLICT, format!("aborted: {m}")),
+        E::Invalid(m) => Failure(StatusCode::BAD_REQUEST, m),
+        E::Unavailable(m) => Failure(StatusCode::SERVICE_UNAVAILABLE, m),
+        E::Internal(m) => Failure(StatusCode::INTERNAL_SERVER_ERROR, m),
+    }
+}
+
+/// Runs a call of an interactive transaction.
+async fn txn_call(app: &App, call: pb::txn_call::Call) -> Result<pb::txn_reply::Reply> {
+    crate::open_txns::call(&app.engines, call).await.map_err(txn_failed)
+}
+
+fn mismatched() -> Failure {
+    Failure(StatusCode::INTERNAL_SERVER_ERROR, "a transaction reply of the wrong kind".into())
+}
+
+#[derive(Deserialize)]
+struct BeginBody {
+    #[serde(default)]
+    isolation: Option<String>,
+    #[serde(default)]
+    pessimistic: bool,
+    lock_timeout_ms: Option<u64>,
+}
+
+async fn txns_begin(State(app): State<App>, Json(b): Json<BeginBody>) -> Result<Json<Json_>> {
+    let isolation = match b.isolation.as_deref() {
+        None | Some("snapshot") => pb::Isolation::Snapshot,
+        Some("read_committed") => pb::Isolation::ReadCommitted,
+        Some("serializable") => pb::Isolation::Serializable,
+        Some(other) => {
+            return Err(Failure(StatusCode::BAD_REQUEST, format!("unknown isolation {other:?}")))
+        }
+    };
+    let req = pb::BeginRequest {
+        isolation: isolation as i32,
+        pessimistic: b.pessimistic,
+        lock_timeout_ms: b.lock_timeout_ms,
+    };
+    match txn_call(&app, pb::txn_call::Call::Begin(req)).await? {
+        pb::txn_reply::Reply::Begin(r) => Ok(Json(json!({ "id": r.id }))),
+        _ => Err(mismatched()),
+    }
+}
+
+#[derive(Deserialize)]
+struct ForUpdate {
+    #[serde(default)]
+    for_update: bool,
+}
+
+async fn txns_get(
+    State(app): State<App>,
+    Path((id, key)): Path<(u64, String)>,
+    Query(q): Query<ForUpdate>,
+) -> Result<Response> {
+    let req = pb::TxnGetRequest { id, key: Bytes::from(key.clone()), for_update: q.for_update };
+    match txn_call(&app, pb::txn_call::Call::Get(req)).await? {
+        pb::txn_reply::Reply::Get(pb::GetResponse { value: Some(v) }) => {
+            Ok(([(header::CONTENT_TYPE, "application/octet-stream")], v).into_response())
+        }
+        pb::txn_reply::Reply::Get(_) => {
+            Err(Failure(StatusCode::NOT_FOUND, format!("key {key:?} does not exist")))
+        }
+        _ => Err(mismatched()),
+    }
+}
+
+async fn txns_put(
+    State(app): State<App>,
+    Path((id, key)): Path<(u64, String)>,
+    Query(q): Query<PutQuery>,
+    body: Bytes,
+) -> Result<StatusCode> {
+    let req = pb::TxnPutRequest { id, key: Bytes::from(key), value: body, ttl_ms: q.ttl_ms };
+    match txn_call(&app, pb::txn_call::Call::Put(req)).await? {
+        pb::txn_reply::Reply::Put(_) => Ok(StatusCode::NO_CONTENT),
+        _ => Err(mismatched()),
+    }
+}
+
+async fn txns_delete(
+    State(app): State<App>,
+    Path((id, key)): Path<(u64, String)>,
+) -> Result<Json<Json_>> {
+    let req = pb::TxnDeleteRequest { id, key: Bytes::from(key) };
+    match txn_call(&app, pb::txn_call::Call::Delete(req)).await? {
+        pb::txn_reply::Reply::Delete(r) => Ok(Json(json!({ "existed": r.existed }))),
+        _ => Err(mismatched()),
+    }
+}
+
+async fn txns_scan(
+    State(app): State<App>,
+    Path(id): Path<u64>,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<Json_>> {
+    let req = pb::TxnScanRequest {
+        id,
+        prefix: Bytes::from(q.prefix),
+        start: Bytes::from(q.start),
+        end: Bytes::from(q.end),
+        limit: q.limit.unwrap_or(1000).min(100_000) as u64,
+    };
+    match txn_call(&app, pb::txn_call::Call::Scan(req)).await? {
+        pb::txn_reply::Reply::Scan(page) => {
+            let items: Vec<Json_> = page
+                .items
+                .iter()
+                .map(|kv| {
+                    let mut o = serde_json::Map::new();
+                    put_bytes(&mut o, "key", &kv.key);
+                    put_bytes(&mut o, "value", &kv.value);
+                    Json_::Object(o)
+                })
+                .collect();
+            Ok(Json(json!({ "items": items })))
+        }
+        _ => Err(mismatched()),
+    }
+}
+
+async fn txns_commit(State(app): State<App>, Path(id): Path<u64>) -> Result<StatusCode> {
+    match txn_call(&app, pb::txn_call::Call::Commit(pb::TxnRef { id })).await? {
+        pb::txn_reply::Reply::Commit(_) => Ok(StatusCode::NO_CONTENT),
+        _ => Err(mismatched()),
+    }
+}
+
+async fn txns_rollback(State(app): State<App>, Path(id): Path<u64>) -> Result<Json<Json_>> {
+    match txn_call(&app, pb::txn_call::Call::Rollback(pb::TxnRef { id })).await? {
+        pb::txn_reply::Reply::Rollback(r) => Ok(Json(json!({ "existed": r.existed }))),
+        _ => Err(mismatched()),
+    }
 }
 
 /// The bytes of `field` in `o`: `"<field>"` as text or `"<field>_base64"`.

@@ -328,6 +328,15 @@ pub(crate) async fn call(
     engines: &Arc<Engines>,
     call: pb::txn_call::Call,
 ) -> Result<pb::txn_reply::Reply, Error> {
+    if let pb::txn_call::Call::Put(p) = &call {
+        if p.value.len() > engines.max_value {
+            return Err(Error::Invalid(format!(
+                "value of {} bytes exceeds the limit of {} bytes",
+                p.value.len(),
+                engines.max_value
+            )));
+        }
+    }
     if let Some(r) = engines.keys.replication() {
         if let Some(reply) = crate::forwarded::txn_call(r, call.clone()).await {
             return reply;

@@ -659,3 +659,66 @@ async fn interactive_transactions_through_grpc() {
     assert_eq!(total, 500);
     assert_eq!(c.get("transfers").await.unwrap(), Some(Bytes::from("60")));
 }
+
+/// Interactive transactions through HTTP: begin, reads of its own writes, scan, commit, a
+/// conflict as 409, rollback, bad input as 400.
+#[tokio::test(flavor = "multi_thread")]
+async fn interactive_transactions_through_http() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = Timberd::start(dir.path(), &["--max-request-bytes", "65536"]);
+    let h = reqwest::Client::new();
+    let url = |p: &str| http(&t, p);
+    let begin = |isolation: &str| {
+        let req = h.post(url("/v1/txns")).json(&serde_json::json!({ "isolation": isolation }));
+        async move {
+            let r = req.send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            r.json::<serde_json::Value>().await.unwrap()["id"].as_u64().unwrap()
+        }
+    };
+    h.put(url("/v1/kv/a")).body("1").send().await.unwrap();
+    let id = begin("serializable").await;
+    let r = h.get(url(&format!("/v1/txns/{id}/kv/a"))).send().await.unwrap();
+    assert_eq!(r.text().await.unwrap(), "1");
+    let r = h.put(url(&format!("/v1/txns/{id}/kv/b?ttl_ms=60000"))).body("2").send().await.unwrap();
+    assert_eq!(r.status(), 204);
+    let r = h.get(url(&format!("/v1/txns/{id}/kv?prefix="))).send().await.unwrap();
+    let items = r.json::<serde_json::Value>().await.unwrap()["items"].clone();
+    assert_eq!(items, serde_json::json!([{"key": "a", "value": "1"}, {"key": "b", "value": "2"}]));
+    assert_eq!(h.get(url("/v1/kv/b")).send().await.unwrap().status(), 404);
+    let r = h.post(url(&format!("/v1/txns/{id}/commit"))).send().await.unwrap();
+    assert_eq!(r.status(), 204);
+    assert_eq!(h.get(url("/v1/kv/b")).send().await.unwrap().text().await.unwrap(), "2");
+
+    // A key it read, written meanwhile: 409 at commit; nothing written.
+    let id = begin("serializable").await;
+    h.get(url(&format!("/v1/txns/{id}/kv/a"))).send().await.unwrap();
+    h.put(url(&format!("/v1/txns/{id}/kv/c"))).body("3").send().await.unwrap();
+    h.put(url("/v1/kv/a")).body("9").send().await.unwrap();
+    let r = h.post(url(&format!("/v1/txns/{id}/commit"))).send().await.unwrap();
+    assert_eq!(r.status(), 409);
+    assert_eq!(h.get(url("/v1/kv/c")).send().await.unwrap().status(), 404);
+
+    // Rollback; then the id is unknown (409: begin again).
+    let id = begin("snapshot").await;
+    h.put(url(&format!("/v1/txns/{id}/kv/c"))).body("4").send().await.unwrap();
+    let r = h.delete(url(&format!("/v1/txns/{id}"))).send().await.unwrap();
+    assert_eq!(r.json::<serde_json::Value>().await.unwrap()["existed"], true);
+    assert_eq!(h.post(url(&format!("/v1/txns/{id}/commit"))).send().await.unwrap().status(), 409);
+    assert_eq!(h.get(url("/v1/kv/c")).send().await.unwrap().status(), 404);
+
+    // Bad input.
+    let r = h
+        .post(url("/v1/txns"))
+        .json(&serde_json::json!({"isolation": "chaos"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let id = begin("snapshot").await;
+    let r =
+        h.put(url(&format!("/v1/txns/{id}/kv/big"))).body(vec![0u8; 70_000]).send().await.unwrap();
+    assert!(r.status() == 400 || r.status() == 413, "{}", r.status());
+    let r = h.get(url("/v1/txns/notanumber/kv/a")).send().await.unwrap();
+    assert_eq!(r.status(), 400);
+}
