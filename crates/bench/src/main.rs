@@ -10,6 +10,7 @@ mod cluster;
 mod kv;
 mod report;
 mod stream;
+mod txn;
 mod wal;
 
 use clap::{Parser, Subcommand};
@@ -33,6 +34,9 @@ enum Command {
     /// A three-member timberd cluster beside a three-member etcd: puts, linearizable reads,
     /// replication lag and failover.
     Cluster(cluster::Args),
+    /// Transactions: read-modify-write and read-only transactions at 1, 8 and 32 threads
+    /// against RocksDB's optimistic and pessimistic transaction databases and fjall.
+    Txn(txn::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -41,5 +45,6 @@ fn main() -> anyhow::Result<()> {
         Command::Kv(args) => kv::run(args),
         Command::Stream(args) => stream::run(args),
         Command::Cluster(args) => cluster::run(args),
+        Command::Txn(args) => txn::run(args),
     }
 }

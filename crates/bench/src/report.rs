@@ -61,6 +61,9 @@ pub struct Row {
     /// Size on disk after the run.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub disk_mb: Option<f64>,
+    /// Share of transaction attempts that aborted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub abort_rate: Option<f64>,
     /// Share of fragment lookups served by the cache.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hit_rate: Option<f64>,
@@ -93,6 +96,7 @@ impl Row {
             max_us: None,
             peak_rss_mb: None,
             disk_mb: None,
+            abort_rate: None,
             hit_rate: None,
             ops_per_second: None,
         }
