@@ -2,9 +2,21 @@
 //! Each prints a table (medians over repeats, systems alternated within each repeat) and writes
 //! `target/bench/<layer>.json`.
 
-/// Every system runs on the same allocator; glibc's malloc would dominate their profiles.
+/// timber and the Rust peers run on mimalloc, as timberd does (RocksDB's C++ allocates with
+/// glibc's malloc).
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// mimalloc's `purge_delay` option: its place in mimalloc's `mi_option_e` (v2 and v3).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Freed memory goes back to the OS at once, as timberd sets it (see its `main`).
+#[allow(unsafe_code)]
+fn return_freed_memory_at_once() {
+    // SAFETY: called first thing in main, before any other thread exists (mimalloc's option
+    // setters are not thread-safe); the option index is a valid `mi_option_t`.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) };
+}
 
 mod cluster;
 mod kv;
@@ -40,6 +52,7 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
+    return_freed_memory_at_once();
     match Cli::parse().command {
         Command::Wal(args) => wal::run(args),
         Command::Kv(args) => kv::run(args),

@@ -309,6 +309,7 @@ type Open = fn(&Path) -> anyhow::Result<Box<dyn TxnDb>>;
 
 fn systems() -> Vec<(&'static str, Open)> {
     use timber_kv::{Isolation, TxnOptions};
+    #[cfg_attr(not(any(feature = "rocksdb", feature = "peers")), allow(unused_mut))]
     let mut s: Vec<(&'static str, Open)> = vec![
         ("timber-optimistic", |d| open_timber(d, TxnOptions::isolation(Isolation::Snapshot))),
         ("timber-pessimistic", |d| open_timber(d, TxnOptions::pessimistic(Isolation::Snapshot))),

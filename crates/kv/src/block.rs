@@ -171,8 +171,19 @@ impl Block {
 
     /// Every entry, decoded: keys restored into one buffer, values sliced from the block.
     pub(crate) fn decode(&self) -> Result<Decoded, String> {
+        self.decode_sized(16, false)
+    }
+
+    /// [`Block::decode`] of a block with a restart at every entry, kept as long as its table is
+    /// open (a table's index): its buffers hold what it has and no more (sized for 16 entries a
+    /// restart, as data blocks are, an index would keep 16 times its room).
+    pub(crate) fn decode_index(&self) -> Result<Decoded, String> {
+        self.decode_sized(1, true)
+    }
+
+    fn decode_sized(&self, per_restart: usize, trim: bool) -> Result<Decoded, String> {
         let mut keys: Vec<u8> = Vec::with_capacity(self.restarts_at);
-        let mut spans = Vec::with_capacity(self.restarts * 16);
+        let mut spans = Vec::with_capacity(self.restarts * per_restart);
         let mut pos = 0;
         let mut prev: (usize, usize) = (0, 0);
         while pos < self.restarts_at {
@@ -183,6 +194,10 @@ impl Block {
             prev = (start, keys.len());
             spans.push(Span { key: prev, value: e.value });
             pos = e.next;
+        }
+        if trim {
+            keys.shrink_to_fit();
+            spans.shrink_to_fit();
         }
         Ok(Decoded { keys: Bytes::from(keys), spans, data: self.data.clone() })
     }
@@ -400,6 +415,24 @@ mod tests {
         }
         let e = Block::new(Bytes::from_static(&[0, 0, 0, 0, 2, 0, 0, 0])).unwrap_err();
         assert!(e.contains("do not fit"), "{e}");
+    }
+
+    /// An index (a restart at every entry) decodes into buffers of its size: sized as a data
+    /// block's, every open table kept 16 times its index's spans.
+    #[test]
+    fn an_index_decodes_without_spare_room() {
+        let mut b = BlockBuilder::new(1);
+        for i in 0..1000u32 {
+            b.add(format!("key{i:08}").as_bytes(), &[0; 12]);
+        }
+        let block = Block::new(Bytes::from(b.finish())).unwrap();
+        let (index, data) = (block.decode_index().unwrap(), block.decode().unwrap());
+        assert_eq!(index.len(), 1000);
+        assert_eq!(index.spans.capacity(), 1000);
+        assert!(index.memory() * 4 < data.memory(), "{} vs {}", index.memory(), data.memory());
+        for i in 0..1000 {
+            assert_eq!(index.key(i), data.key(i));
+        }
     }
 
     proptest! {

@@ -296,7 +296,7 @@ impl Table {
         let filter = read_block(&file, path, filter_off, filter_len)?;
         let index = read_block(&file, path, index_off, index_len)?;
         let index = Block::new(index)
-            .and_then(|b| b.decode())
+            .and_then(|b| b.decode_index())
             .map_err(|r| Error::corrupt(path, index_off, format!("index block: {r}")))?;
         let index_prefix =
             (0..index.len()).map(|i| key::prefix16(key::user(index.key(i)))).collect();
