@@ -9,6 +9,7 @@
 //! get their locks once it releases its own); every lock is released when its transaction ends.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -23,6 +24,10 @@ pub(crate) type TxnId = u64;
 struct KeyLock {
     exclusive: Option<TxnId>,
     shared: HashSet<TxnId>,
+    /// Requests waiting for this key: the entry stays while there are any.
+    waiters: usize,
+    /// Signalled when a holder of this key releases it (only its waiters wake).
+    released: Arc<Condvar>,
 }
 
 impl KeyLock {
@@ -37,6 +42,11 @@ impl KeyLock {
 
     fn is_free(&self) -> bool {
         self.exclusive.is_none() && self.shared.is_empty()
+    }
+
+    /// Whether the entry may go: nobody holds or waits for the key.
+    fn is_unused(&self) -> bool {
+        self.is_free() && self.waiters == 0
     }
 }
 
@@ -68,7 +78,6 @@ impl Table {
 #[derive(Debug, Default)]
 pub(crate) struct Locks {
     table: Mutex<Table>,
-    released: Condvar,
 }
 
 impl Locks {
@@ -101,7 +110,20 @@ impl Locks {
                 t.waits_for.remove(&txn);
                 return Err(Error::Deadlock { key: Bytes::copy_from_slice(key) });
             }
-            if self.released.wait_until(&mut t, deadline).timed_out() {
+            // Wait on the key's own signal: a release of another key wakes nobody here.
+            let released = {
+                let l = t.keys.entry(Bytes::copy_from_slice(key)).or_default();
+                l.waiters += 1;
+                l.released.clone()
+            };
+            let timed_out = released.wait_until(&mut t, deadline).timed_out();
+            if let Some(l) = t.keys.get_mut(key) {
+                l.waiters -= 1;
+                if l.is_unused() {
+                    t.keys.remove(key);
+                }
+            }
+            if timed_out {
                 // Granted if it was released just at the deadline.
                 let free = t.keys.get(key).is_none_or(|l| l.blockers(txn, exclusive).is_empty());
                 if !free {
@@ -118,20 +140,26 @@ impl Locks {
     /// Releases every lock of `txn` on `keys`.
     pub(crate) fn release(&self, txn: TxnId, keys: impl IntoIterator<Item = Bytes>) {
         let mut t = self.table.lock();
+        let mut wake = Vec::new();
         for k in keys {
             if let Some(l) = t.keys.get_mut(&k) {
                 if l.exclusive == Some(txn) {
                     l.exclusive = None;
                 }
                 l.shared.remove(&txn);
-                if l.is_free() {
+                if l.waiters > 0 {
+                    wake.push(l.released.clone());
+                }
+                if l.is_unused() {
                     t.keys.remove(&k);
                 }
             }
         }
         t.waits_for.remove(&txn);
         drop(t);
-        self.released.notify_all();
+        for w in wake {
+            w.notify_all();
+        }
     }
 
     /// Keys locked now (for tests).

@@ -16,6 +16,10 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// memtable or two beyond what it used.
 #[allow(unsafe_code)]
 fn return_freed_memory_at_once() {
+    // mimalloc's own variable still decides when set.
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
+        return;
+    }
     // SAFETY: called first thing in main, before any other thread exists (mimalloc's option
     // setters are not thread-safe); the option index is a valid `mi_option_t`.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) };
