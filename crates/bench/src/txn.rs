@@ -313,9 +313,7 @@ fn systems() -> Vec<(&'static str, Open)> {
     let mut s: Vec<(&'static str, Open)> = vec![
         ("timber-optimistic", |d| open_timber(d, TxnOptions::isolation(Isolation::Snapshot))),
         ("timber-pessimistic", |d| open_timber(d, TxnOptions::pessimistic(Isolation::Snapshot))),
-        ("timber-serializable", |d| {
-            open_timber(d, TxnOptions::isolation(Isolation::Serializable))
-        }),
+        ("timber-serializable", |d| open_timber(d, TxnOptions::isolation(Isolation::Serializable))),
     ];
     #[cfg(feature = "rocksdb")]
     {
