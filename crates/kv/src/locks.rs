@@ -90,7 +90,8 @@ impl Locks {
         exclusive: bool,
         timeout: Duration,
     ) -> Result<()> {
-        let deadline = Instant::now() + timeout;
+        // A timeout too long to add to now waits without one.
+        let deadline = Instant::now().checked_add(timeout);
         let mut t = self.table.lock();
         loop {
             let blockers = t.keys.get(key).map(|l| l.blockers(txn, exclusive)).unwrap_or_default();
@@ -116,7 +117,13 @@ impl Locks {
                 l.waiters += 1;
                 l.released.clone()
             };
-            let timed_out = released.wait_until(&mut t, deadline).timed_out();
+            let timed_out = match deadline {
+                Some(d) => released.wait_until(&mut t, d).timed_out(),
+                None => {
+                    released.wait(&mut t);
+                    false
+                }
+            };
             if let Some(l) = t.keys.get_mut(key) {
                 l.waiters -= 1;
                 if l.is_unused() {

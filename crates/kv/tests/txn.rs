@@ -704,3 +704,33 @@ fn commit_with_validates_then_hands_over_the_writes() {
     assert!(is_conflict(t.commit_with(|_| -> Result<(), ()> { panic!("must not write") })));
     assert_eq!(num(db.get("b").unwrap()), 1);
 }
+
+/// A limited scan reads, and under `Serializable` records, only up to the last key it returned:
+/// a write beyond it is no conflict, one within it is; its own writes merge in order.
+#[test]
+fn a_limited_scan_conflicts_only_with_what_it_returned() {
+    let (_d, db) = db();
+    for k in ["a", "b", "c", "d"] {
+        db.put(k, "0").unwrap();
+    }
+    let scan2 = |db: &Db| {
+        let mut t = db.transaction(TxnOptions::isolation(Isolation::Serializable));
+        t.put("ab", "own").unwrap();
+        t.delete("a").unwrap();
+        let got = t.scan_limit::<&str>(.., 2).unwrap();
+        let keys: Vec<_> = got.iter().map(|(k, _)| k.clone()).collect();
+        assert_eq!(keys, [Bytes::from("ab"), Bytes::from("b")]);
+        t.put("z", "1").unwrap();
+        t
+    };
+    let t = scan2(&db);
+    db.put("d", "1").unwrap();
+    t.commit().unwrap();
+    let t = scan2(&db);
+    db.put("b", "1").unwrap();
+    assert!(is_conflict(t.commit()));
+    // Unlimited, the same scan sees every key.
+    let mut t = db.transaction(TxnOptions::isolation(Isolation::Serializable));
+    assert_eq!(t.scan_limit::<&str>(.., usize::MAX).unwrap().len(), 5);
+    assert_eq!(t.scan::<&str>(..).unwrap().len(), 5);
+}

@@ -286,8 +286,11 @@ impl Keyspace {
             .map(|k| {
                 // The version first: a write between the two reads then shows as a change.
                 let version = self.versions.get(k);
-                let expires = self.get(k)?.and_then(|v| v.expire_at);
-                Ok(Watched { key: k.clone(), version, expires })
+                let stored = self.db.get(data_key(k))?;
+                let stale = stored.is_some();
+                let v = live(k, stored, now_ms)?;
+                let stale = stale && v.is_none();
+                Ok(Watched { key: k.clone(), version, expires: v.and_then(|v| v.expire_at), stale })
             })
             .collect()
     }
@@ -296,9 +299,12 @@ impl Keyspace {
     /// their stripe locks.
     pub(crate) fn unchanged(&self, watched: &[Watched]) -> bool {
         let now = now_ms();
-        watched
-            .iter()
-            .all(|w| self.versions.get(&w.key) == w.version && w.expires.is_none_or(|at| at > now))
+        watched.iter().all(|w| {
+            let same =
+                self.versions.get(&w.key) == w.version && w.expires.is_none_or(|at| at > now);
+            // A stale value deleted since: unchanged while the key still has no live value.
+            same || (w.stale && self.get(&w.key).is_ok_and(|v| v.is_none()))
+        })
     }
 
     /// Records writes of `keys` made without their stripe locks (stream commands): called

@@ -31,6 +31,14 @@ use crate::Engines;
 
 /// How long a transaction may go without a call before it is rolled back.
 pub(crate) const IDLE: Duration = Duration::from_secs(30);
+/// How long a transaction may stay open in all (its snapshot holds old versions).
+const MAX_AGE: Duration = Duration::from_secs(60);
+/// The most transactions open at once.
+const MAX_OPEN: usize = 10_000;
+/// The longest lock wait a transaction may ask for.
+const MAX_LOCK_TIMEOUT: Duration = Duration::from_secs(60);
+/// The most pairs one scan returns.
+const MAX_SCAN: usize = 100_000;
 
 /// Errors of interactive transactions; the text starts with its code word.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -94,6 +102,7 @@ struct Open {
     /// `None` once committed or rolled back by another call.
     txn: Option<Transaction>,
     used: Instant,
+    began: Instant,
     /// Where it began (a commit under another epoch aborts).
     epoch: Option<Epoch>,
 }
@@ -146,12 +155,22 @@ impl OpenTxns {
             false => TxnOptions::isolation(isolation),
         };
         if let Some(ms) = r.lock_timeout_ms {
-            opts.lock_timeout = Duration::from_millis(ms);
+            opts.lock_timeout = Duration::from_millis(ms).min(MAX_LOCK_TIMEOUT);
         }
+        opts.max_age = MAX_AGE;
         let epoch = ks.epoch();
+        if epoch.is_none() {
+            return Err(Error::Unavailable("this member stopped leading: retry".into()));
+        }
+        if self.open.lock().len() >= MAX_OPEN {
+            return Err(Error::Unavailable(format!(
+                "{MAX_OPEN} transactions are open: commit or roll back some, or retry later"
+            )));
+        }
         let txn = ks.db().transaction(opts);
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let open = Open { txn: Some(txn), used: Instant::now(), epoch };
+        let now = Instant::now();
+        let open = Open { txn: Some(txn), used: now, began: now, epoch };
         self.open.lock().insert(id, Arc::new(Mutex::new(open)));
         Ok(id)
     }
@@ -166,7 +185,15 @@ impl OpenTxns {
         let mut open = entry.lock();
         open.used = Instant::now();
         let txn = open.txn.as_mut().ok_or_else(|| unknown(id))?;
-        f(txn)
+        let r = f(txn);
+        if let Err(Error::Aborted(_)) = r {
+            // Deadlock victim, lock timeout, expired: over, and its locks released now (the
+            // client runs it again from the start).
+            open.txn = None;
+            drop(open);
+            self.open.lock().remove(&id);
+        }
+        r
     }
 
     /// Removes transaction `id`, waiting for a call in progress on it.
@@ -208,6 +235,10 @@ impl OpenTxns {
     }
 
     fn scan(&self, r: &pb::TxnScanRequest) -> Result<Vec<(Bytes, Bytes)>, Error> {
+        let limit = match r.limit {
+            0 => MAX_SCAN,
+            n => (n as usize).min(MAX_SCAN),
+        };
         self.with(r.id, |t| {
             let lo = data_key((&r.start).max(&r.prefix));
             let after_prefix = prefix_end(&data_key(&r.prefix));
@@ -218,11 +249,12 @@ impl OpenTxns {
             if hi.as_ref().is_some_and(|hi| lo >= *hi) {
                 return Ok(Vec::new());
             }
+            // Expired values and Redis streams are skipped below: read one page past the
+            // limit's worth, and no further.
             let pairs = match hi {
-                Some(hi) => t.scan(lo..hi)?,
-                None => t.scan(lo..)?,
+                Some(hi) => t.scan_limit(lo..hi, limit)?,
+                None => t.scan_limit(lo.., limit)?,
             };
-            let limit = if r.limit == 0 { usize::MAX } else { r.limit as usize };
             let now = now_ms();
             let mut out = Vec::new();
             for (k, v) in pairs {
@@ -268,7 +300,11 @@ impl OpenTxns {
         let mut open = self.open.lock();
         let before = open.len();
         // One in a call is not idle (its lock is held).
-        open.retain(|_, e| e.try_lock().is_none_or(|o| now.duration_since(o.used) < self.idle));
+        open.retain(|_, e| {
+            e.try_lock().is_none_or(|o| {
+                now.duration_since(o.used) < self.idle && now.duration_since(o.began) < MAX_AGE
+            })
+        });
         before - open.len()
     }
 
@@ -352,9 +388,15 @@ pub(crate) async fn call_here(
     call: pb::txn_call::Call,
 ) -> Result<pb::txn_reply::Reply, Error> {
     if let Some(r) = engines.keys.replication() {
-        if matches!(call, pb::txn_call::Call::Begin(_)) {
-            r.fresh().await?;
-            r.read_barrier_async().await?;
+        match call {
+            pb::txn_call::Call::Begin(_) => {
+                r.fresh().await?;
+                r.read_barrier_async().await?;
+            }
+            // A proposal that failed may still be applied: the commit is checked once the
+            // barrier behind it is, so the oracle has seen it (as every write evaluated here).
+            pb::txn_call::Call::Commit(_) => r.fresh().await?,
+            _ => {}
         }
     }
     let e = engines.clone();

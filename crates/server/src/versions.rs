@@ -98,6 +98,9 @@ pub(crate) struct Watched {
     /// The deadline of its value, if it was live and had one: once it passes, the key
     /// expired, which counts as a change.
     pub(crate) expires: Option<u64>,
+    /// It held a value past its deadline (not yet swept): deleting that value (the sweep, a
+    /// DEL, a flush) is no change while the key stays without a live value, as in Redis.
+    pub(crate) stale: bool,
 }
 
 /// The keys a connection watches, with the epoch they were watched in.
@@ -122,7 +125,7 @@ impl Watches {
 
     /// The encoding a member passes to the leader (and the leader returns for WATCH):
     /// `[broken u8][nonce u64][term u64]` then per key `[len u32][key][version u64][deadline
-    /// u64, 0 = none]`, integers little-endian. An empty list encodes as nothing.
+    /// u64, 0 = none][stale u8]`, integers little-endian. An empty list encodes as nothing.
     pub(crate) fn encode(&self) -> Bytes {
         let Some(e) = self.epoch else { return Bytes::new() };
         let mut out =
@@ -135,6 +138,7 @@ impl Watches {
             out.put_slice(&k.key);
             out.put_u64_le(k.version);
             out.put_u64_le(k.expires.unwrap_or(0));
+            out.put_u8(u8::from(k.stale));
         }
         out.into()
     }
@@ -157,8 +161,10 @@ impl Watches {
                 return None;
             }
             let (version, deadline) = (u64_at(key_end)?, u64_at(key_end + 8)?);
-            keys.push(Watched { key, version, expires: (deadline != 0).then_some(deadline) });
-            at = key_end + 16;
+            let stale = *b.get(key_end + 16)? != 0;
+            let expires = (deadline != 0).then_some(deadline);
+            keys.push(Watched { key, version, expires, stale });
+            at = key_end + 17;
         }
         Some(Watches { epoch: Some(epoch), keys, broken })
     }
@@ -188,8 +194,13 @@ mod tests {
         w.add(
             e,
             vec![
-                Watched { key: Bytes::from_static(b"k"), version: 5, expires: None },
-                Watched { key: Bytes::from_static(b""), version: 0, expires: Some(99) },
+                Watched { key: Bytes::from_static(b"k"), version: 5, expires: None, stale: true },
+                Watched {
+                    key: Bytes::from_static(b""),
+                    version: 0,
+                    expires: Some(99),
+                    stale: false,
+                },
             ],
         );
         assert_eq!(Watches::decode(&w.encode()), Some(w.clone()));

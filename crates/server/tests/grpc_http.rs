@@ -615,8 +615,14 @@ async fn interactive_transactions_through_grpc() {
     let (p1, p2) = (c.begin(opts).await.unwrap(), c.begin(opts).await.unwrap());
     p1.get_for_update("lockme").await.unwrap();
     assert_eq!(p2.put("lockme", "2").await.unwrap_err().code(), Some(Code::Aborted));
+    // The aborted one is over (its locks released at once): run it again from the start.
+    assert_eq!(p2.get("lockme").await.unwrap_err().code(), Some(Code::Aborted));
     p1.put("lockme", "1").await.unwrap();
     p1.commit().await.unwrap();
+    // A limited scan returns that many.
+    let tx = c.begin(ser).await.unwrap();
+    assert_eq!(tx.scan(Scan { limit: 1, ..Scan::default() }).await.unwrap().len(), 1);
+    tx.rollback().await.unwrap();
 
     // Transfers between accounts from many tasks at once, retried on conflicts: the total
     // stays, and every transfer lands once.

@@ -182,6 +182,36 @@ fn watch_aborts_exec_on_any_write_flush_or_expiry_of_a_watched_key() {
     }
     assert_eq!(exec_ping(&mut c), Value::Nil);
 
+    // A watched key that had expired but was not yet swept: its removal (the sweep, a DEL) is
+    // no change while it stays without a value, as in Redis.
+    let _: () = cmd("SET").arg("s").arg("v").arg("PX").arg(1).query(&mut c).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cmd("EXISTS").arg("s").query::<i64>(&mut other).unwrap() == 1 {
+        assert!(Instant::now() < deadline, "the key never expired");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let _: () = cmd("WATCH").arg("s").query(&mut c).unwrap();
+    let _: i64 = cmd("DEL").arg("s").query(&mut other).unwrap();
+    assert_eq!(exec_ping(&mut c), pong);
+
+    // UNWATCH queued inside MULTI replies OK in EXEC's array.
+    let _: () = cmd("MULTI").query(&mut c).unwrap();
+    let _: String = cmd("UNWATCH").query(&mut c).unwrap();
+    assert_eq!(cmd("EXEC").query::<Value>(&mut c).unwrap(), Value::Array(vec![Value::Okay]));
+
+    // WATCH with a stream command in the transaction is refused whole (its segments commit
+    // one by one, so the watch could not cover them all).
+    let _: () = cmd("WATCH").arg("k").query(&mut c).unwrap();
+    let _: () = cmd("MULTI").query(&mut c).unwrap();
+    let _: String = cmd("SET").arg("k").arg("never").query(&mut c).unwrap();
+    let _: String = cmd("XADD").arg("st").arg("*").arg("f").arg("v").query(&mut c).unwrap();
+    let e = err_text(cmd("EXEC").query(&mut c));
+    assert!(e.contains("not supported"), "{e}");
+    assert_ne!(
+        cmd("GET").arg("k").query::<Option<String>>(&mut c).unwrap().as_deref(),
+        Some("never")
+    );
+
     // The transaction's own writes after WATCH do not abort it; the queued commands do not run
     // when it aborts.
     let _: () = cmd("SET").arg("k").arg("1").query(&mut c).unwrap();

@@ -274,7 +274,18 @@ impl Transaction {
         &mut self,
         range: impl RangeBounds<K>,
     ) -> Result<Vec<(Bytes, Bytes)>> {
-        self.scan_bounds(user_bounds(&range))
+        self.scan_bounds(user_bounds(&range), usize::MAX)
+    }
+
+    /// [`Transaction::scan`] of the first `limit` keys only: it reads no further, and
+    /// `Serializable` records the range only up to the last key returned (a write beyond it
+    /// is no conflict).
+    pub fn scan_limit<K: AsRef<[u8]>>(
+        &mut self,
+        range: impl RangeBounds<K>,
+        limit: usize,
+    ) -> Result<Vec<(Bytes, Bytes)>> {
+        self.scan_bounds(user_bounds(&range), limit)
     }
 
     /// [`Transaction::scan`] in descending key order.
@@ -282,47 +293,72 @@ impl Transaction {
         &mut self,
         range: impl RangeBounds<K>,
     ) -> Result<Vec<(Bytes, Bytes)>> {
-        let mut v = self.scan_bounds(user_bounds(&range))?;
+        let mut v = self.scan_bounds(user_bounds(&range), usize::MAX)?;
         v.reverse();
         Ok(v)
     }
 
     /// [`Transaction::scan`] of the keys starting with `prefix`.
     pub fn prefix(&mut self, prefix: impl AsRef<[u8]>) -> Result<Vec<(Bytes, Bytes)>> {
-        self.scan_bounds(prefix_bounds(prefix.as_ref()))
+        self.scan_bounds(prefix_bounds(prefix.as_ref()), usize::MAX)
     }
 
-    fn scan_bounds(&mut self, bounds: Bounds) -> Result<Vec<(Bytes, Bytes)>> {
+    /// Up to `limit` live pairs of `bounds`: the snapshot's (or the latest) merged in key
+    /// order with its own writes, which win.
+    fn scan_bounds(&mut self, bounds: Bounds, limit: usize) -> Result<Vec<(Bytes, Bytes)>> {
         self.check_open()?;
-        let it = match self.opts.isolation {
+        let mut it = match self.opts.isolation {
             Isolation::ReadCommitted => self.inner.iter_latest(bounds.clone()),
             _ => self.inner.iter(self.start, bounds.clone()),
         };
-        let mut merged = BTreeMap::new();
         // Pessimistic: a key read here from the snapshot, if locked later, is checked from the
         // start (as one read by `get`).
         let from_snapshot =
             self.opts.mode == Mode::Pessimistic && self.opts.isolation != Isolation::ReadCommitted;
-        for kv in it {
-            let (k, v) = kv?;
-            if from_snapshot && !self.locked.contains_key(&k) {
-                self.snapshot_reads.insert(k.clone());
-            }
-            merged.insert(k, v);
-        }
         let range = bounds.as_range();
-        if !is_empty_range(range) {
-            for (k, w) in self.writes.range::<[u8], _>(range) {
-                match w {
-                    Some(v) => merged.insert(k.clone(), v.clone()),
-                    None => merged.remove(k),
-                };
+        let mut own = match is_empty_range(range) {
+            true => None,
+            false => Some(self.writes.range::<[u8], _>(range).peekable()),
+        };
+        let mut snap = it.next().transpose()?;
+        let mut out = Vec::new();
+        let mut snapshot_keys = Vec::new();
+        while out.len() < limit {
+            let own_next = own.as_mut().and_then(|o| o.peek().map(|(k, _)| (*k).clone()));
+            let take_own = match (&snap, &own_next) {
+                (None, None) => break,
+                (Some(_), None) => false,
+                (None, Some(_)) => true,
+                (Some((sk, _)), Some(ok)) => ok <= sk,
+            };
+            if take_own {
+                let Some((k, w)) = own.as_mut().and_then(Iterator::next) else { break };
+                if snap.as_ref().is_some_and(|(sk, _)| sk == k) {
+                    snap = it.next().transpose()?;
+                }
+                if let Some(v) = w {
+                    out.push((k.clone(), v.clone()));
+                }
+            } else if let Some((k, v)) = snap.take() {
+                if from_snapshot && !self.locked.contains_key(&k) {
+                    snapshot_keys.push(k.clone());
+                }
+                out.push((k, v));
+                snap = it.next().transpose()?;
             }
         }
+        self.snapshot_reads.extend(snapshot_keys);
         if self.opts.isolation == Isolation::Serializable {
-            self.reads.ranges.push(bounds);
+            // Read only up to the last key returned when the limit cut the scan.
+            let read = match out.last() {
+                Some((last, _)) if out.len() >= limit => {
+                    Bounds { lo: bounds.lo, hi: std::ops::Bound::Included(last.to_vec()) }
+                }
+                _ => bounds,
+            };
+            self.reads.ranges.push(read);
         }
-        Ok(merged.into_iter().collect())
+        Ok(out)
     }
 
     /// Marks the current writes, to come back to with

@@ -172,8 +172,12 @@ async fn watch(ep: &std::sync::Arc<Endpoint>, s: &mut Session, keys: &[Bytes]) -
 
 /// `keys` watched on this member (the leader, in a cluster).
 async fn watched_here(ep: &std::sync::Arc<Endpoint>, keys: &[Bytes]) -> Result<Watches, Reply> {
-    // In a cluster: everything committed before is applied here (so the deadlines read are
-    // current) and this member leads.
+    // In a cluster: this member leads, applied everything committed before (so the deadlines
+    // read are current), and, after a failed proposal, applied the barrier behind it (a failed
+    // write applied later would not bump the version recorded here).
+    if let Some(r) = ep.keys.replication() {
+        r.fresh().await.map_err(|e| Reply::Error(e.to_string()))?;
+    }
     ep.keys.linearizable_async().await.map_err(|e| Reply::Error(e.to_string()))?;
     let epoch = ep
         .keys
@@ -278,6 +282,13 @@ async fn run_block(
         // Only commands that resolved were queued.
         return Reply::Error("EXECABORT Transaction discarded because of previous errors.".into());
     }
+    if !watches.keys.is_empty() && commands.iter().any(|(c, _)| c.is_stream()) {
+        // A stream command splits the transaction in segments committed one after the other,
+        // and a watched key could change between them: refused rather than half-checked.
+        return Reply::err(
+            "WATCH with a stream command in the same transaction is not supported: the transaction did not run",
+        );
+    }
     let writes = commands.iter().any(|(c, _)| c.is(WRITE));
     if let Some(r) = ep.keys.replication() {
         // As for any write and linearizable read on the leader.
@@ -360,6 +371,8 @@ fn run_segment(
             match c.handler {
                 Handler::Keys(h) => h(&ctx, s, args).unwrap_or_else(|e| e),
                 Handler::Describe => table::describe(args),
+                // Queued UNWATCH: the watches were checked already; as in Redis, OK.
+                Handler::Txn(TxnCommand::Unwatch) => Reply::Ok,
                 Handler::Streams(_) | Handler::Txn(_) => {
                     Reply::err(format!("'{}' cannot run here", c.name))
                 }
@@ -396,16 +409,28 @@ async fn run_stream(
     reply
 }
 
-/// `request` without its `BLOCK <ms>` option.
+/// `request` without its `BLOCK <ms>` option (an option: before `STREAMS`; after it, every
+/// argument is a key or an id, whatever it spells).
 fn without_block(request: &[Bytes]) -> Vec<Bytes> {
+    let streams =
+        request.iter().position(|a| a.eq_ignore_ascii_case(b"STREAMS")).unwrap_or(request.len());
     let mut out = Vec::with_capacity(request.len());
-    let mut it = request.iter();
-    while let Some(a) = it.next() {
-        if a.eq_ignore_ascii_case(b"BLOCK") {
-            it.next();
-            continue;
-        }
-        out.push(a.clone());
+    let mut i = 0;
+    while let Some(a) = request.get(i) {
+        // An option's arguments are copied with it (a group or consumer may be named "block").
+        let args = match () {
+            _ if i >= streams || i == 0 => 0,
+            _ if a.eq_ignore_ascii_case(b"BLOCK") => {
+                i += 2;
+                continue;
+            }
+            _ if a.eq_ignore_ascii_case(b"GROUP") => 2,
+            _ if a.eq_ignore_ascii_case(b"COUNT") => 1,
+            _ => 0,
+        };
+        let end = (i + 1 + args).min(request.len());
+        out.extend(request.get(i..end).unwrap_or_default().iter().cloned());
+        i = end;
     }
     out
 }
@@ -485,6 +510,12 @@ mod tests {
     fn block_is_dropped_inside_exec() {
         let r = req(&["XREAD", "COUNT", "1", "BLOCK", "0", "STREAMS", "s", "$"]);
         assert_eq!(without_block(&r), req(&["XREAD", "COUNT", "1", "STREAMS", "s", "$"]));
+        // A stream (or group) named "block" stays.
+        let r = req(&["XREAD", "STREAMS", "block", "0"]);
+        assert_eq!(without_block(&r), r);
+        let r = req(&["XREADGROUP", "GROUP", "block", "c", "BLOCK", "5", "STREAMS", "s", ">"]);
+        let want = req(&["XREADGROUP", "GROUP", "block", "c", "STREAMS", "s", ">"]);
+        assert_eq!(without_block(&r), want);
     }
 
     #[test]

@@ -199,6 +199,20 @@ async fn run_stream(
     ep.keys.touch(&touched);
     match outcome {
         Outcome::Later(f) => {
+            // An append's trim (MAXLEN, MINID) runs in its future: recorded again after it.
+            let f = match touched.is_empty() {
+                true => f,
+                false => {
+                    let keys = ep.keys.clone();
+                    let touched: Vec<Bytes> =
+                        touched.iter().map(|k| Bytes::copy_from_slice(k)).collect();
+                    Box::pin(async move {
+                        let reply = f.await;
+                        keys.touch(&touched.iter().map(|k| &k[..]).collect::<Vec<_>>());
+                        reply
+                    })
+                }
+            };
             later.push(f);
             if later.len() == PIPELINED_APPENDS {
                 ep.activity.appends_pipelined();
