@@ -10,16 +10,19 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// mimalloc's `purge_delay` option: its place in mimalloc's `mi_option_e` (v2 and v3).
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
-/// Freed memory goes back to the OS at once, as timberd sets it (see its `main`).
+/// mimalloc's purge delay, as timberd sets it (see its `main`).
+const PURGE_DELAY_MS: std::ffi::c_long = 100;
+
+/// Sets mimalloc's purge delay to [`PURGE_DELAY_MS`].
 #[allow(unsafe_code)]
-fn return_freed_memory_at_once() {
+fn return_freed_memory_soon() {
     // mimalloc's own variable still decides when set.
     if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
         return;
     }
     // SAFETY: called first thing in main, before any other thread exists (mimalloc's option
     // setters are not thread-safe); the option index is a valid `mi_option_t`.
-    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) };
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, PURGE_DELAY_MS) };
 }
 
 mod cluster;
@@ -56,7 +59,7 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
-    return_freed_memory_at_once();
+    return_freed_memory_soon();
     match Cli::parse().command {
         Command::Wal(args) => wal::run(args),
         Command::Kv(args) => kv::run(args),
