@@ -403,7 +403,12 @@ mod tests {
             1 => key.clone().prop_map(|k| vec!["XADD".into(), k, "+".into(), "f".into(), "v".into()]),
             1 => Just(vec!["GET".to_string()]),
             1 => Just(vec!["NOSUCH".to_string(), "a".to_string()]),
-            1 => (key, 1i64..1000).prop_map(|(k, s)| vec!["SET".into(), k, "1".into(), "EX".into(), s.to_string()]),
+            1 => (key.clone(), 1i64..1000).prop_map(|(k, s)| vec!["SET".into(), k, "1".into(), "EX".into(), s.to_string()]),
+            // Transactions: queued replies, EXEC's array, aborts, WATCH.
+            1 => Just(vec!["MULTI".to_string()]),
+            1 => Just(vec!["EXEC".to_string()]),
+            1 => Just(vec!["DISCARD".to_string()]),
+            1 => key.prop_map(|k| vec!["WATCH".into(), k]),
         ]
     }
 
@@ -455,7 +460,8 @@ mod tests {
 
         /// A pipeline gives the replies, and leaves the keyspace and streams, that the same
         /// requests sent one at a time do: the batched runs of SETs, INCRs and GETs, the runs
-        /// cut at stream commands and the appends' deferred replies change nothing observable.
+        /// cut at stream and transaction commands, queued commands and the appends' deferred
+        /// replies change nothing observable.
         #[test]
         fn a_pipeline_is_the_same_as_one_request_at_a_time(requests in prop::collection::vec(request(), 1..40)) {
             let requests = with_ids(requests);
