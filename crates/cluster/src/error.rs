@@ -39,6 +39,16 @@ pub enum Error {
     #[error("cluster unavailable: {0}")]
     Unavailable(String),
 
+    /// A proposal larger than one log entry may be ([`crate::MAX_PROPOSAL_BYTES`]): refused
+    /// before it reaches the log, where no follower could receive it.
+    #[error("a write of {bytes} bytes exceeds the cluster's limit of {max} bytes per entry")]
+    TooLarge {
+        /// Its size.
+        bytes: usize,
+        /// The limit.
+        max: usize,
+    },
+
     /// Raft itself failed (a storage error stopped it, or it was shut down).
     #[error("raft: {0}")]
     Raft(String),

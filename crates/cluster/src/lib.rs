@@ -23,6 +23,10 @@ mod read_index;
 mod types;
 
 pub use crate::error::{Error, Result};
+
+/// The largest proposal a member takes (keys, values and stream records): Raft sends up to 16
+/// entries in one message of at most 256 MiB, so an entry must fit in a sixteenth of it.
+pub const MAX_PROPOSAL_BYTES: usize = 15 << 20;
 pub use crate::forward::{Executor, Reply};
 pub use crate::log_store::LogStore;
 pub use crate::machine::{applied_in, KvMachine, SnapshotStats, RESERVED_PREFIX};

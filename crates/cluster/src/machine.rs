@@ -157,6 +157,16 @@ pub fn applied_in(snap: &timber_kv::Snapshot) -> Result<Option<LogId<u64>>> {
 }
 
 impl Proposal {
+    /// Refuses a new proposal larger than an entry may be (not checked on apply: an entry in
+    /// the log is applied whatever its size).
+    pub fn check_size(&self) -> Result<()> {
+        let bytes = self.size();
+        if bytes > crate::MAX_PROPOSAL_BYTES {
+            return Err(Error::TooLarge { bytes, max: crate::MAX_PROPOSAL_BYTES });
+        }
+        Ok(())
+    }
+
     /// Refuses a proposal that writes under the state machine's reserved keys.
     pub fn check(&self) -> Result<()> {
         for op in &self.ops {
@@ -711,5 +721,22 @@ impl RaftStateMachine<TypeConfig> for KvMachine {
     ) -> Result<Option<Snapshot<TypeConfig>>, StorageError<u64>> {
         let snap = self.load_snapshot().map_err(|e| StorageIOError::read_snapshot(None, &e))?;
         Ok(snap.map(|(meta, data)| Snapshot { meta, snapshot: Box::new(Cursor::new(data)) }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_proposal_larger_than_an_entry_may_be_is_refused_but_applies_if_logged() {
+        let mut p = Proposal::default();
+        p.put(b"k".to_vec(), vec![0u8; crate::MAX_PROPOSAL_BYTES]);
+        assert!(matches!(p.check_size(), Err(Error::TooLarge { .. })));
+        // An entry already in a log (written before the limit) is still applied.
+        assert!(p.check().is_ok());
+        let mut p = Proposal::default();
+        p.put(b"k".to_vec(), vec![0u8; crate::MAX_PROPOSAL_BYTES - 1]);
+        assert!(p.check_size().is_ok());
     }
 }

@@ -252,6 +252,7 @@ impl Member {
     /// [`Error::Unavailable`] when no quorum commits it within `timeout` (it may still commit).
     pub async fn propose(&self, proposal: Proposal, timeout: Duration) -> Result<LogId<u64>> {
         proposal.check()?;
+        proposal.check_size()?;
         self.proposals.propose(proposal, timeout).await
     }
 

@@ -53,6 +53,7 @@ fn key_status(e: crate::keyspace::Error) -> Status {
     match e {
         // Retryable: on the leader, or once a quorum is back.
         Error::NotLeader { .. } | Error::ClusterDown(_) => Status::unavailable(e.to_string()),
+        Error::TooLarge(m) => Status::invalid_argument(m),
         e => {
             tracing::error!(error = %e, "keyspace error");
             Status::internal(e.to_string())

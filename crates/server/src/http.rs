@@ -74,6 +74,7 @@ fn keys_failed(e: crate::keyspace::Error) -> Failure {
     match e {
         Error::NotLeader { .. } => Failure(StatusCode::MISDIRECTED_REQUEST, e.to_string()),
         Error::ClusterDown(_) => Failure(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        Error::TooLarge(m) => Failure(StatusCode::PAYLOAD_TOO_LARGE, m),
         e => {
             tracing::error!(error = %e, "keyspace error");
             Failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())

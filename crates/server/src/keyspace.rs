@@ -57,6 +57,9 @@ pub(crate) enum Error {
     /// In a cluster, the leader failed a call this member passed to it.
     #[error("the leader failed: {0}")]
     Leader(String),
+    /// In a cluster, a write larger than one Raft entry may be. Nothing was written.
+    #[error("{0}")]
+    TooLarge(String),
 }
 
 /// What a key holds.

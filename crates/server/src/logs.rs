@@ -112,6 +112,7 @@ impl Error {
             Error::Cluster(e) => match e {
                 crate::keyspace::Error::NotLeader { .. }
                 | crate::keyspace::Error::ClusterDown(_) => Code::Unavailable,
+                crate::keyspace::Error::TooLarge(_) => Code::Invalid,
                 _ => Code::Internal,
             },
             Error::Leader { code, .. } => *code,

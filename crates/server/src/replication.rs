@@ -662,6 +662,7 @@ fn cluster_error(e: timber_cluster::Error) -> Error {
             },
         },
         timber_cluster::Error::Unavailable(m) => Error::ClusterDown(m),
+        e @ timber_cluster::Error::TooLarge { .. } => Error::TooLarge(e.to_string()),
         other => Error::ClusterDown(other.to_string()),
     }
 }

@@ -1070,6 +1070,13 @@ fn every_kind_of_transaction_runs_on_the_leader_through_any_member() {
         );
     });
 
+    // A write larger than one Raft entry may be is refused, and the cluster goes on.
+    let big = vec![b'x'; timber_cluster::MAX_PROPOSAL_BYTES + 1];
+    let e = on_leader(&c, |con| Ok(redis::cmd("SET").arg("big").arg(&big[..]).query::<()>(con)));
+    let e = e.unwrap_err().to_string();
+    assert!(e.contains("exceeds the cluster's limit"), "{e}");
+    let _: () = on_leader(&c, |con| redis::cmd("SET").arg("after-big").arg(1).query(con));
+
     // The killed member comes back; every member holds the same c and n.
     c.start(old);
     let want = on_leader(&c, both);

@@ -46,6 +46,9 @@ pub(crate) fn storage(e: crate::keyspace::Error) -> Reply {
     if let Error::WrongType | Error::NotLeader { .. } | Error::ClusterDown(_) = e {
         return Reply::Error(e.to_string());
     }
+    if let Error::TooLarge(m) = e {
+        return Reply::err(m);
+    }
     tracing::error!(error = %e, "storage error");
     Reply::err(format!("storage error: {e}"))
 }

@@ -43,6 +43,7 @@ fn error(e: Error) -> Reply {
         Error::Keys(keyspace::Error::WrongType) => {
             Reply::Error(keyspace::Error::WrongType.to_string())
         }
+        Error::Keys(keyspace::Error::TooLarge(m)) => Reply::err(m),
         // Retryable: the client may send it again once the store is back.
         Error::Stream(e @ timber_stream::Error::StoreUnavailable { .. }) => {
             Reply::Error(format!("TRYAGAIN {e}"))
