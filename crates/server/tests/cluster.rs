@@ -1031,6 +1031,16 @@ fn every_kind_of_transaction_runs_on_the_leader_through_any_member() {
         redis::pipe().atomic().cmd("SET").arg("c").arg(0).query(&mut fcon).unwrap();
     assert_eq!(r, None);
 
+    // A command that changes the connection cannot go to the leader inside a transaction.
+    redis::cmd("MULTI").query::<()>(&mut fcon).unwrap();
+    let queued: String = redis::cmd("CLIENT").arg("SETNAME").arg("x").query(&mut fcon).unwrap();
+    assert_eq!(queued, "QUEUED");
+    let r: redis::RedisResult<redis::Value> = redis::cmd("EXEC").query(&mut fcon);
+    match r {
+        Err(e) => assert!(e.to_string().contains("cannot run inside a transaction"), "{e}"),
+        Ok(_) => assert_eq!(c.leader_now(), Some(f), "ran although the member did not lead"),
+    }
+
     // A leader change between WATCH and EXEC aborts: versions do not carry across leaders.
     // (The new leader never wrote `w` itself: its own version of `w` would say unchanged.)
     let _: () = redis::cmd("WATCH").arg("w").query(&mut fcon).unwrap();

@@ -222,6 +222,14 @@ async fn exec(
     }
     if let Some(r) = ep.keys.replication() {
         if !r.is_leader() && !s.forwarded {
+            // The leader runs the queue on a session of its own: a command that changes the
+            // connection (its protocol, its name, its authentication) would change that one.
+            if let Some(name) = m.queue.iter().find_map(|c| session_command(c)) {
+                return Reply::err(format!(
+                    "'{name}' cannot run inside a transaction on a member that does not lead: \
+                     send it outside the transaction (the transaction did not run)"
+                ));
+            }
             let mut args = vec![Bytes::from_static(EXEC_BLOCK), watches.encode()];
             for c in &m.queue {
                 args.push(Bytes::from(c.len().to_string()));
@@ -409,6 +417,13 @@ async fn run_stream(
     reply
 }
 
+/// The name of a command that changes the connection it runs on, if `request` is one.
+fn session_command(request: &[Bytes]) -> Option<&'static str> {
+    let (_, c) = table::resolve(request).ok()?;
+    matches!(c.name, "hello" | "auth" | "select" | "client" | "readonly" | "readwrite")
+        .then_some(c.name)
+}
+
 /// `request` without its `BLOCK <ms>` option (an option: before `STREAMS`; after it, every
 /// argument is a key or an id, whatever it spells).
 fn without_block(request: &[Bytes]) -> Vec<Bytes> {
@@ -504,6 +519,14 @@ mod tests {
         let r = req(&["XGROUP", "CREATE", "s", "g", "$"]);
         let (_, c) = table::resolve(&r).unwrap();
         assert_eq!(stream_keys(c, &r), vec![&b"s"[..]]);
+    }
+
+    #[test]
+    fn session_commands_are_recognised() {
+        assert_eq!(session_command(&req(&["HELLO", "3"])), Some("hello"));
+        assert_eq!(session_command(&req(&["client", "setname", "x"])), Some("client"));
+        assert_eq!(session_command(&req(&["SET", "a", "1"])), None);
+        assert_eq!(session_command(&req(&["NOSUCH"])), None);
     }
 
     #[test]
