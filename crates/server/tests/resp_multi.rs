@@ -104,6 +104,9 @@ fn multi_exec_and_discard_reply_as_redis_does() {
     // Raw RESP: the queued replies, then EXEC's array.
     let got = raw(t.port, b"MULTI\r\nSET r 1\r\nINCR r\r\nEXEC\r\n", 6);
     assert_eq!(got, "+OK\r\n+QUEUED\r\n+QUEUED\r\n*2\r\n+OK\r\n:2\r\n");
+    // BLOCK is ignored inside EXEC (as in Redis): nothing to read gives nil at once.
+    let got = raw(t.port, b"MULTI\r\nXREAD BLOCK 0 STREAMS nothing $\r\nEXEC\r\n", 4);
+    assert_eq!(got, "+OK\r\n+QUEUED\r\n*1\r\n*-1\r\n");
     assert_eq!(t.stop(), 0);
 }
 

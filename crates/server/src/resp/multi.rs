@@ -29,7 +29,7 @@ use super::args::Args;
 use super::cmd::streams::{self, Outcome, StreamContext};
 use super::reply::Reply;
 use super::session::{Context, Session};
-use super::table::{self, Command, Handler, BLOCKING, READONLY, WRITE};
+use super::table::{self, Command, Handler, READONLY, WRITE};
 use super::Endpoint;
 use crate::versions::Watches;
 use crate::view::{KeyView, Pending};
@@ -404,12 +404,16 @@ async fn run_stream(
     let Handler::Streams(handler) = c.handler else {
         return Reply::err(format!("'{}' cannot run here", c.name));
     };
-    let request = if c.is(BLOCKING) { without_block(request) } else { request.to_vec() };
-    let touched = stream_keys(c, &request);
+    let touched = stream_keys(c, request);
     ep.keys.touch(&touched);
-    let mut cx =
-        StreamContext { space: &ep.streams, proto, max_value: ep.max_request, stop: stop.clone() };
-    let reply = match streams::run(handler, &mut cx, Args::new(c.name, &request)).await {
+    let mut cx = StreamContext {
+        space: &ep.streams,
+        proto,
+        max_value: ep.max_request,
+        stop: stop.clone(),
+        blocking: false,
+    };
+    let reply = match streams::run(handler, &mut cx, Args::new(c.name, request)).await {
         Outcome::Now(r) => r,
         Outcome::Later(f) => f.await,
     };
@@ -422,32 +426,6 @@ fn session_command(request: &[Bytes]) -> Option<&'static str> {
     let (_, c) = table::resolve(request).ok()?;
     matches!(c.name, "hello" | "auth" | "select" | "client" | "readonly" | "readwrite")
         .then_some(c.name)
-}
-
-/// `request` without its `BLOCK <ms>` option (an option: before `STREAMS`; after it, every
-/// argument is a key or an id, whatever it spells).
-fn without_block(request: &[Bytes]) -> Vec<Bytes> {
-    let streams =
-        request.iter().position(|a| a.eq_ignore_ascii_case(b"STREAMS")).unwrap_or(request.len());
-    let mut out = Vec::with_capacity(request.len());
-    let mut i = 0;
-    while let Some(a) = request.get(i) {
-        // An option's arguments are copied with it (a group or consumer may be named "block").
-        let args = match () {
-            _ if i >= streams || i == 0 => 0,
-            _ if a.eq_ignore_ascii_case(b"BLOCK") => {
-                i += 2;
-                continue;
-            }
-            _ if a.eq_ignore_ascii_case(b"GROUP") => 2,
-            _ if a.eq_ignore_ascii_case(b"COUNT") => 1,
-            _ => 0,
-        };
-        let end = (i + 1 + args).min(request.len());
-        out.extend(request.get(i..end).unwrap_or_default().iter().cloned());
-        i = end;
-    }
-    out
 }
 
 /// The keys a keyspace command names (by the command table's key positions); `None` for a
@@ -530,15 +508,18 @@ mod tests {
     }
 
     #[test]
-    fn block_is_dropped_inside_exec() {
-        let r = req(&["XREAD", "COUNT", "1", "BLOCK", "0", "STREAMS", "s", "$"]);
-        assert_eq!(without_block(&r), req(&["XREAD", "COUNT", "1", "STREAMS", "s", "$"]));
-        // A stream (or group) named "block" stays.
-        let r = req(&["XREAD", "STREAMS", "block", "0"]);
-        assert_eq!(without_block(&r), r);
-        let r = req(&["XREADGROUP", "GROUP", "block", "c", "BLOCK", "5", "STREAMS", "s", ">"]);
-        let want = req(&["XREADGROUP", "GROUP", "block", "c", "STREAMS", "s", ">"]);
-        assert_eq!(without_block(&r), want);
+    fn block_is_read_as_the_command_reads_it() {
+        let block = |parts: &[&str]| streams::block_of(&req(parts));
+        let five = Some(Some(std::time::Duration::from_millis(5)));
+        assert_eq!(block(&["XREAD", "COUNT", "1", "BLOCK", "0", "STREAMS", "s", "$"]), Some(None));
+        // A stream (or group) named "block" is no option.
+        assert_eq!(block(&["XREAD", "STREAMS", "block", "0"]), None);
+        assert_eq!(block(&["XREADGROUP", "GROUP", "block", "c", "STREAMS", "s", ">"]), None);
+        assert_eq!(
+            block(&["XREADGROUP", "GROUP", "block", "c", "BLOCK", "5", "STREAMS", "s", ">"]),
+            five
+        );
+        assert_eq!(block(&["XREAD", "BLOCK", "x", "STREAMS", "s", "$"]), None);
     }
 
     #[test]

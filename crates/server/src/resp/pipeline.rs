@@ -165,7 +165,7 @@ async fn run_stream(
             }
         } else if leader_only {
             settle(later, s.proto, out).await;
-            let block = block_arg(item.request);
+            let block = streams::block_of(item.request);
             match r.forward_blocking(s.proto, item.request.to_vec(), block).await {
                 Ok(reply) => out.extend_from_slice(&reply),
                 Err(e) => Reply::Error(e.to_string()).encode(s.proto, out),
@@ -188,6 +188,7 @@ async fn run_stream(
         proto: s.proto,
         max_value: ep.max_request,
         stop: stop.clone(),
+        blocking: true,
     };
     // A stream write changes its key for WATCH: recorded before and after (it holds no
     // stripe lock, see `crate::versions`).
@@ -223,15 +224,6 @@ async fn run_stream(
             r.encode(s.proto, out);
         }
     }
-}
-
-/// The `BLOCK <ms>` of XREAD and XREADGROUP: `None` without one, `Some(None)` for `BLOCK 0`
-/// (no limit), `Some(Some(ms))` otherwise (a bad value blocks for no time: the command itself
-/// refuses it).
-fn block_arg(request: &[Bytes]) -> Option<Option<std::time::Duration>> {
-    let at = request.iter().position(|a| a.eq_ignore_ascii_case(b"BLOCK"))?;
-    let ms: u64 = std::str::from_utf8(request.get(at + 1)?).ok()?.parse().ok()?;
-    Some((ms > 0).then(|| std::time::Duration::from_millis(ms)))
 }
 
 /// Runs a run of keyspace (and connection) commands; under `--sync always`, one sync covers

@@ -93,6 +93,9 @@ pub(crate) struct StreamContext<'a> {
     pub(crate) max_value: usize,
     /// Fires when the server stops.
     pub(crate) stop: watch::Receiver<bool>,
+    /// Whether XREAD and XREADGROUP may wait (`BLOCK`); inside `EXEC` they do not, as in
+    /// Redis.
+    pub(crate) blocking: bool,
 }
 
 async fn xdel(_: &mut StreamContext<'_>, _: Args<'_>) -> R {
@@ -321,6 +324,20 @@ struct ReadArgs<'a> {
     ids: &'a [Bytes],
 }
 
+/// The `BLOCK` of an XREAD or XREADGROUP request (name first), as the command reads it: `None`
+/// without one or for a request it refuses, `Some(None)` for `BLOCK 0` (no limit),
+/// `Some(Some(d))` otherwise.
+pub(crate) fn block_of(request: &[Bytes]) -> Option<Option<Duration>> {
+    let (args, group) = match upper(request.first()?).as_str() {
+        "XREAD" => (request.get(1..)?, false),
+        // After GROUP <group> <consumer>.
+        "XREADGROUP" => (request.get(4..)?, true),
+        _ => return None,
+    };
+    let block = parse_read(args, group).ok()?.block?;
+    Some((!block.is_zero()).then_some(block))
+}
+
 fn parse_read<'a>(a: &'a [Bytes], group: bool) -> R<ReadArgs<'a>> {
     let mut r = ReadArgs { count: usize::MAX, block: None, noack: false, keys: &[], ids: &[] };
     let mut i = 0;
@@ -374,7 +391,8 @@ fn read_reply(proto: u8, per_key: Vec<(Bytes, Reply)>) -> Reply {
 }
 
 async fn xread(cx: &mut StreamContext<'_>, a: Args<'_>) -> R {
-    let r = parse_read(a.all(), false)?;
+    let mut r = parse_read(a.all(), false)?;
+    r.block = r.block.filter(|_| cx.blocking);
     // Resolve `$` and `+` once, before any wait.
     let mut from = Vec::with_capacity(r.keys.len());
     for (k, id) in r.keys.iter().zip(r.ids) {
@@ -438,7 +456,8 @@ async fn xreadgroup(cx: &mut StreamContext<'_>, a: Args<'_>) -> R {
         return Err(syntax());
     }
     let (group, consumer) = (a.arg(1)?, a.arg(2)?);
-    let r = parse_read(a.from(3), true)?;
+    let mut r = parse_read(a.from(3), true)?;
+    r.block = r.block.filter(|_| cx.blocking);
     let mut targets = Vec::with_capacity(r.keys.len());
     for (k, id) in r.keys.iter().zip(r.ids) {
         let h = handle(cx, k)?;
