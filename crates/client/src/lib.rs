@@ -388,6 +388,11 @@ pub struct Entry {
     pub data: Bytes,
 }
 
+/// A time to live as the server takes it: whole milliseconds, at least one (0 means none).
+pub(crate) fn ttl_ms(ttl: Duration) -> u64 {
+    ttl.as_millis().clamp(1, u128::from(u64::MAX)) as u64
+}
+
 /// A connection to one timberd.
 #[derive(Debug, Clone)]
 pub struct Client {
@@ -496,7 +501,7 @@ impl Client {
         value: impl Into<Bytes>,
         ttl: Duration,
     ) -> Result<()> {
-        self.put_inner(key.into(), value.into(), Some(ttl.as_millis().max(1) as u64)).await
+        self.put_inner(key.into(), value.into(), Some(ttl_ms(ttl))).await
     }
 
     async fn put_inner(&self, key: Bytes, value: Bytes, ttl_ms: Option<u64>) -> Result<()> {

@@ -172,7 +172,7 @@ impl Transaction {
         value: impl Into<Bytes>,
         ttl: Duration,
     ) -> Result<()> {
-        self.put_with(key.into(), value.into(), Some(ttl.as_millis().max(1) as u64)).await
+        self.put_with(key.into(), value.into(), Some(crate::ttl_ms(ttl))).await
     }
 
     async fn put_with(&self, key: Bytes, value: Bytes, ttl_ms: Option<u64>) -> Result<()> {

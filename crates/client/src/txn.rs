@@ -57,7 +57,7 @@ pub struct TxnResult {
 }
 
 fn put(key: Bytes, value: Bytes, ttl: Option<Duration>) -> pb::TxnOp {
-    let ttl_ms = ttl.map(|t| t.as_millis().max(1) as u64);
+    let ttl_ms = ttl.map(crate::ttl_ms);
     pb::TxnOp { op: Some(pb::txn_op::Op::Put(pb::PutRequest { key, value, ttl_ms })) }
 }
 
