@@ -151,6 +151,14 @@ fn decode(key: &[u8], v: &Bytes) -> Result<Value, Error> {
     Ok(Value { kind, data: v.slice(9..), expire_at })
 }
 
+/// A value's header as stored: its kind, then its deadline (ms, little-endian, 0 = none).
+fn encode_header(v: &Value) -> [u8; 9] {
+    let mut h = [0u8; 9];
+    h[0] = v.kind as u8;
+    h[1..].copy_from_slice(&v.expire_at.unwrap_or(0).to_le_bytes());
+    h
+}
+
 /// The kind and deadline of a stored value, without its data.
 fn header(key: &[u8], v: &[u8]) -> Result<(Kind, Option<u64>), Error> {
     let kind = match v.first() {
@@ -456,16 +464,11 @@ impl Keyspace {
 
     /// A value as stored under its data key.
     pub(crate) fn encoded(v: &Value) -> Vec<u8> {
-        let mut out = Vec::with_capacity(9 + v.data.len());
-        out.push(v.kind as u8);
-        out.extend_from_slice(&v.expire_at.unwrap_or(0).to_le_bytes());
-        out.extend_from_slice(&v.data);
-        out
+        [&encode_header(v)[..], &v.data].concat()
     }
 
     pub(crate) fn put_into(b: &mut WriteBatch, key: &[u8], v: &Value) {
-        let expire_at = v.expire_at.unwrap_or(0).to_le_bytes();
-        b.put_parts(&[&[DATA], key], &[&[v.kind as u8], &expire_at, &v.data]);
+        b.put_parts(&[&[DATA], key], &[&encode_header(v), &v.data]);
         if let Some(at) = v.expire_at {
             b.put_parts(&[&[INDEX], &at.to_be_bytes(), key], &[]);
         }
