@@ -320,9 +320,9 @@ impl Keyspace {
 
     /// Records writes of `keys` made without their stripe locks (stream commands): called
     /// before and after such a write.
-    pub(crate) fn touch(&self, keys: &[&[u8]]) {
+    pub(crate) fn touch(&self, keys: &[impl AsRef<[u8]>]) {
         for k in keys {
-            self.versions.bump(k);
+            self.versions.bump(k.as_ref());
         }
     }
 

@@ -209,7 +209,7 @@ async fn run_stream(
                         touched.iter().map(|k| Bytes::copy_from_slice(k)).collect();
                     Box::pin(async move {
                         let reply = f.await;
-                        keys.touch(&touched.iter().map(|k| &k[..]).collect::<Vec<_>>());
+                        keys.touch(&touched);
                         reply
                     })
                 }
