@@ -149,55 +149,80 @@ mod rocks {
         matches!(e.kind(), K::Busy | K::TryAgain | K::TimedOut | K::Expired | K::Aborted)
     }
 
+    /// Loads `keys` through `write`, a thousand to a batch.
+    fn load(
+        keys: &[Key],
+        value: &[u8],
+        write: impl Fn(rocksdb::WriteBatchWithTransaction<true>) -> Result<(), rocksdb::Error>,
+    ) -> anyhow::Result<()> {
+        for chunk in keys.chunks(1000) {
+            let mut b = rocksdb::WriteBatchWithTransaction::<true>::default();
+            for k in chunk {
+                b.put(k, value);
+            }
+            write(b)?;
+        }
+        Ok(())
+    }
+
+    /// Reads each key for update and writes it in `t`, then commits: whether it committed.
+    fn rmw<D>(t: rocksdb::Transaction<'_, D>, keys: &[Key], value: &[u8]) -> anyhow::Result<bool> {
+        for k in keys {
+            match t.get_for_update(k, true).and_then(|_| t.put(k, value)) {
+                Ok(()) => {}
+                Err(e) if aborted(&e) => return Ok(false),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        commit(t)
+    }
+
+    /// Reads each key at `t`'s snapshot, then commits: whether it committed.
+    fn read<D>(t: rocksdb::Transaction<'_, D>, keys: &[Key]) -> anyhow::Result<bool> {
+        let snap = t.snapshot();
+        for k in keys {
+            let mut r = rocksdb::ReadOptions::default();
+            r.set_snapshot(&snap);
+            t.get_opt(k, &r)?;
+        }
+        drop(snap);
+        commit(t)
+    }
+
+    fn commit<D>(t: rocksdb::Transaction<'_, D>) -> anyhow::Result<bool> {
+        match t.commit() {
+            Ok(()) => Ok(true),
+            Err(e) if aborted(&e) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     pub struct Optimistic(rocksdb::OptimisticTransactionDB);
 
     pub fn optimistic(dir: &std::path::Path) -> anyhow::Result<Box<dyn TxnDb>> {
         Ok(Box::new(Optimistic(rocksdb::OptimisticTransactionDB::open(&options(), dir)?)))
     }
 
+    impl Optimistic {
+        /// A transaction with a snapshot: a key written since conflicts at commit.
+        fn begin(&self) -> rocksdb::Transaction<'_, rocksdb::OptimisticTransactionDB> {
+            let mut o = rocksdb::OptimisticTransactionOptions::default();
+            o.set_snapshot(true);
+            self.0.transaction_opt(&rocksdb::WriteOptions::default(), &o)
+        }
+    }
+
     impl TxnDb for Optimistic {
         fn load(&self, keys: &[Key], value: &[u8]) -> anyhow::Result<()> {
-            for chunk in keys.chunks(1000) {
-                let mut b = rocksdb::WriteBatchWithTransaction::<true>::default();
-                for k in chunk {
-                    b.put(k, value);
-                }
-                self.0.write(b)?;
-            }
-            Ok(())
+            load(keys, value, |b| self.0.write(b))
         }
 
         fn rmw(&self, keys: &[Key], value: &[u8]) -> anyhow::Result<bool> {
-            let mut o = rocksdb::OptimisticTransactionOptions::default();
-            o.set_snapshot(true);
-            let t = self.0.transaction_opt(&rocksdb::WriteOptions::default(), &o);
-            for k in keys {
-                t.get_for_update(k, true)?;
-                t.put(k, value)?;
-            }
-            match t.commit() {
-                Ok(()) => Ok(true),
-                Err(e) if aborted(&e) => Ok(false),
-                Err(e) => Err(e.into()),
-            }
+            rmw(self.begin(), keys, value)
         }
 
         fn read(&self, keys: &[Key]) -> anyhow::Result<bool> {
-            let mut o = rocksdb::OptimisticTransactionOptions::default();
-            o.set_snapshot(true);
-            let t = self.0.transaction_opt(&rocksdb::WriteOptions::default(), &o);
-            let snap = t.snapshot();
-            for k in keys {
-                let mut r = rocksdb::ReadOptions::default();
-                r.set_snapshot(&snap);
-                t.get_opt(k, &r)?;
-            }
-            drop(snap);
-            match t.commit() {
-                Ok(()) => Ok(true),
-                Err(e) if aborted(&e) => Ok(false),
-                Err(e) => Err(e.into()),
-            }
+            read(self.begin(), keys)
         }
     }
 
@@ -212,49 +237,26 @@ mod rocks {
         Ok(Box::new(Pessimistic(db)))
     }
 
+    impl Pessimistic {
+        /// A transaction with a snapshot: a key written since conflicts when locked.
+        fn begin(&self) -> rocksdb::Transaction<'_, rocksdb::TransactionDB> {
+            let mut o = rocksdb::TransactionOptions::default();
+            o.set_snapshot(true);
+            self.0.transaction_opt(&rocksdb::WriteOptions::default(), &o)
+        }
+    }
+
     impl TxnDb for Pessimistic {
         fn load(&self, keys: &[Key], value: &[u8]) -> anyhow::Result<()> {
-            for chunk in keys.chunks(1000) {
-                let mut b = rocksdb::WriteBatchWithTransaction::<true>::default();
-                for k in chunk {
-                    b.put(k, value);
-                }
-                self.0.write(b)?;
-            }
-            Ok(())
+            load(keys, value, |b| self.0.write(b))
         }
 
         fn rmw(&self, keys: &[Key], value: &[u8]) -> anyhow::Result<bool> {
-            let mut o = rocksdb::TransactionOptions::default();
-            o.set_snapshot(true);
-            let t = self.0.transaction_opt(&rocksdb::WriteOptions::default(), &o);
-            for k in keys {
-                match t.get_for_update(k, true).and_then(|_| t.put(k, value)) {
-                    Ok(()) => {}
-                    Err(e) if aborted(&e) => return Ok(false),
-                    Err(e) => return Err(e.into()),
-                }
-            }
-            match t.commit() {
-                Ok(()) => Ok(true),
-                Err(e) if aborted(&e) => Ok(false),
-                Err(e) => Err(e.into()),
-            }
+            rmw(self.begin(), keys, value)
         }
 
         fn read(&self, keys: &[Key]) -> anyhow::Result<bool> {
-            let mut o = rocksdb::TransactionOptions::default();
-            o.set_snapshot(true);
-            let t = self.0.transaction_opt(&rocksdb::WriteOptions::default(), &o);
-            let snap = t.snapshot();
-            for k in keys {
-                let mut r = rocksdb::ReadOptions::default();
-                r.set_snapshot(&snap);
-                t.get_opt(k, &r)?;
-            }
-            drop(snap);
-            t.commit()?;
-            Ok(true)
+            read(self.begin(), keys)
         }
     }
 }
