@@ -151,6 +151,25 @@ fn decode(key: &[u8], v: &Bytes) -> Result<Value, Error> {
     Ok(Value { kind, data: v.slice(9..), expire_at })
 }
 
+/// The engine keys of the keys starting with `prefix`, at or after `start`, before `end` (empty:
+/// no bound), as a half-open range; `None` if no key lies in it.
+pub(crate) fn data_range(prefix: &[u8], start: &[u8], end: &[u8]) -> Option<(Vec<u8>, Vec<u8>)> {
+    let lo = data_key(start.max(prefix));
+    // The first engine key after every one starting with the prefix (the data keys' prefix
+    // byte is below 0xff, so there is one).
+    let mut hi = data_key(prefix);
+    while hi.last() == Some(&u8::MAX) {
+        hi.pop();
+    }
+    if let Some(last) = hi.last_mut() {
+        *last += 1;
+    }
+    if !end.is_empty() {
+        hi = hi.min(data_key(end));
+    }
+    (lo < hi).then_some((lo, hi))
+}
+
 /// A value's header as stored: its kind, then its deadline (ms, little-endian, 0 = none).
 fn encode_header(v: &Value) -> [u8; 9] {
     let mut h = [0u8; 9];
@@ -577,12 +596,10 @@ impl Keyspace {
         limit: usize,
     ) -> Result<Vec<(Bytes, Bytes)>, Error> {
         let now = now_ms();
-        let lo = data_key(start.max(prefix));
-        let hi = if end.is_empty() { vec![DATA + 1] } else { data_key(end) };
         let mut out = Vec::new();
-        if lo >= hi || limit == 0 {
+        let Some((lo, hi)) = data_range(prefix, start, end).filter(|_| limit > 0) else {
             return Ok(out);
-        }
+        };
         for kv in self.db.scan(lo..hi) {
             let (k, v) = kv?;
             let key = k.slice(1..);
@@ -679,6 +696,19 @@ impl Keyspace {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn data_ranges_cover_the_prefix_and_bounds_only() {
+        let r = |p: &[u8], s: &[u8], e: &[u8]| data_range(p, s, e);
+        assert_eq!(r(b"", b"", b""), Some((b"k".to_vec(), b"l".to_vec())));
+        assert_eq!(r(b"a", b"", b""), Some((b"ka".to_vec(), b"kb".to_vec())));
+        // A prefix ending in 0xff: the range ends after every key that starts with it.
+        assert_eq!(r(b"\xff", b"", b""), Some((b"k\xff".to_vec(), b"l".to_vec())));
+        assert_eq!(r(b"a", b"ab", b"ac"), Some((b"kab".to_vec(), b"kac".to_vec())));
+        assert_eq!(r(b"a", b"", b"b"), Some((b"ka".to_vec(), b"kb".to_vec())));
+        assert_eq!(r(b"", b"b", b"a"), None);
+        assert_eq!(r(b"a", b"b", b""), None);
+    }
 
     #[test]
     fn len_counts_live_keys_only() {

@@ -25,7 +25,7 @@ use parking_lot::Mutex;
 use timber_kv::{Isolation, Transaction, TxnOptions};
 use timber_proto::v1 as pb;
 
-use crate::keyspace::{self, data_key, index_key, live, now_ms, Keyspace, Kind, Value};
+use crate::keyspace::{self, data_key, data_range, index_key, live, now_ms, Keyspace, Kind, Value};
 use crate::versions::Epoch;
 use crate::Engines;
 
@@ -241,21 +241,12 @@ impl OpenTxns {
             n => (n as usize).min(MAX_SCAN),
         };
         self.with(r.id, |t| {
-            let lo = data_key((&r.start).max(&r.prefix));
-            let after_prefix = prefix_end(&data_key(&r.prefix));
-            let hi = match r.end.is_empty() {
-                true => after_prefix,
-                false => after_prefix.min(Some(data_key(&r.end))),
-            };
-            if hi.as_ref().is_some_and(|hi| lo >= *hi) {
+            let Some((lo, hi)) = data_range(&r.prefix, &r.start, &r.end) else {
                 return Ok(Vec::new());
-            }
-            // Expired values and Redis streams are skipped below: read one page past the
-            // limit's worth, and no further.
-            let pairs = match hi {
-                Some(hi) => t.scan_limit(lo..hi, limit)?,
-                None => t.scan_limit(lo.., limit)?,
             };
+            // Expired values and Redis streams among them are skipped below (a page may then
+            // hold fewer than the limit).
+            let pairs = t.scan_limit(lo..hi, limit)?;
             let now = now_ms();
             let mut out = Vec::new();
             for (k, v) in pairs {
@@ -345,18 +336,6 @@ fn unknown(id: u64) -> Error {
     Error::Aborted(format!(
         "transaction {id} is not open here (committed, rolled back, idle too long, or begun under another leader)"
     ))
-}
-
-/// The first key after every key starting with `prefix` (`None`: no such key).
-fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < u8::MAX {
-            end.push(last + 1);
-            return Some(end);
-        }
-    }
-    None
 }
 
 /// Runs a call of the `Transactions` service: here, or in a cluster on the leader (a member
@@ -473,7 +452,5 @@ mod tests {
         ] {
             assert_eq!(Error::of_line(&e.to_string()), e);
         }
-        assert_eq!(prefix_end(b"k\xff"), Some(b"l".to_vec()));
-        assert_eq!(prefix_end(b"\xff"), None);
     }
 }
