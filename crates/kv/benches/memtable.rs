@@ -7,6 +7,8 @@
 
 use criterion::{criterion_group, criterion_main};
 
+#[path = "../src/arena.rs"]
+mod arena;
 #[path = "../src/bloom.rs"]
 mod bloom;
 #[path = "../src/bounds.rs"]

@@ -8,6 +8,8 @@ use criterion::{criterion_group, criterion_main};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+#[path = "../src/arena.rs"]
+mod arena;
 #[path = "../src/bloom.rs"]
 mod bloom;
 #[path = "../src/bounds.rs"]

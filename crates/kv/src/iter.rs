@@ -16,7 +16,7 @@ use crate::key::{self, Kind, MAX_SEQ};
 use crate::memtable::{self, Memtable};
 use crate::table::TableIter;
 use crate::version::TableFile;
-use crate::view::{ReadPin, View};
+use crate::view::View;
 
 pub(crate) struct LevelIter {
     files: Vec<Arc<TableFile>>,
@@ -445,8 +445,6 @@ impl Walk {
 /// `.rev()` and `next_back()` run from the other end. Items are `(key, value)`; an error (a corrupt
 /// block, say) is yielded once and ends the iteration.
 pub struct Iter {
-    /// Keeps writes from pruning memtable versions this iterator may still read.
-    _pin: ReadPin,
     view: Arc<View>,
     seq: u64,
     bounds: Bounds,
@@ -466,9 +464,8 @@ impl std::fmt::Debug for Iter {
 }
 
 impl Iter {
-    pub(crate) fn new(view: Arc<View>, seq: u64, bounds: Bounds, pin: ReadPin) -> Iter {
+    pub(crate) fn new(view: Arc<View>, seq: u64, bounds: Bounds) -> Iter {
         Iter {
-            _pin: pin,
             view,
             seq,
             bounds,

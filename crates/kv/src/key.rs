@@ -5,7 +5,7 @@
 
 use std::cmp::Ordering;
 
-use bytes::{BufMut, Bytes};
+use bytes::BufMut;
 
 /// Largest sequence number (56 bits; the low byte of a tag is the kind).
 pub(crate) const MAX_SEQ: u64 = (1 << 56) - 1;
@@ -111,74 +111,6 @@ pub(crate) fn prefix16(user: &[u8]) -> u128 {
     u128::from_be_bytes(p)
 }
 
-/// Bytes of a user key kept inline in a [`UserKey`]: keys up to this length (16-byte binary
-/// keys, short prefixed names with a counter) compare within the node; longer ones also keep a
-/// copy on the heap. A constant, not an option: `UserKey::cmp` reads the 24 bytes as a 16-byte
-/// and an 8-byte integer.
-pub(crate) const INLINE: usize = 24;
-
-/// A user key as a skiplist key (a memtable node), ordered as its bytes are. The first 24 bytes
-/// are kept inline, so comparing short keys touches only the skiplist node and never chases a
-/// pointer (a cache miss per node on a large memtable).
-#[derive(Debug, Clone)]
-pub(crate) struct UserKey {
-    prefix: [u8; INLINE],
-    len: u32,
-    /// The whole key if it is longer than [`INLINE`], else empty.
-    long: Bytes,
-}
-
-impl UserKey {
-    /// `user` as a skiplist key, allocating only if it is longer than 24 bytes.
-    pub(crate) fn new(user: &[u8]) -> UserKey {
-        let mut prefix = [0u8; INLINE];
-        let n = user.len().min(INLINE);
-        #[expect(clippy::indexing_slicing, reason = "n is at most the length of both")]
-        prefix[..n].copy_from_slice(&user[..n]);
-        let long = if user.len() > INLINE { Bytes::copy_from_slice(user) } else { Bytes::new() };
-        UserKey { prefix, len: user.len() as u32, long }
-    }
-
-    pub(crate) fn user(&self) -> &[u8] {
-        // A key of up to INLINE bytes is the start of `prefix`; a longer one is `long`.
-        self.prefix.get(..self.len as usize).unwrap_or(&self.long)
-    }
-}
-
-impl PartialEq for UserKey {
-    fn eq(&self, other: &Self) -> bool {
-        self.cmp(other) == Ordering::Equal
-    }
-}
-
-impl Eq for UserKey {}
-
-impl Ord for UserKey {
-    #[inline]
-    fn cmp(&self, other: &Self) -> Ordering {
-        let head = |p: &[u8; INLINE]| u128::from_be_bytes(p[..16].try_into().expect("16 bytes"));
-        let tail = |p: &[u8; INLINE]| u64::from_be_bytes(p[16..].try_into().expect("8 bytes"));
-        let (a, b) = (head(&self.prefix), head(&other.prefix));
-        // The zero-padded inline bytes order as the keys do, up to their length.
-        if a != b {
-            a.cmp(&b)
-        } else if tail(&self.prefix) != tail(&other.prefix) {
-            tail(&self.prefix).cmp(&tail(&other.prefix))
-        } else if self.len as usize <= INLINE && other.len as usize <= INLINE {
-            // Equal zero-padded prefixes: the shorter key is a prefix of the longer one.
-            self.len.cmp(&other.len)
-        } else {
-            bytes_cmp(self.user(), other.user())
-        }
-    }
-}
-
-impl PartialOrd for UserKey {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
 pub(crate) fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
         out.push((v as u8) | 0x80);
@@ -252,16 +184,6 @@ mod tests {
     }
 
     proptest! {
-        #[test]
-        fn inline_keys_order_like_their_bytes(
-            a in proptest::collection::vec(prop_oneof![Just(0u8), Just(1u8), Just(255u8)], 0..34),
-            b in proptest::collection::vec(prop_oneof![Just(0u8), Just(1u8), Just(255u8)], 0..34),
-        ) {
-            let (ka, kb) = (UserKey::new(&a), UserKey::new(&b));
-            prop_assert_eq!(ka.cmp(&kb), a.cmp(&b));
-            prop_assert_eq!(ka.user(), &a[..]);
-        }
-
         #[test]
         fn bytes_cmp_is_lexicographic(a in proptest::collection::vec(0u8..3, 0..20), b in proptest::collection::vec(0u8..3, 0..20)) {
             prop_assert_eq!(bytes_cmp(&a, &b), a.cmp(&b));

@@ -20,6 +20,7 @@
 //! ```
 #![deny(clippy::unwrap_used, clippy::indexing_slicing)]
 
+mod arena;
 mod batch;
 mod block;
 mod bloom;

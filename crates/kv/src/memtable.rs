@@ -1,274 +1,321 @@
-//! `Memtable`: the in-memory table of recent writes. A lock-free skiplist (crossbeam-skiplist)
-//! holds one node per user key; the node holds every version of that key written to this
-//! memtable, oldest first (inside the node; in the index entry, which the node points to, when
-//! there is an index). Beside it, if the database asks for it, a hash index maps each user key
-//! to its entry, so that point reads and overwrites of a key already present skip the
-//! skiplist search and its cache misses down the levels. With the index, a new key does not
-//! search the skiplist either: it waits in an unordered list until something reads in key order
-//! (a cursor's seek or step, a flush, which call [`Memtable::order`]), and then the waiting keys
-//! are sorted and inserted together, each insert finding the path of the one before it in cache
-//! (a random insert misses the cache down the skiplist's levels). A batch's inserts and a read
-//! of several keys lock all their index shards at once, in shard order, and prefetch every entry
-//! before touching any, so that their cache misses overlap. Writers insert concurrently with
-//! readers; once the memtable is full it becomes immutable (no more inserts) and is flushed to
-//! an L0 SSTable.
+//! `Memtable`: the in-memory table of recent writes. A skiplist holds one node per user key;
+//! the node holds every version of that key written to this memtable, newest first. Nodes and
+//! versions live in the memtable's [`Arena`]: writing a key costs no allocator call, the
+//! memtable's size is the bytes it holds, and dropping it frees a few dozen chunks.
+//!
+//! Beside the skiplist, if the database asks for it, a hash index maps each user key to its
+//! node, so that point reads and overwrites of a key already present skip the skiplist search
+//! and its cache misses down the levels. With the index, a new key does not search the skiplist
+//! either: its node waits in an unordered list until something reads in key order (a cursor's
+//! seek or step, a flush, which call [`Memtable::order`]), and then the waiting nodes are sorted
+//! and linked together, each finding its place from the one before (a random insert misses the
+//! cache down the skiplist's levels). A batch's inserts and a read of several keys lock all their
+//! index shards at once, in shard order, and prefetch every node before touching any, so that
+//! their cache misses overlap. Once the memtable is full it becomes immutable (no more inserts)
+//! and is flushed to an L0 SSTable.
+//!
+//! Concurrency: inserts are serialized by the writer lock (which owns the arena); one thread at
+//! a time links nodes into the skiplist (the inserter without a hash index, `order` under its
+//! lock with one). Readers take no lock but the index shard's: a node or version is written
+//! whole before a release store publishes it (a skiplist link, a version list head, an index
+//! entry under the shard lock), and is never changed, moved or freed after, but for its links,
+//! until the memtable is dropped. Whoever reads a node holds the memtable (a cursor holds an
+//! `Arc` of it).
 //!
 //! Invariants: every record of the WAL at or after `wal_start` whose writes are not in an
-//! SSTable is in this memtable or a newer one. A node is created with its first version and
-//! never removed, so a node's versions are never empty; its versions are stored sorted by
-//! tag, lowest first (read in reverse for the internal-key order), and a version inserted again
-//! under the same tag (a replay) replaces it.
-//! A write may prune a key's versions (only while the database has no snapshot or iterator
-//! open): it drops those older than the newest one at or below the visible sequence number, so
-//! a key overwritten again and again holds one or two versions, not one per write. The newest
-//! published version of a key is never pruned. With a hash index, a key is in the index if and
-//! only if it has a node or waits in the unordered list (both added under the index shard's
-//! lock), and once `order` returns, every key added before it was called has a node: a cursor
-//! orders the memtable after its sequence number is fixed, and every write at or below that
-//! number finished its insert before the number was published. The memtable's internal-key
-//! order (user key ascending, tag descending) is the order of nodes, then of versions within a
-//! node.
+//! SSTable is in this memtable or a newer one. A node is published with its first version, so a
+//! node's versions are never empty. A node's versions are in descending tag order; a version
+//! inserted again under the same tag (a replay) goes before the one it replaces, and every reader
+//! takes the first of equal tags. While readers may be about, a version added to a node is newer
+//! than its others (the database writes in sequence order; a replay, in any order, comes before
+//! any reader): a cursor going backward reads a node's versions once, and again only if its
+//! newest changed. With a hash index, a key is in the index if and only if it has
+//! a node (linked, or waiting in the unordered list), and once `order` returns, every node
+//! created before it was called is linked: a cursor orders the memtable after its sequence number
+//! is fixed, and every write at or below that number finished its insert before the number was
+//! published. The memtable's internal-key order (user key ascending, tag descending) is the order
+//! of nodes, then of versions within a node.
+#![allow(unsafe_code)]
 
 use std::ops::Bound;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use crossbeam_skiplist::SkipMap;
 use hashbrown::HashTable;
 use parking_lot::{Mutex, RwLock};
 use smallvec::SmallVec;
 
+use crate::arena::Arena;
 use crate::bounds::Bounds;
-use crate::key::{self, Kind, Op, UserKey, INLINE};
+use crate::key::{self, bytes_cmp, Kind, Op};
 
-/// Memory of a key's node beyond its key and value bytes, counted against the size limit so
-/// that the limit is what the memtable really holds: the skiplist node (the key with its 24
-/// inline bytes, the versions with room for two inline, refcount and tower, about 210 bytes;
-/// with a hash index that room holds a pointer to the key's index entry, which holds them).
-const NODE_OVERHEAD: usize = 248;
+/// Levels of the skiplist; a node's height is drawn with a chance of 1/4 per level, so twelve
+/// serve some 16 million keys before the top level gets crowded.
+const MAX_HEIGHT: usize = 12;
 
-/// Memory of a key's entry in the hash index (the shared allocation of its hash, versions and a
-/// copy of its key, 208 bytes in an allocator size class of 224; its pointer, control byte and
-/// spare capacity in the table), counted once per distinct key.
-const INDEX_OVERHEAD: usize = 236;
+/// Memory of a key in the hash index beyond its node, counted once per distinct key: its slot
+/// in the table (a pointer and a control byte, at the table's load factor) and in the unordered
+/// list while it waits.
+const INDEX_OVERHEAD: usize = 32;
 
 /// Shards of the hash index, each behind its own lock.
 const SHARDS: usize = 64;
 
-/// Versions a node holds without a heap array: a key overwritten while no snapshot is open
-/// keeps two (see `Versions::add`).
-const INLINE_VERSIONS: usize = 2;
-
-/// Values up to this many bytes are kept inline in their version rather than in their own
-/// allocation: an overwrite of a short value then costs a copy instead of an allocation.
-const INLINE_VALUE: usize = 32;
-
-/// A value in a version.
-#[derive(Clone)]
-enum Value {
-    Inline { len: u8, bytes: [u8; INLINE_VALUE] },
-    Shared(Bytes),
+/// A key's node, in the arena: this header, then the tower (`height` links, one per level),
+/// then the key's `len` bytes.
+#[repr(C)]
+struct Node {
+    /// [`crate::bloom::hash`] of the key with a hash index, else 0.
+    hash: u64,
+    /// The newest version; never null once the node is published (the head node has none).
+    versions: AtomicPtr<Ver>,
+    len: u32,
+    height: u32,
 }
 
-impl Value {
-    fn new(v: &[u8]) -> Value {
-        if v.len() <= INLINE_VALUE {
-            let mut bytes = [0u8; INLINE_VALUE];
-            #[expect(clippy::indexing_slicing, reason = "v.len() <= INLINE_VALUE, checked above")]
-            bytes[..v.len()].copy_from_slice(v);
-            Value::Inline { len: v.len() as u8, bytes }
-        } else {
-            Value::Shared(Bytes::copy_from_slice(v))
+impl Node {
+    /// Bytes of a node of `height` levels for a key of `len` bytes.
+    fn size(height: usize, len: usize) -> usize {
+        std::mem::size_of::<Node>() + height * std::mem::size_of::<AtomicPtr<Node>>() + len
+    }
+
+    fn tower(&self) -> &[AtomicPtr<Node>] {
+        // SAFETY: a node is allocated with room for `height` links right after its header,
+        // which `Writer::node` initializes before the node is published; the arena keeps them
+        // while the memtable (which `&self` borrows through) lives.
+        unsafe {
+            std::slice::from_raw_parts(
+                std::ptr::from_ref(self).add(1).cast::<AtomicPtr<Node>>(),
+                self.height as usize,
+            )
         }
     }
 
-    #[expect(
-        clippy::indexing_slicing,
-        reason = "`len` <= INLINE_VALUE: only `new` builds an inline value, for one that fits"
-    )]
-    fn as_slice(&self) -> &[u8] {
-        match self {
-            Value::Inline { len, bytes } => &bytes[..*len as usize],
-            Value::Shared(b) => b,
+    fn key(&self) -> &[u8] {
+        // SAFETY: the key's `len` bytes follow the tower, written before the node is published.
+        unsafe {
+            std::slice::from_raw_parts(
+                std::ptr::from_ref(self)
+                    .add(1)
+                    .cast::<AtomicPtr<Node>>()
+                    .add(self.height as usize)
+                    .cast::<u8>(),
+                self.len as usize,
+            )
         }
     }
 
-    #[expect(
-        clippy::indexing_slicing,
-        reason = "`len` <= INLINE_VALUE: only `new` builds an inline value, for one that fits"
-    )]
-    fn to_bytes(&self) -> Bytes {
-        match self {
-            Value::Inline { len, bytes } => Bytes::copy_from_slice(&bytes[..*len as usize]),
-            Value::Shared(b) => b.clone(),
-        }
+    /// The link at `level`, which must be below the node's height.
+    #[expect(clippy::indexing_slicing, reason = "callers pass a level below the node's height")]
+    fn link(&self, level: usize) -> &AtomicPtr<Node> {
+        &self.tower()[level]
     }
 
-    /// Heap bytes beyond the version itself.
-    fn heap(&self) -> usize {
-        match self {
-            Value::Inline { .. } => 0,
-            Value::Shared(b) => b.len(),
+    /// The next node at `level`.
+    fn next(&self, level: usize) -> Option<&Node> {
+        // SAFETY: links are null or point at published nodes of the same arena.
+        unsafe { self.link(level).load(Ordering::Acquire).as_ref() }
+    }
+
+    /// The node's versions, newest first.
+    fn versions(&self) -> Versions<'_> {
+        // SAFETY: null (the head node) or a published version of the same arena.
+        Versions(unsafe { self.versions.load(Ordering::Acquire).as_ref() })
+    }
+
+    /// The newest version; the node must not be the head.
+    fn newest(&self) -> &Ver {
+        self.versions().next().expect("a published node has a version")
+    }
+
+    /// Whether this is the node of `user`, whose hash is `hash`.
+    fn is(&self, hash: u64, user: &[u8]) -> bool {
+        self.hash == hash && self.key() == user
+    }
+
+    /// Adds `v` before the first version whose tag is at or below its own. Only the writer
+    /// calls it (under the writer lock).
+    fn push(&self, v: &Ver) {
+        let mut link = &self.versions;
+        loop {
+            let cur = link.load(Ordering::Acquire);
+            // SAFETY: null or a published version of the same arena.
+            match unsafe { cur.as_ref() } {
+                Some(c) if c.tag > v.tag => link = &c.next,
+                _ => {
+                    v.next.store(cur, Ordering::Relaxed);
+                    link.store(std::ptr::from_ref(v).cast_mut(), Ordering::Release);
+                    return;
+                }
+            }
         }
     }
 }
 
-/// One version of a key.
-#[derive(Clone)]
-struct Version {
+/// One version of a key, in the arena: this header, then the value's `len` bytes.
+#[repr(C)]
+struct Ver {
+    /// The next older version.
+    next: AtomicPtr<Ver>,
     tag: u64,
-    value: Value,
+    len: usize,
 }
 
-impl Version {
+impl Ver {
+    fn value(&self) -> &[u8] {
+        // SAFETY: the value's `len` bytes follow the header, written before it is published.
+        unsafe {
+            std::slice::from_raw_parts(std::ptr::from_ref(self).add(1).cast::<u8>(), self.len)
+        }
+    }
+
     fn lookup(&self) -> Lookup {
         if self.tag & 0xff == Kind::Put as u64 {
-            Lookup::Found(self.value.to_bytes())
+            Lookup::Found(Bytes::copy_from_slice(self.value()))
         } else {
             Lookup::Deleted
         }
     }
 }
 
-/// The versions of one user key in a memtable, lowest tag first: a new version, which has the
-/// highest tag, is appended, touching only the end of the array (inserting it in front would move
-/// the whole array, and a binary search for its place touches several cache lines).
-struct Versions(RwLock<SmallVec<[Version; INLINE_VERSIONS]>>);
+/// A node's versions, newest first (with any replaced ones: see [`distinct`]).
+#[derive(Clone)]
+struct Versions<'a>(Option<&'a Ver>);
 
-impl Versions {
-    fn new(v: Version) -> Versions {
-        let mut list = SmallVec::new();
-        list.push(v);
-        Versions(RwLock::new(list))
+impl<'a> Iterator for Versions<'a> {
+    type Item = &'a Ver;
+
+    fn next(&mut self) -> Option<&'a Ver> {
+        let v = self.0?;
+        // SAFETY: null or a published version of the same arena.
+        self.0 = unsafe { v.next.load(Ordering::Acquire).as_ref() };
+        Some(v)
+    }
+}
+
+/// The versions of `versions` that are not replaced: the first of each run of equal tags.
+fn distinct<'a>(versions: Versions<'a>) -> impl Iterator<Item = &'a Ver> {
+    let mut last = None;
+    versions.filter(move |v| {
+        let keep = last != Some(v.tag);
+        last = Some(v.tag);
+        keep
+    })
+}
+
+/// The newest version of `node` visible at `seq`.
+fn visible(node: &Node, seq: u64) -> Lookup {
+    node.versions().find(|v| v.tag >> 8 <= seq).map_or(Lookup::Absent, Ver::lookup)
+}
+
+/// A pointer to a node of a memtable, kept only where that memtable is kept alive (its index,
+/// its unordered list, its cursors); [`Memtable::node`] turns it into a reference.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct NodeRef(NonNull<Node>);
+
+// SAFETY: nodes are shared between threads as the module doc says: written whole before they
+// are published, then read-only but for atomics.
+unsafe impl Send for NodeRef {}
+// SAFETY: as for `Send`.
+unsafe impl Sync for NodeRef {}
+
+impl NodeRef {
+    fn of(n: &Node) -> NodeRef {
+        NodeRef(NonNull::from(n))
+    }
+}
+
+/// A pointer to a version of a memtable, kept only where that memtable is kept alive.
+#[derive(Clone, Copy)]
+struct VerRef(NonNull<Ver>);
+
+// SAFETY: as for `NodeRef`.
+unsafe impl Send for VerRef {}
+// SAFETY: as for `NodeRef`.
+unsafe impl Sync for VerRef {}
+
+/// What only the writer touches: the arena and the random heights of new nodes.
+struct Writer {
+    arena: Arena,
+    rng: u64,
+}
+
+impl Writer {
+    /// A node of `user` with its first version `first`, not yet linked.
+    fn node(&mut self, user: &[u8], hash: u64, first: &Ver) -> NodeRef {
+        let height = self.height();
+        self.node_of_height(user, hash, std::ptr::from_ref(first).cast_mut(), height)
     }
 
-    /// Adds `v` in tag order (replacing a version with its tag); returns the bytes this added
-    /// (negative when it pruned more than it added). With `prune = Some(floor)`, versions that no
-    /// read can see any more go: those older than the newest one at or below `floor`, the
-    /// database's visible sequence number, when no snapshot or iterator is open (see
-    /// `Memtable::insert`).
-    fn add(&self, v: Version, prune: Option<u64>) -> isize {
-        let heap = v.value.heap() as isize;
-        let mut list = self.0.write();
-        let before = if list.spilled() { list.capacity() } else { 0 };
-        // Prune before adding, so that a key overwritten again and again keeps its two versions
-        // in the node's own room (a third, pushed first, spilled them into a heap array of four
-        // that every later overwrite touched: a cache miss more per write). Among the versions
-        // already there this keeps from the newest one at or below `floor`: at least what the
-        // rule keeps with `v` counted too.
-        let mut freed = 0isize;
-        if let Some(floor) = prune {
-            let keep_from = list.partition_point(|o| o.tag >> 8 <= floor).saturating_sub(1);
-            if keep_from > 0 {
-                freed = list.drain(..keep_from).map(|o| o.value.heap() as isize).sum();
+    fn node_of_height(
+        &mut self,
+        user: &[u8],
+        hash: u64,
+        first: *mut Ver,
+        height: usize,
+    ) -> NodeRef {
+        let p = self.arena.alloc(Node::size(height, user.len())).cast::<Node>();
+        // SAFETY: the arena gave `p` room, 8-byte aligned, for the header, `height` links and
+        // the key; each is written once here, before anyone else sees the node.
+        unsafe {
+            p.as_ptr().write(Node {
+                hash,
+                versions: AtomicPtr::new(first),
+                len: u32::try_from(user.len()).expect("keys are limited far below 4 GiB"),
+                height: height as u32,
+            });
+            let tower = p.as_ptr().add(1).cast::<AtomicPtr<Node>>();
+            for i in 0..height {
+                tower.add(i).write(AtomicPtr::new(std::ptr::null_mut()));
             }
+            let key = tower.add(height).cast::<u8>();
+            std::ptr::copy_nonoverlapping(user.as_ptr(), key, user.len());
         }
-        if list.last().is_none_or(|o| o.tag < v.tag) {
-            list.push(v);
-        } else {
-            let at = list.partition_point(|o| o.tag < v.tag);
-            if let Some(same) = list.get_mut(at).filter(|o| o.tag == v.tag) {
-                let old = std::mem::replace(same, v);
-                return heap - old.value.heap() as isize - freed;
-            }
-            list.insert(at, v);
-        }
-        // Versions past the two inline ones live in a heap array that grows by doubling.
-        let grown = if list.spilled() { list.capacity() - before } else { 0 };
-        heap + (grown * std::mem::size_of::<Version>()) as isize - freed
+        NodeRef(p)
     }
 
-    /// Whether a version with `tag` is there.
-    fn has(&self, tag: u64) -> bool {
-        self.0.read().iter().any(|v| v.tag == tag)
-    }
-
-    /// The newest version visible at `at`, resolved under the versions' lock.
-    fn visible(&self, at: ReadAt<'_>) -> Lookup {
-        let list = self.0.read();
-        let seq = at.resolve();
-        list.iter().rev().find(|v| v.tag >> 8 <= seq).map_or(Lookup::Absent, Version::lookup)
-    }
-
-    /// The version the cursor stops at in this node: with `after = None`, the first in the
-    /// direction of travel; else the first in that direction at (`inclusive`) or past `after`'s
-    /// tag. `None` if there is none.
-    fn pick(&self, forward: bool, after: Option<(u64, bool)>) -> Option<(u64, Bytes)> {
-        let list = self.0.read();
-        let v = match (forward, after) {
-            (true, None) => list.last(),
-            (false, None) => list.first(),
-            (true, Some((t, inc))) => list.iter().rev().find(|v| v.tag < t || (inc && v.tag == t)),
-            (false, Some((t, inc))) => list.iter().find(|v| v.tag > t || (inc && v.tag == t)),
-        };
-        v.map(|v| (v.tag, v.value.to_bytes()))
-    }
-}
-
-/// The point in time a read of a memtable is at.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum ReadAt<'a> {
-    /// A sequence number that a registered snapshot or iterator protects from pruning (or of
-    /// an immutable memtable, which nothing prunes).
-    Seq(u64),
-    /// The database's visible sequence number, read under the lock that pruning holds: the
-    /// newest published version of a key is never pruned, so a plain read needs no registration.
-    Latest(&'a AtomicU64),
-}
-
-impl ReadAt<'_> {
-    fn resolve(self) -> u64 {
-        match self {
-            ReadAt::Seq(s) => s,
-            ReadAt::Latest(visible) => visible.load(Ordering::SeqCst),
+    /// A version, not yet in a node.
+    fn version<'a>(&mut self, tag: u64, value: &[u8]) -> &'a Ver {
+        let p = self.arena.alloc(std::mem::size_of::<Ver>() + value.len()).cast::<Ver>();
+        // SAFETY: the arena gave `p` room, 8-byte aligned, for the header and the value, which
+        // stays until the memtable (which the caller's `'a` is within) is dropped.
+        unsafe {
+            p.as_ptr().write(Ver {
+                next: AtomicPtr::new(std::ptr::null_mut()),
+                tag,
+                len: value.len(),
+            });
+            std::ptr::copy_nonoverlapping(
+                value.as_ptr(),
+                p.as_ptr().add(1).cast::<u8>(),
+                value.len(),
+            );
+            &*p.as_ptr()
         }
     }
-}
 
-/// A skiplist node's versions: in the node itself, or, with a hash index, in the key's index
-/// entry.
-enum Node {
-    Own(Versions),
-    Indexed(Arc<Indexed>),
-}
-
-impl std::ops::Deref for Node {
-    type Target = Versions;
-
-    fn deref(&self) -> &Versions {
-        match self {
-            Node::Own(v) => v,
-            Node::Indexed(e) => &e.versions,
+    /// A height for a new node: each level above the first with a chance of 1/4.
+    fn height(&mut self) -> usize {
+        // xorshift64*: cheap, and good enough to spread heights.
+        self.rng ^= self.rng >> 12;
+        self.rng ^= self.rng << 25;
+        self.rng ^= self.rng >> 27;
+        let r = self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d);
+        let mut h = 1;
+        while h < MAX_HEIGHT && (r >> (2 * h)) & 3 == 0 {
+            h += 1;
         }
-    }
-}
-
-/// A key's entry in the hash index, shared with its skiplist node: the index table holds only a
-/// pointer to it, so the table stays small enough to stay in cache (its entries were 128 bytes
-/// inline, with the versions in an allocation of their own: a point read and the write after it
-/// missed the cache in the table and again in the versions), and a lookup that finds the key
-/// loads one allocation, whose versions the write that follows then finds in cache. `repr(C)`:
-/// what a lookup compares (hash, key prefix) comes first, beside the versions' lock.
-#[repr(C)]
-struct Indexed {
-    hash: u64,
-    versions: Versions,
-    key: UserKey,
-}
-
-impl Indexed {
-    /// Whether this is the entry of `user`, whose hash is `hash`.
-    fn is(&self, hash: u64, user: &[u8]) -> bool {
-        self.hash == hash && self.key.user() == user
+        h
     }
 }
 
 /// A shard alone on its cache line(s).
 #[repr(align(64))]
-struct Shard(RwLock<HashTable<Arc<Indexed>>>);
+struct Shard(RwLock<HashTable<NodeRef>>);
 
-type Table = HashTable<Arc<Indexed>>;
+type Table = HashTable<NodeRef>;
 type ShardRead<'a> = parking_lot::RwLockReadGuard<'a, Table>;
 type ShardWrite<'a> = parking_lot::RwLockWriteGuard<'a, Table>;
 
@@ -314,14 +361,14 @@ impl<G: std::ops::Deref<Target = Table>> LockedShards<G> {
         &mut self.guards[i]
     }
 
-    /// Prefetches the entries that may be the one of `hash` (those whose tag matches), without
+    /// Prefetches the nodes that may be the one of `hash` (those whose tag matches), without
     /// reading them.
-    fn prefetch(&self, hash: u64) -> Probe<'_> {
+    fn prefetch(&self, hash: u64) -> Probe {
         let mut probe = Probe::Unique(None);
         for n in self.table(hash).iter_hash(hash) {
-            prefetch(Arc::as_ptr(n).cast(), std::mem::size_of::<Indexed>());
+            prefetch(n.0.as_ptr().cast(), std::mem::size_of::<Node>());
             probe = match probe {
-                Probe::Unique(None) => Probe::Unique(Some(n)),
+                Probe::Unique(None) => Probe::Unique(Some(*n)),
                 _ => Probe::Several,
             };
         }
@@ -329,10 +376,10 @@ impl<G: std::ops::Deref<Target = Table>> LockedShards<G> {
     }
 }
 
-/// The entries of the index that may be a key's, by their tag: none or one, which the lookup
-/// then checks without probing the table again, or several.
-enum Probe<'a> {
-    Unique(Option<&'a Indexed>),
+/// The nodes of the index that may be a key's, by their tag: none or one, which the lookup then
+/// checks without probing the table again, or several.
+enum Probe {
+    Unique(Option<NodeRef>),
     Several,
 }
 
@@ -345,7 +392,6 @@ fn shard_of(hash: u64) -> usize {
 /// Asks the processor to load the `len` bytes at `p` into the cache. A hint: it never faults,
 /// whatever the address, and does nothing on processors without the instruction.
 #[inline]
-#[allow(unsafe_code)]
 fn prefetch(p: *const u8, len: usize) {
     #[cfg(target_arch = "x86_64")]
     {
@@ -387,28 +433,37 @@ fn set_ikey(buf: &mut Vec<u8>, user: &[u8], tag: u64) {
     buf.extend_from_slice(&tag.to_be_bytes());
 }
 
-/// Memory of a new node holding `first`.
-fn node_size(user: &[u8], first: &Version) -> usize {
-    let key = if user.len() > INLINE { user.len() } else { 0 };
-    NODE_OVERHEAD + key + first.value.heap()
-}
-
 pub(crate) struct Memtable {
-    map: SkipMap<UserKey, Node>,
+    /// The skiplist's head: a node of every level with no key and no version.
+    head: NodeRef,
+    /// Levels in use (at least 1).
+    height: AtomicUsize,
+    /// The arena (which every node and version is in) and what else only inserts touch.
+    writer: Mutex<Writer>,
     /// The hash index: no shards if the database does not keep one.
     index: Box<[Shard]>,
-    /// With the hash index: keys in the index that have no skiplist node yet, each with its
-    /// first eight bytes (see [`prefix8`]).
-    unordered: Mutex<Vec<(u64, Arc<Indexed>)>>,
-    /// Held while `order` moves keys from `unordered` into the skiplist, so that a reader who
-    /// finds the list empty knows its keys are all in the skiplist.
+    /// With the hash index: nodes not linked yet, each with its key's first eight bytes (see
+    /// [`prefix8`]).
+    unordered: Mutex<Vec<(u64, NodeRef)>>,
+    /// Nodes added to `unordered` and not yet linked: raised as they are added, lowered once
+    /// `order` linked them, so that a reader who finds it zero knows every node is linked.
+    waiting: AtomicUsize,
+    /// Held while `order` links nodes: one linker at a time.
     ordering: Mutex<()>,
+    /// Distinct keys.
+    keys: AtomicUsize,
     size: AtomicUsize,
     /// First WAL sequence number this memtable may hold writes of.
     pub(crate) wal_start: u64,
     /// WAL sequence number after this memtable's last write, set when it becomes immutable.
     wal_end: AtomicU64,
 }
+
+// SAFETY: the raw pointers (the head, the nodes in the index and the unordered list) point into
+// the arena the memtable owns, and are shared as the module doc says.
+unsafe impl Send for Memtable {}
+// SAFETY: as for `Send`.
+unsafe impl Sync for Memtable {}
 
 /// The result of a point lookup in one table.
 #[derive(Debug, PartialEq, Eq)]
@@ -421,183 +476,278 @@ pub(crate) enum Lookup {
 impl Memtable {
     /// A memtable whose writes start at WAL sequence number `wal_start`, with a hash index if
     /// `hash_index`. `limit` is the size at which it will be sealed: the index shards start with
-    /// room for half the keys of that many bytes of the smallest nodes, so that filling the
-    /// memtable doubles them at most once (growing them from empty rehashes every entry and
-    /// faults in each new table, again and again).
-    /// The room is address space until entries land in it.
+    /// room for half the keys of that many bytes of small nodes, so that filling the memtable
+    /// doubles them at most once (growing them from empty rehashes every entry and faults in
+    /// each new table, again and again). The room is address space until entries land in it.
     pub(crate) fn new(wal_start: u64, hash_index: bool, limit: usize) -> Memtable {
         let shards = if hash_index { SHARDS } else { 0 };
-        let keys = limit / (2 * (NODE_OVERHEAD + INDEX_OVERHEAD));
+        // A node of one level and a version, for a short key and value.
+        let small = Node::size(1, 16) + std::mem::size_of::<Ver>() + 16 + INDEX_OVERHEAD;
+        let keys = limit / (2 * small);
+        let mut writer = Writer { arena: Arena::new(), rng: wal_start | 1 };
+        let head = writer.node_of_height(&[], 0, std::ptr::null_mut(), MAX_HEIGHT);
+        let size = writer.arena.used();
         Memtable {
-            map: SkipMap::new(),
+            head,
+            height: AtomicUsize::new(1),
+            writer: Mutex::new(writer),
             index: (0..shards)
                 .map(|_| Shard(RwLock::new(HashTable::with_capacity(keys / SHARDS))))
                 .collect(),
             unordered: Mutex::new(Vec::new()),
+            waiting: AtomicUsize::new(0),
             ordering: Mutex::new(()),
-            size: AtomicUsize::new(0),
+            keys: AtomicUsize::new(0),
+            size: AtomicUsize::new(size),
             wal_start,
             wal_end: AtomicU64::new(u64::MAX),
         }
     }
 
-    /// Inserts `user` at `seq` (hashing `user` only if there is a hash index). `prune` is the
-    /// database's visible sequence number when no snapshot or iterator is registered (`None`
-    /// otherwise, and during replay): the key's versions older than its newest one at or below it
-    /// are dropped, since only registered readers read at an older point and plain reads take
-    /// the visible number under the lock that pruning holds (`ReadAt::Latest`).
-    pub(crate) fn insert(
-        &self,
-        user: &[u8],
-        seq: u64,
-        kind: Kind,
-        value: &[u8],
-        prune: Option<u64>,
-    ) {
-        let version = Version { tag: key::tag(seq, kind), value: Value::new(value) };
-        #[expect(
-            clippy::indexing_slicing,
-            reason = "a non-empty `index` holds SHARDS shards, and shard_of is below SHARDS"
-        )]
-        let added = if self.index.is_empty() {
-            self.insert_node(user, version, prune)
-        } else {
-            let hash = crate::bloom::hash(user);
-            self.insert_indexed(
-                &mut self.index[shard_of(hash)].0.write(),
-                user,
-                hash,
-                version,
-                prune,
-            )
-        };
-        self.grow(added);
+    /// The node `r` points at, which lives as long as `self` (every `NodeRef` is of this
+    /// memtable).
+    fn node(&self, r: NodeRef) -> &Node {
+        // SAFETY: `r` is a node of this memtable's arena, published (see `NodeRef`).
+        unsafe { r.0.as_ref() }
     }
 
-    /// Inserts the writes of a batch, the `i`th at `seq + i`, as [`Memtable::insert`] inserts
-    /// each. With a hash index and more than one write, under the write locks of all their
-    /// shards (see [`Memtable::locked`]): the index entries of all the keys are prefetched
-    /// first, so that their cache misses overlap (see [`Memtable::get_many`]) instead of coming
-    /// one after another, each behind a lock.
-    pub(crate) fn insert_batch(&self, ops: &[Op<'_>], seq: u64, prune: Option<u64>) {
-        if self.index.is_empty() || ops.len() < 2 {
+    /// The version `r` points at, of this memtable.
+    fn ver(&self, r: VerRef) -> &Ver {
+        // SAFETY: `r` is a published version of this memtable's arena (see `VerRef`).
+        unsafe { r.0.as_ref() }
+    }
+
+    fn is_head(&self, n: &Node) -> bool {
+        std::ptr::eq(n, self.head.0.as_ptr())
+    }
+
+    /// Inserts `user` at `seq`.
+    #[allow(dead_code, reason = "for tests and the memtable benchmarks")]
+    pub(crate) fn insert(&self, user: &[u8], seq: u64, kind: Kind, value: &[u8]) {
+        self.insert_batch(&[Op { kind, key: user, value }], seq);
+    }
+
+    /// Inserts the writes of a batch, the `i`th at `seq + i`. With a hash index and more than
+    /// one write, under the write locks of all their shards (see [`Memtable::locked`]): the
+    /// index entries of all the keys are prefetched first, so that their cache misses overlap
+    /// (see [`Memtable::get_many`]) instead of coming one after another, each behind a lock.
+    pub(crate) fn insert_batch(&self, ops: &[Op<'_>], seq: u64) {
+        let mut w = self.writer.lock();
+        let before = w.arena.used();
+        let mut new_keys = 0;
+        if self.index.is_empty() {
             for (i, op) in ops.iter().enumerate() {
-                self.insert(op.key, seq + i as u64, op.kind, op.value, prune);
+                new_keys += usize::from(self.insert_node(&mut w, op, seq + i as u64));
             }
-            return;
+        } else if let [op] = ops {
+            let hash = crate::bloom::hash(op.key);
+            #[expect(
+                clippy::indexing_slicing,
+                reason = "a non-empty `index` holds SHARDS shards, and shard_of is below SHARDS"
+            )]
+            let mut shard = self.index[shard_of(hash)].0.write();
+            new_keys += usize::from(self.insert_indexed(&mut w, &mut shard, op, hash, seq));
+        } else {
+            let hashes: SmallVec<[u64; 16]> =
+                ops.iter().map(|op| crate::bloom::hash(op.key)).collect();
+            let mut locked = self.locked_mut(hashes.iter().copied());
+            for &hash in &hashes {
+                locked.prefetch(hash);
+            }
+            for (i, (op, &hash)) in ops.iter().zip(&hashes).enumerate() {
+                let table = locked.table_mut(hash);
+                new_keys +=
+                    usize::from(self.insert_indexed(&mut w, table, op, hash, seq + i as u64));
+            }
         }
-        let hashes: SmallVec<[u64; 16]> = ops.iter().map(|op| crate::bloom::hash(op.key)).collect();
-        let mut locked = self.locked_mut(hashes.iter().copied());
-        for &hash in &hashes {
-            locked.prefetch(hash);
-        }
-        let mut added = 0;
-        for (i, (op, &hash)) in ops.iter().zip(&hashes).enumerate() {
-            let version =
-                Version { tag: key::tag(seq + i as u64, op.kind), value: Value::new(op.value) };
-            added += self.insert_indexed(locked.table_mut(hash), op.key, hash, version, prune);
-        }
-        drop(locked);
-        self.grow(added);
+        let index = if self.index.is_empty() { 0 } else { INDEX_OVERHEAD };
+        let added = w.arena.used() - before + new_keys * index;
+        drop(w);
+        self.keys.fetch_add(new_keys, Ordering::Relaxed);
+        self.size.fetch_add(added, Ordering::Relaxed);
     }
 
-    /// Adds `version` to `user`'s index entry in `shard`, creating it if needed; returns the
-    /// bytes this added.
+    /// Adds `op` at `seq` to its key's node, found in the index shard `table` (`hash` is the
+    /// key's), or to a new node that waits for `order`; returns whether the node is new.
     fn insert_indexed(
         &self,
-        shard: &mut Table,
-        user: &[u8],
+        w: &mut Writer,
+        table: &mut Table,
+        op: &Op<'_>,
         hash: u64,
-        version: Version,
-        prune: Option<u64>,
-    ) -> isize {
-        match shard.find(hash, |n| n.is(hash, user)) {
+        seq: u64,
+    ) -> bool {
+        let v = w.version(key::tag(seq, op.kind), op.value);
+        match table.find(hash, |n| self.node(*n).is(hash, op.key)) {
             // An overwrite: no skiplist search.
-            Some(n) => n.versions.add(version, prune),
-            // A new key: its node waits for `order`.
+            Some(n) => {
+                self.node(*n).push(v);
+                false
+            }
             None => {
-                let key = UserKey::new(user);
-                let added = node_size(user, &version) + INDEX_OVERHEAD;
-                let n = Arc::new(Indexed { hash, versions: Versions::new(version), key });
-                self.unordered.lock().push((prefix8(user), n.clone()));
-                shard.insert_unique(hash, n, |n| n.hash);
-                added as isize
+                let n = w.node(op.key, hash, v);
+                {
+                    let mut unordered = self.unordered.lock();
+                    unordered.push((prefix8(op.key), n));
+                    self.waiting.fetch_add(1, Ordering::Release);
+                }
+                table.insert_unique(hash, n, |n| self.node(*n).hash);
+                true
             }
         }
     }
 
-    /// Counts `added` bytes (freed ones if negative) in the memtable's size.
-    fn grow(&self, added: isize) {
-        if added >= 0 {
-            self.size.fetch_add(added as usize, Ordering::Relaxed);
-        } else {
-            let freed = added.unsigned_abs();
-            let _ = self.size.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| {
-                Some(s.saturating_sub(freed))
-            });
+    /// Adds `op` at `seq` to its key's node in the skiplist, linking a new one if there is none;
+    /// returns whether the node is new.
+    fn insert_node(&self, w: &mut Writer, op: &Op<'_>, seq: u64) -> bool {
+        let v = w.version(key::tag(seq, op.kind), op.value);
+        let mut prev = [self.head; MAX_HEIGHT];
+        match self.splice(op.key, &mut prev) {
+            Some(n) => {
+                n.push(v);
+                false
+            }
+            None => {
+                let n = w.node(op.key, 0, v);
+                self.link(n, &mut prev);
+                true
+            }
         }
     }
 
-    /// Adds `version` to `user`'s node, creating it if needed; returns the bytes this added.
-    fn insert_node(&self, user: &[u8], version: Version, prune: Option<u64>) -> isize {
-        let size = node_size(user, &version);
-        let mut created = false;
-        // The closure gets a copy: when two writers race to create the key's node, the skiplist
-        // may call it, lose the race, drop the node it built and return the winner's, and the
-        // version must then still be added to that one.
-        let e = self.map.get_or_insert_with(UserKey::new(user), || {
-            created = true;
-            Node::Own(Versions::new(version.clone()))
-        });
-        if created && e.value().has(version.tag) {
-            size as isize
-        } else {
-            e.value().add(version, prune)
+    /// Fills `prev` with the last node before `user` at each level in use (the head where
+    /// there is none), starting each level from its `prev` entry (which must be before `user`)
+    /// or from where the level above ended, whichever is further; returns `user`'s node if it
+    /// is linked. Nodes linked in ascending order, each with the `prev` of the one before, each
+    /// find their place in a few steps.
+    fn splice(&self, user: &[u8], prev: &mut [NodeRef; MAX_HEIGHT]) -> Option<&Node> {
+        let head = self.node(self.head);
+        let mut x = head;
+        let top = self.height.load(Ordering::Acquire);
+        for (level, p) in prev.iter_mut().enumerate().take(top).rev() {
+            let hint = self.node(*p);
+            if !self.is_head(hint) && (self.is_head(x) || bytes_cmp(hint.key(), x.key()).is_gt()) {
+                x = hint;
+            }
+            while let Some(next) = x.next(level) {
+                if bytes_cmp(next.key(), user).is_lt() {
+                    x = next;
+                } else {
+                    break;
+                }
+            }
+            *p = NodeRef::of(x);
         }
+        x.next(0).filter(|n| n.key() == user)
+    }
+
+    /// Links `node` after the nodes `prev` holds (as [`Memtable::splice`] left them for its
+    /// key), lowest level first, so that a reader who finds it at a level finds it below too;
+    /// leaves `node` in `prev` at its levels. Only one thread links at a time.
+    fn link(&self, node: NodeRef, prev: &mut [NodeRef; MAX_HEIGHT]) {
+        let n = self.node(node);
+        let height = n.height as usize;
+        if height > self.height.load(Ordering::Relaxed) {
+            // Readers who see the new height before the links find the head's null there and
+            // go down a level.
+            self.height.store(height, Ordering::Release);
+        }
+        for (level, p) in prev.iter_mut().enumerate().take(height) {
+            let before = self.node(*p).link(level);
+            n.link(level).store(before.load(Ordering::Acquire), Ordering::Relaxed);
+            before.store(node.0.as_ptr(), Ordering::Release);
+            *p = node;
+        }
+    }
+
+    /// The last node before `user` (the head if none).
+    fn last_before(&self, user: &[u8]) -> &Node {
+        let mut x = self.node(self.head);
+        let mut level = self.height.load(Ordering::Acquire);
+        while level > 0 {
+            level -= 1;
+            while let Some(next) = x.next(level) {
+                if bytes_cmp(next.key(), user).is_lt() {
+                    x = next;
+                } else {
+                    break;
+                }
+            }
+        }
+        x
+    }
+
+    /// The first node at or after `user`.
+    fn first_from(&self, user: &[u8]) -> Option<&Node> {
+        self.last_before(user).next(0)
+    }
+
+    /// The last node before `user`, if any.
+    fn before(&self, user: &[u8]) -> Option<&Node> {
+        Some(self.last_before(user)).filter(|n| !self.is_head(n))
+    }
+
+    /// The last node at or before `user`.
+    fn last_to(&self, user: &[u8]) -> Option<&Node> {
+        let x = self.last_before(user);
+        match x.next(0) {
+            Some(n) if n.key() == user => Some(n),
+            _ => Some(x).filter(|n| !self.is_head(n)),
+        }
+    }
+
+    /// The first node.
+    fn first(&self) -> Option<&Node> {
+        self.node(self.head).next(0)
+    }
+
+    /// The last node.
+    fn last(&self) -> Option<&Node> {
+        let mut x = self.node(self.head);
+        let mut level = self.height.load(Ordering::Acquire);
+        while level > 0 {
+            level -= 1;
+            while let Some(next) = x.next(level) {
+                x = next;
+            }
+        }
+        Some(x).filter(|n| !self.is_head(n))
     }
 
     /// The newest version of `user` visible at `seq`; `hash` is [`crate::bloom::hash`] of `user`.
-    pub(crate) fn get(&self, user: &[u8], hash: u64, at: ReadAt<'_>) -> Lookup {
-        if let Some(Shard(shard)) = self.index.get(shard_of(hash)) {
-            let shard = shard.read();
-            // Pruning happens under this shard's write lock: resolve under its read lock.
-            let seq = at.resolve();
-            return match shard.find(hash, |n| n.is(hash, user)) {
-                Some(n) => n.versions.visible(ReadAt::Seq(seq)),
-                None => Lookup::Absent,
-            };
-        }
-        match self.map.get(&UserKey::new(user)) {
-            Some(e) => e.value().visible(at),
-            None => Lookup::Absent,
-        }
+    pub(crate) fn get(&self, user: &[u8], hash: u64, seq: u64) -> Lookup {
+        let node = match self.index.get(shard_of(hash)) {
+            Some(Shard(shard)) => {
+                let found = shard.read().find(hash, |n| self.node(*n).is(hash, user)).copied();
+                found.map(|n| self.node(n))
+            }
+            None => self.first_from(user).filter(|n| n.key() == user),
+        };
+        node.map_or(Lookup::Absent, |n| visible(n, seq))
     }
 
-    /// [`Memtable::get`] of several keys, each with its hash, all at `at`. With a hash index
+    /// [`Memtable::get`] of several keys, each with its hash, all at `seq`. With a hash index
     /// the lookups run in two passes under the read locks of all their shards (see
     /// [`Memtable::locked`]): the first probes the index for every key and only prefetches the
-    /// entries it finds, the second reads them. A lookup alone misses the cache in the index
-    /// and then in the entry, and the next one cannot start early, as each takes its shard's
-    /// lock (an atomic the processor cannot run past); this way the misses of all the keys
-    /// overlap.
-    pub(crate) fn get_many(&self, keys: &[(&[u8], u64)], at: ReadAt<'_>) -> Vec<Lookup> {
+    /// nodes it finds, the second reads them. A lookup alone misses the cache in the index and
+    /// then in the node, and the next one cannot start early, as each takes its shard's lock
+    /// (an atomic the processor cannot run past); this way the misses of all the keys overlap.
+    pub(crate) fn get_many(&self, keys: &[(&[u8], u64)], seq: u64) -> Vec<Lookup> {
         if self.index.is_empty() {
-            return keys.iter().map(|&(user, hash)| self.get(user, hash, at)).collect();
+            return keys.iter().map(|&(user, hash)| self.get(user, hash, seq)).collect();
         }
         let locked = self.locked(keys.iter().map(|k| k.1));
-        // Pruning happens under the shards' write locks: resolve under their read locks.
-        let seq = at.resolve();
-        let probes: SmallVec<[Probe<'_>; 16]> = keys.iter().map(|k| locked.prefetch(k.1)).collect();
+        let probes: SmallVec<[Probe; 16]> = keys.iter().map(|k| locked.prefetch(k.1)).collect();
         keys.iter()
             .zip(probes)
             .map(|(&(user, hash), probe)| {
                 let found = match probe {
-                    Probe::Unique(n) => n.filter(|n| n.is(hash, user)),
+                    Probe::Unique(n) => n.filter(|n| self.node(*n).is(hash, user)),
                     Probe::Several => {
-                        locked.table(hash).find(hash, |n| n.is(hash, user)).map(|n| &**n)
+                        locked.table(hash).find(hash, |n| self.node(*n).is(hash, user)).copied()
                     }
                 };
-                found.map_or(Lookup::Absent, |n| n.versions.visible(ReadAt::Seq(seq)))
+                found.map_or(Lookup::Absent, |n| visible(self.node(n), seq))
             })
             .collect()
     }
@@ -626,45 +776,48 @@ impl Memtable {
         LockedShards { ids, guards }
     }
 
+    /// Bytes held: the arena's (nodes, versions, keys and values) and the hash index's.
     pub(crate) fn size(&self) -> usize {
         self.size.load(Ordering::Relaxed)
     }
 
     pub(crate) fn is_empty(&self) -> bool {
-        let _o = self.ordering.lock();
-        self.map.is_empty() && self.unordered.lock().is_empty()
+        self.keys.load(Ordering::Relaxed) == 0
     }
 
-    /// Gives every key within `bounds` added to the hash index so far its skiplist node (see
-    /// the module doc). Readers in key order call it once their point in time is fixed; it
-    /// returns at once if no key waits. Keys outside `bounds` keep waiting: a scan of a few keys
-    /// does not order the whole memtable.
+    /// Links every node within `bounds` added to the hash index so far (see the module doc).
+    /// Readers in key order call it once their point in time is fixed; it returns at once if no
+    /// node waits. Nodes outside `bounds` keep waiting: a scan of a few keys does not order the
+    /// whole memtable.
     pub(crate) fn order(&self, bounds: &Bounds) {
-        if self.index.is_empty() {
+        if self.index.is_empty() || self.waiting.load(Ordering::Acquire) == 0 {
             return;
         }
         let _o = self.ordering.lock();
-        let mut keys: Vec<Arc<Indexed>> = {
+        let mut nodes: Vec<NodeRef> = {
             let mut unordered = self.unordered.lock();
             if let (Bound::Unbounded, Bound::Unbounded) = (&bounds.lo, &bounds.hi) {
                 std::mem::take(&mut *unordered).into_iter().map(|(_, n)| n).collect()
             } else {
                 let (lo, hi) = (bound_prefix(&bounds.lo), bound_prefix(&bounds.hi));
-                // The eight-byte prefixes settle most keys without loading their entries.
+                // The eight-byte prefixes settle most keys without loading their nodes.
                 unordered
                     .extract_if(.., |(p, n)| {
                         lo.is_none_or(|lo| *p >= lo)
                             && hi.is_none_or(|hi| *p <= hi)
-                            && bounds.contains(n.key.user())
+                            && bounds.contains(self.node(*n).key())
                     })
                     .map(|(_, n)| n)
                     .collect()
             }
         };
-        keys.sort_unstable_by(|a, b| a.key.user().cmp(b.key.user()));
-        for n in keys {
-            self.map.insert(n.key.clone(), Node::Indexed(n));
+        nodes.sort_unstable_by(|a, b| bytes_cmp(self.node(*a).key(), self.node(*b).key()));
+        let mut prev = [self.head; MAX_HEIGHT];
+        for &n in &nodes {
+            self.splice(self.node(n).key(), &mut prev);
+            self.link(n, &mut prev);
         }
+        self.waiting.fetch_sub(nodes.len(), Ordering::Release);
     }
 
     pub(crate) fn seal(&self, wal_end: u64) {
@@ -683,12 +836,13 @@ impl Memtable {
     ) -> Result<(), E> {
         self.order(&Bounds::ALL);
         let mut ikey = Vec::new();
-        for e in self.map.iter() {
-            let user = e.key().user();
-            for v in e.value().0.read().iter().rev() {
-                set_ikey(&mut ikey, user, v.tag);
-                f(&ikey, v.value.as_slice())?;
+        let mut node = self.first();
+        while let Some(n) = node {
+            for v in distinct(n.versions()) {
+                set_ikey(&mut ikey, n.key(), v.tag);
+                f(&ikey, v.value())?;
             }
+            node = n.next(0);
         }
         Ok(())
     }
@@ -697,7 +851,7 @@ impl Memtable {
 impl std::fmt::Debug for Memtable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Memtable")
-            .field("keys", &(self.map.len() + self.unordered.lock().len()))
+            .field("keys", &self.keys.load(Ordering::Relaxed))
             .field("size", &self.size())
             .field("wal_start", &self.wal_start)
             .finish()
@@ -705,23 +859,68 @@ impl std::fmt::Debug for Memtable {
 }
 
 /// A cursor over one memtable's entries in internal-key order (or its reverse), for the merges
-/// of `iter`. It holds the memtable, so the entries it shows stay alive; it remembers where it
-/// stands by key and tag, and finds its node again with one search per step.
+/// of `iter`. It holds the memtable, so the nodes and versions it points at stay alive.
 pub(crate) struct Cursor {
     mem: Arc<Memtable>,
     forward: bool,
     /// The user keys it has to be right about (the keys of the scan it serves): keys of the
     /// hash index outside them may have no node yet.
     bounds: Bounds,
-    /// The key of the node it stands in and the tag of the version it stands at.
-    at: Option<(UserKey, u64)>,
+    /// The node it stands in and the version it stands at.
+    at: Option<(NodeRef, VerRef)>,
+    back: Back,
     /// The internal key of the current entry.
     ikey: Vec<u8>,
-    value: Bytes,
 }
 
-/// A node of the skiplist.
-type NodeEntry<'a> = crossbeam_skiplist::map::Entry<'a, UserKey, Node>;
+/// Going backward, the versions of the node a cursor stands in, oldest first: a node's versions
+/// link from newest to oldest.
+#[derive(Default)]
+struct Back {
+    /// The versions (without replaced ones), read when the cursor entered the node.
+    vers: Vec<VerRef>,
+    /// The node's newest version then: if it changed, versions came since, and are read again.
+    newest: Option<VerRef>,
+    /// The position of the one the cursor stands at.
+    at: usize,
+}
+
+impl Back {
+    /// Reads `n`'s versions and returns the first at or past `from` (the first with a tag at
+    /// or above it; the oldest if `None`).
+    fn enter<'a>(&mut self, n: &'a Node, from: Option<u64>) -> Option<(&'a Node, &'a Ver)> {
+        self.vers.clear();
+        // SAFETY: null or a published version of `n`'s arena.
+        self.newest = unsafe { n.versions.load(Ordering::Acquire).as_ref() }.map(VerRef::of);
+        self.vers.extend(distinct(n.versions()).map(VerRef::of));
+        self.vers.reverse();
+        // SAFETY (both): the versions are `n`'s, which lives as long as `'a`.
+        self.at = match from {
+            None => 0,
+            Some(tag) => self.vers.partition_point(|v| unsafe { v.0.as_ref() }.tag < tag),
+        };
+        self.vers.get(self.at).map(|v| (n, unsafe { &*v.0.as_ptr() }))
+    }
+
+    /// The version after the one at `at` (whose tag is `tag`) in `n`, reading `n`'s versions
+    /// again if some came since.
+    fn step<'a>(&mut self, n: &'a Node, tag: u64) -> Option<(&'a Node, &'a Ver)> {
+        // SAFETY: null or a published version of `n`'s arena.
+        let newest = unsafe { n.versions.load(Ordering::Acquire).as_ref() }.map(VerRef::of);
+        if newest.map(|v| v.0) != self.newest.map(|v| v.0) {
+            return self.enter(n, tag.checked_add(1));
+        }
+        self.at += 1;
+        // SAFETY: one of `n`'s versions, which live as long as `'a`.
+        self.vers.get(self.at).map(|v| (n, unsafe { &*v.0.as_ptr() }))
+    }
+}
+
+impl VerRef {
+    fn of(v: &Ver) -> VerRef {
+        VerRef(NonNull::from(v))
+    }
+}
 
 impl Cursor {
     #[cfg(test)]
@@ -731,47 +930,58 @@ impl Cursor {
 
     /// A cursor that shows every key within `bounds`, and perhaps others.
     pub(crate) fn within(mem: Arc<Memtable>, forward: bool, bounds: Bounds) -> Cursor {
-        Cursor { mem, forward, bounds, at: None, ikey: Vec::new(), value: Bytes::new() }
+        Cursor { mem, forward, bounds, at: None, back: Back::default(), ikey: Vec::new() }
     }
 
     /// Stands at the first entry at or past the internal key `target` in the direction of
     /// travel (at the edge if `None`).
     pub(crate) fn seek(&mut self, target: Option<&[u8]>) {
-        self.mem.order(&self.bounds);
-        let map = &self.mem.map;
-        let found = match target {
-            None => pick(if self.forward { map.front() } else { map.back() }, self.forward, None),
-            Some(target) => {
-                let probe = UserKey::new(key::user(target));
-                let e = if self.forward {
-                    map.lower_bound(Bound::Included(&probe))
-                } else {
-                    map.upper_bound(Bound::Included(&probe))
-                };
-                let same = e.as_ref().is_some_and(|e| e.key().user() == probe.user());
-                pick(e, self.forward, same.then_some((key::tag_of(target), true)))
+        let Cursor { mem, forward, bounds, at, back, ikey } = self;
+        mem.order(bounds);
+        let found = match (target, *forward) {
+            (None, true) => mem.first().map(|n| (n, n.newest())),
+            (None, false) => mem.last().and_then(|n| back.enter(n, None)),
+            (Some(target), true) => {
+                let (user, tag) = (key::user(target), key::tag_of(target));
+                match mem.first_from(user) {
+                    Some(n) if n.key() == user => {
+                        match distinct(n.versions()).find(|v| v.tag <= tag) {
+                            Some(v) => Some((n, v)),
+                            None => n.next(0).map(|n| (n, n.newest())),
+                        }
+                    }
+                    n => n.map(|n| (n, n.newest())),
+                }
+            }
+            (Some(target), false) => {
+                let (user, tag) = (key::user(target), key::tag_of(target));
+                match mem.last_to(user) {
+                    Some(n) if n.key() == user => back
+                        .enter(n, Some(tag))
+                        .or_else(|| mem.before(user).and_then(|n| back.enter(n, None))),
+                    n => n.and_then(|n| back.enter(n, None)),
+                }
             }
         };
-        self.stand(found);
+        *at = stand(ikey, found);
     }
 
     /// Moves to the next entry in the direction of travel.
     pub(crate) fn advance(&mut self) {
-        let Some((k, tag)) = self.at.take() else { return };
+        let Cursor { mem, forward, bounds, at, back, ikey } = self;
+        let Some((n, v)) = *at else { return };
         // Keys added while the cursor stood get their nodes, so that it steps onto them.
-        self.mem.order(&self.bounds);
-        // Nodes are never removed: the search finds the node the cursor stands in.
-        let e = self.mem.map.get(&k);
-        let found = pick(e, self.forward, Some((tag, false)));
-        self.stand(found);
-    }
-
-    fn stand(&mut self, found: Option<(UserKey, u64, Bytes)>) {
-        self.at = found.map(|(k, tag, value)| {
-            set_ikey(&mut self.ikey, k.user(), tag);
-            self.value = value;
-            (k, tag)
-        });
+        mem.order(bounds);
+        let (n, v) = (mem.node(n), mem.ver(v));
+        let found = if *forward {
+            match distinct(Versions(Some(v))).nth(1) {
+                Some(next) => Some((n, next)),
+                None => n.next(0).map(|n| (n, n.newest())),
+            }
+        } else {
+            back.step(n, v.tag).or_else(|| mem.before(n.key()).and_then(|p| back.enter(p, None)))
+        };
+        *at = stand(ikey, found);
     }
 
     /// The current internal key; `None` past the end.
@@ -780,74 +990,26 @@ impl Cursor {
     }
 
     pub(crate) fn value(&self) -> Bytes {
-        self.value.clone()
+        Bytes::copy_from_slice(self.value_ref())
     }
 
     pub(crate) fn value_ref(&self) -> &[u8] {
-        &self.value
+        self.at.map_or(&[], |(_, v)| self.mem.ver(v).value())
     }
 }
 
-/// The version [`Versions::pick`] chooses in node `e`, or else the first version at the edge of
-/// the nodes after it in the direction of travel: its key, tag and value.
-fn pick(
-    mut e: Option<NodeEntry<'_>>,
-    forward: bool,
-    mut after: Option<(u64, bool)>,
-) -> Option<(UserKey, u64, Bytes)> {
-    while let Some(node) = e {
-        if let Some((tag, value)) = node.value().pick(forward, after) {
-            return Some((node.key().clone(), tag, value));
-        }
-        e = if forward { node.next() } else { node.prev() };
-        after = None;
-    }
-    None
+/// Where a cursor stands on `found` (a node and one of its versions), with `ikey` made its
+/// internal key.
+fn stand(ikey: &mut Vec<u8>, found: Option<(&Node, &Ver)>) -> Option<(NodeRef, VerRef)> {
+    found.map(|(n, v)| {
+        set_ikey(ikey, n.key(), v.tag);
+        (NodeRef::of(n), VerRef::of(v))
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Pruning keeps the newest version at or below the floor and every newer one; without a
-    /// floor every version stays. With and without a hash index.
-    #[test]
-    fn pruning_keeps_what_a_read_at_or_after_the_floor_can_see() {
-        for index in [false, true] {
-            let m = Memtable::new(0, index, 1 << 20);
-            let big = |i: u64| vec![i as u8; 100];
-            for seq in 1..=10u64 {
-                m.insert(b"k", seq, Kind::Put, &big(seq), Some(seq - 1));
-            }
-            let at = |seq| m.get(b"k", crate::bloom::hash(b"k"), ReadAt::Seq(seq));
-            assert_eq!(at(10), Lookup::Found(Bytes::from(big(10))));
-            assert_eq!(at(9), Lookup::Found(Bytes::from(big(9))), "the newest at the floor stays");
-            assert_eq!(at(8), Lookup::Absent, "older versions are pruned (index {index})");
-            let pruned = m.size();
-            let kept = Memtable::new(0, index, 1 << 20);
-            for seq in 1..=10u64 {
-                kept.insert(b"k", seq, Kind::Put, &big(seq), None);
-            }
-            assert_eq!(
-                kept.get(b"k", crate::bloom::hash(b"k"), ReadAt::Seq(3)),
-                Lookup::Found(Bytes::from(big(3)))
-            );
-            assert!(
-                pruned + 800 <= kept.size(),
-                "pruned values leave the size: {pruned} vs {}",
-                kept.size()
-            );
-            // A tombstone at the floor is kept: it hides older tables' versions.
-            m.insert(b"k", 11, Kind::Delete, b"", Some(10));
-            m.insert(b"k", 12, Kind::Put, b"x", Some(11));
-            assert_eq!(m.get(b"k", crate::bloom::hash(b"k"), ReadAt::Seq(11)), Lookup::Deleted);
-            let visible = AtomicU64::new(12);
-            assert_eq!(
-                m.get(b"k", crate::bloom::hash(b"k"), ReadAt::Latest(&visible)),
-                Lookup::Found(Bytes::from_static(b"x"))
-            );
-        }
-    }
 
     #[test]
     fn versions_and_tombstones() {
@@ -859,19 +1021,19 @@ mod tests {
     fn versions_and_tombstones_with(hash_index: bool) {
         let m = Memtable::new(0, hash_index, 1 << 20);
         let h = |k: &[u8]| crate::bloom::hash(k);
-        m.insert(b"a", 1, Kind::Put, b"1", None);
-        m.insert(b"a", 5, Kind::Delete, b"", None);
+        m.insert(b"a", 1, Kind::Put, b"1");
+        m.insert(b"a", 5, Kind::Delete, b"");
         // An older version inserted after a newer one (recovery order) does not hide it.
-        m.insert(b"a", 3, Kind::Put, b"3", None);
-        m.insert(b"ab", 2, Kind::Put, b"x", None);
-        assert_eq!(m.get(b"a", h(b"a"), ReadAt::Seq(0)), Lookup::Absent);
-        assert_eq!(m.get(b"a", h(b"a"), ReadAt::Seq(1)), Lookup::Found(Bytes::from_static(b"1")));
-        assert_eq!(m.get(b"a", h(b"a"), ReadAt::Seq(4)), Lookup::Found(Bytes::from_static(b"3")));
-        assert_eq!(m.get(b"a", h(b"a"), ReadAt::Seq(5)), Lookup::Deleted);
-        assert_eq!(m.get(b"a", h(b"a"), ReadAt::Seq(9)), Lookup::Deleted);
-        assert_eq!(m.get(b"ab", h(b"ab"), ReadAt::Seq(9)), Lookup::Found(Bytes::from_static(b"x")));
-        assert_eq!(m.get(b"ab", h(b"ab"), ReadAt::Seq(1)), Lookup::Absent);
-        assert_eq!(m.get(b"b", h(b"b"), ReadAt::Seq(9)), Lookup::Absent);
+        m.insert(b"a", 3, Kind::Put, b"3");
+        m.insert(b"ab", 2, Kind::Put, b"x");
+        assert_eq!(m.get(b"a", h(b"a"), 0), Lookup::Absent);
+        assert_eq!(m.get(b"a", h(b"a"), 1), Lookup::Found(Bytes::from_static(b"1")));
+        assert_eq!(m.get(b"a", h(b"a"), 4), Lookup::Found(Bytes::from_static(b"3")));
+        assert_eq!(m.get(b"a", h(b"a"), 5), Lookup::Deleted);
+        assert_eq!(m.get(b"a", h(b"a"), 9), Lookup::Deleted);
+        assert_eq!(m.get(b"ab", h(b"ab"), 9), Lookup::Found(Bytes::from_static(b"x")));
+        assert_eq!(m.get(b"ab", h(b"ab"), 1), Lookup::Absent);
+        assert_eq!(m.get(b"b", h(b"b"), 9), Lookup::Absent);
         let mut seqs = Vec::new();
         m.try_for_each(|k, _| {
             seqs.push(key::seq(k));
@@ -883,28 +1045,38 @@ mod tests {
 
     #[test]
     fn size_counts_nodes_and_versions() {
-        let m = Memtable::new(0, true, 1 << 20);
-        m.insert(b"k", 1, Kind::Put, b"short", None);
-        let one = m.size();
-        assert!(one >= NODE_OVERHEAD + INDEX_OVERHEAD);
-        // A second version fits in the node's own room; a third spills the versions into a heap
-        // array, which costs far less than a node.
-        m.insert(b"k", 2, Kind::Put, b"short", None);
-        assert_eq!(m.size(), one);
-        m.insert(b"k", 3, Kind::Put, b"short", None);
-        let two = m.size();
-        assert!(two > one && two - one < NODE_OVERHEAD, "{one} {two}");
-        // A long value is counted by its length.
-        m.insert(b"k", 4, Kind::Put, &[0u8; 1000], None);
-        let long = m.size();
-        assert!(long - two >= 1000);
-        // The same version again (a replay) replaces it, and its bytes leave the size.
-        m.insert(b"k", 4, Kind::Put, b"v", None);
-        assert!(m.size() + 1000 <= long);
-        assert_eq!(
-            m.get(b"k", crate::bloom::hash(b"k"), ReadAt::Seq(9)),
-            Lookup::Found(Bytes::from_static(b"v"))
-        );
+        for index in [false, true] {
+            let m = Memtable::new(0, index, 1 << 20);
+            let empty = m.size();
+            m.insert(b"k", 1, Kind::Put, b"short");
+            let one = m.size() - empty;
+            let node = Node::size(1, 1) + std::mem::size_of::<Ver>() + 5;
+            assert!(one >= node, "{one}");
+            // Another version costs its header and value, not another node.
+            m.insert(b"k", 2, Kind::Put, b"short");
+            let two = m.size() - empty;
+            assert_eq!(two - one, (std::mem::size_of::<Ver>() + 5).next_multiple_of(8));
+            // A long value is counted by its length.
+            m.insert(b"k", 3, Kind::Put, &[0u8; 1000]);
+            assert!(m.size() - empty - two >= 1000);
+            // The same version again (a replay) replaces it: reads and iteration see only the
+            // new one.
+            m.insert(b"k", 3, Kind::Put, b"v");
+            assert_eq!(
+                m.get(b"k", crate::bloom::hash(b"k"), 9),
+                Lookup::Found(Bytes::from_static(b"v"))
+            );
+            let mut seen = Vec::new();
+            m.try_for_each(|k, v| {
+                seen.push((key::seq(k), v.to_vec()));
+                Ok::<_, ()>(())
+            })
+            .unwrap();
+            assert_eq!(
+                seen,
+                vec![(3, b"v".to_vec()), (2, b"short".to_vec()), (1, b"short".to_vec())]
+            );
+        }
     }
 
     #[test]
@@ -925,7 +1097,6 @@ mod tests {
                                 1 + i * threads + t,
                                 Kind::Put,
                                 &i.to_le_bytes(),
-                                None,
                             );
                         }
                     });
@@ -947,10 +1118,62 @@ mod tests {
                 if i > 0 && seen[i - 1].0 == *user {
                     continue;
                 }
-                let got = m.get(user, crate::bloom::hash(user), ReadAt::Seq(u64::MAX >> 8));
+                let got = m.get(user, crate::bloom::hash(user), u64::MAX >> 8);
                 let wrote = (newest - 1) / threads;
                 assert_eq!(got, Lookup::Found(Bytes::copy_from_slice(&wrote.to_le_bytes())));
             }
+        }
+    }
+
+    /// Readers walking the skiplist both ways and reading keys while a writer inserts: every
+    /// key published before a reader started is found, in order, with its value.
+    #[test]
+    fn readers_see_every_published_key_while_a_writer_links() {
+        for hash_index in [false, true] {
+            let m = Arc::new(Memtable::new(0, hash_index, 64 << 20));
+            let published = AtomicU64::new(0);
+            let n = 20_000u64;
+            // Keys in a scrambled order, of varied lengths.
+            let key_of = |i: u64| format!("{:x}-{}", i.wrapping_mul(0x9e37_79b9_7f4a_7c15), i % 7);
+            std::thread::scope(|s| {
+                s.spawn(|| {
+                    for i in 1..=n {
+                        m.insert(key_of(i).as_bytes(), i, Kind::Put, &i.to_le_bytes());
+                        published.store(i, Ordering::SeqCst);
+                    }
+                });
+                for forward in [true, false] {
+                    let (m, published) = (m.clone(), &published);
+                    s.spawn(move || loop {
+                        let seen = published.load(Ordering::SeqCst);
+                        let mut c = Cursor::new(m.clone(), forward);
+                        c.seek(None);
+                        let mut keys = Vec::new();
+                        while let Some(k) = c.key() {
+                            let i = u64::from_le_bytes(c.value_ref().try_into().unwrap());
+                            assert_eq!(key::user(k), key_of(i).as_bytes());
+                            keys.push(key::user(k).to_vec());
+                            c.advance();
+                        }
+                        if !forward {
+                            keys.reverse();
+                        }
+                        assert!(keys.windows(2).all(|w| w[0] < w[1]), "out of order");
+                        assert!(keys.len() as u64 >= seen, "{} keys of {seen}", keys.len());
+                        for i in (1..=seen).step_by(97) {
+                            let k = key_of(i);
+                            let got = m.get(k.as_bytes(), crate::bloom::hash(k.as_bytes()), i);
+                            assert_eq!(
+                                got,
+                                Lookup::Found(Bytes::copy_from_slice(&i.to_le_bytes()))
+                            );
+                        }
+                        if seen == n {
+                            break;
+                        }
+                    });
+                }
+            });
         }
     }
 
@@ -1006,12 +1229,17 @@ mod tests {
             // The model cursor: the key it stands at and the direction.
             let mut at: Option<(Vec<u8>, u64)> = None;
             let mut forward = true;
+            let mut top = 0u64;
             for op in ops {
                 match op {
                     Op::Insert(u, seq, del) => {
+                        // While a cursor stands, writes come as the database makes them: each
+                        // newer than any before (replays, in any order, come before readers).
+                        let seq = if cur.is_some() { seq.max(top + 1) } else { seq };
+                        top = top.max(seq);
                         let kind = if del { Kind::Delete } else { Kind::Put };
                         let v = if del { vec![] } else { format!("{seq}").into_bytes() };
-                        m.insert(&u, seq, kind, &v, None);
+                        m.insert(&u, seq, kind, &v);
                         model.insert((u, !key::tag(seq, kind)), v);
                     }
                     Op::Seek(t, f) => {
@@ -1055,14 +1283,14 @@ mod tests {
             // Every key at every sequence number reads as the model's newest visible version.
             let users: std::collections::BTreeSet<Vec<u8>> = model.keys().map(|(u, _)| u.clone()).collect();
             for u in users {
-                for seq in 0..21 {
+                for seq in 0..=top + 1 {
                     let want = model
                         .range((u.clone(), !key::tag(seq, Kind::Put))..=(u.clone(), u64::MAX))
                         .next()
                         .map_or(Lookup::Absent, |((_, t), v)| {
                             if (!t) & 0xff == Kind::Put as u64 { Lookup::Found(Bytes::from(v.clone())) } else { Lookup::Deleted }
                         });
-                    proptest::prop_assert_eq!(m.get(&u, crate::bloom::hash(&u), ReadAt::Seq(seq)), want);
+                    proptest::prop_assert_eq!(m.get(&u, crate::bloom::hash(&u), seq), want);
                 }
             }
             let mut all = Vec::new();
@@ -1090,7 +1318,7 @@ mod tests {
             let mut shuffled: Vec<&Vec<u8>> = keys.iter().collect();
             shuffled.sort_by_key(|k| crate::bloom::hash(k));
             for (i, k) in shuffled.iter().enumerate() {
-                m.insert(k, i as u64 + 1, Kind::Put, b"v", None);
+                m.insert(k, i as u64 + 1, Kind::Put, b"v");
             }
             let lo_b = if lo_inclusive { Bound::Included(lo) } else { Bound::Excluded(lo) };
             let bounds = Bounds { lo: lo_b, hi: Bound::Included(hi) };

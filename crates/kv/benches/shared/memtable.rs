@@ -7,7 +7,7 @@ use criterion::Criterion;
 
 use crate::bloom;
 use crate::key::Kind;
-use crate::memtable::{Memtable, ReadAt};
+use crate::memtable::Memtable;
 
 const ENTRIES: u64 = 1_000_000;
 
@@ -36,7 +36,7 @@ fn inserts(iters: u64, order: fn(u64) -> u64) -> Duration {
         let n = (iters - done).min(ENTRIES);
         let start = Instant::now();
         for i in 0..n {
-            m.insert(&key_of(order(i)), done + i + 1, Kind::Put, &value, None);
+            m.insert(&key_of(order(i)), done + i + 1, Kind::Put, &value);
         }
         total += start.elapsed();
         done += n;
@@ -50,14 +50,14 @@ pub(crate) fn bench(c: &mut Criterion) {
     g.bench_function("insert_random", |b| b.iter_custom(|n| inserts(n, scramble)));
     let m = Memtable::new(0, false, 64 << 20);
     for i in 0..ENTRIES {
-        m.insert(&key_of(i), i + 1, Kind::Put, &[7u8; 100], None);
+        m.insert(&key_of(i), i + 1, Kind::Put, &[7u8; 100]);
     }
     let mut i = 0u64;
     g.bench_function("get_hit_1m", |b| {
         b.iter(|| {
             i = i.wrapping_add(1);
             let k = key_of(scramble(i));
-            m.get(&k, bloom::hash(&k), ReadAt::Seq(u64::MAX >> 8))
+            m.get(&k, bloom::hash(&k), u64::MAX >> 8)
         })
     });
     g.finish();

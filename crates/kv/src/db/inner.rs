@@ -22,7 +22,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::fs;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use arc_swap::ArcSwap;
@@ -84,7 +84,6 @@ pub(super) struct Inner {
     pub(super) next_txn: AtomicU64,
     /// Open snapshots and iterators: readers at a fixed sequence number. While there are none,
     /// a write prunes the versions of the keys it writes that no read can see any more.
-    pub(super) pins: Arc<AtomicUsize>,
     pub(super) wal_pins: Mutex<BTreeMap<u64, usize>>,
     pub(super) bg: Mutex<Bg>,
     pub(super) bg_cv: Condvar,

@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::fs;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 
@@ -111,7 +111,7 @@ pub(super) fn open(dir: &Path, opts: Options) -> Result<(Arc<Inner>, Vec<JoinHan
             Error::corrupt(dir.join("wal"), wseq, format!("WAL record {wseq} is not a valid batch"))
         })?;
         let mem = mems.last().expect("one memtable");
-        mem.insert_batch(&ops, seq, None);
+        mem.insert_batch(&ops, seq);
         last_seq = last_seq.max(seq + ops.len() as u64 - 1);
         if mem.size() >= opts.memtable_size {
             mem.seal(wseq + 1);
@@ -152,7 +152,6 @@ pub(super) fn open(dir: &Path, opts: Options) -> Result<(Arc<Inner>, Vec<JoinHan
         oracle: Mutex::new(crate::oracle::Oracle::default()),
         locks: crate::locks::Locks::default(),
         next_txn: AtomicU64::new(1),
-        pins: Arc::new(AtomicUsize::new(0)),
         wal_pins: Mutex::new(BTreeMap::new()),
         bg: Mutex::new(Bg::default()),
         bg_cv: Condvar::new(),

@@ -5,8 +5,6 @@
 //! Reads as of now take the view before the sequence number (see `get_latest`); reads at a
 //! registered sequence number (snapshots, iterators) may take them in any order.
 
-use std::sync::atomic::Ordering;
-
 use bytes::Bytes;
 use smallvec::SmallVec;
 
@@ -16,10 +14,10 @@ use crate::bounds::Bounds;
 use crate::error::{Error, Result};
 use crate::iter::Iter;
 use crate::key::{self, Kind};
-use crate::memtable::{Lookup, ReadAt};
+use crate::memtable::Lookup;
 use crate::options::NUM_LEVELS;
 use crate::version::TableFile;
-use crate::view::{ReadPin, View};
+use crate::view::View;
 
 use super::inner::{release, Inner};
 
@@ -32,7 +30,7 @@ impl Inner {
     /// version a flush or compaction may drop: see `get_latest`).
     pub(super) fn get_at(&self, user: &[u8], seq: u64) -> Result<Option<Bytes>> {
         check_key(user)?;
-        self.get_in(&self.view.load_full(), user, seq, false)
+        self.get_in(&self.view.load_full(), user, seq)
     }
 
     /// `user` as of now. The view is taken before the sequence number: every table in it holds
@@ -44,7 +42,7 @@ impl Inner {
         check_key(user)?;
         let view = self.view.load_full();
         let seq = self.visible();
-        self.get_in(&view, user, seq, true)
+        self.get_in(&view, user, seq)
     }
 
     /// Several keys as of now, as `get_latest` reads one, from one view: the mutable memtable
@@ -61,7 +59,7 @@ impl Inner {
         let seq = self.visible();
         let keys: SmallVec<[(&[u8], u64); 16]> =
             users.iter().map(|u| (u.as_ref(), bloom::hash(u.as_ref()))).collect();
-        let found = view.mem.get_many(&keys, ReadAt::Latest(&self.visible));
+        let found = view.mem.get_many(&keys, seq);
         keys.iter()
             .zip(found)
             .map(|(&(user, hash), l)| match l {
@@ -72,24 +70,10 @@ impl Inner {
             .collect()
     }
 
-    /// `user` in `view` at `seq`; with `latest`, the mutable memtable is read as of its newest
-    /// published version instead (`ReadAt::Latest`: what pruning never drops), which is at or
-    /// after `seq` and before anything else in the view.
-    fn get_in(&self, view: &View, user: &[u8], seq: u64, latest: bool) -> Result<Option<Bytes>> {
-        self.get_hashed(view, user, bloom::hash(user), seq, latest)
-    }
-
-    /// `get_in` of a key whose [`bloom::hash`] is `hash`.
-    fn get_hashed(
-        &self,
-        view: &View,
-        user: &[u8],
-        hash: u64,
-        seq: u64,
-        latest: bool,
-    ) -> Result<Option<Bytes>> {
-        let at = if latest { ReadAt::Latest(&self.visible) } else { ReadAt::Seq(seq) };
-        match view.mem.get(user, hash, at) {
+    /// `user` in `view` at `seq`.
+    fn get_in(&self, view: &View, user: &[u8], seq: u64) -> Result<Option<Bytes>> {
+        let hash = bloom::hash(user);
+        match view.mem.get(user, hash, seq) {
             Lookup::Found(v) => Ok(Some(v)),
             Lookup::Deleted => Ok(None),
             Lookup::Absent => self.get_below_mem(view, user, hash, seq),
@@ -105,7 +89,7 @@ impl Inner {
         seq: u64,
     ) -> Result<Option<Bytes>> {
         for m in &view.imms {
-            match m.get(user, hash, ReadAt::Seq(seq)) {
+            match m.get(user, hash, seq) {
                 Lookup::Found(v) => return Ok(Some(v)),
                 Lookup::Deleted => return Ok(None),
                 Lookup::Absent => {}
@@ -135,21 +119,18 @@ impl Inner {
 
     /// An iterator at `seq`, which the caller's snapshot protects until the iterator pins it.
     pub(super) fn iter(&self, seq: u64, bounds: Bounds) -> Iter {
-        let pin = ReadPin::new(&self.pins);
-        Iter::new(self.view.load_full(), seq, bounds, pin)
+        Iter::new(self.view.load_full(), seq, bounds)
     }
 
     /// An iterator as of now: pinned first, then the view, then the sequence number (see
     /// `get_latest` and `ReadPin`).
     pub(super) fn iter_latest(&self, bounds: Bounds) -> Iter {
-        let pin = ReadPin::new(&self.pins);
         let view = self.view.load_full();
-        Iter::new(view, self.visible(), bounds, pin)
+        Iter::new(view, self.visible(), bounds)
     }
 
     pub(super) fn add_snapshot(&self) -> u64 {
         let mut s = self.snapshots.lock();
-        self.pins.fetch_add(1, Ordering::SeqCst);
         let seq = self.visible();
         *s.entry(seq).or_default() += 1;
         seq
@@ -157,7 +138,6 @@ impl Inner {
 
     pub(super) fn drop_snapshot(&self, seq: u64) {
         release(&mut self.snapshots.lock(), seq);
-        self.pins.fetch_sub(1, Ordering::SeqCst);
     }
 
     pub(super) fn snapshot_seqs(&self) -> Vec<u64> {

@@ -62,12 +62,8 @@ impl Inner {
         self.wal.append(rep)?;
         let (_, ops) = batch::ops(rep).expect("a batch we encoded decodes");
         let view = self.view.load();
-        // Under the writer lock `visible` is stable. A reader that registers after this load of
-        // `pins` reads `visible` after it too, so it needs no version older than the newest one
-        // at or below it, which pruning keeps (all SeqCst: see `ReadPin`).
-        let prune = (self.pins.load(Ordering::SeqCst) == 0).then(|| self.visible());
         let ops: SmallVec<[key::Op<'_>; 16]> = ops.flatten().collect();
-        view.mem.insert_batch(&ops, seq, prune);
+        view.mem.insert_batch(&ops, seq);
         let user_bytes: usize = ops.iter().map(|op| op.key.len() + op.value.len()).sum();
         let n = ops.len() as u64;
         w.last_seq = seq + n - 1;
