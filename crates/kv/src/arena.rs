@@ -1,5 +1,6 @@
-//! `Arena`: the memory of one memtable. Allocations bump a pointer through chunks taken from the
-//! global allocator, and are given back all at once, chunk by chunk, when the arena is dropped.
+//! `Arena`: the memory of one memtable. Allocations bump a pointer through chunks mapped from
+//! the OS (anonymous memory), and are given back all at once, chunk by chunk, when the arena is
+//! dropped.
 //!
 //! A memtable holds hundreds of thousands of small objects (a node per key, a version per
 //! write). Allocated one by one, each costs an allocator call on the writer and a free when the
@@ -7,7 +8,9 @@
 //! for a full memtable, during which its memory is neither counted nor given back), plus the
 //! allocator's rounding and headers. In an arena the size of a memtable is the bytes it handed
 //! out, dropping it is a few dozen frees, and its objects lie packed in the order they were
-//! written.
+//! written. The chunks are mapped rather than taken from the allocator so that a dropped
+//! memtable's memory goes back to the OS at once: an allocator keeps freed memory for a while
+//! to reuse it, and a flushed memtable is tens of MiB freed while the next one fills.
 //!
 //! Invariants: every pointer `alloc` returns is 8-byte aligned, valid for the size asked, and
 //! stays valid (never moved, never reused) until the arena is dropped. `used` counts every byte
@@ -16,6 +19,8 @@
 
 use std::alloc::Layout;
 use std::ptr::NonNull;
+
+use memmap2::MmapMut;
 
 /// The first chunk's size: a memtable that stays small (a quiet keyspace) costs little.
 const FIRST_CHUNK: usize = 64 << 10;
@@ -30,8 +35,8 @@ const OWN_CHUNK_OVER: usize = MAX_CHUNK / 8;
 const ALIGN: usize = 8;
 
 pub(crate) struct Arena {
-    /// Every chunk, to free on drop.
-    chunks: Vec<(NonNull<u8>, Layout)>,
+    /// Every chunk, unmapped on drop.
+    chunks: Vec<MmapMut>,
     /// The free part of the current chunk: from `next`, `left` bytes.
     next: *mut u8,
     left: usize,
@@ -40,8 +45,8 @@ pub(crate) struct Arena {
     used: usize,
 }
 
-// SAFETY: the arena owns its chunks outright; the raw pointers are into memory no one else
-// frees, so moving the arena to another thread moves that ownership with it.
+// SAFETY: the arena owns its chunks outright; `next` points into one of them, which no one
+// else unmaps, so moving the arena to another thread moves that ownership with it.
 unsafe impl Send for Arena {}
 
 impl Arena {
@@ -74,32 +79,27 @@ impl Arena {
         self.next = unsafe { p.add(size) };
         self.left -= size;
         self.used += size;
-        // SAFETY: `p` points into a chunk the global allocator gave us, never null.
+        // SAFETY: `p` points into a mapped chunk, never null.
         unsafe { NonNull::new_unchecked(p) }
     }
 
-    /// A new chunk of `len` bytes, kept until drop.
+    /// A new chunk of `len` bytes (page-aligned), kept until drop.
     fn chunk(&mut self, len: usize) -> NonNull<u8> {
-        let layout = Layout::from_size_align(len, ALIGN).expect("a chunk's size fits a layout");
-        // SAFETY: `len` is at least 8 (every size is rounded up to a multiple of 8, at least 1).
-        let p = unsafe { std::alloc::alloc(layout) };
-        let Some(p) = NonNull::new(p) else { std::alloc::handle_alloc_error(layout) };
-        self.chunks.push((p, layout));
+        let Ok(mut map) = MmapMut::map_anon(len) else {
+            // Out of memory (or of mappings): as the allocator would.
+            std::alloc::handle_alloc_error(
+                Layout::from_size_align(len, ALIGN).expect("a chunk's size fits a layout"),
+            )
+        };
+        // The mapping's address does not change when the `MmapMut` moves into the list.
+        let p = NonNull::new(map.as_mut_ptr()).expect("a mapping is not at address 0");
+        self.chunks.push(map);
         p
     }
 
     /// Bytes handed out, with the tails of abandoned chunks.
     pub(crate) fn used(&self) -> usize {
         self.used
-    }
-}
-
-impl Drop for Arena {
-    fn drop(&mut self) {
-        for (p, layout) in self.chunks.drain(..) {
-            // SAFETY: each chunk was allocated with this layout and is freed once, here.
-            unsafe { std::alloc::dealloc(p.as_ptr(), layout) };
-        }
     }
 }
 

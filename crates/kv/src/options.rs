@@ -144,7 +144,7 @@ impl Options {
 
     /// One limit for the memory of the engine's buffers and caches together (default none:
     /// each has its own limit). Memtables, the active one and those awaiting flush, take at
-    /// most three quarters of it (the memtable size is capped at `budget * 3/4 / (1 +
+    /// most half of it (the memtable size is capped at `budget / 2 / (1 +
     /// max_immutable_memtables)`); the index and filter blocks of the open tables are charged
     /// next; the block cache gets what is left, reserving the active memtable's full size, so
     /// it shrinks while memtables await flush or tables accumulate and grows back after. At
@@ -247,7 +247,7 @@ impl Options {
     /// to the memtables' share.
     pub(crate) fn effective(mut self) -> Options {
         if let Some(b) = self.memory_budget {
-            let share = b / 4 * 3 / (1 + self.max_immutable_memtables);
+            let share = b / 2 / (1 + self.max_immutable_memtables);
             self.memtable_size = self.memtable_size.min(share).max(4096);
         }
         self

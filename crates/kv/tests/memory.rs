@@ -30,7 +30,7 @@ fn memtables_tables_and_cache_stay_within_the_budget() {
             let memtables = s.memtable_bytes + s.immutable_memtable_bytes;
             max_memtables = max_memtables.max(memtables);
             // A memtable switches after the write that fills it: one write of slack each.
-            assert!(memtables <= (BUDGET as u64) * 3 / 4 + 3 * 1024, "memtables at {memtables}");
+            assert!(memtables <= (BUDGET as u64) / 2 + 3 * 1024, "memtables at {memtables}");
             assert!(s.cache_limit < BUDGET as u64, "cache limit {}", s.cache_limit);
             // A limit lowered by an install may race with an insert: one block of slack.
             assert!(
@@ -52,7 +52,7 @@ fn memtables_tables_and_cache_stay_within_the_budget() {
     assert!(s.table_pinned_bytes > 0);
     // Quiet: the cache has what the memtables (the active one at its full size) and the
     // tables leave, and holds no more.
-    let memtable_size = (BUDGET / 4 * 3 / 3) as u64;
+    let memtable_size = (BUDGET / 2 / 3) as u64;
     let want = (BUDGET as u64)
         .saturating_sub(memtable_size + s.immutable_memtable_bytes + s.table_pinned_bytes);
     // (Rounded down to a multiple of the cache's 16 shards.)
