@@ -64,16 +64,19 @@ impl Arena {
     pub(crate) fn alloc(&mut self, size: usize) -> NonNull<u8> {
         let size = size.max(1).next_multiple_of(ALIGN);
         if size > OWN_CHUNK_OVER {
-            self.used += size;
+            // Mapped in whole pages.
+            self.used += size.next_multiple_of(4096);
             return self.chunk(size);
         }
         if size > self.left {
             self.used += self.left;
-            let len = self.chunk_size;
+            // A first chunk is smaller than the largest shared allocation.
+            let len = self.chunk_size.max(size);
             self.chunk_size = (self.chunk_size * 2).min(MAX_CHUNK);
             self.next = self.chunk(len).as_ptr();
             self.left = len;
         }
+        debug_assert!(size <= self.left);
         let p = self.next;
         // SAFETY: `size <= left`, so `p + size` stays within (or one past) the current chunk.
         self.next = unsafe { p.add(size) };
@@ -115,6 +118,18 @@ impl std::fmt::Debug for Arena {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The first allocation of a fresh arena may be larger than its first chunk.
+    #[test]
+    fn a_first_allocation_larger_than_the_first_chunk_fits() {
+        let mut a = Arena::new();
+        let size = OWN_CHUNK_OVER - 8;
+        assert!(size > FIRST_CHUNK);
+        let p = a.alloc(size).as_ptr();
+        unsafe { std::ptr::write_bytes(p, 0xcd, size) };
+        let q = a.alloc(16).as_ptr();
+        assert!(q as usize >= p as usize + size || (q as usize) + 16 <= p as usize);
+    }
 
     #[test]
     fn allocations_are_aligned_disjoint_and_counted() {

@@ -16,7 +16,8 @@
 //!
 //! Concurrency: inserts are serialized by the writer lock (which owns the arena); one thread at
 //! a time links nodes into the skiplist (the inserter without a hash index, `order` under its
-//! lock with one). Readers take no lock but the index shard's: a node or version is written
+//! lock with one). Readers take no lock but an index shard's (and `order`'s while nodes wait
+//! to be linked): a node or version is written
 //! whole before a release store publishes it (a skiplist link, a version list head, an index
 //! entry under the shard lock), and is never changed, moved or freed after, but for its links,
 //! until the memtable is dropped. Whoever reads a node holds the memtable (a cursor holds an
@@ -196,7 +197,7 @@ impl<'a> Iterator for Versions<'a> {
 }
 
 /// The versions of `versions` that are not replaced: the first of each run of equal tags.
-fn distinct<'a>(versions: Versions<'a>) -> impl Iterator<Item = &'a Ver> {
+fn distinct<'a>(versions: impl Iterator<Item = &'a Ver>) -> impl Iterator<Item = &'a Ver> {
     let mut last = None;
     versions.filter(move |v| {
         let keep = last != Some(v.tag);
@@ -244,9 +245,9 @@ struct Writer {
 
 impl Writer {
     /// A node of `user` with its first version `first`, not yet linked.
-    fn node(&mut self, user: &[u8], hash: u64, first: &Ver) -> NodeRef {
+    fn node(&mut self, user: &[u8], hash: u64, first: VerRef) -> NodeRef {
         let height = self.height();
-        self.node_of_height(user, hash, std::ptr::from_ref(first).cast_mut(), height)
+        self.node_of_height(user, hash, first.0.as_ptr(), height)
     }
 
     fn node_of_height(
@@ -277,10 +278,10 @@ impl Writer {
     }
 
     /// A version, not yet in a node.
-    fn version<'a>(&mut self, tag: u64, value: &[u8]) -> &'a Ver {
+    fn version(&mut self, tag: u64, value: &[u8]) -> VerRef {
         let p = self.arena.alloc(std::mem::size_of::<Ver>() + value.len()).cast::<Ver>();
         // SAFETY: the arena gave `p` room, 8-byte aligned, for the header and the value, which
-        // stays until the memtable (which the caller's `'a` is within) is dropped.
+        // stays until the memtable is dropped.
         unsafe {
             p.as_ptr().write(Ver {
                 next: AtomicPtr::new(std::ptr::null_mut()),
@@ -292,8 +293,8 @@ impl Writer {
                 p.as_ptr().add(1).cast::<u8>(),
                 value.len(),
             );
-            &*p.as_ptr()
         }
+        VerRef(p)
     }
 
     /// A height for a new node: each level above the first with a chance of 1/4.
@@ -459,12 +460,6 @@ pub(crate) struct Memtable {
     wal_end: AtomicU64,
 }
 
-// SAFETY: the raw pointers (the head, the nodes in the index and the unordered list) point into
-// the arena the memtable owns, and are shared as the module doc says.
-unsafe impl Send for Memtable {}
-// SAFETY: as for `Send`.
-unsafe impl Sync for Memtable {}
-
 /// The result of a point lookup in one table.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Lookup {
@@ -483,7 +478,9 @@ impl Memtable {
         let shards = if hash_index { SHARDS } else { 0 };
         // A node of one level and a version, for a short key and value.
         let small = Node::size(1, 16) + std::mem::size_of::<Ver>() + 16 + INDEX_OVERHEAD;
-        let keys = limit / (2 * small);
+        // Room reserved for at most 256 MiB of them: a larger limit must not reserve tables of
+        // gigabytes up front.
+        let keys = limit.min(256 << 20) / (2 * small);
         let mut writer = Writer { arena: Arena::new(), rng: wal_start | 1 };
         let head = writer.node_of_height(&[], 0, std::ptr::null_mut(), MAX_HEIGHT);
         let size = writer.arena.used();
@@ -581,7 +578,7 @@ impl Memtable {
         match table.find(hash, |n| self.node(*n).is(hash, op.key)) {
             // An overwrite: no skiplist search.
             Some(n) => {
-                self.node(*n).push(v);
+                self.node(*n).push(self.ver(v));
                 false
             }
             None => {
@@ -604,7 +601,7 @@ impl Memtable {
         let mut prev = [self.head; MAX_HEIGHT];
         match self.splice(op.key, &mut prev) {
             Some(n) => {
-                n.push(v);
+                n.push(self.ver(v));
                 false
             }
             None => {
@@ -660,39 +657,43 @@ impl Memtable {
         }
     }
 
-    /// The last node before `user` (the head if none).
-    fn last_before(&self, user: &[u8]) -> &Node {
+    /// The last node before `user` (the head if none) and the node after it that the search
+    /// stopped at (the first at or after `user`). The second is the one the search compared:
+    /// loading the link again could find a node linked since, before `user`, and miss `user`.
+    fn search(&self, user: &[u8]) -> (&Node, Option<&Node>) {
         let mut x = self.node(self.head);
         let mut level = self.height.load(Ordering::Acquire);
+        let mut after = None;
         while level > 0 {
             level -= 1;
+            after = None;
             while let Some(next) = x.next(level) {
                 if bytes_cmp(next.key(), user).is_lt() {
                     x = next;
                 } else {
+                    after = Some(next);
                     break;
                 }
             }
         }
-        x
+        (x, after)
     }
 
     /// The first node at or after `user`.
     fn first_from(&self, user: &[u8]) -> Option<&Node> {
-        self.last_before(user).next(0)
+        self.search(user).1
     }
 
     /// The last node before `user`, if any.
     fn before(&self, user: &[u8]) -> Option<&Node> {
-        Some(self.last_before(user)).filter(|n| !self.is_head(n))
+        Some(self.search(user).0).filter(|n| !self.is_head(n))
     }
 
     /// The last node at or before `user`.
     fn last_to(&self, user: &[u8]) -> Option<&Node> {
-        let x = self.last_before(user);
-        match x.next(0) {
-            Some(n) if n.key() == user => Some(n),
-            _ => Some(x).filter(|n| !self.is_head(n)),
+        match self.search(user) {
+            (_, Some(n)) if n.key() == user => Some(n),
+            (x, _) => Some(x).filter(|n| !self.is_head(n)),
         }
     }
 
@@ -889,10 +890,10 @@ impl Back {
     /// Reads `n`'s versions and returns the first at or past `from` (the first with a tag at
     /// or above it; the oldest if `None`).
     fn enter<'a>(&mut self, n: &'a Node, from: Option<u64>) -> Option<(&'a Node, &'a Ver)> {
+        let versions = n.versions();
+        self.newest = versions.0.map(VerRef::of);
         self.vers.clear();
-        // SAFETY: null or a published version of `n`'s arena.
-        self.newest = unsafe { n.versions.load(Ordering::Acquire).as_ref() }.map(VerRef::of);
-        self.vers.extend(distinct(n.versions()).map(VerRef::of));
+        self.vers.extend(distinct(versions).map(VerRef::of));
         self.vers.reverse();
         // SAFETY (both): the versions are `n`'s, which lives as long as `'a`.
         self.at = match from {
@@ -902,13 +903,19 @@ impl Back {
         self.vers.get(self.at).map(|v| (n, unsafe { &*v.0.as_ptr() }))
     }
 
-    /// The version after the one at `at` (whose tag is `tag`) in `n`, reading `n`'s versions
-    /// again if some came since.
-    fn step<'a>(&mut self, n: &'a Node, tag: u64) -> Option<(&'a Node, &'a Ver)> {
-        // SAFETY: null or a published version of `n`'s arena.
-        let newest = unsafe { n.versions.load(Ordering::Acquire).as_ref() }.map(VerRef::of);
+    /// The version after the one at `at` in `n`, with the versions `n` got since the cursor
+    /// entered it: while readers are about, those are newer than all the others (see the
+    /// module doc), so they go at the end, and the walk from the newest stops at the one read
+    /// before.
+    fn step<'a>(&mut self, n: &'a Node) -> Option<(&'a Node, &'a Ver)> {
+        let versions = n.versions();
+        let newest = versions.0.map(VerRef::of);
         if newest.map(|v| v.0) != self.newest.map(|v| v.0) {
-            return self.enter(n, tag.checked_add(1));
+            let before = self.newest.map(|v| v.0);
+            let came = versions.take_while(|v| Some(NonNull::from(*v)) != before);
+            let came: Vec<VerRef> = distinct(came).map(VerRef::of).collect();
+            self.vers.extend(came.into_iter().rev());
+            self.newest = newest;
         }
         self.at += 1;
         // SAFETY: one of `n`'s versions, which live as long as `'a`.
@@ -979,7 +986,7 @@ impl Cursor {
                 None => n.next(0).map(|n| (n, n.newest())),
             }
         } else {
-            back.step(n, v.tag).or_else(|| mem.before(n.key()).and_then(|p| back.enter(p, None)))
+            back.step(n).or_else(|| mem.before(n.key()).and_then(|p| back.enter(p, None)))
         };
         *at = stand(ikey, found);
     }
@@ -1010,6 +1017,7 @@ fn stand(ikey: &mut Vec<u8>, found: Option<(&Node, &Ver)>) -> Option<(NodeRef, V
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::AtomicBool;
 
     #[test]
     fn versions_and_tombstones() {
@@ -1177,6 +1185,37 @@ mod tests {
         }
     }
 
+    /// A key is found while a writer links new keys right before it, again and again: a search
+    /// must answer with the node it compared, not with a link loaded again (which may by then
+    /// point at a newer node before the key).
+    #[test]
+    fn a_key_is_found_while_keys_are_linked_just_before_it() {
+        for hash_index in [false, true] {
+            let m = Memtable::new(0, hash_index, 64 << 20);
+            m.insert(b"b", 1, Kind::Put, b"v");
+            let done = AtomicBool::new(false);
+            std::thread::scope(|s| {
+                s.spawn(|| {
+                    for i in 0..200_000u64 {
+                        // Ascending keys, each linked between the one before and "b".
+                        m.insert(format!("a{i:08}").as_bytes(), i + 2, Kind::Put, b"w");
+                        if hash_index && i % 64 == 0 {
+                            m.order(&Bounds::ALL);
+                        }
+                    }
+                    done.store(true, Ordering::Relaxed);
+                });
+                s.spawn(|| {
+                    while !done.load(Ordering::Relaxed) {
+                        let got = m.get(b"b", crate::bloom::hash(b"b"), 1);
+                        assert_eq!(got, Lookup::Found(Bytes::from_static(b"v")));
+                        assert_eq!(m.last_to(b"b").map(Node::key), Some(&b"b"[..]));
+                    }
+                });
+            });
+        }
+    }
+
     /// Operations of the cursor model test.
     #[derive(Debug, Clone)]
     enum Op {
@@ -1187,7 +1226,7 @@ mod tests {
 
     fn op() -> impl proptest::strategy::Strategy<Value = Op> {
         use proptest::prelude::*;
-        // Short and long (past the inline bytes) keys over a small alphabet, so they collide.
+        // Short and long (past 24 bytes) keys over a small alphabet, so they collide.
         let user =
             prop_oneof![
                 proptest::collection::vec(prop_oneof![Just(b'a'), Just(b'b')], 0..4),

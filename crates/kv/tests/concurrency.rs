@@ -34,8 +34,19 @@ fn parse(v: &[u8]) -> u64 {
 
 #[test]
 fn readers_see_consistent_states_during_writes_flushes_and_compactions() {
+    readers_see_consistent_states(opts());
+}
+
+/// The same without the memtable's hash index: point reads search the skiplist while the
+/// writer links new keys.
+#[test]
+fn readers_see_consistent_states_without_a_memtable_hash_index() {
+    readers_see_consistent_states(opts().memtable_hash_index(false));
+}
+
+fn readers_see_consistent_states(opts: Options) {
     let dir = tempfile::tempdir().unwrap();
-    let db = Arc::new(Db::open(dir.path(), opts()).unwrap());
+    let db = Arc::new(Db::open(dir.path(), opts).unwrap());
     let mut b = WriteBatch::new();
     for i in 0..ACCOUNTS {
         b.put(account(i), START.to_string());
