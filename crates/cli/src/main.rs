@@ -95,6 +95,11 @@ enum Cluster {
         /// Its --node-id.
         id: u64,
     },
+    /// Hands the leadership to a voter; returns once it leads (writes pause meanwhile).
+    TransferLeader {
+        /// Its --node-id.
+        id: u64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -495,6 +500,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Cluster::Remove { id } => {
                     client.remove_member(id).await?;
                     format!("member {id} removed")
+                }
+                Cluster::TransferLeader { id } => {
+                    client.transfer_leader(id).await?;
+                    format!("member {id} leads")
                 }
                 Cluster::Status => unreachable!("handled above"),
             };

@@ -98,6 +98,11 @@ fn kv_stream_status_and_exit_codes() {
     assert!(st["keys"].as_u64().unwrap() >= 1);
     assert!(h.ok(&["status"]).contains("sync      interval:1000"));
 
+    // A single node has no cluster to change: a clear error, exit 1.
+    let o = h.run(&["cluster", "transfer-leader", "2"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("single node"), "{o:?}");
+
     // Bad usage and an unreachable server.
     assert_eq!(h.run(&["kv"]).status.code(), Some(2));
     let o = Command::new(env!("CARGO_BIN_EXE_timber"))

@@ -743,6 +743,14 @@ impl Client {
         self.change_membership("remove_member", pb::membership_change::Change::Remove(id)).await
     }
 
+    /// Hands the leadership of the server's cluster to the voter `id`; returns once it leads.
+    /// Writes and linearizable reads pause on the leader meanwhile (a few hundred
+    /// milliseconds), and those that waited fail as after any election.
+    pub async fn transfer_leader(&self, id: u64) -> Result<()> {
+        use pb::membership_change::Change;
+        self.change_membership("transfer_leader", Change::TransferLeader(id)).await
+    }
+
     async fn change_membership(
         &self,
         op: &'static str,

@@ -12,6 +12,7 @@
 
 mod error;
 mod forward;
+mod handover;
 mod hard_state;
 mod log_store;
 mod machine;

@@ -161,8 +161,13 @@ impl Member {
         let svc = RaftService::server(raft.clone());
         let executor: forward::Slot = Default::default();
         let forward_svc = forward::server(executor.clone());
-        let control =
-            Control { id: config.id, raft: raft.clone(), network, closed: Default::default() };
+        let control = Control {
+            id: config.id,
+            raft: raft.clone(),
+            network,
+            closed: Default::default(),
+            gate: Default::default(),
+        };
         let membership_svc = membership::server(control.clone(), config.heartbeat * 40);
         // Replies are small frames written one after another: without TCP_NODELAY a frame
         // waits for the ACK of the one before it (Nagle's algorithm against delayed ACKs).
@@ -191,8 +196,8 @@ impl Member {
         });
         let server = parking_lot::Mutex::new(Some((server, stop)));
         let advertised = if config.listen.port() == 0 { addr } else { config.listen }.to_string();
-        let read_index = ReadIndex::new(raft.clone());
-        let proposals = Proposals::new(raft.clone());
+        let read_index = ReadIndex::new(raft.clone(), control.gate.clone());
+        let proposals = Proposals::new(raft.clone(), control.gate.clone());
         let member = Member {
             id: config.id,
             raft,

@@ -31,7 +31,13 @@ pub enum Change {
     Promote(u64),
     /// Removes a member.
     Remove(u64),
+    /// Hands the leadership to a voter (see `crate::handover`).
+    TransferLeader(u64),
 }
+
+/// The request kind that asks a member to call an election at once (the last step of a
+/// transfer); never passed on to the leader.
+const ELECT: u32 = 5;
 
 impl Change {
     fn to_request(&self) -> MembershipRequest {
@@ -41,6 +47,9 @@ impl Change {
             }
             Change::Promote(id) => MembershipRequest { kind: 2, id: *id, raft_addr: String::new() },
             Change::Remove(id) => MembershipRequest { kind: 3, id: *id, raft_addr: String::new() },
+            Change::TransferLeader(id) => {
+                MembershipRequest { kind: 4, id: *id, raft_addr: String::new() }
+            }
         }
     }
 
@@ -52,6 +61,7 @@ impl Change {
             }
             (2, id) => Some(Change::Promote(id)),
             (3, id) => Some(Change::Remove(id)),
+            (4, id) => Some(Change::TransferLeader(id)),
             _ => None,
         }
     }
@@ -66,6 +76,8 @@ pub(crate) struct Control {
     /// While set, no member is added: this member's engine holds data its log does not (a
     /// restored backup) until a snapshot takes it in.
     pub(crate) closed: Arc<std::sync::atomic::AtomicBool>,
+    /// Where writes and linearizable reads wait while this member hands its leadership over.
+    pub(crate) gate: crate::handover::Gate,
 }
 
 /// Where a request for the leader goes from this member.
@@ -145,6 +157,7 @@ impl Control {
                 let change = ChangeMembers::RemoveNodes([id].into_iter().collect());
                 bounded(self.raft.change_membership(change, false), timeout).await
             }
+            Change::TransferLeader(id) => crate::handover::transfer(self, id, timeout).await,
         }
     }
 }
@@ -184,7 +197,24 @@ impl Membership for Service {
         &self,
         req: Request<MembershipRequest>,
     ) -> std::result::Result<Response<MembershipReply>, Status> {
-        let Some(change) = Change::from_request(req.into_inner()) else {
+        let req = req.into_inner();
+        if req.kind == ELECT {
+            if req.id != self.control.id {
+                return Err(Status::invalid_argument(format!(
+                    "asked member {} to call an election, but this is member {}",
+                    req.id, self.control.id
+                )));
+            }
+            tracing::info!(node_id = req.id, "raft: calling an election, as the leader asked");
+            self.control
+                .raft
+                .trigger()
+                .elect()
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?;
+            return Ok(Response::new(MembershipReply { error: String::new(), retryable: false }));
+        }
+        let Some(change) = Change::from_request(req) else {
             return Err(Status::invalid_argument("not a membership change"));
         };
         let reply = match self.control.change(change, self.timeout).await {
@@ -196,6 +226,22 @@ impl Membership for Service {
         };
         Ok(Response::new(reply))
     }
+}
+
+/// Asks the member `id` at `addr` to call an election at once.
+pub(crate) async fn elect(
+    channel: tonic::transport::Channel,
+    addr: &str,
+    id: u64,
+    timeout: Duration,
+) -> Result<()> {
+    let mut req = Request::new(MembershipRequest { kind: ELECT, id, raft_addr: String::new() });
+    req.set_timeout(timeout);
+    MembershipClient::new(channel)
+        .change(req)
+        .await
+        .map_err(|s| Error::Unavailable(format!("member at {addr}: {}", s.message())))?;
+    Ok(())
 }
 
 /// Asks the member at `addr` for `change`.

@@ -22,6 +22,7 @@ use openraft::{LogId, Raft};
 use tokio::sync::{oneshot, Semaphore};
 
 use crate::error::{Error, Result};
+use crate::handover::Gate;
 use crate::types::{Proposal, TypeConfig};
 
 /// Entries in flight at once (proposed, not yet applied). openraft works through entries one
@@ -47,13 +48,16 @@ struct Queue {
 /// The write queue of one member.
 pub(crate) struct Proposals {
     raft: Raft<TypeConfig>,
+    /// Closed while this member hands its leadership over: entries wait to be proposed.
+    gate: Gate,
     queue: Arc<parking_lot::Mutex<Queue>>,
     rounds: Arc<Semaphore>,
 }
 
 impl Proposals {
-    pub(crate) fn new(raft: Raft<TypeConfig>) -> Proposals {
-        Proposals { raft, queue: Default::default(), rounds: Arc::new(Semaphore::new(ROUNDS)) }
+    pub(crate) fn new(raft: Raft<TypeConfig>, gate: Gate) -> Proposals {
+        let rounds = Arc::new(Semaphore::new(ROUNDS));
+        Proposals { raft, gate, queue: Default::default(), rounds }
     }
 
     /// Replicates `proposal`; returns the id of the entry that carried it once a majority
@@ -73,7 +77,7 @@ impl Proposals {
             }
         };
         if let Some(permit) = alone {
-            let r = write(&self.raft, proposal, timeout).await;
+            let r = write(&self.raft, &self.gate, proposal, timeout).await;
             drop(permit);
             return r;
         }
@@ -84,7 +88,8 @@ impl Proposals {
             !std::mem::replace(&mut q.draining, true)
         };
         if start {
-            tokio::spawn(drain(self.raft.clone(), self.queue.clone(), self.rounds.clone()));
+            let (raft, gate) = (self.raft.clone(), self.gate.clone());
+            tokio::spawn(drain(raft, gate, self.queue.clone(), self.rounds.clone()));
         }
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(r)) => r,
@@ -104,7 +109,7 @@ impl Proposals {
         let Ok(Ok(all)) = tokio::time::timeout(timeout, rounds).await else {
             return Err(uncommitted(timeout));
         };
-        let r = write(&self.raft, Proposal::default(), timeout).await;
+        let r = write(&self.raft, &self.gate, Proposal::default(), timeout).await;
         drop(all);
         r
     }
@@ -113,6 +118,7 @@ impl Proposals {
 /// Hands the queue to rounds as they free up, until it is empty.
 async fn drain(
     raft: Raft<TypeConfig>,
+    gate: Gate,
     queue: Arc<parking_lot::Mutex<Queue>>,
     rounds: Arc<Semaphore>,
 ) {
@@ -142,16 +148,16 @@ async fn drain(
             }
             taken
         };
-        let raft = raft.clone();
+        let (raft, gate) = (raft.clone(), gate.clone());
         tokio::spawn(async move {
-            round(&raft, taken).await;
+            round(&raft, &gate, taken).await;
             drop(permit);
         });
     }
 }
 
 /// Proposes the waiting proposals as one entry and tells each caller the outcome.
-async fn round(raft: &Raft<TypeConfig>, taken: Vec<Waiting>) {
+async fn round(raft: &Raft<TypeConfig>, gate: &Gate, taken: Vec<Waiting>) {
     let timeout = taken.iter().map(|w| w.timeout).max().unwrap_or_default();
     let (entry, replies) = match <[Waiting; 1]>::try_from(taken) {
         Ok([one]) => (one.proposal, vec![one.reply]),
@@ -166,15 +172,24 @@ async fn round(raft: &Raft<TypeConfig>, taken: Vec<Waiting>) {
             (entry, replies)
         }
     };
-    let r = write(raft, entry, timeout).await;
+    let r = write(raft, gate, entry, timeout).await;
     for reply in replies {
         let _ = reply.send(r.as_ref().copied().map_err(Error::for_each_caller));
     }
 }
 
-/// Proposes one entry and waits until it is applied here.
-async fn write(raft: &Raft<TypeConfig>, entry: Proposal, timeout: Duration) -> Result<LogId<u64>> {
-    match tokio::time::timeout(timeout, raft.client_write(entry)).await {
+/// Proposes one entry (once the gate is open) and waits until it is applied here.
+async fn write(
+    raft: &Raft<TypeConfig>,
+    gate: &Gate,
+    entry: Proposal,
+    timeout: Duration,
+) -> Result<LogId<u64>> {
+    let call = async {
+        gate.pass().await;
+        raft.client_write(entry).await
+    };
+    match tokio::time::timeout(timeout, call).await {
         Ok(Ok(resp)) => Ok(resp.log_id),
         Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => Err(f.into()),
         Ok(Err(e)) => Err(Error::Raft(e.to_string())),

@@ -18,6 +18,7 @@ use openraft::Raft;
 use tokio::sync::oneshot;
 
 use crate::error::{Error, Result};
+use crate::handover::Gate;
 use crate::types::TypeConfig;
 
 type Waiter = oneshot::Sender<Result<()>>;
@@ -25,6 +26,8 @@ type Waiter = oneshot::Sender<Result<()>>;
 /// The barrier of one member.
 pub(crate) struct ReadIndex {
     raft: Raft<TypeConfig>,
+    /// Closed while this member hands its leadership over: rounds wait.
+    gate: Gate,
     state: std::sync::Arc<parking_lot::Mutex<Rounds>>,
 }
 
@@ -36,8 +39,8 @@ struct Rounds {
 }
 
 impl ReadIndex {
-    pub(crate) fn new(raft: Raft<TypeConfig>) -> ReadIndex {
-        ReadIndex { raft, state: Default::default() }
+    pub(crate) fn new(raft: Raft<TypeConfig>, gate: Gate) -> ReadIndex {
+        ReadIndex { raft, gate, state: Default::default() }
     }
 
     /// Returns once this member, as leader, has confirmed its leadership with a quorum and
@@ -50,7 +53,8 @@ impl ReadIndex {
             !std::mem::replace(&mut st.running, true)
         };
         if start {
-            tokio::spawn(rounds(self.raft.clone(), self.state.clone(), timeout));
+            let (raft, gate) = (self.raft.clone(), self.gate.clone());
+            tokio::spawn(rounds(raft, gate, self.state.clone(), timeout));
         }
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(r)) => r,
@@ -63,6 +67,7 @@ impl ReadIndex {
 /// Runs rounds until no caller waits.
 async fn rounds(
     raft: Raft<TypeConfig>,
+    gate: Gate,
     state: std::sync::Arc<parking_lot::Mutex<Rounds>>,
     timeout: Duration,
 ) {
@@ -75,15 +80,19 @@ async fn rounds(
             }
             std::mem::take(&mut st.waiting)
         };
-        let r = round(&raft, timeout).await;
+        let r = round(&raft, &gate, timeout).await;
         for w in waiting {
             let _ = w.send(r.as_ref().map(|_| ()).map_err(Error::for_each_caller));
         }
     }
 }
 
-async fn round(raft: &Raft<TypeConfig>, timeout: Duration) -> Result<()> {
-    match tokio::time::timeout(timeout, raft.ensure_linearizable()).await {
+async fn round(raft: &Raft<TypeConfig>, gate: &Gate, timeout: Duration) -> Result<()> {
+    let call = async {
+        gate.pass().await;
+        raft.ensure_linearizable().await
+    };
+    match tokio::time::timeout(timeout, call).await {
         Ok(Ok(_)) => Ok(()),
         Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => Err(f.into()),
         Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(q)))) => {

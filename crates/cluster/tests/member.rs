@@ -266,3 +266,90 @@ async fn a_member_joins_as_a_learner_is_promoted_and_another_is_removed() {
     }
     drop(nodes);
 }
+
+/// A transfer moves the leadership to the voter asked, asked through any member, while a
+/// writer keeps proposing through whoever leads: every write acknowledged is on every member
+/// after three transfers. Asking for a member that is not a voter is refused; asking for the
+/// leader itself changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leadership_moves_to_the_voter_asked_under_writes() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use timber_cluster::Change;
+
+    let (nodes, listeners) = nodes(3, |_| {}).await;
+    let mut members = BTreeMap::new();
+    for (node, l) in nodes.iter().zip(listeners) {
+        members.insert(node.config.id, start(node, Some(l)).await);
+    }
+    let members = Arc::new(members);
+    let first = leader(&members).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (count, counted) = tokio::sync::watch::channel(0usize);
+    let writer = tokio::spawn({
+        let (members, stop, count) = (members.clone(), stop.clone(), count.clone());
+        async move {
+            let (mut acked, mut maybe) = (Vec::new(), Vec::new());
+            let mut i = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                let Some(l) = members[&1].metrics().current_leader else {
+                    tokio::task::yield_now().await;
+                    continue;
+                };
+                match members[&l].propose(put(i), PROPOSE).await {
+                    Ok(_) => {
+                        acked.push(i);
+                        count.send_replace(acked.len());
+                    }
+                    Err(_) => maybe.push(i),
+                }
+                i += 1;
+            }
+            (acked, maybe)
+        }
+    });
+    let e = members[&first].change_membership(Change::TransferLeader(9), WAIT).await.unwrap_err();
+    assert!(e.to_string().contains("not a voter"), "{e}");
+    members[&first].change_membership(Change::TransferLeader(first), WAIT).await.unwrap();
+    assert_eq!(leader(&members).await, first);
+    // Waits until the writer had 20 more writes acknowledged.
+    let progress = || {
+        let mut counted = counted.clone();
+        async move {
+            let from = *counted.borrow();
+            let more = counted.wait_for(|n| *n >= from + 20);
+            tokio::time::timeout(WAIT, more).await.expect("the writer stalled").unwrap();
+        }
+    };
+    let mut l = first;
+    for _ in 0..3 {
+        progress().await;
+        let target = l % 3 + 1;
+        // Asked of the member that is neither the leader nor the target when there is one.
+        let via = (1..=3).find(|&id| id != l && id != target).unwrap();
+        members[&via].change_membership(Change::TransferLeader(target), WAIT).await.unwrap();
+        l = leader(&members).await;
+        assert_eq!(l, target);
+    }
+    progress().await;
+    stop.store(true, Ordering::Relaxed);
+    let (acked, maybe) = writer.await.unwrap();
+    let last = members[&l].metrics().last_log_index;
+    let mut seen = None;
+    for m in members.values() {
+        m.raft().wait(Some(WAIT)).applied_index_at_least(last, "caught up").await.unwrap();
+        let keys: std::collections::BTreeSet<u32> = m
+            .machine()
+            .db()
+            .prefix(b"k")
+            .map(|r| std::str::from_utf8(&r.unwrap().0[1..]).unwrap().parse().unwrap())
+            .collect();
+        assert!(acked.iter().all(|i| keys.contains(i)), "member {} lost a write", m.id());
+        assert!(keys.iter().all(|i| acked.contains(i) || maybe.contains(i)));
+        assert_eq!(*seen.get_or_insert(keys.clone()), keys, "member {}", m.id());
+    }
+    let Ok(members) = Arc::try_unwrap(members) else { panic!("the writer still holds them") };
+    for (_, m) in members {
+        m.shutdown().await;
+    }
+    drop(nodes);
+}

@@ -673,6 +673,7 @@ impl Admin for Service {
             }
             Some(Change::Promote(id)) if id > 0 => C::Promote(id),
             Some(Change::Remove(id)) if id > 0 => C::Remove(id),
+            Some(Change::TransferLeader(id)) if id > 0 => C::TransferLeader(id),
             _ => {
                 return Err(Status::invalid_argument(
                     "a change names a member id (1 or more) and, to add one, its raft address",

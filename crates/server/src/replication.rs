@@ -116,6 +116,7 @@ pub(crate) enum MembershipChange {
     AddLearner { id: u64, raft_addr: String },
     Promote(u64),
     Remove(u64),
+    TransferLeader(u64),
 }
 
 /// A member's role and progress, as `INFO replication` and `/metrics` report them.
@@ -468,6 +469,7 @@ impl Replication {
             MembershipChange::AddLearner { id, raft_addr } => Change::AddLearner { id, raft_addr },
             MembershipChange::Promote(id) => Change::Promote(id),
             MembershipChange::Remove(id) => Change::Remove(id),
+            MembershipChange::TransferLeader(id) => Change::TransferLeader(id),
         };
         // Any member takes the request; one that does not lead passes it to the leader.
         let call =

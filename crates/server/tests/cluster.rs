@@ -1098,3 +1098,56 @@ fn every_kind_of_transaction_runs_on_the_leader_through_any_member() {
         }
     }
 }
+
+/// `transfer-leader`, asked through any member's Admin API, moves the leadership to the member
+/// named while Redis clients increment a counter through every member: each transfer ends
+/// with that member leading, and the counter holds every acknowledged increment.
+#[test]
+fn the_leadership_moves_to_the_member_asked_while_clients_write() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    let mut c = Cluster::three_started();
+    let first = c.leader();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = (0..3)
+        .map(|i| {
+            let (mut con, stop) = (c.node(i).client(), stop.clone());
+            std::thread::spawn(move || {
+                let (mut acked, mut failed) = (0i64, 0i64);
+                while !stop.load(Ordering::Relaxed) {
+                    match redis::cmd("INCR").arg("n").query::<i64>(&mut con) {
+                        Ok(_) => acked += 1,
+                        Err(_) => failed += 1,
+                    }
+                }
+                (acked, failed)
+            })
+        })
+        .collect();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let admin = rt.block_on(c.node(first).grpc());
+    let e = rt.block_on(admin.transfer_leader(9)).unwrap_err();
+    assert!(e.to_string().contains("not a voter"), "{e}");
+    let mut now = first;
+    for _ in 0..2 {
+        let target = (now + 1) % 3;
+        let via = (target + 1) % 3;
+        let admin = rt.block_on(c.node(via).grpc());
+        rt.block_on(admin.transfer_leader(target as u64 + 1)).unwrap();
+        assert_eq!(c.leader_now(), Some(target), "member {} was asked to lead", target + 1);
+        now = target;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (acked, failed) = writers
+        .into_iter()
+        .map(|w| w.join().unwrap())
+        .fold((0, 0), |(a, f), (a2, f2)| (a + a2, f + f2));
+    assert!(acked > 0, "no increment was acknowledged");
+    let n: i64 = on_leader(&c, |con| redis::cmd("GET").arg("n").query(con));
+    // An increment that failed may still have committed; none acknowledged is missing.
+    assert!(
+        n >= acked && n <= acked + failed,
+        "counter {n}, {acked} acknowledged, {failed} failed"
+    );
+}
