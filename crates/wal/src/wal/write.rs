@@ -291,12 +291,18 @@ impl Inner {
             return Err(Error::Poisoned { cause: cause.clone() });
         }
         self.gate.gather();
-        let (file, path, upto, ticket) = {
+        let (file, path, upto, ticket) = loop {
+            // The segments before the active one must be durable before it is synced. A roll's
+            // fsyncs run without the state lock, so that appends go on meanwhile (under it they
+            // held up the writer for the whole fsync of a sealed segment); a roll that comes in
+            // between is finished in turn.
+            self.finish_roll()?;
             let mut st = self.state.lock();
+            if self.rolling.lock().is_some() {
+                continue;
+            }
             let r = st.active.flush(false);
             self.poisoning(r)?;
-            // The segments before the active one must be durable before it is synced.
-            self.finish_roll()?;
             st.unsynced = 0;
             st.kicked = false;
             let ticket = self.gate.tickets.fetch_add(1, Ordering::AcqRel);
@@ -310,7 +316,7 @@ impl Inner {
                 reason = "the gate hands out slots below syncs_in_flight, the number of sync handles"
             )]
             let file = st.active.sync_handles[slot as usize].clone();
-            (file, st.active.path.clone(), st.next, ticket)
+            break (file, st.active.path.clone(), st.next, ticket);
         };
         let r = self.fsync(&file, &path);
         #[cfg(test)]
