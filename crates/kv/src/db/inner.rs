@@ -82,8 +82,7 @@ pub(super) struct Inner {
     pub(super) locks: crate::locks::Locks,
     /// The id of the next transaction.
     pub(super) next_txn: AtomicU64,
-    /// Open snapshots and iterators: readers at a fixed sequence number. While there are none,
-    /// a write prunes the versions of the keys it writes that no read can see any more.
+    /// WAL positions that checkpoints in progress keep from truncation, with their counts.
     pub(super) wal_pins: Mutex<BTreeMap<u64, usize>>,
     pub(super) bg: Mutex<Bg>,
     pub(super) bg_cv: Condvar,

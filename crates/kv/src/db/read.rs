@@ -117,13 +117,12 @@ impl Inner {
         Ok(None)
     }
 
-    /// An iterator at `seq`, which the caller's snapshot protects until the iterator pins it.
+    /// An iterator at `seq`, which the caller's snapshot protects.
     pub(super) fn iter(&self, seq: u64, bounds: Bounds) -> Iter {
         Iter::new(self.view.load_full(), seq, bounds)
     }
 
-    /// An iterator as of now: pinned first, then the view, then the sequence number (see
-    /// `get_latest` and `ReadPin`).
+    /// An iterator as of now: the view first, then the sequence number (see `get_latest`).
     pub(super) fn iter_latest(&self, bounds: Bounds) -> Iter {
         let view = self.view.load_full();
         Iter::new(view, self.visible(), bounds)
