@@ -51,6 +51,15 @@ async fn start(node: &Node, listener: Option<TcpListener>) -> Member {
     Member::start_on(l, node.config.clone(), node.db.clone()).await.unwrap()
 }
 
+/// Every node started on its listener, by id.
+async fn start_all(nodes: &[Node], listeners: Vec<TcpListener>) -> BTreeMap<u64, Member> {
+    let mut members = BTreeMap::new();
+    for (node, l) in nodes.iter().zip(listeners) {
+        members.insert(node.config.id, start(node, Some(l)).await);
+    }
+    members
+}
+
 /// The member all the given ones follow in one term, which says it leads.
 async fn leader(members: &BTreeMap<u64, Member>) -> u64 {
     common::agreed_leader(members.values().map(|m| m.raft()), WAIT).await
@@ -97,10 +106,7 @@ async fn converged(members: &BTreeMap<u64, Member>, n: u32, maybe: &[u32]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proposals_replicate_fail_over_and_stop_without_quorum() {
     let (nodes, listeners) = nodes(3, |_| {}).await;
-    let mut members = BTreeMap::new();
-    for (node, l) in nodes.iter().zip(listeners) {
-        members.insert(node.config.id, start(node, Some(l)).await);
-    }
+    let mut members = start_all(&nodes, listeners).await;
     let first = leader(&members).await;
     write(&members[&first], 0..40).await;
     converged(&members, 40, &[]).await;
@@ -175,10 +181,7 @@ async fn a_member_behind_the_purged_log_catches_up_from_a_snapshot() {
         c.keep_after_snapshot = 0;
     })
     .await;
-    let mut members = BTreeMap::new();
-    for (node, l) in nodes.iter().zip(listeners) {
-        members.insert(node.config.id, start(node, Some(l)).await);
-    }
+    let mut members = start_all(&nodes, listeners).await;
     let l = leader(&members).await;
     write(&members[&l], 0..5).await;
     converged(&members, 5, &[]).await;
@@ -277,10 +280,7 @@ async fn the_leadership_moves_to_the_voter_asked_under_writes() {
     use timber_cluster::Change;
 
     let (nodes, listeners) = nodes(3, |_| {}).await;
-    let mut members = BTreeMap::new();
-    for (node, l) in nodes.iter().zip(listeners) {
-        members.insert(node.config.id, start(node, Some(l)).await);
-    }
+    let members = start_all(&nodes, listeners).await;
     let members = Arc::new(members);
     let first = leader(&members).await;
     let stop = Arc::new(AtomicBool::new(false));

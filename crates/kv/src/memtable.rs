@@ -182,7 +182,6 @@ impl Ver {
 }
 
 /// A node's versions, newest first (with any replaced ones: see [`distinct`]).
-#[derive(Clone)]
 struct Versions<'a>(Option<&'a Ver>);
 
 impl<'a> Iterator for Versions<'a> {
@@ -213,7 +212,7 @@ fn visible(node: &Node, seq: u64) -> Lookup {
 
 /// A pointer to a node of a memtable, kept only where that memtable is kept alive (its index,
 /// its unordered list, its cursors); [`Memtable::node`] turns it into a reference.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy)]
 struct NodeRef(NonNull<Node>);
 
 // SAFETY: nodes are shared between threads as the module doc says: written whole before they
