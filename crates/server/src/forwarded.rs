@@ -317,13 +317,17 @@ async fn run_batch(engines: &Arc<Engines>, body: &Bytes) -> Result<Vec<u8>, Erro
     let r = pb::BatchWriteRequest::decode(&body[..]).map_err(|e| Error::Leader(e.to_string()))?;
     let written = engines
         .keys
-        .write_durably(move |k| {
-            let items: Vec<_> = r.mutations.iter().map(|m| (&m.key[..], m.value.clone())).collect();
-            k.write_mixed(&items)
-        })
+        .write_values(values_of(r.mutations))
         .await
         .unwrap_or_else(|| Err(Error::Leader("write task failed".into())));
     written.map(|()| pb::BatchWriteResponse {}.encode_to_vec())
+}
+
+/// A batch write's mutations as keyspace writes: strings to store, or keys to delete.
+pub(crate) fn values_of(
+    mutations: Vec<pb::Mutation>,
+) -> Vec<(Bytes, Option<crate::keyspace::Value>)> {
+    mutations.into_iter().map(|m| (m.key, m.value.map(crate::keyspace::Value::string))).collect()
 }
 
 /// A linearizable scan a member that does not lead reads from the leader, a page at a time.

@@ -94,6 +94,14 @@ impl Service {
         }
     }
 
+    /// [`crate::keyspace::Keyspace::write_values`].
+    async fn written(&self, items: Vec<(bytes::Bytes, Option<Value>)>) -> Result<(), Status> {
+        match self.engines.keys.write_values(items).await {
+            Some(r) => r.map_err(key_status),
+            None => Err(Status::internal("write task failed")),
+        }
+    }
+
     fn check_size(&self, n: usize) -> Result<(), Status> {
         if n > self.engines.max_value {
             return Err(Status::invalid_argument(format!(
@@ -146,11 +154,7 @@ impl Kv for Service {
         let expire_at = ttl.map(|t| now_ms().saturating_add(t));
         let v = Value { expire_at, ..Value::string(r.value) };
         let key = r.key;
-        self.synced(move |k| {
-            let _g = k.lock(&key);
-            k.set(&key, &v)
-        })
-        .await?;
+        self.written(vec![(key, Some(v))]).await?;
         Ok(Response::new(pb::PutResponse {}))
     }
 
@@ -185,11 +189,7 @@ impl Kv for Service {
                 return Ok(Response::new(pb::BatchWriteResponse {}));
             }
         }
-        let muts = req.mutations;
-        self.synced(move |k| {
-            k.write_mixed(&muts.iter().map(|m| (&m.key[..], m.value.clone())).collect::<Vec<_>>())
-        })
-        .await?;
+        self.written(crate::forwarded::values_of(req.mutations)).await?;
         Ok(Response::new(pb::BatchWriteResponse {}))
     }
 

@@ -311,11 +311,10 @@ async fn kv_put(
     }
     let expire_at = ttl.map(|t| now_ms().saturating_add(t));
     let v = Value { expire_at, ..Value::string(body) };
-    blocking(&app, move |k| {
-        let _g = k.lock(key.as_bytes());
-        k.set(key.as_bytes(), &v)
-    })
-    .await?;
+    match app.engines.keys.write_values(vec![(Bytes::from(key), Some(v))]).await {
+        Some(r) => r.map_err(keys_failed)?,
+        None => return Err(Failure(StatusCode::INTERNAL_SERVER_ERROR, "write task failed".into())),
+    }
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -514,23 +514,81 @@ impl Keyspace {
         stripes.into_iter().map(|i| self.lock_stripe(i)).collect()
     }
 
-    /// Stores strings (`Some`) and deletes keys (`None`), atomically, under their locks.
-    pub(crate) fn write_mixed(&self, items: &[(&[u8], Option<Bytes>)]) -> Result<(), Error> {
-        let keys: Vec<&[u8]> = items.iter().map(|(k, _)| *k).collect();
+    /// Stores values (`Some`) and deletes keys (`None`), atomically, under their locks.
+    fn write_values_locked(&self, items: &[(Bytes, Option<Value>)]) -> Result<(), Error> {
+        let keys: Vec<&[u8]> = items.iter().map(|(k, _)| &k[..]).collect();
         let _g = self.lock_many(&keys);
-        let mut b = WriteBatch::new();
+        self.commit(Self::batch_of(items))
+    }
+
+    fn batch_of(items: &[(Bytes, Option<Value>)]) -> WriteBatch {
+        let mut b = WriteBatch::with_capacity(
+            items.iter().map(|(k, v)| k.len() + v.as_ref().map_or(0, |v| v.data.len()) + 32).sum(),
+        );
         for (k, v) in items {
             match v {
-                Some(v) => Self::put_into(&mut b, k, &Value::string(v.clone())),
+                Some(v) => Self::put_into(&mut b, k, v),
                 None => {
                     b.delete(data_key(k));
                 }
             }
         }
-        self.commit(b)
+        b
+    }
+
+    /// Stores values (`Some`) and deletes keys (`None`), atomically, and returns once the
+    /// write may be acknowledged: the write path of the endpoints' blind writes (gRPC and HTTP
+    /// puts, batch writes), which read nothing. `None` if the write task died.
+    ///
+    /// In a cluster the proposal is awaited on the server's runtime rather than on a blocking
+    /// thread of its own (a thread woken and waited for per write costs the leader more than
+    /// the write itself): a write that reads nothing needs only its keys' stripes, held until
+    /// its proposal is applied (or settled by a barrier) as on the blocking path. It runs as a
+    /// task of its own, so that a caller that goes away does not release them earlier. When
+    /// one of its stripes is held, or on a single node, it takes the blocking path.
+    pub(crate) async fn write_values(
+        self: &std::sync::Arc<Self>,
+        items: Vec<(Bytes, Option<Value>)>,
+    ) -> Option<Result<(), Error>> {
+        let items = match self.replication.get() {
+            Some(r) => {
+                let (keys, r) = (self.clone(), r.clone());
+                let task = tokio::spawn(async move {
+                    let Some(held) = keys.try_lock_many(&items) else { return Err(items) };
+                    let result = r
+                        .propose_here(crate::replication::proposal_of(&Self::batch_of(&items)))
+                        .await;
+                    // Also after a failure: the write may still be applied.
+                    for (k, _) in &items {
+                        keys.versions.bump_slot(Versions::slot(k));
+                    }
+                    drop(held);
+                    Ok(result)
+                });
+                match task.await {
+                    Ok(Ok(result)) => return Some(result),
+                    Ok(Err(items)) => items,
+                    Err(e) => {
+                        return Some(Err(Error::ClusterDown(format!("the write task failed: {e}"))))
+                    }
+                }
+            }
+            None => items,
+        };
+        self.write_durably(move |k| k.write_values_locked(&items)).await
+    }
+
+    /// The stripe locks of `items`' keys if none is held (in stripe order, each once).
+    fn try_lock_many(&self, items: &[(Bytes, Option<Value>)]) -> Option<Vec<MutexGuard<'_, ()>>> {
+        let mut stripes: Vec<usize> = items.iter().map(|(k, _)| stripe(k)).collect();
+        stripes.sort_unstable();
+        stripes.dedup();
+        #[expect(clippy::indexing_slicing, reason = "stripe() < STRIPES = stripes.len()")]
+        stripes.into_iter().map(|i| self.stripes[i].try_lock()).collect()
     }
 
     /// Stores one value (its stripe lock held by the caller).
+    #[cfg(test)]
     pub(crate) fn set(&self, key: &[u8], v: &Value) -> Result<(), Error> {
         self.set_many(&[(key, v.clone())])
     }

@@ -45,8 +45,10 @@ pub(crate) const SEED_MARKER: &str = "restored-not-replicated";
 
 /// A running member and the runtime it runs on.
 pub(crate) struct Replication {
-    /// Taken by `shutdown` (a runtime may not be dropped on an async task).
-    runtime: parking_lot::Mutex<Option<tokio::runtime::Runtime>>,
+    /// Taken by `shutdown` (a runtime may not be dropped on an async task). Callers that poll
+    /// a proposal on their own thread hold it shared meanwhile ([`Replication::wait`]): the
+    /// runtime's timers must outlive them.
+    runtime: parking_lot::RwLock<Option<tokio::runtime::Runtime>>,
     handle: tokio::runtime::Handle,
     member: Arc<Member>,
     timeout: Duration,
@@ -228,7 +230,7 @@ impl Replication {
         let elections = Arc::new(std::sync::atomic::AtomicU64::new(0));
         runtime.spawn(log_leadership(member.clone(), leader_changes.clone(), elections.clone()));
         let handle = runtime.handle().clone();
-        let runtime = parking_lot::Mutex::new(Some(runtime));
+        let runtime = parking_lot::RwLock::new(Some(runtime));
         Ok(Replication {
             runtime,
             handle,
@@ -241,18 +243,35 @@ impl Replication {
         })
     }
 
-    /// Runs `f` on the Raft runtime and waits for it, blocking the calling thread (a worker of
-    /// the server's runtime hands its other connections to another thread meanwhile, so that
-    /// many connections can wait for proposals at once, and openraft batches them).
+    /// Runs `f` in the Raft runtime's context and waits for it, blocking the calling thread
+    /// (a worker of the server's runtime hands its other connections to another thread
+    /// meanwhile, so that many connections can wait for proposals at once, and openraft
+    /// batches them). Off any runtime, or in a worker handed over, the calling thread polls
+    /// `f` itself: a proposal's reply then wakes it directly, without a hop through a task of
+    /// the Raft runtime. On a current-thread runtime (tests), which may not block on another
+    /// runtime, `f` runs as a task of the Raft runtime.
     fn wait<T: Send + 'static>(
         &self,
         f: impl std::future::Future<Output = timber_cluster::Result<T>> + Send + 'static,
     ) -> Result<T, Error> {
+        use tokio::runtime::{Handle, RuntimeFlavor};
+        let in_place = match Handle::try_current() {
+            Err(_) => true,
+            Ok(h) => h.runtime_flavor() == RuntimeFlavor::MultiThread,
+        };
+        if in_place {
+            // A runtime shut down would fail the proposal's timers: held until done.
+            let Some(_running) = self.runtime.try_read().filter(|rt| rt.is_some()) else {
+                return Err(Error::ClusterDown("the member stopped".into()));
+            };
+            let handle = &self.handle;
+            return blocking(|| handle.block_on(f)).map_err(cluster_error);
+        }
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         self.handle.spawn(async move {
             let _ = tx.send(f.await);
         });
-        match blocking(|| rx.recv()) {
+        match rx.recv() {
             Ok(r) => r.map_err(cluster_error),
             Err(_) => Err(Error::ClusterDown("the member stopped".into())),
         }
@@ -278,6 +297,15 @@ impl Replication {
             return Ok(());
         }
         self.on_raft(self.proposal(p)).await
+    }
+
+    /// [`Replication::propose`] polled by the caller's task (on the server's runtime), without
+    /// a task of the Raft runtime between it and openraft.
+    pub(crate) async fn propose_here(&self, p: Proposal) -> Result<(), Error> {
+        if p.is_empty() {
+            return Ok(());
+        }
+        self.proposal(p).await.map_err(cluster_error)
     }
 
     /// Proposes `p` and waits until it is applied here, as a future for the Raft runtime.
@@ -560,7 +588,7 @@ impl Replication {
     pub(crate) async fn shutdown(&self) {
         let member = self.member.clone();
         let _ = self.handle.spawn(async move { member.shutdown().await }).await;
-        if let Some(rt) = self.runtime.lock().take() {
+        if let Some(rt) = self.runtime.write().take() {
             rt.shutdown_background();
         }
     }

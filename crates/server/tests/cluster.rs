@@ -1151,3 +1151,58 @@ fn the_leadership_moves_to_the_member_asked_while_clients_write() {
         "counter {n}, {acked} acknowledged, {failed} failed"
     );
 }
+
+/// gRPC puts on the leader (which propose from the connection's task, not a thread) hold
+/// their key until applied, as the Redis commands' writes do: an INCR never lands between a
+/// put and its application. A putter sets `k` to successive epochs (1e9 × i) while incrementers
+/// add to it; an INCR called after put i was acknowledged must return a value of epoch i or
+/// later (an INCR that read before the put and wrote after it would take the key back).
+#[test]
+fn a_put_and_an_increment_of_one_key_never_interleave() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    const EPOCH: i64 = 1_000_000_000;
+    let mut c = Cluster::three_started();
+    let leader = c.leader();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let putter = rt.block_on(c.node(leader).grpc());
+    // The highest epoch acknowledged so far.
+    let acked = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let incrementers: Vec<_> = (0..2)
+        .map(|_| {
+            let (mut con, acked, stop) = (c.node(leader).client(), acked.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut done = 0;
+                while !stop.load(Ordering::SeqCst) {
+                    let before = acked.load(Ordering::SeqCst) as i64;
+                    // A refusal (an election on a loaded machine) proves nothing either way.
+                    let Ok(got) = redis::cmd("INCR").arg("k").query::<i64>(&mut con) else {
+                        continue;
+                    };
+                    assert!(
+                        got / EPOCH >= before,
+                        "INCR called after put {before} was acknowledged returned {got}"
+                    );
+                    done += 1;
+                }
+                done
+            })
+        })
+        .collect();
+    for i in 1..=300u64 {
+        let v = (i as i64 * EPOCH).to_string();
+        // Repeated after a refusal (an election): the same value again is the same put.
+        let deadline = Instant::now() + WAIT;
+        while let Err(e) = rt.block_on(putter.put(b"k".to_vec(), v.clone().into_bytes())) {
+            assert!(Instant::now() < deadline, "put {i} failed: {e}");
+        }
+        acked.store(i, Ordering::SeqCst);
+    }
+    stop.store(true, Ordering::SeqCst);
+    let increments: u64 = incrementers.into_iter().map(|t| t.join().unwrap()).sum();
+    assert!(increments > 0, "no increment ran");
+    let last: i64 = on_leader(&c, |con| redis::cmd("GET").arg("k").query(con));
+    assert_eq!(last / EPOCH, 300, "the last put was taken back: {last}");
+}
