@@ -27,7 +27,7 @@ use crate::types::{Proposal, TypeConfig};
 
 /// Entries in flight at once (proposed, not yet applied). openraft works through entries one
 /// by one: fewer, larger entries commit more writes per second than many small ones.
-const ROUNDS: usize = 1;
+const ROUNDS: usize = 2;
 /// A round stops taking proposals once its entry holds this many bytes of keys and values
 /// (a single larger proposal still goes alone).
 const MAX_ENTRY_BYTES: usize = 1 << 20;

@@ -427,10 +427,10 @@ impl Replication {
         self.wait(async move { member.read_barrier(timeout).await })
     }
 
-    /// [`Replication::read_barrier`] for async callers.
+    /// [`Replication::read_barrier`] for async callers, polled by the caller's task (a read
+    /// needs no task of the Raft runtime between it and openraft).
     pub(crate) async fn read_barrier_async(&self) -> Result<(), Error> {
-        let (member, timeout) = (self.member.clone(), self.timeout);
-        self.on_raft(async move { member.read_barrier(timeout).await }).await
+        self.member.read_barrier(self.timeout).await.map_err(cluster_error)
     }
 
     /// Passes a client's command to the leader; its reply, encoded for `protocol`.
