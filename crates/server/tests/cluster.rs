@@ -1152,11 +1152,12 @@ fn the_leadership_moves_to_the_member_asked_while_clients_write() {
     );
 }
 
-/// gRPC puts on the leader (which propose from the connection's task, not a thread) hold
-/// their key until applied, as the Redis commands' writes do: an INCR never lands between a
-/// put and its application. A putter sets `k` to successive epochs (1e9 × i) while incrementers
-/// add to it; an INCR called after put i was acknowledged must return a value of epoch i or
-/// later (an INCR that read before the put and wrote after it would take the key back).
+/// Blind writes on the leader (gRPC puts and plain Redis SETs, which propose from the
+/// connection's task, not a thread) hold their key until applied, as read-modify-writes do: an
+/// INCR never lands between a put and its application. A putter sets `k` to successive epochs
+/// (1e9 × i), through gRPC and Redis in turn, while incrementers add to it; an INCR called
+/// after put i was acknowledged must return a value of epoch i or later (an INCR that read
+/// before the put and wrote after it would take the key back).
 #[test]
 fn a_put_and_an_increment_of_one_key_never_interleave() {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -1167,6 +1168,7 @@ fn a_put_and_an_increment_of_one_key_never_interleave() {
     let leader = c.leader();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let putter = rt.block_on(c.node(leader).grpc());
+    let setter = std::cell::RefCell::new(c.node(leader).client());
     // The highest epoch acknowledged so far.
     let acked = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
@@ -1195,7 +1197,17 @@ fn a_put_and_an_increment_of_one_key_never_interleave() {
         let v = (i as i64 * EPOCH).to_string();
         // Repeated after a refusal (an election): the same value again is the same put.
         let deadline = Instant::now() + WAIT;
-        while let Err(e) = rt.block_on(putter.put(b"k".to_vec(), v.clone().into_bytes())) {
+        let put = || match i % 2 {
+            0 => rt
+                .block_on(putter.put(b"k".to_vec(), v.clone().into_bytes()))
+                .map_err(|e| e.to_string()),
+            _ => redis::cmd("SET")
+                .arg("k")
+                .arg(&v)
+                .query::<()>(&mut setter.borrow_mut())
+                .map_err(|e| e.to_string()),
+        };
+        while let Err(e) = put() {
             assert!(Instant::now() < deadline, "put {i} failed: {e}");
         }
         acked.store(i, Ordering::SeqCst);

@@ -34,6 +34,7 @@ use super::reply::Reply;
 use super::session::{Context, Session};
 use super::table::{self, Command, Handler, APPEND, READONLY, WRITE};
 use super::Endpoint;
+use crate::keyspace::Value;
 use crate::view::KeyView;
 
 /// Appends in flight on one connection from which its appends count as pipelined.
@@ -265,6 +266,35 @@ async fn run_keys(ep: &Arc<Endpoint>, s: &mut Session, run: &[Item<'_>], out: &m
     }
     let mut left = run;
     while !left.is_empty() && !s.quit {
+        // On the leader, plain SETs read nothing: they go in as one write that awaits its
+        // proposal on this task (`Keyspace::write_values`) rather than on a blocking thread.
+        let sets: Vec<(Bytes, Option<Value>)> = match replication {
+            Some(_) if s.authed && !follower => left
+                .iter()
+                .map_while(|it| match it.op(max) {
+                    Some(RunOp::Set(k, v)) => Some((k.clone(), Some(Value::string(v.clone())))),
+                    _ => None,
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        if !sets.is_empty() {
+            let (n, t) = (sets.len(), Instant::now());
+            let reply = match ep.keys.write_values(sets).await {
+                Some(Ok(())) => Reply::Ok,
+                Some(Err(e)) => super::cmd::storage(e),
+                None => Reply::err("write task failed"),
+            };
+            for it in left.iter().take(n) {
+                reply.clone().encode(s.proto, out);
+                let timed = ep.sample(s).map(|_| t);
+                if let Some((index, _)) = it.command {
+                    ep.record(index, timed);
+                }
+            }
+            left = left.get(n..).unwrap_or(&[]);
+            continue;
+        }
         // Consecutive SETs and INCRs (a pipeline of writes) go in as one write batch, and
         // consecutive GETs (a pipeline of reads) as one read.
         let two_ops = left.get(..2).is_some_and(|two| two.iter().all(|it| it.op(max).is_some()));
