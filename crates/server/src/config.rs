@@ -188,8 +188,7 @@ pub struct Flags {
     /// Threads that serve connections (the async runtime's workers); the engines' background
     /// threads come on top. Fewer than the cores leaves the rest to other processes, such as
     /// clients on the same machine; with 1, connections are served from a current-thread
-    /// runtime, on the main thread (a cluster member runs at least two, which Raft shares)
-    /// [default: the number of cores].
+    /// runtime, on the main thread [default: the number of cores].
     #[arg(long, env = "TIMBER_WORKERS")]
     pub workers: Option<usize>,
     /// Microseconds a runtime worker keeps polling for Redis-protocol requests after the last

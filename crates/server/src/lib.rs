@@ -401,10 +401,8 @@ async fn sweep(engines: Arc<Engines>, mut stop: watch::Receiver<bool>) {
 /// A tokio runtime for a server, with `idle` installed on it: `workers` workers, or with one, a
 /// current-thread runtime on the calling thread (which does what a multi-thread runtime of one
 /// worker does, without the bookkeeping for stealing work between workers). A cluster member
-/// always gets a multi-thread runtime of at least two workers: its connections wait for
-/// proposals with the worker handed over (`block_in_place`), which a current-thread runtime
-/// cannot do, and Raft runs on it too (`replication`), so a worker busy with a request never
-/// leaves Raft without one.
+/// always gets a multi-thread runtime: its connections wait for proposals with the worker
+/// handed over (`block_in_place`), which a current-thread runtime cannot do.
 pub fn runtime(
     workers: usize,
     cfg: &Config,
@@ -414,7 +412,7 @@ pub fn runtime(
         tokio::runtime::Builder::new_current_thread()
     } else {
         let mut rt = tokio::runtime::Builder::new_multi_thread();
-        rt.worker_threads(if cfg.cluster.is_some() { workers.max(2) } else { workers.max(1) });
+        rt.worker_threads(workers.max(1));
         rt
     };
     idle.install(&mut rt);

@@ -2,14 +2,10 @@
 //! `--initial-cluster`). Every keyspace write becomes a proposal of the leader
 //! ([`timber_cluster::Member`]); the members apply committed proposals to their engines.
 //!
-//! Raft runs on the server's runtime when that is a multi-thread one (timberd's always is in a
-//! cluster): a connection that waits for a proposal on its thread (the keyspace's write path
-//! is synchronous, and a read-modify-write holds its keys' locks until its write is applied)
-//! hands its worker's tasks, Raft's among them, to another thread first (`block_in_place`), so
-//! it never keeps Raft from running, and Raft's tasks and the connections' wake each other
-//! without a hop between two thread pools. Started from a current-thread runtime (an embedder,
-//! a test), where a waiting thread would hold up everything, Raft gets a runtime of its own. A
-//! write waits at most the configured timeout for a quorum.
+//! Raft runs on a runtime of its own, so that a connection task waiting for a proposal (the
+//! keyspace's write path is synchronous, and a read-modify-write holds its keys' locks until
+//! its write is applied) never keeps Raft from running; a write waits at most the configured
+//! timeout for a quorum.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,10 +45,10 @@ pub(crate) const SEED_MARKER: &str = "restored-not-replicated";
 
 /// A running member and the runtime it runs on.
 pub(crate) struct Replication {
-    /// Raft's own runtime, when the server's is a current-thread one; taken by `shutdown` (a
-    /// runtime may not be dropped on an async task).
-    runtime: parking_lot::Mutex<Option<tokio::runtime::Runtime>>,
-    /// Where Raft runs: the server's runtime, or its own.
+    /// Taken by `shutdown` (a runtime may not be dropped on an async task). Callers that poll
+    /// a proposal on their own thread hold it shared meanwhile ([`Replication::wait`]): the
+    /// runtime's timers must outlive them.
+    runtime: parking_lot::RwLock<Option<tokio::runtime::Runtime>>,
     handle: tokio::runtime::Handle,
     member: Arc<Member>,
     timeout: Duration,
@@ -194,18 +190,11 @@ impl Replication {
                 db.path().display()
             );
         }
-        let runtime = match tokio::runtime::Handle::current().runtime_flavor() {
-            tokio::runtime::RuntimeFlavor::MultiThread => None,
-            _ => Some(
-                tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(2)
-                    .thread_name("timber-raft")
-                    .enable_all()
-                    .build()?,
-            ),
-        };
-        let handle =
-            runtime.as_ref().map_or_else(tokio::runtime::Handle::current, |rt| rt.handle().clone());
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("timber-raft")
+            .enable_all()
+            .build()?;
         let mut config = MemberConfig::new(cluster.node_id, cluster.raft_addr, dir);
         config.initial_cluster = cluster.initial.clone();
         config.sync = match sync {
@@ -218,32 +207,30 @@ impl Replication {
         config.election_timeout = (cluster.heartbeat * 3, cluster.heartbeat * 6);
         // A runtime may not be dropped on an async task: on failure it is shut down in the
         // background.
-        let started = match handle.spawn(Member::start(config, db)).await {
-            Ok(Ok(m)) => Ok(m),
-            Ok(Err(e)) => Err(anyhow::Error::from(e)),
-            Err(e) => Err(e.into()),
-        };
-        let member = match started {
-            Ok(m) => m,
+        let member = match runtime.spawn(Member::start(config, db)).await {
+            Ok(Ok(m)) => m,
+            Ok(Err(e)) => {
+                runtime.shutdown_background();
+                return Err(e.into());
+            }
             Err(e) => {
-                if let Some(rt) = runtime {
-                    rt.shutdown_background();
-                }
-                return Err(e);
+                runtime.shutdown_background();
+                return Err(e.into());
             }
         };
         let member = Arc::new(member);
         if let Some(via) = cluster.join.clone() {
-            handle.spawn(join(member.clone(), via, cluster.timeout));
+            runtime.spawn(join(member.clone(), via, cluster.timeout));
         }
         if let Some(marker) = seeded {
             member.close_membership(true);
-            handle.spawn(take_in(member.clone(), cluster.timeout, marker));
+            runtime.spawn(take_in(member.clone(), cluster.timeout, marker));
         }
         let leader_changes = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let elections = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        handle.spawn(log_leadership(member.clone(), leader_changes.clone(), elections.clone()));
-        let runtime = parking_lot::Mutex::new(runtime);
+        runtime.spawn(log_leadership(member.clone(), leader_changes.clone(), elections.clone()));
+        let handle = runtime.handle().clone();
+        let runtime = parking_lot::RwLock::new(Some(runtime));
         Ok(Replication {
             runtime,
             handle,
@@ -256,12 +243,13 @@ impl Replication {
         })
     }
 
-    /// Runs `f` and waits for it, blocking the calling thread (a worker of the server's
-    /// runtime hands its other tasks to another thread meanwhile, so that many connections can
-    /// wait for proposals at once, and openraft batches them). On a thread of a multi-thread
-    /// runtime, or off any runtime, the calling thread polls `f` itself, so a proposal's reply
-    /// wakes it directly; on a current-thread runtime (which may not block on another one)
-    /// `f` runs as a task of Raft's runtime, which is then its own.
+    /// Runs `f` in the Raft runtime's context and waits for it, blocking the calling thread
+    /// (a worker of the server's runtime hands its other connections to another thread
+    /// meanwhile, so that many connections can wait for proposals at once, and openraft
+    /// batches them). Off any runtime, or in a worker handed over, the calling thread polls
+    /// `f` itself: a proposal's reply then wakes it directly, without a hop through a task of
+    /// the Raft runtime. On a current-thread runtime (tests), which may not block on another
+    /// runtime, `f` runs as a task of the Raft runtime.
     fn wait<T: Send + 'static>(
         &self,
         f: impl std::future::Future<Output = timber_cluster::Result<T>> + Send + 'static,
@@ -272,6 +260,10 @@ impl Replication {
             Ok(h) => h.runtime_flavor() == RuntimeFlavor::MultiThread,
         };
         if in_place {
+            // A runtime shut down would fail the proposal's timers: held until done.
+            let Some(_running) = self.runtime.try_read().filter(|rt| rt.is_some()) else {
+                return Err(Error::ClusterDown("the member stopped".into()));
+            };
             let handle = &self.handle;
             return blocking(|| handle.block_on(f)).map_err(cluster_error);
         }
@@ -596,7 +588,7 @@ impl Replication {
     pub(crate) async fn shutdown(&self) {
         let member = self.member.clone();
         let _ = self.handle.spawn(async move { member.shutdown().await }).await;
-        if let Some(rt) = self.runtime.lock().take() {
+        if let Some(rt) = self.runtime.write().take() {
             rt.shutdown_background();
         }
     }
