@@ -540,20 +540,23 @@ impl Keyspace {
     /// write may be acknowledged: the write path of the endpoints' blind writes (gRPC and HTTP
     /// puts, batch writes), which read nothing. `None` if the write task died.
     ///
-    /// In a cluster the proposal is awaited on the server's runtime rather than on a blocking
-    /// thread of its own (a thread woken and waited for per write costs the leader more than
-    /// the write itself): a write that reads nothing needs only its keys' stripes, held until
-    /// its proposal is applied (or settled by a barrier) as on the blocking path. It runs as a
-    /// task of its own, so that a caller that goes away does not release them earlier. When
-    /// one of its stripes is held, or on a single node, it takes the blocking path.
+    /// In a cluster the proposal is awaited by a task rather than on a blocking thread of its
+    /// own (a thread woken and waited for per write costs the leader more than the write
+    /// itself): a write that reads nothing needs only its keys' stripes, held until its
+    /// proposal is applied (or settled by a barrier) as on the blocking path. The task runs on
+    /// Raft's runtime, whose workers never wait for a stripe: threads blocked on one of its
+    /// stripes can never keep it from running to the end and releasing them; and it is a task
+    /// of its own, so that a caller that goes away does not release them earlier. When one of
+    /// its stripes is held, or on a single node, the write takes the blocking path.
     pub(crate) async fn write_values(
         self: &std::sync::Arc<Self>,
         items: Vec<(Bytes, Option<Value>)>,
     ) -> Option<Result<(), Error>> {
         let items = match self.replication.get() {
             Some(r) => {
-                let (keys, r) = (self.clone(), r.clone());
-                let task = tokio::spawn(async move {
+                let (keys, raft) = (self.clone(), r.clone());
+                let task = r.spawn(async move {
+                    let r = raft;
                     let Some(held) = keys.try_lock_many(&items) else { return Err(items) };
                     let result = r
                         .propose_here(crate::replication::proposal_of(&Self::batch_of(&items)))

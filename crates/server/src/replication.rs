@@ -299,8 +299,17 @@ impl Replication {
         self.on_raft(self.proposal(p)).await
     }
 
-    /// [`Replication::propose`] polled by the caller's task (on the server's runtime), without
-    /// a task of the Raft runtime between it and openraft.
+    /// Runs `f` as a task of Raft's runtime (whose workers never block on a key's lock).
+    pub(crate) fn spawn<F>(&self, f: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.handle.spawn(f)
+    }
+
+    /// [`Replication::propose`] polled by the caller's task, which must run on Raft's runtime
+    /// ([`Replication::spawn`]): the write queue's tasks start where it is polled.
     pub(crate) async fn propose_here(&self, p: Proposal) -> Result<(), Error> {
         if p.is_empty() {
             return Ok(());
@@ -427,10 +436,10 @@ impl Replication {
         self.wait(async move { member.read_barrier(timeout).await })
     }
 
-    /// [`Replication::read_barrier`] for async callers, polled by the caller's task (a read
-    /// needs no task of the Raft runtime between it and openraft).
+    /// [`Replication::read_barrier`] for async callers.
     pub(crate) async fn read_barrier_async(&self) -> Result<(), Error> {
-        self.member.read_barrier(self.timeout).await.map_err(cluster_error)
+        let (member, timeout) = (self.member.clone(), self.timeout);
+        self.on_raft(async move { member.read_barrier(timeout).await }).await
     }
 
     /// Passes a client's command to the leader; its reply, encoded for `protocol`.
@@ -588,7 +597,9 @@ impl Replication {
     pub(crate) async fn shutdown(&self) {
         let member = self.member.clone();
         let _ = self.handle.spawn(async move { member.shutdown().await }).await;
-        if let Some(rt) = self.runtime.write().take() {
+        // Readers poll proposals until they end (bounded by the timeout): waited for off the
+        // worker.
+        if let Some(rt) = blocking(|| self.runtime.write().take()) {
             rt.shutdown_background();
         }
     }
