@@ -76,6 +76,14 @@ impl Service {
     }
 }
 
+/// The outcome of a keyspace write task (`None`: the task died).
+fn settled<T>(r: Option<Result<T, crate::keyspace::Error>>) -> Result<T, Status> {
+    match r {
+        Some(r) => r.map_err(key_status),
+        None => Err(Status::internal("write task failed")),
+    }
+}
+
 /// The services, sharing the server's engines.
 #[derive(Debug, Clone)]
 pub(crate) struct Service {
@@ -88,18 +96,12 @@ impl Service {
         &self,
         f: impl FnOnce(&crate::keyspace::Keyspace) -> Result<T, crate::keyspace::Error> + Send + 'static,
     ) -> Result<T, Status> {
-        match self.engines.keys.write_durably(f).await {
-            Some(r) => r.map_err(key_status),
-            None => Err(Status::internal("write task failed")),
-        }
+        settled(self.engines.keys.write_durably(f).await)
     }
 
     /// [`crate::keyspace::Keyspace::write_values`].
     async fn written(&self, items: Vec<(bytes::Bytes, Option<Value>)>) -> Result<(), Status> {
-        match self.engines.keys.write_values(items).await {
-            Some(r) => r.map_err(key_status),
-            None => Err(Status::internal("write task failed")),
-        }
+        settled(self.engines.keys.write_values(items).await)
     }
 
     fn check_size(&self, n: usize) -> Result<(), Status> {

@@ -251,7 +251,12 @@ async fn blocking<T: Send + 'static>(
         + Send
         + 'static,
 ) -> Result<T> {
-    match app.engines.keys.write_durably(f).await {
+    settled(app.engines.keys.write_durably(f).await)
+}
+
+/// The outcome of a keyspace write task (`None`: the task died).
+fn settled<T>(r: Option<std::result::Result<T, crate::keyspace::Error>>) -> Result<T> {
+    match r {
         Some(r) => r.map_err(keys_failed),
         None => Err(Failure(StatusCode::INTERNAL_SERVER_ERROR, "write task failed".into())),
     }
@@ -311,10 +316,7 @@ async fn kv_put(
     }
     let expire_at = ttl.map(|t| now_ms().saturating_add(t));
     let v = Value { expire_at, ..Value::string(body) };
-    match app.engines.keys.write_values(vec![(Bytes::from(key), Some(v))]).await {
-        Some(r) => r.map_err(keys_failed)?,
-        None => return Err(Failure(StatusCode::INTERNAL_SERVER_ERROR, "write task failed".into())),
-    }
+    settled(app.engines.keys.write_values(vec![(Bytes::from(key), Some(v))]).await)?;
     Ok(StatusCode::NO_CONTENT)
 }
 

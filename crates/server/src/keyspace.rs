@@ -553,10 +553,9 @@ impl Keyspace {
         items: Vec<(Bytes, Option<Value>)>,
     ) -> Option<Result<(), Error>> {
         let items = match self.replication.get() {
-            Some(r) => {
-                let (keys, raft) = (self.clone(), r.clone());
-                let task = r.spawn(async move {
-                    let r = raft;
+            Some(raft) => {
+                let (keys, r) = (self.clone(), raft.clone());
+                let task = raft.spawn(async move {
                     let Some(held) = keys.try_lock_many(&items) else { return Err(items) };
                     let result = r
                         .propose_here(crate::replication::proposal_of(&Self::batch_of(&items)))

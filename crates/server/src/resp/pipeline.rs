@@ -285,13 +285,7 @@ async fn run_keys(ep: &Arc<Endpoint>, s: &mut Session, run: &[Item<'_>], out: &m
                 Some(Err(e)) => super::cmd::storage(e),
                 None => Reply::err("write task failed"),
             };
-            for it in left.iter().take(n) {
-                reply.clone().encode(s.proto, out);
-                let timed = ep.sample(s).map(|_| t);
-                if let Some((index, _)) = it.command {
-                    ep.record(index, timed);
-                }
-            }
+            answer(ep, s, left, std::iter::repeat_n(reply, n), t, out);
             left = left.get(n..).unwrap_or(&[]);
             continue;
         }
@@ -311,13 +305,7 @@ async fn run_keys(ep: &Arc<Endpoint>, s: &mut Session, run: &[Item<'_>], out: &m
                 0 => (gets.len(), execute_gets(&ep.keys, &gets)),
                 n => (n, execute_run(&ep.keys, &ops)),
             };
-            for (it, reply) in left.iter().zip(replies) {
-                reply.encode(s.proto, out);
-                let timed = ep.sample(s).map(|_| t);
-                if let Some((index, _)) = it.command {
-                    ep.record(index, timed);
-                }
-            }
+            answer(ep, s, left, replies, t, out);
             left = left.get(n..).unwrap_or(&[]);
             continue;
         }
@@ -358,6 +346,25 @@ async fn run_keys(ep: &Arc<Endpoint>, s: &mut Session, run: &[Item<'_>], out: &m
             for _ in run {
                 Reply::err(format!("storage error: {e}")).encode(s.proto, out);
             }
+        }
+    }
+}
+
+/// Encodes the replies of a run's first items, answered together since `t`, and records
+/// their commands' figures.
+fn answer(
+    ep: &Endpoint,
+    s: &mut Session,
+    items: &[Item<'_>],
+    replies: impl IntoIterator<Item = Reply>,
+    t: Instant,
+    out: &mut BytesMut,
+) {
+    for (it, reply) in items.iter().zip(replies) {
+        reply.encode(s.proto, out);
+        let timed = ep.sample(s).map(|_| t);
+        if let Some((index, _)) = it.command {
+            ep.record(index, timed);
         }
     }
 }
