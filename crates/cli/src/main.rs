@@ -46,7 +46,7 @@ enum Cmd {
     /// Example: timber txn --if 'lock missing' --then 'put lock me' --else 'get lock'
     Txn {
         /// A comparison: `KEY = VALUE` (or `!=`, `<`, `>`: byte order), `KEY exists`,
-        /// `KEY missing`.
+        /// `KEY missing`, `KEY version = N` (or `!=`, `<`, `>`; see `kv get --json`).
         #[arg(long = "if", value_name = "COMPARISON")]
         compare: Vec<String>,
         /// An operation when every comparison holds: `put KEY VALUE`, `del KEY`, `get KEY`.
@@ -225,9 +225,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let json = cli.json;
     let mut out = std::io::stdout().lock();
     match cli.cmd {
-        Cmd::Kv(Kv::Get { key }) => match client.get(key.clone()).await? {
-            Some(v) if json => writeln!(out, "{}", json!({ "key": key, "value": text(&v) }))?,
-            Some(v) => {
+        Cmd::Kv(Kv::Get { key }) => match client.get_versioned(key.clone()).await? {
+            Some((v, version)) if json => {
+                writeln!(out, "{}", json!({ "key": key, "value": text(&v), "version": version }))?
+            }
+            Some((v, _)) => {
                 out.write_all(&v)?;
                 writeln!(out)?;
             }

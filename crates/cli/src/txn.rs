@@ -1,6 +1,6 @@
 //! `timber txn`: a conditional transaction from the command line. Comparisons are `--if`
-//! arguments, `KEY = VALUE`, `KEY != VALUE`, `KEY < VALUE`, `KEY > VALUE`, `KEY exists` or `KEY
-//! missing`; operations are `--then` (when every comparison holds) and `--else` arguments, `put
+//! arguments, `KEY = VALUE`, `KEY != VALUE`, `KEY < VALUE`, `KEY > VALUE`, `KEY exists`, `KEY
+//! missing` or `KEY version = N` (or `!=`, `<`, `>`; `timber kv get --json` prints versions); operations are `--then` (when every comparison holds) and `--else` arguments, `put
 //! KEY VALUE`, `del KEY` or `get KEY`. A key is one word; a value is the rest of the argument
 //! (possibly empty).
 
@@ -15,7 +15,15 @@ pub(crate) fn compare(t: Txn, s: &str) -> Result<Txn, String> {
     if rest == "missing" {
         return Ok(t.when_exists(key.to_string(), false));
     }
-    let (op, value) = split(rest).ok_or_else(|| bad_compare(s))?;
+    let (first, tail) = split(rest).ok_or_else(|| bad_compare(s))?;
+    let (op, value, version) = match first {
+        "version" => {
+            let (op, n) = split(tail).ok_or_else(|| bad_compare(s))?;
+            let n = n.parse::<u64>().map_err(|_| bad_compare(s))?;
+            (op, "", Some(n))
+        }
+        op => (op, tail, None),
+    };
     let cmp = match op {
         "=" | "==" => Cmp::Equal,
         "!=" => Cmp::NotEqual,
@@ -23,11 +31,17 @@ pub(crate) fn compare(t: Txn, s: &str) -> Result<Txn, String> {
         ">" => Cmp::Greater,
         _ => return Err(bad_compare(s)),
     };
-    Ok(t.when_value(key.to_string(), cmp, value.to_string()))
+    Ok(match version {
+        Some(n) => t.when_version(key.to_string(), cmp, n),
+        None => t.when_value(key.to_string(), cmp, value.to_string()),
+    })
 }
 
 fn bad_compare(s: &str) -> String {
-    format!("bad comparison {s:?}: expected KEY = VALUE (or != < >), KEY exists or KEY missing")
+    format!(
+        "bad comparison {s:?}: expected KEY = VALUE (or != < >), KEY exists, KEY missing or \
+         KEY version = N"
+    )
 }
 
 /// An operation added to `t` (to its success operations if `then`, else to its failure
@@ -79,6 +93,8 @@ mod tests {
         let t = compare(t, "n exists").unwrap();
         let t = compare(t, "m missing").unwrap();
         let t = compare(t, "a < b").unwrap();
+        let t = compare(t, "k version = 7").unwrap();
+        let t = compare(t, "k version > 3").unwrap();
         let t = operation(t, "put k v with spaces", true).unwrap();
         let t = operation(t, "del n", true).unwrap();
         let t = operation(t, "get k", false).unwrap();
@@ -87,11 +103,13 @@ mod tests {
             .when_exists("n", true)
             .when_exists("m", false)
             .when_value("a", Cmp::Less, "b")
+            .when_version("k", Cmp::Equal, 7)
+            .when_version("k", Cmp::Greater, 3)
             .then_put("k", "v with spaces")
             .then_delete("n")
             .else_get("k");
         assert_eq!(format!("{t:?}"), format!("{want:?}"));
-        for bad in ["", "k", "k ~ v", "k exists now"] {
+        for bad in ["", "k", "k ~ v", "k exists now", "k version", "k version = x", "k version ="] {
             assert!(compare(Txn::new(), bad).is_err(), "{bad:?}");
         }
         for bad in ["", "put", "del", "del a b", "get", "set k v"] {

@@ -478,15 +478,25 @@ impl Client {
         self.get_with(key.into(), true).await
     }
 
+    /// The value of a key and its version (`None` if it does not exist): a number that
+    /// changes with every write of the key, even of the same value, and only grows, for
+    /// [`Txn::when_version`].
+    pub async fn get_versioned(&self, key: impl Into<Bytes>) -> Result<Option<(Bytes, u64)>> {
+        let r = self.get_response(key.into(), false).await?;
+        Ok(r.value.map(|v| (v, r.version)))
+    }
+
     async fn get_with(&self, key: Bytes, stale: bool) -> Result<Option<Bytes>> {
-        let r = self
-            .idempotent("get", || {
-                let req = pb::GetRequest { key: key.clone(), stale };
-                let (mut c, r) = (self.kv(), self.request(req));
-                async move { c.get(r).await }
-            })
-            .await?;
-        Ok(r.value)
+        Ok(self.get_response(key, stale).await?.value)
+    }
+
+    async fn get_response(&self, key: Bytes, stale: bool) -> Result<pb::GetResponse> {
+        self.idempotent("get", || {
+            let req = pb::GetRequest { key: key.clone(), stale };
+            let (mut c, r) = (self.kv(), self.request(req));
+            async move { c.get(r).await }
+        })
+        .await
     }
 
     /// Stores a value.

@@ -21,7 +21,8 @@ use timber_proto::v1 as pb;
 
 use crate::{Client, Result};
 
-/// How a comparison compares a key's value with the one given (byte-wise order).
+/// How a comparison compares a key's value with the one given (byte-wise order), or its
+/// version with a number.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Cmp {
     Equal,
@@ -77,7 +78,19 @@ impl Txn {
 
     /// Holds if the key's value compares with `value` as `cmp` says (a key without a value
     /// fails every value comparison).
-    pub fn when_value(mut self, key: impl Into<Bytes>, cmp: Cmp, value: impl Into<Bytes>) -> Txn {
+    pub fn when_value(self, key: impl Into<Bytes>, cmp: Cmp, value: impl Into<Bytes>) -> Txn {
+        self.when(key.into(), cmp, pb::compare::Target::Value(value.into()))
+    }
+
+    /// Holds if the key's version ([`Client::get_versioned`]) compares with `version` as `cmp`
+    /// says; a key that does not exist has version 0. Compare-and-swap without comparing
+    /// values: `when_version(k, Cmp::Equal, v)` holds only if nobody wrote `k` since it was
+    /// read at version `v` (even with the same value).
+    pub fn when_version(self, key: impl Into<Bytes>, cmp: Cmp, version: u64) -> Txn {
+        self.when(key.into(), cmp, pb::compare::Target::Version(version))
+    }
+
+    fn when(mut self, key: Bytes, cmp: Cmp, target: pb::compare::Target) -> Txn {
         use pb::compare::Op;
         let op = match cmp {
             Cmp::Equal => Op::Equal,
@@ -85,11 +98,7 @@ impl Txn {
             Cmp::Less => Op::Less,
             Cmp::Greater => Op::Greater,
         };
-        self.req.compare.push(pb::Compare {
-            key: key.into(),
-            op: op as i32,
-            target: Some(pb::compare::Target::Value(value.into())),
-        });
+        self.req.compare.push(pb::Compare { key, op: op as i32, target: Some(target) });
         self
     }
 

@@ -22,6 +22,15 @@ pub enum Error {
     #[error("key {:?} is reserved for the cluster's own state", String::from_utf8_lossy(.0))]
     Reserved(Vec<u8>),
 
+    /// A proposal's revision would not fit in its value.
+    #[error("a revision at byte {at} does not fit in a value of {len} bytes")]
+    Revision {
+        /// Where the revision was to go.
+        at: u32,
+        /// The value's length.
+        len: usize,
+    },
+
     /// This member is not the leader; writes and linearizable reads go to `leader`.
     #[error("not the leader; the leader is {}", match (.leader_id, .leader_addr) {
         (Some(id), Some(addr)) => format!("member {id} at {addr}"),

@@ -30,7 +30,9 @@ pub use crate::error::{Error, Result};
 pub const MAX_PROPOSAL_BYTES: usize = 15 << 20;
 pub use crate::forward::{Executor, Reply};
 pub use crate::log_store::LogStore;
-pub use crate::machine::{applied_in, KvMachine, SnapshotStats, RESERVED_PREFIX};
+pub use crate::machine::{
+    applied_in, KvMachine, SnapshotStats, FIRST_REVISION, RESERVED_PREFIX, REVISION_KEY,
+};
 pub use crate::member::{Member, MemberConfig};
 pub use crate::membership::Change;
 pub use crate::network::{Connection, Network, RaftService};

@@ -45,6 +45,13 @@ use crate::types::{Op, Proposal, Retention, TypeConfig};
 
 /// Engine keys the state machine keeps for itself; no proposal may write under this prefix.
 pub const RESERVED_PREFIX: &[u8] = b"\x00raft/";
+/// The engine key of the revision counter: the next revision a [`Op::PutRevised`] stamps
+/// (`u64` LE; absent: [`FIRST_REVISION`]). Unlike the reserved keys it is part of the data,
+/// carried by snapshots and backups, so revisions keep growing across them; a single node
+/// reserves its revisions under it too.
+pub const REVISION_KEY: &[u8] = b"v";
+/// The first revision stamped; 1 stands for the values stored before revisions existed.
+pub const FIRST_REVISION: u64 = 2;
 const APPLIED_KEY: &[u8] = b"\x00raft/applied";
 const MEMBERSHIP_KEY: &[u8] = b"\x00raft/membership";
 const INSTALLING_KEY: &[u8] = b"\x00raft/installing";
@@ -167,14 +174,21 @@ impl Proposal {
         Ok(())
     }
 
-    /// Refuses a proposal that writes under the state machine's reserved keys.
+    /// Refuses a proposal that writes under the state machine's reserved keys or the
+    /// revision counter, or whose revision would not fit in its value.
     pub fn check(&self) -> Result<()> {
         for op in &self.ops {
             let key = match op {
+                Op::PutRevised { key, value, at } => {
+                    if (*at as usize).saturating_add(8) > value.len() {
+                        return Err(Error::Revision { at: *at, len: value.len() });
+                    }
+                    key
+                }
                 Op::Put { key, .. } | Op::Delete { key } => key,
                 _ => continue,
             };
-            if key.starts_with(RESERVED_PREFIX) {
+            if key.starts_with(RESERVED_PREFIX) || key == REVISION_KEY {
                 return Err(Error::Reserved(key.clone()));
             }
         }
@@ -502,6 +516,8 @@ impl KvMachine {
         let mut acks = Vec::new();
         let mut batch = WriteBatch::new();
         let mut last = None;
+        // The next revision, read when first needed and stored with each batch that used it.
+        let mut revision = None;
         for e in entries {
             match e.payload {
                 EntryPayload::Blank => {}
@@ -511,6 +527,19 @@ impl KvMachine {
                         match op {
                             Op::Put { key, value } => {
                                 batch.put(&key, &value);
+                            }
+                            Op::PutRevised { key, mut value, at } => {
+                                let r = match revision {
+                                    Some(r) => r,
+                                    None => self.next_revision()?,
+                                };
+                                let at = at as usize;
+                                // `check` saw that the revision fits.
+                                if let Some(slot) = value.get_mut(at..at + 8) {
+                                    slot.copy_from_slice(&r.to_le_bytes());
+                                }
+                                batch.put(&key, &value);
+                                revision = Some(r + 1);
                             }
                             Op::Delete { key } => {
                                 batch.delete(&key);
@@ -527,15 +556,33 @@ impl KvMachine {
             if batch.size() >= BATCH_BYTES {
                 durable(&mut acks).await?;
                 batch.put(APPLIED_KEY, encode(&e.log_id));
+                if let Some(r) = revision {
+                    batch.put(REVISION_KEY, r.to_le_bytes());
+                }
                 self.write(std::mem::take(&mut batch))?;
             }
         }
         durable(&mut acks).await?;
         if let Some(id) = last {
             batch.put(APPLIED_KEY, encode(&id));
+            if let Some(r) = revision {
+                batch.put(REVISION_KEY, r.to_le_bytes());
+            }
             self.write(batch)?;
         }
         Ok(n)
+    }
+
+    /// The next revision to stamp, as the engine holds it.
+    fn next_revision(&self) -> Result<u64> {
+        let db = &self.inner.db;
+        match db.get(REVISION_KEY)? {
+            None => Ok(FIRST_REVISION),
+            Some(b) => b.as_ref().try_into().map(u64::from_le_bytes).map_err(|_| Error::Corrupt {
+                path: db.path().to_path_buf(),
+                reason: format!("the revision counter is {} bytes, not 8", b.len()),
+            }),
+        }
     }
 
     /// Applies one stream write; the acks of appended records join `acks`.
@@ -549,7 +596,7 @@ impl KvMachine {
             return Err(Error::Config("a stream write, on a member without a stream store".into()));
         };
         match op {
-            Op::Put { .. } | Op::Delete { .. } => {}
+            Op::Put { .. } | Op::PutRevised { .. } | Op::Delete { .. } => {}
             Op::StreamCreate { name } => create(store, &name, StreamConfig::default()).await?,
             Op::StreamCreateWith { name, retention } => {
                 create(store, &name, retention.config()).await?;

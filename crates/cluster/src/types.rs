@@ -59,6 +59,17 @@ pub enum Op {
         /// What each member's store drops by age and size.
         retention: Retention,
     },
+    /// Store `value` under `key` with the next revision written into it (`u64` LE at byte
+    /// `at`): each member counts these puts from the counter under [`crate::REVISION_KEY`],
+    /// so every member stamps the same revision, a number no earlier write used.
+    PutRevised {
+        /// The engine key.
+        key: Vec<u8>,
+        /// The value; bytes `at..at + 8` are overwritten.
+        value: Vec<u8>,
+        /// Where the revision goes.
+        at: u32,
+    },
 }
 
 /// A stream's retention, as its creator asked for it: each member's store applies it to its
@@ -101,6 +112,17 @@ impl Proposal {
     /// Adds a put.
     pub fn put(&mut self, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> &mut Self {
         self.ops.push(Op::Put { key: key.into(), value: value.into() });
+        self
+    }
+
+    /// Adds a put whose value gets the next revision at byte `at` (see [`Op::PutRevised`]).
+    pub fn put_revised(
+        &mut self,
+        key: impl Into<Vec<u8>>,
+        value: impl Into<Vec<u8>>,
+        at: u32,
+    ) -> &mut Self {
+        self.ops.push(Op::PutRevised { key: key.into(), value: value.into(), at });
         self
     }
 
@@ -154,7 +176,9 @@ impl Proposal {
         self.ops
             .iter()
             .map(|op| match op {
-                Op::Put { key, value } => key.len() + value.len(),
+                Op::Put { key, value } | Op::PutRevised { key, value, .. } => {
+                    key.len() + value.len()
+                }
                 Op::Delete { key } => key.len(),
                 Op::StreamAppend { name, records, .. } => {
                     name.len() + records.iter().map(Vec::len).sum::<usize>()

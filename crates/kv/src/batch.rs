@@ -113,6 +113,38 @@ impl WriteBatch {
         ops.map_while(|op| op).map(|op| (op.key, (op.kind == Kind::Put).then_some(op.value)))
     }
 
+    /// Lets `f` rewrite the value of each put in place, given its key; values keep their
+    /// lengths, so the batch stays as valid as it was. For stamps decided only when a batch is
+    /// committed (a revision drawn in commit order).
+    pub fn rewrite_values(&mut self, mut f: impl FnMut(&[u8], &mut [u8])) {
+        let mut pos = HEADER_LEN;
+        for _ in 0..self.count {
+            let Some((key, value)) = self.spans(&mut pos) else { return };
+            let (head, tail) = self.rep.split_at_mut(value.start);
+            if let (Some(k), Some(v)) = (head.get(key), tail.get_mut(..value.len())) {
+                f(k, v);
+            }
+        }
+    }
+
+    /// The spans of the key and value of the put at `pos` (skipping deletes), and moves `pos`
+    /// past it; `None` past the last op.
+    fn spans(&self, pos: &mut usize) -> Option<(std::ops::Range<usize>, std::ops::Range<usize>)> {
+        loop {
+            let kind = Kind::from_u8(*self.rep.get(*pos)?)?;
+            *pos += 1;
+            let klen = usize::try_from(get_varint(&self.rep, pos)?).ok()?;
+            let key = *pos..pos.checked_add(klen)?;
+            *pos = key.end;
+            if kind == Kind::Put {
+                let vlen = usize::try_from(get_varint(&self.rep, pos)?).ok()?;
+                let value = *pos..pos.checked_add(vlen)?;
+                *pos = value.end;
+                return (value.end <= self.rep.len()).then_some((key, value));
+            }
+        }
+    }
+
     /// Empties the batch for reuse.
     pub fn clear(&mut self) {
         self.rep.truncate(HEADER_LEN);
@@ -248,6 +280,17 @@ mod tests {
         let got: Vec<_> = b.iter().collect();
         let want: Vec<(&[u8], Option<&[u8]>)> =
             vec![(b"a", Some(b"1")), (b"b", None), (b"cd", Some(b"2"))];
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn values_are_rewritten_in_place_past_deletes() {
+        let mut b = WriteBatch::new();
+        b.put(b"a", b"11").delete(b"b").put(b"cc", b"222").put(b"d", b"");
+        b.rewrite_values(|k, v| v.fill(k[0]));
+        let got: Vec<_> = b.iter().collect();
+        let want: Vec<(&[u8], Option<&[u8]>)> =
+            vec![(b"a", Some(b"aa")), (b"b", None), (b"cc", Some(b"ccc")), (b"d", Some(b""))];
         assert_eq!(got, want);
     }
 

@@ -120,22 +120,20 @@ impl Kv for Service {
     async fn get(&self, req: Request<pb::GetRequest>) -> Reply<pb::GetResponse> {
         let r = req.into_inner();
         if !r.stale {
-            if let Some(a) = self.on_leader(&[b"GET", &r.key]).await? {
-                let value = match a {
-                    Answer::Bulk(v) => Some(v),
-                    // Not a string (a Redis stream): as on the leader, no value.
-                    Answer::Nil => None,
-                    Answer::Error(e) if e.starts_with("WRONGTYPE") => None,
-                    other => return Err(unexpected(other)),
-                };
-                return Ok(Response::new(pb::GetResponse { value }));
+            // In a cluster: once this member applied what the leader had committed (a member
+            // that does not lead asks the leader's read index), its own copy answers.
+            match self.engines.keys.replication() {
+                Some(rep) => crate::forwarded::caught_up(rep).await.map_err(key_status)?,
+                None => self.engines.keys.linearizable_async().await.map_err(key_status)?,
             }
-            self.engines.keys.linearizable_async().await.map_err(key_status)?;
         }
         let key = r.key;
         let v = self.engines.keys.get(&key).map_err(key_status)?;
-        let value = v.filter(|v| v.kind == crate::keyspace::Kind::String).map(|v| v.data);
-        Ok(Response::new(pb::GetResponse { value }))
+        // Not a string (a Redis stream): no value.
+        Ok(Response::new(match v.filter(|v| v.kind == crate::keyspace::Kind::String) {
+            Some(v) => pb::GetResponse { value: Some(v.data), version: v.revision },
+            None => pb::GetResponse { value: None, version: 0 },
+        }))
     }
 
     async fn put(&self, req: Request<pb::PutRequest>) -> Reply<pb::PutResponse> {
@@ -365,7 +363,10 @@ pub(crate) fn txn_of(r: pb::TxnRequest) -> Result<Txn, String> {
             let target = match c.target {
                 Some(T::Value(v)) => Target::Value(v),
                 Some(T::Exists(e)) => Target::Exists(e),
-                None => return Err("a comparison without a target (value or exists)".into()),
+                Some(T::Version(v)) => Target::Version(v),
+                None => {
+                    return Err("a comparison without a target (value, exists or version)".into())
+                }
             };
             Ok(Compare { key: c.key, op, target })
         })
@@ -416,6 +417,7 @@ pub(crate) fn txn_request(t: &Txn) -> pb::TxnRequest {
                 target: Some(match &c.target {
                     Target::Value(v) => T::Value(v.clone()),
                     Target::Exists(e) => T::Exists(*e),
+                    Target::Version(v) => T::Version(*v),
                 }),
             })
             .collect(),
@@ -436,7 +438,7 @@ pub(crate) fn txn_response(o: Outcome) -> pb::TxnResponse {
                 result: Some(match r {
                     OpResult::Put => R::Put(pb::PutResponse {}),
                     OpResult::Delete { existed } => R::Delete(pb::DeleteResponse { existed }),
-                    OpResult::Get { value } => R::Get(pb::GetResponse { value }),
+                    OpResult::Get { value, version } => R::Get(pb::GetResponse { value, version }),
                 }),
             })
             .collect(),
@@ -454,7 +456,7 @@ pub(crate) fn txn_outcome(r: pb::TxnResponse) -> Outcome {
             .map(|r| match r.result {
                 Some(R::Put(_)) | None => OpResult::Put,
                 Some(R::Delete(d)) => OpResult::Delete { existed: d.existed },
-                Some(R::Get(g)) => OpResult::Get { value: g.value },
+                Some(R::Get(g)) => OpResult::Get { value: g.value, version: g.version },
             })
             .collect(),
     }

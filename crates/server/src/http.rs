@@ -262,6 +262,9 @@ fn settled<T>(r: Option<std::result::Result<T, crate::keyspace::Error>>) -> Resu
     }
 }
 
+/// The response header of a key's version (`GET /v1/kv/{key}`).
+const VERSION_HEADER: &str = "x-timber-version";
+
 async fn kv_get(
     State(app): State<App>,
     Path(key): Path<String>,
@@ -270,22 +273,22 @@ async fn kv_get(
     let missing = || Failure(StatusCode::NOT_FOUND, format!("key {key:?} does not exist"));
     let stream = || Failure(StatusCode::CONFLICT, "the key holds a Redis stream".into());
     if !q.stale {
-        if let Some(a) = on_leader(&app, &[b"GET", key.as_bytes()]).await? {
-            return match a {
-                Answer::Bulk(v) => {
-                    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], v).into_response())
-                }
-                Answer::Nil => Err(missing()),
-                Answer::Error(e) if e.starts_with("WRONGTYPE") => Err(stream()),
-                other => Err(unexpected(other)),
-            };
+        // In a cluster: once this member applied what the leader had committed (a member that
+        // does not lead asks the leader's read index), its own copy answers.
+        match app.engines.keys.replication() {
+            Some(r) => crate::forwarded::caught_up(r).await.map_err(keys_failed)?,
+            None => app.engines.keys.linearizable_async().await.map_err(keys_failed)?,
         }
-        app.engines.keys.linearizable_async().await.map_err(keys_failed)?;
     }
     match app.engines.keys.get(key.as_bytes()).map_err(keys_failed)? {
-        Some(v) if v.kind == crate::keyspace::Kind::String => {
-            Ok(([(header::CONTENT_TYPE, "application/octet-stream")], v.data).into_response())
-        }
+        Some(v) if v.kind == crate::keyspace::Kind::String => Ok((
+            [
+                (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+                (header::HeaderName::from_static(VERSION_HEADER), v.revision.to_string()),
+            ],
+            v.data,
+        )
+            .into_response()),
         Some(_) => Err(stream()),
         None => Err(missing()),
     }
@@ -403,10 +406,13 @@ async fn txn(State(app): State<App>, Json(body): Json<Json_>) -> Result<Json<Jso
         .map(|r| match r {
             OpResult::Put => json!({ "put": {} }),
             OpResult::Delete { existed } => json!({ "delete": { "existed": existed } }),
-            OpResult::Get { value: None } => json!({ "get": { "value": null } }),
-            OpResult::Get { value: Some(v) } => {
+            OpResult::Get { value: None, .. } => {
+                json!({ "get": { "value": null, "version": 0 } })
+            }
+            OpResult::Get { value: Some(v), version } => {
                 let mut o = serde_json::Map::new();
                 put_bytes(&mut o, "value", &v);
+                o.insert("version".into(), json!(version));
                 json!({ "get": o })
             }
         })
@@ -475,7 +481,7 @@ async fn txns_get(
 ) -> Result<Response> {
     let req = pb::TxnGetRequest { id, key: Bytes::from(key.clone()), for_update: q.for_update };
     match txn_call(&app, pb::txn_call::Call::Get(req)).await? {
-        pb::txn_reply::Reply::Get(pb::GetResponse { value: Some(v) }) => {
+        pb::txn_reply::Reply::Get(pb::GetResponse { value: Some(v), .. }) => {
             Ok(([(header::CONTENT_TYPE, "application/octet-stream")], v).into_response())
         }
         pb::txn_reply::Reply::Get(_) => {
@@ -593,13 +599,14 @@ fn txn_of(body: &Json_) -> std::result::Result<Txn, String> {
                 Some(Some("greater")) => CmpOp::Greater,
                 Some(other) => return Err(format!("unknown comparison operator {other:?}")),
             };
-            let target = match (bytes_of(c, "value")?, c.get("exists")) {
-                (Some(v), None) => Target::Value(v),
-                (None, Some(Json_::Bool(e))) => Target::Exists(*e),
+            let target = match (bytes_of(c, "value")?, c.get("exists"), c.get("version")) {
+                (Some(v), None, None) => Target::Value(v),
+                (None, Some(Json_::Bool(e)), None) => Target::Exists(*e),
+                (None, None, Some(v)) if v.is_u64() => Target::Version(v.as_u64().unwrap_or(0)),
                 _ => {
-                    return Err(
-                        "a comparison needs one of \"value\" and \"exists\" (a boolean)".into()
-                    )
+                    return Err("a comparison needs one of \"value\", \"exists\" (a boolean) \
+                                and \"version\" (a non-negative integer)"
+                        .into())
                 }
             };
             Ok(Compare { key: key(c)?, op, target })

@@ -1,10 +1,16 @@
 //! The keyspace the endpoints share: typed values (strings, and the handles of Redis streams)
 //! with optional expiry, on timber-kv.
 //!
-//! Layout in the KV engine: `k<key>` → `[kind u8][expire_at ms u64 LE, 0 = never][bytes]`
-//! (kind 1: a string, the bytes are its value; kind 2: a stream, the bytes are its handle, see
-//! [`crate::streams`]); `e<expire_at u64 BE><key>` → empty, an index of keys with a deadline for
-//! the sweep. Other first bytes belong to [`crate::streams`] (`u`, `r`, `g`, `p`).
+//! Layout in the KV engine: `k<key>` → `[kind u8][expire_at ms u64 LE, 0 = never]`, then for
+//! kind 3, a string, `[revision u64 LE][bytes]` (its value); for kind 2, a stream, its handle
+//! (see [`crate::streams`]); kind 1 is a string stored before revisions, `[bytes]` after the
+//! deadline (read as revision 1, never written now). `e<expire_at u64 BE><key>` → empty, an
+//! index of keys with a deadline for the sweep; `v` → the revision counter
+//! ([`crate::revisions`]). Other first bytes belong to [`crate::streams`] (`u`, `r`, `g`, `p`).
+//!
+//! A string's revision (its version, as the API calls it) is stamped when its write is
+//! committed, never chosen by the command: by [`crate::revisions`] on a single node, by the
+//! state machine on apply in a cluster; a value as built carries 0 in its slot.
 //!
 //! Invariants: a key whose deadline has passed is never returned (reads check it, the sweep
 //! deletes it); every write of a key holds its stripe lock, and read-modify-write commands hold
@@ -23,6 +29,7 @@ use crate::config::Sync;
 use crate::idle::keyspace_sync::SyncRounds;
 use crate::idle::IdleWork;
 use crate::replication::Replication;
+use crate::revisions::Revisions;
 use crate::versions::{Epoch, Versions, Watched};
 
 /// Key locks (a byte each). Many, because in a cluster a pipeline of writes holds the stripes
@@ -66,10 +73,21 @@ pub(crate) enum Error {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Kind {
     /// A string.
-    String = 1,
+    String,
     /// A Redis stream; the value's bytes are its handle.
-    Stream = 2,
+    Stream,
 }
+
+/// The kind byte of a string stored before revisions: `[1][expire_at]` then its bytes.
+const STRING_UNREVISED: u8 = 1;
+/// The kind byte of a Redis stream's handle.
+const STREAM: u8 = 2;
+/// The kind byte of a string: `[3][expire_at][revision]` then its bytes.
+const STRING: u8 = 3;
+/// Where a string's revision is stored in its value.
+const REVISION_AT: usize = 9;
+/// The revision a string stored before revisions reads as.
+const UNREVISED: u64 = 1;
 
 impl Kind {
     /// The name `TYPE` reports.
@@ -90,6 +108,9 @@ pub(crate) struct Value {
     pub(crate) data: Bytes,
     /// Deadline in ms since the Unix epoch.
     pub(crate) expire_at: Option<u64>,
+    /// A string's revision as stored (0 in a value not read from the engine: a commit stamps
+    /// the one stored).
+    pub(crate) revision: u64,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -122,7 +143,7 @@ pub(crate) fn index_key(at: u64, key: &[u8]) -> Vec<u8> {
 impl Value {
     /// A string value without deadline.
     pub(crate) fn string(data: impl Into<Bytes>) -> Value {
-        Value { kind: Kind::String, data: data.into(), expire_at: None }
+        Value { kind: Kind::String, data: data.into(), expire_at: None, revision: 0 }
     }
 }
 
@@ -147,8 +168,15 @@ pub(crate) fn string(v: Option<Value>) -> Result<Option<Value>, Error> {
 }
 
 fn decode(key: &[u8], v: &Bytes) -> Result<Value, Error> {
-    let (kind, expire_at) = header(key, v)?;
-    Ok(Value { kind, data: v.slice(9..), expire_at })
+    let h = header(key, v)?;
+    Ok(Value { kind: h.kind, data: v.slice(h.len..), expire_at: h.expire_at, revision: h.revision })
+}
+
+/// Where the revision goes in the value stored under the engine key `key`, if it is a string's
+/// (what a commit stamps).
+pub(crate) fn revision_slot(key: &[u8], value: &[u8]) -> Option<usize> {
+    (key.first() == Some(&DATA) && value.first() == Some(&STRING) && value.len() >= HEADER_MAX)
+        .then_some(REVISION_AT)
 }
 
 /// The engine keys of the keys starting with `prefix`, at or after `start`, before `end` (empty:
@@ -170,27 +198,59 @@ pub(crate) fn data_range(prefix: &[u8], start: &[u8], end: &[u8]) -> Option<(Vec
     (lo < hi).then_some((lo, hi))
 }
 
-/// A value's header as stored: its kind, then its deadline (ms, little-endian, 0 = none).
-fn encode_header(v: &Value) -> [u8; 9] {
-    let mut h = [0u8; 9];
-    h[0] = v.kind as u8;
-    h[1..].copy_from_slice(&v.expire_at.unwrap_or(0).to_le_bytes());
-    h
+/// The longest header of a stored value (a string's).
+const HEADER_MAX: usize = 17;
+
+/// A value's header as stored.
+struct EncodedHeader {
+    bytes: [u8; HEADER_MAX],
+    len: usize,
 }
 
-/// The kind and deadline of a stored value, without its data.
-fn header(key: &[u8], v: &[u8]) -> Result<(Kind, Option<u64>), Error> {
-    let kind = match v.first() {
-        Some(1) => Kind::String,
-        Some(2) => Kind::Stream,
-        _ => return Err(Error::Corrupt(Bytes::copy_from_slice(key))),
-    };
-    if v.len() < 9 {
-        return Err(Error::Corrupt(Bytes::copy_from_slice(key)));
+impl EncodedHeader {
+    fn as_slice(&self) -> &[u8] {
+        self.bytes.get(..self.len).unwrap_or(&self.bytes)
     }
-    let at =
-        crate::codec::u64_le(v, 1).ok_or_else(|| Error::Corrupt(Bytes::copy_from_slice(key)))?;
-    Ok((kind, (at != 0).then_some(at)))
+}
+
+/// A value's header as stored: its kind, its deadline (ms, little-endian, 0 = none), and for a
+/// string a revision slot of zeros (stamped by the commit).
+fn encode_header(v: &Value) -> EncodedHeader {
+    let mut bytes = [0u8; HEADER_MAX];
+    bytes[1..9].copy_from_slice(&v.expire_at.unwrap_or(0).to_le_bytes());
+    let (kind, len) = match v.kind {
+        Kind::String => (STRING, HEADER_MAX),
+        Kind::Stream => (STREAM, 9),
+    };
+    bytes[0] = kind;
+    EncodedHeader { bytes, len }
+}
+
+/// What a stored value's header says.
+struct Header {
+    kind: Kind,
+    expire_at: Option<u64>,
+    revision: u64,
+    /// Where the data starts.
+    len: usize,
+}
+
+/// The header of a stored value, without its data.
+fn header(key: &[u8], v: &[u8]) -> Result<Header, Error> {
+    let corrupt = || Error::Corrupt(Bytes::copy_from_slice(key));
+    let at = crate::codec::u64_le(v, 1).ok_or_else(corrupt)?;
+    let expire_at = (at != 0).then_some(at);
+    match v.first() {
+        Some(&STRING) => {
+            let revision = crate::codec::u64_le(v, REVISION_AT).ok_or_else(corrupt)?;
+            Ok(Header { kind: Kind::String, expire_at, revision, len: HEADER_MAX })
+        }
+        Some(&STRING_UNREVISED) => {
+            Ok(Header { kind: Kind::String, expire_at, revision: UNREVISED, len: 9 })
+        }
+        Some(&STREAM) => Ok(Header { kind: Kind::Stream, expire_at, revision: 0, len: 9 }),
+        _ => Err(corrupt()),
+    }
 }
 
 /// The stripe of a key.
@@ -212,6 +272,8 @@ pub(crate) struct Keyspace {
     next_cursor: AtomicU64,
     /// What WATCH compares: bumped by every commit of a key and by stream commands.
     versions: Versions,
+    /// On a single node, the revisions commits stamp.
+    revisions: Revisions,
 }
 
 impl Keyspace {
@@ -259,6 +321,7 @@ impl Keyspace {
             )),
             next_cursor: AtomicU64::new(1),
             versions: Versions::new(),
+            revisions: Revisions::default(),
         })
     }
 
@@ -286,11 +349,14 @@ impl Keyspace {
     /// Writes `b`: to the engine, or in a cluster, as a proposal of the leader that returns
     /// once a majority has it and this member applied it (the one write path of the keyspace).
     /// Then bumps the versions of the keys it wrote (their stripe locks are held).
-    pub(crate) fn commit(&self, b: WriteBatch) -> Result<(), Error> {
+    pub(crate) fn commit(&self, mut b: WriteBatch) -> Result<(), Error> {
         let written: smallvec::SmallVec<[usize; 4]> =
             b.iter().filter_map(|(k, _)| k.strip_prefix(&[DATA]).map(Versions::slot)).collect();
         let r = match self.replication.get() {
-            None => self.db.write_with(b, self.durability).map_err(Error::from),
+            None => self
+                .revisions
+                .stamp(&self.db, &mut b)
+                .and_then(|()| self.db.write_with(b, self.durability).map_err(Error::from)),
             Some(r) => r.commit(&b),
         };
         // Also after a failure: in a cluster the write may still be applied.
@@ -483,11 +549,11 @@ impl Keyspace {
 
     /// A value as stored under its data key.
     pub(crate) fn encoded(v: &Value) -> Vec<u8> {
-        [&encode_header(v)[..], &v.data].concat()
+        [encode_header(v).as_slice(), &v.data].concat()
     }
 
     pub(crate) fn put_into(b: &mut WriteBatch, key: &[u8], v: &Value) {
-        b.put_parts(&[&[DATA], key], &[&encode_header(v), &v.data]);
+        b.put_parts(&[&[DATA], key], &[encode_header(v).as_slice(), &v.data]);
         if let Some(at) = v.expire_at {
             b.put_parts(&[&[INDEX], &at.to_be_bytes(), key], &[]);
         }
@@ -696,7 +762,7 @@ impl Keyspace {
         let mut it = self.db.scan(&b"k"[..]..&b"l"[..]);
         while let Some(kv) = it.next_ref() {
             let (k, v) = kv?;
-            let (_, expire_at) = header(k.get(1..).unwrap_or_default(), v)?;
+            let expire_at = header(k.get(1..).unwrap_or_default(), v)?.expire_at;
             if expire_at.is_none_or(|at| at > now) {
                 n += 1;
             }

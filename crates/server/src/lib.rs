@@ -18,6 +18,7 @@ mod logs;
 mod open_txns;
 mod replication;
 mod resp;
+mod revisions;
 mod shutdown;
 mod streams;
 mod txn;

@@ -205,12 +205,16 @@ impl OpenTxns {
         open.txn.take().map(|t| (t, epoch))
     }
 
-    fn get(&self, r: &pb::TxnGetRequest) -> Result<Option<Bytes>, Error> {
+    /// A key's value and version as the transaction sees it (a key it wrote: version 0).
+    fn get(&self, r: &pb::TxnGetRequest) -> Result<pb::GetResponse, Error> {
         self.with(r.id, |t| {
             let dk = data_key(&r.key);
             let stored = if r.for_update { t.get_for_update(&dk)? } else { t.get(&dk)? };
             let v = live(&r.key, stored, now_ms)?;
-            Ok(v.filter(|v| v.kind == Kind::String).map(|v| v.data))
+            Ok(match v.filter(|v| v.kind == Kind::String) {
+                Some(v) => pb::GetResponse { value: Some(v.data), version: v.revision },
+                None => pb::GetResponse { value: None, version: 0 },
+            })
         })
     }
 
@@ -306,7 +310,7 @@ impl OpenTxns {
         use pb::txn_reply::Reply as R;
         Ok(match call {
             C::Begin(r) => R::Begin(pb::BeginResponse { id: self.begin(ks, &r)? }),
-            C::Get(r) => R::Get(pb::GetResponse { value: self.get(&r)? }),
+            C::Get(r) => R::Get(self.get(&r)?),
             C::Put(r) => {
                 self.put(&r)?;
                 R::Put(pb::PutResponse {})
@@ -413,6 +417,7 @@ mod tests {
         let id = begin(&t, &ks, pb::Isolation::Serializable);
         let get = |id, key: &str| {
             t.get(&pb::TxnGetRequest { id, key: key.to_string().into(), for_update: false })
+                .map(|r| r.value)
         };
         assert_eq!(get(id, "a").unwrap(), Some(Bytes::from("1")));
         t.put(&pb::TxnPutRequest { id, key: "b".into(), value: "2".into(), ttl_ms: Some(60_000) })

@@ -17,12 +17,16 @@ use timber_wal::SyncMode;
 use crate::config::{Cluster, Sync};
 use crate::keyspace::Error;
 
-/// The proposal of a batch's writes.
+/// The proposal of a batch's writes: strings are stamped with their revision on apply.
 pub(crate) fn proposal_of(batch: &WriteBatch) -> Proposal {
     let mut p = Proposal::default();
     for (key, value) in batch.iter() {
         match value {
-            Some(v) => p.put(key, v),
+            Some(v) => match crate::keyspace::revision_slot(key, v) {
+                // A value's length is bounded far below 4 GiB, and so is the slot.
+                Some(at) => p.put_revised(key, v, at as u32),
+                None => p.put(key, v),
+            },
             None => p.delete(key),
         };
     }

@@ -1,5 +1,5 @@
 //! Conditional transactions: the single call, in the style of etcd's `Txn`, that the gRPC and
-//! HTTP endpoints serve. Comparisons of keys (value, existence), then the success operations if
+//! HTTP endpoints serve. Comparisons of keys (value, existence, version), then the success operations if
 //! every comparison holds and the failure operations otherwise (puts, deletes, gets, each
 //! seeing the writes before it).
 //!
@@ -36,6 +36,8 @@ pub(crate) enum Target {
     Value(Bytes),
     /// Whether the key exists.
     Exists(bool),
+    /// The key's version: its revision (0 for a key without a value).
+    Version(u64),
 }
 
 /// One comparison.
@@ -67,7 +69,7 @@ impl Op {
 pub(crate) enum OpResult {
     Put,
     Delete { existed: bool },
-    Get { value: Option<Bytes> },
+    Get { value: Option<Bytes>, version: u64 },
 }
 
 /// A conditional transaction.
@@ -161,10 +163,10 @@ impl Txn {
                     OpResult::Put
                 }
                 Op::Delete { key } => OpResult::Delete { existed: view.delete(&[key])? > 0 },
-                Op::Get { key } => {
-                    let v = view.get(key)?;
-                    OpResult::Get { value: v.filter(|v| v.kind == Kind::String).map(|v| v.data) }
-                }
+                Op::Get { key } => match view.get(key)?.filter(|v| v.kind == Kind::String) {
+                    Some(v) => OpResult::Get { value: Some(v.data), version: v.revision },
+                    None => OpResult::Get { value: None, version: 0 },
+                },
             });
         }
         ks.commit(pending.into_inner().into_batch(ks)?)?;
@@ -187,6 +189,11 @@ fn holds(c: &Compare, v: Option<&Value>) -> bool {
         Target::Value(want) => match v {
             Some(v) if v.kind == Kind::String => v.data[..].cmp(&want[..]),
             _ => return false,
+        },
+        Target::Version(want) => match v {
+            None => 0.cmp(want),
+            Some(v) if v.kind == Kind::String => v.revision.cmp(want),
+            Some(_) => return false,
         },
     };
     match c.op {
@@ -253,10 +260,15 @@ mod tests {
         };
         let o = cas("5", "6").apply(&ks).unwrap();
         assert!(o.succeeded);
-        assert_eq!(o.results, vec![OpResult::Put, OpResult::Get { value: Some(b("6")) }]);
+        // Written in this transaction: its revision is stamped on commit.
+        assert_eq!(
+            o.results,
+            vec![OpResult::Put, OpResult::Get { value: Some(b("6")), version: 0 }]
+        );
         let o = cas("5", "7").apply(&ks).unwrap();
         assert!(!o.succeeded);
-        assert_eq!(o.results, vec![OpResult::Get { value: Some(b("6")) }]);
+        let version = ks.get(b"a").unwrap().unwrap().revision;
+        assert_eq!(o.results, vec![OpResult::Get { value: Some(b("6")), version }]);
 
         // Create if absent; a missing key fails value comparisons, whatever the operator.
         let create = Txn {
@@ -286,9 +298,66 @@ mod tests {
         assert!(o.succeeded);
         assert_eq!(
             o.results,
-            vec![OpResult::Delete { existed: true }, OpResult::Get { value: None }]
+            vec![OpResult::Delete { existed: true }, OpResult::Get { value: None, version: 0 }]
         );
         assert_eq!(ks.get(b"new").unwrap(), None);
+    }
+
+    #[test]
+    fn versions_change_with_every_write_and_compare_as_numbers() {
+        let dir = tempfile::tempdir().unwrap();
+        let version = |ks: &Keyspace, k: &[u8]| ks.get(k).unwrap().map_or(0, |v| v.revision);
+        let get = |k: &str| Txn { success: vec![Op::Get { key: b(k) }], ..Txn::default() };
+        let cas = |key: &str, v: u64, new: &str| Txn {
+            compare: vec![cmp(key, CmpOp::Equal, Target::Version(v))],
+            success: vec![Op::Put { key: b(key), value: b(new), ttl_ms: None }],
+            failure: vec![Op::Get { key: b(key) }],
+        };
+        let last = {
+            let ks = Keyspace::open(dir.path(), Sync::Manual, None, &IdleWork::new()).unwrap();
+            // Version 0: absent; create only if absent.
+            assert!(cas("a", 0, "1").apply(&ks).unwrap().succeeded);
+            assert!(!cas("a", 0, "2").apply(&ks).unwrap().succeeded);
+            let v1 = version(&ks, b"a");
+            assert!(v1 > 0);
+            // The same value written again is a new version.
+            ks.set(b"a", &Value::string("1")).unwrap();
+            let v2 = version(&ks, b"a");
+            assert!(v2 > v1, "{v2} after {v1}");
+            // A compare-and-swap on an old version fails and reads the current one.
+            let o = cas("a", v1, "3").apply(&ks).unwrap();
+            assert!(!o.succeeded);
+            assert_eq!(o.results, vec![OpResult::Get { value: Some(b("1")), version: v2 }]);
+            assert!(cas("a", v2, "3").apply(&ks).unwrap().succeeded);
+            let v3 = version(&ks, b"a");
+            assert_eq!(
+                get("a").apply(&ks).unwrap().results,
+                vec![OpResult::Get { value: Some(b("3")), version: v3 }]
+            );
+            // As numbers; a missing key is version 0.
+            for (op, want) in
+                [(CmpOp::Greater, true), (CmpOp::Less, false), (CmpOp::NotEqual, true)]
+            {
+                let t = Txn { compare: vec![cmp("a", op, Target::Version(v2))], ..Txn::default() };
+                assert_eq!(t.apply(&ks).unwrap().succeeded, want, "{op:?}");
+            }
+            let t = Txn {
+                compare: vec![cmp("none", CmpOp::Less, Target::Version(1))],
+                ..Txn::default()
+            };
+            assert!(t.apply(&ks).unwrap().succeeded);
+            // Deleted and written again: a version above every earlier one.
+            ks.delete(&[b"a"]).unwrap();
+            assert_eq!(version(&ks, b"a"), 0);
+            ks.set(b"a", &Value::string("4")).unwrap();
+            assert!(version(&ks, b"a") > v3);
+            version(&ks, b"a")
+        };
+        // After a restart, versions go on growing.
+        let ks = Keyspace::open(dir.path(), Sync::Manual, None, &IdleWork::new()).unwrap();
+        assert_eq!(version(&ks, b"a"), last);
+        ks.set(b"a", &Value::string("5")).unwrap();
+        assert!(version(&ks, b"a") > last);
     }
 
     #[test]

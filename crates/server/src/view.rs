@@ -236,12 +236,13 @@ mod tests {
         let names = |(keys, _): (Vec<Bytes>, Option<Bytes>)| keys;
         assert_eq!(names(v.keys(None, 100).unwrap()), vec![Bytes::from("b"), Bytes::from("c")]);
         // Nothing reached the keyspace yet.
-        assert_eq!(ks.get(b"a").unwrap(), Some(Value::string("1")));
+        let data = |v: Option<Value>| v.map(|v| v.data);
+        assert_eq!(data(ks.get(b"a").unwrap()), Some(Bytes::from("1")));
         assert_eq!(ks.get(b"c").unwrap(), None);
         let b = p.into_inner().into_batch(&ks).unwrap();
         ks.commit(b).unwrap();
         assert_eq!(ks.get(b"a").unwrap(), None);
-        assert_eq!(ks.get(b"c").unwrap(), Some(Value::string("3")));
+        assert_eq!(data(ks.get(b"c").unwrap()), Some(Bytes::from("3")));
 
         // A flush, then a write: only that write is left.
         let p = Mutex::new(Pending::default());

@@ -1006,6 +1006,24 @@ fn every_kind_of_transaction_runs_on_the_leader_through_any_member() {
         assert!(!done.succeeded);
         assert_eq!(done.results, [TxnOpResult::Get(Some("2".into()))]);
 
+        // Versions: every member stamped the same one (each answers from its own copy once
+        // caught up), and a compare-and-swap on it through the follower runs once.
+        let mut seen = Vec::new();
+        for i in 0..3 {
+            let ci = c.node(i).grpc().await;
+            seen.push(again(|| ci.get_versioned("g")).await.unwrap().unwrap());
+        }
+        let (_, v) = seen[0].clone();
+        assert!(seen.iter().all(|s| *s == (bytes::Bytes::from("2"), v)), "{seen:?}");
+        let swap = Txn::new().when_version("g", Cmp::Equal, v).then_put("g", "2").else_get("g");
+        let done = again(|| fc.txn(swap.clone())).await.unwrap();
+        let (_, after) = again(|| fc.get_versioned("g")).await.unwrap().unwrap();
+        assert!(after > v, "the same value written again: {after} after {v}");
+        if !done.succeeded {
+            assert_eq!(done.results, [TxnOpResult::Get(Some("2".into()))], "a retry");
+        }
+        assert!(!again(|| fc.txn(swap.clone())).await.unwrap().succeeded, "v is gone");
+
         // An interactive transaction through the follower, retried on an abort or refusal.
         use timber_client::{Isolation, TxnOptions};
         let moved = fc

@@ -547,6 +547,72 @@ async fn conditional_transactions_through_grpc_and_http() {
     assert_eq!(c.get("n").await.unwrap(), Some(Bytes::from("200")));
 }
 
+/// Versions through gRPC, HTTP and RESP writes: every write of a key, even of the same value
+/// and from a Redis client, gives it a greater version; a transaction conditioned on a version
+/// runs only if nobody wrote the key since; a missing key is version 0; versions go on growing
+/// after a SIGKILL and restart.
+#[tokio::test(flavor = "multi_thread")]
+async fn versions_change_with_every_write_and_guard_transactions() {
+    use timber_client::{Cmp, Txn};
+    let dir = tempfile::tempdir().unwrap();
+    let last = {
+        let t = Timberd::start(dir.path(), &["--sync", "always"]);
+        let c = t.grpc().await;
+        assert_eq!(c.get_versioned("k").await.unwrap(), None);
+        let create = Txn::new().when_version("k", Cmp::Equal, 0).then_put("k", "a");
+        assert!(c.txn(create.clone()).await.unwrap().succeeded);
+        assert!(!c.txn(create).await.unwrap().succeeded, "exists now");
+        let (v, v1) = c.get_versioned("k").await.unwrap().unwrap();
+        assert_eq!(v, Bytes::from("a"));
+        // The same value again, through RESP: a new version.
+        let _: () = cmd("SET").arg("k").arg("a").query(&mut t.client()).unwrap();
+        let (_, v2) = c.get_versioned("k").await.unwrap().unwrap();
+        assert!(v2 > v1, "{v2} after {v1}");
+        let swap = |v: u64| Txn::new().when_version("k", Cmp::Equal, v).then_put("k", "b");
+        assert!(!c.txn(swap(v1)).await.unwrap().succeeded, "written since v1");
+        assert_eq!(c.get("k").await.unwrap(), Some(Bytes::from("a")));
+        assert!(c.txn(swap(v2)).await.unwrap().succeeded);
+        let (_, v3) = c.get_versioned("k").await.unwrap().unwrap();
+        assert!(v3 > v2);
+
+        // HTTP: the version in a header and in a transaction's reads; compared in JSON.
+        let http_client = reqwest::Client::new();
+        let r = http_client.get(http(&t, "/v1/kv/k")).send().await.unwrap();
+        assert_eq!(r.headers()["x-timber-version"].to_str().unwrap(), v3.to_string());
+        let body = serde_json::json!({
+            "compare": [{"key": "k", "op": "equal", "version": v3}],
+            "success": [{"put": {"key": "k", "value": "c"}}],
+            "failure": [{"get": {"key": "k"}}],
+        });
+        let post = || http_client.post(http(&t, "/v1/txn")).json(&body).send();
+        let r: serde_json::Value = post().await.unwrap().json().await.unwrap();
+        assert_eq!(r["succeeded"], true, "{r}");
+        let r: serde_json::Value = post().await.unwrap().json().await.unwrap();
+        assert_eq!(r["succeeded"], false, "{r}");
+        let (_, v4) = c.get_versioned("k").await.unwrap().unwrap();
+        assert_eq!(r["results"][0]["get"]["version"], v4, "{r}");
+        assert!(v4 > v3);
+        let bad = serde_json::json!({"compare": [{"key": "k", "version": -1}]});
+        let r = http_client.post(http(&t, "/v1/txn")).json(&bad).send().await.unwrap();
+        assert_eq!(r.status().as_u16(), 400);
+        // A key holding a Redis stream fails every version comparison.
+        let _: String =
+            cmd("XADD").arg("s").arg("*").arg("f").arg("v").query(&mut t.client()).unwrap();
+        for op in [Cmp::Equal, Cmp::NotEqual, Cmp::Less, Cmp::Greater] {
+            let t = Txn::new().when_version("s", op, 0);
+            assert!(!c.txn(t).await.unwrap().succeeded, "{op:?}");
+        }
+        drop(t); // SIGKILL
+        v4
+    };
+    let t = Timberd::start(dir.path(), &[]);
+    let c = t.grpc().await;
+    assert_eq!(c.get_versioned("k").await.unwrap(), Some((Bytes::from("c"), last)));
+    c.put("k", "c").await.unwrap();
+    let (_, after) = c.get_versioned("k").await.unwrap().unwrap();
+    assert!(after > last, "{after} after {last} across a restart");
+}
+
 /// Interactive transactions through gRPC (timber-client): own writes, commit and rollback,
 /// conflicts with other transactions and with plain writes (RESP) as aborts, pessimistic lock
 /// waits, WATCH seeing their commits, and concurrent transfers through `transact` keeping

@@ -315,7 +315,7 @@ impl StreamSpace {
             };
             let h = Handle { uid, floor: StreamId::MIN };
             let mut b = WriteBatch::new();
-            let v = Value { kind: Kind::Stream, data: h.encode(), expire_at: None };
+            let v = Value { kind: Kind::Stream, data: h.encode(), expire_at: None, revision: 0 };
             Keyspace::put_into(&mut b, key, &v);
             b.put(reverse_key(uid), key);
             b.put(b"u", (uid + 1).to_le_bytes());

@@ -1,0 +1,77 @@
+//! The revisions a single node stamps into the strings it commits: a number per write of a
+//! string, drawn in commit order, so that a key's revision changes with every write of it,
+//! grows, and never repeats (what a `Txn` compares as the key's version). In a cluster the
+//! state machine stamps them instead, on apply ([`timber_cluster::REVISION_KEY`]).
+//!
+//! Invariant: no revision at or above the counter stored under `REVISION_KEY` has been used.
+//! Revisions are handed out from blocks reserved by raising the stored counter (a synced write)
+//! before any revision of the block is stamped; a restart goes on from the stored counter and
+//! loses at most the rest of a block. The counter is part of the keyspace's data, so a backup
+//! and a cluster formed from this node's data go on from it too.
+
+use parking_lot::Mutex;
+use timber_cluster::{FIRST_REVISION, REVISION_KEY};
+use timber_kv::{Db, Durability, WriteBatch};
+
+use crate::keyspace::{revision_slot, Error};
+
+/// Revisions reserved by one write of the counter.
+const BLOCK: u64 = 1 << 20;
+
+/// The next revision and the end of the reserved block (both 0 until the first stamp).
+#[derive(Debug, Default)]
+pub(crate) struct Revisions {
+    state: Mutex<(u64, u64)>,
+}
+
+impl Revisions {
+    /// Stamps the next revisions into the strings `b` stores, in order. The caller holds the
+    /// stripe locks of the keys, so a key's writes draw their revisions in the order they
+    /// commit.
+    pub(crate) fn stamp(&self, db: &Db, b: &mut WriteBatch) -> Result<(), Error> {
+        let wanted = b.iter().filter(|(k, v)| v.is_some_and(|v| revision_slot(k, v).is_some()));
+        let wanted = wanted.count() as u64;
+        if wanted == 0 {
+            return Ok(());
+        }
+        let first = {
+            let mut st = self.state.lock();
+            let (next, end) = &mut *st;
+            if *next + wanted > *end {
+                if *end == 0 {
+                    *next = stored(db)?;
+                }
+                let new_end = *next + wanted.max(BLOCK);
+                let mut reserve = WriteBatch::new();
+                reserve.put(REVISION_KEY, new_end.to_le_bytes());
+                db.write_with(reserve, Durability::Synced)?;
+                *end = new_end;
+            }
+            let first = *next;
+            *next += wanted;
+            first
+        };
+        let mut r = first;
+        b.rewrite_values(|k, v| {
+            if let Some(at) = revision_slot(k, v) {
+                if let Some(slot) = v.get_mut(at..at + 8) {
+                    slot.copy_from_slice(&r.to_le_bytes());
+                    r += 1;
+                }
+            }
+        });
+        Ok(())
+    }
+}
+
+/// The counter as stored.
+fn stored(db: &Db) -> Result<u64, Error> {
+    match db.get(REVISION_KEY)? {
+        None => Ok(FIRST_REVISION),
+        Some(b) => b
+            .as_ref()
+            .try_into()
+            .map(u64::from_le_bytes)
+            .map_err(|_| Error::Corrupt(bytes::Bytes::from_static(REVISION_KEY))),
+    }
+}
