@@ -312,12 +312,22 @@ impl Backup {
         let kv = |source| Error::Kv { path: kv_dir.to_path_buf(), source };
         let db = Db::open(kv_dir, timber_kv::Options::default()).map_err(kv)?;
         let mut batch = WriteBatch::new();
+        let mut counter = None;
         for (k, v) in self.iter() {
+            if k == timber_cluster::REVISION_KEY {
+                counter = Some(v);
+                continue;
+            }
             batch.put(k, v);
             if batch.size() >= RESTORE_BATCH {
                 db.write_with(std::mem::take(&mut batch), Durability::Buffered).map_err(kv)?;
             }
         }
+        let counter = crate::revisions::restored(counter).ok_or_else(|| Error::Invalid {
+            path: kv_dir.to_path_buf(),
+            reason: "its revision counter is not 8 bytes".into(),
+        })?;
+        batch.put(timber_cluster::REVISION_KEY, counter.to_le_bytes());
         db.write_with(batch, Durability::Synced).map_err(kv)?;
         db.close().map_err(kv)
     }
@@ -438,7 +448,10 @@ mod tests {
         b.restore(&kv).unwrap();
         let db = Db::open(&kv, timber_kv::Options::default()).unwrap();
         assert_eq!(db.get(b"k02999").unwrap().unwrap().len(), 1000);
-        assert_eq!(db.iter().count(), 3000);
+        // And the revision counter, raised past what the source may have stamped since.
+        assert_eq!(db.iter().count(), 3001);
+        let counter = db.get(timber_cluster::REVISION_KEY).unwrap().unwrap();
+        assert!(u64::from_le_bytes(counter[..].try_into().unwrap()) > 1 << 40);
         drop(db);
         assert!(matches!(b.restore(&kv), Err(Error::Exists { .. })));
     }

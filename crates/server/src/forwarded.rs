@@ -1,6 +1,6 @@
 //! Calls of a follower's gRPC and HTTP endpoints that the leader runs for it beyond single-key
-//! Redis commands (those go as GET, SET and DEL, `Replication::on_leader`): a page of a
-//! linearizable scan, a batch write, a conditional transaction, the calls of interactive
+//! Redis commands (those go as SET and DEL, `Replication::on_leader`): a key's value and version,
+//! a page of a linearizable scan, a batch write, a conditional transaction, the calls of interactive
 //! transactions, the writes of log streams, and the leader's read index.
 //! They travel through the cluster's forward service under their own protocol number, as the
 //! operation's name and its request in protobuf; the reply is `+` and the protobuf response,
@@ -23,6 +23,7 @@ use crate::Engines;
 /// The forward service's protocol number of these calls (Redis-protocol commands use 2 and 3).
 pub(crate) const PROTOCOL: u8 = 0;
 
+const GET: &[u8] = b"get";
 const SCAN: &[u8] = b"scan";
 const BATCH_WRITE: &[u8] = b"batch-write";
 const READ_INDEX: &[u8] = b"read-index";
@@ -56,6 +57,36 @@ async fn scan_page(
         Err(e) => return Some(Err(e)),
     };
     Some(Ok(page.items.into_iter().map(|kv| (kv.key, kv.value)).collect()))
+}
+
+/// A key's value and version (`GetResponse`), linearizable: in a cluster the leader reads it
+/// (a member that does not lead passes the read there), with its clock deciding expiry.
+/// [`Error::WrongType`] for a key holding a Redis stream.
+pub(crate) async fn get(engines: &Arc<Engines>, key: Bytes) -> Result<pb::GetResponse, Error> {
+    if let Some(r) = engines.keys.replication() {
+        let req = pb::GetRequest { key: key.clone(), stale: false };
+        match call(r, GET, &req).await {
+            None => {}
+            Some(Err(Error::Leader(line))) if line.starts_with("WRONGTYPE") => {
+                return Err(Error::WrongType)
+            }
+            Some(done) => return done,
+        }
+    }
+    engines.keys.linearizable_async().await?;
+    get_here(&engines.keys, &key)
+}
+
+/// A key's value and version as this member has it; [`Error::WrongType`] for a key holding a
+/// Redis stream.
+pub(crate) fn get_here(
+    keys: &crate::keyspace::Keyspace,
+    key: &[u8],
+) -> Result<pb::GetResponse, Error> {
+    Ok(match keys.get_string(key)? {
+        Some(v) => pb::GetResponse { value: Some(v.data), version: v.revision },
+        None => pb::GetResponse { value: None, version: 0 },
+    })
 }
 
 /// On a member that does not lead: `req` applied by the leader. `None` on the leader.
@@ -217,6 +248,7 @@ pub(crate) async fn run(engines: Arc<Engines>, args: Vec<Bytes>) -> Vec<u8> {
         _ => return b"-unknown forwarded call".to_vec(),
     };
     let result = match op {
+        GET => run_get(&engines, body).await.map_err(|e| e.to_string()),
         SCAN => run_scan(&engines, body).await.map_err(|e| e.to_string()),
         BATCH_WRITE => run_batch(&engines, body).await.map_err(|e| e.to_string()),
         READ_INDEX => run_read_index(&engines).await.map_err(|e| e.to_string()),
@@ -279,6 +311,12 @@ async fn run_log(engines: &Arc<Engines>, op: &[u8], body: &Bytes) -> Result<Vec<
             pb::DeleteStreamResponse {}.encode_to_vec()
         }
     })
+}
+
+async fn run_get(engines: &Arc<Engines>, body: &Bytes) -> Result<Vec<u8>, Error> {
+    let r = pb::GetRequest::decode(&body[..]).map_err(|e| Error::Leader(e.to_string()))?;
+    engines.keys.linearizable_async().await?;
+    Ok(get_here(&engines.keys, &r.key)?.encode_to_vec())
 }
 
 async fn run_scan(engines: &Arc<Engines>, body: &Bytes) -> Result<Vec<u8>, Error> {

@@ -119,21 +119,18 @@ impl Service {
 impl Kv for Service {
     async fn get(&self, req: Request<pb::GetRequest>) -> Reply<pb::GetResponse> {
         let r = req.into_inner();
-        if !r.stale {
-            // In a cluster: once this member applied what the leader had committed (a member
-            // that does not lead asks the leader's read index), its own copy answers.
-            match self.engines.keys.replication() {
-                Some(rep) => crate::forwarded::caught_up(rep).await.map_err(key_status)?,
-                None => self.engines.keys.linearizable_async().await.map_err(key_status)?,
+        let got = match r.stale {
+            true => crate::forwarded::get_here(&self.engines.keys, &r.key),
+            false => crate::forwarded::get(&self.engines, r.key).await,
+        };
+        match got {
+            Ok(r) => Ok(Response::new(r)),
+            // Not a string (a Redis stream): no value.
+            Err(crate::keyspace::Error::WrongType) => {
+                Ok(Response::new(pb::GetResponse { value: None, version: 0 }))
             }
+            Err(e) => Err(key_status(e)),
         }
-        let key = r.key;
-        let v = self.engines.keys.get(&key).map_err(key_status)?;
-        // Not a string (a Redis stream): no value.
-        Ok(Response::new(match v.filter(|v| v.kind == crate::keyspace::Kind::String) {
-            Some(v) => pb::GetResponse { value: Some(v.data), version: v.revision },
-            None => pb::GetResponse { value: None, version: 0 },
-        }))
     }
 
     async fn put(&self, req: Request<pb::PutRequest>) -> Reply<pb::PutResponse> {

@@ -272,26 +272,28 @@ async fn kv_get(
 ) -> Result<Response> {
     let missing = || Failure(StatusCode::NOT_FOUND, format!("key {key:?} does not exist"));
     let stream = || Failure(StatusCode::CONFLICT, "the key holds a Redis stream".into());
-    if !q.stale {
-        // In a cluster: once this member applied what the leader had committed (a member that
-        // does not lead asks the leader's read index), its own copy answers.
-        match app.engines.keys.replication() {
-            Some(r) => crate::forwarded::caught_up(r).await.map_err(keys_failed)?,
-            None => app.engines.keys.linearizable_async().await.map_err(keys_failed)?,
-        }
+    let got = match q.stale {
+        true => crate::forwarded::get_here(&app.engines.keys, key.as_bytes()),
+        false => crate::forwarded::get(&app.engines, Bytes::from(key.clone())).await,
+    };
+    match got {
+        Ok(pb::GetResponse { value: Some(v), version }) => Ok(versioned(v, version)),
+        Ok(_) => Err(missing()),
+        Err(crate::keyspace::Error::WrongType) => Err(stream()),
+        Err(e) => Err(keys_failed(e)),
     }
-    match app.engines.keys.get(key.as_bytes()).map_err(keys_failed)? {
-        Some(v) if v.kind == crate::keyspace::Kind::String => Ok((
-            [
-                (header::CONTENT_TYPE, "application/octet-stream".to_string()),
-                (header::HeaderName::from_static(VERSION_HEADER), v.revision.to_string()),
-            ],
-            v.data,
-        )
-            .into_response()),
-        Some(_) => Err(stream()),
-        None => Err(missing()),
-    }
+}
+
+/// A value as a response, with its version in a header.
+fn versioned(v: Bytes, version: u64) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (header::HeaderName::from_static(VERSION_HEADER), version.to_string()),
+        ],
+        v,
+    )
+        .into_response()
 }
 
 #[derive(Deserialize)]
@@ -481,8 +483,8 @@ async fn txns_get(
 ) -> Result<Response> {
     let req = pb::TxnGetRequest { id, key: Bytes::from(key.clone()), for_update: q.for_update };
     match txn_call(&app, pb::txn_call::Call::Get(req)).await? {
-        pb::txn_reply::Reply::Get(pb::GetResponse { value: Some(v), .. }) => {
-            Ok(([(header::CONTENT_TYPE, "application/octet-stream")], v).into_response())
+        pb::txn_reply::Reply::Get(pb::GetResponse { value: Some(v), version }) => {
+            Ok(versioned(v, version))
         }
         pb::txn_reply::Reply::Get(_) => {
             Err(Failure(StatusCode::NOT_FOUND, format!("key {key:?} does not exist")))

@@ -7,7 +7,8 @@
 //! Revisions are handed out from blocks reserved by raising the stored counter (a synced write)
 //! before any revision of the block is stamped; a restart goes on from the stored counter and
 //! loses at most the rest of a block. The counter is part of the keyspace's data, so a backup
-//! and a cluster formed from this node's data go on from it too.
+//! and a cluster formed from this node's data go on from it too; a restore raises it by
+//! [`RESTORE_MARGIN`], past what the backup's source may have stamped after the backup.
 
 use parking_lot::Mutex;
 use timber_cluster::{FIRST_REVISION, REVISION_KEY};
@@ -17,6 +18,20 @@ use crate::keyspace::{revision_slot, Error};
 
 /// Revisions reserved by one write of the counter.
 const BLOCK: u64 = 1 << 20;
+/// How far a restore raises the backup's counter: the node or cluster the backup came from may
+/// have stamped revisions past it after the backup (up to this many), which the restored data
+/// must never stamp again on the same keys.
+const RESTORE_MARGIN: u64 = 1 << 40;
+
+/// The counter a restored keyspace starts from, given the backup's (`None`: a backup without
+/// one, made before revisions); `None` if the backup's is malformed.
+pub(crate) fn restored(counter: Option<&[u8]>) -> Option<u64> {
+    let at = match counter {
+        None => FIRST_REVISION,
+        Some(b) => u64::from_le_bytes(b.try_into().ok()?),
+    };
+    Some(at.saturating_add(RESTORE_MARGIN))
+}
 
 /// The next revision and the end of the reserved block (both 0 until the first stamp).
 #[derive(Debug, Default)]

@@ -40,15 +40,15 @@ fn writer(port: u16, stop: Arc<AtomicBool>, acked: Arc<AtomicU64>, begun: Arc<At
 /// the backup began too: not so on a follower, which backs up what it applied). Returns the
 /// backup's position.
 fn backup_under_load(write_via: &Timberd, backup_via: &Timberd, current: bool) -> String {
-    backup_under_load_then(write_via, backup_via, current, |_| {})
+    backup_under_load_then(write_via, backup_via, current, |_, _| {})
 }
 
-/// [`backup_under_load`], then `check` on a connection to the restored server.
+/// [`backup_under_load`], then `check` of the restored server and how many writes it holds.
 fn backup_under_load_then(
     write_via: &Timberd,
     backup_via: &Timberd,
     current: bool,
-    check: impl FnOnce(&mut redis::Connection),
+    check: impl FnOnce(&Timberd, u64),
 ) -> String {
     let stop = Arc::new(AtomicBool::new(false));
     let (acked, begun) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
@@ -90,7 +90,7 @@ fn backup_under_load_then(
         let v: u64 = redis::cmd("GET").arg(format!("w:{i:08}")).query(&mut con).unwrap();
         assert_eq!(v, i);
     }
-    check(&mut con);
+    check(&restored, n);
     position
 }
 
@@ -110,6 +110,17 @@ fn a_backup_under_load_restores_to_one_point_with_ttls_and_refuses_damage() {
     let out = tempfile::tempdir().unwrap();
     let bdir = out.path().join("b");
     rt().block_on(async { server.grpc().await.backup(&bdir).await }).unwrap();
+    // Versions the source stamps after the backup are never stamped again by the restored data
+    // on the same key (a compare-and-swap holding one must not succeed there).
+    let version = |t: &Timberd| {
+        rt().block_on(async { t.grpc().await.get_versioned("n").await }).unwrap().unwrap().1
+    };
+    let before = version(&server);
+    for _ in 0..3 {
+        let _: i64 = redis::cmd("INCRBY").arg("n").arg(0).query(&mut con).unwrap();
+    }
+    let after_backup = version(&server);
+    assert!(after_backup > before);
     let data = tempfile::tempdir().unwrap();
     let restored = Timberd::start(data.path(), &["--restore-from", bdir.to_str().unwrap()]);
     let mut r = restored.client();
@@ -117,6 +128,10 @@ fn a_backup_under_load_restores_to_one_point_with_ttls_and_refuses_damage() {
     assert!((900..=1000).contains(&ttl), "ttl {ttl}");
     let n: i64 = redis::cmd("GET").arg("n").query(&mut r).unwrap();
     assert_eq!(n, 41);
+    assert_eq!(version(&restored), before, "restored as it was");
+    let _: i64 = redis::cmd("INCRBY").arg("n").arg(0).query(&mut r).unwrap();
+    let restored_write = version(&restored);
+    assert!(restored_write > after_backup, "{restored_write} after {after_backup}");
     drop(restored);
 
     // Restoring into a data directory that holds a keyspace is refused, and the keyspace is
@@ -303,9 +318,20 @@ fn a_cluster_member_backs_up_at_its_applied_log_position() {
     }
     // Writes go through member 1 (forwarded if it does not lead); the backup comes from 2,
     // which may follow: its backup stands at what it applied.
-    let position = backup_under_load_then(&members[0], &members[1], false, |con| {
-        let len: i64 = redis::cmd("XLEN").arg("s").query(con).unwrap();
+    let position = backup_under_load_then(&members[0], &members[1], false, |restored, n| {
+        let len: i64 = redis::cmd("XLEN").arg("s").query(&mut restored.client()).unwrap();
         assert_eq!(len, 20);
+        // The first key written after the backup: the cluster stamped it with the backup's
+        // counter. The restored data writing it again must not reuse that version.
+        let key = format!("w:{n:08}");
+        let version = |t: &Timberd| {
+            let k = key.clone();
+            rt().block_on(async { t.grpc().await.get_versioned(k).await }).unwrap().unwrap().1
+        };
+        let cluster = version(&members[0]);
+        let _: () = redis::cmd("SET").arg(&key).arg(n).query(&mut restored.client()).unwrap();
+        let again = version(restored);
+        assert!(again > cluster, "restored wrote {key} at {again}, the cluster at {cluster}");
     });
     let index: u64 = position.rsplit('-').next().unwrap().parse().unwrap();
     assert!(position.starts_with("raft:") && index > 300, "position {position}");

@@ -602,15 +602,24 @@ impl StreamSpace {
             return Ok(0);
         }
         if let Some(r) = self.keys.replication() {
-            // One proposal: the floor (when emptying, see below) with the truncation.
-            let mut b = WriteBatch::new();
-            if before >= next {
-                let last = self.last_id(h).await?;
-                self.floor_into(&mut b, key, h, last)?;
-            }
-            let mut p = crate::replication::proposal_of(&b);
-            p.truncate_stream(stream_name(h.uid), before);
-            r.propose(p).await?;
+            // One proposal: the floor (when emptying, see below) with the truncation, under the
+            // key's lock from the read of its handle until applied, so that no write of the key
+            // (a SET replacing the stream) lands in between and is overwritten.
+            let last = match before >= next {
+                true => Some(self.last_id(h).await?),
+                false => None,
+            };
+            crate::replication::blocking(|| -> Result<()> {
+                let _g = self.keys.lock(key);
+                let mut b = WriteBatch::new();
+                if let Some(last) = last {
+                    self.floor_into(&mut b, key, h, last)?;
+                }
+                let mut p = crate::replication::proposal_of(&b);
+                p.truncate_stream(stream_name(h.uid), before);
+                r.commit_proposal(p)?;
+                Ok(())
+            })?;
             return Ok(before - first);
         }
         if before >= next {
