@@ -6,6 +6,8 @@
 //! 10,000 and 100 B values. Workloads, each system in turn and alternating which goes first:
 //! - `put 1 client`, `put 32 clients`: acknowledged puts per second and their latency;
 //! - `get 32 clients`: linearizable reads (timber's default, etcd's default);
+//! - `append 1 client`, `append 16 clients` (timber only: etcd has no log streams): appends of
+//!   one 100 B entry each to one log stream;
 //! - `lag 32 clients`: during a 32-client put load, a probe puts a counter on the leader and
 //!   times until a follower's local (stale / serializable) read shows it, every 5 ms; p50/p99;
 //! - `failover`: under a 4-client put load the leader is SIGKILLed; time until a survivor
@@ -293,6 +295,15 @@ impl Conn {
         }
     }
 
+    /// An append of one entry to [`STREAM`] (timber only).
+    async fn append(&mut self, v: &[u8]) -> anyhow::Result<()> {
+        match self {
+            Conn::Timber(c) => Ok(c.append(STREAM, vec![v.to_vec().into()]).await.map(|_| ())?),
+            #[cfg(feature = "etcd")]
+            Conn::Etcd(_) => anyhow::bail!("etcd has no log streams"),
+        }
+    }
+
     /// A linearizable read.
     async fn get(&mut self, k: &[u8]) -> anyhow::Result<Option<Vec<u8>>> {
         match self {
@@ -329,13 +340,25 @@ impl Conn {
     }
 }
 
+/// What a client of [`load`] does in a loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Put,
+    Get,
+    /// An append to the log stream [`STREAM`].
+    Append,
+}
+
+/// The log stream of the append workloads.
+const STREAM: &str = "bench";
+
 /// Runs `clients` connections to `addr` for `secs`, each doing `op` in a loop.
 async fn load(
     system: System,
     addr: &str,
     clients: usize,
     secs: u64,
-    write: bool,
+    op: Op,
 ) -> anyhow::Result<Sample> {
     let mut conns = Vec::new();
     for _ in 0..clients {
@@ -353,10 +376,10 @@ async fn load(
                 while Instant::now() < until {
                     let k = key(rand::rng().random_range(0..KEYS));
                     let t = Instant::now();
-                    if write {
-                        c.put(&k, &value).await?;
-                    } else {
-                        c.get(&k).await?;
+                    match op {
+                        Op::Put => c.put(&k, &value).await?,
+                        Op::Get => drop(c.get(&k).await?),
+                        Op::Append => c.append(&value).await?,
                     }
                     hist.record(t.elapsed().as_nanos() as u64).ok();
                     n += 1;
@@ -373,7 +396,12 @@ async fn load(
         latency_ns.add(&h).ok();
     }
     let secs = start.elapsed().as_secs_f64();
-    let bytes = ops * (16 + if write { VALUE as u64 } else { 0 });
+    let bytes = ops
+        * match op {
+            Op::Put => 16 + VALUE as u64,
+            Op::Get => 16,
+            Op::Append => VALUE as u64,
+        };
     Ok(Sample { ops, bytes, secs, latency_ns })
 }
 
@@ -382,7 +410,7 @@ async fn load(
 async fn lag(system: System, leader: &str, follower: &str, secs: u64) -> anyhow::Result<Sample> {
     let load = {
         let (system, addr) = (system, leader.to_string());
-        tokio::spawn(async move { load(system, &addr, 32, secs, true).await })
+        tokio::spawn(async move { load(system, &addr, 32, secs, Op::Put).await })
     };
     let mut w = Conn::connect(system, leader).await?;
     let mut r = Conn::connect(system, follower).await?;
@@ -495,11 +523,23 @@ async fn round(args: &Args, system: System) -> anyhow::Result<Vec<(String, Sampl
     let addr = cluster.nodes[leader].client_addr.clone();
     let follower = cluster.nodes[(leader + 1) % MEMBERS].client_addr.clone();
     let secs = args.secs;
-    for (name, clients, write) in
-        [("put 1 client", 1, true), ("put 32 clients", 32, true), ("get 32 clients", 32, false)]
-    {
+    for (name, clients, op) in [
+        ("put 1 client", 1, Op::Put),
+        ("put 32 clients", 32, Op::Put),
+        ("get 32 clients", 32, Op::Get),
+    ] {
         if args.common.wanted(name) {
-            out.push((name.to_string(), load(system, &addr, clients, secs, write).await?));
+            out.push((name.to_string(), load(system, &addr, clients, secs, op).await?));
+        }
+    }
+    let appends = [("append 1 client", 1), ("append 16 clients", 16)];
+    if system == System::Timber && appends.iter().any(|(name, _)| args.common.wanted(name)) {
+        let c = timber_client::Client::connect(format!("http://{addr}")).await?;
+        c.create_stream(STREAM, None, None).await?;
+        for (name, clients) in appends {
+            if args.common.wanted(name) {
+                out.push((name.to_string(), load(system, &addr, clients, secs, Op::Append).await?));
+            }
         }
     }
     if args.common.wanted("lag 32 clients") {

@@ -13,7 +13,9 @@
 //! a cluster the leader evaluates one write of a stream at a time, from the proposal's
 //! evaluation to its apply (the stream's slot is held), so an append proposes the id the
 //! stream ends at (and after a proposal whose outcome is unknown, the next evaluation waits
-//! until it is applied or gone: `Replication::fresh`).
+//! until it is applied or gone: `Replication::fresh`). Appends that arrive while a write of
+//! their stream is in flight wait together and go as one proposal, each call's entries
+//! consecutive and in arrival order, so that a stream takes many appends per Raft round.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -151,7 +153,19 @@ pub(crate) struct Logs {
     /// Whose replication, in a cluster, carries the writes.
     keys: Arc<Keyspace>,
     slots: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Slot>>>>,
+    /// In a cluster, on the leader: the appends of each stream waiting for its slot.
+    appends: Arc<Mutex<HashMap<String, Vec<Waiting>>>>,
 }
+
+/// An append waiting for its stream's slot, and where its first id goes.
+#[derive(Debug)]
+struct Waiting {
+    entries: Vec<Bytes>,
+    done: tokio::sync::oneshot::Sender<Result<Option<u64>>>,
+}
+
+/// The bytes of entries one proposal of grouped appends takes, past the first call's.
+const GROUP_BYTES: usize = 4 << 20;
 
 /// One stream's writer (on a single node, opened on first use) or, in a cluster, the right
 /// to evaluate its next write.
@@ -180,6 +194,46 @@ fn find(streams: &Streams, name: &str) -> Result<Option<StreamInfo>> {
     }
 }
 
+/// The appends waiting for stream `name`, in arrival order: all of them, or as many as fit in
+/// [`GROUP_BYTES`] past the first (the rest wait for the next holder of the slot).
+fn take_group(appends: &Mutex<HashMap<String, Vec<Waiting>>>, name: &str) -> Vec<Waiting> {
+    let mut all = appends.lock();
+    let Some(waiting) = all.get_mut(name) else { return Vec::new() };
+    let mut bytes = 0;
+    let n = waiting
+        .iter()
+        .position(|w| {
+            bytes += w.entries.iter().map(Bytes::len).sum::<usize>();
+            bytes > GROUP_BYTES
+        })
+        .map_or(waiting.len(), |i| i.max(1));
+    let group: Vec<Waiting> = waiting.drain(..n).collect();
+    if waiting.is_empty() {
+        all.remove(name);
+    }
+    group
+}
+
+/// Proposes the entries of `group`, in order, as one append to stream `name` once this leader
+/// is fresh; the id of the first, once applied here.
+async fn append_group(
+    r: &Replication,
+    streams: &Streams,
+    name: &str,
+    group: &[Waiting],
+) -> Result<u64> {
+    r.fresh().await?;
+    let info = find(streams, name)?.ok_or_else(|| not_found(name))?;
+    let records: Vec<Vec<u8>> =
+        group.iter().flat_map(|w| w.entries.iter().map(|e| e.to_vec())).collect();
+    if !records.is_empty() {
+        let mut p = Proposal::default();
+        p.append(name, info.next_id, records);
+        r.propose(p).await?;
+    }
+    Ok(info.next_id)
+}
+
 fn not_found(name: &str) -> Error {
     timber_stream::Error::NotFound { stream: name.to_string() }.into()
 }
@@ -187,7 +241,7 @@ fn not_found(name: &str) -> Error {
 impl Logs {
     /// Serves the streams of `streams`; in a cluster, `keys`' replication carries the writes.
     pub(crate) fn new(streams: Streams, keys: Arc<Keyspace>) -> Logs {
-        Logs { streams, keys, slots: Mutex::default() }
+        Logs { streams, keys, slots: Mutex::default(), appends: Arc::default() }
     }
 
     fn replication(&self) -> Option<&Arc<Replication>> {
@@ -315,17 +369,41 @@ impl Logs {
             ))
             .into());
         }
-        let stream = name.to_string();
-        self.propose(r, name, move |info| {
-            let info = info.ok_or_else(|| not_found(&stream))?;
-            if entries.is_empty() {
-                return Ok((None, None));
+        let (done, rx) = tokio::sync::oneshot::channel();
+        self.appends.lock().entry(name.to_string()).or_default().push(Waiting { entries, done });
+        // The task that next holds the slot proposes every append waiting by then (this one's,
+        // unless an earlier task took it); a caller that stops waiting does not stop it.
+        let slot = self.slot(name);
+        let (r, streams, appends) = (r.clone(), self.streams.clone(), self.appends.clone());
+        let name = name.to_string();
+        tokio::spawn(async move {
+            let mut slot = slot.lock_owned().await;
+            let group = take_group(&appends, &name);
+            if group.is_empty() {
+                return;
             }
-            let mut p = Proposal::default();
-            p.append(stream, info.next_id, entries.iter().map(|e| e.to_vec()).collect());
-            Ok((Some(p), Some(info.next_id)))
+            slot.used = Some(std::time::Instant::now());
+            match append_group(&r, &streams, &name, &group).await {
+                Ok(first) => {
+                    let mut at = first;
+                    for w in group {
+                        let n = w.entries.len() as u64;
+                        let _ = w.done.send(Ok((n > 0).then_some(at)));
+                        at += n;
+                    }
+                }
+                Err(e) => {
+                    let (code, message) = (e.code(), e.to_string());
+                    for w in group {
+                        let message = message.clone();
+                        let _ = w.done.send(Err(Error::Leader { code, message }));
+                    }
+                }
+            }
+        });
+        rx.await.unwrap_or_else(|_| {
+            Err(crate::keyspace::Error::ClusterDown("the append task failed".into()).into())
         })
-        .await
     }
 
     /// On the leader: evaluates a write of stream `name` against what this member applied

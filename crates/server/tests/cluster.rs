@@ -913,6 +913,68 @@ fn grpc_and_http_log_streams_replicate_through_any_member_and_a_failover() {
     });
 }
 
+/// Concurrent appends to one log stream through every member: each call's entries get
+/// consecutive ids of their own, in order, none lost; and they share Raft entries (appends
+/// waiting for the stream's slot go as one proposal), so the log grows by far fewer entries
+/// than there were calls. (A call refused during an election is retried, and may then be
+/// found twice.)
+#[test]
+fn concurrent_appends_to_one_stream_share_raft_entries_and_keep_their_order() {
+    let mut c = Cluster::three_started();
+    let leader = c.leader();
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        let lc = c.node(leader).grpc().await;
+        again(|| lc.create_stream("many", None, None)).await.unwrap();
+        let applied = |s: timber_client::Status| s.cluster.unwrap().applied_index.unwrap_or(0);
+        let before = applied(again(|| lc.status()).await.unwrap());
+        const TASKS: usize = 16;
+        const CALLS: usize = 20;
+        let tasks: Vec<_> = (0..TASKS)
+            .map(|t| {
+                let port = c.node(t % 3).grpc_port;
+                tokio::spawn(async move {
+                    let client = timber_client::Client::connect(format!("http://127.0.0.1:{port}"))
+                        .await
+                        .unwrap();
+                    let mut calls = Vec::new();
+                    for i in 0..CALLS {
+                        // One to three entries per call.
+                        let data: Vec<String> =
+                            (0..1 + (t + i) % 3).map(|k| format!("t{t}-c{i}-{k}")).collect();
+                        let entries: Vec<bytes::Bytes> =
+                            data.iter().map(|d| bytes::Bytes::from(d.clone())).collect();
+                        let first = again(|| client.append("many", entries.clone())).await;
+                        calls.push((first.unwrap(), data));
+                    }
+                    calls
+                })
+            })
+            .collect();
+        let mut calls = Vec::new();
+        for t in tasks {
+            calls.extend(t.await.unwrap());
+        }
+        let after = applied(again(|| lc.status()).await.unwrap());
+        let total: usize = calls.iter().map(|(_, d)| d.len()).sum();
+        let seen = log_entries(&c, leader, "many", false).await.unwrap();
+        assert!(seen.len() >= total, "{} entries of {total}", seen.len());
+        let by_id: std::collections::HashMap<u64, String> = seen.into_iter().collect();
+        for (first, data) in &calls {
+            for (k, d) in data.iter().enumerate() {
+                assert_eq!(by_id.get(&(first + k as u64)), Some(d), "call at {first}");
+            }
+        }
+        let entries = after - before;
+        assert!(
+            entries < (TASKS * CALLS / 2) as u64,
+            "{} appends took {entries} Raft entries",
+            TASKS * CALLS
+        );
+    });
+}
+
 fn unrepeated_strs(data: &[&str]) -> Vec<String> {
     let pairs: Vec<(u64, String)> = data.iter().map(|d| (0, d.to_string())).collect();
     unrepeated(&pairs)
