@@ -182,6 +182,14 @@ impl Block {
     }
 
     fn decode_sized(&self, per_restart: usize, trim: bool) -> Result<Decoded, String> {
+        if u32::try_from(self.data.len()).is_err() {
+            return Err(format!("block of {} bytes is too large", self.data.len()));
+        }
+        if per_restart == 1 {
+            if let Some(d) = self.decode_unshared()? {
+                return Ok(d);
+            }
+        }
         let mut keys: Vec<u8> = Vec::with_capacity(self.restarts_at);
         let mut spans = Vec::with_capacity(self.restarts * per_restart);
         let mut pos = 0;
@@ -192,7 +200,7 @@ impl Block {
             keys.extend_from_within(prev.0..prev.0 + e.shared);
             keys.extend_from_slice(self.span(e.delta)?);
             prev = (start, keys.len());
-            spans.push(Span { key: prev, value: e.value });
+            spans.push(Span::new(prev, e.value));
             pos = e.next;
         }
         if trim {
@@ -200,6 +208,26 @@ impl Block {
             spans.shrink_to_fit();
         }
         Ok(Decoded { keys: Bytes::from(keys), spans, data: self.data.clone() })
+    }
+
+    /// [`Block::decode`] of a block whose keys share no prefix (a restart at every entry, as in
+    /// an index): the keys stay where they are in the block, nothing is copied; `None` if an
+    /// entry shares a prefix after all.
+    fn decode_unshared(&self) -> Result<Option<Decoded>, String> {
+        let mut spans = Vec::with_capacity(self.restarts);
+        let mut pos = 0;
+        let mut prev_len = 0;
+        while pos < self.restarts_at {
+            let e = self.entry(pos, prev_len)?;
+            if e.shared != 0 {
+                return Ok(None);
+            }
+            prev_len = e.delta.1 - e.delta.0;
+            spans.push(Span::new(e.delta, e.value));
+            pos = e.next;
+        }
+        spans.shrink_to_fit();
+        Ok(Some(Decoded { keys: self.data.clone(), spans, data: self.data.clone() }))
     }
 }
 
@@ -310,10 +338,27 @@ impl BlockCursor {
     }
 }
 
+/// Where an entry's key (in `Decoded::keys`) and value (in `Decoded::data`) lie, as offsets of
+/// a block under 4 GiB (`decode` checks): half the room of `usize` pairs, for every entry of
+/// every index kept open and block in the cache.
 #[derive(Debug, Clone, Copy)]
 struct Span {
-    key: (usize, usize),
-    value: (usize, usize),
+    key: (u32, u32),
+    value: (u32, u32),
+}
+
+impl Span {
+    fn new(key: (usize, usize), value: (usize, usize)) -> Span {
+        Span { key: (key.0 as u32, key.1 as u32), value: (value.0 as u32, value.1 as u32) }
+    }
+
+    fn key(self) -> std::ops::Range<usize> {
+        self.key.0 as usize..self.key.1 as usize
+    }
+
+    fn value(self) -> std::ops::Range<usize> {
+        self.value.0 as usize..self.value.1 as usize
+    }
 }
 
 /// A block decoded for iteration: keys restored into one buffer, values sliced from the block.
@@ -329,9 +374,11 @@ impl Decoded {
         self.spans.len()
     }
 
-    /// Bytes it keeps in memory: the restored keys, the block, the spans.
+    /// Bytes it keeps in memory: the restored keys (unless they are the block's own), the
+    /// block, the spans.
     pub(crate) fn memory(&self) -> usize {
-        self.keys.len() + self.data.len() + self.spans.capacity() * std::mem::size_of::<Span>()
+        let keys = if self.keys.as_ptr() == self.data.as_ptr() { 0 } else { self.keys.len() };
+        keys + self.data.len() + self.spans.capacity() * std::mem::size_of::<Span>()
     }
 
     #[expect(
@@ -339,8 +386,7 @@ impl Decoded {
         reason = "i < len() (callers); `decode` built every span within `keys` and `data`"
     )]
     pub(crate) fn key(&self, i: usize) -> &[u8] {
-        let s = self.spans[i].key;
-        &self.keys[s.0..s.1]
+        &self.keys[self.spans[i].key()]
     }
 
     #[expect(
@@ -348,8 +394,7 @@ impl Decoded {
         reason = "i < len() (callers); `decode` built every span within `keys` and `data`"
     )]
     pub(crate) fn value(&self, i: usize) -> Bytes {
-        let s = self.spans[i].value;
-        self.data.slice(s.0..s.1)
+        self.data.slice(self.spans[i].value())
     }
 
     #[expect(
@@ -357,8 +402,7 @@ impl Decoded {
         reason = "i < len() (callers); `decode` built every span within `keys` and `data`"
     )]
     pub(crate) fn value_ref(&self, i: usize) -> &[u8] {
-        let s = self.spans[i].value;
-        &self.data[s.0..s.1]
+        &self.data[self.spans[i].value()]
     }
 
     /// Key `i` as shared bytes (no copy).
@@ -367,8 +411,7 @@ impl Decoded {
         reason = "i < len() (callers); `decode` built every span within `keys` and `data`"
     )]
     pub(crate) fn key_bytes(&self, i: usize) -> Bytes {
-        let s = self.spans[i].key;
-        self.keys.slice(s.0..s.1)
+        self.keys.slice(self.spans[i].key())
     }
 
     /// Offset within `range` of the first entry of the range not less than `target`.
@@ -382,8 +425,7 @@ impl Decoded {
         target: &[u8],
         cmp: impl Fn(&[u8], &[u8]) -> Ordering,
     ) -> usize {
-        self.spans[range]
-            .partition_point(|s| cmp(&self.keys[s.key.0..s.key.1], target) == Ordering::Less)
+        self.spans[range].partition_point(|s| cmp(&self.keys[s.key()], target) == Ordering::Less)
     }
 
     /// Index of the first entry greater than `target`.
@@ -393,8 +435,7 @@ impl Decoded {
         target: &[u8],
         cmp: impl Fn(&[u8], &[u8]) -> Ordering,
     ) -> usize {
-        self.spans
-            .partition_point(|s| cmp(&self.keys[s.key.0..s.key.1], target) != Ordering::Greater)
+        self.spans.partition_point(|s| cmp(&self.keys[s.key()], target) != Ordering::Greater)
     }
 }
 
@@ -430,6 +471,8 @@ mod tests {
         assert_eq!(index.len(), 1000);
         assert_eq!(index.spans.capacity(), 1000);
         assert!(index.memory() * 4 < data.memory(), "{} vs {}", index.memory(), data.memory());
+        // The keys stay in the block: the block and the spans, nothing else.
+        assert_eq!(index.memory(), block.size() + 1000 * 16);
         for i in 0..1000 {
             assert_eq!(index.key(i), data.key(i));
         }
@@ -448,11 +491,17 @@ mod tests {
             }
             let block = Block::new(Bytes::from(b.finish())).unwrap();
             let d = block.decode().unwrap();
+            // Decoded as an index too: in place when no key shares a prefix (interval 1).
+            let di = block.decode_index().unwrap();
             let keys: Vec<_> = keys.into_iter().collect();
             prop_assert_eq!(d.len(), keys.len());
+            prop_assert_eq!(di.len(), keys.len());
             for (i, k) in keys.iter().enumerate() {
                 prop_assert_eq!(d.key(i), &k[..]);
                 prop_assert_eq!(&d.value(i)[..], &[k.len() as u8][..]);
+                prop_assert_eq!(di.key(i), &k[..]);
+                prop_assert_eq!(&di.key_bytes(i)[..], &k[..]);
+                prop_assert_eq!(di.value_ref(i), &[k.len() as u8][..]);
             }
             let want = keys.iter().find(|k| k[..] >= probe[..]);
             let at = d.lower_bound_in(0..d.len(), &probe, cmp);
