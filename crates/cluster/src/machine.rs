@@ -783,7 +783,11 @@ mod tests {
         // An entry already in a log (written before the limit) is still applied.
         assert!(p.check().is_ok());
         let mut p = Proposal::default();
-        p.put(b"k".to_vec(), vec![0u8; crate::MAX_PROPOSAL_BYTES - 1]);
+        p.put(b"k".to_vec(), vec![0u8; crate::MAX_PROPOSAL_BYTES - 1 - Proposal::OVERHEAD]);
         assert!(p.check_size().is_ok());
+        // Many empty records are not a small proposal.
+        let mut p = Proposal::default();
+        p.append("s", 0, vec![Vec::new(); crate::MAX_PROPOSAL_BYTES / Proposal::OVERHEAD]);
+        assert!(matches!(p.check_size(), Err(Error::TooLarge { .. })));
     }
 }

@@ -109,6 +109,9 @@ pub struct Proposal {
 }
 
 impl Proposal {
+    /// What [`Proposal::size`] counts for each op and record beyond its bytes.
+    pub const OVERHEAD: usize = 16;
+
     /// Adds a put.
     pub fn put(&mut self, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> &mut Self {
         self.ops.push(Op::Put { key: key.into(), value: value.into() });
@@ -171,22 +174,27 @@ impl Proposal {
         self.ops.is_empty()
     }
 
-    /// Bytes of keys, values, stream names and records.
+    /// Bytes of keys, values, stream names and records, each op and record counted with
+    /// [`Proposal::OVERHEAD`] more (a proposal of many empty ones is not small).
     pub fn size(&self) -> usize {
         self.ops
             .iter()
-            .map(|op| match op {
-                Op::Put { key, value } | Op::PutRevised { key, value, .. } => {
-                    key.len() + value.len()
-                }
-                Op::Delete { key } => key.len(),
-                Op::StreamAppend { name, records, .. } => {
-                    name.len() + records.iter().map(Vec::len).sum::<usize>()
-                }
-                Op::StreamCreate { name }
-                | Op::StreamCreateWith { name, .. }
-                | Op::StreamTruncate { name, .. }
-                | Op::StreamDelete { name } => name.len(),
+            .map(|op| {
+                Self::OVERHEAD
+                    + match op {
+                        Op::Put { key, value } | Op::PutRevised { key, value, .. } => {
+                            key.len() + value.len()
+                        }
+                        Op::Delete { key } => key.len(),
+                        Op::StreamAppend { name, records, .. } => {
+                            name.len()
+                                + records.iter().map(|r| r.len() + Self::OVERHEAD).sum::<usize>()
+                        }
+                        Op::StreamCreate { name }
+                        | Op::StreamCreateWith { name, .. }
+                        | Op::StreamTruncate { name, .. }
+                        | Op::StreamDelete { name } => name.len(),
+                    }
             })
             .sum()
     }

@@ -199,6 +199,14 @@ impl Block {
             let start = keys.len();
             keys.extend_from_within(prev.0..prev.0 + e.shared);
             keys.extend_from_slice(self.span(e.delta)?);
+            // Restored keys can outgrow the block (each entry may repeat the last key's
+            // prefix): their offsets must fit a span too.
+            if u32::try_from(keys.len()).is_err() {
+                return Err(format!(
+                    "the keys of a block of {} bytes restore to over 4 GiB",
+                    self.data.len()
+                ));
+            }
             prev = (start, keys.len());
             spans.push(Span::new(prev, e.value));
             pos = e.next;
@@ -338,9 +346,9 @@ impl BlockCursor {
     }
 }
 
-/// Where an entry's key (in `Decoded::keys`) and value (in `Decoded::data`) lie, as offsets of
-/// a block under 4 GiB (`decode` checks): half the room of `usize` pairs, for every entry of
-/// every index kept open and block in the cache.
+/// Where an entry's key (in `Decoded::keys`) and value (in `Decoded::data`) lie, as offsets
+/// under 4 GiB (`decode` checks the block and the restored keys): half the room of `usize`
+/// pairs, for every entry of every index kept open and block in the cache.
 #[derive(Debug, Clone, Copy)]
 struct Span {
     key: (u32, u32),

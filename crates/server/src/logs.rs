@@ -87,7 +87,8 @@ pub(crate) enum Error {
     /// The cluster refused or failed (no leader, no quorum, a proposal failed).
     #[error(transparent)]
     Cluster(#[from] crate::keyspace::Error),
-    /// The leader this member passed the call to refused it.
+    /// The leader this member passed the call to refused it, or the proposal a call went in
+    /// with others failed (each caller gets the failure's code and message).
     #[error("{message}")]
     Leader {
         /// What the leader said it was.
@@ -164,8 +165,12 @@ struct Waiting {
     done: tokio::sync::oneshot::Sender<Result<Option<u64>>>,
 }
 
-/// The bytes of entries one proposal of grouped appends takes, past the first call's.
+/// The most bytes of entries (each counted with [`ENTRY_OVERHEAD`]) one proposal of grouped
+/// appends takes; a larger call goes alone.
 const GROUP_BYTES: usize = 4 << 20;
+/// What an entry costs beyond its bytes, in a proposal and in memory: so that calls of many
+/// empty or tiny entries do not make a group of unbounded length.
+const ENTRY_OVERHEAD: usize = 32;
 
 /// One stream's writer (on a single node, opened on first use) or, in a cluster, the right
 /// to evaluate its next write.
@@ -195,7 +200,7 @@ fn find(streams: &Streams, name: &str) -> Result<Option<StreamInfo>> {
 }
 
 /// The appends waiting for stream `name`, in arrival order: all of them, or as many as fit in
-/// [`GROUP_BYTES`] past the first (the rest wait for the next holder of the slot).
+/// [`GROUP_BYTES`], at least one (the rest wait for the next holder of the slot).
 fn take_group(appends: &Mutex<HashMap<String, Vec<Waiting>>>, name: &str) -> Vec<Waiting> {
     let mut all = appends.lock();
     let Some(waiting) = all.get_mut(name) else { return Vec::new() };
@@ -203,7 +208,7 @@ fn take_group(appends: &Mutex<HashMap<String, Vec<Waiting>>>, name: &str) -> Vec
     let n = waiting
         .iter()
         .position(|w| {
-            bytes += w.entries.iter().map(Bytes::len).sum::<usize>();
+            bytes += w.entries.iter().map(|e| e.len() + ENTRY_OVERHEAD).sum::<usize>();
             bytes > GROUP_BYTES
         })
         .map_or(waiting.len(), |i| i.max(1));
