@@ -360,6 +360,90 @@ mod tests {
         assert!(version(&ks, b"a") > last);
     }
 
+    /// One step of the model-based test of versions.
+    #[derive(Debug, Clone)]
+    enum Step {
+        Set(u8),
+        Delete(u8),
+        /// A compare-and-swap on the key's current version (`true`) or on one it had before.
+        Swap(u8, bool),
+        Reopen,
+    }
+
+    fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+        use proptest::prelude::*;
+        prop_oneof![
+            4 => (0u8..3).prop_map(Step::Set),
+            1 => (0u8..3).prop_map(Step::Delete),
+            3 => (0u8..3, any::<bool>()).prop_map(|(k, current)| Step::Swap(k, current)),
+            1 => Just(Step::Reopen),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+        /// Against a model of each key's versions: every write gives the key a version above
+        /// all it had (across restarts too), a delete makes it 0, and a swap on a version runs
+        /// only if it is the current one.
+        #[test]
+        fn versions_follow_a_model_of_every_write(steps in proptest::collection::vec(step(), 1..40)) {
+            let dir = tempfile::tempdir().unwrap();
+            let open = || Keyspace::open(dir.path(), Sync::Manual, None, &IdleWork::new()).unwrap();
+            let mut ks = open();
+            // Per key: its value and version now (None: absent), and every version it had.
+            let mut now: [Option<(String, u64)>; 3] = Default::default();
+            let mut had: [Vec<u64>; 3] = Default::default();
+            let name = |k: u8| format!("k{k}");
+            for (i, s) in steps.iter().enumerate() {
+                let value = format!("v{i}");
+                let written = match s {
+                    Step::Set(k) => {
+                        ks.set(name(*k).as_bytes(), &Value::string(value.clone())).unwrap();
+                        Some(*k)
+                    }
+                    Step::Delete(k) => {
+                        ks.delete(&[name(*k).as_bytes()]).unwrap();
+                        now[*k as usize] = None;
+                        None
+                    }
+                    Step::Swap(k, current) => {
+                        let v = match (current, had[*k as usize].first()) {
+                            (true, _) => now[*k as usize].as_ref().map_or(0, |n| n.1),
+                            (false, Some(old)) => *old,
+                            (false, None) => continue,
+                        };
+                        let holds = now[*k as usize].as_ref().map_or(0, |n| n.1) == v;
+                        let t = Txn {
+                            compare: vec![cmp(&name(*k), CmpOp::Equal, Target::Version(v))],
+                            success: vec![Op::Put { key: b(&name(*k)), value: b(&value), ttl_ms: None }],
+                            failure: vec![],
+                        };
+                        proptest::prop_assert_eq!(t.apply(&ks).unwrap().succeeded, holds, "{:?}", s);
+                        holds.then_some(*k)
+                    }
+                    Step::Reopen => {
+                        drop(ks);
+                        ks = open();
+                        None
+                    }
+                };
+                if let Some(k) = written {
+                    let got = ks.get(name(k).as_bytes()).unwrap().unwrap();
+                    let before = had[k as usize].iter().max().copied().unwrap_or(0);
+                    proptest::prop_assert!(got.revision > before, "{} after {}", got.revision, before);
+                    had[k as usize].push(got.revision);
+                    now[k as usize] = Some((value.clone(), got.revision));
+                }
+                for k in 0..3u8 {
+                    let got = ks.get(name(k).as_bytes()).unwrap().map(|v| {
+                        (String::from_utf8(v.data.to_vec()).unwrap(), v.revision)
+                    });
+                    proptest::prop_assert_eq!(&got, &now[k as usize], "key {}", k);
+                }
+            }
+        }
+    }
+
     #[test]
     fn bad_transactions_are_refused_with_a_reason() {
         let big = Txn {
