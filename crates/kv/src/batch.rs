@@ -3,7 +3,9 @@
 //! `seq u64 LE | count u32 LE | count × (kind u8 | key_len varint | key | [value_len varint | value])`.
 
 use crate::error::{Error, Result};
-use crate::key::{get_slice, get_u32, get_u64, get_varint, put_varint, Kind, Op, MAX_SEQ};
+use std::ops::Range;
+
+use crate::key::{get_u32, get_u64, get_varint, put_varint, Kind, Op, MAX_SEQ};
 use crate::options::{MAX_KEY_LEN, MAX_VALUE_LEN};
 
 pub(crate) const HEADER_LEN: usize = 12;
@@ -119,28 +121,13 @@ impl WriteBatch {
     pub fn rewrite_values(&mut self, mut f: impl FnMut(&[u8], &mut [u8])) {
         let mut pos = HEADER_LEN;
         for _ in 0..self.count {
-            let Some((key, value)) = self.spans(&mut pos) else { return };
+            let Some((kind, key, value)) = op_at(&self.rep, &mut pos) else { return };
+            if kind != Kind::Put {
+                continue;
+            }
             let (head, tail) = self.rep.split_at_mut(value.start);
             if let (Some(k), Some(v)) = (head.get(key), tail.get_mut(..value.len())) {
                 f(k, v);
-            }
-        }
-    }
-
-    /// The spans of the key and value of the put at `pos` (skipping deletes), and moves `pos`
-    /// past it; `None` past the last op.
-    fn spans(&self, pos: &mut usize) -> Option<(std::ops::Range<usize>, std::ops::Range<usize>)> {
-        loop {
-            let kind = Kind::from_u8(*self.rep.get(*pos)?)?;
-            *pos += 1;
-            let klen = usize::try_from(get_varint(&self.rep, pos)?).ok()?;
-            let key = *pos..pos.checked_add(klen)?;
-            *pos = key.end;
-            if kind == Kind::Put {
-                let vlen = usize::try_from(get_varint(&self.rep, pos)?).ok()?;
-                let value = *pos..pos.checked_add(vlen)?;
-                *pos = value.end;
-                return (value.end <= self.rep.len()).then_some((key, value));
             }
         }
     }
@@ -252,20 +239,30 @@ impl<'a> Iterator for Ops<'a> {
 
 impl<'a> Ops<'a> {
     fn decode_one(&mut self) -> Option<Op<'a>> {
-        let (rep, pos) = (self.rep, &mut self.pos);
-        let kind = Kind::from_u8(*rep.get(*pos)?)?;
-        *pos += 1;
-        let klen = usize::try_from(get_varint(rep, pos)?).ok()?;
-        let key = get_slice(rep, pos, klen)?;
-        let value = match kind {
-            Kind::Put => {
-                let vlen = usize::try_from(get_varint(rep, pos)?).ok()?;
-                get_slice(rep, pos, vlen)?
-            }
-            Kind::Delete => &[],
-        };
-        Some(Op { kind, key, value })
+        let (kind, key, value) = op_at(self.rep, &mut self.pos)?;
+        Some(Op { kind, key: self.rep.get(key)?, value: self.rep.get(value)? })
     }
+}
+
+/// The op at `pos` of an encoded batch: its kind and where its key and value lie (a delete's
+/// value is empty); moves `pos` past it. `None` if it does not decode within `rep`.
+fn op_at(rep: &[u8], pos: &mut usize) -> Option<(Kind, Range<usize>, Range<usize>)> {
+    let kind = Kind::from_u8(*rep.get(*pos)?)?;
+    *pos += 1;
+    let key = span(rep, pos)?;
+    let value = match kind {
+        Kind::Put => span(rep, pos)?,
+        Kind::Delete => *pos..*pos,
+    };
+    Some((kind, key, value))
+}
+
+/// A varint length at `pos` and the bytes after it, as a span within `rep`; moves `pos` past.
+fn span(rep: &[u8], pos: &mut usize) -> Option<Range<usize>> {
+    let len = usize::try_from(get_varint(rep, pos)?).ok()?;
+    let s = *pos..pos.checked_add(len).filter(|&end| end <= rep.len())?;
+    *pos = s.end;
+    Some(s)
 }
 
 #[cfg(test)]
