@@ -31,7 +31,8 @@ pub const MAX_PROPOSAL_BYTES: usize = 15 << 20;
 pub use crate::forward::{Executor, Reply};
 pub use crate::log_store::LogStore;
 pub use crate::machine::{
-    applied_in, KvMachine, SnapshotStats, FIRST_REVISION, RESERVED_PREFIX, REVISION_KEY,
+    applied_in, revision_counter, stamp_revision, KvMachine, SnapshotStats, FIRST_REVISION,
+    RESERVED_PREFIX, REVISION_KEY,
 };
 pub use crate::member::{Member, MemberConfig};
 pub use crate::membership::Change;

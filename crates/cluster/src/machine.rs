@@ -52,6 +52,25 @@ pub const RESERVED_PREFIX: &[u8] = b"\x00raft/";
 pub const REVISION_KEY: &[u8] = b"v";
 /// The first revision stamped; 1 stands for the values stored before revisions existed.
 pub const FIRST_REVISION: u64 = 2;
+
+/// The next revision as `db` holds it under [`REVISION_KEY`] (what a state machine stamps
+/// next, or on a single node the end of the revisions it reserved).
+pub fn revision_counter(db: &Db) -> Result<u64> {
+    match db.get(REVISION_KEY)? {
+        None => Ok(FIRST_REVISION),
+        Some(b) => b.as_ref().try_into().map(u64::from_le_bytes).map_err(|_| Error::Corrupt {
+            path: db.path().to_path_buf(),
+            reason: format!("the revision counter is {} bytes, not 8", b.len()),
+        }),
+    }
+}
+
+/// Writes `revision` into `value` at byte `at` (`u64` LE); nothing if it does not fit.
+pub fn stamp_revision(value: &mut [u8], at: usize, revision: u64) {
+    if let Some(slot) = value.get_mut(at..at.saturating_add(8)) {
+        slot.copy_from_slice(&revision.to_le_bytes());
+    }
+}
 const APPLIED_KEY: &[u8] = b"\x00raft/applied";
 const MEMBERSHIP_KEY: &[u8] = b"\x00raft/membership";
 const INSTALLING_KEY: &[u8] = b"\x00raft/installing";
@@ -531,13 +550,10 @@ impl KvMachine {
                             Op::PutRevised { key, mut value, at } => {
                                 let r = match revision {
                                     Some(r) => r,
-                                    None => self.next_revision()?,
+                                    None => revision_counter(&self.inner.db)?,
                                 };
-                                let at = at as usize;
                                 // `check` saw that the revision fits.
-                                if let Some(slot) = value.get_mut(at..at + 8) {
-                                    slot.copy_from_slice(&r.to_le_bytes());
-                                }
+                                stamp_revision(&mut value, at as usize, r);
                                 batch.put(&key, &value);
                                 revision = Some(r + 1);
                             }
@@ -571,18 +587,6 @@ impl KvMachine {
             self.write(batch)?;
         }
         Ok(n)
-    }
-
-    /// The next revision to stamp, as the engine holds it.
-    fn next_revision(&self) -> Result<u64> {
-        let db = &self.inner.db;
-        match db.get(REVISION_KEY)? {
-            None => Ok(FIRST_REVISION),
-            Some(b) => b.as_ref().try_into().map(u64::from_le_bytes).map_err(|_| Error::Corrupt {
-                path: db.path().to_path_buf(),
-                reason: format!("the revision counter is {} bytes, not 8", b.len()),
-            }),
-        }
     }
 
     /// Applies one stream write; the acks of appended records join `acks`.

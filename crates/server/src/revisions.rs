@@ -11,7 +11,7 @@
 //! [`RESTORE_MARGIN`], past what the backup's source may have stamped after the backup.
 
 use parking_lot::Mutex;
-use timber_cluster::{FIRST_REVISION, REVISION_KEY};
+use timber_cluster::{stamp_revision, FIRST_REVISION, REVISION_KEY};
 use timber_kv::{Db, Durability, WriteBatch};
 
 use crate::keyspace::{revision_slot, Error};
@@ -33,7 +33,8 @@ pub(crate) fn restored(counter: Option<&[u8]>) -> Option<u64> {
     Some(at.saturating_add(RESTORE_MARGIN))
 }
 
-/// The next revision and the end of the reserved block (both 0 until the first stamp).
+/// The next revision and the end of the reserved block (both 0 until the first stamp; no
+/// revision at or past the end is durable anywhere).
 #[derive(Debug, Default)]
 pub(crate) struct Revisions {
     state: Mutex<(u64, u64)>,
@@ -42,51 +43,37 @@ pub(crate) struct Revisions {
 impl Revisions {
     /// Stamps the next revisions into the strings `b` stores, in order. The caller holds the
     /// stripe locks of the keys, so a key's writes draw their revisions in the order they
-    /// commit.
+    /// commit; and writes `b` only after this returns, so a block reserved here is durable
+    /// before any revision of it is.
     pub(crate) fn stamp(&self, db: &Db, b: &mut WriteBatch) -> Result<(), Error> {
-        let wanted = b.iter().filter(|(k, v)| v.is_some_and(|v| revision_slot(k, v).is_some()));
-        let wanted = wanted.count() as u64;
-        if wanted == 0 {
-            return Ok(());
+        let mut st = self.state.lock();
+        let (next, end) = &mut *st;
+        if *end == 0 {
+            // The first stamp since open: nothing reserved yet past the stored counter.
+            *next = stored(db)?;
+            *end = *next;
         }
-        let first = {
-            let mut st = self.state.lock();
-            let (next, end) = &mut *st;
-            if *next + wanted > *end {
-                if *end == 0 {
-                    *next = stored(db)?;
-                }
-                let new_end = *next + wanted.max(BLOCK);
-                let mut reserve = WriteBatch::new();
-                reserve.put(REVISION_KEY, new_end.to_le_bytes());
-                db.write_with(reserve, Durability::Synced)?;
-                *end = new_end;
-            }
-            let first = *next;
-            *next += wanted;
-            first
-        };
-        let mut r = first;
         b.rewrite_values(|k, v| {
             if let Some(at) = revision_slot(k, v) {
-                if let Some(slot) = v.get_mut(at..at + 8) {
-                    slot.copy_from_slice(&r.to_le_bytes());
-                    r += 1;
-                }
+                stamp_revision(v, at, *next);
+                *next += 1;
             }
         });
+        if *next > *end {
+            let new_end = *next + BLOCK;
+            let mut reserve = WriteBatch::new();
+            reserve.put(REVISION_KEY, new_end.to_le_bytes());
+            db.write_with(reserve, Durability::Synced)?;
+            *end = new_end;
+        }
         Ok(())
     }
 }
 
 /// The counter as stored.
 fn stored(db: &Db) -> Result<u64, Error> {
-    match db.get(REVISION_KEY)? {
-        None => Ok(FIRST_REVISION),
-        Some(b) => b
-            .as_ref()
-            .try_into()
-            .map(u64::from_le_bytes)
-            .map_err(|_| Error::Corrupt(bytes::Bytes::from_static(REVISION_KEY))),
-    }
+    timber_cluster::revision_counter(db).map_err(|e| match e {
+        timber_cluster::Error::Kv(e) => Error::Kv(e),
+        _ => Error::Corrupt(bytes::Bytes::from_static(REVISION_KEY)),
+    })
 }
