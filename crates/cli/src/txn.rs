@@ -1,7 +1,8 @@
 //! `timber txn`: a conditional transaction from the command line. Comparisons are `--if`
 //! arguments, `KEY = VALUE`, `KEY != VALUE`, `KEY < VALUE`, `KEY > VALUE`, `KEY exists`, `KEY
-//! missing` or `KEY version = N` (or `!=`, `<`, `>`; `timber kv get --json` prints versions); operations are `--then` (when every comparison holds) and `--else` arguments, `put
-//! KEY VALUE`, `del KEY` or `get KEY`. A key is one word; a value is the rest of the argument
+//! missing` or `KEY version = N` (or `!=`, `<`, `>`; `timber kv get --json` prints versions);
+//! operations are `--then` (when every comparison holds) and `--else` arguments, `put KEY
+//! VALUE`, `del KEY` or `get KEY`. A key is one word; a value is the rest of the argument
 //! (possibly empty).
 
 use timber_client::{Cmp, Txn};

@@ -1,7 +1,7 @@
 //! Calls of a follower's gRPC and HTTP endpoints that the leader runs for it beyond single-key
-//! Redis commands (those go as SET and DEL, `Replication::on_leader`): a key's value and version,
-//! a page of a linearizable scan, a batch write, a conditional transaction, the calls of interactive
-//! transactions, the writes of log streams, and the leader's read index.
+//! Redis commands (those go as SET and DEL, `Replication::on_leader`): a key's value and
+//! version, a page of a linearizable scan, a batch write, a conditional transaction, the calls
+//! of interactive transactions, the writes of log streams, and the leader's read index.
 //! They travel through the cluster's forward service under their own protocol number, as the
 //! operation's name and its request in protobuf; the reply is `+` and the protobuf response,
 //! or `-` and an error line (for keys, retryable when it starts with `READONLY` or
