@@ -3,9 +3,9 @@
 //! grows, and never repeats (what a `Txn` compares as the key's version). In a cluster the
 //! state machine stamps them instead, on apply ([`timber_cluster::REVISION_KEY`]).
 //!
-//! Invariant: no revision at or above the counter stored under `REVISION_KEY` has been used.
+//! Invariant: no revision at or above the counter stored under `REVISION_KEY` has been written.
 //! Revisions are handed out from blocks reserved by raising the stored counter (a synced write)
-//! before any revision of the block is stamped; a restart goes on from the stored counter and
+//! before any write carrying one of them; a restart goes on from the stored counter and
 //! loses at most the rest of a block. The counter is part of the keyspace's data, so a backup
 //! and a cluster formed from this node's data go on from it too; a restore raises it by
 //! [`RESTORE_MARGIN`], past what the backup's source may have stamped after the backup.
