@@ -179,6 +179,14 @@ pub(crate) fn revision_slot(key: &[u8], value: &[u8]) -> Option<usize> {
         .then_some(REVISION_AT)
 }
 
+/// A failure to stamp revisions: the engine's, or a damaged revision counter.
+fn stamp_error(e: timber_cluster::Error) -> Error {
+    match e {
+        timber_cluster::Error::Kv(e) => Error::Kv(e),
+        _ => Error::Corrupt(Bytes::from_static(timber_cluster::REVISION_KEY)),
+    }
+}
+
 /// The engine keys of the keys starting with `prefix`, at or after `start`, before `end` (empty:
 /// no bound), as a half-open range; `None` if no key lies in it.
 pub(crate) fn data_range(prefix: &[u8], start: &[u8], end: &[u8]) -> Option<(Vec<u8>, Vec<u8>)> {
@@ -355,7 +363,8 @@ impl Keyspace {
         let r = match self.replication.get() {
             None => self
                 .revisions
-                .stamp(&self.db, &mut b)
+                .stamp(&self.db, &mut b, revision_slot)
+                .map_err(stamp_error)
                 .and_then(|()| self.db.write_with(b, self.durability).map_err(Error::from)),
             Some(r) => r.commit(&b),
         };

@@ -11,10 +11,8 @@
 //! [`RESTORE_MARGIN`], past what the backup's source may have stamped after the backup.
 
 use parking_lot::Mutex;
-use timber_cluster::{stamp_revision, FIRST_REVISION, REVISION_KEY};
+use timber_cluster::{revision_counter, stamp_revision, Result, FIRST_REVISION, REVISION_KEY};
 use timber_kv::{Db, Durability, WriteBatch};
-
-use crate::keyspace::{revision_slot, Error};
 
 /// Revisions reserved by one write of the counter.
 const BLOCK: u64 = 1 << 20;
@@ -41,20 +39,26 @@ pub(crate) struct Revisions {
 }
 
 impl Revisions {
-    /// Stamps the next revisions into the strings `b` stores, in order. The caller holds the
-    /// stripe locks of the keys, so a key's writes draw their revisions in the order they
-    /// commit; and writes `b` only after this returns, so a block reserved here is durable
-    /// before any revision of it is.
-    pub(crate) fn stamp(&self, db: &Db, b: &mut WriteBatch) -> Result<(), Error> {
+    /// Stamps the next revisions into the values of `b` that have a revision slot (`slot`
+    /// says where, given the engine key and value), in order. The caller holds the stripe
+    /// locks of the keys, so a key's writes draw their revisions in the order they commit; and
+    /// writes `b` only after this returns, so a block reserved here is durable before any
+    /// revision of it is.
+    pub(crate) fn stamp(
+        &self,
+        db: &Db,
+        b: &mut WriteBatch,
+        slot: impl Fn(&[u8], &[u8]) -> Option<usize>,
+    ) -> Result<()> {
         let mut st = self.state.lock();
         let (next, end) = &mut *st;
         if *end == 0 {
             // The first stamp since open: nothing reserved yet past the stored counter.
-            *next = stored(db)?;
+            *next = revision_counter(db)?;
             *end = *next;
         }
         b.rewrite_values(|k, v| {
-            if let Some(at) = revision_slot(k, v) {
+            if let Some(at) = slot(k, v) {
                 stamp_revision(v, at, *next);
                 *next += 1;
             }
@@ -68,12 +72,4 @@ impl Revisions {
         }
         Ok(())
     }
-}
-
-/// The counter as stored.
-fn stored(db: &Db) -> Result<u64, Error> {
-    timber_cluster::revision_counter(db).map_err(|e| match e {
-        timber_cluster::Error::Kv(e) => Error::Kv(e),
-        _ => Error::Corrupt(bytes::Bytes::from_static(REVISION_KEY)),
-    })
 }
