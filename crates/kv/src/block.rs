@@ -149,6 +149,35 @@ impl Block {
         Ok(Entry { shared, delta: (p, kend), value: (kend, vend), next: vend })
     }
 
+    /// The entry at restart point `i`, which shares nothing with the key before it: where it
+    /// starts, its key and its value (the next entry starts where the value ends).
+    pub(crate) fn restart_entry(
+        &self,
+        i: usize,
+    ) -> Result<(usize, std::ops::Range<usize>, std::ops::Range<usize>), String> {
+        if i >= self.restarts {
+            return Err(format!("restart point {i} of {}", self.restarts));
+        }
+        let pos = self.restart(i);
+        let e = self.entry(pos, 0)?;
+        Ok((pos, e.delta.0..e.delta.1, e.value.0..e.value.1))
+    }
+
+    /// The entries' end (where the restart array begins).
+    pub(crate) fn entries_end(&self) -> usize {
+        self.restarts_at
+    }
+
+    /// The number of restart points.
+    pub(crate) fn restarts(&self) -> usize {
+        self.restarts
+    }
+
+    /// The block's bytes.
+    pub(crate) fn bytes(&self) -> &[u8] {
+        &self.data
+    }
+
     /// The first entry whose key is not below `target`, found without decoding the whole block
     /// (see [`BlockCursor::seek`]). Every key it looks at must pass `valid`.
     pub(crate) fn seek(
@@ -171,27 +200,11 @@ impl Block {
 
     /// Every entry, decoded: keys restored into one buffer, values sliced from the block.
     pub(crate) fn decode(&self) -> Result<Decoded, String> {
-        self.decode_sized(16, false)
-    }
-
-    /// [`Block::decode`] of a block with a restart at every entry, kept as long as its table is
-    /// open (a table's index): its buffers hold what it has and no more (sized for 16 entries a
-    /// restart, as data blocks are, an index would keep 16 times its room).
-    pub(crate) fn decode_index(&self) -> Result<Decoded, String> {
-        self.decode_sized(1, true)
-    }
-
-    fn decode_sized(&self, per_restart: usize, trim: bool) -> Result<Decoded, String> {
         if u32::try_from(self.data.len()).is_err() {
             return Err(format!("block of {} bytes is too large", self.data.len()));
         }
-        if per_restart == 1 {
-            if let Some(d) = self.decode_unshared()? {
-                return Ok(d);
-            }
-        }
         let mut keys: Vec<u8> = Vec::with_capacity(self.restarts_at);
-        let mut spans = Vec::with_capacity(self.restarts * per_restart);
+        let mut spans = Vec::with_capacity(self.restarts * 16);
         let mut pos = 0;
         let mut prev: (usize, usize) = (0, 0);
         while pos < self.restarts_at {
@@ -211,31 +224,7 @@ impl Block {
             spans.push(Span::new(prev, e.value));
             pos = e.next;
         }
-        if trim {
-            keys.shrink_to_fit();
-            spans.shrink_to_fit();
-        }
         Ok(Decoded { keys: Bytes::from(keys), spans, data: self.data.clone() })
-    }
-
-    /// [`Block::decode`] of a block whose keys share no prefix (a restart at every entry, as in
-    /// an index): the keys stay where they are in the block, nothing is copied; `None` if an
-    /// entry shares a prefix after all.
-    fn decode_unshared(&self) -> Result<Option<Decoded>, String> {
-        let mut spans = Vec::with_capacity(self.restarts);
-        let mut pos = 0;
-        let mut prev_len = 0;
-        while pos < self.restarts_at {
-            let e = self.entry(pos, prev_len)?;
-            if e.shared != 0 {
-                return Ok(None);
-            }
-            prev_len = e.delta.1 - e.delta.0;
-            spans.push(Span::new(e.delta, e.value));
-            pos = e.next;
-        }
-        spans.shrink_to_fit();
-        Ok(Some(Decoded { keys: self.data.clone(), spans, data: self.data.clone() }))
     }
 }
 
@@ -382,13 +371,6 @@ impl Decoded {
         self.spans.len()
     }
 
-    /// Bytes it keeps in memory: the restored keys (unless they are the block's own), the
-    /// block, the spans.
-    pub(crate) fn memory(&self) -> usize {
-        let keys = if self.keys.as_ptr() == self.data.as_ptr() { 0 } else { self.keys.len() };
-        keys + self.data.len() + self.spans.capacity() * std::mem::size_of::<Span>()
-    }
-
     #[expect(
         clippy::indexing_slicing,
         reason = "i < len() (callers); `decode` built every span within `keys` and `data`"
@@ -422,20 +404,6 @@ impl Decoded {
         self.keys.slice(self.spans[i].key())
     }
 
-    /// Offset within `range` of the first entry of the range not less than `target`.
-    #[expect(
-        clippy::indexing_slicing,
-        reason = "`range` lies within 0..len() (callers); `decode` built every key span within `keys`"
-    )]
-    pub(crate) fn lower_bound_in(
-        &self,
-        range: std::ops::Range<usize>,
-        target: &[u8],
-        cmp: impl Fn(&[u8], &[u8]) -> Ordering,
-    ) -> usize {
-        self.spans[range].partition_point(|s| cmp(&self.keys[s.key()], target) == Ordering::Less)
-    }
-
     /// Index of the first entry greater than `target`.
     #[expect(clippy::indexing_slicing, reason = "`decode` built every key span within `keys`")]
     pub(crate) fn upper_bound(
@@ -466,26 +434,6 @@ mod tests {
         assert!(e.contains("do not fit"), "{e}");
     }
 
-    /// An index (a restart at every entry) decodes into buffers of its size: sized as a data
-    /// block's, every open table kept 16 times its index's spans.
-    #[test]
-    fn an_index_decodes_without_spare_room() {
-        let mut b = BlockBuilder::new(1);
-        for i in 0..1000u32 {
-            b.add(format!("key{i:08}").as_bytes(), &[0; 12]);
-        }
-        let block = Block::new(Bytes::from(b.finish())).unwrap();
-        let (index, data) = (block.decode_index().unwrap(), block.decode().unwrap());
-        assert_eq!(index.len(), 1000);
-        assert_eq!(index.spans.capacity(), 1000);
-        assert!(index.memory() * 4 < data.memory(), "{} vs {}", index.memory(), data.memory());
-        // The keys stay in the block: the block and the spans, nothing else.
-        assert_eq!(index.memory(), block.size() + 1000 * 16);
-        for i in 0..1000 {
-            assert_eq!(index.key(i), data.key(i));
-        }
-    }
-
     proptest! {
         #[test]
         fn built_blocks_decode_and_seek(
@@ -499,21 +447,18 @@ mod tests {
             }
             let block = Block::new(Bytes::from(b.finish())).unwrap();
             let d = block.decode().unwrap();
-            // Decoded as an index too: in place when no key shares a prefix (interval 1).
-            let di = block.decode_index().unwrap();
             let keys: Vec<_> = keys.into_iter().collect();
             prop_assert_eq!(d.len(), keys.len());
-            prop_assert_eq!(di.len(), keys.len());
             for (i, k) in keys.iter().enumerate() {
                 prop_assert_eq!(d.key(i), &k[..]);
+                prop_assert_eq!(&d.key_bytes(i)[..], &k[..]);
                 prop_assert_eq!(&d.value(i)[..], &[k.len() as u8][..]);
-                prop_assert_eq!(di.key(i), &k[..]);
-                prop_assert_eq!(&di.key_bytes(i)[..], &k[..]);
-                prop_assert_eq!(di.value_ref(i), &[k.len() as u8][..]);
+                prop_assert_eq!(d.value_ref(i), &[k.len() as u8][..]);
             }
             let want = keys.iter().find(|k| k[..] >= probe[..]);
-            let at = d.lower_bound_in(0..d.len(), &probe, cmp);
-            prop_assert_eq!(at, keys.partition_point(|k| k[..] < probe[..]));
+            let at = keys.partition_point(|k| k[..] < probe[..]);
+            let after = d.upper_bound(&probe, cmp);
+            prop_assert_eq!(after, keys.partition_point(|k| k[..] <= probe[..]));
             let sought = block.clone().seek(&probe, cmp, |_| true).unwrap().map(|(k, _)| k);
             prop_assert_eq!(sought, want.cloned());
             let mut c = BlockCursor::new(block.clone(), |_| true);
@@ -534,7 +479,7 @@ mod tests {
         fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
             if let Ok(b) = Block::new(Bytes::from(bytes)) {
                 if let Ok(d) = b.decode() {
-                    let _ = d.lower_bound_in(0..d.len(), b"m", cmp);
+                    let _ = d.upper_bound(b"m", cmp);
                 }
                 let _ = b.clone().seek(b"m", cmp, |_| true);
                 // Each step moves forward, so the walk ends.

@@ -100,15 +100,15 @@ pub(crate) fn bytes_cmp(a: &[u8], b: &[u8]) -> Ordering {
     a[i..].cmp(&b[i..])
 }
 
-/// The first 16 bytes of `user`, zero-padded, as a big-endian integer. Keys with different
+/// The first 8 bytes of `user`, zero-padded, as a big-endian integer. Keys with different
 /// prefixes order as their prefixes do; keys with equal prefixes need a full comparison.
 #[inline]
 #[expect(clippy::indexing_slicing, reason = "n is at most the length of both")]
-pub(crate) fn prefix16(user: &[u8]) -> u128 {
-    let mut p = [0u8; 16];
-    let n = user.len().min(16);
+pub(crate) fn prefix8(user: &[u8]) -> u64 {
+    let mut p = [0u8; 8];
+    let n = user.len().min(8);
     p[..n].copy_from_slice(&user[..n]);
-    u128::from_be_bytes(p)
+    u64::from_be_bytes(p)
 }
 
 pub(crate) fn put_varint(out: &mut Vec<u8>, mut v: u64) {

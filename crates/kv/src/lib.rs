@@ -29,6 +29,7 @@ mod cache;
 mod compaction;
 mod db;
 mod error;
+mod index;
 mod iter;
 mod key;
 mod locks;
@@ -56,6 +57,7 @@ pub mod fuzz {
     use bytes::Bytes;
 
     use crate::block::{Block, BlockBuilder, BlockCursor};
+    use crate::index::Index;
     use crate::{key, table};
 
     /// `data` as a block as stored (bytes, then trailer) verified, decompressed and read every
@@ -83,15 +85,20 @@ pub mod fuzz {
         let size = raw.len();
         let Ok(b) = Block::new(raw) else { return };
         let target = key::lookup(b"m", key::MAX_SEQ);
-        // Decoded as a data block is, and as a table's index is (keys in place when no entry
-        // shares a prefix).
-        for d in [b.decode(), b.decode_index()].into_iter().flatten() {
+        // Decoded as a data block is, and read as a table's index is.
+        if let Ok(d) = b.decode() {
             if (0..d.len()).all(|i| key::valid(d.key(i))) {
-                let _ = d.lower_bound_in(0..d.len(), &target, key::compare);
                 let _ = d.upper_bound(&target, key::compare);
                 for i in 0..d.len() {
                     let _ = (d.key_bytes(i), d.value(i), d.value_ref(i));
                 }
+            }
+        }
+        if let Ok(index) = Index::new(b.clone(), u64::MAX) {
+            let _ = index.lower_bound(&target);
+            let _ = index.lower_bound(&key::lookup(b"", key::MAX_SEQ));
+            for i in 0..index.len() {
+                let _ = (index.key(i), index.handle(i));
             }
         }
         let _ = b.clone().seek(&target, key::compare, key::valid);

@@ -19,6 +19,7 @@ use crate::block::{Block, BlockBuilder, BlockCursor, Decoded};
 use crate::bloom;
 use crate::cache::BlockCache;
 use crate::error::{Error, Result};
+use crate::index::Index;
 use crate::key::{self, Kind};
 use crate::options::{Compression, Options};
 
@@ -252,12 +253,8 @@ pub(crate) struct Table {
     pub(crate) id: u64,
     pub(crate) path: PathBuf,
     file: File,
-    index: Decoded,
-    /// The first 16 bytes of each index key's user key, zero-padded, big-endian: a compact array
-    /// that settles most of a binary search without touching the keys.
-    index_prefix: Vec<u128>,
+    index: Index,
     filter: Bytes,
-    data_end: u64,
     cache: Arc<BlockCache>,
 }
 
@@ -296,45 +293,15 @@ impl Table {
         let filter = read_block(&file, path, filter_off, filter_len)?;
         let index = read_block(&file, path, index_off, index_len)?;
         let index = Block::new(index)
-            .and_then(|b| b.decode_index())
+            .and_then(|b| Index::new(b, filter_off))
             .map_err(|r| Error::corrupt(path, index_off, format!("index block: {r}")))?;
-        let index_prefix =
-            (0..index.len()).map(|i| key::prefix16(key::user(index.key(i)))).collect();
-        let t = Table {
-            id,
-            path: path.to_path_buf(),
-            file,
-            index,
-            index_prefix,
-            filter,
-            data_end: filter_off,
-            cache,
-        };
-        for i in 0..t.index.len() {
-            if !key::valid(t.index.key(i)) || t.handle_at(&t.index, i).is_none() {
-                return Err(Error::corrupt(
-                    path,
-                    index_off,
-                    format!("index entry {i} is malformed"),
-                ));
-            }
-        }
-        Ok(t)
+        Ok(Table { id, path: path.to_path_buf(), file, index, filter, cache })
     }
 
-    /// Bytes this open table keeps in memory outside the block cache: its index (with the
-    /// prefix array) and its filter.
+    /// Bytes this open table keeps in memory outside the block cache: its index and its
+    /// filter.
     pub(crate) fn pinned_bytes(&self) -> usize {
-        self.index.memory() + self.index_prefix.capacity() * 16 + self.filter.len()
-    }
-
-    fn handle_at(&self, index: &Decoded, i: usize) -> Option<(u64, u32)> {
-        let v = index.value(i);
-        let v: &[u8; 12] = v.as_ref().try_into().ok()?;
-        let off = u64::from_le_bytes(v[..8].try_into().ok()?);
-        let len = u32::from_le_bytes(v[8..].try_into().ok()?);
-        let end = off.checked_add(u64::from(len) + TRAILER_LEN as u64)?;
-        (end <= self.data_end).then_some((off, len))
+        self.index.memory() + self.filter.len()
     }
 
     /// Data block `i`, verified, through the cache, and its offset in the file.
@@ -345,8 +312,7 @@ impl Table {
     /// Data block `i`, verified, from the cache if it holds it, and its offset in the file;
     /// with `fill`, a block read from the file goes into the cache.
     fn block(&self, i: usize, fill: bool) -> Result<(u64, Block)> {
-        let (off, len) =
-            self.handle_at(&self.index, i).expect("index entries are validated on open");
+        let (off, len) = self.index.handle(i);
         if let Some(b) = self.cache.get(self.id, off) {
             return Ok((off, b));
         }
@@ -374,13 +340,9 @@ impl Table {
         Error::corrupt(&self.path, off, format!("data block: {reason}"))
     }
 
-    /// The first index entry (data block) whose last key is not below `target`.
+    /// The first index entry (data block) whose key is not below `target`.
     fn index_lower_bound(&self, target: &[u8]) -> usize {
-        let p = key::prefix16(key::user(target));
-        let lo = self.index_prefix.partition_point(|&x| x < p);
-        #[expect(clippy::indexing_slicing, reason = "a partition point is at most the length")]
-        let hi = lo + self.index_prefix[lo..].partition_point(|&x| x == p);
-        lo + self.index.lower_bound_in(lo..hi, target, key::compare)
+        self.index.lower_bound(target)
     }
 
     pub(crate) fn blocks(&self) -> usize {
