@@ -37,7 +37,7 @@ pub use crate::machine::{
 pub use crate::member::{Member, MemberConfig};
 pub use crate::membership::Change;
 pub use crate::network::{Connection, Network, RaftService};
-pub use crate::types::{Op, Proposal, Retention, TypeConfig};
+pub use crate::types::{Applied, Expect, Op, Proposal, Retention, TypeConfig};
 
 /// openraft, as this crate uses it (its metrics and handle types appear in the API).
 pub use openraft;

@@ -41,7 +41,7 @@ use timber_stream::{Ack, Start, StreamConfig, StreamWriter, Streams};
 
 use crate::error::{Error, Result};
 use crate::hard_state::sync_dir;
-use crate::types::{Op, Proposal, Retention, TypeConfig};
+use crate::types::{Applied, Expect, Op, Proposal, Retention, TypeConfig};
 
 /// Engine keys the state machine keeps for itself; no proposal may write under this prefix.
 pub const RESERVED_PREFIX: &[u8] = b"\x00raft/";
@@ -196,22 +196,83 @@ impl Proposal {
     /// Refuses a proposal that writes under the state machine's reserved keys or the
     /// revision counter, or whose revision would not fit in its value.
     pub fn check(&self) -> Result<()> {
-        for op in &self.ops {
-            let key = match op {
-                Op::PutRevised { key, value, at } => {
-                    if (*at as usize).saturating_add(8) > value.len() {
-                        return Err(Error::Revision { at: *at, len: value.len() });
-                    }
-                    key
+        check_ops(&self.ops, false)
+    }
+}
+
+/// [`Proposal::check`] of `ops`; `guarded`: they are the writes of an [`Op::Guarded`], which
+/// may only put and delete.
+fn check_ops(ops: &[Op], guarded: bool) -> Result<()> {
+    for op in ops {
+        let key = match op {
+            Op::PutRevised { key, value, at } => {
+                if (*at as usize).saturating_add(8) > value.len() {
+                    return Err(Error::Revision { at: *at, len: value.len() });
                 }
-                Op::Put { key, .. } | Op::Delete { key } => key,
-                _ => continue,
+                key
+            }
+            Op::Put { key, .. } | Op::Delete { key } => key,
+            Op::Guarded { ops, .. } if !guarded => {
+                check_ops(ops, true)?;
+                continue;
+            }
+            _ if guarded => {
+                return Err(Error::Config("a guarded write may only put and delete keys".into()))
+            }
+            _ => continue,
+        };
+        if key.starts_with(RESERVED_PREFIX) || key == REVISION_KEY {
+            return Err(Error::Reserved(key.clone()));
+        }
+    }
+    Ok(())
+}
+
+/// The writes of an apply call not yet written, and, once a guarded op needs them, what they
+/// leave each key holding: a guard compares with the state the entries before it leave.
+#[derive(Default)]
+struct Pending {
+    batch: WriteBatch,
+    /// Built from `batch` at the first guard of the call, then kept with it.
+    overlay: Option<HashMap<Vec<u8>, Option<Vec<u8>>>>,
+}
+
+impl Pending {
+    fn put(&mut self, key: &[u8], value: &[u8]) {
+        self.batch.put(key, value);
+        if let Some(o) = &mut self.overlay {
+            o.insert(key.to_vec(), Some(value.to_vec()));
+        }
+    }
+
+    fn delete(&mut self, key: &[u8]) {
+        self.batch.delete(key);
+        if let Some(o) = &mut self.overlay {
+            o.insert(key.to_vec(), None);
+        }
+    }
+
+    fn take(&mut self) -> WriteBatch {
+        self.overlay = None;
+        std::mem::take(&mut self.batch)
+    }
+
+    /// Whether every key of `expect` holds its expected bytes, over `db` and the writes here.
+    fn holds(&mut self, db: &Db, expect: &[Expect]) -> Result<bool> {
+        let batch = &self.batch;
+        let overlay = self.overlay.get_or_insert_with(|| {
+            batch.iter().map(|(k, v)| (k.to_vec(), v.map(<[u8]>::to_vec))).collect()
+        });
+        for e in expect {
+            let held = match overlay.get(&e.key) {
+                Some(v) => v.as_deref() == e.stored.as_deref(),
+                None => db.get(&e.key)?.as_deref() == e.stored.as_deref(),
             };
-            if key.starts_with(RESERVED_PREFIX) || key == REVISION_KEY {
-                return Err(Error::Reserved(key.clone()));
+            if !held {
+                return Ok(false);
             }
         }
-        Ok(())
+        Ok(true)
     }
 }
 
@@ -529,64 +590,83 @@ impl KvMachine {
         Ok(())
     }
 
-    async fn apply_entries(&self, entries: Vec<Entry<TypeConfig>>) -> Result<usize> {
-        let n = entries.len();
+    async fn apply_entries(&self, entries: Vec<Entry<TypeConfig>>) -> Result<Vec<Applied>> {
+        let mut applied = Vec::with_capacity(entries.len());
         let mut writers = self.inner.writers.lock().await;
         let mut acks = Vec::new();
-        let mut batch = WriteBatch::new();
+        let mut batch = Pending::default();
         let mut last = None;
         // The next revision, read when first needed and stored with each batch that used it.
         let mut revision = None;
         for e in entries {
+            let mut outcome = Applied::default();
             match e.payload {
                 EntryPayload::Blank => {}
                 EntryPayload::Normal(p) => {
                     p.check()?;
                     for op in p.ops {
                         match op {
-                            Op::Put { key, value } => {
-                                batch.put(&key, &value);
+                            Op::Guarded { expect, ops } => {
+                                let held = batch.holds(&self.inner.db, &expect)?;
+                                if held {
+                                    for op in ops {
+                                        self.apply_kv(&mut batch, op, &mut revision)?;
+                                    }
+                                }
+                                outcome.guards.push(held);
                             }
-                            Op::PutRevised { key, mut value, at } => {
-                                let r = match revision {
-                                    Some(r) => r,
-                                    None => revision_counter(&self.inner.db)?,
-                                };
-                                // `check` saw that the revision fits.
-                                stamp_revision(&mut value, at as usize, r);
-                                batch.put(&key, &value);
-                                revision = Some(r + 1);
-                            }
-                            Op::Delete { key } => {
-                                batch.delete(&key);
+                            op @ (Op::Put { .. } | Op::PutRevised { .. } | Op::Delete { .. }) => {
+                                self.apply_kv(&mut batch, op, &mut revision)?;
                             }
                             op => self.apply_stream(&mut writers, op, &mut acks).await?,
                         }
                     }
                 }
                 EntryPayload::Membership(m) => {
-                    batch.put(MEMBERSHIP_KEY, encode(&Membership::new(Some(e.log_id), m)));
+                    batch.put(MEMBERSHIP_KEY, &encode(&Membership::new(Some(e.log_id), m)));
                 }
             }
+            applied.push(outcome);
             last = Some(e.log_id);
-            if batch.size() >= BATCH_BYTES {
+            if batch.batch.size() >= BATCH_BYTES {
                 durable(&mut acks).await?;
-                batch.put(APPLIED_KEY, encode(&e.log_id));
+                batch.put(APPLIED_KEY, &encode(&e.log_id));
                 if let Some(r) = revision {
-                    batch.put(REVISION_KEY, r.to_le_bytes());
+                    batch.put(REVISION_KEY, &r.to_le_bytes());
                 }
-                self.write(std::mem::take(&mut batch))?;
+                self.write(batch.take())?;
             }
         }
         durable(&mut acks).await?;
         if let Some(id) = last {
-            batch.put(APPLIED_KEY, encode(&id));
+            batch.put(APPLIED_KEY, &encode(&id));
             if let Some(r) = revision {
-                batch.put(REVISION_KEY, r.to_le_bytes());
+                batch.put(REVISION_KEY, &r.to_le_bytes());
             }
-            self.write(batch)?;
+            self.write(batch.take())?;
         }
-        Ok(n)
+        Ok(applied)
+    }
+
+    /// Adds a put or delete to `batch`, stamping a [`Op::PutRevised`] with the next revision.
+    fn apply_kv(&self, batch: &mut Pending, op: Op, revision: &mut Option<u64>) -> Result<()> {
+        match op {
+            Op::Put { key, value } => batch.put(&key, &value),
+            Op::PutRevised { key, mut value, at } => {
+                let r = match *revision {
+                    Some(r) => r,
+                    None => revision_counter(&self.inner.db)?,
+                };
+                // `check` saw that the revision fits.
+                stamp_revision(&mut value, at as usize, r);
+                batch.put(&key, &value);
+                *revision = Some(r + 1);
+            }
+            Op::Delete { key } => batch.delete(&key),
+            // `check` let only puts and deletes into a guarded op; streams go elsewhere.
+            _ => {}
+        }
+        Ok(())
     }
 
     /// Applies one stream write; the acks of appended records join `acks`.
@@ -600,7 +680,7 @@ impl KvMachine {
             return Err(Error::Config("a stream write, on a member without a stream store".into()));
         };
         match op {
-            Op::Put { .. } | Op::PutRevised { .. } | Op::Delete { .. } => {}
+            Op::Put { .. } | Op::PutRevised { .. } | Op::Delete { .. } | Op::Guarded { .. } => {}
             Op::StreamCreate { name } => create(store, &name, StreamConfig::default()).await?,
             Op::StreamCreateWith { name, retention } => {
                 create(store, &name, retention.config()).await?;
@@ -738,13 +818,12 @@ impl RaftStateMachine<TypeConfig> for KvMachine {
         self.applied().map_err(read_err)
     }
 
-    async fn apply<I>(&mut self, entries: I) -> Result<Vec<()>, StorageError<u64>>
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Applied>, StorageError<u64>>
     where
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let n = self.apply_entries(entries.into_iter().collect()).await.map_err(sm_err)?;
-        Ok(vec![(); n])
+        self.apply_entries(entries.into_iter().collect()).await.map_err(sm_err)
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {

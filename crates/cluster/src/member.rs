@@ -254,11 +254,17 @@ impl Member {
 
     /// Replicates `proposal` and returns once a majority stored it and this member applied it.
     /// Fails with [`Error::NotLeader`] on a member that does not lead, and with
-    /// [`Error::Unavailable`] when no quorum commits it within `timeout` (it may still commit).
+    /// [`Error::Unavailable`] when no quorum commits it within `timeout` (it may still commit),
+    /// and with [`Error::Conflict`] when a guarded op of it found a key changed (its writes
+    /// were not applied; the proposal's other ops were).
     pub async fn propose(&self, proposal: Proposal, timeout: Duration) -> Result<LogId<u64>> {
         proposal.check()?;
         proposal.check_size()?;
-        self.proposals.propose(proposal, timeout).await
+        let written = self.proposals.propose(proposal, timeout).await?;
+        if written.guards.contains(&false) {
+            return Err(Error::Conflict);
+        }
+        Ok(written.log_id)
     }
 
     /// Returns once every proposal this member handed to Raft before the call is in its log

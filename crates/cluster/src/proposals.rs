@@ -35,7 +35,15 @@ const MAX_ENTRY_BYTES: usize = 1 << 20;
 struct Waiting {
     proposal: Proposal,
     timeout: Duration,
-    reply: oneshot::Sender<Result<LogId<u64>>>,
+    reply: oneshot::Sender<Result<Written>>,
+}
+
+/// A proposal's fate: the entry that carried it, and per guarded op of the proposal whether
+/// it was applied.
+#[derive(Debug, Clone)]
+pub(crate) struct Written {
+    pub(crate) log_id: LogId<u64>,
+    pub(crate) guards: Vec<bool>,
 }
 
 #[derive(Default)]
@@ -61,12 +69,8 @@ impl Proposals {
     }
 
     /// Replicates `proposal`; returns the id of the entry that carried it once a majority
-    /// stored it and this member applied it.
-    pub(crate) async fn propose(
-        &self,
-        proposal: Proposal,
-        timeout: Duration,
-    ) -> Result<LogId<u64>> {
+    /// stored it and this member applied it, with the outcome of its guarded ops.
+    pub(crate) async fn propose(&self, proposal: Proposal, timeout: Duration) -> Result<Written> {
         // Nobody waits and a round is free: this proposal is the entry, proposed from the
         // caller's task (a lone writer pays no hop to the queue's tasks).
         let alone = {
@@ -111,7 +115,7 @@ impl Proposals {
         };
         let r = write(&self.raft, &self.gate, Proposal::default(), timeout).await;
         drop(all);
-        r
+        r.map(|w| w.log_id)
     }
 }
 
@@ -159,22 +163,33 @@ async fn drain(
 /// Proposes the waiting proposals as one entry and tells each caller the outcome.
 async fn round(raft: &Raft<TypeConfig>, gate: &Gate, taken: Vec<Waiting>) {
     let timeout = taken.iter().map(|w| w.timeout).max().unwrap_or_default();
+    // Each caller's reply, with how many guarded ops its proposal brought.
     let (entry, replies) = match <[Waiting; 1]>::try_from(taken) {
-        Ok([one]) => (one.proposal, vec![one.reply]),
+        Ok([one]) => {
+            let guards = one.proposal.guards();
+            (one.proposal, vec![(one.reply, guards)])
+        }
         Err(taken) => {
             let mut entry = Proposal::default();
             entry.ops.reserve(taken.iter().map(|w| w.proposal.ops.len()).sum());
             let mut replies = Vec::with_capacity(taken.len());
             for w in taken {
+                replies.push((w.reply, w.proposal.guards()));
                 entry.ops.extend(w.proposal.ops);
-                replies.push(w.reply);
             }
             (entry, replies)
         }
     };
     let r = write(raft, gate, entry, timeout).await;
-    for reply in replies {
-        let _ = reply.send(r.as_ref().copied().map_err(Error::for_each_caller));
+    // The entry's guard outcomes are in the order of its guarded ops: each caller's run of them.
+    let mut from = 0;
+    for (reply, guards) in replies {
+        let mine = r.as_ref().map_err(Error::for_each_caller).map(|w| Written {
+            log_id: w.log_id,
+            guards: w.guards.get(from..from + guards).map(<[bool]>::to_vec).unwrap_or_default(),
+        });
+        from += guards;
+        let _ = reply.send(mine);
     }
 }
 
@@ -184,13 +199,13 @@ async fn write(
     gate: &Gate,
     entry: Proposal,
     timeout: Duration,
-) -> Result<LogId<u64>> {
+) -> Result<Written> {
     let call = async {
         gate.pass().await;
         raft.client_write(entry).await
     };
     match tokio::time::timeout(timeout, call).await {
-        Ok(Ok(resp)) => Ok(resp.log_id),
+        Ok(Ok(resp)) => Ok(Written { log_id: resp.log_id, guards: resp.data.guards }),
         Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => Err(f.into()),
         Ok(Err(e)) => Err(Error::Raft(e.to_string())),
         Err(_) => Err(uncommitted(timeout)),

@@ -70,6 +70,34 @@ pub enum Op {
         /// Where the revision goes.
         at: u32,
     },
+    /// Apply `ops` (puts and deletes) only if every key of `expect` still holds what its
+    /// proposer read: the decision of an optimistic transaction, taken by each member on the
+    /// state it applies to (the writes of earlier entries and earlier ops of this one), so
+    /// every member takes the same one. The entry's [`Applied`] says which guarded ops ran.
+    Guarded {
+        /// What the proposer read, key by key.
+        expect: Vec<Expect>,
+        /// The writes, applied all together or not at all.
+        ops: Vec<Op>,
+    },
+}
+
+/// A key's stored bytes as a proposer read them (`None`: the key was absent). Strings carry the
+/// revision of their last write, so equal bytes mean no write of the key came in between.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Expect {
+    /// The engine key.
+    pub key: Vec<u8>,
+    /// Its stored value.
+    pub stored: Option<Vec<u8>>,
+}
+
+/// What applying an entry decided: per [`Op::Guarded`] of the entry, in order, whether its
+/// expectations held and its writes were applied.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Applied {
+    /// One per guarded op.
+    pub guards: Vec<bool>,
 }
 
 /// A stream's retention, as its creator asked for it: each member's store applies it to its
@@ -129,6 +157,18 @@ impl Proposal {
         self
     }
 
+    /// Adds writes (the puts and deletes of `ops`) that apply only if every key of `expect`
+    /// still holds what was read (see [`Op::Guarded`]).
+    pub fn guarded(&mut self, expect: Vec<Expect>, ops: Proposal) -> &mut Self {
+        self.ops.push(Op::Guarded { expect, ops: ops.ops });
+        self
+    }
+
+    /// How many [`Op::Guarded`] it holds.
+    pub fn guards(&self) -> usize {
+        self.ops.iter().filter(|op| matches!(op, Op::Guarded { .. })).count()
+    }
+
     /// Adds a delete.
     pub fn delete(&mut self, key: impl Into<Vec<u8>>) -> &mut Self {
         self.ops.push(Op::Delete { key: key.into() });
@@ -177,8 +217,11 @@ impl Proposal {
     /// Bytes of keys, values, stream names and records, each op and record counted with
     /// [`Proposal::OVERHEAD`] more (a proposal of many empty ones is not small).
     pub fn size(&self) -> usize {
-        self.ops
-            .iter()
+        Self::size_of(&self.ops)
+    }
+
+    fn size_of(ops: &[Op]) -> usize {
+        ops.iter()
             .map(|op| {
                 Self::OVERHEAD
                     + match op {
@@ -194,6 +237,17 @@ impl Proposal {
                         | Op::StreamCreateWith { name, .. }
                         | Op::StreamTruncate { name, .. }
                         | Op::StreamDelete { name } => name.len(),
+                        Op::Guarded { expect, ops } => {
+                            expect
+                                .iter()
+                                .map(|e| {
+                                    Self::OVERHEAD
+                                        + e.key.len()
+                                        + e.stored.as_ref().map_or(0, Vec::len)
+                                })
+                                .sum::<usize>()
+                                + Self::size_of(ops)
+                        }
                     }
             })
             .sum()
@@ -205,7 +259,7 @@ openraft::declare_raft_types!(
     /// of their Raft endpoint, entries carry [`Proposal`]s, snapshots are byte buffers.
     pub TypeConfig:
         D = Proposal,
-        R = (),
+        R = Applied,
         NodeId = u64,
         Node = openraft::BasicNode,
         SnapshotData = std::io::Cursor<Vec<u8>>,

@@ -104,10 +104,14 @@ async fn call<Req: Message, Resp: Message + Default>(
 ) -> Option<Result<Resp, Error>> {
     Some(match exchange(r, op, req).await? {
         Ok(Ok(resp)) => Ok(resp),
-        Ok(Err(line)) => match line.starts_with("READONLY") || line.starts_with("CLUSTERDOWN") {
-            true => Err(Error::ClusterDown(line)),
-            false => Err(Error::Leader(line)),
-        },
+        Ok(Err(line)) if line.starts_with("READONLY") || line.starts_with("CLUSTERDOWN") => {
+            Err(Error::ClusterDown(line))
+        }
+        // A guarded write the members refused (`Keyspace::commit_guarded`): retryable.
+        Ok(Err(line)) if line.starts_with("storage: transaction conflict") => {
+            Err(Error::Kv(timber_kv::Error::Conflict { what: line }))
+        }
+        Ok(Err(line)) => Err(Error::Leader(line)),
         Err(e) => Err(e),
     })
 }

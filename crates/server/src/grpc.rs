@@ -54,6 +54,8 @@ fn key_status(e: crate::keyspace::Error) -> Status {
         // Retryable: on the leader, or once a quorum is back.
         Error::NotLeader { .. } | Error::ClusterDown(_) => Status::unavailable(e.to_string()),
         Error::TooLarge(m) => Status::invalid_argument(m),
+        // Retryable: the whole transaction.
+        Error::Kv(timber_kv::Error::Conflict { .. }) => Status::aborted(e.to_string()),
         e => {
             tracing::error!(error = %e, "keyspace error");
             Status::internal(e.to_string())

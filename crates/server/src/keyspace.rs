@@ -375,6 +375,29 @@ impl Keyspace {
         r
     }
 
+    /// [`Keyspace::commit`] of a transaction that read or wrote the engine keys `depends`,
+    /// which the caller checked were not written since it read them, holding their stripe
+    /// locks. In a cluster the check is also made where it decides, on apply: the entry
+    /// expects each key to hold the bytes it holds here now, so a write that reaches the log
+    /// in between (under another leader) makes every member refuse it alike, a conflict.
+    pub(crate) fn commit_guarded(&self, b: WriteBatch, depends: &[&[u8]]) -> Result<(), Error> {
+        let Some(r) = self.replication.get() else { return self.commit(b) };
+        let expect = depends
+            .iter()
+            .map(|k| {
+                let stored = self.db.get(k)?.map(|v| v.to_vec());
+                Ok(timber_cluster::Expect { key: k.to_vec(), stored })
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
+        let written: smallvec::SmallVec<[usize; 4]> =
+            b.iter().filter_map(|(k, _)| k.strip_prefix(&[DATA]).map(Versions::slot)).collect();
+        let res = r.commit_guarded(&b, expect);
+        for slot in written {
+            self.versions.bump_slot(slot);
+        }
+        res
+    }
+
     /// Where this keyspace's versions compare ([`crate::versions`]): `None` on a cluster member
     /// that does not lead.
     pub(crate) fn epoch(&self) -> Option<Epoch> {

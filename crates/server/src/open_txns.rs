@@ -277,13 +277,16 @@ impl OpenTxns {
             ));
         }
         let _one = self.commits.lock();
-        let keys: Vec<&[u8]> = txn
-            .written_keys()
-            .chain(txn.read_keys())
-            .filter_map(|k| k.strip_prefix(b"k"))
-            .collect();
+        // Engine keys the commit checks (what the isolation level tracks), then checked again
+        // where a cluster applies it.
+        let depends: Vec<Bytes> = txn.written_keys().chain(txn.read_keys()).cloned().collect();
+        let keys: Vec<&[u8]> = depends.iter().filter_map(|k| k.strip_prefix(b"k")).collect();
         let _locks = ks.lock_many(&keys);
-        match txn.commit_with(|batch| ks.commit(batch)) {
+        let depends: Vec<&[u8]> = match txn.isolation() {
+            Isolation::ReadCommitted => Vec::new(),
+            _ => depends.iter().map(|k| &k[..]).collect(),
+        };
+        match txn.commit_with(|batch| ks.commit_guarded(batch, &depends)) {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(e.into()),
             Err(e) => Err(e.into()),

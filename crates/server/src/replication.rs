@@ -289,6 +289,22 @@ impl Replication {
         self.commit_proposal(proposal_of(batch))
     }
 
+    /// [`Replication::commit`] of writes that apply only if every key of `expect` still holds
+    /// the bytes it holds here now (see [`timber_cluster::Op::Guarded`]); a changed key fails it
+    /// with a conflict.
+    pub(crate) fn commit_guarded(
+        &self,
+        batch: &WriteBatch,
+        expect: Vec<timber_cluster::Expect>,
+    ) -> Result<(), Error> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let mut p = Proposal::default();
+        p.guarded(expect, proposal_of(batch));
+        self.commit_proposal(p)
+    }
+
     /// Replicates `p` (key and stream writes) and returns once it is committed and applied
     /// here, blocking the calling thread.
     pub(crate) fn commit_proposal(&self, p: Proposal) -> Result<(), Error> {
@@ -708,6 +724,9 @@ fn cluster_error(e: timber_cluster::Error) -> Error {
         },
         timber_cluster::Error::Unavailable(m) => Error::ClusterDown(m),
         e @ timber_cluster::Error::TooLarge { .. } => Error::TooLarge(e.to_string()),
+        e @ timber_cluster::Error::Conflict => {
+            Error::Kv(timber_kv::Error::Conflict { what: e.to_string() })
+        }
         other => Error::ClusterDown(other.to_string()),
     }
 }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use parking_lot::Mutex;
 
-use crate::keyspace::{now_ms, Error, Keyspace, Kind, Value};
+use crate::keyspace::{data_key, now_ms, Error, Keyspace, Kind, Value};
 use crate::view::{KeyView, Pending};
 use crate::Engines;
 
@@ -169,7 +169,10 @@ impl Txn {
                 },
             });
         }
-        ks.commit(pending.into_inner().into_batch(ks)?)?;
+        // In a cluster, each member checks on apply that no key it named changed since.
+        let depends: Vec<Vec<u8>> = keys.iter().map(|k| data_key(k)).collect();
+        let depends: Vec<&[u8]> = depends.iter().map(Vec::as_slice).collect();
+        ks.commit_guarded(pending.into_inner().into_batch(ks)?, &depends)?;
         Ok(Outcome { succeeded, results })
     }
 }

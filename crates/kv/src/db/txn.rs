@@ -425,6 +425,11 @@ impl Transaction {
         self.writes.keys()
     }
 
+    /// Its isolation level.
+    pub fn isolation(&self) -> Isolation {
+        self.opts.isolation
+    }
+
     /// The keys whose reads its commit validates (not the ranges it scanned).
     pub fn read_keys(&self) -> impl Iterator<Item = &Bytes> {
         self.reads.keys.iter()

@@ -31,6 +31,7 @@ use super::reply::Reply;
 use super::session::{Context, Session};
 use super::table::{self, Command, Handler, READONLY, WRITE};
 use super::Endpoint;
+use crate::keyspace::data_key;
 use crate::versions::Watches;
 use crate::view::{KeyView, Pending};
 
@@ -388,8 +389,13 @@ fn run_segment(
         })
         .collect();
     let batch = pending.into_inner().into_batch(ks).map_err(super::cmd::storage)?;
-    ks.commit(batch).map_err(super::cmd::storage)?;
-    Ok(Some(replies))
+    // In a cluster the members check the watched keys again where they apply the write.
+    let depends: Vec<Vec<u8>> = watched.iter().map(|w| data_key(&w.key)).collect();
+    let depends: Vec<&[u8]> = depends.iter().map(Vec::as_slice).collect();
+    match ks.commit_guarded(batch, &depends) {
+        Err(crate::keyspace::Error::Kv(timber_kv::Error::Conflict { .. })) => Ok(None),
+        r => r.map(|()| Some(replies)).map_err(super::cmd::storage),
+    }
 }
 
 /// Runs a stream command of a transaction: without blocking (`BLOCK` is ignored, as Redis
