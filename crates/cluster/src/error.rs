@@ -58,11 +58,11 @@ pub enum Error {
         max: usize,
     },
 
-    /// Raft itself failed (a storage error stopped it, or it was shut down).
     /// A guarded write was not applied: a key it depended on changed after it was read.
     #[error("conflict: a key the write read was written before the write was applied; retry")]
     Conflict,
 
+    /// Raft itself failed (a storage error stopped it, or it was shut down).
     #[error("raft: {0}")]
     Raft(String),
 

@@ -212,7 +212,21 @@ fn check_ops(ops: &[Op], guarded: bool) -> Result<()> {
                 key
             }
             Op::Put { key, .. } | Op::Delete { key } => key,
-            Op::Guarded { ops, .. } if !guarded => {
+            Op::Guarded { expect, ops } if !guarded => {
+                // The machine's own keys and the counter are written only as a batch ends:
+                // read in the middle of an apply call they would not be what the log says.
+                for e in expect {
+                    if e.key.starts_with(RESERVED_PREFIX) || e.key == REVISION_KEY {
+                        return Err(Error::Reserved(e.key.clone()));
+                    }
+                    if e.key.is_empty() || e.key.len() > timber_kv::MAX_KEY_LEN {
+                        return Err(Error::Config(format!(
+                            "an expected key of {} bytes (1 to {} allowed)",
+                            e.key.len(),
+                            timber_kv::MAX_KEY_LEN
+                        )));
+                    }
+                }
                 check_ops(ops, true)?;
                 continue;
             }

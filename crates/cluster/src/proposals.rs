@@ -184,9 +184,15 @@ async fn round(raft: &Raft<TypeConfig>, gate: &Gate, taken: Vec<Waiting>) {
     // The entry's guard outcomes are in the order of its guarded ops: each caller's run of them.
     let mut from = 0;
     for (reply, guards) in replies {
-        let mine = r.as_ref().map_err(Error::for_each_caller).map(|w| Written {
-            log_id: w.log_id,
-            guards: w.guards.get(from..from + guards).map(<[bool]>::to_vec).unwrap_or_default(),
+        let mine = r.as_ref().map_err(Error::for_each_caller).and_then(|w| {
+            let mine = w.guards.get(from..from + guards).ok_or_else(|| {
+                Error::Raft(format!(
+                    "an entry of {} guards answered {}",
+                    from + guards,
+                    w.guards.len()
+                ))
+            })?;
+            Ok(Written { log_id: w.log_id, guards: mine.to_vec() })
         });
         from += guards;
         let _ = reply.send(mine);

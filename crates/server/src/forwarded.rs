@@ -29,6 +29,9 @@ const BATCH_WRITE: &[u8] = b"batch-write";
 const READ_INDEX: &[u8] = b"read-index";
 const TXN: &[u8] = b"txn";
 const TXN_CALL: &[u8] = b"txn-call";
+/// How the leader's error line of a conflict begins (`keyspace::Error::Kv` of
+/// `timber_kv::Error::Conflict`); the rest is what changed.
+const CONFLICT: &str = "storage: transaction conflict: ";
 const LOG_CREATE: &[u8] = b"log-create";
 const LOG_APPEND: &[u8] = b"log-append";
 const LOG_TRUNCATE: &[u8] = b"log-truncate";
@@ -108,9 +111,9 @@ async fn call<Req: Message, Resp: Message + Default>(
             Err(Error::ClusterDown(line))
         }
         // A guarded write the members refused (`Keyspace::commit_guarded`): retryable.
-        Ok(Err(line)) if line.starts_with("storage: transaction conflict") => {
-            Err(Error::Kv(timber_kv::Error::Conflict { what: line }))
-        }
+        Ok(Err(line)) if line.starts_with(CONFLICT) => Err(Error::Kv(timber_kv::Error::Conflict {
+            what: line.strip_prefix(CONFLICT).unwrap_or_default().to_string(),
+        })),
         Ok(Err(line)) => Err(Error::Leader(line)),
         Err(e) => Err(e),
     })

@@ -392,8 +392,11 @@ impl Keyspace {
         let written: smallvec::SmallVec<[usize; 4]> =
             b.iter().filter_map(|(k, _)| k.strip_prefix(&[DATA]).map(Versions::slot)).collect();
         let res = r.commit_guarded(&b, expect);
-        for slot in written {
-            self.versions.bump_slot(slot);
+        // Refused, nothing was written: a watcher of these keys need not abort.
+        if !matches!(res, Err(Error::Kv(timber_kv::Error::Conflict { .. }))) {
+            for slot in written {
+                self.versions.bump_slot(slot);
+            }
         }
         res
     }

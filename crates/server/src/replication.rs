@@ -354,7 +354,8 @@ impl Replication {
         let (unsettled, settling) = (self.unsettled.clone(), self.settling.clone());
         async move {
             let r = member.propose(p, timeout).await.map(|_| ());
-            if r.is_err() {
+            // A refused guard was applied (as nothing): its outcome is settled already.
+            if r.as_ref().is_err_and(|e| !matches!(e, timber_cluster::Error::Conflict)) {
                 settling.send_modify(|n| *n += 1);
                 tokio::spawn(async move {
                     let at = match member.barrier(timeout).await {
