@@ -23,10 +23,10 @@ const HANDLE_LEN: usize = 12;
 #[derive(Debug)]
 pub(crate) struct Index {
     block: Block,
-    /// Per entry, `key::prefix8` of its user key past `shared`.
+    /// Per entry, `key::prefix8` of its user key past `common`.
     prefixes: Vec<u64>,
-    /// Bytes at the head of every entry's user key that all entries share.
-    shared: usize,
+    /// The bytes at the head of every entry's user key that all entries share.
+    common: Box<[u8]>,
 }
 
 impl Index {
@@ -56,11 +56,12 @@ impl Index {
         if next != block.entries_end() {
             return Err("index block has entries past its last restart point".into());
         }
-        let mut index = Index { block, prefixes: Vec::new(), shared: 0 };
+        let mut index = Index { block, prefixes: Vec::new(), common: Box::default() };
         if n > 0 {
             let first = key::user(index.key(0));
             let last = key::user(index.key(n - 1));
-            index.shared = first.iter().zip(last).take_while(|(a, b)| a == b).count();
+            let shared = first.iter().zip(last).take_while(|(a, b)| a == b).count();
+            index.common = first.get(..shared).unwrap_or_default().into();
         }
         let prefixes = (0..n).map(|i| index.prefix_of(key::user(index.key(i)))).collect();
         index.prefixes = prefixes;
@@ -73,7 +74,7 @@ impl Index {
 
     /// Bytes it keeps in memory.
     pub(crate) fn memory(&self) -> usize {
-        self.block.size() + self.prefixes.capacity() * 8
+        self.block.size() + self.prefixes.capacity() * 8 + self.common.len()
     }
 
     /// Where entry `i`'s key and handle lie in the block (`new` checked that they do).
@@ -92,9 +93,9 @@ impl Index {
         self.block.bytes().get(self.ranges(i).1).and_then(handle_of).unwrap_or((0, 0))
     }
 
-    /// The prefix `lower_bound` searches by, of a user key that starts with the shared bytes.
+    /// The prefix `lower_bound` searches by, of a user key that starts with `common`.
     fn prefix_of(&self, user: &[u8]) -> u64 {
-        key::prefix8(user.get(self.shared..).unwrap_or_default())
+        key::prefix8(user.get(self.common.len()..).unwrap_or_default())
     }
 
     /// The first entry (data block) whose key is not below the internal key `target`.
@@ -104,8 +105,7 @@ impl Index {
             return 0;
         }
         let user = key::user(target);
-        let common = key::user(self.key(0)).get(..self.shared).unwrap_or_default();
-        match user.get(..self.shared).unwrap_or(user).cmp(common) {
+        match user.get(..self.common.len()).unwrap_or(user).cmp(&self.common) {
             Ordering::Less => return 0,
             Ordering::Greater => return n,
             Ordering::Equal => {}
@@ -164,9 +164,9 @@ mod tests {
         let block = build(&keys, 1);
         let index = Index::new(block.clone(), u64::MAX).unwrap();
         assert_eq!(index.len(), 1000);
-        assert_eq!(index.memory(), block.size() + 1000 * 8);
         // Every key shares "key00000"; the prefixes hold the bytes after it.
-        assert_eq!(index.shared, 8);
+        assert_eq!(&index.common[..], b"key00000");
+        assert_eq!(index.memory(), block.size() + 1000 * 8 + 8);
         for (i, k) in keys.iter().enumerate() {
             assert_eq!(index.key(i), &k[..]);
             assert_eq!(index.handle(i), (100 * i as u64, 90 + i as u32));
