@@ -12,6 +12,7 @@
 
 mod error;
 mod forward;
+mod guard;
 mod handover;
 mod hard_state;
 mod log_store;
@@ -29,6 +30,7 @@ pub use crate::error::{Error, Result};
 /// entries in one message of at most 256 MiB, so an entry must fit in a sixteenth of it.
 pub const MAX_PROPOSAL_BYTES: usize = 15 << 20;
 pub use crate::forward::{Executor, Reply};
+pub use crate::guard::{range_digest, Expect, ExpectRange};
 pub use crate::log_store::LogStore;
 pub use crate::machine::{
     applied_in, revision_counter, stamp_revision, KvMachine, SnapshotStats, FIRST_REVISION,
@@ -37,7 +39,7 @@ pub use crate::machine::{
 pub use crate::member::{Member, MemberConfig};
 pub use crate::membership::Change;
 pub use crate::network::{Connection, Network, RaftService};
-pub use crate::types::{Applied, Expect, Op, Proposal, Retention, TypeConfig};
+pub use crate::types::{Applied, Op, Proposal, Retention, TypeConfig};
 
 /// openraft, as this crate uses it (its metrics and handle types appear in the API).
 pub use openraft;

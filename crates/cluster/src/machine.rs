@@ -40,8 +40,9 @@ use timber_kv::{Db, Durability, WriteBatch};
 use timber_stream::{Ack, Start, StreamConfig, StreamWriter, Streams};
 
 use crate::error::{Error, Result};
+use crate::guard::{Expect, ExpectRange};
 use crate::hard_state::sync_dir;
-use crate::types::{Applied, Expect, Op, Proposal, Retention, TypeConfig};
+use crate::types::{Applied, Op, Proposal, Retention, TypeConfig};
 
 /// Engine keys the state machine keeps for itself; no proposal may write under this prefix.
 pub const RESERVED_PREFIX: &[u8] = b"\x00raft/";
@@ -212,7 +213,7 @@ fn check_ops(ops: &[Op], guarded: bool) -> Result<()> {
                 key
             }
             Op::Put { key, .. } | Op::Delete { key } => key,
-            Op::Guarded { expect, ops } if !guarded => {
+            Op::Guarded { expect, ops, .. } if !guarded => {
                 // The machine's own keys and the counter are written only as a batch ends:
                 // read in the middle of an apply call they would not be what the log says.
                 for e in expect {
@@ -271,12 +272,65 @@ impl Pending {
         std::mem::take(&mut self.batch)
     }
 
+    /// What the writes here leave each key they wrote holding (built at the first call).
+    fn overlay(&mut self) -> &HashMap<Vec<u8>, Option<Vec<u8>>> {
+        let batch = &self.batch;
+        self.overlay.get_or_insert_with(|| {
+            batch.iter().map(|(k, v)| (k.to_vec(), v.map(<[u8]>::to_vec))).collect()
+        })
+    }
+
+    /// Whether every range of `ranges` has the live pairs its digest says, over `db` and the
+    /// writes here (the writes in the range merged into the engine's pairs, in key order).
+    fn holds_ranges(&mut self, db: &Db, ranges: &[ExpectRange]) -> Result<bool> {
+        for r in ranges {
+            let bounds = r.bounds();
+            let mut mine: Vec<(&[u8], Option<&[u8]>)> = self
+                .overlay()
+                .iter()
+                .filter(|(k, _)| r.contains(k))
+                .map(|(k, v)| (k.as_slice(), v.as_deref()))
+                .collect();
+            mine.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            let mut mine = mine.into_iter().peekable();
+            let mut stored = db.scan::<&[u8]>(bounds).peekable();
+            // The engine's pairs with the writes here over them, one at a time.
+            let merged = std::iter::from_fn(|| loop {
+                let stored_key = match stored.peek() {
+                    Some(Ok((k, _))) => Some(k.clone()),
+                    Some(Err(_)) => return stored.next().map(|r| r.map_err(Error::Kv)),
+                    None => None,
+                };
+                let take_mine = match (mine.peek(), &stored_key) {
+                    (None, None) => return None,
+                    (Some(_), None) => true,
+                    (None, Some(_)) => false,
+                    (Some((mk, _)), Some(sk)) => *mk <= sk.as_ref(),
+                };
+                if !take_mine {
+                    return stored.next().map(|r| r.map_err(Error::Kv));
+                }
+                let (k, v) = mine.next()?;
+                if stored_key.as_deref() == Some(k) {
+                    stored.next();
+                }
+                if let Some(v) = v {
+                    return Some(Ok((
+                        bytes::Bytes::copy_from_slice(k),
+                        bytes::Bytes::copy_from_slice(v),
+                    )));
+                }
+            });
+            if crate::guard::range_digest(merged)? != r.digest {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
     /// Whether every key of `expect` holds its expected bytes, over `db` and the writes here.
     fn holds(&mut self, db: &Db, expect: &[Expect]) -> Result<bool> {
-        let batch = &self.batch;
-        let overlay = self.overlay.get_or_insert_with(|| {
-            batch.iter().map(|(k, v)| (k.to_vec(), v.map(<[u8]>::to_vec))).collect()
-        });
+        let overlay = self.overlay();
         for e in expect {
             let held = match overlay.get(&e.key) {
                 Some(v) => v.as_deref() == e.stored.as_deref(),
@@ -620,8 +674,10 @@ impl KvMachine {
                     p.check()?;
                     for op in p.ops {
                         match op {
-                            Op::Guarded { expect, ops } => {
-                                let held = batch.holds(&self.inner.db, &expect)?;
+                            Op::Guarded { expect, ranges, ops } => {
+                                let db = &self.inner.db;
+                                let held =
+                                    batch.holds(db, &expect)? && batch.holds_ranges(db, &ranges)?;
                                 if held {
                                     for op in ops {
                                         self.apply_kv(&mut batch, op, &mut revision)?;

@@ -7,7 +7,11 @@
 //! read-modify-write holds its keys' locks on the leader until its proposal is applied, so two
 //! of them on one key never evaluate against the same state.
 
+use std::ops::Bound;
+
 use serde::{Deserialize, Serialize};
+
+use crate::guard::{Expect, ExpectRange};
 
 /// One write of a proposal.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -70,26 +74,19 @@ pub enum Op {
         /// Where the revision goes.
         at: u32,
     },
-    /// Apply `ops` (puts and deletes) only if every key of `expect` still holds what its
-    /// proposer read: the decision of an optimistic transaction, taken by each member on the
-    /// state it applies to (the writes of earlier entries and earlier ops of this one), so
-    /// every member takes the same one. The entry's [`Applied`] says which guarded ops ran.
+    /// Apply `ops` (puts and deletes) only if every key of `expect` still holds, and every
+    /// range of `ranges` still has, what its proposer read: the decision of an optimistic
+    /// transaction, taken by each member on the state it applies to (the writes of earlier
+    /// entries and earlier ops of this one), so every member takes the same one. The entry's
+    /// [`Applied`] says which guarded ops ran.
     Guarded {
         /// What the proposer read, key by key.
         expect: Vec<Expect>,
+        /// What the proposer scanned, range by range.
+        ranges: Vec<ExpectRange>,
         /// The writes, applied all together or not at all.
         ops: Vec<Op>,
     },
-}
-
-/// A key's stored bytes as a proposer read them (`None`: the key was absent). Strings carry the
-/// revision of their last write, so equal bytes mean no write of the key came in between.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Expect {
-    /// The engine key.
-    pub key: Vec<u8>,
-    /// Its stored value.
-    pub stored: Option<Vec<u8>>,
 }
 
 /// What applying an entry decided: per [`Op::Guarded`] of the entry, in order, whether its
@@ -158,9 +155,14 @@ impl Proposal {
     }
 
     /// Adds writes (the puts and deletes of `ops`) that apply only if every key of `expect`
-    /// still holds what was read (see [`Op::Guarded`]).
-    pub fn guarded(&mut self, expect: Vec<Expect>, ops: Proposal) -> &mut Self {
-        self.ops.push(Op::Guarded { expect, ops: ops.ops });
+    /// and every range of `ranges` still hold what was read (see [`Op::Guarded`]).
+    pub fn guarded(
+        &mut self,
+        expect: Vec<Expect>,
+        ranges: Vec<ExpectRange>,
+        ops: Proposal,
+    ) -> &mut Self {
+        self.ops.push(Op::Guarded { expect, ranges, ops: ops.ops });
         self
     }
 
@@ -237,7 +239,7 @@ impl Proposal {
                         | Op::StreamCreateWith { name, .. }
                         | Op::StreamTruncate { name, .. }
                         | Op::StreamDelete { name } => name.len(),
-                        Op::Guarded { expect, ops } => {
+                        Op::Guarded { expect, ranges, ops } => {
                             expect
                                 .iter()
                                 .map(|e| {
@@ -246,6 +248,16 @@ impl Proposal {
                                         + e.stored.as_ref().map_or(0, Vec::len)
                                 })
                                 .sum::<usize>()
+                                + ranges
+                                    .iter()
+                                    .map(|r| {
+                                        let len = |b: &Bound<Vec<u8>>| match b {
+                                            Bound::Included(k) | Bound::Excluded(k) => k.len(),
+                                            Bound::Unbounded => 0,
+                                        };
+                                        Self::OVERHEAD + len(&r.lo) + len(&r.hi)
+                                    })
+                                    .sum::<usize>()
                                 + Self::size_of(ops)
                         }
                     }

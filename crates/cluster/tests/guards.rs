@@ -13,8 +13,11 @@ use std::time::Duration;
 
 use openraft::storage::RaftStateMachine;
 use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId};
+use std::ops::Bound;
+
 use timber_cluster::{
-    Applied, Error, Expect, KvMachine, Member, MemberConfig, Proposal, TypeConfig,
+    range_digest, Applied, Error, Expect, ExpectRange, KvMachine, Member, MemberConfig, Proposal,
+    TypeConfig,
 };
 use timber_kv::Db;
 use tokio::net::TcpListener;
@@ -45,7 +48,7 @@ fn puts(pairs: &[(&str, &str)]) -> Proposal {
 
 fn guarded(expects: Vec<Expect>, writes: Proposal) -> Proposal {
     let mut p = Proposal::default();
-    p.guarded(expects, writes);
+    p.guarded(expects, vec![], writes);
     p
 }
 
@@ -54,7 +57,7 @@ fn guarded(expects: Vec<Expect>, writes: Proposal) -> Proposal {
 fn log() -> Vec<Entry<TypeConfig>> {
     let mut both = guarded(vec![expect("x", None)], puts(&[("x", "1")]));
     // The second guard of the entry sees the first one's write: x is no longer absent.
-    both.guarded(vec![expect("x", None)], puts(&[("x", "2")]));
+    both.guarded(vec![expect("x", None)], vec![], puts(&[("x", "2")]));
     both.put(b"after".to_vec(), b"a".to_vec());
     let mut refused_then_plain = guarded(vec![expect("a", Some("0"))], puts(&[("c", "no")]));
     refused_then_plain.put(b"plain".to_vec(), b"p".to_vec());
@@ -192,7 +195,7 @@ async fn a_proposer_hears_whether_its_guard_held() {
                     2 => guarded(vec![expect("k", Some("1"))], w("a")),
                     _ => {
                         let mut p = guarded(vec![expect("k", Some("2"))], w("a"));
-                        p.guarded(vec![expect("k", None)], w("b"));
+                        p.guarded(vec![expect("k", None)], vec![], w("b"));
                         p
                     }
                 };
@@ -215,4 +218,87 @@ async fn a_proposer_hears_whether_its_guard_held() {
     }
     assert!(entries.values().any(|&n| n > 1), "no entry carried two proposals: {entries:?}");
     member.shutdown().await;
+}
+
+/// A range guard expecting the pairs of `model` within `lo..hi` (as a proposer reading its own
+/// engine computes it).
+fn range(model: &BTreeMap<&str, &str>, lo: &str, hi: Option<&str>) -> ExpectRange {
+    let hi = hi.map_or(Bound::Unbounded, |h| Bound::Excluded(h.as_bytes().to_vec()));
+    let r = ExpectRange { lo: Bound::Included(lo.as_bytes().to_vec()), hi, digest: 0 };
+    let pairs = model
+        .iter()
+        .filter(|(k, _)| r.contains(k.as_bytes()))
+        .map(|(k, v)| Ok::<_, ()>((k.as_bytes(), v.as_bytes())));
+    ExpectRange { digest: range_digest(pairs).unwrap(), ..r }
+}
+
+fn range_log() -> Vec<Entry<TypeConfig>> {
+    let before = BTreeMap::from([("k1", "a"), ("k3", "c"), ("z", "z")]);
+    let guard = |ranges: Vec<ExpectRange>, w: &str| {
+        let mut p = Proposal::default();
+        p.guarded(vec![], ranges, puts(&[(w, "x")]));
+        p
+    };
+    let mut revised = Proposal::default();
+    revised.put_revised(b"r".to_vec(), b"v\0\0\0\0\0\0\0\0".to_vec(), 1);
+    vec![
+        entry(1, puts(&[("k1", "a"), ("k3", "c"), ("z", "z")])),
+        entry(2, guard(vec![range(&before, "k0", Some("k9"))], "w1")),
+        // A write outside the range changes nothing for it.
+        entry(3, puts(&[("z", "z2")])),
+        entry(4, guard(vec![range(&before, "k0", Some("k9"))], "w2")),
+        // One inside does, a new key as well as a changed one.
+        entry(5, puts(&[("k2", "b")])),
+        entry(6, guard(vec![range(&before, "k0", Some("k9"))], "w3")),
+        // Its deletion restores the pairs the proposer read.
+        entry(7, {
+            let mut p = Proposal::default();
+            p.delete(b"k2".to_vec());
+            p
+        }),
+        entry(8, guard(vec![range(&before, "k0", Some("k9"))], "w4")),
+        // The whole keyspace: the counter a revised put raises (written as the batch ends)
+        // and the machine's own keys are not data a digest covers.
+        entry(9, revised),
+        entry(10, {
+            let mut all = BTreeMap::from([("k1", "a"), ("k3", "c"), ("z", "z2")]);
+            all.extend([("w1", "x"), ("w2", "x"), ("w4", "x")]);
+            let mut p = Proposal::default();
+            // Stamped with the first revision.
+            all.insert("r", "v\u{2}\0\0\0\0\0\0\0");
+            p.guarded(vec![], vec![range(&all, "", None)], puts(&[("w5", "x")]));
+            p
+        }),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn range_guards_see_every_write_into_their_range_and_none_outside() {
+    let want = vec![
+        vec![],
+        vec![true],
+        vec![],
+        vec![true],
+        vec![],
+        vec![false],
+        vec![],
+        vec![true],
+        vec![],
+        vec![true],
+    ];
+    let written = |db: &Db| ["w1", "w2", "w3", "w4", "w5"].map(|k| db.get(k).unwrap().is_some());
+    let dir = tempfile::tempdir().unwrap();
+    let (mut m, db) = open(dir.path());
+    let applied = m.apply(range_log()).await.unwrap();
+    assert_eq!(applied.into_iter().map(|a| a.guards).collect::<Vec<_>>(), want);
+    assert_eq!(written(&db), [true, true, false, true, true]);
+
+    let dir = tempfile::tempdir().unwrap();
+    let (mut m, db) = open(dir.path());
+    let mut guards = Vec::new();
+    for e in range_log() {
+        guards.extend(m.apply(vec![e]).await.unwrap().into_iter().map(|a| a.guards));
+    }
+    assert_eq!(guards, want);
+    assert_eq!(written(&db), [true, true, false, true, true]);
 }

@@ -18,6 +18,7 @@
 //! DEL or MSET cannot land between an INCR's read and its write); an index entry may be stale (the key was
 //! overwritten or persisted) and the sweep then only drops the index entry.
 
+use std::ops::Bound;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -124,6 +125,9 @@ const DATA: u8 = b'k';
 const INDEX: u8 = b'e';
 /// Prefix of the engine keys that map a Redis stream to its timber stream.
 pub(crate) const STREAM_REVERSE: u8 = b'r';
+
+/// A range of engine keys, as a transaction scanned it.
+pub(crate) type EngineRange<'a> = (Bound<&'a [u8]>, Bound<&'a [u8]>);
 
 pub(crate) fn data_key(key: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(key.len() + 1);
@@ -375,13 +379,27 @@ impl Keyspace {
         r
     }
 
-    /// [`Keyspace::commit`] of a transaction that read or wrote the engine keys `depends`,
-    /// which the caller checked were not written since it read them, holding their stripe
-    /// locks. In a cluster the check is also made where it decides, on apply: the entry
-    /// expects each key to hold the bytes it holds here now, so a write that reaches the log
-    /// in between (under another leader) makes every member refuse it alike, a conflict.
-    pub(crate) fn commit_guarded(&self, b: WriteBatch, depends: &[&[u8]]) -> Result<(), Error> {
+    /// [`Keyspace::commit`] of a transaction that read or wrote the engine keys `depends` and
+    /// scanned the engine key ranges `ranges`, which the caller checked were not written
+    /// since it read them, holding the keys' stripe locks. In a cluster the check is also made
+    /// where it decides, on apply: the entry expects each key to hold the bytes it holds here
+    /// now and each range the pairs it has, so a write that reaches the log in between (under
+    /// another leader) makes every member refuse it alike, a conflict.
+    pub(crate) fn commit_guarded(
+        &self,
+        b: WriteBatch,
+        depends: &[&[u8]],
+        ranges: &[EngineRange<'_>],
+    ) -> Result<(), Error> {
         let Some(r) = self.replication.get() else { return self.commit(b) };
+        let ranges = ranges
+            .iter()
+            .map(|&(lo, hi)| {
+                let digest = timber_cluster::range_digest(self.db.scan::<&[u8]>((lo, hi)))?;
+                let own = |b: Bound<&[u8]>| b.map(<[u8]>::to_vec);
+                Ok(timber_cluster::ExpectRange { lo: own(lo), hi: own(hi), digest })
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
         let expect = depends
             .iter()
             .map(|k| {
@@ -391,7 +409,7 @@ impl Keyspace {
             .collect::<Result<Vec<_>, Error>>()?;
         let written: smallvec::SmallVec<[usize; 4]> =
             b.iter().filter_map(|(k, _)| k.strip_prefix(&[DATA]).map(Versions::slot)).collect();
-        let res = r.commit_guarded(&b, expect);
+        let res = r.commit_guarded(&b, expect, ranges);
         // Refused, nothing was written: a watcher of these keys need not abort.
         if !matches!(res, Err(Error::Kv(timber_kv::Error::Conflict { .. }))) {
             for slot in written {

@@ -16,6 +16,7 @@
 //! `UNAVAILABLE`: retry the call; `INTERNAL`), which survives the way back from the leader.
 
 use std::collections::HashMap;
+use std::ops::Bound;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -286,7 +287,14 @@ impl OpenTxns {
             Isolation::ReadCommitted => Vec::new(),
             _ => depends.iter().map(|k| &k[..]).collect(),
         };
-        match txn.commit_with(|batch| ks.commit_guarded(batch, &depends)) {
+        let own = |b: Bound<&[u8]>| b.map(<[u8]>::to_vec);
+        let ranges: Vec<(Bound<Vec<u8>>, Bound<Vec<u8>>)> =
+            txn.read_ranges().map(|(lo, hi)| (own(lo), own(hi))).collect();
+        let ranges: Vec<keyspace::EngineRange<'_>> = ranges
+            .iter()
+            .map(|(lo, hi)| (lo.as_ref().map(Vec::as_slice), hi.as_ref().map(Vec::as_slice)))
+            .collect();
+        match txn.commit_with(|batch| ks.commit_guarded(batch, &depends, &ranges)) {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(e.into()),
             Err(e) => Err(e.into()),

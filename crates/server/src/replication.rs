@@ -290,18 +290,19 @@ impl Replication {
     }
 
     /// [`Replication::commit`] of writes that apply only if every key of `expect` still holds
-    /// the bytes it holds here now (see [`timber_cluster::Op::Guarded`]); a changed key fails it
-    /// with a conflict.
+    /// the bytes it holds here now, and every range of `ranges` the pairs it has (see
+    /// [`timber_cluster::Op::Guarded`]); a change fails it with a conflict.
     pub(crate) fn commit_guarded(
         &self,
         batch: &WriteBatch,
         expect: Vec<timber_cluster::Expect>,
+        ranges: Vec<timber_cluster::ExpectRange>,
     ) -> Result<(), Error> {
         if batch.is_empty() {
             return Ok(());
         }
         let mut p = Proposal::default();
-        p.guarded(expect, proposal_of(batch));
+        p.guarded(expect, ranges, proposal_of(batch));
         self.commit_proposal(p)
     }
 

@@ -430,6 +430,13 @@ impl Transaction {
         self.opts.isolation
     }
 
+    /// The key ranges its commit validates (those it scanned, under `Serializable`).
+    pub fn read_ranges(
+        &self,
+    ) -> impl Iterator<Item = (std::ops::Bound<&[u8]>, std::ops::Bound<&[u8]>)> {
+        self.reads.ranges.iter().map(Bounds::as_range)
+    }
+
     /// The keys whose reads its commit validates (not the ranges it scanned).
     pub fn read_keys(&self) -> impl Iterator<Item = &Bytes> {
         self.reads.keys.iter()
