@@ -1086,11 +1086,16 @@ fn every_kind_of_transaction_runs_on_the_leader_through_any_member() {
         }
         assert!(!again(|| fc.txn(swap.clone())).await.unwrap().succeeded, "v is gone");
 
-        // An interactive transaction through the follower, retried on an abort or refusal.
+        // An interactive transaction through the follower, retried on an abort or refusal; its
+        // scan's range is checked again by every member applying the commit (a digest of the
+        // pairs the leader read), which must find it unchanged.
         use timber_client::{Isolation, TxnOptions};
         let moved = fc
             .transact(TxnOptions::new(Isolation::Serializable), |t| async move {
                 let g = t.get_for_update("g").await?.unwrap_or_default();
+                let scan =
+                    timber_client::Scan { prefix: "b".into(), limit: 50, ..Default::default() };
+                assert_eq!(t.scan(scan).await?.len(), 50);
                 t.put("h", g).await?;
                 t.delete("g").await?;
                 Ok(())
