@@ -58,8 +58,9 @@ pub enum Error {
         max: usize,
     },
 
-    /// A guarded write was not applied: a key it depended on changed after it was read.
-    #[error("conflict: a key the write read was written before the write was applied; retry")]
+    /// A guarded write was not applied: a key or range it depended on changed after it was
+    /// read.
+    #[error("conflict: a key or range the write read was written before it was applied; retry")]
     Conflict,
 
     /// Raft itself failed (a storage error stopped it, or it was shut down).
