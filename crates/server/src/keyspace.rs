@@ -127,7 +127,7 @@ const INDEX: u8 = b'e';
 pub(crate) const STREAM_REVERSE: u8 = b'r';
 
 /// A range of engine keys, as a transaction scanned it.
-pub(crate) type EngineRange<'a> = (Bound<&'a [u8]>, Bound<&'a [u8]>);
+pub(crate) type EngineRange = (Bound<Vec<u8>>, Bound<Vec<u8>>);
 
 pub(crate) fn data_key(key: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(key.len() + 1);
@@ -389,15 +389,14 @@ impl Keyspace {
         &self,
         b: WriteBatch,
         depends: &[&[u8]],
-        ranges: &[EngineRange<'_>],
+        ranges: &[EngineRange],
     ) -> Result<(), Error> {
         let Some(r) = self.replication.get() else { return self.commit(b) };
         let ranges = ranges
             .iter()
-            .map(|&(lo, hi)| {
-                let digest = timber_cluster::range_digest(self.db.scan::<&[u8]>((lo, hi)))?;
-                let own = |b: Bound<&[u8]>| b.map(<[u8]>::to_vec);
-                Ok(timber_cluster::ExpectRange { lo: own(lo), hi: own(hi), digest })
+            .map(|(lo, hi)| {
+                let digest = timber_cluster::range_digest(self.db.scan((lo.clone(), hi.clone())))?;
+                Ok(timber_cluster::ExpectRange { lo: lo.clone(), hi: hi.clone(), digest })
             })
             .collect::<Result<Vec<_>, Error>>()?;
         let expect = depends

@@ -288,12 +288,8 @@ impl OpenTxns {
             _ => depends.iter().map(|k| &k[..]).collect(),
         };
         let own = |b: Bound<&[u8]>| b.map(<[u8]>::to_vec);
-        let ranges: Vec<(Bound<Vec<u8>>, Bound<Vec<u8>>)> =
+        let ranges: Vec<keyspace::EngineRange> =
             txn.read_ranges().map(|(lo, hi)| (own(lo), own(hi))).collect();
-        let ranges: Vec<keyspace::EngineRange<'_>> = ranges
-            .iter()
-            .map(|(lo, hi)| (lo.as_ref().map(Vec::as_slice), hi.as_ref().map(Vec::as_slice)))
-            .collect();
         match txn.commit_with(|batch| ks.commit_guarded(batch, &depends, &ranges)) {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(e.into()),
