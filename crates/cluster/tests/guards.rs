@@ -12,27 +12,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::storage::RaftStateMachine;
-use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId};
+use openraft::Entry;
 use std::ops::Bound;
 
 use timber_cluster::{
-    range_digest, Applied, Error, Expect, ExpectRange, KvMachine, Member, MemberConfig, Proposal,
-    TypeConfig,
+    range_digest, Applied, Error, Expect, ExpectRange, Member, MemberConfig, Proposal, TypeConfig,
 };
 use timber_kv::Db;
 use tokio::net::TcpListener;
 
-fn entry(index: u64, p: Proposal) -> Entry<TypeConfig> {
-    Entry {
-        log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
-        payload: EntryPayload::Normal(p),
-    }
-}
-
-fn open(dir: &std::path::Path) -> (KvMachine, Arc<Db>) {
-    let db = Arc::new(Db::open(dir.join("db"), timber_kv::Options::default()).unwrap());
-    (KvMachine::open(db.clone(), None, dir.join("machine")).unwrap(), db)
-}
+use common::{entry, open_machine as open};
 
 fn expect(key: &str, stored: Option<&str>) -> Expect {
     Expect { key: key.as_bytes().to_vec(), stored: stored.map(|s| s.as_bytes().to_vec()) }

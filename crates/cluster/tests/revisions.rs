@@ -2,24 +2,14 @@
 //! data it stamped, so that a reopened machine and one that installed a snapshot go on from
 //! it; a proposal whose revision does not fit, or that writes the counter, is refused.
 
-use std::sync::Arc;
+mod common;
 
 use openraft::storage::RaftStateMachine;
-use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, RaftSnapshotBuilder};
-use timber_cluster::{KvMachine, Proposal, TypeConfig, FIRST_REVISION, REVISION_KEY};
+use openraft::RaftSnapshotBuilder;
+use timber_cluster::{Proposal, FIRST_REVISION, REVISION_KEY};
 use timber_kv::Db;
 
-fn entry(index: u64, p: Proposal) -> Entry<TypeConfig> {
-    Entry {
-        log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
-        payload: EntryPayload::Normal(p),
-    }
-}
-
-fn open(dir: &std::path::Path) -> (KvMachine, Arc<Db>) {
-    let db = Arc::new(Db::open(dir.join("db"), timber_kv::Options::default()).unwrap());
-    (KvMachine::open(db.clone(), None, dir.join("machine")).unwrap(), db)
-}
+use common::{entry, open_machine as open};
 
 fn revision_in(db: &Db, key: &[u8]) -> u64 {
     let v = db.get(key).unwrap().unwrap();

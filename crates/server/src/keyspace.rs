@@ -361,7 +361,16 @@ impl Keyspace {
     /// Writes `b`: to the engine, or in a cluster, as a proposal of the leader that returns
     /// once a majority has it and this member applied it (the one write path of the keyspace).
     /// Then bumps the versions of the keys it wrote (their stripe locks are held).
-    pub(crate) fn commit(&self, mut b: WriteBatch) -> Result<(), Error> {
+    pub(crate) fn commit(&self, b: WriteBatch) -> Result<(), Error> {
+        self.write_through(b, |r, b| r.commit(b))
+    }
+
+    /// [`Keyspace::commit`], with `replicate` proposing `b` in a cluster.
+    fn write_through(
+        &self,
+        mut b: WriteBatch,
+        replicate: impl FnOnce(&Replication, &WriteBatch) -> Result<(), Error>,
+    ) -> Result<(), Error> {
         let written: smallvec::SmallVec<[usize; 4]> =
             b.iter().filter_map(|(k, _)| k.strip_prefix(&[DATA]).map(Versions::slot)).collect();
         let r = match self.replication.get() {
@@ -370,11 +379,14 @@ impl Keyspace {
                 .stamp(&self.db, &mut b, revision_slot)
                 .map_err(stamp_error)
                 .and_then(|()| self.db.write_with(b, self.durability).map_err(Error::from)),
-            Some(r) => r.commit(&b),
+            Some(r) => replicate(r, &b),
         };
-        // Also after a failure: in a cluster the write may still be applied.
-        for slot in written {
-            self.versions.bump_slot(slot);
+        // Also after a failure: in a cluster the write may still be applied. Not after a
+        // guarded write's refusal, which wrote nothing: a watcher of its keys need not abort.
+        if !matches!(r, Err(Error::Kv(timber_kv::Error::Conflict { .. }))) {
+            for slot in written {
+                self.versions.bump_slot(slot);
+            }
         }
         r
     }
@@ -388,10 +400,12 @@ impl Keyspace {
     pub(crate) fn commit_guarded(
         &self,
         b: WriteBatch,
-        depends: &[&[u8]],
+        depends: &[impl AsRef<[u8]>],
         ranges: &[EngineRange],
     ) -> Result<(), Error> {
-        let Some(r) = self.replication.get() else { return self.commit(b) };
+        if self.replication.get().is_none() {
+            return self.commit(b);
+        }
         let ranges = ranges
             .iter()
             .map(|(lo, hi)| {
@@ -403,19 +417,10 @@ impl Keyspace {
             .iter()
             .map(|k| {
                 let stored = self.db.get(k)?.map(|v| v.to_vec());
-                Ok(timber_cluster::Expect { key: k.to_vec(), stored })
+                Ok(timber_cluster::Expect { key: k.as_ref().to_vec(), stored })
             })
             .collect::<Result<Vec<_>, Error>>()?;
-        let written: smallvec::SmallVec<[usize; 4]> =
-            b.iter().filter_map(|(k, _)| k.strip_prefix(&[DATA]).map(Versions::slot)).collect();
-        let res = r.commit_guarded(&b, expect, ranges);
-        // Refused, nothing was written: a watcher of these keys need not abort.
-        if !matches!(res, Err(Error::Kv(timber_kv::Error::Conflict { .. }))) {
-            for slot in written {
-                self.versions.bump_slot(slot);
-            }
-        }
-        res
+        self.write_through(b, |r, b| r.commit_guarded(b, expect, ranges))
     }
 
     /// Where this keyspace's versions compare ([`crate::versions`]): `None` on a cluster member

@@ -283,14 +283,14 @@ impl OpenTxns {
         let depends: Vec<Bytes> = txn.written_keys().chain(txn.read_keys()).cloned().collect();
         let keys: Vec<&[u8]> = depends.iter().filter_map(|k| k.strip_prefix(b"k")).collect();
         let _locks = ks.lock_many(&keys);
-        let depends: Vec<&[u8]> = match txn.isolation() {
-            Isolation::ReadCommitted => Vec::new(),
-            _ => depends.iter().map(|k| &k[..]).collect(),
+        let depends = match txn.isolation() {
+            Isolation::ReadCommitted => &[][..],
+            _ => &depends[..],
         };
         let own = |b: Bound<&[u8]>| b.map(<[u8]>::to_vec);
         let ranges: Vec<keyspace::EngineRange> =
             txn.read_ranges().map(|(lo, hi)| (own(lo), own(hi))).collect();
-        match txn.commit_with(|batch| ks.commit_guarded(batch, &depends, &ranges)) {
+        match txn.commit_with(|batch| ks.commit_guarded(batch, depends, &ranges)) {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(e.into()),
             Err(e) => Err(e.into()),

@@ -171,7 +171,6 @@ impl Txn {
         }
         // In a cluster, each member checks on apply that no key it named changed since.
         let depends: Vec<Vec<u8>> = keys.iter().map(|k| data_key(k)).collect();
-        let depends: Vec<&[u8]> = depends.iter().map(Vec::as_slice).collect();
         ks.commit_guarded(pending.into_inner().into_batch(ks)?, &depends, &[])?;
         Ok(Outcome { succeeded, results })
     }

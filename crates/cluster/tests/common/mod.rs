@@ -160,3 +160,17 @@ where
         }
     }
 }
+
+/// Entry `index` of term 1 carrying `p`.
+pub fn entry(index: u64, p: timber_cluster::Proposal) -> Entry<timber_cluster::TypeConfig> {
+    Entry {
+        log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
+        payload: EntryPayload::Normal(p),
+    }
+}
+
+/// A state machine over a new engine in `dir`, and the engine.
+pub fn open_machine(dir: &std::path::Path) -> (timber_cluster::KvMachine, Arc<timber_kv::Db>) {
+    let db = Arc::new(timber_kv::Db::open(dir.join("db"), timber_kv::Options::default()).unwrap());
+    (timber_cluster::KvMachine::open(db.clone(), None, dir.join("machine")).unwrap(), db)
+}
