@@ -6,6 +6,9 @@
 //! 10,000 and 100 B values. Workloads, each system in turn and alternating which goes first:
 //! - `put 1 client`, `put 32 clients`: acknowledged puts per second and their latency;
 //! - `get 32 clients`: linearizable reads (timber's default, etcd's default);
+//! - `rmw 32 clients`: read-modify-write transactions of one key, retried until committed:
+//!   timber's interactive transactions (begin, get, put, commit; optimistic, `Snapshot`),
+//!   etcd's get then a `Txn` that puts only if the key's mod revision is the one read;
 //! - `append 1 client`, `append 16 clients` (timber only: etcd has no log streams): appends of
 //!   one 100 B entry each to one log stream;
 //! - `lag 32 clients`: during a 32-client put load, a probe puts a counter on the leader and
@@ -313,6 +316,34 @@ impl Conn {
         }
     }
 
+    /// A read-modify-write transaction of `k`, retried until it commits.
+    async fn rmw(&mut self, k: &[u8], v: &[u8]) -> anyhow::Result<()> {
+        match self {
+            Conn::Timber(c) => loop {
+                let t = c.begin(timber_client::TxnOptions::default()).await?;
+                let _old = t.get(k.to_vec()).await?;
+                t.put(k.to_vec(), v.to_vec()).await?;
+                match t.commit().await {
+                    Ok(()) => return Ok(()),
+                    Err(e) if e.code() == Some(timber_client::Code::Aborted) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            },
+            #[cfg(feature = "etcd")]
+            Conn::Etcd(c) => loop {
+                use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+                let read = c.get(k, None).await?;
+                let rev = read.kvs().first().map_or(0, |kv| kv.mod_revision());
+                let txn = Txn::new()
+                    .when([Compare::mod_revision(k, CompareOp::Equal, rev)])
+                    .and_then([TxnOp::put(k, v, None)]);
+                if c.txn(txn).await?.succeeded() {
+                    return Ok(());
+                }
+            },
+        }
+    }
+
     /// A read of the member's own replica.
     async fn get_local(&mut self, k: &[u8]) -> anyhow::Result<Option<Vec<u8>>> {
         match self {
@@ -345,6 +376,8 @@ impl Conn {
 enum Op {
     Put,
     Get,
+    /// A read-modify-write transaction.
+    Rmw,
     /// An append to the log stream [`STREAM`].
     Append,
 }
@@ -379,6 +412,7 @@ async fn load(
                     match op {
                         Op::Put => c.put(&k, &value).await?,
                         Op::Get => drop(c.get(&k).await?),
+                        Op::Rmw => c.rmw(&k, &value).await?,
                         Op::Append => c.append(&value).await?,
                     }
                     hist.record(t.elapsed().as_nanos() as u64).ok();
@@ -400,6 +434,7 @@ async fn load(
         * match op {
             Op::Put => 16 + VALUE as u64,
             Op::Get => 16,
+            Op::Rmw => 16 + VALUE as u64,
             Op::Append => VALUE as u64,
         };
     Ok(Sample { ops, bytes, secs, latency_ns })
@@ -527,6 +562,7 @@ async fn round(args: &Args, system: System) -> anyhow::Result<Vec<(String, Sampl
         ("put 1 client", 1, Op::Put),
         ("put 32 clients", 32, Op::Put),
         ("get 32 clients", 32, Op::Get),
+        ("rmw 32 clients", 32, Op::Rmw),
     ] {
         if args.common.wanted(name) {
             out.push((name.to_string(), load(system, &addr, clients, secs, op).await?));

@@ -430,6 +430,47 @@ fn a_failed_background_compaction_surfaces_on_the_next_write() {
     m.check(&db);
 }
 
+/// A write visible to reads but not yet recorded for commit checks (held there by a
+/// failpoint) is still a conflict for `commit_with`, which checks under the writer lock: a
+/// cluster's leader reads its guard from the snapshot handed over, so a check that missed
+/// the write would let the guard expect the new value and lose the update.
+#[test]
+fn commit_with_checks_a_write_visible_but_not_yet_recorded() {
+    use timber_kv::{Isolation, TxnOptions};
+    let _s = FailScenario::setup();
+    let dir = tempfile::tempdir().unwrap();
+    let db = Arc::new(Db::open(dir.path(), opts()).unwrap());
+    db.put(b"k", b"0").unwrap();
+    let mut t = db.transaction(TxnOptions::isolation(Isolation::Snapshot));
+    assert_eq!(t.get(b"k").unwrap().as_deref(), Some(&b"0"[..]));
+    t.put(b"k", b"t").unwrap();
+    fail::cfg("kv::write::visible", "pause").unwrap();
+    let writer = {
+        let db = db.clone();
+        std::thread::spawn(move || db.put(b"k", b"1").unwrap())
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while db.get(b"k").unwrap().as_deref() != Some(&b"1"[..]) {
+        assert!(Instant::now() < deadline, "the write becomes visible");
+        std::thread::yield_now();
+    }
+    let (handed, over) = std::sync::mpsc::channel();
+    let committer = std::thread::spawn(move || {
+        t.commit_with(|_, _| {
+            let _ = handed.send(());
+            Ok::<(), ()>(())
+        })
+    });
+    // The commit cannot get past the paused writer: nothing is handed over meanwhile,
+    // however long this waits.
+    assert!(over.recv_timeout(Duration::from_millis(300)).is_err(), "checked before the write");
+    fail::cfg("kv::write::visible", "off").unwrap();
+    writer.join().unwrap();
+    let r = committer.join().unwrap();
+    assert!(matches!(r, Err(Error::Conflict { .. })), "{r:?}");
+    assert_eq!(db.get(b"k").unwrap().as_deref(), Some(&b"1"[..]));
+}
+
 /// Runs `f` on a thread of its own and returns what it returns, failing the test if that takes
 /// longer than `limit` (the thread is left behind).
 fn within<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {

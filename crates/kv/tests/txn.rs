@@ -688,9 +688,12 @@ fn commit_with_validates_then_hands_over_the_writes() {
     t.delete("c").unwrap();
     assert_eq!(t.written_keys().collect::<Vec<_>>(), [&Bytes::from("b"), &Bytes::from("c")]);
     assert_eq!(t.read_keys().collect::<Vec<_>>(), [&Bytes::from("a")]);
-    let r = t.commit_with(|batch| {
+    let r = t.commit_with(|batch, seen| {
         let ops: Vec<_> = batch.iter().map(|(k, v)| (k.to_vec(), v.map(<[u8]>::to_vec))).collect();
         assert_eq!(ops, [(b"b".to_vec(), Some(b"1".to_vec())), (b"c".to_vec(), None)]);
+        // The snapshot is the state the check passed on: later writes are not in it.
+        db.put("a", "7").unwrap();
+        assert_eq!(num(seen.get("a").unwrap()), 0);
         db.write(batch).map_err(|e| e.to_string())
     });
     assert_eq!(r.unwrap(), Ok(()));
@@ -701,7 +704,7 @@ fn commit_with_validates_then_hands_over_the_writes() {
     t.get("a").unwrap();
     t.put("b", "2").unwrap();
     db.put("a", "9").unwrap();
-    assert!(is_conflict(t.commit_with(|_| -> Result<(), ()> { panic!("must not write") })));
+    assert!(is_conflict(t.commit_with(|_, _| -> Result<(), ()> { panic!("must not write") })));
     assert_eq!(num(db.get("b").unwrap()), 1);
 }
 

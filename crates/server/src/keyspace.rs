@@ -393,31 +393,43 @@ impl Keyspace {
 
     /// [`Keyspace::commit`] of a transaction that read or wrote the engine keys `depends` and
     /// scanned the engine key ranges `ranges`, which the caller checked were not written
-    /// since it read them, holding the keys' stripe locks. In a cluster the check is also made
-    /// where it decides, on apply: the entry expects each key to hold the bytes it holds here
-    /// now and each range the pairs it has, so a write that reaches the log in between (under
-    /// another leader) makes every member refuse it alike, a conflict.
+    /// since it read them. In a cluster the check is also made where it decides, on apply:
+    /// the entry expects each key to hold the bytes it holds in `seen` (the state the
+    /// caller's check passed on; now, if `None`, for a caller holding the keys' stripe locks
+    /// since its check) and each range the pairs it has there, so a write that reaches the
+    /// log in between makes every member refuse it alike, a conflict.
     pub(crate) fn commit_guarded(
         &self,
         b: WriteBatch,
         depends: &[impl AsRef<[u8]>],
         ranges: &[EngineRange],
+        seen: Option<&timber_kv::Snapshot>,
     ) -> Result<(), Error> {
         if self.replication.get().is_none() {
             return self.commit(b);
         }
+        let scan = |lo: &Bound<Vec<u8>>, hi: &Bound<Vec<u8>>| match seen {
+            Some(s) => s.scan((lo.clone(), hi.clone())),
+            None => self.db.scan((lo.clone(), hi.clone())),
+        };
         let ranges = ranges
             .iter()
             .map(|(lo, hi)| {
-                let digest = timber_cluster::range_digest(self.db.scan((lo.clone(), hi.clone())))?;
+                let digest = timber_cluster::range_digest(scan(lo, hi))?;
                 Ok(timber_cluster::ExpectRange { lo: lo.clone(), hi: hi.clone(), digest })
             })
             .collect::<Result<Vec<_>, Error>>()?;
         let expect = depends
             .iter()
             .map(|k| {
-                let stored = self.db.get(k)?.map(|v| v.to_vec());
-                Ok(timber_cluster::Expect { key: k.as_ref().to_vec(), stored })
+                let stored = match seen {
+                    Some(s) => s.get(k)?,
+                    None => self.db.get(k)?,
+                };
+                Ok(timber_cluster::Expect {
+                    key: k.as_ref().to_vec(),
+                    stored: stored.map(|v| v.to_vec()),
+                })
             })
             .collect::<Result<Vec<_>, Error>>()?;
         self.write_through(b, |r, b| r.commit_guarded(b, expect, ranges))

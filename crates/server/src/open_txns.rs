@@ -6,8 +6,11 @@
 //!   has no value); writes store strings, with a deadline if asked.
 //! - Commit validates the transaction (`Transaction::commit_with`) and writes through the
 //!   keyspace's one write path (in a cluster, one Raft entry), holding the stripe locks of every
-//!   key it read or wrote and the registry's commit lock from the check to the write: no write
-//!   of those keys, and no other transaction's commit, comes in between.
+//!   key it read or wrote from the check to the write. On one node it also holds the
+//!   registry's commit lock: no write of those keys, and no other transaction's commit, comes
+//!   in between. In a cluster commits run concurrently: the entry is guarded by the keys and
+//!   ranges it depends on as the check saw them, and every member refuses it on apply if
+//!   anything applied before it changed them.
 //! - In a cluster every call runs on the leader (a member that does not lead passes it there,
 //!   `forwarded.rs` op `txn-call`); a transaction begun under another leader, or another term
 //!   of this one, aborts at commit, as an unknown id does.
@@ -113,7 +116,7 @@ struct Open {
 pub(crate) struct OpenTxns {
     next: AtomicU64,
     open: Mutex<HashMap<u64, Arc<Mutex<Open>>>>,
-    /// Held from a commit's check to its write: commits of transactions run one at a time.
+    /// Held from a commit's check to its write on one node: commits run one at a time there.
     commits: Mutex<()>,
     idle: Duration,
 }
@@ -277,7 +280,10 @@ impl OpenTxns {
                 "the leader changed since the transaction began: retry it".into(),
             ));
         }
-        let _one = self.commits.lock();
+        // On one node, a commit's check and write must not interleave with another's (a write
+        // into a range the other scanned). In a cluster the members check it again on apply
+        // against the state the leader's check passed on, so commits go on concurrently.
+        let _one = ks.replication().is_none().then(|| self.commits.lock());
         // Engine keys the commit checks (what the isolation level tracks), then checked again
         // where a cluster applies it.
         let depends: Vec<Bytes> = txn.written_keys().chain(txn.read_keys()).cloned().collect();
@@ -290,7 +296,8 @@ impl OpenTxns {
         let own = |b: Bound<&[u8]>| b.map(<[u8]>::to_vec);
         let ranges: Vec<keyspace::EngineRange> =
             txn.read_ranges().map(|(lo, hi)| (own(lo), own(hi))).collect();
-        match txn.commit_with(|batch| ks.commit_guarded(batch, depends, &ranges)) {
+        match txn.commit_with(|batch, seen| ks.commit_guarded(batch, depends, &ranges, Some(seen)))
+        {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(e.into()),
             Err(e) => Err(e.into()),

@@ -171,7 +171,7 @@ impl Txn {
         }
         // In a cluster, each member checks on apply that no key it named changed since.
         let depends: Vec<Vec<u8>> = keys.iter().map(|k| data_key(k)).collect();
-        ks.commit_guarded(pending.into_inner().into_batch(ks)?, &depends, &[])?;
+        ks.commit_guarded(pending.into_inner().into_batch(ks)?, &depends, &[], None)?;
         Ok(Outcome { succeeded, results })
     }
 }

@@ -40,6 +40,7 @@ use crate::error::{Error, Result};
 use crate::locks::TxnId;
 
 use super::inner::Inner;
+use super::snapshot::Snapshot;
 
 /// What a transaction's reads see and what its commit checks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -404,18 +405,23 @@ impl Transaction {
 
     /// Validates the transaction now and, if nothing it depends on changed since its start,
     /// hands its writes to `write` instead of writing them itself: for a caller that writes
-    /// through a replicated log applied to this database. The caller keeps what the check
-    /// relies on true until `write` returns: no other writer of the keys it writes (it holds
-    /// their locks), and no other transaction committing meanwhile. `Err` is a conflict (or a
-    /// closed or expired transaction); `Ok` is what `write` returned.
+    /// through a replicated log applied to this database. `write` also gets a snapshot of the
+    /// database as the check saw it (the check runs under the writer lock, when every visible
+    /// write is accounted for), where each key and range the transaction depends on holds
+    /// what it read: what the caller must keep true until its write lands (by holding the
+    /// keys' locks, or by having the write applied only if they still hold it). `Err` is a
+    /// conflict (or a closed or expired transaction); `Ok` is what `write` returned.
     pub fn commit_with<E>(
         mut self,
-        write: impl FnOnce(WriteBatch) -> std::result::Result<(), E>,
+        write: impl FnOnce(WriteBatch, &Snapshot) -> std::result::Result<(), E>,
     ) -> Result<std::result::Result<(), E>> {
         self.check_open()?;
         self.open = false;
-        let checked = self.check(&self.inner.oracle.lock());
-        let r = checked.map(|()| write(self.batch()));
+        let checked = {
+            let _w = self.inner.write.lock();
+            self.check(&self.inner.oracle.lock()).map(|()| Snapshot::new(self.inner.clone()))
+        };
+        let r = checked.map(|seen| write(self.batch(), &seen));
         self.end();
         r
     }

@@ -69,6 +69,8 @@ impl Inner {
         w.last_seq = seq + n - 1;
         let last = w.last_seq;
         self.visible.store(last, Ordering::SeqCst);
+        // Visible to reads, not yet to commit checks (which take the writer lock for that).
+        fail::fail_point!("kv::write::visible");
         {
             let mut oracle = self.oracle.lock();
             if oracle.tracking() {

@@ -391,7 +391,7 @@ fn run_segment(
     let batch = pending.into_inner().into_batch(ks).map_err(super::cmd::storage)?;
     // In a cluster the members check the watched keys again where they apply the write.
     let depends: Vec<Vec<u8>> = watched.iter().map(|w| data_key(&w.key)).collect();
-    match ks.commit_guarded(batch, &depends, &[]) {
+    match ks.commit_guarded(batch, &depends, &[], None) {
         Err(crate::keyspace::Error::Kv(timber_kv::Error::Conflict { .. })) => Ok(None),
         r => r.map(|()| Some(replies)).map_err(super::cmd::storage),
     }
