@@ -11,6 +11,9 @@
 //!   in between. In a cluster commits run concurrently: the entry is guarded by the keys and
 //!   ranges it depends on as the check saw them, and every member refuses it on apply if
 //!   anything applied before it changed them.
+//! - Calls that may wait long (commits, and any call on a pessimistic transaction, which may
+//!   wait for a lock: the low bit of its id says so) run on the blocking pool; the rest run
+//!   on the caller's task.
 //! - In a cluster every call runs on the leader (a member that does not lead passes it there,
 //!   `forwarded.rs` op `txn-call`); a transaction begun under another leader, or another term
 //!   of this one, aborts at commit, as an unknown id does.
@@ -173,11 +176,29 @@ impl OpenTxns {
             )));
         }
         let txn = ks.db().transaction(opts);
-        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        // The low bit says the transaction is pessimistic (see `may_wait`).
+        let id = (self.next.fetch_add(1, Ordering::Relaxed) << 1) | u64::from(r.pessimistic);
         let now = Instant::now();
         let open = Open { txn: Some(txn), used: now, began: now, epoch };
         self.open.lock().insert(id, Arc::new(Mutex::new(open)));
         Ok(id)
+    }
+
+    /// Whether `call` may block its thread for long: a commit (a synced write, or a Raft
+    /// round in a cluster), or any call on a pessimistic transaction (a lock wait, or a wait
+    /// for another call on it that waits). The rest are quick, in memory or a read.
+    fn may_wait(call: &pb::txn_call::Call) -> bool {
+        use pb::txn_call::Call as C;
+        let id = match call {
+            C::Begin(_) => return false,
+            C::Commit(_) => return true,
+            C::Get(r) => r.id,
+            C::Put(r) => r.id,
+            C::Delete(r) => r.id,
+            C::Scan(r) => r.id,
+            C::Rollback(r) => r.id,
+        };
+        id & 1 == 1
     }
 
     /// Runs `f` on transaction `id`.
@@ -397,9 +418,13 @@ pub(crate) async fn call_here(
             _ => {}
         }
     }
-    let e = engines.clone();
-    let reply = tokio::task::spawn_blocking(move || e.txns.run(&e.keys, call)).await;
-    let reply = reply.map_err(|e| Error::Internal(format!("transaction task failed: {e}")))??;
+    let reply = if OpenTxns::may_wait(&call) {
+        let e = engines.clone();
+        let reply = tokio::task::spawn_blocking(move || e.txns.run(&e.keys, call)).await;
+        reply.map_err(|e| Error::Internal(format!("transaction task failed: {e}")))??
+    } else {
+        engines.txns.run(&engines.keys, call)?
+    };
     if matches!(reply, pb::txn_reply::Reply::Commit(_)) {
         engines.keys.durable().await?;
     }
@@ -420,6 +445,30 @@ mod tests {
             R::Begin(b) => b.id,
             other => panic!("{other:?}"),
         }
+    }
+
+    /// Calls on pessimistic transactions (which may wait for locks) and commits go to the
+    /// blocking pool; the rest run on the caller's thread.
+    #[test]
+    fn only_calls_that_may_wait_leave_the_callers_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let ks = Keyspace::open(dir.path(), Sync::Manual, None, &IdleWork::new()).unwrap();
+        let t = OpenTxns::new(Duration::from_secs(60));
+        let begin = |pessimistic| {
+            let r = pb::BeginRequest { pessimistic, ..Default::default() };
+            match t.run(&ks, C::Begin(r)).unwrap() {
+                R::Begin(b) => b.id,
+                other => panic!("{other:?}"),
+            }
+        };
+        for pessimistic in [false, true, false, true] {
+            let id = begin(pessimistic);
+            let get = C::Get(pb::TxnGetRequest { id, key: "k".into(), for_update: false });
+            assert_eq!(OpenTxns::may_wait(&get), pessimistic);
+            assert_eq!(OpenTxns::may_wait(&C::Rollback(pb::TxnRef { id })), pessimistic);
+            assert!(OpenTxns::may_wait(&C::Commit(pb::TxnRef { id })));
+        }
+        assert!(!OpenTxns::may_wait(&C::Begin(pb::BeginRequest::default())));
     }
 
     #[test]
