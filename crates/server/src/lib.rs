@@ -215,12 +215,16 @@ impl Server {
         let kv_dir = cfg.data_dir.join("kv");
         let streams_dir = cfg.data_dir.join("streams");
         // Under `--sync always` on a runtime that runs `idle`, journal syncs run on parking
-        // workers; otherwise (or without a socket pair to poke them) on the blocking pool.
+        // workers; otherwise (or without a socket pair to poke them) on the blocking pool. Also
+        // in a cluster: there the state machine appends on Raft's runtime, whose syncs would
+        // wait for a worker of this one to park (none does while all are parked already) until
+        // the runner's fallback delay.
         let journal_syncs = match cfg.sync {
-            Sync::Always => idle::journal_sync::JournalSyncs::start(idle).unwrap_or_else(|e| {
-                tracing::warn!(error = %e, "journal syncs run on the blocking pool");
-                None
-            }),
+            Sync::Always if cfg.cluster.is_none() => idle::journal_sync::JournalSyncs::start(idle)
+                .unwrap_or_else(|e| {
+                    tracing::warn!(error = %e, "journal syncs run on the blocking pool");
+                    None
+                }),
             _ => None,
         };
         let runner = journal_syncs.clone().map(|j| j as Arc<dyn timber_stream::SyncRunner>);
