@@ -11,9 +11,10 @@
 //!   in between. In a cluster commits run concurrently: the entry is guarded by the keys and
 //!   ranges it depends on as the check saw them, and every member refuses it on apply if
 //!   anything applied before it changed them.
-//! - Calls that may wait long (commits, and any call on a pessimistic transaction, which may
-//!   wait for a lock: the low bit of its id says so) run on the blocking pool; the rest run
-//!   on the caller's task.
+//! - Calls that may wait long (commits, scans, rollbacks, and any call on a pessimistic
+//!   transaction, which may wait for a lock: the low bit of its id says so) run on the
+//!   blocking pool; the rest (begins, an optimistic transaction's key reads and writes) on
+//!   the caller's task.
 //! - In a cluster every call runs on the leader (a member that does not lead passes it there,
 //!   `forwarded.rs` op `txn-call`); a transaction begun under another leader, or another term
 //!   of this one, aborts at commit, as an unknown id does.
@@ -185,18 +186,18 @@ impl OpenTxns {
     }
 
     /// Whether `call` may block its thread for long: a commit (a synced write, or a Raft
-    /// round in a cluster), or any call on a pessimistic transaction (a lock wait, or a wait
-    /// for another call on it that waits). The rest are quick, in memory or a read.
+    /// round in a cluster), a scan (up to `MAX_SCAN` pairs, maybe from disk), a rollback (the
+    /// oldest transaction's end prunes the oracle under its lock), or any call on a
+    /// pessimistic transaction (a lock wait, or a wait for another call on it that waits).
+    /// The rest are quick: a begin, and an optimistic transaction's key reads and writes.
     fn may_wait(call: &pb::txn_call::Call) -> bool {
         use pb::txn_call::Call as C;
         let id = match call {
             C::Begin(_) => return false,
-            C::Commit(_) => return true,
+            C::Commit(_) | C::Scan(_) | C::Rollback(_) => return true,
             C::Get(r) => r.id,
             C::Put(r) => r.id,
             C::Delete(r) => r.id,
-            C::Scan(r) => r.id,
-            C::Rollback(r) => r.id,
         };
         id & 1 == 1
     }
@@ -463,10 +464,17 @@ mod tests {
         };
         for pessimistic in [false, true, false, true] {
             let id = begin(pessimistic);
-            let get = C::Get(pb::TxnGetRequest { id, key: "k".into(), for_update: false });
-            assert_eq!(OpenTxns::may_wait(&get), pessimistic);
-            assert_eq!(OpenTxns::may_wait(&C::Rollback(pb::TxnRef { id })), pessimistic);
-            assert!(OpenTxns::may_wait(&C::Commit(pb::TxnRef { id })));
+            let k = || bytes::Bytes::from("k");
+            let get = C::Get(pb::TxnGetRequest { id, key: k(), for_update: false });
+            let put = C::Put(pb::TxnPutRequest { id, key: k(), value: k(), ttl_ms: None });
+            let delete = C::Delete(pb::TxnDeleteRequest { id, key: k() });
+            for c in [get, put, delete] {
+                assert_eq!(OpenTxns::may_wait(&c), pessimistic, "{c:?}");
+            }
+            let scan = C::Scan(pb::TxnScanRequest { id, ..Default::default() });
+            for c in [scan, C::Rollback(pb::TxnRef { id }), C::Commit(pb::TxnRef { id })] {
+                assert!(OpenTxns::may_wait(&c), "{c:?}");
+            }
         }
         assert!(!OpenTxns::may_wait(&C::Begin(pb::BeginRequest::default())));
     }

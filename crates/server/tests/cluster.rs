@@ -1359,6 +1359,8 @@ fn concurrent_serializable_commits_through_every_member_keep_a_scanned_range_who
                     }
                 }));
             }
+            // (A commit answered Unavailable may have applied: its retry finds its key gone
+            // and counts as staying, so only the roster itself is checked.)
             let mut left = 0;
             for t in tasks {
                 left += usize::from(t.await.unwrap());
@@ -1366,7 +1368,6 @@ fn concurrent_serializable_commits_through_every_member_keep_a_scanned_range_who
             let scan = Scan { prefix: prefix.clone().into(), ..Default::default() };
             let on = again(|| clients[0].scan(scan.clone())).await.unwrap();
             assert_eq!(on.len(), 1, "round {round}: {on:?} on duty after {left} left");
-            assert_eq!(left, ROSTER - 1, "round {round}");
         }
     });
 }
