@@ -3,8 +3,10 @@
 //! of it: propose a write, wait for a linearizable read, say who leads.
 //!
 //! A cluster is formed as etcd forms one: every member starts with the same initial membership;
-//! on a first start (an empty log) each asks openraft to initialize with it, which only one
-//! election turns into a cluster, and later starts ignore it. Every call that needs a quorum is
+//! on a first start (an empty log) the member of the lowest id asks openraft to initialize with
+//! it (which stands for election), the others only later, one after the other, in case it is
+//! not up (a member that received the membership from a leader meanwhile does nothing); later
+//! starts ignore it. Every call that needs a quorum is
 //! bounded by a deadline and fails with [`Error::Unavailable`] when none answers in time.
 
 use std::collections::BTreeMap;
@@ -93,6 +95,15 @@ impl MemberConfig {
         }
         .validate()
         .map_err(|e| Error::Config(e.to_string()))
+    }
+}
+
+/// Forms the cluster of `nodes` from this member: nothing if its log is not empty (a later
+/// start, or the membership received from a leader).
+async fn initialize(raft: &Raft<TypeConfig>, nodes: BTreeMap<u64, BasicNode>) -> Result<()> {
+    match raft.initialize(nodes).await {
+        Ok(()) | Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Ok(()),
+        Err(e) => Err(Error::Raft(e.to_string())),
     }
 }
 
@@ -216,12 +227,31 @@ impl Member {
                 .iter()
                 .map(|(id, a)| (*id, BasicNode::new(a.clone())))
                 .collect();
-            match member.raft.initialize(nodes).await {
-                Ok(()) | Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {}
-                Err(e) => {
+            // openraft's initialize stands for election at once. Members started together
+            // would all stand in the first term, and openraft ranks two candidates of one term
+            // by id: a later one unseats a leader already elected and forces another election
+            // (a leader lost for an election timeout just after the cluster formed). So the
+            // first member initializes now and each other one only `rank` double election
+            // timeouts later, which finds its log holding the membership the leader sent when
+            // the members before it are up.
+            let rank = config.initial_cluster.range(..config.id).count() as u32;
+            if rank == 0 {
+                if let Err(e) = initialize(&member.raft, nodes).await {
                     member.shutdown().await;
-                    return Err(Error::Raft(e.to_string()));
+                    return Err(e);
                 }
+            } else {
+                let raft = member.raft.clone();
+                let delay = config.election_timeout.1 * 2 * rank;
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    match raft.initialize(nodes).await {
+                        Ok(()) | Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {}
+                        // Shut down meanwhile.
+                        Err(RaftError::Fatal(_)) => {}
+                        Err(e) => tracing::warn!(error = %e, "forming the cluster failed"),
+                    }
+                });
             }
         }
         Ok(member)

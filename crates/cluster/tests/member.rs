@@ -357,3 +357,27 @@ async fn the_leadership_moves_to_the_voter_asked_under_writes() {
     }
     drop(nodes);
 }
+
+/// Members started at once form their cluster in its first term, under one leader: they do
+/// not all stand for election at once (openraft ranks two candidates of one term by id, so a
+/// later candidate would unseat the leader just elected and force a second election).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_started_together_form_the_cluster_in_one_term() {
+    for round in 0..6 {
+        let (nodes, mut listeners) = nodes(3, |_| {}).await;
+        let (l3, l2, l1) = (listeners.pop(), listeners.pop(), listeners.pop());
+        let (a, b, c) =
+            tokio::join!(start(&nodes[0], l1), start(&nodes[1], l2), start(&nodes[2], l3));
+        let members: BTreeMap<u64, Member> = [(1, a), (2, b), (3, c)].into_iter().collect();
+        let l = leader(&members).await;
+        members[&l].propose(put(0), PROPOSE).await.unwrap();
+        converged(&members, 1, &[]).await;
+        for m in members.values() {
+            let term = m.metrics().current_term;
+            assert_eq!(term, 1, "round {round}: member {} is in term {term}", m.id());
+        }
+        for m in members.into_values() {
+            m.shutdown().await;
+        }
+    }
+}
