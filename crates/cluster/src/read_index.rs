@@ -87,21 +87,31 @@ async fn rounds(
     }
 }
 
+/// One barrier. A confirmation that heard too few members (their heartbeat answers came after
+/// its deadline, one heartbeat interval, as under load) is tried again: without a quorum the
+/// caller's timeout ends the tries.
 async fn round(raft: &Raft<TypeConfig>, gate: &Gate, timeout: Duration) -> Result<()> {
     let call = async {
         gate.pass().await;
-        raft.ensure_linearizable().await
+        loop {
+            match raft.ensure_linearizable().await {
+                Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_))) => {
+                    tokio::time::sleep(RETRY_AFTER).await;
+                }
+                r => return r,
+            }
+        }
     };
     match tokio::time::timeout(timeout, call).await {
         Ok(Ok(_)) => Ok(()),
         Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => Err(f.into()),
-        Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(q)))) => {
-            Err(Error::Unavailable(q.to_string()))
-        }
         Ok(Err(e)) => Err(Error::Raft(e.to_string())),
         Err(_) => Err(unconfirmed(timeout)),
     }
 }
+
+/// The pause before a confirmation that heard too few members is tried again.
+const RETRY_AFTER: Duration = Duration::from_millis(10);
 
 fn unconfirmed(timeout: Duration) -> Error {
     Error::Unavailable(format!("no quorum confirmed the leader within {} ms", timeout.as_millis()))

@@ -381,3 +381,31 @@ async fn members_started_together_form_the_cluster_in_one_term() {
         }
     }
 }
+
+/// A read barrier whose heartbeats are answered after their deadline (one heartbeat interval,
+/// here 1 ms, shorter than a round trip of this debug build under load) tries again instead of
+/// failing: with every member up, barriers succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_barriers_outlast_late_heartbeat_answers() {
+    let (nodes, listeners) = nodes(3, |c| c.heartbeat = Duration::from_millis(1)).await;
+    let members = start_all(&nodes, listeners).await;
+    let l = leader(&members).await;
+    write(&members[&l], 0..10).await;
+    let mut barriers = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let raft_leader = members[&l].raft().clone();
+        // Load: leadership checks of openraft's own, each a round of heartbeats.
+        barriers.spawn(async move {
+            for _ in 0..25 {
+                let _ = raft_leader.get_read_log_id().await;
+            }
+        });
+    }
+    for _ in 0..50 {
+        members[&l].read_barrier(WAIT).await.unwrap();
+    }
+    while barriers.join_next().await.is_some() {}
+    for m in members.into_values() {
+        m.shutdown().await;
+    }
+}
