@@ -360,11 +360,15 @@ async fn the_leadership_moves_to_the_voter_asked_under_writes() {
 
 /// Members started at once form their cluster in its first term, under one leader: they do
 /// not all stand for election at once (openraft ranks two candidates of one term by id, so a
-/// later candidate would unseat the leader just elected and force a second election).
+/// later candidate would unseat the leader just elected and force a second election). Long
+/// election timeouts, so that a slow vote on a loaded machine does not start a second term.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn members_started_together_form_the_cluster_in_one_term() {
+    let slow = |c: &mut MemberConfig| {
+        c.election_timeout = (Duration::from_millis(1500), Duration::from_millis(3000));
+    };
     for round in 0..6 {
-        let (nodes, mut listeners) = nodes(3, |_| {}).await;
+        let (nodes, mut listeners) = nodes(3, slow).await;
         let (l3, l2, l1) = (listeners.pop(), listeners.pop(), listeners.pop());
         let (a, b, c) =
             tokio::join!(start(&nodes[0], l1), start(&nodes[1], l2), start(&nodes[2], l3));
@@ -387,7 +391,12 @@ async fn members_started_together_form_the_cluster_in_one_term() {
 /// failing: with every member up, barriers succeed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_barriers_outlast_late_heartbeat_answers() {
-    let (nodes, listeners) = nodes(3, |c| c.heartbeat = Duration::from_millis(1)).await;
+    let (nodes, listeners) = nodes(3, |c| {
+        c.heartbeat = Duration::from_millis(1);
+        // Long, so that late heartbeats do not also end the leadership.
+        c.election_timeout = (Duration::from_millis(1500), Duration::from_millis(3000));
+    })
+    .await;
     let members = start_all(&nodes, listeners).await;
     let l = leader(&members).await;
     write(&members[&l], 0..10).await;
