@@ -68,10 +68,13 @@ impl Timberd {
         let mut t =
             Timberd { child, port: 0, grpc_port: 0, http_port: 0, stderr: rx, early: Vec::new() };
         while t.port == 0 {
-            let line = t
-                .stderr
-                .recv_timeout(Duration::from_secs(30))
-                .expect("timberd did not report its addresses");
+            let line = match t.stderr.recv_timeout(Duration::from_secs(30)) {
+                Ok(line) => line,
+                Err(e) => panic!(
+                    "timberd did not report its addresses ({e}); it wrote:\n{}",
+                    t.early.join("\n")
+                ),
+            };
             if let (Some(port), Some(grpc_port), Some(http_port)) = (
                 port_of(&line, "resp_addr"),
                 port_of(&line, "grpc_addr"),
