@@ -6,8 +6,8 @@
 //! on a first start (an empty log) the member of the lowest id asks openraft to initialize with
 //! it (which stands for election), the others only later, one after the other, in case it is
 //! not up (a member that received the membership from a leader meanwhile does nothing); later
-//! starts ignore it. Every call that needs a quorum is
-//! bounded by a deadline and fails with [`Error::Unavailable`] when none answers in time.
+//! starts ignore it. Every call that needs a quorum is bounded by a deadline and fails with
+//! [`Error::Unavailable`] when none answers in time.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
