@@ -100,10 +100,13 @@ impl MemberConfig {
 
 /// Forms the cluster of `nodes` from this member: nothing if its log is not empty (a later
 /// start, or the membership received from a leader).
-async fn initialize(raft: &Raft<TypeConfig>, nodes: BTreeMap<u64, BasicNode>) -> Result<()> {
+async fn initialize(
+    raft: &Raft<TypeConfig>,
+    nodes: BTreeMap<u64, BasicNode>,
+) -> std::result::Result<(), RaftError<u64, InitializeError<u64, BasicNode>>> {
     match raft.initialize(nodes).await {
-        Ok(()) | Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Ok(()),
-        Err(e) => Err(Error::Raft(e.to_string())),
+        Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Ok(()),
+        r => r,
     }
 }
 
@@ -238,17 +241,16 @@ impl Member {
             if rank == 0 {
                 if let Err(e) = initialize(&member.raft, nodes).await {
                     member.shutdown().await;
-                    return Err(e);
+                    return Err(Error::Raft(e.to_string()));
                 }
             } else {
                 let raft = member.raft.clone();
                 let delay = config.election_timeout.1 * 2 * rank;
                 tokio::spawn(async move {
                     tokio::time::sleep(delay).await;
-                    match raft.initialize(nodes).await {
-                        Ok(()) | Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {}
+                    match initialize(&raft, nodes).await {
                         // Shut down meanwhile.
-                        Err(RaftError::Fatal(_)) => {}
+                        Ok(()) | Err(RaftError::Fatal(_)) => {}
                         Err(e) => tracing::warn!(error = %e, "forming the cluster failed"),
                     }
                 });

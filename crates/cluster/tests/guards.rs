@@ -8,13 +8,12 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::ops::Bound;
 use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::storage::RaftStateMachine;
 use openraft::Entry;
-use std::ops::Bound;
-
 use timber_cluster::{
     range_digest, Applied, Error, Expect, ExpectRange, Member, MemberConfig, Proposal, TypeConfig,
 };

@@ -408,28 +408,26 @@ impl Keyspace {
         if self.replication.get().is_none() {
             return self.commit(b);
         }
-        let scan = |lo: &Bound<Vec<u8>>, hi: &Bound<Vec<u8>>| match seen {
-            Some(s) => s.scan((lo.clone(), hi.clone())),
-            None => self.db.scan((lo.clone(), hi.clone())),
+        let now;
+        let seen = match seen {
+            Some(s) => s,
+            None => {
+                now = self.db.snapshot();
+                &now
+            }
         };
         let ranges = ranges
             .iter()
             .map(|(lo, hi)| {
-                let digest = timber_cluster::range_digest(scan(lo, hi))?;
+                let digest = timber_cluster::range_digest(seen.scan((lo.clone(), hi.clone())))?;
                 Ok(timber_cluster::ExpectRange { lo: lo.clone(), hi: hi.clone(), digest })
             })
             .collect::<Result<Vec<_>, Error>>()?;
         let expect = depends
             .iter()
             .map(|k| {
-                let stored = match seen {
-                    Some(s) => s.get(k)?,
-                    None => self.db.get(k)?,
-                };
-                Ok(timber_cluster::Expect {
-                    key: k.as_ref().to_vec(),
-                    stored: stored.map(|v| v.to_vec()),
-                })
+                let stored = seen.get(k)?.map(|v| v.to_vec());
+                Ok(timber_cluster::Expect { key: k.as_ref().to_vec(), stored })
             })
             .collect::<Result<Vec<_>, Error>>()?;
         self.write_through(b, |r, b| r.commit_guarded(b, expect, ranges))
