@@ -55,6 +55,10 @@ pub struct Args {
     /// block cache together (`Options::memory_budget`), instead of `--cache-mb` for its cache.
     #[arg(long)]
     timber_memory_budget_mb: Option<u64>,
+    /// timber only: where its tables' index and filter blocks are kept (`pinned` in memory or
+    /// `cached` in the block cache); default the engine's (cached under a memory budget).
+    #[arg(long, value_parser = ["pinned", "cached"])]
+    timber_index_filter: Option<String>,
     /// Seconds of the sustained-ingest workload (random keys from a space of 10^16, so nearly
     /// every write adds a key); 0 leaves it out.
     #[arg(long, default_value_t = 0)]
@@ -399,12 +403,15 @@ fn systems(only: &[String]) -> Vec<&'static str> {
 fn open(system: &str, dir: &Path, args: &Args) -> anyhow::Result<Box<dyn Kv>> {
     let cache_mb = args.cache_mb;
     Ok(match system {
-        "timber" => Box::new(Timber(timber_kv::Db::open(
-            dir,
-            timber_kv::Options::default()
+        "timber" => {
+            let mut o = timber_kv::Options::default()
                 .block_cache_bytes((cache_mb as usize) << 20)
-                .memory_budget(args.timber_memory_budget_mb.map(|mb| (mb as usize) << 20)),
-        )?)),
+                .memory_budget(args.timber_memory_budget_mb.map(|mb| (mb as usize) << 20));
+            if let Some(place) = &args.timber_index_filter {
+                o = o.cache_index_and_filter_blocks(place == "cached");
+            }
+            Box::new(Timber(timber_kv::Db::open(dir, o)?))
+        }
         #[cfg(feature = "rocksdb")]
         "rocksdb" => Box::new(rocks::open(dir, cache_mb)?),
         #[cfg(feature = "peers")]

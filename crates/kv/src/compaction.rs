@@ -192,7 +192,7 @@ mod tests {
                 smallest: make(lo.as_bytes(), 1, Kind::Put).into(),
                 largest: make(hi.as_bytes(), 1, Kind::Put).into(),
             };
-            let table = Table::open(&self.path, id, self.cache.clone()).unwrap();
+            let table = Table::open(&self.path, id, self.cache.clone(), false).unwrap();
             self.version.levels[level].push(Arc::new(TableFile::new(meta, table)));
             self.version.sort();
             self

@@ -65,5 +65,7 @@ impl Metrics {
             gauge!("timber_kv_memory_bytes", &labels).set(bytes as f64);
         }
         gauge!("timber_kv_block_cache_limit_bytes", &l).set(s.cache_limit as f64);
+        gauge!("timber_kv_block_cache_index_filter_bytes", &l)
+            .set(s.cache_index_filter_bytes as f64);
     }
 }

@@ -48,6 +48,7 @@ pub struct Options {
     pub(crate) compression: Compression,
     pub(crate) block_cache_bytes: usize,
     pub(crate) memory_budget: Option<usize>,
+    pub(crate) cache_index_and_filter_blocks: Option<bool>,
     pub(crate) l0_compaction_trigger: usize,
     pub(crate) l0_slowdown_trigger: usize,
     pub(crate) l0_stop_trigger: usize,
@@ -76,6 +77,7 @@ impl Default for Options {
             compression: Compression::None,
             block_cache_bytes: 64 << 20,
             memory_budget: None,
+            cache_index_and_filter_blocks: None,
             l0_compaction_trigger: 4,
             l0_slowdown_trigger: 20,
             l0_stop_trigger: 36,
@@ -145,12 +147,26 @@ impl Options {
     /// One limit for the memory of the engine's buffers and caches together (default none:
     /// each has its own limit). Memtables, the active one and those awaiting flush, take at
     /// most half of it (the memtable size is capped at `budget / 2 / (1 +
-    /// max_immutable_memtables)`); the index and filter blocks of the open tables are charged
-    /// next; the block cache gets what is left, reserving the active memtable's full size, so
-    /// it shrinks while memtables await flush or tables accumulate and grows back after. At
-    /// least 1 MiB.
+    /// max_immutable_memtables)`); the block cache gets what is left, reserving the active
+    /// memtable's full size, so it shrinks while memtables await flush and grows back after.
+    /// Index and filter blocks go into the cache by default under a budget (see
+    /// [`cache_index_and_filter_blocks`](Self::cache_index_and_filter_blocks)); pinned instead,
+    /// they are charged before the cache, which then shrinks as tables accumulate. At least
+    /// 1 MiB.
     pub fn memory_budget(mut self, bytes: Option<usize>) -> Self {
         self.memory_budget = bytes;
+        self
+    }
+
+    /// Keep the tables' index and filter blocks in the block cache, loaded (and checked) again
+    /// after an eviction, instead of in memory for as long as each table is open (RocksDB's
+    /// `cache_index_and_filter_blocks`). Default: on under a [`memory_budget`](Self::memory_budget),
+    /// which then bounds them too, off without one. Pinned, they grow with the tree (about
+    /// 2.9 bytes a key for 16-byte keys and 10 filter bits per key) and a read touches no cache
+    /// for them; cached, a read of a table looks them up in the cache first, and an iterator
+    /// holds the indexes of its tables until it is dropped.
+    pub fn cache_index_and_filter_blocks(mut self, on: bool) -> Self {
+        self.cache_index_and_filter_blocks = Some(on);
         self
     }
 
@@ -251,6 +267,11 @@ impl Options {
             self.memtable_size = self.memtable_size.min(share).max(4096);
         }
         self
+    }
+
+    /// Whether index and filter blocks go into the block cache.
+    pub(crate) fn caches_index_and_filters(&self) -> bool {
+        self.cache_index_and_filter_blocks.unwrap_or(self.memory_budget.is_some())
     }
 
     /// The block cache's limit under a memory budget, given the bytes of the memtables awaiting

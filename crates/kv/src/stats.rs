@@ -33,7 +33,8 @@ pub struct Stats {
     pub immutable_memtables: usize,
     /// Bytes in the immutable memtables.
     pub immutable_memtable_bytes: u64,
-    /// Bytes the open SSTables keep in memory outside the block cache (index and filter blocks).
+    /// Bytes the open SSTables keep in memory outside the block cache (index and filter blocks,
+    /// unless they are cached).
     pub table_pinned_bytes: u64,
     /// Size of the write-ahead log on disk.
     pub wal_bytes: u64,
@@ -59,6 +60,9 @@ pub struct Stats {
     pub cache_hit_rate: f64,
     /// Bytes held by the block cache.
     pub cache_bytes: u64,
+    /// Of `cache_bytes`, those of tables' index and filter blocks (with
+    /// `Options::cache_index_and_filter_blocks`).
+    pub cache_index_filter_bytes: u64,
     /// The block cache's current limit (under a memory budget, what the memtables and the
     /// tables' index and filter blocks leave of it).
     pub cache_limit: u64,

@@ -17,7 +17,7 @@ use timber_wal::writeback;
 
 use crate::block::{Block, BlockBuilder, BlockCursor, Decoded};
 use crate::bloom;
-use crate::cache::BlockCache;
+use crate::cache::{BlockCache, Cached};
 use crate::error::{Error, Result};
 use crate::index::Index;
 use crate::key::{self, Kind};
@@ -248,18 +248,30 @@ pub(crate) fn trailer(body: &[u8], ty: u8) -> [u8; TRAILER_LEN] {
     trailer
 }
 
-/// An open SSTable: index and filter in memory, data blocks read on demand through the cache.
+/// An open SSTable: data blocks read on demand through the cache; index and filter pinned in
+/// memory or, with `Options::cache_index_and_filter_blocks`, in the cache too.
 pub(crate) struct Table {
     pub(crate) id: u64,
     pub(crate) path: PathBuf,
     file: File,
-    index: Index,
-    filter: Bytes,
+    /// The handles of the index and filter blocks; the filter's offset is where the data
+    /// blocks end.
+    index_at: (u64, u32),
+    filter_at: (u64, u32),
+    /// Index and filter while they are kept outside the cache.
+    pinned: Option<(Arc<Index>, Bytes)>,
     cache: Arc<BlockCache>,
 }
 
 impl Table {
-    pub(crate) fn open(path: &Path, id: u64, cache: Arc<BlockCache>) -> Result<Table> {
+    /// Opens the table at `path`, reading and checking its footer, index and filter; with
+    /// `cache_meta` they go into `cache` instead of staying pinned.
+    pub(crate) fn open(
+        path: &Path,
+        id: u64,
+        cache: Arc<BlockCache>,
+        cache_meta: bool,
+    ) -> Result<Table> {
         let file = File::open(path).map_err(|e| Error::io("open", path, e))?;
         let size = file.metadata().map_err(|e| Error::io("stat", path, e))?.len();
         if size < FOOTER_LEN as u64 {
@@ -290,43 +302,92 @@ impl Table {
                 return Err(corrupt(format!("{what} handle {off}+{len} lies outside the file")));
             }
         }
-        let filter = read_block(&file, path, filter_off, filter_len)?;
-        let index = read_block(&file, path, index_off, index_len)?;
-        let index = Block::new(index)
-            .and_then(|b| Index::new(b, filter_off))
-            .map_err(|r| Error::corrupt(path, index_off, format!("index block: {r}")))?;
-        Ok(Table { id, path: path.to_path_buf(), file, index, filter, cache })
+        let mut table = Table {
+            id,
+            path: path.to_path_buf(),
+            file,
+            index_at: (index_off, index_len),
+            filter_at: (filter_off, filter_len),
+            pinned: None,
+            cache,
+        };
+        // Read and checked now either way: a damaged table is refused when it is opened.
+        let (index, filter) = (table.load_index()?, table.load_filter()?);
+        if cache_meta {
+            table.cache.insert(id, index_off, Cached::Index(index));
+            table.cache.insert(id, filter_off, Cached::Filter(filter));
+        } else {
+            table.pinned = Some((index, filter));
+        }
+        Ok(table)
+    }
+
+    fn load_index(&self) -> Result<Arc<Index>> {
+        let (off, len) = self.index_at;
+        let raw = read_block(&self.file, &self.path, off, len)?;
+        let index = Block::new(raw)
+            .and_then(|b| Index::new(b, self.filter_at.0))
+            .map_err(|r| Error::corrupt(&self.path, off, format!("index block: {r}")))?;
+        Ok(Arc::new(index))
+    }
+
+    fn load_filter(&self) -> Result<Bytes> {
+        read_block(&self.file, &self.path, self.filter_at.0, self.filter_at.1)
+    }
+
+    /// The table's index: pinned, from the cache, or loaded (into the cache with `fill`).
+    fn index(&self, fill: bool) -> Result<Arc<Index>> {
+        if let Some((index, _)) = &self.pinned {
+            return Ok(index.clone());
+        }
+        if let Some(Cached::Index(i)) = self.cache.get_meta(self.id, self.index_at.0) {
+            return Ok(i);
+        }
+        let i = self.load_index()?;
+        if fill {
+            self.cache.insert(self.id, self.index_at.0, Cached::Index(i.clone()));
+        }
+        Ok(i)
+    }
+
+    /// The table's filter (empty when it was built without one), as `index` finds it.
+    fn filter(&self) -> Result<Bytes> {
+        if let Some((_, filter)) = &self.pinned {
+            return Ok(filter.clone());
+        }
+        if let Some(Cached::Filter(f)) = self.cache.get_meta(self.id, self.filter_at.0) {
+            return Ok(f);
+        }
+        let f = self.load_filter()?;
+        self.cache.insert(self.id, self.filter_at.0, Cached::Filter(f.clone()));
+        Ok(f)
     }
 
     /// Bytes this open table keeps in memory outside the block cache: its index and its
-    /// filter.
+    /// filter when they are pinned, nothing when they are cached.
     pub(crate) fn pinned_bytes(&self) -> usize {
-        self.index.memory() + self.filter.len()
+        self.pinned.as_ref().map_or(0, |(index, filter)| index.memory() + filter.len())
     }
 
-    /// Data block `i`, verified, through the cache, and its offset in the file.
-    fn cached(&self, i: usize) -> Result<(u64, Block)> {
-        self.block(i, true)
-    }
-
-    /// Data block `i`, verified, from the cache if it holds it, and its offset in the file;
-    /// with `fill`, a block read from the file goes into the cache.
-    fn block(&self, i: usize, fill: bool) -> Result<(u64, Block)> {
-        let (off, len) = self.index.handle(i);
-        if let Some(b) = self.cache.get(self.id, off) {
+    /// Data block `i` of `index`, verified, from the cache if it holds it, and its offset in
+    /// the file; with `fill`, a block read from the file goes into the cache.
+    fn block(&self, index: &Index, i: usize, fill: bool) -> Result<(u64, Block)> {
+        let (off, len) = index.handle(i);
+        if let Some(b) = self.cache.get_block(self.id, off) {
             return Ok((off, b));
         }
         let raw = read_block(&self.file, &self.path, off, len)?;
         let b = Block::new(raw).map_err(|r| self.corrupt_block(off, r))?;
         if fill {
-            self.cache.insert(self.id, off, b.clone());
+            self.cache.insert(self.id, off, Cached::Data(b.clone()));
         }
         Ok((off, b))
     }
 
-    /// Data block `i`, verified and decoded (for backward iteration), and its offset.
-    fn decoded(&self, i: usize) -> Result<(u64, Decoded)> {
-        let (off, b) = self.cached(i)?;
+    /// Data block `i` of `index`, verified and decoded (for backward iteration), and its
+    /// offset.
+    fn decoded(&self, index: &Index, i: usize) -> Result<(u64, Decoded)> {
+        let (off, b) = self.block(index, i, true)?;
         let d = b.decode().map_err(|r| self.corrupt_block(off, r))?;
         for j in 0..d.len() {
             if !key::valid(d.key(j)) {
@@ -340,15 +401,6 @@ impl Table {
         Error::corrupt(&self.path, off, format!("data block: {reason}"))
     }
 
-    /// The first index entry (data block) whose key is not below `target`.
-    fn index_lower_bound(&self, target: &[u8]) -> usize {
-        self.index.lower_bound(target)
-    }
-
-    pub(crate) fn blocks(&self) -> usize {
-        self.index.len()
-    }
-
     /// The newest entry of `user` at or below the sequence of `lookup`, if this table has one.
     pub(crate) fn get(
         &self,
@@ -356,17 +408,42 @@ impl Table {
         user: &[u8],
         hash: u64,
     ) -> Result<Option<(Kind, Bytes)>> {
-        if !self.filter.is_empty() && !bloom::may_contain(&self.filter, hash) {
+        // Pinned, the index and filter are borrowed: no reference counts touched per probe.
+        if let Some((index, filter)) = &self.pinned {
+            if !filter.is_empty() && !bloom::may_contain(filter, hash) {
+                return Ok(None);
+            }
+            return self.get_in(index, lookup, user);
+        }
+        let filter = self.filter()?;
+        if !filter.is_empty() && !bloom::may_contain(&filter, hash) {
             return Ok(None);
         }
-        let i = self.index_lower_bound(lookup);
-        if i == self.index.len() {
+        let index = self.index(true)?;
+        self.get_in(&index, lookup, user)
+    }
+
+    fn get_in(&self, index: &Index, lookup: &[u8], user: &[u8]) -> Result<Option<(Kind, Bytes)>> {
+        let i = index.lower_bound(lookup);
+        if i == index.len() {
             return Ok(None);
         }
-        let (off, b) = self.cached(i)?;
+        let (off, b) = self.block(index, i, true)?;
         let found =
             b.seek(lookup, key::compare, key::valid).map_err(|r| self.corrupt_block(off, r))?;
         Ok(found.filter(|(k, _)| key::user(k) == user).map(|(k, v)| (key::kind(&k), v)))
+    }
+}
+
+impl Drop for Table {
+    /// A closed table's cached index and filter go at once: nothing reads them again, and they
+    /// would otherwise hold their share of the cache until the LRU reached them. (Its data
+    /// blocks are left to the LRU: finding them would take a lookup per block.)
+    fn drop(&mut self) {
+        if self.pinned.is_none() {
+            self.cache.remove_meta(self.id, self.index_at.0);
+            self.cache.remove_meta(self.id, self.filter_at.0);
+        }
     }
 }
 
@@ -377,9 +454,11 @@ impl std::fmt::Debug for Table {
 }
 
 /// A cursor over one table in one direction. Forward it walks each block's entries in place
-/// ([`BlockCursor`]); backward it decodes each block it enters.
+/// ([`BlockCursor`]); backward it decodes each block it enters. From its first seek it holds
+/// the table's index, so that a cached index evicted meanwhile is not loaded again.
 pub(crate) struct TableIter {
     table: Arc<Table>,
+    index: Option<Arc<Index>>,
     forward: bool,
     /// The block it stands in, and its offset in the file; `None` past the end.
     block: Option<(usize, u64)>,
@@ -394,7 +473,16 @@ pub(crate) struct TableIter {
 
 impl TableIter {
     pub(crate) fn new(table: Arc<Table>, forward: bool) -> TableIter {
-        TableIter { table, forward, block: None, cursor: None, decoded: None, pos: 0, fill: true }
+        TableIter {
+            table,
+            index: None,
+            forward,
+            block: None,
+            cursor: None,
+            decoded: None,
+            pos: 0,
+            fill: true,
+        }
     }
 
     /// An iterator whose reads leave the cache as it is (a compaction's: its blocks are read
@@ -406,8 +494,9 @@ impl TableIter {
 
     /// Enters block `i` at its first entry in the direction of travel, or at `target`.
     fn load(&mut self, i: usize, target: Option<&[u8]>) -> Result<()> {
+        let Some(index) = self.index.as_deref() else { return Ok(()) };
         if self.forward {
-            let (off, b) = self.table.block(i, self.fill)?;
+            let (off, b) = self.table.block(index, i, self.fill)?;
             let c = match &mut self.cursor {
                 Some(c) => {
                     c.reset(b);
@@ -422,7 +511,7 @@ impl TableIter {
             moved.map_err(|r| self.table.corrupt_block(off, r))?;
             self.block = Some((i, off));
         } else {
-            let (off, d) = self.table.decoded(i)?;
+            let (off, d) = self.table.decoded(index, i)?;
             let end = target.map_or(d.len(), |t| d.upper_bound(t, key::compare));
             self.pos = end.wrapping_sub(1);
             self.decoded = Some(d);
@@ -446,7 +535,7 @@ impl TableIter {
                 return Ok(());
             }
             let next = if self.forward { i + 1 } else { i.wrapping_sub(1) };
-            if next >= self.table.blocks() {
+            if next >= self.index.as_ref().map_or(0, |x| x.len()) {
                 self.block = None;
                 return Ok(());
             }
@@ -457,15 +546,19 @@ impl TableIter {
 
     pub(crate) fn seek(&mut self, target: Option<&[u8]>) -> Result<()> {
         self.block = None;
-        let n = self.table.blocks();
+        let index = match &self.index {
+            Some(index) => index,
+            None => self.index.insert(self.table.index(self.fill)?),
+        };
+        let n = index.len();
         if n == 0 {
             return Ok(());
         }
         let i = match target {
             None if self.forward => 0,
             None => n - 1,
-            Some(t) if self.forward => self.table.index_lower_bound(t),
-            Some(t) => self.table.index_lower_bound(t).min(n - 1),
+            Some(t) if self.forward => index.lower_bound(t),
+            Some(t) => index.lower_bound(t).min(n - 1),
         };
         if i == n {
             return Ok(());
@@ -541,6 +634,47 @@ mod tests {
         let mut body = lz4_flex::block::compress_prepend_size(raw);
         body.extend_from_slice(&trailer(&body, LZ4));
         body
+    }
+
+    /// A table of keys `k0000`..`k0999` at `dir/1.sst`.
+    fn build(dir: &Path) -> PathBuf {
+        let path = dir.join(file_name(1));
+        let mut b = TableBuilder::create(&path, &Options::default().block_size(256)).unwrap();
+        for i in 0..1000u32 {
+            let k = key::make(format!("k{i:04}").as_bytes(), 1, Kind::Put);
+            b.add(&k, &i.to_le_bytes()).unwrap();
+        }
+        b.finish().unwrap();
+        path
+    }
+
+    #[test]
+    fn cached_index_and_filter_are_loaded_again_after_eviction_and_dropped_with_the_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = build(dir.path());
+        let cache = Arc::new(BlockCache::new(64 << 20));
+        let t = Table::open(&path, 1, cache.clone(), true).unwrap();
+        assert_eq!(t.pinned_bytes(), 0);
+        let meta = cache.index_filter_bytes();
+        assert!(meta > 0 && meta == cache.bytes(), "{meta}");
+        let get = |t: &Table, i: u32| {
+            let user = format!("k{i:04}");
+            let lookup = key::lookup(user.as_bytes(), 5);
+            t.get(&lookup, user.as_bytes(), bloom::hash(user.as_bytes())).unwrap()
+        };
+        assert_eq!(get(&t, 7).unwrap().1, &7u32.to_le_bytes()[..]);
+        cache.set_limit(0);
+        cache.set_limit(64 << 20);
+        assert_eq!(cache.bytes(), 0);
+        assert_eq!(get(&t, 999).unwrap().1, &999u32.to_le_bytes()[..]);
+        assert!(get(&t, 1000).is_none());
+        assert_eq!(cache.index_filter_bytes(), meta, "loaded again");
+        let t = Arc::new(t);
+        let mut it = TableIter::new(t.clone(), false);
+        it.seek(None).unwrap();
+        assert_eq!(key::user(it.key().unwrap()), b"k0999");
+        drop((it, t));
+        assert_eq!(cache.index_filter_bytes(), 0, "a closed table's index and filter are dropped");
     }
 
     #[test]

@@ -128,6 +128,32 @@ fn flipped_byte_in_index_filter_or_footer_fails_open() {
     }
 }
 
+/// Index and filter blocks kept in a cache that holds nothing are read again by every lookup:
+/// one damaged after the table was opened is reported when it is read, naming the file and the
+/// block, and a lookup that needs no damaged block still answers.
+#[test]
+fn index_or_filter_damaged_after_open_is_reported_when_read_again() {
+    for part in ["index", "filter"] {
+        let dir = tempfile::tempdir().unwrap();
+        let t = one_table(dir.path());
+        let (index, filter, _) = layout(&t);
+        let db =
+            Db::open(dir.path(), opts().block_cache_bytes(0).cache_index_and_filter_blocks(true))
+                .unwrap();
+        assert_eq!(db.get(key(5)).unwrap().as_deref(), Some(&b"value5"[..]));
+        flip(&t, if part == "index" { index + 3 } else { filter + 5 });
+        let off = assert_corrupt(db.get(key(5)), &t);
+        assert_eq!(off, if part == "index" { index } else { filter }, "{part}");
+        if part == "index" {
+            let results: Vec<_> = db.iter().collect();
+            assert!(matches!(results[..], [Err(Error::Corrupt { .. })]), "{results:?}");
+        } else {
+            // A scan reads no filter.
+            assert_eq!(db.iter().count(), 2000);
+        }
+    }
+}
+
 /// An index block under a valid checksum whose key is shorter than the 8-byte tag of an
 /// internal key: open reports it instead of panicking on the key.
 #[test]

@@ -72,7 +72,15 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-fn options(lz4: bool, synced: bool, hash_index: bool) -> Options {
+/// How a run keeps the tables' index and filter blocks.
+#[derive(Debug, Clone, Copy)]
+enum Meta {
+    Pinned,
+    /// In a block cache of 4 KiB: evicted all the time, loaded again by later reads.
+    Cached,
+}
+
+fn options(lz4: bool, synced: bool, hash_index: bool, meta: Meta) -> Options {
     // With LZ4 runs, L0 is also merged whenever the compaction thread finds nothing else to do
     // (an idle threshold of zero), so that idle compactions race the operations.
     let idle = lz4.then_some(std::time::Duration::ZERO);
@@ -88,6 +96,11 @@ fn options(lz4: bool, synced: bool, hash_index: bool) -> Options {
         .compression(if lz4 { Compression::Lz4 } else { Compression::None })
         .durability(if synced { Durability::Synced } else { Durability::Buffered })
         .memtable_hash_index(hash_index)
+        .cache_index_and_filter_blocks(matches!(meta, Meta::Cached))
+        .block_cache_bytes(match meta {
+            Meta::Pinned => 64 << 20,
+            Meta::Cached => 4096,
+        })
 }
 
 fn range_of(
@@ -144,9 +157,9 @@ fn bounds(a: Option<u8>, b: Option<u8>, inclusive: bool) -> (Bound<Vec<u8>>, Bou
     (lo, hi)
 }
 
-fn run(ops: Vec<Op>, lz4: bool, synced: bool, hash_index: bool) {
+fn run(ops: Vec<Op>, lz4: bool, synced: bool, hash_index: bool, meta: Meta) {
     let dir = tempfile::tempdir().unwrap();
-    let opts = || options(lz4, synced, hash_index);
+    let opts = || options(lz4, synced, hash_index, meta);
     let mut db = Some(Db::open(dir.path(), opts()).unwrap());
     let mut model = Model::new();
     let mut snaps: Vec<(timber_kv::Snapshot, Model)> = Vec::new();
@@ -280,7 +293,8 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
 
     #[test]
-    fn engine_matches_a_btreemap(ops in proptest::collection::vec(op(), 1..400), lz4: bool, synced in proptest::bool::weighted(0.1), hash_index: bool) {
-        run(ops, lz4, synced, hash_index);
+    fn engine_matches_a_btreemap(ops in proptest::collection::vec(op(), 1..400), lz4: bool, synced in proptest::bool::weighted(0.1), hash_index: bool, cached: bool) {
+        let meta = if cached { Meta::Cached } else { Meta::Pinned };
+        run(ops, lz4, synced, hash_index, meta);
     }
 }

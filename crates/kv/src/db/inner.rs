@@ -193,7 +193,7 @@ impl Inner {
     pub(super) fn finish_table(&self, id: u64, b: TableBuilder) -> Result<Arc<TableFile>> {
         let built = b.finish()?;
         let path = self.dir.join(table::file_name(id));
-        let t = Table::open(&path, id, self.cache.clone())?;
+        let t = Table::open(&path, id, self.cache.clone(), self.opts.caches_index_and_filters())?;
         Ok(Arc::new(TableFile::new(meta_of(id, &built), t)))
     }
 
@@ -273,6 +273,7 @@ impl Inner {
                 hits as f64 / (hits + misses) as f64
             },
             cache_bytes: self.cache.bytes() as u64,
+            cache_index_filter_bytes: self.cache.index_filter_bytes() as u64,
             cache_limit: self.cache.limit() as u64,
             memory_budget: self.opts.memory_budget.map(|b| b as u64),
             pending_compaction_bytes: pending,

@@ -83,16 +83,17 @@ pub(super) fn open(dir: &Path, opts: Options) -> Result<(Arc<Inner>, Vec<JoinHan
     for (level, tables) in version.levels.iter_mut().zip(&state.levels) {
         for meta in tables.values() {
             let path = dir.join(table::file_name(meta.id));
-            let t = Table::open(&path, meta.id, cache.clone()).map_err(|e| match e {
-                Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
-                    Error::corrupt(
-                        &manifest_path,
-                        0,
-                        format!("table {} is missing", path.display()),
-                    )
-                }
-                e => e,
-            })?;
+            let t = Table::open(&path, meta.id, cache.clone(), opts.caches_index_and_filters())
+                .map_err(|e| match e {
+                    Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+                        Error::corrupt(
+                            &manifest_path,
+                            0,
+                            format!("table {} is missing", path.display()),
+                        )
+                    }
+                    e => e,
+                })?;
             level.push(Arc::new(TableFile::new(meta.clone(), t)));
         }
     }
