@@ -322,32 +322,38 @@ fn a_failed_manifest_switch_at_open_fails_the_open() {
     }
 }
 
-/// A failed read of a table block (point read, scan) is an error naming the table, and poisons
+/// A failed read of a table block (point read, scan; data, or a cached index or filter read
+/// again) is an error naming the table, and poisons
 /// nothing: writes go on, and the same reads succeed once the disk works again.
 #[test]
 fn a_failed_table_read_is_an_error_and_poisons_nothing() {
-    let _s = FailScenario::setup();
-    let dir = tempfile::tempdir().unwrap();
-    let mut m = Model::default();
-    {
-        let db = Db::open(dir.path(), opts().block_cache_bytes(0)).unwrap();
-        m.fill(&db, 0..300, 0);
-        db.flush().unwrap();
-        fail::cfg("kv::table::read", "return").unwrap();
-        assert_names(&db.get(key(10)).unwrap_err(), "read", ".sst");
-        assert_names(&db.get_many(&[key(11), key(12)]).unwrap_err(), "read", ".sst");
-        let mut it = db.iter();
-        assert_names(&it.next().unwrap().unwrap_err(), "read", ".sst");
-        let mut it = db.snapshot().iter();
-        assert_names(&it.next().unwrap().unwrap_err(), "read", ".sst");
-        // Writes go on.
-        m.fill(&db, 300..320, 0);
-        db.sync().unwrap();
-        fail::remove("kv::table::read");
-        m.check(&db);
-        db.flush().unwrap();
+    // Cached in a cache that holds nothing, a table's index and filter are read again by every
+    // lookup: their reads fail too.
+    for cached in [false, true] {
+        let _s = FailScenario::setup();
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = Model::default();
+        {
+            let o = opts().block_cache_bytes(0).cache_index_and_filter_blocks(cached);
+            let db = Db::open(dir.path(), o).unwrap();
+            m.fill(&db, 0..300, 0);
+            db.flush().unwrap();
+            fail::cfg("kv::table::read", "return").unwrap();
+            assert_names(&db.get(key(10)).unwrap_err(), "read", ".sst");
+            assert_names(&db.get_many(&[key(11), key(12)]).unwrap_err(), "read", ".sst");
+            let mut it = db.iter();
+            assert_names(&it.next().unwrap().unwrap_err(), "read", ".sst");
+            let mut it = db.snapshot().iter();
+            assert_names(&it.next().unwrap().unwrap_err(), "read", ".sst");
+            // Writes go on.
+            m.fill(&db, 300..320, 0);
+            db.sync().unwrap();
+            fail::remove("kv::table::read");
+            m.check(&db);
+            db.flush().unwrap();
+        }
+        reopen_and_check(dir.path(), &mut m);
     }
-    reopen_and_check(dir.path(), &mut m);
 }
 
 /// A compaction fails reading its input, writing or fsyncing its output, or recording its
