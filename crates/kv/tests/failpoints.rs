@@ -323,8 +323,8 @@ fn a_failed_manifest_switch_at_open_fails_the_open() {
 }
 
 /// A failed read of a table block (point read, scan; data, or a cached index or filter read
-/// again) is an error naming the table, and poisons
-/// nothing: writes go on, and the same reads succeed once the disk works again.
+/// again) is an error naming the table, and poisons nothing: writes go on, and the same reads
+/// succeed once the disk works again.
 #[test]
 fn a_failed_table_read_is_an_error_and_poisons_nothing() {
     // Cached in a cache that holds nothing, a table's index and filter are read again by every
