@@ -243,10 +243,10 @@ mod tests {
         Cached::Filter(Bytes::from(vec![0u8; len]))
     }
 
-    /// An offset of table 1 whose entry lands in the same shard as offset 0's.
-    fn same_shard(c: &BlockCache) -> u64 {
+    /// Offsets of table 1 whose entries share one shard.
+    fn one_shard(c: &BlockCache, n: usize) -> Vec<u64> {
         let first = c.shard(1, 0) as *const _;
-        (1..).map(|i| i << 12).find(|&o| std::ptr::eq(c.shard(1, o), first)).unwrap()
+        (0..).map(|i| i << 12).filter(|&o| std::ptr::eq(c.shard(1, o), first)).take(n).collect()
     }
 
     #[test]
@@ -257,7 +257,7 @@ mod tests {
         assert_eq!(c.bytes(), 5000 + OVERHEAD);
         assert_eq!(c.index_filter_bytes(), 5000 + OVERHEAD);
         // Another entry of the shard makes it the least recently used one over the limit.
-        let other = same_shard(&c);
+        let other = one_shard(&c, 2)[1];
         c.insert(1, other, filter(10));
         assert!(c.get_meta(1, 0).is_none());
         assert_eq!(c.index_filter_bytes(), 10 + OVERHEAD);
@@ -272,12 +272,6 @@ mod tests {
         let mut b = crate::block::BlockBuilder::new(16);
         b.add(b"key", &vec![1u8; value_len]);
         Cached::Data(Block::new(Bytes::from(b.finish())).unwrap())
-    }
-
-    /// Offsets of table 1 whose entries share one shard.
-    fn one_shard(c: &BlockCache, n: usize) -> Vec<u64> {
-        let first = c.shard(1, 0) as *const _;
-        (0..).map(|i| i << 12).filter(|&o| std::ptr::eq(c.shard(1, o), first)).take(n).collect()
     }
 
     #[test]

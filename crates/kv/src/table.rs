@@ -408,15 +408,16 @@ impl Table {
         user: &[u8],
         hash: u64,
     ) -> Result<Option<(Kind, Bytes)>> {
+        // A table built without a filter has an empty one.
+        let excludes = |filter: &[u8]| !filter.is_empty() && !bloom::may_contain(filter, hash);
         // Pinned, the index and filter are borrowed: no reference counts touched per probe.
         if let Some((index, filter)) = &self.pinned {
-            if !filter.is_empty() && !bloom::may_contain(filter, hash) {
+            if excludes(filter) {
                 return Ok(None);
             }
             return self.get_in(index, lookup, user);
         }
-        let filter = self.filter()?;
-        if !filter.is_empty() && !bloom::may_contain(&filter, hash) {
+        if excludes(&self.filter()?) {
             return Ok(None);
         }
         let index = self.index(true)?;

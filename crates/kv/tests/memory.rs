@@ -82,8 +82,9 @@ fn within_the_budget(cached: bool) {
 }
 
 /// Tables whose indexes and filters alone pass the budget (256-byte blocks, 32 filter bits a
-/// key; tables of 128 KiB, whose index fits a cache shard's share): cached, everything the engine holds stays within it while they are written and read
-/// back; pinned, they are kept whatever the budget.
+/// key; tables of 128 KiB, whose index fits a cache shard's share): cached, everything the
+/// engine holds stays within it while they are written and read back; pinned, they are kept
+/// whatever the budget.
 #[test]
 fn indexes_and_filters_larger_than_the_budget_are_held_under_it_when_cached() {
     const BUDGET: usize = 1 << 20;
