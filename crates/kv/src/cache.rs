@@ -37,6 +37,12 @@ pub(crate) enum Cached {
 }
 
 impl Cached {
+    /// Whether something besides the cache holds this entry: an iterator (or a read under
+    /// way) holds its table's index.
+    fn in_use(&self) -> bool {
+        matches!(self, Cached::Index(i) if Arc::strong_count(i) > 1)
+    }
+
     fn charge(&self) -> usize {
         OVERHEAD
             + match self {
@@ -217,11 +223,26 @@ impl BlockCache {
 
 /// Drops a shard's least recently used entries until it holds at most `limit` bytes, or one
 /// entry (an index or filter above the limit) and a limit above zero: indexes and filters
-/// first while they hold more than half of the limit, data blocks first otherwise.
+/// first while they hold more than half of the limit, data blocks first otherwise. An index
+/// an iterator holds is moved to the front instead (dropping it would free nothing: it stays
+/// charged while in use); once every index and filter was looked at, only data blocks go. A
+/// zero limit (no cache) drops everything.
 fn evict(s: &mut Shard, limit: usize) {
+    let mut meta_looks = s.metas.len();
     while s.bytes > limit && (limit == 0 || s.blocks.len() + s.metas.len() > 1) {
-        let metas_first = s.meta_bytes > limit / 2 || s.blocks.is_empty();
-        let popped = if metas_first { s.metas.pop_lru() } else { s.blocks.pop_lru() };
+        let metas_first = meta_looks > 0 && (s.meta_bytes > limit / 2 || s.blocks.is_empty());
+        let popped = if metas_first {
+            meta_looks -= 1;
+            match s.metas.pop_lru() {
+                Some((key, e)) if limit > 0 && e.in_use() => {
+                    s.metas.put(key, e);
+                    continue;
+                }
+                popped => popped,
+            }
+        } else {
+            s.blocks.pop_lru()
+        };
         match popped {
             Some((_, e)) => s.forget(&e),
             None => break,
@@ -294,6 +315,43 @@ mod tests {
         assert!(c.get_meta(1, offs[30]).is_some() && c.get_meta(1, offs[31]).is_some());
         assert!(c.bytes() <= 4000);
         assert!(c.get_block(1, offs[29]).is_some(), "data blocks under half stay");
+    }
+
+    fn index() -> Arc<Index> {
+        let mut b = crate::block::BlockBuilder::new(16);
+        Arc::new(Index::new(Block::new(Bytes::from(b.finish())).unwrap(), 0).unwrap())
+    }
+
+    #[test]
+    fn an_index_in_use_stays_and_stays_charged() {
+        let c = BlockCache::new(SHARDS * 2000);
+        let offs = one_shard(&c, 40);
+        let held = index();
+        c.insert(1, offs[0], Cached::Index(held.clone()));
+        c.insert(1, offs[1], Cached::Index(index()));
+        let charge = Cached::Index(held.clone()).charge();
+        // Indexes and filters past the limit push out the least recent ones, but not the one
+        // an iterator holds.
+        for &o in &offs[2..30] {
+            c.insert(1, o, filter(100));
+        }
+        assert!(c.get_meta(1, offs[0]).is_some(), "the held index was evicted");
+        assert!(c.get_meta(1, offs[1]).is_none());
+        assert!(c.bytes() <= 2000);
+        assert!(c.index_filter_bytes() >= charge);
+        // Held, it stays even when nothing else can go; released, it goes.
+        c.set_limit(SHARDS);
+        assert!(c.get_meta(1, offs[0]).is_some());
+        assert_eq!(c.bytes(), charge);
+        drop(held);
+        c.insert(1, offs[30], filter(1));
+        assert!(c.get_meta(1, offs[0]).is_none());
+        // No cache keeps nothing, held or not.
+        let held = index();
+        c.set_limit(SHARDS * 2000);
+        c.insert(1, offs[0], Cached::Index(held.clone()));
+        c.set_limit(0);
+        assert_eq!(c.bytes(), 0);
     }
 
     #[test]

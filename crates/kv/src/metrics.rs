@@ -58,6 +58,7 @@ impl Metrics {
         for (kind, bytes) in [
             ("memtable", s.memtable_bytes),
             ("immutable_memtables", s.immutable_memtable_bytes),
+            ("reader_memtables", s.reader_memtable_bytes),
             ("table_index_filter", s.table_pinned_bytes),
             ("block_cache", s.cache_bytes),
         ] {

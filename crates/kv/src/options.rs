@@ -149,6 +149,8 @@ impl Options {
     /// most half of it (the memtable size is capped at `budget / 2 / (1 +
     /// max_immutable_memtables)`); the block cache gets what is left, reserving the active
     /// memtable's full size, so it shrinks while memtables await flush and grows back after.
+    /// Memtables that iterators still hold after their flush are charged too, until the
+    /// iterators are dropped (iterators holding more than the budget leave no cache at all).
     /// Index and filter blocks go into the cache by default under a budget (see
     /// [`cache_index_and_filter_blocks`](Self::cache_index_and_filter_blocks)); pinned instead,
     /// they are charged before the cache, which then shrinks as tables accumulate. At least

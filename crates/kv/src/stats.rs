@@ -33,6 +33,10 @@ pub struct Stats {
     pub immutable_memtables: usize,
     /// Bytes in the immutable memtables.
     pub immutable_memtable_bytes: u64,
+    /// Bytes of memtables no longer in use for writes or flushes that readers still hold (an
+    /// iterator keeps the memtables it was created over until it is dropped). Under a memory
+    /// budget they are charged before the block cache.
+    pub reader_memtable_bytes: u64,
     /// Bytes the open SSTables keep in memory outside the block cache (index and filter blocks,
     /// unless they are cached).
     pub table_pinned_bytes: u64,
@@ -90,6 +94,16 @@ pub struct Stats {
 }
 
 impl Stats {
+    /// What the engine holds in memory of what a memory budget charges: memtables (also those
+    /// readers hold), pinned index and filter blocks, and the block cache.
+    pub fn memory_bytes(&self) -> u64 {
+        self.memtable_bytes
+            + self.immutable_memtable_bytes
+            + self.reader_memtable_bytes
+            + self.table_pinned_bytes
+            + self.cache_bytes
+    }
+
     /// Bytes of all SSTables.
     pub fn table_bytes(&self) -> u64 {
         self.levels.iter().map(|l| l.bytes).sum()

@@ -98,10 +98,7 @@ fn indexes_and_filters_larger_than_the_budget_are_held_under_it_when_cached() {
             .target_file_size(128 << 10)
             .cache_index_and_filter_blocks(cached);
         let db = Db::open(dir.path(), opts).unwrap();
-        let held = |db: &Db| {
-            let s = db.stats();
-            s.memtable_bytes + s.immutable_memtable_bytes + s.table_pinned_bytes + s.cache_bytes
-        };
+        let held = |db: &Db| db.stats().memory_bytes();
         let mut most = 0;
         for i in 0..n {
             db.put(key(i), i.to_le_bytes()).unwrap();
@@ -125,6 +122,51 @@ fn indexes_and_filters_larger_than_the_budget_are_held_under_it_when_cached() {
     // kept as that shard's only entry.
     let cached = run(true);
     assert!(cached <= BUDGET as u64 + (64 << 10), "held {cached} under a budget of {BUDGET}");
+}
+
+/// An iterator made while data five budgets large is written keeps the memtables of its view
+/// after they are flushed: the budget charges them, and the block cache gives way; once the
+/// iterator is dropped, the cache gets its room back.
+#[test]
+fn memtables_held_by_an_iterator_are_charged_against_the_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open(dir.path(), Options::default().memory_budget(Some(BUDGET))).unwrap();
+    let memtable_size = (BUDGET / 2 / 3) as u64;
+    let value = [7u8; 100];
+    let n = 100_000u64;
+    let mut iter = None;
+    let mut most_held_for_readers = 0;
+    for i in 0..n {
+        db.put(key(i), value).unwrap();
+        if i % 10 == 0 {
+            // Reads fill the cache from the tables.
+            let _ = db.get(key(i / 2)).unwrap();
+        }
+        // One iterator over a well-filled memtable, made once the first tables exist.
+        if iter.is_none() && i >= 10_000 && db.stats().memtable_bytes > memtable_size * 3 / 4 {
+            iter = Some((i + 1, db.iter()));
+        }
+        if i % 1000 == 0 {
+            let s = db.stats();
+            most_held_for_readers = most_held_for_readers.max(s.reader_memtable_bytes);
+            // Slack: the write that fills a memtable, a block inserted as the limit drops.
+            let held = s.memory_bytes();
+            assert!(held <= BUDGET as u64 + (64 << 10), "held {held}: {s:?}");
+        }
+    }
+    assert!(most_held_for_readers > memtable_size / 2, "{most_held_for_readers}");
+    let (at, iter) = iter.unwrap();
+    assert_eq!(iter.count() as u64, at, "the iterator sees what was written before it");
+    // The view goes at the flush thread's next round (at least every 200 ms).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let s = db.stats();
+        if s.reader_memtable_bytes == 0 && s.cache_limit >= (BUDGET / 3) as u64 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "still charged: {s:?}");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
 }
 
 #[test]

@@ -32,6 +32,7 @@ use timber_wal::Wal;
 use crate::cache::BlockCache;
 use crate::error::{Error, Result};
 use crate::manifest::{self, Manifest, TableMeta};
+use crate::memtable::Memtable;
 use crate::metrics::Metrics;
 use crate::options::{Options, NUM_LEVELS};
 use crate::stats::{Counters, LevelStats, Stall, Stats};
@@ -107,21 +108,43 @@ pub(super) fn release(counts: &mut BTreeMap<u64, usize>, key: u64) {
     }
 }
 
-/// The block cache's limit while `view` is current (see [`Options::memory_budget`]).
-pub(super) fn cache_limit(opts: &Options, view: &View) -> usize {
-    let imms = view.imms.iter().map(|m| m.size()).sum();
-    let pinned = view.version.levels.iter().flatten().map(|t| t.table.pinned_bytes()).sum();
-    opts.cache_limit(imms, pinned)
+/// Bytes of memtables that only replaced views hold: an iterator keeps the memtables of the view
+/// it was made on until it is dropped, and a replaced view stays in `retired` until a `reap`
+/// finds nothing else holding it. Each memtable is counted once.
+pub(super) fn reader_memtable_bytes(view: &View, retired: &[Arc<View>]) -> usize {
+    let current: Vec<*const Memtable> =
+        std::iter::once(&view.mem).chain(&view.imms).map(Arc::as_ptr).collect();
+    let mut seen = current;
+    let mut bytes = 0;
+    for m in retired.iter().flat_map(|v| std::iter::once(&v.mem).chain(&v.imms)) {
+        if !seen.contains(&Arc::as_ptr(m)) {
+            seen.push(Arc::as_ptr(m));
+            bytes += m.size();
+        }
+    }
+    bytes
 }
 
 impl Inner {
     /// Makes `view` the current one (`view_lock` held) and keeps the one it replaces for `reap`.
     pub(super) fn install_view(&self, view: View) {
-        if self.opts.memory_budget.is_some() {
-            self.cache.set_limit(cache_limit(&self.opts, &view));
-        }
         let old = self.view.swap(Arc::new(view));
         self.retired.lock().push(old);
+        self.update_cache_limit();
+    }
+
+    /// Under a memory budget, sets the block cache's limit to what the current view's
+    /// memtables and pinned index and filter blocks, and the memtables readers still hold,
+    /// leave of it (see [`Options::memory_budget`]).
+    pub(super) fn update_cache_limit(&self) {
+        if self.opts.memory_budget.is_none() {
+            return;
+        }
+        let view = self.view.load();
+        let imms = view.imms.iter().map(|m| m.size()).sum::<usize>()
+            + reader_memtable_bytes(&view, &self.retired.lock());
+        let pinned = view.version.levels.iter().flatten().map(|t| t.table.pinned_bytes()).sum();
+        self.cache.set_limit(self.opts.cache_limit(imms, pinned));
     }
 
     /// Drops the replaced views that nothing else holds any more. Called by the background
@@ -138,7 +161,10 @@ impl Inner {
             *retired = kept;
             done
         };
-        drop(done);
+        if !done.is_empty() {
+            drop(done);
+            self.update_cache_limit();
+        }
     }
 
     pub(super) fn visible(&self) -> u64 {
@@ -246,6 +272,7 @@ impl Inner {
             memtable_bytes: view.mem.size() as u64,
             immutable_memtables: view.imms.len(),
             immutable_memtable_bytes: view.imms.iter().map(|m| m.size() as u64).sum(),
+            reader_memtable_bytes: reader_memtable_bytes(&view, &self.retired.lock()) as u64,
             table_pinned_bytes: view
                 .version
                 .levels

@@ -165,9 +165,7 @@ pub(super) fn open(dir: &Path, opts: Options) -> Result<(Arc<Inner>, Vec<JoinHan
         metrics,
         opts,
     });
-    if inner.opts.memory_budget.is_some() {
-        inner.cache.set_limit(super::inner::cache_limit(&inner.opts, &inner.view.load()));
-    }
+    inner.update_cache_limit();
     inner.publish_gauges();
     let mut threads = Vec::new();
     let spawn = |name: String, f: fn(&Inner)| {
