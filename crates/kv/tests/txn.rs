@@ -128,6 +128,66 @@ fn read_skew_is_prevented_from_snapshot_up() {
     }
 }
 
+/// An optimistic transaction about to read for update a key written since its start, that
+/// could commit now, moves its snapshot to now instead of failing at commit.
+#[test]
+fn an_optimistic_read_moves_the_snapshot_past_a_write_it_would_fail_on() {
+    for level in [Isolation::Snapshot, Isolation::Serializable] {
+        let (_d, db) = db();
+        db.put("a", "1").unwrap();
+        db.put("b", "1").unwrap();
+        let mut t1 = db.transaction(TxnOptions::isolation(level));
+        assert_eq!(num(t1.get_for_update("a").unwrap()), 1);
+        let start = t1.start_seq();
+        db.put("b", "2").unwrap();
+        assert_eq!(num(t1.get_for_update("b").unwrap()), 2, "{level:?}");
+        assert!(t1.start_seq() > start);
+        t1.put("a", "10").unwrap();
+        t1.put("b", "20").unwrap();
+        t1.commit().unwrap();
+        assert_eq!(num(db.get("b").unwrap()), 20);
+    }
+}
+
+/// It does not move when a key it read changed (it could not commit), nor under `Snapshot`
+/// once it read from its snapshot without tracking the read (moving would mix two states).
+#[test]
+fn the_snapshot_stays_when_a_read_changed_or_was_untracked() {
+    for (level, for_update) in [
+        (Isolation::Snapshot, true),
+        (Isolation::Serializable, false),
+        (Isolation::Snapshot, false),
+    ] {
+        let (_d, db) = db();
+        for key in ["a", "b", "c"] {
+            db.put(key, "1").unwrap();
+        }
+        let mut t1 = db.transaction(TxnOptions::isolation(level));
+        let a = if for_update { t1.get_for_update("a") } else { t1.get("a") };
+        assert_eq!(num(a.unwrap()), 1);
+        let start = t1.start_seq();
+        let mut t2 = db.transaction(TxnOptions::isolation(level));
+        t2.put("a", "2").unwrap();
+        t2.put("b", "2").unwrap();
+        t2.commit().unwrap();
+        assert_eq!(num(t1.get_for_update("b").unwrap()), 1, "{level:?} {for_update}");
+        assert_eq!(t1.start_seq(), start);
+        t1.put("b", "3").unwrap();
+        assert!(is_conflict(t1.commit()), "{level:?} {for_update}");
+    }
+    // Under `Snapshot`, a plain read after which only an unrelated key changed still fixes the
+    // snapshot: the transaction keeps reading the state it started on.
+    let (_d, db) = db();
+    db.put("a", "1").unwrap();
+    db.put("b", "1").unwrap();
+    let mut t1 = db.transaction(TxnOptions::isolation(Isolation::Snapshot));
+    assert_eq!(num(t1.get("a").unwrap()), 1);
+    db.put("a", "2").unwrap();
+    db.put("b", "2").unwrap();
+    assert_eq!(num(t1.get_for_update("b").unwrap()), 1);
+    assert_eq!(num(t1.get("a").unwrap()), 1, "read skew");
+}
+
 #[test]
 fn write_skew_on_items_is_prevented_only_by_serializable() {
     for level in LEVELS {
@@ -370,6 +430,7 @@ fn concurrent_transfers_keep_the_total_in_both_modes() {
 #[derive(Debug, Clone)]
 enum Step {
     Get(u8),
+    GetForUpdate(u8),
     Put(u8, u8),
     Delete(u8),
     Scan(u8, u8),
@@ -453,6 +514,19 @@ fn check_schedule(level: Isolation, mode: Mode, schedule: Vec<(usize, Step)>) {
                     slot.take();
                     continue;
                 };
+                seen.push(Seen::Get(k(i), v.map(|b| b.to_vec())));
+            }
+            Step::GetForUpdate(i) => {
+                let (t, start, seen) = slot.as_mut().unwrap();
+                let before = t.start_seq();
+                let Some(v) = gave_up(t.get_for_update(k(i))) else {
+                    slot.take();
+                    continue;
+                };
+                // A snapshot moved to now: every read so far must hold in the state of now.
+                if t.start_seq() != before {
+                    *start = model.clone();
+                }
                 seen.push(Seen::Get(k(i), v.map(|b| b.to_vec())));
             }
             Step::Put(i, v) => {
@@ -541,6 +615,7 @@ fn check_schedule(level: Isolation, mode: Mode, schedule: Vec<(usize, Step)>) {
 fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
         4 => any::<u8>().prop_map(Step::Get),
+        3 => any::<u8>().prop_map(Step::GetForUpdate),
         4 => (any::<u8>(), any::<u8>()).prop_map(|(a, b)| Step::Put(a, b)),
         1 => any::<u8>().prop_map(Step::Delete),
         2 => (any::<u8>(), any::<u8>()).prop_map(|(a, b)| Step::Scan(a, b)),

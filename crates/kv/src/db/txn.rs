@@ -15,6 +15,15 @@
 //!   unwritten since its start (a write into a scanned range conflicts, one outside does not):
 //!   committed transactions are equivalent to their execution one by one in commit order.
 //!
+//! An optimistic `Snapshot` or `Serializable` transaction about to read, for its commit check,
+//! a key written since its start (one it would fail on) first moves its snapshot to now, if
+//! it could commit now (everything it read is still what it read) and its reads were all
+//! tracked (under `Snapshot`, only reads for update: a plain get or scan fixes the snapshot):
+//! a transaction that started at the new point would have read and written the same, so the
+//! isolation is that of one started there, and only writes after the key was read can make it
+//! fail. This narrows the window of a conflict as RocksDB's optimistic transactions without a
+//! snapshot do, keeping reads on one snapshot.
+//!
 //! A conflict is `Error::Conflict` (retryable: nothing was written). A dropped transaction
 //! rolls back. An open transaction keeps the versions its snapshot needs, and its writes in
 //! memory: `TxnOptions` limits its size and age.
@@ -131,6 +140,9 @@ pub struct Transaction {
     locked: BTreeMap<Bytes, u64>,
     /// Pessimistic: keys it read from its snapshot (a later lock keeps checking from the start).
     snapshot_reads: BTreeSet<Bytes>,
+    /// Whether its snapshot may move forward (see the module doc): optimistic, `Snapshot` or
+    /// `Serializable`, and no untracked read from the snapshot yet.
+    movable: bool,
 }
 
 impl std::fmt::Debug for Transaction {
@@ -154,7 +166,6 @@ impl Transaction {
             start
         };
         Transaction {
-            opts,
             start,
             began: Instant::now(),
             writes: BTreeMap::new(),
@@ -165,11 +176,14 @@ impl Transaction {
             id: inner.next_txn.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             locked: BTreeMap::new(),
             snapshot_reads: BTreeSet::new(),
+            movable: opts.mode == Mode::Optimistic && opts.isolation != Isolation::ReadCommitted,
+            opts,
             inner,
         }
     }
 
-    /// The sequence number of the last write its snapshot sees (its start timestamp).
+    /// The sequence number of the last write its snapshot sees (its start timestamp; an
+    /// optimistic transaction may move it forward, see the module doc).
     pub fn start_seq(&self) -> u64 {
         self.start
     }
@@ -216,6 +230,10 @@ impl Transaction {
             _ => {
                 if pessimistic {
                     self.snapshot_reads.insert(Bytes::copy_from_slice(key));
+                } else if for_update || serializable {
+                    self.move_past(key);
+                } else {
+                    self.movable = false;
                 }
                 self.inner.get_at(key, self.start)?
             }
@@ -224,6 +242,29 @@ impl Transaction {
             self.reads.keys.push(Bytes::copy_from_slice(key));
         }
         Ok(v)
+    }
+
+    /// Moves the snapshot to now if `key` was written since the start (its commit would then
+    /// fail), the snapshot may move, and the transaction could commit now.
+    fn move_past(&mut self, key: &[u8]) {
+        if !self.movable
+            || self.inner.visible() == self.start
+            || !self.inner.oracle.lock().written_after(key, self.start)
+        {
+            return;
+        }
+        // Under the writer lock, every visible write has recorded its keys in the oracle.
+        let _w = self.inner.write.lock();
+        let mut oracle = self.inner.oracle.lock();
+        if self.check(&oracle).is_err() {
+            return;
+        }
+        let now = self.inner.add_snapshot();
+        oracle.begin(now);
+        oracle.end(self.start);
+        drop(oracle);
+        self.inner.drop_snapshot(self.start);
+        self.start = now;
     }
 
     /// Takes `key`'s lock (exclusive or shared), remembering where its commit check starts.
@@ -349,6 +390,9 @@ impl Transaction {
             }
         }
         self.snapshot_reads.extend(snapshot_keys);
+        if self.opts.isolation == Isolation::Snapshot {
+            self.movable = false;
+        }
         if self.opts.isolation == Isolation::Serializable {
             // Read only up to the last key returned when the limit cut the scan.
             let read = match out.last() {
