@@ -92,18 +92,78 @@ fn a_write_outside_any_transaction_conflicts_too() {
     assert_eq!(db.get("x").unwrap().unwrap(), "plain");
 }
 
+/// G0: two transactions write the same two keys, interleaved; the result is all of one of
+/// them, never a mix (writes are buffered until commit, and a commit is one batch), and from
+/// `Snapshot` up the later committer fails. Pessimistic, the second writer waits for the
+/// first's lock instead (here: times out at once).
 #[test]
-fn dirty_and_aborted_reads_never_happen() {
+fn dirty_write_never_happens() {
+    for level in LEVELS {
+        let (_d, db) = db();
+        db.put("x", "10").unwrap();
+        db.put("y", "20").unwrap();
+        let mut t1 = db.transaction(TxnOptions::isolation(level));
+        let mut t2 = db.transaction(TxnOptions::isolation(level));
+        t1.put("x", "11").unwrap();
+        t2.put("x", "12").unwrap();
+        t1.put("y", "21").unwrap();
+        t2.put("y", "22").unwrap();
+        t1.commit().unwrap();
+        let t2_committed = !is_conflict(t2.commit());
+        assert_eq!(t2_committed, level == Isolation::ReadCommitted, "{level:?}");
+        let both = (db.get("x").unwrap().unwrap(), db.get("y").unwrap().unwrap());
+        let want = if t2_committed { ("12", "22") } else { ("11", "21") };
+        assert_eq!((&both.0[..], &both.1[..]), (want.0.as_bytes(), want.1.as_bytes()), "{level:?}");
+
+        let (_d2, db) = self::db();
+        let opts = TxnOptions { lock_timeout: Duration::ZERO, ..TxnOptions::pessimistic(level) };
+        let mut t1 = db.transaction(opts.clone());
+        let mut t2 = db.transaction(opts);
+        t1.put("x", "11").unwrap();
+        assert!(matches!(t2.put("x", "12"), Err(Error::LockTimeout { .. })), "{level:?}");
+        t1.put("y", "21").unwrap();
+        t1.commit().unwrap();
+        t2.put("x", "12").unwrap();
+        t2.put("y", "22").unwrap();
+        t2.commit().unwrap();
+        assert_eq!(db.get("x").unwrap().unwrap(), "12");
+        assert_eq!(db.get("y").unwrap().unwrap(), "22");
+    }
+}
+
+/// G1a: a write of a transaction that rolls back is never read, before or after.
+#[test]
+fn aborted_read_never_happens() {
     for level in LEVELS {
         let (_d, db) = db();
         db.put("x", "0").unwrap();
         let mut t1 = db.transaction(TxnOptions::isolation(level));
-        t1.put("x", "dirty").unwrap();
+        t1.put("x", "aborted").unwrap();
         let mut t2 = db.transaction(TxnOptions::isolation(level));
         assert_eq!(t2.get("x").unwrap().unwrap(), "0", "{level:?}");
         t1.rollback();
         assert_eq!(t2.get("x").unwrap().unwrap(), "0", "{level:?}");
         t2.commit().unwrap();
+        assert_eq!(db.get("x").unwrap().unwrap(), "0");
+    }
+}
+
+/// A write not yet committed is never read; once committed, `ReadCommitted` reads it, the
+/// snapshot levels keep reading their snapshot.
+#[test]
+fn dirty_read_never_happens() {
+    for level in LEVELS {
+        let (_d, db) = db();
+        db.put("x", "0").unwrap();
+        let mut t1 = db.transaction(TxnOptions::isolation(level));
+        t1.put("x", "uncommitted").unwrap();
+        let mut t2 = db.transaction(TxnOptions::isolation(level));
+        assert_eq!(t2.get("x").unwrap().unwrap(), "0", "{level:?}");
+        assert_eq!(t2.scan::<&str>(..).unwrap()[0].1, "0", "{level:?}");
+        t1.commit().unwrap();
+        let after = t2.get("x").unwrap().unwrap();
+        let want = if level == Isolation::ReadCommitted { "uncommitted" } else { "0" };
+        assert_eq!(after, want, "{level:?}");
     }
 }
 
@@ -254,9 +314,37 @@ fn a_write_into_a_scanned_range_conflicts_and_one_outside_does_not() {
     t.commit().unwrap();
 }
 
+/// OTV: T3 reads x written by T1; T2, which overwrote both of T1's keys, must not then show
+/// T3 its write of y, as if T1 had vanished. `ReadCommitted` allows it (its reads are each of
+/// the latest state, and nothing is checked); from `Snapshot` up, T2 fails and T3 reads T1's y.
 #[test]
-fn observed_transaction_vanishes_and_circular_flow_cannot_happen() {
-    // T1 writes x and y; T2 reads x (before T1 commits: it sees the old one) and writes y.
+fn observed_transaction_vanishes_only_under_read_committed() {
+    for level in LEVELS {
+        let (_d, db) = db();
+        db.put("x", "10").unwrap();
+        db.put("y", "20").unwrap();
+        let mut t1 = db.transaction(TxnOptions::isolation(level));
+        let mut t2 = db.transaction(TxnOptions::isolation(level));
+        t1.put("x", "11").unwrap();
+        t1.put("y", "19").unwrap();
+        t2.put("x", "12").unwrap();
+        t2.put("y", "18").unwrap();
+        t1.commit().unwrap();
+        let mut t3 = db.transaction(TxnOptions::isolation(level));
+        assert_eq!(t3.get("x").unwrap().unwrap(), "11", "{level:?}");
+        let t2_committed = !is_conflict(t2.commit());
+        assert_eq!(t2_committed, level == Isolation::ReadCommitted, "{level:?}");
+        let y = t3.get("y").unwrap().unwrap();
+        let vanished = y == "18";
+        assert_eq!(vanished, level == Isolation::ReadCommitted, "{level:?}: y {y:?}");
+        t3.commit().unwrap();
+    }
+}
+
+/// T1 writes x and y; T2 reads x before T1 commits (the old value) and writes y: committing
+/// both would put T2 before T1 (it missed x) and after it (y).
+#[test]
+fn a_transaction_that_missed_a_write_cannot_overwrite_its_other_keys() {
     for level in [Isolation::Snapshot, Isolation::Serializable] {
         let (_d, db) = db();
         let mut t1 = db.transaction(TxnOptions::isolation(level));
@@ -266,8 +354,36 @@ fn observed_transaction_vanishes_and_circular_flow_cannot_happen() {
         assert_eq!(t2.get("x").unwrap(), None);
         t2.put("y", "2").unwrap();
         t1.commit().unwrap();
-        // Committing would order T2 both before T1 (it missed x) and after it (y): refused.
         assert!(is_conflict(t2.commit()), "{level:?}");
+    }
+}
+
+/// A pessimistic transaction's locks go when it ends, by commit, rollback or drop: another
+/// transaction that cannot wait at all gets them at once.
+#[test]
+fn locks_are_released_at_commit_rollback_and_drop() {
+    let (_d, db) = db();
+    let opts = TxnOptions {
+        lock_timeout: Duration::ZERO,
+        ..TxnOptions::pessimistic(Isolation::Serializable)
+    };
+    for end in ["commit", "rollback", "drop"] {
+        let mut t1 = db.transaction(opts.clone());
+        t1.put("w", end).unwrap();
+        t1.get_for_update("u").unwrap();
+        t1.get("s").unwrap();
+        let mut t2 = db.transaction(opts.clone());
+        assert!(matches!(t2.put("w", "t2"), Err(Error::LockTimeout { .. })), "{end}");
+        assert!(matches!(t2.put("s", "t2"), Err(Error::LockTimeout { .. })), "{end}");
+        match end {
+            "commit" => drop(t1.commit().unwrap()),
+            "rollback" => t1.rollback(),
+            _ => drop(t1),
+        }
+        for key in ["w", "u", "s"] {
+            t2.put(key, "t2").unwrap();
+        }
+        t2.commit().unwrap();
     }
 }
 
@@ -644,13 +760,12 @@ proptest! {
     }
 }
 
+/// G1b: only a transaction's final write of a key is ever read.
 #[test]
-fn intermediate_reads_and_circular_information_flow_never_happen() {
+fn intermediate_read_never_happens() {
     for level in LEVELS {
         let (_d, db) = db();
         db.put("x", "10").unwrap();
-        db.put("y", "20").unwrap();
-        // G1b: only a transaction's final write is ever seen.
         let mut t1 = db.transaction(TxnOptions::isolation(level));
         t1.put("x", "11").unwrap();
         let mut t2 = db.transaction(TxnOptions::isolation(level));
@@ -659,16 +774,26 @@ fn intermediate_reads_and_circular_information_flow_never_happen() {
         t1.commit().unwrap();
         let seen = t2.get("x").unwrap().unwrap();
         assert_ne!(seen, "11", "{level:?}: an intermediate write was read");
-        drop(t2);
-        // G1c: two transactions that each read what the other writes see no uncommitted write.
+        assert_eq!(db.get("x").unwrap().unwrap(), "12");
+    }
+}
+
+/// G1c: two transactions that each read what the other writes see no uncommitted write, so
+/// neither depends on the other both ways; `Serializable` also refuses the second commit,
+/// whose read the first's write made stale.
+#[test]
+fn circular_information_flow_never_happens() {
+    for level in LEVELS {
+        let (_d, db) = db();
+        db.put("x", "10").unwrap();
+        db.put("y", "20").unwrap();
         let mut t1 = db.transaction(TxnOptions::isolation(level));
         let mut t2 = db.transaction(TxnOptions::isolation(level));
-        t1.put("x", "13").unwrap();
-        t2.put("y", "22").unwrap();
+        t1.put("x", "11").unwrap();
+        t2.put("y", "21").unwrap();
         assert_eq!(t1.get("y").unwrap().unwrap(), "20", "{level:?}");
-        assert_eq!(t2.get("x").unwrap().unwrap(), "12", "{level:?}");
+        assert_eq!(t2.get("x").unwrap().unwrap(), "10", "{level:?}");
         t1.commit().unwrap();
-        // Serializable: t2 read x, which t1 wrote since t2 began.
         assert_eq!(!is_conflict(t2.commit()), level != Isolation::Serializable, "{level:?}");
     }
 }
