@@ -384,11 +384,9 @@ async fn sweep(engines: Arc<Engines>, mut stop: watch::Receiver<bool>) {
                 tracing::debug!(writers = n, "closed idle stream writers");
             }
         }
-        if round.is_multiple_of(10) {
-            let n = engines.txns.reap();
-            if n > 0 {
-                tracing::debug!(transactions = n, "rolled back idle transactions");
-            }
+        let n = engines.txns.reap(engines.keys.epoch());
+        if n > 0 {
+            tracing::debug!(transactions = n, "rolled back idle transactions and a past leader's");
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(100)) => {}

@@ -16,8 +16,10 @@
 //!   blocking pool; the rest (begins, an optimistic transaction's key reads and writes) on
 //!   the caller's task.
 //! - In a cluster every call runs on the leader (a member that does not lead passes it there,
-//!   `forwarded.rs` op `txn-call`); a transaction begun under another leader, or another term
-//!   of this one, aborts at commit, as an unknown id does.
+//!   `forwarded.rs` op `txn-call`). A transaction begun under another leader, or another term
+//!   of this one, is aborted: by its next call, or by the server's background round (every
+//!   100 ms) once this member stops leading, which releases its locks and snapshot then
+//!   rather than when it would have gone idle.
 //!
 //! Errors start with a code word (`ABORTED`: retry the whole transaction; `INVALID`;
 //! `UNAVAILABLE`: retry the call; `INTERNAL`), which survives the way back from the leader.
@@ -202,17 +204,22 @@ impl OpenTxns {
         id & 1 == 1
     }
 
-    /// Runs `f` on transaction `id`.
+    /// Runs `f` on transaction `id`, begun under `epoch` (this member's now: one begun under
+    /// another is aborted).
     fn with<T>(
         &self,
         id: u64,
+        epoch: Option<Epoch>,
         f: impl FnOnce(&mut Transaction) -> Result<T, Error>,
     ) -> Result<T, Error> {
         let entry = self.open.lock().get(&id).cloned().ok_or_else(|| unknown(id))?;
         let mut open = entry.lock();
         open.used = Instant::now();
-        let txn = open.txn.as_mut().ok_or_else(|| unknown(id))?;
-        let r = f(txn);
+        let r = match (open.epoch == epoch, open.txn.as_mut()) {
+            (_, None) => return Err(unknown(id)),
+            (false, Some(_)) => Err(leader_changed()),
+            (true, Some(txn)) => f(txn),
+        };
         if let Err(Error::Aborted(_)) = r {
             // Deadlock victim, lock timeout, expired: over, and its locks released now (the
             // client runs it again from the start).
@@ -232,8 +239,8 @@ impl OpenTxns {
     }
 
     /// A key's value and version as the transaction sees it (a key it wrote: version 0).
-    fn get(&self, r: &pb::TxnGetRequest) -> Result<pb::GetResponse, Error> {
-        self.with(r.id, |t| {
+    fn get(&self, epoch: Option<Epoch>, r: &pb::TxnGetRequest) -> Result<pb::GetResponse, Error> {
+        self.with(r.id, epoch, |t| {
             let dk = data_key(&r.key);
             let stored = if r.for_update { t.get_for_update(&dk)? } else { t.get(&dk)? };
             let v = live(&r.key, stored, now_ms)?;
@@ -244,8 +251,8 @@ impl OpenTxns {
         })
     }
 
-    fn put(&self, r: &pb::TxnPutRequest) -> Result<(), Error> {
-        self.with(r.id, |t| {
+    fn put(&self, epoch: Option<Epoch>, r: &pb::TxnPutRequest) -> Result<(), Error> {
+        self.with(r.id, epoch, |t| {
             let expire_at = r.ttl_ms.filter(|t| *t > 0).map(|t| now_ms().saturating_add(t));
             let v = Value { expire_at, ..Value::string(r.value.clone()) };
             t.put(data_key(&r.key), Keyspace::encoded(&v))?;
@@ -256,8 +263,8 @@ impl OpenTxns {
         })
     }
 
-    fn delete(&self, r: &pb::TxnDeleteRequest) -> Result<bool, Error> {
-        self.with(r.id, |t| {
+    fn delete(&self, epoch: Option<Epoch>, r: &pb::TxnDeleteRequest) -> Result<bool, Error> {
+        self.with(r.id, epoch, |t| {
             let dk = data_key(&r.key);
             let existed = live(&r.key, t.get(&dk)?, now_ms)?.is_some();
             t.delete(dk)?;
@@ -265,12 +272,16 @@ impl OpenTxns {
         })
     }
 
-    fn scan(&self, r: &pb::TxnScanRequest) -> Result<Vec<(Bytes, Bytes)>, Error> {
+    fn scan(
+        &self,
+        epoch: Option<Epoch>,
+        r: &pb::TxnScanRequest,
+    ) -> Result<Vec<(Bytes, Bytes)>, Error> {
         let limit = match r.limit {
             0 => MAX_SCAN,
             n => (n as usize).min(MAX_SCAN),
         };
-        self.with(r.id, |t| {
+        self.with(r.id, epoch, |t| {
             let Some((lo, hi)) = data_range(&r.prefix, &r.start, &r.end) else {
                 return Ok(Vec::new());
             };
@@ -298,9 +309,7 @@ impl OpenTxns {
     fn commit(&self, ks: &Keyspace, id: u64) -> Result<(), Error> {
         let (txn, epoch) = self.take(id).ok_or_else(|| unknown(id))?;
         if epoch != ks.epoch() {
-            return Err(Error::Aborted(
-                "the leader changed since the transaction began: retry it".into(),
-            ));
+            return Err(leader_changed());
         }
         // On one node, a commit's check and write must not interleave with another's (a write
         // into a range the other scanned). In a cluster the members check it again on apply
@@ -326,15 +335,18 @@ impl OpenTxns {
         }
     }
 
-    /// Rolls back the transactions idle for longer than the registry's idle time; how many.
-    pub(crate) fn reap(&self) -> usize {
+    /// Rolls back the transactions idle for longer than the registry's idle time, and those
+    /// begun under another epoch than `epoch` (this member's now); how many.
+    pub(crate) fn reap(&self, epoch: Option<Epoch>) -> usize {
         let now = Instant::now();
         let mut open = self.open.lock();
         let before = open.len();
-        // One in a call is not idle (its lock is held).
+        // One in a call is left to it (its lock is held): a call checks the epoch too.
         open.retain(|_, e| {
             e.try_lock().is_none_or(|o| {
-                now.duration_since(o.used) < self.idle && now.duration_since(o.began) < MAX_AGE
+                o.epoch == epoch
+                    && now.duration_since(o.used) < self.idle
+                    && now.duration_since(o.began) < MAX_AGE
             })
         });
         before - open.len()
@@ -344,16 +356,17 @@ impl OpenTxns {
     fn run(&self, ks: &Keyspace, call: pb::txn_call::Call) -> Result<pb::txn_reply::Reply, Error> {
         use pb::txn_call::Call as C;
         use pb::txn_reply::Reply as R;
+        let here = || ks.epoch();
         Ok(match call {
             C::Begin(r) => R::Begin(pb::BeginResponse { id: self.begin(ks, &r)? }),
-            C::Get(r) => R::Get(self.get(&r)?),
+            C::Get(r) => R::Get(self.get(here(), &r)?),
             C::Put(r) => {
-                self.put(&r)?;
+                self.put(here(), &r)?;
                 R::Put(pb::PutResponse {})
             }
-            C::Delete(r) => R::Delete(pb::DeleteResponse { existed: self.delete(&r)? }),
+            C::Delete(r) => R::Delete(pb::DeleteResponse { existed: self.delete(here(), &r)? }),
             C::Scan(r) => {
-                let items = self.scan(&r)?;
+                let items = self.scan(here(), &r)?;
                 R::Scan(pb::ScanPage {
                     items: items
                         .into_iter()
@@ -370,6 +383,10 @@ impl OpenTxns {
             }
         })
     }
+}
+
+fn leader_changed() -> Error {
+    Error::Aborted("the leader changed since the transaction began: retry it".into())
 }
 
 fn unknown(id: u64) -> Error {
@@ -486,16 +503,17 @@ mod tests {
         let t = OpenTxns::new(Duration::ZERO);
         ks.set(b"a", &Value::string("1")).unwrap();
         let id = begin(&t, &ks, pb::Isolation::Serializable);
+        let here = ks.epoch();
         let get = |id, key: &str| {
-            t.get(&pb::TxnGetRequest { id, key: key.to_string().into(), for_update: false })
+            t.get(here, &pb::TxnGetRequest { id, key: key.to_string().into(), for_update: false })
                 .map(|r| r.value)
         };
         assert_eq!(get(id, "a").unwrap(), Some(Bytes::from("1")));
-        t.put(&pb::TxnPutRequest { id, key: "b".into(), value: "2".into(), ttl_ms: Some(60_000) })
-            .unwrap();
+        let b = pb::TxnPutRequest { id, key: "b".into(), value: "2".into(), ttl_ms: Some(60_000) };
+        t.put(here, &b).unwrap();
         assert_eq!(get(id, "b").unwrap(), Some(Bytes::from("2")));
         let page = pb::TxnScanRequest { id, ..Default::default() };
-        assert_eq!(t.scan(&page).unwrap().len(), 2);
+        assert_eq!(t.scan(here, &page).unwrap().len(), 2);
         assert_eq!(ks.get(b"b").unwrap(), None, "nothing visible before commit");
         t.commit(&ks, id).unwrap();
         let b = ks.get(b"b").unwrap().unwrap();
@@ -505,7 +523,8 @@ mod tests {
         // A key it read written by a plain write since: aborted, nothing written.
         let id = begin(&t, &ks, pb::Isolation::Serializable);
         get(id, "a").unwrap();
-        t.put(&pb::TxnPutRequest { id, key: "c".into(), value: "3".into(), ttl_ms: None }).unwrap();
+        let c = pb::TxnPutRequest { id, key: "c".into(), value: "3".into(), ttl_ms: None };
+        t.put(here, &c).unwrap();
         let _g = ks.lock(b"a");
         ks.set(b"a", &Value::string("9")).unwrap();
         drop(_g);
@@ -514,9 +533,54 @@ mod tests {
 
         // Idle ones are rolled back.
         let id = begin(&t, &ks, pb::Isolation::Snapshot);
-        assert_eq!(t.reap(), 1);
+        assert_eq!(t.reap(here), 1);
         assert_eq!(t.len(), 0);
         assert!(matches!(get(id, "a"), Err(Error::Aborted(_))));
+    }
+
+    /// A transaction begun under another epoch (this member led in another term, or no longer
+    /// leads) is aborted by its next call, and by a reap, which releases its locks at once.
+    #[test]
+    fn a_past_leaders_transactions_are_aborted_and_release_their_locks() {
+        let dir = tempfile::tempdir().unwrap();
+        let ks = Keyspace::open(dir.path(), Sync::Manual, None, &IdleWork::new()).unwrap();
+        let t = OpenTxns::new(Duration::from_secs(60));
+        let here = ks.epoch();
+        let later = here.map(|e| Epoch { term: e.term + 1, ..e });
+        let pessimistic = |t: &OpenTxns| {
+            let r = pb::BeginRequest {
+                pessimistic: true,
+                lock_timeout_ms: Some(0),
+                ..Default::default()
+            };
+            match t.run(&ks, C::Begin(r)).unwrap() {
+                R::Begin(b) => b.id,
+                other => panic!("{other:?}"),
+            }
+        };
+        let put = |id| pb::TxnPutRequest { id, key: "k".into(), value: "v".into(), ttl_ms: None };
+        let first = pessimistic(&t);
+        t.put(here, &put(first)).unwrap();
+        let second = pessimistic(&t);
+        assert!(matches!(t.put(here, &put(second)), Err(Error::Aborted(m)) if m.contains("lock")));
+        // Its next call under another epoch aborts it.
+        let stale = pessimistic(&t);
+        let get = pb::TxnGetRequest { id: stale, key: "x".into(), for_update: false };
+        assert_eq!(t.get(later, &get).unwrap_err(), leader_changed());
+        assert_eq!(t.get(here, &get).unwrap_err(), unknown(stale));
+        // A reap under another epoch rolls back the rest: the lock on k is free.
+        assert_eq!(t.reap(here), 0);
+        assert_eq!(t.reap(later), 1);
+        assert_eq!(t.len(), 0);
+        let third = pessimistic(&t);
+        t.put(here, &put(third)).unwrap();
+        assert_eq!(t.commit(&ks, first).unwrap_err(), unknown(first));
+        t.commit(&ks, third).unwrap();
+        assert_eq!(ks.get(b"k").unwrap().unwrap().data, Bytes::from("v"));
+        // No leader: none stays.
+        let fourth = pessimistic(&t);
+        assert_eq!(t.reap(None), 1);
+        assert!(t.take(fourth).is_none());
     }
 
     #[test]

@@ -1226,8 +1226,15 @@ fn the_leadership_moves_to_the_member_asked_while_clients_write() {
     let admin = rt.block_on(c.node(first).grpc());
     let e = rt.block_on(admin.transfer_leader(9)).unwrap_err();
     assert!(e.to_string().contains("not a voter"), "{e}");
+    // A pessimistic transaction on the first leader holds the lock of `p` there.
+    use timber_client::{Code, Isolation, TxnOptions};
+    let locked = rt.block_on(async {
+        let t = admin.begin(TxnOptions::pessimistic(Isolation::Snapshot)).await.unwrap();
+        t.put("p", "first").await.unwrap();
+        t
+    });
     let mut now = first;
-    for _ in 0..2 {
+    for _ in 0..3 {
         let target = (now + 1) % 3;
         let via = (target + 1) % 3;
         let admin = rt.block_on(c.node(via).grpc());
@@ -1236,6 +1243,21 @@ fn the_leadership_moves_to_the_member_asked_while_clients_write() {
         now = target;
     }
     stop.store(true, Ordering::Relaxed);
+    // Leading again, the first member no longer holds the transaction begun under its earlier
+    // term, nor its lock: another pessimistic transaction gets `p` within its lock timeout.
+    assert_eq!(now, first);
+    rt.block_on(async {
+        let r = locked.put("q", "first").await;
+        assert_eq!(r.unwrap_err().code(), Some(Code::Aborted));
+        let opts = TxnOptions {
+            lock_timeout: Some(Duration::from_secs(5)),
+            ..TxnOptions::pessimistic(Isolation::Snapshot)
+        };
+        let t = admin.begin(opts).await.unwrap();
+        t.put("p", "second").await.unwrap();
+        t.commit().await.unwrap();
+        assert_eq!(admin.get("p").await.unwrap().as_deref(), Some(&b"second"[..]));
+    });
     let (acked, failed) = writers
         .into_iter()
         .map(|w| w.join().unwrap())
