@@ -440,7 +440,7 @@ impl Config {
         if store_backlog_mb == 0 {
             return Err("store_backlog_mb must be at least 1".into());
         }
-        let stream_store = match flags.stream_store.or(file.stream_store).as_deref() {
+        let mut stream_store = match flags.stream_store.or(file.stream_store).as_deref() {
             None | Some("local") => StreamStore::Local,
             Some(url) => {
                 let Some(rest) = url.strip_prefix("s3://") else {
@@ -525,6 +525,15 @@ impl Config {
             }
             _ => return Err("node_id and raft_addr go together".into()),
         };
+        // Each member writes its own fragments (their names and contents are its own): under a
+        // prefix of its own when members share a bucket.
+        if let (StreamStore::S3(s3), Some(c)) = (&mut stream_store, &cluster) {
+            let node = format!("node-{}", c.node_id);
+            s3.prefix = match s3.prefix.as_str() {
+                "" => node,
+                p => format!("{p}/{node}"),
+            };
+        }
         if let (Some(_), Some(c)) = (&flags.restore_from, &cluster) {
             // The restored data is not in any log: only a member that forms a new cluster on
             // its own can take it in (the others join it and receive it as a snapshot).
@@ -708,6 +717,13 @@ mod tests {
         let c = Config::resolve_with(flags(&["--config", f.to_str().unwrap()]), env).unwrap();
         let StreamStore::S3(s3) = &c.stream_store else { panic!() };
         assert_eq!(s3.access_key_id, "AKID");
+        // A cluster member's fragments go under a prefix of its own.
+        for (url, want) in [("s3://bkt/shared", "shared/node-2"), ("s3://bkt", "node-2")] {
+            let member = ["--node-id", "2", "--raft-addr", "127.0.0.1:7002", "--stream-store", url];
+            let c = Config::resolve_with(flags(&member), env).unwrap();
+            let StreamStore::S3(s3) = &c.stream_store else { panic!() };
+            assert_eq!(s3.prefix, want);
+        }
         let c = Config::resolve_with(flags(&[]), env).unwrap();
         assert_eq!(c.stream_store, StreamStore::Local);
     }
