@@ -459,7 +459,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 let members: Vec<_> = c
                     .members
                     .iter()
-                    .map(|m| json!({ "id": m.id, "raft_addr": m.raft_addr, "lag": m.lag }))
+                    .map(|m| {
+                        json!({
+                            "id": m.id, "raft_addr": m.raft_addr, "role": member_role(&c, m),
+                            "matched_index": m.matched_index, "lag": m.lag,
+                        })
+                    })
                     .collect();
                 writeln!(
                     out,
@@ -467,25 +472,38 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     json!({
                         "node_id": c.node_id, "role": c.role, "term": c.term,
                         "leader_id": c.leader_id, "last_log_index": c.last_log_index,
-                        "applied_index": c.applied_index, "members": members,
+                        "commit_index": c.commit_index, "applied_index": c.applied_index,
+                        "members": members,
                     })
                 )?;
             } else {
                 let opt = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
                 writeln!(
                     out,
-                    "member {} ({}), term {}, leader {}, log {}, applied {}",
+                    "member {} ({}), term {}, leader {}, log {}, committed {}, applied {}",
                     c.node_id,
                     c.role,
                     c.term,
                     opt(c.leader_id),
                     opt(c.last_log_index),
+                    opt(c.commit_index),
                     opt(c.applied_index)
                 )?;
-                writeln!(out, "{:>4}  {:<8}  {:<22}  lag", "id", "role", "raft address")?;
+                writeln!(
+                    out,
+                    "{:>4}  {:<8}  {:<22}  {:>8}  lag",
+                    "id", "role", "raft address", "matched"
+                )?;
                 for m in &c.members {
-                    let role = if Some(m.id) == c.leader_id { "leader" } else { "follower" };
-                    writeln!(out, "{:>4}  {:<8}  {:<22}  {}", m.id, role, m.raft_addr, opt(m.lag))?;
+                    writeln!(
+                        out,
+                        "{:>4}  {:<8}  {:<22}  {:>8}  {}",
+                        m.id,
+                        member_role(&c, m),
+                        m.raft_addr,
+                        opt(m.matched_index),
+                        opt(m.lag)
+                    )?;
                 }
             }
         }
@@ -521,6 +539,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A member's role as the member asked sees it: the leader, a voter following it, or a learner.
+fn member_role(c: &timber_client::ClusterStatus, m: &timber_client::ClusterMember) -> &'static str {
+    match (Some(m.id) == c.leader_id, m.learner) {
+        (true, _) => "leader",
+        (false, true) => "learner",
+        (false, false) => "follower",
+    }
 }
 
 fn info_json(s: &timber_client::StreamInfo) -> serde_json::Value {

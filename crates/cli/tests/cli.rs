@@ -12,9 +12,14 @@ struct Harness {
 
 impl Harness {
     fn start() -> Harness {
+        Harness::start_with(|_| {})
+    }
+
+    fn start_with(set: impl FnOnce(&mut timber_server::Config)) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let rt = tokio::runtime::Runtime::new().unwrap();
-        let cfg = timber_server::Config::for_dir(dir.path());
+        let mut cfg = timber_server::Config::for_dir(dir.path());
+        set(&mut cfg);
         let server = rt.block_on(timber_server::Server::start(cfg)).unwrap();
         let addr = format!("http://{}", server.grpc_addr);
         Harness { addr, rt, server: Some(server), _dir: dir }
@@ -155,4 +160,44 @@ fn txn_runs_one_branch_and_exits_4_when_comparisons_fail() {
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("bad comparison"));
     assert_eq!(h.run(&["kv", "get", "lock"]).status.code(), Some(3));
+}
+
+/// `timber cluster` against a cluster of one member: its status in both forms, and a change
+/// the leader refuses, with its reason.
+#[test]
+fn cluster_status_and_changes_against_a_cluster_member() {
+    use std::time::Duration;
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let raft: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let h = Harness::start_with(|cfg| {
+        cfg.cluster = Some(timber_server::Cluster {
+            node_id: 1,
+            raft_addr: raft,
+            initial: [(1, raft.to_string())].into(),
+            heartbeat: Duration::from_millis(50),
+            election: (Duration::from_millis(150), Duration::from_millis(300)),
+            timeout: Duration::from_secs(2),
+            join: None,
+        });
+    });
+    // The member leads once it elected itself; a write through it then commits.
+    h.ok(&["kv", "put", "a", "1"]);
+    let st = h.json(&["cluster", "status"]);
+    assert_eq!((st["node_id"].as_u64(), st["role"].as_str()), (Some(1), Some("leader")), "{st}");
+    let commit = st["commit_index"].as_u64().unwrap();
+    assert!(commit >= 1 && commit <= st["last_log_index"].as_u64().unwrap(), "{st}");
+    let members = st["members"].as_array().unwrap();
+    assert_eq!(members.len(), 1);
+    assert_eq!(members[0]["role"], "leader");
+    assert_eq!(members[0]["raft_addr"], raft.to_string());
+    assert_eq!(members[0]["lag"], 0);
+    let text = h.ok(&["cluster", "status"]);
+    assert!(text.starts_with("member 1 (leader), term "), "{text}");
+    assert!(text.contains(", committed ") && text.contains(", applied "), "{text}");
+    assert!(text.lines().nth(2).unwrap().contains("leader"), "{text}");
+    // No member 2 to promote: refused, exit 1, with the reason.
+    let o = h.run(&["cluster", "promote", "2"]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("FailedPrecondition") && e.contains("2 not found"), "{e}");
 }

@@ -123,9 +123,12 @@ pub struct ClusterStatus {
     pub leader_id: Option<u64>,
     /// Index of the last entry in its log.
     pub last_log_index: Option<u64>,
+    /// Index of the last entry it knows committed (stored by a majority).
+    pub commit_index: Option<u64>,
     /// Index of the last entry it applied.
     pub applied_index: Option<u64>,
-    /// Every member: id, Raft address, and (known on the leader) entries it lacks.
+    /// Every member: id, Raft address, whether it votes, and (known on the leader) the last
+    /// entry it holds and the entries it lacks.
     pub members: Vec<ClusterMember>,
 }
 
@@ -137,6 +140,11 @@ pub struct ClusterMember {
     pub id: u64,
     /// The address of its Raft endpoint.
     pub raft_addr: String,
+    /// Whether it only receives the log, without a vote.
+    pub learner: bool,
+    /// The last entry it holds, as the leader knows (`None` when the server asked does not
+    /// lead).
+    pub matched_index: Option<u64>,
     /// Entries it lacks, as the leader knows (`None` when the server asked does not lead).
     pub lag: Option<u64>,
 }
@@ -284,6 +292,7 @@ mod pb_impl {
                         term: c.term,
                         leader_id: (c.leader_id > 0).then_some(c.leader_id),
                         last_log_index: idx(c.last_log_index),
+                        commit_index: idx(c.commit_index),
                         applied_index: idx(c.applied_index),
                         members: c
                             .members
@@ -291,6 +300,8 @@ mod pb_impl {
                             .map(|m| ClusterMember {
                                 id: m.id,
                                 raft_addr: m.raft_addr,
+                                learner: m.learner,
+                                matched_index: idx(m.matched_index),
                                 lag: idx(m.lag),
                             })
                             .collect(),
@@ -960,13 +971,32 @@ mod tests {
                 leader_id: 0,
                 last_log_index: 9,
                 applied_index: -1,
-                members: vec![pb::ClusterMember { id: 1, raft_addr: "h:1".into(), lag: -1 }],
+                commit_index: 8,
+                members: vec![
+                    pb::ClusterMember {
+                        id: 1,
+                        raft_addr: "h:1".into(),
+                        lag: -1,
+                        learner: false,
+                        matched_index: -1,
+                    },
+                    pb::ClusterMember {
+                        id: 3,
+                        raft_addr: "h:3".into(),
+                        lag: 2,
+                        learner: true,
+                        matched_index: 7,
+                    },
+                ],
             }),
         });
         let c = s.cluster.clone().unwrap();
         assert_eq!((c.node_id, c.role.as_str(), c.term, c.leader_id), (2, "follower", 4, None));
         assert_eq!((c.last_log_index, c.applied_index), (Some(9), None));
         assert_eq!((c.members[0].id, c.members[0].lag), (1, None));
+        assert_eq!(c.commit_index, Some(8));
+        let m = &c.members[1];
+        assert_eq!((m.learner, m.matched_index, m.lag), (true, Some(7), Some(2)));
         assert_eq!((s.store_unavailable, s.store_last_error.as_deref()), (None, None));
         assert_eq!((s.stream_store.as_str(), s.journal_backlog_bytes), ("s3://b/p at http://h", 7));
         assert_eq!(s.uptime, Duration::from_millis(2500));

@@ -117,6 +117,11 @@ where
         Ok(LogStore { shared: Arc::new(Shared { flusher, wal, dir, state, _config: PhantomData }) })
     }
 
+    /// The last entry known committed (kept in memory: see the module doc).
+    pub fn committed(&self) -> Option<LogId<u64>> {
+        self.shared.state.lock().hard.committed
+    }
+
     /// The directory the store lives in.
     pub fn dir(&self) -> &Path {
         &self.shared.dir

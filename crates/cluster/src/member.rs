@@ -124,6 +124,8 @@ pub struct Member {
     proposals: Proposals,
     /// The Raft address the others reach this member at.
     advertised: String,
+    /// This member's log (shared with Raft): for the commit index.
+    log: LogStore<TypeConfig>,
 }
 
 impl std::fmt::Debug for Member {
@@ -169,7 +171,7 @@ impl Member {
         let source = Some(addr.ip()).filter(|ip| !ip.is_unspecified());
         let network =
             Network::new(config.heartbeat.max(Duration::from_millis(100)) * 4).from_address(source);
-        let raft = Raft::new(config.id, raft_config, network.clone(), log, machine.clone())
+        let raft = Raft::new(config.id, raft_config, network.clone(), log.clone(), machine.clone())
             .await
             .map_err(|e| Error::Raft(e.to_string()))?;
         let svc = RaftService::server(raft.clone());
@@ -223,6 +225,7 @@ impl Member {
             read_index,
             proposals,
             advertised,
+            log,
         };
         if !config.initial_cluster.is_empty() {
             let nodes: BTreeMap<u64, BasicNode> = config
@@ -277,6 +280,11 @@ impl Member {
     /// Raft's view of this member: role, term, leader, log and applied indexes, replication.
     pub fn metrics(&self) -> RaftMetrics<u64, BasicNode> {
         self.raft.metrics().borrow().clone()
+    }
+
+    /// Index of the last entry this member knows committed (a majority stored it).
+    pub fn committed_index(&self) -> Option<u64> {
+        self.log.committed().map(|l| l.index)
     }
 
     /// The openraft handle, for membership changes and what this API does not cover.

@@ -237,10 +237,14 @@ pub struct Flags {
     /// `timber cluster promote <id>`. Instead of --initial-cluster.
     #[arg(long, env = "TIMBER_JOIN")]
     pub join: Option<String>,
-    /// Raft heartbeat period in milliseconds; elections time out after 3 to 6 of them
-    /// [default: 50].
+    /// Raft heartbeat period in milliseconds [default: 50].
     #[arg(long, env = "TIMBER_RAFT_HEARTBEAT_MS")]
     pub raft_heartbeat_ms: Option<u64>,
+    /// Range the election timeout is drawn from, `<min>-<max>` milliseconds: a follower that
+    /// hears no leader for that long stands for election [default: 3 to 6 heartbeats,
+    /// 150-300].
+    #[arg(long, env = "TIMBER_RAFT_ELECTION_MS")]
+    pub raft_election_ms: Option<String>,
     /// Milliseconds a write or linearizable read waits for a quorum before it fails with
     /// CLUSTERDOWN (gRPC UNAVAILABLE, HTTP 503) [default: 2000].
     #[arg(long, env = "TIMBER_RAFT_TIMEOUT_MS")]
@@ -276,6 +280,7 @@ struct File {
     initial_cluster: Option<String>,
     join: Option<String>,
     raft_heartbeat_ms: Option<u64>,
+    raft_election_ms: Option<String>,
     raft_timeout_ms: Option<u64>,
 }
 
@@ -290,10 +295,29 @@ pub struct Cluster {
     pub initial: std::collections::BTreeMap<u64, String>,
     /// Raft heartbeat period.
     pub heartbeat: Duration,
+    /// Range the election timeout is drawn from.
+    pub election: (Duration, Duration),
     /// How long a write or linearizable read waits for a quorum.
     pub timeout: Duration,
     /// The Raft address of a member to join through (`--join`).
     pub join: Option<String>,
+}
+
+/// Parses `--raft-election-ms` (`<min>-<max>`): above the heartbeat (a leader must be heard
+/// before a follower gives up on it), min below max (so that candidates rarely tie).
+fn parse_election(text: &str, heartbeat: u64) -> Result<(u64, u64), String> {
+    let bad = || format!("raft_election_ms: {text:?} is not <min>-<max> milliseconds");
+    let (lo, hi) = text.split_once('-').ok_or_else(bad)?;
+    let (lo, hi): (u64, u64) =
+        (lo.trim().parse().map_err(|_| bad())?, hi.trim().parse().map_err(|_| bad())?);
+    if lo < 2 * heartbeat || hi <= lo || hi > 60_000 {
+        return Err(format!(
+            "raft_election_ms: {text:?} must have min at least 2 heartbeats ({} ms) and below \
+             max, and max at most 60000",
+            2 * heartbeat
+        ));
+    }
+    Ok((lo, hi))
 }
 
 /// Parses `1=host:port,2=host:port`.
@@ -507,6 +531,10 @@ impl Config {
                 if !(10..=10_000).contains(&heartbeat) {
                     return Err(format!("raft_heartbeat_ms must be 10 to 10000 (got {heartbeat})"));
                 }
+                let election = match flags.raft_election_ms.or(file.raft_election_ms) {
+                    None => (3 * heartbeat, 6 * heartbeat),
+                    Some(text) => parse_election(&text, heartbeat)?,
+                };
                 let timeout = flags.raft_timeout_ms.or(file.raft_timeout_ms).unwrap_or(2000);
                 if timeout < 10 * heartbeat {
                     return Err(format!(
@@ -519,6 +547,10 @@ impl Config {
                     raft_addr,
                     initial,
                     heartbeat: Duration::from_millis(heartbeat),
+                    election: (
+                        Duration::from_millis(election.0),
+                        Duration::from_millis(election.1),
+                    ),
                     timeout: Duration::from_millis(timeout),
                     join,
                 })
@@ -609,6 +641,23 @@ mod tests {
         assert!(Config::resolve(flags(&three)).unwrap_err().contains("lists only itself"));
         let single = Config::resolve(flags(&["--restore-from", "b"])).unwrap();
         assert_eq!(single.restore_from, Some(PathBuf::from("b")));
+    }
+
+    #[test]
+    fn election_timeouts_default_to_3_to_6_heartbeats_or_take_a_range() {
+        let member = ["--node-id", "1", "--raft-addr", "127.0.0.1:7001"];
+        let election = |extra: &[&str]| {
+            let args: Vec<&str> = member.iter().chain(extra).copied().collect();
+            Config::resolve(flags(&args)).map(|c| c.cluster.unwrap().election)
+        };
+        let ms = Duration::from_millis;
+        assert_eq!(election(&[]).unwrap(), (ms(150), ms(300)));
+        assert_eq!(election(&["--raft-heartbeat-ms", "20"]).unwrap(), (ms(60), ms(120)));
+        assert_eq!(election(&["--raft-election-ms", "500-900"]).unwrap(), (ms(500), ms(900)));
+        for bad in ["300", "300-200", "50-400", "a-b", "200-70000"] {
+            let e = election(&["--raft-election-ms", bad]).unwrap_err();
+            assert!(e.contains("raft_election_ms"), "{bad}: {e}");
+        }
     }
 
     #[test]

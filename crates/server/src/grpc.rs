@@ -54,6 +54,7 @@ fn key_status(e: crate::keyspace::Error) -> Status {
         // Retryable: on the leader, or once a quorum is back.
         Error::NotLeader { .. } | Error::ClusterDown(_) => Status::unavailable(e.to_string()),
         Error::TooLarge(m) => Status::invalid_argument(m),
+        Error::Refused(_) => Status::failed_precondition(e.to_string()),
         // Retryable: the whole transaction.
         Error::Kv(timber_kv::Error::Conflict { .. }) => Status::aborted(e.to_string()),
         e => {
@@ -794,17 +795,24 @@ impl Admin for Service {
                     leader_id: st.leader_id.unwrap_or(0),
                     last_log_index: idx(st.last_log_index),
                     applied_index: idx(st.applied_index),
+                    commit_index: idx(st.committed_index),
                     members: st
                         .members
                         .iter()
-                        .map(|(id, addr)| pb::ClusterMember {
-                            id: *id,
-                            raft_addr: addr.clone(),
-                            lag: match st.lag.iter().find(|(m, _)| m == id) {
-                                Some((_, n)) => *n as i64,
-                                None if st.leader && *id == st.id => 0,
-                                None => -1,
-                            },
+                        .map(|(id, addr)| {
+                            let lag = match st.lag.iter().find(|(m, _)| m == id) {
+                                Some((_, n)) => Some(*n),
+                                None if st.leader && *id == st.id => Some(0),
+                                None => None,
+                            };
+                            let last = st.last_log_index.unwrap_or(0);
+                            pb::ClusterMember {
+                                id: *id,
+                                raft_addr: addr.clone(),
+                                lag: lag.map_or(-1, |n| n as i64),
+                                learner: st.learners.contains(id),
+                                matched_index: lag.map_or(-1, |n| last.saturating_sub(n) as i64),
+                            }
                         })
                         .collect(),
                 }

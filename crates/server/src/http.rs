@@ -75,6 +75,7 @@ fn keys_failed(e: crate::keyspace::Error) -> Failure {
         Error::NotLeader { .. } => Failure(StatusCode::MISDIRECTED_REQUEST, e.to_string()),
         Error::ClusterDown(_) => Failure(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
         Error::TooLarge(m) => Failure(StatusCode::PAYLOAD_TOO_LARGE, m),
+        Error::Refused(_) => Failure(StatusCode::CONFLICT, e.to_string()),
         // Retryable: the whole transaction.
         Error::Kv(timber_kv::Error::Conflict { .. }) => {
             Failure(StatusCode::CONFLICT, e.to_string())

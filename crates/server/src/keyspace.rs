@@ -68,6 +68,10 @@ pub(crate) enum Error {
     /// In a cluster, a write larger than one Raft entry may be. Nothing was written.
     #[error("{0}")]
     TooLarge(String),
+    /// In a cluster, a membership change the leader refused (not retryable as it is: a member
+    /// not found, not a voter).
+    #[error("refused: {0}")]
+    Refused(String),
 }
 
 /// What a key holds.

@@ -102,7 +102,7 @@ impl From<keyspace::Error> for Error {
                 Error::Unavailable(e.to_string())
             }
             keyspace::Error::Kv(e) => e.into(),
-            keyspace::Error::TooLarge(m) => Error::Invalid(m),
+            keyspace::Error::TooLarge(m) | keyspace::Error::Refused(m) => Error::Invalid(m),
             e => Error::Internal(e.to_string()),
         }
     }

@@ -136,9 +136,13 @@ pub(crate) struct Status {
     pub(crate) leader_addr: Option<String>,
     pub(crate) term: u64,
     pub(crate) last_log_index: Option<u64>,
+    /// Index of the last entry this member knows committed.
+    pub(crate) committed_index: Option<u64>,
     pub(crate) applied_index: Option<u64>,
     /// The voters and learners, id → Raft address.
     pub(crate) members: Vec<(u64, String)>,
+    /// Of `members`, those that do not vote.
+    pub(crate) learners: Vec<u64>,
     /// Index of the last snapshot, and of the last purged entry.
     pub(crate) snapshot_index: Option<u64>,
     pub(crate) purged_index: Option<u64>,
@@ -208,7 +212,7 @@ impl Replication {
         };
         config.heartbeat = cluster.heartbeat;
         config.streams = Some(streams);
-        config.election_timeout = (cluster.heartbeat * 3, cluster.heartbeat * 6);
+        config.election_timeout = cluster.election;
         // A runtime may not be dropped on an async task: on failure it is shut down in the
         // background.
         let member = match runtime.spawn(Member::start(config, db)).await {
@@ -535,7 +539,7 @@ impl Replication {
             self.handle.spawn(async move { member.change_membership(change, timeout).await });
         match call.await {
             Ok(r) => r.map_err(|e| match e {
-                timber_cluster::Error::Config(m) => Error::ClusterDown(format!("refused: {m}")),
+                timber_cluster::Error::Config(m) => Error::Refused(m),
                 e => cluster_error(e),
             }),
             Err(_) => Err(Error::ClusterDown("the member stopped".into())),
@@ -577,6 +581,8 @@ impl Replication {
         let m = self.member.metrics();
         let nodes = m.membership_config.membership().nodes();
         let members: Vec<(u64, String)> = nodes.map(|(id, n)| (*id, n.addr.clone())).collect();
+        let membership = m.membership_config.membership();
+        let learners = membership.learner_ids().collect();
         let leader_addr = m
             .current_leader
             .and_then(|l| members.iter().find(|(id, _)| *id == l).map(|(_, a)| a.clone()));
@@ -610,8 +616,10 @@ impl Replication {
             leader_addr,
             term: m.current_term,
             last_log_index: m.last_log_index,
+            committed_index: self.member.committed_index(),
             applied_index: m.last_applied.map(|l| l.index),
             members,
+            learners,
         }
     }
 
@@ -761,6 +769,11 @@ impl Status {
             "timber_raft_last_log_index",
             "Index of the last entry in this member's log (-1: none).",
             format!("timber_raft_last_log_index {}\n", idx(self.last_log_index)),
+        );
+        gauge(
+            "timber_raft_commit_index",
+            "Index of the last entry this member knows committed (-1: none).",
+            format!("timber_raft_commit_index {}\n", idx(self.committed_index)),
         );
         gauge(
             "timber_raft_applied_index",

@@ -502,9 +502,20 @@ fn a_fourth_timberd_joins_is_promoted_and_another_is_removed() {
     let e = rt.block_on(follower.promote(4)).unwrap_err();
     assert!(e.to_string().contains("not found"), "{e}");
     rt.block_on(follower.add_learner(4, &fourth_raft)).unwrap();
+    // The leader's status: member 4 a learner that holds the log, the commit index at or
+    // past what the leader applied.
+    let st = rt.block_on(admin.status()).unwrap().cluster.unwrap();
+    let learner = |st: &timber_client::ClusterStatus| {
+        st.members.iter().filter(|m| m.learner).map(|m| m.id).collect::<Vec<_>>()
+    };
+    assert_eq!(learner(&st), [4], "{st:?}");
+    assert!(st.commit_index >= st.applied_index && st.applied_index.is_some(), "{st:?}");
+    let fourth = st.members.iter().find(|m| m.id == 4).unwrap();
+    assert!(fourth.matched_index.is_some() && fourth.lag.is_some(), "{st:?}");
     rt.block_on(admin.promote(4)).unwrap();
     let st = rt.block_on(admin.status()).unwrap().cluster.unwrap();
     assert_eq!(st.members.len(), 4);
+    assert!(learner(&st).is_empty(), "{st:?}");
     rt.block_on(admin.remove_member(f as u64 + 1)).unwrap();
     let st = rt.block_on(admin.status()).unwrap().cluster.unwrap();
     assert!(st.members.iter().all(|m| m.id != f as u64 + 1), "{st:?}");

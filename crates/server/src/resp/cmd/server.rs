@@ -184,11 +184,12 @@ fn replication_info(ctx: &Context<'_>) -> String {
     }
     let idx = |i: Option<u64>| i.map_or(-1, |i| i as i64);
     out.push_str(&format!(
-        "raft_node_id:{}\r\nraft_term:{}\r\nraft_leader_id:{}\r\nraft_last_log_index:{}\r\nraft_applied_index:{}\r\nraft_members:{}\r\n\r\n",
+        "raft_node_id:{}\r\nraft_term:{}\r\nraft_leader_id:{}\r\nraft_last_log_index:{}\r\nraft_commit_index:{}\r\nraft_applied_index:{}\r\nraft_members:{}\r\n\r\n",
         st.id,
         st.term,
         st.leader_id.map_or(0, |l| l),
         idx(st.last_log_index),
+        idx(st.committed_index),
         idx(st.applied_index),
         st.members.iter().map(|(id, a)| format!("{id}={a}")).collect::<Vec<_>>().join(","),
     ));
