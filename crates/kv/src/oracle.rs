@@ -11,6 +11,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::ops::Bound;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 
@@ -95,6 +96,46 @@ impl Oracle {
     }
 }
 
+/// Buckets of [`WriteHints`] (a power of two).
+const HINT_BUCKETS: usize = 4096;
+
+/// What a transaction can ask without the oracle's lock: per bucket of keys, the newest
+/// sequence number recorded for any key of it. No write recorded after `seq` in a key's bucket
+/// means none of the key; a write there may be of another key (or, racing with the record, be
+/// missed): a hint, for skipping work the oracle would confirm is not needed.
+pub(crate) struct WriteHints {
+    buckets: Box<[AtomicU64]>,
+}
+
+impl Default for WriteHints {
+    fn default() -> Self {
+        WriteHints { buckets: (0..HINT_BUCKETS).map(|_| AtomicU64::new(0)).collect() }
+    }
+}
+
+impl std::fmt::Debug for WriteHints {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WriteHints").finish_non_exhaustive()
+    }
+}
+
+impl WriteHints {
+    #[expect(clippy::indexing_slicing, reason = "masked to the bucket count")]
+    fn bucket(&self, key: &[u8]) -> &AtomicU64 {
+        &self.buckets[xxhash_rust::xxh3::xxh3_64(key) as usize & (HINT_BUCKETS - 1)]
+    }
+
+    /// Notes a write of `key` at `seq` (with [`Oracle::record`]).
+    pub(crate) fn note(&self, key: &[u8], seq: u64) {
+        self.bucket(key).fetch_max(seq, Ordering::Relaxed);
+    }
+
+    /// Whether `key` may have been written after `seq`.
+    pub(crate) fn maybe_written_after(&self, key: &[u8], seq: u64) -> bool {
+        self.bucket(key).load(Ordering::Relaxed) > seq
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -123,5 +164,16 @@ mod tests {
         assert_eq!(o.len(), 0);
         o.record(b"x", 11);
         assert_eq!(o.len(), 0);
+    }
+
+    #[test]
+    fn hints_never_miss_a_noted_write() {
+        let h = WriteHints::default();
+        for (i, key) in (0..10_000u32).map(|i| i.to_be_bytes()).enumerate() {
+            h.note(&key, i as u64 + 1);
+            assert!(h.maybe_written_after(&key, i as u64));
+            assert!(!h.maybe_written_after(&key, i as u64 + 1));
+        }
+        assert!(!WriteHints::default().maybe_written_after(b"k", 0));
     }
 }

@@ -1,16 +1,18 @@
 //! Three real `timberd` processes whose Raft links pass through TCP proxies (`common::net`):
-//! the leader is cut off from the others while clients on every member write and read, and
-//! every operation goes into a history that must be linearizable (`common::history`). The
-//! checker itself is tested first, on histories with a known answer.
+//! while clients on every member SET, GET, INCR and SET NX, the leader is cut off from the
+//! others and healed, then stopped past the election timeout (SIGSTOP) and resumed, then
+//! killed (SIGKILL) and restarted, and every operation goes into a history that must be
+//! linearizable (`common::history`). The checker itself is tested first, on histories with a
+//! known answer.
 
 mod common;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::history::History;
+use common::history::{History, STEP};
 use common::net::{member_ip, Links};
 use common::Timberd;
 
@@ -20,34 +22,66 @@ const KEYS: [&str; 4] = ["a", "b", "c", "d"];
 #[test]
 fn the_checker_accepts_linearizable_histories_and_rejects_a_stale_read() {
     let ok = History::default();
-    ok.write("k", "1", 0, Some(10));
-    ok.write("k", "2", 5, Some(20)); // concurrent with the first: either order
-    ok.read("k", Some("1"), 12, 15); // so 2 then 1 ...
-    ok.read("k", Some("1"), 30, 40); // ... and 1 stays
+    ok.write("k", 1000, 0, Some(10));
+    ok.write("k", 2000, 5, Some(20)); // concurrent with the first: either order
+    ok.read("k", Some(1000), 12, 15); // so 2000 then 1000 ...
+    ok.read("k", Some(1000), 30, 40); // ... and 1000 stays
     ok.read("j", None, 0, 1);
-    ok.write("j", "x", 2, None); // unknown outcome, read back later: it took effect
-    ok.read("j", Some("x"), 50, 60);
-    ok.write("j", "y", 70, None); // unknown outcome, never read: maybe never applied
-    ok.read("j", Some("x"), 80, 90);
+    ok.write("j", 3000, 2, None); // unknown outcome, read back later: it took effect
+    ok.read("j", Some(3000), 50, 60);
+    ok.write("j", 4000, 70, None); // unknown outcome, never read: maybe never applied
+    ok.read("j", Some(3000), 80, 90);
     assert_eq!(ok.check(), Ok(()));
 
     let stale = History::default();
-    stale.write("k", "1", 0, Some(10));
-    stale.write("k", "2", 20, Some(30));
-    stale.read("k", Some("1"), 40, 50); // 2 was acknowledged before this read began
+    stale.write("k", 1000, 0, Some(10));
+    stale.write("k", 2000, 20, Some(30));
+    stale.read("k", Some(1000), 40, 50); // 2000 was acknowledged before this read began
     assert!(stale.check().is_err());
 
     let lost = History::default();
-    lost.write("k", "1", 0, Some(10));
+    lost.write("k", 1000, 0, Some(10));
     lost.read("k", None, 20, 30); // an acknowledged write vanished
     assert!(lost.check().is_err());
 
     let back_in_time = History::default();
-    back_in_time.write("k", "1", 0, Some(10));
-    back_in_time.write("k", "2", 0, Some(10));
-    back_in_time.read("k", Some("2"), 20, 30);
-    back_in_time.read("k", Some("1"), 40, 50); // seen 2, then 1 again: no order explains it
+    back_in_time.write("k", 1000, 0, Some(10));
+    back_in_time.write("k", 2000, 0, Some(10));
+    back_in_time.read("k", Some(2000), 20, 30);
+    back_in_time.read("k", Some(1000), 40, 50); // seen 2000, then 1000 again
     assert!(back_in_time.check().is_err());
+
+    // Increments and SET NX: concurrent increments in either order, unknown ones that took
+    // effect or not, a SET NX on an absent key only.
+    let ok = History::default();
+    ok.incr("n", Some((1, 10)), 0);
+    ok.incr("n", Some((3, 40)), 20);
+    ok.incr("n", None, 5); // unknown outcome: it took effect (3 needs it)
+    ok.incr("n", None, 45); // unknown outcome: never seen
+    ok.read("n", Some(3), 50, 60);
+    ok.set_nx("n", 7000, Some((false, 70)), 65);
+    ok.set_nx("m", 7000, Some((true, 10)), 0);
+    ok.set_nx("m", 8000, Some((false, 30)), 20);
+    ok.incr("m", Some((7001, 50)), 40);
+    ok.write("m", 9000, 60, None); // unknown: its value incremented later, so it took effect
+    ok.incr("m", Some((9001, 90)), 80);
+    assert_eq!(ok.check(), Ok(()));
+
+    let lost_incr = History::default();
+    lost_incr.incr("n", Some((1, 10)), 0);
+    lost_incr.incr("n", Some((1, 30)), 20); // the first increment vanished
+    assert!(lost_incr.check().is_err());
+
+    let stale_incr = History::default();
+    stale_incr.write("n", 1000, 0, Some(10));
+    stale_incr.incr("n", Some((1001, 30)), 20);
+    stale_incr.read("n", Some(1000), 40, 50); // the increment was acknowledged before
+    assert!(stale_incr.check().is_err());
+
+    let twice_set = History::default();
+    twice_set.set_nx("m", 1000, Some((true, 10)), 0);
+    twice_set.set_nx("m", 2000, Some((true, 30)), 20); // the key existed already
+    assert!(twice_set.check().is_err());
 }
 
 /// Member `i` (1-based) listens for Raft on 127.0.0.i; the cluster reaches it through a proxy.
@@ -135,23 +169,26 @@ impl Members {
     }
 }
 
-/// One client of the member at `node_port`: writes unique values and reads, on [`KEYS`],
-/// recording each operation, until `stop`; counts its failed operations in `failed`.
+/// One client of member `member` (its Redis port in `ports`, which changes when the member
+/// restarts): SETs unique values, GETs, INCRs and SET NXs on [`KEYS`], recording each
+/// operation, until `stop`; counts its failed operations in `failed`.
 fn client(
-    node_port: u16,
+    ports: Arc<[AtomicU16; 3]>,
+    member: usize,
     id: usize,
     history: History,
     stop: Arc<AtomicBool>,
     failed: Arc<AtomicUsize>,
 ) {
     let connect = || {
-        let c = redis::Client::open(format!("redis://127.0.0.1:{node_port}/")).unwrap();
+        let port = ports[member].load(Ordering::SeqCst);
+        let c = redis::Client::open(format!("redis://127.0.0.1:{port}/")).unwrap();
         let con = c.get_connection_with_timeout(Duration::from_secs(5)).ok()?;
         con.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
         Some(con)
     };
     let mut con = connect();
-    let mut n = 0u64;
+    let mut n = 0i64;
     while !stop.load(Ordering::Relaxed) {
         let Some(c) = con.as_mut() else {
             std::thread::sleep(Duration::from_millis(20));
@@ -160,31 +197,41 @@ fn client(
         };
         n += 1;
         let key = KEYS[(n as usize * 7 + id) % KEYS.len()];
+        // Unique among all clients, a multiple of STEP.
+        let value = ((id as i64 + 1) * 1_000_000_000 + n) * STEP;
         let call = history.now();
-        if n.is_multiple_of(2) {
-            let value = format!("c{id}-{n}");
-            let r: redis::RedisResult<()> = redis::cmd("SET").arg(key).arg(&value).query(c);
-            match r {
-                Ok(()) => history.write(key, &value, call, Some(history.now())),
-                Err(e) => {
-                    // Refused or timed out: it may still be applied.
-                    history.write(key, &value, call, None);
-                    failed.fetch_add(1, Ordering::Relaxed);
-                    if e.is_io_error() || e.is_timeout() {
-                        con = None;
-                    }
-                }
+        let failure = match n % 4 {
+            0 => {
+                let r: redis::RedisResult<()> = redis::cmd("SET").arg(key).arg(value).query(c);
+                // Refused or timed out: it may still be applied.
+                let ret = r.as_ref().ok().map(|()| history.now());
+                history.write(key, value, call, ret);
+                r.err()
             }
-        } else {
-            let r: redis::RedisResult<Option<String>> = redis::cmd("GET").arg(key).query(c);
-            match r {
-                Ok(v) => history.read(key, v.as_deref(), call, history.now()),
-                Err(e) => {
-                    failed.fetch_add(1, Ordering::Relaxed);
-                    if e.is_io_error() || e.is_timeout() {
-                        con = None;
-                    }
+            1 => {
+                let r: redis::RedisResult<Option<i64>> = redis::cmd("GET").arg(key).query(c);
+                if let Ok(v) = &r {
+                    history.read(key, *v, call, history.now());
                 }
+                r.err()
+            }
+            2 => {
+                let r: redis::RedisResult<i64> = redis::cmd("INCR").arg(key).query(c);
+                history.incr(key, r.as_ref().ok().map(|v| (*v, history.now())), call);
+                r.err()
+            }
+            _ => {
+                let r: redis::RedisResult<Option<String>> =
+                    redis::cmd("SET").arg(key).arg(value).arg("NX").query(c);
+                let done = r.as_ref().ok().map(|set| (set.is_some(), history.now()));
+                history.set_nx(key, value, done, call);
+                r.err()
+            }
+        };
+        if let Some(e) = failure {
+            failed.fetch_add(1, Ordering::Relaxed);
+            if e.is_io_error() || e.is_timeout() {
+                con = None;
             }
         }
         std::thread::sleep(Duration::from_millis(5));
@@ -192,24 +239,31 @@ fn client(
 }
 
 #[test]
-fn a_partitioned_leader_serves_no_stale_reads_and_the_history_stays_linearizable() {
+fn a_partitioned_stopped_and_killed_leader_serves_no_stale_reads_and_the_history_stays_linearizable(
+) {
     let links = Links::default();
-    let m = Members::start(&links);
+    let mut m = Members::start(&links);
     let old = m.leader_among(&[0, 1, 2]);
     let others: Vec<usize> = (0..3).filter(|&i| i != old).collect();
 
+    // Every key exists from the start (so SET NX never sets: see `common::history`).
     let history = History::default();
+    for key in KEYS {
+        let call = history.now();
+        let () = redis::cmd("SET").arg(key).arg(0).query(&mut m.node(old).client()).unwrap();
+        history.write(key, 0, call, Some(history.now()));
+    }
+    let ports = Arc::new([0, 1, 2].map(|i| AtomicU16::new(m.node(i).port)));
     let stop = Arc::new(AtomicBool::new(false));
     let failed_on_old = Arc::new(AtomicUsize::new(0));
     let failed_elsewhere = Arc::new(AtomicUsize::new(0));
     let clients: Vec<_> = (0..6)
         .map(|id| {
             let member = id % 3;
-            let port = m.node(member).port;
             let failed =
                 if member == old { failed_on_old.clone() } else { failed_elsewhere.clone() };
-            let (h, s) = (history.clone(), stop.clone());
-            std::thread::spawn(move || client(port, id, h, s, failed))
+            let (h, s, p) = (history.clone(), stop.clone(), ports.clone());
+            std::thread::spawn(move || client(p, member, id, h, s, failed))
         })
         .collect();
     let progress = |h: &History| h.counts().0;
@@ -247,6 +301,31 @@ fn a_partitioned_leader_serves_no_stale_reads_and_the_history_stays_linearizable
         std::thread::sleep(Duration::from_millis(50));
     }
     wait_for_writes(50);
+
+    // The leader stops past the election timeout: the others elect one of them; resumed, it
+    // follows.
+    let stopped = m.leader_among(&[0, 1, 2]);
+    m.node(stopped).signal(rustix::process::Signal::STOP);
+    let rest: Vec<usize> = (0..3).filter(|&i| i != stopped).collect();
+    m.leader_among(&rest);
+    wait_for_writes(30);
+    m.node(stopped).signal(rustix::process::Signal::CONT);
+    let deadline = Instant::now() + WAIT;
+    while m.role(stopped) != "slave" {
+        assert!(Instant::now() < deadline, "the resumed leader did not step down");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    wait_for_writes(30);
+
+    // The leader is killed, the others go on, and it comes back as a follower.
+    let killed = m.leader_among(&[0, 1, 2]);
+    m.nodes[killed] = None;
+    let rest: Vec<usize> = (0..3).filter(|&i| i != killed).collect();
+    m.leader_among(&rest);
+    wait_for_writes(30);
+    m.run(killed);
+    ports[killed].store(m.node(killed).port, Ordering::SeqCst);
+    wait_for_writes(30);
     stop.store(true, Ordering::Relaxed);
     for c in clients {
         c.join().unwrap();
@@ -271,7 +350,10 @@ fn a_partitioned_leader_serves_no_stale_reads_and_the_history_stays_linearizable
 
     let (acked, unknown, reads) = history.counts();
     eprintln!("history: {acked} acknowledged writes, {unknown} unknown, {reads} reads");
-    assert!(acked >= 150 && reads >= 150, "too little happened to check");
+    assert!(acked >= 250 && reads >= 100, "too little happened to check");
+    for key in KEYS {
+        assert!(history.incrs(key) > 0, "no increment of {key}");
+    }
     assert!(failed_on_old.load(Ordering::Relaxed) > 0, "the partition never touched a client");
     history.check().unwrap();
 }

@@ -79,6 +79,8 @@ pub(super) struct Inner {
     pub(super) snapshots: Mutex<BTreeMap<u64, usize>>,
     /// What open transactions are validated against (taken after `write` when both are).
     pub(super) oracle: Mutex<crate::oracle::Oracle>,
+    /// The oracle's records as lock-free hints (noted with them).
+    pub(super) write_hints: crate::oracle::WriteHints,
     /// The key locks of pessimistic transactions.
     pub(super) locks: crate::locks::Locks,
     /// The id of the next transaction.

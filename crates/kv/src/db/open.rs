@@ -151,6 +151,7 @@ pub(super) fn open(dir: &Path, opts: Options) -> Result<(Arc<Inner>, Vec<JoinHan
         }),
         snapshots: Mutex::new(BTreeMap::new()),
         oracle: Mutex::new(crate::oracle::Oracle::default()),
+        write_hints: Default::default(),
         locks: crate::locks::Locks::default(),
         next_txn: AtomicU64::new(1),
         wal_pins: Mutex::new(BTreeMap::new()),

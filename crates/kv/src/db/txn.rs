@@ -248,7 +248,7 @@ impl Transaction {
     /// fail), the snapshot may move, and the transaction could commit now.
     fn move_past(&mut self, key: &[u8]) {
         if !self.movable
-            || self.inner.visible() == self.start
+            || !self.inner.write_hints.maybe_written_after(key, self.start)
             || !self.inner.oracle.lock().written_after(key, self.start)
         {
             return;

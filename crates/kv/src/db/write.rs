@@ -76,6 +76,7 @@ impl Inner {
             if oracle.tracking() {
                 for (i, op) in ops.iter().enumerate() {
                     oracle.record(op.key, seq + i as u64);
+                    self.write_hints.note(op.key, seq + i as u64);
                 }
             }
         }
