@@ -176,6 +176,7 @@ fn cluster_status_and_changes_against_a_cluster_member() {
             initial: [(1, raft.to_string())].into(),
             heartbeat: Duration::from_millis(50),
             election: (Duration::from_millis(150), Duration::from_millis(300)),
+            snapshot_entries: 10_000,
             timeout: Duration::from_secs(2),
             join: None,
         });

@@ -245,6 +245,11 @@ pub struct Flags {
     /// 150-300].
     #[arg(long, env = "TIMBER_RAFT_ELECTION_MS")]
     pub raft_election_ms: Option<String>,
+    /// Applied entries after which a member snapshots its state and purges its log up to a
+    /// tenth of them behind (at most 1000) [default: 10000]. A member further behind than the
+    /// log reaches catches up from a snapshot.
+    #[arg(long, env = "TIMBER_RAFT_SNAPSHOT_ENTRIES")]
+    pub raft_snapshot_entries: Option<u64>,
     /// Milliseconds a write or linearizable read waits for a quorum before it fails with
     /// CLUSTERDOWN (gRPC UNAVAILABLE, HTTP 503) [default: 2000].
     #[arg(long, env = "TIMBER_RAFT_TIMEOUT_MS")]
@@ -281,6 +286,7 @@ struct File {
     join: Option<String>,
     raft_heartbeat_ms: Option<u64>,
     raft_election_ms: Option<String>,
+    raft_snapshot_entries: Option<u64>,
     raft_timeout_ms: Option<u64>,
 }
 
@@ -297,6 +303,8 @@ pub struct Cluster {
     pub heartbeat: Duration,
     /// Range the election timeout is drawn from.
     pub election: (Duration, Duration),
+    /// Applied entries between snapshots.
+    pub snapshot_entries: u64,
     /// How long a write or linearizable read waits for a quorum.
     pub timeout: Duration,
     /// The Raft address of a member to join through (`--join`).
@@ -535,6 +543,15 @@ impl Config {
                     None => (3 * heartbeat, 6 * heartbeat),
                     Some(text) => parse_election(&text, heartbeat)?,
                 };
+                let snapshot_entries = flags
+                    .raft_snapshot_entries
+                    .or(file.raft_snapshot_entries)
+                    .unwrap_or(DEFAULT_SNAPSHOT_ENTRIES);
+                if !(10..=10_000_000).contains(&snapshot_entries) {
+                    return Err(format!(
+                        "raft_snapshot_entries must be 10 to 10000000 (got {snapshot_entries})"
+                    ));
+                }
                 let timeout = flags.raft_timeout_ms.or(file.raft_timeout_ms).unwrap_or(2000);
                 if timeout < 10 * heartbeat {
                     return Err(format!(
@@ -551,6 +568,7 @@ impl Config {
                         Duration::from_millis(election.0),
                         Duration::from_millis(election.1),
                     ),
+                    snapshot_entries,
                     timeout: Duration::from_millis(timeout),
                     join,
                 })
@@ -610,6 +628,9 @@ impl Config {
         })
     }
 }
+
+/// `--raft-snapshot-entries` unless set.
+pub const DEFAULT_SNAPSHOT_ENTRIES: u64 = 10_000;
 
 /// `--store-outage-secs` unless set.
 const DEFAULT_STORE_OUTAGE_SECS: u64 = 30;

@@ -213,6 +213,8 @@ impl Replication {
         config.heartbeat = cluster.heartbeat;
         config.streams = Some(streams);
         config.election_timeout = cluster.election;
+        config.snapshot_every = cluster.snapshot_entries;
+        config.keep_after_snapshot = (cluster.snapshot_entries / 10).min(1000);
         // A runtime may not be dropped on an async task: on failure it is shut down in the
         // background.
         let member = match runtime.spawn(Member::start(config, db)).await {

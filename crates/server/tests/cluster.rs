@@ -33,16 +33,24 @@ struct Cluster {
     nodes: Vec<Option<Timberd>>,
     /// A member stopped with SIGSTOP: clients do not go there.
     paused: Option<usize>,
+    /// Flags every member gets besides the usual ones.
+    extra: Vec<String>,
 }
 
 impl Cluster {
     /// Three members, each in its own temporary directory, started.
     fn three_started() -> Cluster {
+        Cluster::three_started_with(&[])
+    }
+
+    /// [`Cluster::three_started`] with `extra` flags for every member.
+    fn three_started_with(extra: &[&str]) -> Cluster {
         let mut c = Cluster {
             dirs: (0..3).map(|_| tempfile::tempdir().unwrap()).collect(),
             raft_ports: (0..3).map(|_| free_port()).collect(),
             nodes: vec![None, None, None],
             paused: None,
+            extra: extra.iter().map(|f| f.to_string()).collect(),
         };
         for i in 0..3 {
             c.start(i);
@@ -70,6 +78,9 @@ impl Cluster {
             "--raft-heartbeat-ms".into(),
             "100".into(),
         ]
+        .into_iter()
+        .chain(self.extra.iter().cloned())
+        .collect()
     }
 
     fn start(&mut self, i: usize) {
@@ -400,6 +411,27 @@ impl Cluster {
         }
     }
 
+    /// Every acknowledged key in each running member's own copy (`READONLY` reads), once it
+    /// applied them: a member that was down catches up.
+    fn check_local(&self, acked: &[(String, String)]) {
+        let deadline = Instant::now() + WAIT;
+        let keys: Vec<&str> = acked.iter().map(|(k, _)| k.as_str()).collect();
+        let want: Vec<Option<String>> = acked.iter().map(|(_, v)| Some(v.clone())).collect();
+        for i in (0..self.nodes.len()).filter(|&i| self.nodes[i].is_some()) {
+            let mut con = self.node(i).client();
+            let () = redis::cmd("READONLY").query(&mut con).unwrap();
+            loop {
+                let got: Vec<Option<String>> =
+                    redis::cmd("MGET").arg(&keys).query(&mut con).unwrap();
+                if got == want {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "member {}'s copy misses writes", i + 1);
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
     fn kill(&mut self, i: usize) {
         self.nodes[i].as_mut().unwrap().child.kill().unwrap();
         self.nodes[i].take().unwrap().child.wait().unwrap();
@@ -439,6 +471,7 @@ fn acknowledged_writes_survive_repeated_kills_a_stopped_leader_and_a_whole_clust
     c.paused = None;
     write(&c, &mut acked, "resumed", 10);
     c.check(&acked);
+    c.check_local(&acked);
 
     // Every member killed at once, then all restarted: nothing acknowledged is missing.
     for i in 0..3 {
@@ -451,6 +484,63 @@ fn acknowledged_writes_survive_repeated_kills_a_stopped_leader_and_a_whole_clust
     c.check(&acked);
     write(&c, &mut acked, "restarted", 5);
     c.check(&acked);
+    c.check_local(&acked);
+}
+
+/// A follower down while the others snapshot and purge their logs past what it holds comes back
+/// through a snapshot, with every write in its own copy.
+#[test]
+fn a_follower_behind_the_purged_log_catches_up_from_a_snapshot() {
+    let mut c = Cluster::three_started_with(&["--raft-snapshot-entries", "20"]);
+    let leader = c.leader();
+    let f = c.follower(leader);
+    c.kill(f);
+    let acked: Vec<(String, String)> =
+        (0..200).map(|j| (format!("s{j}"), format!("v{j}"))).collect();
+    for (j, (k, v)) in acked.iter().enumerate() {
+        c.set_via(j, k, v);
+    }
+    c.start(f);
+    c.check_local(&acked);
+    let url = format!("http://127.0.0.1:{}/metrics", c.node(f).http_port);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let metrics = rt.block_on(async { reqwest::get(url).await.unwrap().text().await.unwrap() });
+    let installed = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("timber_raft_snapshots_installed "))
+        .and_then(|n| n.trim().parse::<u64>().ok());
+    assert!(installed.is_some_and(|n| n >= 1), "{metrics}");
+}
+
+/// A member that cannot reach a quorum is not ready, and refuses writes and linearizable reads
+/// with a retryable error (RESP CLUSTERDOWN, HTTP 503) within its Raft timeout.
+#[test]
+fn a_member_without_a_quorum_is_not_ready_and_fails_in_bounded_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let raft = free_port();
+    let initial =
+        format!("1=127.0.0.1:{raft},2=127.0.0.1:{},3=127.0.0.1:{}", free_port(), free_port());
+    let raft = format!("127.0.0.1:{raft}");
+    let flags = ["--node-id", "1", "--raft-addr", &raft, "--initial-cluster", &initial];
+    let n = Timberd::start(dir.path(), &[&flags[..], &["--raft-timeout-ms", "1000"]].concat());
+    let mut con = n.client();
+    for cmd in [redis::cmd("SET").arg("k").arg("v").clone(), redis::cmd("GET").arg("k").clone()] {
+        let t = Instant::now();
+        let e = cmd.query::<Option<String>>(&mut con).unwrap_err();
+        assert_eq!(e.code(), Some("CLUSTERDOWN"), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(5), "refused after {:?}", t.elapsed());
+    }
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let http = format!("http://127.0.0.1:{}", n.http_port);
+    rt.block_on(async {
+        let ready = reqwest::get(format!("{http}/readyz")).await.unwrap();
+        assert_eq!(ready.status().as_u16(), 503);
+        assert!(ready.text().await.unwrap().contains("no leader"));
+        let t = Instant::now();
+        let put = reqwest::Client::new().put(format!("{http}/v1/kv/k")).body("v").send().await;
+        assert_eq!(put.unwrap().status().as_u16(), 503);
+        assert!(t.elapsed() < Duration::from_secs(5), "refused after {:?}", t.elapsed());
+    });
 }
 
 #[test]
@@ -476,6 +566,7 @@ fn a_fourth_timberd_joins_is_promoted_and_another_is_removed() {
         raft_ports: (0..4).map(|_| free_port()).collect(),
         nodes: vec![None, None, None, None],
         paused: None,
+        extra: Vec::new(),
     };
     // Three form the cluster; the fourth starts with no initial membership and waits.
     c.raft_ports.truncate(3);
@@ -539,6 +630,7 @@ fn a_timberd_started_with_join_is_added_and_serves() {
         raft_ports: (0..3).map(|_| free_port()).collect(),
         nodes: vec![None, None, None, None],
         paused: None,
+        extra: Vec::new(),
     };
     for i in 0..3 {
         c.start(i);
