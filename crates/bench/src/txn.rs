@@ -3,8 +3,8 @@
 //! (each transaction with a snapshot: write-write conflicts abort, the same guarantee), and
 //! timber at `Serializable` beside fjall's serializable `TxKeyspace` (feature `ssi_tx`).
 //!
-//! Keys of 16 bytes, values of 100, `--num` keys loaded first (not measured). Workloads, each at
-//! 1, 8 and 32 threads for `--secs`:
+//! Keys of 16 bytes, values of 100, `--num` keys loaded and flushed first (not measured).
+//! Workloads, each at 1, 8 and 32 threads for `--secs`:
 //! - `rmw-4 uniform`: read 4 random keys for update and write each (keys in order, so that
 //!   pessimistic transactions wait but never deadlock);
 //! - `rmw-4 zipf`: the same with zipfian keys (θ = 0.99), so that transactions collide;
@@ -67,6 +67,9 @@ fn key(mut i: u64) -> Key {
 trait TxnDb: Sync {
     /// Writes the keys (loading; not measured).
     fn load(&self, keys: &[Key], value: &[u8]) -> anyhow::Result<()>;
+    /// Writes what the load left in memory to disk and waits for it (not measured), so that
+    /// the flush does not fall into a measurement.
+    fn settle(&self) -> anyhow::Result<()>;
     /// Reads each key for update and writes it, in one transaction: whether it committed.
     fn rmw(&self, keys: &[Key], value: &[u8]) -> anyhow::Result<bool>;
     /// Reads each key in one transaction: whether it committed.
@@ -85,6 +88,10 @@ impl TxnDb for Timber {
             self.0.write(b)?;
         }
         Ok(())
+    }
+
+    fn settle(&self) -> anyhow::Result<()> {
+        Ok(self.0.flush()?)
     }
 
     fn rmw(&self, keys: &[Key], value: &[u8]) -> anyhow::Result<bool> {
@@ -217,6 +224,10 @@ mod rocks {
             load(keys, value, |b| self.0.write(b))
         }
 
+        fn settle(&self) -> anyhow::Result<()> {
+            Ok(self.0.flush()?)
+        }
+
         fn rmw(&self, keys: &[Key], value: &[u8]) -> anyhow::Result<bool> {
             rmw(self.begin(), keys, value)
         }
@@ -249,6 +260,10 @@ mod rocks {
     impl TxnDb for Pessimistic {
         fn load(&self, keys: &[Key], value: &[u8]) -> anyhow::Result<()> {
             load(keys, value, |b| self.0.write(b))
+        }
+
+        fn settle(&self) -> anyhow::Result<()> {
+            Ok(self.0.flush()?)
         }
 
         fn rmw(&self, keys: &[Key], value: &[u8]) -> anyhow::Result<bool> {
@@ -285,6 +300,10 @@ mod fjall_ssi {
                 t.commit()?.map_err(|_| anyhow::anyhow!("a conflict while loading"))?;
             }
             Ok(())
+        }
+
+        fn settle(&self) -> anyhow::Result<()> {
+            Ok(self.1.inner().rotate_memtable_and_wait()?)
         }
 
         fn rmw(&self, keys: &[Key], value: &[u8]) -> anyhow::Result<bool> {
@@ -466,7 +485,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             let db = open(&dir)?;
             let t = Instant::now();
             db.load(&all_keys, &[b'v'; VALUE_LEN])?;
-            eprintln!("{name}: loaded {} keys in {:.1}s", args.num, t.elapsed().as_secs_f64());
+            db.settle()?;
+            eprintln!(
+                "{name}: loaded {} keys and flushed them in {:.1}s",
+                args.num,
+                t.elapsed().as_secs_f64()
+            );
             for w in &workloads {
                 for &threads in &args.threads {
                     let (sample, aborts) = measure(&*db, w, &zipf, args.num, threads, args.secs)?;
