@@ -200,8 +200,23 @@ impl TableBuilder {
 /// Reads and verifies the block at `off`, decompressing it.
 fn read_block(file: &File, path: &Path, off: u64, len: u32) -> Result<Bytes> {
     fail::fail_point!("kv::table::read", |_| Err(Error::injected("read", path)));
-    let mut buf = vec![0u8; len as usize + TRAILER_LEN];
-    file.read_exact_at(&mut buf, off).map_err(|e| Error::io("read", path, e))?;
+    let n = len as usize + TRAILER_LEN;
+    // Read into the buffer's spare capacity: zero-filling it first (for `read_exact_at`) cost
+    // as much as a tenth of a cached read's time.
+    let mut buf = Vec::with_capacity(n);
+    while buf.len() < n {
+        let at = off + buf.len() as u64;
+        match rustix::io::pread(file, rustix::buffer::spare_capacity(&mut buf), at) {
+            Ok(0) => {
+                let eof = std::io::Error::from(std::io::ErrorKind::UnexpectedEof);
+                return Err(Error::io("read", path, eof));
+            }
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(Error::io("read", path, e.into())),
+        }
+    }
+    buf.truncate(n);
     unpack(buf).map_err(|reason| Error::corrupt(path, off, reason))
 }
 
