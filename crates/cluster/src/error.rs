@@ -71,6 +71,10 @@ pub enum Error {
     #[error("invalid cluster configuration: {0}")]
     Config(String),
 
+    /// The address answered, but is not a member's Raft endpoint (another gRPC service).
+    #[error("{0} is not a Raft endpoint")]
+    NotRaft(String),
+
     /// A file system call failed.
     #[error("{op} {}: {source}", path.display())]
     Io {

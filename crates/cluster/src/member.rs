@@ -272,6 +272,11 @@ impl Member {
         self.addr
     }
 
+    /// The Raft address the others reach this member at (what it joins a cluster with).
+    pub fn advertised_addr(&self) -> &str {
+        &self.advertised
+    }
+
     /// The state machine (and through it the engine every member applies to).
     pub fn machine(&self) -> &KvMachine {
         &self.machine

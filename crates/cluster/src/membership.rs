@@ -256,7 +256,10 @@ pub(crate) async fn ask(
     let reply = MembershipClient::new(channel)
         .change(req)
         .await
-        .map_err(|s| Error::Unavailable(format!("member at {addr}: {}", s.message())))?
+        .map_err(|s| match s.code() {
+            tonic::Code::Unimplemented => Error::NotRaft(addr.to_string()),
+            _ => Error::Unavailable(format!("member at {addr}: {}", s.message())),
+        })?
         .into_inner();
     match (reply.error.is_empty(), reply.retryable) {
         (true, _) => Ok(()),

@@ -232,9 +232,10 @@ pub struct Flags {
     /// separated (every member is started with the same list); used on the first start only.
     #[arg(long, env = "TIMBER_INITIAL_CLUSTER")]
     pub initial_cluster: Option<String>,
-    /// Joins a running cluster through the member whose Raft endpoint is at this host:port: this
-    /// member is added as a learner (it catches up from the leader), to be promoted with
-    /// `timber cluster promote <id>`. Instead of --initial-cluster.
+    /// Joins a running cluster through the member at this host:port, its gRPC address (Admin
+    /// service) or its Raft address: this member is added as a learner (it catches up from the
+    /// leader), to be promoted with `timber cluster promote <id>`. Instead of
+    /// --initial-cluster.
     #[arg(long, env = "TIMBER_JOIN")]
     pub join: Option<String>,
     /// Raft heartbeat period in milliseconds [default: 50].
@@ -307,7 +308,7 @@ pub struct Cluster {
     pub snapshot_entries: u64,
     /// How long a write or linearizable read waits for a quorum.
     pub timeout: Duration,
-    /// The Raft address of a member to join through (`--join`).
+    /// The gRPC or Raft address of a member to join through (`--join`).
     pub join: Option<String>,
 }
 

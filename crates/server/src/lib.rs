@@ -266,6 +266,7 @@ impl Server {
                 redis_streams.store().clone(),
                 dir,
                 seeded,
+                cfg.auth_secret.as_ref().map(|s| s.expose().to_string()),
             )
             .await
             .with_context(|| format!("cannot start the cluster member {}", c.node_id))?;

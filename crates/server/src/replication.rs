@@ -187,6 +187,7 @@ impl Replication {
         streams: timber_stream::Streams,
         dir: std::path::PathBuf,
         seeded: Option<std::path::PathBuf>,
+        secret: Option<String>,
     ) -> anyhow::Result<Replication> {
         // A member's engine holds only what the cluster applied: data written before it joined
         // would exist on this member alone.
@@ -230,7 +231,7 @@ impl Replication {
         };
         let member = Arc::new(member);
         if let Some(via) = cluster.join.clone() {
-            runtime.spawn(join(member.clone(), via, cluster.timeout));
+            runtime.spawn(join(member.clone(), via, cluster.timeout, secret));
         }
         if let Some(marker) = seeded {
             member.close_membership(true);
@@ -639,12 +640,21 @@ impl Replication {
 
 /// Asks to be added to the cluster through `via` until it works (the member there may not be
 /// up yet, or between leaders): retried every timeout, stopped once this member is known.
-async fn join(member: Arc<Member>, via: String, timeout: Duration) {
+async fn join(member: Arc<Member>, via: String, timeout: Duration, secret: Option<String>) {
     loop {
         if member.metrics().membership_config.membership().get_node(&member.id()).is_some() {
             return;
         }
-        match member.join(&via, timeout).await {
+        let joined = match member.join(&via, timeout).await {
+            // A member's gRPC address: its Admin service adds the learner.
+            Err(timber_cluster::Error::NotRaft(_)) => {
+                join_through_admin(&member, &via, timeout, secret.as_deref())
+                    .await
+                    .map_err(|e| format!("through the Admin service at {via}: {e}"))
+            }
+            r => r.map_err(|e| e.to_string()),
+        };
+        match joined {
             Ok(()) => {
                 tracing::info!(node_id = member.id(), via = %via, "raft: joined as a learner");
                 return;
@@ -655,6 +665,35 @@ async fn join(member: Arc<Member>, via: String, timeout: Duration) {
             }
         }
     }
+}
+
+/// Asks the Admin service at `via` (a member's gRPC address, `--grpc-addr`) to add this member
+/// as a learner; it answers once the learner caught up.
+async fn join_through_admin(
+    member: &Member,
+    via: &str,
+    timeout: Duration,
+    secret: Option<&str>,
+) -> Result<(), tonic::Status> {
+    use timber_proto::v1::{admin_client::AdminClient, membership_change, AddLearner};
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{via}"))
+        .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?
+        .connect_timeout(timeout)
+        .connect()
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let change = membership_change::Change::AddLearner(AddLearner {
+        id: member.id(),
+        raft_addr: member.advertised_addr().to_string(),
+    });
+    let mut req = tonic::Request::new(timber_proto::v1::MembershipChange { change: Some(change) });
+    if let Some(s) = secret {
+        let token = format!("Bearer {s}").parse().map_err(|_| {
+            tonic::Status::invalid_argument("the auth secret is not a valid header")
+        })?;
+        req.metadata_mut().insert("authorization", token);
+    }
+    AdminClient::new(channel).change_membership(req).await.map(|_| ())
 }
 
 /// Once the new cluster's only member leads, snapshots the restored data (and the membership)

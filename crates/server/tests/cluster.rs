@@ -626,9 +626,9 @@ fn a_fourth_timberd_joins_is_promoted_and_another_is_removed() {
 #[test]
 fn a_timberd_started_with_join_is_added_and_serves() {
     let mut c = Cluster {
-        dirs: (0..4).map(|_| tempfile::tempdir().unwrap()).collect(),
+        dirs: (0..5).map(|_| tempfile::tempdir().unwrap()).collect(),
         raft_ports: (0..3).map(|_| free_port()).collect(),
-        nodes: vec![None, None, None, None],
+        nodes: vec![None, None, None, None, None],
         paused: None,
         extra: Vec::new(),
     };
@@ -637,23 +637,29 @@ fn a_timberd_started_with_join_is_added_and_serves() {
     }
     let l = c.leader();
     on_leader(&c, |con| redis::cmd("SET").arg("before").arg("join").query::<()>(con));
-    // Through a follower's Raft address: it passes the request to the leader.
-    let via = format!("127.0.0.1:{}", c.raft_ports[(l + 1) % 3]);
-    let raft = format!("127.0.0.1:{}", free_port());
-    c.nodes[3] = Some(Timberd::start(
-        c.dirs[3].path(),
-        &["--node-id", "4", "--raft-addr", &raft, "--join", &via, "--sync", "always"],
-    ));
-    let deadline = Instant::now() + WAIT;
-    let joined = |l: &str| l.contains("raft: joined as a learner");
-    let n = c.nodes[3].as_mut().unwrap();
-    let mut ok = n.early.drain(..).any(|l| joined(&l));
-    while !ok {
-        let line = n
-            .stderr
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .expect("member 4 did not join");
-        ok = joined(&line);
+    // Member 4 through a follower's Raft address (it passes the request to the leader),
+    // member 5 through a follower's gRPC address (its Admin service).
+    let f = (l + 1) % 3;
+    let joins =
+        [format!("127.0.0.1:{}", c.raft_ports[f]), format!("127.0.0.1:{}", c.node(f).grpc_port)];
+    for (i, via) in [3, 4].into_iter().zip(joins) {
+        let raft = format!("127.0.0.1:{}", free_port());
+        let id = (i + 1).to_string();
+        c.nodes[i] = Some(Timberd::start(
+            c.dirs[i].path(),
+            &["--node-id", &id, "--raft-addr", &raft, "--join", &via, "--sync", "always"],
+        ));
+        let deadline = Instant::now() + WAIT;
+        let joined = |l: &str| l.contains("raft: joined as a learner");
+        let n = c.nodes[i].as_mut().unwrap();
+        let mut ok = n.early.drain(..).any(|l| joined(&l));
+        while !ok {
+            let line = n
+                .stderr
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .unwrap_or_else(|_| panic!("member {id} did not join through {via}"));
+            ok = joined(&line);
+        }
     }
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async { c.node(3).grpc().await.promote(4).await }).unwrap();
@@ -663,7 +669,17 @@ fn a_timberd_started_with_join_is_added_and_serves() {
     let () = redis::cmd("SET").arg("after").arg("join").query(&mut con).unwrap();
     let st = rt.block_on(async { c.node(3).grpc().await.status().await }).unwrap();
     let cl = st.cluster.unwrap();
-    assert_eq!((cl.node_id, cl.members.len()), (4, 4));
+    assert_eq!((cl.node_id, cl.members.len()), (4, 5));
+    let learners: Vec<u64> = cl.members.iter().filter(|m| m.learner).map(|m| m.id).collect();
+    assert_eq!(learners, [5], "{cl:?}");
+    // The learner that joined through gRPC holds the data in its own copy.
+    let mut con = c.node(4).client();
+    let () = redis::cmd("READONLY").query(&mut con).unwrap();
+    let deadline = Instant::now() + WAIT;
+    while redis::cmd("GET").arg("after").query::<Option<String>>(&mut con).unwrap().is_none() {
+        assert!(Instant::now() < deadline, "member 5 never received the write");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 impl Cluster {
