@@ -10,21 +10,9 @@ use common::Timberd;
 
 const WAIT: Duration = Duration::from_secs(20);
 
-/// A port for a member's Raft endpoint, free now: distinct for each call of this process (the
-/// tests run in parallel) and below the kernel's ephemeral range (32768 and up), where another
-/// test's outgoing connection could take it before the member binds it.
+/// A port for a member's Raft endpoint on 127.0.0.1 (see `common::free_port`).
 fn free_port() -> u16 {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let base = std::process::id() % 8000;
-    for _ in 0..12_000 {
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let port = 20_000 + ((base + n) % 12_000) as u16;
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no free port in 20000..32000");
+    common::free_port(std::net::Ipv4Addr::LOCALHOST.into())
 }
 
 struct Cluster {

@@ -95,10 +95,7 @@ struct Members {
 impl Members {
     fn start(links: &Links) -> Members {
         let raft: Vec<SocketAddr> = (1..=3)
-            .map(|i| {
-                let l = std::net::TcpListener::bind((member_ip(i), 0)).unwrap();
-                l.local_addr().unwrap()
-            })
+            .map(|i| SocketAddr::new(member_ip(i), common::free_port(member_ip(i))))
             .collect();
         let proxies = raft.iter().enumerate().map(|(i, a)| links.proxy(i + 1, *a)).collect();
         let mut m = Members {

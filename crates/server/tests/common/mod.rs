@@ -21,6 +21,24 @@ pub struct Timberd {
     pub early: Vec<String>,
 }
 
+/// A port free now on `ip`, for a member to bind later: taken from a range that differs per
+/// test process (the end-to-end tests run in parallel) and below the kernel's ephemeral range
+/// (32768 and up), where another test's outgoing connection could take it before the member
+/// binds it.
+pub fn free_port(ip: std::net::IpAddr) -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let base = std::process::id() % 8000;
+    for _ in 0..12_000 {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = 20_000 + ((base + n) % 12_000) as u16;
+        if std::net::TcpListener::bind((ip, port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in 20000..32000");
+}
+
 impl Timberd {
     /// Starts timberd on `dir` with extra flags and waits until it listens.
     ///
