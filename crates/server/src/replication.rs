@@ -582,9 +582,9 @@ impl Replication {
 
     pub(crate) fn status(&self) -> Status {
         let m = self.member.metrics();
-        let nodes = m.membership_config.membership().nodes();
-        let members: Vec<(u64, String)> = nodes.map(|(id, n)| (*id, n.addr.clone())).collect();
         let membership = m.membership_config.membership();
+        let members: Vec<(u64, String)> =
+            membership.nodes().map(|(id, n)| (*id, n.addr.clone())).collect();
         let learners = membership.learner_ids().collect();
         let leader_addr = m
             .current_leader

@@ -133,6 +133,15 @@ impl Members {
         self.nodes[i].as_ref().unwrap()
     }
 
+    /// Waits until member `i` says it follows (`what` it is, for the failure message).
+    fn wait_following(&self, i: usize, what: &str) {
+        let deadline = Instant::now() + WAIT;
+        while self.role(i) != "slave" {
+            assert!(Instant::now() < deadline, "{what} did not step down");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     fn role(&self, i: usize) -> String {
         let Ok(mut con) = self.node(i).try_client() else { return String::new() };
         let info: String =
@@ -164,6 +173,11 @@ impl Members {
         let _: () = redis::cmd("READONLY").query(&mut con).unwrap();
         keys.iter().map(|k| redis::cmd("GET").arg(k).query(&mut con).unwrap()).collect()
     }
+}
+
+/// The members other than `i`.
+fn all_but(i: usize) -> Vec<usize> {
+    (0..3).filter(|&j| j != i).collect()
 }
 
 /// One client of member `member` (its Redis port in `ports`, which changes when the member
@@ -241,7 +255,7 @@ fn a_partitioned_stopped_and_killed_leader_serves_no_stale_reads_and_the_history
     let links = Links::default();
     let mut m = Members::start(&links);
     let old = m.leader_among(&[0, 1, 2]);
-    let others: Vec<usize> = (0..3).filter(|&i| i != old).collect();
+    let others = all_but(old);
 
     // Every key exists from the start (so SET NX never sets: see `common::history`).
     let history = History::default();
@@ -292,33 +306,23 @@ fn a_partitioned_stopped_and_killed_leader_serves_no_stale_reads_and_the_history
 
     // Healed: the old leader steps down and follows, and the clients go on.
     links.heal();
-    let deadline = Instant::now() + WAIT;
-    while m.role(old) != "slave" {
-        assert!(Instant::now() < deadline, "the old leader did not step down");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    m.wait_following(old, "the old leader");
     wait_for_writes(50);
 
     // The leader stops past the election timeout: the others elect one of them; resumed, it
     // follows.
     let stopped = m.leader_among(&[0, 1, 2]);
     m.node(stopped).signal(rustix::process::Signal::STOP);
-    let rest: Vec<usize> = (0..3).filter(|&i| i != stopped).collect();
-    m.leader_among(&rest);
+    m.leader_among(&all_but(stopped));
     wait_for_writes(30);
     m.node(stopped).signal(rustix::process::Signal::CONT);
-    let deadline = Instant::now() + WAIT;
-    while m.role(stopped) != "slave" {
-        assert!(Instant::now() < deadline, "the resumed leader did not step down");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    m.wait_following(stopped, "the resumed leader");
     wait_for_writes(30);
 
     // The leader is killed, the others go on, and it comes back as a follower.
     let killed = m.leader_among(&[0, 1, 2]);
     m.nodes[killed] = None;
-    let rest: Vec<usize> = (0..3).filter(|&i| i != killed).collect();
-    m.leader_among(&rest);
+    m.leader_among(&all_but(killed));
     wait_for_writes(30);
     m.run(killed);
     ports[killed].store(m.node(killed).port, Ordering::SeqCst);

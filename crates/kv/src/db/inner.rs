@@ -114,9 +114,9 @@ pub(super) fn release(counts: &mut BTreeMap<u64, usize>, key: u64) {
 /// it was made on until it is dropped, and a replaced view stays in `retired` until a `reap`
 /// finds nothing else holding it. Each memtable is counted once.
 pub(super) fn reader_memtable_bytes(view: &View, retired: &[Arc<View>]) -> usize {
-    let current: Vec<*const Memtable> =
+    // The current view's memtables are counted elsewhere.
+    let mut seen: Vec<*const Memtable> =
         std::iter::once(&view.mem).chain(&view.imms).map(Arc::as_ptr).collect();
-    let mut seen = current;
     let mut bytes = 0;
     for m in retired.iter().flat_map(|v| std::iter::once(&v.mem).chain(&v.imms)) {
         if !seen.contains(&Arc::as_ptr(m)) {
