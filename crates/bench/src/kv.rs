@@ -545,6 +545,7 @@ fn run_system(
         m.disk_mb = Some(disk_after_grace(&dir));
         out.push(("fillseq", m));
     }
+    crate::return_freed_memory_now();
     std::fs::remove_dir_all(&dir)?;
 
     // fillrandom, overwrite, reads on the same database
@@ -619,6 +620,7 @@ fn run_system(
         })?;
         out.push(("seekrandom", m));
     }
+    crate::return_freed_memory_now();
     std::fs::remove_dir_all(&dir)?;
     out.extend(fillsync(system, args, n, &fresh, kv_bytes)?);
     if args.sustained_secs > 0 {
@@ -682,6 +684,7 @@ fn fillsync(
         })?;
         out.push(("fillsync", m));
     }
+    crate::return_freed_memory_now();
     std::fs::remove_dir_all(&dir)?;
     Ok(out)
 }
