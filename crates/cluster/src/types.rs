@@ -97,14 +97,14 @@ pub struct Applied {
     pub guards: Vec<bool>,
 }
 
-/// A stream's retention, as its creator asked for it: each member's store applies it to its
-/// own copy (the front of a stream may differ between members for a while; the ids and the
-/// entries they hold do not).
+/// A stream's retention, as its creator asked for it. Members' stores do not apply it
+/// themselves: the leader decides the cuts and proposes them as [`Op::StreamTruncate`], so
+/// every copy starts at the same id.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Retention {
     /// Entries older than this many milliseconds are dropped.
     pub age_ms: Option<u64>,
-    /// The oldest entries are dropped while the stream holds more bytes than this.
+    /// The oldest entries are dropped while what stays holds at least this many bytes.
     pub bytes: Option<u64>,
 }
 

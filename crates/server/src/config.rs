@@ -220,6 +220,11 @@ pub struct Flags {
     /// appends are refused [default: 1024].
     #[arg(long, env = "TIMBER_STORE_BACKLOG_MB")]
     pub store_backlog_mb: Option<u64>,
+    /// Milliseconds between rounds of stream maintenance: retention, garbage collection of
+    /// fragments, merging of small ones (in a cluster the leader decides the retention cuts
+    /// each round and replicates them) [default: 10000].
+    #[arg(long, env = "TIMBER_STREAM_MAINTENANCE_MS")]
+    pub stream_maintenance_ms: Option<u64>,
     /// This member's id in a cluster (1 or more); with --raft-addr, runs timberd as a member of
     /// a Raft cluster [default: single node].
     #[arg(long, env = "TIMBER_NODE_ID")]
@@ -281,6 +286,7 @@ struct File {
     s3_secret_access_key: Option<Secret>,
     store_outage_secs: Option<u64>,
     store_backlog_mb: Option<u64>,
+    stream_maintenance_ms: Option<u64>,
     node_id: Option<u64>,
     raft_addr: Option<SocketAddr>,
     initial_cluster: Option<String>,
@@ -390,6 +396,8 @@ pub struct Config {
     pub store_outage: Duration,
     /// Bytes of acknowledged entries that may wait in the journal for the object store.
     pub store_backlog_bytes: u64,
+    /// Time between rounds of stream maintenance (and of a cluster leader's retention cuts).
+    pub stream_maintenance: Duration,
     /// Membership of a Raft cluster (`None`: a single node).
     pub cluster: Option<Cluster>,
 }
@@ -415,6 +423,7 @@ impl Config {
             stream_store: StreamStore::Local,
             store_outage: Duration::from_secs(DEFAULT_STORE_OUTAGE_SECS),
             store_backlog_bytes: DEFAULT_STORE_BACKLOG_MB << 20,
+            stream_maintenance: Duration::from_millis(DEFAULT_STREAM_MAINTENANCE_MS),
             cluster: None,
         }
     }
@@ -472,6 +481,15 @@ impl Config {
             flags.store_backlog_mb.or(file.store_backlog_mb).unwrap_or(DEFAULT_STORE_BACKLOG_MB);
         if store_backlog_mb == 0 {
             return Err("store_backlog_mb must be at least 1".into());
+        }
+        let stream_maintenance_ms = flags
+            .stream_maintenance_ms
+            .or(file.stream_maintenance_ms)
+            .unwrap_or(DEFAULT_STREAM_MAINTENANCE_MS);
+        if !(10..=86_400_000).contains(&stream_maintenance_ms) {
+            return Err(format!(
+                "stream_maintenance_ms must be 10 to 86400000 (got {stream_maintenance_ms})"
+            ));
         }
         let mut stream_store = match flags.stream_store.or(file.stream_store).as_deref() {
             None | Some("local") => StreamStore::Local,
@@ -626,6 +644,7 @@ impl Config {
             stream_store,
             store_outage: Duration::from_secs(store_outage_secs),
             store_backlog_bytes: store_backlog_mb.saturating_mul(1 << 20),
+            stream_maintenance: Duration::from_millis(stream_maintenance_ms),
         })
     }
 }
@@ -637,6 +656,8 @@ pub const DEFAULT_SNAPSHOT_ENTRIES: u64 = 10_000;
 const DEFAULT_STORE_OUTAGE_SECS: u64 = 30;
 /// `--store-backlog-mb` unless set.
 const DEFAULT_STORE_BACKLOG_MB: u64 = 1024;
+/// `--stream-maintenance-ms` unless set.
+const DEFAULT_STREAM_MAINTENANCE_MS: u64 = 10_000;
 /// `--idle-spin-us` unless set.
 const DEFAULT_IDLE_SPIN_US: u64 = 10;
 /// The largest `--idle-spin-us`.

@@ -228,12 +228,15 @@ impl Server {
             _ => None,
         };
         let runner = journal_syncs.clone().map(|j| j as Arc<dyn timber_stream::SyncRunner>);
+        // A cluster member's copy is cut where the leader's retention says (see `sweep`).
         let opts = streams::options(
             cfg.sync,
             &cfg.stream_store,
             (cfg.store_outage, cfg.store_backlog_bytes),
             runner,
-        );
+        )
+        .maintenance_interval(Some(cfg.stream_maintenance))
+        .apply_retention(cfg.cluster.is_none());
         restore(&cfg, &kv_dir, &streams_dir, &opts).await?;
         let keys = match Keyspace::open(&kv_dir, cfg.sync, cfg.memory_budget, idle) {
             Ok(k) => Arc::new(k),
@@ -324,7 +327,7 @@ impl Server {
             )),
             tokio::spawn(grpc::serve(engines.clone(), grpc_listener, stop_rx.clone())),
             tokio::spawn(http::serve(engines.clone(), prometheus, http_listener, stop_rx.clone())),
-            tokio::spawn(sweep(engines.clone(), stop_rx.clone())),
+            tokio::spawn(sweep(engines.clone(), cfg.stream_maintenance, stop_rx.clone())),
         ];
         if let Some(s) = spinner {
             tasks.push(tokio::spawn(s.run(stop_rx)));
@@ -362,12 +365,20 @@ impl Server {
 const WRITER_IDLE: Duration = Duration::from_secs(60);
 
 /// Every 100 ms, deletes expired keys; every second, collects the streams of deleted keys;
-/// every 10 seconds, closes idle stream writers.
-async fn sweep(engines: Arc<Engines>, mut stop: watch::Receiver<bool>) {
+/// every 10 seconds, closes idle stream writers; on a cluster's leader, every `maintenance`,
+/// truncates the log streams its retention lets go (the members apply the truncations, so
+/// every copy of a stream starts at the same id).
+async fn sweep(engines: Arc<Engines>, maintenance: Duration, mut stop: watch::Receiver<bool>) {
     let (keys, streams) = (engines.keys.clone(), engines.redis_streams.clone());
     let mut round = 0u64;
+    let every = (maintenance.as_millis() / 100).max(1) as u64;
     loop {
         round += 1;
+        if round.is_multiple_of(every) {
+            if let Some(r) = engines.keys.replication().filter(|r| r.is_leader()) {
+                engines.logs.apply_retention(r).await;
+            }
+        }
         if round.is_multiple_of(10) {
             match streams.collect_garbage().await {
                 Ok(n) if n > 0 => tracing::debug!(streams = n, "collected streams of deleted keys"),

@@ -486,6 +486,26 @@ impl Logs {
         }
     }
 
+    /// On a cluster's leader: truncates every stream where its retention cuts the leader's
+    /// copy, through the log, so that every member drops the same entries. A stream cut since
+    /// (by a client or an earlier round) is left as it is; failures are logged and the next
+    /// round tries again.
+    pub(crate) async fn apply_retention(&self, r: &Arc<Replication>) {
+        let cuts = match self.streams.retention_cuts() {
+            Ok(c) => c,
+            Err(e) => return tracing::warn!(error = %e, "reading the retention cuts failed"),
+        };
+        for (name, before) in cuts {
+            if name.starts_with(RESERVED) {
+                continue;
+            }
+            match self.lead_truncate(r, &name, before).await {
+                Ok(_) => tracing::debug!(stream = %name, before, "retention truncated a stream"),
+                Err(e) => tracing::warn!(stream = %name, error = %e, "retention truncation failed"),
+            }
+        }
+    }
+
     /// On the leader: [`Logs::truncate`].
     pub(crate) async fn lead_truncate(
         &self,

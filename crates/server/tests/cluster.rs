@@ -1039,6 +1039,49 @@ fn grpc_and_http_log_streams_replicate_through_any_member_and_a_failover() {
 /// than there were calls. (A call refused during an election is retried, and may then be
 /// found twice.)
 #[test]
+fn retention_cuts_every_members_copy_of_a_log_stream_at_the_same_id() {
+    // Each member cuts its copy into fragments at ids of its own: a follower that was down
+    // while the stream grew applies its entries in a burst, into other fragments than the
+    // leader's. Were each member to apply the retention to its own fragments, the copies
+    // would start at different ids.
+    let mut c = Cluster::three_started_with(&["--stream-maintenance-ms", "200"]);
+    let leader = c.leader();
+    let f = c.follower(leader);
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        let lc = c.node(leader).grpc().await;
+        again(|| lc.create_stream("events", None, Some(64 << 10))).await.unwrap();
+        c.kill(f);
+        let entry = "x".repeat(1000);
+        let start = Instant::now();
+        let mut appended = 0;
+        while start.elapsed() < Duration::from_secs(2) || appended < 300 {
+            log_append(&c, leader, &entry).await;
+            appended += 1;
+        }
+        c.start(f);
+        // Every member's own copy starts where the leader's last round cut it.
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let mut firsts = Vec::new();
+            for i in 0..3 {
+                let entries = log_entries(&c, i, "events", true).await.unwrap_or_default();
+                firsts.push(entries.first().map_or(u64::MAX, |e| e.0));
+            }
+            if firsts[0] > 0 && firsts.iter().all(|&f| f == firsts[0]) {
+                // The retention kept about what it was asked to, not everything or nothing.
+                let kept = log_entries(&c, leader, "events", false).await.unwrap().len();
+                assert!((20..appended).contains(&kept), "{kept} of {appended} entries kept");
+                break;
+            }
+            assert!(Instant::now() < deadline, "the members' copies start at {firsts:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+}
+
+#[test]
 fn concurrent_appends_to_one_stream_share_raft_entries_and_keep_their_order() {
     let mut c = Cluster::three_started();
     let leader = c.leader();

@@ -1,6 +1,6 @@
 //! Maintenance of a store, every `Options::maintenance_interval` or on
 //! [`Streams::maintain`](crate::Streams::maintain): retention (truncating streams by age and
-//! size), garbage collection of objects no metadata refers to, and merging of small fragments
+//! size, unless `Options::apply_retention` leaves that to the caller), garbage collection of objects no metadata refers to, and merging of small fragments
 //! of sealed segments.
 //!
 //! Invariants: metadata first, objects after: a merge records its new fragment before it deletes
@@ -34,13 +34,23 @@ pub(crate) async fn maintain_every(shared: Weak<Shared>, every: Duration) {
 }
 
 pub(crate) async fn maintain(sh: &Arc<Shared>) -> Result<()> {
-    apply_retention(sh).await?;
+    if sh.opts.apply_retention {
+        for (name, cut) in retention_cuts(sh)? {
+            truncate(sh, &name, cut).await?;
+        }
+    }
     collect_garbage(sh).await?;
     merge_small(sh).await
 }
 
-async fn apply_retention(sh: &Arc<Shared>) -> Result<()> {
+/// Where retention cuts each stream now: the names of the streams whose oldest fragments are
+/// past their age or beyond their size, each with the id its first remaining fragment starts
+/// at. Whole fragments only, oldest first; by size, a fragment goes only if what stays after
+/// it still holds the stream's `retention_bytes` (a fragment larger than that is never the
+/// reason the newest entries go).
+pub(crate) fn retention_cuts(sh: &Shared) -> Result<Vec<(String, u64)>> {
     let now = now_ms();
+    let mut cuts = Vec::new();
     for s in sh.meta.streams()? {
         let (age, max_bytes) = (s.config.retention_age, s.config.retention_bytes);
         if age.is_none() && max_bytes.is_none() {
@@ -50,7 +60,7 @@ async fn apply_retention(sh: &Arc<Shared>) -> Result<()> {
         let mut bytes = s.bytes;
         for f in sh.meta.fragments(s.id, s.first_id)? {
             let old = age.is_some_and(|a| f.created_ms.saturating_add(a.as_millis() as u64) < now);
-            let big = max_bytes.is_some_and(|m| bytes > m);
+            let big = max_bytes.is_some_and(|m| bytes.checked_sub(f.bytes).is_some_and(|r| r >= m));
             if !(old || big) {
                 break;
             }
@@ -58,10 +68,10 @@ async fn apply_retention(sh: &Arc<Shared>) -> Result<()> {
             cut = f.end_id;
         }
         if cut > s.first_id {
-            truncate(sh, &s.name, cut).await?;
+            cuts.push((s.name, cut));
         }
     }
-    Ok(())
+    Ok(cuts)
 }
 
 /// Deletes objects no metadata refers to: of deleted streams, below a truncation point, or

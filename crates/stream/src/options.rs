@@ -153,7 +153,9 @@ impl WriterOptions {
 pub struct StreamConfig {
     /// Truncate fragments whose newest entry is older than this.
     pub retention_age: Option<Duration>,
-    /// Truncate the oldest fragments while the stream stores more than this many bytes.
+    /// Truncate the oldest fragments while what stays stores at least this many bytes (as
+    /// Kafka's `retention.bytes`: the newest bytes up to this much are never dropped, and
+    /// the stream keeps less than this plus one fragment).
     pub retention_bytes: Option<u64>,
 }
 
@@ -214,6 +216,7 @@ pub struct Options {
     pub(crate) retry_backoff: Duration,
     pub(crate) request_timeout: Duration,
     pub(crate) maintenance_interval: Option<Duration>,
+    pub(crate) apply_retention: bool,
     pub(crate) merge_below: u64,
     pub(crate) merge_target: u64,
     pub(crate) journal: crate::Journal,
@@ -233,6 +236,7 @@ impl std::fmt::Debug for Options {
             .field("retry_backoff", &self.retry_backoff)
             .field("request_timeout", &self.request_timeout)
             .field("maintenance_interval", &self.maintenance_interval)
+            .field("apply_retention", &self.apply_retention)
             .field("merge_below", &self.merge_below)
             .field("merge_target", &self.merge_target)
             .field("journal", &self.journal)
@@ -253,6 +257,7 @@ impl Default for Options {
             retry_backoff: Duration::from_millis(20),
             request_timeout: Duration::from_secs(30),
             maintenance_interval: Some(Duration::from_secs(10)),
+            apply_retention: true,
             merge_below: 256 << 10,
             merge_target: 8 << 20,
             journal: crate::Journal::Off,
@@ -323,6 +328,16 @@ impl Options {
     /// runs it by hand).
     pub fn maintenance_interval(mut self, every: Option<Duration>) -> Self {
         self.maintenance_interval = every;
+        self
+    }
+
+    /// Whether maintenance truncates streams as their retention allows (default on). Off where
+    /// something else decides where streams are cut: a replicated store's leader reads the
+    /// cuts with [`Streams::retention_cuts`](crate::Streams::retention_cuts) and replicates
+    /// the truncations, so that every copy drops the same entries (each copy's fragments end
+    /// at ids of their own, and its clock is its own).
+    pub fn apply_retention(mut self, on: bool) -> Self {
+        self.apply_retention = on;
         self
     }
 

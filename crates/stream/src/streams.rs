@@ -288,6 +288,14 @@ impl Streams {
         maintain(&self.shared).await
     }
 
+    /// Where each stream's retention would cut it now: `(name, before)` for every stream that
+    /// holds entries its retention lets go, `before` being the first id to keep (a fragment
+    /// boundary of this store). What maintenance truncates unless
+    /// [`Options::apply_retention`](crate::Options::apply_retention) is off.
+    pub fn retention_cuts(&self) -> Result<Vec<(String, u64)>> {
+        crate::maintenance::retention_cuts(&self.shared)
+    }
+
     /// Syncs and closes the metadata engine. Writers and readers still open fail afterwards.
     pub async fn close(self) -> Result<()> {
         self.shared
