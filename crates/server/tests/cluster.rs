@@ -1556,3 +1556,102 @@ fn concurrent_serializable_commits_through_every_member_keep_a_scanned_range_who
         }
     });
 }
+
+/// Pessimistic transactions begun through different members take their locks on the leader:
+/// read-modify-writes of one key through every member lose no increment and never abort, a
+/// lock is waited for until its holder commits, and two transactions that lock two keys in
+/// opposite orders through two followers deadlock, one of them failing at once.
+#[test]
+fn pessimistic_locks_through_every_member_live_on_the_leader() {
+    use timber_client::{Code, Isolation, TxnOptions};
+    let mut c = Cluster::three_started();
+    let leader = c.leader();
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let opts = TxnOptions {
+        lock_timeout: Some(Duration::from_secs(10)),
+        ..TxnOptions::pessimistic(Isolation::ReadCommitted)
+    };
+    let num = |v: Option<bytes::Bytes>| -> u64 {
+        v.map_or(0, |b| std::str::from_utf8(&b).unwrap().parse().unwrap())
+    };
+    rt.block_on(async {
+        // Increments through every member: each waits for the lock of `n`, none aborts.
+        const TASKS: usize = 6;
+        const EACH: u64 = 10;
+        let tasks: Vec<_> = (0..TASKS)
+            .map(|t| {
+                let port = c.node(t % 3).grpc_port;
+                tokio::spawn(async move {
+                    let client = timber_client::Client::connect(format!("http://127.0.0.1:{port}"))
+                        .await
+                        .unwrap();
+                    for _ in 0..EACH {
+                        let txn = again(|| client.begin(opts)).await.unwrap();
+                        let n = num(txn.get_for_update("n").await.unwrap());
+                        txn.put("n", (n + 1).to_string()).await.unwrap();
+                        txn.commit().await.unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let lc = c.node(leader).grpc().await;
+        assert_eq!(num(lc.get("n").await.unwrap()), TASKS as u64 * EACH);
+
+        // A lock held through one follower makes a transaction through the other wait.
+        let (f1, f2) = ((leader + 1) % 3, (leader + 2) % 3);
+        let (a, b) = (c.node(f1).grpc().await, c.node(f2).grpc().await);
+        let ta = a.begin(opts).await.unwrap();
+        ta.put("x", "a").await.unwrap();
+        let tb = b.begin(opts).await.unwrap();
+        let waiting = {
+            let tb = tb.clone();
+            tokio::spawn(async move { tb.get_for_update("x").await })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!waiting.is_finished(), "the lock of x was not waited for");
+        ta.commit().await.unwrap();
+        assert_eq!(waiting.await.unwrap().unwrap().as_deref(), Some(&b"a"[..]));
+        tb.commit().await.unwrap();
+
+        // Opposite orders: one of the two fails with a deadlock, long before the lock timeout.
+        let (ta, tb) = (a.begin(opts).await.unwrap(), b.begin(opts).await.unwrap());
+        ta.put("y", "a").await.unwrap();
+        tb.put("z", "b").await.unwrap();
+        let start = Instant::now();
+        let first = {
+            let ta = ta.clone();
+            tokio::spawn(async move { ta.put("z", "a").await })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let second = tb.put("y", "b").await;
+        let failed = match second {
+            Err(e) => {
+                assert_eq!(e.code(), Some(Code::Aborted), "{e}");
+                tb.rollback().await.unwrap();
+                first.await.unwrap().unwrap();
+                ta.commit().await.unwrap();
+                "b"
+            }
+            Ok(()) => {
+                let e = first.await.unwrap().unwrap_err();
+                assert_eq!(e.code(), Some(Code::Aborted), "{e}");
+                ta.rollback().await.unwrap();
+                tb.commit().await.unwrap();
+                "a"
+            }
+        };
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the deadlock took {:?}",
+            start.elapsed()
+        );
+        let winner = if failed == "a" { "b" } else { "a" };
+        for k in ["y", "z"] {
+            assert_eq!(lc.get(k).await.unwrap().as_deref(), Some(winner.as_bytes()), "{k}");
+        }
+    });
+}
