@@ -724,15 +724,17 @@ impl Admin for Service {
                     })
                 }
             };
-            // The engine's pairs, but the cluster's own keys (`\0raft/`): a restore starts a
-            // new single node or cluster.
+            // The engine's pairs, but the cluster's own keys (`\0raft/`) and its members' RESP
+            // addresses: a restore starts a new single node or cluster.
             let pairs = {
                 let (tx, chunk) = (tx.clone(), chunk.clone());
                 tokio::task::spawn_blocking(move || {
                     let mut w = crate::backup::Writer::new(&position);
                     for r in snap.iter() {
                         let (k, v) = r.map_err(|err| Status::internal(err.to_string()))?;
-                        if k.starts_with(timber_cluster::RESERVED_PREFIX) {
+                        if k.starts_with(timber_cluster::RESERVED_PREFIX)
+                            || k.starts_with(crate::replication::RESP_ADDR_PREFIX)
+                        {
                             continue;
                         }
                         if let Some(c) = w.pair(&k, &v) {

@@ -297,6 +297,15 @@ impl Server {
         let resp_addr = resp_listener.local_addr()?;
         let grpc_addr = grpc_listener.local_addr()?;
         let http_addr = http_listener.local_addr()?;
+        if let (Some(r), Some(c)) = (keys.replication(), &cfg.cluster) {
+            // Listening on every interface: the others reach it at its Raft address's host.
+            let ip = match resp_addr.ip().is_unspecified() {
+                true => c.raft_addr.ip(),
+                false => resp_addr.ip(),
+            };
+            let addr = SocketAddr::new(ip, resp_addr.port()).to_string();
+            r.announce_resp_addr(addr);
+        }
         let (stop, stop_rx) = watch::channel(false);
         let spinner = (!cfg.idle_spin.is_zero())
             .then(|| idle::spin::Spinner::new(cfg.idle_spin, idle.clone()));

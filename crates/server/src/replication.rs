@@ -47,6 +47,17 @@ pub(crate) fn blocking<T>(f: impl FnOnce() -> T) -> T {
 /// In the data directory while a restored keyspace is not yet in the cluster's snapshot.
 pub(crate) const SEED_MARKER: &str = "restored-not-replicated";
 
+/// Engine keys of the members' RESP addresses (`host:port`), each followed by the member's id
+/// (`u64` BE): written through the log by the member itself when it leads, so that every
+/// member can name the leader's RESP address (`INFO`'s `master_host` and `master_port`). Not
+/// part of a backup (a restored cluster's members announce themselves again).
+pub(crate) const RESP_ADDR_PREFIX: &[u8] = b"\x00member/resp/";
+
+/// The key of member `id`'s RESP address.
+pub(crate) fn resp_addr_key(id: u64) -> Vec<u8> {
+    [RESP_ADDR_PREFIX, &id.to_be_bytes()].concat()
+}
+
 /// A running member and the runtime it runs on.
 pub(crate) struct Replication {
     /// Taken by `shutdown` (a runtime may not be dropped on an async task). Callers that poll
@@ -55,6 +66,8 @@ pub(crate) struct Replication {
     runtime: parking_lot::RwLock<Option<tokio::runtime::Runtime>>,
     handle: tokio::runtime::Handle,
     member: Arc<Member>,
+    /// The engine the member applies to.
+    db: Arc<Db>,
     timeout: Duration,
     /// Changes of leader this member has seen (elections that ended with a leader).
     leader_changes: Arc<std::sync::atomic::AtomicU64>,
@@ -218,7 +231,7 @@ impl Replication {
         config.keep_after_snapshot = (cluster.snapshot_entries / 10).min(1000);
         // A runtime may not be dropped on an async task: on failure it is shut down in the
         // background.
-        let member = match runtime.spawn(Member::start(config, db)).await {
+        let member = match runtime.spawn(Member::start(config, db.clone())).await {
             Ok(Ok(m)) => m,
             Ok(Err(e)) => {
                 runtime.shutdown_background();
@@ -246,6 +259,7 @@ impl Replication {
             runtime,
             handle,
             member,
+            db,
             timeout: cluster.timeout,
             leader_changes,
             elections,
@@ -572,6 +586,52 @@ impl Replication {
         let m = self.member.raft().metrics();
         let m = m.borrow();
         (m.current_leader == Some(m.id)).then_some(m.current_term)
+    }
+
+    /// The RESP address member `id` announced, as this member's copy holds it.
+    pub(crate) fn resp_addr_of(&self, id: u64) -> Option<String> {
+        let v = self.db.get(resp_addr_key(id)).ok().flatten()?;
+        String::from_utf8(v.to_vec()).ok()
+    }
+
+    /// Keeps `addr`, this member's RESP address as clients reach it, in the cluster's data
+    /// (see [`RESP_ADDR_PREFIX`]): in each term it leads, it proposes the address unless its
+    /// copy already holds it.
+    pub(crate) fn announce_resp_addr(self: &Arc<Self>, addr: String) {
+        let (me, member, db) = (Arc::downgrade(self), self.member.clone(), self.db.clone());
+        self.handle.spawn(async move {
+            let mut rx = member.raft().metrics();
+            let key = resp_addr_key(member.id());
+            let mut done_in = None;
+            loop {
+                let term = {
+                    let m = rx.borrow_and_update();
+                    let leads = m.current_leader == Some(m.id) && m.last_applied.is_some();
+                    leads.then_some(m.current_term)
+                };
+                if term.is_some() && term != done_in {
+                    let Some(r) = me.upgrade() else { return };
+                    let held = db.get(&key).ok().flatten();
+                    if held.as_deref() == Some(addr.as_bytes()) {
+                        done_in = term;
+                    } else {
+                        let mut p = Proposal::default();
+                        p.put(key.clone(), addr.clone().into_bytes());
+                        match r.propose_here(p).await {
+                            Ok(()) => done_in = term,
+                            Err(e) => {
+                                tracing::debug!(error = %e, "announcing the RESP address failed");
+                                tokio::time::sleep(Duration::from_secs(1)).await;
+                                continue;
+                            }
+                        }
+                    }
+                }
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
     }
 
     pub(crate) fn is_leader(&self) -> bool {

@@ -108,6 +108,22 @@ impl Cluster {
 }
 
 impl Cluster {
+    /// Waits until member `i`'s `INFO replication` names member `leader`'s RESP address as
+    /// its master's (the leader announces it through the log when it takes the lead).
+    fn wait_for_master(&self, i: usize, leader: usize) {
+        let want = format!("master_host:127.0.0.1\r\nmaster_port:{}\r\n", self.node(leader).port);
+        let mut con = self.node(i).client();
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let info: String = redis::cmd("INFO").arg("replication").query(&mut con).unwrap();
+            if info.contains(&want) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "member {} says {info}", i + 1);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Waits until member `i` logs the leader it follows, and returns that leader.
     fn following(&mut self, i: usize) -> usize {
         let parse = |line: &str| -> Option<usize> {
@@ -231,6 +247,7 @@ fn three_timberds_replicate_fail_over_and_rejoin() {
     let mut fcon = c.node(f).client();
     let info: String = redis::cmd("INFO").arg("replication").query(&mut fcon).unwrap();
     assert!(info.contains("role:slave"), "{info}");
+    c.wait_for_master(f, first);
     let () = redis::cmd("SET").arg("via-follower").arg("yes").query(&mut fcon).unwrap();
     let v: String = redis::cmd("GET").arg("via-follower").query(&mut fcon).unwrap();
     assert_eq!(v, "yes");
@@ -326,6 +343,7 @@ fn three_timberds_replicate_fail_over_and_rejoin() {
     // is part of the quorum again.
     c.start(first);
     let leader = c.following(first);
+    c.wait_for_master(first, leader);
     let victim = (0..3).find(|&i| i != first && i != leader).unwrap();
     c.nodes[victim].as_mut().unwrap().child.kill().unwrap();
     c.nodes[victim].take();

@@ -175,8 +175,13 @@ fn replication_info(ctx: &Context<'_>) -> String {
     if st.leader {
         out.push_str(&format!("role:master\r\nconnected_slaves:{}\r\n", st.members.len() - 1));
     } else {
-        let (host, port) =
-            st.leader_addr.as_deref().and_then(|a| a.rsplit_once(':')).unwrap_or(("", "0"));
+        // The leader's RESP address once it announced it, else its Raft address.
+        let announced = st.leader_id.and_then(|l| r.resp_addr_of(l));
+        let (host, port) = announced
+            .as_deref()
+            .or(st.leader_addr.as_deref())
+            .and_then(|a| a.rsplit_once(':'))
+            .unwrap_or(("", "0"));
         let link = if st.leader_id.is_some() { "up" } else { "down" };
         out.push_str(&format!(
             "role:slave\r\nmaster_host:{host}\r\nmaster_port:{port}\r\nmaster_link_status:{link}\r\n"
