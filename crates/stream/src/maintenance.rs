@@ -1,7 +1,7 @@
 //! Maintenance of a store, every `Options::maintenance_interval` or on
 //! [`Streams::maintain`](crate::Streams::maintain): retention (truncating streams by age and
-//! size, unless `Options::apply_retention` leaves that to the caller), garbage collection of objects no metadata refers to, and merging of small fragments
-//! of sealed segments.
+//! size, unless `Options::apply_retention` leaves that to the caller), garbage collection of
+//! objects no metadata refers to, and merging of small fragments of sealed segments.
 //!
 //! Invariants: metadata first, objects after: a merge records its new fragment before it deletes
 //! the old ones, and garbage collection deletes only objects that no record names and that no
