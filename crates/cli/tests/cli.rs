@@ -167,7 +167,14 @@ fn txn_runs_one_branch_and_exits_4_when_comparisons_fail() {
 #[test]
 fn cluster_status_and_changes_against_a_cluster_member() {
     use std::time::Duration;
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    // Below the kernel's ephemeral range (32768 and up), where another test's outgoing
+    // connection could take the port before the member binds it; apart from the range the
+    // server's end-to-end tests take theirs from (20000 and up).
+    let base = std::process::id() % 4000;
+    let port = (0..4000)
+        .map(|n| 16_000 + ((base + n) % 4000) as u16)
+        .find(|&p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())
+        .expect("a free port in 16000..20000");
     let raft: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let h = Harness::start_with(|cfg| {
         cfg.cluster = Some(timber_server::Cluster {
