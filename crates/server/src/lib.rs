@@ -384,7 +384,7 @@ async fn sweep(engines: Arc<Engines>, maintenance: Duration, mut stop: watch::Re
     loop {
         round += 1;
         if round.is_multiple_of(every) {
-            if let Some(r) = engines.keys.replication().filter(|r| r.is_leader()) {
+            if let Some(r) = keys.replication().filter(|r| r.is_leader()) {
                 engines.logs.apply_retention(r).await;
             }
         }

@@ -1116,9 +1116,7 @@ fn concurrent_appends_to_one_stream_share_raft_entries_and_keep_their_order() {
             .map(|t| {
                 let port = c.node(t % 3).grpc_port;
                 tokio::spawn(async move {
-                    let client = timber_client::Client::connect(format!("http://127.0.0.1:{port}"))
-                        .await
-                        .unwrap();
+                    let client = common::grpc_at(port).await;
                     let mut calls = Vec::new();
                     for i in 0..CALLS {
                         // One to three entries per call.
@@ -1601,9 +1599,7 @@ fn pessimistic_locks_through_every_member_live_on_the_leader() {
             .map(|t| {
                 let port = c.node(t % 3).grpc_port;
                 tokio::spawn(async move {
-                    let client = timber_client::Client::connect(format!("http://127.0.0.1:{port}"))
-                        .await
-                        .unwrap();
+                    let client = common::grpc_at(port).await;
                     for _ in 0..EACH {
                         let txn = again(|| client.begin(opts)).await.unwrap();
                         let n = num(txn.get_for_update("n").await.unwrap());

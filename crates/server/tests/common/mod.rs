@@ -39,6 +39,12 @@ pub fn free_port(ip: std::net::IpAddr) -> u16 {
     panic!("no free port in 20000..32000");
 }
 
+/// A gRPC client of the timberd whose gRPC endpoint is at `port` on 127.0.0.1 (for tasks that
+/// cannot borrow its [`Timberd`]).
+pub async fn grpc_at(port: u16) -> timber_client::Client {
+    timber_client::Client::connect(format!("http://127.0.0.1:{port}")).await.unwrap()
+}
+
 impl Timberd {
     /// Starts timberd on `dir` with extra flags and waits until it listens.
     ///
@@ -141,9 +147,7 @@ impl Timberd {
 
     /// A gRPC client.
     pub async fn grpc(&self) -> timber_client::Client {
-        timber_client::Client::connect(format!("http://127.0.0.1:{}", self.grpc_port))
-            .await
-            .unwrap()
+        grpc_at(self.grpc_port).await
     }
 
     pub fn signal(&self, sig: rustix::process::Signal) {
