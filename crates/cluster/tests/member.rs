@@ -26,7 +26,7 @@ async fn nodes(n: u64, tune: impl Fn(&mut MemberConfig)) -> (Vec<Node>, Vec<TcpL
     let mut listeners = Vec::new();
     let mut cluster = BTreeMap::new();
     for id in 1..=n {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let l = common::listener().await;
         cluster.insert(id, l.local_addr().unwrap().to_string());
         listeners.push(l);
     }

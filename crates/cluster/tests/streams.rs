@@ -186,7 +186,7 @@ async fn members_replicate_streams_and_a_member_behind_gets_them_in_a_snapshot()
     let mut listeners = Vec::new();
     let mut cluster = BTreeMap::new();
     for id in 1..=3u64 {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let l = common::listener().await;
         cluster.insert(id, l.local_addr().unwrap().to_string());
         listeners.push(l);
     }

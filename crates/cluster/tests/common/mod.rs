@@ -174,3 +174,21 @@ pub fn open_machine(dir: &std::path::Path) -> (timber_cluster::KvMachine, Arc<ti
     let db = Arc::new(timber_kv::Db::open(dir.join("db"), timber_kv::Options::default()).unwrap());
     (timber_cluster::KvMachine::open(db.clone(), None, dir.join("machine")).unwrap(), db)
 }
+
+/// A listener on 127.0.0.1 at a port below the kernel's ephemeral range (32768 and up), from
+/// a range that differs per test process: a member restarted on its port binds it again, and
+/// a port from the ephemeral range may meanwhile be taken by another test's outgoing
+/// connection.
+pub async fn listener() -> tokio::net::TcpListener {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let base = std::process::id() % 6000;
+    for _ in 0..6000 {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = 10_000 + ((base + n) % 6000) as u16;
+        if let Ok(l) = tokio::net::TcpListener::bind(("127.0.0.1", port)).await {
+            return l;
+        }
+    }
+    panic!("no free port in 10000..16000");
+}
