@@ -319,7 +319,8 @@ mod tests {
 
     fn index() -> Arc<Index> {
         let mut b = crate::block::BlockBuilder::new(16);
-        Arc::new(Index::new(Block::new(Bytes::from(b.finish())).unwrap(), 0).unwrap())
+        let block = Block::new(Bytes::from(b.finish())).unwrap();
+        Arc::new(Index::new(block, crate::index::Form::Separators, 0).unwrap())
     }
 
     #[test]

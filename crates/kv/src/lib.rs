@@ -57,7 +57,7 @@ pub mod fuzz {
     use bytes::Bytes;
 
     use crate::block::{Block, BlockBuilder, BlockCursor};
-    use crate::index::Index;
+    use crate::index::{Form, Index};
     use crate::{key, table};
 
     /// `data` as a block as stored (bytes, then trailer) verified, decompressed and read every
@@ -94,11 +94,13 @@ pub mod fuzz {
                 }
             }
         }
-        if let Ok(index) = Index::new(b.clone(), u64::MAX) {
-            let _ = index.lower_bound(&target);
-            let _ = index.lower_bound(&key::lookup(b"", key::MAX_SEQ));
-            for i in 0..index.len() {
-                let _ = (index.key(i), index.handle(i));
+        for form in [Form::LastKeys, Form::Separators] {
+            if let Ok(index) = Index::new(b.clone(), form, u64::MAX) {
+                let _ = index.lower_bound(&target);
+                let _ = index.lower_bound(&key::lookup(b"", key::MAX_SEQ));
+                for i in 0..index.len() {
+                    let _ = (index.separator(i), index.handle(i));
+                }
             }
         }
         let _ = b.clone().seek(&target, key::compare, key::valid);

@@ -2,8 +2,9 @@
 //!
 //! `data block* | filter block | index block | footer (48 bytes)`. Every block is followed by a
 //! 5-byte trailer `type u8 | crc32c u32 LE` over the stored bytes and the type; type 0 is raw,
-//! 1 is LZ4. The index has one entry per data block: the block's last key and its handle
-//! `offset u64 LE | size u32 LE`. Readers verify every block they read and report a mismatch as
+//! 1 is LZ4. The index has one entry per data block: a separator between it and the next (as
+//! short a user key as lies between them) and its handle (`index.rs`); tables of version 1,
+//! whose index holds each block's last key, are read too. Readers verify every block they read and report a mismatch as
 //! `Error::Corrupt` with the file and the block's offset; they never return unverified data.
 
 use std::fs::File;
@@ -19,12 +20,13 @@ use crate::block::{Block, BlockBuilder, BlockCursor, Decoded};
 use crate::bloom;
 use crate::cache::{BlockCache, Cached};
 use crate::error::{Error, Result};
-use crate::index::Index;
+use crate::index::{self, Form, Index};
 use crate::key::{self, Kind};
 use crate::options::{Compression, Options};
 
 pub(crate) const MAGIC: [u8; 8] = *b"TMBRSST\0";
-pub(crate) const VERSION: u32 = 1;
+/// The version tables are written in; version 1 tables are read too (`index::Form`).
+pub(crate) const VERSION: u32 = 2;
 pub(crate) const FOOTER_LEN: usize = 48;
 pub(crate) const TRAILER_LEN: usize = 5;
 const RAW: u8 = 0;
@@ -60,6 +62,12 @@ pub(crate) struct TableBuilder {
     written_back: u64,
     data: BlockBuilder,
     index: BlockBuilder,
+    /// The last key and handle of the last data block written, whose index entry waits for
+    /// the next block's first key (its separator lies between the two).
+    pending: Option<(Vec<u8>, u64, u32)>,
+    /// Scratch for index entries.
+    separator: Vec<u8>,
+    handle: Vec<u8>,
     hashes: Vec<u64>,
     last_user: Vec<u8>,
     block_size: usize,
@@ -84,6 +92,9 @@ impl TableBuilder {
             offset: 0,
             data: BlockBuilder::new(opts.restart_interval),
             index: BlockBuilder::new(1),
+            pending: None,
+            separator: Vec::new(),
+            handle: Vec::new(),
             hashes: Vec::new(),
             last_user: Vec::new(),
             block_size: opts.block_size,
@@ -106,6 +117,9 @@ impl TableBuilder {
             self.last_user.clear();
             self.last_user.extend_from_slice(user);
         }
+        if let Some((last, off, len)) = self.pending.take() {
+            self.add_index_entry(&last, off, len, Some(ikey));
+        }
         self.data.add(ikey, value);
         self.entries += 1;
         if self.data.estimated_size() >= self.block_size {
@@ -126,11 +140,17 @@ impl TableBuilder {
         let last = self.data.last_key().to_vec();
         let raw = self.data.finish();
         let (off, len) = self.write_block(&raw, self.compression)?;
-        let mut handle = [0u8; 12];
-        handle[..8].copy_from_slice(&off.to_le_bytes());
-        handle[8..].copy_from_slice(&len.to_le_bytes());
-        self.index.add(&last, &handle);
+        self.pending = Some((last, off, len));
         Ok(())
+    }
+
+    /// Adds the index entry of the data block at `off` (`len` bytes) whose last key is `last`;
+    /// `next` is the first key of the block after it, if any.
+    fn add_index_entry(&mut self, last: &[u8], off: u64, len: u32, next: Option<&[u8]>) {
+        let tagged = index::separator(last, next, &mut self.separator);
+        self.handle.clear();
+        index::put_handle(&mut self.handle, off, len, tagged);
+        self.index.add(&self.separator, &self.handle);
     }
 
     fn write_block(&mut self, raw: &[u8], compression: Compression) -> Result<(u64, u32)> {
@@ -170,7 +190,11 @@ impl TableBuilder {
         let filter =
             if self.bloom_bits > 0 { bloom::build(&self.hashes, self.bloom_bits) } else { vec![] };
         let (filter_off, filter_len) = self.write_block(&filter, Compression::None)?;
-        let largest = Bytes::copy_from_slice(self.index.last_key());
+        let mut largest = Bytes::new();
+        if let Some((last, off, len)) = self.pending.take() {
+            self.add_index_entry(&last, off, len, None);
+            largest = Bytes::from(last);
+        }
         let index = self.index.finish();
         let (index_off, index_len) = self.write_block(&index, Compression::None)?;
         let mut footer = [0u8; FOOTER_LEN];
@@ -273,6 +297,7 @@ pub(crate) struct Table {
     /// blocks end.
     index_at: (u64, u32),
     filter_at: (u64, u32),
+    form: Form,
     /// Index and filter while they are kept outside the cache.
     pinned: Option<(Arc<Index>, Bytes)>,
     cache: Arc<BlockCache>,
@@ -305,9 +330,11 @@ impl Table {
             return Err(corrupt("footer checksum mismatch".into()));
         }
         let version = le32(&f[32..36]);
-        if version != VERSION {
-            return Err(corrupt(format!("unsupported SSTable version {version}")));
-        }
+        let form = match version {
+            1 => Form::LastKeys,
+            VERSION => Form::Separators,
+            _ => return Err(corrupt(format!("unsupported SSTable version {version}"))),
+        };
         let (index_off, index_len) = (le64(&f[0..8]), le32(&f[8..12]));
         let (filter_off, filter_len) = (le64(&f[12..20]), le32(&f[20..24]));
         for (what, off, len) in
@@ -323,6 +350,7 @@ impl Table {
             file,
             index_at: (index_off, index_len),
             filter_at: (filter_off, filter_len),
+            form,
             pinned: None,
             cache,
         };
@@ -341,7 +369,7 @@ impl Table {
         let (off, len) = self.index_at;
         let raw = read_block(&self.file, &self.path, off, len)?;
         let index = Block::new(raw)
-            .and_then(|b| Index::new(b, self.filter_at.0))
+            .and_then(|b| Index::new(b, self.form, self.filter_at.0))
             .map_err(|r| Error::corrupt(&self.path, off, format!("index block: {r}")))?;
         Ok(Arc::new(index))
     }
