@@ -124,6 +124,10 @@ trait Kv {
     fn stalls(&self) -> Option<String> {
         None
     }
+    /// What the engine holds in memory now, by part, if it says.
+    fn memory(&self) -> Option<String> {
+        None
+    }
 }
 
 struct Timber(timber_kv::Db);
@@ -140,6 +144,21 @@ impl Kv for Timber {
             f(s.stopped_by_memtables),
             f(s.stopped_by_l0),
             s.levels[0].files
+        ))
+    }
+
+    fn memory(&self) -> Option<String> {
+        let s = self.0.stats();
+        let mb = |b: u64| b as f64 / (1 << 20) as f64;
+        Some(format!(
+            "memtables {:.1} MB (+{:.1} immutable, +{:.1} held by readers), pinned index and \
+             filter blocks {:.1} MB, block cache {:.1} MB (of them index and filter {:.1})",
+            mb(s.memtable_bytes),
+            mb(s.immutable_memtable_bytes),
+            mb(s.reader_memtable_bytes),
+            mb(s.table_pinned_bytes),
+            mb(s.cache_bytes),
+            mb(s.cache_index_filter_bytes),
         ))
     }
 
@@ -575,6 +594,9 @@ fn run_system(
             eprintln!("  {system}: overwrite (and fillrandom): {s}");
         }
         db.settle()?;
+        if let Some(s) = db.memory() {
+            eprintln!("  {system}: after overwrite: {s}");
+        }
         m.disk_mb = Some(disk_after_grace(&dir));
         out.push(("overwrite", m));
 
@@ -619,6 +641,9 @@ fn run_system(
             Ok(())
         })?;
         out.push(("seekrandom", m));
+        if let Some(s) = db.memory() {
+            eprintln!("  {system}: after the reads: {s}");
+        }
     }
     crate::return_freed_memory_now();
     std::fs::remove_dir_all(&dir)?;

@@ -88,6 +88,8 @@ const DATA_VERSION_KEYS_ONLY: u8 = 1;
 /// Writes of an apply or install are cut into batches of about this size (a batch must fit in
 /// one segment of the engine's WAL).
 const BATCH_BYTES: usize = 4 << 20;
+/// Deletes per batch of a range removal ([`Op::DeleteRange`]).
+const RANGE_BATCH: usize = 4096;
 
 type Membership = StoredMembership<u64, BasicNode>;
 type Meta = SnapshotMeta<u64, BasicNode>;
@@ -195,10 +197,32 @@ impl Proposal {
     }
 
     /// Refuses a proposal that writes under the state machine's reserved keys or the
-    /// revision counter, or whose revision would not fit in its value.
+    /// revision counter, whose revision would not fit in its value, or that holds a range
+    /// removal beside anything but range removals.
     pub fn check(&self) -> Result<()> {
+        let ranges = self.ops.iter().filter(|op| matches!(op, Op::DeleteRange { .. })).count();
+        if ranges > 0 && ranges < self.ops.len() {
+            return Err(Error::Config("a range removal is proposed alone".into()));
+        }
         check_ops(&self.ops, false)
     }
+
+    /// Whether it removes ranges of keys (and, `check` saw, nothing else).
+    fn removes_ranges(&self) -> bool {
+        self.ops.iter().any(|op| matches!(op, Op::DeleteRange { .. }))
+    }
+}
+
+/// The engine key past every key that starts with `prefix` (`None`: no such key).
+fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
 }
 
 /// [`Proposal::check`] of `ops`; `guarded`: they are the writes of an [`Op::Guarded`], which
@@ -213,6 +237,17 @@ fn check_ops(ops: &[Op], guarded: bool) -> Result<()> {
                 key
             }
             Op::Put { key, .. } | Op::Delete { key } => key,
+            Op::DeleteRange { start, end } if !guarded => {
+                let reserved_end = prefix_end(RESERVED_PREFIX).unwrap_or_default();
+                let covers = |lo: &[u8], hi: &[u8]| start.as_slice() < hi && end.as_slice() > lo;
+                if covers(RESERVED_PREFIX, &reserved_end) {
+                    return Err(Error::Reserved(RESERVED_PREFIX.to_vec()));
+                }
+                if start.as_slice() <= REVISION_KEY && REVISION_KEY < end.as_slice() {
+                    return Err(Error::Reserved(REVISION_KEY.to_vec()));
+                }
+                continue;
+            }
             Op::Guarded { expect, ops, .. } if !guarded => {
                 // The machine's own keys and the counter are written only as a batch ends:
                 // read in the middle of an apply call they would not be what the log says.
@@ -665,11 +700,29 @@ impl KvMachine {
         let mut batch = Pending::default();
         let mut last = None;
         // The next revision, read when first needed and stored with each batch that used it.
-        let mut revision = None;
+        let mut revision: Option<u64> = None;
         for e in entries {
             let mut outcome = Applied::default();
             match e.payload {
                 EntryPayload::Blank => {}
+                EntryPayload::Normal(p) if p.removes_ranges() => {
+                    p.check()?;
+                    // In several batches: what the entries before it wrote goes first, with
+                    // their applied id, so that a stop in the middle applies this entry again.
+                    if let Some(id) = last {
+                        durable(&mut acks).await?;
+                        batch.put(APPLIED_KEY, &encode(&id));
+                        if let Some(r) = revision {
+                            batch.put(REVISION_KEY, &r.to_le_bytes());
+                        }
+                        self.write(batch.take())?;
+                    }
+                    for op in p.ops {
+                        if let Op::DeleteRange { start, end } = op {
+                            self.delete_range(&start, &end)?;
+                        }
+                    }
+                }
                 EntryPayload::Normal(p) => {
                     p.check()?;
                     for op in p.ops {
@@ -718,6 +771,24 @@ impl KvMachine {
         Ok(applied)
     }
 
+    /// Removes the keys of `[start, end)` from the engine, [`RANGE_BATCH`] deletes a batch
+    /// (walking one snapshot: a walk from the start again would step over every tombstone
+    /// written so far).
+    fn delete_range(&self, start: &[u8], end: &[u8]) -> Result<()> {
+        let db = &self.inner.db;
+        let mut b = WriteBatch::new();
+        for kv in db.scan(start..end) {
+            b.delete(kv?.0);
+            if b.len() >= RANGE_BATCH {
+                self.write(std::mem::take(&mut b))?;
+            }
+        }
+        if !b.is_empty() {
+            self.write(b)?;
+        }
+        Ok(())
+    }
+
     /// Adds a put or delete to `batch`, stamping a [`Op::PutRevised`] with the next revision.
     fn apply_kv(&self, batch: &mut Pending, op: Op, revision: &mut Option<u64>) -> Result<()> {
         match op {
@@ -750,7 +821,11 @@ impl KvMachine {
             return Err(Error::Config("a stream write, on a member without a stream store".into()));
         };
         match op {
-            Op::Put { .. } | Op::PutRevised { .. } | Op::Delete { .. } | Op::Guarded { .. } => {}
+            Op::Put { .. }
+            | Op::PutRevised { .. }
+            | Op::Delete { .. }
+            | Op::Guarded { .. }
+            | Op::DeleteRange { .. } => {}
             Op::StreamCreate { name } => create(store, &name, StreamConfig::default()).await?,
             Op::StreamCreateWith { name, retention } => {
                 create(store, &name, retention.config()).await?;

@@ -87,6 +87,17 @@ pub enum Op {
         /// The writes, applied all together or not at all.
         ops: Vec<Op>,
     },
+    /// Remove every key of `[start, end)` from the member's engine, as the entries before it
+    /// left it. A proposal that holds one holds nothing but such ranges: its apply may take
+    /// several engine batches, and a member that stops in the middle applies the whole entry
+    /// again when it restarts (the applied id is stored with the last batch), which removing
+    /// keys allows: every member ends with the range empty.
+    DeleteRange {
+        /// The first engine key removed.
+        start: Vec<u8>,
+        /// The engine key past the range.
+        end: Vec<u8>,
+    },
 }
 
 /// What applying an entry decided: per [`Op::Guarded`] of the entry, in order, whether its
@@ -177,6 +188,17 @@ impl Proposal {
         self
     }
 
+    /// Adds the removal of every key of `[start, end)` (see [`Op::DeleteRange`]: a proposal
+    /// that holds one may hold nothing else).
+    pub fn delete_range(
+        &mut self,
+        start: impl Into<Vec<u8>>,
+        end: impl Into<Vec<u8>>,
+    ) -> &mut Self {
+        self.ops.push(Op::DeleteRange { start: start.into(), end: end.into() });
+        self
+    }
+
     /// Adds the creation of a stream.
     pub fn create_stream(&mut self, name: impl Into<String>) -> &mut Self {
         self.ops.push(Op::StreamCreate { name: name.into() });
@@ -231,6 +253,7 @@ impl Proposal {
                             key.len() + value.len()
                         }
                         Op::Delete { key } => key.len(),
+                        Op::DeleteRange { start, end } => start.len() + end.len(),
                         Op::StreamAppend { name, records, .. } => {
                             name.len()
                                 + records.iter().map(|r| r.len() + Self::OVERHEAD).sum::<usize>()

@@ -18,6 +18,7 @@
 //! DEL or MSET cannot land between an INCR's read and its write); an index entry may be stale (the key was
 //! overwritten or persisted) and the sweep then only drops the index entry.
 
+use std::collections::HashSet;
 use std::ops::Bound;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -129,6 +130,11 @@ const DATA: u8 = b'k';
 const INDEX: u8 = b'e';
 /// Prefix of the engine keys that map a Redis stream to its timber stream.
 pub(crate) const STREAM_REVERSE: u8 = b'r';
+/// On a single node, present while a `FLUSHALL` deletes keys: written before its first delete
+/// and removed after its last, so that an open that finds it deletes the rest.
+const CLEARING_KEY: &[u8] = b"\x00clearing";
+/// The engine key ranges `FLUSHALL` empties: the values and the expiry index.
+const CLEARED: [(&[u8], &[u8]); 2] = [(b"k", b"l"), (b"e", b"f")];
 
 /// A range of engine keys, as a transaction scanned it.
 pub(crate) type EngineRange = (Bound<Vec<u8>>, Bound<Vec<u8>>);
@@ -326,7 +332,7 @@ impl Keyspace {
             })?),
             false => None,
         };
-        Ok(Keyspace {
+        let keys = Keyspace {
             db,
             durability,
             sync_rounds,
@@ -338,7 +344,12 @@ impl Keyspace {
             next_cursor: AtomicU64::new(1),
             versions: Versions::new(),
             revisions: Revisions::default(),
-        })
+        };
+        // A FLUSHALL that was stopped in the middle deletes the rest before anything is served.
+        if keys.db.get(CLEARING_KEY)?.is_some() {
+            keys.clear_here()?;
+        }
+        Ok(keys)
     }
 
     /// From now on, writes are proposed through `r` (a cluster member) instead of written.
@@ -841,20 +852,67 @@ impl Keyspace {
         Ok(n)
     }
 
-    /// Deletes every key.
+    /// Deletes every key, all or none of them across a crash: in a cluster as one proposal
+    /// of range removals (a member that stops while applying it applies it again), on a single
+    /// node between the writes of [`CLEARING_KEY`] (an open that finds it deletes the rest).
+    /// Readers may see it half done meanwhile; writers wait for it. A watcher of a key that
+    /// existed sees it changed, one of a key that did not does not, as in Redis.
     pub(crate) fn clear(&self) -> Result<(), Error> {
         let _all = self.lock_all();
-        for prefix in [&b"k"[..], &b"e"[..]] {
+        let (r, slots) = match self.replication.get() {
+            Some(r) => {
+                let slots = self.slots_of_keys()?;
+                let mut p = timber_cluster::Proposal::default();
+                for (start, end) in CLEARED {
+                    p.delete_range(start, end);
+                }
+                (r.commit_proposal(p), slots)
+            }
+            None => self.clear_here().map_or_else(|e| (Err(e), HashSet::new()), |s| (Ok(()), s)),
+        };
+        // Also after a failure: in a cluster the removal may still be applied.
+        for slot in slots {
+            self.versions.bump_slot(slot);
+        }
+        r
+    }
+
+    /// The version slots of the keys stored now.
+    fn slots_of_keys(&self) -> Result<HashSet<usize>, Error> {
+        let mut slots = HashSet::new();
+        let mut it = self.db.scan(&b"k"[..]..&b"l"[..]);
+        while let Some(kv) = it.next_ref() {
+            slots.insert(Versions::slot(kv?.0.get(1..).unwrap_or_default()));
+        }
+        Ok(slots)
+    }
+
+    /// [`Keyspace::clear`] on a single node; returns the version slots of the keys it deleted.
+    /// The WAL keeps the order of writes, so the marker is durable before any delete is, and
+    /// the last delete before the marker's removal.
+    fn clear_here(&self) -> Result<HashSet<usize>, Error> {
+        let mut slots = HashSet::new();
+        let mut b = WriteBatch::new();
+        b.put(CLEARING_KEY, b"");
+        self.db.write_with(b, self.durability)?;
+        for (start, end) in CLEARED {
             let mut b = WriteBatch::new();
-            for kv in self.db.prefix(prefix) {
-                b.delete(kv?.0);
+            for kv in self.db.scan(start..end) {
+                let key = kv?.0;
+                if let Some(k) = key.strip_prefix(&[DATA]) {
+                    slots.insert(Versions::slot(k));
+                }
+                b.delete(key);
                 if b.len() >= 4096 {
-                    self.commit(std::mem::take(&mut b))?;
+                    self.db.write_with(std::mem::take(&mut b), self.durability)?;
                 }
             }
-            self.commit(b)?;
+            self.db.write_with(b, self.durability)?;
         }
-        Ok(())
+        let mut b = WriteBatch::new();
+        b.delete(CLEARING_KEY);
+        self.db.write_with(b, self.durability)?;
+        Ok(slots)
     }
 
     /// Deletes keys whose deadline passed; returns how many.

@@ -516,6 +516,17 @@ fn a_follower_behind_the_purged_log_catches_up_from_a_snapshot() {
         .find_map(|l| l.strip_prefix("timber_raft_snapshots_installed "))
         .and_then(|n| n.trim().parse::<u64>().ok());
     assert!(installed.is_some_and(|n| n >= 1), "{metrics}");
+
+    // FLUSHALL through that member: one entry of range removals that every member applies.
+    // A member that holds the write after it applied it, and must hold nothing else.
+    let () = redis::cmd("FLUSHALL").query(&mut c.node(f).client()).unwrap();
+    c.set_via(f, "after", "1");
+    c.check_local(&[("after".to_string(), "1".to_string())]);
+    for i in 0..3 {
+        let mut con = c.node(i).client();
+        let () = redis::cmd("READONLY").query(&mut con).unwrap();
+        assert_eq!(redis::cmd("DBSIZE").query::<u64>(&mut con).unwrap(), 1, "member {}", i + 1);
+    }
 }
 
 /// A member that cannot reach a quorum is not ready, and refuses writes and linearizable reads

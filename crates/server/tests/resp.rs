@@ -256,6 +256,59 @@ fn data_survives_graceful_restart_and_sigkill_with_sync_always() {
     }
 }
 
+/// FLUSHALL is all or nothing across a SIGKILL: a server killed while its FLUSHALL is seen half
+/// done (with writes that reach the OS, so the deletes made so far survive the kill) holds no
+/// key once restarted.
+#[test]
+fn flushall_killed_in_the_middle_finishes_when_the_server_restarts() {
+    const N: u64 = 300_000;
+    let dir = tempfile::tempdir().unwrap();
+    let mut seen = None;
+    // A FLUSHALL seen already finished proves nothing: another try (at most three).
+    for _ in 0..3 {
+        let t = Timberd::start(dir.path(), &["--sync", "interval:1000"]);
+        let mut c = t.client();
+        let mut pipe = redis::pipe();
+        for chunk in 0..N / 1000 {
+            let mut mset = cmd("MSET");
+            for i in chunk * 1000..(chunk + 1) * 1000 {
+                mset.arg(format!("key{i}")).arg(i);
+            }
+            pipe.add_command(mset).ignore();
+        }
+        let _: () = pipe.query(&mut c).unwrap();
+        assert_eq!(cmd("DBSIZE").query::<u64>(&mut c).unwrap(), N);
+        let port = t.port;
+        // Its reply never comes: the server is killed first.
+        let flusher = std::thread::spawn(move || {
+            let c = redis::Client::open(format!("redis://127.0.0.1:{port}/")).unwrap();
+            let mut c = c.get_connection().unwrap();
+            let _ = cmd("FLUSHALL").query::<()>(&mut c);
+        });
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let n = loop {
+            let n: u64 = cmd("DBSIZE").query(&mut c).unwrap();
+            if n < N || Instant::now() > deadline {
+                break n;
+            }
+        };
+        t.signal(rustix::process::Signal::KILL);
+        drop(t);
+        let _ = flusher.join();
+        assert!(n < N, "FLUSHALL was never seen in progress");
+        if n > 0 {
+            seen = Some(n);
+            break;
+        }
+    }
+    let n = seen.expect("FLUSHALL finished before it was seen half done, three times");
+    let t = Timberd::start(dir.path(), &[]);
+    let mut c = t.client();
+    assert_eq!(cmd("DBSIZE").query::<u64>(&mut c).unwrap(), 0, "{n} keys were left when killed");
+    let _: () = cmd("SET").arg("after").arg("1").query(&mut c).unwrap();
+    assert_eq!(cmd("DBSIZE").query::<u64>(&mut c).unwrap(), 1);
+}
+
 #[test]
 fn a_second_server_on_the_same_directory_fails_fast() {
     let dir = tempfile::tempdir().unwrap();
