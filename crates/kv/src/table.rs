@@ -91,7 +91,7 @@ impl TableBuilder {
             written_back: 0,
             offset: 0,
             data: BlockBuilder::new(opts.restart_interval),
-            index: BlockBuilder::new(1),
+            index: BlockBuilder::new(index::RESTART_INTERVAL),
             pending: None,
             separator: Vec::new(),
             handle: Vec::new(),

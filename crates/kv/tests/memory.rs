@@ -88,7 +88,7 @@ fn within_the_budget(cached: bool) {
 #[test]
 fn indexes_and_filters_larger_than_the_budget_are_held_under_it_when_cached() {
     const BUDGET: usize = 1 << 20;
-    let n = 120_000u64;
+    let n = 200_000u64;
     let run = |cached: bool| {
         let dir = tempfile::tempdir().unwrap();
         let opts = Options::default()
