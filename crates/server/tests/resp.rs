@@ -266,7 +266,8 @@ fn flushall_killed_in_the_middle_finishes_when_the_server_restarts() {
     let mut seen = None;
     // A FLUSHALL seen already finished proves nothing: another try (at most three).
     for _ in 0..3 {
-        let t = Timberd::start(dir.path(), &["--sync", "interval:1000"]);
+        // Two workers: on one, the DBSIZE would wait for the FLUSHALL to finish.
+        let t = Timberd::start(dir.path(), &["--sync", "interval:1000", "--workers", "2"]);
         let mut c = t.client();
         let mut pipe = redis::pipe();
         for chunk in 0..N / 1000 {
