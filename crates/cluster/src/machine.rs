@@ -206,11 +206,6 @@ impl Proposal {
         }
         check_ops(&self.ops, false)
     }
-
-    /// Whether it removes ranges of keys (and, `check` saw, nothing else).
-    fn removes_ranges(&self) -> bool {
-        self.ops.iter().any(|op| matches!(op, Op::DeleteRange { .. }))
-    }
 }
 
 /// The engine key past every key that starts with `prefix` (`None`: no such key).

@@ -140,11 +140,17 @@ async fn drain(
                     continue;
                 }
                 let size = w.proposal.size();
-                if !taken.is_empty() && bytes + size > MAX_ENTRY_BYTES {
+                // A range removal is an entry of its own (its apply may take several batches
+                // and is replayed whole, which only removals allow).
+                let alone = w.proposal.removes_ranges();
+                if !taken.is_empty() && (bytes + size > MAX_ENTRY_BYTES || alone) {
                     break;
                 }
                 bytes += size;
                 taken.extend(q.waiting.pop_front());
+                if alone {
+                    break;
+                }
             }
             if taken.is_empty() {
                 q.draining = false;

@@ -177,6 +177,12 @@ impl Proposal {
         self
     }
 
+    /// Whether it removes ranges of keys ([`Op::DeleteRange`]): such a proposal holds nothing
+    /// else and is an entry of its own.
+    pub(crate) fn removes_ranges(&self) -> bool {
+        self.ops.iter().any(|op| matches!(op, Op::DeleteRange { .. }))
+    }
+
     /// How many [`Op::Guarded`] it holds.
     pub fn guards(&self) -> usize {
         self.ops.iter().filter(|op| matches!(op, Op::Guarded { .. })).count()

@@ -418,3 +418,32 @@ async fn read_barriers_outlast_late_heartbeat_answers() {
         m.shutdown().await;
     }
 }
+
+/// A range removal proposed while other proposals wait in the leader's queue goes in an entry
+/// of its own (an entry that mixed it with other writes would fail every member's apply):
+/// every proposal is acknowledged, and the member goes on applying.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_range_removal_among_queued_proposals_is_an_entry_of_its_own() {
+    let (nodes, mut listeners) = nodes(1, |_| {}).await;
+    let m = Arc::new(start(&nodes[0], listeners.pop()).await);
+    common::agreed_leader([m.raft()].into_iter(), WAIT).await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for round in 0..5u32 {
+        for i in 0..60u32 {
+            let m = m.clone();
+            let p = if i == 30 {
+                let mut p = Proposal::default();
+                p.delete_range(b"x".to_vec(), b"y".to_vec());
+                p
+            } else {
+                put(round * 100 + i)
+            };
+            tasks.spawn(async move { m.propose(p, PROPOSE).await });
+        }
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.unwrap().unwrap();
+    }
+    write(&m, 1000..1001).await;
+    assert!(m.machine().db().get(b"k1000").unwrap().is_some());
+}

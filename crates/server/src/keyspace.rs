@@ -347,7 +347,7 @@ impl Keyspace {
         };
         // A FLUSHALL that was stopped in the middle deletes the rest before anything is served.
         if keys.db.get(CLEARING_KEY)?.is_some() {
-            keys.clear_here()?;
+            keys.clear_here(&mut HashSet::new())?;
         }
         Ok(keys)
     }
@@ -855,8 +855,9 @@ impl Keyspace {
     /// Deletes every key, all or none of them across a crash: in a cluster as one proposal
     /// of range removals (a member that stops while applying it applies it again), on a single
     /// node between the writes of [`CLEARING_KEY`] (an open that finds it deletes the rest).
-    /// Readers may see it half done meanwhile; writers wait for it. A watcher of a key that
-    /// existed sees it changed, one of a key that did not does not, as in Redis.
+    /// Readers may see it half done meanwhile; writers wait for it. One that fails (an engine
+    /// error) may have deleted part of the keys. A watcher of a key that existed sees it
+    /// changed, one of a key that did not does not, as in Redis.
     pub(crate) fn clear(&self) -> Result<(), Error> {
         let _all = self.lock_all();
         let (r, slots) = match self.replication.get() {
@@ -868,7 +869,18 @@ impl Keyspace {
                 }
                 (r.commit_proposal(p), slots)
             }
-            None => self.clear_here().map_or_else(|e| (Err(e), HashSet::new()), |s| (Ok(()), s)),
+            None => {
+                let mut slots = HashSet::new();
+                let r = self.clear_here(&mut slots);
+                if r.is_err() {
+                    // Not left for an open to finish: it would delete what is written after.
+                    // (If the engine refuses this too, it refuses every write until a restart.)
+                    let mut b = WriteBatch::new();
+                    b.delete(CLEARING_KEY);
+                    let _ = self.db.write_with(b, self.durability);
+                }
+                (r, slots)
+            }
         };
         // Also after a failure: in a cluster the removal may still be applied.
         for slot in slots {
@@ -887,11 +899,10 @@ impl Keyspace {
         Ok(slots)
     }
 
-    /// [`Keyspace::clear`] on a single node; returns the version slots of the keys it deleted.
-    /// The WAL keeps the order of writes, so the marker is durable before any delete is, and
-    /// the last delete before the marker's removal.
-    fn clear_here(&self) -> Result<HashSet<usize>, Error> {
-        let mut slots = HashSet::new();
+    /// [`Keyspace::clear`] on a single node, adding the version slots of the keys it deletes
+    /// to `slots`. The WAL keeps the order of writes, so the marker is durable before any
+    /// delete is, and the last delete before the marker's removal.
+    fn clear_here(&self, slots: &mut HashSet<usize>) -> Result<(), Error> {
         let mut b = WriteBatch::new();
         b.put(CLEARING_KEY, b"");
         self.db.write_with(b, self.durability)?;
@@ -912,7 +923,7 @@ impl Keyspace {
         let mut b = WriteBatch::new();
         b.delete(CLEARING_KEY);
         self.db.write_with(b, self.durability)?;
-        Ok(slots)
+        Ok(())
     }
 
     /// Deletes keys whose deadline passed; returns how many.
