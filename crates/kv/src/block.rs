@@ -89,6 +89,17 @@ pub(crate) struct Block {
     restarts: usize,
 }
 
+/// An entry as [`Block::entry_at`] reads it.
+pub(crate) struct EntryAt<'a> {
+    /// Bytes of the key before it that its key starts with.
+    pub(crate) shared: usize,
+    /// The rest of its key.
+    pub(crate) delta: &'a [u8],
+    pub(crate) value: &'a [u8],
+    /// Where the next entry starts.
+    pub(crate) next: usize,
+}
+
 struct Entry {
     shared: usize,
     delta: (usize, usize),
@@ -161,6 +172,17 @@ impl Block {
         let pos = self.restart(i);
         let e = self.entry(pos, 0)?;
         Ok((pos, e.delta.0..e.delta.1, e.value.0..e.value.1))
+    }
+
+    /// The entry at `pos`, after a key of `prev_len` bytes, checked as every read checks it.
+    pub(crate) fn entry_at(&self, pos: usize, prev_len: usize) -> Result<EntryAt<'_>, String> {
+        let e = self.entry(pos, prev_len)?;
+        Ok(EntryAt {
+            shared: e.shared,
+            delta: self.span(e.delta)?,
+            value: self.span(e.value)?,
+            next: e.next,
+        })
     }
 
     /// The entries' end (where the restart array begins).

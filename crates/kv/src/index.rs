@@ -78,7 +78,6 @@ impl Index {
     /// entry by entry.
     pub(crate) fn new(block: Block, form: Form, data_end: u64) -> Result<Index, String> {
         let interval = form.interval();
-        let bytes = block.bytes();
         let end = block.entries_end();
         let (mut pos, mut i) = (0, 0);
         let mut key: Vec<u8> = Vec::new();
@@ -93,19 +92,13 @@ impl Index {
                     return Err(format!("index entry {i} is not at its restart point"));
                 }
             }
-            let mut p = pos;
-            let shared = key::get_varint(bytes, &mut p).ok_or_else(bad)? as usize;
-            let unshared = key::get_varint(bytes, &mut p).ok_or_else(bad)? as usize;
-            let vlen = key::get_varint(bytes, &mut p).ok_or_else(bad)? as usize;
-            let kend = p.checked_add(unshared).filter(|&e| e <= end).ok_or_else(bad)?;
-            let vend = kend.checked_add(vlen).filter(|&e| e <= end).ok_or_else(bad)?;
-            if shared > key.len() || (i % interval == 0 && shared > 0) {
+            let at = block.entry_at(pos, key.len()).map_err(|r| format!("index entry {i}: {r}"))?;
+            if i % interval == 0 && at.shared > 0 {
                 return Err(bad());
             }
-            key.truncate(shared);
-            key.extend_from_slice(bytes.get(p..kend).ok_or_else(bad)?);
-            let value = bytes.get(kend..vend).ok_or_else(bad)?;
-            let e = parse(form, &key, value).ok_or_else(bad)?;
+            key.truncate(at.shared);
+            key.extend_from_slice(at.delta);
+            let e = parse(form, &key, at.value).ok_or_else(bad)?;
             let in_data = e
                 .offset
                 .checked_add(u64::from(e.size) + crate::table::TRAILER_LEN as u64)
@@ -116,7 +109,7 @@ impl Index {
             if i == 0 {
                 first_user = Some(e.user.to_vec());
             }
-            pos = vend;
+            pos = at.next;
             i += 1;
         }
         if block.restarts() != i.div_ceil(interval) {
@@ -162,33 +155,20 @@ impl Index {
     /// Walks the entries from restart point `r` on, restoring each key, until `f` returns
     /// true or the entries end; `f` gets the entry's number and the entry.
     fn walk_from(&self, r: usize, mut f: impl FnMut(usize, Entry<'_>) -> bool) {
-        let bytes = self.block.bytes();
         let end = self.block.entries_end();
         let Ok((mut pos, _, _)) = self.block.restart_entry(r) else { return };
         let mut key: smallvec::SmallVec<[u8; 64]> = smallvec::SmallVec::new();
         let mut i = r * self.interval;
         // `new` checked every entry: a failure here cannot happen and ends the walk.
         while pos < end {
-            let mut p = pos;
-            let (Some(shared), Some(unshared), Some(vlen)) = (
-                key::get_varint(bytes, &mut p),
-                key::get_varint(bytes, &mut p),
-                key::get_varint(bytes, &mut p),
-            ) else {
-                return;
-            };
-            let kend = p.saturating_add(unshared as usize);
-            let vend = kend.saturating_add(vlen as usize);
-            let (Some(delta), Some(value)) = (bytes.get(p..kend), bytes.get(kend..vend)) else {
-                return;
-            };
-            key.truncate(shared as usize);
-            key.extend_from_slice(delta);
-            let Some(e) = parse(self.form, &key, value) else { return };
+            let Ok(at) = self.block.entry_at(pos, key.len()) else { return };
+            key.truncate(at.shared);
+            key.extend_from_slice(at.delta);
+            let Some(e) = parse(self.form, &key, at.value) else { return };
             if f(i, e) {
                 return;
             }
-            pos = vend;
+            pos = at.next;
             i += 1;
         }
     }
@@ -210,26 +190,18 @@ impl Index {
     /// entries' lengths on the way from the restart point (no key is restored): iterators ask
     /// for each block they enter.
     pub(crate) fn handle(&self, i: usize) -> (u64, u32) {
-        let bytes = self.block.bytes();
         let Ok((mut pos, _, _)) = self.block.restart_entry(i / self.interval) else {
             return (0, 0);
         };
+        // Only the keys' lengths are followed.
+        let mut key_len = 0;
         for n in 0..=i % self.interval {
-            let mut p = pos;
-            let (Some(_), Some(unshared), Some(vlen)) = (
-                key::get_varint(bytes, &mut p),
-                key::get_varint(bytes, &mut p),
-                key::get_varint(bytes, &mut p),
-            ) else {
-                return (0, 0);
-            };
-            let kend = p.saturating_add(unshared as usize);
-            let vend = kend.saturating_add(vlen as usize);
+            let Ok(at) = self.block.entry_at(pos, key_len) else { return (0, 0) };
             if n == i % self.interval {
-                let value = bytes.get(kend..vend).unwrap_or_default();
-                return handle_of(self.form, value).map_or((0, 0), |(off, size, _)| (off, size));
+                return handle_of(self.form, at.value).map_or((0, 0), |(off, size, _)| (off, size));
             }
-            pos = vend;
+            key_len = at.shared + at.delta.len();
+            pos = at.next;
         }
         (0, 0)
     }
