@@ -46,6 +46,8 @@ use crate::types::{Applied, Op, Proposal, Retention, TypeConfig};
 
 /// Engine keys the state machine keeps for itself; no proposal may write under this prefix.
 pub const RESERVED_PREFIX: &[u8] = b"\x00raft/";
+/// The engine key past every key under [`RESERVED_PREFIX`].
+const RESERVED_END: &[u8] = b"\x00raft0";
 /// The engine key of the revision counter: the next revision a [`Op::PutRevised`] stamps
 /// (`u64` LE; absent: [`FIRST_REVISION`]). Unlike the reserved keys it is part of the data,
 /// carried by snapshots and backups, so revisions keep growing across them; a single node
@@ -208,18 +210,6 @@ impl Proposal {
     }
 }
 
-/// The engine key past every key that starts with `prefix` (`None`: no such key).
-fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return Some(end);
-        }
-    }
-    None
-}
-
 /// [`Proposal::check`] of `ops`; `guarded`: they are the writes of an [`Op::Guarded`], which
 /// may only put and delete.
 fn check_ops(ops: &[Op], guarded: bool) -> Result<()> {
@@ -233,9 +223,8 @@ fn check_ops(ops: &[Op], guarded: bool) -> Result<()> {
             }
             Op::Put { key, .. } | Op::Delete { key } => key,
             Op::DeleteRange { start, end } if !guarded => {
-                let reserved_end = prefix_end(RESERVED_PREFIX).unwrap_or_default();
                 let covers = |lo: &[u8], hi: &[u8]| start.as_slice() < hi && end.as_slice() > lo;
-                if covers(RESERVED_PREFIX, &reserved_end) {
+                if covers(RESERVED_PREFIX, RESERVED_END) {
                     return Err(Error::Reserved(RESERVED_PREFIX.to_vec()));
                 }
                 if start.as_slice() <= REVISION_KEY && REVISION_KEY < end.as_slice() {
@@ -705,12 +694,7 @@ impl KvMachine {
                     // In several batches: what the entries before it wrote goes first, with
                     // their applied id, so that a stop in the middle applies this entry again.
                     if let Some(id) = last {
-                        durable(&mut acks).await?;
-                        batch.put(APPLIED_KEY, &encode(&id));
-                        if let Some(r) = revision {
-                            batch.put(REVISION_KEY, &r.to_le_bytes());
-                        }
-                        self.write(batch.take())?;
+                        self.write_applied(&mut batch, &mut acks, id, revision).await?;
                     }
                     for op in p.ops {
                         if let Op::DeleteRange { start, end } = op {
@@ -747,23 +731,32 @@ impl KvMachine {
             applied.push(outcome);
             last = Some(e.log_id);
             if batch.batch.size() >= BATCH_BYTES {
-                durable(&mut acks).await?;
-                batch.put(APPLIED_KEY, &encode(&e.log_id));
-                if let Some(r) = revision {
-                    batch.put(REVISION_KEY, &r.to_le_bytes());
-                }
-                self.write(batch.take())?;
+                self.write_applied(&mut batch, &mut acks, e.log_id, revision).await?;
             }
         }
-        durable(&mut acks).await?;
+        // No entry, no stream write to wait for.
         if let Some(id) = last {
-            batch.put(APPLIED_KEY, &encode(&id));
-            if let Some(r) = revision {
-                batch.put(REVISION_KEY, &r.to_le_bytes());
-            }
-            self.write(batch.take())?;
+            self.write_applied(&mut batch, &mut acks, id, revision).await?;
         }
         Ok(applied)
+    }
+
+    /// Writes `batch` with `id` as the applied log id, and the revision counter if a write
+    /// stamped one, once the stream writes of `acks` are durable (the applied id never goes
+    /// ahead of the streams it covers).
+    async fn write_applied(
+        &self,
+        batch: &mut Pending,
+        acks: &mut Vec<Ack>,
+        id: LogId<u64>,
+        revision: Option<u64>,
+    ) -> Result<()> {
+        durable(acks).await?;
+        batch.put(APPLIED_KEY, &encode(&id));
+        if let Some(r) = revision {
+            batch.put(REVISION_KEY, &r.to_le_bytes());
+        }
+        self.write(batch.take())
     }
 
     /// Removes the keys of `[start, end)` from the engine, [`RANGE_BATCH`] deletes a batch
