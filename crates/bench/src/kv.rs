@@ -151,11 +151,12 @@ impl Kv for Timber {
         let s = self.0.stats();
         let mb = |b: u64| b as f64 / (1 << 20) as f64;
         Some(format!(
-            "memtables {:.1} MB (+{:.1} immutable, +{:.1} held by readers), pinned index and \
-             filter blocks {:.1} MB, block cache {:.1} MB (of them index and filter {:.1})",
+            "memtables {:.1} MB (+{:.1} immutable, +{:.1} held by readers, +{:.1} spare), pinned \
+             index and filter blocks {:.1} MB, block cache {:.1} MB (of them index and filter {:.1})",
             mb(s.memtable_bytes),
             mb(s.immutable_memtable_bytes),
             mb(s.reader_memtable_bytes),
+            mb(s.spare_memtable_bytes),
             mb(s.table_pinned_bytes),
             mb(s.cache_bytes),
             mb(s.cache_index_filter_bytes),

@@ -48,7 +48,7 @@ use hashbrown::HashTable;
 use parking_lot::{Mutex, RwLock};
 use smallvec::SmallVec;
 
-use crate::arena::Arena;
+use crate::arena::{Arena, Spares};
 use crate::bounds::Bounds;
 use crate::key::{self, bytes_cmp, Kind, Op};
 
@@ -473,14 +473,19 @@ impl Memtable {
     /// room for half the keys of that many bytes of small nodes, so that filling the memtable
     /// doubles them at most once (growing them from empty rehashes every entry and faults in
     /// each new table, again and again). The room is address space until entries land in it.
-    pub(crate) fn new(wal_start: u64, hash_index: bool, limit: usize) -> Memtable {
+    pub(crate) fn new(
+        wal_start: u64,
+        hash_index: bool,
+        limit: usize,
+        spares: &Arc<Spares>,
+    ) -> Memtable {
         let shards = if hash_index { SHARDS } else { 0 };
         // A node of one level and a version, for a short key and value.
         let small = Node::size(1, 16) + std::mem::size_of::<Ver>() + 16 + INDEX_OVERHEAD;
         // Room reserved for at most 256 MiB of them: a larger limit must not reserve tables of
         // gigabytes up front.
         let keys = limit.min(256 << 20) / (2 * small);
-        let mut writer = Writer { arena: Arena::new(), rng: wal_start | 1 };
+        let mut writer = Writer { arena: Arena::new(spares.clone()), rng: wal_start | 1 };
         let head = writer.node_of_height(&[], 0, std::ptr::null_mut(), MAX_HEIGHT);
         let size = writer.arena.used();
         Memtable {
@@ -1026,7 +1031,7 @@ mod tests {
     }
 
     fn versions_and_tombstones_with(hash_index: bool) {
-        let m = Memtable::new(0, hash_index, 1 << 20);
+        let m = Memtable::new(0, hash_index, 1 << 20, &Arc::default());
         let h = |k: &[u8]| crate::bloom::hash(k);
         m.insert(b"a", 1, Kind::Put, b"1");
         m.insert(b"a", 5, Kind::Delete, b"");
@@ -1053,7 +1058,7 @@ mod tests {
     #[test]
     fn size_counts_nodes_and_versions() {
         for index in [false, true] {
-            let m = Memtable::new(0, index, 1 << 20);
+            let m = Memtable::new(0, index, 1 << 20, &Arc::default());
             let empty = m.size();
             m.insert(b"k", 1, Kind::Put, b"short");
             let one = m.size() - empty;
@@ -1089,7 +1094,7 @@ mod tests {
     #[test]
     fn concurrent_writers_of_the_same_keys_lose_no_version() {
         for hash_index in [false, true] {
-            let m = Memtable::new(0, hash_index, 1 << 20);
+            let m = Memtable::new(0, hash_index, 1 << 20, &Arc::default());
             let threads = 4u64;
             let per = 2000u64;
             std::thread::scope(|s| {
@@ -1137,7 +1142,7 @@ mod tests {
     #[test]
     fn readers_see_every_published_key_while_a_writer_links() {
         for hash_index in [false, true] {
-            let m = Arc::new(Memtable::new(0, hash_index, 64 << 20));
+            let m = Arc::new(Memtable::new(0, hash_index, 64 << 20, &Arc::default()));
             let published = AtomicU64::new(0);
             let n = 20_000u64;
             // Keys in a scrambled order, of varied lengths.
@@ -1190,7 +1195,7 @@ mod tests {
     #[test]
     fn a_key_is_found_while_keys_are_linked_just_before_it() {
         for hash_index in [false, true] {
-            let m = Memtable::new(0, hash_index, 64 << 20);
+            let m = Memtable::new(0, hash_index, 64 << 20, &Arc::default());
             m.insert(b"b", 1, Kind::Put, b"v");
             // With the hash index, a key is in the list only once ordered (as iterators do
             // before they seek); the reader below may start before the writer's first order.
@@ -1263,7 +1268,7 @@ mod tests {
             hash_index in proptest::bool::ANY,
         ) {
             use std::collections::BTreeMap;
-            let m = Arc::new(Memtable::new(0, hash_index, 1 << 20));
+            let m = Arc::new(Memtable::new(0, hash_index, 1 << 20, &Arc::default()));
             // Internal key (user, !tag) in order → value.
             let mut model: BTreeMap<(Vec<u8>, u64), Vec<u8>> = BTreeMap::new();
             let mut cur: Option<Cursor> = None;
@@ -1354,7 +1359,7 @@ mod tests {
             lo_inclusive: bool,
         ) {
             use std::ops::RangeBounds;
-            let m = Arc::new(Memtable::new(0, true, 1 << 20));
+            let m = Arc::new(Memtable::new(0, true, 1 << 20, &Arc::default()));
             // Inserted in a scrambled order.
             let mut shuffled: Vec<&Vec<u8>> = keys.iter().collect();
             shuffled.sort_by_key(|k| crate::bloom::hash(k));

@@ -59,6 +59,7 @@ impl Metrics {
             ("memtable", s.memtable_bytes),
             ("immutable_memtables", s.immutable_memtable_bytes),
             ("reader_memtables", s.reader_memtable_bytes),
+            ("spare_memtables", s.spare_memtable_bytes),
             ("table_index_filter", s.table_pinned_bytes),
             ("block_cache", s.cache_bytes),
         ] {

@@ -37,6 +37,9 @@ pub struct Stats {
     /// iterator keeps the memtables it was created over until it is dropped). Under a memory
     /// budget they are charged before the block cache.
     pub reader_memtable_bytes: u64,
+    /// Memory of flushed memtables kept for the next ones to fill (at most one memtable's
+    /// size), instead of being given back to the OS and mapped again.
+    pub spare_memtable_bytes: u64,
     /// Bytes the open SSTables keep in memory outside the block cache (index and filter blocks,
     /// unless they are cached).
     pub table_pinned_bytes: u64,
@@ -100,6 +103,7 @@ impl Stats {
         self.memtable_bytes
             + self.immutable_memtable_bytes
             + self.reader_memtable_bytes
+            + self.spare_memtable_bytes
             + self.table_pinned_bytes
             + self.cache_bytes
     }

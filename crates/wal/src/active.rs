@@ -129,12 +129,8 @@ impl Active {
     /// no fsync follows right away), else with `pwrite`. On ext4 an `fdatasync` right after writes
     /// through a shared map is much slower than after `pwrite` (the write faults join the
     /// journal's running transaction, so the fsync commits it): flushes that precede a sync use
-    /// `pwrite`, and unmap the window (see `Mapped::release`).
+    /// `pwrite`, and their caller unmaps the window first (see `Mapped::release`).
     pub(crate) fn flush(&mut self, map: bool) -> Result<()> {
-        if !map {
-            // An fsync follows: nothing of the file stays mapped while it is written back.
-            self.map.release();
-        }
         if self.buf.is_empty() {
             return Ok(());
         }

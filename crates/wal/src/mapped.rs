@@ -39,12 +39,63 @@ pub(crate) struct Mapped {
     extent: Option<u64>,
     /// The window mapped now, and the file offset it starts at.
     window: Option<(u64, MmapMut)>,
+    /// Counts `unmap`s (and giving the map up): a window mapped ahead for an earlier count may
+    /// reach past the file's end and is never installed.
+    generation: u64,
+}
+
+/// Where a window mapped ahead of time by another thread goes (`Mapped::plan`).
+pub(crate) struct Plan {
+    generation: u64,
+    start: u64,
+    len: usize,
+}
+
+/// A window mapped by another thread, without the log's lock, for `Mapped::install`.
+pub(crate) struct Premapped {
+    generation: u64,
+    start: u64,
+    map: MmapMut,
 }
 
 impl Mapped {
     /// A map that is used only when `enabled` (the file is preallocated).
     pub(crate) fn new(enabled: bool) -> Mapped {
-        Mapped { enabled, extent: None, window: None }
+        Mapped { enabled, extent: None, window: None, generation: 0 }
+    }
+
+    /// The window that a sync should map ahead for writes from `at` on: two windows' worth from
+    /// the window `at` is in, so that it reaches at least a window past `at`. `None` when the map
+    /// is not used or `at` is past the extent.
+    pub(crate) fn plan(&self, at: u64) -> Option<Plan> {
+        let extent = self.extent.filter(|_| self.enabled)?;
+        if at >= extent {
+            return None;
+        }
+        let start = at - at % WINDOW;
+        let len = (extent - start).min(2 * WINDOW) as usize;
+        Some(Plan { generation: self.generation, start, len })
+    }
+
+    /// Maps `plan` of `file` (a read-write handle of the segment the plan was made for).
+    pub(crate) fn premap(file: &File, plan: Plan) -> io::Result<Premapped> {
+        // SAFETY: the plan lies inside the file's extent as it was when the plan was made; the
+        // map is only written through after `install` found no `unmap` since (the file is only
+        // shortened after one), and no one else modifies the file (module invariants).
+        let map = unsafe { MmapOptions::new().offset(plan.start).len(plan.len).map_mut(file) }?;
+        Ok(Premapped { generation: plan.generation, start: plan.start, map })
+    }
+
+    /// Makes `p` the window if it was planned for this map since its last `unmap` and covers
+    /// `at`, the offset of the next write. Returns the map to drop (the window replaced, or `p`
+    /// itself), to be dropped outside the log's lock as `release`'s.
+    #[must_use = "the returned map is unmapped when dropped"]
+    pub(crate) fn install(&mut self, p: Premapped, at: u64) -> Option<MmapMut> {
+        let covers = p.start <= at && at < p.start + p.map.len() as u64;
+        if !self.enabled || p.generation != self.generation || !covers {
+            return Some(p.map);
+        }
+        self.window.replace((p.start, p.map)).map(|(_, map)| map)
     }
 
     /// Copies a prefix of `bytes` to the file at `off` through the map and returns its length:
@@ -58,6 +109,7 @@ impl Mapped {
                 tracing::warn!(segment = %path.display(), error = %e, "cannot map the WAL segment; writing it with pwrite");
                 self.enabled = false;
                 self.window = None;
+                self.generation += 1;
                 n
             }
         }
@@ -77,8 +129,9 @@ impl Mapped {
             if at >= extent {
                 break;
             }
-            let start = at - at % WINDOW;
-            if self.window.as_ref().is_none_or(|(s, _)| *s != start) {
+            let covered = |(s, m): &(u64, MmapMut)| *s <= at && at < *s + m.len() as u64;
+            if !self.window.as_ref().is_some_and(covered) {
+                let start = at - at % WINDOW;
                 self.window = None;
                 fail::fail_point!("wal::mapped::map", |_| Err((done, io::ErrorKind::Other.into())));
                 let len = (extent - start).min(WINDOW) as usize;
@@ -102,19 +155,24 @@ impl Mapped {
         Ok(done)
     }
 
-    /// Unmaps the window, to be called before the file is synced. Writeback of a page that is
-    /// mapped write-protects it in the map, one TLB shootdown (an interrupt to every other CPU
-    /// running the process; a VM exit each under a hypervisor) per page, and a sync may clean
-    /// thousands of pages written through the map. Unmapping the window costs one shootdown for
-    /// the whole range, and the next write maps it again.
-    pub(crate) fn release(&mut self) {
-        self.window = None;
+    /// Takes the window out of the map, to be unmapped (dropped) by the caller before the file is
+    /// synced. Writeback of a page that is mapped write-protects it in the map, one TLB
+    /// shootdown (an interrupt to every other CPU running the process; a VM exit each under a
+    /// hypervisor) per page, and a sync may clean thousands of pages written through the map.
+    /// Unmapping the window costs one shootdown for the whole range, and the next write maps it
+    /// again. The caller drops it outside the log's state lock: `munmap` waits for the process's
+    /// address-space lock, which other threads' mappings hold for milliseconds at times, and
+    /// appends would wait behind it.
+    #[must_use = "the window is unmapped when the returned map is dropped"]
+    pub(crate) fn release(&mut self) -> Option<MmapMut> {
+        self.window.take().map(|(_, map)| map)
     }
 
     /// Drops the map; must be called before the file is shortened.
     pub(crate) fn unmap(&mut self) {
         self.window = None;
         self.extent = None;
+        self.generation += 1;
     }
 }
 
@@ -162,6 +220,51 @@ mod tests {
         assert_eq!(file.metadata().unwrap().len(), extent, "the map never grows the file");
         // A disabled map writes nothing.
         assert_eq!(Mapped::new(false).write_at(&file, dir.path(), &bytes, 0), 0);
+    }
+
+    /// A window mapped ahead is installed only for the map it was planned for, since its last
+    /// `unmap`, and only if it covers the next write; writes then go through it.
+    #[test]
+    fn a_window_mapped_ahead_is_installed_only_where_it_is_valid() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join("f"))
+            .unwrap();
+        let extent = 3 * WINDOW;
+        file.set_len(extent).unwrap();
+        let mut m = Mapped::new(true);
+        assert!(m.plan(0).is_none(), "no plan before the extent is known");
+        assert_eq!(m.write_at(&file, dir.path(), b"first", 0), 5);
+        assert!(m.plan(extent).is_none(), "nothing past the extent");
+
+        // Planned and mapped, then the file is cut (`unmap`): not installed.
+        let stale = Mapped::premap(&file, m.plan(5).unwrap()).unwrap();
+        m.unmap();
+        assert!(m.install(stale, 5).is_some(), "a window planned before an unmap is refused");
+        assert_eq!(m.write_at(&file, dir.path(), b"again", 5), 5);
+
+        // A window that does not cover the next write is refused.
+        let p = Mapped::premap(&file, m.plan(10).unwrap()).unwrap();
+        assert!(m.install(p, 2 * WINDOW + 1).is_some());
+
+        // A valid one replaces the window, which is handed back to be unmapped.
+        let p = Mapped::premap(&file, m.plan(WINDOW + 10).unwrap()).unwrap();
+        assert_eq!(p.map.len() as u64, 2 * WINDOW, "two windows from the one the write is in");
+        let replaced = m.install(p, WINDOW + 10).expect("the old window is handed back");
+        drop(replaced);
+        let bytes = b"through the window mapped ahead";
+        assert_eq!(m.write_at(&file, dir.path(), bytes, 2 * WINDOW + 100), bytes.len());
+        assert_eq!(m.window.as_ref().unwrap().0, WINDOW, "written through the installed window");
+        let mut back = vec![0u8; bytes.len()];
+        file.read_exact_at(&mut back, 2 * WINDOW + 100).unwrap();
+        assert_eq!(&back, bytes);
+        let mut first = [0u8; 10];
+        file.read_exact_at(&mut first, 0).unwrap();
+        assert_eq!(&first, b"firstagain");
     }
 
     #[test]

@@ -32,7 +32,7 @@ fn inserts(iters: u64, order: fn(u64) -> u64) -> Duration {
     let mut total = Duration::ZERO;
     let mut done = 0;
     while done < iters {
-        let m = Memtable::new(0, false, 64 << 20);
+        let m = Memtable::new(0, false, 64 << 20, &Default::default());
         let n = (iters - done).min(ENTRIES);
         let start = Instant::now();
         for i in 0..n {
@@ -48,7 +48,7 @@ pub(crate) fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("memtable");
     g.bench_function("insert_sequential", |b| b.iter_custom(|n| inserts(n, |i| i)));
     g.bench_function("insert_random", |b| b.iter_custom(|n| inserts(n, scramble)));
-    let m = Memtable::new(0, false, 64 << 20);
+    let m = Memtable::new(0, false, 64 << 20, &Default::default());
     for i in 0..ENTRIES {
         m.insert(&key_of(i), i + 1, Kind::Put, &[7u8; 100]);
     }

@@ -7,6 +7,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use parking_lot::MutexGuard;
+
 use crate::compaction::Retention;
 use crate::error::{Error, Result};
 use crate::key;
@@ -23,7 +25,14 @@ impl Inner {
             {
                 let mut bg = self.bg.lock();
                 while !bg.shutdown && self.view.load().imms.is_empty() {
-                    self.bg_cv.wait_for(&mut bg, Duration::from_millis(200));
+                    if self.bg_cv.wait_for(&mut bg, Duration::from_millis(200)).timed_out() {
+                        // A database that stopped writing gives its spare memtable memory back.
+                        MutexGuard::unlocked(&mut bg, || {
+                            if self.spares.trim_unused() {
+                                self.update_cache_limit();
+                            }
+                        });
+                    }
                 }
                 if bg.shutdown {
                     return;

@@ -29,6 +29,7 @@ use arc_swap::ArcSwap;
 use parking_lot::{Condvar, Mutex};
 use timber_wal::Wal;
 
+use crate::arena::Spares;
 use crate::cache::BlockCache;
 use crate::error::{Error, Result};
 use crate::manifest::{self, Manifest, TableMeta};
@@ -67,6 +68,8 @@ pub(super) struct Inner {
     pub(super) dir: PathBuf,
     pub(super) opts: Options,
     pub(super) wal: Wal,
+    /// Memory of flushed memtables kept for the next ones (see `arena`).
+    pub(super) spares: Arc<Spares>,
     pub(super) cache: Arc<BlockCache>,
     pub(super) view: ArcSwap<View>,
     pub(super) view_lock: Mutex<()>,
@@ -144,7 +147,8 @@ impl Inner {
         }
         let view = self.view.load();
         let imms = view.imms.iter().map(|m| m.size()).sum::<usize>()
-            + reader_memtable_bytes(&view, &self.retired.lock());
+            + reader_memtable_bytes(&view, &self.retired.lock())
+            + self.spares.bytes();
         let pinned = view.version.levels.iter().flatten().map(|t| t.table.pinned_bytes()).sum();
         self.cache.set_limit(self.opts.cache_limit(imms, pinned));
     }
@@ -275,6 +279,7 @@ impl Inner {
             immutable_memtables: view.imms.len(),
             immutable_memtable_bytes: view.imms.iter().map(|m| m.size() as u64).sum(),
             reader_memtable_bytes: reader_memtable_bytes(&view, &self.retired.lock()) as u64,
+            spare_memtable_bytes: self.spares.bytes() as u64,
             table_pinned_bytes: view
                 .version
                 .levels

@@ -14,6 +14,7 @@ use arc_swap::ArcSwap;
 use parking_lot::{Condvar, Mutex};
 use timber_wal::{SyncMode, Wal};
 
+use crate::arena::Spares;
 use crate::batch;
 use crate::cache::BlockCache;
 use crate::error::{Error, Result};
@@ -101,10 +102,12 @@ pub(super) fn open(dir: &Path, opts: Options) -> Result<(Arc<Inner>, Vec<JoinHan
 
     // Replay the WAL into memtables.
     let mut last_seq = state.last_seq;
+    let spares = Arc::new(Spares::new(opts.memtable_size));
     let mut mems = vec![Arc::new(Memtable::new(
         state.log_number,
         opts.memtable_hash_index,
         opts.memtable_size,
+        &spares,
     ))];
     for rec in wal.iter(state.log_number..) {
         let (wseq, rec) = rec?;
@@ -120,6 +123,7 @@ pub(super) fn open(dir: &Path, opts: Options) -> Result<(Arc<Inner>, Vec<JoinHan
                 wseq + 1,
                 opts.memtable_hash_index,
                 opts.memtable_size,
+                &spares,
             )));
         }
     }
@@ -137,6 +141,7 @@ pub(super) fn open(dir: &Path, opts: Options) -> Result<(Arc<Inner>, Vec<JoinHan
     let inner = Arc::new(Inner {
         dir,
         wal,
+        spares,
         cache,
         view: ArcSwap::from_pointee(View { mem, imms: mems, version: Arc::new(version) }),
         view_lock: Mutex::new(()),

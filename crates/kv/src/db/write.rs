@@ -192,6 +192,7 @@ impl Inner {
                 wal_end,
                 self.opts.memtable_hash_index,
                 self.opts.memtable_size,
+                &self.spares,
             )),
             imms,
             version: view.version.clone(),

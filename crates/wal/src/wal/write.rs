@@ -28,6 +28,7 @@ use parking_lot::MutexGuard;
 use crate::active::Active;
 use crate::error::{Error, Result};
 use crate::frame;
+use crate::mapped::{Mapped, Premapped};
 use crate::meta::Meta;
 use crate::options::SyncMode;
 use crate::segment::{self, encode_seal, Sealed, INDEX_ENTRY_LEN, SEGMENT_HEADER_LEN, TRAILER_LEN};
@@ -260,6 +261,18 @@ impl Inner {
         Ok(())
     }
 
+    /// Maps, without the state lock, the window the active segment's next writes go to after a
+    /// sync (`Mapped::plan`); `None` when the map is not used or cannot be made (the writer then
+    /// maps it itself). With the start of the segment it belongs to.
+    fn map_ahead(&self) -> Option<(u64, Premapped)> {
+        let (segment, plan, file) = {
+            let st = self.state.lock();
+            let a = &st.active;
+            (a.start, a.map.plan(a.data_len())?, a.writeback_handle.clone())
+        };
+        Some((segment, Mapped::premap(&file, plan).ok()?))
+    }
+
     fn fsync(&self, file: &File, path: &Path) -> Result<()> {
         #[cfg(test)]
         if self.fail_next_sync.swap(false, Ordering::AcqRel) {
@@ -291,6 +304,12 @@ impl Inner {
             return Err(Error::Poisoned { cause: cause.clone() });
         }
         self.gate.gather();
+        // The window written through is unmapped after the state lock is let go (see
+        // `Mapped::release`), and its successor mapped before the lock is taken: mapping and
+        // unmapping wait for the process's address-space lock, which others' mappings hold for
+        // milliseconds at times, and appends would wait behind them for the state lock.
+        let mut ahead = self.map_ahead();
+        let window;
         let (file, path, upto, ticket) = loop {
             // The segments before the active one must be durable before it is synced. A roll's
             // fsyncs run without the state lock, so that appends go on meanwhile (under it they
@@ -301,6 +320,11 @@ impl Inner {
             if self.rolling.lock().is_some() {
                 continue;
             }
+            let at = st.active.data_len();
+            window = match ahead.take() {
+                Some((segment, p)) if segment == st.active.start => st.active.map.install(p, at),
+                _ => st.active.map.release(),
+            };
             let r = st.active.flush(false);
             self.poisoning(r)?;
             st.unsynced = 0;
@@ -318,6 +342,7 @@ impl Inner {
             let file = st.active.sync_handles[slot as usize].clone();
             break (file, st.active.path.clone(), st.next, ticket);
         };
+        drop(window);
         let r = self.fsync(&file, &path);
         #[cfg(test)]
         let hook = self.after_sync.lock().clone();
