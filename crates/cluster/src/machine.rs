@@ -696,10 +696,19 @@ impl KvMachine {
                     if let Some(id) = last {
                         self.write_applied(&mut batch, &mut acks, id, revision).await?;
                     }
-                    for op in p.ops {
-                        if let Op::DeleteRange { start, end } = op {
-                            self.delete_range(&start, &end)?;
-                        }
+                    let ranges: Vec<(Vec<u8>, Vec<u8>)> = p
+                        .ops
+                        .into_iter()
+                        .filter_map(|op| match op {
+                            Op::DeleteRange { start, end } => Some((start, end)),
+                            _ => None,
+                        })
+                        .collect();
+                    // Readers of this member see the ranges whole until the last key is gone
+                    // (nothing else writes them while the entry applies).
+                    let _frozen = self.inner.db.freeze(&ranges);
+                    for (start, end) in &ranges {
+                        self.delete_range(start, end)?;
                     }
                 }
                 EntryPayload::Normal(p) => {

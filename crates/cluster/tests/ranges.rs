@@ -73,6 +73,40 @@ async fn a_range_removal_empties_its_range_in_one_call_or_entry_by_entry() {
     assert_eq!(data(&db), want());
 }
 
+/// Readers of the member's engine while it applies a range removal see every key of the range
+/// or none (the removal takes several batches).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_see_a_range_removal_whole_or_not_at_all() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut m, db) = open(dir.path());
+    let db = Arc::new(db);
+    let done = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (db, done) = (db.clone(), done.clone());
+        std::thread::spawn(move || {
+            let (mut half, mut reads) = (0, 0u64);
+            while !done.load(Ordering::Acquire) {
+                let got = db.get_many(&[&b"k00000"[..], b"k05000", b"k09999"]).unwrap();
+                let n = got.iter().filter(|v| v.is_some()).count();
+                half += usize::from(n != 0 && n != 3);
+                reads += 1;
+            }
+            (half, reads)
+        })
+    };
+    for round in 0..5u64 {
+        m.apply(vec![entry(2 * round + 1, load()), entry(2 * round + 2, remove("k", "l"))])
+            .await
+            .unwrap();
+    }
+    done.store(true, Ordering::Release);
+    let (half, reads) = reader.join().unwrap();
+    assert!(reads > 0);
+    assert_eq!(half, 0, "{half} of {reads} reads saw the range half removed");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_range_removal_applied_again_over_a_half_applied_state_ends_the_same() {
     let dir = tempfile::tempdir().unwrap();

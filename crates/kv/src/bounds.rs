@@ -34,6 +34,15 @@ impl Bounds {
         }
     }
 
+    /// Whether a key of `[start, end)` may lie within the bounds (never false when one does).
+    pub(crate) fn may_overlap(&self, start: &[u8], end: &[u8]) -> bool {
+        let lo_below_end = match &self.lo {
+            Bound::Included(l) | Bound::Excluded(l) => l.as_slice() < end,
+            Bound::Unbounded => true,
+        };
+        lo_below_end && self.below_hi(start)
+    }
+
     /// The bounds as a range of borrowed keys (what `BTreeMap::range` takes).
     pub(crate) fn as_range(&self) -> (Bound<&[u8]>, Bound<&[u8]>) {
         (self.lo.as_ref().map(Vec::as_slice), self.hi.as_ref().map(Vec::as_slice))

@@ -855,8 +855,9 @@ impl Keyspace {
     /// Deletes every key, all or none of them across a crash: in a cluster as one proposal
     /// of range removals (a member that stops while applying it applies it again), on a single
     /// node between the writes of [`CLEARING_KEY`] (an open that finds it deletes the rest).
-    /// Readers may see it half done meanwhile; writers wait for it. One that fails (an engine
-    /// error) may have deleted part of the keys. A watcher of a key that existed sees it
+    /// Readers see every key until it is done (the engine holds their reads of the cleared
+    /// ranges, `Db::freeze`); writers wait for it. One that fails (an engine error) may have
+    /// deleted part of the keys. A watcher of a key that existed sees it
     /// changed, one of a key that did not does not, as in Redis.
     pub(crate) fn clear(&self) -> Result<(), Error> {
         let _all = self.lock_all();
@@ -871,7 +872,10 @@ impl Keyspace {
             }
             None => {
                 let mut slots = HashSet::new();
+                // Readers see every key until the last is deleted (writers wait for `_all`).
+                let frozen = self.db.freeze(&CLEARED);
                 let r = self.clear_here(&mut slots);
+                drop(frozen);
                 if r.is_err() {
                     // Not left for an open to finish: it would delete what is written after.
                     // (If the engine refuses this too, it refuses every write until a restart.)

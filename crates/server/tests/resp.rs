@@ -259,12 +259,27 @@ fn data_survives_graceful_restart_and_sigkill_with_sync_always() {
 /// FLUSHALL is all or nothing across a SIGKILL: a server killed while its FLUSHALL is seen half
 /// done (with writes that reach the OS, so the deletes made so far survive the kill) holds no
 /// key once restarted.
+/// The engine's count of write batches, from `/metrics`.
+fn kv_writes(t: &Timberd) -> u64 {
+    let mut http = TcpStream::connect(("127.0.0.1", t.http_port)).unwrap();
+    http.write_all(b"GET /metrics HTTP/1.0\r\nHost: timberd\r\n\r\n").unwrap();
+    let mut text = String::new();
+    http.read_to_string(&mut text).unwrap();
+    text.lines()
+        .filter(|l| l.starts_with("timber_kv_writes_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// Readers see every key until a FLUSHALL is done, also while the engine is deleting them; one
+/// killed in the middle finishes when the server restarts.
 #[test]
-fn flushall_killed_in_the_middle_finishes_when_the_server_restarts() {
+fn flushall_is_seen_whole_and_a_killed_one_finishes_when_the_server_restarts() {
     const N: u64 = 300_000;
     let dir = tempfile::tempdir().unwrap();
-    let mut seen = None;
-    // A FLUSHALL seen already finished proves nothing: another try (at most three).
+    let mut seen = false;
+    // A FLUSHALL that finished before it was seen under way proves nothing: another try (at
+    // most three).
     for _ in 0..3 {
         // Two workers: on one, the DBSIZE would wait for the FLUSHALL to finish.
         let t = Timberd::start(dir.path(), &["--sync", "interval:1000", "--workers", "2"]);
@@ -279,6 +294,7 @@ fn flushall_killed_in_the_middle_finishes_when_the_server_restarts() {
         }
         let _: () = pipe.query(&mut c).unwrap();
         assert_eq!(cmd("DBSIZE").query::<u64>(&mut c).unwrap(), N);
+        let before = kv_writes(&t);
         let port = t.port;
         // Its reply never comes: the server is killed first.
         let flusher = std::thread::spawn(move || {
@@ -287,25 +303,33 @@ fn flushall_killed_in_the_middle_finishes_when_the_server_restarts() {
             let _ = cmd("FLUSHALL").query::<()>(&mut c);
         });
         let deadline = Instant::now() + Duration::from_secs(60);
-        let n = loop {
+        loop {
+            // The marker and two batches of deletes written, then every key still seen.
+            let deleting = kv_writes(&t) >= before + 3;
             let n: u64 = cmd("DBSIZE").query(&mut c).unwrap();
-            if n < N || Instant::now() > deadline {
-                break n;
+            assert!(n == N || n == 0, "a reader saw the FLUSHALL half done: {n} keys");
+            if n == 0 || Instant::now() > deadline {
+                break;
             }
-        };
+            let first: Option<u64> = c.get("key0").unwrap();
+            let last: Option<u64> = c.get(format!("key{}", N - 1)).unwrap();
+            assert_eq!((first, last), (Some(0), Some(N - 1)), "seen half done");
+            if deleting {
+                seen = true;
+                break;
+            }
+        }
         t.signal(rustix::process::Signal::KILL);
         drop(t);
         let _ = flusher.join();
-        assert!(n < N, "FLUSHALL was never seen in progress");
-        if n > 0 {
-            seen = Some(n);
+        if seen {
             break;
         }
     }
-    let n = seen.expect("FLUSHALL finished before it was seen half done, three times");
+    assert!(seen, "FLUSHALL finished before it was seen deleting, three times");
     let t = Timberd::start(dir.path(), &[]);
     let mut c = t.client();
-    assert_eq!(cmd("DBSIZE").query::<u64>(&mut c).unwrap(), 0, "{n} keys were left when killed");
+    assert_eq!(cmd("DBSIZE").query::<u64>(&mut c).unwrap(), 0, "keys were left after the kill");
     let _: () = cmd("SET").arg("after").arg("1").query(&mut c).unwrap();
     assert_eq!(cmd("DBSIZE").query::<u64>(&mut c).unwrap(), 1);
 }

@@ -7,6 +7,7 @@
 mod checkpoint;
 mod compact;
 mod flush;
+mod freeze;
 mod inner;
 mod open;
 mod read;
@@ -31,6 +32,7 @@ use crate::iter::Iter;
 use crate::options::{Durability, Options};
 use crate::stats::Stats;
 
+pub use self::freeze::Freeze;
 use self::inner::Inner;
 pub use self::snapshot::Snapshot;
 pub use self::txn::{Isolation, Mode, Transaction, TxnOptions};
@@ -120,6 +122,16 @@ impl Db {
     /// A consistent point-in-time view; versions it needs are kept until it is dropped.
     pub fn snapshot(&self) -> Snapshot {
         Snapshot::new(self.inner.clone())
+    }
+
+    /// Holds reads of the keys in `ranges` (each `[start, end)`) at this moment until the
+    /// returned [`Freeze`] is dropped, so that a change to them made in many write batches
+    /// meanwhile (deleting every key of a range) is seen whole or not at all: reads as of now of
+    /// those keys, and new snapshots and transactions, read as of the freeze. The caller keeps
+    /// every other writer out of the ranges while it holds it (their writes would be hidden
+    /// until then).
+    pub fn freeze<K: AsRef<[u8]>>(&self, ranges: &[(K, K)]) -> Freeze {
+        Freeze::new(self.inner.clone(), ranges)
     }
 
     /// Writes every memtable to SSTables and waits for it.

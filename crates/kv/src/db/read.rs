@@ -3,7 +3,8 @@
 //! flushes and compactions keep readable.
 //!
 //! Reads as of now take the view before the sequence number (see `get_latest`); reads at a
-//! registered sequence number (snapshots, iterators) may take them in any order.
+//! registered sequence number (snapshots, iterators) may take them in any order. Reads as of
+//! now of a frozen range, and new snapshots, read at the freeze's number (see `freeze`).
 
 use bytes::Bytes;
 use smallvec::SmallVec;
@@ -41,7 +42,7 @@ impl Inner {
     pub(super) fn get_latest(&self, user: &[u8]) -> Result<Option<Bytes>> {
         check_key(user)?;
         let view = self.view.load_full();
-        let seq = self.visible();
+        let seq = self.read_seq_keys(&[user]);
         self.get_in(&view, user, seq)
     }
 
@@ -56,7 +57,7 @@ impl Inner {
             check_key(u.as_ref())?;
         }
         let view = self.view.load_full();
-        let seq = self.visible();
+        let seq = self.read_seq_keys(users);
         let keys: SmallVec<[(&[u8], u64); 16]> =
             users.iter().map(|u| (u.as_ref(), bloom::hash(u.as_ref()))).collect();
         let found = view.mem.get_many(&keys, seq);
@@ -125,12 +126,13 @@ impl Inner {
     /// An iterator as of now: the view first, then the sequence number (see `get_latest`).
     pub(super) fn iter_latest(&self, bounds: Bounds) -> Iter {
         let view = self.view.load_full();
-        Iter::new(view, self.visible(), bounds)
+        let seq = self.read_seq_bounds(&bounds);
+        Iter::new(view, seq, bounds)
     }
 
     pub(super) fn add_snapshot(&self) -> u64 {
         let mut s = self.snapshots.lock();
-        let seq = self.visible();
+        let seq = self.snapshot_seq();
         *s.entry(seq).or_default() += 1;
         seq
     }

@@ -247,7 +247,9 @@ impl Transaction {
     /// Moves the snapshot to now if `key` was written since the start (its commit would then
     /// fail), the snapshot may move, and the transaction could commit now.
     fn move_past(&mut self, key: &[u8]) {
+        // Under a freeze a new snapshot would start before it (see `freeze`): not moved then.
         if !self.movable
+            || self.inner.freezes.load(std::sync::atomic::Ordering::SeqCst) > 0
             || !self.inner.write_hints.maybe_written_after(key, self.start)
             || !self.inner.oracle.lock().written_after(key, self.start)
         {
@@ -273,7 +275,8 @@ impl Transaction {
         if !self.locked.contains_key(key) {
             let from = match self.snapshot_reads.contains(key) {
                 true => self.start,
-                false => self.inner.visible(),
+                // A frozen key is read at the freeze's number: checked from there.
+                false => self.inner.read_seq_keys(&[key]),
             };
             self.locked.insert(Bytes::copy_from_slice(key), from);
         }
@@ -507,6 +510,15 @@ impl Transaction {
     fn check(&self, oracle: &crate::oracle::Oracle) -> Result<()> {
         let (start, isolation) = (self.start, self.opts.isolation);
         if isolation == Isolation::ReadCommitted {
+            // A key locked while frozen was read as of the freeze (see `freeze`): its lock
+            // does not make that read the latest.
+            for (k, from) in &self.locked {
+                if self.writes.contains_key(k) && oracle.written_after(k, *from) {
+                    return Err(Error::Conflict {
+                        what: format!("key {k:?} was written since the transaction read it"),
+                    });
+                }
+            }
             return Ok(());
         }
         // A locked key is checked from when it was locked.

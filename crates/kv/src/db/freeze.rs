@@ -1,0 +1,116 @@
+//! `Freeze`: reads of some key ranges held at one moment while a change to them too large for
+//! one write batch (deleting every key of a range, batch after batch) is made, so that readers
+//! see all of it or none.
+//!
+//! While a freeze lives, a read as of now of a key in one of its ranges (`get`, `get_many`, a
+//! scan whose bounds reach into a range, a transaction's read-committed read) reads at the
+//! freeze's sequence number instead, and a new snapshot or transaction starts at it; the
+//! freeze registers that number as a snapshot, so compaction keeps what those reads see. When
+//! it is dropped, reads see everything written meanwhile at once.
+//!
+//! Invariants: a freeze is published before its holder writes anything it hides (it is made
+//! before `Db::freeze` returns), and is removed after its holder's last write. A read takes the
+//! visible sequence number and the freezes between two loads of `freeze_generation` (bumped
+//! when a freeze is made and when one is dropped) and takes them again if it changed: so the
+//! number it reads at was not taken in the middle of a change whose freeze it did not see (a
+//! freeze made and dropped between its loads of the number and of the freezes). The holder must
+//! keep other writers out of the ranges while it lives (their writes would be hidden until it
+//! is dropped, though acknowledged).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use super::inner::Inner;
+use crate::bounds::Bounds;
+
+/// One range a freeze holds, with the freeze's id and sequence number.
+#[derive(Debug)]
+pub(super) struct Frozen {
+    id: u64,
+    start: Vec<u8>,
+    end: Vec<u8>,
+    seq: u64,
+}
+
+/// Holds reads of some key ranges at the moment [`crate::Db::freeze`] was called, until it is
+/// dropped.
+pub struct Freeze {
+    inner: Arc<Inner>,
+    id: u64,
+    seq: u64,
+}
+
+impl std::fmt::Debug for Freeze {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Freeze").field("seq", &self.seq).finish()
+    }
+}
+
+impl Freeze {
+    pub(super) fn new<K: AsRef<[u8]>>(inner: Arc<Inner>, ranges: &[(K, K)]) -> Freeze {
+        let seq = inner.add_snapshot();
+        let id = inner.next_freeze.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut frozen = inner.frozen.write();
+            for (start, end) in ranges {
+                let (start, end) = (start.as_ref().to_vec(), end.as_ref().to_vec());
+                frozen.push(Frozen { id, start, end, seq });
+            }
+            inner.freezes.store(frozen.len(), Ordering::SeqCst);
+            inner.freeze_generation.fetch_add(1, Ordering::SeqCst);
+        }
+        Freeze { inner, id, seq }
+    }
+
+    /// The sequence number reads of its ranges are held at.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+}
+
+impl Drop for Freeze {
+    fn drop(&mut self) {
+        {
+            let mut frozen = self.inner.frozen.write();
+            frozen.retain(|f| f.id != self.id);
+            self.inner.freezes.store(frozen.len(), Ordering::SeqCst);
+            self.inner.freeze_generation.fetch_add(1, Ordering::SeqCst);
+        }
+        self.inner.drop_snapshot(self.seq);
+    }
+}
+
+impl Inner {
+    /// The visible sequence number, or the oldest freeze's of the ranges that `hides` picks
+    /// (see the invariants above).
+    fn held(&self, hides: impl Fn(&[u8], &[u8]) -> bool) -> u64 {
+        loop {
+            let generation = self.freeze_generation.load(Ordering::SeqCst);
+            let seq = self.visible();
+            let held = if self.freezes.load(Ordering::SeqCst) == 0 {
+                seq
+            } else {
+                let frozen = self.frozen.read();
+                frozen.iter().filter(|f| hides(&f.start, &f.end)).map(|f| f.seq).fold(seq, u64::min)
+            };
+            if self.freeze_generation.load(Ordering::SeqCst) == generation {
+                return held;
+            }
+        }
+    }
+
+    /// The sequence number a read as of now of `keys` reads at.
+    pub(super) fn read_seq_keys<K: AsRef<[u8]>>(&self, keys: &[K]) -> u64 {
+        self.held(|s, e| keys.iter().any(|k| (s..e).contains(&k.as_ref())))
+    }
+
+    /// The sequence number a scan as of now within `bounds` reads at.
+    pub(super) fn read_seq_bounds(&self, bounds: &Bounds) -> u64 {
+        self.held(|s, e| bounds.may_overlap(s, e))
+    }
+
+    /// The sequence number a new snapshot starts at: before every freeze.
+    pub(super) fn snapshot_seq(&self) -> u64 {
+        self.held(|_, _| true)
+    }
+}
