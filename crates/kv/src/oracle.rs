@@ -7,7 +7,9 @@
 //! number above `s` is recorded with the newest such number (writes record their keys under
 //! the writer lock, after they became visible, and a transaction registers its start under
 //! the oracle's lock, so a write either is visible at the start or sees the transaction open);
-//! records at or below the oldest open start are dropped, as no validation can need them.
+//! records at or below the oldest open start are dropped, as no validation can need them. A
+//! freeze (`db::freeze`) registers its sequence number as a start too, since transactions
+//! begun under it start there.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::ops::Bound;

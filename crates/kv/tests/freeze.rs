@@ -88,6 +88,31 @@ fn a_transaction_over_a_frozen_key_conflicts_with_the_change() {
     assert_eq!(db.get(key("b", 1)).unwrap(), None);
 }
 
+/// A transaction begun under a freeze starts as of it: a write of a key the holder changed
+/// before the transaction began (while no transaction was open) conflicts at commit, in every
+/// isolation and mode, instead of bringing the key back.
+#[test]
+fn a_transaction_begun_under_a_freeze_conflicts_with_the_change_made_before_it() {
+    for (isolation, mode) in [
+        (Isolation::Snapshot, Mode::Optimistic),
+        (Isolation::Serializable, Mode::Optimistic),
+        (Isolation::Snapshot, Mode::Pessimistic),
+        (Isolation::ReadCommitted, Mode::Pessimistic),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path(), small()).unwrap();
+        db.put(key("b", 1), b"5").unwrap();
+        let freeze = db.freeze(&[(&b"b"[..], &b"c"[..])]);
+        db.delete(key("b", 1)).unwrap();
+        let mut t = db.transaction(TxnOptions { isolation, mode, ..TxnOptions::default() });
+        assert_eq!(t.get_for_update(key("b", 1)).unwrap().as_deref(), Some(&b"5"[..]));
+        t.put(key("b", 1), b"6").unwrap();
+        drop(freeze);
+        assert!(t.commit().is_err(), "{isolation:?} {mode:?}: committed over the change");
+        assert_eq!(db.get(key("b", 1)).unwrap(), None, "{isolation:?} {mode:?}");
+    }
+}
+
 /// Readers racing a change made under a freeze, batch after batch, see every key of the range
 /// or none of them.
 #[test]

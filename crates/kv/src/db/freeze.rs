@@ -6,7 +6,9 @@
 //! scan whose bounds reach into a range, a transaction's read-committed read) reads at the
 //! freeze's sequence number instead, and a new snapshot or transaction starts at it; the
 //! freeze registers that number as a snapshot, so compaction keeps what those reads see. When
-//! it is dropped, reads see everything written meanwhile at once.
+//! it is dropped, reads see everything written meanwhile at once. A freeze is also open in the
+//! oracle from its number on, as a transaction would be: a transaction that starts at that
+//! number is checked against every write since, also those made before it began.
 //!
 //! Invariants: a freeze is published before its holder writes anything it hides (it is made
 //! before `Db::freeze` returns), and is removed after its holder's last write. A read takes the
@@ -48,7 +50,15 @@ impl std::fmt::Debug for Freeze {
 
 impl Freeze {
     pub(super) fn new<K: AsRef<[u8]>>(inner: Arc<Inner>, ranges: &[(K, K)]) -> Freeze {
-        let seq = inner.add_snapshot();
+        // Registered with the oracle as a transaction starting at `seq` would be (under its
+        // lock): every write after `seq` is recorded while the freeze lives, so a transaction
+        // that starts at `seq` under it is validated against the writes made before it began.
+        let seq = {
+            let mut oracle = inner.oracle.lock();
+            let seq = inner.add_snapshot();
+            oracle.begin(seq);
+            seq
+        };
         let id = inner.next_freeze.fetch_add(1, Ordering::Relaxed);
         {
             let mut frozen = inner.frozen.write();
@@ -76,6 +86,7 @@ impl Drop for Freeze {
             self.inner.freezes.store(frozen.len(), Ordering::SeqCst);
             self.inner.freeze_generation.fetch_add(1, Ordering::SeqCst);
         }
+        self.inner.oracle.lock().end(self.seq);
         self.inner.drop_snapshot(self.seq);
     }
 }
