@@ -62,6 +62,10 @@ pub(crate) struct Spares {
     /// and the spares together never passes what it was without them.
     newest: AtomicU64,
     newest_chunks: AtomicUsize,
+    /// Arenas not yet dropped: while another than the newest lives (an immutable memtable not
+    /// yet flushed, one a reader holds), a dropped arena's chunks are not kept, as that memory
+    /// would come on top of theirs.
+    live: AtomicUsize,
 }
 
 impl Spares {
@@ -101,9 +105,9 @@ impl Spares {
         any
     }
 
-    /// Keeps what fits of `maps`; the rest are dropped (unmapped) after the lock is let go.
     /// Registers a new arena as the newest; returns its id.
     fn newest_is(&self) -> u64 {
+        self.live.fetch_add(1, Ordering::Relaxed);
         let id = self.newest.fetch_add(1, Ordering::Relaxed) + 1;
         self.newest_chunks.store(0, Ordering::Relaxed);
         id
@@ -116,9 +120,15 @@ impl Spares {
         }
     }
 
+    /// Keeps what fits of a dropped arena's full-size chunks (`maps`); the rest are dropped
+    /// (unmapped) after the lock is let go.
     fn give(&self, maps: Vec<MmapMut>) {
         let mut maps = maps;
-        let room = self.limit.saturating_sub(self.newest_chunks.load(Ordering::Relaxed));
+        let others = self.live.fetch_sub(1, Ordering::Relaxed).saturating_sub(1);
+        let room = match others {
+            0 | 1 => self.limit.saturating_sub(self.newest_chunks.load(Ordering::Relaxed)),
+            _ => 0,
+        };
         {
             let mut chunks = self.chunks.lock();
             while chunks.len() < room {
@@ -290,6 +300,30 @@ mod tests {
         unsafe { std::ptr::write_bytes(p as *mut u8, 0xab, 100) };
         drop(b);
         assert_eq!(spares.bytes(), 3 * MAX_CHUNK);
+        // While another arena than the newest lives (an unflushed memtable), a dropped one's
+        // chunks are not kept.
+        let mut old = Arena::new(spares.clone());
+        let other = Arena::new(spares.clone());
+        let newest = Arena::new(spares.clone());
+        // Takes the three spares, then maps two full-size chunks of its own.
+        for _ in 0..5 * (MAX_CHUNK / OWN_CHUNK_OVER) {
+            old.alloc(OWN_CHUNK_OVER);
+        }
+        assert_eq!(spares.bytes(), 0);
+        drop(old);
+        assert_eq!(spares.bytes(), 0, "nothing kept beside two live arenas");
+        drop(other);
+        drop(newest);
+        assert_eq!(spares.bytes(), 0);
+        let mut old = Arena::new(spares.clone());
+        // (The first chunks of a fresh arena are smaller: more than three full ones.)
+        for _ in 0..5 * (MAX_CHUNK / OWN_CHUNK_OVER) {
+            old.alloc(OWN_CHUNK_OVER);
+        }
+        let newest = Arena::new(spares.clone());
+        drop(old);
+        assert_eq!(spares.bytes(), 3 * MAX_CHUNK, "kept when only the newest lives");
+        drop(newest);
         // Taken from since the last trim: kept; then unused until the next: given back.
         assert!(!spares.trim_unused());
         assert_eq!(spares.bytes(), 3 * MAX_CHUNK);

@@ -113,6 +113,34 @@ fn a_transaction_begun_under_a_freeze_conflicts_with_the_change_made_before_it()
     }
 }
 
+/// A freeze made while another lives holds its own ranges at its own moment, not at the
+/// older freeze's; and without a freeze a read-committed pessimistic transaction checks
+/// nothing (a plain write after its lock is overwritten, as before freezes existed).
+#[test]
+fn a_second_freeze_holds_its_own_moment_and_read_committed_stays_unchecked() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open(dir.path(), small()).unwrap();
+    let first = db.freeze(&[(&b"b"[..], &b"c"[..])]);
+    db.put(key("d", 1), b"after the first").unwrap();
+    let second = db.freeze(&[(&b"d"[..], &b"e"[..])]);
+    assert!(second.seq() > first.seq());
+    assert_eq!(db.get(key("d", 1)).unwrap().as_deref(), Some(&b"after the first"[..]));
+    assert_eq!(db.scan(&b"d"[..]..&b"e"[..]).count(), 1);
+    drop((first, second));
+
+    let opts = TxnOptions {
+        mode: Mode::Pessimistic,
+        isolation: Isolation::ReadCommitted,
+        ..TxnOptions::default()
+    };
+    let mut t = db.transaction(opts);
+    assert_eq!(t.get_for_update(key("d", 1)).unwrap().as_deref(), Some(&b"after the first"[..]));
+    t.put(key("d", 1), b"mine").unwrap();
+    db.put(key("d", 1), b"plain").unwrap();
+    t.commit().unwrap();
+    assert_eq!(db.get(key("d", 1)).unwrap().as_deref(), Some(&b"mine"[..]));
+}
+
 /// Readers racing a change made under a freeze, batch after batch, see every key of the range
 /// or none of them.
 #[test]

@@ -11,11 +11,12 @@
 //! number is checked against every write since, also those made before it began.
 //!
 //! Invariants: a freeze is published before its holder writes anything it hides (it is made
-//! before `Db::freeze` returns), and is removed after its holder's last write. A read takes the
-//! visible sequence number and the freezes between two loads of `freeze_generation` (bumped
-//! when a freeze is made and when one is dropped) and takes them again if it changed: so the
-//! number it reads at was not taken in the middle of a change whose freeze it did not see (a
-//! freeze made and dropped between its loads of the number and of the freezes). The holder must
+//! before `Db::freeze` returns), and is removed after its holder's last write. A read takes its
+//! view, the visible sequence number and the freezes between two loads of `freeze_generation`
+//! (bumped when a freeze is made, and when one is dropped before it is removed) and takes them
+//! again if it changed: so the number it reads at was not taken in the middle of a change whose
+//! freeze it did not see, and its view (taken after a freeze it did not see was dropped) holds
+//! the whole change. The holder must
 //! keep other writers out of the ranges while it lives (their writes would be hidden until it
 //! is dropped, though acknowledged).
 
@@ -24,6 +25,7 @@ use std::sync::Arc;
 
 use super::inner::Inner;
 use crate::bounds::Bounds;
+use crate::view::View;
 
 /// One range a freeze holds, with the freeze's id and sequence number.
 #[derive(Debug)]
@@ -53,9 +55,11 @@ impl Freeze {
         // Registered with the oracle as a transaction starting at `seq` would be (under its
         // lock): every write after `seq` is recorded while the freeze lives, so a transaction
         // that starts at `seq` under it is validated against the writes made before it began.
+        // The visible number, not an older freeze's: this one's holder reads (and deletes) what
+        // is there now.
         let seq = {
             let mut oracle = inner.oracle.lock();
-            let seq = inner.add_snapshot();
+            let seq = inner.add_snapshot_at_visible();
             oracle.begin(seq);
             seq
         };
@@ -82,9 +86,11 @@ impl Drop for Freeze {
     fn drop(&mut self) {
         {
             let mut frozen = self.inner.frozen.write();
+            // Before the count: a read that finds no freeze then also finds the generation moved
+            // unless it took the visible number after this point, when the change was done.
+            self.inner.freeze_generation.fetch_add(1, Ordering::SeqCst);
             frozen.retain(|f| f.id != self.id);
             self.inner.freezes.store(frozen.len(), Ordering::SeqCst);
-            self.inner.freeze_generation.fetch_add(1, Ordering::SeqCst);
         }
         self.inner.oracle.lock().end(self.seq);
         self.inner.drop_snapshot(self.seq);
@@ -92,36 +98,53 @@ impl Drop for Freeze {
 }
 
 impl Inner {
-    /// The visible sequence number, or the oldest freeze's of the ranges that `hides` picks
-    /// (see the invariants above).
-    fn held(&self, hides: impl Fn(&[u8], &[u8]) -> bool) -> u64 {
+    /// `load()` (the current view, for a read) and the sequence number to read at: the visible
+    /// one, or the oldest freeze's of the ranges that `hides` picks; and whether a freeze held
+    /// it below the visible one. Both are taken between two loads of the generation (see the
+    /// invariants above): a view taken before a change's freeze was dropped may lack the
+    /// change's last batches, and must not be read at a number past them.
+    fn held<T>(
+        &self,
+        load: impl Fn() -> T,
+        hides: impl Fn(&[u8], &[u8]) -> bool,
+    ) -> (T, u64, bool) {
         loop {
             let generation = self.freeze_generation.load(Ordering::SeqCst);
-            let seq = self.visible();
-            let held = if self.freezes.load(Ordering::SeqCst) == 0 {
-                seq
+            let loaded = load();
+            let visible = self.visible();
+            let seq = if self.freezes.load(Ordering::SeqCst) == 0 {
+                visible
             } else {
                 let frozen = self.frozen.read();
-                frozen.iter().filter(|f| hides(&f.start, &f.end)).map(|f| f.seq).fold(seq, u64::min)
+                frozen
+                    .iter()
+                    .filter(|f| hides(&f.start, &f.end))
+                    .map(|f| f.seq)
+                    .fold(visible, u64::min)
             };
             if self.freeze_generation.load(Ordering::SeqCst) == generation {
-                return held;
+                return (loaded, seq, seq < visible);
             }
         }
     }
 
-    /// The sequence number a read as of now of `keys` reads at.
-    pub(super) fn read_seq_keys<K: AsRef<[u8]>>(&self, keys: &[K]) -> u64 {
-        self.held(|s, e| keys.iter().any(|k| (s..e).contains(&k.as_ref())))
+    /// The view and sequence number a read as of now of `keys` reads at, and whether a freeze
+    /// held the number back.
+    pub(super) fn latest_for_keys<K: AsRef<[u8]>>(&self, keys: &[K]) -> (Arc<View>, u64, bool) {
+        self.held(
+            || self.view.load_full(),
+            |s, e| keys.iter().any(|k| (s..e).contains(&k.as_ref())),
+        )
     }
 
-    /// The sequence number a scan as of now within `bounds` reads at.
-    pub(super) fn read_seq_bounds(&self, bounds: &Bounds) -> u64 {
-        self.held(|s, e| bounds.may_overlap(s, e))
+    /// The view and sequence number a scan as of now within `bounds` reads at.
+    pub(super) fn latest_for_bounds(&self, bounds: &Bounds) -> (Arc<View>, u64) {
+        let (view, seq, _) = self.held(|| self.view.load_full(), |s, e| bounds.may_overlap(s, e));
+        (view, seq)
     }
 
     /// The sequence number a new snapshot starts at: before every freeze.
     pub(super) fn snapshot_seq(&self) -> u64 {
-        self.held(|_, _| true)
+        self.held(|| (), |_, _| true).1
     }
 }

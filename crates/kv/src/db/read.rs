@@ -40,10 +40,14 @@ impl Inner {
     /// have replaced the version the number needs by a newer one, which no unregistered read
     /// protects.
     pub(super) fn get_latest(&self, user: &[u8]) -> Result<Option<Bytes>> {
+        Ok(self.get_latest_held(user)?.0)
+    }
+
+    /// [`Inner::get_latest`], with the number it read at if a freeze held it back.
+    pub(super) fn get_latest_held(&self, user: &[u8]) -> Result<(Option<Bytes>, Option<u64>)> {
         check_key(user)?;
-        let view = self.view.load_full();
-        let seq = self.read_seq_keys(&[user]);
-        self.get_in(&view, user, seq)
+        let (view, seq, held) = self.latest_for_keys(&[user]);
+        Ok((self.get_in(&view, user, seq)?, held.then_some(seq)))
     }
 
     /// Several keys as of now, as `get_latest` reads one, from one view: the mutable memtable
@@ -56,8 +60,7 @@ impl Inner {
         for u in users {
             check_key(u.as_ref())?;
         }
-        let view = self.view.load_full();
-        let seq = self.read_seq_keys(users);
+        let (view, seq, _) = self.latest_for_keys(users);
         let keys: SmallVec<[(&[u8], u64); 16]> =
             users.iter().map(|u| (u.as_ref(), bloom::hash(u.as_ref()))).collect();
         let found = view.mem.get_many(&keys, seq);
@@ -125,14 +128,21 @@ impl Inner {
 
     /// An iterator as of now: the view first, then the sequence number (see `get_latest`).
     pub(super) fn iter_latest(&self, bounds: Bounds) -> Iter {
-        let view = self.view.load_full();
-        let seq = self.read_seq_bounds(&bounds);
+        let (view, seq) = self.latest_for_bounds(&bounds);
         Iter::new(view, seq, bounds)
     }
 
     pub(super) fn add_snapshot(&self) -> u64 {
         let mut s = self.snapshots.lock();
         let seq = self.snapshot_seq();
+        *s.entry(seq).or_default() += 1;
+        seq
+    }
+
+    /// Registers the visible number as a snapshot, whatever the freezes (a freeze's own).
+    pub(super) fn add_snapshot_at_visible(&self) -> u64 {
+        let mut s = self.snapshots.lock();
+        let seq = self.visible();
         *s.entry(seq).or_default() += 1;
         seq
     }

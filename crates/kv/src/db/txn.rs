@@ -7,7 +7,8 @@
 //! written since its start (the `Oracle` records every write while transactions are open):
 //!
 //! - `ReadCommitted`: each read sees the latest committed state; nothing is checked (lost
-//!   updates and every anomaly above are possible).
+//!   updates and every anomaly above are possible), but for a pessimistic read of a locked key
+//!   that a freeze held back (`freeze`), which is checked as under `Snapshot`.
 //! - `Snapshot`: reads see the start snapshot; a key it writes that anyone wrote after its
 //!   start is a conflict (first committer wins), so no lost update, no dirty or fuzzy read;
 //!   write skew is possible.
@@ -138,6 +139,8 @@ pub struct Transaction {
     id: TxnId,
     /// Pessimistic: each key it locked, with the sequence number its commit check starts at.
     locked: BTreeMap<Bytes, u64>,
+    /// Locked keys whose read a freeze held back: checked at commit even when read-committed.
+    held_reads: BTreeSet<Bytes>,
     /// Pessimistic: keys it read from its snapshot (a later lock keeps checking from the start).
     snapshot_reads: BTreeSet<Bytes>,
     /// Whether its snapshot may move forward (see the module doc): optimistic, `Snapshot` or
@@ -175,6 +178,7 @@ impl Transaction {
             open: true,
             id: inner.next_txn.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             locked: BTreeMap::new(),
+            held_reads: BTreeSet::new(),
             snapshot_reads: BTreeSet::new(),
             movable: opts.mode == Mode::Optimistic && opts.isolation != Isolation::ReadCommitted,
             opts,
@@ -226,7 +230,16 @@ impl Transaction {
         }
         let v = match (self.opts.isolation, self.locked.contains_key(key)) {
             // Locked: nobody else writes it now; its latest value is the one to read.
-            (_, true) | (Isolation::ReadCommitted, false) => self.inner.get_latest(key)?,
+            (_, true) | (Isolation::ReadCommitted, false) => {
+                let (v, held) = self.inner.get_latest_held(key)?;
+                // A freeze held the read back (see `freeze`): a locked key's check starts from
+                // what the read saw, at every isolation level.
+                if let (Some(seq), Some(from)) = (held, self.locked.get_mut(key)) {
+                    *from = (*from).min(seq);
+                    self.held_reads.insert(Bytes::copy_from_slice(key));
+                }
+                v
+            }
             _ => {
                 if pessimistic {
                     self.snapshot_reads.insert(Bytes::copy_from_slice(key));
@@ -275,8 +288,7 @@ impl Transaction {
         if !self.locked.contains_key(key) {
             let from = match self.snapshot_reads.contains(key) {
                 true => self.start,
-                // A frozen key is read at the freeze's number: checked from there.
-                false => self.inner.read_seq_keys(&[key]),
+                false => self.inner.visible(),
             };
             self.locked.insert(Bytes::copy_from_slice(key), from);
         }
@@ -509,11 +521,13 @@ impl Transaction {
     /// Whether nothing it depends on was written since it read it, as `oracle` says.
     fn check(&self, oracle: &crate::oracle::Oracle) -> Result<()> {
         let (start, isolation) = (self.start, self.opts.isolation);
+        // A locked key is checked from when it was locked (or from what a held read saw).
+        let since = |k: &Bytes| self.locked.get(k).copied().unwrap_or(start);
         if isolation == Isolation::ReadCommitted {
-            // A key locked while frozen was read as of the freeze (see `freeze`): its lock
-            // does not make that read the latest.
-            for (k, from) in &self.locked {
-                if self.writes.contains_key(k) && oracle.written_after(k, *from) {
+            // Nothing, but for a locked key whose read a freeze held back (see `freeze`): its
+            // lock did not make that read the latest.
+            for k in &self.held_reads {
+                if self.writes.contains_key(k) && oracle.written_after(k, since(k)) {
                     return Err(Error::Conflict {
                         what: format!("key {k:?} was written since the transaction read it"),
                     });
@@ -521,8 +535,6 @@ impl Transaction {
             }
             return Ok(());
         }
-        // A locked key is checked from when it was locked.
-        let since = |k: &Bytes| self.locked.get(k).copied().unwrap_or(start);
         let conflict = |what: String| Err(Error::Conflict { what });
         for k in self.writes.keys() {
             if oracle.written_after(k, since(k)) {
