@@ -2,13 +2,14 @@
 //! one write batch (deleting every key of a range, batch after batch) is made, so that readers
 //! see all of it or none.
 //!
-//! While a freeze lives, a read as of now of a key in one of its ranges (`get`, `get_many`, a
-//! scan whose bounds reach into a range, a transaction's read-committed read) reads at the
-//! freeze's sequence number instead, and a new snapshot or transaction starts at it; the
-//! freeze registers that number as a snapshot, so compaction keeps what those reads see. When
-//! it is dropped, reads see everything written meanwhile at once. A freeze is also open in the
-//! oracle from its number on, as a transaction would be: a transaction that starts at that
-//! number is checked against every write since, also those made before it began.
+//! While a freeze lives, a read as of now of a key in one of its ranges (`get`, a transaction's
+//! read-committed read) reads at the freeze's sequence number instead, as does a `get_many`
+//! naming such a key (for all its keys) and a scan whose bounds reach into a range (for all it
+//! walks); a new snapshot or transaction starts at the oldest freeze's number. The freeze
+//! registers its number as a snapshot, so compaction keeps what those reads see. When it is
+//! dropped, reads see everything written meanwhile at once. A freeze is also open in the oracle
+//! from its number on, as a transaction would be: a transaction that starts at that number is
+//! checked against every write since, also those made before it began.
 //!
 //! Invariants: a freeze is published before its holder writes anything it hides (it is made
 //! before `Db::freeze` returns), and is removed after its holder's last write. A read takes its
@@ -16,9 +17,8 @@
 //! (bumped when a freeze is made, and when one is dropped before it is removed) and takes them
 //! again if it changed: so the number it reads at was not taken in the middle of a change whose
 //! freeze it did not see, and its view (taken after a freeze it did not see was dropped) holds
-//! the whole change. The holder must
-//! keep other writers out of the ranges while it lives (their writes would be hidden until it
-//! is dropped, though acknowledged).
+//! the whole change. The holder must keep other writers out of the ranges while it lives
+//! (their writes would be hidden until it is dropped, though acknowledged).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;

@@ -17,7 +17,8 @@
 //!   to a version with obsolete tables frees that memtable or deletes those files, which takes
 //!   milliseconds, and a writer holding the view when it was replaced would otherwise pay it.
 //!
-//! Lock order: `write` → `tree` → `view_lock` → `retired`; `bg` is taken alone or innermost.
+//! Lock order: `write` → `tree` → `view_lock` → `retired`; `bg` is taken alone or innermost;
+//! `write` → `oracle` → `snapshots` → `frozen` (a freeze takes `frozen` alone, then `oracle`).
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs;
