@@ -146,7 +146,9 @@ fn a_second_freeze_holds_its_own_moment_and_read_committed_stays_unchecked() {
 #[test]
 fn readers_see_a_change_under_a_freeze_whole_or_not_at_all() {
     let dir = tempfile::tempdir().unwrap();
-    let db = Arc::new(Db::open(dir.path(), small()).unwrap());
+    // Memtables of 4 KiB: several switches within each change, so that a reader's view can
+    // lack a change's last batches.
+    let db = Arc::new(Db::open(dir.path(), small().memtable_size(4 << 10)).unwrap());
     const N: u32 = 300;
     let done = Arc::new(AtomicBool::new(false));
     let readers: Vec<_> = (0..2)
@@ -169,7 +171,7 @@ fn readers_see_a_change_under_a_freeze_whole_or_not_at_all() {
             })
         })
         .collect();
-    for _round in 0..20 {
+    for _round in 0..40 {
         let mut b = WriteBatch::new();
         for i in 0..N {
             b.put(key("b", i), b"v");
