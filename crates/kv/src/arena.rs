@@ -12,7 +12,6 @@
 //! memtable's memory goes back to the OS at once: an allocator keeps freed memory for a while
 //! to reuse it, and a flushed memtable is tens of MiB freed while the next one fills.
 //!
-//!
 //! A database's memtables fill one after another, so a dropped arena's full-size chunks go to the
 //! database's [`Spares`] (up to one memtable's worth), and the next arena takes its chunks from
 //! there before it maps new ones. Mapping and unmapping take the process's address-space lock
@@ -120,10 +119,14 @@ impl Spares {
         }
     }
 
-    /// Keeps what fits of a dropped arena's full-size chunks (`maps`); the rest are dropped
-    /// (unmapped) after the lock is let go.
-    fn give(&self, maps: Vec<MmapMut>) {
+    /// Keeps what fits of the full-size chunks (`maps`) of arena `id`, dropped; the rest are
+    /// dropped (unmapped) after the lock is let go.
+    fn give(&self, id: u64, maps: Vec<MmapMut>) {
         let mut maps = maps;
+        // The newest arena's chunks need no room kept for it any more.
+        if self.newest.load(Ordering::Relaxed) == id {
+            self.newest_chunks.store(0, Ordering::Relaxed);
+        }
         let others = self.live.fetch_sub(1, Ordering::Relaxed).saturating_sub(1);
         let room = match others {
             0 | 1 => self.limit.saturating_sub(self.newest_chunks.load(Ordering::Relaxed)),
@@ -235,11 +238,7 @@ impl Drop for Arena {
         let (full, other): (Vec<MmapMut>, Vec<MmapMut>) =
             std::mem::take(&mut self.chunks).into_iter().partition(|m| m.len() == MAX_CHUNK);
         drop(other);
-        // The newest arena's chunks need no room kept for it any more.
-        if self.spares.newest.load(Ordering::Relaxed) == self.id {
-            self.spares.newest_chunks.store(0, Ordering::Relaxed);
-        }
-        self.spares.give(full);
+        self.spares.give(self.id, full);
     }
 }
 

@@ -91,8 +91,7 @@ impl Mapped {
     /// itself), to be dropped outside the log's lock as `release`'s.
     #[must_use = "the returned map is unmapped when dropped"]
     pub(crate) fn install(&mut self, p: Premapped, at: u64) -> Option<MmapMut> {
-        let covers = p.start <= at && at < p.start + p.map.len() as u64;
-        if !self.enabled || p.generation != self.generation || !covers {
+        if !self.enabled || p.generation != self.generation || !covers(p.start, &p.map, at) {
             return Some(p.map);
         }
         self.window.replace((p.start, p.map)).map(|(_, map)| map)
@@ -129,8 +128,7 @@ impl Mapped {
             if at >= extent {
                 break;
             }
-            let covered = |(s, m): &(u64, MmapMut)| *s <= at && at < *s + m.len() as u64;
-            if !self.window.as_ref().is_some_and(covered) {
+            if !self.window.as_ref().is_some_and(|(s, m)| covers(*s, m, at)) {
                 let start = at - at % WINDOW;
                 self.window = None;
                 fail::fail_point!("wal::mapped::map", |_| Err((done, io::ErrorKind::Other.into())));
@@ -176,6 +174,11 @@ impl Mapped {
     }
 }
 
+/// Whether a map of the file from offset `start` holds offset `at`.
+fn covers(start: u64, map: &MmapMut, at: u64) -> bool {
+    start <= at && at < start + map.len() as u64
+}
+
 impl std::fmt::Debug for Mapped {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Mapped")
@@ -191,16 +194,21 @@ mod tests {
     use super::*;
     use std::os::unix::fs::FileExt;
 
-    #[test]
-    fn writes_inside_the_extent_and_stops_at_its_end() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = std::fs::OpenOptions::new()
+    /// A new file in `dir`, open for reading and writing (what a shared writable map needs).
+    fn read_write(dir: &tempfile::TempDir) -> File {
+        std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(true)
             .open(dir.path().join("f"))
-            .unwrap();
+            .unwrap()
+    }
+
+    #[test]
+    fn writes_inside_the_extent_and_stops_at_its_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = read_write(&dir);
         let extent = WINDOW + 8000;
         file.set_len(extent).unwrap();
         let mut m = Mapped::new(true);
@@ -227,13 +235,7 @@ mod tests {
     #[test]
     fn a_window_mapped_ahead_is_installed_only_where_it_is_valid() {
         let dir = tempfile::tempdir().unwrap();
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(dir.path().join("f"))
-            .unwrap();
+        let file = read_write(&dir);
         let extent = 3 * WINDOW;
         file.set_len(extent).unwrap();
         let mut m = Mapped::new(true);

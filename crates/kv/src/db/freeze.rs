@@ -13,15 +13,17 @@
 //!
 //! Invariants: a freeze is published before its holder writes anything it hides (it is made
 //! before `Db::freeze` returns), and is removed after its holder's last write. A read takes its
-//! view, the visible sequence number and the freezes between two loads of `freeze_generation`
+//! view, the visible sequence number and the freezes between two loads of `Freezes::generation`
 //! (bumped when a freeze is made, and when one is dropped before it is removed) and takes them
 //! again if it changed: so the number it reads at was not taken in the middle of a change whose
 //! freeze it did not see, and its view (taken after a freeze it did not see was dropped) holds
 //! the whole change. The holder must keep other writers out of the ranges while it lives
 //! (their writes would be hidden until it is dropped, though acknowledged).
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+
+use parking_lot::RwLock;
 
 use super::inner::Inner;
 use crate::bounds::Bounds;
@@ -29,11 +31,29 @@ use crate::view::View;
 
 /// One range a freeze holds, with the freeze's id and sequence number.
 #[derive(Debug)]
-pub(super) struct Frozen {
+struct Frozen {
     id: u64,
     start: Vec<u8>,
     end: Vec<u8>,
     seq: u64,
+}
+
+/// The live freezes of a database.
+#[derive(Debug, Default)]
+pub(super) struct Freezes {
+    ranges: RwLock<Vec<Frozen>>,
+    /// `ranges.len()`, read without the lock.
+    count: AtomicUsize,
+    /// Bumped when a freeze is made and when one is dropped (see the invariants above).
+    generation: AtomicU64,
+    next_id: AtomicU64,
+}
+
+impl Freezes {
+    /// Whether any freeze lives.
+    pub(super) fn any(&self) -> bool {
+        self.count.load(Ordering::SeqCst) > 0
+    }
 }
 
 /// Holds reads of some key ranges at the moment [`crate::Db::freeze`] was called, until it is
@@ -63,15 +83,16 @@ impl Freeze {
             oracle.begin(seq);
             seq
         };
-        let id = inner.next_freeze.fetch_add(1, Ordering::Relaxed);
+        let f = &inner.freezes;
+        let id = f.next_id.fetch_add(1, Ordering::Relaxed);
         {
-            let mut frozen = inner.frozen.write();
+            let mut frozen = f.ranges.write();
             for (start, end) in ranges {
                 let (start, end) = (start.as_ref().to_vec(), end.as_ref().to_vec());
                 frozen.push(Frozen { id, start, end, seq });
             }
-            inner.freezes.store(frozen.len(), Ordering::SeqCst);
-            inner.freeze_generation.fetch_add(1, Ordering::SeqCst);
+            f.count.store(frozen.len(), Ordering::SeqCst);
+            f.generation.fetch_add(1, Ordering::SeqCst);
         }
         Freeze { inner, id, seq }
     }
@@ -85,12 +106,13 @@ impl Freeze {
 impl Drop for Freeze {
     fn drop(&mut self) {
         {
-            let mut frozen = self.inner.frozen.write();
+            let f = &self.inner.freezes;
+            let mut frozen = f.ranges.write();
             // Before the count: a read that finds no freeze then also finds the generation moved
             // unless it took the visible number after this point, when the change was done.
-            self.inner.freeze_generation.fetch_add(1, Ordering::SeqCst);
-            frozen.retain(|f| f.id != self.id);
-            self.inner.freezes.store(frozen.len(), Ordering::SeqCst);
+            f.generation.fetch_add(1, Ordering::SeqCst);
+            frozen.retain(|r| r.id != self.id);
+            f.count.store(frozen.len(), Ordering::SeqCst);
         }
         self.inner.oracle.lock().end(self.seq);
         self.inner.drop_snapshot(self.seq);
@@ -108,21 +130,22 @@ impl Inner {
         load: impl Fn() -> T,
         hides: impl Fn(&[u8], &[u8]) -> bool,
     ) -> (T, u64, bool) {
+        let f = &self.freezes;
         loop {
-            let generation = self.freeze_generation.load(Ordering::SeqCst);
+            let generation = f.generation.load(Ordering::SeqCst);
             let loaded = load();
             let visible = self.visible();
-            let seq = if self.freezes.load(Ordering::SeqCst) == 0 {
+            let seq = if !f.any() {
                 visible
             } else {
-                let frozen = self.frozen.read();
+                let frozen = f.ranges.read();
                 frozen
                     .iter()
                     .filter(|f| hides(&f.start, &f.end))
                     .map(|f| f.seq)
                     .fold(visible, u64::min)
             };
-            if self.freeze_generation.load(Ordering::SeqCst) == generation {
+            if f.generation.load(Ordering::SeqCst) == generation {
                 return (loaded, seq, seq < visible);
             }
         }

@@ -18,16 +18,16 @@
 //!   milliseconds, and a writer holding the view when it was replaced would otherwise pay it.
 //!
 //! Lock order: `write` → `tree` → `view_lock` → `retired`; `bg` is taken alone or innermost;
-//! `write` → `oracle` → `snapshots` → `frozen` (a freeze takes `frozen` alone, then `oracle`).
+//! `write` → `oracle` → `snapshots` → `freezes` (a freeze takes `freezes` alone, then `oracle`).
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use arc_swap::ArcSwap;
-use parking_lot::{Condvar, Mutex, RwLock};
+use parking_lot::{Condvar, Mutex};
 use timber_wal::Wal;
 
 use crate::arena::Spares;
@@ -79,11 +79,8 @@ pub(super) struct Inner {
     pub(super) retired: Mutex<Vec<Arc<View>>>,
     pub(super) write: Mutex<Writer>,
     pub(super) visible: AtomicU64,
-    /// The ranges of live freezes (see `freeze`), and how many there are (read without the lock).
-    pub(super) frozen: RwLock<Vec<super::freeze::Frozen>>,
-    pub(super) freezes: AtomicUsize,
-    pub(super) freeze_generation: AtomicU64,
-    pub(super) next_freeze: AtomicU64,
+    /// The live freezes (see `freeze`).
+    pub(super) freezes: super::freeze::Freezes,
     pub(super) tree: Mutex<Tree>,
     pub(super) snapshots: Mutex<BTreeMap<u64, usize>>,
     /// What open transactions are validated against (taken after `write` when both are).

@@ -6,12 +6,12 @@
 use std::collections::{BTreeMap, HashSet};
 use std::fs;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 
 use arc_swap::ArcSwap;
-use parking_lot::{Condvar, Mutex, RwLock};
+use parking_lot::{Condvar, Mutex};
 use timber_wal::{SyncMode, Wal};
 
 use crate::arena::Spares;
@@ -148,10 +148,7 @@ pub(super) fn open(dir: &Path, opts: Options) -> Result<(Arc<Inner>, Vec<JoinHan
         retired: Mutex::new(Vec::new()),
         write: Mutex::new(Writer { last_seq }),
         visible: AtomicU64::new(last_seq),
-        frozen: RwLock::new(Vec::new()),
-        freezes: AtomicUsize::new(0),
-        freeze_generation: AtomicU64::new(0),
-        next_freeze: AtomicU64::new(0),
+        freezes: Default::default(),
         tree: Mutex::new(Tree {
             manifest,
             next_file,

@@ -133,16 +133,18 @@ impl Inner {
     }
 
     pub(super) fn add_snapshot(&self) -> u64 {
-        let mut s = self.snapshots.lock();
-        let seq = self.snapshot_seq();
-        *s.entry(seq).or_default() += 1;
-        seq
+        self.register_snapshot(|| self.snapshot_seq())
     }
 
     /// Registers the visible number as a snapshot, whatever the freezes (a freeze's own).
     pub(super) fn add_snapshot_at_visible(&self) -> u64 {
+        self.register_snapshot(|| self.visible())
+    }
+
+    /// Registers the number `seq_now` gives, taken under the snapshots' lock.
+    fn register_snapshot(&self, seq_now: impl FnOnce() -> u64) -> u64 {
         let mut s = self.snapshots.lock();
-        let seq = self.visible();
+        let seq = seq_now();
         *s.entry(seq).or_default() += 1;
         seq
     }

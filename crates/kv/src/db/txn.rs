@@ -262,7 +262,7 @@ impl Transaction {
     fn move_past(&mut self, key: &[u8]) {
         // Under a freeze a new snapshot would start before it (see `freeze`): not moved then.
         if !self.movable
-            || self.inner.freezes.load(std::sync::atomic::Ordering::SeqCst) > 0
+            || self.inner.freezes.any()
             || !self.inner.write_hints.maybe_written_after(key, self.start)
             || !self.inner.oracle.lock().written_after(key, self.start)
         {
