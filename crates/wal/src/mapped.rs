@@ -179,6 +179,13 @@ fn covers(start: u64, map: &MmapMut, at: u64) -> bool {
     start <= at && at < start + map.len() as u64
 }
 
+impl Premapped {
+    /// Gives the map up without installing it, to be dropped outside the log's lock.
+    pub(crate) fn into_map(self) -> MmapMut {
+        self.map
+    }
+}
+
 impl std::fmt::Debug for Mapped {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Mapped")

@@ -143,10 +143,10 @@ impl Options {
         self
     }
 
-    /// Write in the background as this many bytes are appended (default off): in `Interval`
-    /// mode, sync as soon as this many were appended since the last sync; in `Manual` mode,
-    /// start their writeback (`sync_file_range`, not durable) on a thread of the log, so that
-    /// the fsync that finishes a roll, or the next sync, finds little left to write.
+    /// Write in the background as this many bytes are appended (default off): start their
+    /// writeback (`sync_file_range`, not durable) on a thread of the log (in `Interval` mode its
+    /// sync thread, between syncs), so that the fsync that finishes a roll, or the next sync,
+    /// finds little left to write. Durability is unchanged: only syncs make records durable.
     pub fn bytes_per_sync(mut self, bytes: Option<u64>) -> Self {
         self.bytes_per_sync = bytes;
         self

@@ -474,8 +474,14 @@ pub(crate) fn begin(
 /// Makes a segment started by [`begin`] durable under its name: its header, the rename, the
 /// directory. Returns its path.
 pub(crate) fn finish(dir: &Path, start: u64, file: &File, tmp: &Path) -> Result<PathBuf> {
-    let path = dir.join(file_name(start));
     file.sync_all().map_err(|e| Error::io("fsync", tmp, e))?;
+    name(dir, start, tmp)
+}
+
+/// The second half of [`finish`], for a caller that fsynced the file itself: the rename and the
+/// directory. Returns the segment's path.
+pub(crate) fn name(dir: &Path, start: u64, tmp: &Path) -> Result<PathBuf> {
+    let path = dir.join(file_name(start));
     fail::fail_point!("wal::segment::rename", |_| Err(Error::injected("rename", tmp)));
     fs::rename(tmp, &path).map_err(|e| Error::io("rename", tmp, e))?;
     sync_dir(dir)?;

@@ -42,7 +42,7 @@ pub(super) fn open(dir: &Path, opts: Options) -> Result<(Arc<Inner>, Vec<JoinHan
     fs::create_dir_all(&dir).map_err(|e| Error::io("create", &dir, e))?;
     let wal_opts = wal_options(&opts)
         .sync(opts.wal_sync_interval.map_or(SyncMode::Manual, SyncMode::Interval))
-        .bytes_per_sync(Some(1 << 20))
+        .bytes_per_sync(Some(WAL_BYTES_PER_WRITEBACK))
         // Writes hand their records to the OS themselves: `flush` for buffered ones (copied
         // through the WAL's map), `sync` for synced ones (written before the fsync).
         .write_buffer(WAL_WRITE_BUFFER);
@@ -204,6 +204,12 @@ fn list_tables(dir: &Path) -> Result<Vec<u64>> {
 /// synced writes flush or sync their records before they return, so this bounds a single large
 /// batch and a run of deferred writes between syncs.
 const WAL_WRITE_BUFFER: usize = 1 << 20;
+
+/// Bytes appended between two starts of the WAL's writeback (`bytes_per_sync`), so that a sync
+/// or a seal finds little left to write. Each start replaces the WAL's map window and writes
+/// back pages on the other core while the writer appends: a MiB at a time, that cost showed in
+/// the slowest writes; a window's worth (4 MiB) at a time, much less.
+const WAL_BYTES_PER_WRITEBACK: u64 = 4 << 20;
 
 /// The WAL settings of a database: segments of `wal_segment_size`, larger batches in segments of
 /// their own.

@@ -57,7 +57,8 @@ pub(super) struct Inner {
     pub(super) spare: Mutex<Spares>,
     pub(super) spare_filled: Condvar,
     pub(super) want_spare: Mutex<Option<mpsc::Sender<()>>>,
-    /// Asks the `Interval` sync thread for a sync now (`bytes_per_sync`).
+    /// Asks the `Interval` sync thread or the writeback thread to start the writeback of what
+    /// was appended (`bytes_per_sync`).
     pub(super) kick: Mutex<Option<mpsc::Sender<()>>>,
     /// The last roll, until its old segment and the new segment's name are durable
     /// (`Inner::finish_roll`), and the thread that finishes it (none under `SyncMode::Always`,

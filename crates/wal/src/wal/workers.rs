@@ -1,12 +1,13 @@
-//! The background threads of a log: the `Interval` syncer, which syncs every interval or when
-//! appends passed `bytes_per_sync`, in `Manual` mode the writeback starter, which starts the
-//! writeback of every `bytes_per_sync` appended (so that the fsync of a roll finds little left
-//! to write), the roll finisher, which makes each roll durable after it, and the preparer of the zero-filled spare segment
-//! (`spare::run_preparer`). Each runs until its sender is dropped, which `Wal::close` does
+//! The background threads of a log: the `Interval` syncer, which syncs every interval, or in
+//! `Manual` mode the writeback starter, either of which starts the writeback of every
+//! `bytes_per_sync` appended (so that the next sync or the fsync of a roll finds little left to
+//! write); the roll finisher, which makes each roll durable after it; and the preparer of the
+//! zero-filled spare segment (`spare::run_preparer`). Each runs until its sender is dropped, which `Wal::close` does
 //! before it joins them.
 
 use std::sync::{mpsc, Arc};
 use std::thread;
+use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::spare;
@@ -48,21 +49,35 @@ pub(super) fn spawn_preparer(inner: Arc<Inner>) -> Result<Worker> {
     Ok(Worker { tx, handle })
 }
 
-/// Starts the `Interval` sync thread, which syncs every `every`.
-pub(super) fn spawn_ticker(inner: Arc<Inner>, every: std::time::Duration) -> Result<Worker> {
+/// Starts the `Interval` sync thread, which syncs every `every` and, with `bytes_per_sync`,
+/// starts the writeback of what was appended each time appends passed it.
+pub(super) fn spawn_ticker(inner: Arc<Inner>, every: Duration) -> Result<Worker> {
     let dir = inner.dir.clone();
     let (stop, rx) = mpsc::channel::<()>();
     *inner.kick.lock() = Some(stop.clone());
     let handle = thread::Builder::new()
         .name("timber-wal-sync".into())
         .spawn(move || {
-            // Wakes every `every`, or early when appends passed `bytes_per_sync`; stops when every
-            // sender is gone.
-            while !matches!(rx.recv_timeout(every), Err(mpsc::RecvTimeoutError::Disconnected)) {
-                if let Err(e) = inner.sync() {
-                    if !matches!(e, Error::Closed | Error::Poisoned { .. }) {
-                        tracing::error!(error = %e, "background WAL sync failed");
+            // Syncs every `every`, whatever the kicks in between; stops when every sender is gone.
+            // `None`: an interval too long to add to the clock, never reached.
+            let deadline = || Instant::now().checked_add(every);
+            let mut next = deadline();
+            loop {
+                let kicked = match next {
+                    Some(at) => rx.recv_timeout(at.saturating_duration_since(Instant::now())),
+                    None => rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
+                };
+                match kicked {
+                    Ok(()) => inner.start_writeback(),
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        next = deadline();
+                        if let Err(e) = inner.sync() {
+                            if !matches!(e, Error::Closed | Error::Poisoned { .. }) {
+                                tracing::error!(error = %e, "background WAL sync failed");
+                            }
+                        }
                     }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
                 }
             }
         })
@@ -97,7 +112,7 @@ pub(super) fn spawn_finisher(inner: Arc<Inner>) -> Result<Worker> {
         .name("timber-wal-roll".into())
         .spawn(move || {
             while rx.recv().is_ok() {
-                if let Err(e) = inner.finish_roll() {
+                if let Err(e) = inner.finish_roll_unmapped() {
                     if !matches!(e, Error::Closed | Error::Poisoned { .. }) {
                         tracing::error!(error = %e, "finishing a WAL segment roll failed");
                     }

@@ -23,6 +23,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
+use memmap2::MmapMut;
 use parking_lot::MutexGuard;
 
 use crate::active::Active;
@@ -37,8 +38,30 @@ use crate::state::State;
 
 use super::inner::{Inner, PendingRoll};
 
-/// How far behind the written end `start_writeback` stops, a multiple of the page size.
+/// How far behind the written end `start_writeback` stops, a multiple of the page size and of
+/// the largest folio a spare's zero-filling makes (64 KiB writes), so that the folio appends go
+/// to is never written back under them.
 const WRITEBACK_SLACK: u64 = 256 << 10;
+
+/// Replaces the active segment's window with `ahead`, mapped by `map_ahead` without the state
+/// lock, where it is valid for the next write, or else takes the window out; returns the map to
+/// drop once the lock is let go. Done before the pages written through the window are written
+/// back: the new map holds none of them until written through again (see `Mapped::release`).
+/// With `only_in`, only if the active segment is the one starting there.
+fn swap_window(
+    st: &mut State,
+    ahead: Option<(u64, Premapped)>,
+    only_in: Option<u64>,
+) -> Option<MmapMut> {
+    if only_in.is_some_and(|start| start != st.active.start) {
+        return ahead.map(|(_, p)| p.into_map());
+    }
+    let at = st.active.data_len();
+    match ahead {
+        Some((segment, p)) if segment == st.active.start => st.active.map.install(p, at),
+        _ => st.active.map.release(),
+    }
+}
 
 impl Inner {
     pub(super) fn append<R: AsRef<[u8]>>(&self, records: &[R]) -> Result<Range<u64>> {
@@ -246,19 +269,41 @@ impl Inner {
         Ok((active, second, tmp))
     }
 
-    /// Finishes the last roll if it is unfinished: fsyncs the segment it sealed, then makes the
-    /// new segment's header durable and names it, and only then raises the durable point to the
-    /// end of the sealed segment. A failure poisons the log.
+    /// Finishes the last roll if it is unfinished: makes the new segment's header durable,
+    /// fsyncs the segment it sealed, then names the new one, and only then raises the durable
+    /// point to the end of the sealed segment. A failure poisons the log.
+    ///
+    /// The new segment is fsynced first, while appends have written little into it: its pages
+    /// are written through the map, and writing back a mapped page write-protects it, a TLB
+    /// shootdown each (see `Mapped::release`); after the sealed segment's fsync, which takes
+    /// a while, there would be a thousand of them. Until the rename it is a temporary file that
+    /// recovery ignores, so the order of the two fsyncs does not matter to a crash.
     pub(super) fn finish_roll(&self) -> Result<()> {
         let _finishing = self.finishing.lock();
         let Some(p) = self.rolling.lock().take() else { return Ok(()) };
-        let r = self
-            .fsync(&p.old_file, &p.old_path)
-            .and_then(|()| segment::finish(&self.dir, p.new_start, &p.new_file, &p.new_tmp));
+        let r = p
+            .new_file
+            .sync_all()
+            .map_err(|e| Error::io("fsync", &p.new_tmp, e))
+            .and_then(|()| self.fsync(&p.old_file, &p.old_path))
+            .and_then(|()| segment::name(&self.dir, p.new_start, &p.new_tmp));
         self.poisoning(r)?;
         self.durable.fetch_max(p.old_end, Ordering::AcqRel);
         self.gate.wake_covered(p.old_end);
         Ok(())
+    }
+
+    /// The roll finisher's `finish_roll`: the window of the new segment is replaced just before,
+    /// so that the pages appended to it since the roll are no longer mapped when it is fsynced
+    /// (the finisher may run milliseconds after the roll, and each mapped page written back
+    /// costs a TLB shootdown). Not under the state lock, which it takes (and `finish_roll` is
+    /// called under it, so the replacing cannot be inside).
+    pub(super) fn finish_roll_unmapped(&self) -> Result<()> {
+        let Some(start) = self.rolling.lock().as_ref().map(|p| p.new_start) else { return Ok(()) };
+        let ahead = self.map_ahead();
+        let window = swap_window(&mut self.state.lock(), ahead, Some(start));
+        drop(window);
+        self.finish_roll()
     }
 
     /// Maps, without the state lock, the window the active segment's next writes go to after a
@@ -320,11 +365,7 @@ impl Inner {
             if self.rolling.lock().is_some() {
                 continue;
             }
-            let at = st.active.data_len();
-            window = match ahead.take() {
-                Some((segment, p)) if segment == st.active.start => st.active.map.install(p, at),
-                _ => st.active.map.release(),
-            };
+            window = swap_window(&mut st, ahead.take(), None);
             let r = st.active.flush(false);
             self.poisoning(r)?;
             st.unsynced = 0;
@@ -375,26 +416,33 @@ impl Inner {
     }
 
     /// Starts the writeback of the active segment's bytes written since the last call, without
-    /// waiting for it (`Manual` mode with `bytes_per_sync`). Advisory: durability still comes
-    /// only from a sync or a roll's fsync, which then find little left to write.
+    /// waiting for it (`bytes_per_sync`). Advisory: durability still comes only from a sync or a
+    /// roll's fsync, which then find little left to write.
     pub(super) fn start_writeback(&self) {
-        // No system call under the state lock: a thread preempted there would hold up appends.
-        let (file, from, to) = {
+        // The window is replaced first, so that the pages written back are no longer mapped
+        // (see `Mapped::release`); no system call under the state lock: a thread preempted
+        // there would hold up appends.
+        let ahead = self.map_ahead();
+        let (window, range) = {
             let mut st = self.state.lock();
             st.unsynced = 0;
             st.kicked = false;
+            let window = swap_window(&mut st, ahead, None);
             let a = &mut st.active;
             // Pages near the end are still being filled: writing them back now would only
             // make the next append to them fault again.
             let to = a.written.saturating_sub(WRITEBACK_SLACK) & !(WRITEBACK_SLACK - 1);
-            if to <= a.written_back {
-                return;
-            }
-            let from = a.written_back;
-            a.written_back = to;
-            (a.writeback_handle.clone(), from, to)
+            let range = (to > a.written_back).then(|| {
+                let from = std::mem::replace(&mut a.written_back, to);
+                (a.writeback_handle.clone(), from, to)
+            });
+            (window, range)
         };
-        crate::writeback::start(&file, from, to - from);
+        drop(window);
+        if let Some((file, from, to)) = range {
+            crate::writeback::start(&file, from, to - from);
+            self.metrics.writebacks.increment(1);
+        }
     }
 
     pub(super) fn sync(&self) -> Result<()> {
