@@ -59,6 +59,10 @@ pub struct Args {
     /// `cached` in the block cache); default the engine's (cached under a memory budget).
     #[arg(long, value_parser = ["pinned", "cached"])]
     timber_index_filter: Option<String>,
+    /// timber only: immutable memtables that may wait for their flush
+    /// (`Options::max_immutable_memtables`); default the engine's.
+    #[arg(long)]
+    timber_max_immutable_memtables: Option<usize>,
     /// Seconds of the sustained-ingest workload (random keys from a space of 10^16, so nearly
     /// every write adds a key); 0 leaves it out.
     #[arg(long, default_value_t = 0)]
@@ -429,6 +433,9 @@ fn open(system: &str, dir: &Path, args: &Args) -> anyhow::Result<Box<dyn Kv>> {
                 .memory_budget(args.timber_memory_budget_mb.map(|mb| (mb as usize) << 20));
             if let Some(place) = &args.timber_index_filter {
                 o = o.cache_index_and_filter_blocks(place == "cached");
+            }
+            if let Some(n) = args.timber_max_immutable_memtables {
+                o = o.max_immutable_memtables(n);
             }
             Box::new(Timber(timber_kv::Db::open(dir, o)?))
         }
