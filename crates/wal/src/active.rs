@@ -13,6 +13,7 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -51,6 +52,11 @@ pub(crate) struct Active {
     /// The file is a recycled segment: stale records follow the written ones, so every flush
     /// also writes a frame header of zeros after its records, which recovery reads as the end.
     pub(crate) recycled: bool,
+    /// Set once the file's header is durable; until then flushes use `pwrite`, not the map. A
+    /// segment begun by a roll is fsynced by the roll finisher while appends go on, and every
+    /// page the fsync writes back that is still mapped costs a TLB shootdown (see `Mapped`):
+    /// the pages written before it are not mapped at all.
+    pub(crate) header_durable: Arc<AtomicBool>,
 }
 
 impl Active {
@@ -77,7 +83,10 @@ impl Active {
         file: File,
         opts: &Options,
     ) -> Result<Active> {
-        Active::opened_at(start, path, at, file, Vec::new(), SEGMENT_HEADER_LEN as u64, opts)
+        let a =
+            Active::opened_at(start, path, at, file, Vec::new(), SEGMENT_HEADER_LEN as u64, opts)?;
+        a.header_durable.store(false, Ordering::Release);
+        Ok(a)
     }
 
     fn opened_at(
@@ -106,6 +115,7 @@ impl Active {
             buf: Vec::new(),
             map: Mapped::new(maps(opts)),
             recycled: false,
+            header_durable: Arc::new(AtomicBool::new(true)),
         })
     }
 
@@ -139,7 +149,7 @@ impl Active {
         if self.recycled {
             self.buf.extend_from_slice(&[0; frame::HEADER_LEN]);
         }
-        let mapped = if map {
+        let mapped = if map && self.header_durable.load(Ordering::Acquire) {
             self.map.write_at(&self.file, &self.path, &self.buf, self.written)
         } else {
             0
@@ -207,4 +217,31 @@ impl Active {
 /// and not in `SyncMode::Always`, where every flush is followed by an fsync.
 fn maps(opts: &Options) -> bool {
     opts.preallocate && opts.sync != SyncMode::Always
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A segment begun by a roll is written with `pwrite` until its header is durable (the roll
+    /// finisher's fsync of it must find no page mapped), through the map after.
+    #[test]
+    fn a_begun_segment_is_mapped_only_once_its_header_is_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = Options::default().sync(SyncMode::Manual);
+        let tmp = dir.path().join("begun.tmp");
+        let file = File::options().read(true).write(true).create(true).open(&tmp).unwrap();
+        file.set_len(1 << 20).unwrap();
+        let mut a = Active::begun(7, dir.path().join("begun"), &tmp, file, &opts).unwrap();
+        a.buf.extend_from_slice(b"before");
+        a.flush(true).unwrap();
+        assert!(!a.map.is_mapped(), "written through the map before the header was durable");
+        a.header_durable.store(true, Ordering::Release);
+        a.buf.extend_from_slice(b"after");
+        a.flush(true).unwrap();
+        assert!(a.map.is_mapped());
+        let mut back = [0u8; 11];
+        a.file.read_exact_at(&mut back, SEGMENT_HEADER_LEN as u64).unwrap();
+        assert_eq!(&back, b"beforeafter");
+    }
 }

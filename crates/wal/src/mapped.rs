@@ -174,16 +174,17 @@ impl Mapped {
     }
 }
 
+#[cfg(test)]
+impl Mapped {
+    /// Whether a window is mapped.
+    pub(crate) fn is_mapped(&self) -> bool {
+        self.window.is_some()
+    }
+}
+
 /// Whether a map of the file from offset `start` holds offset `at`.
 fn covers(start: u64, map: &MmapMut, at: u64) -> bool {
     start <= at && at < start + map.len() as u64
-}
-
-impl Premapped {
-    /// Gives the map up without installing it, to be dropped outside the log's lock.
-    pub(crate) fn into_map(self) -> MmapMut {
-        self.map
-    }
 }
 
 impl std::fmt::Debug for Mapped {

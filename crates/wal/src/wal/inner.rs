@@ -85,6 +85,8 @@ pub(super) struct PendingRoll {
     pub(super) new_start: u64,
     pub(super) new_file: File,
     pub(super) new_tmp: PathBuf,
+    /// The new segment's `Active::header_durable`.
+    pub(super) new_header_durable: Arc<AtomicBool>,
 }
 
 #[cfg(test)]

@@ -112,7 +112,7 @@ pub(super) fn spawn_finisher(inner: Arc<Inner>) -> Result<Worker> {
         .name("timber-wal-roll".into())
         .spawn(move || {
             while rx.recv().is_ok() {
-                if let Err(e) = inner.finish_roll_unmapped() {
+                if let Err(e) = inner.finish_roll() {
                     if !matches!(e, Error::Closed | Error::Poisoned { .. }) {
                         tracing::error!(error = %e, "finishing a WAL segment roll failed");
                     }

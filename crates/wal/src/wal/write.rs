@@ -47,15 +47,7 @@ const WRITEBACK_SLACK: u64 = 256 << 10;
 /// lock, where it is valid for the next write, or else takes the window out; returns the map to
 /// drop once the lock is let go. Done before the pages written through the window are written
 /// back: the new map holds none of them until written through again (see `Mapped::release`).
-/// With `only_in`, only if the active segment is the one starting there.
-fn swap_window(
-    st: &mut State,
-    ahead: Option<(u64, Premapped)>,
-    only_in: Option<u64>,
-) -> Option<MmapMut> {
-    if only_in.is_some_and(|start| start != st.active.start) {
-        return ahead.map(|(_, p)| p.into_map());
-    }
+fn swap_window(st: &mut State, ahead: Option<(u64, Premapped)>) -> Option<MmapMut> {
     let at = st.active.data_len();
     match ahead {
         Some((segment, p)) if segment == st.active.start => st.active.map.install(p, at),
@@ -172,6 +164,7 @@ impl Inner {
             new_start: end,
             new_file,
             new_tmp,
+            new_header_durable: st.active.header_durable.clone(),
         });
         if let Some(tx) = self.roll_done.lock().as_ref() {
             let _ = tx.send(());
@@ -273,11 +266,10 @@ impl Inner {
     /// fsyncs the segment it sealed, then names the new one, and only then raises the durable
     /// point to the end of the sealed segment. A failure poisons the log.
     ///
-    /// The new segment is fsynced first, while appends have written little into it: its pages
-    /// are written through the map, and writing back a mapped page write-protects it, a TLB
-    /// shootdown each (see `Mapped::release`); after the sealed segment's fsync, which takes
-    /// a while, there would be a thousand of them. Until the rename it is a temporary file that
-    /// recovery ignores, so the order of the two fsyncs does not matter to a crash.
+    /// The new segment is fsynced first: appends to it go by `pwrite` until then (see
+    /// `Active::header_durable`), and after the sealed segment's fsync they would have written
+    /// more. Until the rename it is a temporary file that recovery ignores, so the order of the
+    /// two fsyncs does not matter to a crash.
     pub(super) fn finish_roll(&self) -> Result<()> {
         let _finishing = self.finishing.lock();
         let Some(p) = self.rolling.lock().take() else { return Ok(()) };
@@ -285,25 +277,13 @@ impl Inner {
             .new_file
             .sync_all()
             .map_err(|e| Error::io("fsync", &p.new_tmp, e))
+            .map(|()| p.new_header_durable.store(true, Ordering::Release))
             .and_then(|()| self.fsync(&p.old_file, &p.old_path))
             .and_then(|()| segment::name(&self.dir, p.new_start, &p.new_tmp));
         self.poisoning(r)?;
         self.durable.fetch_max(p.old_end, Ordering::AcqRel);
         self.gate.wake_covered(p.old_end);
         Ok(())
-    }
-
-    /// The roll finisher's `finish_roll`: the window of the new segment is replaced just before,
-    /// so that the pages appended to it since the roll are no longer mapped when it is fsynced
-    /// (the finisher may run milliseconds after the roll, and each mapped page written back
-    /// costs a TLB shootdown). Not under the state lock, which it takes (and `finish_roll` is
-    /// called under it, so the replacing cannot be inside).
-    pub(super) fn finish_roll_unmapped(&self) -> Result<()> {
-        let Some(start) = self.rolling.lock().as_ref().map(|p| p.new_start) else { return Ok(()) };
-        let ahead = self.map_ahead();
-        let window = swap_window(&mut self.state.lock(), ahead, Some(start));
-        drop(window);
-        self.finish_roll()
     }
 
     /// Maps, without the state lock, the window the active segment's next writes go to after a
@@ -365,7 +345,7 @@ impl Inner {
             if self.rolling.lock().is_some() {
                 continue;
             }
-            window = swap_window(&mut st, ahead.take(), None);
+            window = swap_window(&mut st, ahead.take());
             let r = st.active.flush(false);
             self.poisoning(r)?;
             st.unsynced = 0;
@@ -427,7 +407,7 @@ impl Inner {
             let mut st = self.state.lock();
             st.unsynced = 0;
             st.kicked = false;
-            let window = swap_window(&mut st, ahead, None);
+            let window = swap_window(&mut st, ahead);
             let a = &mut st.active;
             // Pages near the end are still being filled: writing them back now would only
             // make the next append to them fault again.
