@@ -230,7 +230,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let opts = Options::default().sync(SyncMode::Manual);
         let tmp = dir.path().join("begun.tmp");
-        let file = File::options().read(true).write(true).create(true).open(&tmp).unwrap();
+        let file = File::options().read(true).write(true).create_new(true).open(&tmp).unwrap();
         file.set_len(1 << 20).unwrap();
         let mut a = Active::begun(7, dir.path().join("begun"), &tmp, file, &opts).unwrap();
         a.buf.extend_from_slice(b"before");
