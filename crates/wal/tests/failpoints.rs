@@ -479,6 +479,44 @@ fn a_failed_read_at_open_fails_the_open_and_changes_nothing() {
 }
 
 /// Every file of a directory with its bytes.
+/// The interval's sync comes however often appends kick the sync thread to start writeback:
+/// with each start slowed down at its end (after it let appends kick again) and a kick after
+/// every append, one is always waiting when the interval ends, and the sync must not wait for a
+/// moment without one.
+#[test]
+fn the_interval_sync_comes_while_kicks_are_always_waiting() {
+    let scenario = FailScenario::setup();
+    let (synced, syncs) = std::sync::mpsc::sync_channel::<()>(1);
+    fail::cfg_callback("wal::write::fsync", move || {
+        let _ = synced.try_send(());
+    })
+    .unwrap();
+    fail::cfg("wal::write::start_writeback", "sleep(5)").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let opts = Options::default()
+        .sync(SyncMode::Interval(std::time::Duration::from_millis(20)))
+        .bytes_per_sync(Some(1))
+        // No roll (whose fsync counts too) within the test's time.
+        .segment_capacity(1 << 31)
+        .preallocate(false);
+    let wal = Arc::new(Wal::open(dir.path(), opts).unwrap());
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let appender = {
+        let (wal, stop) = (wal.clone(), stop.clone());
+        thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                wal.append(b"kick").unwrap();
+            }
+        })
+    };
+    let seen = syncs.recv_timeout(std::time::Duration::from_secs(5));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    appender.join().unwrap();
+    drop(wal);
+    scenario.teardown();
+    assert!(seen.is_ok(), "no interval sync within 5 s while appends kept kicking");
+}
+
 fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
     std::fs::read_dir(dir)
         .unwrap()

@@ -58,8 +58,9 @@ pub(super) fn spawn_ticker(inner: Arc<Inner>, every: Duration) -> Result<Worker>
     let handle = thread::Builder::new()
         .name("timber-wal-sync".into())
         .spawn(move || {
-            // Syncs every `every`, whatever the kicks in between; stops when every sender is gone.
-            // `None`: an interval too long to add to the clock, never reached.
+            // Syncs every `every`, however often kicks come in between (one is queued at a
+            // time, but a log appending fast enough could always have one); stops when every
+            // sender is gone. `None`: an interval too long to add to the clock, never reached.
             let deadline = || Instant::now().checked_add(every);
             let mut next = deadline();
             loop {
@@ -69,15 +70,16 @@ pub(super) fn spawn_ticker(inner: Arc<Inner>, every: Duration) -> Result<Worker>
                 };
                 match kicked {
                     Ok(()) => inner.start_writeback(),
-                    Err(mpsc::RecvTimeoutError::Timeout) => {
-                        next = deadline();
-                        if let Err(e) = inner.sync() {
-                            if !matches!(e, Error::Closed | Error::Poisoned { .. }) {
-                                tracing::error!(error = %e, "background WAL sync failed");
-                            }
+                    Err(mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                }
+                if next.is_some_and(|at| Instant::now() >= at) {
+                    next = deadline();
+                    if let Err(e) = inner.sync() {
+                        if !matches!(e, Error::Closed | Error::Poisoned { .. }) {
+                            tracing::error!(error = %e, "background WAL sync failed");
                         }
                     }
-                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
                 }
             }
         })

@@ -423,6 +423,7 @@ impl Inner {
             crate::writeback::start(&file, from, to - from);
             self.metrics.writebacks.increment(1);
         }
+        fail::fail_point!("wal::write::start_writeback");
     }
 
     pub(super) fn sync(&self) -> Result<()> {
