@@ -18,17 +18,35 @@ use crate::view::View;
 
 use super::inner::Inner;
 
+/// How long the flush thread waits for work before it gives unused spare memtable chunks back.
+const IDLE_TICK: Duration = Duration::from_millis(200);
+/// How soon the flush thread tries again to drop replaced views that were still held.
+const REAP_RETRY: Duration = Duration::from_millis(1);
+
 impl Inner {
     pub(super) fn flush_loop(&self) {
         loop {
             self.reap();
             {
                 let mut bg = self.bg.lock();
+                let mut reap_in = REAP_RETRY;
                 while !bg.shutdown && self.view.load().imms.is_empty() {
-                    if self.bg_cv.wait_for(&mut bg, Duration::from_millis(200)).timed_out() {
-                        // A database that stopped writing gives its spare memtable memory back.
+                    // A replaced view that a reader still held at the last reap (a writer
+                    // between loading the view and inserting, most often) is tried again soon,
+                    // then less and less often (an iterator may hold it for long): it holds a
+                    // whole flushed memtable, which is memory until it goes, and the next flush
+                    // is a memtable's fill away.
+                    let retry = !self.retired.lock().is_empty();
+                    let tick = if retry { reap_in } else { IDLE_TICK };
+                    reap_in = (reap_in * 2).min(IDLE_TICK);
+                    if self.bg_cv.wait_for(&mut bg, tick).timed_out() {
                         MutexGuard::unlocked(&mut bg, || {
-                            if self.spares.trim_unused() {
+                            if retry {
+                                self.reap();
+                            }
+                            // A database that stopped writing gives its spare memtable memory
+                            // back.
+                            if tick == IDLE_TICK && self.spares.trim_unused() {
                                 self.update_cache_limit();
                             }
                         });
