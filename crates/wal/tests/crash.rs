@@ -26,11 +26,17 @@ fn opts() -> Options {
 
 /// The options of a role: `append` acknowledges durable records (`SyncMode::Always`),
 /// `append-flushed` records handed to the OS by `flush` (`SyncMode::Manual`, through the map of
-/// the preallocated segment), which must survive a crash of the process; `append-overlapping`
+/// the preallocated segment), which must survive a crash of the process, and
+/// `append-flushed-kicked` the same in `SyncMode::Interval` with `bytes_per_sync`; `append-overlapping`
 /// acknowledges durable records with three group commits allowed on the disk at once.
 fn role_opts(role: &str) -> Options {
     match role {
         "append-flushed" => opts().sync(SyncMode::Manual),
+        // The sync thread syncs every few ms and starts writeback every 4 KiB, replacing the
+        // map's window each time, while the appenders copy records through it.
+        "append-flushed-kicked" => {
+            opts().sync(SyncMode::Interval(Duration::from_millis(3))).bytes_per_sync(Some(4096))
+        }
         "append-overlapping" => opts().syncs_in_flight(3),
         _ => opts(),
     }
@@ -92,7 +98,7 @@ fn child() {
 
 fn append_until_killed(dir: &str, role: &str) {
     let cycle: u64 = std::env::var(ENV_CYCLE).unwrap().parse().unwrap();
-    let flushed = role == "append-flushed";
+    let flushed = role.starts_with("append-flushed");
     let wal = Arc::new(Wal::open(dir, role_opts(role)).unwrap());
     let out = Arc::new(std::sync::Mutex::new(std::io::stdout()));
     let threads: Vec<_> = (0..THREADS)
@@ -169,6 +175,13 @@ fn every_record_acknowledged_by_overlapping_syncs_survives_sigkill() {
 #[test]
 fn every_flushed_record_survives_sigkill() {
     survives_sigkill("append-flushed", 30);
+}
+
+/// The same while the log's sync thread replaces the map's window, starts writeback and syncs
+/// beside the appenders, and rolls write new segments by `pwrite` until they are fsynced.
+#[test]
+fn every_flushed_record_survives_sigkill_amid_background_writeback() {
+    survives_sigkill("append-flushed-kicked", 30);
 }
 
 /// Runs `cycles` (or `TIMBER_CRASH_CYCLES`) cycles of a child in `role` killed at a random moment,
