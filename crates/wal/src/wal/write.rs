@@ -55,8 +55,50 @@ fn swap_window(st: &mut State, ahead: Option<(u64, Premapped)>) -> Option<MmapMu
     }
 }
 
+/// The background threads an append has work for, woken once the log's lock is let go: a
+/// thread woken while the appender holds it may take the appender's core (the scheduler lets a
+/// woken thread preempt), and every other appender then waits for both.
+#[derive(Default)]
+pub(super) struct Wakes {
+    /// The sync or writeback thread: `bytes_per_sync` was passed.
+    kick: bool,
+    /// The roll finisher: a roll is to be finished.
+    roll: bool,
+    /// The spare preparer: a spare segment is wanted.
+    spare: bool,
+}
+
 impl Inner {
     pub(super) fn append<R: AsRef<[u8]>>(&self, records: &[R]) -> Result<Range<u64>> {
+        let mut wakes = Wakes::default();
+        let r = self.append_locked(records, &mut wakes);
+        self.wake(&wakes);
+        r
+    }
+
+    /// Sends what `wakes` asks for, without the state lock.
+    fn wake(&self, wakes: &Wakes) {
+        let send = |to: &parking_lot::Mutex<Option<std::sync::mpsc::Sender<()>>>| {
+            if let Some(tx) = to.lock().as_ref() {
+                let _ = tx.send(());
+            }
+        };
+        if wakes.roll {
+            send(&self.roll_done);
+        }
+        if wakes.spare {
+            send(&self.want_spare);
+        }
+        if wakes.kick {
+            send(&self.kick);
+        }
+    }
+
+    fn append_locked<R: AsRef<[u8]>>(
+        &self,
+        records: &[R],
+        wakes: &mut Wakes,
+    ) -> Result<Range<u64>> {
         let mut st = self.state.lock();
         self.check_writable()?;
         let n = records.len() as u64;
@@ -89,7 +131,7 @@ impl Inner {
         }
         // An oversized batch goes into an empty segment, which grows past the capacity.
         if st.active.sealed_len(frames, n) > capacity && !st.active.offsets.is_empty() {
-            let r = self.roll(&mut st);
+            let r = self.roll(&mut st, wakes);
             self.poisoning(r)?;
         }
         let first = st.next;
@@ -109,15 +151,14 @@ impl Inner {
         }
         st.next += n;
         if !st.spare_asked && st.active.data_len() >= capacity / 2 {
-            self.ask_spare(&mut st);
+            st.spare_asked = true;
+            wakes.spare = true;
         }
         if let Some(limit) = self.opts.bytes_per_sync {
             st.unsynced += frames;
             if st.unsynced >= limit && !st.kicked {
                 st.kicked = true;
-                if let Some(tx) = self.kick.lock().as_ref() {
-                    let _ = tx.send(());
-                }
+                wakes.kick = true;
             }
         }
         self.metrics.appends.increment(n);
@@ -127,7 +168,7 @@ impl Inner {
 
     /// Seals the active segment (index, trailer) and starts the next one; `finish_roll` makes
     /// both durable.
-    fn roll(&self, st: &mut State) -> Result<()> {
+    fn roll(&self, st: &mut State, wakes: &mut Wakes) -> Result<()> {
         // The segment sealed here must be the last unfinished one.
         self.finish_roll()?;
         let a = &mut st.active;
@@ -166,22 +207,14 @@ impl Inner {
             new_tmp,
             new_header_durable: st.active.header_durable.clone(),
         });
-        if let Some(tx) = self.roll_done.lock().as_ref() {
-            let _ = tx.send(());
-        }
+        wakes.roll = true;
         // A log that filled one segment is likely to fill the next: its spare gets the whole
         // segment's time to be written (asked only at half of it, a fill was often unfinished
         // when the next roll came, and the roll waited for it).
-        self.ask_spare(st);
+        st.spare_asked = true;
+        wakes.spare = true;
         self.metrics.segments_sealed.increment(1);
         Ok(())
-    }
-
-    fn ask_spare(&self, st: &mut State) {
-        st.spare_asked = true;
-        if let Some(tx) = self.want_spare.lock().as_ref() {
-            let _ = tx.send(());
-        }
     }
 
     /// Creates the empty segment starting at `start`, to append to, from a recycled segment,
