@@ -45,8 +45,9 @@ fn main() -> timber_kv::Result<()> {
     let secs = start.elapsed().as_secs_f64();
     nanos.sort_unstable();
     let at = |q: f64| nanos[((nanos.len() - 1) as f64 * q) as usize] as f64 / 1e3;
+    let over_1ms = nanos.len() - nanos.partition_point(|&ns| ns <= 1_000_000);
     println!(
-        "{:.0} writes/s; p50 {:.2} p99 {:.2} p99.9 {:.2} p99.99 {:.1} max {:.0} µs",
+        "{:.0} writes/s; p50 {:.2} p99 {:.2} p99.9 {:.2} p99.99 {:.1} max {:.0} µs; {over_1ms} over 1 ms",
         n as f64 / secs,
         at(0.5),
         at(0.99),
