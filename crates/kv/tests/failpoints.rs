@@ -477,6 +477,36 @@ fn commit_with_checks_a_write_visible_but_not_yet_recorded() {
     assert_eq!(db.get(b"k").unwrap().as_deref(), Some(&b"1"[..]));
 }
 
+/// An optimistic transaction that begins while a write holds the writer lock (held up at a
+/// failpoint) waits for that write only briefly, not for as long as it is held up.
+#[test]
+fn a_transaction_begins_while_a_write_is_held_up() {
+    use timber_kv::{Isolation, TxnOptions};
+    let _s = FailScenario::setup();
+    let dir = tempfile::tempdir().unwrap();
+    let db = Arc::new(Db::open(dir.path(), opts()).unwrap());
+    db.put(b"k", b"0").unwrap();
+    fail::cfg("kv::write::visible", "pause").unwrap();
+    let writer = {
+        let db = db.clone();
+        std::thread::spawn(move || db.put(b"k", b"1").unwrap())
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while db.get(b"k").unwrap().as_deref() != Some(&b"1"[..]) {
+        assert!(Instant::now() < deadline, "the write becomes visible");
+        std::thread::yield_now();
+    }
+    for isolation in [Isolation::Snapshot, Isolation::Serializable] {
+        let db = db.clone();
+        let seen = within(Duration::from_secs(10), move || {
+            db.transaction(TxnOptions::isolation(isolation)).get(b"k").unwrap()
+        });
+        assert_eq!(seen.as_deref(), Some(&b"1"[..]), "{isolation:?}");
+    }
+    fail::cfg("kv::write::visible", "off").unwrap();
+    writer.join().unwrap();
+}
+
 /// Runs `f` on a thread of its own and returns what it returns, failing the test if that takes
 /// longer than `limit` (the thread is left behind).
 fn within<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
