@@ -450,16 +450,7 @@ fn commit_with_checks_a_write_visible_but_not_yet_recorded() {
     let mut t = db.transaction(TxnOptions::isolation(Isolation::Snapshot));
     assert_eq!(t.get(b"k").unwrap().as_deref(), Some(&b"0"[..]));
     t.put(b"k", b"t").unwrap();
-    fail::cfg("kv::write::visible", "pause").unwrap();
-    let writer = {
-        let db = db.clone();
-        std::thread::spawn(move || db.put(b"k", b"1").unwrap())
-    };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while db.get(b"k").unwrap().as_deref() != Some(&b"1"[..]) {
-        assert!(Instant::now() < deadline, "the write becomes visible");
-        std::thread::yield_now();
-    }
+    let writer = held_at_visible(&db, b"k", b"1");
     let (handed, over) = std::sync::mpsc::channel();
     let committer = std::thread::spawn(move || {
         t.commit_with(|_, _| {
@@ -486,16 +477,7 @@ fn a_transaction_begins_while_a_write_is_held_up() {
     let dir = tempfile::tempdir().unwrap();
     let db = Arc::new(Db::open(dir.path(), opts()).unwrap());
     db.put(b"k", b"0").unwrap();
-    fail::cfg("kv::write::visible", "pause").unwrap();
-    let writer = {
-        let db = db.clone();
-        std::thread::spawn(move || db.put(b"k", b"1").unwrap())
-    };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while db.get(b"k").unwrap().as_deref() != Some(&b"1"[..]) {
-        assert!(Instant::now() < deadline, "the write becomes visible");
-        std::thread::yield_now();
-    }
+    let writer = held_at_visible(&db, b"k", b"1");
     for isolation in [Isolation::Snapshot, Isolation::Serializable] {
         let db = db.clone();
         let seen = within(Duration::from_secs(10), move || {
@@ -505,6 +487,27 @@ fn a_transaction_begins_while_a_write_is_held_up() {
     }
     fail::cfg("kv::write::visible", "off").unwrap();
     writer.join().unwrap();
+}
+
+/// Starts a put of `value` to `key` on a thread of its own and returns once it is visible to
+/// reads, held there (writer lock and all) by the `kv::write::visible` failpoint until the
+/// caller turns it off.
+fn held_at_visible(
+    db: &Arc<Db>,
+    key: &'static [u8],
+    value: &'static [u8],
+) -> std::thread::JoinHandle<()> {
+    fail::cfg("kv::write::visible", "pause").unwrap();
+    let writer = {
+        let db = db.clone();
+        std::thread::spawn(move || db.put(key, value).unwrap())
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while db.get(key).unwrap().as_deref() != Some(value) {
+        assert!(Instant::now() < deadline, "the write becomes visible");
+        std::thread::yield_now();
+    }
+    writer
 }
 
 /// Runs `f` on a thread of its own and returns what it returns, failing the test if that takes

@@ -27,8 +27,9 @@ fn opts() -> Options {
 /// The options of a role: `append` acknowledges durable records (`SyncMode::Always`),
 /// `append-flushed` records handed to the OS by `flush` (`SyncMode::Manual`, through the map of
 /// the preallocated segment), which must survive a crash of the process, and
-/// `append-flushed-kicked` the same in `SyncMode::Interval` with `bytes_per_sync`; `append-overlapping`
-/// acknowledges durable records with three group commits allowed on the disk at once.
+/// `append-flushed-kicked` the same in `SyncMode::Interval` with `bytes_per_sync`;
+/// `append-overlapping` acknowledges durable records with three group commits allowed on the
+/// disk at once.
 fn role_opts(role: &str) -> Options {
     match role {
         "append-flushed" => opts().sync(SyncMode::Manual),

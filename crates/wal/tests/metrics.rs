@@ -61,7 +61,7 @@ fn appends_fsyncs_and_group_sizes_are_recorded() {
 #[test]
 fn bytes_per_sync_starts_writeback_before_the_interval_without_syncing() {
     let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let snapshotter = snapshotter();
+    let _ = counters_of("kicked-log");
     let dir = tempfile::tempdir().unwrap();
     let opts = Options::default()
         .sync(SyncMode::Interval(std::time::Duration::from_secs(3600)))
@@ -72,20 +72,11 @@ fn bytes_per_sync_starts_writeback_before_the_interval_without_syncing() {
     for i in 0..1024u32 {
         wal.append(&[i as u8; 1000]).unwrap();
     }
-    let mut seen = std::collections::HashMap::<&str, u64>::new();
+    let mut seen = std::collections::HashMap::<String, u64>::new();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while seen.get("timber_wal_writebacks_total").copied().unwrap_or(0) == 0 {
-        for (k, _, _, v) in snapshotter.snapshot().into_vec() {
-            let key = k.key();
-            if key.labels().any(|l| l.value() == "kicked-log") {
-                if let DebugValue::Counter(c) = v {
-                    for name in ["timber_wal_writebacks_total", "timber_wal_fsyncs_total"] {
-                        if key.name() == name {
-                            *seen.entry(name).or_default() += c;
-                        }
-                    }
-                }
-            }
+        for (name, c) in counters_of("kicked-log") {
+            *seen.entry(name).or_default() += c;
         }
         assert!(std::time::Instant::now() < deadline, "no background writeback within 30 s");
         std::thread::yield_now();

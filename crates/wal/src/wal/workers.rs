@@ -2,8 +2,8 @@
 //! `Manual` mode the writeback starter, either of which starts the writeback of every
 //! `bytes_per_sync` appended (so that the next sync or the fsync of a roll finds little left to
 //! write); the roll finisher, which makes each roll durable after it; and the preparer of the
-//! zero-filled spare segment (`spare::run_preparer`). Each runs until its sender is dropped, which `Wal::close` does
-//! before it joins them.
+//! zero-filled spare segment (`spare::run_preparer`). Each runs until its sender is dropped,
+//! which `Wal::close` does before it joins them.
 
 use std::sync::{mpsc, Arc};
 use std::thread;
